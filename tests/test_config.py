@@ -1,0 +1,92 @@
+"""Config loading: YAML and overrides merge; bad keys, types and choices fail with helpful messages."""
+
+from __future__ import annotations
+
+import pytest
+
+from tracerl.config import ConfigError, SamplingConfig, check_sampling, load
+
+
+def test_defaults_yaml_and_overrides_merge(tmp_path):
+    path = tmp_path / "run.yaml"
+    path.write_text("sampling:\n  max_new_tokens: 16\n  temperature: 0.5\nmodel:\n  tiny:\n    attention: block\n")
+    cfg = load(path, ["sampling.temperature=0.7", "seed=3"])
+    assert cfg.sampling.max_new_tokens == 16  # from YAML
+    assert cfg.sampling.temperature == 0.7  # the override wins
+    assert cfg.model.tiny.attention == "block"
+    assert cfg.seed == 3
+    assert cfg.sampling.block_size == 4  # untouched default
+
+
+def test_unknown_key_lists_valid_keys():
+    with pytest.raises(ConfigError) as err:
+        load(None, ["sampling.temprature=0.7"])
+    msg = str(err.value)
+    assert "sampling.temprature" in msg and "temperature" in msg and "Valid keys" in msg
+
+
+def test_unknown_key_in_yaml_names_the_file(tmp_path):
+    path = tmp_path / "bad.yaml"
+    path.write_text("modell:\n  family: tiny\n")
+    with pytest.raises(ConfigError, match=r"unknown config key 'modell'.*bad.yaml"):
+        load(path)
+
+
+def test_wrong_type_names_key_and_value():
+    with pytest.raises(ConfigError) as err:
+        load(None, ["sampling.max_new_tokens=many"])
+    assert "sampling.max_new_tokens" in str(err.value) and "many" in str(err.value)
+
+
+def test_unknown_remasking_lists_choices():
+    with pytest.raises(ConfigError) as err:
+        load(None, ["sampling.remasking=low_confidence_statc"])
+    msg = str(err.value)
+    assert "unknown remasking 'low_confidence_statc'" in msg
+    for name in ["low_confidence_static", "low_confidence_dynamic", "entropy_bounded", "random", "sequential"]:
+        assert name in msg
+
+
+def test_bad_literal_choice_lists_choices():
+    with pytest.raises(ConfigError, match=r"sampling.cache.*'disk'.*\['auto', 'none', 'prefix', 'kv'\]"):
+        load(None, ["sampling.cache=disk"])
+
+
+def test_unknown_family_lists_families():
+    with pytest.raises(ConfigError, match=r"unknown model family 'gpt'.*dream.*llada.*masked_lm.*sdar.*tiny"):
+        load(None, ["model.family=gpt"])
+
+
+def test_real_family_needs_a_path():
+    with pytest.raises(ConfigError, match="model.path is required"):
+        load(None, ["model.family=llada"])
+
+
+@pytest.mark.parametrize("value", [0, -5])
+def test_max_new_tokens_must_be_positive(value):
+    with pytest.raises(ConfigError, match="sampling.max_new_tokens must be a positive"):
+        load(None, [f"sampling.max_new_tokens={value}"])
+
+
+def test_block_size_must_divide_step_schedule():
+    # 64 tokens in blocks of 4 = 16 blocks; 40 steps cannot be spread evenly over 16 blocks
+    with pytest.raises(ConfigError, match=r"sampling.steps=40 is not divisible by the number of blocks.*16"):
+        check_sampling(SamplingConfig(max_new_tokens=64, block_size=4, steps=40))
+    with pytest.raises(ConfigError, match="must be a multiple of sampling.block_size"):
+        check_sampling(SamplingConfig(max_new_tokens=30, block_size=4, steps=32))
+    check_sampling(SamplingConfig(max_new_tokens=64, block_size=4, steps=32))  # 2 steps per block is fine
+
+
+def test_steps_per_block_range():
+    with pytest.raises(ConfigError, match="between 1 and sampling.block_size"):
+        check_sampling(SamplingConfig(block_size=4, steps_per_block=5))
+
+
+def test_missing_config_file_is_clear(tmp_path):
+    with pytest.raises(ConfigError, match="does not exist"):
+        load(tmp_path / "nope.yaml")
+
+
+def test_override_without_equals_is_clear():
+    with pytest.raises(ConfigError, match="not of the form key=value"):
+        load(None, ["sampling.temperature"])

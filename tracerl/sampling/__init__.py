@@ -1,0 +1,85 @@
+"""Samplers that generate from a diffusion policy and record the trace (DESIGN §6).
+
+``generate`` picks the sampler from the policy: block diffusion when the policy has a block size, else the
+full-attention semi-autoregressive sampler.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from tracerl.config import ConfigError, SamplingConfig, check_sampling
+from tracerl.records import Rollout
+from tracerl.sampling.block import block_grid, sample_block
+from tracerl.sampling.full import sample_full
+from tracerl.sampling.remasking import REMASKING, get_remasking, register_remasking
+
+__all__ = [
+    "REMASKING",
+    "block_grid",
+    "generate",
+    "get_remasking",
+    "register_remasking",
+    "resolve_cache",
+    "sample_block",
+    "sample_full",
+]
+
+
+def resolve_cache(policy, s: SamplingConfig) -> str:  # noqa: ANN001
+    """The cache mode a run will use: ``kv`` / ``none`` for block models, ``none`` / ``prefix`` for full."""
+    if policy.block_size is not None:
+        if s.cache == "prefix":
+            raise ConfigError("sampling.cache=prefix is for full-attention models; block models use cache=kv (exact).")
+        return "none" if s.cache == "none" else "kv"
+    if s.cache == "kv":
+        raise ConfigError(
+            f"sampling.cache=kv needs a block-diffusion model; {policy.family} uses full attention. "
+            "Use sampling.cache=prefix (approximate) or none."
+        )
+    if s.cache == "prefix" and not policy.supports_cache:
+        raise ConfigError(f"the {policy.family} family has no key/value cache; use sampling.cache=none.")
+    return "prefix" if s.cache == "prefix" else "none"
+
+
+def check_compatible(policy, s: SamplingConfig) -> None:  # noqa: ANN001
+    check_sampling(s)
+    if policy.block_size is not None and s.block_size != policy.block_size:
+        raise ConfigError(
+            f"sampling.block_size={s.block_size} differs from the model's block size {policy.block_size}; "
+            f"a block-diffusion model decodes on its own grid: set sampling.block_size={policy.block_size}."
+        )
+
+
+def generate(
+    policy,  # noqa: ANN001
+    prompts: list[list[int]],
+    s: SamplingConfig,
+    seed: int = 0,
+    group: torch.Tensor | None = None,
+) -> Rollout:
+    """Sample one response per prompt (repeat prompts for groups) and return the Rollout with its trace.
+
+    Sequences are decoded ``s.batch_size`` at a time; the same seed gives the same tokens.
+    """
+    if not prompts:
+        raise ValueError("generate() needs at least one prompt")
+    if any(len(p) == 0 for p in prompts):
+        raise ValueError("every prompt needs at least one token")
+    check_compatible(policy, s)
+    mode = resolve_cache(policy, s)
+    device = next(policy.model.parameters()).device
+    generator = torch.Generator(device=device).manual_seed(seed)
+    group = group if group is not None else torch.arange(len(prompts))
+    shards = []
+    for lo in range(0, len(prompts), s.batch_size):
+        chunk, grp = prompts[lo : lo + s.batch_size], group[lo : lo + s.batch_size]
+        if policy.block_size is not None:
+            shards.append(sample_block(policy, chunk, s, generator, cache=mode == "kv", group=grp))
+        else:
+            shards.append(sample_full(policy, chunk, s, generator, cache=mode, group=grp))
+    if len(shards) == 1:
+        return shards[0]
+    out = Rollout.concat(shards)
+    out.group = group.clone()
+    return out

@@ -1,0 +1,89 @@
+"""Full-attention semi-autoregressive sampler (LLaDA / Dream / masked_lm / tiny-full), DESIGN §6.
+
+The response is a run of L masks after the left-padded prompt; it is decoded block by block (``block_size``
+positions relative to the response start), ``steps_per_block`` denoising steps per block. Every step sees the
+whole sequence with bidirectional attention. ``cache=prefix`` is Fast-dLLM's approximate prefix cache: the
+first step of a block runs the whole sequence and keeps the keys/values of everything before the block; the
+block's later steps recompute only the block and what follows it.
+
+dims: N sequences · W = Lp + L columns · B block size · V vocab
+"""
+
+from __future__ import annotations
+
+import torch
+
+from tracerl.config import SamplingConfig, resolved_steps_per_block
+from tracerl.models.base import truncate_cache
+from tracerl.records import Rollout
+from tracerl.sampling.core import Trace, build_rollout, commit_step, step_quota
+
+
+def full_visible(valid: torch.Tensor, q_cols: torch.Tensor, k_cols: torch.Tensor) -> torch.Tensor:
+    """[N, Q, K] bool: every valid key is visible; a query with none (padding) sees itself."""
+    vis = valid[:, k_cols].unsqueeze(1).expand(-1, q_cols.numel(), -1)
+    return vis | (q_cols.view(1, -1, 1) == k_cols.view(1, 1, -1))
+
+
+@torch.no_grad()
+def sample_full(
+    policy,  # noqa: ANN001
+    prompts: list[list[int]],
+    s: SamplingConfig,
+    generator: torch.Generator,
+    cache: str = "none",
+    group: torch.Tensor | None = None,
+) -> Rollout:
+    """Generate with full attention; ``cache`` is ``none`` (exact) or ``prefix`` (approximate, faster)."""
+    device = policy.device
+    block, length, steps = s.block_size, s.max_new_tokens, resolved_steps_per_block(s)
+    n = len(prompts)
+    lp = max(len(p) for p in prompts)
+    width = lp + length
+    cols = torch.arange(width, device=device)
+
+    x = torch.full((n, width), policy.mask_id, dtype=torch.long, device=device)
+    valid = torch.ones((n, width), dtype=torch.bool, device=device)
+    pads = torch.tensor([lp - len(p) for p in prompts], device=device)
+    for i, p in enumerate(prompts):
+        x[i, : lp - len(p)] = policy.pad_id
+        x[i, lp - len(p) : lp] = torch.tensor(p, device=device)
+        valid[i, : lp - len(p)] = False
+    position_ids = (cols.unsqueeze(0) - pads.unsqueeze(1)).clamp_min(0)
+    resp_index = (cols - lp).expand(n, width)  # column → response position (negative inside the prompt)
+
+    trace = Trace(n, length, device)
+    finished = torch.zeros(n, dtype=torch.bool, device=device)
+    vis_all = full_visible(valid, cols, cols)
+    shift = int(policy.shift)
+    for lo in range(lp, width, block):
+        hi = min(lo + block, width)
+        active = ~finished
+        if not bool(active.any()):
+            break
+        n_masked = torch.where(active, torch.tensor(hi - lo, device=device), 0)
+        positions = torch.arange(lo, hi, device=device).expand(n, hi - lo)
+        kv = None
+        for t in range(steps):
+            eligible = (x[:, lo:hi] == policy.mask_id) & active.unsqueeze(-1)
+            if not bool(eligible.any()):
+                break
+            if cache == "prefix" and t > 0:  # recompute the block and its suffix against the stale prefix
+                start = lo - shift
+                q_cols = cols[start:]
+                vis = full_visible(valid, q_cols, cols)
+                logits = policy.logits_at(x[:, start:], position_ids[:, start:], vis, positions - start, kv)
+                truncate_cache(kv, start)
+            else:
+                kv = policy.new_cache() if cache == "prefix" else None
+                logits = policy.logits_at(x, position_ids, vis_all, positions, kv)
+                if kv is not None:
+                    truncate_cache(kv, lo - shift)
+            quota = step_quota(n_masked, steps, t) if t < steps - 1 else eligible.sum(-1)
+            quota = torch.where(eligible.any(-1), quota.clamp_min(1), quota)
+            new, commit, logp = commit_step(logits, x[:, lo:hi], eligible, quota, s, policy.mask_id, generator)
+            x[:, lo:hi] = new
+            trace.record(resp_index[:, lo:hi], commit, logp)
+        finished |= ((x[:, lp:hi] == policy.eos_id) & (trace.step_map[:, : hi - lp] >= 0)).any(-1)
+
+    return build_rollout(policy, prompts, x[:, lp:], trace, s, "full", group)
