@@ -65,12 +65,28 @@ def test_llada_checkpoint_loads_into_llama_with_identical_logits(tmp_path):
     state = {_inverse_llada(k): v.contiguous() for k, v in ref.state_dict().items()}
     assert set(LLADA_KEY_MAPPING)  # the loader's mapping is what turns these names back
     save_file(state, tmp_path / "model.safetensors", metadata={"format": "pt"})
-    (tmp_path / "config.json").write_text(json.dumps({
-        "model_type": "llada", "architectures": ["LLaDAModelLM"], "d_model": 32, "n_heads": 4, "n_kv_heads": 2,
-        "n_layers": 2, "mlp_hidden_size": 64, "vocab_size": len(TOK), "embedding_size": len(TOK),
-        "rope_theta": 10000.0, "rms_norm_eps": 1e-6, "max_sequence_length": 256, "include_bias": False,
-        "weight_tying": False, "mask_token_id": TOK.mask_token_id, "eos_token_id": TOK.eos_token_id,
-    }))
+    (tmp_path / "config.json").write_text(
+        json.dumps(
+            {
+                "model_type": "llada",
+                "architectures": ["LLaDAModelLM"],
+                "d_model": 32,
+                "n_heads": 4,
+                "n_kv_heads": 2,
+                "n_layers": 2,
+                "mlp_hidden_size": 64,
+                "vocab_size": len(TOK),
+                "embedding_size": len(TOK),
+                "rope_theta": 10000.0,
+                "rms_norm_eps": 1e-6,
+                "max_sequence_length": 256,
+                "include_bias": False,
+                "weight_tying": False,
+                "mask_token_id": TOK.mask_token_id,
+                "eos_token_id": TOK.eos_token_id,
+            }
+        )
+    )
     TOK.save_pretrained(tmp_path)
     policy = load_policy(ModelConfig(family="llada", path=str(tmp_path)))
     assert (policy.family, policy.block_size, policy.shift, policy.mask_id) == ("llada", None, False, 2)
@@ -117,8 +133,16 @@ def test_sdar_loads_into_qwen3_and_samples_with_its_block_size(tmp_path):
 
 def test_masked_lm_family_generates(tmp_path):
     torch.manual_seed(3)
-    bert = BertForMaskedLM(BertConfig(vocab_size=len(TOK), hidden_size=32, num_hidden_layers=1,
-                                      num_attention_heads=2, intermediate_size=32, max_position_embeddings=64))
+    bert = BertForMaskedLM(
+        BertConfig(
+            vocab_size=len(TOK),
+            hidden_size=32,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            intermediate_size=32,
+            max_position_embeddings=64,
+        )
+    )
     bert.save_pretrained(tmp_path)
     TOK.save_pretrained(tmp_path)
     policy = load_policy(ModelConfig(family="masked_lm", path=str(tmp_path)))

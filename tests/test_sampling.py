@@ -109,7 +109,7 @@ def test_trainable_pad_tokens_extend_mask(full_policy):
     a = generate(policy, encode(policy, PROMPTS), base, seed=2)
     b = generate(policy, encode(policy, PROMPTS), SamplingConfig(**{**base.__dict__, "trainable_pad_tokens": 2}), 2)
     assert torch.equal(a.response_ids, b.response_ids)
-    extra = (b.response_mask.sum(-1) - a.response_mask.sum(-1))
+    extra = b.response_mask.sum(-1) - a.response_mask.sum(-1)
     for i in range(len(a)):
         n_generated_after = int((a.step_map[i] >= 0).sum() - a.response_mask[i].sum())
         assert int(extra[i]) == min(2, n_generated_after)

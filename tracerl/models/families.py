@@ -124,7 +124,12 @@ def _check_tokenizer(tokenizer: Any, cfg: ModelConfig) -> None:
 
 
 def _decoder_policy(
-    cfg: ModelConfig, raw: dict, model: torch.nn.Module, family: str, block_size: int | None, shift: bool = False,
+    cfg: ModelConfig,
+    raw: dict,
+    model: torch.nn.Module,
+    family: str,
+    block_size: int | None,
+    shift: bool = False,
     default_mask: int | None = None,
 ) -> DecoderPolicy:
     tok = _tokenizer(cfg)

@@ -38,9 +38,7 @@ def filter_logits(logits: torch.Tensor, top_k: int, top_p: float) -> torch.Tenso
     return logits
 
 
-def sample_candidates(
-    logits: torch.Tensor, s: SamplingConfig, mask_id: int, generator: torch.Generator
-) -> Candidates:
+def sample_candidates(logits: torch.Tensor, s: SamplingConfig, mask_id: int, generator: torch.Generator) -> Candidates:
     """Sample one candidate per position with temperature / top-k / top-p (Gumbel-max, seeded).
 
     The mask token is never a candidate. ``logp`` is the unfiltered temperature-1 log-prob in fp32, the

@@ -1,0 +1,233 @@
+"""Group-relative advantages, group filters and the value model's step-level GAE (DESIGN §8).
+
+dims: N samples · G samples per prompt · L response length · S distinct (merged) denoising steps of a sample
+(R rows · T row length belong to the callers that broadcast these per-sample advantages to training rows)
+- rewards [N] float, NaN = the reward failed or was None: excluded from statistics, advantage 0
+- group   [N] long, prompt index; any ids, not necessarily 0..P-1 or contiguous
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+
+AdvantageFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+GroupFilterFn = Callable[..., torch.Tensor]
+ADVANTAGES: dict[str, AdvantageFn] = {}
+GROUP_FILTERS: dict[str, GroupFilterFn] = {}
+
+# A group whose reward spread is below this is treated as constant: a float reward such as 0.1 + 0.2 vs 0.3
+# differs by one ulp, and z-scoring that would turn rounding noise into ±1 advantages.
+ZERO_STD = 1e-6
+
+
+def register_advantage(name: str) -> Callable[[AdvantageFn], AdvantageFn]:
+    def wrap(fn: AdvantageFn) -> AdvantageFn:
+        ADVANTAGES[name] = fn
+        return fn
+
+    return wrap
+
+
+def get_advantage(name: str) -> AdvantageFn:
+    if name not in ADVANTAGES:
+        raise KeyError(f"unknown advantage '{name}'; choose from {sorted(ADVANTAGES)}")
+    return ADVANTAGES[name]
+
+
+def register_group_filter(name: str) -> Callable[[GroupFilterFn], GroupFilterFn]:
+    def wrap(fn: GroupFilterFn) -> GroupFilterFn:
+        GROUP_FILTERS[name] = fn
+        return fn
+
+    return wrap
+
+
+def get_group_filter(name: str) -> GroupFilterFn:
+    if name not in GROUP_FILTERS:
+        raise KeyError(f"unknown group filter '{name}'; choose from {sorted(GROUP_FILTERS)}")
+    return GROUP_FILTERS[name]
+
+
+def _group_stats(rewards: torch.Tensor, group: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """Per-sample view of its group's statistics over non-NaN rewards, in float64.
+
+    Returns (valid [N] bool, r [N] with NaN → 0, count [N], total [N], mean [N], std [N] population).
+    """
+    _, gid = torch.unique(group, return_inverse=True)
+    num_groups = int(gid.max()) + 1 if gid.numel() else 0
+    valid = ~torch.isnan(rewards)
+    r = torch.where(valid, rewards.double(), 0.0)
+
+    def per_group(x: torch.Tensor) -> torch.Tensor:
+        return torch.zeros(num_groups, dtype=x.dtype, device=x.device).index_add_(0, gid, x)[gid]
+
+    count = per_group(valid.double())
+    total = per_group(r)
+    mean = total / count.clamp(min=1)
+    var = per_group(torch.where(valid, (r - mean) ** 2, 0.0)) / count.clamp(min=1)
+    return valid, r, count, total, mean, var.sqrt()
+
+
+def _out(adv: torch.Tensor, rewards: torch.Tensor) -> torch.Tensor:
+    return adv.to(rewards.dtype if rewards.is_floating_point() else torch.float32)
+
+
+@register_advantage("group_zscore")
+def group_zscore(rewards: torch.Tensor, group: torch.Tensor) -> torch.Tensor:
+    """GRPO (Shao et al. 2024): A_i = (r_i − mean_g) / std_g with the population std over the group's
+    non-NaN rewards; a constant group (std < ZERO_STD) gets 0, as TraceRL does, instead of an eps blow-up.
+    """
+    valid, r, _, _, mean, std = _group_stats(rewards, group)
+    keep = valid & (std >= ZERO_STD)
+    return _out(torch.where(keep, (r - mean) / std.clamp(min=ZERO_STD), 0.0), rewards)
+
+
+@register_advantage("group_mean")
+def group_mean(rewards: torch.Tensor, group: torch.Tensor) -> torch.Tensor:
+    """Dr. GRPO (Liu et al. 2025): A_i = r_i − mean_g, no division by the std."""
+    valid, r, _, _, mean, _ = _group_stats(rewards, group)
+    return _out(torch.where(valid, r - mean, 0.0), rewards)
+
+
+@register_advantage("rloo")
+def rloo(rewards: torch.Tensor, group: torch.Tensor) -> torch.Tensor:
+    """RLOO (Ahmadian et al. 2024): A_i = r_i − mean of the other non-NaN rewards of the group,
+    i.e. r_i − (Σ_g − r_i)/(n_g − 1); a group with one valid reward gets 0.
+    """
+    valid, r, count, total, _, _ = _group_stats(rewards, group)
+    keep = valid & (count > 1)
+    return _out(torch.where(keep, r - (total - r) / (count - 1).clamp(min=1), 0.0), rewards)
+
+
+@register_group_filter("keep_all")
+def keep_all(scores: torch.Tensor, group: torch.Tensor, **_: float) -> torch.Tensor:
+    """Keep every group: keep [N] all True."""
+    return torch.ones_like(group, dtype=torch.bool)
+
+
+@register_group_filter("keep_acc_range")
+def keep_acc_range(
+    scores: torch.Tensor, group: torch.Tensor, low: float = 0.2, high: float = 0.8, **_: float
+) -> torch.Tensor:
+    """Keep groups whose mean non-NaN score lies in [low, high] (TraceRL drops accuracy < 0.2 or > 0.8:
+    such groups carry almost no signal); a group without a valid score is dropped.
+    """
+    _, _, count, _, mean, _ = _group_stats(scores, group)
+    return (count > 0) & (mean >= low) & (mean <= high)
+
+
+@register_group_filter("drop_all_equal")
+def drop_all_equal(scores: torch.Tensor, group: torch.Tensor, **_: float) -> torch.Tensor:
+    """DAPO dynamic sampling (Yu et al. 2025): drop groups whose non-NaN scores are all equal
+    (std < ZERO_STD), since their group-relative advantage is 0 everywhere.
+    """
+    _, _, count, _, _, std = _group_stats(scores, group)
+    return (count > 1) & (std >= ZERO_STD)
+
+
+def truncated_is_wrong(rewards: torch.Tensor, truncated: torch.Tensor, wrong_value: float = 0.0) -> torch.Tensor:
+    """Rewards with every truncated response (no EOS within the budget) set to ``wrong_value``
+    (TraceRL scores truncated answers as incorrect). rewards [N], truncated [N] bool → [N].
+    """
+    return torch.where(truncated, torch.full_like(rewards, wrong_value), rewards)
+
+
+def _mean_std(x: torch.Tensor) -> tuple[float, float]:
+    if x.numel() == 0:
+        return 0.0, 0.0
+    x = x.double()
+    return x.mean().item(), x.std(unbiased=False).item()
+
+
+def advantage_metrics(rewards: torch.Tensor, advantages: torch.Tensor, keep: torch.Tensor) -> dict[str, float]:
+    """Batch statistics: advantage mean/std (population) over kept samples, the kept fraction, and reward
+    mean/std over all non-NaN rewards. Empty sets give 0.0.
+    """
+    adv_mean, adv_std = _mean_std(advantages[keep])
+    rew_mean, rew_std = _mean_std(rewards[~torch.isnan(rewards)])
+    return {
+        "advantage/mean": adv_mean,
+        "advantage/std": adv_std,
+        "advantage/kept_fraction": keep.double().mean().item() if keep.numel() else 0.0,
+        "reward/mean": rew_mean,
+        "reward/std": rew_std,
+    }
+
+
+def step_ranks(token_steps: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rank of each token's step among its sample's sorted distinct steps over masked tokens.
+
+    token_steps [N, L] long, mask [N, L] bool → (rank [N, L] long in 0..S_i−1, 0 where not masked;
+    num_steps [N] long = S_i). Example: steps [3, 3, 7, 9] → rank [0, 0, 1, 2], S = 3.
+    """
+    big = torch.iinfo(torch.long).max
+    ordered, order = torch.sort(token_steps.long().masked_fill(~mask, big), dim=1, stable=True)
+    ordered_mask = mask.gather(1, order)
+    is_new = torch.ones_like(ordered_mask)
+    is_new[:, 1:] = ordered[:, 1:] != ordered[:, :-1]
+    is_new &= ordered_mask
+    rank = torch.empty_like(order).scatter_(1, order, is_new.long().cumsum(1) - 1)
+    return rank.clamp(min=0).masked_fill(~mask, 0), is_new.sum(1)
+
+
+@torch.no_grad()
+def step_gae(
+    token_values: torch.Tensor,
+    token_steps: torch.Tensor,
+    token_rewards: torch.Tensor,
+    mask: torch.Tensor,
+    gamma: float,
+    lam: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Step-level GAE of TraceRL's diffusion value model (Wang et al. 2026, §value), over each sample's
+    sorted distinct steps t: r*_t, V*_t = step means of token rewards/values; R*_t = r*_t + γR*_{t+1};
+    A*_t = r*_t − V*_t + γV*_{t+1} + γλA*_{t+1} (0 after the last step); per token j of step t:
+    R_j = r_j + γR*_{t+1}, A_j = r_j − V_j + γV*_{t+1} + γλA*_{t+1}. All inputs [N, L] → (advantages, returns)
+    [N, L], 0 where not masked. γ = λ = 1 with an outcome reward R gives A_j = R − V_j, R_j = R.
+    """
+    n = mask.shape[0]
+    dtype = torch.promote_types(torch.promote_types(token_values.dtype, token_rewards.dtype), torch.float32)
+    values = torch.where(mask, token_values.to(dtype), 0.0)
+    rewards = torch.where(mask, token_rewards.to(dtype), 0.0)
+    rank, num_steps = step_ranks(token_steps, mask)
+    s = int(num_steps.max()) if n else 0
+
+    # 1. Step means r*, V* as [N, S + 1]; the extra column (and every column past a sample's own last
+    #    step) stays 0, which is exactly the terminal condition R*, V*, A* = 0.
+    flat = (torch.arange(n, device=mask.device).unsqueeze(1) * (s + 1) + rank)[mask]
+    count = torch.zeros(n * (s + 1), dtype=dtype, device=mask.device).index_add_(
+        0, flat, torch.ones_like(flat, dtype=dtype)
+    )
+
+    def step_mean(x: torch.Tensor) -> torch.Tensor:
+        total = torch.zeros_like(count).index_add_(0, flat, x[mask])
+        return (total / count.clamp(min=1)).view(n, s + 1)
+
+    r_star, v_star = step_mean(rewards), step_mean(values)
+
+    # 2. Backward recursion over the step axis (vectorised over samples).
+    ret_star = torch.zeros_like(r_star)
+    adv_star = torch.zeros_like(r_star)
+    for t in reversed(range(s)):
+        ret_star[:, t] = r_star[:, t] + gamma * ret_star[:, t + 1]
+        delta = r_star[:, t] - v_star[:, t] + gamma * v_star[:, t + 1]
+        adv_star[:, t] = delta + gamma * lam * adv_star[:, t + 1]
+
+    # 3. Token level: a token's own reward and value, bootstrapped from the step after its own.
+    nxt = (rank + 1).clamp(max=s)  # the clamp only touches unmasked tokens of an all-unmasked batch
+    returns = rewards + gamma * ret_star.gather(1, nxt)
+    advantages = rewards - values + gamma * v_star.gather(1, nxt) + gamma * lam * adv_star.gather(1, nxt)
+    return advantages.masked_fill(~mask, 0.0), returns.masked_fill(~mask, 0.0)
+
+
+def outcome_token_rewards(reward: torch.Tensor, token_steps: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Token rewards for outcome-reward GAE: each sample's ``reward`` [N] on the masked tokens of its last
+    (largest) step, 0 elsewhere → [N, L]. TraceRL passes the group z-scored reward here.
+    """
+    smallest = torch.iinfo(torch.long).min
+    last = token_steps.long().masked_fill(~mask, smallest).amax(dim=1, keepdim=True)
+    on_last = mask & (token_steps == last)
+    dtype = reward.dtype if reward.is_floating_point() else torch.float32
+    return torch.where(on_last, reward.to(dtype).unsqueeze(1), torch.zeros((), dtype=dtype))

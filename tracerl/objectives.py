@@ -1,0 +1,277 @@
+"""Policy and value losses, KL estimators, loss aggregations and chunked target log-probs (DESIGN §8, §10).
+
+dims: R rows (training views) · T row length · M target tokens · V vocab · H hidden size
+- [R, T] tensors are read only where ``mask`` (the row's targets) is True; anything else, NaN and inf
+  included, never reaches a loss, a metric or a gradient
+- row_sample [R] long: the rollout sample each row belongs to (any ids)
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from torch.utils.checkpoint import checkpoint
+
+KLFn = Callable[[torch.Tensor], torch.Tensor]
+AggregationFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, int | None], torch.Tensor]
+KL_ESTIMATORS: dict[str, KLFn] = {}
+AGGREGATIONS: dict[str, AggregationFn] = {}
+
+# exp() of a log-ratio is taken on this clamped range (TraceRL's choice), so one wild token cannot overflow.
+LOG_RATIO_CLAMP = 10.0
+
+
+def register_kl_estimator(name: str) -> Callable[[KLFn], KLFn]:
+    def wrap(fn: KLFn) -> KLFn:
+        KL_ESTIMATORS[name] = fn
+        return fn
+
+    return wrap
+
+
+def register_aggregation(name: str) -> Callable[[AggregationFn], AggregationFn]:
+    def wrap(fn: AggregationFn) -> AggregationFn:
+        AGGREGATIONS[name] = fn
+        return fn
+
+    return wrap
+
+
+@register_kl_estimator("k1")
+def _k1(delta: torch.Tensor) -> torch.Tensor:
+    return delta
+
+
+@register_kl_estimator("k2")
+def _k2(delta: torch.Tensor) -> torch.Tensor:
+    return 0.5 * delta**2
+
+
+@register_kl_estimator("k3")
+def _k3(delta: torch.Tensor) -> torch.Tensor:
+    return torch.exp(-delta.clamp(-LOG_RATIO_CLAMP, LOG_RATIO_CLAMP)) - 1 + delta
+
+
+def kl_estimate(logp: torch.Tensor, ref_logp: torch.Tensor, kind: str) -> torch.Tensor:
+    """Per-token estimate of KL(π‖ref) from samples of π (Schulman 2020, "Approximating KL divergence"),
+    Δ = logp − ref_logp: k1 = Δ; k2 = ½Δ²; k3 = exp(−Δ) − 1 + Δ ≥ 0 (TraceRL's default; Δ clamped to
+    [−10, 10] inside exp). Elementwise, any shape.
+    """
+    return get_kl_estimator(kind)(logp - ref_logp)
+
+
+def get_kl_estimator(kind: str) -> KLFn:
+    if kind not in KL_ESTIMATORS:
+        raise KeyError(f"unknown kl estimator '{kind}'; choose from {sorted(KL_ESTIMATORS)}")
+    return KL_ESTIMATORS[kind]
+
+
+def aggregate(
+    values: torch.Tensor,
+    mask: torch.Tensor,
+    row_sample: torch.Tensor,
+    name: str,
+    norm_len: int | None = None,
+) -> torch.Tensor:
+    """Reduce per-token ``values`` [R, T] at the targets ``mask`` [R, T] to a scalar with the named rule
+    (see AGGREGATIONS); rows and samples without targets do not count. No targets at all gives 0.
+    """
+    if name not in AGGREGATIONS:
+        raise KeyError(f"unknown aggregation '{name}'; choose from {sorted(AGGREGATIONS)}")
+    return AGGREGATIONS[name](torch.where(mask, values, 0.0), mask, row_sample, norm_len)
+
+
+@register_aggregation("token_sum_over_max_len")
+def _token_sum_over_max_len(
+    values: torch.Tensor, mask: torch.Tensor, row_sample: torch.Tensor, norm_len: int | None
+) -> torch.Tensor:
+    """TraceRL block layout: (1/R') Σ_rows (1/norm_len) Σ_{j∈T_r} v_j, R' = rows with ≥ 1 target,
+    norm_len = the padded response length L of the RL step (a constant, Dr.-GRPO-like normaliser).
+    """
+    if norm_len is None or norm_len <= 0:
+        raise ValueError(
+            "aggregation 'token_sum_over_max_len' needs norm_len, the padded response length of the RL step"
+        )
+    rows = mask.any(1).sum().clamp(min=1)
+    return values.sum() / norm_len / rows
+
+
+@register_aggregation("row_mean")
+def _row_mean(values: torch.Tensor, mask: torch.Tensor, row_sample: torch.Tensor, norm_len: int | None) -> torch.Tensor:
+    """TraceRL full attention: mean over each row's targets, then mean over rows with ≥ 1 target."""
+    per_row_count = mask.sum(1)
+    per_row = values.sum(1) / per_row_count.clamp(min=1)
+    return per_row.sum() / (per_row_count > 0).sum().clamp(min=1)
+
+
+@register_aggregation("token_mean")
+def _token_mean(
+    values: torch.Tensor, mask: torch.Tensor, row_sample: torch.Tensor, norm_len: int | None
+) -> torch.Tensor:
+    """DAPO (Yu et al. 2025): Σ over every target token of the batch / number of target tokens."""
+    return values.sum() / mask.sum().clamp(min=1)
+
+
+@register_aggregation("seq_mean_token_mean")
+def _seq_mean_token_mean(
+    values: torch.Tensor, mask: torch.Tensor, row_sample: torch.Tensor, norm_len: int | None
+) -> torch.Tensor:
+    """GRPO (Shao et al. 2024): mean over each sample's targets across all its rows, then mean over
+    samples with ≥ 1 target.
+    """
+    _, sid = torch.unique(row_sample, return_inverse=True)
+    num = int(sid.max()) + 1 if sid.numel() else 0
+    total = torch.zeros(num, dtype=values.dtype, device=values.device).index_add(0, sid, values.sum(1))
+    count = torch.zeros(num, dtype=torch.long, device=mask.device).index_add_(0, sid, mask.sum(1))
+    return (total / count.clamp(min=1)).sum() / (count > 0).sum().clamp(min=1)
+
+
+def _masked_mean(x: torch.Tensor, mask: torch.Tensor) -> float:
+    return x[mask].double().mean().item() if mask.any() else 0.0
+
+
+def _clean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    # where() (not multiplication) so that NaN/inf outside the mask gives neither NaN values nor NaN grads.
+    return torch.where(mask, x, 0.0)
+
+
+def policy_loss(
+    logp: torch.Tensor,
+    old_logp: torch.Tensor,
+    advantages: torch.Tensor,
+    mask: torch.Tensor,
+    *,
+    row_sample: torch.Tensor,
+    eps_low: float = 0.2,
+    eps_high: float = 0.2,
+    aggregation: str = "token_sum_over_max_len",
+    norm_len: int | None = None,
+    kl_to_old_coef: float = 0.0,
+    kl_to_old_kind: str = "k3",
+    ref_logp: torch.Tensor | None = None,
+    kl_to_ref_coef: float = 0.0,
+    kl_to_ref_kind: str = "k3",
+    entropy: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, dict[str, float]]:
+    """PPO clipped surrogate on the target tokens of training rows (Schulman et al. 2017; TraceRL, Wang et al.
+    2026): ρ = exp(clamp(logp − old_logp, ±10)), loss = −agg(min(ρA, clip(ρ, 1−ε_low, 1+ε_high)A))
+    + β_old·agg(k(logp, old_logp)) + β_ref·agg(k(logp, ref_logp)). logp, old_logp, mask, ref_logp, entropy
+    [R, T]; advantages [R] (per row) or [R, T] (per token). Only ``logp`` carries gradients;
+    ``train/policy_loss`` is the returned total.
+    """
+    for kind in (kl_to_old_kind, kl_to_ref_kind):
+        get_kl_estimator(kind)  # a misspelt kind fails even while its coefficient is 0
+    adv = advantages.detach()
+    adv = _clean((adv.unsqueeze(1) if adv.ndim == 1 else adv).expand_as(logp), mask)
+    logp = _clean(logp, mask)
+    old_logp = _clean(old_logp.detach(), mask)
+
+    def agg(values: torch.Tensor) -> torch.Tensor:
+        return aggregate(values, mask, row_sample, aggregation, norm_len)
+
+    # 1. Clipped surrogate: the pessimistic (min) of the plain and the clipped importance-weighted advantage.
+    ratio = torch.exp((logp - old_logp).clamp(-LOG_RATIO_CLAMP, LOG_RATIO_CLAMP))
+    unclipped = ratio * adv
+    clipped = ratio.clamp(1 - eps_low, 1 + eps_high) * adv
+    loss = -agg(torch.minimum(unclipped, clipped))
+
+    # 2. Optional KL penalties: to the policy that produced old_logp (TraceRL) and to a frozen reference.
+    if kl_to_old_coef:
+        loss = loss + kl_to_old_coef * agg(kl_estimate(logp, old_logp, kl_to_old_kind))
+    if ref_logp is not None:
+        ref_logp = _clean(ref_logp.detach(), mask)
+        if kl_to_ref_coef:
+            loss = loss + kl_to_ref_coef * agg(kl_estimate(logp, ref_logp, kl_to_ref_kind))
+
+    # 3. Metrics over target tokens; the KLs are always logged as k3 means, whatever enters the loss.
+    with torch.no_grad():
+        metrics = {
+            "train/policy_loss": loss.item(),
+            "train/clipfrac": _masked_mean((clipped < unclipped).double(), mask),
+            "train/ratio_mean": _masked_mean(ratio, mask),
+            "train/ratio_max": ratio[mask].max().item() if mask.any() else 0.0,
+            "train/kl_to_old": _masked_mean(kl_estimate(logp, old_logp, "k3"), mask),
+        }
+        if ref_logp is not None:
+            metrics["train/kl_to_ref"] = _masked_mean(kl_estimate(logp, ref_logp, "k3"), mask)
+        if entropy is not None:
+            metrics["train/entropy"] = _masked_mean(_clean(entropy, mask), mask)
+    return loss, metrics
+
+
+def value_loss(
+    values: torch.Tensor,
+    old_values: torch.Tensor,
+    returns: torch.Tensor,
+    mask: torch.Tensor,
+    *,
+    row_sample: torch.Tensor,
+    eps: float = 0.2,
+    aggregation: str = "token_sum_over_max_len",
+    norm_len: int | None = None,
+) -> tuple[torch.Tensor, dict[str, float]]:
+    """PPO clipped value loss (as in TraceRL's value model): per token
+    ½·max((V − R)², (V_old + clip(V − V_old, −ε, ε) − R)²), then aggregated like the policy loss.
+    values, old_values, returns, mask [R, T]; only ``values`` carries gradients.
+    """
+    values = _clean(values, mask)
+    old_values = _clean(old_values.detach(), mask)
+    returns = _clean(returns.detach(), mask)
+    plain = (values - returns) ** 2
+    clipped = (old_values + (values - old_values).clamp(-eps, eps) - returns) ** 2
+    loss = aggregate(0.5 * torch.maximum(plain, clipped), mask, row_sample, aggregation, norm_len)
+    with torch.no_grad():
+        metrics = {
+            "train/value_loss": loss.item(),
+            "train/value_clipfrac": _masked_mean((clipped > plain).double(), mask),
+            "train/value_mean": _masked_mean(values, mask),
+        }
+    return loss, metrics
+
+
+def _entropy_from_logp(logp: torch.Tensor) -> torch.Tensor:
+    p = logp.exp()
+    # Tokens with probability 0 (logit −inf) contribute 0; where() keeps their gradient 0 instead of NaN.
+    return -(p * torch.where(p > 0, logp, 0.0)).sum(-1)
+
+
+def entropy_from_logits(logits: torch.Tensor) -> torch.Tensor:
+    """Entropy H = −Σ_v p_v log p_v of softmax(logits) [M, V] → [M], computed in fp32."""
+    return _entropy_from_logp(torch.log_softmax(logits.float(), dim=-1))
+
+
+def target_logprobs(
+    head: Callable[[torch.Tensor], torch.Tensor],
+    hidden: torch.Tensor,
+    targets: torch.Tensor,
+    chunk_size: int = 1024,
+    with_entropy: bool = False,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """log softmax(head(hidden))[targets] in fp32, ``chunk_size`` rows at a time: hidden [M, H], targets [M]
+    → logp [M] (and entropy [M] if ``with_entropy``). With grad enabled each chunk is activation-checkpointed,
+    so only one chunk's [chunk, V] logits are alive in forward and backward (O(chunk·V), not O(M·V) memory).
+    """
+    if chunk_size < 1:
+        raise ValueError(f"chunk_size must be ≥ 1, got {chunk_size}")
+
+    def one_chunk(h: torch.Tensor, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        logp_all = torch.log_softmax(head(h).float(), dim=-1)  # [chunk, V]
+        logp = logp_all.gather(-1, t.unsqueeze(-1)).squeeze(-1)
+        ent = _entropy_from_logp(logp_all) if with_entropy else logp.new_zeros(0)
+        return logp, ent
+
+    logps: list[torch.Tensor] = []
+    ents: list[torch.Tensor] = []
+    for start in range(0, hidden.shape[0], chunk_size):
+        h, t = hidden[start : start + chunk_size], targets[start : start + chunk_size]
+        if torch.is_grad_enabled():
+            logp, ent = checkpoint(one_chunk, h, t, use_reentrant=False)
+        else:
+            logp, ent = one_chunk(h, t)
+        logps.append(logp)
+        ents.append(ent)
+    logp = torch.cat(logps) if logps else hidden.new_zeros(0, dtype=torch.float32)
+    if not with_entropy:
+        return logp
+    return logp, torch.cat(ents) if ents else hidden.new_zeros(0, dtype=torch.float32)
