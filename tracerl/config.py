@@ -76,6 +76,132 @@ class SamplingConfig:
 
 
 @dataclass
+class DataConfig:
+    """Where prompts (and SFT responses) come from (DESIGN §3 data.py)."""
+
+    source: str = "synthetic:addition"  # synthetic:<task>, a hub dataset name, or a local json/jsonl/parquet path
+    split: str = "train"  # dataset split
+    prompt_column: str = "prompt"  # text of the question (string or chat messages)
+    answer_column: str = "answer"  # reference answer handed to reward functions
+    response_column: str = "response"  # target completion for SFT
+    chat_template: bool = True  # wrap prompts with the tokenizer's chat template
+    system_prompt: str | None = None  # optional system message when the chat template is used
+    max_prompt_tokens: int = 256  # longer prompts are dropped (and counted), never truncated
+    num_synthetic: int = 2000  # examples generated for a synthetic task
+    shuffle: bool = True  # shuffle every epoch (seeded)
+
+
+@dataclass
+class RolloutConfig:
+    """How many samples each RL step draws, and where."""
+
+    prompts_per_step: int = 8  # P prompts per RL step
+    samples_per_prompt: int = 4  # G samples per prompt (a group)
+    num_workers: int = 1  # K rollout actors
+
+
+@dataclass
+class RewardFnConfig:
+    """One reward function and its weight in the total."""
+
+    fn: str = "synthetic_exact"  # registered name, pkg.module:fn, path/to/file.py:fn, or http(s)://host/score
+    weight: float = 1.0  # weight in the weighted sum
+    name: str | None = None  # metric name (defaults to the function's name)
+
+
+@dataclass
+class RewardConfig:
+    """The reward service (DESIGN §9)."""
+
+    functions: list[RewardFnConfig] = field(default_factory=lambda: [RewardFnConfig()])
+    on_error: Literal["raise", "nan"] = "raise"  # raise a clear error, or score NaN and count reward/errors/<name>
+    timeout_s: float = 60.0  # per-call timeout of a reward function
+    num_workers: int = 1  # reward actors (CPU)
+
+
+@dataclass
+class ObjectiveConfig:
+    """The TraceRL objective: views, advantages and the policy loss (DESIGN §7-§8)."""
+
+    views: str = "trace"  # trace | d1 | random_masking | coupled
+    shrink: int = 1  # merge s neighbouring denoising steps (trace views); 1 = exact replay
+    advantage: str = "group_zscore"  # group_zscore | group_mean | rloo
+    group_filter: str = "keep_all"  # keep_all | keep_acc_range | drop_all_equal
+    filter_low: float = 0.2  # keep_acc_range: drop groups with mean score below this
+    filter_high: float = 0.8  # keep_acc_range: drop groups with mean score above this
+    truncated_is_wrong: bool = False  # responses without EOS get reward 0
+    eps_low: float = 0.2  # lower clip range of the importance ratio
+    eps_high: float = 0.2  # upper clip range (clip-higher when > eps_low)
+    aggregation: str = "token_sum_over_max_len"  # token_sum_over_max_len | row_mean | token_mean | seq_mean_token_mean
+    kl_to_old_coef: float = 0.01  # beta of the KL to the old (rollout-step) policy; TraceRL default 0.01
+    kl_to_old_kind: str = "k3"  # k1 | k2 | k3
+    kl_to_ref_coef: float = 0.0  # beta of the KL to a frozen reference model (0 = no reference model)
+    kl_to_ref_kind: str = "k3"  # k1 | k2 | k3
+    old_logp_source: Literal["learner", "rollout"] = "learner"  # recompute old log-probs, or use rollout_logp
+    d1_prompt_mask_prob: float = 0.15  # d1 views: prompt tokens masked with this probability
+    mask_ratio_low: float = 0.1  # random_masking / coupled: lowest mask ratio
+    mask_ratio_high: float = 0.9  # random_masking / coupled: highest mask ratio
+    value_model: bool = False  # train a value model and use step-level GAE advantages
+    gamma: float = 1.0  # GAE discount over denoising steps
+    lam: float = 1.0  # GAE lambda
+    value_eps: float = 0.2  # clip range of the value loss
+
+
+@dataclass
+class LearnerConfig:
+    """The DeepSpeed learner (DESIGN §10)."""
+
+    num_ranks: int = 1  # learner ranks (Ray actors, one DeepSpeed rank each)
+    zero_stage: int = 0  # DeepSpeed ZeRO stage 0-3
+    precision: Literal["fp32", "bf16"] = "fp32"  # training precision
+    lr: float = 1e-6  # policy learning rate (AdamW)
+    value_lr: float = 5e-6  # value model learning rate
+    weight_decay: float = 0.0  # AdamW weight decay
+    beta1: float = 0.9  # AdamW beta1
+    beta2: float = 0.999  # AdamW beta2
+    adam_eps: float = 1e-8  # AdamW epsilon
+    lr_schedule: Literal["constant", "linear", "cosine"] = "constant"  # after warmup
+    warmup_steps: int = 0  # linear warmup, in optimizer steps
+    total_steps: int = 1000  # optimizer steps the schedule spans (linear / cosine)
+    max_grad_norm: float = 1.0  # gradient clipping (owned by the DeepSpeed engine)
+    updates_per_step: int = 1  # mu: passes over an RL step's rows
+    minibatches: int = 1  # optimizer steps per pass (rows split into this many minibatches)
+    micro_batch_tokens: int = 8192  # token budget of one micro-batch (rows are packed up to it)
+    gradient_checkpointing: bool = False  # recompute activations in backward (large models)
+    backend: Literal["auto", "gloo", "nccl"] = "auto"  # torch.distributed backend (auto: nccl on GPU)
+
+
+@dataclass
+class CheckpointConfig:
+    """Resumable state (DESIGN §13)."""
+
+    save_every: int = 0  # RL (or SFT) steps between checkpoints; 0 = only at the end
+    keep_last: int = 2  # complete checkpoints kept
+    resume: str = "none"  # none | auto (latest complete checkpoint in run_dir) | a checkpoint directory
+
+
+@dataclass
+class SFTConfig:
+    """Masked-diffusion SFT (tracerl sft)."""
+
+    steps: int = 300  # optimizer steps
+    batch_size: int = 32  # examples per optimizer step
+    lr: float = 1e-3  # learning rate (the learner's other settings apply)
+    eval_every: int = 100  # steps between accuracy checks on held-out prompts (0 = off)
+    eval_prompts: int = 64  # held-out prompts per check
+
+
+@dataclass
+class WandbConfig:
+    """Weights & Biases monitoring (DESIGN §12)."""
+
+    mode: Literal["online", "offline", "disabled"] = "offline"  # offline when no credentials
+    project: str = "tracerl"  # W&B project
+    entity: str | None = None  # W&B entity (team)
+    name: str | None = None  # run name (defaults to the run directory's name)
+
+
+@dataclass
 class Config:
     """The whole run."""
 
@@ -83,6 +209,14 @@ class Config:
     run_dir: str = "runs/default"  # where metrics, the resolved config and checkpoints go
     model: ModelConfig = field(default_factory=ModelConfig)
     sampling: SamplingConfig = field(default_factory=SamplingConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    rollout: RolloutConfig = field(default_factory=RolloutConfig)
+    reward: RewardConfig = field(default_factory=RewardConfig)
+    objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
+    learner: LearnerConfig = field(default_factory=LearnerConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    sft: SFTConfig = field(default_factory=SFTConfig)
+    wandb: WandbConfig = field(default_factory=WandbConfig)
 
 
 # ---------------------------------------------------------------------------------------------- checks
@@ -148,6 +282,32 @@ def check(cfg: Config) -> None:
             f"model.path is required for model.family={cfg.model.family}: give a local directory or a hub name."
         )
     check_sampling(cfg.sampling)
+    check_objective(cfg)
+
+
+def check_objective(cfg: Config) -> None:
+    """Registry names and ranges of the objective and learner sections."""
+    from tracerl import advantages, objectives, trace
+
+    o, lr = cfg.objective, cfg.learner
+    for key, value, valid in (
+        ("objective.views", o.views, trace.VIEWS),
+        ("objective.advantage", o.advantage, advantages.ADVANTAGES),
+        ("objective.group_filter", o.group_filter, advantages.GROUP_FILTERS),
+        ("objective.aggregation", o.aggregation, objectives.AGGREGATIONS),
+        ("objective.kl_to_old_kind", o.kl_to_old_kind, objectives.KL_ESTIMATORS),
+        ("objective.kl_to_ref_kind", o.kl_to_ref_kind, objectives.KL_ESTIMATORS),
+    ):
+        if value not in valid:
+            raise ConfigError(f"unknown {key} '{value}'; choose from {sorted(valid)}.")
+    if o.shrink < 1:
+        raise ConfigError(f"objective.shrink must be ≥ 1 (1 = exact replay), got {o.shrink}.")
+    if not 0 <= lr.zero_stage <= 3:
+        raise ConfigError(f"learner.zero_stage must be 0, 1, 2 or 3, got {lr.zero_stage}.")
+    if lr.num_ranks < 1 or lr.minibatches < 1 or lr.updates_per_step < 1 or lr.micro_batch_tokens < 1:
+        raise ConfigError("learner.num_ranks, minibatches, updates_per_step and micro_batch_tokens must be ≥ 1.")
+    if cfg.rollout.prompts_per_step < 1 or cfg.rollout.samples_per_prompt < 1:
+        raise ConfigError("rollout.prompts_per_step and rollout.samples_per_prompt must be ≥ 1.")
 
 
 # ---------------------------------------------------------------------------------------------- loading

@@ -1,0 +1,83 @@
+"""Prompt data: synthetic tasks, local files, column checks, long prompts, resumable streams."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from tracerl.config import ConfigError, DataConfig
+from tracerl.data import PromptStream, encode_prompt, load_examples, sft_pairs, synthetic
+from tracerl.models import char_tokenizer
+
+TOK = char_tokenizer("0123456789+-*=?:#., abcdefghijklmnopqrstuvwxyz")
+
+
+def test_synthetic_addition_is_correct_and_seeded():
+    ds = synthetic("addition", 50, seed=1)
+    for row in ds:
+        a, b = row["prompt"].rstrip("=").split("+")
+        assert int(a) + int(b) == int(row["answer"]) and row["response"] == row["answer"]
+    assert synthetic("addition", 50, seed=1)["prompt"] == ds["prompt"]
+    assert synthetic("addition", 50, seed=2)["prompt"] != ds["prompt"]
+
+
+def test_unknown_synthetic_task_lists_tasks():
+    with pytest.raises(ConfigError, match=r"unknown synthetic task 'mult'; choose from \['addition'"):
+        load_examples(DataConfig(source="synthetic:mult"), 0)
+
+
+def test_local_jsonl_with_renamed_columns(tmp_path):
+    path = tmp_path / "q.jsonl"
+    path.write_text("\n".join(json.dumps({"question": f"{i}+1=", "solution": str(i + 1)}) for i in range(5)))
+    cfg = DataConfig(source=str(path), prompt_column="question", answer_column="solution")
+    ds = load_examples(cfg, 0, require=("prompt", "answer"))
+    assert ds["prompt"][0] == "0+1=" and ds["answer"][4] == "5"
+
+
+def test_missing_column_names_columns_and_key(tmp_path):
+    path = tmp_path / "q.jsonl"
+    path.write_text(json.dumps({"question": "1+1=", "solution": "2"}))
+    with pytest.raises(ConfigError, match=r"no column 'prompt'.*\['question', 'solution'\].*data.prompt_column"):
+        load_examples(DataConfig(source=str(path)), 0)
+
+
+def test_missing_file_is_clear(tmp_path):
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_examples(DataConfig(source=str(tmp_path / "none.jsonl")), 0)
+
+
+def test_chat_template_and_plain_prompts():
+    with_template = encode_prompt(TOK, "1+1=", DataConfig(chat_template=True))
+    plain = encode_prompt(TOK, "1+1=", DataConfig(chat_template=False))
+    assert TOK.decode(with_template) == "user: 1+1=\nassistant: "
+    assert TOK.decode(plain) == "1+1="
+
+
+def test_long_prompts_are_dropped_and_columns_stay_aligned():
+    ds = synthetic("addition", 40, seed=0)
+    cfg = DataConfig(chat_template=False, max_prompt_tokens=5)  # "12+7=" is 5 chars, "12+34=" is 6
+    stream = PromptStream(ds, TOK, cfg, seed=0)
+    assert stream.dropped == sum(len(p) > 5 for p in ds["prompt"]) > 0
+    batch = stream.next_batch(10)
+    for ids, prompt, answer in zip(batch.prompt_ids, batch.prompts, batch.columns["answer"], strict=True):
+        assert TOK.decode(ids) == prompt and len(ids) <= 5
+        a, b = prompt.rstrip("=").split("+")
+        assert int(a) + int(b) == int(answer)
+
+
+def test_stream_resumes_where_it_stopped():
+    ds = synthetic("addition", 12, seed=0)
+    cfg = DataConfig(chat_template=False)
+    a = PromptStream(ds, TOK, cfg, seed=3)
+    a.next_batch(5)
+    state = a.state_dict()
+    expected = [a.next_batch(5).prompts for _ in range(3)]  # crosses an epoch boundary
+    b = PromptStream(ds, TOK, cfg, seed=3)
+    b.load_state_dict(state)
+    assert [b.next_batch(5).prompts for _ in range(3)] == expected
+
+
+def test_sft_pairs_end_with_eos():
+    pairs = sft_pairs(synthetic("copy", 5, seed=0), TOK, DataConfig())
+    assert len(pairs) == 5 and all(r[-1] == TOK.eos_token_id for _, r in pairs)
