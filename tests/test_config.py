@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from tracerl.config import ConfigError, SamplingConfig, check_sampling, load
+from tracerl.checks import load_config as load
+from tracerl.config import ConfigError, SamplingConfig, check_sampling
 
 
 def test_defaults_yaml_and_overrides_merge(tmp_path):
@@ -90,3 +91,10 @@ def test_missing_config_file_is_clear(tmp_path):
 def test_override_without_equals_is_clear():
     with pytest.raises(ConfigError, match="not of the form key=value"):
         load(None, ["sampling.temperature"])
+
+
+def test_unknown_objective_names_list_choices():
+    with pytest.raises(ConfigError, match=r"unknown objective.advantage 'grpo'; choose from \['group_mean'"):
+        load(None, ["objective.advantage=grpo"])
+    with pytest.raises(ConfigError, match=r"unknown objective.views 'elbo'; choose from \['coupled', 'd1'"):
+        load(None, ["objective.views=elbo"])
