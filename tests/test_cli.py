@@ -1,0 +1,35 @@
+"""The tracerl command: exit codes and one-paragraph errors."""
+
+from __future__ import annotations
+
+from tracerl.cli import main
+
+
+def test_generate_prints_the_denoised_text(capsys):
+    rc = main(["generate", "--prompt", "1+2=", "--no-animate", "sampling.max_new_tokens=8", "sampling.block_size=4"])
+    out = capsys.readouterr().out
+    assert rc == 0
+    assert out.startswith("1+2=") and "tokens in" in out and "denoising steps" in out
+
+
+def test_bad_override_is_one_paragraph_and_nonzero(capsys):
+    rc = main(["generate", "--prompt", "x", "sampling.max_new_tokns=8"])
+    err = capsys.readouterr().err
+    assert rc == 2
+    assert "unknown config key 'sampling.max_new_tokns'" in err and "Traceback" not in err
+    assert len(err.strip().splitlines()) == 1
+
+
+def test_validate_reports_each_part(capsys, tmp_path):
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("model:\n  tiny:\n    attention: block\nreward:\n  functions:\n    - fn: synthetic_exact\n")
+    rc = main(["validate", str(cfg)])
+    out = capsys.readouterr().out
+    assert rc == 0
+    for part in ("config: ok", "model: ok", "block attention", "data: ok", "rewards: ok"):
+        assert part in out
+
+
+def test_validate_fails_on_missing_model_path(capsys, tmp_path):
+    rc = main(["validate", "model.family=llada", f"model.path={tmp_path / 'missing'}"])
+    assert rc == 2 and "does not exist" in capsys.readouterr().err
