@@ -250,3 +250,9 @@ def test_cache_mode_mismatch_is_clear(full_policy, block_policy):
 def test_max_new_tokens_must_be_positive(full_policy):
     with pytest.raises(ConfigError, match="sampling.max_new_tokens"):
         generate(full_policy, [[5, 6]], SamplingConfig(max_new_tokens=0))
+
+
+def test_too_long_for_the_model_is_clear(full_policy):
+    limit = full_policy.model.config.max_position_embeddings
+    with pytest.raises(ConfigError, match=f"max_position_embeddings={limit}"):
+        generate(full_policy, [[5] * 10], SamplingConfig(max_new_tokens=limit))
