@@ -70,6 +70,7 @@ def generate(
     if any(len(p) == 0 for p in prompts):
         raise ValueError("every prompt needs at least one token")
     check_compatible(policy, s)
+    mode = resolve_cache(policy, s)
     limit = getattr(policy.model.config, "max_position_embeddings", None)
     longest = max(len(p) for p in prompts) + s.max_new_tokens + (s.block_size if policy.block_size else 0)
     if limit is not None and longest > limit:
@@ -77,7 +78,6 @@ def generate(
             f"the longest prompt plus sampling.max_new_tokens needs {longest} positions but the model has "
             f"max_position_embeddings={limit}; shorten data.max_prompt_tokens or sampling.max_new_tokens."
         )
-    mode = resolve_cache(policy, s)
     device = next(policy.model.parameters()).device
     generator = torch.Generator(device=device).manual_seed(seed)
     group = group if group is not None else torch.arange(len(prompts))

@@ -1,0 +1,393 @@
+"""Run untrusted Python programs (generated code) in a separate, limited, isolated process.
+
+Each program runs as ``python -I main.py`` in a fresh temporary directory (deleted afterwards; with filesystem
+isolation the program sees a size-limited tmpfs there holding a copy of its files) with:
+- resource limits (``setrlimit`` in the child): CPU seconds, address space, processes, file size, open files;
+- a scrubbed environment: ``PATH``, locale, ``HOME``/``TMPDIR`` = its directory; no inherited variable, so no
+  ``WANDB_API_KEY``, ``HF_TOKEN``, cloud credentials;
+- output capped at ``max_output_bytes`` (the program is killed when it prints more);
+- a wall-clock limit, after which its whole process group (and pid namespace) is killed;
+- the OS isolation this machine allows (``rewards.isolation``: separate uid, no network, read-only host,
+  pid namespace), probed once per process; ``isolation()`` says what is active.
+At most ``max_workers`` programs run at once per ``Sandbox``.
+
+Example:
+    >>> with Sandbox(Limits(cpu_s=1, wall_s=5)) as box:
+    ...     result = box.run("print(sum(range(10)))")
+    >>> result.status, result.stdout
+    ('ok', b'45\\n')
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import logging
+import math
+import os
+import resource
+import selectors
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Iterable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Literal
+
+from rewards.isolation import Isolation, Plan, UidSlots, candidate_plans, child_setup, describe
+
+log = logging.getLogger(__name__)
+_READ_CHUNK = 1 << 16
+
+
+@dataclass(frozen=True)
+class Limits:
+    """Per-program limits (every process of the program gets the per-process ones)."""
+
+    cpu_s: float = 2.0  # CPU seconds per process (RLIMIT_CPU: SIGXCPU, then SIGKILL one second later)
+    wall_s: float = 6.0  # wall-clock seconds before the whole program is killed
+    memory_mb: int = 512  # address space per process (RLIMIT_AS); allocations beyond fail (MemoryError)
+    max_processes: int = 32  # processes + threads at once (RLIMIT_NPROC; needs a separate uid or user namespace)
+    max_output_bytes: int = 1 << 20  # stdout + stderr kept; printing more kills the program
+    max_file_mb: int = 16  # largest file it may write (RLIMIT_FSIZE)
+    max_open_files: int = 64  # file descriptors (RLIMIT_NOFILE)
+    tmpfs_mb: int = 64  # size of each of its tmpfs: its directory, /tmp, /dev/shm (with filesystem isolation)
+
+
+@dataclass
+class RunResult:
+    """What one program did."""
+
+    status: Literal["ok", "error", "timeout", "output_limit"]  # ok: exit code 0 within every limit
+    returncode: int | None  # exit code; 128 + n or -n when killed by signal n; None if never waited for
+    stdout: bytes  # at most max_output_bytes (shared with stderr)
+    stderr: bytes
+    wall_s: float  # seconds from start to exit
+
+    @property
+    def ok(self) -> bool:
+        return self.status == "ok"
+
+
+class SandboxError(RuntimeError):
+    """The sandbox could not start a program (not the program's fault): rewards must not score it 0."""
+
+
+# ---------------------------------------------------------------------------------------------- isolation
+
+_PLANS: dict[str, tuple[Plan, Isolation]] = {}
+_PLANS_LOCK = threading.Lock()
+_UID_SLOTS: UidSlots | None = None
+
+
+def isolation(mode: Literal["auto", "none"] = "auto") -> Isolation:
+    """The containment sandboxed programs get in this process (probed on first use)."""
+    return _plan(mode)[1]
+
+
+def _plan(mode: str) -> tuple[Plan, Isolation]:
+    """The most contained plan that runs a program here; probed once per process and mode."""
+    global _UID_SLOTS
+    with _PLANS_LOCK:
+        if mode not in _PLANS:
+            plans = candidate_plans() if mode == "auto" else [Plan("none")]
+            failures = []
+            for plan in plans:
+                if plan.separate_user and _UID_SLOTS is None:
+                    _UID_SLOTS = UidSlots()
+                try:
+                    probe = _spawn(plan, "print('ok')", b"", Limits(), {})
+                except SandboxError as err:
+                    failures.append(f"'{plan.name}' failed ({err})")
+                    continue
+                if probe.ok and probe.stdout == b"ok\n":
+                    break
+                failures.append(f"'{plan.name}' failed ({probe.stderr.decode(errors='replace').strip()[-300:]})")
+            notes = "; ".join(failures)
+            if failures:
+                log.warning("sandbox isolation reduced to '%s': %s", plan.name, notes)
+            _PLANS[mode] = (plan, describe(plan, notes))
+        return _PLANS[mode]
+
+
+# ---------------------------------------------------------------------------------------------- running
+
+
+class Sandbox:
+    """Runs programs with ``limits``, at most ``max_workers`` at once (default: CPU count).
+
+    Thread-safe: ``run`` may be called from many threads; ``run_many`` uses the sandbox's own thread pool.
+    """
+
+    def __init__(
+        self,
+        limits: Limits | None = None,
+        max_workers: int | None = None,
+        isolation: Literal["auto", "none"] = "auto",
+    ) -> None:
+        self.limits = limits or Limits()
+        self.max_workers = max_workers or os.cpu_count() or 1
+        self.mode = isolation
+        self._slots = threading.BoundedSemaphore(self.max_workers)
+        self._pool: ThreadPoolExecutor | None = None
+        self._pool_lock = threading.Lock()
+
+    @property
+    def isolation(self) -> Isolation:
+        return _plan(self.mode)[1]
+
+    def run(self, source: str, stdin: bytes | str = b"", files: dict[str, str] | None = None) -> RunResult:
+        """Run ``source`` as ``main.py`` (``files`` are written beside it) with ``stdin`` as its input.
+
+        Raises:
+            SandboxError: the sandbox itself failed (could not create the directory or start the process).
+        """
+        plan = _plan(self.mode)[0]
+        data = stdin.encode() if isinstance(stdin, str) else stdin
+        with self._slots:
+            return _spawn(plan, source, data, self.limits, files or {})
+
+    def run_many(self, jobs: Iterable[tuple[str, bytes | str]]) -> list[RunResult]:
+        """Run ``(source, stdin)`` jobs concurrently; results in job order."""
+        jobs = list(jobs)
+        if len(jobs) <= 1:
+            return [self.run(src, stdin) for src, stdin in jobs]
+        with self._pool_lock:
+            if self._pool is None:
+                self._pool = ThreadPoolExecutor(self.max_workers, thread_name_prefix="sandbox")
+        return list(self._pool.map(lambda job: self.run(*job), jobs))
+
+    def close(self) -> None:
+        """Stop the worker threads (running programs finish first)."""
+        with self._pool_lock:
+            if self._pool is not None:
+                self._pool.shutdown(wait=True)
+                self._pool = None
+
+    def __enter__(self) -> Sandbox:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def _spawn(plan: Plan, source: str, stdin: bytes, limits: Limits, files: dict[str, str]) -> RunResult:
+    """One program, start to cleanup, under ``plan``."""
+    uid, lock_fd = _UID_SLOTS.acquire() if plan.separate_user and _UID_SLOTS else (None, None)
+    workdir = None
+    proc = None
+    start = time.monotonic()
+    try:
+        workdir = tempfile.mkdtemp(prefix="tracerl-sbx-")
+        for name, text in {"main.py": source, **files}.items():
+            path = os.path.join(workdir, name)
+            if os.path.dirname(os.path.abspath(path)) != workdir:
+                raise SandboxError(f"sandbox file name '{name}' must be a plain file name")
+            with open(path, "w", encoding="utf-8") as f:
+                f.write(text)
+            if uid is not None:
+                os.chown(path, uid, uid)
+        if uid is not None:
+            os.chown(workdir, uid, uid)
+        os.chmod(workdir, 0o700)
+        tmpfs_options = b"size=%dm" % limits.tmpfs_mb
+        error_read, error_write = os.pipe()  # the child reports a failed setup here (closed before exec)
+        rlimits = _rlimits(limits, plan)
+        setup = functools.partial(child_setup, plan, os.fsencode(workdir), rlimits, tmpfs_options, uid, error_write)
+        command = [*plan.command_prefix(uid), sys.executable, "-I", "main.py"]
+        try:
+            proc = subprocess.Popen(
+                command,
+                stdin=subprocess.PIPE,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                cwd=workdir,
+                env=clean_env(workdir),
+                start_new_session=True,
+                preexec_fn=setup,
+            )
+        except (OSError, subprocess.SubprocessError) as err:
+            os.set_blocking(error_read, False)
+            detail = _read(error_read) or str(err).encode()
+            raise SandboxError(
+                f"could not start a sandboxed program ({plan.name} isolation): {detail.decode(errors='replace')}"
+            ) from err
+        finally:
+            os.close(error_read)
+            os.close(error_write)
+        stdout, stderr, status = _communicate(proc, stdin, limits, start, plan.pid_namespace)
+        _stop(proc, plan.pid_namespace)  # stragglers of a finished program, or the whole program after a limit
+        returncode = proc.wait()
+        if status == "ok" and returncode != 0:
+            status = "error"
+        return RunResult(status, returncode, stdout, stderr, time.monotonic() - start)
+    finally:
+        if proc is not None and proc.returncode is None:
+            _stop(proc, plan.pid_namespace)
+            proc.wait()
+        if proc is not None:
+            for pipe in (proc.stdin, proc.stdout, proc.stderr):
+                if pipe is not None:
+                    pipe.close()
+        if workdir is not None:
+            shutil.rmtree(workdir, onerror=_force_remove)
+        if lock_fd is not None:
+            UidSlots.release(lock_fd)
+
+
+def clean_env(workdir: str) -> dict[str, str]:
+    """The whole environment of a sandboxed program: nothing is inherited from the parent."""
+    return {
+        "PATH": "/usr/local/bin:/usr/bin:/bin",
+        "LANG": "C.UTF-8",
+        "LC_ALL": "C.UTF-8",
+        "HOME": workdir,
+        "TMPDIR": workdir,
+        "OMP_NUM_THREADS": "1",  # numerical libraries would otherwise start a thread per core
+        "OPENBLAS_NUM_THREADS": "1",
+        "MKL_NUM_THREADS": "1",
+    }
+
+
+def _rlimits(limits: Limits, plan: Plan) -> tuple[tuple[int, int, int], ...]:
+    cpu = max(1, math.ceil(limits.cpu_s))
+    memory = limits.memory_mb << 20
+    file_size = limits.max_file_mb << 20
+    rl = [
+        (resource.RLIMIT_CPU, cpu, cpu + 1),
+        (resource.RLIMIT_AS, memory, memory),
+        (resource.RLIMIT_FSIZE, file_size, file_size),
+        (resource.RLIMIT_NOFILE, limits.max_open_files, limits.max_open_files),
+        (resource.RLIMIT_CORE, 0, 0),
+    ]
+    if plan.separate_user or plan.user_namespace:  # elsewhere it would count every process of the user
+        rl.append((resource.RLIMIT_NPROC, limits.max_processes, limits.max_processes))
+    return tuple(rl)
+
+
+def _communicate(
+    proc: subprocess.Popen, stdin: bytes, limits: Limits, start: float, pid_namespace: bool
+) -> tuple[bytes, bytes, Literal["ok", "timeout", "output_limit"]]:
+    """Feed stdin and collect output until both pipes close, the wall clock runs out or output overflows."""
+    deadline = start + limits.wall_s
+    out_fd, err_fd = proc.stdout.fileno(), proc.stderr.fileno()
+    buffers = {out_fd: bytearray(), err_fd: bytearray()}
+    total = 0
+    pending = memoryview(stdin)
+    with selectors.DefaultSelector() as sel:
+        for fd in (out_fd, err_fd):
+            os.set_blocking(fd, False)
+            sel.register(fd, selectors.EVENT_READ)
+        if pending:
+            os.set_blocking(proc.stdin.fileno(), False)
+            sel.register(proc.stdin.fileno(), selectors.EVENT_WRITE)
+        else:
+            proc.stdin.close()
+        while len(sel.get_map()) > 0:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                return bytes(buffers[out_fd]), bytes(buffers[err_fd]), "timeout"
+            for key, _ in sel.select(min(remaining, 0.25)):
+                if key.fd in buffers:
+                    chunk = _read(key.fd)
+                    if chunk is None:
+                        continue
+                    if chunk == b"":
+                        sel.unregister(key.fd)
+                        continue
+                    room = limits.max_output_bytes - total
+                    buffers[key.fd] += chunk[: max(room, 0)]
+                    total += len(chunk)
+                    if total > limits.max_output_bytes:
+                        return bytes(buffers[out_fd]), bytes(buffers[err_fd]), "output_limit"
+                else:
+                    pending = _feed(proc, pending)
+                    if not pending:
+                        sel.unregister(key.fd)
+                        proc.stdin.close()
+            if _exited(proc):
+                _stop(proc, pid_namespace)  # the program is gone: stop descendants that still hold the pipes
+    return bytes(buffers[out_fd]), bytes(buffers[err_fd]), "ok"
+
+
+def _read(fd: int) -> bytes | None:
+    try:
+        return os.read(fd, _READ_CHUNK)
+    except BlockingIOError:
+        return None
+
+
+def _feed(proc: subprocess.Popen, pending: memoryview) -> memoryview:
+    try:
+        return pending[os.write(proc.stdin.fileno(), pending[:_READ_CHUNK]) :]
+    except BlockingIOError:
+        return pending
+    except (BrokenPipeError, OSError):  # the program stopped reading: drop the rest
+        return pending[:0]
+
+
+def _exited(proc: subprocess.Popen) -> bool:
+    """True once the child has exited, without reaping it: while it is an unreaped zombie its pid, which is
+    also its process-group id, cannot be reused, so killing that group never hits an unrelated one."""
+    if proc.returncode is not None:
+        return True
+    try:
+        return os.waitid(os.P_PID, proc.pid, os.WEXITED | os.WNOHANG | os.WNOWAIT) is not None
+    except ChildProcessError:  # reaped elsewhere
+        return True
+
+
+def _stop(proc: subprocess.Popen, pid_namespace: bool) -> None:
+    """Kill the program and everything it started.
+
+    Under a pid namespace the wrapper's only child is the namespace's init: killing it makes the kernel kill
+    and reap every process inside, and the wrapper then exits by itself. Killing the wrapper too would orphan
+    that init to the machine's pid 1, which in many containers never reaps it (a zombie per killed program).
+    Otherwise the whole process group is killed (descendants that left the group survive: see the docs).
+    """
+    if proc.returncode is not None:
+        return
+    if pid_namespace:
+        for child in _children(proc.pid):
+            try:
+                fd = os.pidfd_open(child)
+            except ProcessLookupError:
+                continue
+            try:
+                if child in _children(proc.pid):  # still the wrapper's child: fd pins that very process
+                    signal.pidfd_send_signal(fd, signal.SIGKILL)
+            finally:
+                os.close(fd)
+        try:
+            proc.wait(timeout=2.0)
+            return
+        except subprocess.TimeoutExpired:
+            pass
+    with contextlib.suppress(ProcessLookupError, PermissionError):  # unreaped (see _exited): id not reused
+        os.killpg(proc.pid, signal.SIGKILL)  # start_new_session: the group id is the child's pid
+
+
+def _children(pid: int) -> list[int]:
+    try:
+        with open(f"/proc/{pid}/task/{pid}/children") as f:
+            return [int(c) for c in f.read().split()]
+    except OSError:
+        return []
+
+
+def _force_remove(func: object, path: str, exc_info: object) -> None:
+    """rmtree fallback for entries the program made unreadable (chmod 000) when running as our own uid."""
+    try:
+        os.chmod(os.path.dirname(path), 0o700)
+        os.chmod(path, 0o700)
+        if os.path.isdir(path) and not os.path.islink(path):
+            shutil.rmtree(path, onerror=_force_remove)
+        else:
+            os.unlink(path)
+    except OSError:
+        log.warning("could not remove sandbox file %s", path)

@@ -1,0 +1,483 @@
+"""The reward service: resolve reward functions, call them with TRL's contract, check and combine them (DESIGN §9).
+
+A reward function is named by a registered name (``math_verify``), an import path (``my_pkg.rewards:score``),
+a file (``./my_reward.py:score``) or an HTTP endpoint (``http://host:port/score``). Every function is called as
+``fn(prompts=..., completions=..., completion_ids=..., **dataset_columns)`` and returns one ``float | None`` per
+sample; ``None`` means "cannot score this sample" and becomes NaN (excluded from advantages), not an error.
+The functions of one batch run concurrently, each in its own thread, under a per-call timeout.
+
+Error policy: ``on_error="raise"`` (default) turns an exception, a timeout, a wrong-length or non-numeric return
+into a ``RewardError`` naming the function (and the sample, where one is to blame); ``on_error="nan"`` scores
+the failed call's samples NaN instead, counts them in ``reward/errors/<name>`` and logs the error.
+
+dims: N samples
+"""
+
+from __future__ import annotations
+
+import asyncio
+import importlib
+import importlib.util
+import inspect
+import json
+import logging
+import math
+import os
+import sys
+import threading
+import time
+import urllib.error
+import urllib.parse
+import urllib.request
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+log = logging.getLogger(__name__)
+RESERVED = ("prompts", "completions", "completion_ids")
+LOCATE_BUDGET_S = 10.0  # at most this long re-running a failed function sample by sample to find the culprit
+
+
+@dataclass
+class RewardSpec:
+    """One reward function of a run and how it counts."""
+
+    fn: str | Callable[..., Any]  # registered name, "pkg.module:fn", "path/file.py:fn", "http(s)://...", or a callable
+    weight: float = 1.0  # its weight in the total (total = sum of weight * reward)
+    name: str | None = None  # name in metrics (reward/<name>/mean); default derived from fn
+    kwargs: dict[str, Any] = field(default_factory=dict)  # fixed keyword arguments for every call (win over columns)
+    completion_format: Literal["as_given", "chat", "text"] = "as_given"  # chat: wrap strings as assistant messages
+
+
+@dataclass
+class RewardResult:
+    """The scores of one batch."""
+
+    total: list[float]  # [N] weighted sum of the parts; NaN when any part with a non-zero weight is NaN
+    parts: dict[str, list[float]]  # name -> [N] raw reward of each function (NaN: None or a failed call)
+    metrics: dict[str, float]  # reward/<name>/mean, reward/errors/<name>, reward/mean, reward/nan_count
+
+
+class RewardError(RuntimeError):
+    """A reward function failed, or could not be resolved; the message is one paragraph with the fix."""
+
+    def __init__(self, detail: str, name: str | None = None, index: int | None = None, timed_out: bool = False):
+        super().__init__(detail, name, index, timed_out)
+        self.detail, self.name, self.index, self.timed_out = detail, name, index, timed_out
+
+    def __str__(self) -> str:
+        if self.name is None:
+            return self.detail
+        where = f" on sample {self.index}" if self.index is not None else ""
+        return (
+            f"reward function '{self.name}' failed{where}: {self.detail} Fix the function, or set "
+            f"on_error='nan' to score such calls NaN and count them in reward/errors/{self.name}."
+        )
+
+    def shifted(self, offset: int) -> RewardError:
+        """The same error with the sample index counted from ``offset`` (for a shard of a larger batch)."""
+        index = None if self.index is None else self.index + offset
+        return RewardError(self.detail, self.name, index, self.timed_out)
+
+
+# ---------------------------------------------------------------------------------------------- resolving
+
+
+def resolve_reward(
+    fn: str | Callable[..., Any], timeout_s: float = 30.0, http_retries: int = 2
+) -> tuple[str, Callable]:
+    """``(default name, callable)`` for a reward spec.
+
+    Raises:
+        RewardError: unknown name (lists the registered ones), missing file, module or attribute.
+    """
+    if callable(fn):
+        return getattr(fn, "__name__", type(fn).__name__), fn
+    spec = str(fn).strip()
+    if spec.startswith(("http://", "https://")):
+        reward = HttpReward(spec, timeout_s=timeout_s, retries=http_retries)
+        return reward.__name__, reward
+    if ":" in spec:
+        location, attr = spec.rsplit(":", 1)
+        if location.endswith(".py") or "/" in location or os.sep in location:
+            return attr, _attribute(_load_file(location, spec), attr, spec)
+        try:
+            module = importlib.import_module(location)
+        except ImportError as err:
+            raise RewardError(
+                f"could not import module '{location}' for reward '{spec}': {err}. Is the package installed, "
+                "or on PYTHONPATH? (A file is written 'path/to/file.py:function'.)"
+            ) from err
+        return attr, _attribute(module, attr, spec)
+    if spec.endswith(".py"):
+        raise RewardError(f"reward '{spec}' names a file but no function: write it as '{spec}:function_name'.")
+    import rewards
+
+    try:
+        return spec, rewards.get_reward(spec)
+    except LookupError:
+        raise RewardError(
+            f"unknown reward '{spec}'; choose from {rewards.available_rewards()}, or give an import path "
+            "'pkg.module:function', a file 'path/to/file.py:function' or an endpoint 'http://host:port/score'."
+        ) from None
+
+
+_FILE_MODULES: dict[str, Any] = {}
+_FILE_LOCK = threading.Lock()
+
+
+def _load_file(location: str, spec: str) -> Any:
+    path = os.path.abspath(location)
+    if not os.path.isfile(path):
+        raise RewardError(
+            f"reward file '{location}' (from '{spec}') does not exist: looked for {path}. Relative paths are "
+            f"taken from the current directory ({os.getcwd()}); give the path of a .py file."
+        )
+    with _FILE_LOCK:
+        if path not in _FILE_MODULES:
+            name = f"tracerl_reward_file_{abs(hash(path)):x}"
+            module_spec = importlib.util.spec_from_file_location(name, path)
+            module = importlib.util.module_from_spec(module_spec)
+            sys.modules[name] = module
+            try:
+                module_spec.loader.exec_module(module)
+            except Exception as err:
+                del sys.modules[name]
+                raise RewardError(f"reward file {path} failed to import: {type(err).__name__}: {err}") from err
+            _FILE_MODULES[path] = module
+        return _FILE_MODULES[path]
+
+
+def _attribute(module: Any, attr: str, spec: str) -> Callable:
+    target = module
+    for part in attr.split("."):
+        target = getattr(target, part, None)
+        if target is None:
+            functions = sorted(
+                n for n, v in vars(module).items() if callable(v) and not n.startswith("_") and not isinstance(v, type)
+            )
+            raise RewardError(
+                f"'{getattr(module, '__file__', None) or module.__name__}' has no function '{attr}' (from reward "
+                f"'{spec}'); functions defined there: {functions}."
+            )
+    if not callable(target):
+        raise RewardError(f"reward '{spec}' is a {type(target).__name__}, not a function.")
+    return target
+
+
+class HttpReward:
+    """A reward function behind an HTTP endpoint: POST ``{"prompts", "completions", <columns>...}`` as JSON,
+    receive ``{"rewards": [...]}`` (``null`` for None). Connection errors, timeouts and 5xx answers are retried
+    ``retries`` times with exponential backoff; 4xx answers fail at once with the server's message."""
+
+    def __init__(self, url: str, timeout_s: float = 30.0, retries: int = 2, backoff_s: float = 0.5) -> None:
+        self.url, self.timeout_s, self.retries, self.backoff_s = url, timeout_s, retries, backoff_s
+        parsed = urllib.parse.urlsplit(url)
+        self.__name__ = parsed.netloc or url
+        loopback = parsed.hostname in ("localhost", "::1") or (parsed.hostname or "").startswith("127.")
+        handlers = [urllib.request.ProxyHandler({})] if loopback else []  # never send loopback through a proxy
+        self._opener = urllib.request.build_opener(*handlers)
+
+    def __call__(self, prompts: list, completions: list, **columns: Any) -> list[float | None]:
+        body = json.dumps({"prompts": prompts, "completions": completions, **columns}, default=_json_default)
+        request = urllib.request.Request(
+            self.url, data=body.encode(), headers={"Content-Type": "application/json"}, method="POST"
+        )
+        last = ""
+        for attempt in range(self.retries + 1):
+            if attempt:
+                time.sleep(self.backoff_s * 2 ** (attempt - 1))
+            try:
+                with self._opener.open(request, timeout=self.timeout_s) as response:
+                    answer = json.loads(response.read())
+                break
+            except urllib.error.HTTPError as err:
+                text = err.read().decode(errors="replace")[:500]
+                if err.code < 500:
+                    raise RuntimeError(f"endpoint {self.url} answered HTTP {err.code}: {text}") from None
+                last = f"HTTP {err.code}: {text}"
+            except (urllib.error.URLError, TimeoutError, ConnectionError) as err:
+                last = f"{type(err).__name__}: {getattr(err, 'reason', err)}"
+        else:
+            raise RuntimeError(f"endpoint {self.url} failed after {self.retries + 1} attempts; last error: {last}")
+        if not isinstance(answer, dict) or not isinstance(answer.get("rewards"), list):
+            raise ValueError(f'endpoint {self.url} must answer {{"rewards": [...]}}, got {str(answer)[:200]}')
+        return answer["rewards"]
+
+
+def _json_default(obj: Any) -> Any:
+    if hasattr(obj, "tolist"):  # numpy arrays and scalars, torch tensors
+        return obj.tolist()
+    raise TypeError(f"a value of type {type(obj).__name__} cannot be sent as JSON")
+
+
+# ---------------------------------------------------------------------------------------------- calling
+
+
+@dataclass
+class _Reward:
+    name: str
+    fn: Callable
+    weight: float
+    kwargs: dict[str, Any]
+    completion_format: str
+    accepts: frozenset[str] | None  # parameter names when the function takes no **kwargs; None: anything
+
+
+def _parameters(fn: Callable) -> frozenset[str] | None:
+    try:
+        params = inspect.signature(fn).parameters.values()
+    except (TypeError, ValueError):
+        return None
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params):
+        return None
+    return frozenset(p.name for p in params if p.kind is not inspect.Parameter.VAR_POSITIONAL)
+
+
+def _invoke(fn: Callable, kwargs: dict[str, Any]) -> Any:
+    out = fn(**kwargs)
+    if inspect.isawaitable(out):
+
+        async def wait() -> Any:
+            return await out
+
+        out = asyncio.run(wait())
+    return out
+
+
+class _Call:
+    """One function call on its own daemon thread (an abandoned, timed-out call cannot block exit)."""
+
+    def __init__(self, fn: Callable, kwargs: dict[str, Any], name: str) -> None:
+        self.value: Any = None
+        self.error: BaseException | None = None
+        self.thread = threading.Thread(target=self._run, args=(fn, kwargs), name=f"reward-{name}", daemon=True)
+        self.thread.start()
+
+    def _run(self, fn: Callable, kwargs: dict[str, Any]) -> None:
+        try:
+            self.value = _invoke(fn, kwargs)
+        except BaseException as err:  # reported to the caller, never swallowed
+            self.error = err
+
+    def wait(self, deadline: float) -> bool:
+        """True when finished before ``deadline`` (monotonic seconds)."""
+        self.thread.join(max(0.0, deadline - time.monotonic()))
+        return not self.thread.is_alive()
+
+
+def _to_rewards(value: Any, n: int) -> list[float]:
+    """Check a function's return value: one number (or None) per sample; None and NaN become NaN.
+
+    Raises:
+        RewardError: (without a name) wrong type or length, a non-numeric or infinite value.
+    """
+    if isinstance(value, str | bytes | dict) or not hasattr(value, "__len__"):
+        raise RewardError(f"it returned a {type(value).__name__}; a reward function returns a list of {n} floats.")
+    values = list(value)
+    if len(values) != n:
+        raise RewardError(f"it returned {len(values)} values for a batch of {n} samples (one per completion).")
+    out = []
+    for i, v in enumerate(values):
+        if v is None:
+            out.append(math.nan)
+            continue
+        try:
+            number = float(v)
+        except (TypeError, ValueError):
+            raise RewardError(f"it returned {v!r} ({type(v).__name__}), which is not a number.", index=i) from None
+        if math.isinf(number):
+            raise RewardError(f"it returned {number}; rewards must be finite (None to skip a sample).", index=i)
+        out.append(number)
+    return out
+
+
+def _mean(values: Sequence[float]) -> float:
+    kept = [v for v in values if not math.isnan(v)]
+    return sum(kept) / len(kept) if kept else math.nan
+
+
+def summarize(parts: dict[str, list[float]], total: list[float], errors: dict[str, int]) -> dict[str, float]:
+    """The reward metrics of a batch (NaN entries are excluded from means)."""
+    metrics: dict[str, float] = {}
+    for name, values in parts.items():
+        metrics[f"reward/{name}/mean"] = _mean(values)
+        metrics[f"reward/errors/{name}"] = float(errors.get(name, 0))
+    metrics["reward/mean"] = _mean(total)
+    metrics["reward/nan_count"] = float(sum(math.isnan(v) for v in total))
+    return metrics
+
+
+def merge_results(results: Sequence[RewardResult]) -> RewardResult:
+    """Concatenate shard results in order and recompute the metrics over the whole batch."""
+    names = list(results[0].parts) if results else []
+    parts = {name: [v for r in results for v in r.parts[name]] for name in names}
+    total = [v for r in results for v in r.total]
+    errors = {name: int(sum(r.metrics.get(f"reward/errors/{name}", 0.0) for r in results)) for name in names}
+    return RewardResult(total, parts, summarize(parts, total, errors))
+
+
+class RewardService:
+    """Scores batches with weighted reward functions under a per-call timeout and an explicit error policy.
+
+    Args:
+        specs: the reward functions (a bare string or callable ``x`` is ``RewardSpec(fn=x)``).
+        on_error: "raise" → ``RewardError``; "nan" → NaN for the failed call's samples + ``reward/errors/<name>``.
+        timeout_s: seconds each function call may take (functions of a batch run concurrently).
+        http_retries: retries of an HTTP endpoint after connection errors, timeouts or 5xx answers.
+    """
+
+    def __init__(
+        self,
+        specs: Sequence[RewardSpec | str | Callable[..., Any]],
+        on_error: Literal["raise", "nan"] = "raise",
+        timeout_s: float = 30.0,
+        http_retries: int = 2,
+    ) -> None:
+        if on_error not in ("raise", "nan"):
+            raise ValueError(f"on_error must be 'raise' or 'nan', got '{on_error}'.")
+        if timeout_s <= 0:
+            raise ValueError(f"timeout_s must be positive, got {timeout_s}.")
+        if not specs:
+            raise ValueError("give at least one reward function.")
+        self.on_error, self.timeout_s = on_error, timeout_s
+        self.rewards: list[_Reward] = []
+        for spec in specs:
+            spec = spec if isinstance(spec, RewardSpec) else RewardSpec(spec)
+            if spec.completion_format not in ("as_given", "chat", "text"):
+                raise ValueError(f"completion_format must be as_given, chat or text, got '{spec.completion_format}'.")
+            default_name, fn = resolve_reward(spec.fn, timeout_s, http_retries)
+            name = spec.name or default_name
+            if any(r.name == name for r in self.rewards):
+                raise RewardError(f"two reward functions are named '{name}'; give one a different name=.")
+            accepts = _parameters(fn)
+            self.rewards.append(_Reward(name, fn, spec.weight, dict(spec.kwargs), spec.completion_format, accepts))
+
+    @property
+    def names(self) -> list[str]:
+        return [r.name for r in self.rewards]
+
+    def score(
+        self,
+        prompts: Sequence[Any],
+        completions: Sequence[Any],
+        completion_ids: Sequence[Sequence[int]] | None = None,
+        columns: dict[str, Sequence[Any]] | None = None,
+    ) -> RewardResult:
+        """Rewards of a batch: every function on every sample, weighted into ``total``.
+
+        Args:
+            prompts: [N] prompt strings or chat-message lists.
+            completions: [N] completion strings or chat-message lists.
+            completion_ids: [N] token ids of each completion (passed through as ``completion_ids``).
+            columns: dataset columns, each a list of N values (passed as keyword arguments).
+        Raises:
+            RewardError: bad inputs, or (with on_error="raise") a function that failed.
+        """
+        n = len(completions)
+        columns = dict(columns or {})
+        self._check_inputs(prompts, completion_ids, columns, n)
+        if n == 0:
+            return RewardResult([], {r.name: [] for r in self.rewards}, summarize({}, [], {}))
+        start = time.monotonic()
+        calls = [
+            _Call(r.fn, self._arguments(r, list(prompts), list(completions), completion_ids, columns), r.name)
+            for r in self.rewards
+        ]
+        parts: dict[str, list[float]] = {}
+        errors: dict[str, int] = {}
+        batch = (list(prompts), list(completions), completion_ids, columns)
+        for reward, call in zip(self.rewards, calls, strict=True):
+            try:
+                parts[reward.name] = self._finish(reward, call, start + self.timeout_s, batch)
+            except RewardError as err:
+                if self.on_error == "raise":
+                    raise
+                log.warning(
+                    "reward function '%s' failed: %s Its %d samples are scored NaN (reward/errors/%s).",
+                    reward.name,
+                    err.detail,
+                    n,
+                    reward.name,
+                )
+                parts[reward.name], errors[reward.name] = [math.nan] * n, n
+        weighted = [r for r in self.rewards if r.weight != 0]  # weight 0: logged only, never NaN-poisons the total
+        total = [sum(r.weight * parts[r.name][i] for r in weighted) for i in range(n)]
+        return RewardResult(total, parts, summarize(parts, total, errors))
+
+    # -- helpers ----------------------------------------------------------------------------------------------
+
+    @staticmethod
+    def _check_inputs(prompts: Sequence, completion_ids: Sequence | None, columns: dict, n: int) -> None:
+        if len(prompts) != n:
+            raise RewardError(f"got {len(prompts)} prompts for {n} completions; pass one prompt per completion.")
+        if completion_ids is not None and len(completion_ids) != n:
+            raise RewardError(f"got {len(completion_ids)} completion_ids for {n} completions.")
+        for key, values in columns.items():
+            if key in RESERVED:
+                raise RewardError(f"dataset column '{key}' clashes with an argument of the same name; rename it.")
+            if isinstance(values, str | bytes) or not hasattr(values, "__len__") or len(values) != n:
+                size = len(values) if hasattr(values, "__len__") else type(values).__name__
+                raise RewardError(f"dataset column '{key}' has {size} values for {n} completions (need one each).")
+
+    @staticmethod
+    def _arguments(r: _Reward, prompts: list, completions: list, ids: Any, columns: dict) -> dict[str, Any]:
+        if r.completion_format == "chat":
+            completions = [[{"role": "assistant", "content": c}] if isinstance(c, str) else c for c in completions]
+        elif r.completion_format == "text":
+            from rewards.text import completion_text
+
+            completions = [completion_text(c) for c in completions]
+        kwargs = {"prompts": prompts, "completions": completions, "completion_ids": ids, **columns, **r.kwargs}
+        if r.accepts is not None:  # a function without **kwargs gets only the arguments it names
+            kwargs = {k: v for k, v in kwargs.items() if k in r.accepts}
+        return kwargs
+
+    def _finish(self, r: _Reward, call: _Call, deadline: float, batch: tuple) -> list[float]:
+        """The checked rewards of one call, or a named ``RewardError``."""
+        completions, columns = batch[1], batch[3]
+        n = len(completions)
+        if not call.wait(deadline):
+            raise RewardError(
+                f"it did not return within timeout_s={self.timeout_s:g} s on a batch of {n} samples (the call "
+                "was abandoned; its thread ends when the function does). Make it faster or raise timeout_s.",
+                r.name,
+                timed_out=True,
+            )
+        if call.error is not None:
+            err = call.error
+            detail = f"{type(err).__name__}: {str(err).rstrip('.')}."
+            if isinstance(err, TypeError) and "string indices must be integers" in str(err):
+                detail += " It seems to expect chat messages: set completion_format='chat' in its RewardSpec."
+            elif isinstance(err, TypeError) and "argument" in str(err):
+                offered = [*RESERVED, *columns, *r.kwargs]
+                detail += f" It was offered the arguments {offered} (reward functions must accept **kwargs)."
+            index = None if self.on_error == "nan" else self._locate(r, batch)
+            if index is not None:
+                detail += f" (completion {index}: {str(completions[index])[:120]!r})"
+            raise RewardError(detail, r.name, index) from err
+        try:
+            return _to_rewards(call.value, n)
+        except RewardError as err:
+            raise RewardError(err.detail, r.name, err.index) from None
+
+    def _locate(self, r: _Reward, batch: tuple) -> int | None:
+        """The first sample on which the function fails alone (re-run one by one, within a time budget).
+
+        Not done for HTTP endpoints (one request per sample would hammer a failing server).
+        """
+        prompts, completions, ids, columns = batch
+        n = len(completions)
+        if n < 2 or isinstance(r.fn, HttpReward):
+            return 0 if n == 1 else None
+        deadline = time.monotonic() + min(self.timeout_s, LOCATE_BUDGET_S)
+        for i in range(n):
+            one_ids = None if ids is None else list(ids)[i : i + 1]
+            one_columns = {k: list(v)[i : i + 1] for k, v in columns.items()}
+            arguments = self._arguments(r, prompts[i : i + 1], completions[i : i + 1], one_ids, one_columns)
+            call = _Call(r.fn, arguments, r.name)
+            if not call.wait(deadline):
+                return None
+            if call.error is not None:
+                return i
+        return None
