@@ -104,7 +104,10 @@ def cmd_validate(ns: argparse.Namespace) -> int:
         from tracerl.reward_service import RewardService, RewardSpec
     except ImportError:  # the reward service is optional for SFT-only setups
         return 0
-    specs = [RewardSpec(fn=f.fn, weight=f.weight, name=f.name) for f in cfg.reward.functions]
+    specs = [
+        RewardSpec(fn=f.fn, weight=f.weight, name=f.name, kwargs=dict(f.kwargs), completion_format=f.completion_format)
+        for f in cfg.reward.functions
+    ]
     RewardService(specs, on_error=cfg.reward.on_error, timeout_s=cfg.reward.timeout_s)
     console.print(f"rewards: ok ({', '.join(f.fn for f in cfg.reward.functions)})")
     return 0

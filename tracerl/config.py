@@ -107,6 +107,8 @@ class RewardFnConfig:
     fn: str = "synthetic_exact"  # registered name, pkg.module:fn, path/to/file.py:fn, or http(s)://host/score
     weight: float = 1.0  # weight in the weighted sum
     name: str | None = None  # metric name (defaults to the function's name)
+    kwargs: dict[str, Any] = field(default_factory=dict)  # fixed keyword arguments passed on every call
+    completion_format: Literal["as_given", "chat", "text"] = "as_given"  # chat: wrap text as an assistant message
 
 
 @dataclass
