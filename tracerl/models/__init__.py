@@ -4,6 +4,7 @@ from tracerl.models.base import DecoderPolicy, DiffusionPolicy, truncate_cache
 from tracerl.models.families import FAMILIES, LLADA_KEY_MAPPING, load_policy, register_family
 from tracerl.models.masked_lm import MaskedLMPolicy
 from tracerl.models.tiny import build_tiny, char_tokenizer, save_tiny
+from tracerl.models.value import ValueModel
 
 __all__ = [
     "FAMILIES",
@@ -11,6 +12,7 @@ __all__ = [
     "DecoderPolicy",
     "DiffusionPolicy",
     "MaskedLMPolicy",
+    "ValueModel",
     "build_tiny",
     "char_tokenizer",
     "load_policy",

@@ -1,0 +1,284 @@
+"""The DeepSpeed learner on CPU: exact accumulation, learning direction, metrics, value/reference models."""
+
+from __future__ import annotations
+
+import copy
+import math
+
+import pytest
+import torch
+
+from tracerl.config import Config, SamplingConfig
+from tracerl.learner import Learner, lr_factor, rows_from_response
+from tracerl.models.base import DecoderPolicy
+from tracerl.objectives import AGGREGATIONS, policy_loss
+from tracerl.sampling import generate
+from tracerl.trace import make_views, scatter_to_response, view_logprobs
+
+from .conftest import encode, tiny_policy
+
+PROMPTS = ["1+2=", "12+34=", "7*8=", "a"]
+ADV = torch.tensor([1.0, -1.0, 0.5, -0.25])
+
+
+def make_cfg(**learner) -> Config:
+    cfg = Config()
+    cfg.learner.lr = 1e-3
+    cfg.learner.max_grad_norm = 1e9  # effectively no clipping: gradients stay comparable to plain autograd
+    for key, value in learner.items():
+        setattr(cfg.learner, key, value)
+    return cfg
+
+
+def batch(policy, n_tokens: int = 8, seed: int = 1, **view_kw):  # noqa: ANN001, ANN201
+    """A rollout of the tiny policy and its trace views."""
+    rollout = generate(policy, encode(policy, PROMPTS), SamplingConfig(max_new_tokens=n_tokens, block_size=4), seed)
+    return rollout, make_views(rollout, "trace", policy.mask_id, shift=policy.shift, **view_kw)
+
+
+def capture_grads(learner: Learner) -> list[dict[str, torch.Tensor]]:
+    """Record the gradients the engine hands its optimizer at every optimizer step (plain fp32 engine)."""
+    grads: list[dict[str, torch.Tensor]] = []
+    opt = learner.engine.optimizer
+    step = opt.step
+
+    def recording_step(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
+        grads.append({n: p.grad.clone() for n, p in learner.policy.model.named_parameters() if p.grad is not None})
+        return step(*args, **kwargs)
+
+    opt.step = recording_step
+    return grads
+
+
+@pytest.fixture
+def learners():  # noqa: ANN201
+    """Learners created in a test, destroyed afterwards (several engines live in one process)."""
+    made: list[Learner] = []
+
+    def make(cfg: Config, policy, **kw) -> Learner:  # noqa: ANN001
+        learner = Learner(cfg, policy, **kw)
+        made.append(learner)
+        return learner
+
+    yield make
+    for learner in made:
+        learner.destroy()
+
+
+# ---------------------------------------------------------------------------------------------- pure parts
+
+
+def test_lr_schedules_by_hand():
+    # warmup 2 of total 6: 1/2, 1, then the decay over the 4 remaining steps
+    assert [lr_factor(s, "constant", 2, 6) for s in range(4)] == [0.5, 1.0, 1.0, 1.0]
+    assert [lr_factor(s, "linear", 2, 6) for s in range(7)] == [0.5, 1.0, 1.0, 0.75, 0.5, 0.25, 0.0]
+    cos = [lr_factor(s, "cosine", 0, 4) for s in range(5)]  # ½(1 + cos(πk/4))
+    assert cos == pytest.approx([1.0, 0.5 + 0.5 * math.cos(math.pi / 4), 0.5, 0.5 - 0.5 * math.cos(math.pi / 4), 0.0])
+    with pytest.raises(ValueError, match="unknown lr schedule 'step'"):
+        lr_factor(3, "step", 0, 4)
+
+
+def test_rows_from_response_reads_each_target_of_its_sample(full_policy):
+    rollout, views = batch(full_policy)
+    per_token = torch.arange(rollout.response_ids.numel(), dtype=torch.float).view(rollout.response_ids.shape)
+    got = rows_from_response(views, per_token)
+    rows, cols = views.target_mask.nonzero(as_tuple=True)
+    want = per_token[views.row_sample[rows], views.target_pos[rows, cols]]
+    assert torch.equal(got[rows, cols], want)
+    assert (got[~views.target_mask] == 0).all()
+
+
+# ---------------------------------------------------------------------------------------------- accumulation
+
+
+@pytest.mark.parametrize("aggregation", sorted(AGGREGATIONS))
+def test_split_micro_batches_give_the_single_batch_gradient(learners, aggregation):
+    """A minibatch packed one row per micro-batch gives the gradient of the whole minibatch in one micro-batch,
+    and both equal plain autograd of the objective over all rows."""
+    policy = tiny_policy("full")
+    rollout, views = batch(policy)
+    cfg = make_cfg()
+    cfg.objective.aggregation = aggregation
+    cfg.objective.kl_to_old_coef = 0.05
+
+    # plain autograd: every row in one forward, the objective as written in objectives.policy_loss
+    plain = copy.deepcopy(policy)
+    logp = view_logprobs(plain, views)
+    loss, _ = policy_loss(
+        logp,
+        logp.detach(),
+        ADV[views.row_sample],
+        views.target_mask,
+        row_sample=views.row_sample,
+        aggregation=aggregation,
+        norm_len=rollout.response_ids.shape[1],
+        kl_to_old_coef=0.05,
+    )
+    loss.backward()
+    want = {n: p.grad for n, p in plain.model.named_parameters()}
+
+    got = []
+    for budget in (views.row_tokens, 10**6):  # one row per micro-batch; every row in one micro-batch
+        cfg.learner.micro_batch_tokens = budget
+        learner = learners(cfg, copy.deepcopy(policy))
+        grads = capture_grads(learner)
+        metrics = learner.train_step(rollout, ADV, views)
+        assert metrics["train/micro_batches"] == (len(views) if budget == views.row_tokens else 1)
+        assert metrics["train/policy_loss"] == pytest.approx(loss.item(), rel=1e-5, abs=1e-7)
+        got.append(grads[0])
+    assert len(views) > 4
+    for name, g in want.items():
+        torch.testing.assert_close(got[0][name], g, rtol=1e-4, atol=1e-7)
+        torch.testing.assert_close(got[1][name], g, rtol=1e-4, atol=1e-7)
+
+
+def test_minibatches_and_passes_count_optimizer_steps(learners, full_policy):
+    rollout, views = batch(full_policy)
+    cfg = make_cfg(updates_per_step=2, minibatches=3, micro_batch_tokens=2 * views.row_tokens)
+    learner = learners(cfg, copy.deepcopy(full_policy))
+    grads = capture_grads(learner)
+    metrics = learner.train_step(rollout, ADV, views)
+    assert metrics["train/optimizer_steps"] == 6 == len(grads)
+    sizes = [len(mb) for mb in torch.tensor_split(torch.arange(len(views)), 3)]
+    assert metrics["train/micro_batches"] == 2 * sum(math.ceil(s / 2) for s in sizes)
+
+
+# ---------------------------------------------------------------------------------------------- an RL step
+
+
+def test_train_step_updates_parameters_with_finite_gradients_and_reports_metrics(learners, full_policy):
+    rollout, views = batch(full_policy)
+    cfg = make_cfg(micro_batch_tokens=3 * views.row_tokens, warmup_steps=2)
+    learner = learners(cfg, copy.deepcopy(full_policy))
+    before = learner.state_dict_for_rollout()[1]
+    grads = capture_grads(learner)
+    metrics = learner.train_step(rollout, ADV, views)
+    version, after = learner.state_dict_for_rollout()
+
+    assert version == 1
+    changed = [k for k in after if not torch.equal(after[k], before[k])]
+    assert len(changed) == len(after)  # every tensor moved (the tiny model has no buffers in its state dict)
+    g = grads[0]
+    assert all(torch.isfinite(x).all() for x in g.values())
+    assert sum(x.abs().sum() for x in g.values()) > 0
+    for key in ("policy_loss", "clipfrac", "kl_to_old", "grad_norm", "entropy", "lr", "tokens", "micro_batches"):
+        assert isinstance(metrics[f"train/{key}"], float), key
+    assert metrics["train/lr"] == pytest.approx(1e-3 / 2)  # first warmup step
+    assert metrics["train/tokens"] == float(views.target_mask.sum())
+    want_norm = torch.stack([x.norm() for x in g.values()]).norm().item()
+    assert metrics["train/grad_norm"] == pytest.approx(want_norm, rel=1e-5)
+    assert metrics["train/kl_to_old"] == pytest.approx(0.0, abs=1e-6)  # one update: the policy is the old one
+    assert 0 < metrics["train/entropy"] <= math.log(full_policy.vocab_size) + 1e-4
+
+
+def test_old_logp_from_the_rollout_matches_the_learner(learners, full_policy):
+    """The replay invariant through the learner: rollout_logp as old log-probs gives Δ ≈ 0 on the first step."""
+    rollout, views = batch(full_policy)
+    cfg = make_cfg()
+    cfg.objective.old_logp_source = "rollout"
+    learner = learners(cfg, copy.deepcopy(full_policy))
+    metrics = learner.train_step(rollout, ADV, views)
+    assert metrics["train/kl_to_old"] < 1e-9
+    assert metrics["train/clipfrac"] == 0.0
+
+
+@pytest.mark.parametrize("sign", [1.0, -1.0])
+def test_advantage_sign_moves_the_trace_log_prob(learners, sign):
+    """A few optimizer steps on one fixed trace raise its log-prob with A > 0 and lower it with A < 0."""
+    policy = tiny_policy("full")
+    rollout = generate(policy, encode(policy, ["12+34="]), SamplingConfig(max_new_tokens=8, block_size=4), seed=3)
+    views = make_views(rollout, "trace", policy.mask_id)
+    cfg = make_cfg(lr=3e-3, updates_per_step=2, max_grad_norm=1.0)
+    cfg.objective.kl_to_old_coef = 0.0
+    learner = learners(cfg, policy)
+    start = learner.logprobs(views).sum().item()
+    for _ in range(3):
+        learner.train_step(rollout, torch.tensor([sign]), views)
+    end = learner.logprobs(views).sum().item()
+    assert sign * (end - start) > 0.5  # nats over the 8 response tokens
+
+
+@pytest.mark.parametrize("stage", [0, 2])
+def test_block_layout_in_bf16(learners, block_policy, stage):
+    rollout, views = batch(block_policy, n_tokens=12)
+    cfg = make_cfg(zero_stage=stage, precision="bf16", micro_batch_tokens=2 * views.row_tokens)
+    learner = learners(cfg, copy.deepcopy(block_policy))
+    metrics = learner.train_step(rollout, ADV, views)
+    assert all(math.isfinite(v) for v in metrics.values())
+    assert learner.policy.model.dtype == torch.bfloat16
+    assert metrics["train/grad_norm"] > 0
+
+
+def test_shifted_policy_reads_the_hidden_state_one_to_the_left(learners, full_policy):
+    """For an AR-initialised (Dream-style) policy the learner's log-probs equal the shifted view log-probs."""
+    model = copy.deepcopy(full_policy.model)
+    shifted = DecoderPolicy(
+        model, full_policy.tokenizer, family="dream", mask_id=full_policy.mask_id, block_size=None, shift=True
+    )
+    rollout, views = batch(shifted)
+    learner = learners(make_cfg(micro_batch_tokens=2 * views.row_tokens), shifted)
+    with torch.no_grad():
+        want = view_logprobs(shifted, views)
+    got = learner.logprobs(views)
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-5)
+    replayed = scatter_to_response(views, got, len(rollout), rollout.response_ids.shape[1])
+    mask = rollout.response_mask
+    torch.testing.assert_close(replayed[mask], rollout.rollout_logp[mask], rtol=0, atol=1e-4)
+
+
+def test_gradient_checkpointing_gives_the_same_gradient(learners, full_policy):
+    rollout, views = batch(full_policy)
+    got = []
+    for on in (False, True):
+        learner = learners(make_cfg(gradient_checkpointing=on), copy.deepcopy(full_policy))
+        grads = capture_grads(learner)
+        learner.train_step(rollout, ADV, views)
+        got.append(grads[0])
+    for name in got[0]:
+        torch.testing.assert_close(got[0][name], got[1][name], rtol=1e-5, atol=1e-8)
+
+
+# ---------------------------------------------------------------------------------------------- value / reference
+
+
+def test_value_model_with_zero_head_gives_outcome_advantages_then_learns(learners, full_policy):
+    """γ = λ = 1 and a zero-initialised value head: A_j = R − 0 = R for every token, so the first policy update
+    equals the one without a value model; the value head itself moves towards the returns."""
+    rollout, views = batch(full_policy)
+    plain = learners(make_cfg(), copy.deepcopy(full_policy))
+    plain.train_step(rollout, ADV, views)
+    cfg = make_cfg(value_lr=1e-2)
+    cfg.objective.value_model = True
+    learner = learners(cfg, copy.deepcopy(full_policy))
+    metrics = learner.train_step(rollout, ADV, views)
+    assert metrics["train/value_mean"] == 0.0
+    want, got = plain.state_dict_for_rollout()[1], learner.state_dict_for_rollout()[1]
+    for name in want:
+        torch.testing.assert_close(got[name], want[name], rtol=0, atol=1e-6)
+    assert learner.value_engine.module.value.head.weight.abs().sum() > 0
+    later = [learner.train_step(rollout, ADV, views)["train/value_loss"] for _ in range(4)]
+    assert later[-1] < metrics["train/value_loss"]  # the values move towards the returns R
+
+
+def test_reference_model_is_frozen_and_measured(learners, full_policy):
+    rollout, views = batch(full_policy)
+    cfg = make_cfg()
+    cfg.objective.kl_to_ref_coef = 0.1
+    learner = learners(cfg, copy.deepcopy(full_policy))
+    ref_before = {k: v.clone() for k, v in learner.ref.model.state_dict().items()}
+    first = learner.train_step(rollout, ADV, views)
+    second = learner.train_step(rollout, ADV, views)
+    assert first["train/kl_to_ref"] == pytest.approx(0.0, abs=1e-6)  # the reference is the initial policy
+    assert second["train/kl_to_ref"] > 1e-6  # after one update the policy has moved away from it
+    for k, v in learner.ref.model.state_dict().items():
+        assert torch.equal(v, ref_before[k])
+
+
+def test_zero3_gathers_full_weights_for_rollout(learners, full_policy):
+    cfg = make_cfg(zero_stage=3, zero3_persistence_threshold=0)  # partition every parameter
+    learner = learners(cfg, copy.deepcopy(full_policy))
+    assert any(p.numel() == 0 for p in learner.policy.model.parameters())  # really partitioned
+    version, weights = learner.state_dict_for_rollout()
+    assert version == 0
+    for name, tensor in full_policy.model.state_dict().items():
+        assert torch.equal(weights[name], tensor), name

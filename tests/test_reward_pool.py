@@ -1,0 +1,102 @@
+"""The Ray reward pool: same results as the in-process service, light actors, dead workers replaced."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import pytest
+
+from tracerl.reward_service import RewardError, RewardService, RewardSpec
+
+ray = pytest.importorskip("ray")
+pytestmark = pytest.mark.ray
+
+REWARD_FILE = """
+import time
+
+def slow_echo(prompts, completions, **kwargs):
+    time.sleep(0.5)
+    return [float(c) for c in completions]
+
+def fails_on_c5(prompts, completions, **kwargs):
+    if "c5" in completions:
+        raise ValueError("c5 is unscorable")
+    return [1.0] * len(completions)
+"""
+
+
+@pytest.fixture(scope="module")
+def ray_local():
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    temp_dir = tempfile.mkdtemp(prefix="ray-", dir="/tmp")  # short: Ray's socket paths have a length limit
+    ray.init(address="local", num_cpus=2, include_dashboard=False, _temp_dir=temp_dir, log_to_driver=False)
+    yield
+    ray.shutdown()
+    shutil.rmtree(temp_dir, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def reward_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    path = tmp_path_factory.mktemp("rewards") / "pool_rewards.py"
+    path.write_text(REWARD_FILE)
+    return path
+
+
+def test_pool_matches_the_service_and_actors_do_not_import_torch(ray_local) -> None:
+    from tracerl.workers import RewardPool
+
+    specs = [RewardSpec("gsm8k"), RewardSpec("code", weight=0.5)]
+    completions = [f"#### {i}\n```python\ndef f():\n    return {i % 2}\n```" for i in range(7)]
+    columns = {"answer": [str(i % 3) for i in range(7)], "tests": [["assert f() == 1"]] * 7}
+    pool = RewardPool(specs, num_workers=2)
+    try:
+        refs = pool.score_async(["q"] * 7, completions, columns=columns)
+        assert len(refs) == 2 and all(isinstance(r, ray.ObjectRef) for r in refs)  # the driver is not blocked
+        result = pool.gather(refs)
+        expected = RewardService(specs).score(["q"] * 7, completions, columns=columns)
+        assert result.parts == expected.parts and result.total == expected.total
+        assert result.metrics == expected.metrics  # means over the whole batch, not averaged shard means
+        # gsm8k: i == i % 3 for i = 0, 1, 2;  code: f() == 1 for odd i
+        assert result.total == [0.0 + 1.0 * (i < 3) + 0.5 * (i % 2) for i in range(7)]
+        infos = ray.get([w.info.remote() for w in pool.workers])
+        assert [info["torch_imported"] for info in infos] == [False, False]
+    finally:
+        pool.shutdown()
+
+
+def test_a_killed_worker_is_replaced_and_its_shard_redone(ray_local, reward_file: Path) -> None:
+    from tracerl.workers import RewardPool
+
+    pool = RewardPool([f"{reward_file}:slow_echo"], num_workers=2)
+    try:
+        refs = pool.score_async(["q"] * 4, ["0", "1", "2", "3"])
+        victim = pool.workers[1]
+        ray.kill(victim)  # dies while scoring samples 2..3
+        result = pool.gather(refs)
+        assert result.total == [0.0, 1.0, 2.0, 3.0]  # nothing lost, order kept
+        assert pool.restarts == 1 and pool.workers[1] is not victim
+        assert pool.score(["q"], ["7"]).total == [7.0]  # the replacement works
+    finally:
+        pool.shutdown()
+
+
+def test_errors_from_a_worker_name_the_sample_in_the_whole_batch(ray_local, reward_file: Path) -> None:
+    from tracerl.workers import RewardPool
+
+    completions = [f"c{i}" for i in range(6)]
+    pool = RewardPool([f"{reward_file}:fails_on_c5"], num_workers=2)
+    try:
+        with pytest.raises(RewardError) as err:
+            pool.score(["q"] * 6, completions)  # c5 is the third sample of the second shard
+        assert str(err.value).startswith("reward function 'fails_on_c5' failed on sample 5: ValueError")
+    finally:
+        pool.shutdown()
+    nan_pool = RewardPool([f"{reward_file}:fails_on_c5"], num_workers=2, on_error="nan")
+    try:
+        result = nan_pool.score(["q"] * 6, completions)
+        assert result.total[:3] == [1.0, 1.0, 1.0] and result.metrics["reward/errors/fails_on_c5"] == 3.0
+    finally:
+        nan_pool.shutdown()

@@ -1,0 +1,99 @@
+"""The value model: policy backbone + zero-initialised scalar head, for every family."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from transformers import BertConfig, BertForMaskedLM
+
+from tracerl.config import ModelConfig, SamplingConfig
+from tracerl.models import ValueModel, char_tokenizer, load_policy
+from tracerl.sampling import generate
+from tracerl.trace import make_views
+
+from .conftest import encode, tiny_policy
+
+
+def masked_lm_policy(tmp_path):  # noqa: ANN001, ANN201
+    tok = char_tokenizer("0123456789+=")
+    torch.manual_seed(0)
+    bert = BertForMaskedLM(
+        BertConfig(
+            vocab_size=len(tok),
+            hidden_size=32,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            intermediate_size=32,
+            max_position_embeddings=64,
+        )
+    )
+    bert.save_pretrained(tmp_path)
+    tok.save_pretrained(tmp_path)
+    return load_policy(ModelConfig(family="masked_lm", path=str(tmp_path)))
+
+
+@pytest.fixture(params=["full", "block", "masked_lm"])
+def policy(request, tmp_path):  # noqa: ANN001, ANN201
+    return masked_lm_policy(tmp_path) if request.param == "masked_lm" else tiny_policy(request.param)
+
+
+def views_of(policy):  # noqa: ANN001, ANN201
+    rollout = generate(policy, encode(policy, ["1+2=", "12+3="]), SamplingConfig(max_new_tokens=8, block_size=4))
+    return make_views(rollout, "trace", policy.mask_id)
+
+
+def test_zero_head_gives_zero_values_and_learns_from_the_head_first(policy):
+    views = views_of(policy)
+    value = ValueModel.from_policy(policy)
+    rows = torch.arange(len(views))
+    values = value(views.input_ids, views.position_ids, views.visible(rows))
+    assert values.shape == views.input_ids.shape and values.dtype == torch.float32
+    assert (values == 0).all()
+
+    # d(Σ w·v)/d head = Σ w·h ≠ 0, while the backbone gets exactly 0 through a zero head
+    (values * torch.randn_like(values)).sum().backward()
+    assert value.head.weight.grad.abs().sum() > 0
+    assert all(p.grad is None or (p.grad == 0).all() for p in value.backbone.parameters())
+
+    # once the head is non-zero, gradients reach the backbone
+    value.zero_grad()
+    with torch.no_grad():
+        value.head.weight.fill_(0.1)
+    value(views.input_ids, views.position_ids, views.visible(rows)).sum().backward()
+    assert sum(p.grad.abs().sum() for p in value.backbone.parameters() if p.grad is not None) > 0
+
+
+def test_value_backbone_is_a_copy_of_the_policy_backbone(policy):
+    value = ValueModel.from_policy(policy)
+    source = policy.model.base_model if policy.family == "masked_lm" else policy.backbone()
+    before = copy.deepcopy(source.state_dict())
+    for p_value, p_policy in zip(value.backbone.parameters(), source.parameters(), strict=True):
+        assert torch.equal(p_value, p_policy) and p_value.data_ptr() != p_policy.data_ptr()
+    with torch.no_grad():
+        for p in value.backbone.parameters():
+            p.add_(1.0)
+    assert all(torch.equal(v, before[k]) for k, v in source.state_dict().items())  # the policy is untouched
+    assert value.shift == bool(getattr(policy, "shift", False))
+
+
+def test_masked_lm_policy_trains_with_a_value_model_in_the_learner(tmp_path):
+    """The value model exists for every family; here a BERT-style masked LM through the real learner."""
+    from tracerl.config import Config
+    from tracerl.learner import Learner
+
+    policy = masked_lm_policy(tmp_path)
+    rollout = generate(policy, encode(policy, ["1+2=", "12+3="]), SamplingConfig(max_new_tokens=8, block_size=4))
+    views = make_views(rollout, "trace", policy.mask_id)
+    cfg = Config()
+    cfg.objective.value_model = True
+    cfg.learner.lr = cfg.learner.value_lr = 1e-2
+    learner = Learner(cfg, policy)
+    try:
+        first = learner.train_step(rollout, torch.tensor([1.0, -1.0]), views)
+        head = learner.value_engine.module.value.head.weight
+        assert head.abs().sum() > 0
+        assert first["train/value_loss"] > 0 and first["train/grad_norm"] > 0
+    finally:
+        learner.destroy()

@@ -1,0 +1,203 @@
+"""Resumable state (DESIGN §13): atomic checkpoints of the learner and the driver, resume, and HF export.
+
+Layout of one checkpoint, ``<run_dir>/checkpoints/step-<N>/``:
+
+    learner/     what the learner's ``save`` writes: DeepSpeed engine state (weights, optimizer, LR schedule) of
+                 the policy and the value model, the reference weights, the learner's counters, and ``hf/``, the
+                 policy as a Hugging Face directory (what ``export_hf`` copies)
+    driver.pt    DriverState: RL step, data cursor, RNG states of python / numpy / torch, W&B run id, version
+    COMPLETE     written last
+
+A checkpoint is written into ``.tmp-step-<N>``, every file is fsynced, ``COMPLETE`` is written, and only then is
+the directory renamed to ``step-<N>`` (an atomic rename on POSIX). A run killed at any moment leaves either no
+``step-<N>`` or a complete one; ``latest_checkpoint`` ignores temporary and unmarked directories, and the next
+save removes them.
+
+This module never imports deepspeed or ray: the learner is anything with ``save(dir)`` / ``load(dir)`` (a
+``Learner`` or a ``LearnerGroup``).
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import re
+import shutil
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+import torch
+
+CHECKPOINTS = "checkpoints"
+COMPLETE = "COMPLETE"
+_STEP = re.compile(r"^step-(\d+)$")
+
+
+class Saveable(Protocol):
+    """What a checkpoint needs from the learner side."""
+
+    def save(self, directory: str | Path) -> None: ...
+
+    def load(self, directory: str | Path) -> None: ...
+
+
+@dataclass
+class DriverState:
+    """The driver's part of a checkpoint (everything that is not model or optimizer state)."""
+
+    step: int = 0  # RL (or SFT) steps completed
+    weights_version: int = 0  # learner version the rollout side holds
+    data: dict[str, Any] = field(default_factory=dict)  # data cursor, e.g. PromptStream.state_dict()
+    wandb_run_id: str | None = None  # resume the same W&B run
+    rng: dict[str, Any] = field(default_factory=dict)  # capture_rng() at save time
+    extra: dict[str, Any] = field(default_factory=dict)  # anything else the caller wants back
+
+
+def capture_rng() -> dict[str, Any]:
+    """The RNG states of python, numpy and torch (CPU, and CUDA when present)."""
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def restore_rng(state: dict[str, Any]) -> None:
+    """Put back what ``capture_rng`` returned (missing entries are left alone)."""
+    if "python" in state:
+        random.setstate(state["python"])
+    if "numpy" in state:
+        np.random.set_state(state["numpy"])
+    if "torch" in state:
+        torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def checkpoint_dir(run_dir: str | Path) -> Path:
+    """``<run_dir>/checkpoints``."""
+    return Path(run_dir) / CHECKPOINTS
+
+
+def list_checkpoints(run_dir: str | Path) -> list[Path]:
+    """Complete checkpoints of a run (``step-<N>`` with a ``COMPLETE`` marker), oldest first."""
+    root = checkpoint_dir(run_dir)
+    if not root.is_dir():
+        return []
+    found = []
+    for path in root.iterdir():
+        match = _STEP.match(path.name)
+        if match and path.is_dir() and (path / COMPLETE).is_file():
+            found.append((int(match.group(1)), path))
+    return [path for _, path in sorted(found)]
+
+
+def latest_checkpoint(run_dir: str | Path) -> Path | None:
+    """The newest complete checkpoint of a run, or None; half-written ones are ignored."""
+    done = list_checkpoints(run_dir)
+    return done[-1] if done else None
+
+
+def resolve_resume(run_dir: str | Path, resume: str) -> Path | None:
+    """``checkpoint.resume`` → the directory to resume from: ``none`` → None, ``auto`` → the latest complete
+    checkpoint (None for a fresh run), anything else → that checkpoint directory (which must be complete)."""
+    if resume == "none":
+        return None
+    if resume == "auto":
+        return latest_checkpoint(run_dir)
+    path = Path(resume)
+    if not (path / COMPLETE).is_file():
+        raise FileNotFoundError(
+            f"checkpoint.resume='{resume}' is not a complete checkpoint (no {COMPLETE} marker); use 'auto' to "
+            f"take the latest complete one in {checkpoint_dir(run_dir)}."
+        )
+    return path
+
+
+def _fsync_tree(root: Path) -> None:
+    for dirpath, _, filenames in os.walk(root):
+        for name in filenames:
+            with open(os.path.join(dirpath, name), "rb") as f:
+                os.fsync(f.fileno())
+        _fsync_dir(Path(dirpath))
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def save_checkpoint(
+    run_dir: str | Path, step: int, learner: Saveable | None, driver: DriverState, keep_last: int = 2
+) -> Path:
+    """Write checkpoint ``step`` atomically and keep the last ``keep_last`` complete ones (≤ 0: keep all).
+
+    Returns the final directory ``<run_dir>/checkpoints/step-<step>``.
+    """
+    root = checkpoint_dir(run_dir)
+    root.mkdir(parents=True, exist_ok=True)
+    for stale in root.glob(".tmp-step-*"):  # left by a save that was killed
+        shutil.rmtree(stale, ignore_errors=True)
+    tmp, final = root / f".tmp-step-{step}", root / f"step-{step}"
+
+    # 1. Everything into the temporary directory, then onto the disk.
+    tmp.mkdir()
+    if learner is not None:
+        learner.save(tmp / "learner")
+    torch.save(asdict(driver), tmp / "driver.pt")
+    _fsync_tree(tmp)
+
+    # 2. The marker last, then the atomic rename (a re-save of the same step replaces the old one).
+    with open(tmp / COMPLETE, "w") as f:
+        f.write(f"step {step}\n")
+        f.flush()
+        os.fsync(f.fileno())
+    _fsync_dir(tmp)
+    if final.exists():
+        old = root / f".old-step-{step}"
+        os.rename(final, old)
+        os.rename(tmp, final)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.rename(tmp, final)
+    _fsync_dir(root)
+
+    # 3. Keep the last k.
+    if keep_last > 0:
+        for path in list_checkpoints(run_dir)[:-keep_last]:
+            shutil.rmtree(path, ignore_errors=True)
+    return final
+
+
+def load_checkpoint(path: str | Path, learner: Saveable | None) -> DriverState:
+    """Restore the learner from a complete checkpoint and return its DriverState (the caller restores the
+    RNGs with ``restore_rng(state.rng)`` once everything else is set up)."""
+    path = Path(path)
+    if not (path / COMPLETE).is_file():
+        raise FileNotFoundError(f"{path} is not a complete checkpoint (no {COMPLETE} marker)")
+    if learner is not None:
+        learner.load(path / "learner")
+    return DriverState(**torch.load(path / "driver.pt", weights_only=False))
+
+
+def export_hf(source: str | Path | Any, out_dir: str | Path) -> Path:
+    """Write a Hugging Face directory of the policy (``save_pretrained`` of the native model + tokenizer) that
+    ``from_pretrained`` and ``load_policy(ModelConfig(family=..., path=out_dir))`` load.
+
+    ``source`` is a checkpoint directory (``step-<N>``, or its ``learner/`` folder) or a live learner (anything
+    with ``save_hf(dir)``: a ``Learner`` or a ``LearnerGroup``, which gathers ZeRO-3 weights first).
+    """
+    out = Path(out_dir)
+    if hasattr(source, "save_hf"):
+        source.save_hf(out)
+        return out
+    src = Path(source)
+    for candidate in (src / "learner" / "hf", src / "hf", src):
+        if (candidate / "config.json").is_file():
+            shutil.copytree(candidate, out, dirs_exist_ok=True)
+            return out
+    raise FileNotFoundError(f"{src} holds no exported policy (expected learner/hf/config.json inside a checkpoint)")

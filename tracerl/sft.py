@@ -1,0 +1,264 @@
+"""Masked-diffusion SFT (``tracerl sft``) on prompt/response pairs, through the same DeepSpeed learner as RL.
+
+- Full attention (LLaDA, Dream, masked LMs, tiny-full): the MDLM objective (Sahoo et al. 2024; LLaDA, Nie et
+  al. 2025). Per example a mask ratio t ~ U(ε, 1]; every response token is masked with probability t; the loss
+  is Σ_{masked} −log p(x_j | x_t) / t / (response tokens), averaged over the batch. The 1/t weight makes it an
+  upper bound on the negative log-likelihood.
+- Block diffusion (SDAR, tiny-block): the same per block of the sampler's grid: per block a t, one row per
+  example in the block layout [prompt blocks | clean response | noisy response] (``trace.build_views`` with
+  custom ``RowMasks``), so each noisy block is predicted from the clean blocks before it, as at sampling time.
+
+Responses are padded with EOS up to ``sampling.max_new_tokens`` and the padding is trained (LLaDA's recipe), so
+the model learns to fill the tail of a fixed-length canvas with EOS.
+
+dims: N examples · Lp prompt length · L response length · R rows (= N) · T row length
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+
+from tracerl import checkpoint, data
+from tracerl.config import Config, ConfigError, to_dict
+from tracerl.learner import Learner
+from tracerl.metrics import MetricsLogger
+from tracerl.models import load_policy
+from tracerl.records import Rollout
+from tracerl.sampling import generate
+from tracerl.trace import RowMasks, Views, build_views, region_blocks
+
+# ---------------------------------------------------------------------------------------------- maths
+
+
+def clean_rollout(
+    pairs: list[tuple[list[int], list[int]]],
+    *,
+    length: int,
+    pad_id: int,
+    eos_id: int,
+    block_size: int,
+    layout: str,
+    eos_padding: bool,
+) -> Rollout:
+    """Clean (prompt, response) pairs as a Rollout record: prompts left-padded, responses right-padded to
+    ``length`` with EOS (``eos_padding``: the padding is trainable) or with pad tokens (not trainable)."""
+    n = len(pairs)
+    lp = max(len(p) for p, _ in pairs)
+    prompt_ids = torch.full((n, lp), pad_id, dtype=torch.long)
+    prompt_mask = torch.zeros((n, lp), dtype=torch.bool)
+    response_ids = torch.full((n, length), eos_id if eos_padding else pad_id, dtype=torch.long)
+    response_mask = torch.zeros((n, length), dtype=torch.bool)
+    for i, (prompt, response) in enumerate(pairs):
+        prompt_ids[i, lp - len(prompt) :] = torch.tensor(prompt)
+        prompt_mask[i, lp - len(prompt) :] = True
+        response_ids[i, : len(response)] = torch.tensor(response)
+        response_mask[i, : length if eos_padding else len(response)] = True
+    return Rollout(
+        prompt_ids=prompt_ids,
+        prompt_mask=prompt_mask,
+        response_ids=response_ids,
+        step_map=torch.where(response_mask, 0, -1),  # "generated" = part of the canvas
+        response_mask=response_mask,
+        rollout_logp=torch.zeros((n, length)),
+        group=torch.arange(n),
+        block_size=block_size,
+        layout=layout,
+        sampler={"pad_id": pad_id},
+    )
+
+
+def mdlm_masks(rollout: Rollout, eps: float, generator: torch.Generator) -> tuple[RowMasks, torch.Tensor]:
+    """Random masks of the MDLM objective and each response token's ratio t [N, L].
+
+    Full layout: one t ~ U(ε, 1] per example. Block layout: one t per example and block of the sampler's grid.
+    Each trainable response token is masked (and scored) with probability t; non-trainable ones are masked and
+    not scored.
+    """
+    n, length = rollout.response_ids.shape
+    valid = rollout.response_mask
+    if rollout.layout == "block":
+        blocks = region_blocks(rollout)  # [N, L] block of each response position on the absolute grid
+        per_block = eps + (1 - eps) * torch.rand(n, int(blocks.max()) + 1, generator=generator)
+        t = per_block.gather(1, blocks)
+    else:
+        t = (eps + (1 - eps) * torch.rand(n, 1, generator=generator)).expand(n, length)
+    masked = (torch.rand(n, length, generator=generator) < t) & valid
+    sample = torch.arange(n)
+    return RowMasks(sample, torch.zeros_like(sample), masked | ~valid, masked), t
+
+
+def sft_views(
+    rollout: Rollout, mask_id: int, shift: bool, eps: float, generator: torch.Generator
+) -> tuple[Views, torch.Tensor]:
+    """Training rows of one SFT batch and their loss weights [R, T] = 1 / (t · response tokens · N), so that
+    −Σ weights · log p(target) is the batch-mean MDLM loss."""
+    masks, t = mdlm_masks(rollout, eps, generator)
+    views = build_views(rollout, masks, mask_id, shift)
+    per_token = 1.0 / (t * rollout.response_mask.sum(1, keepdim=True).clamp(min=1) * len(rollout))  # [N, L]
+    pos = views.target_pos.clamp(min=0)
+    weights = per_token[views.row_sample.unsqueeze(1).expand_as(pos), pos]
+    return views, torch.where(views.target_mask, weights, 0.0)
+
+
+# ---------------------------------------------------------------------------------------------- run
+
+
+class _Sampler:
+    """Seeded epoch-by-epoch shuffling of example indices with a resumable cursor."""
+
+    def __init__(self, n: int, seed: int) -> None:
+        self.n, self.seed, self.epoch, self.cursor = n, seed, 0, 0
+        self._order = self._permutation()
+
+    def _permutation(self) -> list[int]:
+        order = list(range(self.n))
+        random.Random(self.seed * 7919 + self.epoch).shuffle(order)
+        return order
+
+    def next(self, k: int) -> list[int]:
+        out = []
+        while len(out) < k:
+            if self.cursor == self.n:
+                self.epoch, self.cursor = self.epoch + 1, 0
+                self._order = self._permutation()
+            out.append(self._order[self.cursor])
+            self.cursor += 1
+        return out
+
+    def state_dict(self) -> dict[str, int]:
+        return {"epoch": self.epoch, "cursor": self.cursor}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        self.epoch, self.cursor = int(state["epoch"]), int(state["cursor"])
+        self._order = self._permutation()
+
+
+def exact_match_accuracy(policy: Any, prompts: list[list[int]], answers: list[str], cfg: Config) -> float:
+    """Fraction of held-out prompts whose sampled completion (cut at EOS, stripped) equals the answer."""
+    if not prompts:
+        return 0.0
+    with torch.no_grad():
+        rollout = generate(policy, prompts, cfg.sampling, seed=cfg.seed)
+    return sum(t.strip() == str(a).strip() for t, a in zip(rollout.texts, answers, strict=True)) / len(prompts)
+
+
+def run_sft(cfg: Config, progress: bool = True) -> dict[str, float]:
+    """Masked-diffusion SFT of ``cfg.model`` on ``cfg.data`` for ``cfg.sft.steps`` optimizer steps.
+
+    Writes ``<run_dir>/config.json``, metrics to W&B and ``metrics.jsonl`` (a line per step, ``eval/accuracy`` every
+    ``sft.eval_every`` steps on the last ``sft.eval_prompts`` examples, held out), checkpoints every
+    ``checkpoint.save_every`` steps and at the end, and the trained policy as a Hugging Face directory in
+    ``<run_dir>/final``. Resumes per ``checkpoint.resume``. Returns the last metrics, with
+    ``eval/accuracy_before`` (step 0) and ``eval/accuracy`` (end) when evaluation is on.
+    """
+    if cfg.learner.num_ranks != 1:
+        raise ConfigError(
+            f"tracerl sft trains on one learner rank; got learner.num_ranks={cfg.learner.num_ranks}. Set "
+            "learner.num_ranks=1 (several ranks: drive a LearnerGroup with Learner.sft_step batches)."
+        )
+    run_dir = Path(cfg.run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "config.json").write_text(json.dumps(to_dict(cfg), indent=2))
+    random.seed(cfg.seed)
+    np.random.seed(cfg.seed)
+    torch.manual_seed(cfg.seed)
+
+    # 1. Model, data (the last eval_prompts examples are held out), learner.
+    policy = load_policy(cfg.model)
+    tok = policy.tokenizer
+    ds = data.load_examples(cfg.data, cfg.seed, require=("prompt", "answer", "response"))
+    n_eval = min(cfg.sft.eval_prompts, len(ds) - 1) if cfg.sft.eval_every > 0 else 0
+    pairs = data.sft_pairs(ds.select(range(len(ds) - n_eval)), tok, cfg.data)
+    if not pairs:
+        raise ValueError(f"no SFT examples left from data.source '{cfg.data.source}' (all prompts too long?)")
+    held = [ds[i] for i in range(len(ds) - n_eval, len(ds))]
+    eval_prompts = [data.encode_prompt(tok, row["prompt"], cfg.data) for row in held]
+    answers = [row["answer"] for row in held]
+    layout = "block" if policy.block_size is not None else "full"
+    block_size = policy.block_size or cfg.sampling.block_size
+    learner = Learner(cfg, policy, lr=cfg.sft.lr, total_steps=cfg.sft.steps)
+    eval_policy = policy
+    if cfg.learner.zero_stage == 3:  # partitioned weights cannot sample: evaluate a gathered copy
+        eval_policy = load_policy(cfg.model)
+
+    def accuracy() -> float:
+        if eval_policy is not policy:
+            eval_policy.model.load_state_dict(learner.state_dict_for_rollout()[1])
+        return exact_match_accuracy(eval_policy, eval_prompts, answers, cfg)
+
+    # 2. Resume, metrics.
+    sampler, step, result, run_id = _Sampler(len(pairs), cfg.seed), 0, {}, None
+    resume = checkpoint.resolve_resume(run_dir, cfg.checkpoint.resume)
+    if resume is not None:
+        state = checkpoint.load_checkpoint(resume, learner)
+        step, result, run_id = state.step, dict(state.extra.get("result", {})), state.wandb_run_id
+        sampler.load_state_dict(state.data)
+        checkpoint.restore_rng(state.rng)
+    logger = MetricsLogger(run_dir, to_dict(cfg), cfg.wandb, resume_id=run_id)
+    if resume is None and n_eval:
+        result["eval/accuracy_before"] = accuracy()
+        logger.log({"eval/accuracy": result["eval/accuracy_before"]}, step=0)
+
+    def save(at: int) -> None:
+        state = checkpoint.DriverState(
+            step=at,
+            weights_version=learner.version,
+            data=sampler.state_dict(),
+            wandb_run_id=logger.run_id,
+            rng=checkpoint.capture_rng(),
+            extra={"result": result},
+        )
+        checkpoint.save_checkpoint(run_dir, at, learner, state, cfg.checkpoint.keep_last)
+
+    # 3. Train.
+    columns = (
+        TextColumn("sft"),
+        BarColumn(),
+        TextColumn("{task.completed}/{task.total} {task.fields[info]}"),
+        TimeElapsedColumn(),
+    )
+    with Progress(*columns, disable=not progress) as bar:
+        task = bar.add_task("sft", total=cfg.sft.steps, completed=step, info="")
+        while step < cfg.sft.steps:
+            t0 = time.perf_counter()
+            batch = [pairs[i] for i in sampler.next(cfg.sft.batch_size)]
+            length = max(cfg.sampling.max_new_tokens if cfg.sft.eos_padding else 0, max(len(r) for _, r in batch))
+            rollout = clean_rollout(
+                batch,
+                length=length,
+                pad_id=policy.pad_id,
+                eos_id=policy.eos_id,
+                block_size=block_size,
+                layout=layout,
+                eos_padding=cfg.sft.eos_padding,
+            )
+            generator = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step)  # resume-exact masks
+            views, weights = sft_views(rollout, policy.mask_id, policy.shift, cfg.sft.mask_eps, generator)
+            metrics = learner.sft_step(views, weights)
+            step += 1
+            metrics["time/step"] = time.perf_counter() - t0
+            if n_eval and (step % cfg.sft.eval_every == 0 or step == cfg.sft.steps):
+                metrics["eval/accuracy"] = accuracy()
+            logger.log(metrics, step=step)
+            result.update(metrics)
+            info = f"loss {metrics['train/loss']:.3f}" + (
+                f" acc {metrics['eval/accuracy']:.2f}" if "eval/accuracy" in metrics else ""
+            )
+            bar.update(task, completed=step, info=info)
+            if cfg.checkpoint.save_every and step % cfg.checkpoint.save_every == 0 and step < cfg.sft.steps:
+                save(step)
+
+    # 4. Final checkpoint and export.
+    save(step)
+    checkpoint.export_hf(learner, run_dir / "final")
+    learner.destroy()
+    logger.close()
+    return result

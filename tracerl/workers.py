@@ -1,0 +1,311 @@
+"""Ray actors and the groups that drive them (DESIGN §11); with orchestrator.py the only importer of ray.
+
+Reward scoring: a pool of CPU actors, each running a ``RewardService``, so scoring uses many cores and the driver
+stays free (``score_async`` returns futures). A worker that dies is replaced and its shard redone.
+
+Keep torch imports inside the actors that need it (rollout, learner), never at the top of this module: each
+process that imports torch costs ~430 MB, and reward actors must stay light.
+
+dims: N samples · W reward workers
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import sys
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, replace
+from typing import Any, Literal
+
+import ray
+from ray.exceptions import RayActorError, RayTaskError
+
+from tracerl.reward_service import RewardError, RewardResult, RewardService, RewardSpec, merge_results, resolve_reward
+
+
+@ray.remote
+class RewardWorker:
+    """One ``RewardService`` in a CPU actor (no torch)."""
+
+    def __init__(self, specs: list[RewardSpec], on_error: str, timeout_s: float) -> None:
+        self.service = RewardService(specs, on_error=on_error, timeout_s=timeout_s)
+
+    def score(
+        self, prompts: list, completions: list, completion_ids: list | None, columns: dict[str, list]
+    ) -> RewardResult:
+        return self.service.score(prompts, completions, completion_ids, columns)
+
+    def info(self) -> dict[str, Any]:
+        """pid and whether torch got imported (it should not)."""
+        return {"pid": os.getpid(), "torch_imported": "torch" in sys.modules}
+
+
+@dataclass
+class _Shard:
+    worker: int  # index into the pool's workers
+    actor: Any  # the actor handle it was sent to (to tell a dead worker from its replacement)
+    offset: int  # index of the shard's first sample in the batch
+    args: tuple  # (prompts, completions, completion_ids, columns) of the shard
+
+
+class RewardPool:
+    """``num_workers`` reward actors; a batch is split into contiguous shards, one per worker, merged in order.
+
+    Args:
+        specs: reward functions, as for ``RewardService`` (resolved here first, so bad specs fail at once).
+        num_workers: actors W; each reserves ``num_cpus_per_worker`` Ray CPUs.
+        on_error, timeout_s: the ``RewardService`` error policy and per-call timeout.
+        max_restarts: how often one shard may be redone after its worker died before giving up.
+    """
+
+    def __init__(
+        self,
+        specs: Sequence[RewardSpec | str | Callable[..., Any]],
+        num_workers: int = 2,
+        on_error: Literal["raise", "nan"] = "raise",
+        timeout_s: float = 30.0,
+        num_cpus_per_worker: float = 1.0,
+        max_restarts: int = 3,
+    ) -> None:
+        if num_workers < 1:
+            raise ValueError(f"num_workers must be at least 1, got {num_workers}.")
+        self.specs = [_portable(s if isinstance(s, RewardSpec) else RewardSpec(s)) for s in specs]
+        self.names = [spec.name or resolve_reward(spec.fn, timeout_s)[0] for spec in self.specs]
+        self.on_error, self.timeout_s, self.max_restarts = on_error, timeout_s, max_restarts
+        self._options = {"num_cpus": num_cpus_per_worker}
+        self.workers = [self._start() for _ in range(num_workers)]
+        self.restarts = 0  # workers replaced so far
+        self._pending: dict[Any, _Shard] = {}
+
+    def _start(self) -> Any:
+        return RewardWorker.options(**self._options).remote(self.specs, self.on_error, self.timeout_s)
+
+    def score_async(
+        self,
+        prompts: Sequence[Any],
+        completions: Sequence[Any],
+        completion_ids: Sequence[Sequence[int]] | None = None,
+        columns: dict[str, Sequence[Any]] | None = None,
+    ) -> list[ray.ObjectRef]:
+        """Send the shards; returns one future per shard. Collect them with ``gather`` (which redoes shards of
+        workers that died)."""
+        n = len(completions)
+        columns = columns or {}
+        refs = []
+        for w, (lo, hi) in enumerate(_split(n, len(self.workers))):
+            args = (
+                list(prompts[lo:hi]),
+                list(completions[lo:hi]),
+                None if completion_ids is None else list(completion_ids[lo:hi]),
+                {k: list(v[lo:hi]) for k, v in columns.items()},
+            )
+            actor = self.workers[w]
+            ref = actor.score.remote(*args)
+            self._pending[ref] = _Shard(w, actor, lo, args)
+            refs.append(ref)
+        return refs
+
+    def gather(self, refs: Sequence[ray.ObjectRef]) -> RewardResult:
+        """The merged result of ``score_async``'s futures, in sample order.
+
+        Raises:
+            RewardError: a reward function failed (on_error="raise"); the index counts from the batch start.
+        """
+        results = [self._get(ref, self._pending.pop(ref)) for ref in refs]
+        if not results:
+            return merge_results([RewardResult([], {name: [] for name in self.names}, {})])
+        return merge_results(results)
+
+    def score(self, *args: Any, **kwargs: Any) -> RewardResult:
+        """``gather(score_async(...))``."""
+        return self.gather(self.score_async(*args, **kwargs))
+
+    def shutdown(self) -> None:
+        for actor in self.workers:
+            ray.kill(actor)
+        self.workers = []
+
+    def _get(self, ref: Any, shard: _Shard) -> RewardResult:
+        for _ in range(self.max_restarts + 1):
+            try:
+                return ray.get(ref)
+            except RayActorError:  # the worker died (killed, crashed, out of memory): replace it, redo the shard
+                self._replace(shard)
+                shard = replace(shard, actor=self.workers[shard.worker])
+                ref = shard.actor.score.remote(*shard.args)
+            except RayTaskError as err:
+                cause = getattr(err, "cause", None)
+                if isinstance(cause, RewardError):
+                    if cause.timed_out:  # its abandoned thread may still burn a core: start a fresh worker
+                        self._replace(shard)
+                    raise cause.shifted(shard.offset) from None
+                raise
+        hi = shard.offset + len(shard.args[1])
+        raise RuntimeError(
+            f"reward worker {shard.worker} died {self.max_restarts + 1} times while scoring samples "
+            f"{shard.offset}..{hi - 1}; giving up (see the Ray worker logs for the cause)."
+        )
+
+    def _replace(self, shard: _Shard) -> None:
+        if self.workers[shard.worker] is not shard.actor:
+            return  # already replaced for another shard of the same dead worker
+        with contextlib.suppress(Exception):  # it may be gone already
+            ray.kill(shard.actor)
+        self.workers[shard.worker] = self._start()
+        self.restarts += 1
+
+
+def _split(n: int, parts: int) -> list[tuple[int, int]]:
+    """Contiguous [lo, hi) ranges covering 0..n, sizes differing by at most one; empty ranges dropped."""
+    base, extra = divmod(n, parts)
+    bounds, lo = [], 0
+    for i in range(parts):
+        hi = lo + base + (i < extra)
+        if hi > lo:
+            bounds.append((lo, hi))
+        lo = hi
+    return bounds
+
+
+def _portable(spec: RewardSpec) -> RewardSpec:
+    """Make a file spec's path absolute: actors may run in another working directory."""
+    if isinstance(spec.fn, str) and ":" in spec.fn and not spec.fn.startswith(("http://", "https://")):
+        location, attr = spec.fn.rsplit(":", 1)
+        if location.endswith(".py") or "/" in location:
+            return replace(spec, fn=f"{os.path.abspath(location)}:{attr}")
+    return spec
+
+
+# =================================================================================================== learner ranks
+# The DeepSpeed learner as M Ray actors, one rank each (DESIGN §10-§11): rank 0 picks the rendezvous (its node's
+# address and a free port), every rank joins it (gloo on CPU, nccl on GPU), and the group fans every call out to
+# all ranks (collectives need them all) and returns rank 0's answer. torch and deepspeed are imported inside the
+# actor only.
+
+
+@ray.remote
+class LearnerWorker:
+    """One DeepSpeed rank: the policy is loaded from ``cfg.model`` inside the actor and trained by a ``Learner``."""
+
+    def __init__(self, cfg: Any, rank: int, world_size: int) -> None:
+        self.cfg, self.rank, self.world_size = cfg, rank, world_size
+        self.learner: Any = None
+
+    def rendezvous(self) -> tuple[str, int]:
+        """(address of this node, a free port on it): rank 0's answer is where every rank meets."""
+        from tracerl.learner import free_port
+
+        return ray.util.get_node_ip_address(), free_port()
+
+    def setup(self, addr: str, port: int, weights: dict | None, learner_kwargs: dict[str, Any]) -> int:
+        """Load the policy (then ``weights`` if given) and join the process group; returns this actor's pid."""
+        from tracerl.learner import Learner
+        from tracerl.models import load_policy
+
+        policy = load_policy(self.cfg.model)
+        if weights is not None:
+            policy.model.load_state_dict(weights)
+        self.learner = Learner(
+            self.cfg, policy, self.rank, self.world_size, master_addr=addr, master_port=port, **learner_kwargs
+        )
+        return os.getpid()
+
+    def train_step(self, rollout: Any, advantages: Any, views: Any) -> dict[str, float]:
+        return self.learner.train_step(rollout, advantages, views)
+
+    def sft_step(self, views: Any, weights: Any) -> dict[str, float]:
+        return self.learner.sft_step(views, weights)
+
+    def get_weights(self) -> tuple[int, dict | None]:
+        """Every rank gathers (ZeRO-3); only rank 0 ships the weights back."""
+        version, weights = self.learner.state_dict_for_rollout()
+        return version, weights if self.rank == 0 else None
+
+    def save(self, directory: str) -> None:
+        self.learner.save(directory)
+
+    def load(self, directory: str) -> None:
+        self.learner.load(directory)
+
+    def save_hf(self, directory: str) -> None:
+        self.learner.save_hf(directory)
+
+    def destroy(self) -> None:
+        if self.learner is not None:
+            self.learner.destroy()
+            self.learner = None
+
+
+class LearnerGroup:
+    """``num_ranks`` learner actors behind one handle; every method runs on all ranks and returns rank 0's result.
+
+    Args:
+        cfg: the run config (``cfg.model`` is loaded in every actor; ``cfg.learner`` configures the engines).
+        num_ranks: DeepSpeed ranks M (default ``cfg.learner.num_ranks``).
+        weights: initial policy weights for every rank (default: what ``cfg.model`` loads).
+        num_cpus_per_rank, num_gpus_per_rank: Ray resources of each actor (GPUs default to 1 when the cluster
+            has any, else 0).
+        learner_kwargs: extra ``Learner`` arguments (e.g. ``lr``, ``total_steps`` for SFT).
+
+    Example:
+        >>> group = LearnerGroup(cfg, num_ranks=2)                      # doctest: +SKIP
+        >>> metrics = group.train_step(rollout, advantages, views)     # doctest: +SKIP
+        >>> version, weights = group.get_weights()                     # doctest: +SKIP
+    """
+
+    def __init__(
+        self,
+        cfg: Any,
+        num_ranks: int | None = None,
+        *,
+        weights: dict | None = None,
+        num_cpus_per_rank: float = 1.0,
+        num_gpus_per_rank: float | None = None,
+        learner_kwargs: dict[str, Any] | None = None,
+    ) -> None:
+        n = num_ranks or cfg.learner.num_ranks
+        if num_gpus_per_rank is None:
+            num_gpus_per_rank = 1.0 if ray.cluster_resources().get("GPU", 0) > 0 else 0.0
+        options = {"num_cpus": num_cpus_per_rank, "num_gpus": num_gpus_per_rank}
+        self.workers = [LearnerWorker.options(**options).remote(cfg, rank, n) for rank in range(n)]
+        addr, port = ray.get(self.workers[0].rendezvous.remote())
+        shared = ray.put(weights)
+        self.pids = ray.get([w.setup.remote(addr, port, shared, learner_kwargs or {}) for w in self.workers])
+
+    def __len__(self) -> int:
+        return len(self.workers)
+
+    def _all(self, method: str, *args: Any) -> Any:
+        refs = [ray.put(a) if a is not None and not isinstance(a, str) else a for a in args]  # one copy for all
+        return ray.get([getattr(w, method).remote(*refs) for w in self.workers])[0]
+
+    def train_step(self, rollout: Any, advantages: Any, views: Any) -> dict[str, float]:
+        """One RL step on every rank (each trains its share of every minibatch); rank 0's metrics."""
+        return self._all("train_step", rollout, advantages, views)
+
+    def sft_step(self, views: Any, weights: Any) -> dict[str, float]:
+        return self._all("sft_step", views, weights)
+
+    def get_weights(self) -> tuple[int, dict]:
+        """(version, full policy weights on CPU), gathered across ranks under ZeRO-3."""
+        return self._all("get_weights")
+
+    def save(self, directory: str | os.PathLike) -> None:
+        """Every rank writes its part of the engine state under ``directory`` (a filesystem all ranks share)."""
+        self._all("save", os.fspath(directory))
+
+    def load(self, directory: str | os.PathLike) -> None:
+        self._all("load", os.fspath(directory))
+
+    def save_hf(self, directory: str | os.PathLike) -> None:
+        """The policy as a Hugging Face directory, written by rank 0 (see ``checkpoint.export_hf``)."""
+        self._all("save_hf", os.fspath(directory))
+
+    def shutdown(self) -> None:
+        """Release the engines and end the actors."""
+        with contextlib.suppress(Exception):
+            ray.get([w.destroy.remote() for w in self.workers])
+        for w in self.workers:
+            ray.kill(w)
+        self.workers = []
