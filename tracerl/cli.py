@@ -58,7 +58,8 @@ def cmd_generate(ns: argparse.Namespace) -> int:
             if at < 0:
                 break
             if at <= step:
-                text.append(tok.decode([token]), style="green" if at == step else "")
+                piece = tok.decode([token], skip_special_tokens=True) if token != policy.eos_id else "⏎"
+                text.append(piece, style="green" if at == step else "dim" if token == policy.eos_id else "")
             else:
                 text.append("░", style="dim")
         return text
@@ -70,6 +71,7 @@ def cmd_generate(ns: argparse.Namespace) -> int:
             for step in range(last + 1):
                 time.sleep(ns.delay)
                 live.update(frame(step))
+        console.print()
     nfe = last + 1
     console.print(
         f"[dim]{sum(s >= 0 for s in steps)} tokens in {nfe} denoising steps · "
