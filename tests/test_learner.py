@@ -9,10 +9,11 @@ import pytest
 import torch
 
 from tracerl.config import Config, SamplingConfig
-from tracerl.learner import Learner, lr_factor, rows_from_response
+from tracerl.learner import Learner
 from tracerl.models.base import DecoderPolicy
 from tracerl.objectives import AGGREGATIONS, policy_loss
 from tracerl.sampling import generate
+from tracerl.scoring import lr_factor, rows_from_response
 from tracerl.trace import make_views, scatter_to_response, view_logprobs
 
 from .conftest import encode, tiny_policy
