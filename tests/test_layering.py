@@ -11,7 +11,7 @@ ROOT = Path(__file__).resolve().parents[1]
 HEAVY = {"ray", "deepspeed", "wandb"}
 # layer of each tracerl module: a module may import only modules of its own or a lower layer
 LAYERS = {
-    "config": 0, "records": 0, "metrics": 0,
+    "config": 0, "records": 0, "metrics": 0, "registry": 0,
     "data": 1, "models": 1, "sampling": 1, "trace": 1, "advantages": 1, "objectives": 1,
     "reward_service": 1, "checkpoint": 1, "scoring": 1,
     "checks": 2, "reward_server": 2, "learner": 2, "workers": 2,

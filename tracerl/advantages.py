@@ -12,42 +12,22 @@ from collections.abc import Callable
 
 import torch
 
+from tracerl.registry import Registry
+
 AdvantageFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 GroupFilterFn = Callable[..., torch.Tensor]
-ADVANTAGES: dict[str, AdvantageFn] = {}
-GROUP_FILTERS: dict[str, GroupFilterFn] = {}
+ADVANTAGES: Registry[AdvantageFn] = Registry("advantage")
+GROUP_FILTERS: Registry[GroupFilterFn] = Registry("group filter")
 
 # A group whose reward spread is below this is treated as constant: a float reward such as 0.1 + 0.2 vs 0.3
 # differs by one ulp, and z-scoring that would turn rounding noise into ±1 advantages.
 ZERO_STD = 1e-6
 
 
-def register_advantage(name: str) -> Callable[[AdvantageFn], AdvantageFn]:
-    def wrap(fn: AdvantageFn) -> AdvantageFn:
-        ADVANTAGES[name] = fn
-        return fn
-
-    return wrap
-
-
-def get_advantage(name: str) -> AdvantageFn:
-    if name not in ADVANTAGES:
-        raise KeyError(f"unknown advantage '{name}'; choose from {sorted(ADVANTAGES)}")
-    return ADVANTAGES[name]
-
-
-def register_group_filter(name: str) -> Callable[[GroupFilterFn], GroupFilterFn]:
-    def wrap(fn: GroupFilterFn) -> GroupFilterFn:
-        GROUP_FILTERS[name] = fn
-        return fn
-
-    return wrap
-
-
-def get_group_filter(name: str) -> GroupFilterFn:
-    if name not in GROUP_FILTERS:
-        raise KeyError(f"unknown group filter '{name}'; choose from {sorted(GROUP_FILTERS)}")
-    return GROUP_FILTERS[name]
+register_advantage = ADVANTAGES.register
+get_advantage = ADVANTAGES.lookup
+register_group_filter = GROUP_FILTERS.register
+get_group_filter = GROUP_FILTERS.lookup
 
 
 def _group_stats(rewards: torch.Tensor, group: torch.Tensor) -> tuple[torch.Tensor, ...]:

@@ -13,29 +13,19 @@ from collections.abc import Callable
 import torch
 from torch.utils.checkpoint import checkpoint
 
+from tracerl.registry import Registry
+
 KLFn = Callable[[torch.Tensor], torch.Tensor]
 AggregationFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, int | None], torch.Tensor]
-KL_ESTIMATORS: dict[str, KLFn] = {}
-AGGREGATIONS: dict[str, AggregationFn] = {}
+KL_ESTIMATORS: Registry[KLFn] = Registry("kl estimator")
+AGGREGATIONS: Registry[AggregationFn] = Registry("aggregation")
 
 # exp() of a log-ratio is taken on this clamped range (TraceRL's choice), so one wild token cannot overflow.
 LOG_RATIO_CLAMP = 10.0
 
 
-def register_kl_estimator(name: str) -> Callable[[KLFn], KLFn]:
-    def wrap(fn: KLFn) -> KLFn:
-        KL_ESTIMATORS[name] = fn
-        return fn
-
-    return wrap
-
-
-def register_aggregation(name: str) -> Callable[[AggregationFn], AggregationFn]:
-    def wrap(fn: AggregationFn) -> AggregationFn:
-        AGGREGATIONS[name] = fn
-        return fn
-
-    return wrap
+register_kl_estimator = KL_ESTIMATORS.register
+register_aggregation = AGGREGATIONS.register
 
 
 @register_kl_estimator("k1")
@@ -61,10 +51,7 @@ def kl_estimate(logp: torch.Tensor, ref_logp: torch.Tensor, kind: str) -> torch.
     return get_kl_estimator(kind)(logp - ref_logp)
 
 
-def get_kl_estimator(kind: str) -> KLFn:
-    if kind not in KL_ESTIMATORS:
-        raise KeyError(f"unknown kl estimator '{kind}'; choose from {sorted(KL_ESTIMATORS)}")
-    return KL_ESTIMATORS[kind]
+get_kl_estimator = KL_ESTIMATORS.lookup
 
 
 def aggregate(

@@ -22,6 +22,7 @@ from dataclasses import dataclass
 import torch
 
 from tracerl.records import Rollout
+from tracerl.registry import Registry
 
 
 @dataclass
@@ -119,21 +120,9 @@ class RowMasks:
 
 
 ViewBuilder = Callable[..., RowMasks]
-VIEWS: dict[str, ViewBuilder] = {}
-
-
-def register_views(name: str) -> Callable[[ViewBuilder], ViewBuilder]:
-    def wrap(fn: ViewBuilder) -> ViewBuilder:
-        VIEWS[name] = fn
-        return fn
-
-    return wrap
-
-
-def get_views(name: str) -> ViewBuilder:
-    if name not in VIEWS:
-        raise KeyError(f"unknown views '{name}'; choose from {sorted(VIEWS)}")
-    return VIEWS[name]
+VIEWS: Registry[ViewBuilder] = Registry("views")
+register_views = VIEWS.register
+get_views = VIEWS.lookup
 
 
 def region_blocks(rollout: Rollout) -> torch.Tensor:

@@ -17,22 +17,12 @@ from collections.abc import Callable
 
 import torch
 
+from tracerl.registry import Registry
+
 RemaskFn = Callable[..., torch.Tensor]
-REMASKING: dict[str, RemaskFn] = {}
-
-
-def register_remasking(name: str) -> Callable[[RemaskFn], RemaskFn]:
-    def wrap(fn: RemaskFn) -> RemaskFn:
-        REMASKING[name] = fn
-        return fn
-
-    return wrap
-
-
-def get_remasking(name: str) -> RemaskFn:
-    if name not in REMASKING:
-        raise KeyError(f"unknown remasking '{name}'; choose from {sorted(REMASKING)}")
-    return REMASKING[name]
+REMASKING: Registry[RemaskFn] = Registry("remasking")
+register_remasking = REMASKING.register
+get_remasking = REMASKING.lookup
 
 
 def top_k_mask(score: torch.Tensor, eligible: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
