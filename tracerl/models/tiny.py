@@ -27,7 +27,7 @@ def char_tokenizer(alphabet: str) -> PreTrainedTokenizerFast:
     Example:
         >>> tok = char_tokenizer("ab ")
         >>> tok("ab a")["input_ids"], tok.decode(tok("ab a")["input_ids"])
-        ([5, 6, 4, 5], 'ab a')
+        ([6, 7, 5, 6], 'ab a')
     """
     chars = sorted(set(alphabet) | {"\n", " "})
     vocab = {tok: i for i, tok in enumerate(SPECIAL_TOKENS)}
