@@ -256,3 +256,30 @@ def test_too_long_for_the_model_is_clear(full_policy):
     limit = full_policy.model.config.max_position_embeddings
     with pytest.raises(ConfigError, match=f"max_position_embeddings={limit}"):
         generate(full_policy, [[5] * 10], SamplingConfig(max_new_tokens=limit))
+
+
+def test_top_k_and_top_p_filtering_by_hand():
+    from tracerl.sampling.core import filter_logits
+
+    # probabilities 0.5, 0.25, 0.125, 0.125 (logits are their logs)
+    logits = torch.log(torch.tensor([[0.5, 0.25, 0.125, 0.125]]))
+    keep_k = torch.isfinite(filter_logits(logits, top_k=2, top_p=1.0))
+    assert keep_k.tolist() == [[True, True, False, False]]
+    # nucleus 0.6: 0.5 alone is not enough, 0.5 + 0.25 is → keep two
+    keep_p = torch.isfinite(filter_logits(logits, top_k=0, top_p=0.6))
+    assert keep_p.tolist() == [[True, True, False, False]]
+    # nucleus 0.5 is reached by the first token alone
+    assert torch.isfinite(filter_logits(logits, top_k=0, top_p=0.5)).tolist() == [[True, False, False, False]]
+
+
+def test_greedy_and_filtered_sampling_pick_allowed_tokens():
+    from tracerl.sampling.core import sample_candidates
+
+    logits = torch.tensor([[[0.0, 3.0, 2.0, 1.0, -1.0]]]).expand(1, 64, 5).contiguous()
+    gen = torch.Generator().manual_seed(0)
+    greedy = sample_candidates(logits, SamplingConfig(temperature=0.0), mask_id=1, generator=gen)
+    assert (greedy.tokens == 2).all()  # the mask token (id 1) is never a candidate
+    top2 = sample_candidates(logits, SamplingConfig(top_k=2), mask_id=1, generator=gen)
+    assert set(top2.tokens.flatten().tolist()) == {2, 3}  # top-2 after removing the mask token
+    ref = torch.log_softmax(logits[0, 0], -1)
+    torch.testing.assert_close(top2.logp[0], ref[top2.tokens[0]])  # rollout_logp is the temperature-1 log-prob
