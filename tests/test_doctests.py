@@ -7,7 +7,16 @@ import importlib
 
 import pytest
 
-MODULES = ["tracerl.registry", "tracerl.config", "tracerl.trace", "tracerl.models.tiny"]
+MODULES = [
+    "tracerl.registry",
+    "tracerl.config",
+    "tracerl.trace",
+    "tracerl.models.tiny",
+    "tracerl.stats",
+    "tracerl.objectives",
+    "tracerl.weight_sync",
+    "tracerl.advantages",
+]
 
 
 @pytest.mark.parametrize("name", MODULES)

@@ -283,3 +283,68 @@ def test_zero3_gathers_full_weights_for_rollout(learners, full_policy):
     assert version == 0
     for name, tensor in full_policy.model.state_dict().items():
         assert torch.equal(weights[name], tensor), name
+
+
+# ---------------------------------------------------------------------------------------------- consistency
+
+
+def _dropout_bert(tmp_path, tok):  # noqa: ANN001, ANN202
+    from transformers import BertConfig, BertForMaskedLM
+
+    from tracerl.config import ModelConfig
+    from tracerl.models import load_policy
+
+    torch.manual_seed(5)
+    shape = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64)
+    bert = BertForMaskedLM(
+        BertConfig(vocab_size=len(tok), max_position_embeddings=64, hidden_dropout_prob=0.1,
+                   attention_probs_dropout_prob=0.1, **shape)
+    )  # fmt: skip
+    bert.save_pretrained(tmp_path)
+    tok.save_pretrained(tmp_path)
+    return load_policy(ModelConfig(family="masked_lm", path=str(tmp_path)))
+
+
+@pytest.mark.parametrize("checkpointing", [False, True])
+def test_dropout_is_off_in_every_learner_pass(learners, tmp_path, checkpointing):
+    """A masked LM with dropout 0.1: with μ = 1 and one minibatch the update starts exactly at the old policy, so
+    the first (and only) pass sees ratio 1 everywhere: clipfrac and kl_to_old exactly 0."""
+    from tracerl.models import char_tokenizer
+
+    tok = char_tokenizer("0123456789+=abc ")
+    policy = _dropout_bert(tmp_path, tok)
+    assert any(isinstance(m, torch.nn.Dropout) and m.p == 0.1 for m in policy.model.modules())
+    rollout = generate(policy, [tok(p)["input_ids"] for p in ["1+2=", "12+3=", "a"]], SamplingConfig(max_new_tokens=8))
+    views = make_views(rollout, "trace", policy.mask_id)
+    cfg = make_cfg(gradient_checkpointing=checkpointing)
+    learner = learners(cfg, policy)
+    metrics = learner.train_step(rollout, torch.tensor([1.0, -1.0, 0.5]), views)
+    assert metrics["train/clipfrac"] == 0.0
+    assert metrics["train/kl_to_old"] == 0.0
+    assert metrics["rollout/logp_mismatch"] < 1e-4  # and the learner replays what the sampler saw
+
+
+def test_mismatch_metrics_by_hand():
+    from tracerl.learner import mismatch_metrics
+
+    old = torch.tensor([[-1.0, -2.0, 0.0]])
+    roll = torch.tensor([[-1.5, -2.0, 9.0]])
+    mask = torch.tensor([[True, True, False]])
+    m = mismatch_metrics(old, roll, mask)
+    assert m["rollout/logp_mismatch"] == pytest.approx(0.25)  # (|−1 + 1.5| + 0) / 2
+    # k3 with Δ = roll − old: exp(−Δ) − 1 + Δ = exp(0.5) − 1.5 for the first target, 0 for the second
+    assert m["rollout/kl_mismatch"] == pytest.approx((math.exp(0.5) - 1.5) / 2)
+
+
+def test_full_attention_kl_sums_over_a_rows_targets_under_row_mean():
+    """The anchor's full-attention loss: surrogate averaged per row, k3 summed per row, both averaged over rows."""
+    logp = torch.tensor([[-1.0, -1.0, 0.0], [-2.0, 0.0, 0.0]], requires_grad=True)
+    old = torch.tensor([[-1.5, -0.5, 0.0], [-2.0, 0.0, 0.0]])
+    mask = torch.tensor([[True, True, False], [True, False, False]])
+    k3 = lambda d: math.exp(-d) - 1 + d  # noqa: E731 - Δ = logp − old
+    common = dict(row_sample=torch.tensor([0, 1]), aggregation="row_mean", kl_to_old_coef=1.0)
+    adv = torch.zeros(2)  # no surrogate: the loss is the KL term alone
+    anchor, _ = policy_loss(logp, old, adv, mask, **common)
+    assert anchor.item() == pytest.approx(((k3(0.5) + k3(-0.5)) + 0.0) / 2)  # Σ per row, mean over 2 rows
+    averaged, _ = policy_loss(logp, old, adv, mask, kl_aggregation="row_mean", **common)
+    assert averaged.item() == pytest.approx(((k3(0.5) + k3(-0.5)) / 2 + 0.0) / 2)

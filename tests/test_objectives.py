@@ -59,6 +59,8 @@ AGG_EXPECTED = {
     "token_sum_over_max_len": 5.5 / 3,
     # row means 2, 4, 6 → mean 4
     "row_mean": 4.0,
+    # row sums 6, 4, 12 → mean over the 3 rows with targets 22/3 (the anchor's full-attention KL)
+    "row_sum": 22 / 3,
     # (1 + 2 + 3 + 4 + 5 + 7) / 6 = 22/6
     "token_mean": 22 / 6,
     # sample 10: (1 + 2 + 3 + 4)/4 = 2.5; sample 20: (5 + 7)/2 = 6 → mean 4.25
@@ -88,6 +90,8 @@ def loop_aggregate(values, mask, row_sample, name: str, norm_len: int) -> float:
         return sum(sum(r) / norm_len for r, _ in rows_s) / len(rows_s)
     if name == "row_mean":
         return sum(sum(r) / len(r) for r, _ in rows_s) / len(rows_s)
+    if name == "row_sum":
+        return sum(sum(r) for r, _ in rows_s) / len(rows_s)
     if name == "token_mean":
         return sum(sum(r) for r, _ in rows_s) / sum(len(r) for r, _ in rows_s)
     per_sample: dict[int, list[float]] = {}

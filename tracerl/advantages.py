@@ -211,3 +211,31 @@ def outcome_token_rewards(reward: torch.Tensor, token_steps: torch.Tensor, mask:
     on_last = mask & (token_steps == last)
     dtype = reward.dtype if reward.is_floating_point() else torch.float32
     return torch.where(on_last, reward.to(dtype).unsqueeze(1), torch.zeros((), dtype=dtype))
+
+
+def compute_advantages(
+    rewards: torch.Tensor,
+    group: torch.Tensor,
+    truncated: torch.Tensor | None = None,
+    *,
+    advantage: str = "group_zscore",
+    group_filter: str = "keep_all",
+    low: float = 0.2,
+    high: float = 0.8,
+) -> tuple[torch.Tensor, torch.Tensor, dict[str, float]]:
+    """One RL step's advantage stage: (advantages [N], keep [N] bool, ``advantage/*`` + ``reward/*`` metrics).
+
+    ``truncated`` [N] (given when truncated responses count as wrong) sets those rewards to 0 first; samples whose
+    reward is NaN are never kept. The filter reads the rewards as scores (accuracy for 0/1 rewards).
+
+    Example:
+        >>> adv, keep, _ = compute_advantages(torch.tensor([1.0, 0.0, 1.0, 1.0]), torch.tensor([0, 0, 1, 1]),
+        ...                                   group_filter="drop_all_equal")
+        >>> adv.tolist(), keep.tolist()
+        ([1.0, -1.0, 0.0, 0.0], [True, True, False, False])
+    """
+    if truncated is not None:
+        rewards = truncated_is_wrong(rewards, truncated)
+    adv = get_advantage(advantage)(rewards, group)
+    keep = get_group_filter(group_filter)(rewards, group, low=low, high=high) & ~torch.isnan(rewards)
+    return adv, keep, advantage_metrics(rewards, adv, keep)

@@ -24,6 +24,7 @@ def check_names(cfg: Config) -> Config:
         ("objective.advantage", o.advantage, advantages.ADVANTAGES),
         ("objective.group_filter", o.group_filter, advantages.GROUP_FILTERS),
         ("objective.aggregation", o.aggregation, objectives.AGGREGATIONS),
+        ("objective.kl_aggregation", o.kl_aggregation, [*objectives.AGGREGATIONS, "auto"]),
         ("objective.kl_to_old_kind", o.kl_to_old_kind, objectives.KL_ESTIMATORS),
         ("objective.kl_to_ref_kind", o.kl_to_ref_kind, objectives.KL_ESTIMATORS),
     ):

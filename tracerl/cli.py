@@ -1,19 +1,25 @@
 """The ``tracerl`` command.
 
+    tracerl train [CONFIG.yaml] [key=value ...] [--resume auto|DIR] [--ray-address HOST:PORT]   TraceRL
+    tracerl eval [CONFIG.yaml] [key=value ...] [--out DIR]         held-out evaluation of model.path
     tracerl generate [CONFIG.yaml] [key=value ...] --prompt TEXT   watch one prompt denoise in the terminal
-    tracerl validate [CONFIG.yaml] [key=value ...]                 check config, model, data and rewards
+    tracerl validate [CONFIG.yaml] [key=value ...] [--offline]     check config, model, data, rewards, cluster
     tracerl sft [CONFIG.yaml] [key=value ...]                      masked-diffusion SFT
     tracerl export CHECKPOINT OUT_DIR                              write a Hugging Face model directory
     tracerl serve-reward --reward SPEC [--host --port]             serve a reward function over HTTP
 
-Errors are one clear paragraph and a non-zero exit code; ``--debug`` shows the traceback.
+Errors are one clear paragraph and exit code 2; ``--debug`` (before or after the command) shows the traceback,
+``--verbose`` the third-party logs (Ray actors, DeepSpeed, W&B, transformers) that are hidden otherwise.
 """
 
 from __future__ import annotations
 
 import argparse
+import logging
+import os
 import sys
 import time
+import warnings
 from collections.abc import Callable
 
 from tracerl.config import Config, ConfigError
@@ -81,37 +87,98 @@ def cmd_generate(ns: argparse.Namespace) -> int:
 
 
 def cmd_validate(ns: argparse.Namespace) -> int:
-    """Resolve and check everything a run needs, without training."""
+    """Resolve and check everything a run needs, without training; ``--offline`` loads no weights and no hub data."""
     from rich.console import Console
 
-    from tracerl.data import PromptStream, load_examples
-    from tracerl.models import load_policy
-    from tracerl.sampling import check_compatible, resolve_cache
+    from tracerl.config import check_cluster, gpus_needed
+    from tracerl.orchestrator import check_rewards, load_prompts
 
     console = Console()
     cfg = _config(ns)
     console.print(f"config: ok (seed {cfg.seed}, run_dir {cfg.run_dir})")
-    policy = load_policy(cfg.model)
-    check_compatible(policy, cfg.sampling)
-    params = sum(p.numel() for p in policy.model.parameters())
-    layout = "block" if policy.block_size else "full"
+    c = cfg.cluster
+    check_cluster(cfg, c.num_nodes * c.gpus_per_node, f"the declared cluster ({c.num_nodes} × {c.gpus_per_node} GPUs)")
     console.print(
-        f"model: ok ({cfg.model.family}, {params / 1e6:.2f}M parameters, {layout} attention, mask id "
-        f"{policy.mask_id}, cache {resolve_cache(policy, cfg.sampling)})"
+        f"cluster: ok ({cfg.learner.num_ranks} learner rank(s), {cfg.rollout.num_workers} rollout actor(s), "
+        f"{cfg.rollout.placement}, {gpus_needed(cfg)} of {c.num_nodes * c.gpus_per_node} GPUs)"
     )
-    ds = load_examples(cfg.data, cfg.seed, require=("prompt",))
-    stream = PromptStream(ds, policy.tokenizer, cfg.data, cfg.seed)
-    console.print(f"data: ok ({len(stream.ids)} prompts, {stream.dropped} dropped as longer than the limit)")
-    try:
-        from tracerl.reward_service import RewardService, RewardSpec
-    except ImportError:  # the reward service is optional for SFT-only setups
-        return 0
-    specs = [
-        RewardSpec(fn=f.fn, weight=f.weight, name=f.name, kwargs=dict(f.kwargs), completion_format=f.completion_format)
-        for f in cfg.reward.functions
-    ]
-    RewardService(specs, on_error=cfg.reward.on_error, timeout_s=cfg.reward.timeout_s)
+    if not ns.offline:
+        from tracerl.models import load_policy
+        from tracerl.sampling import check_compatible, resolve_cache
+
+        policy = load_policy(cfg.model)
+        check_compatible(policy, cfg.sampling)
+        params = sum(p.numel() for p in policy.model.parameters())
+        layout = "block" if policy.block_size else "full"
+        console.print(
+            f"model: ok ({cfg.model.family}, {params / 1e6:.2f}M parameters, {layout} attention, mask id "
+            f"{policy.mask_id}, cache {resolve_cache(policy, cfg.sampling)})"
+        )
+    local_data = cfg.data.source.startswith("synthetic:") or os.path.exists(os.path.expanduser(cfg.data.source))
+    if ns.offline and (not local_data or cfg.model.path and not os.path.isdir(cfg.model.path)):
+        console.print(f"data: not checked offline (data.source '{cfg.data.source}' or the tokenizer is on the hub)")
+        check_rewards(cfg, None, cfg.data.source)
+    else:
+        stream, eval_set = load_prompts(cfg)
+        held = len(eval_set.prompt_ids) if eval_set else 0
+        console.print(
+            f"data: ok ({len(stream.ids)} training prompts, {held} held out, {stream.dropped} dropped as longer than "
+            "the limit)"
+        )
+        check_rewards(cfg, stream.ds.column_names, cfg.data.source)
     console.print(f"rewards: ok ({', '.join(f.fn for f in cfg.reward.functions)})")
+    return 0
+
+
+def _quiet(verbose: bool) -> None:
+    """Third-party logs, warnings and progress bars only with --verbose (the environment reaches Ray actors)."""
+    if not verbose:
+        for key, value in (
+            ("TRANSFORMERS_VERBOSITY", "error"),
+            ("WANDB_SILENT", "true"),
+            ("HF_HUB_DISABLE_PROGRESS_BARS", "1"),
+            ("HF_DATASETS_DISABLE_PROGRESS_BARS", "1"),
+            ("PYTHONWARNINGS", "ignore"),
+            ("RAY_DEDUP_LOGS", "1"),
+        ):
+            os.environ.setdefault(key, value)
+        warnings.filterwarnings("ignore")
+        logging.getLogger("datasets").setLevel(logging.ERROR)
+
+
+def _ray_env(address: str | None) -> None:
+    """A local Ray instance stays on loopback (read by Ray at import, so before it)."""
+    if not address:
+        os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+
+
+def cmd_train(ns: argparse.Namespace) -> int:
+    path, overrides = _split_config(ns.config)
+    if ns.ray_address:
+        overrides = [*overrides, f"cluster.address={ns.ray_address}"]
+    if ns.resume:
+        overrides = [*overrides, f"checkpoint.resume={ns.resume}"]
+    from tracerl.checks import load_config
+
+    cfg = load_config(path, overrides)
+    _ray_env(cfg.cluster.address)
+    from tracerl.orchestrator import run
+
+    run(cfg, verbose=ns.verbose)
+    return 0
+
+
+def cmd_eval(ns: argparse.Namespace) -> int:
+    path, overrides = _split_config(ns.config)
+    if ns.ray_address:
+        overrides = [*overrides, f"cluster.address={ns.ray_address}"]
+    from tracerl.checks import load_config
+
+    cfg = load_config(path, overrides)
+    _ray_env(cfg.cluster.address)
+    from tracerl.orchestrator import run_eval
+
+    run_eval(cfg, out_dir=ns.out, verbose=ns.verbose)
     return 0
 
 
@@ -138,7 +205,8 @@ def cmd_serve_reward(ns: argparse.Namespace, rest: list[str]) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="tracerl", description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    parser.add_argument("--debug", action="store_true", help="show tracebacks")
+    parser.add_argument("--debug", action="store_true", help="show tracebacks (also accepted after the command)")
+    parser.add_argument("--verbose", action="store_true", help="show third-party logs (also after the command)")
     sub = parser.add_subparsers(dest="command", required=True)
     config_help = "optional YAML file, then key=value overrides (e.g. sampling.temperature=0.7)"
 
@@ -149,9 +217,22 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--no-animate", action="store_true", help="print only the final text")
     g.set_defaults(fn=cmd_generate)
 
-    v = sub.add_parser("validate", help="check config, model, data and rewards without training")
+    v = sub.add_parser("validate", help="check config, model, data, rewards and cluster size without training")
     v.add_argument("config", nargs="*", help=config_help)
+    v.add_argument("--offline", action="store_true", help="load no weights and no hub data (schema, names, sizes)")
     v.set_defaults(fn=cmd_validate)
+
+    t = sub.add_parser("train", help="TraceRL: rollouts, rewards, learner updates, weight sync, eval")
+    t.add_argument("config", nargs="*", help=config_help)
+    t.add_argument("--resume", help="auto (latest complete checkpoint in run_dir) or a checkpoint directory")
+    t.add_argument("--ray-address", help="HOST:PORT of a running Ray cluster (default: a local instance)")
+    t.set_defaults(fn=cmd_train)
+
+    ev = sub.add_parser("eval", help="evaluate model.path on the held-out prompts (greedy, mean@k, pass@k)")
+    ev.add_argument("config", nargs="*", help=config_help)
+    ev.add_argument("--out", help="directory of eval.jsonl and eval.json (default: <run_dir>/eval)")
+    ev.add_argument("--ray-address", help="HOST:PORT of a running Ray cluster (default: a local instance)")
+    ev.set_defaults(fn=cmd_eval)
 
     s = sub.add_parser("sft", help="masked-diffusion supervised fine-tuning")
     s.add_argument("config", nargs="*", help=config_help)
@@ -169,19 +250,24 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    debug = "--debug" in argv
     if "serve-reward" in argv:  # its own argument parser
         at = argv.index("serve-reward")
         return cmd_serve_reward(argparse.Namespace(), argv[at + 1 :])
-    ns = build_parser().parse_args(argv)
+    flags = {"--debug", "--verbose"}
+    debug, verbose = "--debug" in argv, "--verbose" in argv or "--debug" in argv
+    ns = build_parser().parse_args([a for a in argv if a not in flags])  # the flags go before or after the command
+    ns.debug, ns.verbose = debug, verbose
+    _quiet(verbose)
     fn: Callable[[argparse.Namespace], int] = ns.fn
     try:
         return fn(ns)
     except KeyboardInterrupt:
+        print(f"tracerl {ns.command}: interrupted.", file=sys.stderr)
         return 130
     except Exception as err:  # noqa: BLE001 - every failure becomes one paragraph unless --debug
         if debug:
             raise
+        err = getattr(err, "cause", None) or err  # a Ray task failure: the actor's own error
         message = err.args[0] if isinstance(err, KeyError) and err.args else str(err)
         expected = isinstance(err, ConfigError | ValueError | FileNotFoundError | KeyError | RuntimeError)
         kind = "" if expected else f"{type(err).__name__}: "

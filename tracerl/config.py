@@ -93,11 +93,17 @@ class DataConfig:
 
 @dataclass
 class RolloutConfig:
-    """How many samples each RL step draws, and where."""
+    """How many samples each RL step draws, and where (DESIGN §11)."""
 
     prompts_per_step: int = 8  # P prompts per RL step
     samples_per_prompt: int = 4  # G samples per prompt (a group)
-    num_workers: int = 1  # K rollout actors
+    num_workers: int = 1  # K rollout actors (0 = auto: from cluster.* and rollout.placement)
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"  # parameter dtype of the rollout copies
+    sync: Literal["object_store", "collective"] = "object_store"  # how weights reach the actors after an update
+    sync_bucket_mb: int = 256  # collective sync: parameters are broadcast in flat buckets of this size
+    placement: Literal["separate", "colocated"] = "separate"  # own accelerators, or share the learner ranks'
+    offload_during_train: bool = True  # colocated on GPU: move the rollout copy to CPU while the learner trains
+    num_cpus_per_worker: float = 1.0  # Ray CPUs each rollout actor reserves
 
 
 @dataclass
@@ -119,6 +125,7 @@ class RewardConfig:
     on_error: Literal["raise", "nan"] = "raise"  # raise a clear error, or score NaN and count reward/errors/<name>
     timeout_s: float = 60.0  # per-call timeout of a reward function
     num_workers: int = 1  # reward actors (CPU)
+    num_cpus_per_worker: float = 1.0  # Ray CPUs each reward actor reserves
 
 
 @dataclass
@@ -135,6 +142,7 @@ class ObjectiveConfig:
     eps_low: float = 0.2  # lower clip range of the importance ratio
     eps_high: float = 0.2  # upper clip range (clip-higher when > eps_low)
     aggregation: str = "token_sum_over_max_len"  # token_sum_over_max_len | row_mean | token_mean | seq_mean_token_mean
+    kl_aggregation: str = "auto"  # KL reduction; auto: row_sum under row_mean (as the anchor), else = aggregation
     kl_to_old_coef: float = 0.01  # beta of the KL to the old (rollout-step) policy; TraceRL default 0.01
     kl_to_old_kind: str = "k3"  # k1 | k2 | k3
     kl_to_ref_coef: float = 0.0  # beta of the KL to a frozen reference model (0 = no reference model)
@@ -153,7 +161,8 @@ class ObjectiveConfig:
 class LearnerConfig:
     """The DeepSpeed learner (DESIGN §10)."""
 
-    num_ranks: int = 1  # learner ranks (Ray actors, one DeepSpeed rank each)
+    num_ranks: int = 1  # learner ranks (Ray actors, one DeepSpeed rank each; 0 = auto from cluster.*)
+    num_cpus_per_rank: float = 1.0  # Ray CPUs each learner rank reserves
     zero_stage: int = 0  # DeepSpeed ZeRO stage 0-3
     precision: Literal["fp32", "bf16"] = "fp32"  # training precision
     lr: float = 1e-6  # policy learning rate (AdamW)
@@ -198,6 +207,42 @@ class SFTConfig:
 
 
 @dataclass
+class TrainConfig:
+    """The RL loop (tracerl train, DESIGN §2)."""
+
+    steps: int = 100  # RL steps (each: rollout, reward, advantages, views, learner update, weight sync)
+    eval_every: int = 0  # RL steps between evaluations on the held-out prompts (0 = only before and at the end)
+    log_samples_every: int = 10  # RL steps between sample tables and decoding-order pictures (0 = off)
+    log_samples: int = 8  # samples per table / picture
+
+
+@dataclass
+class EvalConfig:
+    """Held-out evaluation, in the loop and as ``tracerl eval`` (DESIGN §17)."""
+
+    source: str | None = None  # a separate dataset (as data.source); None: hold out prompts of data.source
+    split: str = "test"  # split of eval.source
+    num_prompts: int = 64  # held-out prompts (None source: removed from training, whole prompts, seeded)
+    k: int = 4  # pass@k and mean@k use k samples per prompt
+    samples: int = 4  # samples per prompt drawn for pass@k (≥ k; more samples, lower-variance estimate)
+    temperature: float = 1.0  # sampling temperature of the k samples (greedy reward always uses 0)
+    pass_threshold: float = 1.0  # a sample passes when its total reward is at least this
+    max_new_tokens: int | None = None  # override sampling.max_new_tokens for evaluation
+    remasking: str | None = None  # override sampling.remasking for evaluation
+    steps_per_block: int | None = None  # override sampling.steps_per_block for evaluation
+
+
+@dataclass
+class ClusterConfig:
+    """The Ray cluster a run expects (checked before any actor starts; ``--ray-address`` joins a running one)."""
+
+    address: str | None = None  # host:port of a running Ray cluster; None starts a local instance on loopback
+    num_nodes: int = 1  # nodes the run may use
+    gpus_per_node: int = 0  # accelerators per node (0 = CPU only)
+    dashboard: bool = False  # start the Ray dashboard of a local instance
+
+
+@dataclass
 class WandbConfig:
     """Weights & Biases monitoring (DESIGN §12)."""
 
@@ -222,6 +267,9 @@ class Config:
     learner: LearnerConfig = field(default_factory=LearnerConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     sft: SFTConfig = field(default_factory=SFTConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    cluster: ClusterConfig = field(default_factory=ClusterConfig)
     wandb: WandbConfig = field(default_factory=WandbConfig)
 
 
@@ -276,6 +324,7 @@ def check_sampling(s: SamplingConfig) -> None:
 def check(cfg: Config) -> None:
     """Cross-field checks that the type system cannot express (registry names are checked by tracerl.checks)."""
     check_sampling(cfg.sampling)
+    resolve_resources(cfg)
     lr = cfg.learner
     if cfg.objective.shrink < 1:
         raise ConfigError(f"objective.shrink must be ≥ 1 (1 = exact replay), got {cfg.objective.shrink}.")
@@ -284,7 +333,101 @@ def check(cfg: Config) -> None:
     if lr.num_ranks < 1 or lr.minibatches < 1 or lr.updates_per_step < 1 or lr.micro_batch_tokens < 1:
         raise ConfigError("learner.num_ranks, minibatches, updates_per_step and micro_batch_tokens must be ≥ 1.")
     if cfg.rollout.prompts_per_step < 1 or cfg.rollout.samples_per_prompt < 1:
-        raise ConfigError("rollout.prompts_per_step and rollout.samples_per_prompt must be ≥ 1.")
+        raise ConfigError(
+            f"rollout.prompts_per_step and rollout.samples_per_prompt must be ≥ 1 (got {cfg.rollout.prompts_per_step}"
+            f" and {cfg.rollout.samples_per_prompt}): an RL step needs at least one prompt and one sample of it."
+        )
+    check_old_logp_source(cfg)
+    check_loop(cfg)
+
+
+def check_old_logp_source(cfg: Config) -> None:
+    """``old_logp_source=rollout`` trusts the sampler's log-probs as the learner's own: only exact replay allows it."""
+    o = cfg.objective
+    if o.old_logp_source != "rollout":
+        return
+    reasons = []
+    if o.views != "trace":
+        reasons.append(f"objective.views={o.views} scores states the sampler never saw")
+    if o.shrink != 1:
+        reasons.append(f"objective.shrink={o.shrink} merges steps, so a view is not the state a token was sampled in")
+    if cfg.sampling.cache not in ("auto", "none", "kv"):
+        reasons.append(f"sampling.cache={cfg.sampling.cache} is approximate")
+    dtypes = {"model.dtype": cfg.model.dtype, "rollout.dtype": cfg.rollout.dtype}
+    reasons += [f"{k}={v} is not float32" for k, v in dtypes.items() if v != "float32"]
+    if cfg.learner.precision != "fp32":
+        reasons.append(f"learner.precision={cfg.learner.precision} is not fp32")
+    if reasons:
+        raise ConfigError(
+            "objective.old_logp_source=rollout uses the sampler's log-probs as the old policy's, which is only true "
+            "when the views replay the sampler exactly (trace views, shrink 1, an exact cache, float32 throughout); "
+            f"here {'; '.join(reasons)}. Set objective.old_logp_source=learner (the learner recomputes them)."
+        )
+
+
+def check_loop(cfg: Config) -> None:
+    """Settings of the RL loop and its evaluation."""
+    t, e = cfg.train, cfg.eval
+    if t.steps < 1:
+        raise ConfigError(f"train.steps must be ≥ 1 RL step, got {t.steps}.")
+    for key, value in (("train.eval_every", t.eval_every), ("train.log_samples_every", t.log_samples_every)):
+        if value < 0:
+            raise ConfigError(f"{key} must be ≥ 0 (0 = off), got {value}.")
+    if e.k < 1 or e.samples < e.k:
+        raise ConfigError(
+            f"eval.k={e.k} and eval.samples={e.samples}: pass@k needs 1 ≤ k ≤ samples; raise eval.samples to at "
+            f"least {max(1, e.k)}."
+        )
+    if e.num_prompts < 0:
+        raise ConfigError(f"eval.num_prompts must be ≥ 0 (0 = no evaluation), got {e.num_prompts}.")
+
+
+def resolve_resources(cfg: Config) -> None:
+    """Fill ``learner.num_ranks`` / ``rollout.num_workers`` given as 0 (auto) from the declared cluster, and check
+    that the placement can work: colocated puts one rollout actor beside each learner rank."""
+    c, lc, r = cfg.cluster, cfg.learner, cfg.rollout
+    if c.num_nodes < 1 or c.gpus_per_node < 0:
+        raise ConfigError(
+            f"cluster.num_nodes must be ≥ 1 and cluster.gpus_per_node ≥ 0 (got {c.num_nodes}, {c.gpus_per_node})."
+        )
+    total = c.num_nodes * c.gpus_per_node
+    if lc.num_ranks < 0 or r.num_workers < 0:
+        raise ConfigError("learner.num_ranks and rollout.num_workers must be ≥ 1, or 0 for auto.")
+    if r.placement == "colocated":
+        n = lc.num_ranks or r.num_workers or max(1, total)
+        lc.num_ranks, r.num_workers = lc.num_ranks or n, r.num_workers or n
+        if lc.num_ranks != r.num_workers:
+            raise ConfigError(
+                f"rollout.placement=colocated puts one rollout actor beside each learner rank, so rollout.num_workers "
+                f"({r.num_workers}) must equal learner.num_ranks ({lc.num_ranks}); set both (or one of them to 0)."
+            )
+    else:
+        learner_share = max(1, total // 2)
+        lc.num_ranks = lc.num_ranks or learner_share
+        r.num_workers = r.num_workers or max(1, total - lc.num_ranks)
+
+
+def gpus_needed(cfg: Config) -> int:
+    """Accelerators the run asks for: one per learner rank, plus one per rollout actor unless colocated."""
+    if cfg.cluster.gpus_per_node == 0:
+        return 0
+    if cfg.rollout.placement == "colocated":
+        return cfg.learner.num_ranks
+    return cfg.learner.num_ranks + cfg.rollout.num_workers
+
+
+def check_cluster(cfg: Config, available_gpus: float, source: str) -> None:
+    """The GPUs the run needs fit into ``available_gpus`` (from the declared cluster or a live one)."""
+    need = gpus_needed(cfg)
+    if need > available_gpus:
+        layout = f"{cfg.learner.num_ranks} learner ranks" + (
+            "" if cfg.rollout.placement == "colocated" else f" + {cfg.rollout.num_workers} rollout actors"
+        )
+        raise ConfigError(
+            f"the run needs {need} GPUs ({layout}, rollout.placement={cfg.rollout.placement}) but {source} has "
+            f"{available_gpus:g}. Lower learner.num_ranks / rollout.num_workers, use rollout.placement=colocated, or "
+            "add nodes (cluster.num_nodes)."
+        )
 
 
 # ---------------------------------------------------------------------------------------------- loading

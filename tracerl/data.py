@@ -160,6 +160,7 @@ class PromptStream:
             )
         self.ds = ds.select(keep)
         self.ids = [encoded[i] for i in keep]
+        self.tokenizer = tokenizer
         self.cfg, self.seed = cfg, seed
         self.epoch, self.cursor = 0, 0
         self._order = self._permutation()
@@ -181,6 +182,11 @@ class PromptStream:
         rows = self.ds.select(picked)
         columns = {c: rows[c] for c in rows.column_names if c != "prompt"}
         return PromptBatch([self.ids[i] for i in picked], rows["prompt"], columns)
+
+    def all(self) -> PromptBatch:
+        """Every prompt once, in dataset order (an evaluation set)."""
+        columns = {c: self.ds[c] for c in self.ds.column_names if c != "prompt"}
+        return PromptBatch(list(self.ids), self.ds["prompt"], columns)
 
     def state_dict(self) -> dict[str, int]:
         return {"epoch": self.epoch, "cursor": self.cursor}

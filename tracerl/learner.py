@@ -206,7 +206,7 @@ class Learner:
         device = self.engine.device
         mask = views.target_mask[rows].to(device)
         module = scorer.module if hasattr(scorer, "module") else scorer
-        module.train(grad)  # transformers only checkpoints activations in training mode
+        set_learner_mode(module, checkpointing=grad and self.lc.gradient_checkpointing)
         num_chunks = -1
         if self.lc.zero_stage == 3 and self.world_size > 1:  # equal LM-head calls on every rank (see PolicyScorer)
             count = torch.tensor([math.ceil(int(mask.sum()) / self.lc.logprob_chunk_tokens)], device=device)
@@ -331,6 +331,8 @@ class Learner:
             old_logp = rows_from_response(views, rollout.rollout_logp.float())
         else:
             old_logp = self.logprobs(views)
+            if self.obj.views == "trace":  # the views replay the sampler's states: compare with what it recorded
+                metrics.update(mismatch_metrics(old_logp, rows_from_response(views, rollout.rollout_logp), mask))
         ref_logp = self.infer(self.ref, views)[0] if self.ref is not None else None
 
         # 2. Value model: advantages from pre-update values (step GAE), then value updates.
@@ -348,6 +350,7 @@ class Learner:
             eps_high=self.obj.eps_high,
             aggregation=self.obj.aggregation,
             norm_len=length,
+            kl_aggregation=self.obj.kl_aggregation,
             kl_to_old_coef=self.obj.kl_to_old_coef,
             kl_to_old_kind=self.obj.kl_to_old_kind,
             kl_to_ref_coef=self.obj.kl_to_ref_coef,
@@ -551,6 +554,34 @@ class Learner:
                 engine.destroy()
         self.engine = self.value_engine = self.ref = None  # type: ignore[assignment]
         gc.collect()
+
+
+def set_learner_mode(module: nn.Module, checkpointing: bool) -> None:
+    """Dropout off in every learner pass, so "old" and "new" log-probs come from the same function.
+
+    transformers checkpoints activations only in modules whose ``training`` flag is set, so with gradient
+    checkpointing only the modules that own the switch (``gradient_checkpointing`` attribute: decoder layers and
+    the backbone) are put in training mode; every other module, dropout and attention included, stays in eval.
+    """
+    module.eval()
+    if checkpointing:
+        for m in module.modules():
+            if getattr(m, "gradient_checkpointing", False) and not isinstance(m, nn.Dropout):
+                m.training = True
+
+
+def mismatch_metrics(old_logp: torch.Tensor, rollout_logp: torch.Tensor, mask: torch.Tensor) -> dict[str, float]:
+    """Train/rollout mismatch over the targets of trace views (DESIGN §12): mean |learner old log-prob −
+    rollout log-prob| and the k3 estimate of KL(rollout ‖ learner) from the rollout's own samples. Both are ~0
+    under the replay invariant (exact cache, fp32, shrink 1); bf16 and approximate caches show their cost here.
+    """
+    if not mask.any():
+        return {"rollout/logp_mismatch": 0.0, "rollout/kl_mismatch": 0.0}
+    old, roll = old_logp[mask].double(), rollout_logp[mask].double()
+    return {
+        "rollout/logp_mismatch": float((old - roll).abs().mean()),
+        "rollout/kl_mismatch": float(objectives.kl_estimate(roll, old, "k3").mean()),
+    }
 
 
 def _placed(values: torch.Tensor, pos: torch.Tensor, shape: tuple[int, ...], device: Any) -> torch.Tensor:

@@ -108,6 +108,17 @@ class MetricsLogger:
             self.run = None
 
 
+def truncate_jsonl(path: Path, last_step: int) -> None:
+    """Drop the rows of steps after ``last_step`` (a resumed run redoes them, so each step appears once)."""
+    if not path.is_file():
+        return
+    rows = [line for line in path.read_text().splitlines() if line.strip()]
+    kept = [line for line in rows if json.loads(line).get("step", 0) <= last_step]
+    tmp = path.with_suffix(".jsonl.tmp")
+    tmp.write_text("".join(line + "\n" for line in kept))
+    os.replace(tmp, path)
+
+
 class Timers:
     """Named wall-clock timers: ``with timers("rollout"): ...`` → ``time/rollout`` (seconds, summed)."""
 
@@ -121,6 +132,10 @@ class Timers:
             yield
         finally:
             self.seconds[name] += time.perf_counter() - start
+
+    def add(self, name: str, seconds: float) -> None:
+        """Count time measured elsewhere (e.g. a stage that overlaps another) under ``time/<name>``."""
+        self.seconds[name] += seconds
 
     def pop(self) -> dict[str, float]:
         out = {f"time/{k}": v for k, v in self.seconds.items()}

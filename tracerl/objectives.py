@@ -92,6 +92,27 @@ def _row_mean(values: torch.Tensor, mask: torch.Tensor, row_sample: torch.Tensor
     return per_row.sum() / (per_row_count > 0).sum().clamp(min=1)
 
 
+@register_aggregation("row_sum")
+def _row_sum(values: torch.Tensor, mask: torch.Tensor, row_sample: torch.Tensor, norm_len: int | None) -> torch.Tensor:
+    """The anchor's KL reduction under full attention: sum over each row's targets, then mean over rows with ≥ 1
+    target (dLLM-RL ``rl_llada.py``: β Σ_T k3 / B, while the surrogate is averaged per row)."""
+    per_row_count = mask.sum(1)
+    return values.sum() / (per_row_count > 0).sum().clamp(min=1)
+
+
+def resolve_kl_aggregation(aggregation: str, kl_aggregation: str) -> str:
+    """``auto`` → ``row_sum`` when the surrogate uses ``row_mean`` (TraceRL full attention, as the anchor), else
+    the surrogate's own aggregation.
+
+    Example:
+        >>> resolve_kl_aggregation("row_mean", "auto"), resolve_kl_aggregation("token_mean", "auto")
+        ('row_sum', 'token_mean')
+    """
+    if kl_aggregation != "auto":
+        return kl_aggregation
+    return "row_sum" if aggregation == "row_mean" else aggregation
+
+
 @register_aggregation("token_mean")
 def _token_mean(
     values: torch.Tensor, mask: torch.Tensor, row_sample: torch.Tensor, norm_len: int | None
@@ -134,6 +155,7 @@ def policy_loss(
     eps_high: float = 0.2,
     aggregation: str = "token_sum_over_max_len",
     norm_len: int | None = None,
+    kl_aggregation: str = "auto",
     kl_to_old_coef: float = 0.0,
     kl_to_old_kind: str = "k3",
     ref_logp: torch.Tensor | None = None,
@@ -143,8 +165,9 @@ def policy_loss(
 ) -> tuple[torch.Tensor, dict[str, float]]:
     """PPO clipped surrogate on the target tokens of training rows (Schulman et al. 2017; TraceRL, Wang et al.
     2026): ρ = exp(clamp(logp − old_logp, ±10)), loss = −agg(min(ρA, clip(ρ, 1−ε_low, 1+ε_high)A))
-    + β_old·agg(k(logp, old_logp)) + β_ref·agg(k(logp, ref_logp)). logp, old_logp, mask, ref_logp, entropy
-    [R, T]; advantages [R] (per row) or [R, T] (per token). Only ``logp`` carries gradients;
+    + β_old·agg_kl(k(logp, old_logp)) + β_ref·agg_kl(k(logp, ref_logp)), where agg_kl is ``kl_aggregation``
+    (``resolve_kl_aggregation``: the anchor sums KL over a row's targets under ``row_mean``). logp, old_logp,
+    mask, ref_logp, entropy [R, T]; advantages [R] (per row) or [R, T] (per token). Only ``logp`` carries gradients;
     ``train/policy_loss`` is the returned total.
     """
     for kind in (kl_to_old_kind, kl_to_ref_kind):
@@ -154,8 +177,10 @@ def policy_loss(
     logp = _clean(logp, mask)
     old_logp = _clean(old_logp.detach(), mask)
 
-    def agg(values: torch.Tensor) -> torch.Tensor:
-        return aggregate(values, mask, row_sample, aggregation, norm_len)
+    def agg(values: torch.Tensor, name: str = aggregation) -> torch.Tensor:
+        return aggregate(values, mask, row_sample, name, norm_len)
+
+    kl_agg = resolve_kl_aggregation(aggregation, kl_aggregation)
 
     # 1. Clipped surrogate: the pessimistic (min) of the plain and the clipped importance-weighted advantage.
     ratio = torch.exp((logp - old_logp).clamp(-LOG_RATIO_CLAMP, LOG_RATIO_CLAMP))
@@ -165,11 +190,11 @@ def policy_loss(
 
     # 2. Optional KL penalties: to the policy that produced old_logp (TraceRL) and to a frozen reference.
     if kl_to_old_coef:
-        loss = loss + kl_to_old_coef * agg(kl_estimate(logp, old_logp, kl_to_old_kind))
+        loss = loss + kl_to_old_coef * agg(kl_estimate(logp, old_logp, kl_to_old_kind), kl_agg)
     if ref_logp is not None:
         ref_logp = _clean(ref_logp.detach(), mask)
         if kl_to_ref_coef:
-            loss = loss + kl_to_ref_coef * agg(kl_estimate(logp, ref_logp, kl_to_ref_kind))
+            loss = loss + kl_to_ref_coef * agg(kl_estimate(logp, ref_logp, kl_to_ref_kind), kl_agg)
 
     # 3. Metrics over target tokens; the KLs are always logged as k3 means, whatever enters the loss.
     with torch.no_grad():

@@ -481,3 +481,32 @@ class RewardService:
             if call.error is not None:
                 return i
         return None
+
+
+def required_columns(service: RewardService) -> dict[str, set[str]]:
+    """Dataset columns each reward function needs: its parameters without a default that are neither the TRL
+    call's own arguments nor fixed ``kwargs`` (e.g. ``answer`` for ``synthetic_exact``)."""
+    out: dict[str, set[str]] = {}
+    for r in service.rewards:
+        try:
+            params = inspect.signature(r.fn).parameters.values()
+        except (TypeError, ValueError):
+            continue
+        kinds = (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
+        need = {p.name for p in params if p.kind in kinds and p.default is inspect.Parameter.empty}
+        need -= {*RESERVED, *r.kwargs, "trainer_state", "log_extra", "log_metric"}
+        if need:
+            out[r.name] = need
+    return out
+
+
+def check_columns(service: RewardService, columns: Sequence[str], source: str) -> None:
+    """Every column a reward function needs is in the dataset, or a clear error naming both."""
+    for name, need in required_columns(service).items():
+        missing = sorted(need - set(columns))
+        if missing:
+            raise RewardError(
+                f"reward function '{name}' needs the dataset column(s) {missing}, which data.source '{source}' lacks "
+                f"(its columns: {sorted(columns)}). Map the right column with data.answer_column / "
+                "data.prompt_column, or give the value in the reward entry's kwargs."
+            )

@@ -19,6 +19,7 @@ from __future__ import annotations
 import json
 import random
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -142,11 +143,11 @@ class _Sampler:
 
 
 def exact_match_accuracy(policy: Any, prompts: list[list[int]], answers: list[str], cfg: Config) -> float:
-    """Fraction of held-out prompts whose sampled completion (cut at EOS, stripped) equals the answer."""
+    """Fraction of held-out prompts whose greedy completion (cut at EOS, stripped) equals the answer."""
     if not prompts:
         return 0.0
-    with torch.no_grad():
-        rollout = generate(policy, prompts, cfg.sampling, seed=cfg.seed)
+    with torch.no_grad():  # greedy: the accuracy of the model, not of one draw from it
+        rollout = generate(policy, prompts, replace(cfg.sampling, temperature=0.0), seed=cfg.seed)
     return sum(t.strip() == str(a).strip() for t, a in zip(rollout.texts, answers, strict=True)) / len(prompts)
 
 

@@ -21,6 +21,7 @@ from typing import Any, Literal
 import ray
 from ray.exceptions import RayActorError, RayTaskError
 
+from tracerl.registry import Registry
 from tracerl.reward_service import RewardError, RewardResult, RewardService, RewardSpec, merge_results, resolve_reward
 
 
@@ -156,6 +157,15 @@ class RewardPool:
         self.restarts += 1
 
 
+def _where() -> dict[str, Any]:
+    """Where the calling actor runs: pid, Ray node id, the GPU ids Ray gave it."""
+    return {
+        "pid": os.getpid(),
+        "node": ray.get_runtime_context().get_node_id(),
+        "gpu_ids": [str(g) for g in ray.get_gpu_ids()],
+    }
+
+
 def _split(n: int, parts: int) -> list[tuple[int, int]]:
     """Contiguous [lo, hi) ranges covering 0..n, sizes differing by at most one; empty ranges dropped."""
     base, extra = divmod(n, parts)
@@ -191,6 +201,10 @@ class LearnerWorker:
     def __init__(self, cfg: Any, rank: int, world_size: int) -> None:
         self.cfg, self.rank, self.world_size = cfg, rank, world_size
         self.learner: Any = None
+        self.weight_group: Any = None
+
+    def where(self) -> dict[str, Any]:
+        return _where()
 
     def rendezvous(self) -> tuple[str, int]:
         """(address of this node, a free port on it): rank 0's answer is where every rank meets."""
@@ -222,6 +236,32 @@ class LearnerWorker:
         version, weights = self.learner.state_dict_for_rollout()
         return version, weights if self.rank == 0 else None
 
+    def version(self) -> tuple[int, None]:
+        return self.learner.version, None
+
+    def sync_layout(self, bucket_mb: int) -> list[Any]:
+        from tracerl.weight_sync import bucket_layout
+
+        _, weights = self.learner.state_dict_for_rollout()
+        return bucket_layout(weights, bucket_mb * 2**20)
+
+    def join_weight_group(self, addr: str, port: int, size: int, backend: str) -> None:
+        """Rank 0 only: host the weight-sync group (rank 0 of it) beside the DeepSpeed group."""
+        from tracerl.weight_sync import new_group
+
+        self.weight_group = new_group(backend, addr, port, 0, size)
+        self.weight_device = "cuda" if backend == "nccl" else "cpu"
+
+    def broadcast_weights(self) -> int:
+        """Every rank gathers (ZeRO-3); rank 0 broadcasts to the rollout actors. Returns the bytes sent."""
+        from tracerl.weight_sync import bucket_layout, send_state
+
+        _, weights = self.learner.state_dict_for_rollout()
+        if self.rank != 0:
+            return 0
+        layout = bucket_layout(weights, self.cfg.rollout.sync_bucket_mb * 2**20)
+        return send_state(self.weight_group, weights, layout, self.weight_device)
+
     def save(self, directory: str) -> None:
         self.learner.save(directory)
 
@@ -247,6 +287,7 @@ class LearnerGroup:
         num_cpus_per_rank, num_gpus_per_rank: Ray resources of each actor (GPUs default to 1 when the cluster
             has any, else 0).
         learner_kwargs: extra ``Learner`` arguments (e.g. ``lr``, ``total_steps`` for SFT).
+        options: Ray options per rank (``place(cfg, gpus).learner``); overrides the three resource arguments.
 
     Example:
         >>> group = LearnerGroup(cfg, num_ranks=2)                      # doctest: +SKIP
@@ -263,12 +304,14 @@ class LearnerGroup:
         num_cpus_per_rank: float = 1.0,
         num_gpus_per_rank: float | None = None,
         learner_kwargs: dict[str, Any] | None = None,
+        options: Sequence[dict[str, Any]] | None = None,
     ) -> None:
-        n = num_ranks or cfg.learner.num_ranks
-        if num_gpus_per_rank is None:
-            num_gpus_per_rank = 1.0 if ray.cluster_resources().get("GPU", 0) > 0 else 0.0
-        options = {"num_cpus": num_cpus_per_rank, "num_gpus": num_gpus_per_rank}
-        self.workers = [LearnerWorker.options(**options).remote(cfg, rank, n) for rank in range(n)]
+        n = len(options) if options is not None else num_ranks or cfg.learner.num_ranks
+        if options is None:
+            if num_gpus_per_rank is None:
+                num_gpus_per_rank = 1.0 if ray.cluster_resources().get("GPU", 0) > 0 else 0.0
+            options = [{"num_cpus": num_cpus_per_rank, "num_gpus": num_gpus_per_rank}] * n
+        self.workers = [LearnerWorker.options(**options[rank]).remote(cfg, rank, n) for rank in range(n)]
         addr, port = ray.get(self.workers[0].rendezvous.remote())
         shared = ray.put(weights)
         self.pids = ray.get([w.setup.remote(addr, port, shared, learner_kwargs or {}) for w in self.workers])
@@ -309,3 +352,291 @@ class LearnerGroup:
         for w in self.workers:
             ray.kill(w)
         self.workers = []
+
+    # -- weight sync ------------------------------------------------------------------------------------------
+
+    def version(self) -> int:
+        """Learner updates behind the current weights."""
+        return int(ray.get(self.workers[0].version.remote())[0])
+
+    def publish_weights(self) -> tuple[int, ray.ObjectRef]:
+        """(version, a reference to rank 0's gathered weights in the object store): every rank gathers (ZeRO-3),
+        the weights are stored once and never pass through the driver."""
+        refs = [w.get_weights.remote() for w in self.workers]
+        ray.get(refs[1:])
+        return self.version(), refs[0]
+
+    def sync_layout(self, bucket_mb: int) -> list[Any]:
+        """The bucket layout of a collective sync (gathered once; every rank takes part under ZeRO-3)."""
+        return ray.get([w.sync_layout.remote(bucket_mb) for w in self.workers])[0]
+
+    def join_weight_group(self, size: int, backend: str) -> tuple[list[ray.ObjectRef], str, int]:
+        """Rank 0 hosts a weight-sync group of ``size`` members; returns (its pending join, address, port) so the
+        rollout actors can join while it waits for them."""
+        addr, port = ray.get(self.workers[0].rendezvous.remote())
+        return [self.workers[0].join_weight_group.remote(addr, port, size, backend)], addr, port
+
+    def broadcast_weights(self) -> list[ray.ObjectRef]:
+        """Start a collective sync: every rank gathers, rank 0 broadcasts; resolve together with the receivers."""
+        return [w.broadcast_weights.remote() for w in self.workers]
+
+
+# =================================================================================================== placement
+# Where actors go (DESIGN §11). ``separate``: each learner rank and each rollout actor asks for a whole GPU (when
+# the cluster has any). ``colocated``: one placement-group bundle per learner rank holds one GPU, shared by that
+# rank and one rollout actor (fractional GPUs), so the pair lands on the same device. CPU requests are explicit
+# on every actor (a GPU actor otherwise holds a CPU for life and can starve a small machine).
+
+
+@dataclass
+class Placement:
+    """Ray options for every actor of a run."""
+
+    learner: list[dict[str, Any]]  # options of learner rank i
+    rollout: list[dict[str, Any]]  # options of rollout actor k
+    group: Any = None  # the placement group (colocated), kept alive for the run
+
+    def remove(self) -> None:
+        if self.group is not None:
+            with contextlib.suppress(Exception):
+                ray.util.remove_placement_group(self.group)
+            self.group = None
+
+
+PLACEMENTS: Registry[Callable[[Any, float], Placement]] = Registry("placement")
+
+
+def place(cfg: Any, gpus: float) -> Placement:
+    """Ray options of the run's learner ranks and rollout actors (``rollout.placement``) on a cluster with ``gpus``
+    GPUs in all."""
+    return PLACEMENTS.lookup(cfg.rollout.placement)(cfg, gpus)
+
+
+@PLACEMENTS.register("separate")
+def _separate(cfg: Any, gpus: float) -> Placement:
+    gpu = 1.0 if gpus > 0 else 0.0
+    return Placement(
+        [{"num_cpus": cfg.learner.num_cpus_per_rank, "num_gpus": gpu}] * cfg.learner.num_ranks,
+        [{"num_cpus": cfg.rollout.num_cpus_per_worker, "num_gpus": gpu}] * cfg.rollout.num_workers,
+    )
+
+
+@PLACEMENTS.register("colocated")
+def _colocated(cfg: Any, gpus: float) -> Placement:
+    from ray.util.placement_group import placement_group
+    from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+    cpu_l, cpu_r = cfg.learner.num_cpus_per_rank, cfg.rollout.num_cpus_per_worker
+    gpu = 1.0 if gpus > 0 else 0.0
+    bundle = {"CPU": cpu_l + cpu_r} | ({"GPU": gpu} if gpu else {})
+    pg = placement_group([bundle] * cfg.learner.num_ranks, strategy="PACK")
+    ray.get(pg.ready(), timeout=120)
+
+    def opts(i: int, cpus: float) -> dict[str, Any]:
+        strategy = PlacementGroupSchedulingStrategy(pg, placement_group_bundle_index=i)
+        return {"num_cpus": cpus, "num_gpus": gpu / 2, "scheduling_strategy": strategy}
+
+    return Placement(
+        [opts(i, cpu_l) for i in range(cfg.learner.num_ranks)],
+        [opts(i, cpu_r) for i in range(cfg.rollout.num_workers)],
+        pg,
+    )
+
+
+# =================================================================================================== rollout
+# K rollout actors, each a policy copy in inference mode (dtype rollout.dtype) with the sampler (DESIGN §11). A
+# batch of prompts is split into whole groups across the actors; each returns its Rollout shard through the
+# object store, stamped with the weights version it was sampled with.
+
+
+@ray.remote
+class RolloutWorker:
+    """One policy copy and the sampler; weights arrive from the learner, versioned."""
+
+    def __init__(self, cfg: Any, index: int) -> None:
+        self.cfg, self.index = cfg, index
+        self.policy: Any = None
+        self.version = 0  # learner updates behind the weights this copy holds
+        self.weight_group: Any = None
+        self.device = "cpu"
+
+    def setup(self, weights: tuple[int, dict] | None = None) -> dict[str, Any]:
+        """Load the policy copy (then ``weights`` = (version, state dict) if given); returns what the driver needs
+        to know about the policy and where this actor runs."""
+        import torch
+
+        from tracerl.models import load_policy
+
+        self.device = "cuda" if torch.cuda.is_available() else "cpu"
+        policy = load_policy(replace(self.cfg.model, dtype=self.cfg.rollout.dtype))
+        policy.model.to(self.device).eval().requires_grad_(False)
+        self.policy = policy
+        if weights is not None:
+            self.load_weights(weights)
+        return {
+            "mask_id": policy.mask_id,
+            "shift": policy.shift,
+            "block_size": policy.block_size,
+            "family": policy.family,
+            "eos_id": policy.eos_id,
+            **_where(),
+            "parameters": sum(p.numel() for p in policy.model.parameters()),
+        }
+
+    def where(self) -> dict[str, Any]:
+        return _where()
+
+    def generate(self, prompt_ids: list[list[int]], group: Any, seed: int, sampling: Any = None) -> Any:
+        """Sample one response per prompt (repeated for groups); the Rollout carries this copy's version."""
+        import torch
+
+        from tracerl.sampling import generate
+
+        with torch.inference_mode():
+            rollout = generate(self.policy, prompt_ids, sampling or self.cfg.sampling, seed=seed, group=group)
+        rollout.weights_version = self.version
+        return rollout
+
+    def load_weights(self, published: tuple[int, dict]) -> int:
+        """Object-store path: copy (and cast) the learner's weights in; returns the bytes received."""
+        version, weights = published
+        self.policy.model.load_state_dict(weights)
+        self.version = int(version)
+        return sum(t.numel() * t.element_size() for t in weights.values())
+
+    def join_weight_group(self, addr: str, port: int, rank: int, size: int, backend: str) -> None:
+        from tracerl.weight_sync import new_group
+
+        self.weight_group = new_group(backend, addr, port, rank, size)
+
+    def receive_weights(self, version: int, layout: list[Any]) -> int:
+        """Collective path: receive the broadcast buckets and copy (cast) them in; returns the bytes received."""
+        from tracerl.weight_sync import layout_bytes, receive_state
+
+        state = receive_state(self.weight_group, layout, self.device)
+        self.policy.model.load_state_dict(state)
+        self.version = int(version)
+        return layout_bytes(layout)
+
+    def state_dict(self) -> dict:
+        """The copy's weights on CPU (tests compare sync paths with it)."""
+        return {k: v.detach().cpu().clone() for k, v in self.policy.model.state_dict().items()}
+
+    def offload(self) -> None:
+        """Colocated on GPU: free the device for the learner while it trains."""
+        if self.device == "cuda":
+            import torch
+
+            self.policy.model.to("cpu")
+            torch.cuda.empty_cache()
+
+    def onload(self) -> None:
+        if self.device == "cuda":
+            self.policy.model.to(self.device)
+
+
+@dataclass
+class RolloutShard:
+    """A pending shard: the future of its Rollout and which prompts of the batch it covers."""
+
+    ref: ray.ObjectRef
+    lo: int  # first prompt of the batch in this shard
+    hi: int  # one past its last prompt
+
+
+class RolloutGroup:
+    """K rollout actors behind one handle.
+
+    Args:
+        cfg: the run config (``model``, ``sampling``, ``rollout``).
+        options: Ray options of each actor (``place(cfg, gpus).rollout``).
+        weights: (version, state dict) to start from (default: what ``cfg.model`` loads, version 0).
+
+    Example:
+        >>> group = RolloutGroup(cfg, [{"num_cpus": 1}] * 2)                     # doctest: +SKIP
+        >>> shards = group.generate_async(prompt_ids, samples=4, seed=0)        # doctest: +SKIP
+        >>> rollout = Rollout.concat([ray.get(s.ref) for s in shards])          # doctest: +SKIP
+    """
+
+    def __init__(self, cfg: Any, options: Sequence[dict[str, Any]], weights: Any = None) -> None:
+        self.cfg = cfg
+        self.workers = [RolloutWorker.options(**o).remote(cfg, k) for k, o in enumerate(options)]
+        self.info = ray.get([w.setup.remote(weights) for w in self.workers])
+        self.version = int(weights[0]) if isinstance(weights, tuple) else 0
+        self._layout: list[Any] | None = None
+
+    def __len__(self) -> int:
+        return len(self.workers)
+
+    def generate_async(
+        self, prompt_ids: list[list[int]], samples: int, seed: int, sampling: Any = None
+    ) -> list[RolloutShard]:
+        """Split P prompts (whole groups of ``samples``) across the actors; one future per non-empty shard.
+
+        Shard k samples with seed ``seed * 1009 + k``, so a run is reproducible for a given number of actors.
+        """
+        import torch
+
+        shards = []
+        for k, (lo, hi) in enumerate(_split(len(prompt_ids), len(self.workers))):
+            prompts = [p for p in prompt_ids[lo:hi] for _ in range(samples)]
+            group = torch.arange(lo, hi).repeat_interleave(samples)
+            ref = self.workers[k].generate.remote(prompts, group, seed * 1009 + k, sampling)
+            shards.append(RolloutShard(ref, lo, hi))
+        return shards
+
+    def load_weights(self, version: int, published: ray.ObjectRef) -> int:
+        """Object-store sync: every actor loads the one stored copy; returns the bytes each received."""
+        received = ray.get([w.load_weights.remote(published) for w in self.workers])
+        self.version = version
+        return int(received[0])
+
+    def sync_collective(self, learner: Any, version: int) -> int:
+        """Collective sync from learner rank 0 (the group is formed on first use); returns bytes per actor."""
+        if self._layout is None:
+            self._layout = learner.sync_layout(self.cfg.rollout.sync_bucket_mb)
+            backend = "nccl" if any(i["gpu_ids"] for i in self.info) else "gloo"
+            size = len(self.workers) + 1
+            host, addr, port = learner.join_weight_group(size, backend)
+            joins = [w.join_weight_group.remote(addr, port, k + 1, size, backend) for k, w in enumerate(self.workers)]
+            ray.get(host + joins)
+        sends = learner.broadcast_weights()
+        received = ray.get([w.receive_weights.remote(version, self._layout) for w in self.workers] + sends)
+        self.version = version
+        return int(received[0])
+
+    def state_dicts(self) -> list[dict]:
+        return ray.get([w.state_dict.remote() for w in self.workers])
+
+    def offload(self) -> None:
+        ray.get([w.offload.remote() for w in self.workers])
+
+    def onload(self) -> None:
+        ray.get([w.onload.remote() for w in self.workers])
+
+    def shutdown(self) -> None:
+        for w in self.workers:
+            with contextlib.suppress(Exception):
+                ray.kill(w)
+        self.workers = []
+
+
+# =================================================================================================== weight sync
+# After every learner update (DESIGN §11): ``sync(learner, rollout)`` → (version now on every actor, bytes each
+# actor received). Never a checkpoint reload from disk.
+
+WEIGHT_SYNC: Registry[Callable[[LearnerGroup, RolloutGroup], tuple[int, int]]] = Registry("weight sync")
+
+
+@WEIGHT_SYNC.register("object_store")
+def sync_object_store(learner: LearnerGroup, rollout: RolloutGroup) -> tuple[int, int]:
+    """One copy of the gathered weights in the object store (rank 0's return value), K loads."""
+    version, published = learner.publish_weights()
+    return version, rollout.load_weights(version, published)
+
+
+@WEIGHT_SYNC.register("collective")
+def sync_collective(learner: LearnerGroup, rollout: RolloutGroup) -> tuple[int, int]:
+    """A bucketed broadcast from learner rank 0 to the rollout actors (gloo on CPU, nccl on GPU)."""
+    version = learner.version()
+    return version, rollout.sync_collective(learner, version)

@@ -1,7 +1,7 @@
 """Diffusion policies: the protocol, one adapter per family, the tiny model and the family registry."""
 
 from tracerl.models.base import DecoderPolicy, DiffusionPolicy, truncate_cache
-from tracerl.models.families import FAMILIES, LLADA_KEY_MAPPING, load_policy, register_family
+from tracerl.models.families import FAMILIES, LLADA_KEY_MAPPING, load_policy, load_tokenizer, register_family
 from tracerl.models.masked_lm import MaskedLMPolicy
 from tracerl.models.tiny import build_tiny, char_tokenizer, save_tiny
 from tracerl.models.value import ValueModel
@@ -16,6 +16,7 @@ __all__ = [
     "build_tiny",
     "char_tokenizer",
     "load_policy",
+    "load_tokenizer",
     "register_family",
     "save_tiny",
     "truncate_cache",

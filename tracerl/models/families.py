@@ -28,7 +28,7 @@ from transformers import (
 from tracerl.config import ConfigError, ModelConfig
 from tracerl.models.base import DecoderPolicy
 from tracerl.models.masked_lm import MaskedLMPolicy
-from tracerl.models.tiny import build_tiny
+from tracerl.models.tiny import build_tiny, char_tokenizer
 
 FAMILIES: dict[str, Callable[[ModelConfig], Any]] = {}
 
@@ -248,3 +248,10 @@ def load_policy(cfg: ModelConfig) -> Any:
     if cfg.family not in FAMILIES:
         raise ConfigError(f"unknown model family '{cfg.family}'; choose from {sorted(FAMILIES)}.")
     return FAMILIES[cfg.family](cfg)
+
+
+def load_tokenizer(cfg: ModelConfig) -> Any:
+    """The tokenizer of a model config, without loading weights (the driver encodes prompts with it)."""
+    if cfg.family == "tiny" and cfg.path is None:
+        return char_tokenizer(cfg.tiny.alphabet)
+    return _tokenizer(cfg)

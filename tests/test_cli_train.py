@@ -1,0 +1,94 @@
+"""tracerl train / eval / validate: bad input is one paragraph, exit 2, and nothing is written or started."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from tracerl.checks import load_config
+from tracerl.cli import main
+from tracerl.config import ConfigError
+
+ROOT = Path(__file__).resolve().parents[1]
+QUICK = str(ROOT / "configs" / "quickstart.yaml")
+
+
+def fails(capsys, *argv: str) -> str:  # noqa: ANN001
+    rc = main(list(argv))
+    err = capsys.readouterr().err
+    assert rc == 2, err
+    assert "Traceback" not in err and len(err.strip().splitlines()) == 1
+    return err
+
+
+@pytest.mark.parametrize("path", sorted((ROOT / "configs").glob("*.yaml")), ids=lambda p: p.name)
+def test_every_shipped_config_validates_offline(capsys, path):
+    assert main(["validate", "--offline", str(path)]) == 0
+    out = capsys.readouterr().out
+    assert "config: ok" in out and "cluster: ok" in out and "rewards: ok" in out
+
+
+def test_validate_catches_a_bad_reward_name(capsys):
+    err = fails(capsys, "validate", QUICK, "reward.functions=[{fn: no_such_reward}]")
+    assert "no_such_reward" in err
+
+
+def test_validate_catches_a_missing_mapped_column(capsys, tmp_path):
+    data = tmp_path / "d.jsonl"
+    data.write_text("".join(json.dumps({"question": f"{i}+1=", "solution": str(i + 1)}) + "\n" for i in range(5)))
+    err = fails(capsys, "validate", QUICK, f"data.source={data}", "data.prompt_column=question", "eval.num_prompts=1")
+    assert "'answer'" in err and "synthetic_exact" in err and "data.answer_column" in err
+    assert main(["validate", QUICK, f"data.source={data}", "data.prompt_column=question",
+                 "data.answer_column=solution", "eval.num_prompts=1"]) == 0  # fmt: skip
+
+
+def test_validate_catches_more_gpus_than_the_cluster_has(capsys):
+    err = fails(capsys, "validate", "--offline", QUICK, "cluster.gpus_per_node=2", "learner.num_ranks=2",
+                "rollout.num_workers=2")  # fmt: skip
+    assert "needs 4 GPUs" in err and "has 2" in err and "rollout.placement=colocated" in err
+
+
+def test_train_on_a_cpu_only_cluster_that_asks_for_gpus_starts_nothing(capsys, tmp_path):
+    err = fails(capsys, "train", QUICK, f"run_dir={tmp_path / 'run'}", "cluster.gpus_per_node=1")
+    assert "needs 3 GPUs" in err and "the Ray cluster has 0" in err  # 1 learner rank + 2 rollout actors
+    assert not (tmp_path / "run").exists()
+
+
+def test_unreachable_ray_address_is_clear_and_writes_nothing(capsys, tmp_path):
+    err = fails(capsys, "train", QUICK, f"run_dir={tmp_path / 'run'}", "--ray-address", "127.0.0.1:9")
+    assert "--ray-address" in err and "127.0.0.1:9" in err and "ray start --head" in err
+    assert not (tmp_path / "run").exists()
+
+
+def test_no_prompt_that_fits_is_clear(capsys, tmp_path):
+    err = fails(capsys, "train", QUICK, f"run_dir={tmp_path / 'run'}", "data.max_prompt_tokens=2")
+    assert "data.max_prompt_tokens" in err
+
+
+def test_zero_prompts_per_step_is_clear(capsys, tmp_path):
+    err = fails(capsys, "train", QUICK, f"run_dir={tmp_path / 'run'}", "rollout.prompts_per_step=0")
+    assert "rollout.prompts_per_step" in err
+
+
+def test_debug_is_accepted_after_the_command(capsys):
+    with pytest.raises(ConfigError):
+        main(["validate", QUICK, "rollout.prompts_per_step=0", "--debug"])
+
+
+@pytest.mark.parametrize(
+    "overrides, reason",
+    [
+        (["objective.shrink=2"], "objective.shrink=2"),
+        (["objective.views=d1"], "objective.views=d1"),
+        (["rollout.dtype=bfloat16"], "rollout.dtype=bfloat16"),
+        (["learner.precision=bf16"], "learner.precision=bf16"),
+        (["sampling.cache=prefix", "model.tiny.attention=full"], "sampling.cache=prefix"),
+    ],
+)
+def test_rollout_old_logps_need_exact_replay(overrides, reason):
+    with pytest.raises(ConfigError, match="only true when the views replay the sampler exactly") as err:
+        load_config(None, ["objective.old_logp_source=rollout", *overrides])
+    assert reason in str(err.value) and "old_logp_source=learner" in str(err.value)
+    assert load_config(None, ["objective.old_logp_source=rollout"]).objective.old_logp_source == "rollout"

@@ -1,0 +1,209 @@
+"""The RL loop end to end on CPU: Ray rollout actors, reward workers, the DeepSpeed learner, weight sync, eval."""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from tracerl.checks import load_config
+from tracerl.config import Config
+from tracerl.models import build_tiny
+from tracerl.orchestrator import RunError, run
+
+ray = pytest.importorskip("ray")
+pytestmark = pytest.mark.ray
+
+ROOT = Path(__file__).resolve().parents[1]
+# A reward with spread on the outputs of a random tiny model (so advantages, and updates, are non-zero).
+REWARD = """
+def score(prompts, completions, **kwargs):
+    return [len(set(c)) / 8.0 for c in completions]
+"""
+NAMESPACES = ("reward/", "advantage/", "rollout/", "trace/", "train/", "time/", "perf/", "sync/")
+
+
+@pytest.fixture(scope="module")
+def local_ray():  # noqa: ANN201
+    ray.init(address="local", num_cpus=8, include_dashboard=False, log_to_driver=False)
+    yield
+    ray.shutdown()
+
+
+def rl_cfg(tmp_path: Path, *overrides: str) -> Config:
+    tmp_path.mkdir(parents=True, exist_ok=True)
+    reward = tmp_path / "spread.py"
+    reward.write_text(REWARD)
+    base = [
+        f"run_dir={tmp_path / 'run'}",
+        "data.num_synthetic=200",
+        "train.steps=3",
+        "rollout.prompts_per_step=4",
+        "rollout.samples_per_prompt=4",
+        "rollout.num_workers=2",
+        "reward.num_workers=2",
+        "eval.num_prompts=8",
+        "eval.samples=2",
+        "eval.k=2",
+        "train.eval_every=2",
+        "train.log_samples_every=2",
+        "learner.lr=1e-3",
+        "wandb.mode=disabled",
+    ]
+    cfg = load_config(ROOT / "configs" / "quickstart.yaml", base + list(overrides))
+    cfg.reward.functions[0].fn = f"{reward}:score"
+    return cfg
+
+
+def rows(cfg: Config) -> list[dict]:
+    return [json.loads(line) for line in (Path(cfg.run_dir) / "metrics.jsonl").read_text().splitlines()]
+
+
+def final_weights(cfg: Config) -> dict[str, torch.Tensor]:
+    last = sorted((Path(cfg.run_dir) / "checkpoints").glob("step-*"), key=lambda p: int(p.name[5:]))[-1]
+    return load_file(last / "learner" / "hf" / "model.safetensors")
+
+
+def changed(cfg: Config) -> bool:
+    initial, _ = build_tiny(cfg.model.tiny)
+    after = final_weights(cfg)
+    return any(not torch.equal(after[k], v) for k, v in initial.state_dict().items() if k in after)
+
+
+def test_three_rl_steps_end_to_end(local_ray, tmp_path, monkeypatch):
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    cfg = rl_cfg(tmp_path, "wandb.mode=offline")
+    last = run(cfg)
+    history = rows(cfg)
+    assert [r["step"] for r in history] == [0, 1, 2, 3]  # step 0: the evaluation before training
+    for r in history[1:]:
+        for ns in NAMESPACES:
+            assert any(k.startswith(ns) for k in r), f"no {ns}* metric at step {r['step']}"
+        assert r["sync/weights_version"] == r["step"]  # one learner update per step reached the actors
+        assert r["rollout/weights_version"] == r["step"] - 1  # and each step sampled with the previous one
+        assert r["rollout/logp_mismatch"] < 1e-4  # exact KV cache, fp32, shrink 1: the replay invariant
+        assert 0 < r["perf/rollout_share"] < 1 and r["sync/bytes"] > 0
+        assert all(math.isfinite(v) for v in r.values())
+    assert [r["step"] for r in history if "eval/greedy_reward" in r] == [0, 2, 3]
+    assert {"eval/pass@2", "eval/mean@2", "eval/exact_match", "eval/tokens_per_forward"} <= set(history[2])
+    assert last["train/optimizer_steps"] >= 1 and changed(cfg)
+
+    run_dir = Path(cfg.run_dir)
+    samples = json.loads((run_dir / "rollout_samples-2.json").read_text())
+    assert samples["columns"][:3] == ["prompt", "completion", "reward"] and len(samples["rows"]) == 8
+    assert (run_dir / "pictures" / "decoding-order-2.png").stat().st_size > 1000
+    summary = json.loads((run_dir / "eval" / "step-2.json").read_text())
+    assert summary["sampling"]["greedy"]["temperature"] == 0.0 and summary["weights_version"] == 2
+    lines = (run_dir / "eval" / "step-2.jsonl").read_text().splitlines()
+    assert len(lines) == 8 + 8 * 2  # greedy + 2 samples per held-out prompt
+    saved = json.loads((run_dir / "config.json").read_text())
+    assert saved["train"]["steps"] == 3
+
+    # The offline W&B run holds the same namespaces, read back with W&B's own reader.
+    [wandb_run] = (run_dir / "wandb").glob("offline-run-*")
+    out = subprocess.run(
+        [sys.executable, "-m", "wandb", "leet", "inspect", "--summary", "--json", str(wandb_run)],
+        capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    text = out.stdout
+    for key in ("reward/mean", "train/policy_loss", "rollout/logp_mismatch", "sync/weight_s", "eval/greedy_reward"):
+        assert key in text, f"{key} missing from the W&B run ({out.stderr[-300:]})"
+    assert "rollout/samples" in text and "rollout/decoding_order" in text
+
+
+VARIANTS = {
+    "trace-block": [],
+    "trace-full": ["model.tiny.attention=full", "objective.aggregation=row_mean"],
+    "d1": ["model.tiny.attention=full", "objective.views=d1"],
+    "random_masking": ["objective.views=random_masking"],
+    "coupled": ["model.tiny.attention=full", "objective.views=coupled"],
+    "value": ["objective.value_model=true"],
+    "reference": ["objective.kl_to_ref_coef=0.05"],
+    "shrink2-collective": ["objective.shrink=2", "rollout.sync=collective"],
+}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", list(VARIANTS))
+def test_every_variant_runs_in_the_loop(local_ray, tmp_path, name):
+    small = ["train.steps=2", "rollout.num_workers=1", "reward.num_workers=1", "eval.num_prompts=0"]
+    cfg = rl_cfg(tmp_path, *small, *VARIANTS[name])
+    last = run(cfg)
+    train = {k: v for k, v in last.items() if k.startswith("train/")}
+    assert train and all(math.isfinite(v) for v in train.values())
+    assert changed(cfg)
+    assert ("train/value_loss" in last) == (name == "value")
+    assert ("train/kl_to_ref" in last) == (name == "reference")
+    assert ("rollout/logp_mismatch" in last) == (name not in ("d1", "random_masking", "coupled"))
+
+
+@pytest.mark.slow
+def test_dream_style_shifted_policy_trains_in_the_loop(local_ray, tmp_path):
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    from tracerl.models import char_tokenizer
+
+    tok = char_tokenizer(Config().model.tiny.alphabet)
+    torch.manual_seed(0)
+    shape = dict(
+        hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2
+    )
+    Qwen2ForCausalLM(Qwen2Config(vocab_size=len(tok), tie_word_embeddings=False, **shape)).save_pretrained(
+        tmp_path / "m"
+    )
+    raw = json.loads((tmp_path / "m" / "config.json").read_text())
+    raw.update(model_type="Dream", architectures=["DreamModel"], mask_token_id=tok.mask_token_id)
+    (tmp_path / "m" / "config.json").write_text(json.dumps(raw))
+    tok.save_pretrained(tmp_path / "m")
+    cfg = rl_cfg(tmp_path, "train.steps=2", "rollout.num_workers=1", "reward.num_workers=1", "eval.num_prompts=0",
+                 "model.family=dream", f"model.path={tmp_path / 'm'}", "sampling.cache=none")  # fmt: skip
+    last = run(cfg)
+    assert last["rollout/logp_mismatch"] < 1e-4 and math.isfinite(last["train/policy_loss"])
+    before = load_file(tmp_path / "m" / "model.safetensors")
+    assert any(not torch.equal(v, before[k]) for k, v in final_weights(cfg).items() if k in before)
+
+
+def test_resume_continues_where_the_checkpoint_left_off(local_ray, tmp_path):
+    common = ["rollout.num_workers=1", "reward.num_workers=1", "eval.num_prompts=0", "checkpoint.save_every=1"]
+    straight = rl_cfg(tmp_path / "a", *common)
+    run(straight)
+    first = rl_cfg(tmp_path / "b", *common, "train.steps=2")
+    run(first)
+    with (Path(first.run_dir) / "metrics.jsonl").open("a") as f:  # a step logged after the checkpoint, then a kill
+        f.write(json.dumps({"step": 3, "reward/mean": -1.0}) + "\n")
+    resumed = rl_cfg(tmp_path / "b", *common, "checkpoint.resume=auto")
+    run(resumed)
+    a, b = rows(straight), rows(resumed)
+    assert [r["step"] for r in b] == [1, 2, 3]  # every step exactly once
+    assert b[-1]["sync/weights_version"] == 3
+    for key in ("reward/mean", "train/policy_loss", "train/kl_to_old", "rollout/response_length"):
+        assert b[-1][key] == pytest.approx(a[-1][key], abs=1e-6), key
+
+
+def test_a_reward_that_raises_stops_the_run_and_keeps_the_last_step(local_ray, tmp_path):
+    counter = tmp_path / "calls"
+    flaky = tmp_path / "flaky.py"
+    flaky.write_text(
+        "from pathlib import Path\n"
+        f"COUNTER = Path({str(counter)!r})\n"
+        "def score(prompts, completions, **kw):\n"
+        "    n = int(COUNTER.read_text()) if COUNTER.exists() else 0\n"
+        "    COUNTER.write_text(str(n + 1))\n"
+        "    if n >= 2:\n"
+        "        raise ValueError('the grader is down')\n"
+        "    return [float(len(c) % 2) for c in completions]\n"
+    )
+    cfg = rl_cfg(tmp_path, "rollout.num_workers=1", "reward.num_workers=1", "eval.num_prompts=0", "train.steps=4")
+    cfg.reward.functions[0].fn = f"{flaky}:score"
+    with pytest.raises(RunError) as err:
+        run(cfg)
+    message = str(err.value)
+    assert "RL step 3 failed" in message and "the grader is down" in message and "--resume auto" in message
+    assert sorted(p.name for p in (Path(cfg.run_dir) / "checkpoints").glob("step-*")) == ["step-2"]
+    assert [r["step"] for r in rows(cfg)] == [1, 2]

@@ -1,0 +1,138 @@
+"""Statistics of rollouts and evaluations, as pure functions (DESIGN §12, §17): what the loop logs under
+``rollout/`` and ``eval/``, the unbiased pass@k, and the held-out split of a prompt set.
+
+dims: N samples · L response length · P prompts · n samples per prompt
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+from dataclasses import replace
+from typing import Any
+
+import torch  # noqa: F401 - the examples build tensors
+
+from tracerl.config import Config, SamplingConfig
+from tracerl.records import Rollout
+
+
+def rollout_metrics(rollout: Rollout) -> dict[str, float]:
+    """``rollout/*`` of a batch: response length (mean, max), truncation rate (no EOS within the budget), denoising
+    steps per generated token (NFE per token) and its inverse, and the mean commit probability (temperature 1).
+
+    Example:
+        >>> r = Rollout(prompt_ids=torch.ones(2, 1, dtype=torch.long), prompt_mask=torch.ones(2, 1, dtype=torch.bool),
+        ...     response_ids=torch.zeros(2, 4, dtype=torch.long), step_map=torch.tensor([[0, 0, 1, 1], [0, 1, 2, -1]]),
+        ...     response_mask=torch.tensor([[True] * 4, [True, True, True, False]]), rollout_logp=torch.zeros(2, 4),
+        ...     group=torch.arange(2), block_size=4, layout="full", truncated=torch.tensor([True, False]))
+        >>> m = rollout_metrics(r)
+        >>> m["rollout/response_length"], m["rollout/nfe_per_token"], m["rollout/truncation_rate"]
+        (3.5, 0.7142857142857143, 0.5)
+    """
+    lengths = rollout.response_lengths.double()
+    generated = rollout.step_map >= 0
+    steps = (rollout.step_map.max(-1).values + 1).clamp(min=0).double()  # denoising steps per sequence
+    tokens = generated.sum().item()
+    mask = rollout.response_mask
+    out = {
+        "rollout/response_length": lengths.mean().item(),
+        "rollout/response_length_max": lengths.max().item(),
+        "rollout/nfe_per_token": steps.sum().item() / max(1, tokens),
+        "rollout/tokens_per_step": tokens / max(1.0, steps.sum().item()),
+        "rollout/mean_confidence": rollout.rollout_logp[mask].exp().mean().item() if mask.any() else 0.0,
+        "rollout/samples": float(len(rollout)),
+        "rollout/generated_tokens": float(tokens),
+        "rollout/weights_version": float(rollout.weights_version),
+    }
+    if rollout.truncated is not None:
+        out["rollout/truncation_rate"] = rollout.truncated.double().mean().item()
+    return out
+
+
+def pass_at_k(n: int, c: int, k: int) -> float:
+    """Unbiased pass@k from n samples of which c pass (Chen et al. 2021): 1 − C(n−c, k) / C(n, k).
+
+    Example:
+        >>> pass_at_k(4, 0, 2), pass_at_k(4, 1, 1), round(pass_at_k(4, 1, 2), 4), pass_at_k(4, 3, 2)
+        (0.0, 0.25, 0.5, 1.0)
+    """
+    if n - c < k:
+        return 1.0
+    return 1.0 - math.comb(n - c, k) / math.comb(n, k)
+
+
+def eval_sampling(cfg: Config, greedy: bool) -> SamplingConfig:
+    """The sampler settings of an evaluation: ``sampling`` with the ``eval.*`` overrides; greedy → temperature 0."""
+    e = cfg.eval
+    s = replace(cfg.sampling, temperature=0.0 if greedy else e.temperature)
+    for key in ("max_new_tokens", "remasking", "steps_per_block"):
+        value = getattr(e, key)
+        if value is not None:
+            s = replace(s, **{key: value})
+            if key == "steps_per_block":
+                s = replace(s, steps=None)
+    return s
+
+
+def eval_metrics(
+    greedy: list[float],
+    sampled: list[list[float]],
+    k: int,
+    threshold: float,
+    exact: list[bool] | None = None,
+    tokens_per_forward: float | None = None,
+) -> dict[str, float]:
+    """``eval/*`` from the rewards of the greedy sample of each prompt [P] and of n sampled ones [P][n]: greedy
+    reward, mean@k (mean reward of a sample), pass@k (a sample passes when its reward ≥ ``threshold``), greedy
+    exact match and tokens per forward. NaN rewards count as failures and are left out of means.
+
+    Example:
+        >>> m = eval_metrics([1.0, 0.0], [[1.0, 0.0], [0.0, 0.0]], k=1, threshold=1.0)
+        >>> m["eval/greedy_reward"], m["eval/mean@1"], m["eval/pass@1"]
+        (0.5, 0.25, 0.25)
+    """
+
+    def mean(xs: list[float]) -> float:
+        kept = [x for x in xs if not math.isnan(x)]
+        return sum(kept) / len(kept) if kept else 0.0
+
+    passes = [pass_at_k(len(r), sum(x >= threshold for x in r if not math.isnan(x)), k) for r in sampled]
+    out = {
+        "eval/greedy_reward": mean(greedy),
+        f"eval/mean@{k}": mean([x for r in sampled for x in r]),
+        f"eval/pass@{k}": sum(passes) / max(1, len(passes)),
+        "eval/prompts": float(len(greedy)),
+    }
+    if exact is not None:
+        out["eval/exact_match"] = sum(exact) / max(1, len(exact))
+    if tokens_per_forward is not None:
+        out["eval/tokens_per_forward"] = tokens_per_forward
+    return out
+
+
+def _key(prompt: Any) -> str:
+    return prompt if isinstance(prompt, str) else json.dumps(prompt, sort_keys=True)
+
+
+def heldout_split(prompts: list[Any], num_prompts: int, seed: int) -> tuple[list[int], list[int]]:
+    """(training rows, held-out rows) of a prompt list: ``num_prompts`` distinct prompts, chosen by a seeded
+    shuffle, are held out whole, so no held-out prompt (e.g. a Sudoku grid) ever appears in training; each held-out
+    prompt is evaluated once.
+
+    Example:
+        >>> prompts = ["a", "b", "a", "c", "b"]
+        >>> train, held = heldout_split(prompts, 1, seed=0)
+        >>> len(held), {prompts[i] for i in held} & {prompts[i] for i in train}
+        (1, set())
+    """
+    first: dict[str, int] = {}
+    for i, p in enumerate(prompts):
+        first.setdefault(_key(p), i)
+    distinct = list(first)
+    random.Random(seed * 7_919 + 17).shuffle(distinct)
+    held_keys = set(distinct[:num_prompts])
+    held = sorted(first[k] for k in held_keys)
+    train = [i for i, p in enumerate(prompts) if _key(p) not in held_keys]
+    return train, held
