@@ -207,3 +207,26 @@ def test_a_reward_that_raises_stops_the_run_and_keeps_the_last_step(local_ray, t
     assert "RL step 3 failed" in message and "the grader is down" in message and "--resume auto" in message
     assert sorted(p.name for p in (Path(cfg.run_dir) / "checkpoints").glob("step-*")) == ["step-2"]
     assert [r["step"] for r in rows(cfg)] == [1, 2]
+
+
+def test_tracerl_eval_scores_a_checkpoint_and_writes_samples_and_settings(local_ray, tmp_path, capsys):
+    from tracerl.cli import main
+    from tracerl.models import save_tiny
+
+    cfg = Config()
+    cfg.model.tiny.attention = "block"
+    model, tok = build_tiny(cfg.model.tiny)
+    save_tiny(model, tok, tmp_path / "model")
+    rc = main(["eval", str(ROOT / "configs" / "quickstart.yaml"), f"model.path={tmp_path / 'model'}",
+               f"run_dir={tmp_path / 'run'}", "eval.num_prompts=6", "eval.samples=3", "eval.k=2",
+               "data.num_synthetic=200", "reward.num_workers=1", "rollout.num_workers=1"])  # fmt: skip
+    out = capsys.readouterr().out
+    assert rc == 0 and "greedy reward" in out and "pass@2" in out
+    summary = json.loads((tmp_path / "run" / "eval" / "eval.json").read_text())
+    assert summary["model"]["path"] == str(tmp_path / "model") and summary["samples"] == 3
+    assert summary["sampling"]["greedy"]["temperature"] == 0.0 and summary["sampling"]["sampled"]["temperature"] == 1.0
+    assert {"eval/greedy_reward", "eval/mean@2", "eval/pass@2", "eval/exact_match"} <= set(summary["metrics"])
+    lines = [json.loads(x) for x in (tmp_path / "run" / "eval" / "eval.jsonl").read_text().splitlines()]
+    assert len(lines) == 6 + 6 * 3 and {x["mode"] for x in lines} == {"greedy", "sampled"}
+    greedy = [x for x in lines if x["mode"] == "greedy"]
+    assert summary["metrics"]["eval/greedy_reward"] == pytest.approx(sum(x["reward"] for x in greedy) / 6)

@@ -46,6 +46,7 @@ from tracerl.workers import WEIGHT_SYNC, LearnerGroup, RewardPool, RolloutGroup,
 
 def run(cfg: Config, *, verbose: bool = False, console: Console | None = None) -> dict[str, float]:
     """Train ``cfg`` for ``train.steps`` RL steps (resuming per ``checkpoint.resume``); returns the last metrics.
+    The trained policy ends up as a Hugging Face directory in ``<run_dir>/final``.
 
     Everything is checked (config, data, rewards, cluster resources) before anything is written or started.
     """
@@ -80,6 +81,10 @@ def run(cfg: Config, *, verbose: bool = False, console: Console | None = None) -
             if cfg.checkpoint.save_every and step % cfg.checkpoint.save_every == 0 or step == cfg.train.steps:
                 s.save(step)
             last = metrics
+        checkpoint.export_hf(s.learner, Path(cfg.run_dir) / "final")
+        s.console.print(
+            f"[dim]metrics: {Path(cfg.run_dir) / 'metrics.jsonl'} · model: {Path(cfg.run_dir) / 'final'}[/dim]"
+        )
         return last
 
 

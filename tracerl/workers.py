@@ -16,6 +16,7 @@ import os
 import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
+from pathlib import Path
 from typing import Any, Literal
 
 import ray
@@ -503,6 +504,14 @@ class RolloutWorker:
         self.policy.model.load_state_dict(weights)
         self.version = int(version)
         return sum(t.numel() * t.element_size() for t in weights.values())
+
+    def load_weights_from(self, directory: str, version: int) -> int:
+        """Reload the weights from a Hugging Face directory (the anchors' per-step path; benchmarks compare)."""
+        from safetensors.torch import load_file
+
+        files = sorted(Path(directory).glob("*.safetensors"))
+        weights = {k: v for f in files for k, v in load_file(f).items()}
+        return self.load_weights((version, weights))
 
     def join_weight_group(self, addr: str, port: int, rank: int, size: int, backend: str) -> None:
         from tracerl.weight_sync import new_group
