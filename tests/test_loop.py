@@ -230,3 +230,45 @@ def test_tracerl_eval_scores_a_checkpoint_and_writes_samples_and_settings(local_
     assert len(lines) == 6 + 6 * 3 and {x["mode"] for x in lines} == {"greedy", "sampled"}
     greedy = [x for x in lines if x["mode"] == "greedy"]
     assert summary["metrics"]["eval/greedy_reward"] == pytest.approx(sum(x["reward"] for x in greedy) / 6)
+
+
+def _actor_pids(kind: str) -> list[int]:
+    """pids of this machine's Ray worker processes running actors of class ``kind`` (by process title)."""
+    pids = []
+    for proc in Path("/proc").iterdir():
+        if proc.name.isdigit():
+            try:
+                if (proc / "cmdline").read_bytes().startswith(f"ray::{kind}".encode()):
+                    pids.append(int(proc.name))
+            except OSError:
+                continue
+    return pids
+
+
+def test_a_killed_rollout_actor_is_replaced_and_its_work_redone(local_ray, tmp_path):
+    import os
+    import signal
+    import threading
+    import time
+
+    cfg = rl_cfg(tmp_path, "train.steps=4", "reward.num_workers=1", "eval.num_prompts=0")
+    metrics = Path(cfg.run_dir) / "metrics.jsonl"
+    killed: list[int] = []
+
+    def kill_after_first_step() -> None:
+        deadline = time.time() + 300
+        while time.time() < deadline and not (metrics.exists() and metrics.read_text().strip()):
+            time.sleep(0.05)
+        pids = _actor_pids("RolloutWorker")
+        if pids:
+            os.kill(pids[0], signal.SIGKILL)
+            killed.append(pids[0])
+
+    thread = threading.Thread(target=kill_after_first_step, daemon=True)
+    thread.start()
+    last = run(cfg)
+    thread.join(timeout=5)
+    assert killed, "no rollout actor was found to kill"
+    assert [r["step"] for r in rows(cfg)] == [1, 2, 3, 4]
+    assert last["fault/rollout_restarts"] == 1 and last["sync/weights_version"] == 4
+    assert last["rollout/samples"] == 16  # the lost shard was redone: the whole batch trained

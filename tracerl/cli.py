@@ -144,6 +144,8 @@ def _quiet(verbose: bool) -> None:
             os.environ.setdefault(key, value)
         warnings.filterwarnings("ignore")
         logging.getLogger("datasets").setLevel(logging.ERROR)
+        if "datasets" in sys.modules:  # imported already: the environment variable is read only at import
+            sys.modules["datasets"].disable_progress_bars()
 
 
 def _ray_env(address: str | None) -> None:
@@ -267,6 +269,9 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as err:  # noqa: BLE001 - every failure becomes one paragraph unless --debug
         if debug:
             raise
+        if type(err).__name__ == "Interrupted":  # a clean stop on Ctrl-C / SIGTERM, with a checkpoint
+            print(f"tracerl {ns.command}: {err}", file=sys.stderr)
+            return 130
         err = getattr(err, "cause", None) or err  # a Ray task failure: the actor's own error
         message = err.args[0] if isinstance(err, KeyError) and err.args else str(err)
         expected = isinstance(err, ConfigError | ValueError | FileNotFoundError | KeyError | RuntimeError)

@@ -243,6 +243,13 @@ class ClusterConfig:
 
 
 @dataclass
+class FaultConfig:
+    """What the loop does when an actor dies (DESIGN §16)."""
+
+    max_restarts: int = 3  # a rollout or reward actor that dies is replaced and its shard redone, this often per step
+
+
+@dataclass
 class WandbConfig:
     """Weights & Biases monitoring (DESIGN §12)."""
 
@@ -270,6 +277,7 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     cluster: ClusterConfig = field(default_factory=ClusterConfig)
+    fault: FaultConfig = field(default_factory=FaultConfig)
     wandb: WandbConfig = field(default_factory=WandbConfig)
 
 

@@ -21,6 +21,7 @@ import contextlib
 import json
 import math
 import os
+import signal
 import socket
 import time
 from collections.abc import Iterator
@@ -30,6 +31,7 @@ from typing import Any
 
 import ray
 import torch
+from ray.exceptions import RayActorError
 from rich.console import Console
 
 from tracerl import checkpoint, data, stats, trace
@@ -51,7 +53,7 @@ def run(cfg: Config, *, verbose: bool = False, console: Console | None = None) -
     Everything is checked (config, data, rewards, cluster resources) before anything is written or started.
     """
     console = console or Console(soft_wrap=True)
-    with Session.open(cfg, verbose, console) as s:
+    with Session.open(cfg, verbose, console) as s, stop_signals(console) as stop:
         last: dict[str, float] = {}
         if s.start_step == 0 and s.eval_set is not None:  # where training starts from
             last = s.evaluate(0)
@@ -73,14 +75,23 @@ def run(cfg: Config, *, verbose: bool = False, console: Console | None = None) -
                     metrics |= s.update(kept, adv[keep], views, timers)
             metrics |= scored.metrics | stats.rollout_metrics(rollout) | timers.pop()
             metrics |= {"advantage/skipped_steps": float(s.skipped_steps), "sync/weights_version": float(s.version)}
+            metrics |= {
+                "fault/rollout_restarts": float(s.rollout.restarts),
+                "fault/reward_restarts": float(s.rewards.restarts),
+            }
             if cfg.train.eval_every and step % cfg.train.eval_every == 0 or step == cfg.train.steps:
                 with timers("eval"):
                     metrics |= s.evaluate(step)
                 metrics |= timers.pop()
             s.log(step, metrics, rollout, scored, adv)
-            if cfg.checkpoint.save_every and step % cfg.checkpoint.save_every == 0 or step == cfg.train.steps:
+            if cfg.checkpoint.save_every and step % cfg.checkpoint.save_every == 0 or step == cfg.train.steps or stop:
                 s.save(step)
             last = metrics
+            if stop:
+                raise Interrupted(
+                    f"stopped by {stop[0]} after RL step {step}; its checkpoint is in "
+                    f"{checkpoint.checkpoint_dir(cfg.run_dir)}: resume with --resume auto."
+                )
         checkpoint.export_hf(s.learner, Path(cfg.run_dir) / "final")
         s.console.print(
             f"[dim]metrics: {Path(cfg.run_dir) / 'metrics.jsonl'} · model: {Path(cfg.run_dir) / 'final'}[/dim]"
@@ -140,6 +151,7 @@ class Session:
                 on_error=cfg.reward.on_error,
                 timeout_s=cfg.reward.timeout_s,
                 num_cpus_per_worker=cfg.reward.num_cpus_per_worker,
+                max_restarts=cfg.fault.max_restarts,
             )
             cleanup.append(rewards.shutdown)
             learner = LearnerGroup(cfg, options=placement.learner)
@@ -176,10 +188,23 @@ class Session:
         order. ``time/rollout`` runs until the last shard is back, ``time/reward`` is the scoring left after it."""
         start = time.perf_counter()
         by_ref = {s.ref: s for s in shards}
-        pending, parts, futures = list(by_ref), {}, {}
+        pending, parts, futures, redone = list(by_ref), {}, {}, 0
         while pending:
             [ready], pending = ray.wait(pending, num_returns=1)
-            shard, part = by_ref[ready], ray.get(ready)
+            shard = by_ref.pop(ready)
+            try:
+                part = ray.get(ready)
+            except RayActorError as err:  # the actor died (killed, out of memory, node lost): replace it, redo
+                redone += 1
+                if redone > self.cfg.fault.max_restarts:
+                    raise RuntimeError(
+                        f"rollout actors died {redone} times in one step (fault.max_restarts="
+                        f"{self.cfg.fault.max_restarts}); last: {err}"
+                    ) from None
+                new = self.rollout.redo(shard, self.learner.publish_weights())
+                by_ref[new.ref] = new
+                pending.append(new.ref)
+                continue
             if part.weights_version != self.version:
                 raise RuntimeError(
                     f"a rollout shard (prompts {shard.lo}..{shard.hi - 1}) was sampled with weights version "
@@ -335,6 +360,34 @@ class Session:
 
 class RunError(RuntimeError):
     """An RL step failed; the message says what and where the last checkpoint is."""
+
+
+class Interrupted(RunError):
+    """Ctrl-C or SIGTERM: the run stopped after a finished step, with a checkpoint of it."""
+
+
+@contextlib.contextmanager
+def stop_signals(console: Console) -> Iterator[list[str]]:
+    """The first Ctrl-C / SIGTERM asks the loop to finish the current RL step, checkpoint it and stop (the list it
+    yields becomes non-empty); a second one stops at once (KeyboardInterrupt)."""
+    requested: list[str] = []
+
+    def handler(signum: int, frame: Any) -> None:
+        del frame
+        if requested:
+            raise KeyboardInterrupt
+        requested.append(signal.Signals(signum).name)
+        console.print("[yellow]stopping after this RL step (a checkpoint follows); again to stop at once[/yellow]")
+
+    previous = {}
+    with contextlib.suppress(ValueError):  # signals can only be caught in the main thread
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            previous[sig] = signal.signal(sig, handler)
+    try:
+        yield requested
+    finally:
+        for sig, old in previous.items():
+            signal.signal(sig, old)
 
 
 def cause_message(err: BaseException) -> str:

@@ -551,6 +551,8 @@ class RolloutShard:
     ref: ray.ObjectRef
     lo: int  # first prompt of the batch in this shard
     hi: int  # one past its last prompt
+    worker: int = 0  # index of the actor it was sent to
+    args: tuple = ()  # the generate() arguments, to redo the shard on a replacement actor
 
 
 class RolloutGroup:
@@ -568,10 +570,11 @@ class RolloutGroup:
     """
 
     def __init__(self, cfg: Any, options: Sequence[dict[str, Any]], weights: Any = None) -> None:
-        self.cfg = cfg
+        self.cfg, self.options = cfg, list(options)
         self.workers = [RolloutWorker.options(**o).remote(cfg, k) for k, o in enumerate(options)]
         self.info = ray.get([w.setup.remote(weights) for w in self.workers])
         self.version = int(weights[0]) if isinstance(weights, tuple) else 0
+        self.restarts = 0  # actors replaced after they died
         self._layout: list[Any] | None = None
 
     def __len__(self) -> int:
@@ -590,9 +593,21 @@ class RolloutGroup:
         for k, (lo, hi) in enumerate(_split(len(prompt_ids), len(self.workers))):
             prompts = [p for p in prompt_ids[lo:hi] for _ in range(samples)]
             group = torch.arange(lo, hi).repeat_interleave(samples)
-            ref = self.workers[k].generate.remote(prompts, group, seed * 1009 + k, sampling)
-            shards.append(RolloutShard(ref, lo, hi))
+            args = (prompts, group, seed * 1009 + k, sampling)
+            shards.append(RolloutShard(self.workers[k].generate.remote(*args), lo, hi, k, args))
         return shards
+
+    def redo(self, shard: RolloutShard, weights: tuple[int, ray.ObjectRef]) -> RolloutShard:
+        """Replace the (dead) actor of ``shard`` with a fresh one holding ``weights`` = (version, stored weights)
+        and send it the same work: same prompts and seed, so the same samples."""
+        k = shard.worker
+        with contextlib.suppress(Exception):
+            ray.kill(self.workers[k])
+        self.workers[k] = RolloutWorker.options(**self.options[k]).remote(self.cfg, k)
+        ray.get(self.workers[k].setup.remote(weights[1]))
+        self._layout = None  # a collective sync re-forms its group with the new member
+        self.restarts += 1
+        return replace(shard, ref=self.workers[k].generate.remote(*shard.args))
 
     def load_weights(self, version: int, published: ray.ObjectRef) -> int:
         """Object-store sync: every actor loads the one stored copy; returns the bytes each received."""
