@@ -35,7 +35,6 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import math
 import os
 import sys
 import time
@@ -86,7 +85,7 @@ def part_sampler(plan: Plan, ctx: dict[str, Any]) -> dict[str, Any]:
     policy = big_model(plan, ctx)
     prompts = random_prompts(policy, plan.batch, plan.prompt_tokens, seed=1)
     s = sampling(4, plan.new_tokens, plan.batch, "kv")
-    generate(policy, prompts[:8], replace(s, max_new_tokens=8), seed=0)  # warm-up: kernels, allocator
+    generate(policy, prompts, replace(s, max_new_tokens=8), seed=0)  # warm-up at full batch: kernels, allocator
     reset_peak(plan.device)
     stats = count_calls(policy)
     start = clock()
@@ -118,12 +117,12 @@ def part_sampler(plan: Plan, ctx: dict[str, Any]) -> dict[str, Any]:
 
 
 def part_learner(plan: Plan, ctx: dict[str, Any]) -> dict[str, Any]:
-    from tracerl.learner import Learner
+    from tracerl.learner import Learner, free_port
     from tracerl.sampling import generate
     from tracerl.trace import make_views
 
-    policy = big_model(plan, ctx)
-    rollout = ctx.get("rollout")
+    policy, rollout = big_model(plan, ctx), ctx.pop("rollout", None)
+    del ctx["big"]  # trained in place below: no later part may sample from it
     if rollout is None:  # the sampler part did not run or failed: sample a rollout of the same shape here
         prompts = random_prompts(policy, plan.batch, plan.prompt_tokens, seed=1)
         rollout = generate(policy, prompts, sampling(4, plan.new_tokens, plan.batch, "kv"), seed=0)
@@ -135,7 +134,7 @@ def part_learner(plan: Plan, ctx: dict[str, Any]) -> dict[str, Any]:
     model_gib = torch.cuda.memory_allocated() / 2**30 if plan.device == "cuda" else 0.0
     cfg = learner_config(plan, checkpointing=True)
     start = clock()
-    learner = Learner(cfg, policy)
+    learner = Learner(cfg, policy, master_port=free_port())  # never an inherited MASTER_PORT
     init_s = clock() - start
     try:
         warm_rows = max(1, min(len(views), plan.micro_batch_tokens // views.row_tokens))
@@ -148,7 +147,6 @@ def part_learner(plan: Plan, ctx: dict[str, Any]) -> dict[str, Any]:
         peak = peak_memory_gib(plan.device)
     finally:
         learner.destroy()
-        ctx.pop("big", None)  # trained in place and released with the engine
     row_tokens = len(views) * views.row_tokens * cfg.learner.updates_per_step
     return {
         "model": asdict(plan.big) | {"params": n_params},
@@ -169,7 +167,7 @@ def part_learner(plan: Plan, ctx: dict[str, Any]) -> dict[str, Any]:
         "model_memory_gib": model_gib,
         "peak_memory_gib": peak,
         "peak_memory_source": "torch.cuda.max_memory_allocated" if plan.device == "cuda" else "process max RSS",
-        "metrics": {k: v for k, v in metrics.items() if math.isfinite(v)},
+        "metrics": metrics,
     }
 
 
@@ -217,7 +215,7 @@ def addition_prompts(n: int, seed: int) -> tuple[list[str], list[str]]:
 
 def part_rl_steps(plan: Plan, ctx: dict[str, Any]) -> dict[str, Any]:
     from tracerl import advantages as adv_lib
-    from tracerl.learner import Learner
+    from tracerl.learner import Learner, free_port
     from tracerl.models import DecoderPolicy
     from tracerl.reward_service import RewardService
     from tracerl.sampling import generate
@@ -229,7 +227,7 @@ def part_rl_steps(plan: Plan, ctx: dict[str, Any]) -> dict[str, Any]:
     )
     cfg = learner_config(plan, checkpointing=False)
     start = clock()
-    learner = Learner(cfg, policy)
+    learner = Learner(cfg, policy, master_port=free_port())  # never an inherited MASTER_PORT
     init_s = clock() - start
     service = RewardService(["synthetic_exact"])
     s = sampling(4, plan.rl_new_tokens, plan.rl_prompts * plan.rl_group, "kv")

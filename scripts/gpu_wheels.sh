@@ -2,8 +2,9 @@
 # Build wheels/ for scripts/gpu_check.py on the GPU machine, which has torch, transformers, numpy, pyyaml,
 # msgpack, ninja, einops, psutil, py-cpuinfo and tqdm but no package registry. What the learner's and the
 # config's imports need beyond that: DeepSpeed and its hjson and pydantic (pydantic-core, annotated-types,
-# typing-inspection), omegaconf and its antlr4 runtime, and tracerl itself (with rewards/). Versions are those
-# installed in .venv, so the GPU machine runs what the tests here ran.
+# typing-inspection, and a typing-extensions new enough for this pydantic), omegaconf and its antlr4 runtime,
+# and tracerl itself (with rewards/). Versions are those installed in .venv, so the GPU machine runs what the
+# tests here ran.
 #
 # Pure-Python packages are built here with `pip wheel --no-deps` (DeepSpeed builds no ops: they JIT-compile
 # on first use, and the check uses none). pydantic-core is compiled code: its CPython wheel for the GPU
@@ -23,7 +24,7 @@ out=wheels
 
 version() { "$PY" -c 'import importlib.metadata as m, sys; print(m.version(sys.argv[1]))' "$1"; }
 
-pure=(deepspeed hjson pydantic annotated-types typing-inspection omegaconf antlr4-python3-runtime)
+pure=(deepspeed hjson pydantic annotated-types typing-inspection typing-extensions omegaconf antlr4-python3-runtime)
 specs=()
 for name in "${pure[@]}"; do
   specs+=("$name==$(version "$name")")

@@ -43,7 +43,9 @@ def numbers(tree: object, path: str = "") -> list[tuple[str, float]]:
 @pytest.fixture(scope="module")
 def report(tmp_path_factory: pytest.TempPathFactory) -> dict:
     out_file = tmp_path_factory.mktemp("gpu_check") / "report.json"
-    env = {**os.environ, "OMP_NUM_THREADS": "2", "WANDB_MODE": "disabled", "HF_HUB_OFFLINE": "1"}
+    rendezvous = ("MASTER_ADDR", "MASTER_PORT", "RANK", "LOCAL_RANK", "WORLD_SIZE")  # set by learners of this process
+    env = {k: v for k, v in os.environ.items() if k not in rendezvous}
+    env |= {"OMP_NUM_THREADS": "2", "WANDB_MODE": "disabled", "HF_HUB_OFFLINE": "1"}
     proc = subprocess.run(
         [sys.executable, str(SCRIPT), "--smoke", "--out", str(out_file)],
         capture_output=True,
