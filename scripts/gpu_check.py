@@ -1,0 +1,374 @@
+"""The prepared GPU check: one command, one JSON object on stdout (progress and tracebacks go to stderr).
+
+It measures, on random models of real shapes (bf16, one GPU, no Ray):
+
+- ``sampler``: the block sampler (``tracerl.sampling.generate`` → ``sample_block`` with the exact KV cache) on an
+  SDAR-4B-shaped model (Qwen3-4B's config), batch 128, block 4, 4 steps per block, 256 new tokens, EOS stop
+  off; tokens/s against JetEngine's published 5,000+ tok/s for SDAR-4B on an H200 (same batch and block);
+- ``replay``: the bf16 replay deviation |view log-prob − rollout_logp| (max, mean) of the trace views
+  (``trace.make_views`` + ``trace.view_logprobs``) for the block layout and the full layout;
+- ``learner``: one ``Learner.train_step`` (ZeRO-0, 1 rank, bf16) of the 4B model on the sampler's rollout:
+  tokens/s and peak memory (``torch.cuda.max_memory_allocated``);
+- ``rl_steps``: the stage breakdown of two RL steps of a Qwen3-0.6B-shaped model composed in-process from the
+  library's pieces: rollout (``generate`` on a separate rollout copy), reward (``RewardService`` with
+  ``synthetic_exact`` on addition prompts), advantages, views, train, weight copy (``state_dict_for_rollout``
+  then ``load_state_dict`` into the rollout copy).
+
+Each part is guarded: a failing part records ``error`` (and a traceback) in the JSON and the others still run.
+Shapes, sizes and the model builders live in ``scripts/gpu_check_setup.py``.
+
+On the GPU machine (torch and transformers there; no Ray, DeepSpeed or omegaconf, no package registry):
+
+    bash scripts/gpu_wheels.sh        # here: builds wheels/ (DeepSpeed, omegaconf, pydantic, ..., tracerl)
+    # there, in the repository root, with wheels/ carried along:
+    python3 -m pip install -q --no-deps --no-index wheels/*.whl && \\
+        PYTHONUNBUFFERED=1 python3 scripts/gpu_check.py --out "$OUT/gpu_check.json"
+
+``--out`` rewrites the file after every part, so a run stopped at its time limit keeps the parts it finished.
+``--smoke`` runs every part on CPU with tiny shapes (fp32 models, bf16 learner) in well under a minute; the
+tests run it. ``--parts sampler,learner`` runs a subset, ``--dtype`` overrides the models' dtype, and no part
+starts after ``--budget-s`` seconds (default 420: the whole check fits in 8 minutes on one H200).
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import sys
+import time
+import traceback
+from collections.abc import Callable
+from dataclasses import asdict, replace
+from typing import Any
+
+import torch
+from gpu_check_setup import (
+    Plan,
+    build_policy,
+    clock,
+    count_calls,
+    free,
+    learner_config,
+    log,
+    make_plan,
+    params,
+    peak_memory_gib,
+    random_prompts,
+    reset_peak,
+    sampling,
+    subset,
+)
+
+JETENGINE_TOK_S = 5000.0  # "5000+ tokens/second", SDAR-4B, block 4, batch 128, one H200 (FlashAttention-2 + Triton)
+JETENGINE_SOURCE = "github.com/Labman42/JetEngine README: SDAR-4B, block size 4, batch size 128, NVIDIA H200"
+PARTS = ("sampler", "learner", "replay", "rl_steps")
+STAGES = ("rollout_s", "reward_s", "advantages_s", "views_s", "train_s", "weight_copy_s")  # of one RL step
+WATCHED_IMPORTS = ("ray", "wandb", "datasets", "trl", "math_verify")  # absent on the GPU machine
+
+
+# ---------------------------------------------------------------------------------------------- parts
+
+
+def big_model(plan: Plan, ctx: dict[str, Any]) -> Any:
+    if "big" not in ctx:
+        log(f"building the {plan.big} block model on {plan.device}")
+        ctx["big"] = build_policy(plan.big, plan, block=4)
+        ctx["big"].eos_id = -1  # EOS stop off: no id is -1, so every sequence decodes all new tokens
+    return ctx["big"]
+
+
+def part_sampler(plan: Plan, ctx: dict[str, Any]) -> dict[str, Any]:
+    from tracerl.sampling import generate
+
+    policy = big_model(plan, ctx)
+    prompts = random_prompts(policy, plan.batch, plan.prompt_tokens, seed=1)
+    s = sampling(4, plan.new_tokens, plan.batch, "kv")
+    generate(policy, prompts, replace(s, max_new_tokens=8), seed=0)  # warm-up at full batch: kernels, allocator
+    reset_peak(plan.device)
+    stats = count_calls(policy)
+    start = clock()
+    rollout = generate(policy, prompts, s, seed=0)
+    seconds = clock() - start
+    del policy.hidden_states  # back to the method
+    ctx["rollout"] = rollout
+    generated = int((rollout.step_map >= 0).sum())
+    tok_s = generated / seconds
+    return {
+        "model": asdict(plan.big) | {"params": params(policy), "dtype": str(plan.dtype)},
+        "batch": plan.batch,
+        "block_size": s.block_size,
+        "steps_per_block": s.steps_per_block,
+        "prompt_tokens": plan.prompt_tokens,
+        "new_tokens": plan.new_tokens,
+        "cache": "kv",
+        "generated_tokens": generated,
+        "all_tokens_generated": generated == plan.batch * plan.new_tokens,
+        "seconds": seconds,
+        "tokens_per_s": tok_s,
+        "model_calls": stats["calls"],
+        "ms_per_model_call": 1000 * seconds / max(1, stats["calls"]),
+        "peak_memory_gib": peak_memory_gib(plan.device),
+        "reference_tokens_per_s": JETENGINE_TOK_S,
+        "reference": JETENGINE_SOURCE,
+        "ratio_to_reference": tok_s / JETENGINE_TOK_S,
+    }
+
+
+def part_learner(plan: Plan, ctx: dict[str, Any]) -> dict[str, Any]:
+    from tracerl.learner import Learner, free_port
+    from tracerl.sampling import generate
+    from tracerl.trace import make_views
+
+    policy, rollout = big_model(plan, ctx), ctx.pop("rollout", None)
+    del ctx["big"]  # trained in place below: no later part may sample from it
+    if rollout is None:  # the sampler part did not run or failed: sample a rollout of the same shape here
+        prompts = random_prompts(policy, plan.batch, plan.prompt_tokens, seed=1)
+        rollout = generate(policy, prompts, sampling(4, plan.new_tokens, plan.batch, "kv"), seed=0)
+    views = make_views(rollout, "trace", policy.mask_id)
+    advantages = torch.randn(len(rollout), generator=torch.Generator().manual_seed(0))
+    n_params = params(policy)
+    free()
+    reset_peak(plan.device)
+    model_gib = torch.cuda.memory_allocated() / 2**30 if plan.device == "cuda" else 0.0
+    cfg = learner_config(plan, checkpointing=True)
+    start = clock()
+    learner = Learner(cfg, policy, master_port=free_port())  # never an inherited MASTER_PORT
+    init_s = clock() - start
+    try:
+        warm_rows = max(1, min(len(views), plan.micro_batch_tokens // views.row_tokens))
+        start = clock()
+        learner.train_step(rollout, advantages, subset(views, warm_rows))  # warm-up: kernels, Adam state
+        warm_s = clock() - start
+        start = clock()
+        metrics = learner.train_step(rollout, advantages, views)
+        step_s = clock() - start
+        peak = peak_memory_gib(plan.device)
+    finally:
+        learner.destroy()
+    row_tokens = len(views) * views.row_tokens * cfg.learner.updates_per_step
+    return {
+        "model": asdict(plan.big) | {"params": n_params},
+        "zero_stage": 0,
+        "ranks": 1,
+        "precision": "bf16",
+        "gradient_checkpointing": True,
+        "micro_batch_tokens": plan.micro_batch_tokens,
+        "rows": len(views),
+        "row_tokens": views.row_tokens,
+        "target_tokens": int(views.target_mask.sum()),
+        "engine_init_s": init_s,
+        "warmup_step_s": warm_s,
+        "warmup_rows": warm_rows,
+        "step_s": step_s,
+        "tokens_per_s": row_tokens / step_s,
+        "target_tokens_per_s": metrics["train/tokens"] * cfg.learner.updates_per_step / step_s,
+        "model_memory_gib": model_gib,
+        "peak_memory_gib": peak,
+        "peak_memory_source": "torch.cuda.max_memory_allocated" if plan.device == "cuda" else "process max RSS",
+        "metrics": metrics,
+    }
+
+
+def replay_deviation(policy: Any, rollout: Any, token_budget: int) -> dict[str, float]:
+    """max / mean |view log-prob − rollout_logp| over every target of the rollout's trace views."""
+    from tracerl.trace import make_views, view_logprobs
+
+    views = make_views(rollout, "trace", policy.mask_id)
+    per_chunk = max(1, token_budget // views.row_tokens)
+    diffs = []
+    with torch.no_grad():
+        for lo in range(0, len(views), per_chunk):
+            rows = torch.arange(lo, min(lo + per_chunk, len(views)))
+            logp = view_logprobs(policy, views, rows).cpu()
+            mask = views.target_mask[rows]
+            sample = views.row_sample[rows].unsqueeze(1).expand_as(mask)[mask]
+            recorded = rollout.rollout_logp[sample, views.target_pos[rows][mask]]
+            diffs.append((logp[mask] - recorded).abs())
+    d = torch.cat(diffs).double()
+    return {"max_abs": float(d.max()), "mean_abs": float(d.mean()), "targets": d.numel(), "rows": len(views)}
+
+
+def part_replay(plan: Plan, ctx: dict[str, Any]) -> dict[str, Any]:
+    from tracerl.sampling import generate
+
+    out: dict[str, Any] = {"model": asdict(plan.small), "dtype": str(plan.dtype)}
+    for layout, block, cache in (("block", 4, "kv"), ("full", None, "none")):
+        policy = build_policy(plan.small, plan, block=block, seed=2)
+        policy.eos_id = -1
+        prompts = random_prompts(policy, plan.replay_batch, plan.prompt_tokens, seed=3)
+        s = sampling(4, plan.replay_new_tokens, plan.replay_batch, cache)
+        rollout = generate(policy, prompts, s, seed=1)
+        out[layout] = replay_deviation(policy, rollout, plan.micro_batch_tokens) | {"cache": cache}
+        del policy, rollout
+        free()
+    return out
+
+
+def addition_prompts(n: int, seed: int) -> tuple[list[str], list[str]]:
+    """Synthetic addition questions and their answers (the task of ``data.source=synthetic:addition``)."""
+    g = torch.Generator().manual_seed(seed)
+    ab = torch.randint(0, 100, (n, 2), generator=g).tolist()
+    return [f"what is {a}+{b}? answer:" for a, b in ab], [str(a + b) for a, b in ab]
+
+
+def part_rl_steps(plan: Plan, ctx: dict[str, Any]) -> dict[str, Any]:
+    from tracerl import advantages as adv_lib
+    from tracerl.learner import Learner, free_port
+    from tracerl.models import DecoderPolicy
+    from tracerl.reward_service import RewardService
+    from tracerl.sampling import generate
+    from tracerl.trace import make_views
+
+    policy = build_policy(plan.small, plan, block=4, seed=4)
+    rollout_policy = DecoderPolicy(
+        copy.deepcopy(policy.model), policy.tokenizer, family="sdar", mask_id=policy.mask_id, block_size=4
+    )
+    cfg = learner_config(plan, checkpointing=False)
+    start = clock()
+    learner = Learner(cfg, policy, master_port=free_port())  # never an inherited MASTER_PORT
+    init_s = clock() - start
+    service = RewardService(["synthetic_exact"])
+    s = sampling(4, plan.rl_new_tokens, plan.rl_prompts * plan.rl_group, "kv")
+    steps = []
+    try:
+        for step in range(2):
+            texts, answers = addition_prompts(plan.rl_prompts, seed=10 + step)
+            prompts = [policy.tokenizer(t)["input_ids"] for t in texts]
+            rep = [i for i in range(plan.rl_prompts) for _ in range(plan.rl_group)]
+            t: dict[str, float] = {}
+            t0 = clock()
+            rollout = generate(rollout_policy, [prompts[i] for i in rep], s, seed=step, group=torch.tensor(rep))
+            t["rollout_s"] = clock() - t0
+            t0 = clock()
+            columns = {"answer": [answers[i] for i in rep]}
+            scored = service.score([texts[i] for i in rep], rollout.texts, columns=columns)
+            t["reward_s"] = clock() - t0
+            t0 = clock()
+            rewards = torch.tensor(scored.total, dtype=torch.float32)
+            keep = adv_lib.get_group_filter(cfg.objective.group_filter)(rewards, rollout.group)
+            adv = adv_lib.get_advantage(cfg.objective.advantage)(rewards, rollout.group) * keep
+            t["advantages_s"] = clock() - t0
+            t0 = clock()
+            views = make_views(rollout, cfg.objective.views, policy.mask_id, seed=step)
+            t["views_s"] = clock() - t0
+            t0 = clock()
+            metrics = learner.train_step(rollout, adv, views)
+            t["train_s"] = clock() - t0
+            t0 = clock()
+            version, weights = learner.state_dict_for_rollout()
+            t["weight_gather_s"] = clock() - t0
+            t0 = clock()
+            rollout_policy.model.load_state_dict(weights)
+            t["weight_load_s"] = clock() - t0
+            t["weight_copy_s"] = t["weight_gather_s"] + t["weight_load_s"]
+            t["step_s"] = sum(t[k] for k in STAGES)
+            t["rollout_share"] = t["rollout_s"] / t["step_s"]
+            t |= {"weights_version": version, "rows": len(views), "row_tokens": views.row_tokens}
+            t |= {"reward_mean": float(rewards.mean()), "policy_loss": metrics["train/policy_loss"]}
+            steps.append(t)
+            log(f"rl step {step}: " + ", ".join(f"{k}={v:.3g}" for k, v in t.items()))
+        loaded = rollout_policy.model.state_dict()
+        same = all(torch.equal(w.to(loaded[k].dtype), loaded[k].cpu()) for k, w in weights.items())
+    finally:
+        learner.destroy()
+    return {
+        "model": asdict(plan.small) | {"params": sum(p.numel() for p in rollout_policy.model.parameters())},
+        "samples_per_step": plan.rl_prompts * plan.rl_group,
+        "new_tokens": plan.rl_new_tokens,
+        "engine_init_s": init_s,
+        "steps": steps,
+        "stage_share_last_step": {k: steps[-1][k] / steps[-1]["step_s"] for k in STAGES},
+        "rollout_copy_matches_learner": same,
+    }
+
+
+RUNNERS: dict[str, Callable[[Plan, dict[str, Any]], dict[str, Any]]] = {
+    "sampler": part_sampler,
+    "learner": part_learner,
+    "replay": part_replay,
+    "rl_steps": part_rl_steps,
+}
+
+
+# ---------------------------------------------------------------------------------------------- main
+
+
+def run_part(name: str, plan: Plan, ctx: dict[str, Any]) -> dict[str, Any]:
+    log(f"part {name}: start")
+    start = time.perf_counter()
+    try:
+        out = RUNNERS[name](plan, ctx)
+    except Exception as err:  # recorded, and the other parts still run
+        log(f"part {name} failed:\n{traceback.format_exc()}")
+        out = {"error": f"{type(err).__name__}: {err}", "traceback": traceback.format_exc()[-4000:]}
+    out["wall_s"] = time.perf_counter() - start
+    free()
+    log(f"part {name}: done in {out['wall_s']:.1f} s")
+    return out
+
+
+def header(plan: Plan, smoke: bool) -> dict[str, Any]:
+    import transformers
+
+    device = torch.cuda.get_device_name(0) if plan.device == "cuda" else "cpu"
+    return {
+        "device": device,
+        "smoke": smoke,
+        "torch": torch.__version__,
+        "cuda": torch.version.cuda,
+        "transformers": transformers.__version__,
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--smoke", action="store_true", help="every part on CPU with tiny shapes")
+    parser.add_argument("--parts", default=",".join(PARTS), help=f"comma-separated subset of {','.join(PARTS)}")
+    parser.add_argument("--out", default=None, help="also write the JSON here, rewritten after every part")
+    parser.add_argument("--dtype", choices=("bfloat16", "float32"), default=None, help="of the sampled models")
+    parser.add_argument("--budget-s", type=float, default=420.0, help="start no part after this many seconds")
+    args = parser.parse_args(argv)
+    parts = [p.strip() for p in args.parts.split(",") if p.strip()]
+    unknown = sorted(set(parts) - set(PARTS))
+    if unknown or not parts:
+        parser.error(f"--parts: unknown part(s) {unknown}; choose from {', '.join(PARTS)}")
+    if not args.smoke and not torch.cuda.is_available():
+        parser.error("no CUDA device is visible: the full check needs one GPU; use --smoke for the CPU run")
+    plan = make_plan(args.smoke)
+    if args.dtype:
+        plan = replace(plan, dtype=getattr(torch, args.dtype))
+
+    # Libraries that log to stdout (DeepSpeed does) write to stderr instead: stdout carries only the JSON.
+    sys.stdout.flush()
+    json_out = os.fdopen(os.dup(1), "w")
+    os.dup2(2, 1)
+
+    start = time.perf_counter()
+    head, results = header(plan, args.smoke), {}
+    ctx: dict[str, Any] = {}
+    for name in parts:
+        elapsed = time.perf_counter() - start
+        if elapsed > args.budget_s:
+            results[name] = {"error": f"skipped: {elapsed:.0f} s had passed, over --budget-s={args.budget_s:.0f}"}
+        else:
+            results[name] = run_part(name, plan, ctx)
+        report = (
+            head
+            | results
+            | {
+                "total_s": time.perf_counter() - start,
+                "imports": {m: m in sys.modules for m in WATCHED_IMPORTS},
+            }
+        )
+        if args.out:
+            with open(args.out, "w") as f:
+                json.dump(report, f, indent=1)
+    json_out.write(json.dumps(report) + "\n")
+    json_out.flush()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
