@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from types import SimpleNamespace
-
 import pytest
 import torch
 
@@ -16,7 +14,7 @@ from tracerl.trace import make_views
 ray = pytest.importorskip("ray")
 pytestmark = pytest.mark.ray
 
-from tracerl.orchestrator import Session  # noqa: E402
+from tracerl.orchestrator import collect  # noqa: E402
 from tracerl.workers import LearnerGroup, RewardPool, RolloutGroup, sync_collective, sync_object_store  # noqa: E402
 
 CPU = {"num_cpus": 1, "num_gpus": 0}
@@ -75,11 +73,10 @@ def test_a_shard_from_another_weights_version_is_refused(local_ray):
     try:
         batch = PromptBatch([[5, 6, 7]], ["x"], {})
         shards = group.generate_async(batch.prompt_ids, samples=2, seed=0)
-        fake = SimpleNamespace(version=3, rewards=pool)  # the learner is at version 3, the actor still at 0
+        # the learner is at version 3, the actor still at 0
         with pytest.raises(RuntimeError, match="sampled with weights version 0, but the learner is at version 3"):
-            Session.collect(fake, shards, batch, 2, Timers())
-        fake.version = 0
-        rollout, scored = Session.collect(fake, group.generate_async(batch.prompt_ids, 2, 0), batch, 2, Timers())
+            collect(group, pool, shards, batch, 2, Timers(), version=3)
+        rollout, scored = collect(group, pool, group.generate_async(batch.prompt_ids, 2, 0), batch, 2, Timers(), 0)
         assert len(rollout) == 2 and len(scored.total) == 2 and rollout.group.tolist() == [0, 0]
     finally:
         group.shutdown()

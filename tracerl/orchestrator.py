@@ -24,7 +24,7 @@ import os
 import signal
 import socket
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -184,42 +184,10 @@ class Session:
     def collect(
         self, shards: list[RolloutShard], batch: data.PromptBatch, samples: int, timers: Timers
     ) -> tuple[Rollout, RewardResult]:
-        """Wait for the rollout shards; send each to the reward pool the moment it returns; join both in prompt
-        order. ``time/rollout`` runs until the last shard is back, ``time/reward`` is the scoring left after it."""
-        start = time.perf_counter()
-        by_ref = {s.ref: s for s in shards}
-        pending, parts, futures, redone = list(by_ref), {}, {}, 0
-        while pending:
-            [ready], pending = ray.wait(pending, num_returns=1)
-            shard = by_ref.pop(ready)
-            try:
-                part = ray.get(ready)
-            except RayActorError as err:  # the actor died (killed, out of memory, node lost): replace it, redo
-                redone += 1
-                if redone > self.cfg.fault.max_restarts:
-                    raise RuntimeError(
-                        f"rollout actors died {redone} times in one step (fault.max_restarts="
-                        f"{self.cfg.fault.max_restarts}); last: {err}"
-                    ) from None
-                new = self.rollout.redo(shard, self.learner.publish_weights())
-                by_ref[new.ref] = new
-                pending.append(new.ref)
-                continue
-            if part.weights_version != self.version:
-                raise RuntimeError(
-                    f"a rollout shard (prompts {shard.lo}..{shard.hi - 1}) was sampled with weights version "
-                    f"{part.weights_version}, but the learner is at version {self.version}: a rollout actor missed a "
-                    "weight sync. Restart the run with --resume auto."
-                )
-            parts[shard.lo] = part
-            futures[shard.lo] = self.rewards.score_async(*reward_inputs(batch, shard, part, samples))
-        timers.add("rollout", time.perf_counter() - start)
-        with timers("reward"):
-            order = sorted(parts)
-            scored = merge_results([self.rewards.gather(futures[lo]) for lo in order])
-        rollout = Rollout.concat([parts[lo] for lo in order])
-        rollout.group = torch.cat([parts[lo].group for lo in order])  # prompt index within the batch
-        return rollout, scored
+        return collect(
+            self.rollout, self.rewards, shards, batch, samples, timers, self.version, self.cfg.fault.max_restarts,
+            self.learner.publish_weights,
+        )  # fmt: skip
 
     def views(self, kept: Rollout, step: int) -> trace.Views:
         o = self.cfg.objective
@@ -275,7 +243,10 @@ class Session:
         its reward and the exact sampling settings, under ``<run_dir>/eval/``."""
         if self.eval_set is None:
             return {}
-        return evaluate(self.cfg, self.rollout, self.rewards, self.eval_set, self.version, step, self.eval_dir)
+        return evaluate(
+            self.cfg, self.rollout, self.rewards, self.eval_set, self.version, step, self.eval_dir,
+            weights=self.learner.publish_weights,
+        )  # fmt: skip
 
     @property
     def eval_dir(self) -> Path:
@@ -508,13 +479,19 @@ def evaluate(
     step: int,
     out_dir: Path,
     tag: str | None = None,
+    weights: Callable[[], tuple[int, Any]] | None = None,
 ) -> dict[str, float]:
     """``eval/*`` of the rollout actors' current weights on ``prompts`` (greedy + ``eval.samples`` sampled per
-    prompt), written with every sample and the exact settings to ``out_dir/<tag>.jsonl`` and ``<tag>.json``."""
+    prompt), written with every sample and the exact settings to ``out_dir/<tag>.jsonl`` and ``<tag>.json``.
+    ``weights`` reloads a replacement for an actor that died (see ``collect``)."""
     settings = {"greedy": stats.eval_sampling(cfg, greedy=True), "sampled": stats.eval_sampling(cfg, greedy=False)}
-    session = _EvalSession(rollout, rewards, version)
-    greedy, g_scored = session.run(prompts, 1, seed(cfg, step, salt=7), settings["greedy"])
-    sampled, s_scored = session.run(prompts, cfg.eval.samples, seed(cfg, step, salt=8), settings["sampled"])
+
+    def sample(samples: int, salt: int, sampling: Any) -> tuple[Rollout, RewardResult]:
+        shards = rollout.generate_async(prompts.prompt_ids, samples, seed(cfg, step, salt), sampling)
+        return collect(rollout, rewards, shards, prompts, samples, Timers(), version, cfg.fault.max_restarts, weights)
+
+    greedy, g_scored = sample(1, 7, settings["greedy"])
+    sampled, s_scored = sample(cfg.eval.samples, 8, settings["sampled"])
     n = cfg.eval.samples
     per_prompt = [s_scored.total[i * n : (i + 1) * n] for i in range(len(prompts.prompt_ids))]
     answers = prompts.columns.get("answer")
@@ -589,20 +566,57 @@ def run_eval(cfg: Config, out_dir: str | None = None, verbose: bool = False, con
                 fn()
 
 
-@dataclass
-class _EvalSession:
-    rollout: RolloutGroup
-    rewards: RewardPool
-    version: int
+def collect(
+    group: RolloutGroup,
+    rewards: RewardPool,
+    shards: list[RolloutShard],
+    batch: data.PromptBatch,
+    samples: int,
+    timers: Timers,
+    version: int,
+    max_restarts: int = 0,
+    weights: Callable[[], tuple[int, Any]] | None = None,
+) -> tuple[Rollout, RewardResult]:
+    """Wait for the rollout shards; send each to the reward pool the moment it returns; join both in prompt order.
 
-    def run(self, prompts: data.PromptBatch, samples: int, at_seed: int, sampling: Any) -> tuple[Rollout, Any]:
-        shards = self.rollout.generate_async(prompts.prompt_ids, samples, at_seed, sampling)
-        parts, scored = [], []
-        for shard in shards:  # score each shard as it comes, like the loop
-            part = ray.get(shard.ref)
-            parts.append(part)
-            scored.append(self.rewards.score_async(*reward_inputs(prompts, shard, part, samples)))
-        return Rollout.concat(parts), merge_results([self.rewards.gather(refs) for refs in scored])
+    ``time/rollout`` runs until the last shard is back, ``time/reward`` is the scoring left after it. A shard
+    sampled with another weights version than ``version`` is refused. A shard whose actor died is redone on a
+    replacement actor loaded with ``weights()`` (the learner's current weights; None: ``cfg.model`` as on disk),
+    at most ``max_restarts`` times.
+    """
+    start = time.perf_counter()
+    by_ref = {s.ref: s for s in shards}
+    pending, parts, futures, redone = list(by_ref), {}, {}, 0
+    while pending:
+        [ready], pending = ray.wait(pending, num_returns=1)
+        shard = by_ref.pop(ready)
+        try:
+            part = ray.get(ready)
+        except RayActorError as err:  # the actor died (killed, out of memory, node lost): replace it, redo
+            redone += 1
+            if redone > max_restarts:
+                raise RuntimeError(
+                    f"rollout actors died {redone} times in one step (fault.max_restarts={max_restarts}); last: {err}"
+                ) from None
+            new = group.redo(shard, weights() if weights else None)
+            by_ref[new.ref] = new
+            pending.append(new.ref)
+            continue
+        if part.weights_version != version:
+            raise RuntimeError(
+                f"a rollout shard (prompts {shard.lo}..{shard.hi - 1}) was sampled with weights version "
+                f"{part.weights_version}, but the learner is at version {version}: a rollout actor missed a "
+                "weight sync. Restart the run with --resume auto."
+            )
+        parts[shard.lo] = part
+        futures[shard.lo] = rewards.score_async(*reward_inputs(batch, shard, part, samples))
+    timers.add("rollout", time.perf_counter() - start)
+    with timers("reward"):
+        order = sorted(parts)
+        scored = merge_results([rewards.gather(futures[lo]) for lo in order])
+    rollout = Rollout.concat([parts[lo] for lo in order])
+    rollout.group = torch.cat([parts[lo].group for lo in order])  # prompt index within the batch
+    return rollout, scored
 
 
 # --------------------------------------------------------------------------------------------------- console

@@ -597,14 +597,14 @@ class RolloutGroup:
             shards.append(RolloutShard(self.workers[k].generate.remote(*args), lo, hi, k, args))
         return shards
 
-    def redo(self, shard: RolloutShard, weights: tuple[int, ray.ObjectRef]) -> RolloutShard:
-        """Replace the (dead) actor of ``shard`` with a fresh one holding ``weights`` = (version, stored weights)
-        and send it the same work: same prompts and seed, so the same samples."""
+    def redo(self, shard: RolloutShard, weights: tuple[int, ray.ObjectRef] | None) -> RolloutShard:
+        """Replace the (dead) actor of ``shard`` with a fresh one holding ``weights`` = (version, stored weights),
+        or ``cfg.model`` as on disk for None, and send it the same work: same prompts and seed, same samples."""
         k = shard.worker
         with contextlib.suppress(Exception):
             ray.kill(self.workers[k])
         self.workers[k] = RolloutWorker.options(**self.options[k]).remote(self.cfg, k)
-        ray.get(self.workers[k].setup.remote(weights[1]))
+        ray.get(self.workers[k].setup.remote(weights[1] if weights is not None else None))
         self._layout = None  # a collective sync re-forms its group with the new member
         self.restarts += 1
         return replace(shard, ref=self.workers[k].generate.remote(*shard.args))
