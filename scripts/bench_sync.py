@@ -6,7 +6,9 @@ disk), measured in the same run for an ~8M and a ~100M-parameter random model.
     python scripts/bench_sync.py --json     # one JSON object
 
 One local Ray instance; one learner rank, ``--actors`` rollout actors. Each path is timed ``--repeats`` times
-after a warm-up (the collective group is formed during the warm-up), median reported.
+after a warm-up (the collective group is formed during the warm-up), median reported. The reload baseline is
+generous to the anchors: the checkpoint stays in this machine's page cache and the weights are loaded into
+live models, where the anchors start a new process and build the model again every step, on shared storage.
 """
 
 from __future__ import annotations

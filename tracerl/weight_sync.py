@@ -3,8 +3,9 @@
 Two paths behind one result (the rollout copy ends up with the learner's weights, cast to its own dtype by the
 same ``Tensor.copy_``, so both paths give bitwise identical rollout weights):
 
-- object store: the learner returns its gathered state dict once; every rollout actor loads it
-  (``load_state_dict``). The Ray side lives in ``workers.py``.
+- object store: learner rank 0 returns its gathered weights once, packed into flat numpy buckets (``pack``), so
+  the object store keeps one copy and every rollout actor maps it without a copy before ``load_state_dict``.
+  The Ray side lives in ``workers.py``.
 - collective: a torch.distributed group of learner rank 0 (rank 0 here) and the K rollout actors (ranks 1..K),
   built from its own ``TCPStore`` so it lives beside the learner's DeepSpeed group. Parameters travel in flat
   buckets of one dtype (``bucket_layout``), one broadcast per bucket: gloo on CPU, nccl on GPU.
@@ -15,8 +16,10 @@ dims: W parameters (state-dict entries) · K rollout actors
 from __future__ import annotations
 
 import datetime
+import warnings
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 import torch.distributed as dist
 
@@ -105,6 +108,29 @@ def receive_state(group: dist.ProcessGroup, layout: list[Bucket], device: str) -
     for bucket in layout:
         flat = torch.empty(bucket.numel, dtype=bucket.dtype, device=device)
         _broadcast(group, flat)
+        for entry, piece in zip(bucket.entries, flat.split([e.numel for e in bucket.entries]), strict=True):
+            out[entry.name] = piece.view(entry.shape)
+    return out
+
+
+def pack(state: dict[str, torch.Tensor], layout: list[Bucket]) -> list[np.ndarray]:
+    """The buckets as flat numpy arrays (bf16 bits viewed as int16): Ray stores numpy buffers once and every
+    reader maps them without a copy, where pickled tensors would be copied on every load."""
+    flats = []
+    for bucket in layout:
+        flat = torch.cat([state[e.name].reshape(-1).to(bucket.dtype) for e in bucket.entries])
+        flats.append((flat.view(torch.int16) if flat.dtype == torch.bfloat16 else flat).numpy())
+    return flats
+
+
+def unpack(layout: list[Bucket], flats: list[np.ndarray]) -> dict[str, torch.Tensor]:
+    """Named tensors over the packed buckets (views, no copy; ``load_state_dict`` copies them in)."""
+    out = {}
+    for bucket, array in zip(layout, flats, strict=True):
+        with warnings.catch_warnings():  # the object store's buffers are read-only; they are only read
+            warnings.simplefilter("ignore", UserWarning)
+            flat = torch.from_numpy(array)
+        flat = flat.view(torch.bfloat16) if bucket.dtype == torch.bfloat16 else flat
         for entry, piece in zip(bucket.entries, flat.split([e.numel for e in bucket.entries]), strict=True):
             out[entry.name] = piece.view(entry.shape)
     return out

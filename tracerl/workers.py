@@ -232,6 +232,16 @@ class LearnerWorker:
     def sft_step(self, views: Any, weights: Any) -> dict[str, float]:
         return self.learner.sft_step(views, weights)
 
+    def packed_weights(self, bucket_mb: int) -> tuple[int, list[Any], list[Any]] | None:
+        """(version, bucket layout, flat numpy buckets) from rank 0 (every rank gathers under ZeRO-3)."""
+        from tracerl.weight_sync import bucket_layout, pack
+
+        version, weights = self.learner.state_dict_for_rollout()
+        if self.rank != 0:
+            return None
+        layout = bucket_layout(weights, bucket_mb * 2**20)
+        return version, layout, pack(weights, layout)
+
     def get_weights(self) -> tuple[int, dict | None]:
         """Every rank gathers (ZeRO-3); only rank 0 ships the weights back."""
         version, weights = self.learner.state_dict_for_rollout()
@@ -313,6 +323,7 @@ class LearnerGroup:
                 num_gpus_per_rank = 1.0 if ray.cluster_resources().get("GPU", 0) > 0 else 0.0
             options = [{"num_cpus": num_cpus_per_rank, "num_gpus": num_gpus_per_rank}] * n
         self.workers = [LearnerWorker.options(**options[rank]).remote(cfg, rank, n) for rank in range(n)]
+        self.bucket_mb = cfg.rollout.sync_bucket_mb
         addr, port = ray.get(self.workers[0].rendezvous.remote())
         shared = ray.put(weights)
         self.pids = ray.get([w.setup.remote(addr, port, shared, learner_kwargs or {}) for w in self.workers])
@@ -363,7 +374,7 @@ class LearnerGroup:
     def publish_weights(self) -> tuple[int, ray.ObjectRef]:
         """(version, a reference to rank 0's gathered weights in the object store): every rank gathers (ZeRO-3),
         the weights are stored once and never pass through the driver."""
-        refs = [w.get_weights.remote() for w in self.workers]
+        refs = [w.packed_weights.remote(self.bucket_mb) for w in self.workers]
         ray.get(refs[1:])
         return self.version(), refs[0]
 
@@ -498,12 +509,15 @@ class RolloutWorker:
         rollout.weights_version = self.version
         return rollout
 
-    def load_weights(self, published: tuple[int, dict]) -> int:
-        """Object-store path: copy (and cast) the learner's weights in; returns the bytes received."""
-        version, weights = published
-        self.policy.model.load_state_dict(weights)
+    def load_weights(self, published: tuple[int, list[Any], list[Any]]) -> int:
+        """Object-store path: (version, layout, packed buckets) from ``LearnerWorker.packed_weights``; the
+        weights are copied (and cast) in. Returns the bytes received."""
+        from tracerl.weight_sync import layout_bytes, unpack
+
+        version, layout, flats = published
+        self.policy.model.load_state_dict(unpack(layout, flats))
         self.version = int(version)
-        return sum(t.numel() * t.element_size() for t in weights.values())
+        return layout_bytes(layout)
 
     def load_weights_from(self, directory: str, version: int) -> int:
         """Reload the weights from a Hugging Face directory (the anchors' per-step path; benchmarks compare)."""
@@ -511,7 +525,9 @@ class RolloutWorker:
 
         files = sorted(Path(directory).glob("*.safetensors"))
         weights = {k: v for f in files for k, v in load_file(f).items()}
-        return self.load_weights((version, weights))
+        self.policy.model.load_state_dict(weights)
+        self.version = version
+        return sum(t.numel() * t.element_size() for t in weights.values())
 
     def join_weight_group(self, addr: str, port: int, rank: int, size: int, backend: str) -> None:
         from tracerl.weight_sync import new_group
