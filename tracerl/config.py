@@ -112,6 +112,16 @@ class RewardFnConfig:
 
 
 @dataclass
+class SandboxConfig:
+    """The code sandbox of code-execution rewards (DESIGN §16, docs/rewards.md)."""
+
+    # below this level generated code is never run: full (separate user + private filesystem + no network +
+    # pid namespace + process limit) | namespaces (the same without a separate user) | network | none
+    min_isolation: Literal["full", "namespaces", "network", "none"] = "full"
+    paths: list[str] = field(default_factory=list)  # host paths programs may read, beside the interpreter
+
+
+@dataclass
 class RewardConfig:
     """The reward service (DESIGN §9)."""
 
@@ -119,6 +129,8 @@ class RewardConfig:
     on_error: Literal["raise", "nan"] = "raise"  # raise a clear error, or score NaN and count reward/errors/<name>
     timeout_s: float = 60.0  # per-call timeout of a reward function
     num_workers: int = 1  # reward actors (CPU)
+    imports: list[str] = field(default_factory=list)  # modules imported in the driver and every reward worker
+    sandbox: SandboxConfig = field(default_factory=SandboxConfig)  # the code sandbox's minimum isolation, paths
 
 
 @dataclass

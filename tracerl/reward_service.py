@@ -47,6 +47,7 @@ class RewardSpec:
     name: str | None = None  # name in metrics (reward/<name>/mean); default derived from fn
     kwargs: dict[str, Any] = field(default_factory=dict)  # fixed keyword arguments for every call (win over columns)
     completion_format: Literal["as_given", "chat", "text"] = "as_given"  # chat: wrap strings as assistant messages
+    factory_kwargs: dict[str, Any] | None = None  # fn is a factory: the reward is fn(**factory_kwargs)
 
 
 @dataclass
@@ -61,23 +62,33 @@ class RewardResult:
 class RewardError(RuntimeError):
     """A reward function failed, or could not be resolved; the message is one paragraph with the fix."""
 
-    def __init__(self, detail: str, name: str | None = None, index: int | None = None, timed_out: bool = False):
-        super().__init__(detail, name, index, timed_out)
+    def __init__(
+        self,
+        detail: str,
+        name: str | None = None,
+        index: int | None = None,
+        timed_out: bool = False,
+        quote: str = "",
+    ):
+        super().__init__(detail, name, index, timed_out, quote)
         self.detail, self.name, self.index, self.timed_out = detail, name, index, timed_out
+        self.quote = quote  # the failing completion, quoted (shown with the index)
 
     def __str__(self) -> str:
         if self.name is None:
             return self.detail
         where = f" on sample {self.index}" if self.index is not None else ""
+        quote = f" (completion {self.index}: {self.quote})" if self.quote and self.index is not None else ""
         return (
-            f"reward function '{self.name}' failed{where}: {self.detail} Fix the function, or set "
+            f"reward function '{self.name}' failed{where}: {self.detail}{quote} Fix the function, or set "
             f"on_error='nan' to score such calls NaN and count them in reward/errors/{self.name}."
         )
 
     def shifted(self, offset: int) -> RewardError:
-        """The same error with the sample index counted from ``offset`` (for a shard of a larger batch)."""
+        """The same error with the sample index counted from ``offset`` (for a shard of a larger batch): every
+        index in the message is the batch index."""
         index = None if self.index is None else self.index + offset
-        return RewardError(self.detail, self.name, index, self.timed_out)
+        return RewardError(self.detail, self.name, index, self.timed_out, self.quote)
 
 
 # ---------------------------------------------------------------------------------------------- resolving
@@ -317,6 +328,61 @@ def merge_results(results: Sequence[RewardResult]) -> RewardResult:
     return RewardResult(total, parts, summarize(parts, total, errors))
 
 
+def prepare_process(imports: Sequence[str] = (), sandbox: dict[str, Any] | None = None) -> None:
+    """Per-process setup, done in the driver and in every reward worker before names are resolved: import the
+    modules of ``reward.imports`` (their ``@register_reward`` functions become names) and set the code
+    sandbox's policy (``rewards.sandbox.configure``).
+
+    Raises:
+        RewardError: a module does not import, or the sandbox settings are invalid.
+    """
+    for module in imports:
+        try:
+            importlib.import_module(module)
+        except Exception as err:  # noqa: BLE001 - any failure of the user's module is reported as is
+            raise RewardError(
+                f"could not import module '{module}' listed in reward.imports: {type(err).__name__}: {err}. The "
+                "module must be importable in the driver and in every reward worker (installed, or on PYTHONPATH)."
+            ) from err
+    if sandbox is not None:
+        from rewards.sandbox import configure
+
+        try:
+            configure(**sandbox)
+        except ValueError as err:
+            raise RewardError(f"reward.sandbox: {err}") from None
+
+
+def _built(fn: Callable, spec: RewardSpec) -> Callable:
+    """The reward function itself: ``fn`` or, for a factory, what ``fn(**spec.factory_kwargs)`` returns."""
+    if spec.factory_kwargs is None:
+        return fn
+    try:
+        built = fn(**spec.factory_kwargs)
+    except Exception as err:  # noqa: BLE001 - the factory's own error, named
+        raise RewardError(
+            f"reward factory '{spec.fn}' failed with factory_kwargs={spec.factory_kwargs}: {type(err).__name__}: "
+            f"{err}. Give the arguments it takes."
+        ) from err
+    if not callable(built):
+        raise RewardError(
+            f"reward '{spec.fn}' with factory_kwargs returned a {type(built).__name__}, not a reward function; "
+            "drop factory_kwargs if it is a reward function itself."
+        )
+    return built
+
+
+def _preflight(fn: Callable, name: str) -> None:
+    """Run a reward's own start-up check (``fn.preflight()``, e.g. the code sandbox's isolation level)."""
+    check = getattr(fn, "preflight", None)
+    if not callable(check):
+        return
+    try:
+        check()
+    except Exception as err:  # noqa: BLE001 - whatever the check raises, it is why the reward cannot run
+        raise RewardError(f"reward '{name}' cannot run here: {err}") from err
+
+
 class RewardService:
     """Scores batches with weighted reward functions under a per-call timeout and an explicit error policy.
 
@@ -333,7 +399,10 @@ class RewardService:
         on_error: Literal["raise", "nan"] = "raise",
         timeout_s: float = 30.0,
         http_retries: int = 2,
+        imports: Sequence[str] = (),
+        sandbox: dict[str, Any] | None = None,
     ) -> None:
+        prepare_process(imports, sandbox)
         if on_error not in ("raise", "nan"):
             raise ValueError(f"on_error must be 'raise' or 'nan', got '{on_error}'.")
         if timeout_s <= 0:
@@ -350,7 +419,16 @@ class RewardService:
             name = spec.name or default_name
             if any(r.name == name for r in self.rewards):
                 raise RewardError(f"two reward functions are named '{name}'; give one a different name=.")
+            fn = _built(fn, spec)
             accepts = _parameters(fn)
+            if accepts is not None and not accepts & set(RESERVED):
+                raise RewardError(
+                    f"reward '{spec.fn}' takes none of {list(RESERVED)} (its parameters: {sorted(accepts)}), so it "
+                    "cannot score completions. If it is a factory that returns a reward function (like "
+                    "trl.rewards:get_soft_overlong_punishment), give its arguments as factory_kwargs in the reward "
+                    "entry, e.g. {fn: ..., factory_kwargs: {max_completion_len: 512, soft_punish_cache: 64}}."
+                )
+            _preflight(fn, name)
             self.rewards.append(_Reward(name, fn, spec.weight, dict(spec.kwargs), spec.completion_format, accepts))
 
     @property
@@ -453,9 +531,8 @@ class RewardService:
                 offered = [*RESERVED, *columns, *r.kwargs]
                 detail += f" It was offered the arguments {offered} (reward functions must accept **kwargs)."
             index = None if self.on_error == "nan" else self._locate(r, batch)
-            if index is not None:
-                detail += f" (completion {index}: {str(completions[index])[:120]!r})"
-            raise RewardError(detail, r.name, index) from err
+            quote = "" if index is None else repr(str(completions[index])[:120])
+            raise RewardError(detail, r.name, index, quote=quote) from err
         try:
             return _to_rewards(call.value, n)
         except RewardError as err:
