@@ -269,6 +269,9 @@ def _private_view(plan: Plan, workdir: bytes, tmpfs_options: bytes, uid: int | N
     work_fd = os.open(workdir, os.O_RDONLY | os.O_DIRECTORY)  # the files the parent wrote, read below
     root = workdir
     _mount(b"tmpfs", root, b"tmpfs", MS_NOSUID | MS_NODEV, b"size=1m,mode=0755")
+    for point in plan.private_tmpfs:  # first, so binds below /tmp (a venv there, a listed path) stay visible
+        os.makedirs(root + point, exist_ok=True)
+        _mount(b"tmpfs", root + point, b"tmpfs", MS_NOSUID | MS_NODEV, tmpfs_options + b",mode=1777")
     for source, target, keep in plan.binds:
         inside = root + target
         if os.path.isdir(source):
@@ -280,9 +283,6 @@ def _private_view(plan: Plan, workdir: bytes, tmpfs_options: bytes, uid: int | N
         _mount(None, inside, None, MS_REMOUNT | MS_BIND | MS_RDONLY | keep)
     for link, target in plan.links:
         os.symlink(target, root + link)
-    for point in plan.private_tmpfs:
-        os.makedirs(root + point, exist_ok=True)
-        _mount(b"tmpfs", root + point, b"tmpfs", MS_NOSUID | MS_NODEV, tmpfs_options + b",mode=1777")
     os.makedirs(root + b"/proc", exist_ok=True)  # `unshare --mount-proc` mounts its pid namespace's /proc here
     if plan.host_proc:  # a user namespace may mount proc only where one is already fully visible
         _mount(b"/proc", root + b"/proc", None, MS_BIND | MS_REC)
