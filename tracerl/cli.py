@@ -12,6 +12,7 @@ Errors are one clear paragraph and a non-zero exit code; ``--debug`` shows the t
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 import time
 from collections.abc import Callable
@@ -86,7 +87,7 @@ def cmd_validate(ns: argparse.Namespace) -> int:
 
     from tracerl.data import PromptStream, load_examples
     from tracerl.models import load_policy
-    from tracerl.sampling import check_compatible, resolve_cache
+    from tracerl.sampling import check_compatible, check_positions, resolve_cache
 
     console = Console()
     cfg = _config(ns)
@@ -101,18 +102,28 @@ def cmd_validate(ns: argparse.Namespace) -> int:
     )
     ds = load_examples(cfg.data, cfg.seed, require=("prompt",))
     stream = PromptStream(ds, policy.tokenizer, cfg.data, cfg.seed)
+    if stream.ids:
+        check_positions(policy, max(len(ids) for ids in stream.ids), cfg.sampling)
     console.print(f"data: ok ({len(stream.ids)} prompts, {stream.dropped} dropped as longer than the limit)")
     try:
-        from tracerl.reward_service import RewardService, RewardSpec
+        from tracerl.reward_service import RewardService
     except ImportError:  # the reward service is optional for SFT-only setups
         return 0
-    specs = [
-        RewardSpec(fn=f.fn, weight=f.weight, name=f.name, kwargs=dict(f.kwargs), completion_format=f.completion_format)
+    r = cfg.reward
+    sandbox = dataclasses.asdict(r.sandbox)
+    RewardService(reward_specs(cfg), on_error=r.on_error, timeout_s=r.timeout_s, imports=r.imports, sandbox=sandbox)
+    console.print(f"rewards: ok ({', '.join(f.fn for f in r.functions)}; sandbox minimum {r.sandbox.min_isolation})")
+    return 0
+
+
+def reward_specs(cfg: Config) -> list:
+    """The ``RewardSpec`` of every ``reward.functions`` entry."""
+    from tracerl.reward_service import RewardSpec
+
+    return [
+        RewardSpec(f.fn, f.weight, f.name, dict(f.kwargs), f.completion_format, f.factory_kwargs)
         for f in cfg.reward.functions
     ]
-    RewardService(specs, on_error=cfg.reward.on_error, timeout_s=cfg.reward.timeout_s)
-    console.print(f"rewards: ok ({', '.join(f.fn for f in cfg.reward.functions)})")
-    return 0
 
 
 def cmd_sft(ns: argparse.Namespace) -> int:

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from omegaconf import OmegaConf
+from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 
@@ -109,6 +109,7 @@ class RewardFnConfig:
     name: str | None = None  # metric name (defaults to the function's name)
     kwargs: dict[str, Any] = field(default_factory=dict)  # fixed keyword arguments passed on every call
     completion_format: Literal["as_given", "chat", "text"] = "as_given"  # chat: wrap text as an assistant message
+    factory_kwargs: dict[str, Any] | None = None  # fn builds the reward: the reward is fn(**factory_kwargs)
 
 
 @dataclass
@@ -297,6 +298,31 @@ def check(cfg: Config) -> None:
         raise ConfigError("learner.num_ranks, minibatches, updates_per_step and micro_batch_tokens must be ≥ 1.")
     if cfg.rollout.prompts_per_step < 1 or cfg.rollout.samples_per_prompt < 1:
         raise ConfigError("rollout.prompts_per_step and rollout.samples_per_prompt must be ≥ 1.")
+    check_counts(cfg)
+
+
+def check_counts(cfg: Config) -> None:
+    """Counts and durations that must be positive (or non-negative), each named by its full key."""
+    rules = (
+        ("sft.steps", cfg.sft.steps, 1, "optimizer steps to train"),
+        ("sft.batch_size", cfg.sft.batch_size, 1, "examples per optimizer step"),
+        ("sft.eval_every", cfg.sft.eval_every, 0, "0 turns evaluation off"),
+        ("sft.eval_prompts", cfg.sft.eval_prompts, 0, "held-out prompts per check"),
+        ("reward.num_workers", cfg.reward.num_workers, 1, "reward actors"),
+        ("rollout.num_workers", cfg.rollout.num_workers, 1, "rollout actors"),
+        ("data.max_prompt_tokens", cfg.data.max_prompt_tokens, 1, "longer prompts are dropped"),
+        ("data.num_synthetic", cfg.data.num_synthetic, 1, "examples of a synthetic task"),
+        ("checkpoint.keep_last", cfg.checkpoint.keep_last, 1, "complete checkpoints kept"),
+        ("checkpoint.save_every", cfg.checkpoint.save_every, 0, "0 saves only at the end"),
+        ("sampling.batch_size", cfg.sampling.batch_size, 1, "sequences decoded together"),
+    )
+    for key, value, least, meaning in rules:
+        if value < least:
+            bound = "positive" if least == 1 else "0 or more"
+            raise ConfigError(f"{key} must be {bound} ({meaning}), got {value}.")
+    for key, value in (("reward.timeout_s", cfg.reward.timeout_s), ("sft.lr", cfg.sft.lr)):
+        if not value > 0:
+            raise ConfigError(f"{key} must be a positive number, got {value}.")
 
 
 # ---------------------------------------------------------------------------------------------- loading
@@ -345,7 +371,17 @@ def load(yaml_path: str | Path | None = None, overrides: list[str] | None = None
         path = Path(yaml_path)
         if not path.is_file():
             raise ConfigError(f"config file '{path}' does not exist; pass the path of a YAML file.")
-        layers.append((OmegaConf.load(path), str(path)))
+        try:
+            layer = OmegaConf.load(path)
+        except Exception as err:  # noqa: BLE001 - yaml and omegaconf raise several types; the text says where
+            detail = " ".join(str(err).split())
+            raise ConfigError(f"config file '{path}' is not valid YAML: {detail}") from None
+        if not isinstance(layer, DictConfig):
+            raise ConfigError(
+                f"config file '{path}' holds a {type(layer).__name__.removesuffix('Config').lower()} at the top, not "
+                "a mapping of settings; write it as keys, e.g. 'sampling: {max_new_tokens: 64}'."
+            )
+        layers.append((layer, str(path)))
     for item in overrides or []:
         if "=" not in item:
             raise ConfigError(f"override '{item}' is not of the form key=value (e.g. sampling.temperature=0.7).")
