@@ -187,3 +187,13 @@ def test_a_deprecation_warning_raised_through_tracerl_fails_the_suite() -> None:
         RewardService([old_api]).score(["q"], ["c"])  # tests/conftest.py turns it into an error
     with pytest.warns(DeprecationWarning):  # outside tracerl's code it stays a warning
         warnings.warn("a library's own deprecation", DeprecationWarning, stacklevel=1)
+
+
+def test_the_old_cache_argument_would_fail_the_suite(monkeypatch: pytest.MonkeyPatch) -> None:
+    from tracerl.models import base
+
+    policy = load_policy(ModelConfig(tiny=TinyModelConfig(attention="block")))
+    monkeypatch.setattr(base, "cache_argument", lambda module: "past_key_values")  # what tracerl used to pass
+    visible = torch.ones(1, 4, 4, dtype=torch.bool)
+    with pytest.raises(FutureWarning, match="past_key_values.*caused by tracerl's own call"):
+        policy.hidden_states(torch.tensor([[5, 6, 7, 8]]), torch.arange(4)[None], visible, policy.new_cache())

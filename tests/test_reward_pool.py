@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 
+import rewards.registry
 from tracerl.reward_service import RewardError, RewardService, RewardSpec
 
 ray = pytest.importorskip("ray")
@@ -117,6 +118,7 @@ def test_a_reward_registered_in_a_user_module_scores_in_two_workers(
 ) -> None:
     from tracerl.workers import RewardPool
 
+    monkeypatch.setattr(rewards.registry, "REWARDS", dict(rewards.registry.REWARDS))  # undone after the test
     (tmp_path / "user_rewards_mod.py").write_text(USER_MODULE)
     monkeypatch.syspath_prepend(str(tmp_path))  # importable in the driver only; the workers learn where
     pool = RewardPool(["user_length_via_imports"], num_workers=2, imports=["user_rewards_mod"])
@@ -132,6 +134,7 @@ def test_a_reward_registered_in_a_user_module_scores_in_two_workers(
 def test_a_worker_that_cannot_start_reports_its_own_error_at_once(ray_local, tmp_path: Path, monkeypatch) -> None:
     from tracerl.workers import RewardPool
 
+    monkeypatch.setattr(rewards.registry, "REWARDS", dict(rewards.registry.REWARDS))
     (tmp_path / "driver_only_mod.py").write_text(USER_MODULE.replace("user_length_via_imports", "driver_only"))
     monkeypatch.syspath_prepend(str(tmp_path))
     import driver_only_mod  # noqa: F401 - registered in the driver, but not listed in imports

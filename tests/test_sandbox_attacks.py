@@ -241,7 +241,8 @@ def test_attack_is_contained(name: str, bait: Bait, monkeypatch: pytest.MonkeyPa
     assert os.path.exists(f"/proc/{bait.sleeper}")  # still alive
     assert not (bait.folder / "planted.py").exists()
     if harmless:  # uncontained, the same program gets through: the attack is real on this machine
-        with Sandbox(Limits(**{**limits, "memory_mb": 512}), isolation="none", min_isolation="none") as box:
+        loose = {**limits, "cpu_s": 10.0, "wall_s": 30.0, "memory_mb": 512}  # slack for a busy machine
+        with Sandbox(Limits(**loose), isolation="none", min_isolation="none") as box:
             assert _run(program, box).startswith(b"True"), name
 
 
@@ -254,7 +255,9 @@ def test_a_stderr_flood_stops_at_the_output_cap() -> None:
     start = time.monotonic()
     with Sandbox(Limits(**FAST, max_output_bytes=1 << 20)) as box:
         result = box.run("import sys\nwhile True:\n    sys.stderr.write('x' * 2**20)")
-    assert result.status == "output_limit" and time.monotonic() - start < 1.0
+    assert result.status == "output_limit" and time.monotonic() - start < FAST["wall_s"]
+    # the wrapper was not left blocked on the full pipe until the 2 s grace ran out and it had to be SIGKILLed
+    assert result.returncode != -signal.SIGKILL
 
 
 def test_a_daemon_that_left_the_process_group_dies_with_the_program() -> None:
