@@ -19,7 +19,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from rewards.registry import register_reward
-from rewards.sandbox import Limits, RunResult, Sandbox
+from rewards.sandbox import Limits, RunResult, Sandbox, check_isolation
 from rewards.text import completion_text, extract_code
 
 # Runs the solution, then each test in the solution's namespace, and reports each result on a descriptor
@@ -110,12 +110,15 @@ def code_reward(
     wall_s: float = 6.0,
     memory_mb: int = 512,
     max_workers: int | None = None,
+    total_memory_mb: int = 1024,
     **kwargs: Any,
 ) -> list[float | None]:
     """Fraction of a completion's unit tests that its program passes, run in the sandbox.
 
-    ``cpu_s``/``wall_s``/``memory_mb`` are per-program limits; ``max_workers`` bounds concurrent programs
-    (default: CPU count). The program is the completion's last fenced code block (or the whole text).
+    ``cpu_s``/``wall_s``/``memory_mb`` are per-process limits, ``total_memory_mb`` caps all processes of one
+    program together (where a cgroup is available); ``max_workers`` bounds concurrent programs (default: CPU
+    count). The program is the completion's last fenced code block (or the whole text). Below the sandbox's
+    minimum isolation level (``rewards.sandbox.configure``) it raises ``SandboxError`` instead of running code.
 
     Example:
         >>> code_reward(
@@ -159,7 +162,8 @@ def code_reward(
         else:
             plans.append(("none", len(jobs), 0, None))
 
-    sandbox = shared_sandbox(Limits(cpu_s=cpu_s, wall_s=wall_s, memory_mb=memory_mb), max_workers)
+    limits = Limits(cpu_s=cpu_s, wall_s=wall_s, memory_mb=memory_mb, total_memory_mb=total_memory_mb)
+    sandbox = shared_sandbox(limits, max_workers)
     results = sandbox.run_many(jobs)
     rewards: list[float | None] = []
     for kind, first, count, check in plans:
@@ -174,3 +178,7 @@ def code_reward(
             fraction = sum(r.ok and _same_output(r.stdout, out) for r, out in zip(runs, check, strict=True)) / count
         rewards.append(float(fraction == 1.0) if all_or_nothing else fraction)
     return rewards
+
+
+# Checked when a reward service starts (driver, `tracerl validate` and every worker): refuse below the level.
+code_reward.preflight = check_isolation

@@ -4,10 +4,12 @@ Layers (each used only where the OS allows it; ``rewards.sandbox`` probes them o
 - separate user (root only): the program runs as an unprivileged uid of its own (one per concurrent slot),
   so ``RLIMIT_NPROC`` bites, files outside its directory are not writable, root-only files are not readable;
 - network namespace: a fresh one has only a loopback interface that is down, so every connection fails;
-- filesystem view (mount namespace): the host is mounted read-only, ``/tmp`` and ``/dev/shm`` are private
-  size-limited tmpfs, the home directory is hidden (only the Python installation inside it stays visible),
-  and the program's directory is a size-limited tmpfs with a copy of its files: nothing it writes reaches
-  the host;
+- filesystem view (mount namespace + ``pivot_root``): the program's root is a fresh tmpfs holding, read-only,
+  only the operating system's program trees (``/usr``, ``/bin``, ``/lib*``), the interpreter's own
+  installation (its prefixes and site-packages) and the paths the user lists; a few device nodes; private
+  size-limited ``/tmp`` and ``/dev/shm``; and its directory, a size-limited tmpfs with a copy of its files.
+  Nothing else of the host exists there (not the working directory, not ``sys.path`` or ``PYTHONPATH``
+  folders, not home, not ``/etc``), and nothing it writes reaches the host;
 - pid namespace (``unshare --pid --fork``): every process the program starts dies with it, even ones that
   left its process group, and none is left as a zombie.
 Without root, the same namespaces come from a user namespace where unprivileged user namespaces are enabled.
@@ -22,9 +24,11 @@ import ctypes
 import ctypes.util
 import fcntl
 import os
+import platform
 import resource
 import shutil
 import signal
+import site
 import sys
 import tempfile
 from dataclasses import dataclass, field
@@ -44,7 +48,12 @@ _KEPT_OPTIONS = {
     "relatime": MS_RELATIME,
     "strictatime": MS_STRICTATIME,
 }
-_SYSTEM_TREES = ("/proc", "/sys", "/dev")  # kernel filesystems: left as they are (root-only writable)
+MNT_DETACH = 2
+_SYSTEM_TREES = ("/proc", "/sys", "/dev")  # kernel filesystems: never bound into the program's root
+_OS_TREES = ("/usr", "/bin", "/sbin", "/lib", "/lib32", "/lib64", "/libx32")  # programs and shared libraries
+_OS_FILES = ("/etc/ld.so.cache",)  # the dynamic linker's cache (it also works without, only slower)
+_DEVICES = ("/dev/null", "/dev/zero", "/dev/full", "/dev/random", "/dev/urandom")
+_PIVOT_ROOT = {"x86_64": 155, "aarch64": 41, "riscv64": 41}  # syscall numbers (glibc has no wrapper)
 
 
 @dataclass(frozen=True)
@@ -53,9 +62,10 @@ class Isolation:
 
     separate_user: bool  # runs as its own unprivileged uid: NPROC, file permissions, signals apply
     network: bool  # fresh network namespace: no connection to anything, loopback included
-    filesystem: bool  # read-only host, private /tmp and /dev/shm, hidden home; only its directory is writable
+    filesystem: bool  # its own root: only the OS, the interpreter and listed paths (read-only), private /tmp
     pid_namespace: bool  # all descendants are killed and reaped with the program
     process_limit: bool  # RLIMIT_NPROC is enforced (uid 0 is exempt from it)
+    memory_cgroup: bool = False  # the whole program's memory is capped by a cgroup (else per process only)
     notes: str = ""  # why a layer is off, if any
 
 
@@ -69,10 +79,11 @@ class Plan:
     network: bool = False
     filesystem: bool = False
     pid_namespace: bool = False
-    readonly: tuple[tuple[bytes, int], ...] = ()  # (mount point, flags to keep) remounted read-only
+    binds: tuple[tuple[bytes, bytes, int], ...] = ()  # (host path, path in its root, flags to keep), read-only
+    links: tuple[tuple[bytes, bytes], ...] = ()  # (path in its root, target): top-level symlinks such as /bin
     private_tmpfs: tuple[bytes, ...] = ()  # mount points that get a fresh, writable, size-limited tmpfs
-    hidden: tuple[bytes, ...] = ()  # directories covered by an empty read-only tmpfs (the home directory)
-    kept: tuple[bytes, ...] = ()  # paths under those that stay visible (the Python installation)
+    host_proc: bool = False  # bind the host's /proc first (a user namespace may mount a new one only then)
+    pivot_syscall: int | None = None  # pivot_root's number here (None: chroot into the new root instead)
     host_ids: tuple[int, int] = field(default_factory=lambda: (os.getuid(), os.getgid()))
 
     def command_prefix(self, uid: int | None) -> list[str]:
@@ -88,20 +99,24 @@ class Plan:
         return [*prefix, "/bin/sh", "-c", '"$@"; exit $?', "sandbox"]
 
 
-def candidate_plans() -> list[Plan]:
-    """Plans from most to least contained; the sandbox uses the first one that runs a program here."""
+def candidate_plans(paths: tuple[str, ...] = ()) -> list[Plan]:
+    """Plans from most to least contained; the sandbox uses the first one that runs a program here.
+
+    ``paths``: host paths the user wants visible (read-only) to programs, beside the interpreter's installation.
+    """
     if sys.platform != "linux":
         return [Plan("none")]
     has_unshare = shutil.which("unshare") is not None and os.path.exists("/bin/sh")
-    view = _filesystem_view()
-    if os.geteuid() == 0:
+    root = os.geteuid() == 0
+    view = _filesystem_view(paths, host_proc=not root and has_unshare)
+    if root:
         full = Plan("root", separate_user=True, network=True, filesystem=True, pid_namespace=has_unshare, **view)
         return [full, Plan("root-network", network=True), Plan("none")]
     userns = Plan("userns", user_namespace=True, network=True, filesystem=True, pid_namespace=has_unshare, **view)
     return [userns, Plan("userns-network", user_namespace=True, network=True), Plan("none")]
 
 
-def describe(plan: Plan, notes: str = "") -> Isolation:
+def describe(plan: Plan, notes: str = "", memory_cgroup: bool = False) -> Isolation:
     """The containment a plan gives."""
     return Isolation(
         separate_user=plan.separate_user,
@@ -109,35 +124,64 @@ def describe(plan: Plan, notes: str = "") -> Isolation:
         filesystem=plan.filesystem,
         pid_namespace=plan.pid_namespace,
         process_limit=plan.separate_user or plan.user_namespace,
+        memory_cgroup=memory_cgroup,
         notes=notes,
     )
 
 
-def _filesystem_view() -> dict:
-    """Mounts to make read-only, tmpfs mount points, the home directory to hide, and the Python installation
-    paths inside those that must stay visible."""
-    readonly = []
+def installation_paths() -> list[str]:
+    """The interpreter's own installation: its prefixes, its executable's folder and its site-packages."""
+    paths = {sys.base_prefix, sys.prefix, sys.exec_prefix, sys.base_exec_prefix}
+    paths |= {os.path.dirname(sys.executable), os.path.dirname(os.path.realpath(sys.executable))}
+    paths |= set(site.getsitepackages())
+    return sorted(p for p in paths if p and os.path.isdir(p))
+
+
+def _filesystem_view(paths: tuple[str, ...] = (), host_proc: bool = False) -> dict:
+    """What the program's root holds: read-only binds of the OS trees, the interpreter's installation and
+    ``paths`` (each mount below them too, so none stays writable), top-level symlinks, and the tmpfs points."""
+    mounts = {}  # mount point -> flags that must be kept when remounting it
     with open("/proc/self/mountinfo", "rb") as f:
         for line in f:
             fields = line.split()
-            point = _unescape(fields[4]).decode()
-            if any(point == t or point.startswith(t + "/") for t in _SYSTEM_TREES):
-                continue
-            flags = sum(_KEPT_OPTIONS.get(o, 0) for o in fields[5].decode().split(","))
-            readonly.append((point.encode(), flags))
+            mounts[_unescape(fields[4]).decode()] = sum(_KEPT_OPTIONS.get(o, 0) for o in fields[5].decode().split(","))
+    wanted: list[tuple[str, str]] = []  # (host source, path in the new root)
+    links = []
+    for tree in _OS_TREES:
+        if os.path.islink(tree):
+            links.append((tree.encode(), os.readlink(tree).encode()))
+        elif os.path.isdir(tree):
+            wanted.append((tree, tree))
+    wanted += [(f, f) for f in (*_OS_FILES, *_DEVICES) if os.path.exists(f)]
+    for path in (*installation_paths(), *(os.path.abspath(os.path.expanduser(p)) for p in paths)):
+        real = os.path.realpath(path)
+        wanted += [(real, real), (real, path)] if real != path else [(real, real)]
+    binds: list[tuple[bytes, bytes, int]] = []
+    covered: list[tuple[str, str]] = []
+    for source, target in sorted(set(wanted), key=lambda st: (len(st[1]), st[1])):
+        if any(_under(target, [t]) and source == s + target[len(t) :] for s, t in covered):
+            continue  # already visible through a bind of a folder above it
+        covered.append((source, target))
+        for point in sorted(m for m in mounts if _under(m, [source]) and not _under(m, list(_SYSTEM_TREES))):
+            inner = target + point[len(source) :]  # the bind itself, then every mount below it
+            binds.append((point.encode(), inner.encode(), _mount_flags(point, mounts)))
+        if not any(m == source for m in mounts):
+            binds.append((source.encode(), target.encode(), _mount_flags(source, mounts)))
+    binds.sort(key=lambda b: len(b[1]))  # a folder before the mounts below it
     tmpfs = [p for p in ("/tmp", "/dev/shm") if os.path.isdir(p)]
-    home = os.path.realpath(os.path.expanduser("~"))
-    hidden = [home] if home != "/" and os.path.isdir(home) and not _under(home, tmpfs) else []
-    needed = {sys.base_prefix, sys.prefix, sys.exec_prefix, sys.base_exec_prefix, os.path.dirname(sys.executable)}
-    needed |= {p for p in sys.path if p and os.path.isdir(p)}
-    inside = sorted({os.path.realpath(p) for p in needed if _under(os.path.realpath(p), tmpfs + hidden)})
-    kept = [p for p in inside if not _under(p, [q for q in inside if q != p])]
     return {
-        "readonly": tuple(readonly),
+        "binds": tuple(binds),
+        "links": tuple(links),
         "private_tmpfs": tuple(p.encode() for p in tmpfs),
-        "hidden": tuple(p.encode() for p in hidden),
-        "kept": tuple(p.encode() for p in kept),
+        "host_proc": host_proc,
+        "pivot_syscall": _PIVOT_ROOT.get(platform.machine()),
     }
+
+
+def _mount_flags(path: str, mounts: dict[str, int]) -> int:
+    """Flags of the mount ``path`` lives on (its longest mount-point prefix)."""
+    best = max((m for m in mounts if _under(path, [m])), key=len, default="/")
+    return mounts.get(best, 0)
 
 
 def _under(path: str, parents: list[str]) -> bool:
@@ -174,13 +218,20 @@ def _write(path: str, data: bytes) -> None:
 
 
 def child_setup(
-    plan: Plan, workdir: bytes, rlimits: tuple, tmpfs_options: bytes, uid: int | None, error_fd: int
+    plan: Plan,
+    workdir: bytes,
+    rlimits: tuple,
+    tmpfs_options: bytes,
+    uid: int | None,
+    error_fd: int,
+    cgroup_procs: bytes | None = None,
 ) -> None:
-    """Runs in the forked child before ``exec``: namespaces, the filesystem view, limits, no new privileges.
-
-    A failure is written to ``error_fd`` (for the parent's error message) and re-raised.
+    """Runs in the forked child before ``exec``: its memory cgroup, namespaces, the filesystem view, limits, no
+    new privileges. A failure is written to ``error_fd`` (for the parent's error message) and re-raised.
     """
     try:
+        if cgroup_procs is not None:  # first, while the host's cgroup filesystem is still visible
+            _write(cgroup_procs, b"%d" % os.getpid())
         _setup(plan, workdir, rlimits, tmpfs_options, uid)
     except BaseException as err:
         os.write(error_fd, f"{type(err).__name__}: {err}".encode(errors="replace"))
@@ -211,27 +262,38 @@ def _setup(plan: Plan, workdir: bytes, rlimits: tuple, tmpfs_options: bytes, uid
 
 
 def _private_view(plan: Plan, workdir: bytes, tmpfs_options: bytes, uid: int | None) -> None:
-    """Read-only host, fresh /tmp and /dev/shm, hidden home, and at ``workdir`` a size-limited tmpfs holding a
-    copy of the program's files (so what it writes is bounded and never reaches the host's disk)."""
+    """A new root (a tmpfs built at ``workdir``, the host folder the parent made) holding only the plan's
+    read-only binds, device nodes, private /tmp and /dev/shm and, at ``workdir``, a size-limited tmpfs with a
+    copy of the program's files; then ``pivot_root`` into it and detach the host's root."""
     _mount(None, b"/", None, MS_REC | MS_PRIVATE)  # nothing below propagates back to the host
-    work_fd = os.open(workdir, os.O_RDONLY | os.O_DIRECTORY)
-    kept = [(path, os.open(path, os.O_PATH | os.O_DIRECTORY)) for path in plan.kept]
-    for point, keep in plan.readonly:
-        _mount(None, point, None, MS_REMOUNT | MS_BIND | MS_RDONLY | keep)
-    for point in plan.private_tmpfs:
-        _mount(b"tmpfs", point, b"tmpfs", MS_NOSUID | MS_NODEV, tmpfs_options + b",mode=1777")
-    for point in plan.hidden:
-        _mount(b"tmpfs", point, b"tmpfs", MS_NOSUID | MS_NODEV, b"size=1m,mode=0555")
-    for path, fd in kept:  # the Python installation under a covered directory, read-only as before
-        os.makedirs(path, exist_ok=True)
-        _mount(b"/proc/self/fd/%d" % fd, path, None, MS_BIND | MS_REC)
-        os.close(fd)
-    os.makedirs(workdir, exist_ok=True)
+    work_fd = os.open(workdir, os.O_RDONLY | os.O_DIRECTORY)  # the files the parent wrote, read below
+    root = workdir
+    _mount(b"tmpfs", root, b"tmpfs", MS_NOSUID | MS_NODEV, b"size=1m,mode=0755")
+    for point in plan.private_tmpfs:  # first, so binds below /tmp (a venv there, a listed path) stay visible
+        os.makedirs(root + point, exist_ok=True)
+        _mount(b"tmpfs", root + point, b"tmpfs", MS_NOSUID | MS_NODEV, tmpfs_options + b",mode=1777")
+    for source, target, keep in plan.binds:
+        inside = root + target
+        if os.path.isdir(source):
+            os.makedirs(inside, exist_ok=True)
+        else:  # a file or a device node is bound onto an empty file
+            os.makedirs(os.path.dirname(inside), exist_ok=True)
+            os.close(os.open(inside, os.O_WRONLY | os.O_CREAT, 0o644))
+        _mount(source, inside, None, MS_BIND)
+        _mount(None, inside, None, MS_REMOUNT | MS_BIND | MS_RDONLY | keep)
+    for link, target in plan.links:
+        os.symlink(target, root + link)
+    os.makedirs(root + b"/proc", exist_ok=True)  # `unshare --mount-proc` mounts its pid namespace's /proc here
+    if plan.host_proc:  # a user namespace may mount proc only where one is already fully visible
+        _mount(b"/proc", root + b"/proc", None, MS_BIND | MS_REC)
+    os.symlink(b"/proc/self/fd", root + b"/dev/fd")
+    inside = root + workdir
+    os.makedirs(inside, exist_ok=True)
     owner = b"" if uid is None else b",uid=%d,gid=%d" % (uid, uid)
-    _mount(b"tmpfs", workdir, b"tmpfs", MS_NOSUID | MS_NODEV, tmpfs_options + b",mode=0700" + owner)
-    for name in os.listdir(work_fd):  # the files the parent wrote into the host directory
+    _mount(b"tmpfs", inside, b"tmpfs", MS_NOSUID | MS_NODEV, tmpfs_options + b",mode=0700" + owner)
+    for name in os.listdir(work_fd):
         source = os.open(name, os.O_RDONLY, dir_fd=work_fd)
-        target = os.open(os.path.join(workdir, os.fsencode(name)), os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        target = os.open(os.path.join(inside, os.fsencode(name)), os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
         while chunk := os.read(source, 1 << 16):
             os.write(target, chunk)
         if uid is not None:
@@ -239,6 +301,13 @@ def _private_view(plan: Plan, workdir: bytes, tmpfs_options: bytes, uid: int | N
         os.close(source)
         os.close(target)
     os.close(work_fd)
+    os.chdir(root)
+    if plan.pivot_syscall is not None:  # pivot_root(".", "."): the old root ends up on top, then detach it
+        _call(_LIBC.syscall(plan.pivot_syscall, b".", b"."), "pivot_root")
+        _call(_LIBC.umount2(b".", MNT_DETACH), "umount old root")
+    else:
+        os.chroot(".")
+    _mount(None, b"/", None, MS_REMOUNT | MS_BIND | MS_RDONLY | MS_NOSUID | MS_NODEV)
     os.chdir(workdir)
 
 

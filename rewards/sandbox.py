@@ -7,8 +7,11 @@ isolation the program sees a size-limited tmpfs there holding a copy of its file
   ``WANDB_API_KEY``, ``HF_TOKEN``, cloud credentials;
 - output capped at ``max_output_bytes`` (the program is killed when it prints more);
 - a wall-clock limit, after which its whole process group (and pid namespace) is killed;
-- the OS isolation this machine allows (``rewards.isolation``: separate uid, no network, read-only host,
-  pid namespace), probed once per process; ``isolation()`` says what is active.
+- the OS isolation this machine allows (``rewards.isolation``: separate uid, no network, its own root holding
+  only the interpreter's installation, pid namespace; ``rewards.cgroup``: a memory cap on the whole program),
+  probed once per process; ``isolation()`` says what is active;
+- a minimum isolation level (``configure(min_isolation=...)``, default ``"full"``): below it no program runs
+  and ``SandboxError`` says which layer is missing, why, and how to fix it.
 At most ``max_workers`` programs run at once per ``Sandbox``.
 
 Example:
@@ -34,11 +37,12 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Literal
 
+from rewards.cgroup import MemoryCgroups
 from rewards.isolation import Isolation, Plan, UidSlots, candidate_plans, child_setup, describe
 
 log = logging.getLogger(__name__)
@@ -57,6 +61,7 @@ class Limits:
     max_file_mb: int = 16  # largest file it may write (RLIMIT_FSIZE)
     max_open_files: int = 64  # file descriptors (RLIMIT_NOFILE)
     tmpfs_mb: int = 64  # size of each of its tmpfs: its directory, /tmp, /dev/shm (with filesystem isolation)
+    total_memory_mb: int = 1024  # memory of all its processes together, tmpfs pages included (needs a cgroup)
 
 
 @dataclass
@@ -80,22 +85,95 @@ class SandboxError(RuntimeError):
 
 # ---------------------------------------------------------------------------------------------- isolation
 
-_PLANS: dict[str, tuple[Plan, Isolation]] = {}
+# The minimum isolation levels, most to least contained: the layers each one needs.
+LEVELS: dict[str, tuple[str, ...]] = {
+    "full": ("separate_user", "filesystem", "network", "pid_namespace", "process_limit"),
+    "namespaces": ("filesystem", "network", "pid_namespace", "process_limit"),  # unprivileged user namespace
+    "network": ("network",),
+    "none": (),
+}
+
+
+@dataclass(frozen=True)
+class Policy:
+    """What every sandbox of this process requires and shows (set with ``configure``)."""
+
+    min_isolation: str = "full"  # a key of LEVELS: below it no program runs
+    paths: tuple[str, ...] = ()  # host paths programs may read (beside the interpreter's own installation)
+
+
+_POLICY = Policy()
+_PLANS: dict[tuple[str, tuple[str, ...]], tuple[Plan, Isolation]] = {}
 _PLANS_LOCK = threading.Lock()
 _UID_SLOTS: UidSlots | None = None
+_CGROUPS: list[MemoryCgroups | None] = []  # probed once: [] until then
 
 
-def isolation(mode: Literal["auto", "none"] = "auto") -> Isolation:
+def configure(min_isolation: str = "full", paths: Sequence[str] = ()) -> Policy:
+    """Set this process's sandbox policy; lowering the level below "full" is logged.
+
+    Raises:
+        ValueError: an unknown level, or a path that does not exist.
+    """
+    global _POLICY
+    if min_isolation not in LEVELS:
+        raise ValueError(f"unknown sandbox isolation level '{min_isolation}'; choose from {list(LEVELS)}.")
+    for path in paths:
+        if not os.path.exists(os.path.expanduser(path)):
+            raise ValueError(f"sandbox path '{path}' does not exist; list only existing files or folders.")
+    policy = Policy(min_isolation, tuple(os.path.abspath(os.path.expanduser(p)) for p in paths))
+    if policy != _POLICY:
+        if min_isolation != "full":
+            missing = sorted(set(LEVELS["full"]) - set(LEVELS[min_isolation]))
+            log.warning("sandbox minimum isolation lowered to %r: programs may run without %s", min_isolation, missing)
+        if policy.paths:
+            log.info("sandboxed programs may read %s", list(policy.paths))
+    _POLICY = policy
+    return policy
+
+
+def policy() -> Policy:
+    """The sandbox policy of this process."""
+    return _POLICY
+
+
+def isolation(mode: Literal["auto", "none"] = "auto", paths: Sequence[str] | None = None) -> Isolation:
     """The containment sandboxed programs get in this process (probed on first use)."""
-    return _plan(mode)[1]
+    return _plan(mode, _POLICY.paths if paths is None else tuple(paths))[1]
 
 
-def _plan(mode: str) -> tuple[Plan, Isolation]:
-    """The most contained plan that runs a program here; probed once per process and mode."""
+def check_isolation(min_isolation: str | None = None, mode: Literal["auto", "none"] = "auto") -> Isolation:
+    """This process's isolation, if it meets ``min_isolation`` (default: the policy's level).
+
+    Raises:
+        SandboxError: a layer the level needs is off here; the message says which, why and the fix.
+    """
+    level = min_isolation or _POLICY.min_isolation
+    active = isolation(mode)
+    missing = [layer for layer in LEVELS[level] if not getattr(active, layer)]
+    if missing:
+        have = [layer for layer in LEVELS["full"] if getattr(active, layer)] or ["nothing"]
+        why = f" Why: {active.notes}." if active.notes else ""
+        lower = [name for name, layers in LEVELS.items() if not set(layers) - set(have)]
+        raise SandboxError(
+            f"the code sandbox refuses to run generated code: the minimum isolation level '{level}' needs "
+            f"{missing}, which this machine does not give (active: {have}).{why} Run the reward workers as root "
+            "with util-linux `unshare` on PATH, or as a user where unprivileged user namespaces are enabled "
+            "(kernel.unprivileged_userns_clone=1, user.max_user_namespaces > 0); or, accepting less "
+            f"containment, lower it explicitly with reward.sandbox.min_isolation={lower[0]} (levels: {list(LEVELS)})."
+        )
+    return active
+
+
+def _plan(mode: str, paths: tuple[str, ...] = ()) -> tuple[Plan, Isolation]:
+    """The most contained plan that runs a program here; probed once per process, mode and path list."""
     global _UID_SLOTS
     with _PLANS_LOCK:
-        if mode not in _PLANS:
-            plans = candidate_plans() if mode == "auto" else [Plan("none")]
+        if not _CGROUPS:
+            _CGROUPS.append(MemoryCgroups.find() if mode == "auto" else None)
+        key = (mode, paths)
+        if key not in _PLANS:
+            plans = candidate_plans(paths) if mode == "auto" else [Plan("none")]
             failures = []
             for plan in plans:
                 if plan.separate_user and _UID_SLOTS is None:
@@ -111,8 +189,8 @@ def _plan(mode: str) -> tuple[Plan, Isolation]:
             notes = "; ".join(failures)
             if failures:
                 log.warning("sandbox isolation reduced to '%s': %s", plan.name, notes)
-            _PLANS[mode] = (plan, describe(plan, notes))
-        return _PLANS[mode]
+            _PLANS[key] = (plan, describe(plan, notes, memory_cgroup=_CGROUPS[0] is not None and mode == "auto"))
+        return _PLANS[key]
 
 
 # ---------------------------------------------------------------------------------------------- running
@@ -129,25 +207,29 @@ class Sandbox:
         limits: Limits | None = None,
         max_workers: int | None = None,
         isolation: Literal["auto", "none"] = "auto",
+        min_isolation: str | None = None,
     ) -> None:
         self.limits = limits or Limits()
         self.max_workers = max_workers or os.cpu_count() or 1
         self.mode = isolation
+        self.min_isolation = min_isolation  # None: the process policy's level (``configure``)
         self._slots = threading.BoundedSemaphore(self.max_workers)
         self._pool: ThreadPoolExecutor | None = None
         self._pool_lock = threading.Lock()
 
     @property
     def isolation(self) -> Isolation:
-        return _plan(self.mode)[1]
+        return isolation(self.mode)
 
     def run(self, source: str, stdin: bytes | str = b"", files: dict[str, str] | None = None) -> RunResult:
         """Run ``source`` as ``main.py`` (``files`` are written beside it) with ``stdin`` as its input.
 
         Raises:
-            SandboxError: the sandbox itself failed (could not create the directory or start the process).
+            SandboxError: the isolation is below the minimum level, or the sandbox itself failed (could not
+                create the directory or start the process).
         """
-        plan = _plan(self.mode)[0]
+        check_isolation(self.min_isolation, self.mode)
+        plan = _plan(self.mode, _POLICY.paths)[0]
         data = stdin.encode() if isinstance(stdin, str) else stdin
         with self._slots:
             return _spawn(plan, source, data, self.limits, files or {})
@@ -179,10 +261,13 @@ class Sandbox:
 def _spawn(plan: Plan, source: str, stdin: bytes, limits: Limits, files: dict[str, str]) -> RunResult:
     """One program, start to cleanup, under ``plan``."""
     uid, lock_fd = _UID_SLOTS.acquire() if plan.separate_user and _UID_SLOTS else (None, None)
-    workdir = None
+    cgroups = _CGROUPS[0] if _CGROUPS and plan.name != "none" else None
+    workdir = cgroup = None
     proc = None
     start = time.monotonic()
     try:
+        if cgroups is not None:
+            cgroup = cgroups.create(limits.total_memory_mb << 20)
         workdir = tempfile.mkdtemp(prefix="tracerl-sbx-")
         for name, text in {"main.py": source, **files}.items():
             path = os.path.join(workdir, name)
@@ -198,7 +283,10 @@ def _spawn(plan: Plan, source: str, stdin: bytes, limits: Limits, files: dict[st
         tmpfs_options = b"size=%dm" % limits.tmpfs_mb
         error_read, error_write = os.pipe()  # the child reports a failed setup here (closed before exec)
         rlimits = _rlimits(limits, plan)
-        setup = functools.partial(child_setup, plan, os.fsencode(workdir), rlimits, tmpfs_options, uid, error_write)
+        procs = None if cgroup is None else MemoryCgroups.procs_file(cgroup)
+        setup = functools.partial(
+            child_setup, plan, os.fsencode(workdir), rlimits, tmpfs_options, uid, error_write, procs
+        )
         command = [*plan.command_prefix(uid), sys.executable, "-I", "main.py"]
         try:
             proc = subprocess.Popen(
@@ -221,6 +309,10 @@ def _spawn(plan: Plan, source: str, stdin: bytes, limits: Limits, files: dict[st
             os.close(error_read)
             os.close(error_write)
         stdout, stderr, status = _communicate(proc, stdin, limits, start, plan.pid_namespace)
+        # Close our ends first: after a limit the pipes may be full, and a process still writing to them (the
+        # `unshare` wrapper reports its child's SIGKILL on stderr) must get EPIPE, not block until killed.
+        proc.stdout.close()
+        proc.stderr.close()
         _stop(proc, plan.pid_namespace)  # stragglers of a finished program, or the whole program after a limit
         returncode = proc.wait()
         if status == "ok" and returncode != 0:
@@ -236,6 +328,11 @@ def _spawn(plan: Plan, source: str, stdin: bytes, limits: Limits, files: dict[st
                     pipe.close()
         if workdir is not None:
             shutil.rmtree(workdir, onerror=_force_remove)
+        if cgroup is not None:
+            try:
+                MemoryCgroups.remove(cgroup)
+            except OSError as err:
+                log.warning("could not remove the sandbox cgroup %s: %s", cgroup, err)
         if lock_fd is not None:
             UidSlots.release(lock_fd)
 

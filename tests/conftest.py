@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import sys
+import warnings
 
 import pytest
 import torch
@@ -18,6 +20,37 @@ from tracerl.config import ModelConfig, TinyModelConfig  # noqa: E402
 from tracerl.models import load_policy  # noqa: E402
 
 torch.set_num_threads(2)
+
+# A deprecation warning that tracerl's or rewards' own code causes fails the test where it happens: the first
+# caller outside the warning library (Module.__call__ dispatch aside) is ours, e.g. a deprecated argument passed
+# to transformers. A library warning about its own internals (deepspeed calling torch.jit) does not.
+_OWN_PACKAGES = ("tracerl", "rewards")
+_DEPRECATIONS = (DeprecationWarning, PendingDeprecationWarning, FutureWarning)
+_warn = warnings.warn
+
+
+def _caller_package(frame):  # noqa: ANN001, ANN202
+    """The top-level package of the first frame outside the package that issued the warning."""
+    issuer = frame.f_globals.get("__name__", "").split(".")[0]
+    while frame is not None:
+        module = frame.f_globals.get("__name__", "")
+        if module.split(".")[0] != issuer and not module.startswith("torch.nn.modules"):
+            return module.split(".")[0], frame
+        frame = frame.f_back
+    return None, None
+
+
+def _strict_warn(message, category=None, stacklevel=1, source=None, **kwargs):  # noqa: ANN001, ANN202
+    kind = category or (type(message) if isinstance(message, Warning) else UserWarning)
+    if issubclass(kind, _DEPRECATIONS):
+        package, frame = _caller_package(sys._getframe(1))
+        if package in _OWN_PACKAGES:
+            where = f"{frame.f_code.co_filename}:{frame.f_lineno}"
+            raise kind(f"{message} (caused by tracerl's own call at {where})")
+    return _warn(message, category, stacklevel + 1, source, **kwargs)
+
+
+warnings.warn = _strict_warn
 
 
 def tiny_policy(attention: str = "full", block_size: int = 4, **kw):  # noqa: ANN201

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 
+import rewards.registry
 from tracerl.reward_service import RewardError, RewardService, RewardSpec
 
 ray = pytest.importorskip("ray")
@@ -92,6 +93,7 @@ def test_errors_from_a_worker_name_the_sample_in_the_whole_batch(ray_local, rewa
         with pytest.raises(RewardError) as err:
             pool.score(["q"] * 6, completions)  # c5 is the third sample of the second shard
         assert str(err.value).startswith("reward function 'fails_on_c5' failed on sample 5: ValueError")
+        assert "(completion 5: 'c5')" in str(err.value)  # the quote uses the batch index too, not the shard's 2
     finally:
         pool.shutdown()
     nan_pool = RewardPool([f"{reward_file}:fails_on_c5"], num_workers=2, on_error="nan")
@@ -100,3 +102,74 @@ def test_errors_from_a_worker_name_the_sample_in_the_whole_batch(ray_local, rewa
         assert result.total[:3] == [1.0, 1.0, 1.0] and result.metrics["reward/errors/fails_on_c5"] == 3.0
     finally:
         nan_pool.shutdown()
+
+
+USER_MODULE = """
+import rewards
+
+@rewards.register_reward("user_length_via_imports")
+def user_length(prompts, completions, **kwargs):
+    return [float(len(c)) for c in completions]
+"""
+
+
+def test_a_reward_registered_in_a_user_module_scores_in_two_workers(
+    ray_local, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from tracerl.workers import RewardPool
+
+    monkeypatch.setattr(rewards.registry, "REWARDS", dict(rewards.registry.REWARDS))  # undone after the test
+    (tmp_path / "user_rewards_mod.py").write_text(USER_MODULE)
+    monkeypatch.syspath_prepend(str(tmp_path))  # importable in the driver only; the workers learn where
+    pool = RewardPool(["user_length_via_imports"], num_workers=2, imports=["user_rewards_mod"])
+    try:
+        result = pool.score(["q"] * 4, ["a", "bb", "ccc", "dddd"])
+        assert result.total == [1.0, 2.0, 3.0, 4.0]
+        assert len(set(ray.get([w.ready.remote() for w in pool.workers]))) == 2  # two processes scored
+        assert pool.restarts == 0
+    finally:
+        pool.shutdown()
+
+
+def test_a_worker_that_cannot_start_reports_its_own_error_at_once(ray_local, tmp_path: Path, monkeypatch) -> None:
+    from tracerl.workers import RewardPool
+
+    monkeypatch.setattr(rewards.registry, "REWARDS", dict(rewards.registry.REWARDS))
+    (tmp_path / "driver_only_mod.py").write_text(USER_MODULE.replace("user_length_via_imports", "driver_only"))
+    monkeypatch.syspath_prepend(str(tmp_path))
+    import driver_only_mod  # noqa: F401 - registered in the driver, but not listed in imports
+
+    with pytest.raises(RewardError) as err:
+        RewardPool(["driver_only"], num_workers=2)
+    message = str(err.value)
+    assert message.startswith("a reward worker could not start: unknown reward 'driver_only'")
+    assert "died" not in message
+    with pytest.raises(RewardError, match="could not import module 'no_such_module_xyz' listed in reward.imports"):
+        RewardPool(["length"], num_workers=1, imports=["no_such_module_xyz"])
+
+
+ESCAPES = [
+    "import os\ndef f():\n    return 'test_reward_pool.py' in os.listdir({tests!r})",  # the driver's folder
+    "def f():\n    return len(open({bait!r}).read()) > 0",  # a file in a folder on the driver's sys.path
+    "import os\ndef f():\n    return any(n.startswith('ray-') for n in os.listdir('/tmp'))",  # Ray's sockets
+    "import os\ndef f():\n    return os.listdir('.') == ['main.py']",  # control: an ordinary program
+]
+
+
+def test_sandboxed_code_in_ray_workers_sees_no_host_folders(ray_local, tmp_path: Path, monkeypatch) -> None:
+    from rewards.sandbox import isolation
+    from tracerl.workers import RewardPool
+
+    if not isolation().filesystem:
+        pytest.skip(f"no filesystem isolation here ({isolation().notes})")
+    bait = tmp_path / "id_rsa"
+    bait.write_text("fake key")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    programs = [e.format(tests=str(Path(__file__).parent), bait=str(bait)) for e in ESCAPES]
+    assert Path(__file__).name in os.listdir(Path(__file__).parent)  # each escape is real on the host
+    pool = RewardPool([RewardSpec("code", kwargs={"cpu_s": 1.0, "wall_s": 4.0})], num_workers=2)
+    try:
+        result = pool.score(["q"] * 4, programs, columns={"tests": [["assert f()"]] * 4})
+    finally:
+        pool.shutdown()
+    assert result.total == [0.0, 0.0, 0.0, 1.0]

@@ -19,6 +19,7 @@ This module never imports deepspeed or ray: the learner is anything with ``save(
 
 from __future__ import annotations
 
+import json
 import os
 import random
 import re
@@ -196,8 +197,75 @@ def export_hf(source: str | Path | Any, out_dir: str | Path) -> Path:
         source.save_hf(out)
         return out
     src = Path(source)
-    for candidate in (src / "learner" / "hf", src / "hf", src):
-        if (candidate / "config.json").is_file():
-            shutil.copytree(candidate, out, dirs_exist_ok=True)
-            return out
-    raise FileNotFoundError(f"{src} holds no exported policy (expected learner/hf/config.json inside a checkpoint)")
+    if not src.is_dir():
+        raise FileNotFoundError(f"checkpoint '{src}' does not exist; give a directory like run_dir/checkpoints/step-N.")
+    hf = next((c for c in (src / "learner" / "hf", src / "hf", src) if (c / "config.json").is_file()), None)
+    if hf is None:
+        raise FileNotFoundError(f"{src} holds no exported policy (expected learner/hf/config.json inside a checkpoint)")
+    verify_export_source(src, hf)
+    if out.exists() and any(out.iterdir()):
+        raise FileExistsError(f"export target '{out}' exists and is not empty; give a new or empty directory.")
+    # Copy into a temporary sibling, fsync, then rename: an interrupted export leaves no half-written directory.
+    tmp = out.parent / f".tmp-{out.name}-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        shutil.copytree(hf, tmp)
+        _fsync_tree(tmp)
+        if out.exists():
+            out.rmdir()
+        os.replace(tmp, out)
+        _fsync_dir(out.parent)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return out
+
+
+def verify_export_source(checkpoint: Path, hf: Path) -> None:
+    """What ``export_hf`` copies is whole: a complete checkpoint (``COMPLETE``), a JSON ``config.json`` and
+    readable weight files.
+
+    Raises:
+        ValueError: a check failed; the message names the file.
+    """
+    markers = [d / COMPLETE for d in (checkpoint, checkpoint.parent, hf.parent.parent)]
+    if hf != checkpoint and not any(m.is_file() for m in markers):
+        raise ValueError(
+            f"checkpoint '{checkpoint}' is not complete (no {COMPLETE} marker): it was interrupted while being "
+            "written. Export an earlier complete checkpoint (those with a COMPLETE file)."
+        )
+    try:
+        config = json.loads((hf / "config.json").read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ValueError(f"{hf / 'config.json'} is not valid JSON ({err}); the checkpoint is damaged.") from None
+    if not isinstance(config, dict):
+        raise ValueError(f"{hf / 'config.json'} is not a JSON object; the checkpoint is damaged.")
+    weights = sorted(hf.glob("*.safetensors")) + sorted(hf.glob("*.bin"))
+    if not weights:
+        raise ValueError(f"{hf} has no weight files (*.safetensors or *.bin); the checkpoint is damaged.")
+    for path in weights:
+        try:
+            if path.suffix == ".safetensors":
+                _check_safetensors(path)
+            else:
+                torch.load(path, map_location="meta", weights_only=True)
+        except Exception as err:  # noqa: BLE001 - safetensors and torch raise their own types
+            raise ValueError(
+                f"weight file {path} is unreadable ({type(err).__name__}: {err}); it is truncated or damaged."
+            ) from None
+
+
+def _check_safetensors(path: Path) -> None:
+    """The header parses and the tensors it lists end exactly at the end of the file."""
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        head = f.read(8)
+        if len(head) < 8:
+            raise ValueError("shorter than a safetensors header")
+        length = int.from_bytes(head, "little")
+        if length > size - 8:
+            raise ValueError(f"header of {length} bytes in a file of {size}")
+        header = json.loads(f.read(length))
+    ends = [t["data_offsets"][1] for k, t in header.items() if k != "__metadata__"]
+    if 8 + length + max(ends, default=0) != size:
+        raise ValueError(f"its tensors need {8 + length + max(ends, default=0)} bytes, the file has {size}")

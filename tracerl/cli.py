@@ -120,13 +120,18 @@ def cmd_validate(ns: argparse.Namespace) -> int:
         check_rewards(cfg, None, cfg.data.source)
     else:
         stream, eval_set = load_prompts(cfg)
+        if not ns.offline:
+            from tracerl.sampling import check_positions
+
+            check_positions(policy, max(len(ids) for ids in stream.ids), cfg.sampling)
         held = len(eval_set.prompt_ids) if eval_set else 0
         console.print(
             f"data: ok ({len(stream.ids)} training prompts, {held} held out, {stream.dropped} dropped as longer than "
             "the limit)"
         )
         check_rewards(cfg, stream.ds.column_names, cfg.data.source)
-    console.print(f"rewards: ok ({', '.join(f.fn for f in cfg.reward.functions)})")
+    r = cfg.reward
+    console.print(f"rewards: ok ({', '.join(f.fn for f in r.functions)}; sandbox minimum {r.sandbox.min_isolation})")
     return 0
 
 

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from omegaconf import OmegaConf
+from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 
@@ -115,6 +115,17 @@ class RewardFnConfig:
     name: str | None = None  # metric name (defaults to the function's name)
     kwargs: dict[str, Any] = field(default_factory=dict)  # fixed keyword arguments passed on every call
     completion_format: Literal["as_given", "chat", "text"] = "as_given"  # chat: wrap text as an assistant message
+    factory_kwargs: dict[str, Any] | None = None  # fn builds the reward: the reward is fn(**factory_kwargs)
+
+
+@dataclass
+class SandboxConfig:
+    """The code sandbox of code-execution rewards (DESIGN §16, docs/rewards.md)."""
+
+    # below this level generated code is never run: full (separate user + private filesystem + no network +
+    # pid namespace + process limit) | namespaces (the same without a separate user) | network | none
+    min_isolation: Literal["full", "namespaces", "network", "none"] = "full"
+    paths: list[str] = field(default_factory=list)  # host paths programs may read, beside the interpreter
 
 
 @dataclass
@@ -126,6 +137,8 @@ class RewardConfig:
     timeout_s: float = 60.0  # per-call timeout of a reward function
     num_workers: int = 1  # reward actors (CPU)
     num_cpus_per_worker: float = 1.0  # Ray CPUs each reward actor reserves
+    imports: list[str] = field(default_factory=list)  # modules imported in the driver and every reward worker
+    sandbox: SandboxConfig = field(default_factory=SandboxConfig)  # the code sandbox's minimum isolation, paths
 
 
 @dataclass
@@ -347,6 +360,7 @@ def check(cfg: Config) -> None:
         )
     check_old_logp_source(cfg)
     check_loop(cfg)
+    check_counts(cfg)
 
 
 def check_old_logp_source(cfg: Config) -> None:
@@ -438,6 +452,30 @@ def check_cluster(cfg: Config, available_gpus: float, source: str) -> None:
         )
 
 
+def check_counts(cfg: Config) -> None:
+    """Counts and durations that must be positive (or non-negative), each named by its full key."""
+    rules = (
+        ("sft.steps", cfg.sft.steps, 1, "optimizer steps to train"),
+        ("sft.batch_size", cfg.sft.batch_size, 1, "examples per optimizer step"),
+        ("sft.eval_every", cfg.sft.eval_every, 0, "0 turns evaluation off"),
+        ("sft.eval_prompts", cfg.sft.eval_prompts, 0, "held-out prompts per check"),
+        ("reward.num_workers", cfg.reward.num_workers, 1, "reward actors"),
+        ("rollout.num_workers", cfg.rollout.num_workers, 1, "rollout actors"),
+        ("data.max_prompt_tokens", cfg.data.max_prompt_tokens, 1, "longer prompts are dropped"),
+        ("data.num_synthetic", cfg.data.num_synthetic, 1, "examples of a synthetic task"),
+        ("checkpoint.keep_last", cfg.checkpoint.keep_last, 1, "complete checkpoints kept"),
+        ("checkpoint.save_every", cfg.checkpoint.save_every, 0, "0 saves only at the end"),
+        ("sampling.batch_size", cfg.sampling.batch_size, 1, "sequences decoded together"),
+    )
+    for key, value, least, meaning in rules:
+        if value < least:
+            bound = "positive" if least == 1 else "0 or more"
+            raise ConfigError(f"{key} must be {bound} ({meaning}), got {value}.")
+    for key, value in (("reward.timeout_s", cfg.reward.timeout_s), ("sft.lr", cfg.sft.lr)):
+        if not value > 0:
+            raise ConfigError(f"{key} must be a positive number, got {value}.")
+
+
 # ---------------------------------------------------------------------------------------------- loading
 
 
@@ -484,7 +522,17 @@ def load(yaml_path: str | Path | None = None, overrides: list[str] | None = None
         path = Path(yaml_path)
         if not path.is_file():
             raise ConfigError(f"config file '{path}' does not exist; pass the path of a YAML file.")
-        layers.append((OmegaConf.load(path), str(path)))
+        try:
+            layer = OmegaConf.load(path)
+        except Exception as err:  # noqa: BLE001 - yaml and omegaconf raise several types; the text says where
+            detail = " ".join(str(err).split())
+            raise ConfigError(f"config file '{path}' is not valid YAML: {detail}") from None
+        if not isinstance(layer, DictConfig):
+            raise ConfigError(
+                f"config file '{path}' holds a {type(layer).__name__.removesuffix('Config').lower()} at the top, not "
+                "a mapping of settings; write it as keys, e.g. 'sampling: {max_new_tokens: 64}'."
+            )
+        layers.append((layer, str(path)))
     for item in overrides or []:
         if "=" not in item:
             raise ConfigError(f"override '{item}' is not of the form key=value (e.g. sampling.temperature=0.7).")

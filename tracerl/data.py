@@ -8,8 +8,10 @@ column is filtered together.
 
 from __future__ import annotations
 
+import contextlib
+import json
 import random
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -82,12 +84,49 @@ def _load_source(cfg: DataConfig, seed: int) -> datasets.Dataset:
                 raise ConfigError(
                     f"data.source '{src}': unsupported file type '{path.suffix}' (use .json, .jsonl, .parquet or .csv)."
                 )
-            return datasets.load_dataset(kind, data_files=str(path), split="train")
+            with _datasets_quiet():  # a parse error is reported below, as one paragraph, not as its log lines
+                return datasets.load_dataset(kind, data_files=str(path), split="train")
         return datasets.load_dataset(src, split=cfg.split)
     except ConfigError:
         raise
     except Exception as err:  # noqa: BLE001 - datasets raises many types; the message is what matters
-        raise ConfigError(f"could not load data.source '{src}' (split {cfg.split}): {err}") from None
+        detail = (_json_problem(path) if local and path.suffix in (".json", ".jsonl") else None) or _root_cause(err)
+        raise ConfigError(f"could not load data.source '{src}' (split {cfg.split}): {detail}") from None
+
+
+@contextlib.contextmanager
+def _datasets_quiet() -> Iterator[None]:
+    level = datasets.logging.get_verbosity()
+    datasets.logging.set_verbosity(datasets.logging.CRITICAL)
+    try:
+        yield
+    finally:
+        datasets.logging.set_verbosity(level)
+
+
+def _root_cause(err: BaseException) -> str:
+    """The innermost exception's message (datasets wraps the real one in "An error occurred while generating")."""
+    while (err.__cause__ or err.__context__) is not None:
+        err = err.__cause__ or err.__context__
+    return f"{type(err).__name__}: {err}"
+
+
+def _json_problem(path: Path) -> str | None:
+    """Where a JSON Lines (or JSON) file stops parsing, as "line N: <error>"; None if it parses."""
+    with open(path, encoding="utf-8", errors="replace") as f:
+        text = f.read()
+    try:
+        json.loads(text)
+        return None  # one JSON document
+    except json.JSONDecodeError:
+        pass
+    for number, line in enumerate(text.splitlines(), start=1):
+        if line.strip():
+            try:
+                json.loads(line)
+            except json.JSONDecodeError as err:
+                return f"line {number} is not valid JSON ({err.msg} at column {err.colno}): {line[:80]!r}"
+    return None
 
 
 def load_examples(cfg: DataConfig, seed: int, require: tuple[str, ...] = ("prompt",)) -> datasets.Dataset:

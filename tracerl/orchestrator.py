@@ -136,7 +136,6 @@ class Session:
         resume = checkpoint.resolve_resume(run_dir, cfg.checkpoint.resume)
         stream, eval_set = load_prompts(cfg)
         check_rewards(cfg, stream.ds.column_names, cfg.data.source)
-        specs = reward_specs(cfg)
         cleanup: list[Any] = []
         try:
             if connect(cfg, verbose):
@@ -145,14 +144,7 @@ class Session:
             t0 = time.perf_counter()
             placement = place(cfg, ray.cluster_resources().get("GPU", 0.0))
             cleanup.append(placement.remove)
-            rewards = RewardPool(
-                specs,
-                num_workers=cfg.reward.num_workers,
-                on_error=cfg.reward.on_error,
-                timeout_s=cfg.reward.timeout_s,
-                num_cpus_per_worker=cfg.reward.num_cpus_per_worker,
-                max_restarts=cfg.fault.max_restarts,
-            )
+            rewards = reward_pool(cfg)
             cleanup.append(rewards.shutdown)
             learner = LearnerGroup(cfg, options=placement.learner)
             cleanup.append(learner.shutdown)
@@ -443,14 +435,32 @@ def load_prompts(cfg: Config) -> tuple[data.PromptStream, data.PromptBatch | Non
 
 def check_rewards(cfg: Config, columns: list[str] | None, source: str) -> None:
     """The reward functions resolve (names, import paths, files) and find the dataset columns they need."""
-    service = RewardService(reward_specs(cfg), on_error=cfg.reward.on_error, timeout_s=cfg.reward.timeout_s)
+    r = cfg.reward
+    service = RewardService(
+        reward_specs(cfg), on_error=r.on_error, timeout_s=r.timeout_s, imports=r.imports, sandbox=asdict(r.sandbox)
+    )
     if columns is not None:
         check_columns(service, columns, source)
 
 
+def reward_pool(cfg: Config) -> RewardPool:
+    """The run's reward actors (``reward.*``, ``fault.max_restarts``)."""
+    r = cfg.reward
+    return RewardPool(
+        reward_specs(cfg),
+        num_workers=r.num_workers,
+        on_error=r.on_error,
+        timeout_s=r.timeout_s,
+        num_cpus_per_worker=r.num_cpus_per_worker,
+        max_restarts=cfg.fault.max_restarts,
+        imports=r.imports,
+        sandbox=asdict(r.sandbox),
+    )
+
+
 def reward_specs(cfg: Config) -> list[RewardSpec]:
     return [
-        RewardSpec(fn=f.fn, weight=f.weight, name=f.name, kwargs=dict(f.kwargs), completion_format=f.completion_format)
+        RewardSpec(f.fn, f.weight, f.name, dict(f.kwargs), f.completion_format, f.factory_kwargs)
         for f in cfg.reward.functions
     ]
 
@@ -543,13 +553,7 @@ def run_eval(cfg: Config, out_dir: str | None = None, verbose: bool = False, con
     try:
         if connect(cfg, verbose):
             cleanup.append(ray.shutdown)
-        rewards = RewardPool(
-            reward_specs(cfg),
-            num_workers=cfg.reward.num_workers,
-            on_error=cfg.reward.on_error,
-            timeout_s=cfg.reward.timeout_s,
-            num_cpus_per_worker=cfg.reward.num_cpus_per_worker,
-        )
+        rewards = reward_pool(cfg)
         cleanup.append(rewards.shutdown)
         gpu = 1.0 if ray.cluster_resources().get("GPU", 0.0) > 0 else 0.0
         options = {"num_cpus": cfg.rollout.num_cpus_per_worker, "num_gpus": gpu}

@@ -1,4 +1,5 @@
-"""The reward service: resolve reward functions, call them with TRL's contract, check and combine them (DESIGN §9).
+"""The reward service: call reward functions with TRL's contract, check and combine them (DESIGN §9); specs
+resolve to functions in ``tracerl.reward_resolve``.
 
 A reward function is named by a registered name (``math_verify``), an import path (``my_pkg.rewards:score``),
 a file (``./my_reward.py:score``) or an HTTP endpoint (``http://host:port/score``). Every function is called as
@@ -16,37 +17,39 @@ dims: N samples
 from __future__ import annotations
 
 import asyncio
-import importlib
-import importlib.util
 import inspect
-import json
 import logging
 import math
-import os
-import sys
 import threading
 import time
-import urllib.error
-import urllib.parse
-import urllib.request
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Literal
+
+from tracerl.reward_resolve import (
+    HttpReward,
+    RewardError,
+    RewardSpec,
+    build_reward,
+    prepare_process,
+    resolve_reward,
+    run_preflight,
+)
 
 log = logging.getLogger(__name__)
 RESERVED = ("prompts", "completions", "completion_ids")
 LOCATE_BUDGET_S = 10.0  # at most this long re-running a failed function sample by sample to find the culprit
-
-
-@dataclass
-class RewardSpec:
-    """One reward function of a run and how it counts."""
-
-    fn: str | Callable[..., Any]  # registered name, "pkg.module:fn", "path/file.py:fn", "http(s)://...", or a callable
-    weight: float = 1.0  # its weight in the total (total = sum of weight * reward)
-    name: str | None = None  # name in metrics (reward/<name>/mean); default derived from fn
-    kwargs: dict[str, Any] = field(default_factory=dict)  # fixed keyword arguments for every call (win over columns)
-    completion_format: Literal["as_given", "chat", "text"] = "as_given"  # chat: wrap strings as assistant messages
+__all__ = [
+    "HttpReward",
+    "RewardError",
+    "RewardResult",
+    "RewardService",
+    "RewardSpec",
+    "merge_results",
+    "prepare_process",
+    "resolve_reward",
+    "summarize",
+]
 
 
 @dataclass
@@ -56,159 +59,6 @@ class RewardResult:
     total: list[float]  # [N] weighted sum of the parts; NaN when any part with a non-zero weight is NaN
     parts: dict[str, list[float]]  # name -> [N] raw reward of each function (NaN: None or a failed call)
     metrics: dict[str, float]  # reward/<name>/mean, reward/errors/<name>, reward/mean, reward/nan_count
-
-
-class RewardError(RuntimeError):
-    """A reward function failed, or could not be resolved; the message is one paragraph with the fix."""
-
-    def __init__(self, detail: str, name: str | None = None, index: int | None = None, timed_out: bool = False):
-        super().__init__(detail, name, index, timed_out)
-        self.detail, self.name, self.index, self.timed_out = detail, name, index, timed_out
-
-    def __str__(self) -> str:
-        if self.name is None:
-            return self.detail
-        where = f" on sample {self.index}" if self.index is not None else ""
-        return (
-            f"reward function '{self.name}' failed{where}: {self.detail} Fix the function, or set "
-            f"on_error='nan' to score such calls NaN and count them in reward/errors/{self.name}."
-        )
-
-    def shifted(self, offset: int) -> RewardError:
-        """The same error with the sample index counted from ``offset`` (for a shard of a larger batch)."""
-        index = None if self.index is None else self.index + offset
-        return RewardError(self.detail, self.name, index, self.timed_out)
-
-
-# ---------------------------------------------------------------------------------------------- resolving
-
-
-def resolve_reward(
-    fn: str | Callable[..., Any], timeout_s: float = 30.0, http_retries: int = 2
-) -> tuple[str, Callable]:
-    """``(default name, callable)`` for a reward spec.
-
-    Raises:
-        RewardError: unknown name (lists the registered ones), missing file, module or attribute.
-    """
-    if callable(fn):
-        return getattr(fn, "__name__", type(fn).__name__), fn
-    spec = str(fn).strip()
-    if spec.startswith(("http://", "https://")):
-        reward = HttpReward(spec, timeout_s=timeout_s, retries=http_retries)
-        return reward.__name__, reward
-    if ":" in spec:
-        location, attr = spec.rsplit(":", 1)
-        if location.endswith(".py") or "/" in location or os.sep in location:
-            return attr, _attribute(_load_file(location, spec), attr, spec)
-        try:
-            module = importlib.import_module(location)
-        except ImportError as err:
-            raise RewardError(
-                f"could not import module '{location}' for reward '{spec}': {err}. Is the package installed, "
-                "or on PYTHONPATH? (A file is written 'path/to/file.py:function'.)"
-            ) from err
-        return attr, _attribute(module, attr, spec)
-    if spec.endswith(".py"):
-        raise RewardError(f"reward '{spec}' names a file but no function: write it as '{spec}:function_name'.")
-    import rewards
-
-    try:
-        return spec, rewards.get_reward(spec)
-    except LookupError:
-        raise RewardError(
-            f"unknown reward '{spec}'; choose from {rewards.available_rewards()}, or give an import path "
-            "'pkg.module:function', a file 'path/to/file.py:function' or an endpoint 'http://host:port/score'."
-        ) from None
-
-
-_FILE_MODULES: dict[str, Any] = {}
-_FILE_LOCK = threading.Lock()
-
-
-def _load_file(location: str, spec: str) -> Any:
-    path = os.path.abspath(location)
-    if not os.path.isfile(path):
-        raise RewardError(
-            f"reward file '{location}' (from '{spec}') does not exist: looked for {path}. Relative paths are "
-            f"taken from the current directory ({os.getcwd()}); give the path of a .py file."
-        )
-    with _FILE_LOCK:
-        if path not in _FILE_MODULES:
-            name = f"tracerl_reward_file_{abs(hash(path)):x}"
-            module_spec = importlib.util.spec_from_file_location(name, path)
-            module = importlib.util.module_from_spec(module_spec)
-            sys.modules[name] = module
-            try:
-                module_spec.loader.exec_module(module)
-            except Exception as err:
-                del sys.modules[name]
-                raise RewardError(f"reward file {path} failed to import: {type(err).__name__}: {err}") from err
-            _FILE_MODULES[path] = module
-        return _FILE_MODULES[path]
-
-
-def _attribute(module: Any, attr: str, spec: str) -> Callable:
-    target = module
-    for part in attr.split("."):
-        target = getattr(target, part, None)
-        if target is None:
-            functions = sorted(
-                n for n, v in vars(module).items() if callable(v) and not n.startswith("_") and not isinstance(v, type)
-            )
-            raise RewardError(
-                f"'{getattr(module, '__file__', None) or module.__name__}' has no function '{attr}' (from reward "
-                f"'{spec}'); functions defined there: {functions}."
-            )
-    if not callable(target):
-        raise RewardError(f"reward '{spec}' is a {type(target).__name__}, not a function.")
-    return target
-
-
-class HttpReward:
-    """A reward function behind an HTTP endpoint: POST ``{"prompts", "completions", <columns>...}`` as JSON,
-    receive ``{"rewards": [...]}`` (``null`` for None). Connection errors, timeouts and 5xx answers are retried
-    ``retries`` times with exponential backoff; 4xx answers fail at once with the server's message."""
-
-    def __init__(self, url: str, timeout_s: float = 30.0, retries: int = 2, backoff_s: float = 0.5) -> None:
-        self.url, self.timeout_s, self.retries, self.backoff_s = url, timeout_s, retries, backoff_s
-        parsed = urllib.parse.urlsplit(url)
-        self.__name__ = parsed.netloc or url
-        loopback = parsed.hostname in ("localhost", "::1") or (parsed.hostname or "").startswith("127.")
-        handlers = [urllib.request.ProxyHandler({})] if loopback else []  # never send loopback through a proxy
-        self._opener = urllib.request.build_opener(*handlers)
-
-    def __call__(self, prompts: list, completions: list, **columns: Any) -> list[float | None]:
-        body = json.dumps({"prompts": prompts, "completions": completions, **columns}, default=_json_default)
-        request = urllib.request.Request(
-            self.url, data=body.encode(), headers={"Content-Type": "application/json"}, method="POST"
-        )
-        last = ""
-        for attempt in range(self.retries + 1):
-            if attempt:
-                time.sleep(self.backoff_s * 2 ** (attempt - 1))
-            try:
-                with self._opener.open(request, timeout=self.timeout_s) as response:
-                    answer = json.loads(response.read())
-                break
-            except urllib.error.HTTPError as err:
-                text = err.read().decode(errors="replace")[:500]
-                if err.code < 500:
-                    raise RuntimeError(f"endpoint {self.url} answered HTTP {err.code}: {text}") from None
-                last = f"HTTP {err.code}: {text}"
-            except (urllib.error.URLError, TimeoutError, ConnectionError) as err:
-                last = f"{type(err).__name__}: {getattr(err, 'reason', err)}"
-        else:
-            raise RuntimeError(f"endpoint {self.url} failed after {self.retries + 1} attempts; last error: {last}")
-        if not isinstance(answer, dict) or not isinstance(answer.get("rewards"), list):
-            raise ValueError(f'endpoint {self.url} must answer {{"rewards": [...]}}, got {str(answer)[:200]}')
-        return answer["rewards"]
-
-
-def _json_default(obj: Any) -> Any:
-    if hasattr(obj, "tolist"):  # numpy arrays and scalars, torch tensors
-        return obj.tolist()
-    raise TypeError(f"a value of type {type(obj).__name__} cannot be sent as JSON")
 
 
 # ---------------------------------------------------------------------------------------------- calling
@@ -333,7 +183,10 @@ class RewardService:
         on_error: Literal["raise", "nan"] = "raise",
         timeout_s: float = 30.0,
         http_retries: int = 2,
+        imports: Sequence[str] = (),
+        sandbox: dict[str, Any] | None = None,
     ) -> None:
+        prepare_process(imports, sandbox)
         if on_error not in ("raise", "nan"):
             raise ValueError(f"on_error must be 'raise' or 'nan', got '{on_error}'.")
         if timeout_s <= 0:
@@ -350,7 +203,16 @@ class RewardService:
             name = spec.name or default_name
             if any(r.name == name for r in self.rewards):
                 raise RewardError(f"two reward functions are named '{name}'; give one a different name=.")
+            fn = build_reward(fn, spec)
             accepts = _parameters(fn)
+            if accepts is not None and not accepts & set(RESERVED):
+                raise RewardError(
+                    f"reward '{spec.fn}' takes none of {list(RESERVED)} (its parameters: {sorted(accepts)}), so it "
+                    "cannot score completions. If it is a factory that returns a reward function (like "
+                    "trl.rewards:get_soft_overlong_punishment), give its arguments as factory_kwargs in the reward "
+                    "entry, e.g. {fn: ..., factory_kwargs: {max_completion_len: 512, soft_punish_cache: 64}}."
+                )
+            run_preflight(fn, name)
             self.rewards.append(_Reward(name, fn, spec.weight, dict(spec.kwargs), spec.completion_format, accepts))
 
     @property
@@ -453,9 +315,8 @@ class RewardService:
                 offered = [*RESERVED, *columns, *r.kwargs]
                 detail += f" It was offered the arguments {offered} (reward functions must accept **kwargs)."
             index = None if self.on_error == "nan" else self._locate(r, batch)
-            if index is not None:
-                detail += f" (completion {index}: {str(completions[index])[:120]!r})"
-            raise RewardError(detail, r.name, index) from err
+            quote = "" if index is None else repr(str(completions[index])[:120])
+            raise RewardError(detail, r.name, index, quote=quote) from err
         try:
             return _to_rewards(call.value, n)
         except RewardError as err:

@@ -166,8 +166,6 @@ def run_sft(cfg: Config, progress: bool = True) -> dict[str, float]:
             "learner.num_ranks=1 (several ranks: drive a LearnerGroup with Learner.sft_step batches)."
         )
     run_dir = Path(cfg.run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "config.json").write_text(json.dumps(to_dict(cfg), indent=2))
     random.seed(cfg.seed)
     np.random.seed(cfg.seed)
     torch.manual_seed(cfg.seed)
@@ -195,7 +193,9 @@ def run_sft(cfg: Config, progress: bool = True) -> dict[str, float]:
             eval_policy.model.load_state_dict(learner.state_dict_for_rollout()[1])
         return exact_match_accuracy(eval_policy, eval_prompts, answers, cfg)
 
-    # 2. Resume, metrics.
+    # 2. Resume, metrics (nothing is written before the model, the data and the learner have passed their checks).
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "config.json").write_text(json.dumps(to_dict(cfg), indent=2))
     sampler, step, result, run_id = _Sampler(len(pairs), cfg.seed), 0, {}, None
     resume = checkpoint.resolve_resume(run_dir, cfg.checkpoint.resume)
     if resume is not None:

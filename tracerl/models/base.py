@@ -9,6 +9,7 @@ dims: N sequences · T tokens in the forward · Q query tokens · K key tokens (
 
 from __future__ import annotations
 
+import inspect
 from typing import Any, Protocol, runtime_checkable
 
 import torch
@@ -65,6 +66,19 @@ def truncate_cache(cache: Any, length: int) -> None:
     extra = cache.get_seq_length() - length
     if extra > 0:
         cache.crop(-extra)
+
+
+def cache_argument(module: nn.Module) -> str:
+    """The name under which ``module.forward`` takes a key/value cache: ``cache`` in transformers >= 5.2x
+    (``past_key_values`` is deprecated there), ``past_key_values`` before (4.57)."""
+    name = _CACHE_ARGUMENT.get(type(module))
+    if name is None:
+        name = "cache" if "cache" in inspect.signature(module.forward).parameters else "past_key_values"
+        _CACHE_ARGUMENT[type(module)] = name
+    return name
+
+
+_CACHE_ARGUMENT: dict[type, str] = {}
 
 
 def additive_mask(visible: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -138,12 +152,13 @@ class DecoderPolicy:
     def hidden_states(
         self, input_ids: torch.Tensor, position_ids: torch.Tensor, visible: torch.Tensor, cache: Any = None
     ) -> torch.Tensor:
-        out = self.backbone()(
+        backbone = self.backbone()
+        out = backbone(
             input_ids=input_ids,
             position_ids=position_ids,
             attention_mask=additive_mask(visible, self.dtype),
-            past_key_values=cache,
             use_cache=cache is not None,
+            **{cache_argument(backbone): cache},
         )
         return out.last_hidden_state
 

@@ -7,6 +7,8 @@ transformers' own maintained classes; tracerl supplies the attention mask, the l
 from __future__ import annotations
 
 import json
+import logging
+import os
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -24,12 +26,14 @@ from transformers import (
     Qwen3Config,
     Qwen3ForCausalLM,
 )
+from transformers.models.auto.modeling_auto import MODEL_FOR_MASKED_LM_MAPPING_NAMES
 
 from tracerl.config import ConfigError, ModelConfig
 from tracerl.models.base import DecoderPolicy
 from tracerl.models.masked_lm import MaskedLMPolicy
 from tracerl.models.tiny import build_tiny, char_tokenizer
 
+log = logging.getLogger(__name__)
 FAMILIES: dict[str, Callable[[ModelConfig], Any]] = {}
 
 # LLaDA's OLMo-style parameter names → LlamaForCausalLM's (checkpoint keys are prefixed "model.transformer.").
@@ -58,6 +62,63 @@ def register_family(name: str) -> Callable:
     return wrap
 
 
+def checkpoint_family(raw: dict) -> str | None:
+    """The family a checkpoint's config.json looks like, from its model type, architectures and keys (None:
+    it could serve several, such as a plain Qwen2 or Llama config)."""
+    model_type = str(raw.get("model_type", "")).lower()
+    architectures = " ".join(raw.get("architectures") or []).lower()
+    if model_type == "llada" or "llada" in architectures or {"d_model", "n_layers"} <= raw.keys():
+        return "llada"
+    if model_type == "dream" or "dream" in architectures:
+        return "dream"
+    if model_type == "sdar" or "sdar" in architectures:
+        return "sdar"
+    if "tracerl_block_size" in raw:
+        return "tiny"
+    if "formaskedlm" in architectures:
+        return "masked_lm"
+    if architectures.endswith("forcausallm") and model_type not in ("llama", "qwen2", "qwen3"):
+        return "causal"  # an autoregressive decoder of a type tracerl has no diffusion family for
+    return None
+
+
+def check_family(cfg: ModelConfig, raw: dict, needs: tuple[str, ...] = ()) -> None:
+    """Before any model is built: the checkpoint at ``model.path`` fits ``model.family`` and its config has the
+    keys the loader reads.
+
+    Raises:
+        ConfigError: it looks like another family (named, with the fix), or keys are missing.
+    """
+    looks = checkpoint_family(raw)
+    what = f"model_type {raw.get('model_type')!r}, architectures {raw.get('architectures')}"
+    if looks == "causal" or (looks is not None and looks != cfg.family):
+        fix = (
+            f"set model.family={looks}"
+            if looks != "causal"
+            else f"choose the family it was trained as ({sorted(set(FAMILIES) - {'tiny'})})"
+        )
+        kind = "an autoregressive" if looks == "causal" else f"a {looks}"
+        raise ConfigError(
+            f"model.path '{cfg.path}' holds {kind} checkpoint ({what}), but model.family={cfg.family}; {fix}."
+        )
+    missing = [k for k in needs if k not in raw]
+    if missing:
+        raise ConfigError(
+            f"the config.json at model.path '{cfg.path}' ({what}) lacks {missing}, which a model.family="
+            f"{cfg.family} checkpoint has; check model.path and model.family."
+        )
+
+
+def _attention(raw: dict) -> str:
+    """An attention implementation that honours tracerl's 4D masks: the checkpoint's if eager or sdpa, else sdpa
+    (``flex_attention``, found in published SDAR configs, crashes with a 4D mask on CPU)."""
+    asked = raw.get("attn_implementation") or raw.get("_attn_implementation")
+    if asked in (None, "eager", "sdpa"):
+        return asked or "sdpa"
+    log.warning("attn_implementation %r of the checkpoint is replaced by 'sdpa' (it must honour 4D masks)", asked)
+    return "sdpa"
+
+
 def _dtype(cfg: ModelConfig) -> torch.dtype:
     return getattr(torch, cfg.dtype)
 
@@ -78,10 +139,23 @@ def _raw_config(cfg: ModelConfig) -> dict:
             )
         if not (path / "config.json").is_file():
             raise ConfigError(f"model.path '{cfg.path}' has no config.json: it is not a Hugging Face model directory.")
-        return json.loads((path / "config.json").read_text())
+        try:
+            raw = json.loads((path / "config.json").read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as err:
+            raise ConfigError(f"{path / 'config.json'} (model.path) is not valid JSON: {err}.") from None
+        if not isinstance(raw, dict):
+            raise ConfigError(f"{path / 'config.json'} (model.path) is not a JSON object.")
+        return raw
+    offline = os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on")
     try:
-        return PretrainedConfig.get_config_dict(cfg.path)[0]
+        return PretrainedConfig.get_config_dict(cfg.path, local_files_only=offline)[0]
     except OSError as err:
+        if offline:
+            raise ConfigError(
+                f"model.path '{cfg.path}' is not a local directory and HF_HUB_OFFLINE=1 forbids the hub (it is not "
+                "in the local cache either). Set model.path to a local model directory, or unset HF_HUB_OFFLINE to "
+                "download it."
+            ) from None
         raise ConfigError(
             f"could not fetch model '{cfg.path}' from the hub ({err.__class__.__name__}). Check the name and your "
             "network, or download it and set model.path to the local directory."
@@ -118,9 +192,20 @@ def resolve_mask_id(cfg: ModelConfig, raw: dict, tokenizer: Any, vocab_size: int
     )
 
 
-def _check_tokenizer(tokenizer: Any, cfg: ModelConfig) -> None:
+def _check_tokenizer(tokenizer: Any, cfg: ModelConfig, vocab_size: int | None = None) -> None:
     if tokenizer.eos_token_id is None:
         raise ConfigError(f"the tokenizer of '{cfg.path}' has no EOS token; generation could never stop.")
+    if vocab_size is None:
+        return
+    size = len(tokenizer)
+    # A model's vocabulary may be padded beyond its tokenizer (to a multiple of 64 or so), never the reverse, and
+    # a tokenizer of less than half the vocabulary is not the one the model was trained with.
+    if size > vocab_size or size < vocab_size // 2:
+        raise ConfigError(
+            f"the tokenizer at model.path '{cfg.path}' has {size} tokens but the model's vocabulary has {vocab_size}: "
+            "they do not belong together (are the tokenizer files missing from the checkpoint directory?). Save "
+            "the model's own tokenizer into model.path."
+        )
 
 
 def _decoder_policy(
@@ -133,15 +218,51 @@ def _decoder_policy(
     default_mask: int | None = None,
 ) -> DecoderPolicy:
     tok = _tokenizer(cfg)
-    _check_tokenizer(tok, cfg)
     vocab = int(model.get_output_embeddings().weight.shape[0])
+    _check_tokenizer(tok, cfg, vocab)
     mask_id = resolve_mask_id(cfg, raw, tok, vocab, default_mask)
     return DecoderPolicy(model.eval(), tok, family=family, mask_id=mask_id, block_size=block_size, shift=shift)
 
 
+WEIGHT_FILES = (
+    "model.safetensors",
+    "model.safetensors.index.json",
+    "pytorch_model.bin",
+    "pytorch_model.bin.index.json",
+)
+
+
+def _check_weights(cfg: ModelConfig) -> None:
+    """A local model directory holds weights (checked before transformers looks for them)."""
+    path = Path(str(cfg.path)).expanduser()
+    if _is_local(str(cfg.path)) and path.is_dir() and not any((path / name).is_file() for name in WEIGHT_FILES):
+        raise ConfigError(
+            f"model.path '{cfg.path}' has a config.json but no weights (none of {list(WEIGHT_FILES)}); point "
+            "model.path at a complete checkpoint directory."
+        )
+
+
+def _load(loader: Callable, cfg: ModelConfig, **kwargs: Any) -> Any:
+    """``loader(cfg.path, ...)`` (a ``from_pretrained``) with unreadable or mismatched weights named."""
+    _check_weights(cfg)
+    try:
+        return loader(cfg.path, dtype=_dtype(cfg), **kwargs)
+    except ConfigError:
+        raise
+    except Exception as err:  # noqa: BLE001 - safetensors, torch and transformers raise many kinds here
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        if "size mismatch" in str(err):
+            first = "its weights have other shapes than its config.json says (size mismatch)"
+        raise ConfigError(
+            f"could not load the weights at model.path '{cfg.path}' as model.family={cfg.family}: "
+            f"{type(err).__name__}: {first[:300]}. Check that the weight files are complete (not truncated) and "
+            "that model.family is the checkpoint's."
+        ) from None
+
+
 def _from_pretrained(cls: type, cfg: ModelConfig, **kwargs: Any) -> torch.nn.Module:
     """``cls.from_pretrained`` that fails when a weight of the model is missing from the checkpoint."""
-    model, info = cls.from_pretrained(cfg.path, dtype=_dtype(cfg), output_loading_info=True, **kwargs)
+    model, info = _load(cls.from_pretrained, cfg, output_loading_info=True, **kwargs)
     missing = [k for k in info["missing_keys"] if not k.endswith("rotary_emb.inv_freq")]
     if missing:
         raise ConfigError(
@@ -152,14 +273,22 @@ def _from_pretrained(cls: type, cfg: ModelConfig, **kwargs: Any) -> torch.nn.Mod
 
 
 def _native_config(cls: type, raw: dict) -> PretrainedConfig:
-    skip = ("model_type", "architectures", "auto_map", "transformers_version")
-    fields = {k: v for k, v in raw.items() if k not in skip}
-    return cls(**fields)
+    skip = ("model_type", "architectures", "auto_map", "transformers_version", "attn_implementation")
+    fields = {k: v for k, v in raw.items() if k not in skip and k != "_attn_implementation"}
+    config = cls(**fields)
+    config._attn_implementation = _attention(raw)
+    return config
+
+
+NATIVE_KEYS = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads")  # no defaults for these
 
 
 def _remote(cfg: ModelConfig, family: str, block_size: int | None, shift: bool) -> DecoderPolicy:
-    model = AutoModelForCausalLM.from_pretrained(cfg.path, trust_remote_code=True, dtype=_dtype(cfg))
-    return _decoder_policy(cfg, _raw_config(cfg), model, family, block_size, shift)
+    raw = _raw_config(cfg)
+    check_family(cfg, raw)
+    attention = _attention(raw)
+    model = _load(AutoModelForCausalLM.from_pretrained, cfg, trust_remote_code=True, attn_implementation=attention)
+    return _decoder_policy(cfg, raw, model, family, block_size, shift)
 
 
 @register_family("tiny")
@@ -172,10 +301,11 @@ def load_tiny(cfg: ModelConfig) -> DecoderPolicy:
         policy.model.to(_dtype(cfg))
         return policy
     raw = _raw_config(cfg)
+    check_family(cfg, raw)
     cls = {"llama": LlamaForCausalLM, "qwen3": Qwen3ForCausalLM}.get(raw.get("model_type"))
     if cls is None:
         raise ConfigError(f"'{cfg.path}' is not a tiny tracerl model (model_type {raw.get('model_type')!r}).")
-    model = _from_pretrained(cls, cfg)
+    model = _from_pretrained(cls, cfg, attn_implementation=_attention(raw))
     block = cfg.block_size or raw.get("tracerl_block_size")
     return _decoder_policy(cfg, raw, model, "tiny", block)
 
@@ -186,6 +316,9 @@ def load_llada(cfg: ModelConfig) -> DecoderPolicy:
     if cfg.trust_remote_code:
         return _remote(cfg, "llada", None, shift=False)
     raw = _raw_config(cfg)
+    check_family(cfg, raw, needs=("d_model", "n_layers", "n_heads", "vocab_size"))
+    if not raw.get("mlp_hidden_size") and "mlp_ratio" not in raw:
+        raise ConfigError(f"the LLaDA config.json at model.path '{cfg.path}' has no mlp_hidden_size or mlp_ratio.")
     hidden = raw.get("mlp_hidden_size") or raw["mlp_ratio"] * raw["d_model"]
     native = LlamaConfig(
         vocab_size=raw.get("embedding_size") or raw["vocab_size"],
@@ -203,6 +336,7 @@ def load_llada(cfg: ModelConfig) -> DecoderPolicy:
         pad_token_id=raw.get("pad_token_id"),
         eos_token_id=raw.get("eos_token_id"),
     )
+    native._attn_implementation = _attention(raw)
     model = _from_pretrained(LlamaForCausalLM, cfg, config=native, key_mapping=LLADA_KEY_MAPPING)
     return _decoder_policy(cfg, raw, model, "llada", None, default_mask=LLADA_DEFAULT_MASK_ID)
 
@@ -213,6 +347,7 @@ def load_dream(cfg: ModelConfig) -> DecoderPolicy:
     if cfg.trust_remote_code:
         return _remote(cfg, "dream", None, shift=True)
     raw = _raw_config(cfg)
+    check_family(cfg, raw, needs=NATIVE_KEYS)
     model = _from_pretrained(Qwen2ForCausalLM, cfg, config=_native_config(Qwen2Config, raw))
     return _decoder_policy(cfg, raw, model, "dream", None, shift=True)
 
@@ -224,6 +359,7 @@ def load_sdar(cfg: ModelConfig) -> DecoderPolicy:
     block = cfg.block_size or raw.get("block_size") or 4
     if cfg.trust_remote_code:
         return _remote(cfg, "sdar", block, shift=False)
+    check_family(cfg, raw, needs=NATIVE_KEYS)
     model = _from_pretrained(Qwen3ForCausalLM, cfg, config=_native_config(Qwen3Config, raw))
     return _decoder_policy(cfg, raw, model, "sdar", block)
 
@@ -232,14 +368,21 @@ def load_sdar(cfg: ModelConfig) -> DecoderPolicy:
 def load_masked_lm(cfg: ModelConfig) -> MaskedLMPolicy:
     """Any ``AutoModelForMaskedLM`` (BERT, RoBERTa, ModernBERT, ...) as a full-attention denoiser."""
     raw = _raw_config(cfg)
-    model = AutoModelForMaskedLM.from_pretrained(cfg.path, trust_remote_code=cfg.trust_remote_code, dtype=_dtype(cfg))
+    check_family(cfg, raw)
+    if not cfg.trust_remote_code and raw.get("model_type") not in MODEL_FOR_MASKED_LM_MAPPING_NAMES:
+        raise ConfigError(
+            f"model.path '{cfg.path}' holds a {raw.get('model_type')!r} model, which has no masked-LM head in "
+            "transformers, so model.family=masked_lm cannot load it; set model.family to the family it was trained "
+            f"as ({sorted(set(FAMILIES) - {'masked_lm'})}), or model.trust_remote_code=true for a custom masked LM."
+        )
+    kwargs = {"attn_implementation": _attention(raw)} if raw.get("attn_implementation") else {}
+    model = _load(AutoModelForMaskedLM.from_pretrained, cfg, trust_remote_code=cfg.trust_remote_code, **kwargs)
     tok = _tokenizer(cfg)
     vocab = int(model.get_output_embeddings().weight.shape[0])
-    mask_id = resolve_mask_id(cfg, {}, tok, vocab)
     if tok.eos_token_id is None:  # encoder tokenizers: [SEP] ends a sequence
         tok.eos_token = tok.sep_token
-    _check_tokenizer(tok, cfg)
-    del raw
+    _check_tokenizer(tok, cfg, vocab)
+    mask_id = resolve_mask_id(cfg, {}, tok, vocab)
     return MaskedLMPolicy(model.eval(), tok, mask_id=mask_id)
 
 

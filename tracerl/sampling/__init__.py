@@ -17,6 +17,7 @@ from tracerl.sampling.remasking import REMASKING, get_remasking, register_remask
 __all__ = [
     "REMASKING",
     "block_grid",
+    "check_positions",
     "generate",
     "get_remasking",
     "register_remasking",
@@ -54,6 +55,22 @@ def check_compatible(policy, s: SamplingConfig) -> None:  # noqa: ANN001
         )
 
 
+def check_positions(policy, longest_prompt: int, s: SamplingConfig) -> None:  # noqa: ANN001
+    """The longest prompt plus the response (and one block of slack for block models) fits the model's positions.
+
+    Raises:
+        ConfigError: it does not; the message names both settings.
+    """
+    limit = getattr(policy.model.config, "max_position_embeddings", None)
+    longest = longest_prompt + s.max_new_tokens + (s.block_size if policy.block_size else 0)
+    if limit is not None and longest > limit:
+        raise ConfigError(
+            f"the longest prompt ({longest_prompt} tokens) plus sampling.max_new_tokens={s.max_new_tokens} needs "
+            f"{longest} positions but the model has max_position_embeddings={limit}; shorten "
+            "data.max_prompt_tokens or sampling.max_new_tokens."
+        )
+
+
 def generate(
     policy,  # noqa: ANN001
     prompts: list[list[int]],
@@ -71,13 +88,7 @@ def generate(
         raise ValueError("every prompt needs at least one token")
     check_compatible(policy, s)
     mode = resolve_cache(policy, s)
-    limit = getattr(policy.model.config, "max_position_embeddings", None)
-    longest = max(len(p) for p in prompts) + s.max_new_tokens + (s.block_size if policy.block_size else 0)
-    if limit is not None and longest > limit:
-        raise ConfigError(
-            f"the longest prompt plus sampling.max_new_tokens needs {longest} positions but the model has "
-            f"max_position_embeddings={limit}; shorten data.max_prompt_tokens or sampling.max_new_tokens."
-        )
+    check_positions(policy, max(len(p) for p in prompts), s)
     device = next(policy.model.parameters()).device
     generator = torch.Generator(device=device).manual_seed(seed)
     group = group if group is not None else torch.arange(len(prompts))

@@ -1,0 +1,169 @@
+"""Bad inputs on the command line: each exits with code 2, prints one paragraph and no traceback, names the setting
+or file at fault, and writes nothing.
+
+``{d}`` in an argument is the folder of prepared bad files (see ``files``).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from transformers import BertConfig, BertForMaskedLM, Qwen2Config, Qwen2ForCausalLM
+
+from tracerl.cli import main
+from tracerl.config import TinyModelConfig
+from tracerl.models import build_tiny, char_tokenizer, save_tiny
+
+TOK = char_tokenizer("0123456789+=abc ")
+SHAPE = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2)
+
+CASES = [
+    # config files and overrides
+    ("missing yaml", ["validate", "{d}/nope.yaml"], "config file '{d}/nope.yaml' does not exist"),
+    ("yaml that is a list", ["validate", "{d}/list.yaml"], "config file '{d}/list.yaml' holds a list"),
+    ("yaml syntax error", ["validate", "{d}/broken.yaml"], "config file '{d}/broken.yaml' is not valid YAML"),
+    ("unknown key", ["validate", "sampling.foo=1"], "sampling.foo"),
+    ("unknown section", ["validate", "foo.bar=1"], "'foo"),
+    ("override without =", ["validate", "sampling.top_k=1", "topk"], "override 'topk'"),
+    ("wrong type", ["validate", "sampling.max_new_tokens=abc"], "sampling.max_new_tokens"),
+    ("literal choice", ["validate", "sampling.cache=fast"], "'sampling.cache'"),
+    ("max_new_tokens=0", ["validate", "sampling.max_new_tokens=0"], "sampling.max_new_tokens"),
+    ("block_size=0", ["validate", "sampling.block_size=0"], "sampling.block_size"),
+    ("steps not divisible", ["validate", "sampling.steps=3"], "sampling.steps=3"),
+    ("steps and steps_per_block", ["validate", "sampling.steps=32", "sampling.steps_per_block=2"], "sampling.steps"),
+    ("negative temperature", ["validate", "sampling.temperature=-1"], "sampling.temperature"),
+    ("top_p=0", ["validate", "sampling.top_p=0"], "sampling.top_p"),
+    ("unknown remasking", ["validate", "sampling.remasking=nope"], "remasking 'nope'"),
+    ("sampling.batch_size=0", ["validate", "sampling.batch_size=0"], "sampling.batch_size"),
+    ("unknown family", ["validate", "model.family=gpt"], "model family 'gpt'"),
+    ("family without path", ["validate", "model.family=llada"], "model.path"),
+    ("unknown views", ["validate", "objective.views=nope"], "objective.views"),
+    ("unknown advantage", ["validate", "objective.advantage=nope"], "objective.advantage"),
+    ("shrink=0", ["validate", "objective.shrink=0"], "objective.shrink"),
+    ("zero_stage=5", ["validate", "learner.zero_stage=5"], "learner.zero_stage"),
+    ("minibatches=0", ["validate", "learner.minibatches=0"], "minibatches"),
+    ("samples_per_prompt=0", ["validate", "rollout.samples_per_prompt=0"], "rollout.samples_per_prompt"),
+    ("sft.steps=0", ["validate", "sft.steps=0"], "sft.steps"),
+    ("sft.batch_size=0", ["validate", "sft.batch_size=0"], "sft.batch_size"),
+    ("reward.timeout_s=0", ["validate", "reward.timeout_s=0"], "reward.timeout_s"),
+    ("reward.num_workers=0", ["validate", "reward.num_workers=0"], "reward.num_workers"),
+    ("max_prompt_tokens=0", ["validate", "data.max_prompt_tokens=0"], "data.max_prompt_tokens"),
+    ("keep_last=0", ["validate", "checkpoint.keep_last=0"], "checkpoint.keep_last"),
+    ("on_error choice", ["validate", "reward.on_error=ignore"], "'reward.on_error'"),
+    ("min_isolation choice", ["validate", "reward.sandbox.min_isolation=weak"], "'reward.sandbox.min_isolation'"),
+    ("sandbox path missing", ["validate", "reward.sandbox.paths=[{d}/nowhere]"], "sandbox path '{d}/nowhere'"),
+    # model directories
+    ("model path missing", ["validate", "model.family=dream", "model.path={d}/nope"], "model.path '{d}/nope'"),
+    ("no config.json", ["validate", "model.family=dream", "model.path={d}/empty"], "has no config.json"),
+    ("config.json not json", ["validate", "model.family=dream", "model.path={d}/badjson"], "config.json (model.path)"),
+    ("no weights", ["validate", "model.family=dream", "model.path={d}/noweights"], "model.path '{d}/noweights'"),
+    ("truncated weights", ["validate", "model.family=dream", "model.path={d}/truncated"], "model.path '{d}/truncated'"),
+    ("dream as sdar", ["validate", "model.family=sdar", "model.path={d}/dream"], "set model.family=dream"),
+    ("dream as masked_lm", ["validate", "model.family=masked_lm", "model.path={d}/dream"], "set model.family=dream"),
+    ("decoder as masked_lm", ["validate", "model.family=masked_lm", "model.path={d}/qwen2"], "model.family"),
+    ("tokenizer/vocab", ["validate", "model.family=masked_lm", "model.path={d}/bert64"], "model.path '{d}/bert64'"),
+    ("hub name offline", ["validate", "model.family=sdar", "model.path=no-org/no-model"], "HF_HUB_OFFLINE=1"),
+    (
+        "block size differs",
+        ["validate", "model.family=tiny", "model.path={d}/tinyblock", "sampling.block_size=8"],
+        "sampling.block_size=8",
+    ),
+    # data
+    ("data missing", ["validate", "data.source={d}/nope.jsonl"], "data.source '{d}/nope.jsonl'"),
+    ("malformed jsonl", ["validate", "data.source={d}/bad.jsonl"], "line 2 is not valid JSON"),
+    ("unsupported data file", ["validate", "data.source={d}/data.txt"], "unsupported file type '.txt'"),
+    ("missing column", ["validate", "data.source={d}/noprompt.jsonl"], "data.prompt_column"),
+    ("unknown synthetic task", ["validate", "data.source=synthetic:nope"], "synthetic task 'nope'"),
+    ("every prompt too long", ["validate", "data.max_prompt_tokens=1"], "data.max_prompt_tokens"),
+    ("prompt + response > positions", ["validate", "model.tiny.max_position_embeddings=32"], "max_position_embeddings"),
+    # rewards
+    ("unknown reward", ["validate", "{d}/reward_unknown.yaml"], "unknown reward 'nope'"),
+    ("reward file missing", ["validate", "{d}/reward_file.yaml"], "reward file '{d}/missing.py'"),
+    ("reward module missing", ["validate", "{d}/reward_module.yaml"], "could not import module 'no_such_pkg.rewards'"),
+    ("factory without arguments", ["validate", "{d}/reward_factory.yaml"], "factory_kwargs"),
+    ("reward.imports missing", ["validate", "reward.imports=[no_such_mod]"], "reward.imports"),
+    # export
+    ("export missing", ["export", "{d}/nope", "{d}/out1"], "checkpoint '{d}/nope' does not exist"),
+    ("export incomplete", ["export", "{d}/ckpt_incomplete", "{d}/out2"], "no COMPLETE marker"),
+    ("export bad config", ["export", "{d}/ckpt_badjson", "{d}/out3"], "{d}/ckpt_badjson/learner/hf/config.json"),
+    ("export truncated", ["export", "{d}/ckpt_truncated", "{d}/out4"], "ckpt_truncated/learner/hf/model.safetensors"),
+    ("export into non-empty", ["export", "{d}/ckpt_ok", "{d}/full"], "export target '{d}/full'"),
+    # sft writes nothing before its checks
+    ("sft model missing", ["sft", "model.family=dream", "model.path={d}/nope", "run_dir={d}/run1"], "model.path"),
+    ("sft data missing", ["sft", "data.source={d}/nope.jsonl", "run_dir={d}/run2"], "data.source"),
+    ("generate bad family", ["generate", "model.family=gpt", "--prompt", "1+1="], "model family 'gpt'"),
+]
+
+
+def _checkpoint(root: Path, name: str, complete: bool = True) -> Path:
+    hf = root / name / "learner" / "hf"
+    model, tok = build_tiny(TinyModelConfig(hidden_size=32, intermediate_size=32))
+    save_tiny(model, tok, hf)
+    if complete:
+        (root / name / "COMPLETE").write_text("")
+    return hf
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    d = tmp_path_factory.mktemp("bad")
+    (d / "list.yaml").write_text("- sampling\n- model\n")
+    (d / "broken.yaml").write_text("sampling:\n  max_new_tokens: [1, 2\n")
+    (d / "empty").mkdir()
+    for name in ("badjson", "noweights", "truncated", "dream"):
+        Qwen2ForCausalLM(Qwen2Config(vocab_size=len(TOK), **SHAPE)).save_pretrained(d / name)
+        raw = json.loads((d / name / "config.json").read_text())
+        raw.update(model_type="Dream", architectures=["DreamModel"], mask_token_id=TOK.mask_token_id)
+        (d / name / "config.json").write_text(json.dumps(raw))
+        TOK.save_pretrained(d / name)
+    (d / "badjson" / "config.json").write_text("{oops")
+    (d / "noweights" / "model.safetensors").unlink()
+    weights = d / "truncated" / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:2000])
+    Qwen2ForCausalLM(Qwen2Config(vocab_size=len(TOK), **SHAPE)).save_pretrained(d / "qwen2")
+    TOK.save_pretrained(d / "qwen2")
+    bert = BertConfig(vocab_size=64, hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32)
+    BertForMaskedLM(bert).save_pretrained(d / "bert64")
+    TOK.save_pretrained(d / "bert64")
+    model, tok = build_tiny(TinyModelConfig(hidden_size=32, intermediate_size=32, attention="block", block_size=4))
+    save_tiny(model, tok, d / "tinyblock")
+    (d / "bad.jsonl").write_text('{"prompt": "1+1=", "answer": "2"}\n{"prompt": "2+2=", answer: 4}\n')
+    (d / "noprompt.jsonl").write_text('{"question": "1+1=", "answer": "2"}\n')
+    (d / "data.txt").write_text("1+1=2\n")
+    for name, fn in (
+        ("unknown", "nope"),
+        ("file", f"{d}/missing.py:score"),
+        ("module", "no_such_pkg.rewards:score"),
+        ("factory", "trl.rewards:get_soft_overlong_punishment"),
+    ):
+        (d / f"reward_{name}.yaml").write_text(json.dumps({"reward": {"functions": [{"fn": fn}]}}))
+    _checkpoint(d, "ckpt_ok")
+    _checkpoint(d, "ckpt_incomplete", complete=False)
+    (_checkpoint(d, "ckpt_badjson") / "config.json").write_text("[1, 2")
+    weights = _checkpoint(d, "ckpt_truncated") / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-100])
+    (d / "full").mkdir()
+    (d / "full" / "keep.txt").write_text("mine")
+    return d
+
+
+def test_the_table_has_at_least_40_cases() -> None:
+    assert len(CASES) >= 40 and len({name for name, _, _ in CASES}) == len(CASES)
+
+
+@pytest.mark.parametrize(("name", "argv", "expected"), CASES, ids=[c[0] for c in CASES])
+def test_bad_input(name: str, argv: list[str], expected: str, files: Path, capsys: pytest.CaptureFixture) -> None:
+    args = [a.replace("{d}", str(files)) for a in argv]
+    before = sorted(p.name for p in files.iterdir())
+    code = main(args)
+    err = capsys.readouterr().err
+    assert code == 2, err
+    assert "Traceback" not in err
+    line = next(line for line in err.splitlines() if line.startswith(f"tracerl {args[0]}: error: "))
+    paragraph = err[err.index(line) :].strip()
+    assert "\n" not in paragraph, paragraph  # one paragraph, last in the output
+    assert expected.replace("{d}", str(files)) in paragraph, paragraph
+    assert sorted(p.name for p in files.iterdir()) == before  # nothing written: no run_dir, no export
+    assert (files / "full" / "keep.txt").read_text() == "mine"

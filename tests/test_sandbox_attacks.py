@@ -1,0 +1,332 @@
+"""The sandbox attack matrix (docs/rewards.md has the table of results).
+
+Each attack is a program defining ``f()``, which returns True when the attack worked; its unit test is
+``assert f()``. Contained, the code reward scores it 0.0. Where running it without isolation is harmless to
+the host, the same program is also run with ``isolation="none"`` and must then succeed: that shows each
+attack is real here and that the 0.0 comes from the containment, not from a broken program.
+Bounded: every program runs under small CPU, wall-clock and memory limits.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+import rewards
+from rewards import sandbox as sandbox_module
+from rewards.code import code_reward
+from rewards.isolation import installation_paths
+from rewards.sandbox import Limits, Sandbox, SandboxError, check_isolation, configure, isolation
+
+FAST = {"cpu_s": 1.0, "wall_s": 3.0, "memory_mb": 256}
+ISOLATION = isolation()
+FULL = all(getattr(ISOLATION, layer) for layer in sandbox_module.LEVELS["full"])
+pytestmark = pytest.mark.skipif(not FULL, reason=f"full isolation is not available here ({ISOLATION.notes})")
+REPO = Path(rewards.__file__).resolve().parent.parent
+SECRET = "fake-wandb-key-9f3c"
+
+
+@dataclass(frozen=True)
+class Bait:
+    """Host things a program must not reach."""
+
+    folder: Path  # on the reward process's sys.path (as PYTHONPATH folders and the driver's folder are)
+    key: Path  # a fake SSH key in it
+    unix_socket: Path  # a listening unix socket in it
+    tmp_socket: Path  # a listening unix socket in the host's /tmp (where Ray keeps its sockets)
+    abstract: str  # a listening abstract unix socket name
+    tcp_port: int  # a TCP listener on 127.0.0.1
+    udp_port: int  # a UDP socket on 127.0.0.1
+    sleeper: int  # pid of a host process to signal
+    connections: list  # what the listeners saw (must stay empty)
+
+
+@pytest.fixture(scope="module")
+def bait(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Bait]:
+    folder = tmp_path_factory.mktemp("bait")
+    key = folder / "id_rsa"
+    key.write_text("-----BEGIN OPENSSH PRIVATE KEY-----\nfake\n")
+    seen: list = []
+    listeners = []
+    unix_path, tmp_path = folder / "agent.sock", Path(f"/tmp/tracerl-attack-{uuid.uuid4().hex[:8]}.sock")
+    abstract = f"tracerl-attack-{uuid.uuid4().hex[:8]}"
+    for family, address in (
+        (socket.AF_UNIX, str(unix_path)),
+        (socket.AF_UNIX, str(tmp_path)),
+        (socket.AF_UNIX, "\0" + abstract),
+        (socket.AF_INET, ("127.0.0.1", 0)),
+    ):
+        server = socket.socket(family, socket.SOCK_STREAM)
+        server.bind(address)
+        server.listen()
+        server.settimeout(0.1)
+        listeners.append(server)
+    udp = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    udp.bind(("127.0.0.1", 0))
+    udp.settimeout(0.1)
+    stop = threading.Event()
+
+    def watch() -> None:
+        while not stop.is_set():
+            for server in listeners:
+                with contextlib.suppress(TimeoutError, OSError):
+                    seen.append(server.accept()[0].recv(64))
+            with contextlib.suppress(TimeoutError, OSError):
+                seen.append(udp.recv(64))
+
+    watcher = threading.Thread(target=watch, daemon=True)
+    watcher.start()
+    sleeper = subprocess.Popen(["sleep", "300"], env={**os.environ, "WANDB_API_KEY": SECRET})  # a host process
+    sys.path.insert(0, str(folder))
+    try:
+        yield Bait(
+            folder,
+            key,
+            unix_path,
+            tmp_path,
+            abstract,
+            listeners[3].getsockname()[1],
+            udp.getsockname()[1],
+            sleeper.pid,
+            seen,
+        )
+    finally:
+        sys.path.remove(str(folder))
+        stop.set()
+        watcher.join()
+        for server in [*listeners, udp]:
+            server.close()
+        tmp_path.unlink(missing_ok=True)
+        sleeper.kill()
+        sleeper.wait()
+
+
+def _home_entries() -> list[str]:
+    """Entries of the home directory that are not on the way to the interpreter's installation."""
+    home = Path.home().resolve()
+    on_the_way = {
+        Path(p).resolve().relative_to(home).parts[0]
+        for p in installation_paths()
+        if Path(p).resolve().is_relative_to(home) and Path(p).resolve() != home
+    }
+    return sorted(set(os.listdir(home)) - on_the_way) if home != Path("/") else []
+
+
+def attacks(b: Bait) -> dict[str, tuple[str, bool]]:
+    """name -> (program defining f(), whether running it uncontained is harmless to the host)."""
+    home, entries = str(Path.home()), _home_entries()
+    return {
+        "read a key in a sys.path folder": (f"def f():\n    return 'PRIVATE KEY' in open({str(b.key)!r}).read()", True),
+        "list a PYTHONPATH folder": (
+            f"import os\ndef f():\n    return 'id_rsa' in os.listdir({str(b.folder)!r})",
+            True,
+        ),
+        "list the driver's folder": (
+            f"import os\ndef f():\n    return 'test_sandbox_attacks.py' in os.listdir({str(Path(__file__).parent)!r})",
+            True,
+        ),
+        "read the repository": (
+            f"def f():\n    return 'tracerl' in open({str(REPO / 'pyproject.toml')!r}).read()",
+            True,
+        ),
+        "list the home directory": (
+            f"import os\ndef f():\n    return bool(set(os.listdir({home!r})) & set({entries!r}))",
+            True,
+        ),
+        "read /etc": ("def f():\n    return len(open('/etc/passwd').read()) > 0", True),
+        "write into a sys.path folder": (
+            f"def f():\n    open({str(b.folder / 'planted.py')!r}, 'w').write('x')\n    return True",
+            False,
+        ),
+        "symlink to a host file": (
+            f"import os\ndef f():\n    os.symlink({str(b.key)!r}, 'link')\n    return 'PRIVATE' in open('link').read()",
+            True,
+        ),
+        "a host path through /proc/<pid>/root": (
+            f"def f():\n    path = '/proc/{b.sleeper}/root' + {str(REPO / 'pyproject.toml')!r}\n"
+            "    return 'tracerl' in open(path).read()",
+            True,
+        ),
+        # the environment is scrubbed at every isolation level, so there is no uncontained control
+        "read the environment": (
+            f"import os\ndef f():\n    return os.environ.get('WANDB_API_KEY') == {SECRET!r}",
+            False,
+        ),
+        "read a host process's /proc environ": (
+            f"def f():\n    return {SECRET!r}.encode() in open('/proc/{b.sleeper}/environ', 'rb').read()",
+            True,
+        ),
+        "scan every /proc/*/environ": (
+            "import os\ndef f():\n    for pid in filter(str.isdigit, os.listdir('/proc')):\n        try:\n"
+            f"            if {SECRET!r}.encode() in open(f'/proc/{{pid}}/environ', 'rb').read():\n"
+            "                return True\n        except OSError:\n            pass\n    return False",
+            True,
+        ),
+        "signal a host process": (f"import os\ndef f():\n    os.kill({b.sleeper}, 9)\n    return True", False),
+        "connect to a unix socket in a sys.path folder": (
+            f"import socket\ndef f():\n    s = socket.socket(socket.AF_UNIX)\n    s.connect({str(b.unix_socket)!r})\n"
+            "    s.sendall(b'unix')\n    return True",
+            False,
+        ),
+        "connect to a unix socket in /tmp": (
+            f"import socket\ndef f():\n    s = socket.socket(socket.AF_UNIX)\n    s.connect({str(b.tmp_socket)!r})\n"
+            "    s.sendall(b'tmp')\n    return True",
+            False,
+        ),
+        "connect to an abstract unix socket": (
+            f"import socket\ndef f():\n    s = socket.socket(socket.AF_UNIX)\n    s.connect('\\0' + {b.abstract!r})\n"
+            "    s.sendall(b'abstract')\n    return True",
+            False,
+        ),
+        "connect to 127.0.0.1 over TCP": (
+            f"import socket\ndef f():\n    socket.create_connection(('127.0.0.1', {b.tcp_port}), timeout=1)"
+            ".sendall(b'tcp')\n    return True",
+            False,
+        ),
+        "send UDP to 127.0.0.1": (
+            "import socket\ndef f():\n    s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)\n"
+            f"    s.sendto(b'udp', ('127.0.0.1', {b.udp_port}))\n    return True",
+            False,
+        ),
+        "fork bomb": (
+            "import os, time\ncount = 0\nwhile True:\n    try:\n        if os.fork() == 0:\n"
+            "            time.sleep(5)\n            os._exit(0)\n        count += 1\n    except OSError:\n"
+            "        break\n"
+            "def f():\n    return count > 1000",
+            False,
+        ),
+        # all 8 must hold their 200 MB at the same time (the OOM killer may kill earlier ones to make room)
+        "8 processes x 200 MB": (
+            "import os\nheld = 0\ngo, hold = os.pipe()\nfor _ in range(8):\n    r, w = os.pipe()\n"
+            "    if os.fork() == 0:\n        b = bytearray(200 * 2**20)\n        b[::4096] = b'x' * len(b[::4096])\n"
+            "        os.write(w, b'1')\n        os.read(go, 1)\n        os._exit(0)\n"
+            "    os.close(w)\n    held += len(os.read(r, 1))\n"
+            "def f():\n    return held == 8 and os.waitpid(-1, os.WNOHANG) == (0, 0)",
+            True,
+        ),
+    }
+
+
+def _run(program: str, box: Sandbox) -> bytes:
+    return box.run(program + "\nprint(f())").stdout
+
+
+NAMES = list(attacks(Bait(*[Path("/")] * 4, "", 0, 0, 0, [])))  # the attack names (no bait needed for them)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_attack_is_contained(name: str, bait: Bait, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("WANDB_API_KEY", SECRET)
+    program, harmless = attacks(bait)[name]
+    limits = {**FAST, "wall_s": 4.0, "total_memory_mb": 512}
+    assert code_reward(["p"], [program], tests=[["assert f()"]], **limits) == [0.0]
+    if ISOLATION.memory_cgroup or name != "8 processes x 200 MB":
+        with Sandbox(Limits(**limits)) as box:
+            assert not _run(program, box).startswith(b"True")
+    time.sleep(0.2)  # the listeners poll every 0.1 s
+    assert bait.connections == []
+    assert os.path.exists(f"/proc/{bait.sleeper}")  # still alive
+    assert not (bait.folder / "planted.py").exists()
+    if harmless:  # uncontained, the same program gets through: the attack is real on this machine
+        loose = {**limits, "cpu_s": 10.0, "wall_s": 30.0, "memory_mb": 512}  # slack for a busy machine
+        with Sandbox(Limits(**loose), isolation="none", min_isolation="none") as box:
+            assert _run(program, box).startswith(b"True"), name
+
+
+def test_ordinary_programs_still_pass() -> None:
+    program = "import numpy, json, os\ndef f():\n    return int(numpy.arange(4).sum()) + len(os.listdir('.'))"
+    assert code_reward(["p"], [program], tests=[["assert f() == 7"]], **FAST) == [1.0]
+
+
+def test_a_stderr_flood_stops_at_the_output_cap() -> None:
+    start = time.monotonic()
+    with Sandbox(Limits(**FAST, max_output_bytes=1 << 20)) as box:
+        result = box.run("import sys\nwhile True:\n    sys.stderr.write('x' * 2**20)")
+    assert result.status == "output_limit" and time.monotonic() - start < FAST["wall_s"]
+    # the wrapper was not left blocked on the full pipe until the 2 s grace ran out and it had to be SIGKILLed
+    assert result.returncode != -signal.SIGKILL
+
+
+def test_a_daemon_that_left_the_process_group_dies_with_the_program() -> None:
+    program = (
+        "import os, time\nif os.fork() == 0:\n    os.setsid()\n    if os.fork() == 0:\n        time.sleep(30)\n"
+        "    os._exit(0)\nprint('parent done')"
+    )
+    with Sandbox(Limits(**FAST)) as box:
+        assert box.run(program).stdout == b"parent done\n"
+    alive = []
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            if 900_000 <= os.stat(f"/proc/{pid}").st_uid < 904_096:
+                alive.append(pid)
+        except FileNotFoundError:
+            pass
+    assert alive == []
+
+
+def test_a_pythonpath_under_tmp_keeps_full_isolation(tmp_path: Path) -> None:
+    probe = "from rewards.sandbox import check_isolation; print(check_isolation('full'))"
+    env = {**os.environ, "PYTHONPATH": f"/tmp:{tmp_path}:{REPO}"}
+    out = subprocess.run([sys.executable, "-c", probe], env=env, capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert "separate_user=True, network=True, filesystem=True, pid_namespace=True, process_limit=True" in out.stdout
+
+
+def test_below_the_minimum_level_no_program_runs(caplog: pytest.LogCaptureFixture) -> None:
+    with Sandbox(Limits(**FAST), isolation="none") as box, pytest.raises(SandboxError) as err:
+        box.run("print(1)")
+    message = str(err.value)
+    assert "minimum isolation level 'full'" in message and "reward.sandbox.min_isolation=none" in message
+    with pytest.raises(SandboxError):
+        check_isolation(mode="none")
+    caplog.set_level(logging.WARNING, logger="rewards.sandbox")
+    try:
+        configure(min_isolation="none")  # explicit and logged
+        assert "lowered to 'none'" in caplog.text
+        with Sandbox(Limits(**FAST), isolation="none") as box:
+            assert box.run("print(1)").stdout == b"1\n"
+    finally:
+        configure()
+
+
+def test_listed_paths_are_readable_and_nothing_else(tmp_path: Path) -> None:
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    (shared / "data.txt").write_text("42")
+    (tmp_path / "other.txt").write_text("no")
+    program = (
+        f"import os\ndef f():\n    return open({str(shared / 'data.txt')!r}).read()\n"
+        f"def g():\n    return os.path.exists({str(tmp_path / 'other.txt')!r})"
+    )
+    tests = [["assert f() == '42'", "assert not g()"]]
+    try:
+        configure(paths=[str(shared)])
+        assert isolation().filesystem
+        assert code_reward(["p"], [program], tests=tests, **FAST) == [1.0]
+        with Sandbox(Limits(**FAST)) as box:
+            assert box.run(f"open({str(shared / 'x')!r}, 'w')").status == "error"  # read-only
+    finally:
+        configure()
+    assert code_reward(["p"], [program], tests=tests, **FAST) == [0.5]  # not listed: f() fails, g() holds
+
+
+def test_signals_to_its_own_processes_still_work() -> None:
+    program = (
+        "import os, signal, time\npid = os.fork()\nif pid == 0:\n    time.sleep(10)\n    os._exit(0)\n"
+        f"os.kill(pid, {int(signal.SIGTERM)})\nprint(os.waitpid(pid, 0)[1] & 0x7f)"
+    )
+    with Sandbox(Limits(**FAST)) as box:
+        assert box.run(program).stdout == f"{int(signal.SIGTERM)}\n".encode()

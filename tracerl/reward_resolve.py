@@ -1,0 +1,253 @@
+"""Reward specs and how they resolve to functions (DESIGN §9), and the per-process setup of reward workers.
+
+A reward function is named by a registered name (``math_verify``), an import path (``my_pkg.rewards:score``),
+a file (``./my_reward.py:score``) or an HTTP endpoint (``http://host:port/score``); a factory (a function that
+builds the reward function) takes ``factory_kwargs``. ``prepare_process`` imports ``reward.imports`` and sets the
+code sandbox's policy; the driver and every reward worker call it before names are resolved.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import json
+import os
+import sys
+import threading
+import time
+import urllib.error
+import urllib.parse
+import urllib.request
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+
+@dataclass
+class RewardSpec:
+    """One reward function of a run and how it counts."""
+
+    fn: str | Callable[..., Any]  # registered name, "pkg.module:fn", "path/file.py:fn", "http(s)://...", or a callable
+    weight: float = 1.0  # its weight in the total (total = sum of weight * reward)
+    name: str | None = None  # name in metrics (reward/<name>/mean); default derived from fn
+    kwargs: dict[str, Any] = field(default_factory=dict)  # fixed keyword arguments for every call (win over columns)
+    completion_format: Literal["as_given", "chat", "text"] = "as_given"  # chat: wrap strings as assistant messages
+    factory_kwargs: dict[str, Any] | None = None  # fn is a factory: the reward is fn(**factory_kwargs)
+
+
+class RewardError(RuntimeError):
+    """A reward function failed, or could not be resolved; the message is one paragraph with the fix."""
+
+    def __init__(
+        self,
+        detail: str,
+        name: str | None = None,
+        index: int | None = None,
+        timed_out: bool = False,
+        quote: str = "",
+    ):
+        super().__init__(detail, name, index, timed_out, quote)
+        self.detail, self.name, self.index, self.timed_out = detail, name, index, timed_out
+        self.quote = quote  # the failing completion, quoted (shown with the index)
+
+    def __str__(self) -> str:
+        if self.name is None:
+            return self.detail
+        where = f" on sample {self.index}" if self.index is not None else ""
+        quote = f" (completion {self.index}: {self.quote})" if self.quote and self.index is not None else ""
+        return (
+            f"reward function '{self.name}' failed{where}: {self.detail}{quote} Fix the function, or set "
+            f"on_error='nan' to score such calls NaN and count them in reward/errors/{self.name}."
+        )
+
+    def shifted(self, offset: int) -> RewardError:
+        """The same error with the sample index counted from ``offset`` (for a shard of a larger batch): every
+        index in the message is the batch index."""
+        index = None if self.index is None else self.index + offset
+        return RewardError(self.detail, self.name, index, self.timed_out, self.quote)
+
+
+# ---------------------------------------------------------------------------------------------- resolving
+
+
+def resolve_reward(
+    fn: str | Callable[..., Any], timeout_s: float = 30.0, http_retries: int = 2
+) -> tuple[str, Callable]:
+    """``(default name, callable)`` for a reward spec.
+
+    Raises:
+        RewardError: unknown name (lists the registered ones), missing file, module or attribute.
+    """
+    if callable(fn):
+        return getattr(fn, "__name__", type(fn).__name__), fn
+    spec = str(fn).strip()
+    if spec.startswith(("http://", "https://")):
+        reward = HttpReward(spec, timeout_s=timeout_s, retries=http_retries)
+        return reward.__name__, reward
+    if ":" in spec:
+        location, attr = spec.rsplit(":", 1)
+        if location.endswith(".py") or "/" in location or os.sep in location:
+            return attr, _attribute(_load_file(location, spec), attr, spec)
+        try:
+            module = importlib.import_module(location)
+        except ImportError as err:
+            raise RewardError(
+                f"could not import module '{location}' for reward '{spec}': {err}. Is the package installed, "
+                "or on PYTHONPATH? (A file is written 'path/to/file.py:function'.)"
+            ) from err
+        return attr, _attribute(module, attr, spec)
+    if spec.endswith(".py"):
+        raise RewardError(f"reward '{spec}' names a file but no function: write it as '{spec}:function_name'.")
+    import rewards
+
+    try:
+        return spec, rewards.get_reward(spec)
+    except LookupError:
+        raise RewardError(
+            f"unknown reward '{spec}'; choose from {rewards.available_rewards()}, or give an import path "
+            "'pkg.module:function', a file 'path/to/file.py:function' or an endpoint 'http://host:port/score'."
+        ) from None
+
+
+_FILE_MODULES: dict[str, Any] = {}
+_FILE_LOCK = threading.Lock()
+
+
+def _load_file(location: str, spec: str) -> Any:
+    path = os.path.abspath(location)
+    if not os.path.isfile(path):
+        raise RewardError(
+            f"reward file '{location}' (from '{spec}') does not exist: looked for {path}. Relative paths are "
+            f"taken from the current directory ({os.getcwd()}); give the path of a .py file."
+        )
+    with _FILE_LOCK:
+        if path not in _FILE_MODULES:
+            name = f"tracerl_reward_file_{abs(hash(path)):x}"
+            module_spec = importlib.util.spec_from_file_location(name, path)
+            module = importlib.util.module_from_spec(module_spec)
+            sys.modules[name] = module
+            try:
+                module_spec.loader.exec_module(module)
+            except Exception as err:
+                del sys.modules[name]
+                raise RewardError(f"reward file {path} failed to import: {type(err).__name__}: {err}") from err
+            _FILE_MODULES[path] = module
+        return _FILE_MODULES[path]
+
+
+def _attribute(module: Any, attr: str, spec: str) -> Callable:
+    target = module
+    for part in attr.split("."):
+        target = getattr(target, part, None)
+        if target is None:
+            functions = sorted(
+                n for n, v in vars(module).items() if callable(v) and not n.startswith("_") and not isinstance(v, type)
+            )
+            raise RewardError(
+                f"'{getattr(module, '__file__', None) or module.__name__}' has no function '{attr}' (from reward "
+                f"'{spec}'); functions defined there: {functions}."
+            )
+    if not callable(target):
+        raise RewardError(f"reward '{spec}' is a {type(target).__name__}, not a function.")
+    return target
+
+
+class HttpReward:
+    """A reward function behind an HTTP endpoint: POST ``{"prompts", "completions", <columns>...}`` as JSON,
+    receive ``{"rewards": [...]}`` (``null`` for None). Connection errors, timeouts and 5xx answers are retried
+    ``retries`` times with exponential backoff; 4xx answers fail at once with the server's message."""
+
+    def __init__(self, url: str, timeout_s: float = 30.0, retries: int = 2, backoff_s: float = 0.5) -> None:
+        self.url, self.timeout_s, self.retries, self.backoff_s = url, timeout_s, retries, backoff_s
+        parsed = urllib.parse.urlsplit(url)
+        self.__name__ = parsed.netloc or url
+        loopback = parsed.hostname in ("localhost", "::1") or (parsed.hostname or "").startswith("127.")
+        handlers = [urllib.request.ProxyHandler({})] if loopback else []  # never send loopback through a proxy
+        self._opener = urllib.request.build_opener(*handlers)
+
+    def __call__(self, prompts: list, completions: list, **columns: Any) -> list[float | None]:
+        body = json.dumps({"prompts": prompts, "completions": completions, **columns}, default=_json_default)
+        request = urllib.request.Request(
+            self.url, data=body.encode(), headers={"Content-Type": "application/json"}, method="POST"
+        )
+        last = ""
+        for attempt in range(self.retries + 1):
+            if attempt:
+                time.sleep(self.backoff_s * 2 ** (attempt - 1))
+            try:
+                with self._opener.open(request, timeout=self.timeout_s) as response:
+                    answer = json.loads(response.read())
+                break
+            except urllib.error.HTTPError as err:
+                text = err.read().decode(errors="replace")[:500]
+                if err.code < 500:
+                    raise RuntimeError(f"endpoint {self.url} answered HTTP {err.code}: {text}") from None
+                last = f"HTTP {err.code}: {text}"
+            except (urllib.error.URLError, TimeoutError, ConnectionError) as err:
+                last = f"{type(err).__name__}: {getattr(err, 'reason', err)}"
+        else:
+            raise RuntimeError(f"endpoint {self.url} failed after {self.retries + 1} attempts; last error: {last}")
+        if not isinstance(answer, dict) or not isinstance(answer.get("rewards"), list):
+            raise ValueError(f'endpoint {self.url} must answer {{"rewards": [...]}}, got {str(answer)[:200]}')
+        return answer["rewards"]
+
+
+def _json_default(obj: Any) -> Any:
+    if hasattr(obj, "tolist"):  # numpy arrays and scalars, torch tensors
+        return obj.tolist()
+    raise TypeError(f"a value of type {type(obj).__name__} cannot be sent as JSON")
+
+
+def prepare_process(imports: Sequence[str] = (), sandbox: dict[str, Any] | None = None) -> None:
+    """Per-process setup, done in the driver and in every reward worker before names are resolved: import the
+    modules of ``reward.imports`` (their ``@register_reward`` functions become names) and set the code
+    sandbox's policy (``rewards.sandbox.configure``).
+
+    Raises:
+        RewardError: a module does not import, or the sandbox settings are invalid.
+    """
+    for module in imports:
+        try:
+            importlib.import_module(module)
+        except Exception as err:  # noqa: BLE001 - any failure of the user's module is reported as is
+            raise RewardError(
+                f"could not import module '{module}' listed in reward.imports: {type(err).__name__}: {err}. The "
+                "module must be importable in the driver and in every reward worker (installed, or on PYTHONPATH)."
+            ) from err
+    if sandbox is not None:
+        from rewards.sandbox import configure
+
+        try:
+            configure(**sandbox)
+        except ValueError as err:
+            raise RewardError(f"reward.sandbox: {err}") from None
+
+
+def build_reward(fn: Callable, spec: RewardSpec) -> Callable:
+    """The reward function itself: ``fn`` or, for a factory, what ``fn(**spec.factory_kwargs)`` returns."""
+    if spec.factory_kwargs is None:
+        return fn
+    try:
+        built = fn(**spec.factory_kwargs)
+    except Exception as err:  # noqa: BLE001 - the factory's own error, named
+        raise RewardError(
+            f"reward factory '{spec.fn}' failed with factory_kwargs={spec.factory_kwargs}: {type(err).__name__}: "
+            f"{err}. Give the arguments it takes."
+        ) from err
+    if not callable(built):
+        raise RewardError(
+            f"reward '{spec.fn}' with factory_kwargs returned a {type(built).__name__}, not a reward function; "
+            "drop factory_kwargs if it is a reward function itself."
+        )
+    return built
+
+
+def run_preflight(fn: Callable, name: str) -> None:
+    """Run a reward's own start-up check (``fn.preflight()``, e.g. the code sandbox's isolation level)."""
+    check = getattr(fn, "preflight", None)
+    if not callable(check):
+        return
+    try:
+        check()
+    except Exception as err:  # noqa: BLE001 - whatever the check raises, it is why the reward cannot run
+        raise RewardError(f"reward '{name}' cannot run here: {err}") from err
