@@ -92,3 +92,9 @@ def test_rollout_old_logps_need_exact_replay(overrides, reason):
         load_config(None, ["objective.old_logp_source=rollout", *overrides])
     assert reason in str(err.value) and "old_logp_source=learner" in str(err.value)
     assert load_config(None, ["objective.old_logp_source=rollout"]).objective.old_logp_source == "rollout"
+
+
+def test_train_checks_positions_before_anything_is_written(capsys, tmp_path):
+    err = fails(capsys, "train", QUICK, f"run_dir={tmp_path / 'run'}", "model.tiny.max_position_embeddings=24")
+    assert "max_position_embeddings=24" in err and "sampling.max_new_tokens" in err
+    assert not (tmp_path / "run").exists()

@@ -5,7 +5,7 @@ same ``Tensor.copy_``, so both paths give bitwise identical rollout weights):
 
 - object store: learner rank 0 returns its gathered weights once, packed into flat numpy buckets (``pack``), so
   the object store keeps one copy and every rollout actor maps it without a copy before ``load_state_dict``.
-  The Ray side lives in ``workers.py``.
+  The Ray side lives in ``tracerl/workers``.
 - collective: a torch.distributed group of learner rank 0 (rank 0 here) and the K rollout actors (ranks 1..K),
   built from its own ``TCPStore`` so it lives beside the learner's DeepSpeed group. Parameters travel in flat
   buckets of one dtype (``bucket_layout``), one broadcast per bucket: gloo on CPU, nccl on GPU.

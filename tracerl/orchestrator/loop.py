@@ -19,28 +19,26 @@ from __future__ import annotations
 
 import contextlib
 import json
-import math
-import os
 import signal
-import socket
 import time
-from collections.abc import Callable, Iterator
-from dataclasses import asdict, dataclass, field
+from collections.abc import Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import ray
 import torch
-from ray.exceptions import RayActorError
 from rich.console import Console
 
 from tracerl import checkpoint, data, stats, trace
 from tracerl.advantages import compute_advantages
-from tracerl.config import Config, ConfigError, check_cluster, to_dict
+from tracerl.config import Config, check_cluster, to_dict
 from tracerl.metrics import MetricsLogger, Timers, decoding_order_picture, truncate_jsonl
-from tracerl.models import load_tokenizer
+from tracerl.orchestrator.console import eval_line, step_line
+from tracerl.orchestrator.evaluation import collect, evaluate
+from tracerl.orchestrator.setup import check_rewards, connect, load_prompts, reward_pool, seed
 from tracerl.records import Rollout
-from tracerl.reward_service import RewardResult, RewardService, RewardSpec, check_columns, merge_results
+from tracerl.reward_service import RewardResult
 from tracerl.workers import WEIGHT_SYNC, LearnerGroup, RewardPool, RolloutGroup, RolloutShard, place
 
 # --------------------------------------------------------------------------------------------------- the loop
@@ -99,12 +97,6 @@ def run(cfg: Config, *, verbose: bool = False, console: Console | None = None) -
         return last
 
 
-def seed(cfg: Config, step: int, salt: int = 0) -> int:
-    """The seed of one stage of one RL step: a run is reproducible, and a resumed run samples what the
-    uninterrupted one would have."""
-    return (cfg.seed * 1_000_003 + step) * 31 + salt
-
-
 # --------------------------------------------------------------------------------------------------- the session
 
 
@@ -150,6 +142,9 @@ class Session:
             cleanup.append(learner.shutdown)
             rollout = RolloutGroup(cfg, placement.rollout)
             cleanup.append(rollout.shutdown)
+            longest = max(len(p) for p in stream.ids + (eval_set.prompt_ids if eval_set else []))
+            samplings = [cfg.sampling, stats.eval_sampling(cfg, greedy=True)]
+            ray.get(rollout.workers[0].check_positions.remote(longest, samplings))
             state = checkpoint.load_checkpoint(resume, learner) if resume is not None else None
             if state is not None:
                 stream.load_state_dict(state.data)
@@ -357,296 +352,3 @@ def cause_message(err: BaseException) -> str:
     """The underlying error of a Ray task failure (its own message, not Ray's traceback dump)."""
     cause = getattr(err, "cause", None)
     return str(cause) if cause is not None else str(err)
-
-
-# --------------------------------------------------------------------------------------------------- setup
-
-
-def connect(cfg: Config, verbose: bool) -> bool:
-    """Join ``cluster.address`` or start a local Ray instance on loopback (dashboard off unless asked); returns
-    whether this call started it (and so must stop it)."""
-    if ray.is_initialized():
-        return False
-    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-    quiet = {"log_to_driver": verbose, "logging_level": "INFO" if verbose else "ERROR"}
-    if cfg.cluster.address:
-        check_reachable(cfg.cluster.address)
-        ray.init(address=cfg.cluster.address, **quiet)
-        return True
-    cpus = (
-        cfg.learner.num_ranks * cfg.learner.num_cpus_per_rank
-        + cfg.rollout.num_workers * cfg.rollout.num_cpus_per_worker
-        + cfg.reward.num_workers * cfg.reward.num_cpus_per_worker
-    )
-    # logical CPUs: enough for every actor of the run even on a 2-core laptop (they mostly take turns)
-    ray.init(
-        address="local",
-        num_cpus=max(os.cpu_count() or 1, math.ceil(cpus)),
-        include_dashboard=cfg.cluster.dashboard,
-        **quiet,
-    )
-    return True
-
-
-def check_reachable(address: str, timeout_s: float = 5.0) -> None:
-    """Fail at once, naming the setting, when nothing listens at a Ray cluster address."""
-    host, _, port = address.rpartition(":")
-    try:
-        with socket.create_connection((host or address, int(port or 6379)), timeout=timeout_s):
-            pass
-    except (OSError, ValueError) as err:
-        raise ConfigError(
-            f"--ray-address / cluster.address '{address}': no Ray cluster answers there ({err}). Start one with "
-            "'ray start --head --port=PORT' (see docs/cluster.md) and pass HOST:PORT, or leave it out to run on a "
-            "local instance."
-        ) from None
-
-
-def load_prompts(cfg: Config) -> tuple[data.PromptStream, data.PromptBatch | None]:
-    """The training stream and the held-out prompts: ``eval.source``, or ``eval.num_prompts`` whole prompts of
-    ``data.source`` that never appear in training."""
-    tokenizer = load_tokenizer(cfg.model)
-    ds = data.load_examples(cfg.data, cfg.seed, require=("prompt",))
-    held = None
-    if cfg.eval.num_prompts and cfg.eval.source is None:
-        train_rows, held_rows = stats.heldout_split(ds["prompt"], cfg.eval.num_prompts, cfg.seed)
-        if not train_rows:
-            raise ConfigError(
-                f"eval.num_prompts={cfg.eval.num_prompts} holds out every distinct prompt of data.source "
-                f"'{cfg.data.source}'; lower it or set eval.source to a separate dataset."
-            )
-        ds, held = ds.select(train_rows), ds.select(held_rows)
-    elif cfg.eval.num_prompts:
-        eval_cfg = type(cfg.data)(**{**asdict(cfg.data), "source": cfg.eval.source, "split": cfg.eval.split})
-        held = data.load_examples(eval_cfg, cfg.seed, require=("prompt",))
-        held = held.select(range(min(cfg.eval.num_prompts, len(held))))
-    stream = data.PromptStream(ds, tokenizer, cfg.data, cfg.seed)
-    eval_set = data.PromptStream(held, tokenizer, cfg.data, cfg.seed).all() if held is not None else None
-    longest = max(len(p) for p in stream.ids) + cfg.sampling.max_new_tokens
-    limit = cfg.model.tiny.max_position_embeddings if cfg.model.family == "tiny" and not cfg.model.path else None
-    if limit is not None and longest > limit:
-        raise ConfigError(
-            f"the longest prompt ({longest - cfg.sampling.max_new_tokens} tokens) plus sampling.max_new_tokens "
-            f"needs {longest} positions but the model has {limit}; lower data.max_prompt_tokens or "
-            "sampling.max_new_tokens."
-        )
-    return stream, eval_set
-
-
-def check_rewards(cfg: Config, columns: list[str] | None, source: str) -> None:
-    """The reward functions resolve (names, import paths, files) and find the dataset columns they need."""
-    r = cfg.reward
-    service = RewardService(
-        reward_specs(cfg), on_error=r.on_error, timeout_s=r.timeout_s, imports=r.imports, sandbox=asdict(r.sandbox)
-    )
-    if columns is not None:
-        check_columns(service, columns, source)
-
-
-def reward_pool(cfg: Config) -> RewardPool:
-    """The run's reward actors (``reward.*``, ``fault.max_restarts``)."""
-    r = cfg.reward
-    return RewardPool(
-        reward_specs(cfg),
-        num_workers=r.num_workers,
-        on_error=r.on_error,
-        timeout_s=r.timeout_s,
-        num_cpus_per_worker=r.num_cpus_per_worker,
-        max_restarts=cfg.fault.max_restarts,
-        imports=r.imports,
-        sandbox=asdict(r.sandbox),
-    )
-
-
-def reward_specs(cfg: Config) -> list[RewardSpec]:
-    return [
-        RewardSpec(f.fn, f.weight, f.name, dict(f.kwargs), f.completion_format, f.factory_kwargs)
-        for f in cfg.reward.functions
-    ]
-
-
-def reward_inputs(batch: data.PromptBatch, shard: RolloutShard, part: Rollout, samples: int) -> tuple:
-    """(prompts, completions, completion_ids, columns) of a shard, every per-prompt list repeated per sample."""
-    rows = [i for i in range(shard.lo, shard.hi) for _ in range(samples)]
-    eos = int(part.sampler.get("eos_id", -1))
-    ids = []
-    for i in range(len(part)):
-        toks = part.response_ids[i][part.step_map[i] >= 0].tolist()
-        ids.append(toks[: toks.index(eos)] if eos in toks else toks)
-    columns = {k: [v[r] for r in rows] for k, v in batch.columns.items()}
-    return [batch.prompts[r] for r in rows], part.texts, ids, columns
-
-
-# --------------------------------------------------------------------------------------------------- evaluation
-
-
-def evaluate(
-    cfg: Config,
-    rollout: RolloutGroup,
-    rewards: RewardPool,
-    prompts: data.PromptBatch,
-    version: int,
-    step: int,
-    out_dir: Path,
-    tag: str | None = None,
-    weights: Callable[[], tuple[int, Any]] | None = None,
-) -> dict[str, float]:
-    """``eval/*`` of the rollout actors' current weights on ``prompts`` (greedy + ``eval.samples`` sampled per
-    prompt), written with every sample and the exact settings to ``out_dir/<tag>.jsonl`` and ``<tag>.json``.
-    ``weights`` reloads a replacement for an actor that died (see ``collect``)."""
-    settings = {"greedy": stats.eval_sampling(cfg, greedy=True), "sampled": stats.eval_sampling(cfg, greedy=False)}
-
-    def sample(samples: int, salt: int, sampling: Any) -> tuple[Rollout, RewardResult]:
-        shards = rollout.generate_async(prompts.prompt_ids, samples, seed(cfg, step, salt), sampling)
-        return collect(rollout, rewards, shards, prompts, samples, Timers(), version, cfg.fault.max_restarts, weights)
-
-    greedy, g_scored = sample(1, 7, settings["greedy"])
-    sampled, s_scored = sample(cfg.eval.samples, 8, settings["sampled"])
-    n = cfg.eval.samples
-    per_prompt = [s_scored.total[i * n : (i + 1) * n] for i in range(len(prompts.prompt_ids))]
-    answers = prompts.columns.get("answer")
-    exact = [t.strip() == str(a).strip() for t, a in zip(greedy.texts, answers, strict=True)] if answers else None
-    steps = float((greedy.step_map.max(-1).values + 1).clamp(min=0).sum())
-    tokens_per_forward = float((greedy.step_map >= 0).sum()) / max(1.0, steps)
-    metrics = stats.eval_metrics(g_scored.total, per_prompt, cfg.eval.k, cfg.eval.pass_threshold, exact,
-                                 tokens_per_forward)  # fmt: skip
-    tag = tag or f"step-{step}"
-    out_dir.mkdir(parents=True, exist_ok=True)
-    with (out_dir / f"{tag}.jsonl").open("w") as f:
-        for mode, r, scored, reps in (("greedy", greedy, g_scored, 1), ("sampled", sampled, s_scored, n)):
-            for i in range(len(r)):
-                p = i // reps
-                row = {
-                    "prompt_index": p,
-                    "prompt": prompts.prompts[p],
-                    "answer": answers[p] if answers else None,
-                    "mode": mode,
-                    "sample": i % reps,
-                    "completion": r.texts[i],
-                    "reward": scored.total[i],
-                    "parts": {k: v[i] for k, v in scored.parts.items()},
-                }
-                f.write(json.dumps(row, default=str) + "\n")
-    summary = {
-        "step": step,
-        "weights_version": version,
-        "model": {"family": cfg.model.family, "path": cfg.model.path},
-        "seed": cfg.seed,
-        "k": cfg.eval.k,
-        "samples": n,
-        "pass_threshold": cfg.eval.pass_threshold,
-        "sampling": {k: asdict(v) for k, v in settings.items()},
-        "metrics": metrics,
-    }
-    (out_dir / f"{tag}.json").write_text(json.dumps(summary, indent=2))
-    return metrics
-
-
-def run_eval(cfg: Config, out_dir: str | None = None, verbose: bool = False, console: Console | None = None) -> dict:
-    """``tracerl eval``: the loop's evaluation, on the rollout side only, for ``model.path`` as it is on disk."""
-    console = console or Console(soft_wrap=True)
-    _, eval_set = load_prompts(cfg)
-    if eval_set is None:
-        raise ConfigError("eval.num_prompts is 0: there is nothing to evaluate; set eval.num_prompts ≥ 1.")
-    check_rewards(cfg, list(eval_set.columns) + ["prompt"], cfg.eval.source or cfg.data.source)
-    cleanup: list[Any] = []
-    try:
-        if connect(cfg, verbose):
-            cleanup.append(ray.shutdown)
-        rewards = reward_pool(cfg)
-        cleanup.append(rewards.shutdown)
-        gpu = 1.0 if ray.cluster_resources().get("GPU", 0.0) > 0 else 0.0
-        options = {"num_cpus": cfg.rollout.num_cpus_per_worker, "num_gpus": gpu}
-        rollout = RolloutGroup(cfg, [options] * cfg.rollout.num_workers)
-        cleanup.append(rollout.shutdown)
-        out = Path(out_dir) if out_dir else Path(cfg.run_dir) / "eval"
-        metrics = evaluate(cfg, rollout, rewards, eval_set, 0, 0, out, tag="eval")
-        console.print(eval_line(0, metrics, cfg.eval.k))
-        console.print(f"[dim]samples: {out / 'eval.jsonl'} · summary and sampling settings: {out / 'eval.json'}[/dim]")
-        return metrics
-    finally:
-        for fn in reversed(cleanup):
-            with contextlib.suppress(Exception):
-                fn()
-
-
-def collect(
-    group: RolloutGroup,
-    rewards: RewardPool,
-    shards: list[RolloutShard],
-    batch: data.PromptBatch,
-    samples: int,
-    timers: Timers,
-    version: int,
-    max_restarts: int = 0,
-    weights: Callable[[], tuple[int, Any]] | None = None,
-) -> tuple[Rollout, RewardResult]:
-    """Wait for the rollout shards; send each to the reward pool the moment it returns; join both in prompt order.
-
-    ``time/rollout`` runs until the last shard is back, ``time/reward`` is the scoring left after it. A shard
-    sampled with another weights version than ``version`` is refused. A shard whose actor died is redone on a
-    replacement actor loaded with ``weights()`` (the learner's current weights; None: ``cfg.model`` as on disk),
-    at most ``max_restarts`` times.
-    """
-    start = time.perf_counter()
-    by_ref = {s.ref: s for s in shards}
-    pending, parts, futures, redone = list(by_ref), {}, {}, 0
-    while pending:
-        [ready], pending = ray.wait(pending, num_returns=1)
-        shard = by_ref.pop(ready)
-        try:
-            part = ray.get(ready)
-        except RayActorError as err:  # the actor died (killed, out of memory, node lost): replace it, redo
-            redone += 1
-            if redone > max_restarts:
-                raise RuntimeError(
-                    f"rollout actors died {redone} times in one step (fault.max_restarts={max_restarts}); last: {err}"
-                ) from None
-            new = group.redo(shard, weights() if weights else None)
-            by_ref[new.ref] = new
-            pending.append(new.ref)
-            continue
-        if part.weights_version != version:
-            raise RuntimeError(
-                f"a rollout shard (prompts {shard.lo}..{shard.hi - 1}) was sampled with weights version "
-                f"{part.weights_version}, but the learner is at version {version}: a rollout actor missed a "
-                "weight sync. Restart the run with --resume auto."
-            )
-        parts[shard.lo] = part
-        futures[shard.lo] = rewards.score_async(*reward_inputs(batch, shard, part, samples))
-    timers.add("rollout", time.perf_counter() - start)
-    with timers("reward"):
-        order = sorted(parts)
-        scored = merge_results([rewards.gather(futures[lo]) for lo in order])
-    rollout = Rollout.concat([parts[lo] for lo in order])
-    rollout.group = torch.cat([parts[lo].group for lo in order])  # prompt index within the batch
-    return rollout, scored
-
-
-# --------------------------------------------------------------------------------------------------- console
-
-
-def step_line(step: int, total: int, m: dict[str, float]) -> str:
-    """One console line per RL step with the numbers that matter."""
-    train = (
-        f"loss {m['train/policy_loss']:+.4f} kl {m.get('train/kl_to_old', 0.0):.4f} "
-        f"clip {m.get('train/clipfrac', 0.0):.2f}"
-        if "train/policy_loss" in m
-        else "[yellow]skipped: every group filtered out[/yellow]"
-    )
-    return (
-        f"step {step:>4}/{total}  reward {m.get('reward/mean', float('nan')):.3f}±{m.get('reward/std', 0.0):.2f}  "
-        f"kept {m.get('advantage/kept_fraction', 0.0):.0%}  {train}  len {m['rollout/response_length']:.1f}  "
-        f"[dim]│ rollout {m.get('time/rollout', 0.0):.1f}s ({m['perf/rollout_share']:.0%}) "
-        f"reward {m.get('time/reward', 0.0):.1f}s train {m.get('time/train', 0.0):.1f}s "
-        f"sync {m.get('time/sync', 0.0):.2f}s · {m['perf/tokens_per_s']:.0f} tok/s[/dim]"
-    )
-
-
-def eval_line(step: int, m: dict[str, float], k: int) -> str:
-    exact = f"  exact {m['eval/exact_match']:.3f}" if "eval/exact_match" in m else ""
-    return (
-        f"[bold cyan]eval[/bold cyan] step {step:>4}  greedy reward {m['eval/greedy_reward']:.3f}{exact}  "
-        f"mean@{k} {m[f'eval/mean@{k}']:.3f}  pass@{k} {m[f'eval/pass@{k}']:.3f}  "
-        f"({int(m['eval/prompts'])} held-out prompts)"
-    )

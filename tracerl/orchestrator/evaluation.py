@@ -1,0 +1,169 @@
+"""Collecting scored rollouts (shards scored as they return) and the held-out evaluation, in the loop and as
+``tracerl eval`` (DESIGN §17)."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import time
+from collections.abc import Callable
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import ray
+import torch
+from ray.exceptions import RayActorError
+from rich.console import Console
+
+from tracerl import data, stats
+from tracerl.config import Config, ConfigError
+from tracerl.metrics import Timers
+from tracerl.orchestrator.console import eval_line
+from tracerl.orchestrator.setup import check_rewards, connect, load_prompts, reward_inputs, reward_pool, seed
+from tracerl.records import Rollout
+from tracerl.reward_service import RewardResult, merge_results
+from tracerl.workers import RewardPool, RolloutGroup, RolloutShard
+
+
+def evaluate(
+    cfg: Config,
+    rollout: RolloutGroup,
+    rewards: RewardPool,
+    prompts: data.PromptBatch,
+    version: int,
+    step: int,
+    out_dir: Path,
+    tag: str | None = None,
+    weights: Callable[[], tuple[int, Any]] | None = None,
+) -> dict[str, float]:
+    """``eval/*`` of the rollout actors' current weights on ``prompts`` (greedy + ``eval.samples`` sampled per
+    prompt), written with every sample and the exact settings to ``out_dir/<tag>.jsonl`` and ``<tag>.json``.
+    ``weights`` reloads a replacement for an actor that died (see ``collect``)."""
+    settings = {"greedy": stats.eval_sampling(cfg, greedy=True), "sampled": stats.eval_sampling(cfg, greedy=False)}
+
+    def sample(samples: int, salt: int, sampling: Any) -> tuple[Rollout, RewardResult]:
+        shards = rollout.generate_async(prompts.prompt_ids, samples, seed(cfg, step, salt), sampling)
+        return collect(rollout, rewards, shards, prompts, samples, Timers(), version, cfg.fault.max_restarts, weights)
+
+    greedy, g_scored = sample(1, 7, settings["greedy"])
+    sampled, s_scored = sample(cfg.eval.samples, 8, settings["sampled"])
+    n = cfg.eval.samples
+    per_prompt = [s_scored.total[i * n : (i + 1) * n] for i in range(len(prompts.prompt_ids))]
+    answers = prompts.columns.get("answer")
+    exact = [t.strip() == str(a).strip() for t, a in zip(greedy.texts, answers, strict=True)] if answers else None
+    steps = float((greedy.step_map.max(-1).values + 1).clamp(min=0).sum())
+    tokens_per_forward = float((greedy.step_map >= 0).sum()) / max(1.0, steps)
+    metrics = stats.eval_metrics(g_scored.total, per_prompt, cfg.eval.k, cfg.eval.pass_threshold, exact,
+                                 tokens_per_forward)  # fmt: skip
+    tag = tag or f"step-{step}"
+    out_dir.mkdir(parents=True, exist_ok=True)
+    with (out_dir / f"{tag}.jsonl").open("w") as f:
+        for mode, r, scored, reps in (("greedy", greedy, g_scored, 1), ("sampled", sampled, s_scored, n)):
+            for i in range(len(r)):
+                p = i // reps
+                row = {
+                    "prompt_index": p,
+                    "prompt": prompts.prompts[p],
+                    "answer": answers[p] if answers else None,
+                    "mode": mode,
+                    "sample": i % reps,
+                    "completion": r.texts[i],
+                    "reward": scored.total[i],
+                    "parts": {k: v[i] for k, v in scored.parts.items()},
+                }
+                f.write(json.dumps(row, default=str) + "\n")
+    summary = {
+        "step": step,
+        "weights_version": version,
+        "model": {"family": cfg.model.family, "path": cfg.model.path},
+        "seed": cfg.seed,
+        "k": cfg.eval.k,
+        "samples": n,
+        "pass_threshold": cfg.eval.pass_threshold,
+        "sampling": {k: asdict(v) for k, v in settings.items()},
+        "metrics": metrics,
+    }
+    (out_dir / f"{tag}.json").write_text(json.dumps(summary, indent=2))
+    return metrics
+
+
+def run_eval(cfg: Config, out_dir: str | None = None, verbose: bool = False, console: Console | None = None) -> dict:
+    """``tracerl eval``: the loop's evaluation, on the rollout side only, for ``model.path`` as it is on disk."""
+    console = console or Console(soft_wrap=True)
+    _, eval_set = load_prompts(cfg)
+    if eval_set is None:
+        raise ConfigError("eval.num_prompts is 0: there is nothing to evaluate; set eval.num_prompts ≥ 1.")
+    check_rewards(cfg, list(eval_set.columns) + ["prompt"], cfg.eval.source or cfg.data.source)
+    cleanup: list[Any] = []
+    try:
+        if connect(cfg, verbose):
+            cleanup.append(ray.shutdown)
+        rewards = reward_pool(cfg)
+        cleanup.append(rewards.shutdown)
+        gpu = 1.0 if ray.cluster_resources().get("GPU", 0.0) > 0 else 0.0
+        options = {"num_cpus": cfg.rollout.num_cpus_per_worker, "num_gpus": gpu}
+        rollout = RolloutGroup(cfg, [options] * cfg.rollout.num_workers)
+        cleanup.append(rollout.shutdown)
+        out = Path(out_dir) if out_dir else Path(cfg.run_dir) / "eval"
+        metrics = evaluate(cfg, rollout, rewards, eval_set, 0, 0, out, tag="eval")
+        console.print(eval_line(0, metrics, cfg.eval.k))
+        console.print(f"[dim]samples: {out / 'eval.jsonl'} · summary and sampling settings: {out / 'eval.json'}[/dim]")
+        return metrics
+    finally:
+        for fn in reversed(cleanup):
+            with contextlib.suppress(Exception):
+                fn()
+
+
+def collect(
+    group: RolloutGroup,
+    rewards: RewardPool,
+    shards: list[RolloutShard],
+    batch: data.PromptBatch,
+    samples: int,
+    timers: Timers,
+    version: int,
+    max_restarts: int = 0,
+    weights: Callable[[], tuple[int, Any]] | None = None,
+) -> tuple[Rollout, RewardResult]:
+    """Wait for the rollout shards; send each to the reward pool the moment it returns; join both in prompt order.
+
+    ``time/rollout`` runs until the last shard is back, ``time/reward`` is the scoring left after it. A shard
+    sampled with another weights version than ``version`` is refused. A shard whose actor died is redone on a
+    replacement actor loaded with ``weights()`` (the learner's current weights; None: ``cfg.model`` as on disk),
+    at most ``max_restarts`` times.
+    """
+    start = time.perf_counter()
+    by_ref = {s.ref: s for s in shards}
+    pending, parts, futures, redone = list(by_ref), {}, {}, 0
+    while pending:
+        [ready], pending = ray.wait(pending, num_returns=1)
+        shard = by_ref.pop(ready)
+        try:
+            part = ray.get(ready)
+        except RayActorError as err:  # the actor died (killed, out of memory, node lost): replace it, redo
+            redone += 1
+            if redone > max_restarts:
+                raise RuntimeError(
+                    f"rollout actors died {redone} times in one step (fault.max_restarts={max_restarts}); last: {err}"
+                ) from None
+            new = group.redo(shard, weights() if weights else None)
+            by_ref[new.ref] = new
+            pending.append(new.ref)
+            continue
+        if part.weights_version != version:
+            raise RuntimeError(
+                f"a rollout shard (prompts {shard.lo}..{shard.hi - 1}) was sampled with weights version "
+                f"{part.weights_version}, but the learner is at version {version}: a rollout actor missed a "
+                "weight sync. Restart the run with --resume auto."
+            )
+        parts[shard.lo] = part
+        futures[shard.lo] = rewards.score_async(*reward_inputs(batch, shard, part, samples))
+    timers.add("rollout", time.perf_counter() - start)
+    with timers("reward"):
+        order = sorted(parts)
+        scored = merge_results([rewards.gather(futures[lo]) for lo in order])
+    rollout = Rollout.concat([parts[lo] for lo in order])
+    rollout.group = torch.cat([parts[lo].group for lo in order])  # prompt index within the batch
+    return rollout, scored

@@ -1,0 +1,130 @@
+"""Everything a run checks and starts before its first step: Ray, prompts, rewards."""
+
+from __future__ import annotations
+
+import math
+import os
+import socket
+from dataclasses import asdict
+
+import ray
+
+from tracerl import data, stats
+from tracerl.config import Config, ConfigError
+from tracerl.models import load_tokenizer
+from tracerl.records import Rollout
+from tracerl.reward_service import RewardService, RewardSpec, check_columns
+from tracerl.workers import RewardPool, RolloutShard
+
+
+def seed(cfg: Config, step: int, salt: int = 0) -> int:
+    """The seed of one stage of one RL step: a run is reproducible, and a resumed run samples what the
+    uninterrupted one would have."""
+    return (cfg.seed * 1_000_003 + step) * 31 + salt
+
+
+def connect(cfg: Config, verbose: bool) -> bool:
+    """Join ``cluster.address`` or start a local Ray instance on loopback (dashboard off unless asked); returns
+    whether this call started it (and so must stop it)."""
+    if ray.is_initialized():
+        return False
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    quiet = {"log_to_driver": verbose, "logging_level": "INFO" if verbose else "ERROR"}
+    if cfg.cluster.address:
+        check_reachable(cfg.cluster.address)
+        ray.init(address=cfg.cluster.address, **quiet)
+        return True
+    cpus = (
+        cfg.learner.num_ranks * cfg.learner.num_cpus_per_rank
+        + cfg.rollout.num_workers * cfg.rollout.num_cpus_per_worker
+        + cfg.reward.num_workers * cfg.reward.num_cpus_per_worker
+    )
+    # logical CPUs: enough for every actor of the run even on a 2-core laptop (they mostly take turns)
+    ray.init(
+        address="local",
+        num_cpus=max(os.cpu_count() or 1, math.ceil(cpus)),
+        include_dashboard=cfg.cluster.dashboard,
+        **quiet,
+    )
+    return True
+
+
+def check_reachable(address: str, timeout_s: float = 5.0) -> None:
+    """Fail at once, naming the setting, when nothing listens at a Ray cluster address."""
+    host, _, port = address.rpartition(":")
+    try:
+        with socket.create_connection((host or address, int(port or 6379)), timeout=timeout_s):
+            pass
+    except (OSError, ValueError) as err:
+        raise ConfigError(
+            f"--ray-address / cluster.address '{address}': no Ray cluster answers there ({err}). Start one with "
+            "'ray start --head --port=PORT' (see docs/cluster.md) and pass HOST:PORT, or leave it out to run on a "
+            "local instance."
+        ) from None
+
+
+def load_prompts(cfg: Config) -> tuple[data.PromptStream, data.PromptBatch | None]:
+    """The training stream and the held-out prompts: ``eval.source``, or ``eval.num_prompts`` whole prompts of
+    ``data.source`` that never appear in training."""
+    tokenizer = load_tokenizer(cfg.model)
+    ds = data.load_examples(cfg.data, cfg.seed, require=("prompt",))
+    held = None
+    if cfg.eval.num_prompts and cfg.eval.source is None:
+        train_rows, held_rows = stats.heldout_split(ds["prompt"], cfg.eval.num_prompts, cfg.seed)
+        if not train_rows:
+            raise ConfigError(
+                f"eval.num_prompts={cfg.eval.num_prompts} holds out every distinct prompt of data.source "
+                f"'{cfg.data.source}'; lower it or set eval.source to a separate dataset."
+            )
+        ds, held = ds.select(train_rows), ds.select(held_rows)
+    elif cfg.eval.num_prompts:
+        eval_cfg = type(cfg.data)(**{**asdict(cfg.data), "source": cfg.eval.source, "split": cfg.eval.split})
+        held = data.load_examples(eval_cfg, cfg.seed, require=("prompt",))
+        held = held.select(range(min(cfg.eval.num_prompts, len(held))))
+    stream = data.PromptStream(ds, tokenizer, cfg.data, cfg.seed)
+    eval_set = data.PromptStream(held, tokenizer, cfg.data, cfg.seed).all() if held is not None else None
+    return stream, eval_set
+
+
+def check_rewards(cfg: Config, columns: list[str] | None, source: str) -> None:
+    """The reward functions resolve (names, import paths, files) and find the dataset columns they need."""
+    r = cfg.reward
+    service = RewardService(
+        reward_specs(cfg), on_error=r.on_error, timeout_s=r.timeout_s, imports=r.imports, sandbox=asdict(r.sandbox)
+    )
+    if columns is not None:
+        check_columns(service, columns, source)
+
+
+def reward_pool(cfg: Config) -> RewardPool:
+    """The run's reward actors (``reward.*``, ``fault.max_restarts``)."""
+    r = cfg.reward
+    return RewardPool(
+        reward_specs(cfg),
+        num_workers=r.num_workers,
+        on_error=r.on_error,
+        timeout_s=r.timeout_s,
+        num_cpus_per_worker=r.num_cpus_per_worker,
+        max_restarts=cfg.fault.max_restarts,
+        imports=r.imports,
+        sandbox=asdict(r.sandbox),
+    )
+
+
+def reward_specs(cfg: Config) -> list[RewardSpec]:
+    return [
+        RewardSpec(f.fn, f.weight, f.name, dict(f.kwargs), f.completion_format, f.factory_kwargs)
+        for f in cfg.reward.functions
+    ]
+
+
+def reward_inputs(batch: data.PromptBatch, shard: RolloutShard, part: Rollout, samples: int) -> tuple:
+    """(prompts, completions, completion_ids, columns) of a shard, every per-prompt list repeated per sample."""
+    rows = [i for i in range(shard.lo, shard.hi) for _ in range(samples)]
+    eos = int(part.sampler.get("eos_id", -1))
+    ids = []
+    for i in range(len(part)):
+        toks = part.response_ids[i][part.step_map[i] >= 0].tolist()
+        ids.append(toks[: toks.index(eos)] if eos in toks else toks)
+    columns = {k: [v[r] for r in rows] for k, v in batch.columns.items()}
+    return [batch.prompts[r] for r in rows], part.texts, ids, columns

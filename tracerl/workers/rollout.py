@@ -1,0 +1,227 @@
+"""K rollout actors, each a policy copy with the sampler (DESIGN §11).
+
+dims: P prompts · G samples per prompt · K actors
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import ray
+
+from tracerl.workers.common import split_even, where
+
+# K rollout actors, each a policy copy in inference mode (dtype rollout.dtype) with the sampler (DESIGN §11). A
+# batch of prompts is split into whole groups across the actors; each returns its Rollout shard through the
+# object store, stamped with the weights version it was sampled with.
+
+
+@ray.remote
+class RolloutWorker:
+    """One policy copy and the sampler; weights arrive from the learner, versioned."""
+
+    def __init__(self, cfg: Any, index: int) -> None:
+        self.cfg, self.index = cfg, index
+        self.policy: Any = None
+        self.version = 0  # learner updates behind the weights this copy holds
+        self.weight_group: Any = None
+        self.device = "cpu"
+
+    def setup(self, weights: tuple[int, dict] | None = None) -> dict[str, Any]:
+        """Load the policy copy (then ``weights`` = (version, state dict) if given); returns what the driver needs
+        to know about the policy and where this actor runs."""
+        import torch
+
+        from tracerl.models import load_policy
+
+        self.device = "cuda" if torch.cuda.is_available() else "cpu"
+        policy = load_policy(replace(self.cfg.model, dtype=self.cfg.rollout.dtype))
+        policy.model.to(self.device).eval().requires_grad_(False)
+        self.policy = policy
+        if weights is not None:
+            self.load_weights(weights)
+        return {
+            "mask_id": policy.mask_id,
+            "shift": policy.shift,
+            "block_size": policy.block_size,
+            "family": policy.family,
+            "eos_id": policy.eos_id,
+            **where(),
+            "parameters": sum(p.numel() for p in policy.model.parameters()),
+        }
+
+    def where(self) -> dict[str, Any]:
+        return where()
+
+    def check_positions(self, longest_prompt: int, samplings: list[Any]) -> None:
+        """Each sampler setting fits the longest prompt into the model's positions (a clear error otherwise)."""
+        from tracerl.sampling import check_positions
+
+        for s in samplings:
+            check_positions(self.policy, longest_prompt, s)
+
+    def generate(self, prompt_ids: list[list[int]], group: Any, seed: int, sampling: Any = None) -> Any:
+        """Sample one response per prompt (repeated for groups); the Rollout carries this copy's version."""
+        import torch
+
+        from tracerl.sampling import generate
+
+        with torch.inference_mode():
+            rollout = generate(self.policy, prompt_ids, sampling or self.cfg.sampling, seed=seed, group=group)
+        rollout.weights_version = self.version
+        return rollout
+
+    def load_weights(self, published: tuple[int, list[Any], list[Any]]) -> int:
+        """Object-store path: (version, layout, packed buckets) from ``LearnerWorker.packed_weights``; the
+        weights are copied (and cast) in. Returns the bytes received."""
+        from tracerl.weight_sync import layout_bytes, unpack
+
+        version, layout, flats = published
+        self.policy.model.load_state_dict(unpack(layout, flats))
+        self.version = int(version)
+        return layout_bytes(layout)
+
+    def load_weights_from(self, directory: str, version: int) -> int:
+        """Reload the weights from a Hugging Face directory (the anchors' per-step path; benchmarks compare)."""
+        from safetensors.torch import load_file
+
+        files = sorted(Path(directory).glob("*.safetensors"))
+        weights = {k: v for f in files for k, v in load_file(f).items()}
+        self.policy.model.load_state_dict(weights)
+        self.version = version
+        return sum(t.numel() * t.element_size() for t in weights.values())
+
+    def join_weight_group(self, addr: str, port: int, rank: int, size: int, backend: str) -> None:
+        from tracerl.weight_sync import new_group
+
+        self.weight_group = new_group(backend, addr, port, rank, size)
+
+    def receive_weights(self, version: int, layout: list[Any]) -> int:
+        """Collective path: receive the broadcast buckets and copy (cast) them in; returns the bytes received."""
+        from tracerl.weight_sync import layout_bytes, receive_state
+
+        state = receive_state(self.weight_group, layout, self.device)
+        self.policy.model.load_state_dict(state)
+        self.version = int(version)
+        return layout_bytes(layout)
+
+    def state_dict(self) -> dict:
+        """The copy's weights on CPU (tests compare sync paths with it)."""
+        return {k: v.detach().cpu().clone() for k, v in self.policy.model.state_dict().items()}
+
+    def offload(self) -> None:
+        """Colocated on GPU: free the device for the learner while it trains."""
+        if self.device == "cuda":
+            import torch
+
+            self.policy.model.to("cpu")
+            torch.cuda.empty_cache()
+
+    def onload(self) -> None:
+        if self.device == "cuda":
+            self.policy.model.to(self.device)
+
+
+@dataclass
+class RolloutShard:
+    """A pending shard: the future of its Rollout and which prompts of the batch it covers."""
+
+    ref: ray.ObjectRef
+    lo: int  # first prompt of the batch in this shard
+    hi: int  # one past its last prompt
+    worker: int = 0  # index of the actor it was sent to
+    args: tuple = ()  # the generate() arguments, to redo the shard on a replacement actor
+
+
+class RolloutGroup:
+    """K rollout actors behind one handle.
+
+    Args:
+        cfg: the run config (``model``, ``sampling``, ``rollout``).
+        options: Ray options of each actor (``place(cfg, gpus).rollout``).
+        weights: (version, state dict) to start from (default: what ``cfg.model`` loads, version 0).
+
+    Example:
+        >>> group = RolloutGroup(cfg, [{"num_cpus": 1}] * 2)                     # doctest: +SKIP
+        >>> shards = group.generate_async(prompt_ids, samples=4, seed=0)        # doctest: +SKIP
+        >>> rollout = Rollout.concat([ray.get(s.ref) for s in shards])          # doctest: +SKIP
+    """
+
+    def __init__(self, cfg: Any, options: Sequence[dict[str, Any]], weights: Any = None) -> None:
+        self.cfg, self.options = cfg, list(options)
+        self.workers = [RolloutWorker.options(**o).remote(cfg, k) for k, o in enumerate(options)]
+        self.info = ray.get([w.setup.remote(weights) for w in self.workers])
+        self.version = int(weights[0]) if isinstance(weights, tuple) else 0
+        self.restarts = 0  # actors replaced after they died
+        self._layout: list[Any] | None = None
+
+    def __len__(self) -> int:
+        return len(self.workers)
+
+    def generate_async(
+        self, prompt_ids: list[list[int]], samples: int, seed: int, sampling: Any = None
+    ) -> list[RolloutShard]:
+        """Split P prompts (whole groups of ``samples``) across the actors; one future per non-empty shard.
+
+        Shard k samples with seed ``seed * 1009 + k``, so a run is reproducible for a given number of actors.
+        """
+        import torch
+
+        shards = []
+        for k, (lo, hi) in enumerate(split_even(len(prompt_ids), len(self.workers))):
+            prompts = [p for p in prompt_ids[lo:hi] for _ in range(samples)]
+            group = torch.arange(lo, hi).repeat_interleave(samples)
+            args = (prompts, group, seed * 1009 + k, sampling)
+            shards.append(RolloutShard(self.workers[k].generate.remote(*args), lo, hi, k, args))
+        return shards
+
+    def redo(self, shard: RolloutShard, weights: tuple[int, ray.ObjectRef] | None) -> RolloutShard:
+        """Replace the (dead) actor of ``shard`` with a fresh one holding ``weights`` = (version, stored weights),
+        or ``cfg.model`` as on disk for None, and send it the same work: same prompts and seed, same samples."""
+        k = shard.worker
+        with contextlib.suppress(Exception):
+            ray.kill(self.workers[k])
+        self.workers[k] = RolloutWorker.options(**self.options[k]).remote(self.cfg, k)
+        ray.get(self.workers[k].setup.remote(weights[1] if weights is not None else None))
+        self._layout = None  # a collective sync re-forms its group with the new member
+        self.restarts += 1
+        return replace(shard, ref=self.workers[k].generate.remote(*shard.args))
+
+    def load_weights(self, version: int, published: ray.ObjectRef) -> int:
+        """Object-store sync: every actor loads the one stored copy; returns the bytes each received."""
+        received = ray.get([w.load_weights.remote(published) for w in self.workers])
+        self.version = version
+        return int(received[0])
+
+    def sync_collective(self, learner: Any, version: int) -> int:
+        """Collective sync from learner rank 0 (the group is formed on first use); returns bytes per actor."""
+        if self._layout is None:
+            self._layout = learner.sync_layout(self.cfg.rollout.sync_bucket_mb)
+            backend = "nccl" if any(i["gpu_ids"] for i in self.info) else "gloo"
+            size = len(self.workers) + 1
+            host, addr, port = learner.join_weight_group(size, backend)
+            joins = [w.join_weight_group.remote(addr, port, k + 1, size, backend) for k, w in enumerate(self.workers)]
+            ray.get(host + joins)
+        sends = learner.broadcast_weights()
+        received = ray.get([w.receive_weights.remote(version, self._layout) for w in self.workers] + sends)
+        self.version = version
+        return int(received[0])
+
+    def state_dicts(self) -> list[dict]:
+        return ray.get([w.state_dict.remote() for w in self.workers])
+
+    def offload(self) -> None:
+        ray.get([w.offload.remote() for w in self.workers])
+
+    def onload(self) -> None:
+        ray.get([w.onload.remote() for w in self.workers])
+
+    def shutdown(self) -> None:
+        for w in self.workers:
+            with contextlib.suppress(Exception):
+                ray.kill(w)
+        self.workers = []
