@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import json
 import time
 from collections.abc import Callable
@@ -20,10 +19,18 @@ from tracerl import data, stats
 from tracerl.config import Config, ConfigError
 from tracerl.metrics import Timers
 from tracerl.orchestrator.console import eval_line
-from tracerl.orchestrator.setup import check_rewards, connect, load_prompts, reward_inputs, reward_pool, seed
+from tracerl.orchestrator.setup import (
+    check_rewards,
+    connect,
+    load_prompts,
+    reward_inputs,
+    reward_pool,
+    seed,
+    teardown,
+)
 from tracerl.records import Rollout
 from tracerl.reward_service import RewardResult, merge_results
-from tracerl.workers import RewardPool, RolloutGroup, RolloutShard
+from tracerl.workers import PLACEMENTS, RewardPool, RolloutGroup, RolloutShard
 
 
 def evaluate(
@@ -95,25 +102,18 @@ def run_eval(cfg: Config, out_dir: str | None = None, verbose: bool = False, con
     if eval_set is None:
         raise ConfigError("eval.num_prompts is 0: there is nothing to evaluate; set eval.num_prompts ≥ 1.")
     check_rewards(cfg, list(eval_set.columns) + ["prompt"], cfg.eval.source or cfg.data.source)
-    cleanup: list[Any] = []
-    try:
+    with teardown() as cleanup:
         if connect(cfg, verbose):
             cleanup.append(ray.shutdown)
         rewards = reward_pool(cfg)
         cleanup.append(rewards.shutdown)
-        gpu = 1.0 if ray.cluster_resources().get("GPU", 0.0) > 0 else 0.0
-        options = {"num_cpus": cfg.rollout.num_cpus_per_worker, "num_gpus": gpu}
-        rollout = RolloutGroup(cfg, [options] * cfg.rollout.num_workers)
+        rollout = RolloutGroup(cfg, PLACEMENTS.lookup("separate")(cfg, ray.cluster_resources().get("GPU", 0.0)).rollout)
         cleanup.append(rollout.shutdown)
         out = Path(out_dir) if out_dir else Path(cfg.run_dir) / "eval"
         metrics = evaluate(cfg, rollout, rewards, eval_set, 0, 0, out, tag="eval")
         console.print(eval_line(0, metrics, cfg.eval.k))
         console.print(f"[dim]samples: {out / 'eval.jsonl'} · summary and sampling settings: {out / 'eval.json'}[/dim]")
         return metrics
-    finally:
-        for fn in reversed(cleanup):
-            with contextlib.suppress(Exception):
-                fn()
 
 
 def collect(

@@ -36,7 +36,7 @@ from tracerl.config import Config, check_cluster, to_dict
 from tracerl.metrics import MetricsLogger, Timers, decoding_order_picture, truncate_jsonl
 from tracerl.orchestrator.console import eval_line, step_line
 from tracerl.orchestrator.evaluation import collect, evaluate
-from tracerl.orchestrator.setup import check_rewards, connect, load_prompts, reward_pool, seed
+from tracerl.orchestrator.setup import check_rewards, connect, load_prompts, reward_pool, seed, teardown
 from tracerl.records import Rollout
 from tracerl.reward_service import RewardResult
 from tracerl.workers import WEIGHT_SYNC, LearnerGroup, RewardPool, RolloutGroup, RolloutShard, place
@@ -128,8 +128,7 @@ class Session:
         resume = checkpoint.resolve_resume(run_dir, cfg.checkpoint.resume)
         stream, eval_set = load_prompts(cfg)
         check_rewards(cfg, stream.ds.column_names, cfg.data.source)
-        cleanup: list[Any] = []
-        try:
+        with teardown() as cleanup:
             if connect(cfg, verbose):
                 cleanup.append(ray.shutdown)
             check_cluster(cfg, ray.cluster_resources().get("GPU", 0.0), "the Ray cluster")
@@ -161,10 +160,6 @@ class Session:
                 checkpoint.restore_rng(state.rng)
             console.print(s.banner(time.perf_counter() - t0, resume))
             yield s
-        finally:
-            for fn in reversed(cleanup):
-                with contextlib.suppress(Exception):
-                    fn()
 
     # -- stages -------------------------------------------------------------------------------------------------
 

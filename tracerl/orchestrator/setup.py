@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import socket
+from collections.abc import Callable, Iterator
 from dataclasses import asdict
+from typing import Any
 
 import ray
 
@@ -21,6 +24,19 @@ def seed(cfg: Config, step: int, salt: int = 0) -> int:
     """The seed of one stage of one RL step: a run is reproducible, and a resumed run samples what the
     uninterrupted one would have."""
     return (cfg.seed * 1_000_003 + step) * 31 + salt
+
+
+@contextlib.contextmanager
+def teardown() -> Iterator[list[Callable[[], Any]]]:
+    """A list to append shutdown callbacks to; on the way out they all run, newest first, whatever happens (one
+    that fails does not keep the others from running)."""
+    callbacks: list[Callable[[], Any]] = []
+    try:
+        yield callbacks
+    finally:
+        for fn in reversed(callbacks):
+            with contextlib.suppress(Exception):
+                fn()
 
 
 def connect(cfg: Config, verbose: bool) -> bool:
