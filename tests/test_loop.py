@@ -276,3 +276,20 @@ def test_a_killed_rollout_actor_is_replaced_and_its_work_redone(local_ray, tmp_p
     assert [r["step"] for r in rows(cfg)] == [1, 2, 3, 4]
     assert last["fault/rollout_restarts"] == 1 and last["sync/weights_version"] == 4
     assert last["rollout/samples"] == 16  # the lost shard was redone: the whole batch trained
+
+
+def test_no_credential_from_the_environment_reaches_any_file_the_run_writes(local_ray, tmp_path, monkeypatch, capsys):
+    secrets = {"WANDB_API_KEY": "wandb-secret-" + "7" * 28, "HF_TOKEN": "hf_secretsecretsecret1234"}
+    for key, value in secrets.items():
+        monkeypatch.setenv(key, value)
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    cfg = rl_cfg(tmp_path, "wandb.mode=offline", "train.steps=2", "rollout.num_workers=1", "reward.num_workers=1",
+                 "eval.num_prompts=4", "checkpoint.save_every=1")  # fmt: skip
+    run(cfg)
+    printed = capsys.readouterr()
+    files = [p for p in Path(cfg.run_dir).rglob("*") if p.is_file()]
+    assert len(files) > 20  # config, metrics, eval, samples, pictures, checkpoints, the W&B run
+    for value in secrets.values():
+        assert value not in printed.out + printed.err
+        for path in files:
+            assert value.encode() not in path.read_bytes(), f"{value[:6]}… found in {path}"
