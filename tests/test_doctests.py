@@ -7,7 +7,7 @@ import importlib
 
 import pytest
 
-MODULES = ["tracerl.registry", "tracerl.config", "tracerl.trace", "tracerl.models.tiny"]
+MODULES = ["tracerl.registry", "tracerl.config", "tracerl.trace", "tracerl.models.tiny", "tracerl.models.cache"]
 
 
 @pytest.mark.parametrize("name", MODULES)
