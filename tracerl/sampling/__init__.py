@@ -63,10 +63,15 @@ def check_compatible(policy, s: SamplingConfig) -> None:  # noqa: ANN001
             )
         if policy.device.type != "cuda":
             raise ConfigError(
-                "sampling.cuda_graph=true captures the block denoising step as a CUDA graph and needs a CUDA device; "
+                "sampling.cuda_graph=true is to capture the block step as a CUDA graph and needs a CUDA device; "
                 f"this policy is on {policy.device.type}. Set sampling.cuda_graph=false (the static cache still "
                 "applies) or move the model to a GPU."
             )
+        raise ConfigError(
+            "sampling.cuda_graph=true: capturing the block step as a CUDA graph is not built yet (it needs the "
+            "static cache to attend over its full width with a device-side write index, and a GPU to test on); "
+            "set sampling.cuda_graph=false."
+        )
 
 
 def generate(
