@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import time
 
 import torch
@@ -66,7 +67,7 @@ def build(attention: str, args: argparse.Namespace):  # noqa: ANN201
         num_heads=args.hidden // 64,
         intermediate_size=4 * args.hidden,
         block_size=args.block,
-        max_position_embeddings=max(args.lengths) + 64,
+        max_position_embeddings=max(args.lengths + args.full_lengths) + 64,
     )
     policy = load_policy(ModelConfig(tiny=shape, dtype=args.dtype))
     with torch.no_grad():
@@ -112,17 +113,20 @@ def run_sampler(name: str, variants: dict, lengths: list[int], args: argparse.Na
             for vname, vkw in variants.items():
                 if vname == "none" and name == "block" and length > args.no_cache_max_len:
                     continue
+                if name == "block" and args.block_variants and vname not in args.block_variants.split(","):
+                    continue
                 s = SamplingConfig(max_new_tokens=length, block_size=block, batch_size=batch, **vkw, **rkw)
                 row, outs[vname] = measure(policy, stats, s, batch, args)
                 rows.append({"sampler": name, "cache": vname, "remasking": rname, "new_tokens": length,
                              "batch": batch, **row})  # fmt: skip
+                print(json.dumps(rows[-1]), file=sys.stderr, flush=True)  # progress
             group = [r for r in rows if (r["sampler"], r["new_tokens"], r["remasking"]) == (name, length, rname)]
             for ref in ("none", "kv_dynamic"):
                 base = next((r for r in group if r["cache"] == ref), None)
                 for r in group if base else []:
                     r[f"speedup_vs_{ref}"] = round(r["tokens_per_cpu_s"] / base["tokens_per_cpu_s"], 2)
             if name == "block":  # every cached variant against the sampler as it was (and the reference)
-                ref = outs.get("none", outs["kv_dynamic"])
+                ref = outs.get("none", outs.get("kv_dynamic", next(iter(outs.values()))))
                 same = all(
                     torch.equal(o.response_ids, ref.response_ids) and torch.equal(o.step_map, ref.step_map)
                     for o in outs.values()
@@ -136,6 +140,9 @@ def main() -> None:
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.add_argument("--lengths", default="256,1024,2048", help="new tokens per sequence, comma-separated")
     p.add_argument("--full-lengths", default="256", help="lengths at which the full-attention sampler runs")
+    p.add_argument(
+        "--block-variants", default="", help=f"block cache variants to run (default all: {','.join(BLOCK_VARIANTS)})"
+    )
     p.add_argument("--no-cache-max-len", type=int, default=256, help="longest block run without a cache")
     p.add_argument("--mismatch-max-len", type=int, default=256, help="longest run whose replay is scored")
     p.add_argument("--hidden", type=int, default=256)
@@ -150,12 +157,12 @@ def main() -> None:
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = p.parse_args()
     args.lengths = [int(v) for v in args.lengths.split(",")]
-    full_lengths = [int(v) for v in args.full_lengths.split(",") if v]
+    args.full_lengths = [int(v) for v in args.full_lengths.split(",") if v]
     if args.threads:
         torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     block_rows, checks = run_sampler("block", BLOCK_VARIANTS, args.lengths, args)
-    full_rows, _ = run_sampler("full", FULL_VARIANTS, full_lengths, args)
+    full_rows, _ = run_sampler("full", FULL_VARIANTS, args.full_lengths, args)
     params = sum(p.numel() for p in build("block", args)[0].model.parameters())
     setup = {k: v for k, v in vars(args).items() if k != "json"} | {
         "params": params,
