@@ -1,16 +1,27 @@
-"""Sampler throughput: block diffusion with vs without the exact KV cache, full attention with vs without the
-prefix cache, measured in the same run on the same random tiny model.
+"""Sampler speed table: every sampler x cache x remasking, measured in one run on the same random tiny models.
 
-    python scripts/bench_sampler.py            # a table
-    python scripts/bench_sampler.py --json     # one JSON object
+    python scripts/bench_sampler.py                 # a table (lengths 256, 1024, 2048)
+    python scripts/bench_sampler.py --json          # one JSON object
+    python scripts/bench_sampler.py --lengths 256   # the short run
 
-EOS is disabled so every run decodes all ``--new-tokens`` tokens.
+Rows per length and remasking (static top-k, dynamic threshold):
+- block diffusion: no cache (the naive way; only up to ``--no-cache-max-len``), ``DynamicCache`` unfused (the
+  sampler as it was), dynamic fused, static unfused, static fused (the default);
+- full attention (only at ``--full-lengths``): no cache (naive), prefix cache, dual cache.
+Columns: tok/s (wall clock and per CPU-second of this process: the CPU figure is steadier on a shared
+machine, and ratios use it), forward calls and forward tokens per generated token (per sequence), generated
+tokens per forward, and the replay mismatch: mean |exact trace-view log-prob - rollout_logp| over the
+trainable tokens (up to ``--mismatch-max-len``; 0 up to float noise for the exact samplers).
+
+EOS is disabled so every run decodes all its tokens. The random model's LM head is scaled by
+``--head-scale`` so that its confidences reach the dynamic threshold as a trained model's do.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import sys
 import time
 
 import torch
@@ -18,6 +29,20 @@ import torch
 from tracerl.config import ModelConfig, SamplingConfig, TinyModelConfig
 from tracerl.models import load_policy
 from tracerl.sampling import generate
+from tracerl.trace import replay_mismatch
+
+BLOCK_VARIANTS = {  # name → sampling settings; the first is the naive way, the second the sampler as it was
+    "none": dict(cache="none"),
+    "kv_dynamic": dict(cache="kv", kv_storage="dynamic", fused_commit=False),
+    "kv_dynamic_fused": dict(cache="kv", kv_storage="dynamic", fused_commit=True),
+    "kv_static": dict(cache="kv", kv_storage="static", fused_commit=False),
+    "kv_static_fused": dict(cache="kv", kv_storage="static", fused_commit=True),
+}
+FULL_VARIANTS = {"none": dict(cache="none"), "prefix": dict(cache="prefix"), "dual": dict(cache="dual")}
+REMASKING = {
+    "static": dict(remasking="low_confidence_static"),
+    "dynamic": dict(remasking="low_confidence_dynamic", threshold=0.9),
+}
 
 
 def counted(policy):  # noqa: ANN001, ANN201
@@ -34,7 +59,7 @@ def counted(policy):  # noqa: ANN001, ANN201
     return stats
 
 
-def run(attention: str, cache: str, args: argparse.Namespace, device: str) -> dict:
+def build(attention: str, args: argparse.Namespace):  # noqa: ANN201
     shape = TinyModelConfig(
         attention=attention,
         hidden_size=args.hidden,
@@ -42,88 +67,125 @@ def run(attention: str, cache: str, args: argparse.Namespace, device: str) -> di
         num_heads=args.hidden // 64,
         intermediate_size=4 * args.hidden,
         block_size=args.block,
+        max_position_embeddings=max(args.lengths + args.full_lengths) + 64,
     )
     policy = load_policy(ModelConfig(tiny=shape, dtype=args.dtype))
-    policy.model.to(device)
+    with torch.no_grad():
+        policy.model.get_output_embeddings().weight.mul_(args.head_scale)
+    policy.model.to(args.device)
     policy.eos_id = -1  # never stop early: every configuration decodes the same number of tokens
-    stats = counted(policy)
-    prompts = [policy.tokenizer(f"{i * 7}+{i * 3}=")["input_ids"] for i in range(args.batch)]
-    s = SamplingConfig(max_new_tokens=args.new_tokens, block_size=args.block, cache=cache, batch_size=args.batch)
-    generate(policy, prompts[:2], SamplingConfig(max_new_tokens=8, block_size=args.block, cache=cache))  # warm-up
+    return policy, counted(policy)
+
+
+def measure(policy, stats: dict, s: SamplingConfig, batch: int, args: argparse.Namespace) -> tuple[dict, object]:  # noqa: ANN001
+    prompts = [policy.tokenizer(f"{i * 7}+{i * 3}=")["input_ids"] for i in range(batch)]
+    warm = SamplingConfig(**{**s.__dict__, "max_new_tokens": 2 * s.block_size})
+    generate(policy, prompts[:2], warm)
     stats.update(calls=0, tokens=0)
-    if device == "cuda":
-        torch.cuda.synchronize()
-    start = time.perf_counter()
+    sync = torch.cuda.synchronize if args.device == "cuda" else (lambda: None)
+    sync()
+    wall, cpu = time.perf_counter(), time.process_time()
     rollout = generate(policy, prompts, s, seed=0)
-    if device == "cuda":
-        torch.cuda.synchronize()
-    seconds = time.perf_counter() - start
+    sync()
+    wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
     generated = int((rollout.step_map >= 0).sum())
-    params = sum(p.numel() for p in policy.model.parameters())
-    return {
-        "params": params,
-        "seconds": round(seconds, 3),
-        "tokens_per_s": round(generated / seconds, 1),
-        "forward_calls_per_token": round(stats["calls"] / generated * args.batch, 3),
-        "forward_tokens_per_token": round(stats["tokens"] / generated, 1),
-        "generated": generated,
-        "_rollout": rollout,
+    row = {
+        "tokens_per_s": round(generated / wall, 1),
+        "tokens_per_cpu_s": round(generated / cpu, 1),
+        "forward_calls_per_token": round(stats["calls"] * batch / generated, 3),
+        "forward_tokens_per_token": round(stats["tokens"] / generated, 2),
+        "tokens_per_forward": round(generated / (stats["calls"] * batch), 3),
+        "seconds": round(wall, 2),
     }
+    if s.max_new_tokens <= args.mismatch_max_len:
+        row["replay_mismatch"] = float(f"{replay_mismatch(policy, rollout):.2e}")
+    return row, rollout
+
+
+def run_sampler(name: str, variants: dict, lengths: list[int], args: argparse.Namespace) -> tuple[list, list]:
+    policy, stats = build("block" if name == "block" else "full", args)
+    block = args.block if name == "block" else args.full_block
+    rows, checks = [], []
+    for length in lengths:
+        batch = args.batch if length <= 256 else args.long_batch
+        for rname, rkw in REMASKING.items():
+            outs = {}
+            for vname, vkw in variants.items():
+                if vname == "none" and name == "block" and length > args.no_cache_max_len:
+                    continue
+                if name == "block" and args.block_variants and vname not in args.block_variants.split(","):
+                    continue
+                s = SamplingConfig(max_new_tokens=length, block_size=block, batch_size=batch, **vkw, **rkw)
+                row, outs[vname] = measure(policy, stats, s, batch, args)
+                rows.append({"sampler": name, "cache": vname, "remasking": rname, "new_tokens": length,
+                             "batch": batch, **row})  # fmt: skip
+                print(json.dumps(rows[-1]), file=sys.stderr, flush=True)  # progress
+            group = [r for r in rows if (r["sampler"], r["new_tokens"], r["remasking"]) == (name, length, rname)]
+            for ref in ("none", "kv_dynamic"):
+                base = next((r for r in group if r["cache"] == ref), None)
+                for r in group if base else []:
+                    r[f"speedup_vs_{ref}"] = round(r["tokens_per_cpu_s"] / base["tokens_per_cpu_s"], 2)
+            if name == "block":  # every cached variant against the sampler as it was (and the reference)
+                ref = outs.get("none", outs.get("kv_dynamic", next(iter(outs.values()))))
+                same = all(
+                    torch.equal(o.response_ids, ref.response_ids) and torch.equal(o.step_map, ref.step_map)
+                    for o in outs.values()
+                )
+                checks.append({"new_tokens": length, "remasking": rname, "identical_tokens_and_step_maps": same})
+    return rows, checks
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.add_argument("--lengths", default="256,1024,2048", help="new tokens per sequence, comma-separated")
+    p.add_argument("--full-lengths", default="256", help="lengths at which the full-attention sampler runs")
+    p.add_argument(
+        "--block-variants", default="", help=f"block cache variants to run (default all: {','.join(BLOCK_VARIANTS)})"
+    )
+    p.add_argument("--no-cache-max-len", type=int, default=256, help="longest block run without a cache")
+    p.add_argument("--mismatch-max-len", type=int, default=256, help="longest run whose replay is scored")
     p.add_argument("--hidden", type=int, default=256)
     p.add_argument("--layers", type=int, default=8)
-    p.add_argument("--block", type=int, default=4)
-    p.add_argument("--batch", type=int, default=8)
-    p.add_argument("--new-tokens", type=int, default=256)
+    p.add_argument("--block", type=int, default=4, help="block size of the block-diffusion model")
+    p.add_argument("--full-block", type=int, default=32, help="semi-autoregressive block of the full sampler")
+    p.add_argument("--batch", type=int, default=8, help="sequences per run at 256 new tokens or fewer")
+    p.add_argument("--long-batch", type=int, default=4, help="sequences per run above 256 new tokens")
+    p.add_argument("--head-scale", type=float, default=32.0, help="LM head scale of the random model")
+    p.add_argument("--threads", type=int, default=1, help="torch CPU threads (0: torch's default)")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = p.parse_args()
+    args.lengths = [int(v) for v in args.lengths.split(",")]
+    args.full_lengths = [int(v) for v in args.full_lengths.split(",") if v]
+    if args.threads:
+        torch.set_num_threads(args.threads)
     torch.manual_seed(0)
-    results = {
-        "block_kv_cache": run("block", "kv", args, args.device),
-        "block_no_cache": run("block", "none", args, args.device),
-        "full_prefix_cache": run("full", "prefix", args, args.device),
-        "full_no_cache": run("full", "none", args, args.device),
+    block_rows, checks = run_sampler("block", BLOCK_VARIANTS, args.lengths, args)
+    full_rows, _ = run_sampler("full", FULL_VARIANTS, args.full_lengths, args)
+    params = sum(p.numel() for p in build("block", args)[0].model.parameters())
+    setup = {k: v for k, v in vars(args).items() if k != "json"} | {
+        "params": params,
+        "threads": torch.get_num_threads(),
     }
-    a, b = results["block_kv_cache"].pop("_rollout"), results["block_no_cache"].pop("_rollout")
-    same = torch.equal(a.response_ids, b.response_ids) and torch.equal(a.step_map, b.step_map)
-    for r in results.values():
-        r.pop("_rollout", None)
-    out = {
-        "setup": {
-            "device": args.device,
-            "dtype": args.dtype,
-            "params": results["block_kv_cache"]["params"],
-            "new_tokens": args.new_tokens,
-            "block": args.block,
-            "batch": args.batch,
-            "threads": torch.get_num_threads(),
-        },
-        **results,
-        "block_kv_speedup": round(
-            results["block_kv_cache"]["tokens_per_s"] / results["block_no_cache"]["tokens_per_s"], 2
-        ),
-        "full_prefix_speedup": round(
-            results["full_prefix_cache"]["tokens_per_s"] / results["full_no_cache"]["tokens_per_s"], 2
-        ),
-        "block_cached_equals_uncached": same,
-    }
+    out = {"setup": setup, "rows": block_rows + full_rows, "block_exactness": checks}
     if args.json:
         print(json.dumps(out))
         return
-    for name, r in results.items():
+    print(f"{params / 1e6:.1f}M-parameter model, {torch.get_num_threads()} thread(s), {args.device}, {args.dtype}")
+    head = f"{'sampler':7s} {'cache':17s} {'remask':8s} {'new':>5s} {'N':>2s} {'tok/s':>7s} {'tok/cpu-s':>9s} "
+    print(head + "calls/tok fwd-tok/tok tok/fwd mismatch  vs-naive vs-dynamic")
+    for r in out["rows"]:
         print(
-            f"{name:18s} {r['tokens_per_s']:9.1f} tok/s  {r['forward_calls_per_token']:.3f} calls/token/seq  "
-            f"{r['forward_tokens_per_token']:8.1f} forward tokens/token"
+            f"{r['sampler']:7s} {r['cache']:17s} {r['remasking']:8s} {r['new_tokens']:5d} {r['batch']:2d} "
+            f"{r['tokens_per_s']:7.1f} {r['tokens_per_cpu_s']:9.1f} {r['forward_calls_per_token']:9.3f} "
+            f"{r['forward_tokens_per_token']:11.2f} {r['tokens_per_forward']:7.3f} "
+            f"{r.get('replay_mismatch', float('nan')):8.1e} {r.get('speedup_vs_none', float('nan')):9.2f} "
+            f"{r.get('speedup_vs_kv_dynamic', float('nan')):10.2f}"
         )
-    print(
-        f"block KV cache speed-up {out['block_kv_speedup']}x (identical output: {same}); "
-        f"full prefix cache speed-up {out['full_prefix_speedup']}x"
-    )
+    for c in checks:
+        same = c["identical_tokens_and_step_maps"]
+        print(f"block {c['new_tokens']} {c['remasking']}: all cache variants, identical tokens and step maps: {same}")
 
 
 if __name__ == "__main__":

@@ -49,7 +49,7 @@ def test_unknown_remasking_lists_choices():
 
 
 def test_bad_literal_choice_lists_choices():
-    with pytest.raises(ConfigError, match=r"sampling.cache.*'disk'.*\['auto', 'none', 'prefix', 'kv'\]"):
+    with pytest.raises(ConfigError, match=r"sampling.cache.*'disk'.*\['auto', 'none', 'prefix', 'dual', 'kv'\]"):
         load(None, ["sampling.cache=disk"])
 
 

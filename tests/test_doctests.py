@@ -16,6 +16,7 @@ MODULES = [
     "tracerl.objectives",
     "tracerl.weight_sync",
     "tracerl.advantages",
+    "tracerl.models.cache",
 ]
 
 

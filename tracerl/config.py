@@ -70,7 +70,10 @@ class SamplingConfig:
     temperature: float = 1.0  # candidate sampling temperature; 0 = greedy
     top_k: int = 0  # keep the k most likely candidates (0 = off)
     top_p: float = 1.0  # nucleus sampling mass (1.0 = off)
-    cache: Literal["auto", "none", "prefix", "kv"] = "auto"  # auto: exact kv for block models, none for full
+    cache: Literal["auto", "none", "prefix", "dual", "kv"] = "auto"  # auto: exact kv for block models, none for full
+    kv_storage: Literal["static", "dynamic"] = "static"  # kv/prefix caches: preallocated in place, or DynamicCache
+    fused_commit: bool = True  # block models: cache a finished block in the same forward as the next block's step
+    cuda_graph: bool = False  # block models on CUDA: capture the denoising step as a CUDA graph (not built yet)
     trainable_pad_tokens: int = 0  # tokens after the first EOS that still count for the loss (TraceRL post_num)
     batch_size: int = 64  # sequences decoded together in one sampler call
 

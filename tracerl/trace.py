@@ -356,3 +356,17 @@ def scatter_to_response(views: Views, values: torch.Tensor, n: int, length: int)
     rows, cols = views.target_mask.nonzero(as_tuple=True)
     out[views.row_sample[rows], views.target_pos[rows, cols]] = values[rows, cols]
     return out
+
+
+def replay_mismatch(policy, rollout: Rollout) -> float:  # noqa: ANN001
+    """Mean |log-prob replayed by the exact trace views − rollout_logp| over the trainable tokens.
+
+    0 (up to float noise) for the exact samplers; the size of the approximation for the prefix and dual
+    caches, whose rollouts are sampled from a slightly different function than the one training replays.
+    """
+    views = make_views(rollout, "trace", policy.mask_id, shift=policy.shift, shrink_s=1)
+    with torch.no_grad():
+        logp = view_logprobs(policy, views)
+    replayed = scatter_to_response(views, logp, len(rollout), rollout.response_ids.shape[1]).cpu()
+    mask = rollout.response_mask
+    return float((replayed[mask] - rollout.rollout_logp[mask]).abs().mean())

@@ -15,6 +15,8 @@ from typing import Any, Protocol, runtime_checkable
 import torch
 from torch import nn
 
+from tracerl.models.cache import StaticKVCache
+
 
 @runtime_checkable
 class DiffusionPolicy(Protocol):
@@ -56,8 +58,9 @@ class DiffusionPolicy(Protocol):
         """
         ...
 
-    def new_cache(self) -> Any:
-        """An empty key/value cache for ``hidden_states(..., cache=...)``."""
+    def new_cache(self, width: int | None = None) -> Any:
+        """An empty key/value cache for ``hidden_states(..., cache=...)``: growing (``DynamicCache``) when
+        ``width`` is None, else preallocated ``width`` columns wide and written in place (``StaticKVCache``)."""
         ...
 
 
@@ -110,8 +113,8 @@ class DecoderPolicy:
     """A transformers decoder (Llama / Qwen2 / Qwen3 class) used as a bidirectional or block diffusion LM.
 
     The attention pattern is supplied as a 4D mask on every call, so the same native class serves LLaDA
-    (full), Dream (full, shifted logits) and SDAR (block-causal), and key/value caches are transformers'
-    own ``DynamicCache``.
+    (full), Dream (full, shifted logits) and SDAR (block-causal); key/value caches are transformers' own
+    ``DynamicCache`` or tracerl's preallocated ``StaticKVCache``.
     """
 
     supports_cache = True
@@ -176,7 +179,9 @@ class DecoderPolicy:
         hidden = self.hidden_states(input_ids, position_ids, visible, cache)
         return self.head(gather_positions(hidden, positions, self.shift))
 
-    def new_cache(self) -> Any:
+    def new_cache(self, width: int | None = None) -> Any:
+        if width is not None:
+            return StaticKVCache(self.model.config.num_hidden_layers, width)
         from transformers import DynamicCache
 
         return DynamicCache(config=self.model.config)

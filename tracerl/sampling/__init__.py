@@ -28,19 +28,22 @@ __all__ = [
 
 
 def resolve_cache(policy, s: SamplingConfig) -> str:  # noqa: ANN001
-    """The cache mode a run will use: ``kv`` / ``none`` for block models, ``none`` / ``prefix`` for full."""
+    """The cache mode a run will use: ``kv`` / ``none`` for block models, ``none`` / ``prefix`` / ``dual`` for
+    full attention."""
     if policy.block_size is not None:
-        if s.cache == "prefix":
-            raise ConfigError("sampling.cache=prefix is for full-attention models; block models use cache=kv (exact).")
+        if s.cache in ("prefix", "dual"):
+            raise ConfigError(
+                f"sampling.cache={s.cache} is for full-attention models; block models use cache=kv (exact)."
+            )
         return "none" if s.cache == "none" else "kv"
     if s.cache == "kv":
         raise ConfigError(
             f"sampling.cache=kv needs a block-diffusion model; {policy.family} uses full attention. "
-            "Use sampling.cache=prefix (approximate) or none."
+            "Use sampling.cache=dual or prefix (approximate) or none."
         )
-    if s.cache == "prefix" and not policy.supports_cache:
+    if s.cache in ("prefix", "dual") and not policy.supports_cache:
         raise ConfigError(f"the {policy.family} family has no key/value cache; use sampling.cache=none.")
-    return "prefix" if s.cache == "prefix" else "none"
+    return s.cache if s.cache in ("prefix", "dual") else "none"
 
 
 def check_compatible(policy, s: SamplingConfig) -> None:  # noqa: ANN001
@@ -52,6 +55,23 @@ def check_compatible(policy, s: SamplingConfig) -> None:  # noqa: ANN001
         raise ConfigError(
             f"sampling.block_size={s.block_size} differs from the model's block size {policy.block_size}; "
             f"a block-diffusion model decodes on its own grid: set sampling.block_size={policy.block_size}."
+        )
+    if s.cuda_graph:
+        if policy.block_size is None:
+            raise ConfigError(
+                "sampling.cuda_graph=true is for block-diffusion models (it captures the fixed-shape block step); "
+                f"the {policy.family} policy uses full attention. Set sampling.cuda_graph=false."
+            )
+        if policy.device.type != "cuda":
+            raise ConfigError(
+                "sampling.cuda_graph=true is to capture the block step as a CUDA graph and needs a CUDA device; "
+                f"this policy is on {policy.device.type}. Set sampling.cuda_graph=false (the static cache still "
+                "applies) or move the model to a GPU."
+            )
+        raise ConfigError(
+            "sampling.cuda_graph=true: capturing the block step as a CUDA graph is not built yet (it needs the "
+            "static cache to attend over its full width with a device-side write index, and a GPU to test on); "
+            "set sampling.cuda_graph=false."
         )
 
 

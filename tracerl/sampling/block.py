@@ -6,6 +6,12 @@ starts at the same column C; then all sequences share block columns and the prom
 call. Each denoising step runs only the current block's B tokens against the cache of committed blocks; a
 finished block is written to the cache once, clean.
 
+The cache is preallocated at the final width and written in place (``kv_storage=static``; ``dynamic`` is
+transformers' ``DynamicCache``, which copies the cache on every append). With ``fused_commit`` the clean write
+of a finished block rides along with the first denoising step of the next block: one forward whose queries
+are the clean block (it sees its prefix and itself) and the next noisy block (it sees the prefix, the clean
+block and itself), so there is one forward per denoising step. The prompt prefill fuses the same way.
+
 dims: N sequences · W columns (C + NB·B) · B block size · L max new tokens · V vocab
 """
 
@@ -75,10 +81,12 @@ def sample_block(
 
     trace = Trace(n, length, device)
     finished = torch.zeros(n, dtype=torch.bool, device=device)
-    kv = policy.new_cache() if cache else None
-    if cache and c > 0:  # prefill the prompt's complete blocks once
+    kv = policy.new_cache(width if s.kv_storage == "static" else None) if cache else None
+    pending = 0  # clean columns [pending, lo) not yet in the cache; a fused forward writes them first
+    if cache and c > 0 and not s.fused_commit:  # prefill the prompt's complete blocks once
         pre = cols[:c]
         policy.hidden_states(x[:, :c], position_ids[:, :c], block_visible(valid, pre, pre, block), kv)
+        pending = c
 
     for b in range(nb):
         lo, hi = c + b * block, c + (b + 1) * block
@@ -92,11 +100,12 @@ def sample_block(
             eligible = (x[:, lo:hi] == policy.mask_id) & in_block & active.unsqueeze(-1)
             if not bool(eligible.any()):
                 break
-            if cache:
-                k_cols = cols[:hi]
-                vis = block_visible(valid, q_cols, k_cols, block)
-                logits = policy.logits_at(x[:, lo:hi], position_ids[:, lo:hi], vis, _all(n, block, device), kv)
-                truncate_cache(kv, lo)
+            if cache:  # queries [pending, hi): the clean columns not yet cached, then the block
+                vis = block_visible(valid, cols[pending:hi], cols[:hi], block)
+                positions = torch.arange(lo - pending, hi - pending, device=device).expand(n, block)
+                logits = policy.logits_at(x[:, pending:hi], position_ids[:, pending:hi], vis, positions, kv)
+                truncate_cache(kv, lo)  # keep the clean prefix, drop the noisy block
+                pending = lo
             else:
                 k_cols = cols[:hi]
                 vis = block_visible(valid, k_cols, k_cols, block)
@@ -109,16 +118,12 @@ def sample_block(
             trace.record(resp_index[:, lo:hi], commit, logp)
         eos_here = ((x[:, lo:hi] == policy.eos_id) & in_block).any(-1)
         finished |= eos_here & active
-        if cache and b + 1 < nb and not bool(finished.all()):  # write the finished block to the cache, clean
+        if cache and b + 1 < nb and not bool(finished.all()) and not s.fused_commit:  # cache the block, clean
             vis = block_visible(valid, q_cols, cols[:hi], block)
             policy.hidden_states(x[:, lo:hi], position_ids[:, lo:hi], vis, kv)
+            pending = hi
 
     rows = torch.arange(n, device=device).unsqueeze(1)
     resp_cols = g["start"].to(device).unsqueeze(1) + torch.arange(length, device=device)
     response_ids = x[rows, resp_cols]
     return build_rollout(policy, prompts, response_ids, trace, s, "block", group)
-
-
-def _all(n: int, block: int, device: torch.device) -> torch.Tensor:
-    """Index of every query position of a block, [N, B]."""
-    return torch.arange(block, device=device).expand(n, block)

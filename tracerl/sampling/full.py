@@ -2,9 +2,13 @@
 
 The response is a run of L masks after the left-padded prompt; it is decoded block by block (``block_size``
 positions relative to the response start), ``steps_per_block`` denoising steps per block. Every step sees the
-whole sequence with bidirectional attention. ``cache=prefix`` is Fast-dLLM's approximate prefix cache: the
-first step of a block runs the whole sequence and keeps the keys/values of everything before the block; the
-block's later steps recompute only the block and what follows it.
+whole sequence with bidirectional attention. Two approximate caches from Fast-dLLM (arXiv 2505.22618):
+``cache=prefix``: the first step of a block runs the whole sequence and keeps the keys/values of everything
+before the block; the block's later steps recompute only the block and what follows it. ``cache=dual``
+(DualCache): the first step keeps the keys/values of the prefix *and* of the suffix after the block; later
+steps recompute only the block's own positions (one more to the left for a shifted model), written in place
+into a preallocated cache, against all of them. Both sample from a slightly different function than the one
+training replays; ``tracerl.trace.replay_mismatch`` measures by how much.
 
 dims: N sequences · W = Lp + L columns · B block size · V vocab
 """
@@ -34,7 +38,7 @@ def sample_full(
     cache: str = "none",
     group: torch.Tensor | None = None,
 ) -> Rollout:
-    """Generate with full attention; ``cache`` is ``none`` (exact) or ``prefix`` (approximate, faster)."""
+    """Generate with full attention; ``cache`` is ``none`` (exact), ``prefix`` or ``dual`` (approximate)."""
     device = policy.device
     block, length, steps = s.block_size, s.max_new_tokens, resolved_steps_per_block(s)
     n = len(prompts)
@@ -56,29 +60,37 @@ def sample_full(
     finished = torch.zeros(n, dtype=torch.bool, device=device)
     vis_all = full_visible(valid, cols, cols)
     shift = int(policy.shift)
+    kv = None
+    if cache != "none":  # one cache for the whole run; every block refills it
+        kv = policy.new_cache(width if cache == "dual" or s.kv_storage == "static" else None)
     for lo in range(lp, width, block):
         hi = min(lo + block, width)
+        start = lo - shift  # first query column whose hidden state predicts a block position
         active = ~finished
         if not bool(active.any()):
             break
         n_masked = torch.where(active, torch.tensor(hi - lo, device=device), 0)
         positions = torch.arange(lo, hi, device=device).expand(n, hi - lo)
-        kv = None
         for t in range(steps):
             eligible = (x[:, lo:hi] == policy.mask_id) & active.unsqueeze(-1)
             if not bool(eligible.any()):
                 break
-            if cache == "prefix" and t > 0:  # recompute the block and its suffix against the stale prefix
-                start = lo - shift
-                q_cols = cols[start:]
-                vis = full_visible(valid, q_cols, cols)
+            if cache == "none" or t == 0:  # the whole sequence; a cache keeps what later steps reuse
+                if cache == "dual":
+                    kv.seek(0)
+                elif cache == "prefix":
+                    truncate_cache(kv, 0)
+                logits = policy.logits_at(x, position_ids, vis_all, positions, kv)
+                if cache == "prefix":
+                    truncate_cache(kv, start)
+            elif cache == "prefix":  # recompute the block and its suffix against the stale prefix
+                vis = full_visible(valid, cols[start:], cols)
                 logits = policy.logits_at(x[:, start:], position_ids[:, start:], vis, positions - start, kv)
                 truncate_cache(kv, start)
-            else:
-                kv = policy.new_cache() if cache == "prefix" else None
-                logits = policy.logits_at(x, position_ids, vis_all, positions, kv)
-                if kv is not None:
-                    truncate_cache(kv, lo - shift)
+            else:  # dual: recompute the block in place against the stale prefix and suffix
+                kv.seek(start)
+                vis = full_visible(valid, cols[start:hi], cols)
+                logits = policy.logits_at(x[:, start:hi], position_ids[:, start:hi], vis, positions - start, kv)
             quota = step_quota(n_masked, steps, t) if t < steps - 1 else eligible.sum(-1)
             quota = torch.where(eligible.any(-1), quota.clamp_min(1), quota)
             new, commit, logp = commit_step(logits, x[:, lo:hi], eligible, quota, s, policy.mask_id, generator)
