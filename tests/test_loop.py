@@ -237,15 +237,19 @@ def test_tracerl_eval_scores_a_checkpoint_and_writes_samples_and_settings(local_
 
 
 def _actor_pids(kind: str) -> list[int]:
-    """pids of this machine's Ray worker processes running actors of class ``kind`` (by process title)."""
+    """pids of this Ray instance's worker processes running actors of class ``kind``: children of its raylet,
+    found by process title (other Ray instances on the machine are left alone)."""
+    raylet = ray._private.worker._global_node.all_processes["raylet"][0].process.pid
     pids = []
     for proc in Path("/proc").iterdir():
         if proc.name.isdigit():
             try:
-                if (proc / "cmdline").read_bytes().startswith(f"ray::{kind}".encode()):
-                    pids.append(int(proc.name))
-            except OSError:
+                title = (proc / "cmdline").read_bytes()
+                ppid = int((proc / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            except (OSError, ValueError, IndexError):
                 continue
+            if ppid == raylet and title.startswith(f"ray::{kind}".encode()):
+                pids.append(int(proc.name))
     return pids
 
 
