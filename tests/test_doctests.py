@@ -16,6 +16,8 @@ MODULES = [
     "tracerl.objectives",
     "tracerl.weight_sync",
     "tracerl.advantages",
+    "tracerl.data",
+    "rewards.synthetic",
 ]
 
 
