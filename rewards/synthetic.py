@@ -39,8 +39,8 @@ def sudoku_cells(prompts: list, completions: list, answer: list[str], **kwargs: 
 
     Example:
         >>> puzzle, solution = "1.3. 34.2 2.4. 4.21:", "1234 3412 2143 4321"
-        >>> sudoku_cells([puzzle] * 5, [solution, "1434 3412 2143 4321", "1234 3412 2143 4322", "123", "1234341221434321"],
-        ...              answer=[solution] * 5)
+        >>> grids = [solution, "1434 3412 2143 4321", "1234 3412 2143 4322", "123", "1234341221434321"]
+        >>> sudoku_cells([puzzle] * 5, grids, answer=[solution] * 5)
         [1.0, 0.8333333333333334, 0.0, 0.0, 1.0]
     """
     out = []

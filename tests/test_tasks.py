@@ -73,7 +73,8 @@ def test_long_addition_answers_split_and_noise():
         assert len(a) == len(b) == 3 and int(a) + int(b) == int(row["answer"]) == int(row["response"])
     assert not set(train["prompt"]) & set(test["prompt"])
     digits = sum(len(a) for a in train["answer"])
-    wrong = sum(x != y for a, r in zip(train["answer"], train["response"], strict=True) for x, y in zip(a, r, strict=True))
+    pairs = zip(train["answer"], train["response"], strict=True)
+    wrong = sum(x != y for a, r in pairs for x, y in zip(a, r, strict=True))
     assert abs(wrong / digits - 0.2) < 0.02
 
 
