@@ -18,6 +18,8 @@ MODULES = [
     "tracerl.advantages",
     "tracerl.data",
     "rewards.synthetic",
+    "tracerl.report",
+    "tracerl.config_docs",
 ]
 
 
