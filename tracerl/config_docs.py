@@ -23,7 +23,7 @@ a test fails when this page and the schema disagree. YAML files (`configs/*.yaml
 and `key=value` arguments on the command line override last, e.g.
 
 ```bash
-tracerl train configs/quickstart.yaml learner.lr=3e-4 rollout.samples_per_prompt=16 "data.synthetic_options={noise: 0.1}"
+tracerl train configs/quickstart.yaml learner.lr=3e-4 rollout.samples_per_prompt=16 data.synthetic_options.noise=0.1
 ```
 
 Unknown keys, wrong types and values outside a field's choices stop the command before anything starts, with
