@@ -26,14 +26,15 @@ def read_metrics(run_dir: str | Path) -> list[dict[str, Any]]:
 
 
 def series(rows: list[dict[str, Any]], key: str) -> tuple[list[int], list[float]]:
-    """(steps, values) of one metric over the rows that have it.
+    """(steps, values) of one metric over the rows that have it, by step; a step logged twice (a run resumed
+    from an earlier checkpoint redoes steps) keeps its last value.
 
     Example:
-        >>> series([{"step": 0, "a": 1.0}, {"step": 1}, {"step": 2, "a": 3.0}], "a")
-        ([0, 2], [1.0, 3.0])
+        >>> series([{"step": 0, "a": 1.0}, {"step": 1}, {"step": 2, "a": 3.0}, {"step": 2, "a": 4.0}], "a")
+        ([0, 2], [1.0, 4.0])
     """
-    points = [(int(r["step"]), float(r[key])) for r in rows if key in r and math.isfinite(float(r[key]))]
-    return [s for s, _ in points], [v for _, v in points]
+    points = {int(r["step"]): float(r[key]) for r in rows if key in r and math.isfinite(float(r[key]))}
+    return sorted(points), [points[s] for s in sorted(points)]
 
 
 def eval_summaries(run_dir: str | Path) -> list[dict[str, Any]]:
