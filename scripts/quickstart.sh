@@ -11,7 +11,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup_venv.sh
 export WANDB_MODE=${WANDB_MODE:-offline} HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 RAY_USAGE_STATS_ENABLED=0
-export TOKENIZERS_PARALLELISM=false
+export TOKENIZERS_PARALLELISM=false DS_ACCELERATOR=${DS_ACCELERATOR:-cpu}  # CPU on purpose: no "accelerator" warning
 config=${QUICKSTART_CONFIG:-configs/quickstart.yaml}
 tracerl=.venv/bin/tracerl
 run_dir=$(.venv/bin/python -c "import sys; from tracerl.config import load; print(load(sys.argv[1], sys.argv[2:]).run_dir)" \
