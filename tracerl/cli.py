@@ -145,6 +145,8 @@ def _quiet(verbose: bool) -> None:
             os.environ.setdefault(key, value)
         warnings.filterwarnings("ignore")
         logging.getLogger("datasets").setLevel(logging.ERROR)
+        if "datasets" in sys.modules:  # imported before the environment variable could take effect
+            sys.modules["datasets"].disable_progress_bars()
 
 
 def _ray_env(address: str | None) -> None:
