@@ -108,7 +108,7 @@ def plot_curves(run_dir: str | Path, out: str | Path | None = None, sft_dir: str
             twin = ax.twinx()
             twin.plot(steps, acc, "o-", color="tab:purple", label="exact match")
             twin.set_ylim(-0.02, 1.02)
-            twin.set_ylabel("held-out exact match")
+            twin.set_ylabel("exact match (prompts SFT holds back)")
         ax.legend(loc="upper right")
     ax = axes[0]
     steps, mean = series(rows, "reward/mean")
