@@ -1,16 +1,50 @@
 #!/usr/bin/env bash
-# The main job on a laptop or CI machine: set up .venv (CPU torch), check the quickstart config, train a tiny
-# block-diffusion model on a synthetic task with masked-diffusion SFT, then with TraceRL (tracerl train: Ray
-# rollout actors, reward workers, a DeepSpeed learner), then watch it answer a prompt.
-# Extra key=value arguments override the config (e.g. sft.steps=100).
+# The main job on a laptop or CI machine (no GPU, no downloads): set up .venv (CPU torch), then
+#   1. tracerl sft    a tiny block-diffusion model imitates a noisy teacher on 4x4 Sudoku (pinned by steps and seed)
+#   2. tracerl train  TraceRL against the verifier: Ray rollout actors, a reward worker, a DeepSpeed learner
+#   3. tracerl eval   the exported model on the held-out puzzles (solution grids never trained on)
+#   4. tracerl plot   the before/after table and the reward / held-out curves (PNG)
+#   5. tracerl generate  one held-out puzzle being denoised
+# Extra key=value arguments override configs/quickstart.yaml for every phase (e.g. seed=1 train.steps=5);
+# QUICKSTART_CONFIG picks another config. docs/quickstart.md explains what the run prints and writes.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup_venv.sh
 export WANDB_MODE=${WANDB_MODE:-offline} HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 RAY_USAGE_STATS_ENABLED=0
-.venv/bin/tracerl validate configs/quickstart.yaml "$@"
-.venv/bin/tracerl sft configs/quickstart.yaml "$@"
-run_dir=$(.venv/bin/python -c "import sys; from tracerl.config import load; print(load('configs/quickstart.yaml', sys.argv[1:]).run_dir)" "$@")
-.venv/bin/tracerl train configs/quickstart.yaml "$@" model.path="$run_dir/final" run_dir="$run_dir/rl"
-.venv/bin/tracerl generate configs/quickstart.yaml "$@" model.path="$run_dir/rl/final" sampling.temperature=0 \
-  --prompt "parity 37:" --delay 0.2
-echo "SFT: $run_dir/metrics.jsonl · RL: $run_dir/rl/metrics.jsonl, $run_dir/rl/eval/ · model: $run_dir/rl/final"
+export TOKENIZERS_PARALLELISM=false DS_ACCELERATOR=${DS_ACCELERATOR:-cpu}  # CPU on purpose: no "accelerator" warning
+config=${QUICKSTART_CONFIG:-configs/quickstart.yaml}
+tracerl=.venv/bin/tracerl
+run_dir=$(.venv/bin/python -c "import sys; from tracerl.config import load; print(load(sys.argv[1], sys.argv[2:]).run_dir)" \
+  "$config" "$@")
+sft_dir="$run_dir/sft" rl_dir="$run_dir/rl"
+if [ -e "$run_dir" ]; then
+  echo "$run_dir exists: remove it or pass run_dir=<new directory>" >&2
+  exit 2
+fi
+phase() { printf '\n\033[1m%s\033[0m  (%ds so far)\n' "$1" "$SECONDS"; }
+SECONDS=0
+$tracerl validate "$config" "$@" run_dir="$sft_dir"
+phase "1/5 SFT: imitate the noisy teacher"
+$tracerl sft "$config" "$@" run_dir="$sft_dir"
+t_sft=$SECONDS
+phase "2/5 TraceRL: learn from the verifier"
+$tracerl train "$config" "$@" model.path="$sft_dir/final" run_dir="$rl_dir"
+t_rl=$((SECONDS - t_sft))
+phase "3/5 eval: the exported model on the held-out puzzles"
+$tracerl eval "$config" "$@" model.path="$rl_dir/final" run_dir="$rl_dir" --out "$rl_dir/eval-final"
+phase "4/5 before / after"
+$tracerl plot "$rl_dir" --sft "$sft_dir"
+phase "5/5 one held-out puzzle, denoised by the trained model"
+prompt=$(.venv/bin/python -c "import json, sys; print(json.loads(open(sys.argv[1]).readline())['prompt'])" \
+  "$rl_dir/eval-final/eval.jsonl")
+$tracerl generate "$config" "$@" model.path="$rl_dir/final" sampling.temperature=0 --prompt "$prompt" --delay 0.15
+wandb_dir=$(ls -d "$rl_dir"/wandb/*run-* 2>/dev/null | head -1 || true)
+cat <<EOF
+
+done in ${SECONDS}s (SFT ${t_sft}s, TraceRL ${t_rl}s)
+  metrics:     $sft_dir/metrics.jsonl (SFT) · $rl_dir/metrics.jsonl (RL)
+  curves:      $rl_dir/curves.png
+  held-out:    $rl_dir/eval/step-*.jsonl (every sample, reward and sampling settings) · $rl_dir/eval-final/
+  W&B run:     ${wandb_dir:-off (wandb.mode=disabled)}${wandb_dir:+ (offline: wandb sync $wandb_dir)}
+  final model: $rl_dir/final (a Hugging Face directory; tracerl generate/eval take it as model.path)
+EOF

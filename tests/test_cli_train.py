@@ -38,10 +38,10 @@ def test_validate_catches_a_bad_reward_name(capsys):
 def test_validate_catches_a_missing_mapped_column(capsys, tmp_path):
     data = tmp_path / "d.jsonl"
     data.write_text("".join(json.dumps({"question": f"{i}+1=", "solution": str(i + 1)}) + "\n" for i in range(5)))
-    err = fails(capsys, "validate", QUICK, f"data.source={data}", "data.prompt_column=question", "eval.num_prompts=1")
-    assert "'answer'" in err and "synthetic_exact" in err and "data.answer_column" in err
-    assert main(["validate", QUICK, f"data.source={data}", "data.prompt_column=question",
-                 "data.answer_column=solution", "eval.num_prompts=1"]) == 0  # fmt: skip
+    own = [f"data.source={data}", "data.prompt_column=question", "eval.num_prompts=1", "eval.source=null"]
+    err = fails(capsys, "validate", QUICK, *own)
+    assert "'answer'" in err and "sudoku_cells" in err and "data.answer_column" in err
+    assert main(["validate", QUICK, *own, "data.answer_column=solution"]) == 0
 
 
 def test_validate_catches_more_gpus_than_the_cluster_has(capsys):
@@ -52,7 +52,7 @@ def test_validate_catches_more_gpus_than_the_cluster_has(capsys):
 
 def test_train_on_a_cpu_only_cluster_that_asks_for_gpus_starts_nothing(capsys, tmp_path):
     err = fails(capsys, "train", QUICK, f"run_dir={tmp_path / 'run'}", "cluster.gpus_per_node=1")
-    assert "needs 3 GPUs" in err and "the Ray cluster has 0" in err  # 1 learner rank + 2 rollout actors
+    assert "needs 2 GPUs" in err and "the Ray cluster has 0" in err  # 1 learner rank + 1 rollout actor
     assert not (tmp_path / "run").exists()
 
 

@@ -17,6 +17,10 @@ MODULES = [
     "tracerl.weight_sync",
     "tracerl.advantages",
     "tracerl.models.cache",
+    "tracerl.data",
+    "rewards.synthetic",
+    "tracerl.report",
+    "tracerl.config_docs",
 ]
 
 

@@ -20,7 +20,6 @@ from tracerl.orchestrator import RunError, run
 ray = pytest.importorskip("ray")
 pytestmark = pytest.mark.ray
 
-ROOT = Path(__file__).resolve().parents[1]
 # A reward with spread on the outputs of a random tiny model (so advantages, and updates, are non-zero).
 REWARD = """
 def score(prompts, completions, **kwargs):
@@ -36,13 +35,27 @@ def local_ray():  # noqa: ANN201
     ray.shutdown()
 
 
+# The loop's test setting: the tiny block model (block 4) on synthetic parity, short responses, seconds per step.
+BASE = [
+    "model.tiny.attention=block",
+    "model.tiny.hidden_size=128",
+    "model.tiny.num_layers=4",
+    "model.tiny.intermediate_size=256",
+    "sampling.max_new_tokens=8",
+    "sampling.temperature=1.0",
+    "data.source=synthetic:parity",
+    "data.num_synthetic=200",
+    "objective.group_filter=drop_all_equal",
+    "learner.lr=1e-3",
+]
+
+
 def rl_cfg(tmp_path: Path, *overrides: str) -> Config:
     tmp_path.mkdir(parents=True, exist_ok=True)
     reward = tmp_path / "spread.py"
     reward.write_text(REWARD)
-    base = [
+    run = [
         f"run_dir={tmp_path / 'run'}",
-        "data.num_synthetic=200",
         "train.steps=3",
         "rollout.prompts_per_step=4",
         "rollout.samples_per_prompt=4",
@@ -53,10 +66,9 @@ def rl_cfg(tmp_path: Path, *overrides: str) -> Config:
         "eval.k=2",
         "train.eval_every=2",
         "train.log_samples_every=2",
-        "learner.lr=1e-3",
         "wandb.mode=disabled",
     ]
-    cfg = load_config(ROOT / "configs" / "quickstart.yaml", base + list(overrides))
+    cfg = load_config(None, BASE + run + list(overrides))
     cfg.reward.functions[0].fn = f"{reward}:score"
     return cfg
 
@@ -217,13 +229,12 @@ def test_tracerl_eval_scores_a_checkpoint_and_writes_samples_and_settings(local_
     from tracerl.cli import main
     from tracerl.models import save_tiny
 
-    cfg = Config()
-    cfg.model.tiny.attention = "block"
+    cfg = load_config(None, BASE)
     model, tok = build_tiny(cfg.model.tiny)
     save_tiny(model, tok, tmp_path / "model")
-    rc = main(["eval", str(ROOT / "configs" / "quickstart.yaml"), f"model.path={tmp_path / 'model'}",
-               f"run_dir={tmp_path / 'run'}", "eval.num_prompts=6", "eval.samples=3", "eval.k=2",
-               "data.num_synthetic=200", "reward.num_workers=1", "rollout.num_workers=1"])  # fmt: skip
+    rc = main(["eval", *BASE, f"model.path={tmp_path / 'model'}", f"run_dir={tmp_path / 'run'}",
+               "eval.num_prompts=6", "eval.samples=3", "eval.k=2", "reward.num_workers=1",
+               "rollout.num_workers=1"])  # fmt: skip
     out = capsys.readouterr().out
     assert rc == 0 and "greedy reward" in out and "pass@2" in out
     summary = json.loads((tmp_path / "run" / "eval" / "eval.json").read_text())

@@ -6,6 +6,7 @@
     tracerl validate [CONFIG.yaml] [key=value ...] [--offline]     check config, model, data, rewards, cluster
     tracerl sft [CONFIG.yaml] [key=value ...]                      masked-diffusion SFT
     tracerl export CHECKPOINT OUT_DIR                              write a Hugging Face model directory
+    tracerl plot RUN_DIR [--sft SFT_RUN_DIR] [--out PNG]           before/after table and curves of a train run
     tracerl serve-reward --reward SPEC [--host --port]             serve a reward function over HTTP
 
 Errors are one clear paragraph and exit code 2; ``--debug`` (before or after the command) shows the traceback,
@@ -204,6 +205,25 @@ def cmd_export(ns: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_plot(ns: argparse.Namespace) -> int:
+    """The before/after table of a train run's held-out evaluations, and its curves as a PNG."""
+    from rich.console import Console
+    from rich.table import Table
+
+    from tracerl.report import before_after, plot_curves, table_rows
+
+    before, after = before_after(ns.run_dir)
+    table = Table(title=f"held-out evaluation ({int(after['metrics']['eval/prompts'])} prompts)")
+    for column in ("", f"SFT start (step {before['step']})", f"after RL (step {after['step']})", "change"):
+        table.add_column(column, justify="right" if column else "left")
+    for label, b, a, change in table_rows(before, after):
+        table.add_row(label, f"{b:.3f}", f"{a:.3f}", f"[{'green' if change > 0 else 'red'}]{change:+.3f}[/]")
+    console = Console()
+    console.print(table)
+    console.print(f"curves: {plot_curves(ns.run_dir, ns.out, ns.sft)}")
+    return 0
+
+
 def cmd_serve_reward(ns: argparse.Namespace, rest: list[str]) -> int:
     from tracerl.reward_server import main as serve
 
@@ -249,6 +269,12 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("checkpoint", help="a checkpoint directory (run_dir/checkpoints/step-N)")
     e.add_argument("out", help="output directory")
     e.set_defaults(fn=cmd_export)
+
+    pl = sub.add_parser("plot", help="before/after table and reward / held-out curves (PNG) of a train run")
+    pl.add_argument("run_dir", help="run_dir of a tracerl train run")
+    pl.add_argument("--sft", help="run_dir of the SFT run it started from (adds an SFT panel)")
+    pl.add_argument("--out", help="PNG path (default: RUN_DIR/curves.png)")
+    pl.set_defaults(fn=cmd_plot)
 
     r = sub.add_parser("serve-reward", help="serve a reward function over HTTP (loopback by default)", add_help=False)
     r.set_defaults(fn=None)

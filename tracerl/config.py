@@ -91,6 +91,7 @@ class DataConfig:
     system_prompt: str | None = None  # optional system message when the chat template is used
     max_prompt_tokens: int = 256  # longer prompts are dropped (and counted), never truncated
     num_synthetic: int = 2000  # examples generated for a synthetic task
+    synthetic_options: dict[str, Any] = field(default_factory=dict)  # the synthetic task's options, e.g. noise: 0.3
     shuffle: bool = True  # shuffle every epoch (seeded)
 
 

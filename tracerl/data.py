@@ -9,6 +9,9 @@ column is filtered together.
 from __future__ import annotations
 
 import contextlib
+import functools
+import inspect
+import itertools
 import json
 import random
 from collections.abc import Callable, Iterator
@@ -20,13 +23,20 @@ import datasets
 
 from tracerl.config import ConfigError, DataConfig
 
-SyntheticTask = Callable[[random.Random], dict[str, str]]
+SyntheticTask = Callable[..., dict[str, str]]  # fn(rng, **options), or fn(rng, split, **options) with splits
 SYNTHETIC: dict[str, SyntheticTask] = {}
+WITH_SPLITS: set[str] = set()  # tasks whose "test" split holds out whole instances (grids, operand pairs)
+SPLITS = ("train", "test")
 
 
-def register_task(name: str) -> Callable[[SyntheticTask], SyntheticTask]:
+def register_task(name: str, *, splits: bool = False) -> Callable[[SyntheticTask], SyntheticTask]:
+    """Register a generator of one example as ``synthetic:<name>``. With ``splits`` it takes ``split`` ("train"
+    or "test") and must never produce an instance of one split in the other."""
+
     def wrap(fn: SyntheticTask) -> SyntheticTask:
         SYNTHETIC[name] = fn
+        if splits:
+            WITH_SPLITS.add(name)
         return fn
 
     return wrap
@@ -54,19 +64,111 @@ def parity(rng: random.Random) -> dict[str, str]:
     return {"prompt": f"parity {n}:", "answer": word, "response": word}
 
 
-def synthetic(task: str, n: int, seed: int) -> datasets.Dataset:
-    """``n`` examples of a built-in task (columns prompt, answer, response)."""
+def _wrong_digit(rng: random.Random, digit: str, digits: str = "0123456789") -> str:
+    return rng.choice([d for d in digits if d != digit])
+
+
+@register_task("long_addition", splits=True)
+def long_addition(rng: random.Random, split: str, digits: int = 3, noise: float = 0.0) -> dict[str, str]:
+    """Add two ``digits``-digit numbers: ``{"prompt": "123+456=", "answer": "579", "response": ...}``. One operand
+    pair in ten (a fixed hash of the pair) is held out as the test split. The ``response`` (an SFT demonstration)
+    comes from a noisy teacher: each digit is replaced by a wrong one with probability ``noise``."""
+    lo, hi = 10 ** (digits - 1), 10**digits
+    while True:
+        a, b = rng.randrange(lo, hi), rng.randrange(lo, hi)
+        if (random.Random(a * hi + b).random() < 0.1) == (split == "test"):
+            break
+    answer = str(a + b)
+    teacher = random.Random(rng.random())  # one draw whatever the noise: the same prompts at every noise level
+    response = "".join(_wrong_digit(teacher, d) if teacher.random() < noise else d for d in answer)
+    return {"prompt": f"{a}+{b}=", "answer": answer, "response": response}
+
+
+@functools.cache
+def sudoku_grids() -> tuple[str, ...]:
+    """Every solved 4×4 Sudoku (rows, columns and 2×2 boxes hold 1-4 once), as 16-digit strings, sorted: 288.
+
+    Example:
+        >>> len(sudoku_grids()), sudoku_grids()[0]
+        (288, '1234341221434321')
+    """
+    rows = ["".join(p) for p in itertools.permutations("1234")]
+    grids = []
+    for r in itertools.product(rows, repeat=4):
+        cols_ok = all(len({row[c] for row in r}) == 4 for c in range(4))
+        boxes_ok = all(
+            len({r[i][j] for i in (bi, bi + 1) for j in (bj, bj + 1)}) == 4 for bi in (0, 2) for bj in (0, 2)
+        )
+        if cols_ok and boxes_ok:
+            grids.append("".join(r))
+    return tuple(grids)
+
+
+@functools.cache
+def sudoku_split(split: str) -> tuple[str, ...]:
+    """The solution grids of a split: one in six (48, a fixed seeded choice, the same for every run seed) is
+    held out as "test", so a held-out puzzle is never a training puzzle with other cells blanked."""
+    grids = list(sudoku_grids())
+    held = set(random.Random(0).sample(grids, len(grids) // 6))
+    return tuple(g for g in grids if (g in held) == (split == "test"))
+
+
+@register_task("sudoku4", splits=True)
+def sudoku4(
+    rng: random.Random, split: str, min_blanks: int = 6, max_blanks: int = 10, noise: float = 0.0
+) -> dict[str, str]:
+    """A 4×4 Sudoku with a unique solution: ``{"prompt": "1.3. 34.2 2.4. 4.21:", "answer": "1234 3412 2143 4321",
+    "response": ...}`` (rows separated by spaces, ``.`` for a blank; the answer is the solved grid).
+    Between ``min_blanks`` and ``max_blanks`` cells are blank. The ``response`` (an SFT demonstration) comes from
+    a noisy teacher: each blank cell is filled with a wrong digit with probability ``noise``."""
+    grid = rng.choice(sudoku_split(split))
+    while True:
+        blanks = set(rng.sample(range(16), rng.randint(min_blanks, max_blanks)))
+        clues = [(i, grid[i]) for i in range(16) if i not in blanks]
+        if sum(all(g[i] == d for i, d in clues) for g in sudoku_grids()) == 1:
+            break
+    puzzle = "".join("." if i in blanks else grid[i] for i in range(16))
+    teacher = random.Random(rng.random())  # one draw whatever the noise: the same puzzles at every noise level
+    response = "".join(
+        _wrong_digit(teacher, d, "1234") if i in blanks and teacher.random() < noise else d for i, d in enumerate(grid)
+    )
+    return {"prompt": _rows(puzzle) + ":", "answer": _rows(grid), "response": _rows(response)}
+
+
+def _rows(cells: str) -> str:
+    # the same layout in prompt and answer, so a cell sits a fixed distance after its clue
+    return " ".join(cells[r : r + 4] for r in range(0, 16, 4))
+
+
+def synthetic(task: str, n: int, seed: int, split: str = "train", **options: Any) -> datasets.Dataset:
+    """``n`` examples of a built-in task (columns prompt, answer, response), deterministic given ``seed``;
+    ``options`` are the task's keyword arguments (``data.synthetic_options``)."""
     if task not in SYNTHETIC:
         raise ConfigError(f"unknown synthetic task '{task}'; choose from {sorted(SYNTHETIC)}.")
+    if split not in SPLITS or split != "train" and task not in WITH_SPLITS:
+        raise ConfigError(
+            f"synthetic:{task} has no split '{split}' (it has {list(SPLITS) if task in WITH_SPLITS else ['train']}). "
+            "Tasks that hold out whole instances as 'test': "
+            f"{sorted(WITH_SPLITS)}; otherwise leave eval.source unset (eval.num_prompts then holds out whole "
+            "prompts of data.source)."
+        )
+    fn = SYNTHETIC[task]
+    accepted = [p for p in inspect.signature(fn).parameters if p not in ("rng", "split")]
+    unknown = sorted(set(options) - set(accepted))
+    if unknown:
+        raise ConfigError(
+            f"data.synthetic_options {unknown} are not options of synthetic:{task}; it accepts {accepted}."
+        )
     rng = random.Random(seed)
-    rows = [SYNTHETIC[task](rng) for _ in range(n)]
+    kwargs = {"split": split} if task in WITH_SPLITS else {}
+    rows = [fn(rng, **kwargs, **options) for _ in range(n)]
     return datasets.Dataset.from_list(rows)
 
 
 def _load_source(cfg: DataConfig, seed: int) -> datasets.Dataset:
     src = cfg.source
     if src.startswith("synthetic:"):
-        return synthetic(src.split(":", 1)[1], cfg.num_synthetic, seed)
+        return synthetic(src.split(":", 1)[1], cfg.num_synthetic, seed, cfg.split, **cfg.synthetic_options)
     path = Path(src).expanduser()
     local = src.startswith((".", "/", "~")) or path.exists()
     if local and not path.exists():

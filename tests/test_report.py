@@ -1,0 +1,78 @@
+"""tracerl plot: the before/after table and the curves PNG of a run; docs/configuration.md against the schema."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+
+import pytest
+
+from tracerl.cli import main
+from tracerl.config import Config
+from tracerl.config_docs import PAGE, render, sections
+from tracerl.report import before_after, plot_curves, read_metrics, table_rows
+
+
+def fake_run(run_dir: Path, steps: int = 4) -> None:
+    """A train run's files as the loop writes them: a metrics row per step, evaluations at 0, 2 and 4."""
+    (run_dir / "eval").mkdir(parents=True)
+    rows = []
+    for step in range(steps + 1):
+        row = {"step": step, "time": 0.0}
+        if step:
+            row |= {"reward/mean": 0.3 + 0.1 * step, "reward/std": 0.2}
+        if step % 2 == 0:
+            metrics = {"eval/greedy_reward": 0.4 + 0.05 * step, "eval/exact_match": 0.1 * step,
+                       "eval/mean@4": 0.3 + 0.05 * step, "eval/pass@4": 0.5, "eval/prompts": 200.0}  # fmt: skip
+            row |= metrics
+            summary = {"step": step, "k": 4, "metrics": metrics}
+            (run_dir / "eval" / f"step-{step}.json").write_text(json.dumps(summary))
+        rows.append(row)
+    (run_dir / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+
+def test_before_after_takes_step_zero_and_the_last_evaluation(tmp_path):
+    fake_run(tmp_path)
+    before, after = before_after(tmp_path)
+    assert (before["step"], after["step"]) == (0, 4)
+    got = {label: (b, a, d) for label, b, a, d in table_rows(before, after)}
+    assert got["greedy reward"] == pytest.approx((0.4, 0.6, 0.2))
+    assert got["exact match (greedy)"] == pytest.approx((0.0, 0.4, 0.4))
+    assert got["pass@4"] == pytest.approx((0.5, 0.5, 0.0))
+
+
+def test_plot_writes_a_png_and_the_cli_prints_the_table(tmp_path, capsys):
+    fake_run(tmp_path / "rl")
+    sft = tmp_path / "sft"
+    sft.mkdir()
+    (sft / "metrics.jsonl").write_text("".join(json.dumps({"step": s, "train/loss": 1.0 / s}) + "\n" for s in (1, 2)))
+    path = plot_curves(tmp_path / "rl", sft_dir=sft)
+    assert path == tmp_path / "rl" / "curves.png" and path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert main(["plot", str(tmp_path / "rl"), "--out", str(tmp_path / "c.png")]) == 0
+    out = capsys.readouterr().out
+    assert "greedy reward" in out and "0.400" in out and "0.600" in out and "+0.200" in out and "200 prompts" in out
+    assert (tmp_path / "c.png").stat().st_size > 10_000
+
+
+def test_plot_of_a_run_without_evaluations_says_why(tmp_path, capsys):
+    with pytest.raises(FileNotFoundError, match="metrics.jsonl does not exist"):
+        read_metrics(tmp_path)
+    (tmp_path / "metrics.jsonl").write_text('{"step": 1}\n')
+    assert main(["plot", str(tmp_path)]) == 2
+    assert "holds 0 evaluation(s)" in capsys.readouterr().err
+
+
+def test_configuration_page_matches_the_schema():
+    assert PAGE.read_text() == render(), "docs/configuration.md is stale: run python -m tracerl.config_docs"
+    documented = {key for _, _, rows in sections() for key, *_ in rows}
+
+    def keys(cls: type, prefix: str = "") -> set[str]:
+        out = set()
+        for f in dataclasses.fields(cls):
+            value = getattr(cls(), f.name)
+            out |= keys(type(value), f"{prefix}{f.name}.") if dataclasses.is_dataclass(value) else {prefix + f.name}
+        return out
+
+    assert keys(Config) == documented
+    assert "| `data.synthetic_options` | `dict[str, Any]` | `{}` | the synthetic task's options" in PAGE.read_text()

@@ -1,0 +1,111 @@
+"""``docs/configuration.md``, generated from the schema: every knob of ``tracerl.config.Config`` with its type,
+default and the comment beside its field. ``python -m tracerl.config_docs`` rewrites the page; a test fails when
+the page and the schema disagree.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import inspect
+import re
+import sys
+import typing
+from pathlib import Path
+from typing import Any
+
+from tracerl.config import Config
+
+PAGE = Path(__file__).resolve().parents[1] / "docs" / "configuration.md"
+INTRO = """# Configuration
+
+Every setting of a run, generated from the schema (`tracerl/config.py`) by `python -m tracerl.config_docs`;
+a test fails when this page and the schema disagree. YAML files (`configs/*.yaml`) only override these defaults,
+and `key=value` arguments on the command line override last, e.g.
+
+```bash
+tracerl train configs/quickstart.yaml learner.lr=3e-4 rollout.samples_per_prompt=16 data.synthetic_options.noise=0.1
+```
+
+Unknown keys, wrong types and values outside a field's choices stop the command before anything starts, with
+the valid choices listed; `tracerl validate CONFIG` checks a config (and, without `--offline`, the model, data,
+rewards and cluster) without training. The resolved config of every run is saved as `<run_dir>/config.json`
+and in W&B.
+"""
+_FIELD = re.compile(r"^\s+(\w+):[^#]*#\s*(.*)$")
+
+
+def field_comments(cls: type) -> dict[str, str]:
+    """The comment after each field of a dataclass, read from its source.
+
+    Example:
+        >>> from tracerl.config import CheckpointConfig
+        >>> field_comments(CheckpointConfig)["keep_last"]
+        'complete checkpoints kept'
+    """
+    out = {}
+    for line in inspect.getsource(cls).splitlines():
+        match = _FIELD.match(line)
+        if match:
+            out[match.group(1)] = match.group(2).strip()
+    return out
+
+
+def _default(f: dataclasses.Field) -> Any:
+    if f.default is not dataclasses.MISSING:
+        return f.default
+    return f.default_factory()  # type: ignore[misc]
+
+
+def _type_name(hint: Any) -> str:
+    text = str(hint).replace("typing.", "")
+    return text.removeprefix("<class '").removesuffix("'>")
+
+
+def _cell(text: str) -> str:
+    return text.replace("|", "\\|")
+
+
+def sections(cls: type = Config, prefix: str = "") -> list[tuple[str, type, list[tuple[str, str, str, str]]]]:
+    """(dotted section, dataclass, rows of (key, type, default, meaning)) for a config and every nested section."""
+    hints = typing.get_type_hints(cls)
+    comments = field_comments(cls)
+    rows, nested = [], []
+    for f in dataclasses.fields(cls):
+        default = _default(f)
+        if dataclasses.is_dataclass(default):
+            nested.append((f.name, type(default)))
+            continue
+        meaning = comments.get(f.name, "")
+        if isinstance(default, list) and default and dataclasses.is_dataclass(default[0]):
+            shown, meaning = "1 entry", meaning or f"a list of entries: see `{prefix}{f.name}[]` below"
+        else:
+            shown = repr(default)
+        rows.append((f"{prefix}{f.name}", _type_name(hints[f.name]), shown, meaning))
+    out = [(prefix.rstrip(".") or "(top level)", cls, rows)]
+    for name, sub in nested:
+        out.extend(sections(sub, f"{prefix}{name}."))
+    return out
+
+
+def render() -> str:
+    """The whole page as markdown."""
+    parts = [INTRO]
+    for title, cls, rows in sections():
+        doc = (inspect.getdoc(cls) or "").splitlines()[0] if cls is not Config else "The whole run."
+        parts.append(f"\n## `{title}`\n\n{doc}\n\n| key | type | default | meaning |\n|---|---|---|---|")
+        parts.extend(f"| `{k}` | `{_cell(t)}` | `{_cell(d)}` | {_cell(m)} |" for k, t, d, m in rows)
+    parts.append(
+        "\n`reward.functions` is a list of `{fn, weight, name, kwargs, completion_format}` entries (the "
+        "`reward.functions[]` fields below); by default one entry, `synthetic_exact` with weight 1.\n"
+    )
+    from tracerl.config import RewardFnConfig
+
+    _, _, rows = sections(RewardFnConfig, "reward.functions[].")[0]
+    parts.append("| key | type | default | meaning |\n|---|---|---|---|")
+    parts.extend(f"| `{k}` | `{_cell(t)}` | `{_cell(d)}` | {_cell(m)} |" for k, t, d, m in rows)
+    return "\n".join(parts) + "\n"
+
+
+if __name__ == "__main__":
+    PAGE.write_text(render())
+    print(f"wrote {PAGE}", file=sys.stderr)
