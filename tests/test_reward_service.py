@@ -119,7 +119,7 @@ def test_import_path_and_file_specs(tmp_path: Path) -> None:
 @pytest.mark.parametrize(
     ("spec", "expected"),
     [
-        ("gsm9k", "unknown reward 'gsm9k'; choose from ['code', 'format', 'gsm8k', 'length', 'math_verify', "),
+        ("gsm9k", "unknown reward 'gsm9k'; choose from ['code', 'digit_accuracy', 'format', 'gsm8k', 'length', "),
         ("missing/reward.py:score", "reward file 'missing/reward.py' (from 'missing/reward.py:score') does not exist"),
         ("rewards.math:no_such_fn", "has no function 'no_such_fn' (from reward 'rewards.math:no_such_fn'); functions"),
         ("no_such_pkg.mod:fn", "could not import module 'no_such_pkg.mod' for reward 'no_such_pkg.mod:fn'"),

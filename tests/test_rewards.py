@@ -45,7 +45,7 @@ def test_registry_lists_builtins_and_explains_unknown_names() -> None:
     with pytest.raises(UnknownRewardError) as err:
         get_reward("gsm8")
     assert str(err.value) == f"unknown reward 'gsm8'; choose from {names}"
-    assert str(err.value).startswith("unknown reward 'gsm8'; choose from ['code', 'format', 'gsm8k', ")
+    assert str(err.value).startswith("unknown reward 'gsm8'; choose from ['code', 'digit_accuracy', 'format', ")
     with pytest.raises(ValueError, match="'gsm8k' is already registered"):
         register_reward("gsm8k")(lambda prompts, completions, **kw: [0.0] * len(completions))
 

@@ -118,8 +118,8 @@ def init_distributed(
                 f"cannot also be rank {rank} of {world_size} in this process"
             )
         return
-    if port is None and "MASTER_PORT" not in os.environ:
-        port = free_port()
+    if port is None and (world_size == 1 or "MASTER_PORT" not in os.environ):
+        port = free_port()  # one rank meets only itself: an inherited MASTER_PORT may belong to another process
     env = {"RANK": str(rank), "LOCAL_RANK": "0", "WORLD_SIZE": str(world_size), "MASTER_ADDR": addr}
     if port is not None:
         env["MASTER_PORT"] = str(port)
