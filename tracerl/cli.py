@@ -146,6 +146,7 @@ def _quiet(verbose: bool) -> None:
             ("HF_DATASETS_DISABLE_PROGRESS_BARS", "1"),
             ("PYTHONWARNINGS", "ignore"),
             ("RAY_DEDUP_LOGS", "1"),
+            ("RAY_IGNORE_UNHANDLED_ERRORS", "1"),  # a dead learner rank's partner fails too: the loop says what died
         ):
             os.environ.setdefault(key, value)
         warnings.filterwarnings("ignore")

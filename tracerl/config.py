@@ -257,6 +257,10 @@ class ClusterConfig:
     num_nodes: int = 1  # nodes the run may use
     gpus_per_node: int = 0  # accelerators per node (0 = CPU only)
     dashboard: bool = False  # start the Ray dashboard of a local instance
+    # Custom Ray resources pin actors to the nodes that offer them: start the learner nodes with
+    # `ray start ... --resources '{"learner_node": 8}'` and set learner_resources={learner_node: 1}.
+    learner_resources: dict[str, float] = field(default_factory=dict)  # custom Ray resources each learner rank wants
+    rollout_resources: dict[str, float] = field(default_factory=dict)  # custom Ray resources each rollout actor wants
 
 
 @dataclass
@@ -264,6 +268,9 @@ class FaultConfig:
     """What the loop does when an actor dies (DESIGN §16)."""
 
     max_restarts: int = 3  # a rollout or reward actor that dies is replaced and its shard redone, this often per step
+    # A DeepSpeed group cannot take a new rank: the whole learner is rebuilt from the latest complete checkpoint and
+    # the steps after it are redone.
+    max_learner_restarts: int = 2  # a learner rank that dies: rebuild the learner this often per run (0 = stop)
 
 
 @dataclass
@@ -470,6 +477,8 @@ def check_counts(cfg: Config) -> None:
         ("checkpoint.keep_last", cfg.checkpoint.keep_last, 1, "complete checkpoints kept"),
         ("checkpoint.save_every", cfg.checkpoint.save_every, 0, "0 saves only at the end"),
         ("sampling.batch_size", cfg.sampling.batch_size, 1, "sequences decoded together"),
+        ("fault.max_restarts", cfg.fault.max_restarts, 0, "0 stops at the first dead actor"),
+        ("fault.max_learner_restarts", cfg.fault.max_learner_restarts, 0, "0 stops at the first dead learner"),
     )
     for key, value, least, meaning in rules:
         if value < least:

@@ -44,6 +44,7 @@ class MetricsLogger:
         self.run_dir = Path(run_dir)
         self.run = None
         self._jsonl = None
+        self._wandb_step = 0  # W&B takes steps in order: rows of redone steps (after a rewind) are not sent again
         if not self.enabled:
             return
         self.run_dir.mkdir(parents=True, exist_ok=True)
@@ -78,8 +79,23 @@ class MetricsLogger:
         clean = {k: float(v) for k, v in metrics.items() if v is not None and math.isfinite(float(v))}
         self._jsonl.write(json.dumps({"step": step, "time": time.time(), **clean}) + "\n")
         self._jsonl.flush()
-        if self.run is not None:
+        if self._to_wandb(step):
             self.run.log(clean, step=step)
+
+    def _to_wandb(self, step: int) -> bool:
+        if self.run is None or step < self._wandb_step:
+            return False
+        self._wandb_step = step
+        return True
+
+    def rewind(self, step: int) -> None:
+        """Drop the ``metrics.jsonl`` rows of the steps after ``step``: they are about to be redone (a resume, a
+        rebuilt learner), so each step appears once. W&B takes steps in order only: it keeps the rows it has."""
+        if not self.enabled:
+            return
+        self._jsonl.close()
+        truncate_jsonl(self.run_dir / "metrics.jsonl", step)
+        self._jsonl = (self.run_dir / "metrics.jsonl").open("a")
 
     def log_table(self, name: str, columns: list[str], rows: list[list[Any]], step: int) -> None:
         """A table (e.g. sample completions with their rewards); W&B only, and a JSON copy in the run dir."""
@@ -88,13 +104,13 @@ class MetricsLogger:
         (self.run_dir / f"{name.replace('/', '_')}-{step}.json").write_text(
             json.dumps({"columns": columns, "rows": rows})
         )
-        if self.run is not None:
+        if self._to_wandb(step):
             import wandb
 
             self.run.log({name: wandb.Table(columns=columns, data=rows)}, step=step)
 
     def log_image(self, name: str, path: Path, step: int) -> None:
-        if self.enabled and self.run is not None:
+        if self.enabled and self._to_wandb(step):
             import wandb
 
             self.run.log({name: wandb.Image(str(path))}, step=step)

@@ -33,13 +33,31 @@ from rich.console import Console
 from tracerl import checkpoint, data, stats, trace
 from tracerl.advantages import compute_advantages
 from tracerl.config import Config, check_cluster, to_dict
-from tracerl.metrics import MetricsLogger, Timers, decoding_order_picture, truncate_jsonl
+from tracerl.metrics import MetricsLogger, Timers, decoding_order_picture
 from tracerl.orchestrator.console import eval_line, step_line
 from tracerl.orchestrator.evaluation import collect, evaluate
-from tracerl.orchestrator.setup import check_rewards, connect, load_prompts, reward_pool, seed, teardown
+from tracerl.orchestrator.setup import (
+    check_resources,
+    check_rewards,
+    connect,
+    load_prompts,
+    reward_pool,
+    seed,
+    teardown,
+    write_layout,
+)
 from tracerl.records import Rollout
 from tracerl.reward_service import RewardResult
-from tracerl.workers import WEIGHT_SYNC, LearnerGroup, RewardPool, RolloutGroup, RolloutShard, place
+from tracerl.workers import (
+    WEIGHT_SYNC,
+    LearnerFailure,
+    LearnerGroup,
+    Placement,
+    RewardPool,
+    RolloutGroup,
+    RolloutShard,
+    place,
+)
 
 # --------------------------------------------------------------------------------------------------- the loop
 
@@ -57,39 +75,20 @@ def run(cfg: Config, *, verbose: bool = False, console: Console | None = None) -
             last = s.evaluate(0)
             s.logger.log(last, step=0)
             s.console.print(eval_line(0, last, cfg.eval.k))
-        for step in range(s.start_step + 1, cfg.train.steps + 1):
-            timers, metrics = Timers(), {}
-            with s.guard(step), timers("step"):
-                batch = s.stream.next_batch(cfg.rollout.prompts_per_step)
-                shards = s.rollout.generate_async(batch.prompt_ids, cfg.rollout.samples_per_prompt, seed(cfg, step))
-                rollout, scored = s.collect(shards, batch, cfg.rollout.samples_per_prompt, timers)
-                with timers("views"):
-                    adv, keep, metrics = s.advantages(scored, rollout)
-                    kept = rollout.select(keep.nonzero().squeeze(1))
-                    views = s.views(kept, step) if len(kept) else None
-                if views is None:
-                    s.skipped_steps += 1  # every group filtered out: nothing to learn from, the run goes on
-                else:
-                    metrics |= s.update(kept, adv[keep], views, timers)
-            metrics |= scored.metrics | stats.rollout_metrics(rollout) | timers.pop()
-            metrics |= {"advantage/skipped_steps": float(s.skipped_steps), "sync/weights_version": float(s.version)}
-            metrics |= {
-                "fault/rollout_restarts": float(s.rollout.restarts),
-                "fault/reward_restarts": float(s.rewards.restarts),
-            }
-            if cfg.train.eval_every and step % cfg.train.eval_every == 0 or step == cfg.train.steps:
-                with timers("eval"):
-                    metrics |= s.evaluate(step)
-                metrics |= timers.pop()
-            s.log(step, metrics, rollout, scored, adv)
-            if cfg.checkpoint.save_every and step % cfg.checkpoint.save_every == 0 or step == cfg.train.steps or stop:
-                s.save(step)
-            last = metrics
+        step = s.start_step + 1
+        while step <= cfg.train.steps:
+            try:
+                last = s.step(step, stop)
+            except LearnerFailure as failure:  # rebuild the learner from the latest checkpoint, redo from there
+                s.recover(failure)
+                step = s.start_step + 1
+                continue
             if stop:
                 raise Interrupted(
                     f"stopped by {stop[0]} after RL step {step}; its checkpoint is in "
                     f"{checkpoint.checkpoint_dir(cfg.run_dir)}: resume with --resume auto."
                 )
+            step += 1
         checkpoint.export_hf(s.learner, Path(cfg.run_dir) / "final")
         s.console.print(
             f"[dim]metrics: {Path(cfg.run_dir) / 'metrics.jsonl'} · model: {Path(cfg.run_dir) / 'final'}[/dim]"
@@ -113,11 +112,15 @@ class Session:
     rewards: RewardPool
     logger: MetricsLogger
     policy: dict[str, Any]  # what the rollout actors report about the policy (mask id, shift, ...)
+    placement: Placement
+    initial: checkpoint.DriverState  # where a learner rebuilt before the first checkpoint starts again
     start_step: int = 0
     version: int = 0
     skipped_steps: int = 0
     saved_step: int = 0
     updating: bool = False  # inside the learner step or the sync (a failure there leaves no trustworthy state)
+    learner_restarts: int = 0
+    recovery_s: float = 0.0  # the last learner rebuild, logged with the next step
     cleanup: list[Any] = field(default_factory=list)
 
     @classmethod
@@ -132,6 +135,7 @@ class Session:
             if connect(cfg, verbose):
                 cleanup.append(ray.shutdown)
             check_cluster(cfg, ray.cluster_resources().get("GPU", 0.0), "the Ray cluster")
+            check_resources(cfg, ray.cluster_resources())
             t0 = time.perf_counter()
             placement = place(cfg, ray.cluster_resources().get("GPU", 0.0))
             cleanup.append(placement.remove)
@@ -144,22 +148,101 @@ class Session:
             longest = max(len(p) for p in stream.ids + (eval_set.prompt_ids if eval_set else []))
             samplings = [cfg.sampling, stats.eval_sampling(cfg, greedy=True)]
             ray.get(rollout.workers[0].check_positions.remote(longest, samplings))
+            initial = checkpoint.DriverState(data=stream.state_dict(), rng=checkpoint.capture_rng())
             state = checkpoint.load_checkpoint(resume, learner) if resume is not None else None
-            if state is not None:
-                stream.load_state_dict(state.data)
-                truncate_jsonl(run_dir / "metrics.jsonl", state.step)  # steps after the checkpoint are redone
             run_dir.mkdir(parents=True, exist_ok=True)
             (run_dir / "config.json").write_text(json.dumps(to_dict(cfg), indent=2))
             logger = MetricsLogger(run_dir, to_dict(cfg), cfg.wandb, resume_id=state.wandb_run_id if state else None)
             cleanup.append(logger.close)
-            s = cls(cfg, console, stream, eval_set, rollout, learner, rewards, logger, rollout.info[0], cleanup=cleanup)
+            s = cls(
+                cfg, console, stream, eval_set, rollout, learner, rewards, logger, rollout.info[0], placement, initial,
+                cleanup=cleanup,
+            )  # fmt: skip
             s.version, _ = WEIGHT_SYNC.lookup(cfg.rollout.sync)(learner, rollout)  # same weights on both sides
             if state is not None:
-                s.start_step = s.saved_step = state.step
-                s.skipped_steps = int(state.extra.get("skipped_steps", 0))
-                checkpoint.restore_rng(state.rng)
+                s.restore(state)
+            write_layout(run_dir / "cluster.json", learner, rollout, rewards)
             console.print(s.banner(time.perf_counter() - t0, resume))
             yield s
+
+    # -- one RL step, recovery -------------------------------------------------------------------------------
+
+    def step(self, step: int, stop: list[str]) -> dict[str, float]:
+        """RL step ``step``: rollout, rewards, advantages, views, update, sync, then metrics, eval and checkpoint
+        when due; returns its metrics."""
+        cfg = self.cfg
+        timers, metrics = Timers(), {}
+        with self.guard(step), timers("step"):
+            batch = self.stream.next_batch(cfg.rollout.prompts_per_step)
+            shards = self.rollout.generate_async(batch.prompt_ids, cfg.rollout.samples_per_prompt, seed(cfg, step))
+            rollout, scored = self.collect(shards, batch, cfg.rollout.samples_per_prompt, timers)
+            with timers("views"):
+                adv, keep, metrics = self.advantages(scored, rollout)
+                kept = rollout.select(keep.nonzero().squeeze(1))
+                views = self.views(kept, step) if len(kept) else None
+            if views is None:
+                self.skipped_steps += 1  # every group filtered out: nothing to learn from, the run goes on
+            else:
+                metrics |= self.update(kept, adv[keep], views, timers)
+        metrics |= scored.metrics | stats.rollout_metrics(rollout) | timers.pop()
+        metrics |= {"advantage/skipped_steps": float(self.skipped_steps), "sync/weights_version": float(self.version)}
+        metrics |= {
+            "fault/rollout_restarts": float(self.rollout.restarts),
+            "fault/reward_restarts": float(self.rewards.restarts),
+            "fault/learner_restarts": float(self.learner_restarts),
+        }
+        if self.recovery_s:
+            metrics["fault/learner_recovery_s"], self.recovery_s = self.recovery_s, 0.0
+        if cfg.train.eval_every and step % cfg.train.eval_every == 0 or step == cfg.train.steps:
+            with timers("eval"):
+                metrics |= self.evaluate(step)
+            metrics |= timers.pop()
+        self.log(step, metrics, rollout, scored, adv)
+        if cfg.checkpoint.save_every and step % cfg.checkpoint.save_every == 0 or step == cfg.train.steps or stop:
+            self.save(step)
+        return metrics
+
+    def recover(self, failure: LearnerFailure) -> None:
+        """A learner rank died. A live DeepSpeed group cannot take a new rank, so the whole group is shut down, a
+        new one loads the latest complete checkpoint (or the initial weights), the rollout actors get its
+        weights, and the run goes back to that step: the steps after it are redone (each appears once in
+        ``metrics.jsonl``). Past ``fault.max_learner_restarts`` it stops with a ``RunError`` saying how to resume."""
+        cfg, t0 = self.cfg, time.perf_counter()
+        latest = checkpoint.latest_checkpoint(cfg.run_dir)
+        if self.learner_restarts >= cfg.fault.max_learner_restarts:
+            where = f"The latest complete checkpoint is {latest}" if latest else "No checkpoint was written yet"
+            raise RunError(
+                f"{failure}. A DeepSpeed group cannot take a new rank, so the loop rebuilds the whole learner from "
+                f"the latest checkpoint, at most fault.max_learner_restarts={cfg.fault.max_learner_restarts} times "
+                f"per run, and {self.learner_restarts} rebuild(s) are spent. {where}: find why the rank died (out of "
+                "memory, a lost node: the Ray logs say), then resume with --resume auto."
+            ) from failure
+        self.learner_restarts += 1
+        self.learner.shutdown(force=True)  # the survivors may be stuck in a collective with the dead rank
+        self.learner = LearnerGroup(cfg, options=self.placement.learner)
+        self.cleanup.append(self.learner.shutdown)
+        state = checkpoint.load_checkpoint(latest, self.learner) if latest is not None else self.initial
+        self.rollout.forget_weight_group()
+        self.version, _ = WEIGHT_SYNC.lookup(cfg.rollout.sync)(self.learner, self.rollout)
+        self.restore(state)
+        write_layout(Path(cfg.run_dir) / "cluster.json", self.learner, self.rollout, self.rewards)
+        self.recovery_s = time.perf_counter() - t0
+        source = f"checkpoint step {state.step}" if latest is not None else "the initial weights"
+        self.console.print(
+            f"[yellow]{failure}: learner rebuilt from {source} in {self.recovery_s:.1f}s (restart "
+            f"{self.learner_restarts} of {cfg.fault.max_learner_restarts}); redoing from RL step {state.step + 1}"
+            "[/yellow]"
+        )
+
+    def restore(self, state: checkpoint.DriverState) -> None:
+        """Put the driver back at ``state`` (the learner is already restored): data cursor, counters, metrics rows
+        after its step dropped (they are redone), RNGs last."""
+        self.stream.load_state_dict(state.data)
+        self.logger.rewind(state.step)
+        self.start_step = self.saved_step = state.step
+        self.skipped_steps = int(state.extra.get("skipped_steps", 0))
+        self.updating = False
+        checkpoint.restore_rng(state.rng)
 
     # -- stages -------------------------------------------------------------------------------------------------
 
@@ -283,6 +366,8 @@ class Session:
         Ctrl-C) leaves a checkpoint of the last finished step, so nothing is lost."""
         try:
             yield
+        except LearnerFailure:
+            raise  # the learner is gone: nothing to save with; the loop rebuilds it from the latest checkpoint
         except BaseException as err:
             done = step - 1
             if done > self.saved_step and not self.updating:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import math
 import os
 import socket
@@ -63,6 +64,36 @@ def connect(cfg: Config, verbose: bool) -> bool:
         **quiet,
     )
     return True
+
+
+def check_resources(cfg: Config, available: dict[str, float]) -> None:
+    """The custom Ray resources that ``cluster.learner_resources`` / ``cluster.rollout_resources`` pin actors with
+    exist on the cluster in the amounts the run needs (otherwise its actors would wait for them forever)."""
+    c = cfg.cluster
+    need: dict[str, float] = {}
+    for custom, count in ((c.learner_resources, cfg.learner.num_ranks), (c.rollout_resources, cfg.rollout.num_workers)):
+        for name, amount in custom.items():
+            need[name] = need.get(name, 0.0) + float(amount) * count
+    for name, amount in need.items():
+        if available.get(name, 0.0) < amount:
+            raise ConfigError(
+                f"cluster.learner_resources / cluster.rollout_resources ask for {amount:g} of the Ray resource "
+                f"'{name}' in all, but the cluster offers {available.get(name, 0.0):g}. Start the nodes meant for "
+                f"those actors with ray start ... --resources '{{\"{name}\": N}}' (see docs/cluster.md and "
+                "scripts/ray_cluster.sh), or drop the setting to let Ray place them anywhere."
+            )
+
+
+def write_layout(path: Any, learner: Any, rollout: Any, rewards: RewardPool) -> None:
+    """``cluster.json``: where a run landed: node, pid and GPUs of every learner rank and rollout actor, the pid of
+    every reward actor."""
+    keys = ("pid", "node", "node_ip", "gpu_ids")
+    layout = {
+        "learner": [{k: w[k] for k in keys if k in w} for w in learner.where()],
+        "rollout": [{k: w[k] for k in keys if k in w} for w in rollout.info],
+        "reward": [{"pid": pid} for pid in rewards.pids()],
+    }
+    path.write_text(json.dumps(layout, indent=2))
 
 
 def check_reachable(address: str, timeout_s: float = 5.0) -> None:

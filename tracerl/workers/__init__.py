@@ -10,7 +10,7 @@ Keep torch imports inside the actors that need it (rollout, learner), never at m
 imports torch costs ~430 MB, and reward actors must stay light.
 """
 
-from tracerl.workers.learners import LearnerGroup, LearnerWorker
+from tracerl.workers.learners import LearnerFailure, LearnerGroup, LearnerWorker
 from tracerl.workers.placement import PLACEMENTS, Placement, place
 from tracerl.workers.rewards import RewardPool, RewardWorker
 from tracerl.workers.rollout import RolloutGroup, RolloutShard, RolloutWorker
@@ -19,6 +19,7 @@ from tracerl.workers.sync import WEIGHT_SYNC, sync_collective, sync_object_store
 __all__ = [
     "PLACEMENTS",
     "WEIGHT_SYNC",
+    "LearnerFailure",
     "LearnerGroup",
     "LearnerWorker",
     "Placement",

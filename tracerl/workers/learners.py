@@ -12,6 +12,17 @@ import ray
 
 from tracerl.workers.common import where
 
+
+class LearnerFailure(RuntimeError):
+    """A learner rank died: a live DeepSpeed group cannot take a new rank, so the whole group must be rebuilt
+    (from the latest checkpoint). ``rank``/``pid`` name the dead rank, ``call`` what the driver was waiting for."""
+
+    def __init__(self, rank: int, pid: int | None, call: str, cause: BaseException) -> None:
+        first = str(cause).strip().splitlines()[0] if str(cause).strip() else type(cause).__name__
+        super().__init__(f"learner rank {rank} (pid {pid}) died during '{call}' ({first.rstrip('.')})")
+        self.rank, self.pid, self.call = rank, pid, call
+
+
 # The DeepSpeed learner as M Ray actors, one rank each (DESIGN §10-§11): rank 0 picks the rendezvous (its node's
 # address and a free port), every rank joins it (gloo on CPU, nccl on GPU), and the group fans every call out to
 # all ranks (collectives need them all) and returns rank 0's answer. torch and deepspeed are imported inside the
@@ -147,16 +158,58 @@ class LearnerGroup:
             options = [{"num_cpus": num_cpus_per_rank, "num_gpus": num_gpus_per_rank}] * n
         self.workers = [LearnerWorker.options(**options[rank]).remote(cfg, rank, n) for rank in range(n)]
         self.bucket_mb = cfg.rollout.sync_bucket_mb
-        addr, port = ray.get(self.workers[0].rendezvous.remote())
+        self.pids: list[int | None] = [None] * n
+        addr, port = self.gather([self.workers[0].rendezvous.remote()], "rendezvous")[0]
         shared = ray.put(weights)
-        self.pids = ray.get([w.setup.remote(addr, port, shared, learner_kwargs or {}) for w in self.workers])
+        setups = [w.setup.remote(addr, port, shared, learner_kwargs or {}) for w in self.workers]
+        self.pids = self.gather(setups, "setup")
 
     def __len__(self) -> int:
         return len(self.workers)
 
+    def where(self) -> list[dict[str, Any]]:
+        """Where each rank runs (pid, node, GPU ids)."""
+        return self.gather([w.where.remote() for w in self.workers], "where")
+
     def _all(self, method: str, *args: Any) -> Any:
         refs = [ray.put(a) if a is not None and not isinstance(a, str) else a for a in args]  # one copy for all
-        return ray.get([getattr(w, method).remote(*refs) for w in self.workers])[0]
+        return self.gather([getattr(w, method).remote(*refs) for w in self.workers], method)[0]
+
+    def gather(self, refs: list[ray.ObjectRef], call: str) -> list[Any]:
+        """The results of one call on every rank (``refs[i]`` from rank i), failing as soon as any rank fails: a
+        dead rank raises ``LearnerFailure`` at once, even while the others wait for it in a collective."""
+        pending = list(refs)
+        with self.watch(call):
+            while pending:
+                ready, pending = ray.wait(pending, num_returns=1)
+                ray.get(ready)  # raises this rank's error now, not after the slowest rank
+            return ray.get(refs)
+
+    @contextlib.contextmanager
+    def watch(self, call: str) -> Any:
+        """Turn a Ray error raised inside the block into ``LearnerFailure`` when a learner rank is dead (a rank's
+        own death, or the error a surviving rank or a rollout actor sees because of it)."""
+        try:
+            yield
+        except LearnerFailure:
+            raise
+        except ray.exceptions.RayError as err:
+            dead = self.dead_rank()
+            if dead is None:
+                raise
+            raise LearnerFailure(dead, self.pids[dead], call, err) from err
+
+    def dead_rank(self, timeout_s: float = 10.0) -> int | None:
+        """The first rank whose actor is dead, or None (a rank busy in a collective counts as alive)."""
+        pings = [w.where.remote() for w in self.workers]
+        ready, _ = ray.wait(pings, num_returns=len(pings), timeout=timeout_s)
+        for rank, ping in enumerate(pings):
+            if ping in ready:
+                try:
+                    ray.get(ping)
+                except ray.exceptions.RayActorError:
+                    return rank
+        return None
 
     def train_step(self, rollout: Any, advantages: Any, views: Any) -> dict[str, float]:
         """One RL step on every rank (each trains its share of every minibatch); rank 0's metrics."""
@@ -180,35 +233,40 @@ class LearnerGroup:
         """The policy as a Hugging Face directory, written by rank 0 (see ``checkpoint.export_hf``)."""
         self._all("save_hf", os.fspath(directory))
 
-    def shutdown(self) -> None:
-        """Release the engines and end the actors."""
-        with contextlib.suppress(Exception):
-            ray.get([w.destroy.remote() for w in self.workers])
+    def shutdown(self, force: bool = False) -> None:
+        """Release the engines and end the actors (``force``: end them at once, e.g. after a rank died and the
+        others may be stuck in a collective)."""
+        if not force:
+            with contextlib.suppress(Exception):
+                ray.get([w.destroy.remote() for w in self.workers], timeout=120)
         for w in self.workers:
-            ray.kill(w)
+            with contextlib.suppress(Exception):
+                ray.kill(w)
         self.workers = []
 
     # -- weight sync ------------------------------------------------------------------------------------------
 
     def version(self) -> int:
         """Learner updates behind the current weights."""
-        return int(ray.get(self.workers[0].version.remote())[0])
+        return int(self.gather([self.workers[0].version.remote()], "version")[0][0])
 
     def publish_weights(self) -> tuple[int, ray.ObjectRef]:
         """(version, a reference to rank 0's gathered weights in the object store): every rank gathers (ZeRO-3),
         the weights are stored once and never pass through the driver."""
         refs = [w.packed_weights.remote(self.bucket_mb) for w in self.workers]
-        ray.get(refs[1:])
+        self.gather(refs[1:], "packed_weights")
+        with self.watch("packed_weights"):
+            ray.wait(refs[:1], fetch_local=False)  # stored (or failed), not fetched
         return self.version(), refs[0]
 
     def sync_layout(self, bucket_mb: int) -> list[Any]:
         """The bucket layout of a collective sync (gathered once; every rank takes part under ZeRO-3)."""
-        return ray.get([w.sync_layout.remote(bucket_mb) for w in self.workers])[0]
+        return self.gather([w.sync_layout.remote(bucket_mb) for w in self.workers], "sync_layout")[0]
 
     def join_weight_group(self, size: int, backend: str) -> tuple[list[ray.ObjectRef], str, int]:
         """Rank 0 hosts a weight-sync group of ``size`` members; returns (its pending join, address, port) so the
         rollout actors can join while it waits for them."""
-        addr, port = ray.get(self.workers[0].rendezvous.remote())
+        addr, port = self.gather([self.workers[0].rendezvous.remote()], "rendezvous")[0]
         return [self.workers[0].join_weight_group.remote(addr, port, size, backend)], addr, port
 
     def broadcast_weights(self) -> list[ray.ObjectRef]:

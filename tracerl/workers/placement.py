@@ -41,13 +41,17 @@ def place(cfg: Any, gpus: float) -> Placement:
     return PLACEMENTS.lookup(cfg.rollout.placement)(cfg, gpus)
 
 
+def _resources(custom: dict[str, float]) -> dict[str, Any]:
+    """Ray's ``resources`` option for ``cluster.*_resources`` (pins an actor to the nodes that offer them)."""
+    return {"resources": {k: float(v) for k, v in custom.items()}} if custom else {}
+
+
 @PLACEMENTS.register("separate")
 def _separate(cfg: Any, gpus: float) -> Placement:
     gpu = 1.0 if gpus > 0 else 0.0
-    return Placement(
-        [{"num_cpus": cfg.learner.num_cpus_per_rank, "num_gpus": gpu}] * cfg.learner.num_ranks,
-        [{"num_cpus": cfg.rollout.num_cpus_per_worker, "num_gpus": gpu}] * cfg.rollout.num_workers,
-    )
+    learner = {"num_cpus": cfg.learner.num_cpus_per_rank, "num_gpus": gpu} | _resources(cfg.cluster.learner_resources)
+    rollout = {"num_cpus": cfg.rollout.num_cpus_per_worker, "num_gpus": gpu} | _resources(cfg.cluster.rollout_resources)
+    return Placement([learner] * cfg.learner.num_ranks, [rollout] * cfg.rollout.num_workers)
 
 
 @PLACEMENTS.register("colocated")
@@ -57,16 +61,18 @@ def _colocated(cfg: Any, gpus: float) -> Placement:
 
     cpu_l, cpu_r = cfg.learner.num_cpus_per_rank, cfg.rollout.num_cpus_per_worker
     gpu = 1.0 if gpus > 0 else 0.0
-    bundle = {"CPU": cpu_l + cpu_r} | ({"GPU": gpu} if gpu else {})
+    res_l, res_r = cfg.cluster.learner_resources, cfg.cluster.rollout_resources
+    custom = {k: float(res_l.get(k, 0) + res_r.get(k, 0)) for k in {*res_l, *res_r}}
+    bundle = {"CPU": cpu_l + cpu_r} | ({"GPU": gpu} if gpu else {}) | custom
     pg = placement_group([bundle] * cfg.learner.num_ranks, strategy="PACK")
     ray.get(pg.ready(), timeout=120)
 
-    def opts(i: int, cpus: float) -> dict[str, Any]:
+    def opts(i: int, cpus: float, res: dict[str, float]) -> dict[str, Any]:
         strategy = PlacementGroupSchedulingStrategy(pg, placement_group_bundle_index=i)
-        return {"num_cpus": cpus, "num_gpus": gpu / 2, "scheduling_strategy": strategy}
+        return {"num_cpus": cpus, "num_gpus": gpu / 2, "scheduling_strategy": strategy} | _resources(res)
 
     return Placement(
-        [opts(i, cpu_l) for i in range(cfg.learner.num_ranks)],
-        [opts(i, cpu_r) for i in range(cfg.rollout.num_workers)],
+        [opts(i, cpu_l, res_l) for i in range(cfg.learner.num_ranks)],
+        [opts(i, cpu_r, res_r) for i in range(cfg.rollout.num_workers)],
         pg,
     )

@@ -169,6 +169,10 @@ class RewardPool:
         """``gather(score_async(...))``."""
         return self.gather(self.score_async(*args, **kwargs))
 
+    def pids(self) -> list[int]:
+        """The pid of each reward actor."""
+        return ray.get([w.ready.remote() for w in self.workers])
+
     def shutdown(self) -> None:
         for actor in self.workers:
             ray.kill(actor)

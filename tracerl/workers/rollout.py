@@ -211,6 +211,10 @@ class RolloutGroup:
         self.version = version
         return int(received[0])
 
+    def forget_weight_group(self) -> None:
+        """The learner group was rebuilt: the next collective sync forms a new weight-sync group with it."""
+        self._layout = None
+
     def state_dicts(self) -> list[dict]:
         return ray.get([w.state_dict.remote() for w in self.workers])
 

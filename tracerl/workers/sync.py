@@ -18,11 +18,13 @@ WEIGHT_SYNC: Registry[Callable[[LearnerGroup, RolloutGroup], tuple[int, int]]] =
 def sync_object_store(learner: LearnerGroup, rollout: RolloutGroup) -> tuple[int, int]:
     """One copy of the gathered weights in the object store (rank 0's return value), K loads."""
     version, published = learner.publish_weights()
-    return version, rollout.load_weights(version, published)
+    with learner.watch("weight sync"):  # a rank that died while packing fails the actors' loads
+        return version, rollout.load_weights(version, published)
 
 
 @WEIGHT_SYNC.register("collective")
 def sync_collective(learner: LearnerGroup, rollout: RolloutGroup) -> tuple[int, int]:
     """A bucketed broadcast from learner rank 0 to the rollout actors (gloo on CPU, nccl on GPU)."""
     version = learner.version()
-    return version, rollout.sync_collective(learner, version)
+    with learner.watch("weight sync"):
+        return version, rollout.sync_collective(learner, version)
