@@ -156,9 +156,12 @@ def _quiet(verbose: bool) -> None:
 
 
 def _ray_env(address: str | None) -> None:
-    """A local Ray instance stays on loopback (read by Ray at import, so before it)."""
+    """A local Ray instance stays on loopback; a cluster is joined with the authentication mode its nodes were
+    started with by scripts/ray_cluster.sh (both read by Ray at import, so set before it)."""
     if not address:
         os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+    else:
+        os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 
 
 def cmd_train(ns: argparse.Namespace) -> int:
@@ -289,7 +292,12 @@ def main(argv: list[str] | None = None) -> int:
         return cmd_serve_reward(argparse.Namespace(), argv[at + 1 :])
     flags = {"--debug", "--verbose"}
     debug, verbose = "--debug" in argv, "--verbose" in argv or "--debug" in argv
-    ns = build_parser().parse_args([a for a in argv if a not in flags])  # the flags go before or after the command
+    parser = build_parser()
+    ns, rest = parser.parse_known_args([a for a in argv if a not in flags])  # flags before or after the command
+    if rest and (any(a.startswith("-") for a in rest) or not hasattr(ns, "config")):
+        parser.error(f"unrecognized arguments: {' '.join(rest)}")
+    if rest:  # key=value overrides after an option (tracerl train c.yaml --resume auto seed=1)
+        ns.config = [*ns.config, *rest]
     ns.debug, ns.verbose = debug, verbose
     _quiet(verbose)
     fn: Callable[[argparse.Namespace], int] = ns.fn

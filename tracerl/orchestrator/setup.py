@@ -87,10 +87,14 @@ def check_resources(cfg: Config, available: dict[str, float]) -> None:
 def write_layout(path: Any, learner: Any, rollout: Any, rewards: RewardPool) -> None:
     """``cluster.json``: where a run landed: node, pid and GPUs of every learner rank and rollout actor, the pid of
     every reward actor."""
-    keys = ("pid", "node", "node_ip", "gpu_ids")
+    address = {n["NodeID"]: n["NodeManagerAddress"] for n in ray.nodes()}
+
+    def entry(w: dict[str, Any]) -> dict[str, Any]:
+        return {"pid": w["pid"], "node": w["node"], "node_address": address.get(w["node"]), "gpu_ids": w["gpu_ids"]}
+
     layout = {
-        "learner": [{k: w[k] for k in keys if k in w} for w in learner.where()],
-        "rollout": [{k: w[k] for k in keys if k in w} for w in rollout.info],
+        "learner": [entry(w) for w in learner.where()],
+        "rollout": [entry(w) for w in rollout.info],
         "reward": [{"pid": pid} for pid in rewards.pids()],
     }
     path.write_text(json.dumps(layout, indent=2))

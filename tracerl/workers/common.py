@@ -9,11 +9,10 @@ import ray
 
 
 def where() -> dict[str, Any]:
-    """Where the calling actor runs: pid, Ray node id and address, the GPU ids Ray gave it."""
+    """Where the calling actor runs: pid, Ray node id, the GPU ids Ray gave it."""
     return {
         "pid": os.getpid(),
         "node": ray.get_runtime_context().get_node_id(),
-        "node_ip": ray.util.get_node_ip_address(),
         "gpu_ids": [str(g) for g in ray.get_gpu_ids()],
     }
 
