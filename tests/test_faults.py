@@ -52,7 +52,7 @@ class Run:
     """One ``tracerl train`` process in its own session (so the test can signal it like a terminal would, and
     remove whatever it leaves behind)."""
 
-    def __init__(self, tmp: Path, name: str, *args: str) -> None:
+    def __init__(self, tmp: Path, name: str, *args: str, env: dict[str, str] | None = None) -> None:
         tmp.mkdir(parents=True, exist_ok=True)
         (tmp / "reward.py").write_text(REWARD)
         self.config = tmp / "config.yaml"
@@ -60,12 +60,14 @@ class Run:
         self.dir = tmp / name
         self.log = tmp / f"{name}.log"
         self.proc: subprocess.Popen | None = None
-        self.args = args
+        self.args, self.env = args, os.environ | (env or {})
 
     def start(self, *extra: str) -> Run:
         cmd = [*TRACERL, "train", str(self.config), f"run_dir={self.dir}", *self.args, *extra]
         with self.log.open("a") as out:
-            self.proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+            self.proc = subprocess.Popen(
+                cmd, stdout=out, stderr=subprocess.STDOUT, start_new_session=True, env=self.env
+            )
         return self
 
     def wait(self, timeout: float = 600) -> int:
@@ -160,14 +162,19 @@ def test_driver_sigkilled_while_writing_a_checkpoint_resumes_from_the_one_before
 
 
 def test_ctrl_c_mid_step_finishes_the_step_checkpoints_it_and_resumes(reference, tmp_path):
-    run = Run(tmp_path, "run").start()
-    run.when(lambda: run.complete(1))  # step 2 is under way
+    run = Run(tmp_path, "run", "wandb.mode=offline", env={"WANDB_MODE": "offline"}).start()
+    run.when(lambda: run.complete(1))
+    time.sleep(0.5)  # past saving step 1: a later step is under way
     os.killpg(run.proc.pid, signal.SIGINT)  # what a terminal's Ctrl-C does: the whole foreground group
     assert run.wait() == 130, run.output
     assert "resume with --resume auto" in run.output
-    assert run.complete(2) and run.steps() == [0, 1, 2]  # the step in flight finished and was saved
+    saved = max(int(p.name[5:]) for p in (run.dir / "checkpoints").glob("step-*"))
+    assert saved >= 2 and run.complete(saved)  # the step in flight finished and was saved
+    assert run.steps() == list(range(saved + 1))
     assert run.start("--resume", "auto").wait() == 0, run.output
     assert_same_run(run, reference)
+    runs = sorted((run.dir / "wandb").glob("offline-run-*"))
+    assert len(runs) == 2 and len({p.name.rsplit("-", 1)[1] for p in runs}) == 1  # the same W&B run continued
 
 
 def test_rollout_and_reward_actors_killed_mid_step_are_replaced_and_the_numbers_do_not_change(reference, tmp_path):
