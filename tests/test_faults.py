@@ -186,6 +186,7 @@ def test_rollout_and_reward_actors_killed_mid_step_are_replaced_and_the_numbers_
     assert run.wait() == 0, run.output
     last = run.rows()[-1]
     assert last["fault/rollout_restarts"] == 1 and last["fault/reward_restarts"] == 1
+    assert last["fault/rollout_restart_s"] > 0 and last["fault/reward_restart_s"] > 0
     assert_same_run(run, reference)
 
 

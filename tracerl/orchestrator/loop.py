@@ -190,6 +190,8 @@ class Session:
             "fault/rollout_restarts": float(self.rollout.restarts),
             "fault/reward_restarts": float(self.rewards.restarts),
             "fault/learner_restarts": float(self.learner_restarts),
+            "fault/rollout_restart_s": self.rollout.restart_s,  # run totals: time spent replacing actors
+            "fault/reward_restart_s": self.rewards.restart_s,
         }
         if self.recovery_s:
             metrics["fault/learner_recovery_s"], self.recovery_s = self.recovery_s, 0.0

@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import os
 import sys
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from typing import Any, Literal
@@ -119,6 +120,7 @@ class RewardPool:
         self._setup = (list(imports), sandbox, _search_paths(imports))
         self.workers = [self._start() for _ in range(num_workers)]
         self.restarts = 0  # workers replaced so far
+        self.restart_s = 0.0  # seconds spent starting the replacements
         self._pending: dict[Any, _Shard] = {}
         try:
             _started(self.workers)
@@ -204,11 +206,13 @@ class RewardPool:
     def _replace(self, shard: _Shard) -> None:
         if self.workers[shard.worker] is not shard.actor:
             return  # already replaced for another shard of the same dead worker
+        t0 = time.perf_counter()
         with contextlib.suppress(Exception):  # it may be gone already
             ray.kill(shard.actor)
         self.workers[shard.worker] = self._start()
         self.restarts += 1
         _started([self.workers[shard.worker]])
+        self.restart_s += time.perf_counter() - t0
 
 
 def _started(actors: Sequence[Any]) -> None:

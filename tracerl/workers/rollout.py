@@ -6,6 +6,7 @@ dims: P prompts · G samples per prompt · K actors
 from __future__ import annotations
 
 import contextlib
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -157,6 +158,7 @@ class RolloutGroup:
         self.info = ray.get([w.setup.remote(weights) for w in self.workers])
         self.version = int(weights[0]) if isinstance(weights, tuple) else 0
         self.restarts = 0  # actors replaced after they died
+        self.restart_s = 0.0  # seconds spent starting and loading the replacements
         self._layout: list[Any] | None = None
 
     def __len__(self) -> int:
@@ -182,13 +184,14 @@ class RolloutGroup:
     def redo(self, shard: RolloutShard, weights: tuple[int, ray.ObjectRef] | None) -> RolloutShard:
         """Replace the (dead) actor of ``shard`` with a fresh one holding ``weights`` = (version, stored weights),
         or ``cfg.model`` as on disk for None, and send it the same work: same prompts and seed, same samples."""
-        k = shard.worker
+        k, t0 = shard.worker, time.perf_counter()
         with contextlib.suppress(Exception):
             ray.kill(self.workers[k])
         self.workers[k] = RolloutWorker.options(**self.options[k]).remote(self.cfg, k)
         ray.get(self.workers[k].setup.remote(weights[1] if weights is not None else None))
         self._layout = None  # a collective sync re-forms its group with the new member
         self.restarts += 1
+        self.restart_s += time.perf_counter() - t0
         return replace(shard, ref=self.workers[k].generate.remote(*shard.args))
 
     def load_weights(self, version: int, published: ray.ObjectRef) -> int:
