@@ -53,9 +53,9 @@ def _rms(norm: nn.Module, x: torch.Tensor) -> torch.Tensor:
 
 
 def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """The rotary embedding as transformers applies it: ``x·cos + rotate_half(x)·sin``."""
-    half = x.shape[-1] // 2
-    return x * cos + torch.cat((-x[..., half:], x[..., :half]), dim=-1) * sin
+    """The rotary embedding as transformers applies it, ``x·cos + rotate_half(x)·sin``, with ``sin`` given
+    with its first half negated: ``rotate_half(x)·sin = roll(x, D/2)·sin_signed``, exactly, in three calls."""
+    return x * cos + torch.roll(x, x.shape[-1] // 2, dims=-1) * sin
 
 
 def _repeat_kv(x: torch.Tensor, groups: int) -> torch.Tensor:
@@ -78,7 +78,8 @@ def lean_hidden_states(
     n, q = input_ids.shape
     h = backbone.embed_tokens(input_ids)
     cos, sin = backbone.rotary_emb(h, position_ids)
-    cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
+    half = sin.shape[-1] // 2
+    cos, sin = cos.unsqueeze(1), torch.cat((-sin[..., :half], sin[..., half:]), dim=-1).unsqueeze(1)
     for i, layer in enumerate(backbone.layers):
         attn, mlp = layer.self_attn, layer.mlp
         x = _rms(layer.input_layernorm, h)
