@@ -78,7 +78,11 @@ def test_lean_forward_is_only_taken_for_plain_decoders():
     sliding = decoder("qwen2")
     sliding.config.use_sliding_window = True
     assert not lean_supported(sliding)
-    assert lean_supported(decoder("llama"))
+    renamed = decoder("llama")
+    assert lean_supported(renamed)
+    renamed.model.layers[0].self_attn.qkv = renamed.model.layers[0].self_attn.q_proj
+    del renamed.model.layers[0].self_attn.q_proj  # a layout the lean forward does not know
+    assert not lean_supported(renamed)
 
 
 def test_policy_takes_the_lean_forward_only_with_the_static_cache(block_policy, monkeypatch):

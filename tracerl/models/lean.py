@@ -40,6 +40,23 @@ def lean_supported(model: nn.Module) -> bool:
         and all(t == "full_attention" for t in layer_types)
         and getattr(cfg, "_attn_implementation", None) in ("sdpa", "eager")
         and getattr(cfg, "pretraining_tp", 1) == 1
+        and _has_parts(model)
+    )
+
+
+def _has_parts(model: nn.Module) -> bool:
+    """The modules and attributes the lean forward reads (a later transformers may rename them: then fall back)."""
+    backbone = getattr(model, "model", None)
+    layers = getattr(backbone, "layers", None)
+    if not all(hasattr(backbone, a) for a in ("embed_tokens", "rotary_emb", "norm")) or not layers:
+        return False
+    layer = layers[0]
+    attn, mlp = getattr(layer, "self_attn", None), getattr(layer, "mlp", None)
+    return (
+        all(hasattr(attn, a) for a in ("q_proj", "k_proj", "v_proj", "o_proj", "head_dim", "scaling"))
+        and hasattr(attn, "num_key_value_groups")
+        and all(hasattr(mlp, a) for a in ("gate_proj", "up_proj", "down_proj"))
+        and hasattr(layer.input_layernorm, "variance_epsilon")
     )
 
 
