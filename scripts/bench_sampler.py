@@ -6,8 +6,10 @@
 
 Rows per length and remasking (static top-k, dynamic threshold):
 - block diffusion: no cache (the naive way; only up to ``--no-cache-max-len``), ``DynamicCache`` unfused (the
-  sampler as it was), dynamic fused, static unfused, static fused (the default);
-- full attention (only at ``--full-lengths``): no cache (naive), prefix cache, dual cache.
+  sampler as it was), dynamic fused, static unfused, static fused (the default), and static fused with the
+  transformers forward instead of the lean one (``kv_static_fused_hf``: what the lean forward adds);
+- full attention (only at ``--full-lengths``): no cache (naive), prefix cache, dual cache, and the dual cache
+  with the transformers forward (``dual_hf``).
 Columns: tok/s (wall clock and per CPU-second of this process: the CPU figure is steadier on a shared
 machine, and ratios use it), forward calls and forward tokens per generated token (per sequence), generated
 tokens per forward, and the replay mismatch: mean |exact trace-view log-prob - rollout_logp| over the
@@ -26,8 +28,10 @@ import time
 
 import torch
 
+import tracerl.models.base as models_base
 from tracerl.config import ModelConfig, SamplingConfig, TinyModelConfig
 from tracerl.models import load_policy
+from tracerl.models.lean import lean_supported
 from tracerl.sampling import generate
 from tracerl.trace import replay_mismatch
 
@@ -37,8 +41,14 @@ BLOCK_VARIANTS = {  # name → sampling settings; the first is the naive way, th
     "kv_dynamic_fused": dict(cache="kv", kv_storage="dynamic", fused_commit=True),
     "kv_static": dict(cache="kv", kv_storage="static", fused_commit=False),
     "kv_static_fused": dict(cache="kv", kv_storage="static", fused_commit=True),
+    "kv_static_fused_hf": dict(cache="kv", kv_storage="static", fused_commit=True, lean=False),
 }
-FULL_VARIANTS = {"none": dict(cache="none"), "prefix": dict(cache="prefix"), "dual": dict(cache="dual")}
+FULL_VARIANTS = {
+    "none": dict(cache="none"),
+    "prefix": dict(cache="prefix"),
+    "dual": dict(cache="dual"),
+    "dual_hf": dict(cache="dual", lean=False),
+}
 REMASKING = {
     "static": dict(remasking="low_confidence_static"),
     "dynamic": dict(remasking="low_confidence_dynamic", threshold=0.9),
@@ -115,8 +125,11 @@ def run_sampler(name: str, variants: dict, lengths: list[int], args: argparse.Na
                     continue
                 if name == "block" and args.block_variants and vname not in args.block_variants.split(","):
                     continue
+                vkw = dict(vkw)
+                models_base.lean_supported = lean_supported if vkw.pop("lean", True) else (lambda model: False)
                 s = SamplingConfig(max_new_tokens=length, block_size=block, batch_size=batch, **vkw, **rkw)
                 row, outs[vname] = measure(policy, stats, s, batch, args)
+                models_base.lean_supported = lean_supported
                 rows.append({"sampler": name, "cache": vname, "remasking": rname, "new_tokens": length,
                              "batch": batch, **row})  # fmt: skip
                 print(json.dumps(rows[-1]), file=sys.stderr, flush=True)  # progress
@@ -140,6 +153,7 @@ def main() -> None:
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.add_argument("--lengths", default="256,1024,2048", help="new tokens per sequence, comma-separated")
     p.add_argument("--full-lengths", default="256", help="lengths at which the full-attention sampler runs")
+    p.add_argument("--samplers", default="block,full", help="which samplers to run, comma-separated")
     p.add_argument(
         "--block-variants", default="", help=f"block cache variants to run (default all: {','.join(BLOCK_VARIANTS)})"
     )
@@ -161,8 +175,9 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     torch.manual_seed(0)
-    block_rows, checks = run_sampler("block", BLOCK_VARIANTS, args.lengths, args)
-    full_rows, _ = run_sampler("full", FULL_VARIANTS, args.full_lengths, args)
+    samplers = args.samplers.split(",")
+    block_rows, checks = run_sampler("block", BLOCK_VARIANTS, args.lengths, args) if "block" in samplers else ([], [])
+    full_rows, _ = run_sampler("full", FULL_VARIANTS, args.full_lengths, args) if "full" in samplers else ([], [])
     params = sum(p.numel() for p in build("block", args)[0].model.parameters())
     setup = {k: v for k, v in vars(args).items() if k != "json"} | {
         "params": params,
@@ -173,11 +188,11 @@ def main() -> None:
         print(json.dumps(out))
         return
     print(f"{params / 1e6:.1f}M-parameter model, {torch.get_num_threads()} thread(s), {args.device}, {args.dtype}")
-    head = f"{'sampler':7s} {'cache':17s} {'remask':8s} {'new':>5s} {'N':>2s} {'tok/s':>7s} {'tok/cpu-s':>9s} "
+    head = f"{'sampler':7s} {'cache':18s} {'remask':8s} {'new':>5s} {'N':>2s} {'tok/s':>7s} {'tok/cpu-s':>9s} "
     print(head + "calls/tok fwd-tok/tok tok/fwd mismatch  vs-naive vs-dynamic")
     for r in out["rows"]:
         print(
-            f"{r['sampler']:7s} {r['cache']:17s} {r['remasking']:8s} {r['new_tokens']:5d} {r['batch']:2d} "
+            f"{r['sampler']:7s} {r['cache']:18s} {r['remasking']:8s} {r['new_tokens']:5d} {r['batch']:2d} "
             f"{r['tokens_per_s']:7.1f} {r['tokens_per_cpu_s']:9.1f} {r['forward_calls_per_token']:9.3f} "
             f"{r['forward_tokens_per_token']:11.2f} {r['tokens_per_forward']:7.3f} "
             f"{r.get('replay_mismatch', float('nan')):8.1e} {r.get('speedup_vs_none', float('nan')):9.2f} "

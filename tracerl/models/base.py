@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from tracerl.models.cache import StaticKVCache
+from tracerl.models.lean import lean_hidden_states, lean_supported
 
 
 @runtime_checkable
@@ -114,7 +115,8 @@ class DecoderPolicy:
 
     The attention pattern is supplied as a 4D mask on every call, so the same native class serves LLaDA
     (full), Dream (full, shifted logits) and SDAR (block-causal); key/value caches are transformers' own
-    ``DynamicCache`` or tracerl's preallocated ``StaticKVCache``.
+    ``DynamicCache`` or tracerl's preallocated ``StaticKVCache``. With the static cache, a plain Llama / Qwen2 /
+    Qwen3 model runs ``tracerl.models.lean``'s forward: the same function in far fewer operator calls.
     """
 
     supports_cache = True
@@ -156,10 +158,13 @@ class DecoderPolicy:
         self, input_ids: torch.Tensor, position_ids: torch.Tensor, visible: torch.Tensor, cache: Any = None
     ) -> torch.Tensor:
         backbone = self.backbone()
+        mask = additive_mask(visible, self.dtype)
+        if isinstance(cache, StaticKVCache) and lean_supported(self.model):
+            return lean_hidden_states(backbone, input_ids, position_ids, mask, cache)
         out = backbone(
             input_ids=input_ids,
             position_ids=position_ids,
-            attention_mask=additive_mask(visible, self.dtype),
+            attention_mask=mask,
             use_cache=cache is not None,
             **{cache_argument(backbone): cache},
         )

@@ -83,6 +83,7 @@ def sample_block(
     finished = torch.zeros(n, dtype=torch.bool, device=device)
     kv = policy.new_cache(width if s.kv_storage == "static" else None) if cache else None
     pending = 0  # clean columns [pending, lo) not yet in the cache; a fused forward writes them first
+    vis_for = None  # the (first query, end) columns the cached attention pattern ``vis`` was built for
     if cache and c > 0 and not s.fused_commit:  # prefill the prompt's complete blocks once
         pre = cols[:c]
         policy.hidden_states(x[:, :c], position_ids[:, :c], block_visible(valid, pre, pre, block), kv)
@@ -101,8 +102,9 @@ def sample_block(
             if not bool(eligible.any()):
                 break
             if cache:  # queries [pending, hi): the clean columns not yet cached, then the block
-                vis = block_visible(valid, cols[pending:hi], cols[:hi], block)
-                positions = torch.arange(lo - pending, hi - pending, device=device).expand(n, block)
+                if vis_for != (pending, hi):  # the pattern changes once per block (and after a fused step)
+                    vis, vis_for = block_visible(valid, cols[pending:hi], cols[:hi], block), (pending, hi)
+                    positions = torch.arange(lo - pending, hi - pending, device=device).expand(n, block)
                 logits = policy.logits_at(x[:, pending:hi], position_ids[:, pending:hi], vis, positions, kv)
                 truncate_cache(kv, lo)  # keep the clean prefix, drop the noisy block
                 pending = lo
