@@ -105,3 +105,55 @@ def test_digit_accuracy_by_hand():
     got = digit_accuracy(["512+989="] * 4, ["1501", "1401", "501", "15010"], answer=["1501"] * 4)
     # "1401": 3 of 4 digits; "501": 3 right over 4; "15010" against "1501" from the right: 0-1 1-0 0-5 1-5, none
     assert got == pytest.approx([1.0, 0.75, 0.75, 0.0])
+
+
+def test_confusing_teacher_swaps_each_digit_for_its_partner_at_the_asked_rate():
+    ds = synthetic("sudoku4", 2000, seed=0, noise=0.6, teacher="confuse")
+    assert synthetic("sudoku4", 2000, seed=0, noise=0.6, teacher="confuse")["response"] == ds["response"]
+    assert synthetic("sudoku4", 2000, seed=1, noise=0.6, teacher="confuse")["response"] != ds["response"]
+    pairs = {"1": "2", "2": "1", "3": "4", "4": "3"}
+    blanks = wrong = 0
+    for row in ds:
+        for p, a, r in zip(row["prompt"], row["answer"], row["response"], strict=False):
+            if p == ".":
+                blanks += 1
+                wrong += a != r
+                assert r in (a, pairs[a])  # a mistake is always the digit's partner
+            else:
+                assert r == a  # clues are copied right
+    assert abs(wrong / blanks - 0.6) < 0.015
+    # the teacher changes the demonstrations only: the same puzzles and answers as the clean and random teachers,
+    # and the random teacher errs on the very same cells
+    clean, noisy = synthetic("sudoku4", 2000, seed=0), synthetic("sudoku4", 2000, seed=0, noise=0.6)
+    assert ds["prompt"] == clean["prompt"] == noisy["prompt"] and ds["answer"] == clean["answer"]
+    same_cells = [
+        [x != y for x, y in zip(a, r, strict=True)] for a, r in zip(noisy["answer"], noisy["response"], strict=True)
+    ]
+    assert same_cells == [
+        [x != y for x, y in zip(a, r, strict=True)] for a, r in zip(ds["answer"], ds["response"], strict=True)
+    ]
+    # the verifier scores the grid, not the teacher: the answer earns 1.0, a demonstration its fraction right
+    test = synthetic("sudoku4", 300, seed=0, split="test", noise=0.6, teacher="confuse")
+    assert not {a for a in test["answer"]} & {a for a in ds["answer"]}
+    assert sudoku_cells(test["prompt"], test["answer"], answer=test["answer"]) == [1.0] * 300
+    row = ds[0]
+    blank = [i for i, c in enumerate(row["prompt"]) if c == "."]
+    right = sum(row["answer"][i] == row["response"][i] for i in blank) / len(blank)
+    assert sudoku_cells([row["prompt"]], [row["response"]], answer=[row["answer"]]) == [pytest.approx(right)]
+
+
+def test_confusing_teacher_on_long_addition():
+    train = synthetic("long_addition", 2000, seed=0, noise=0.6, teacher="confuse")
+    test = synthetic("long_addition", 300, seed=0, split="test", noise=0.6, teacher="confuse")
+    assert not set(train["prompt"]) & set(test["prompt"])
+    assert train["prompt"] == synthetic("long_addition", 2000, seed=0)["prompt"]
+    pairs = [(x, y) for a, r in zip(train["answer"], train["response"], strict=True) for x, y in zip(a, r, strict=True)]
+    assert all(y == x or int(y) == int(x) ^ 1 for x, y in pairs)
+    assert abs(sum(x != y for x, y in pairs) / len(pairs) - 0.6) < 0.02
+
+
+def test_teacher_and_noise_errors_name_the_setting():
+    with pytest.raises(ConfigError, match=r"teacher='confused' is not a teacher.*\['random', 'confuse'\]"):
+        synthetic("sudoku4", 5, seed=0, noise=0.6, teacher="confused")
+    with pytest.raises(ConfigError, match=r"noise=1.5 is not a probability.*data.synthetic_options.noise"):
+        synthetic("long_addition", 5, seed=0, noise=1.5)
