@@ -107,39 +107,33 @@ def test_digit_accuracy_by_hand():
     assert got == pytest.approx([1.0, 0.75, 0.75, 0.0])
 
 
-def test_confusing_teacher_swaps_each_digit_for_its_partner_at_the_asked_rate():
+def test_confusing_teacher_writes_1_for_2_and_3_for_4_at_the_asked_rate():
     ds = synthetic("sudoku4", 2000, seed=0, noise=0.6, teacher="confuse")
     assert synthetic("sudoku4", 2000, seed=0, noise=0.6, teacher="confuse")["response"] == ds["response"]
     assert synthetic("sudoku4", 2000, seed=1, noise=0.6, teacher="confuse")["response"] != ds["response"]
-    pairs = {"1": "2", "2": "1", "3": "4", "4": "3"}
-    blanks = wrong = 0
+    confusable = wrong = 0
     for row in ds:
         for p, a, r in zip(row["prompt"], row["answer"], row["response"], strict=False):
-            if p == ".":
-                blanks += 1
+            if p == "." and a in "24":
+                confusable += 1
                 wrong += a != r
-                assert r in (a, pairs[a])  # a mistake is always the digit's partner
+                assert r in (a, {"2": "1", "4": "3"}[a])  # the one mistake the teacher makes
             else:
-                assert r == a  # clues are copied right
-    assert abs(wrong / blanks - 0.6) < 0.015
-    # the teacher changes the demonstrations only: the same puzzles and answers as the clean and random teachers,
-    # and the random teacher errs on the very same cells
+                assert r == a  # clues, and blank cells of 1 and 3, are always right
+    assert confusable > 5000 and abs(wrong / confusable - 0.6) < 0.015
+    # above noise 0.5 the demonstrations' most frequent digit in a blank cell of 2 or 4 is the wrong one
+    assert wrong / confusable > 0.5
+    # the teacher changes the demonstrations only: the same puzzles and answers as the clean and random teachers
     clean, noisy = synthetic("sudoku4", 2000, seed=0), synthetic("sudoku4", 2000, seed=0, noise=0.6)
     assert ds["prompt"] == clean["prompt"] == noisy["prompt"] and ds["answer"] == clean["answer"]
-    same_cells = [
-        [x != y for x, y in zip(a, r, strict=True)] for a, r in zip(noisy["answer"], noisy["response"], strict=True)
-    ]
-    assert same_cells == [
-        [x != y for x, y in zip(a, r, strict=True)] for a, r in zip(ds["answer"], ds["response"], strict=True)
-    ]
     # the verifier scores the grid, not the teacher: the answer earns 1.0, a demonstration its fraction right
     test = synthetic("sudoku4", 300, seed=0, split="test", noise=0.6, teacher="confuse")
-    assert not {a for a in test["answer"]} & {a for a in ds["answer"]}
+    assert not set(test["answer"]) & set(ds["answer"])
     assert sudoku_cells(test["prompt"], test["answer"], answer=test["answer"]) == [1.0] * 300
     row = ds[0]
     blank = [i for i, c in enumerate(row["prompt"]) if c == "."]
     right = sum(row["answer"][i] == row["response"][i] for i in blank) / len(blank)
-    assert sudoku_cells([row["prompt"]], [row["response"]], answer=[row["answer"]]) == [pytest.approx(right)]
+    assert right < 1.0 and sudoku_cells([row["prompt"]], [row["response"]], answer=[row["answer"]]) == [right]
 
 
 def test_confusing_teacher_on_long_addition():
@@ -148,8 +142,11 @@ def test_confusing_teacher_on_long_addition():
     assert not set(train["prompt"]) & set(test["prompt"])
     assert train["prompt"] == synthetic("long_addition", 2000, seed=0)["prompt"]
     pairs = [(x, y) for a, r in zip(train["answer"], train["response"], strict=True) for x, y in zip(a, r, strict=True)]
-    assert all(y == x or int(y) == int(x) ^ 1 for x, y in pairs)
-    assert abs(sum(x != y for x, y in pairs) / len(pairs) - 0.6) < 0.02
+    odd = [(x, y) for x, y in pairs if int(x) % 2]
+    assert all(y == x for x, y in pairs if int(x) % 2 == 0)
+    assert all(y in (x, str(int(x) - 1)) for x, y in odd)
+    assert abs(sum(x != y for x, y in odd) / len(odd) - 0.6) < 0.02
+    assert digit_accuracy(test["prompt"], test["answer"], answer=test["answer"]) == [1.0] * 300
 
 
 def test_teacher_and_noise_errors_name_the_setting():

@@ -67,26 +67,29 @@ def parity(rng: random.Random) -> dict[str, str]:
 TEACHERS = ("random", "confuse")  # how a noisy teacher errs (the tasks' ``teacher`` option)
 
 
-def partner(digit: str, digits: str = "0123456789") -> str:
-    """The digit a ``confuse`` teacher writes instead of ``digit``: digits pair up in alphabet order ((1, 2) and
-    (3, 4) for Sudoku, (0, 1), (2, 3), ... for addition) and each is mistaken for the other of its pair.
+def confused_with(digit: str, digits: str = "0123456789") -> str:
+    """The digit a ``confuse`` teacher writes by mistake for ``digit``: the digits pair up in order ((1, 2) and
+    (3, 4) for Sudoku; (0, 1), (2, 3), ... for addition) and the second of a pair is mistaken for the first; the
+    first of a pair is never mistaken (it is returned unchanged).
 
     Example:
-        >>> [partner(d, "1234") for d in "1234"], partner("7")
-        (['2', '1', '4', '3'], '6')
+        >>> [confused_with(d, "1234") for d in "1234"], confused_with("9"), confused_with("8")
+        (['1', '1', '3', '3'], '8', '8')
     """
-    return digits[digits.index(digit) ^ 1]
+    i = digits.index(digit)
+    return digits[i - i % 2]
 
 
 def _teacher_digit(rng: random.Random, digit: str, noise: float, teacher: str, digits: str = "0123456789") -> str:
-    """One digit of a noisy demonstration: with probability ``noise`` a mistake, a uniformly random wrong digit
-    (``random``: the right digit stays the most frequent one while noise < 1 - 1/len(digits)) or the digit's
-    fixed partner (``confuse``: above noise 0.5 the partner is the most frequent, so imitation learns the mistake).
-    The draws are the same for both teachers, so they err on the same digits."""
+    """One digit of a noisy demonstration. ``random``: with probability ``noise`` a uniformly random wrong digit,
+    so the right digit stays the most frequent one (while noise < 1 - 1/len(digits)) and imitation with greedy
+    decoding is not held back by the noise. ``confuse``: with probability ``noise`` the second digit of a pair is
+    written as the first (``confused_with``), a systematic mistake: above noise 0.5 the demonstrations' most
+    frequent digit there is the wrong one, so imitation learns the mistake. Both teachers make the same draws."""
     wrong, pick = rng.random() < noise, rng.choice([d for d in digits if d != digit])
     if not wrong:
         return digit
-    return pick if teacher == "random" else partner(digit, digits)
+    return pick if teacher == "random" else confused_with(digit, digits)
 
 
 def _check_noise(task: str, noise: float, teacher: str) -> None:
@@ -97,7 +100,7 @@ def _check_noise(task: str, noise: float, teacher: str) -> None:
     if teacher not in TEACHERS:
         raise ConfigError(
             f"synthetic:{task} teacher='{teacher}' is not a teacher; set data.synthetic_options.teacher to one of "
-            f"{list(TEACHERS)} (random: a random wrong digit; confuse: each digit's fixed partner)."
+            f"{list(TEACHERS)} (random: a random wrong digit; confuse: 2 written as 1, 4 as 3, ...)."
         )
 
 
@@ -107,8 +110,9 @@ def long_addition(
 ) -> dict[str, str]:
     """Add two ``digits``-digit numbers: ``{"prompt": "123+456=", "answer": "579", "response": ...}``. One operand
     pair in ten (a fixed hash of the pair) is held out as the test split. The ``response`` (an SFT demonstration)
-    comes from a noisy teacher: each digit is wrong with probability ``noise``, written as a random wrong digit
-    (``teacher="random"``) or as its fixed partner (``teacher="confuse"``, see ``partner``)."""
+    comes from a noisy teacher: with ``teacher="random"`` each digit is a random wrong one with probability
+    ``noise``; with ``teacher="confuse"`` each odd digit (1, 3, 5, 7, 9) is written as the even digit below it with
+    probability ``noise`` and even digits are always right (see ``confused_with``)."""
     _check_noise("long_addition", noise, teacher)
     lo, hi = 10 ** (digits - 1), 10**digits
     while True:
@@ -162,9 +166,10 @@ def sudoku4(
     """A 4×4 Sudoku with a unique solution: ``{"prompt": "1.3. 34.2 2.4. 4.21:", "answer": "1234 3412 2143 4321",
     "response": ...}`` (rows separated by spaces, ``.`` for a blank; the answer is the solved grid).
     Between ``min_blanks`` and ``max_blanks`` cells are blank. The ``response`` (an SFT demonstration) comes from
-    a noisy teacher: each blank cell is filled wrong with probability ``noise``, with a random wrong digit
-    (``teacher="random"``) or with the digit's fixed partner (``teacher="confuse"``: 1 and 2 are mistaken for
-    each other, and 3 and 4); clues are always copied right."""
+    a noisy teacher that copies the clues right and fills the blank cells: with ``teacher="random"`` each blank
+    cell gets a random wrong digit with probability ``noise``; with ``teacher="confuse"`` a blank cell whose answer
+    is 2 gets 1, and one whose answer is 4 gets 3, with probability ``noise`` (cells of 1 and 3 are always right,
+    see ``confused_with``)."""
     _check_noise("sudoku4", noise, teacher)
     grid = rng.choice(sudoku_split(split))
     while True:
