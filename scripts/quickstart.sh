@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The main job on a laptop or CI machine (no GPU, no downloads): set up .venv (CPU torch), then
-#   1. tracerl sft    a tiny block-diffusion model imitates a noisy teacher on 4x4 Sudoku (pinned by steps and seed)
+#   1. tracerl sft    a tiny block-diffusion model imitates a teacher with a habit on 4x4 Sudoku (pinned by steps and seed)
 #   2. tracerl train  TraceRL against the verifier: Ray rollout actors, a reward worker, a DeepSpeed learner
 #   3. tracerl eval   the exported model on the held-out puzzles (solution grids never trained on)
 #   4. tracerl plot   the before/after table and the reward / held-out curves (PNG)

@@ -198,7 +198,7 @@ def cmd_sft(ns: argparse.Namespace) -> int:
     cfg = _config(ns)
     run_sft(cfg)
     out = cfg.run_dir.rstrip("/")
-    Console().print(f"[dim]metrics: {out}/metrics.jsonl · model: {out}/final[/dim]")
+    Console().print(f"[dim]metrics: {out}/metrics.jsonl · model: {out}/final[/dim]", soft_wrap=True)
     return 0
 
 
