@@ -50,5 +50,9 @@ def test_shortened_quickstart_end_to_end(tmp_path):
     # the console: the table, the demo and where everything is
     assert "SFT start (step 0)" in out and "after RL (step 2)" in out and "greedy reward" in out
     assert "tokens in" in out and "denoising steps" in out
+    # one line per phase: SFT's progress line ends with its held-back exact match and where its outputs are
+    assert "sft" in out and "exact match" in out and "on 8 held-back prompts" in out
+    assert f"model: {sft}/final" in out and f"metrics: {rl}/metrics.jsonl" in out
+    assert [line for line in out.splitlines() if line.startswith("eval step")] and "Warning" not in out
     for announced in ("metrics.jsonl", "curves.png", "final model", "W&B run", "offline-run-"):
         assert announced in out

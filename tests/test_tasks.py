@@ -105,3 +105,52 @@ def test_digit_accuracy_by_hand():
     got = digit_accuracy(["512+989="] * 4, ["1501", "1401", "501", "15010"], answer=["1501"] * 4)
     # "1401": 3 of 4 digits; "501": 3 right over 4; "15010" against "1501" from the right: 0-1 1-0 0-5 1-5, none
     assert got == pytest.approx([1.0, 0.75, 0.75, 0.0])
+
+
+def test_confusing_teacher_writes_1_for_2_and_3_for_4_at_the_asked_rate():
+    ds = synthetic("sudoku4", 2000, seed=0, noise=0.6, teacher="confuse")
+    assert synthetic("sudoku4", 2000, seed=0, noise=0.6, teacher="confuse")["response"] == ds["response"]
+    assert synthetic("sudoku4", 2000, seed=1, noise=0.6, teacher="confuse")["response"] != ds["response"]
+    confusable = wrong = 0
+    for row in ds:
+        for p, a, r in zip(row["prompt"], row["answer"], row["response"], strict=False):
+            if p == "." and a in "24":
+                confusable += 1
+                wrong += a != r
+                assert r in (a, {"2": "1", "4": "3"}[a])  # the one mistake the teacher makes
+            else:
+                assert r == a  # clues, and blank cells of 1 and 3, are always right
+    assert confusable > 5000 and abs(wrong / confusable - 0.6) < 0.015
+    # above noise 0.5 the demonstrations' most frequent digit in a blank cell of 2 or 4 is the wrong one
+    assert wrong / confusable > 0.5
+    # the teacher changes the demonstrations only: the same puzzles and answers as the clean and random teachers
+    clean, noisy = synthetic("sudoku4", 2000, seed=0), synthetic("sudoku4", 2000, seed=0, noise=0.6)
+    assert ds["prompt"] == clean["prompt"] == noisy["prompt"] and ds["answer"] == clean["answer"]
+    # the verifier scores the grid, not the teacher: the answer earns 1.0, a demonstration its fraction right
+    test = synthetic("sudoku4", 300, seed=0, split="test", noise=0.6, teacher="confuse")
+    assert not set(test["answer"]) & set(ds["answer"])
+    assert sudoku_cells(test["prompt"], test["answer"], answer=test["answer"]) == [1.0] * 300
+    row = ds[0]
+    blank = [i for i, c in enumerate(row["prompt"]) if c == "."]
+    right = sum(row["answer"][i] == row["response"][i] for i in blank) / len(blank)
+    assert right < 1.0 and sudoku_cells([row["prompt"]], [row["response"]], answer=[row["answer"]]) == [right]
+
+
+def test_confusing_teacher_on_long_addition():
+    train = synthetic("long_addition", 2000, seed=0, noise=0.6, teacher="confuse")
+    test = synthetic("long_addition", 300, seed=0, split="test", noise=0.6, teacher="confuse")
+    assert not set(train["prompt"]) & set(test["prompt"])
+    assert train["prompt"] == synthetic("long_addition", 2000, seed=0)["prompt"]
+    pairs = [(x, y) for a, r in zip(train["answer"], train["response"], strict=True) for x, y in zip(a, r, strict=True)]
+    odd = [(x, y) for x, y in pairs if int(x) % 2]
+    assert all(y == x for x, y in pairs if int(x) % 2 == 0)
+    assert all(y in (x, str(int(x) - 1)) for x, y in odd)
+    assert abs(sum(x != y for x, y in odd) / len(odd) - 0.6) < 0.02
+    assert digit_accuracy(test["prompt"], test["answer"], answer=test["answer"]) == [1.0] * 300
+
+
+def test_teacher_and_noise_errors_name_the_setting():
+    with pytest.raises(ConfigError, match=r"teacher='confused' is not a teacher.*\['random', 'confuse'\]"):
+        synthetic("sudoku4", 5, seed=0, noise=0.6, teacher="confused")
+    with pytest.raises(ConfigError, match=r"noise=1.5 is not a probability.*data.synthetic_options.noise"):
+        synthetic("long_addition", 5, seed=0, noise=1.5)

@@ -195,9 +195,14 @@ def cmd_eval(ns: argparse.Namespace) -> int:
 
 
 def cmd_sft(ns: argparse.Namespace) -> int:
+    from rich.console import Console
+
     from tracerl.sft import run_sft
 
-    run_sft(_config(ns))
+    cfg = _config(ns)
+    run_sft(cfg)
+    out = cfg.run_dir.rstrip("/")
+    Console().print(f"[dim]metrics: {out}/metrics.jsonl · model: {out}/final[/dim]", soft_wrap=True)
     return 0
 
 

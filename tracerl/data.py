@@ -64,23 +64,64 @@ def parity(rng: random.Random) -> dict[str, str]:
     return {"prompt": f"parity {n}:", "answer": word, "response": word}
 
 
-def _wrong_digit(rng: random.Random, digit: str, digits: str = "0123456789") -> str:
-    return rng.choice([d for d in digits if d != digit])
+TEACHERS = ("random", "confuse")  # how a noisy teacher errs (the tasks' ``teacher`` option)
+
+
+def confused_with(digit: str, digits: str = "0123456789") -> str:
+    """The digit a ``confuse`` teacher writes by mistake for ``digit``: the digits pair up in order ((1, 2) and
+    (3, 4) for Sudoku; (0, 1), (2, 3), ... for addition) and the second of a pair is mistaken for the first; the
+    first of a pair is never mistaken (it is returned unchanged).
+
+    Example:
+        >>> [confused_with(d, "1234") for d in "1234"], confused_with("9"), confused_with("8")
+        (['1', '1', '3', '3'], '8', '8')
+    """
+    i = digits.index(digit)
+    return digits[i - i % 2]
+
+
+def _teacher_digit(rng: random.Random, digit: str, noise: float, teacher: str, digits: str = "0123456789") -> str:
+    """One digit of a noisy demonstration. ``random``: with probability ``noise`` a uniformly random wrong digit,
+    so the right digit stays the most frequent one (while noise < 1 - 1/len(digits)) and imitation with greedy
+    decoding is not held back by the noise. ``confuse``: with probability ``noise`` the second digit of a pair is
+    written as the first (``confused_with``), a systematic mistake: above noise 0.5 the demonstrations' most
+    frequent digit there is the wrong one, so imitation learns the mistake. Both teachers make the same draws."""
+    wrong, pick = rng.random() < noise, rng.choice([d for d in digits if d != digit])
+    if not wrong:
+        return digit
+    return pick if teacher == "random" else confused_with(digit, digits)
+
+
+def _check_noise(task: str, noise: float, teacher: str) -> None:
+    if not 0.0 <= noise <= 1.0:
+        raise ConfigError(
+            f"synthetic:{task} noise={noise} is not a probability: set data.synthetic_options.noise in [0, 1]."
+        )
+    if teacher not in TEACHERS:
+        raise ConfigError(
+            f"synthetic:{task} teacher='{teacher}' is not a teacher; set data.synthetic_options.teacher to one of "
+            f"{list(TEACHERS)} (random: a random wrong digit; confuse: 2 written as 1, 4 as 3, ...)."
+        )
 
 
 @register_task("long_addition", splits=True)
-def long_addition(rng: random.Random, split: str, digits: int = 3, noise: float = 0.0) -> dict[str, str]:
+def long_addition(
+    rng: random.Random, split: str, digits: int = 3, noise: float = 0.0, teacher: str = "random"
+) -> dict[str, str]:
     """Add two ``digits``-digit numbers: ``{"prompt": "123+456=", "answer": "579", "response": ...}``. One operand
     pair in ten (a fixed hash of the pair) is held out as the test split. The ``response`` (an SFT demonstration)
-    comes from a noisy teacher: each digit is replaced by a wrong one with probability ``noise``."""
+    comes from a noisy teacher: with ``teacher="random"`` each digit is a random wrong one with probability
+    ``noise``; with ``teacher="confuse"`` each odd digit (1, 3, 5, 7, 9) is written as the even digit below it with
+    probability ``noise`` and even digits are always right (see ``confused_with``)."""
+    _check_noise("long_addition", noise, teacher)
     lo, hi = 10 ** (digits - 1), 10**digits
     while True:
         a, b = rng.randrange(lo, hi), rng.randrange(lo, hi)
         if (random.Random(a * hi + b).random() < 0.1) == (split == "test"):
             break
     answer = str(a + b)
-    teacher = random.Random(rng.random())  # one draw whatever the noise: the same prompts at every noise level
-    response = "".join(_wrong_digit(teacher, d) if teacher.random() < noise else d for d in answer)
+    draws = random.Random(rng.random())  # one draw whatever the noise: the same prompts at every noise level
+    response = "".join(_teacher_digit(draws, d, noise, teacher) for d in answer)
     return {"prompt": f"{a}+{b}=", "answer": answer, "response": response}
 
 
@@ -115,12 +156,21 @@ def sudoku_split(split: str) -> tuple[str, ...]:
 
 @register_task("sudoku4", splits=True)
 def sudoku4(
-    rng: random.Random, split: str, min_blanks: int = 6, max_blanks: int = 10, noise: float = 0.0
+    rng: random.Random,
+    split: str,
+    min_blanks: int = 6,
+    max_blanks: int = 10,
+    noise: float = 0.0,
+    teacher: str = "random",
 ) -> dict[str, str]:
     """A 4×4 Sudoku with a unique solution: ``{"prompt": "1.3. 34.2 2.4. 4.21:", "answer": "1234 3412 2143 4321",
     "response": ...}`` (rows separated by spaces, ``.`` for a blank; the answer is the solved grid).
     Between ``min_blanks`` and ``max_blanks`` cells are blank. The ``response`` (an SFT demonstration) comes from
-    a noisy teacher: each blank cell is filled with a wrong digit with probability ``noise``."""
+    a noisy teacher that copies the clues right and fills the blank cells: with ``teacher="random"`` each blank
+    cell gets a random wrong digit with probability ``noise``; with ``teacher="confuse"`` a blank cell whose answer
+    is 2 gets 1, and one whose answer is 4 gets 3, with probability ``noise`` (cells of 1 and 3 are always right,
+    see ``confused_with``)."""
+    _check_noise("sudoku4", noise, teacher)
     grid = rng.choice(sudoku_split(split))
     while True:
         blanks = set(rng.sample(range(16), rng.randint(min_blanks, max_blanks)))
@@ -128,9 +178,9 @@ def sudoku4(
         if sum(all(g[i] == d for i, d in clues) for g in sudoku_grids()) == 1:
             break
     puzzle = "".join("." if i in blanks else grid[i] for i in range(16))
-    teacher = random.Random(rng.random())  # one draw whatever the noise: the same puzzles at every noise level
+    draws = random.Random(rng.random())  # one draw whatever the noise: the same puzzles at every noise level
     response = "".join(
-        _wrong_digit(teacher, d, "1234") if i in blanks and teacher.random() < noise else d for i, d in enumerate(grid)
+        _teacher_digit(draws, d, noise, teacher, "1234") if i in blanks else d for i, d in enumerate(grid)
     )
     return {"prompt": _rows(puzzle) + ":", "answer": _rows(grid), "response": _rows(response)}
 

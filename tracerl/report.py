@@ -113,13 +113,13 @@ def plot_curves(run_dir: str | Path, out: str | Path | None = None, sft_dir: str
     ax = axes[0]
     steps, mean = series(rows, "reward/mean")
     _, std = series(rows, "reward/std")
-    ax.plot(steps, mean, color="tab:blue", label="reward (mean of the step's samples)")
+    ax.plot(steps, mean, color="tab:blue", label="reward: mean ± std of the step's samples")
     if len(std) == len(mean):
         ax.fill_between(steps, [m - s for m, s in zip(mean, std, strict=True)],
                         [m + s for m, s in zip(mean, std, strict=True)], color="tab:blue", alpha=0.15)  # fmt: skip
     ax.set_xlabel("RL step")
     ax.set_ylabel("reward")
-    ax.set_title("training reward (rollouts, temperature 1)")
+    ax.set_title(f"{panels - 1}. TraceRL: training reward (rollouts, temperature 1)")
     ax.legend(loc="lower right")
     ax = axes[1]
     for key, label, style in (
@@ -133,7 +133,7 @@ def plot_curves(run_dir: str | Path, out: str | Path | None = None, sft_dir: str
     ax.set_xlabel("RL step")
     ax.set_ylabel("held-out score")
     ax.set_ylim(-0.02, 1.02)
-    ax.set_title("held-out prompts (never trained on)")
+    ax.set_title(f"{panels}. held-out prompts (never trained on)")
     ax.legend(loc="lower right")
     for ax in fig.axes:
         ax.grid(alpha=0.3)

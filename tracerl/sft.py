@@ -226,6 +226,7 @@ def run_sft(cfg: Config, progress: bool = True) -> dict[str, float]:
         TextColumn("{task.completed}/{task.total} {task.fields[info]}"),
         TimeElapsedColumn(),
     )
+    last_acc = ""  # the latest held-back exact match, kept on the line between evaluations
     with Progress(*columns, disable=not progress) as bar:
         task = bar.add_task("sft", total=cfg.sft.steps, completed=step, info="")
         while step < cfg.sft.steps:
@@ -250,9 +251,9 @@ def run_sft(cfg: Config, progress: bool = True) -> dict[str, float]:
                 metrics["eval/accuracy"] = accuracy()
             logger.log(metrics, step=step)
             result.update(metrics)
-            info = f"loss {metrics['train/loss']:.3f}" + (
-                f" acc {metrics['eval/accuracy']:.2f}" if "eval/accuracy" in metrics else ""
-            )
+            if "eval/accuracy" in metrics:
+                last_acc = f" · exact match {metrics['eval/accuracy']:.2f} on {n_eval} held-back prompts"
+            info = f"loss {metrics['train/loss']:.3f}{last_acc}"
             bar.update(task, completed=step, info=info)
             if cfg.checkpoint.save_every and step % cfg.checkpoint.save_every == 0 and step < cfg.sft.steps:
                 save(step)
