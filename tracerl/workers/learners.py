@@ -254,9 +254,7 @@ class LearnerGroup:
         """(version, a reference to rank 0's gathered weights in the object store): every rank gathers (ZeRO-3),
         the weights are stored once and never pass through the driver."""
         refs = [w.packed_weights.remote(self.bucket_mb) for w in self.workers]
-        self.gather(refs[1:], "packed_weights")
-        with self.watch("packed_weights"):
-            ray.wait(refs[:1], fetch_local=False)  # stored (or failed), not fetched
+        self.gather(refs[1:], "packed_weights")  # rank 0's failure surfaces in the loads (the sync watches them)
         return self.version(), refs[0]
 
     def sync_layout(self, bucket_mb: int) -> list[Any]:
