@@ -7,7 +7,7 @@ import pytest
 
 from rewards.synthetic import digit_accuracy, sudoku_cells
 from tracerl.config import ConfigError, DataConfig
-from tracerl.data import load_examples, sudoku_grids, sudoku_split, synthetic
+from tracerl.data import SUDOKU_MAX_BLANKS, load_examples, sudoku_grids, sudoku_split, synthetic
 
 
 def is_solved(grid: str) -> bool:
@@ -38,6 +38,18 @@ def test_sudoku_puzzles_are_unique_consistent_and_seeded():
         # a unique solution: exactly one solved grid agrees with the clues
         assert sum(all(g[i] == c for i, c in clues) for g in (" ".join([x[:4], x[4:8], x[8:12], x[12:]])
                    for x in sudoku_grids())) == 1  # fmt: skip
+
+
+def test_sudoku_blank_count_is_an_option_and_bounded():
+    ds = synthetic("sudoku4", 300, seed=1, min_blanks=4, max_blanks=6)
+    counts = [row["prompt"].count(".") for row in ds]
+    assert set(counts) == {4, 5, 6}
+    hard = synthetic("sudoku4", 20, seed=1, min_blanks=SUDOKU_MAX_BLANKS, max_blanks=SUDOKU_MAX_BLANKS)
+    assert all(row["prompt"].count(".") == SUDOKU_MAX_BLANKS for row in hard)
+    # 13 blanks can never have a unique solution: refused, instead of searching forever
+    for lo, hi in ((4, 13), (7, 5), (0, 3)):
+        with pytest.raises(ConfigError, match=rf"min_blanks={lo} max_blanks={hi}.*1 <= min_blanks <= max_blanks"):
+            synthetic("sudoku4", 5, seed=0, min_blanks=lo, max_blanks=hi)
 
 
 def test_sudoku_test_split_holds_out_whole_solution_grids():

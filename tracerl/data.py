@@ -154,6 +154,9 @@ def sudoku_split(split: str) -> tuple[str, ...]:
     return tuple(g for g in grids if (g in held) == (split == "test"))
 
 
+SUDOKU_MAX_BLANKS = 12  # no 4x4 Sudoku with fewer than 4 clues has a unique solution
+
+
 @register_task("sudoku4", splits=True)
 def sudoku4(
     rng: random.Random,
@@ -171,6 +174,13 @@ def sudoku4(
     is 2 gets 1, and one whose answer is 4 gets 3, with probability ``noise`` (cells of 1 and 3 are always right,
     see ``confused_with``)."""
     _check_noise("sudoku4", noise, teacher)
+    if not 1 <= min_blanks <= max_blanks <= SUDOKU_MAX_BLANKS:
+        raise ConfigError(
+            f"synthetic:sudoku4 min_blanks={min_blanks} max_blanks={max_blanks}: a 4x4 Sudoku with a unique "
+            f"solution has 1 to {SUDOKU_MAX_BLANKS} blank cells (at least 4 clues); set "
+            f"data.synthetic_options.min_blanks and max_blanks so that 1 <= min_blanks <= max_blanks <= "
+            f"{SUDOKU_MAX_BLANKS}."
+        )
     grid = rng.choice(sudoku_split(split))
     while True:
         blanks = set(rng.sample(range(16), rng.randint(min_blanks, max_blanks)))
