@@ -134,9 +134,6 @@ def test_cuda_graph_settings_that_cannot_be_captured_are_refused(block_policy, m
         block_policy.model.model.rotary_emb.rope_type = "default"
 
 
-# --------------------------------------------------------------------------------------------- CUDA only
-
-
 def replays_counted(monkeypatch) -> dict[str, int]:  # noqa: ANN001
     """Count graph captures and replays."""
     stats = {"captures": 0, "replays": 0}
@@ -153,6 +150,41 @@ def replays_counted(monkeypatch) -> dict[str, int]:  # noqa: ANN001
     monkeypatch.setattr(graphs.CapturedForward, "__init__", counted_init)
     monkeypatch.setattr(graphs.CapturedForward, "__call__", counted_call)
     return stats
+
+
+class ReplayedOnCPU(graphs.CapturedForward):
+    """What a replay computes, on the CPU: ``fn`` re-run on the graph's own input buffers and written into its
+    one output buffer, after the warm-up runs a capture makes (each of them writes the cache too)."""
+
+    def _record(self, fn):  # noqa: ANN001, ANN202
+        self.fn = fn
+        for _ in range(graphs.WARMUP_RUNS):
+            fn(*self.inputs)
+        return fn(*self.inputs)
+
+    def _replay(self) -> None:
+        self.output.copy_(self.fn(*self.inputs))
+
+
+@pytest.mark.parametrize("fused", [True, False])
+@pytest.mark.parametrize("prompts", [PROMPTS, SHORT, ONE_BLOCK], ids=["mixed", "short", "one_block"])
+def test_replays_on_the_graphs_own_buffers_give_the_default_rollout(block_policy, monkeypatch, prompts, fused):
+    """The capture bookkeeping without a GPU: every forward but the first (it allocates the cache) goes through
+    one of two graphs, fed by copies into their input buffers; the warm-ups' repeated cache writes are
+    harmless."""
+    prompts = encode(block_policy, prompts)
+    s = SamplingConfig(max_new_tokens=18, block_size=4, steps_per_block=3, fused_commit=fused)
+    default_run, seen = forwards_seen(block_policy, 1.0)
+    policy = eos_biased(block_policy, 1.0)  # the same EOS bias, no forward counter (it would count warm-ups)
+    default = run(default_run, prompts, s)
+    monkeypatch.setattr(graphs, "CapturedForward", ReplayedOnCPU)
+    stats = replays_counted(monkeypatch)
+    replayed = run(policy, prompts, SamplingConfig(**{**s.__dict__, "cuda_graph": True}), capture=True)
+    assert_same(replayed, default)
+    assert stats == {"captures": 2, "replays": len(seen) - 1}
+
+
+# --------------------------------------------------------------------------------------------- CUDA only
 
 
 @pytest.mark.gpu

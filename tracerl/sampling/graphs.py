@@ -60,6 +60,10 @@ class CapturedForward:
 
     def __init__(self, fn: Callable[..., torch.Tensor], inputs: tuple[torch.Tensor, ...]) -> None:
         self.inputs = tuple(x.clone() for x in inputs)  # the graph's own input buffers
+        self.output = self._record(fn)
+
+    def _record(self, fn: Callable[..., torch.Tensor]) -> torch.Tensor:
+        """Warm up, capture ``fn`` on ``self.inputs``; the output buffer (capture runs no kernel)."""
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(side):
@@ -68,14 +72,17 @@ class CapturedForward:
         torch.cuda.current_stream().wait_stream(side)
         self.graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(self.graph):
-            self.output = fn(*self.inputs)
+            return fn(*self.inputs)
+
+    def _replay(self) -> None:
+        self.graph.replay()
 
     def __call__(self, *inputs: torch.Tensor) -> torch.Tensor:
         for buffer, x in zip(self.inputs, inputs, strict=True):
             if buffer.shape != x.shape:
                 raise ValueError(f"a captured forward takes shape {tuple(buffer.shape)}, got {tuple(x.shape)}")
             buffer.copy_(x)
-        self.graph.replay()
+        self._replay()
         return self.output
 
 
