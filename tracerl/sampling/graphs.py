@@ -11,13 +11,14 @@ eagerly; this is how the CPU tests check it against the default path.
 
 What is captured, on CUDA: one model forward per query width, namely the embedding, every decoder layer (its
 keys/values written into the cache at the device columns, attention over the whole cache under the additive
-mask), the final norm and the LM head on the last B queries. The widths are B (a plain denoising step, or
-the clean write of an unfused commit) and 2B (a step fused with the previous block's clean write). Inputs:
-token ids and position ids [N, Q], the visibility pattern [N, Q, W] and the write columns [Q], copied into
-the graph's own buffers before each replay. Output: the [N, B, V] logits, the graph's own buffer, which the
-next replay overwrites. Not captured: the prompt prefill (its width depends on the prompts) and everything
-after the logits, i.e. candidate sampling, remasking, the trace and the loop's stop checks. Those hold the
-host syncs (``bool(tensor)``, ``nonzero``) that a capture cannot contain.
+mask), the final norm and the LM head on the last B queries (a static slice: ``logits_at``'s index gather checks
+its positions on the host). The widths are B (a plain denoising step, or the clean write of an unfused commit)
+and 2B (a step fused with the previous block's clean write). Inputs: token ids and position ids [N, Q], the
+visibility pattern [N, Q, W] and the write columns [Q], copied into the graph's own buffers before each replay.
+Output: the [N, B, V] logits (a clean write: its hidden states, unused), the graph's own buffer, which the next
+replay overwrites. Not captured: the prompt prefill (its width depends on the prompts) and everything after the
+logits, i.e. candidate sampling, remasking, the trace and the loop's stop checks. Those hold the host syncs
+(``bool(tensor)``, ``nonzero``) that a capture cannot contain.
 
 Capture fails or replays wrongly on a GPU when the captured forward does any of the following, so none may
 be in it. A host sync (``.item()``, ``bool(tensor)``, a data-dependent shape): the lean forward has none, while
