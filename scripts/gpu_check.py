@@ -4,7 +4,11 @@ It measures, on random models of real shapes (bf16, one GPU, no Ray):
 
 - ``sampler``: the block sampler (``tracerl.sampling.generate`` → ``sample_block`` with the exact KV cache) on an
   SDAR-4B-shaped model (Qwen3-4B's config), batch 128, block 4, 4 steps per block, 256 new tokens, EOS stop
-  off; tokens/s against JetEngine's published 5,000+ tok/s for SDAR-4B on an H200 (same batch and block);
+  off; tokens/s against JetEngine's published 5,000+ tok/s for SDAR-4B on an H200 (same batch and block).
+  Then the same rollout with ``sampling.cuda_graph``: ``fixed_shape`` runs its full-width step eagerly
+  (``capture=False``), ``cuda_graph`` captures it (CUDA only; skipped on CPU); each row has its tok/s (the
+  graph row's includes its captures, also timed alone) and how its outputs agree with the static-cache run
+  (and the graph row's with the eager fixed-shape run, which it should equal bitwise);
 - ``replay``: the bf16 replay deviation |view log-prob − rollout_logp| (max, mean) of the trace views
   (``trace.make_views`` + ``trace.view_logprobs``) for the block layout and the full layout;
 - ``learner``: one ``Learner.train_step`` (ZeRO-0, 1 rank, bf16) of the 4B model on the sampler's rollout:
@@ -46,9 +50,11 @@ from typing import Any
 import torch
 from gpu_check_setup import (
     Plan,
+    agreement,
     build_policy,
     clock,
     count_calls,
+    count_captures,
     free,
     learner_config,
     log,
@@ -113,7 +119,72 @@ def part_sampler(plan: Plan, ctx: dict[str, Any]) -> dict[str, Any]:
         "reference_tokens_per_s": JETENGINE_TOK_S,
         "reference": JETENGINE_SOURCE,
         "ratio_to_reference": tok_s / JETENGINE_TOK_S,
+        **graph_rows(plan, policy, prompts, s, rollout, tok_s),
     }
+
+
+def graph_rows(
+    plan: Plan, policy: Any, prompts: list[list[int]], s: Any, static: Any, static_tok_s: float
+) -> dict[str, Any]:
+    """The sampler part's ``fixed_shape`` (the cuda_graph step run eagerly) and ``cuda_graph`` (captured) rows,
+    on the prompts, settings and seed of the ``static`` rollout; a failing row records its error, and the
+    static row and the other parts keep theirs."""
+    from tracerl.sampling import generate
+    from tracerl.sampling.block import sample_block
+
+    graph_s = replace(s, cuda_graph=True)
+    rows: dict[str, Any] = {}
+
+    def fixed_shape() -> dict[str, Any]:
+        generator = torch.Generator(device=policy.device).manual_seed(0)  # what generate(..., seed=0) seeds
+        start = clock()
+        rows["_eager"] = eager = sample_block(policy, prompts, graph_s, generator, capture=False)
+        seconds = clock() - start
+        tok_s = int((eager.step_map >= 0).sum()) / seconds
+        return {"seconds": seconds, "tokens_per_s": tok_s, "ratio_to_static": tok_s / static_tok_s} | {
+            "vs_static": agreement(eager, static)
+        }
+
+    def cuda_graph() -> dict[str, Any]:
+        reset_peak(plan.device)
+        stats, restore = count_captures()
+        try:
+            start = clock()
+            graphed = generate(policy, prompts, graph_s, seed=0)
+            seconds = clock() - start
+        finally:
+            restore()
+        generated = int((graphed.step_map >= 0).sum())
+        out = {
+            "seconds": seconds,
+            "tokens_per_s": generated / seconds,
+            "tokens_per_s_without_capture": generated / (seconds - stats["capture_s"]),
+            "ratio_to_static": generated / seconds / static_tok_s,
+            "ratio_to_reference": generated / seconds / JETENGINE_TOK_S,
+            "peak_memory_gib": peak_memory_gib(plan.device),
+            **stats,
+            "vs_static": agreement(graphed, static),
+        }
+        if "_eager" in rows:  # the same kernels on the same shapes: expected bitwise equal
+            out["vs_fixed_shape"] = agreement(graphed, rows["_eager"])
+        return out
+
+    rows["fixed_shape"] = guarded(fixed_shape)
+    if plan.device == "cuda":
+        rows["cuda_graph"] = guarded(cuda_graph)
+    else:
+        rows["cuda_graph"] = {"skipped": "no CUDA device: CUDA-graph capture runs only on a GPU"}
+    rows.pop("_eager", None)
+    return rows
+
+
+def guarded(fn: Callable[[], dict[str, Any]]) -> dict[str, Any]:
+    """``fn()``, or its error and traceback."""
+    try:
+        return fn()
+    except Exception as err:  # recorded; the rest of the check still runs
+        log(f"{fn.__name__} failed:\n{traceback.format_exc()}")
+        return {"error": f"{type(err).__name__}: {err}", "traceback": traceback.format_exc()[-4000:]}
 
 
 def part_learner(plan: Plan, ctx: dict[str, Any]) -> dict[str, Any]:

@@ -204,3 +204,39 @@ def learner_config(plan: Plan, *, checkpointing: bool) -> Any:
     cfg.learner.micro_batch_tokens = plan.micro_batch_tokens
     cfg.learner.gradient_checkpointing = checkpointing
     return cfg
+
+
+def agreement(a: Any, b: Any) -> dict[str, Any]:
+    """How far two rollouts of the same prompts and seed agree: tokens, step maps, log-probs."""
+    same = a.response_ids == b.response_ids
+    return {
+        "tokens_match": bool(same.all()),
+        "step_map_match": bool(torch.equal(a.step_map, b.step_map)),
+        "token_agreement": float(same.float().mean()),
+        "logp_max_abs_diff": float((a.rollout_logp - b.rollout_logp).abs().max()),
+    }
+
+
+def count_captures() -> tuple[dict[str, float], Any]:
+    """Count and time the CUDA-graph captures and replays of ``tracerl.sampling.graphs`` until ``restore()``."""
+    from tracerl.sampling import graphs
+
+    stats = {"graphs_captured": 0, "capture_s": 0.0, "replays": 0}
+    init, call = graphs.CapturedForward.__init__, graphs.CapturedForward.__call__
+
+    def timed_init(self: Any, *args: Any) -> None:
+        start = clock()
+        init(self, *args)
+        stats["capture_s"] += clock() - start
+        stats["graphs_captured"] += 1
+
+    def counted_call(self: Any, *args: Any) -> Any:
+        stats["replays"] += 1
+        return call(self, *args)
+
+    graphs.CapturedForward.__init__, graphs.CapturedForward.__call__ = timed_init, counted_call
+
+    def restore() -> None:
+        graphs.CapturedForward.__init__, graphs.CapturedForward.__call__ = init, call
+
+    return stats, restore

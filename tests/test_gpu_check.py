@@ -18,6 +18,7 @@ KEYS = {
     "sampler": [
         "batch", "block_size", "steps_per_block", "new_tokens", "generated_tokens", "all_tokens_generated",
         "seconds", "tokens_per_s", "model_calls", "peak_memory_gib", "reference_tokens_per_s", "ratio_to_reference",
+        "fixed_shape", "cuda_graph",
     ],
     "learner": [
         "rows", "row_tokens", "target_tokens", "engine_init_s", "step_s", "tokens_per_s", "target_tokens_per_s",
@@ -86,6 +87,17 @@ def test_sampler_decodes_every_token_and_names_the_reference(report: dict) -> No
     blocks = s["new_tokens"] // s["block_size"] + 1  # the 6-token prompt's tail shares the first block
     assert s["model_calls"] <= blocks * s["steps_per_block"] + blocks
     assert s["tokens_per_s"] > 0 and s["peak_memory_gib"] > 0
+
+
+@pytest.mark.slow
+def test_sampler_runs_the_cuda_graph_step_eagerly_and_skips_the_capture_on_cpu(report: dict) -> None:
+    s = report["sampler"]
+    assert s["cuda_graph"] == {"skipped": "no CUDA device: CUDA-graph capture runs only on a GPU"}
+    fixed = s["fixed_shape"]
+    agree = fixed["vs_static"]  # the full-width step computes the static cache's function (fp32 here)
+    assert agree["tokens_match"] is True and agree["step_map_match"] is True and agree["token_agreement"] == 1.0
+    assert 0 <= agree["logp_max_abs_diff"] < 1e-5
+    assert fixed["ratio_to_static"] == pytest.approx(fixed["tokens_per_s"] / s["tokens_per_s"])
 
 
 @pytest.mark.slow

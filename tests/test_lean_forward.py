@@ -30,19 +30,26 @@ def decoder(kind: str) -> torch.nn.Module:
     return model.eval()
 
 
-def run(model: torch.nn.Module, lean: bool) -> list[torch.Tensor]:
+def run(model: torch.nn.Module, lean: bool, full_width: bool = False) -> list[torch.Tensor]:
     """A prefill of 6 columns, then two steps on a 3-column block (the second overwrites the first in place,
-    with one token changed), left padding in row 1; each forward attends to the valid columns so far."""
+    with one token changed), left padding in row 1; each forward attends to the valid columns so far. With
+    ``full_width`` the cache is attended over all 9 columns, the ones not yet valid hidden by the mask, and
+    written at device columns (the CUDA-graph mode)."""
     x = torch.randint(0, 40, (2, 9), generator=torch.Generator().manual_seed(1))
     pos = (torch.arange(9).unsqueeze(0) - torch.tensor([[0], [2]])).clamp_min(0)
     valid = torch.ones(2, 9, dtype=torch.bool)
     valid[1, :2] = False
-    cache = StaticKVCache(model.config.num_hidden_layers, 9)
+    cache = StaticKVCache(model.config.num_hidden_layers, 9, full_width=full_width)
     backbone = model.model
     outs = []
     for lo, hi, at in ((0, 6, None), (6, 9, None), (6, 9, 6)):
-        cache.seek(at)
+        if full_width:
+            cache.write_at(torch.arange(lo, hi))
+        else:
+            cache.seek(at)
         vis = valid[:, None, :hi].expand(2, hi - lo, hi) | torch.eye(hi, dtype=torch.bool)[lo:hi]
+        if full_width:
+            vis = torch.cat((vis, torch.zeros(2, hi - lo, 9 - hi, dtype=torch.bool)), dim=-1)
         mask = additive_mask(vis, torch.float32)
         if lean:
             outs.append(lean_hidden_states(backbone, x[:, lo:hi], pos[:, lo:hi], mask, cache))
@@ -66,6 +73,38 @@ def test_lean_forward_equals_the_transformers_forward(kind):
         assert a.shape == b.shape
         torch.testing.assert_close(a, b, atol=2e-6, rtol=0)
     assert float((ref[2] - ref[1]).abs().max()) > 1e-3  # the changed token reached the block's states
+
+
+@pytest.mark.parametrize("kind", ["llama", "qwen2", "qwen3"])
+@pytest.mark.parametrize("lean", [True, False], ids=["lean", "transformers"])
+def test_a_full_width_cache_computes_the_valid_prefix_forward(kind, lean):
+    """Keys over the whole width, the invalid columns masked, writes at device columns: the same function as
+    attending over the valid prefix. Not bitwise: softmax and attention·V reduce over 9 columns instead of 6
+    or 9, and the extra terms (exact zeros) shift where the vectorised reductions split, so rounding moves."""
+    model = decoder(kind)
+    with torch.no_grad():
+        ref = run(model, lean=False)
+        got = run(model, lean=lean, full_width=True)
+    for a, b in zip(got, ref, strict=True):
+        assert a.shape == b.shape
+        torch.testing.assert_close(a, b, atol=2e-6, rtol=0)
+    assert float((got[2] - got[1]).abs().max()) > 1e-3  # the overwrite at device columns reached the block
+
+
+def test_a_full_width_cache_writes_at_device_columns_and_is_not_cropped():
+    cache = StaticKVCache(num_layers=1, width=6, full_width=True)
+    with pytest.raises(ValueError, match="needs write_at\\(cols\\) before its first forward"):
+        cache.update(torch.ones(1, 1, 2, 2), torch.ones(1, 1, 2, 2), 0)
+    cache.write_at(torch.tensor([4, 1]))
+    keys, values = cache.update(torch.ones(1, 1, 2, 2), -torch.ones(1, 1, 2, 2), 0)
+    assert keys.shape == (1, 1, 6, 2) and cache.get_seq_length() == 6  # every column, every forward
+    assert keys[0, 0, :, 0].tolist() == [0, 1, 0, 0, 1, 0] and values[0, 0, :, 1].tolist() == [0, -1, 0, 0, -1, 0]
+    with pytest.raises(ValueError, match="not cropped"):
+        cache.crop(-2)
+    with pytest.raises(ValueError, match="use write_at\\(cols\\), not seek"):
+        cache.seek(2)
+    with pytest.raises(ValueError, match="write_at\\(cols\\) is for a full-width static cache"):
+        StaticKVCache(num_layers=1, width=6).write_at(torch.tensor([0]))
 
 
 def test_lean_forward_is_only_taken_for_plain_decoders():

@@ -73,7 +73,7 @@ class SamplingConfig:
     cache: Literal["auto", "none", "prefix", "dual", "kv"] = "auto"  # auto: exact kv for block models, none for full
     kv_storage: Literal["static", "dynamic"] = "static"  # kv/prefix caches: preallocated in place, or DynamicCache
     fused_commit: bool = True  # block models: cache a finished block in the same forward as the next block's step
-    cuda_graph: bool = False  # block models on CUDA: capture the denoising step as a CUDA graph (not built yet)
+    cuda_graph: bool = False  # block models on CUDA: the denoising step as replayed CUDA graphs (not yet run on a GPU)
     trainable_pad_tokens: int = 0  # tokens after the first EOS that still count for the loss (TraceRL post_num)
     batch_size: int = 64  # sequences decoded together in one sampler call
 

@@ -59,9 +59,10 @@ class DiffusionPolicy(Protocol):
         """
         ...
 
-    def new_cache(self, width: int | None = None) -> Any:
+    def new_cache(self, width: int | None = None, full_width: bool = False) -> Any:
         """An empty key/value cache for ``hidden_states(..., cache=...)``: growing (``DynamicCache``) when
-        ``width`` is None, else preallocated ``width`` columns wide and written in place (``StaticKVCache``)."""
+        ``width`` is None, else preallocated ``width`` columns wide and written in place (``StaticKVCache``;
+        ``full_width``: attended over every column, written at device columns, the CUDA-graph mode)."""
         ...
 
 
@@ -184,9 +185,9 @@ class DecoderPolicy:
         hidden = self.hidden_states(input_ids, position_ids, visible, cache)
         return self.head(gather_positions(hidden, positions, self.shift))
 
-    def new_cache(self, width: int | None = None) -> Any:
+    def new_cache(self, width: int | None = None, full_width: bool = False) -> Any:
         if width is not None:
-            return StaticKVCache(self.model.config.num_hidden_layers, width)
+            return StaticKVCache(self.model.config.num_hidden_layers, width, full_width=full_width)
         from transformers import DynamicCache
 
         return DynamicCache(config=self.model.config)

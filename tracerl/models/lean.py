@@ -91,7 +91,7 @@ def lean_hidden_states(
     cache: StaticKVCache,
 ) -> torch.Tensor:
     """[N, Q, hidden] final hidden states; ``mask`` is the additive [N, 1, Q, K] mask over the valid cache
-    columns after this forward's write (``cache.at`` or the valid length, plus Q)."""
+    columns after this forward's write (``cache.at`` or the valid length, plus Q; a full-width cache: all W)."""
     n, q = input_ids.shape
     h = backbone.embed_tokens(input_ids)
     cos, sin = backbone.rotary_emb(h, position_ids)

@@ -66,5 +66,5 @@ class MaskedLMPolicy:
             raise ValueError("masked_lm models have no key/value cache; use sampling.cache=none")
         return gather_positions(self._logits(input_ids, position_ids, visible), positions, shift=False)
 
-    def new_cache(self, width: int | None = None) -> Any:
+    def new_cache(self, width: int | None = None, full_width: bool = False) -> Any:
         raise ValueError("masked_lm models have no key/value cache; use sampling.cache=none")

@@ -12,6 +12,7 @@ from tracerl.config import ConfigError, SamplingConfig, check_sampling
 from tracerl.records import Rollout
 from tracerl.sampling.block import block_grid, sample_block
 from tracerl.sampling.full import sample_full
+from tracerl.sampling.graphs import graph_capturable
 from tracerl.sampling.remasking import REMASKING, get_remasking, register_remasking
 
 __all__ = [
@@ -62,17 +63,25 @@ def check_compatible(policy, s: SamplingConfig) -> None:  # noqa: ANN001
                 "sampling.cuda_graph=true is for block-diffusion models (it captures the fixed-shape block step); "
                 f"the {policy.family} policy uses full attention. Set sampling.cuda_graph=false."
             )
+        if s.cache == "none" or s.kv_storage != "static":
+            raise ConfigError(
+                "sampling.cuda_graph=true captures the cached block step over the static KV cache; got "
+                f"sampling.cache={s.cache}, sampling.kv_storage={s.kv_storage}. Set sampling.cache=kv (or auto) "
+                "and sampling.kv_storage=static, or sampling.cuda_graph=false."
+            )
+        if not graph_capturable(policy.model):
+            raise ConfigError(
+                "sampling.cuda_graph=true captures tracerl's lean decoder forward (a plain Llama / Qwen2 / Qwen3 "
+                f"in eval mode, without dynamic RoPE); this {policy.family} model "
+                f"({type(policy.model).__name__}) runs the transformers forward, which may synchronise with the "
+                "host inside the step and so cannot be captured. Set sampling.cuda_graph=false."
+            )
         if policy.device.type != "cuda":
             raise ConfigError(
                 "sampling.cuda_graph=true is to capture the block step as a CUDA graph and needs a CUDA device; "
                 f"this policy is on {policy.device.type}. Set sampling.cuda_graph=false (the static cache still "
                 "applies) or move the model to a GPU."
             )
-        raise ConfigError(
-            "sampling.cuda_graph=true: capturing the block step as a CUDA graph is not built yet (it needs the "
-            "static cache to attend over its full width with a device-side write index, and a GPU to test on); "
-            "set sampling.cuda_graph=false."
-        )
 
 
 def check_positions(policy, longest_prompt: int, s: SamplingConfig) -> None:  # noqa: ANN001

@@ -12,6 +12,10 @@ of a finished block rides along with the first denoising step of the next block:
 are the clean block (it sees its prefix and itself) and the next noisy block (it sees the prefix, the clean
 block and itself), so there is one forward per denoising step. The prompt prefill fuses the same way.
 
+With ``cuda_graph`` the cached forwards run in fixed shapes over a full-width cache (``sampling.graphs``: keys
+over all W columns, the columns past the block hidden by the mask, writes at device columns), captured as
+CUDA graphs on a GPU; the tokens, step maps and log-probs are those of the default path.
+
 dims: N sequences · W columns (C + NB·B) · B block size · L max new tokens · V vocab
 """
 
@@ -23,6 +27,7 @@ from tracerl.config import SamplingConfig, resolved_steps_per_block
 from tracerl.models.base import truncate_cache
 from tracerl.records import Rollout
 from tracerl.sampling.core import Trace, build_rollout, commit_step, step_quota
+from tracerl.sampling.graphs import BlockForwards
 
 
 def block_grid(prompt_lengths: list[int], block: int, length: int) -> dict[str, torch.Tensor | int]:
@@ -58,8 +63,13 @@ def sample_block(
     generator: torch.Generator,
     cache: bool = True,
     group: torch.Tensor | None = None,
+    capture: bool | None = None,
 ) -> Rollout:
-    """Generate with block diffusion; ``cache=False`` recomputes the whole prefix every step (reference)."""
+    """Generate with block diffusion; ``cache=False`` recomputes the whole prefix every step (reference).
+
+    With ``s.cuda_graph`` (and the cache) the forwards take the fixed-shape path of ``sampling.graphs``,
+    captured as CUDA graphs when ``capture`` (None: when the policy is on CUDA), else run eagerly.
+    """
     device = policy.device
     block, length, steps = s.block_size, s.max_new_tokens, resolved_steps_per_block(s)
     n = len(prompts)
@@ -81,12 +91,21 @@ def sample_block(
 
     trace = Trace(n, length, device)
     finished = torch.zeros(n, dtype=torch.bool, device=device)
-    kv = policy.new_cache(width if s.kv_storage == "static" else None) if cache else None
+    graphed = cache and s.cuda_graph
+    if graphed:  # fixed shapes: keys over every column, writes at device columns
+        kv = policy.new_cache(width, full_width=True)
+        capture = device.type == "cuda" if capture is None else capture
+        forwards = BlockForwards(policy, kv, block, capture)
+    else:
+        kv = policy.new_cache(width if s.kv_storage == "static" else None) if cache else None
     pending = 0  # clean columns [pending, lo) not yet in the cache; a fused forward writes them first
     vis_for = None  # the (first query, end) columns the cached attention pattern ``vis`` was built for
     if cache and c > 0 and not s.fused_commit:  # prefill the prompt's complete blocks once
         pre = cols[:c]
-        policy.hidden_states(x[:, :c], position_ids[:, :c], block_visible(valid, pre, pre, block), kv)
+        if graphed:
+            forwards.write(x[:, :c], position_ids[:, :c], block_visible(valid, pre, cols, block), pre)
+        else:
+            policy.hidden_states(x[:, :c], position_ids[:, :c], block_visible(valid, pre, pre, block), kv)
         pending = c
 
     for b in range(nb):
@@ -103,10 +122,14 @@ def sample_block(
                 break
             if cache:  # queries [pending, hi): the clean columns not yet cached, then the block
                 if vis_for != (pending, hi):  # the pattern changes once per block (and after a fused step)
-                    vis, vis_for = block_visible(valid, cols[pending:hi], cols[:hi], block), (pending, hi)
+                    k_cols = cols if graphed else cols[:hi]
+                    vis, vis_for = block_visible(valid, cols[pending:hi], k_cols, block), (pending, hi)
                     positions = torch.arange(lo - pending, hi - pending, device=device).expand(n, block)
-                logits = policy.logits_at(x[:, pending:hi], position_ids[:, pending:hi], vis, positions, kv)
-                truncate_cache(kv, lo)  # keep the clean prefix, drop the noisy block
+                if graphed:  # the noisy block's keys/values stay in [lo, hi): the next step overwrites them
+                    logits = forwards.logits(x[:, pending:hi], position_ids[:, pending:hi], vis, cols[pending:hi])
+                else:
+                    logits = policy.logits_at(x[:, pending:hi], position_ids[:, pending:hi], vis, positions, kv)
+                    truncate_cache(kv, lo)  # keep the clean prefix, drop the noisy block
                 pending = lo
             else:
                 k_cols = cols[:hi]
@@ -121,8 +144,11 @@ def sample_block(
         eos_here = ((x[:, lo:hi] == policy.eos_id) & in_block).any(-1)
         finished |= eos_here & active
         if cache and b + 1 < nb and not bool(finished.all()) and not s.fused_commit:  # cache the block, clean
-            vis = block_visible(valid, q_cols, cols[:hi], block)
-            policy.hidden_states(x[:, lo:hi], position_ids[:, lo:hi], vis, kv)
+            vis = block_visible(valid, q_cols, cols if graphed else cols[:hi], block)
+            if graphed:
+                forwards.write(x[:, lo:hi], position_ids[:, lo:hi], vis, q_cols)
+            else:
+                policy.hidden_states(x[:, lo:hi], position_ids[:, lo:hi], vis, kv)
             pending = hi
 
     rows = torch.arange(n, device=device).unsqueeze(1)
