@@ -10,7 +10,14 @@ if [ ! -x .venv/bin/python ]; then
   "$PY" -m venv .venv
 fi
 if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
-  .venv/bin/python -m pip install --quiet --upgrade pip >/dev/null 2>&1 || true
-  .venv/bin/python -m pip install --quiet -c constraints-cpu.txt -e '.[dev]'
+  # pip's own warnings (index locations, build backends) go to the log; it is shown when the install fails
+  log=.venv/install.log
+  echo "installing tracerl and its dependencies into .venv (CPU torch; a few minutes the first time; log: $log)"
+  .venv/bin/python -m pip install --quiet --upgrade pip >"$log" 2>&1 || true
+  if ! .venv/bin/python -m pip install --quiet -c constraints-cpu.txt -e '.[dev]' >>"$log" 2>&1; then
+    tail -n 40 "$log" >&2
+    echo "setup_venv.sh: pip could not install tracerl into .venv (the lines above; the whole log is $log)" >&2
+    exit 1
+  fi
   echo "$want" > "$stamp"
 fi
