@@ -53,6 +53,16 @@ def test_heavy_dependencies_only_at_the_edge():
             assert heavy <= ALLOWED_HEAVY.get(module, set()), f"{path.name} imports {heavy}"
 
 
+def test_only_the_deepspeed_engine_imports_deepspeed():
+    """The engine seam (DESIGN §20): algorithm code talks to an Engine; one file implements it with DeepSpeed."""
+    importers = sorted(
+        str(path.relative_to(ROOT / "tracerl"))
+        for path in (ROOT / "tracerl").rglob("*.py")
+        if "deepspeed" in {name.split(".")[0] for name in imports(path)}
+    )
+    assert importers == ["learner/deepspeed_engine.py"]
+
+
 def test_imports_point_down():
     for module, paths in tracerl_modules().items():
         if module == "__init__":

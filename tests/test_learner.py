@@ -14,7 +14,7 @@ from tracerl.models.base import DecoderPolicy
 from tracerl.objectives import AGGREGATIONS, policy_loss
 from tracerl.sampling import generate
 from tracerl.scoring import lr_factor, rows_from_response
-from tracerl.trace import make_views, scatter_to_response, view_logprobs
+from tracerl.trace import make_views, view_logprobs
 
 from .conftest import encode, tiny_policy
 
@@ -38,16 +38,16 @@ def batch(policy, n_tokens: int = 8, seed: int = 1, **view_kw):  # noqa: ANN001,
 
 
 def capture_grads(learner: Learner) -> list[dict[str, torch.Tensor]]:
-    """Record the gradients the engine hands its optimizer at every optimizer step (plain fp32 engine)."""
+    """Record the accumulated gradients at every optimizer step, before the engine clips and steps (one rank)."""
     grads: list[dict[str, torch.Tensor]] = []
-    opt = learner.engine.optimizer
-    step = opt.step
+    engine = learner.engine
+    step = engine.step
 
-    def recording_step(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
+    def recording_step():  # noqa: ANN202
         grads.append({n: p.grad.clone() for n, p in learner.policy.model.named_parameters() if p.grad is not None})
-        return step(*args, **kwargs)
+        return step()
 
-    opt.step = recording_step
+    engine.step = recording_step
     return grads
 
 
@@ -92,13 +92,14 @@ def test_rows_from_response_reads_each_target_of_its_sample(full_policy):
 # ---------------------------------------------------------------------------------------------- accumulation
 
 
+@pytest.mark.parametrize("engine", ["deepspeed", "torch"])
 @pytest.mark.parametrize("aggregation", sorted(AGGREGATIONS))
-def test_split_micro_batches_give_the_single_batch_gradient(learners, aggregation):
+def test_split_micro_batches_give_the_single_batch_gradient(learners, aggregation, engine):
     """A minibatch packed one row per micro-batch gives the gradient of the whole minibatch in one micro-batch,
-    and both equal plain autograd of the objective over all rows."""
+    and both equal plain autograd of the objective over all rows, on either engine."""
     policy = tiny_policy("full")
     rollout, views = batch(policy)
-    cfg = make_cfg()
+    cfg = make_cfg(engine=engine)
     cfg.objective.aggregation = aggregation
     cfg.objective.kl_to_old_coef = 0.05
 
@@ -142,6 +143,47 @@ def test_minibatches_and_passes_count_optimizer_steps(learners, full_policy):
     assert metrics["train/optimizer_steps"] == 6 == len(grads)
     sizes = [len(mb) for mb in torch.tensor_split(torch.arange(len(views)), 3)]
     assert metrics["train/micro_batches"] == 2 * sum(math.ceil(s / 2) for s in sizes)
+
+
+def test_engines_agree_on_an_rl_step_with_clipping_and_a_schedule(learners, block_policy):
+    """The plain-PyTorch engine and DeepSpeed (ZeRO-0, fp32) are two implementations of one contract: the same
+    RL step (two minibatches, clipping active, warmup) ends in the same weights and metrics."""
+    rollout, views = batch(block_policy, n_tokens=12)
+    got = {}
+    for engine in ("deepspeed", "torch"):
+        cfg = make_cfg(engine=engine, minibatches=2, max_grad_norm=0.05, warmup_steps=3, lr=3e-3)
+        cfg.learner.micro_batch_tokens = 3 * views.row_tokens
+        learner = learners(cfg, copy.deepcopy(block_policy))
+        metrics = learner.train_step(rollout, ADV, views)
+        got[engine] = (metrics, learner.state_dict_for_rollout()[1])
+    (m_ds, w_ds), (m_pt, w_pt) = got["deepspeed"], got["torch"]
+    assert m_ds["train/grad_norm"] > 0.05  # clipping was active
+    for key in ("train/policy_loss", "train/grad_norm", "train/lr", "train/kl_to_old", "train/entropy"):
+        assert m_pt[key] == pytest.approx(m_ds[key], rel=1e-5, abs=1e-8), key
+    for name, tensor in w_ds.items():
+        torch.testing.assert_close(w_pt[name], tensor, rtol=1e-5, atol=1e-7, msg=name)
+    assert not torch.equal(w_pt["lm_head.weight"], block_policy.model.state_dict()["lm_head.weight"])
+
+
+def test_torch_engine_refuses_zero():
+    from tracerl.config import ConfigError, check
+
+    cfg = make_cfg(engine="torch", zero_stage=2)
+    with pytest.raises(ConfigError, match="learner.engine=torch .* no ZeRO.*learner.zero_stage=0"):
+        check(cfg)
+
+
+def test_algorithm_code_never_calls_deepspeed_methods():
+    """No learner file but the DeepSpeed engine calls a DeepSpeed engine's own methods."""
+    from pathlib import Path
+
+    import tracerl.learner
+
+    for path in Path(tracerl.learner.__file__).parent.glob("*.py"):
+        if path.name != "deepspeed_engine.py":
+            text = path.read_text()
+            for call in ("set_gradient_accumulation_boundary", "get_global_grad_norm", "scale_wrt_gas", ".ds."):
+                assert call not in text, (path.name, call)
 
 
 # ---------------------------------------------------------------------------------------------- an RL step
@@ -220,9 +262,9 @@ def test_shifted_policy_reads_the_hidden_state_one_to_the_left(learners, full_po
     learner = learners(make_cfg(micro_batch_tokens=2 * views.row_tokens), shifted)
     with torch.no_grad():
         want = view_logprobs(shifted, views)
-    got = learner.logprobs(views)
-    torch.testing.assert_close(got, want, rtol=0, atol=1e-5)
-    replayed = scatter_to_response(views, got, len(rollout), rollout.response_ids.shape[1])
+    got = learner.logprobs(views)  # [M], the targets row-major
+    torch.testing.assert_close(got, want[views.target_mask], rtol=0, atol=1e-5)
+    replayed = views.targets().place(got, len(rollout), rollout.response_ids.shape[1])
     mask = rollout.response_mask
     torch.testing.assert_close(replayed[mask], rollout.rollout_logp[mask], rtol=0, atol=1e-4)
 

@@ -26,8 +26,53 @@ from tracerl.registry import Registry
 
 
 @dataclass
+class TargetTable:
+    """Every target of a view set, flat, in the order a scorer returns them: sequence by sequence, and within a
+    sequence by column (dims: M targets · S sequences)."""
+
+    row: torch.Tensor  # [M] long, the training row (view) a target belongs to
+    sample: torch.Tensor  # [M] long, its rollout sample
+    pos: torch.Tensor  # [M] long, its response position
+    seq_start: torch.Tensor  # [S + 1] long, the targets of sequence s are [seq_start[s], seq_start[s + 1])
+
+    def __len__(self) -> int:
+        return self.row.shape[0]
+
+    def of(self, seqs: torch.Tensor) -> torch.Tensor:
+        """[m] ids of the targets of sequences ``seqs``, in the order a scorer run on those sequences returns them."""
+        start, count = self.seq_start[seqs], self.seq_start[seqs + 1] - self.seq_start[seqs]
+        first = torch.cumsum(count, 0) - count  # where each sequence's targets begin in the output
+        return torch.repeat_interleave(start - first, count) + torch.arange(int(count.sum()))
+
+    def read(self, per_token: torch.Tensor) -> torch.Tensor:
+        """A per-response-token tensor [N, L] read at every target → [M]."""
+        return per_token[self.sample, self.pos]
+
+    def place(self, values: torch.Tensor, n: int, length: int) -> torch.Tensor:
+        """Per-target ``values`` [M] put back at their samples' response positions → [N, L] (0 elsewhere)."""
+        out = torch.zeros((n, length), dtype=values.dtype, device=values.device)
+        out[self.sample.to(values.device), self.pos.to(values.device)] = values
+        return out
+
+
+@dataclass
+class ModelInputs:
+    """What a scorer runs on: some sequences of a view set (dims: s sequences · T tokens)."""
+
+    input_ids: torch.Tensor  # [s, T] long
+    position_ids: torch.Tensor  # [s, T] long
+    attention: torch.Tensor  # [s, T, T] bool, query × key visibility
+    target_mask: torch.Tensor  # [s, T] bool
+    target_ids: torch.Tensor  # [s, T] long
+
+    def to(self, device: torch.device | str) -> ModelInputs:
+        return ModelInputs(*(getattr(self, f).to(device) for f in ModelInputs.__dataclass_fields__))
+
+
+@dataclass
 class Views:
-    """Training rows built from a Rollout; attention is described compactly and materialised per micro-batch."""
+    """Training rows built from a Rollout; attention is described compactly and materialised per micro-batch.
+    Here every row is one sequence of the model (``len`` counts both)."""
 
     input_ids: torch.Tensor  # [R, T] long, tokens with the row's masked positions set to the mask id
     position_ids: torch.Tensor  # [R, T] long, the sampler's position ids (both copies share them)
@@ -63,6 +108,27 @@ class Views:
             vis = keys & (clean_q | noisy_q)
         eye = torch.eye(valid.shape[1], dtype=torch.bool, device=valid.device).unsqueeze(0)
         return vis | eye
+
+    def seq_tokens(self) -> torch.Tensor:
+        """[S] tokens each sequence puts through the model (every row is ``row_tokens`` wide)."""
+        return torch.full((len(self),), self.row_tokens, dtype=torch.long)
+
+    def model_inputs(self, seqs: torch.Tensor) -> ModelInputs:
+        """The scorer's inputs for rows ``seqs``."""
+        return ModelInputs(
+            self.input_ids[seqs],
+            self.position_ids[seqs],
+            self.visible(seqs),
+            self.target_mask[seqs],
+            self.target_ids[seqs],
+        )
+
+    def targets(self) -> TargetTable:
+        """Every target, row-major (a row's targets by column)."""
+        rows, cols = self.target_mask.nonzero(as_tuple=True)
+        counts = self.target_mask.sum(1)
+        start = torch.cat([torch.zeros(1, dtype=torch.long), torch.cumsum(counts, 0)])
+        return TargetTable(rows, self.row_sample[rows], self.target_pos[rows, cols], start)
 
 
 # ------------------------------------------------------------------------------------------------ shrink
