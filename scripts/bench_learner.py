@@ -56,10 +56,10 @@ def measure(args: argparse.Namespace, stage: int, packed: bool) -> dict:
     cfg.learner.micro_batch_tokens = args.budget if packed else views.row_tokens
     cfg.learner.minibatches = args.minibatches
     learner = Learner(cfg, policy)
-    learner.train_step(rollout, advantages, views)  # warm-up
+    learner.train_step(rollout, advantages)  # warm-up
     start = time.perf_counter()
     for _ in range(args.steps):
-        metrics = learner.train_step(rollout, advantages, views)
+        metrics = learner.train_step(rollout, advantages)
     seconds = (time.perf_counter() - start) / args.steps
     start = time.perf_counter()
     learner.state_dict_for_rollout()

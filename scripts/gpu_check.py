@@ -64,7 +64,6 @@ from gpu_check_setup import (
     random_prompts,
     reset_peak,
     sampling,
-    subset,
 )
 
 JETENGINE_TOK_S = 5000.0  # "5000+ tokens/second", SDAR-4B, block 4, batch 128, one H200 (FlashAttention-2 + Triton)
@@ -190,14 +189,12 @@ def guarded(fn: Callable[[], dict[str, Any]]) -> dict[str, Any]:
 def part_learner(plan: Plan, ctx: dict[str, Any]) -> dict[str, Any]:
     from tracerl.learner import Learner, free_port
     from tracerl.sampling import generate
-    from tracerl.trace import make_views
 
     policy, rollout = big_model(plan, ctx), ctx.pop("rollout", None)
     del ctx["big"]  # trained in place below: no later part may sample from it
     if rollout is None:  # the sampler part did not run or failed: sample a rollout of the same shape here
         prompts = random_prompts(policy, plan.batch, plan.prompt_tokens, seed=1)
         rollout = generate(policy, prompts, sampling(4, plan.new_tokens, plan.batch, "kv"), seed=0)
-    views = make_views(rollout, "trace", policy.mask_id)
     advantages = torch.randn(len(rollout), generator=torch.Generator().manual_seed(0))
     n_params = params(policy)
     free()
@@ -207,18 +204,20 @@ def part_learner(plan: Plan, ctx: dict[str, Any]) -> dict[str, Any]:
     start = clock()
     learner = Learner(cfg, policy, master_port=free_port())  # never an inherited MASTER_PORT
     init_s = clock() - start
+    views = learner.views_of(rollout)  # what train_step builds, for the counts below
     try:
-        warm_rows = max(1, min(len(views), plan.micro_batch_tokens // views.row_tokens))
+        per_sample = views.seq_tokens().sum().item() / len(rollout)
+        warm_samples = max(1, min(len(rollout), int(plan.micro_batch_tokens // per_sample)))
         start = clock()
-        learner.train_step(rollout, advantages, subset(views, warm_rows))  # warm-up: kernels, Adam state
+        learner.train_step(rollout.select(range(warm_samples)), advantages[:warm_samples])  # kernels, Adam state
         warm_s = clock() - start
         start = clock()
-        metrics = learner.train_step(rollout, advantages, views)
+        metrics = learner.train_step(rollout, advantages)
         step_s = clock() - start
         peak = peak_memory_gib(plan.device)
     finally:
         learner.destroy()
-    row_tokens = len(views) * views.row_tokens * cfg.learner.updates_per_step
+    row_tokens = int(views.seq_tokens().sum()) * cfg.learner.updates_per_step
     return {
         "model": asdict(plan.big) | {"params": n_params},
         "zero_stage": 0,
@@ -226,12 +225,13 @@ def part_learner(plan: Plan, ctx: dict[str, Any]) -> dict[str, Any]:
         "precision": "bf16",
         "gradient_checkpointing": True,
         "micro_batch_tokens": plan.micro_batch_tokens,
-        "rows": len(views),
-        "row_tokens": views.row_tokens,
-        "target_tokens": int(views.target_mask.sum()),
+        "rows": views.num_rows,
+        "sequences": len(views),
+        "row_tokens": float(views.seq_tokens().float().mean()),
+        "target_tokens": len(views.targets()),
         "engine_init_s": init_s,
         "warmup_step_s": warm_s,
-        "warmup_rows": warm_rows,
+        "warmup_samples": warm_samples,
         "step_s": step_s,
         "tokens_per_s": row_tokens / step_s,
         "target_tokens_per_s": metrics["train/tokens"] * cfg.learner.updates_per_step / step_s,
@@ -290,7 +290,6 @@ def part_rl_steps(plan: Plan, ctx: dict[str, Any]) -> dict[str, Any]:
     from tracerl.models import DecoderPolicy
     from tracerl.reward_service import RewardService
     from tracerl.sampling import generate
-    from tracerl.trace import make_views
 
     policy = build_policy(plan.small, plan, block=4, seed=4)
     rollout_policy = DecoderPolicy(
@@ -322,11 +321,9 @@ def part_rl_steps(plan: Plan, ctx: dict[str, Any]) -> dict[str, Any]:
             adv = adv_lib.get_advantage(cfg.objective.advantage)(rewards, rollout.group) * keep
             t["advantages_s"] = clock() - t0
             t0 = clock()
-            views = make_views(rollout, cfg.objective.views, policy.mask_id, seed=step)
-            t["views_s"] = clock() - t0
-            t0 = clock()
-            metrics = learner.train_step(rollout, adv, views)
-            t["train_s"] = clock() - t0
+            metrics = learner.train_step(rollout, adv, seed=step)  # builds its views (time/views), then trains
+            t["views_s"] = metrics["time/views"]
+            t["train_s"] = clock() - t0 - t["views_s"]
             t0 = clock()
             version, weights = learner.state_dict_for_rollout()
             t["weight_gather_s"] = clock() - t0
@@ -336,7 +333,8 @@ def part_rl_steps(plan: Plan, ctx: dict[str, Any]) -> dict[str, Any]:
             t["weight_copy_s"] = t["weight_gather_s"] + t["weight_load_s"]
             t["step_s"] = sum(t[k] for k in STAGES)
             t["rollout_share"] = t["rollout_s"] / t["step_s"]
-            t |= {"weights_version": version, "rows": len(views), "row_tokens": views.row_tokens}
+            t |= {"weights_version": version, "rows_per_sample": metrics["trace/rows_per_sample"]}
+            t |= {"row_tokens": metrics["trace/row_tokens"]}
             t |= {"reward_mean": float(rewards.mean()), "policy_loss": metrics["train/policy_loss"]}
             steps.append(t)
             log(f"rl step {step}: " + ", ".join(f"{k}={v:.3g}" for k, v in t.items()))

@@ -21,8 +21,8 @@ KEYS = {
         "fixed_shape", "cuda_graph",
     ],
     "learner": [
-        "rows", "row_tokens", "target_tokens", "engine_init_s", "step_s", "tokens_per_s", "target_tokens_per_s",
-        "peak_memory_gib", "metrics",
+        "rows", "sequences", "row_tokens", "target_tokens", "engine_init_s", "step_s", "tokens_per_s",
+        "target_tokens_per_s", "peak_memory_gib", "metrics",
     ],
     "replay": ["block", "full"],
     "rl_steps": ["samples_per_step", "engine_init_s", "steps", "stage_share_last_step", "rollout_copy_matches_learner"],
@@ -117,7 +117,7 @@ def test_learner_update_and_rl_steps(report: dict) -> None:
     assert lr["precision"] == "bf16" and lr["zero_stage"] == 0
     assert lr["metrics"]["train/optimizer_steps"] == 1.0
     assert lr["metrics"]["train/tokens"] == lr["target_tokens"]
-    assert lr["tokens_per_s"] == pytest.approx(lr["rows"] * lr["row_tokens"] / lr["step_s"])
+    assert lr["tokens_per_s"] == pytest.approx(lr["sequences"] * lr["row_tokens"] / lr["step_s"])
 
     rl = report["rl_steps"]
     assert [s["weights_version"] for s in rl["steps"]] == [1, 2]

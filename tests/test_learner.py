@@ -124,7 +124,7 @@ def test_split_micro_batches_give_the_single_batch_gradient(learners, aggregatio
         cfg.learner.micro_batch_tokens = budget
         learner = learners(cfg, copy.deepcopy(policy))
         grads = capture_grads(learner)
-        metrics = learner.train_step(rollout, ADV, views)
+        metrics = learner.train_step(rollout, ADV)
         assert metrics["train/micro_batches"] == (len(views) if budget == views.row_tokens else 1)
         assert metrics["train/policy_loss"] == pytest.approx(loss.item(), rel=1e-5, abs=1e-7)
         got.append(grads[0])
@@ -134,15 +134,33 @@ def test_split_micro_batches_give_the_single_batch_gradient(learners, aggregatio
         torch.testing.assert_close(got[1][name], g, rtol=1e-4, atol=1e-7)
 
 
+def test_minibatches_partition_the_samples_in_every_pass():
+    from tracerl.learner.micro import minibatches
+
+    mbs = minibatches(10, passes=3, splits=4, seed=5, rl_step=2, salt=0)
+    assert [len(mb) for mb in mbs] == [3, 3, 2, 2] * 3
+    for p in range(3):
+        assert sorted(torch.cat(mbs[4 * p : 4 * p + 4]).tolist()) == list(range(10))  # each sample once a pass
+    assert not torch.equal(torch.cat(mbs[:4]), torch.cat(mbs[4:8]))  # a new shuffle every pass
+    again = minibatches(10, passes=3, splits=4, seed=5, rl_step=2, salt=0)
+    assert all(torch.equal(a, b) for a, b in zip(mbs, again, strict=True))  # every rank draws the same
+    assert [len(mb) for mb in minibatches(2, 1, 4, 0, 0, 0)] == [1, 1]  # more splits than samples: no empty ones
+
+
 def test_minibatches_and_passes_count_optimizer_steps(learners, full_policy):
+    """Minibatches are sets of samples (all rows of a sample together); each packs its rows two per micro-batch."""
+    from tracerl.learner.micro import minibatches
+
     rollout, views = batch(full_policy)
     cfg = make_cfg(updates_per_step=2, minibatches=3, micro_batch_tokens=2 * views.row_tokens)
     learner = learners(cfg, copy.deepcopy(full_policy))
     grads = capture_grads(learner)
-    metrics = learner.train_step(rollout, ADV, views)
+    metrics = learner.train_step(rollout, ADV)
     assert metrics["train/optimizer_steps"] == 6 == len(grads)
-    sizes = [len(mb) for mb in torch.tensor_split(torch.arange(len(views)), 3)]
-    assert metrics["train/micro_batches"] == 2 * sum(math.ceil(s / 2) for s in sizes)
+    rows = [int(torch.isin(views.row_sample, mb).sum()) for mb in minibatches(4, 2, 3, cfg.seed, 0, 0)]
+    assert sum(rows) == 2 * len(views)
+    assert metrics["train/micro_batches"] == sum(math.ceil(r / 2) for r in rows)
+    assert metrics["trace/rows_per_sample"] == len(views) / 4
 
 
 def test_engines_agree_on_an_rl_step_with_clipping_and_a_schedule(learners, block_policy):
@@ -154,7 +172,7 @@ def test_engines_agree_on_an_rl_step_with_clipping_and_a_schedule(learners, bloc
         cfg = make_cfg(engine=engine, minibatches=2, max_grad_norm=0.05, warmup_steps=3, lr=3e-3)
         cfg.learner.micro_batch_tokens = 3 * views.row_tokens
         learner = learners(cfg, copy.deepcopy(block_policy))
-        metrics = learner.train_step(rollout, ADV, views)
+        metrics = learner.train_step(rollout, ADV)
         got[engine] = (metrics, learner.state_dict_for_rollout()[1])
     (m_ds, w_ds), (m_pt, w_pt) = got["deepspeed"], got["torch"]
     assert m_ds["train/grad_norm"] > 0.05  # clipping was active
@@ -195,7 +213,7 @@ def test_train_step_updates_parameters_with_finite_gradients_and_reports_metrics
     learner = learners(cfg, copy.deepcopy(full_policy))
     before = learner.state_dict_for_rollout()[1]
     grads = capture_grads(learner)
-    metrics = learner.train_step(rollout, ADV, views)
+    metrics = learner.train_step(rollout, ADV)
     version, after = learner.state_dict_for_rollout()
 
     assert version == 1
@@ -220,7 +238,7 @@ def test_old_logp_from_the_rollout_matches_the_learner(learners, full_policy):
     cfg = make_cfg()
     cfg.objective.old_logp_source = "rollout"
     learner = learners(cfg, copy.deepcopy(full_policy))
-    metrics = learner.train_step(rollout, ADV, views)
+    metrics = learner.train_step(rollout, ADV)
     assert metrics["train/kl_to_old"] < 1e-9
     assert metrics["train/clipfrac"] == 0.0
 
@@ -236,7 +254,7 @@ def test_advantage_sign_moves_the_trace_log_prob(learners, sign):
     learner = learners(cfg, policy)
     start = learner.logprobs(views).sum().item()
     for _ in range(3):
-        learner.train_step(rollout, torch.tensor([sign]), views)
+        learner.train_step(rollout, torch.tensor([sign]))
     end = learner.logprobs(views).sum().item()
     assert sign * (end - start) > 0.5  # nats over the 8 response tokens
 
@@ -246,7 +264,7 @@ def test_block_layout_in_bf16(learners, block_policy, stage):
     rollout, views = batch(block_policy, n_tokens=12)
     cfg = make_cfg(zero_stage=stage, precision="bf16", micro_batch_tokens=2 * views.row_tokens)
     learner = learners(cfg, copy.deepcopy(block_policy))
-    metrics = learner.train_step(rollout, ADV, views)
+    metrics = learner.train_step(rollout, ADV)
     assert all(math.isfinite(v) for v in metrics.values())
     assert learner.policy.model.dtype == torch.bfloat16
     assert metrics["train/grad_norm"] > 0
@@ -275,7 +293,7 @@ def test_gradient_checkpointing_gives_the_same_gradient(learners, full_policy):
     for on in (False, True):
         learner = learners(make_cfg(gradient_checkpointing=on), copy.deepcopy(full_policy))
         grads = capture_grads(learner)
-        learner.train_step(rollout, ADV, views)
+        learner.train_step(rollout, ADV)
         got.append(grads[0])
     for name in got[0]:
         torch.testing.assert_close(got[0][name], got[1][name], rtol=1e-5, atol=1e-8)
@@ -289,17 +307,17 @@ def test_value_model_with_zero_head_gives_outcome_advantages_then_learns(learner
     equals the one without a value model; the value head itself moves towards the returns."""
     rollout, views = batch(full_policy)
     plain = learners(make_cfg(), copy.deepcopy(full_policy))
-    plain.train_step(rollout, ADV, views)
+    plain.train_step(rollout, ADV)
     cfg = make_cfg(value_lr=1e-2)
     cfg.objective.value_model = True
     learner = learners(cfg, copy.deepcopy(full_policy))
-    metrics = learner.train_step(rollout, ADV, views)
+    metrics = learner.train_step(rollout, ADV)
     assert metrics["train/value_mean"] == 0.0
     want, got = plain.state_dict_for_rollout()[1], learner.state_dict_for_rollout()[1]
     for name in want:
         torch.testing.assert_close(got[name], want[name], rtol=0, atol=1e-6)
     assert learner.value_engine.module.value.head.weight.abs().sum() > 0
-    later = [learner.train_step(rollout, ADV, views)["train/value_loss"] for _ in range(4)]
+    later = [learner.train_step(rollout, ADV)["train/value_loss"] for _ in range(4)]
     assert later[-1] < metrics["train/value_loss"]  # the values move towards the returns R
 
 
@@ -309,8 +327,8 @@ def test_reference_model_is_frozen_and_measured(learners, full_policy):
     cfg.objective.kl_to_ref_coef = 0.1
     learner = learners(cfg, copy.deepcopy(full_policy))
     ref_before = {k: v.clone() for k, v in learner.ref.model.state_dict().items()}
-    first = learner.train_step(rollout, ADV, views)
-    second = learner.train_step(rollout, ADV, views)
+    first = learner.train_step(rollout, ADV)
+    second = learner.train_step(rollout, ADV)
     assert first["train/kl_to_ref"] == pytest.approx(0.0, abs=1e-6)  # the reference is the initial policy
     assert second["train/kl_to_ref"] > 1e-6  # after one update the policy has moved away from it
     for k, v in learner.ref.model.state_dict().items():
@@ -357,10 +375,9 @@ def test_dropout_is_off_in_every_learner_pass(learners, tmp_path, checkpointing)
     policy = _dropout_bert(tmp_path, tok)
     assert any(isinstance(m, torch.nn.Dropout) and m.p == 0.1 for m in policy.model.modules())
     rollout = generate(policy, [tok(p)["input_ids"] for p in ["1+2=", "12+3=", "a"]], SamplingConfig(max_new_tokens=8))
-    views = make_views(rollout, "trace", policy.mask_id)
     cfg = make_cfg(gradient_checkpointing=checkpointing)
     learner = learners(cfg, policy)
-    metrics = learner.train_step(rollout, torch.tensor([1.0, -1.0, 0.5]), views)
+    metrics = learner.train_step(rollout, torch.tensor([1.0, -1.0, 0.5]))
     assert metrics["train/clipfrac"] == 0.0
     assert metrics["train/kl_to_old"] == 0.0
     assert metrics["rollout/logp_mismatch"] < 1e-4  # and the learner replays what the sampler saw

@@ -10,6 +10,7 @@ import torch
 from tracerl.checkpoint import DriverState, export_hf, load_checkpoint, save_checkpoint
 from tracerl.config import Config, SamplingConfig
 from tracerl.learner import Learner
+from tracerl.records import TrainShard
 from tracerl.sampling import generate
 from tracerl.trace import make_views
 
@@ -39,6 +40,10 @@ def dp_cfg(stage: int) -> Config:
     return cfg
 
 
+def views_bytes(views) -> int:  # noqa: ANN001
+    return sum(t.numel() * t.element_size() for t in vars(views).values() if isinstance(t, torch.Tensor))
+
+
 @pytest.mark.parametrize("stage", [2, 3])
 def test_two_ranks_give_the_weights_of_one(local_ray, tmp_path, stage):
     policy = tiny_policy("full")
@@ -48,18 +53,24 @@ def test_two_ranks_give_the_weights_of_one(local_ray, tmp_path, stage):
     initial = {k: v.clone() for k, v in policy.model.state_dict().items()}
 
     single = Learner(dp_cfg(0), copy.deepcopy(policy))  # one plain rank with every row
-    want_metrics = single.train_step(rollout, ADV, views)
+    want_metrics = single.train_step(rollout, ADV)
     _, want = single.state_dict_for_rollout()
     single.destroy()
 
     from tracerl.workers import LearnerGroup
 
     cfg = dp_cfg(stage)
-    cfg.learner.micro_batch_tokens = 4 * views.row_tokens  # uneven shares: 24 rows → 12 per minibatch → 6 a rank
+    cfg.learner.micro_batch_tokens = 4 * views.row_tokens  # uneven shares: the ranks hold 2 and 1 samples
     group = LearnerGroup(cfg, num_ranks=2, weights=initial)
     try:
         assert len(set(group.pids)) == 2
-        metrics = group.train_step(rollout, ADV, views)
+        metrics = group.train_step(rollout, ADV)
+        # each rank was sent its own samples only: together exactly the rollout, never the views
+        whole = TrainShard(rollout, ADV, torch.arange(3), 3, 0).nbytes()
+        shares = (torch.tensor([0, 1]), torch.tensor([2]))
+        want_bytes = [TrainShard(rollout.select(i), ADV[i], i, 3, 0).nbytes() for i in shares]
+        assert group.shard_bytes == want_bytes and sum(want_bytes) == whole
+        assert max(group.shard_bytes) < whole < views_bytes(views)
         version, got = group.get_weights()
         assert version == 1
         for name, tensor in want.items():
@@ -71,7 +82,7 @@ def test_two_ranks_give_the_weights_of_one(local_ray, tmp_path, stage):
         if stage == 3:  # save / export / load across the two ZeRO-3 ranks
             path = save_checkpoint(tmp_path, 1, group, DriverState(step=1))
             export_hf(group, tmp_path / "hf")
-            group.train_step(rollout, ADV, views)
+            group.train_step(rollout, ADV)
             assert not torch.equal(group.get_weights()[1]["lm_head.weight"], got["lm_head.weight"])
             load_checkpoint(path, group)
             version, back = group.get_weights()

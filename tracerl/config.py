@@ -179,7 +179,7 @@ class LearnerConfig:
     """The learner (DESIGN §10, §20)."""
 
     engine: Literal["deepspeed", "torch"] = "deepspeed"  # what trains a module: DeepSpeed, or plain PyTorch (ZeRO 0)
-    num_ranks: int = 1  # learner ranks (Ray actors, one DeepSpeed rank each; 0 = auto from cluster.*)
+    num_ranks: int = 1  # learner ranks (Ray actors, data-parallel; 0 = auto from cluster.*)
     num_cpus_per_rank: float = 1.0  # Ray CPUs each learner rank reserves
     zero_stage: int = 0  # DeepSpeed ZeRO stage 0-3
     precision: Literal["fp32", "bf16"] = "fp32"  # training precision
@@ -193,8 +193,8 @@ class LearnerConfig:
     warmup_steps: int = 0  # linear warmup, in optimizer steps
     total_steps: int = 1000  # optimizer steps the schedule spans (linear / cosine)
     max_grad_norm: float = 1.0  # gradient clipping by the global norm, owned by the engine (0 = off)
-    updates_per_step: int = 1  # mu: passes over an RL step's rows
-    minibatches: int = 1  # optimizer steps per pass (rows split into this many minibatches)
+    updates_per_step: int = 1  # mu: passes over an RL step's samples
+    minibatches: int = 1  # optimizer steps per pass (the step's samples split into this many minibatches)
     micro_batch_tokens: int = 8192  # token budget of one micro-batch (rows are packed up to it)
     gradient_checkpointing: bool = False  # recompute activations in backward (large models)
     backend: Literal["auto", "gloo", "nccl"] = "auto"  # torch.distributed backend (auto: nccl on GPU)

@@ -91,6 +91,15 @@ class Views:
         return self.input_ids.shape[0]
 
     @property
+    def seq_sample(self) -> torch.Tensor:
+        """[S] the sample of each sequence (a row is a sequence)."""
+        return self.row_sample
+
+    @property
+    def num_rows(self) -> int:
+        return len(self.row_sample)
+
+    @property
     def row_tokens(self) -> int:
         return self.input_ids.shape[1]
 
@@ -191,6 +200,31 @@ register_views = VIEWS.register
 get_views = VIEWS.lookup
 
 
+class SampleRandom:
+    """Uniform draws per rollout sample, each sample from a generator seeded by (RL-step seed, its sample id), so a
+    sample's random mask does not depend on the other samples it is built with (each learner rank builds the views
+    of its own shard) and is the same for old, reference and current log-probs within an RL step.
+
+    Example:
+        >>> a = SampleRandom(7, torch.tensor([0, 1, 2])).rand(2)
+        >>> b = SampleRandom(7, torch.tensor([2])).rand(2)
+        >>> torch.equal(a[2], b[0])
+        True
+    """
+
+    def __init__(self, seed: int, sample_ids: torch.Tensor) -> None:
+        self.seed, self.sample_ids = seed, sample_ids
+
+    def rand(self, *shape: int) -> torch.Tensor:
+        """[n, *shape] draws from U[0, 1), row i from sample ``sample_ids[i]``'s generator (one call per RL step
+        per builder: a second call draws the same numbers again)."""
+        rows = [
+            torch.rand(shape, generator=torch.Generator().manual_seed(self.seed * 1_000_003 + int(i)))
+            for i in self.sample_ids
+        ]
+        return torch.stack(rows) if rows else torch.zeros((0, *shape))
+
+
 def region_blocks(rollout: Rollout) -> torch.Tensor:
     """[N, L] block of the sampler's absolute grid that each response position lies in (0 = first decoding)."""
     tail = rollout.prompt_lengths % rollout.block_size
@@ -230,8 +264,10 @@ def trace_masks(rollout: Rollout, *, shrink_s: int = 1, **_: object) -> RowMasks
                 target = (round_of == r) & rollout.response_mask[i]
                 if target.any():
                     rows.append((i, r, (round_of >= r) | (merged[i] < 0), target))
-    if not rows:
-        raise ValueError("the rollout has no trainable tokens (empty response masks)")
+    if not rows:  # no trainable token (e.g. an empty shard): no rows
+        length = rollout.response_ids.shape[1]
+        none = torch.zeros(0, dtype=torch.long)
+        return RowMasks(none, none, torch.zeros(0, length, dtype=torch.bool), torch.zeros(0, length, dtype=torch.bool))
     sample, step, masked, target = zip(*rows, strict=True)
     return RowMasks(torch.tensor(sample), torch.tensor(step), torch.stack(masked), torch.stack(target))
 
@@ -242,10 +278,10 @@ def _response_targets(rollout: Rollout, copies: int) -> tuple[torch.Tensor, torc
 
 
 @register_views("d1")
-def d1_masks(rollout: Rollout, *, generator: torch.Generator, prompt_mask_prob: float = 0.15, **_: object) -> RowMasks:
+def d1_masks(rollout: Rollout, *, rng: SampleRandom, prompt_mask_prob: float = 0.15, **_: object) -> RowMasks:
     """d1 / diffu-GRPO: the completion fully masked, the prompt masked with probability p; one row per sample."""
     sample, target = _response_targets(rollout, 1)
-    prompt_masked = torch.rand(rollout.prompt_ids.shape, generator=generator) < prompt_mask_prob
+    prompt_masked = rng.rand(rollout.prompt_ids.shape[1]) < prompt_mask_prob
     return RowMasks(
         sample, torch.zeros_like(sample), torch.ones_like(target), target, prompt_masked & rollout.prompt_mask
     )
@@ -253,21 +289,20 @@ def d1_masks(rollout: Rollout, *, generator: torch.Generator, prompt_mask_prob: 
 
 @register_views("random_masking")
 def random_masking_masks(
-    rollout: Rollout, *, generator: torch.Generator, low: float = 0.1, high: float = 0.9, copies: int = 1, **_: object
+    rollout: Rollout, *, rng: SampleRandom, low: float = 0.1, high: float = 0.9, copies: int = 1, **_: object
 ) -> RowMasks:
     """UniGRPO-style: per row a mask ratio t ~ U[low, high]; each response token masked with probability t."""
     sample, valid = _response_targets(rollout, copies)
-    ratio = low + (high - low) * torch.rand(len(sample), 1, generator=generator)
-    masked = (torch.rand(valid.shape, generator=generator) < ratio) & valid
+    draws = rng.rand(copies, 1 + valid.shape[1]).flatten(0, 1)  # [N · copies, 1 + L]: the ratio, then the tokens
+    ratio = low + (high - low) * draws[:, :1]
+    masked = (draws[:, 1:] < ratio) & valid
     return RowMasks(sample, torch.zeros_like(sample), masked | ~valid, masked)
 
 
 @register_views("coupled")
-def coupled_masks(
-    rollout: Rollout, *, generator: torch.Generator, low: float = 0.1, high: float = 0.9, **_: object
-) -> RowMasks:
+def coupled_masks(rollout: Rollout, *, rng: SampleRandom, low: float = 0.1, high: float = 0.9, **_: object) -> RowMasks:
     """DiffuCoder coupled sampling: a random mask and its complement, so every token is scored exactly once."""
-    one = random_masking_masks(rollout, generator=generator, low=low, high=high)
+    one = random_masking_masks(rollout, rng=rng, low=low, high=high)
     valid = rollout.response_mask
     complement = valid & ~one.target
     step = torch.cat([torch.zeros_like(one.sample), torch.ones_like(one.sample)])
@@ -329,8 +364,8 @@ def _block_rows(rollout: Rollout, m: RowMasks, mask_id: int) -> Views:
     lp_all = rollout.prompt_lengths
     length = rollout.response_ids.shape[1]
     full_all = (lp_all // b) * b
-    c = int(full_all.max())  # columns of complete prompt blocks
-    u = int(((lp_all - full_all + length + b - 1) // b).max()) * b  # region width, whole blocks
+    c = int(full_all.max()) if len(rollout) else 0  # columns of complete prompt blocks
+    u = int(((lp_all - full_all + length + b - 1) // b).max()) * b if len(rollout) else 0  # region width, whole blocks
     r = len(m.sample)
     t = c + 2 * u
     input_ids = torch.full((r, t), int(rollout.sampler.get("pad_id", 0)), dtype=torch.long)
@@ -388,11 +423,22 @@ def _block_rows(rollout: Rollout, m: RowMasks, mask_id: int) -> Views:
 
 
 def make_views(
-    rollout: Rollout, name: str, mask_id: int, *, shift: bool = False, seed: int = 0, **kwargs: object
+    rollout: Rollout,
+    name: str,
+    mask_id: int,
+    *,
+    shift: bool = False,
+    seed: int = 0,
+    sample_ids: torch.Tensor | None = None,
+    **kwargs: object,
 ) -> Views:
-    """Build the training views of a rollout with the named builder (one seeded mask per RL step)."""
-    generator = torch.Generator().manual_seed(seed)
-    masks = get_views(name)(rollout, generator=generator, **kwargs)
+    """Build the training views of a rollout with the named builder (one seeded mask per RL step and sample).
+
+    ``sample_ids`` [N]: each sample's id in the whole RL step (default 0..N-1) when ``rollout`` is a shard of
+    it, so random masks do not depend on how the step was sharded.
+    """
+    ids = torch.arange(len(rollout)) if sample_ids is None else sample_ids
+    masks = get_views(name)(rollout, rng=SampleRandom(seed, ids), **kwargs)
     return build_views(rollout, masks, mask_id, shift)
 
 

@@ -16,11 +16,13 @@ from __future__ import annotations
 import copy
 import gc
 import json
+import time
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from tracerl import objectives
 from tracerl.config import Config
 from tracerl.learner import rl
 from tracerl.learner.engine import Engine, init_distributed, make_engine
@@ -28,6 +30,7 @@ from tracerl.learner.micro import MicroBatches
 from tracerl.models.value import ValueModel, enable_checkpointing
 from tracerl.records import Rollout
 from tracerl.scoring import PolicyScorer, ValueScorer
+from tracerl.trace import make_views
 
 
 class Learner:
@@ -87,7 +90,8 @@ class Learner:
     # ------------------------------------------------------------------------------------------ ranks
 
     def my_share(self, seqs: torch.Tensor) -> torch.Tensor:
-        """This rank's part of ``seqs`` (every rank holds the same views; each computes a contiguous share)."""
+        """This rank's part of ``seqs`` when every rank holds the same views (SFT batches, ``logprobs``): a
+        contiguous share each. RL steps instead give each rank views of its own samples."""
         return torch.tensor_split(seqs, self.world_size)[self.rank]
 
     def gather(self, per_target: torch.Tensor) -> torch.Tensor:
@@ -104,30 +108,76 @@ class Learner:
         t = torch.tensor([sums[k] for k in keys], dtype=torch.float64, device=self.engine.device)
         return dict(zip(keys, self.engine.all_reduce(t).tolist(), strict=True))
 
+    def mean_over_ranks(self, sums: dict[str, float]) -> dict[str, float]:
+        """Per-rank sums with a ``count`` → their means over every rank (0 without any count)."""
+        total = self.sum_over_ranks(sums)
+        count = total.pop("count")
+        return {k: v / count if count else 0.0 for k, v in total.items()}
+
+    def minibatch_totals(self, rows: torch.Tensor, samples: torch.Tensor) -> objectives.Totals:
+        """The aggregation counts of a minibatch whose targets on this rank have these rows and samples: rows
+        and samples live on one rank each, so the counts add up over the ranks."""
+        t = objectives.count_totals(rows, samples)
+        total = self.sum_over_ranks({"rows": t.rows, "tokens": t.tokens, "samples": t.samples})
+        return objectives.Totals(total["rows"], total["tokens"], total["samples"])
+
     # ------------------------------------------------------------------------------------------ steps
 
+    def views_of(self, rollout: Rollout, seed: int = 0, sample_ids: torch.Tensor | None = None) -> Any:
+        """The training views of ``rollout`` as ``objective.*`` asks (builder, shrink, masking knobs); ``seed`` is
+        the RL step's view seed and ``sample_ids`` the samples' ids in the step when ``rollout`` is a shard."""
+        o = self.obj
+        return make_views(
+            rollout,
+            o.views,
+            self.policy.mask_id,
+            shift=bool(self.policy.shift),
+            seed=seed,
+            sample_ids=sample_ids,
+            shrink_s=o.shrink,
+            prompt_mask_prob=o.d1_prompt_mask_prob,
+            low=o.mask_ratio_low,
+            high=o.mask_ratio_high,
+        )
+
     def logprobs(self, views: Any) -> torch.Tensor:
-        """[M] log-prob of every target under the current policy, in the views' ``targets()`` order."""
+        """[M] log-prob of every target under the current policy, in the views' ``targets()`` order (every rank
+        passes the same views)."""
         table = views.targets()
         return self.gather(self.micro.infer(self.engine, views, table, self.my_share(torch.arange(len(views))))[0])
 
-    def train_step(self, rollout: Rollout, advantages: torch.Tensor, views: Any) -> dict[str, float]:
-        """One RL step on ``views`` of ``rollout`` (every rank passes the same arguments): ``rl.train_step``.
+    def train_step(
+        self,
+        rollout: Rollout,
+        advantages: torch.Tensor,
+        *,
+        seed: int = 0,
+        sample_ids: torch.Tensor | None = None,
+        num_samples: int | None = None,
+    ) -> dict[str, float]:
+        """One RL step on this rank's samples of it: build their views here, then ``rl.train_step``.
 
         Args:
-            rollout: the sampled batch (response length L, ``rollout_logp``, step map for the value model).
-            advantages: [N] per sample (broadcast to each sample's targets), or [N, L] per token. With the value
+            rollout: this rank's samples (one rank: the whole kept rollout).
+            advantages: [n] per sample (broadcast to each sample's targets), or [n, L] per token. With the value
                 model on they are the outcome reward of its step-level GAE (TraceRL passes the z-scored reward).
-            views: the training views (``trace.make_views``).
+            seed: the RL step's view seed (random view builders).
+            sample_ids, num_samples: the samples' indices in the whole step and its size, when ``rollout`` is one
+                rank's shard (``records.shard_step``); default: the whole step.
 
         Returns:
             ``train/*`` metrics as floats: policy_loss, clipfrac, kl_to_old, kl_to_ref (with a reference),
-            entropy, grad_norm, lr, tokens, micro_batches, optimizer_steps, and value_loss with a value model.
+            entropy, grad_norm, lr, tokens, micro_batches, optimizer_steps, value_loss with a value model;
+            ``trace/*`` (rows and tokens per sample) and ``time/views`` (this rank's view building).
         """
-        metrics = rl.train_step(self, rollout, advantages, views)
+        ids = torch.arange(len(rollout)) if sample_ids is None else sample_ids
+        start = time.perf_counter()
+        views = self.views_of(rollout, seed, ids)
+        views_s = time.perf_counter() - start
+        metrics = rl.train_step(self, rollout, advantages, views, ids, num_samples or len(rollout))
         self.rl_steps += 1
         self.version += 1
-        return metrics
+        return metrics | {"time/views": views_s}
 
     def sft_step(self, views: Any, weights: torch.Tensor) -> dict[str, float]:
         """One optimizer step on the weighted negative log-likelihood −Σ weights · log p(target | view).

@@ -17,7 +17,7 @@ dims: N samples · L response length · M targets (flat, ``TargetTable`` order) 
 from __future__ import annotations
 
 from collections import defaultdict
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -32,36 +32,46 @@ if TYPE_CHECKING:
 TOKEN_METRICS = ("clipfrac", "kl_to_old", "kl_to_ref", "entropy")  # token means over every target of a step
 
 
-def train_step(learner: Learner, rollout: Rollout, advantages: torch.Tensor, views: object) -> dict[str, float]:
-    """One RL step of ``learner`` on ``views`` of ``rollout`` (see the module docstring for the steps).
+def train_step(
+    learner: Learner,
+    rollout: Rollout,
+    advantages: torch.Tensor,
+    views: Any,
+    sample_ids: torch.Tensor,
+    num_samples: int,
+) -> dict[str, float]:
+    """One RL step of ``learner`` on the views of its shard of the step (see the module docstring for the steps).
 
     Args:
-        rollout: the sampled batch (response length L, ``rollout_logp``, the step map for the value model).
-        advantages: [N] per sample, or [N, L] per token: what the policy loss weighs each target with. With the
+        rollout: this rank's samples (response length L, ``rollout_logp``, the step map for the value model).
+        advantages: [n] per sample, or [n, L] per token: what the policy loss weighs each target with. With the
             value model on they are the outcome reward its step-level GAE starts from (``value_phase``).
-        views: the training views (``trace.make_views``).
+        views: the training views of ``rollout`` (built on this rank).
+        sample_ids: [n] each sample's index in the whole step; num_samples: N over all ranks. Minibatches are
+            drawn over the N samples, so every rank agrees on them and a sample's views are never split.
 
     Returns:
-        ``train/*`` metrics as floats (see ``Learner.train_step``).
+        ``train/*`` metrics as floats (see ``Learner.train_step``), the same on every rank.
     """
     obj, lc, micro = learner.obj, learner.lc, learner.micro
     length = rollout.response_ids.shape[1]
     table = views.targets()
-    mine = learner.my_share(torch.arange(len(views)))
+    everything = torch.arange(len(views))
+    seq_sample = sample_ids[views.seq_sample]  # [S] the step-wide sample of each sequence
     metrics: dict[str, float] = {}
 
     # 1. Everything "old", once, before any update.
     if obj.old_logp_source == "rollout":
         old_logp = table.read(rollout.rollout_logp.float())
     else:
-        old_logp = learner.gather(micro.infer(learner.engine, views, table, mine)[0])
+        old_logp = micro.infer(learner.engine, views, table, everything)[0]
         if obj.views == "trace":  # the views replay the sampler's states: compare with what it recorded
-            metrics |= mismatch_metrics(old_logp, table.read(rollout.rollout_logp))
-    ref_logp = learner.gather(micro.infer(learner.ref, views, table, mine)[0]) if learner.ref is not None else None
+            metrics |= learner.mean_over_ranks(mismatch_sums(old_logp, table.read(rollout.rollout_logp)))
+    ref_logp = micro.infer(learner.ref, views, table, everything)[0] if learner.ref is not None else None
 
     # 2. Value phase: advantages from the pre-update values (step GAE), then the value updates.
     if learner.value_engine is not None:
-        adv, value_metrics = value_phase(learner, rollout, advantages, views, table)
+        adv, value_metrics = value_phase(learner, rollout, advantages, views, table, seq_sample, num_samples)
         metrics |= value_metrics
     else:
         adv = table.read(advantages.float()) if advantages.ndim == 2 else advantages.float()[table.sample]
@@ -106,34 +116,50 @@ def train_step(learner: Learner, rollout: Rollout, advantages: torch.Tensor, vie
         return loss
 
     steps: dict[str, float] = defaultdict(float)
-    passes = minibatches(len(views), lc.updates_per_step, lc.minibatches, learner.seed, learner.rl_steps, salt=0)
-    for mb in passes:
-        ids = table.of(mb)  # the minibatch's targets: its aggregation weights
+    for mb in minibatches(num_samples, lc.updates_per_step, lc.minibatches, learner.seed, learner.rl_steps, salt=0):
+        seqs = everything[torch.isin(seq_sample, mb)]  # this rank's sequences of the minibatch's samples
+        ids = table.of(seqs)
+        totals = learner.minibatch_totals(table.row[ids], table.sample[ids])
         weights.zero_()
         kl_weights.zero_()
-        rows, samples = table.row[ids], table.sample[ids]
-        weights[ids] = objectives.target_weights(rows, samples, obj.aggregation, length)
-        kl_weights[ids] = objectives.target_weights(rows, samples, kl_agg, length)
-        s = micro.optimizer_step(learner.engine, views, table, learner.my_share(mb), loss_fn)
+        weights[ids] = objectives.target_weights(table.row[ids], table.sample[ids], obj.aggregation, length, totals)
+        kl_weights[ids] = objectives.target_weights(table.row[ids], table.sample[ids], kl_agg, length, totals)
+        s = micro.optimizer_step(learner.engine, views, table, seqs, loss_fn)
         steps["loss"] += s.loss
         steps["grad_norm"] += s.grad_norm
         steps["micro_batches"] += s.micro_batches
         steps["optimizer_steps"] += 1
         steps["lr"] = s.lr
-    totals = learner.sum_over_ranks(sums)
+    totals = learner.sum_over_ranks(
+        {**sums, "targets": float(len(table)), "rows": float(views.num_rows), "samples": float(len(rollout)),
+         "tokens": float(views.seq_tokens().sum()), "sequences": float(len(views))}
+    )  # fmt: skip
     n_steps = max(1.0, steps["optimizer_steps"])
     metrics |= {
         "train/policy_loss": steps["loss"] / n_steps,
         "train/grad_norm": steps["grad_norm"] / n_steps,
         "train/lr": steps["lr"],
-        "train/tokens": float(len(table)),
+        "train/tokens": totals["targets"],
         "train/micro_batches": steps["micro_batches"],
         "train/optimizer_steps": steps["optimizer_steps"],
+        "trace/rows_per_sample": totals["rows"] / max(1.0, totals["samples"]),
+        "trace/row_tokens": totals["tokens"] / max(1.0, totals["sequences"]),
+        "trace/tokens_per_sample": totals["tokens"] / max(1.0, totals["samples"]),
     }
     for key in TOKEN_METRICS:
         if key in totals:
             metrics[f"train/{key}"] = totals[key] / max(1.0, totals["count"])
     return metrics
+
+
+def mismatch_sums(old_logp: torch.Tensor, rollout_logp: torch.Tensor) -> dict[str, float]:
+    """The sums behind ``mismatch_metrics`` over one rank's targets (both [M]), for a mean over every rank."""
+    old, roll = old_logp.double(), rollout_logp.double()
+    return {
+        "rollout/logp_mismatch": float((old - roll).abs().sum()),
+        "rollout/kl_mismatch": float(objectives.kl_estimate(roll, old, "k3").sum()),
+        "count": float(old.numel()),
+    }
 
 
 def mismatch_metrics(

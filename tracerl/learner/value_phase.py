@@ -10,7 +10,7 @@ dims: N samples · L response length · M targets (flat, ``TargetTable`` order)
 from __future__ import annotations
 
 from collections import defaultdict
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -26,13 +26,21 @@ if TYPE_CHECKING:
 
 
 def value_phase(
-    learner: Learner, rollout: Rollout, outcome: torch.Tensor, views: object, table: TargetTable
+    learner: Learner,
+    rollout: Rollout,
+    outcome: torch.Tensor,
+    views: Any,
+    table: TargetTable,
+    seq_sample: torch.Tensor,
+    num_samples: int,
 ) -> tuple[torch.Tensor, dict[str, float]]:
     """Per-target policy advantages [M] from the value model, after training it on this RL step.
 
     Args:
-        outcome: [N] the outcome reward of each sample, placed on its last step (the loop passes the group
-            advantage, TraceRL's z-scored reward), or [N, L] per-token process rewards.
+        rollout, views, table: this rank's samples, their views and targets.
+        outcome: [n] the outcome reward of each sample, placed on its last step (the loop passes the group
+            advantage, TraceRL's z-scored reward), or [n, L] per-token process rewards.
+        seq_sample: [S] the step-wide sample of each sequence; num_samples: N over all ranks (minibatches).
 
     Returns:
         (advantages [M], ``train/value_*`` metrics).
@@ -42,7 +50,8 @@ def value_phase(
     n, length = rollout.response_ids.shape
 
     # 1. Token values before any update, each read in its own view, then step GAE over merged steps.
-    old_values = learner.gather(micro.infer(engine, views, table, learner.my_share(torch.arange(len(views))))[0])
+    everything = torch.arange(len(views))
+    old_values = micro.infer(engine, views, table, everything)[0]
     token_values = table.place(old_values, n, length)
     covered = table.place(torch.ones(len(table)), n, length) > 0
     token_mask = covered & rollout.response_mask
@@ -74,11 +83,13 @@ def value_phase(
         return loss
 
     stats: dict[str, float] = defaultdict(float)
-    for mb in minibatches(len(views), lc.updates_per_step, lc.minibatches, learner.seed, learner.rl_steps, salt=1):
-        ids = table.of(mb)
+    for mb in minibatches(num_samples, lc.updates_per_step, lc.minibatches, learner.seed, learner.rl_steps, salt=1):
+        seqs = everything[torch.isin(seq_sample, mb)]
+        ids = table.of(seqs)
+        totals = learner.minibatch_totals(table.row[ids], table.sample[ids])
         weights.zero_()
-        weights[ids] = objectives.target_weights(table.row[ids], table.sample[ids], obj.aggregation, length)
-        s = micro.optimizer_step(engine, views, table, learner.my_share(mb), loss_fn)
+        weights[ids] = objectives.target_weights(table.row[ids], table.sample[ids], obj.aggregation, length, totals)
+        s = micro.optimizer_step(engine, views, table, seqs, loss_fn)
         stats["loss"] += s.loss
         stats["grad_norm"] += s.grad_norm
         stats["optimizer_steps"] += 1
@@ -86,6 +97,6 @@ def value_phase(
     metrics = {
         "train/value_loss": stats["loss"] / steps,
         "train/value_grad_norm": stats["grad_norm"] / steps,
-        "train/value_mean": float(old_values.mean()) if len(table) else 0.0,
+        "train/value_mean": learner.mean_over_ranks({"v": float(old_values.sum()), "count": float(len(table))})["v"],
     }
     return table.read(token_adv), metrics
