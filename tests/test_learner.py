@@ -183,6 +183,39 @@ def test_engines_agree_on_an_rl_step_with_clipping_and_a_schedule(learners, bloc
     assert not torch.equal(w_pt["lm_head.weight"], block_policy.model.state_dict()["lm_head.weight"])
 
 
+@pytest.mark.parametrize(
+    "extra",
+    [
+        {},  # μ = 2 passes × 2 minibatches, a KL to the old policy
+        {"value_model": True, "kl_to_ref_coef": 0.05, "gradient_checkpointing": True},  # every scorer, checkpointed
+    ],
+)
+def test_packed_views_train_like_the_rows(learners, block_policy, extra):
+    """The same RL step on packed views and on the rows: the same metrics and weights (fp32, 1e-5), with fewer
+    tokens through the model."""
+    rollout, _ = batch(block_policy, n_tokens=12)
+    got = {}
+    for packed in (False, True):
+        cfg = make_cfg(packed_views=packed, updates_per_step=2, minibatches=2, micro_batch_tokens=200)
+        cfg.learner.gradient_checkpointing = extra.get("gradient_checkpointing", False)
+        cfg.objective.kl_to_old_coef = 0.05
+        cfg.objective.value_model = extra.get("value_model", False)
+        cfg.objective.kl_to_ref_coef = extra.get("kl_to_ref_coef", 0.0)
+        cfg.learner.value_lr = 1e-2
+        learner = learners(cfg, copy.deepcopy(block_policy))
+        first = learner.train_step(rollout, ADV)
+        second = learner.train_step(rollout, ADV)  # after an update: kl_to_old, clipping, values all non-trivial
+        got[packed] = (first, second, learner.state_dict_for_rollout()[1])
+    (r1, r2, rows_w), (p1, p2, packed_w) = got[False], got[True]
+    assert p1["trace/tokens_per_sample"] < r1["trace/tokens_per_sample"]
+    for want, have in ((r1, p1), (r2, p2)):
+        for key, value in want.items():
+            if key.startswith("train/") and key != "train/micro_batches":
+                assert have[key] == pytest.approx(value, rel=1e-4, abs=1e-6), key
+    for name, tensor in rows_w.items():
+        torch.testing.assert_close(packed_w[name], tensor, rtol=1e-5, atol=1e-6, msg=name)
+
+
 def test_torch_engine_refuses_zero():
     from tracerl.config import ConfigError, check
 

@@ -195,7 +195,9 @@ class LearnerConfig:
     max_grad_norm: float = 1.0  # gradient clipping by the global norm, owned by the engine (0 = off)
     updates_per_step: int = 1  # mu: passes over an RL step's samples
     minibatches: int = 1  # optimizer steps per pass (the step's samples split into this many minibatches)
-    micro_batch_tokens: int = 8192  # token budget of one micro-batch (rows are packed up to it)
+    micro_batch_tokens: int = 8192  # token budget of one micro-batch (sequences are packed up to it)
+    packed_views: bool = True  # block layout: one sequence per sample, every denoising state computed once
+    packed_attention: Literal["auto", "split", "flex", "dense"] = "auto"  # packed views' attention (auto: flex on CUDA)
     gradient_checkpointing: bool = False  # recompute activations in backward (large models)
     backend: Literal["auto", "gloo", "nccl"] = "auto"  # torch.distributed backend (auto: nccl on GPU)
     logprob_chunk_tokens: int = 1024  # target tokens per chunk of the chunked log-softmax (memory O(chunk × V))

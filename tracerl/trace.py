@@ -18,6 +18,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -61,7 +62,7 @@ class ModelInputs:
 
     input_ids: torch.Tensor  # [s, T] long
     position_ids: torch.Tensor  # [s, T] long
-    attention: torch.Tensor  # [s, T, T] bool, query × key visibility
+    attention: Any  # [s, T, T] bool query × key visibility, or a models.attention.PackedAttention pattern
     target_mask: torch.Tensor  # [s, T] bool
     target_ids: torch.Tensor  # [s, T] long
 
@@ -430,15 +431,24 @@ def make_views(
     shift: bool = False,
     seed: int = 0,
     sample_ids: torch.Tensor | None = None,
+    pack: bool = False,
+    max_tokens: int | None = None,
+    attention: str = "split",
     **kwargs: object,
-) -> Views:
+) -> Any:
     """Build the training views of a rollout with the named builder (one seeded mask per RL step and sample).
 
     ``sample_ids`` [N]: each sample's id in the whole RL step (default 0..N-1) when ``rollout`` is a shard of
-    it, so random masks do not depend on how the step was sharded.
+    it, so random masks do not depend on how the step was sharded. ``pack``: block-layout rows packed one
+    sequence per sample (``packed.pack_views``, chunks of at most ``max_tokens``, ``attention`` its backend) when
+    the builder leaves prompts unmasked; otherwise (and for the full layout) the rows of ``build_views``.
     """
     ids = torch.arange(len(rollout)) if sample_ids is None else sample_ids
     masks = get_views(name)(rollout, rng=SampleRandom(seed, ids), **kwargs)
+    if pack and rollout.layout == "block" and masks.prompt_masked is None and not shift:
+        from tracerl.packed import pack_views  # packed.py builds on this module
+
+        return pack_views(rollout, masks, mask_id, max_tokens=max_tokens, attention=attention)
     return build_views(rollout, masks, mask_id, shift)
 
 
@@ -460,6 +470,16 @@ def view_logprobs(policy, views: Views, rows: torch.Tensor | None = None) -> tor
     out = torch.zeros(target.shape, dtype=torch.float32, device=device)
     out[target] = picked
     return out
+
+
+def target_logprobs(policy, views: Any) -> torch.Tensor:  # noqa: ANN001
+    """[M] fp32 log-prob of every target from its training view, rows or packed, in ``views.targets()`` order
+    (one forward of every sequence; the LM head only at the targets)."""
+    device = next(policy.model.parameters()).device
+    inputs = views.model_inputs(torch.arange(len(views))).to(device)
+    logits = policy.logits_at(inputs.input_ids, inputs.position_ids, inputs.attention, inputs.target_mask)
+    logp = torch.log_softmax(logits.float(), dim=-1)
+    return logp.gather(-1, inputs.target_ids[inputs.target_mask].unsqueeze(-1)).squeeze(-1)
 
 
 def scatter_to_response(views: Views, values: torch.Tensor, n: int, length: int) -> torch.Tensor:

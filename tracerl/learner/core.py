@@ -124,9 +124,13 @@ class Learner:
     # ------------------------------------------------------------------------------------------ steps
 
     def views_of(self, rollout: Rollout, seed: int = 0, sample_ids: torch.Tensor | None = None) -> Any:
-        """The training views of ``rollout`` as ``objective.*`` asks (builder, shrink, masking knobs); ``seed`` is
-        the RL step's view seed and ``sample_ids`` the samples' ids in the step when ``rollout`` is a shard."""
-        o = self.obj
+        """The training views of ``rollout`` as ``objective.*`` asks (builder, shrink, masking knobs), packed one
+        sequence per sample for the block layout unless ``learner.packed_views=false``; ``seed`` is the RL step's
+        view seed and ``sample_ids`` the samples' ids in the step when ``rollout`` is a shard."""
+        o, lc = self.obj, self.lc
+        attention = lc.packed_attention
+        if attention == "auto":  # FlexAttention has no backward on CPU
+            attention = "flex" if self.engine.device.type == "cuda" else "split"
         return make_views(
             rollout,
             o.views,
@@ -134,6 +138,9 @@ class Learner:
             shift=bool(self.policy.shift),
             seed=seed,
             sample_ids=sample_ids,
+            pack=lc.packed_views,
+            max_tokens=lc.micro_batch_tokens,
+            attention=attention,
             shrink_s=o.shrink,
             prompt_mask_prob=o.d1_prompt_mask_prob,
             low=o.mask_ratio_low,
