@@ -13,10 +13,12 @@ It measures, on random models of real shapes (bf16, one GPU, no Ray):
   (``trace.make_views`` + ``trace.view_logprobs``) for the block layout and the full layout;
 - ``learner``: one ``Learner.train_step`` (ZeRO-0, 1 rank, bf16) of the 4B model on the sampler's rollout:
   tokens/s and peak memory (``torch.cuda.max_memory_allocated``);
-- ``rl_steps``: the stage breakdown of two RL steps of a Qwen3-0.6B-shaped model composed in-process from the
-  library's pieces: rollout (``generate`` on a separate rollout copy), reward (``RewardService`` with
-  ``synthetic_exact`` on addition prompts), advantages, views, train, weight copy (``state_dict_for_rollout``
-  then ``load_state_dict`` into the rollout copy).
+- ``rl_steps``: the stage breakdown of two RL steps of a Qwen3-0.6B-shaped model, in-process with the loop's own
+  stage code: rollout (``generate`` on a separate rollout copy with the loop's per-sample seeds), reward
+  (``RewardService`` with ``synthetic_exact`` on addition prompts), advantages and the group filter
+  (``stages.advantages``), the kept samples' views (``stages.training_batch``), train (``Learner.train_step`` on
+  the kept samples), weight copy (``state_dict_for_rollout`` then ``load_state_dict`` into the rollout copy). What
+  the loop adds around them (Ray actors, the object store, metrics) is not timed here.
 
 Each part is guarded: a failing part records ``error`` (and a traceback) in the JSON and the others still run.
 Shapes, sizes and the model builders live in ``scripts/gpu_check_setup.py``.
@@ -131,14 +133,15 @@ def graph_rows(
     static row and the other parts keep theirs."""
     from tracerl.sampling import generate
     from tracerl.sampling.block import sample_block
+    from tracerl.seeding import RowStreams, row_seeds
 
     graph_s = replace(s, cuda_graph=True)
     rows: dict[str, Any] = {}
 
     def fixed_shape() -> dict[str, Any]:
-        generator = torch.Generator(device=policy.device).manual_seed(0)  # what generate(..., seed=0) seeds
+        streams = RowStreams(row_seeds(0, len(prompts)), policy.device)  # what generate(..., seed=0) draws with
         start = clock()
-        rows["_eager"] = eager = sample_block(policy, prompts, graph_s, generator, capture=False)
+        rows["_eager"] = eager = sample_block(policy, prompts, graph_s, streams, capture=False)
         seconds = clock() - start
         tok_s = int((eager.step_map >= 0).sum()) / seconds
         return {"seconds": seconds, "tokens_per_s": tok_s, "ratio_to_static": tok_s / static_tok_s} | {
@@ -285,12 +288,11 @@ def addition_prompts(n: int, seed: int) -> tuple[list[str], list[str]]:
 
 
 def part_rl_steps(plan: Plan, ctx: dict[str, Any]) -> dict[str, Any]:
-    from tracerl import advantages as adv_lib
+    from tracerl import seeding, stages
     from tracerl.learner import Learner, free_port
     from tracerl.models import DecoderPolicy
     from tracerl.reward_service import RewardService
     from tracerl.sampling import generate
-    from tracerl.trace import make_views
 
     policy = build_policy(plan.small, plan, block=4, seed=4)
     rollout_policy = DecoderPolicy(
@@ -310,22 +312,24 @@ def part_rl_steps(plan: Plan, ctx: dict[str, Any]) -> dict[str, Any]:
             rep = [i for i in range(plan.rl_prompts) for _ in range(plan.rl_group)]
             t: dict[str, float] = {}
             t0 = clock()
-            rollout = generate(rollout_policy, [prompts[i] for i in rep], s, seed=step, group=torch.tensor(rep))
+            seeds = seeding.batch_seeds(cfg.seed, step + 1, plan.rl_prompts, plan.rl_group)  # the loop's seeds
+            rollout = generate(rollout_policy, [prompts[i] for i in rep], s, group=torch.tensor(rep), seeds=seeds)
             t["rollout_s"] = clock() - t0
             t0 = clock()
             columns = {"answer": [answers[i] for i in rep]}
             scored = service.score([texts[i] for i in rep], rollout.texts, columns=columns)
             t["reward_s"] = clock() - t0
-            t0 = clock()
-            rewards = torch.tensor(scored.total, dtype=torch.float32)
-            keep = adv_lib.get_group_filter(cfg.objective.group_filter)(rewards, rollout.group)
-            adv = adv_lib.get_advantage(cfg.objective.advantage)(rewards, rollout.group) * keep
+            t0 = clock()  # from here on the loop's own stage code (tracerl.stages), as Session.step runs it
+            adv, keep, adv_metrics = stages.advantages(scored.total, rollout, cfg.objective)
             t["advantages_s"] = clock() - t0
             t0 = clock()
-            views = make_views(rollout, cfg.objective.views, policy.mask_id, seed=step)
+            seed = seeding.stage_seed(cfg.seed, step + 1, "views")
+            kept, kept_adv, views = stages.training_batch(
+                rollout, adv, keep, cfg.objective, policy.mask_id, policy.shift, seed
+            )
             t["views_s"] = clock() - t0
             t0 = clock()
-            metrics = learner.train_step(rollout, adv, views)
+            metrics = learner.train_step(kept, kept_adv, views) if views is not None else {}
             t["train_s"] = clock() - t0
             t0 = clock()
             version, weights = learner.state_dict_for_rollout()
@@ -336,8 +340,10 @@ def part_rl_steps(plan: Plan, ctx: dict[str, Any]) -> dict[str, Any]:
             t["weight_copy_s"] = t["weight_gather_s"] + t["weight_load_s"]
             t["step_s"] = sum(t[k] for k in STAGES)
             t["rollout_share"] = t["rollout_s"] / t["step_s"]
-            t |= {"weights_version": version, "rows": len(views), "row_tokens": views.row_tokens}
-            t |= {"reward_mean": float(rewards.mean()), "policy_loss": metrics["train/policy_loss"]}
+            t |= {"weights_version": version, "kept_samples": len(kept)}
+            t |= {"flat_groups": adv_metrics["advantage/flat_groups"]}
+            t |= {"rows": len(views) if views else 0, "row_tokens": views.row_tokens if views else 0}
+            t |= {"reward_mean": scored.metrics["reward/mean"], "policy_loss": metrics.get("train/policy_loss", 0.0)}
             steps.append(t)
             log(f"rl step {step}: " + ", ".join(f"{k}={v:.3g}" for k, v in t.items()))
         loaded = rollout_policy.model.state_dict()

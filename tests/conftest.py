@@ -70,3 +70,17 @@ def block_policy():  # noqa: ANN201
 
 def encode(policy, texts: list[str]) -> list[list[int]]:  # noqa: ANN001
     return [policy.tokenizer(t)["input_ids"] for t in texts]
+
+
+def wandb_history(run_dir) -> list[dict]:  # noqa: ANN001
+    """The history rows of an offline W&B run directory, in the order they were written, read back with W&B's own
+    reader (``wandb leet inspect --json``); NaN values read back as the string "NaN"."""
+    import json
+    import subprocess
+
+    out = subprocess.run(
+        [sys.executable, "-m", "wandb", "leet", "inspect", "--json", str(run_dir)],
+        capture_output=True, text=True, timeout=120, check=True,
+    )  # fmt: skip
+    records = [json.loads(line) for line in out.stdout.splitlines() if line.startswith("{")]
+    return [r["history"]["item"] for r in records if r.get("type") == "history"]

@@ -21,6 +21,8 @@ MODULES = [
     "rewards.synthetic",
     "tracerl.report",
     "tracerl.config_docs",
+    "tracerl.seeding",
+    "tracerl.workers.rollout",
 ]
 
 

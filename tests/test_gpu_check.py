@@ -122,6 +122,8 @@ def test_learner_update_and_rl_steps(report: dict) -> None:
     rl = report["rl_steps"]
     assert [s["weights_version"] for s in rl["steps"]] == [1, 2]
     for step in rl["steps"]:
+        # the loop's stage code: keep_all keeps every sample, and the flat groups are counted as the loop counts them
+        assert step["kept_samples"] == rl["samples_per_step"] and 0 <= step["flat_groups"] <= 1
         assert all(step[k] >= 0 for k in STAGES)
         assert step["step_s"] == pytest.approx(sum(step[k] for k in STAGES[:-1]))
         assert 0 < step["rollout_share"] < 1

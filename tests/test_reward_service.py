@@ -95,6 +95,7 @@ def test_arguments_columns_weights_and_metrics(tmp_path: Path) -> None:
         "reward/later/mean": 1.0,
         "reward/errors/later": 0.0,
         "reward/mean": 2.5,
+        "reward/std": 0.0,  # one non-NaN total
         "reward/nan_count": 1.0,
     }
 

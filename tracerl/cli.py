@@ -92,7 +92,7 @@ def cmd_validate(ns: argparse.Namespace) -> int:
     from rich.console import Console
 
     from tracerl.config import check_cluster, gpus_needed
-    from tracerl.orchestrator import check_rewards, load_prompts
+    from tracerl.orchestrator import check_device, check_model, check_rewards, load_prompts
 
     console = Console()
     cfg = _config(ns)
@@ -103,11 +103,12 @@ def cmd_validate(ns: argparse.Namespace) -> int:
         f"cluster: ok ({cfg.learner.num_ranks} learner rank(s), {cfg.rollout.num_workers} rollout actor(s), "
         f"{cfg.rollout.placement}, {gpus_needed(cfg)} of {c.num_nodes * c.gpus_per_node} GPUs)"
     )
+    check_device(cfg, c.num_nodes * c.gpus_per_node)
     if not ns.offline:
         from tracerl.models import load_policy
         from tracerl.sampling import check_compatible, resolve_cache
 
-        policy = load_policy(cfg.model)
+        policy = load_policy(cfg.model)  # the weights too: they must load
         check_compatible(policy, cfg.sampling)
         params = sum(p.numel() for p in policy.model.parameters())
         layout = "block" if policy.block_size else "full"
@@ -121,14 +122,11 @@ def cmd_validate(ns: argparse.Namespace) -> int:
         check_rewards(cfg, None, cfg.data.source)
     else:
         stream, eval_set = load_prompts(cfg)
-        if not ns.offline:
-            from tracerl.sampling import check_positions
-
-            check_positions(policy, max(len(ids) for ids in stream.ids), cfg.sampling)
+        check_model(cfg, max(len(ids) for ids in stream.ids + (eval_set.prompt_ids if eval_set else [])))
         held = len(eval_set.prompt_ids) if eval_set else 0
         console.print(
             f"data: ok ({len(stream.ids)} training prompts, {held} held out, {stream.dropped} dropped as longer than "
-            "the limit)"
+            "the limit; the tokenizer writes them; every sampler setting fits the model)"
         )
         check_rewards(cfg, stream.ds.column_names, cfg.data.source)
     r = cfg.reward
@@ -200,7 +198,7 @@ def cmd_sft(ns: argparse.Namespace) -> int:
     from tracerl.sft import run_sft
 
     cfg = _config(ns)
-    run_sft(cfg)
+    run_sft(cfg, verbose=ns.verbose)
     out = cfg.run_dir.rstrip("/")
     Console().print(f"[dim]metrics: {out}/metrics.jsonl · model: {out}/final[/dim]", soft_wrap=True)
     return 0

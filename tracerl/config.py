@@ -93,6 +93,7 @@ class DataConfig:
     num_synthetic: int = 2000  # examples generated for a synthetic task
     synthetic_options: dict[str, Any] = field(default_factory=dict)  # the synthetic task's options, e.g. noise: 0.3
     shuffle: bool = True  # shuffle every epoch (seeded)
+    max_unknown_rate: float = 0.01  # most unknown tokens per token of prompt/answer/response (checked before start)
 
 
 @dataclass
@@ -158,7 +159,7 @@ class ObjectiveConfig:
     truncated_is_wrong: bool = False  # responses without EOS get reward 0
     eps_low: float = 0.2  # lower clip range of the importance ratio
     eps_high: float = 0.2  # upper clip range (clip-higher when > eps_low)
-    aggregation: str = "token_sum_over_max_len"  # token_sum_over_max_len | row_mean | token_mean | seq_mean_token_mean
+    aggregation: str = "token_sum_over_max_len"  # or row_mean | row_sum | token_mean | seq_mean_token_mean
     kl_aggregation: str = "auto"  # KL reduction; auto: row_sum under row_mean (as the anchor), else = aggregation
     kl_to_old_coef: float = 0.01  # beta of the KL to the old (rollout-step) policy; TraceRL default 0.01
     kl_to_old_kind: str = "k3"  # k1 | k2 | k3
@@ -487,6 +488,8 @@ def check_counts(cfg: Config) -> None:
     for key, value in (("reward.timeout_s", cfg.reward.timeout_s), ("sft.lr", cfg.sft.lr)):
         if not value > 0:
             raise ConfigError(f"{key} must be a positive number, got {value}.")
+    if not 0.0 <= cfg.data.max_unknown_rate <= 1.0:
+        raise ConfigError(f"data.max_unknown_rate is a fraction of tokens in [0, 1], got {cfg.data.max_unknown_rate}.")
 
 
 # ---------------------------------------------------------------------------------------------- loading

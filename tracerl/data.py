@@ -323,6 +323,74 @@ def encode_prompt(tokenizer: Any, prompt: str | list[dict], cfg: DataConfig) -> 
     return tokenizer(prompt, add_special_tokens=False)["input_ids"]
 
 
+COVERAGE_ROWS = 256  # rows of each text column the tokenizer check reads
+
+
+def _texts(values: list[Any]) -> list[str]:
+    """The text of column values: strings as they are, chat messages as their contents."""
+    out = []
+    for v in values:
+        if isinstance(v, str):
+            out.append(v)
+        elif isinstance(v, list):
+            out.extend(str(m.get("content", "")) for m in v if isinstance(m, dict))
+    return out
+
+
+def unknown_tokens(tokenizer: Any, texts: list[str]) -> tuple[float, list[str]]:
+    """(fraction of the tokens of ``texts`` that are the tokenizer's unknown token, the characters it writes as
+    unknown); (0.0, []) for a tokenizer without an unknown token (byte-level BPE writes anything).
+
+    Example:
+        >>> from tracerl.models.tiny import char_tokenizer
+        >>> unknown_tokens(char_tokenizer("0123456789"), [r"\\boxed{12}"])
+        (0.8, ['\\\\', 'b', 'd', 'e', 'o', 'x', '{', '}'])
+    """
+    unk = getattr(tokenizer, "unk_token_id", None)
+    if unk is None or not texts:
+        return 0.0, []
+    ids = tokenizer(texts, add_special_tokens=False)["input_ids"]
+    total, bad = sum(len(x) for x in ids), sum(x.count(unk) for x in ids)
+    if not bad:
+        return 0.0, []
+    chars = sorted({c for t in texts for c in t if not c.isspace()})
+    unknown = [c for c in chars if unk in tokenizer(c, add_special_tokens=False)["input_ids"]]
+    return bad / max(1, total), unknown
+
+
+def check_coverage(
+    tokenizer: Any, ds: datasets.Dataset, cfg: DataConfig, fix: str, formats: dict[str, str] | None = None
+) -> None:
+    """The tokenizer can write the data: on the first rows of the prompt, answer and response columns, at most
+    ``data.max_unknown_rate`` of the tokens are its unknown token, and every example answer format of the rewards
+    (``formats``: reward name → e.g. ``\\boxed{42}``) is written without one. ``fix`` says what to change (the
+    tokenizer files, ``model.tiny.alphabet``).
+
+    Raises:
+        ConfigError: naming the column (or reward), the rate, the characters and the fix.
+    """
+    rows = ds.select(range(min(COVERAGE_ROWS, len(ds))))
+    for column in ("prompt", "answer", "response"):
+        if column not in rows.column_names:
+            continue
+        rate, chars = unknown_tokens(tokenizer, _texts(rows[column]))
+        if rate > cfg.max_unknown_rate:
+            raise ConfigError(
+                f"the tokenizer cannot write the data: {rate:.1%} of the tokens of the {column}s of data.source "
+                f"'{cfg.source}' (first {len(rows)} rows) are its unknown token {tokenizer.unk_token!r}, from the "
+                f"characters {chars[:24]}; the model could never read or write them (data.max_unknown_rate="
+                f"{cfg.max_unknown_rate}). {fix}"
+            )
+    for name, example in (formats or {}).items():
+        rate, chars = unknown_tokens(tokenizer, [example])
+        if rate > 0:
+            raise ConfigError(
+                f"the reward '{name}' reads answers written like {example!r}, but the tokenizer writes the characters "
+                f"{chars} as its unknown token {tokenizer.unk_token!r}: the model could never write an answer the "
+                f"reward can score. {fix}"
+            )
+
+
 def sft_pairs(ds: datasets.Dataset, tokenizer: Any, cfg: DataConfig) -> list[tuple[list[int], list[int]]]:
     """(prompt ids, response ids ending with EOS) for every example whose prompt fits ``max_prompt_tokens``."""
     pairs = []

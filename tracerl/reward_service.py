@@ -58,7 +58,7 @@ class RewardResult:
 
     total: list[float]  # [N] weighted sum of the parts; NaN when any part with a non-zero weight is NaN
     parts: dict[str, list[float]]  # name -> [N] raw reward of each function (NaN: None or a failed call)
-    metrics: dict[str, float]  # reward/<name>/mean, reward/errors/<name>, reward/mean, reward/nan_count
+    metrics: dict[str, float]  # reward/<name>/mean, reward/errors/<name>, reward/mean, reward/std, reward/nan_count
 
 
 # ---------------------------------------------------------------------------------------------- calling
@@ -147,13 +147,21 @@ def _mean(values: Sequence[float]) -> float:
     return sum(kept) / len(kept) if kept else math.nan
 
 
+def _std(values: Sequence[float]) -> float:
+    kept = [v for v in values if not math.isnan(v)]
+    mean = _mean(kept)
+    return math.sqrt(sum((v - mean) ** 2 for v in kept) / len(kept)) if kept else math.nan
+
+
 def summarize(parts: dict[str, list[float]], total: list[float], errors: dict[str, int]) -> dict[str, float]:
-    """The reward metrics of a batch (NaN entries are excluded from means)."""
+    """The reward metrics of a batch, the rewards as scored (NaN entries are excluded from the mean and the
+    population std)."""
     metrics: dict[str, float] = {}
     for name, values in parts.items():
         metrics[f"reward/{name}/mean"] = _mean(values)
         metrics[f"reward/errors/{name}"] = float(errors.get(name, 0))
     metrics["reward/mean"] = _mean(total)
+    metrics["reward/std"] = _std(total)
     metrics["reward/nan_count"] = float(sum(math.isnan(v) for v in total))
     return metrics
 

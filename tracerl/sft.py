@@ -27,7 +27,7 @@ import numpy as np
 import torch
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
-from tracerl import checkpoint, data
+from tracerl import checkpoint, data, stats
 from tracerl.config import Config, ConfigError, to_dict
 from tracerl.learner import Learner
 from tracerl.metrics import MetricsLogger
@@ -143,15 +143,16 @@ class _Sampler:
 
 
 def exact_match_accuracy(policy: Any, prompts: list[list[int]], answers: list[str], cfg: Config) -> float:
-    """Fraction of held-out prompts whose greedy completion (cut at EOS, stripped) equals the answer."""
+    """Fraction of held-out prompts whose greedy completion (cut at EOS) states the reference answer:
+    ``stats.same_answer``, the final answers compared (last ``\\boxed{}``, else after ``####``, else the text)."""
     if not prompts:
         return 0.0
     with torch.no_grad():  # greedy: the accuracy of the model, not of one draw from it
         rollout = generate(policy, prompts, replace(cfg.sampling, temperature=0.0), seed=cfg.seed)
-    return sum(t.strip() == str(a).strip() for t, a in zip(rollout.texts, answers, strict=True)) / len(prompts)
+    return sum(stats.same_answer(t, a) for t, a in zip(rollout.texts, answers, strict=True)) / len(prompts)
 
 
-def run_sft(cfg: Config, progress: bool = True) -> dict[str, float]:
+def run_sft(cfg: Config, progress: bool = True, verbose: bool = False) -> dict[str, float]:
     """Masked-diffusion SFT of ``cfg.model`` on ``cfg.data`` for ``cfg.sft.steps`` optimizer steps.
 
     Writes ``<run_dir>/config.json``, metrics to W&B and ``metrics.jsonl`` (a line per step, ``eval/accuracy`` every
@@ -203,7 +204,9 @@ def run_sft(cfg: Config, progress: bool = True) -> dict[str, float]:
         step, result, run_id = state.step, dict(state.extra.get("result", {})), state.wandb_run_id
         sampler.load_state_dict(state.data)
         checkpoint.restore_rng(state.rng)
-    logger = MetricsLogger(run_dir, to_dict(cfg), cfg.wandb, resume_id=run_id)
+    logger = MetricsLogger(run_dir, to_dict(cfg), cfg.wandb, resume_id=run_id, verbose=verbose)
+    if resume is not None:
+        logger.resume(step)  # rows logged after the checkpoint are redone; W&B gets the rows it lacks
     if resume is None and n_eval:
         result["eval/accuracy_before"] = accuracy()
         logger.log({"eval/accuracy": result["eval/accuracy_before"]}, step=0)

@@ -14,6 +14,7 @@ from typing import Any
 
 import torch  # noqa: F401 - the examples build tensors
 
+from rewards.text import last_boxed
 from tracerl.config import Config, SamplingConfig
 from tracerl.records import Rollout
 
@@ -86,7 +87,8 @@ def eval_metrics(
 ) -> dict[str, float]:
     """``eval/*`` from the rewards of the greedy sample of each prompt [P] and of n sampled ones [P][n]: greedy
     reward, mean@k (mean reward of a sample), pass@k (a sample passes when its reward ≥ ``threshold``), greedy
-    exact match and tokens per forward. NaN rewards count as failures and are left out of means.
+    exact match (``exact`` [P], see ``same_answer``) and tokens per forward. NaN rewards count as failures and are
+    left out of means.
 
     Example:
         >>> m = eval_metrics([1.0, 0.0], [[1.0, 0.0], [0.0, 0.0]], k=1, threshold=1.0)
@@ -110,6 +112,32 @@ def eval_metrics(
     if tokens_per_forward is not None:
         out["eval/tokens_per_forward"] = tokens_per_forward
     return out
+
+
+def final_answer(text: Any) -> str:
+    """The final answer a completion (or a reference answer) states, as exact match compares it: the content of
+    its last ``\\boxed{...}``, else what follows its last ``####`` (GSM8K), else the whole text; whitespace
+    runs become one space and the ends are trimmed.
+
+    Example:
+        >>> final_answer(r"so the sum is \\boxed{111}."), final_answer("work...\\n#### 72"), final_answer(" 12  34 ")
+        ('111', '72', '12 34')
+    """
+    text = str(text)
+    boxed = last_boxed(text)
+    if boxed is not None:
+        text = boxed
+    elif "####" in text:
+        text = text.rsplit("####", 1)[1]
+    return " ".join(text.split())
+
+
+def same_answer(completion: Any, answer: Any) -> bool:
+    """Exact match: the completion's ``final_answer`` equals the reference answer's (so ``\\boxed{111}`` matches the
+    answer ``111``, and a MATH solution's ``\\boxed{}`` matches a completion's). An empty final answer never
+    matches."""
+    got = final_answer(completion)
+    return bool(got) and got == final_answer(answer)
 
 
 def _key(prompt: Any) -> str:

@@ -14,10 +14,13 @@ from tracerl.sampling.block import block_grid, sample_block
 from tracerl.sampling.full import sample_full
 from tracerl.sampling.graphs import graph_capturable
 from tracerl.sampling.remasking import REMASKING, get_remasking, register_remasking
+from tracerl.seeding import RowStreams, row_seeds
 
 __all__ = [
     "REMASKING",
     "block_grid",
+    "check_compatible",
+    "check_device",
     "check_positions",
     "generate",
     "get_remasking",
@@ -48,7 +51,9 @@ def resolve_cache(policy, s: SamplingConfig) -> str:  # noqa: ANN001
 
 
 def check_compatible(policy, s: SamplingConfig) -> None:  # noqa: ANN001
-    """Sampling settings are valid on their own and fit this policy."""
+    """Sampling settings are valid on their own and fit this policy (block size, cache mode, whether its forward
+    can be captured as a CUDA graph); the device is ``check_device``'s. Needs no weights: the driver runs it on
+    ``load_policy(..., weights=False)`` before any actor starts."""
     check_sampling(s)
     if s.remasking not in REMASKING:
         raise ConfigError(f"unknown remasking '{s.remasking}'; choose from {sorted(REMASKING)}.")
@@ -76,12 +81,16 @@ def check_compatible(policy, s: SamplingConfig) -> None:  # noqa: ANN001
                 f"({type(policy.model).__name__}) runs the transformers forward, which may synchronise with the "
                 "host inside the step and so cannot be captured. Set sampling.cuda_graph=false."
             )
-        if policy.device.type != "cuda":
-            raise ConfigError(
-                "sampling.cuda_graph=true is to capture the block step as a CUDA graph and needs a CUDA device; "
-                f"this policy is on {policy.device.type}. Set sampling.cuda_graph=false (the static cache still "
-                "applies) or move the model to a GPU."
-            )
+
+
+def check_device(s: SamplingConfig, device: str) -> None:
+    """Sampling settings fit the device the sampler runs on (``cuda_graph`` needs CUDA)."""
+    if s.cuda_graph and device != "cuda":
+        raise ConfigError(
+            "sampling.cuda_graph=true is to capture the block step as a CUDA graph and needs a CUDA device; "
+            f"the sampler runs on {device}. Set sampling.cuda_graph=false (the static cache still applies), or "
+            "run the rollout actors on GPUs (cluster.gpus_per_node)."
+        )
 
 
 def check_positions(policy, longest_prompt: int, s: SamplingConfig) -> None:  # noqa: ANN001
@@ -106,28 +115,36 @@ def generate(
     s: SamplingConfig,
     seed: int = 0,
     group: torch.Tensor | None = None,
+    seeds: list[int] | None = None,
 ) -> Rollout:
     """Sample one response per prompt (repeat prompts for groups) and return the Rollout with its trace.
 
-    Sequences are decoded ``s.batch_size`` at a time; the same seed gives the same tokens.
+    Sequences are decoded ``s.batch_size`` at a time. Each draws its random numbers from its own stream:
+    ``seeds`` [N] (e.g. ``seeding.sample_seed`` of each sample), or ``seeding.row_seeds(seed, N)``. A sequence's
+    draws do not depend on the other sequences; its arithmetic may, in the last bits (kernels chosen by batch
+    shape), so the same prompts in the same batches give the same tokens.
     """
     if not prompts:
         raise ValueError("generate() needs at least one prompt")
     if any(len(p) == 0 for p in prompts):
         raise ValueError("every prompt needs at least one token")
     check_compatible(policy, s)
+    check_device(s, policy.device.type)
     mode = resolve_cache(policy, s)
     check_positions(policy, max(len(p) for p in prompts), s)
-    device = next(policy.model.parameters()).device
-    generator = torch.Generator(device=device).manual_seed(seed)
+    seeds = list(seeds) if seeds is not None else row_seeds(seed, len(prompts))
+    if len(seeds) != len(prompts):
+        raise ValueError(f"generate() got {len(seeds)} seeds for {len(prompts)} prompts (one per sequence)")
+    streams = RowStreams(seeds, next(policy.model.parameters()).device)
     group = group if group is not None else torch.arange(len(prompts))
     shards = []
     for lo in range(0, len(prompts), s.batch_size):
-        chunk, grp = prompts[lo : lo + s.batch_size], group[lo : lo + s.batch_size]
+        rows = slice(lo, lo + s.batch_size)
+        chunk, grp, noise = prompts[rows], group[rows], streams.select(rows)
         if policy.block_size is not None:
-            shards.append(sample_block(policy, chunk, s, generator, cache=mode == "kv", group=grp))
+            shards.append(sample_block(policy, chunk, s, noise, cache=mode == "kv", group=grp))
         else:
-            shards.append(sample_full(policy, chunk, s, generator, cache=mode, group=grp))
+            shards.append(sample_full(policy, chunk, s, noise, cache=mode, group=grp))
     if len(shards) == 1:
         return shards[0]
     out = Rollout.concat(shards)
