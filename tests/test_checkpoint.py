@@ -80,6 +80,7 @@ def batches(policy, n: int):  # noqa: ANN001, ANN201
 # ---------------------------------------------------------------------------------------------- resume
 
 
+@pytest.mark.slow  # trains 4 steps twice
 def test_resume_reproduces_the_uninterrupted_run(tmp_path):
     """Save after step 1, load into a fresh learner, continue: weights, value model and metrics equal a run
     that never stopped (fixed seed, CPU, μ = 2 passes × 2 minibatches, warmup + cosine schedule)."""

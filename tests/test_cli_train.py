@@ -50,6 +50,7 @@ def test_validate_catches_more_gpus_than_the_cluster_has(capsys):
     assert "needs 4 GPUs" in err and "has 2" in err and "rollout.placement=colocated" in err
 
 
+@pytest.mark.ray  # starts a local Ray instance to count its GPUs
 def test_train_on_a_cpu_only_cluster_that_asks_for_gpus_starts_nothing(capsys, tmp_path):
     err = fails(capsys, "train", QUICK, f"run_dir={tmp_path / 'run'}", "cluster.gpus_per_node=1")
     assert "needs 2 GPUs" in err and "the Ray cluster has 0" in err  # 1 learner rank + 1 rollout actor

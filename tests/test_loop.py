@@ -18,7 +18,7 @@ from tracerl.models import build_tiny
 from tracerl.orchestrator import RunError, run
 
 ray = pytest.importorskip("ray")
-pytestmark = pytest.mark.ray
+pytestmark = [pytest.mark.ray, pytest.mark.slow]  # every test runs the whole loop
 
 # A reward with spread on the outputs of a random tiny model (so advantages, and updates, are non-zero).
 REWARD = """
@@ -142,7 +142,6 @@ VARIANTS = {
 }
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize("name", list(VARIANTS))
 def test_every_variant_runs_in_the_loop(local_ray, tmp_path, name):
     small = ["train.steps=2", "rollout.num_workers=1", "reward.num_workers=1", "eval.num_prompts=0"]
@@ -160,7 +159,6 @@ def test_every_variant_runs_in_the_loop(local_ray, tmp_path, name):
         assert last["rollout/logp_mismatch"] < 1e-4
 
 
-@pytest.mark.slow
 def test_dream_style_shifted_policy_trains_in_the_loop(local_ray, tmp_path):
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
@@ -327,7 +325,6 @@ def eval_samples(cfg: Config) -> dict[str, list]:
     return out
 
 
-@pytest.mark.slow
 def test_the_numbers_do_not_depend_on_the_actor_counts_and_survive_a_resume(local_ray, tmp_path):
     # 4 prompts x 4 samples in sampler batches of one group (sampling.batch_size=4): 4 batches per RL step, shared
     # by 1, 2 or 3 rollout actors; 8 held-out prompts evaluated at steps 0, 2 and 4

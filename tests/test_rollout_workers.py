@@ -85,6 +85,7 @@ def test_a_shard_from_another_weights_version_is_refused(local_ray):
         pool.shutdown()
 
 
+@pytest.mark.slow
 def test_a_rollout_is_bitwise_the_same_whatever_the_number_of_actors(local_ray):
     # 5 prompts of different lengths x 3 samples; sampler batches of one group each (batch_size 3): 5 batches, handed
     # out to 1, 2 or 3 actors; every sample draws with its own seed, and a batch is decoded alone wherever it goes

@@ -25,6 +25,7 @@ from tracerl.orchestrator.setup import (
     check_rewards,
     connect,
     load_prompts,
+    local_gpus,
     reward_inputs,
     reward_pool,
     teardown,
@@ -117,6 +118,8 @@ def run_eval(cfg: Config, out_dir: str | None = None, verbose: bool = False, con
         raise ConfigError("eval.num_prompts is 0: there is nothing to evaluate; set eval.num_prompts ≥ 1.")
     check_rewards(cfg, list(eval_set.columns) + ["prompt"], cfg.eval.source or cfg.data.source)
     check_model(cfg, max(len(p) for p in eval_set.prompt_ids))
+    if local_gpus(cfg) is not None:
+        check_device(cfg, local_gpus(cfg))
     with teardown() as cleanup:
         if connect(cfg, verbose):
             cleanup.append(ray.shutdown)

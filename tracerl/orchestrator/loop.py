@@ -42,6 +42,7 @@ from tracerl.orchestrator.setup import (
     check_rewards,
     connect,
     load_prompts,
+    local_gpus,
     reward_pool,
     teardown,
     write_layout,
@@ -142,6 +143,8 @@ class Session:
         stream, eval_set = load_prompts(cfg)
         check_rewards(cfg, stream.ds.column_names, cfg.data.source)
         check_model(cfg, max(len(p) for p in stream.ids + (eval_set.prompt_ids if eval_set else [])))
+        if local_gpus(cfg) is not None:
+            check_device(cfg, local_gpus(cfg))
         with teardown() as cleanup:
             if connect(cfg, verbose):
                 cleanup.append(ray.shutdown)
@@ -196,8 +199,9 @@ class Session:
             if views is None:
                 self.skipped_steps += 1  # every group filtered out: nothing to learn from, the run goes on
             else:
-                if metrics["advantage/flat_groups"] == 1.0 and not o.value_model:
-                    self.no_signal_steps += 1  # trained, on zero advantages: only the KL terms move the policy
+                no_signal = metrics["advantage/flat_groups"] == 1.0 and not o.value_model
+                metrics["advantage/no_signal"] = float(no_signal)  # trained on zero advantages: only KL terms act
+                self.no_signal_steps += no_signal
                 metrics |= self.update(kept, kept_adv, views, timers)
         metrics |= scored.metrics | stats.rollout_metrics(rollout) | timers.pop()
         metrics |= {

@@ -176,6 +176,16 @@ def check_model(cfg: Config, longest_prompt: int) -> Any:
     return policy
 
 
+def local_gpus(cfg: Config) -> float | None:
+    """GPUs a local Ray instance of this run will offer (what torch sees here); None when joining a cluster (known
+    once connected)."""
+    if cfg.cluster.address:
+        return None
+    import torch
+
+    return float(torch.cuda.device_count())
+
+
 def check_device(cfg: Config, gpus: float) -> None:
     """The sampler settings fit the rollout actors' device: CUDA when the cluster has GPUs, else the CPU."""
     from tracerl.sampling import check_device as fits
