@@ -10,6 +10,7 @@ Bounded: every program runs under small CPU, wall-clock and memory limits.
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import os
 import signal
@@ -34,7 +35,7 @@ from rewards.sandbox import Limits, Sandbox, SandboxError, check_isolation, conf
 FAST = {"cpu_s": 1.0, "wall_s": 3.0, "memory_mb": 256}
 ISOLATION = isolation()
 FULL = all(getattr(ISOLATION, layer) for layer in sandbox_module.LEVELS["full"])
-pytestmark = pytest.mark.skipif(not FULL, reason=f"full isolation is not available here ({ISOLATION.notes})")
+needs_full = pytest.mark.skipif(not FULL, reason=f"full isolation is not available here ({ISOLATION.notes})")
 REPO = Path(rewards.__file__).resolve().parent.parent
 SECRET = "fake-wandb-key-9f3c"
 
@@ -227,6 +228,7 @@ def _run(program: str, box: Sandbox) -> bytes:
 NAMES = list(attacks(Bait(*[Path("/")] * 4, "", 0, 0, 0, [])))  # the attack names (no bait needed for them)
 
 
+@needs_full
 @pytest.mark.parametrize("name", NAMES)
 def test_attack_is_contained(name: str, bait: Bait, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("WANDB_API_KEY", SECRET)
@@ -246,11 +248,13 @@ def test_attack_is_contained(name: str, bait: Bait, monkeypatch: pytest.MonkeyPa
             assert _run(program, box).startswith(b"True"), name
 
 
+@needs_full
 def test_ordinary_programs_still_pass() -> None:
     program = "import numpy, json, os\ndef f():\n    return int(numpy.arange(4).sum()) + len(os.listdir('.'))"
     assert code_reward(["p"], [program], tests=[["assert f() == 7"]], **FAST) == [1.0]
 
 
+@needs_full
 def test_a_stderr_flood_stops_at_the_output_cap() -> None:
     start = time.monotonic()
     with Sandbox(Limits(**FAST, max_output_bytes=1 << 20)) as box:
@@ -260,6 +264,7 @@ def test_a_stderr_flood_stops_at_the_output_cap() -> None:
     assert result.returncode != -signal.SIGKILL
 
 
+@needs_full
 def test_a_daemon_that_left_the_process_group_dies_with_the_program() -> None:
     program = (
         "import os, time\nif os.fork() == 0:\n    os.setsid()\n    if os.fork() == 0:\n        time.sleep(30)\n"
@@ -277,6 +282,7 @@ def test_a_daemon_that_left_the_process_group_dies_with_the_program() -> None:
     assert alive == []
 
 
+@needs_full
 def test_a_pythonpath_under_tmp_keeps_full_isolation(tmp_path: Path) -> None:
     probe = "from rewards.sandbox import check_isolation; print(check_isolation('full'))"
     env = {**os.environ, "PYTHONPATH": f"/tmp:{tmp_path}:{REPO}"}
@@ -285,6 +291,7 @@ def test_a_pythonpath_under_tmp_keeps_full_isolation(tmp_path: Path) -> None:
     assert "separate_user=True, network=True, filesystem=True, pid_namespace=True, process_limit=True" in out.stdout
 
 
+@needs_full
 def test_below_the_minimum_level_no_program_runs(caplog: pytest.LogCaptureFixture) -> None:
     with Sandbox(Limits(**FAST), isolation="none") as box, pytest.raises(SandboxError) as err:
         box.run("print(1)")
@@ -302,6 +309,7 @@ def test_below_the_minimum_level_no_program_runs(caplog: pytest.LogCaptureFixtur
         configure()
 
 
+@needs_full
 def test_listed_paths_are_readable_and_nothing_else(tmp_path: Path) -> None:
     shared = tmp_path / "shared"
     shared.mkdir()
@@ -323,6 +331,7 @@ def test_listed_paths_are_readable_and_nothing_else(tmp_path: Path) -> None:
     assert code_reward(["p"], [program], tests=tests, **FAST) == [0.5]  # not listed: f() fails, g() holds
 
 
+@needs_full
 def test_signals_to_its_own_processes_still_work() -> None:
     program = (
         "import os, signal, time\npid = os.fork()\nif pid == 0:\n    time.sleep(10)\n    os._exit(0)\n"
@@ -330,3 +339,184 @@ def test_signals_to_its_own_processes_still_work() -> None:
     )
     with Sandbox(Limits(**FAST)) as box:
         assert box.run(program).stdout == f"{int(signal.SIGTERM)}\n".encode()
+
+
+# ---------------------------------------------------------------------------------------------- reward integrity
+#
+# Programs written to score without being right. Each is a wrong `add` (or one that cheats its tests) plus a
+# trick. Contained: the code reward scores it 0.0, while the right `add` scores 1.0 on the same tests and mode
+# (the honest control). Where the trick is not one the harness already stopped before, the same program run by
+# a naive runner (exec the solution, then exec each test, as the harness did before its references were bound)
+# passes every test: the trick is real.
+
+WRONG = "def add(a, b):\n    return a - b\n"
+RIGHT = "def add(a, b):\n    return a + b\n"
+ADD = ("assert add(1, 2) == 3", "assert add(2, 2) == 4")
+CLOSE = ("assert math.isclose(add(0.5, 0.25), 0.75)",)
+# the old harness: looks up exec, compile and os.write after the solution ran, prints a token-tagged verdict
+NAIVE = """\
+import json, os, sys
+payload = json.loads(sys.stdin.read())
+namespace = {"__name__": "__main__"}
+try:
+    exec(compile(payload["solution"], "solution.py", "exec"), namespace)
+except SystemExit:
+    pass
+for index, test in enumerate(payload["tests"]):
+    try:
+        exec(compile(test, f"test_{index}.py", "exec"), namespace)
+        passed = 1
+    except BaseException:
+        passed = 0
+    os.write(1, f"\\nTOKEN {index} {passed}\\n".encode())
+"""
+
+
+@dataclass(frozen=True)
+class Hack:
+    program: str
+    tests: tuple[str, ...] = ADD
+    strict: bool = False
+    real: bool = True  # the naive runner falls for it (False: a trick the old harness already stopped)
+
+
+HACKS = {
+    "builtins.exec replaced by a no-op": Hack(WRONG + "import builtins\nbuiltins.exec = lambda *a, **k: None\n"),
+    "builtins.compile returns an empty program": Hack(
+        WRONG + "import builtins\n_c = builtins.compile\nbuiltins.compile = lambda *a, **k: _c('pass', 't', 'exec')\n"
+    ),
+    "os.write turns a failing verdict into a pass": Hack(
+        WRONG + "import os\n_w = os.write\nos.write = lambda fd, data: _w(fd, data.replace(b' 0\\n', b' 1\\n'))\n"
+    ),
+    "sys.stdout rewritten to print passes": Hack(
+        WRONG + "import sys\nclass Out:\n    def write(self, text):\n"
+        "        return sys.__stdout__.write('0 0 1\\n0 1 1\\n')\n"
+        "    def flush(self):\n        sys.__stdout__.flush()\nsys.stdout = Out()\nprint('report')\n",
+        real=False,
+    ),
+    "exit(0) before the tests": Hack(WRONG + "import sys\nsys.exit(0)\n", real=False),
+    "os._exit(0) before the tests": Hack(WRONG + "import os\nos._exit(0)\n", real=False),
+    "the report written early on every descriptor": Hack(
+        WRONG + "import os\nfor fd in range(1, 12):\n    for i in range(2):\n        try:\n"
+        "            os.write(fd, f'\\nTOKEN {i} 1\\n'.encode())\n        except OSError:\n            pass\n",
+        real=False,
+    ),
+    "math.isclose patched": Hack(WRONG + "import math\nmath.isclose = lambda *a, **k: True\n", CLOSE),
+    "a fake math bound to the name the test uses": Hack(
+        WRONG + "import types\nmath = types.SimpleNamespace(isclose=lambda *a, **k: True)\n", CLOSE
+    ),
+    "sys.modules['math'] replaced before the test imports it": Hack(
+        WRONG + "import sys, types\nsys.modules['math'] = types.SimpleNamespace(isclose=lambda *a, **k: True)\n",
+        ("import math\nassert math.isclose(add(0.5, 0.25), 0.75)",),
+    ),
+    "unittest's assertEqual patched": Hack(
+        WRONG + "import unittest\nunittest.TestCase.assertEqual = lambda *a, **k: None\n",
+        ("unittest.TestCase().assertEqual(add(1, 2), 3)",),
+    ),
+    "a builtin the test uses rebound": Hack(
+        "def add(a, b):\n    return a\nlen = lambda x: 2\n", ("assert len(add([1], [2])) == 2",)
+    ),
+    "its own __builtins__ with a fake abs": Hack(
+        WRONG + "import builtins\n__builtins__ = dict(vars(builtins), abs=lambda x: 3)\n",
+        ("assert abs(add(1, 2)) == 3",),
+    ),
+    "a trace function jumps over the assert": Hack(
+        "import sys\ndef add(a, b):\n    test = sys._getframe(1)\n    def skip(frame, event, arg):\n"
+        "        if frame is test and event == 'line' and frame.f_lineno == 2:\n            frame.f_lineno = 3\n"
+        "        return skip\n    test.f_trace = skip\n    sys.settrace(lambda *a: None)\n    return a - b\n",
+        ("x = add(1, 2)\nassert x == 3\ndone = True",),
+    ),
+    "a thread patches the helper while the test waits": Hack(
+        WRONG + "import math, threading, time\ndef flip():\n    time.sleep(0.3)\n"
+        "    math.isclose = lambda *a, **k: True\nthreading.Thread(target=flip, daemon=True).start()\n",
+        ("import time\ntime.sleep(0.6)\nassert math.isclose(add(0.5, 0.25), 0.75)",),
+    ),
+    "an audit hook that hides the failing call": Hack(
+        WRONG + "import sys\nsys.addaudithook(lambda event, args: None)\n", real=False
+    ),
+    "an int subclass equal to everything (strict)": Hack(
+        "class Num(int):\n    def __eq__(self, other):\n        return True\n    __hash__ = int.__hash__\n"
+        "def add(a, b):\n    return Num(a - b)\n",
+        strict=True,
+    ),
+    "an object equal to everything (strict)": Hack(
+        "class Yes:\n    def __eq__(self, other):\n        return True\ndef add(a, b):\n    return Yes()\n", strict=True
+    ),
+    "the harness's token read through its frames (strict)": Hack(
+        "import os, sys\ndef add(a, b):\n    frame = sys._getframe(1)\n"
+        "    while frame is not None and 'token' not in frame.f_locals:\n        frame = frame.f_back\n"
+        "    if frame is not None:\n        seen = frame.f_locals\n        for i in range(len(seen['tests'])):\n"
+        "            os.write(seen['report'], f\"\\n{seen['token']} {i} 1\\n\".encode())\n        os._exit(0)\n"
+        "    return a - b\n",
+        strict=True,
+        real=False,
+    ),
+}
+
+
+@pytest.fixture
+def any_isolation() -> Iterator[None]:
+    """The integrity suite runs wherever the sandbox runs (these programs only cheat inside their own process)."""
+    configure(min_isolation="full" if FULL else "none")
+    try:
+        yield
+    finally:
+        configure()
+
+
+def _naive(program: str, tests: tuple[str, ...]) -> float:
+    payload = json.dumps({"solution": program, "tests": list(tests)})
+    out = subprocess.run([sys.executable, "-I", "-c", NAIVE], input=payload, capture_output=True, text=True, timeout=60)
+    verdicts = [line.split()[2] for line in out.stdout.splitlines() if line.startswith("TOKEN ")]
+    return sum(v == "1" for v in verdicts[: len(tests)]) / len(tests)
+
+
+def test_the_integrity_suite_has_at_least_ten_hacks() -> None:
+    assert len(HACKS) >= 10 and sum(h.strict for h in HACKS.values()) >= 2
+
+
+@pytest.mark.parametrize("name", list(HACKS))
+def test_a_hack_scores_zero_and_the_honest_program_one(name: str, any_isolation: None) -> None:
+    hack = HACKS[name]
+    limits = {**FAST, "wall_s": 5.0}
+    scores = code_reward(["p"] * 2, [hack.program, RIGHT], tests=[list(hack.tests)] * 2, strict=hack.strict, **limits)
+    assert scores == [0.0, 1.0], name
+    if hack.real:
+        assert _naive(hack.program, hack.tests) == 1.0, f"{name}: the trick does not fool a naive runner"
+
+
+def test_what_plain_asserts_cannot_tell_and_strict_mode_can(any_isolation: None) -> None:
+    """An object whose == always answers True passes plain assert tests (their inherent limit, documented); so
+    does a program that walks the harness's frames to its report token. Strict mode stops both."""
+    for name in ("an object equal to everything (strict)", "the harness's token read through its frames (strict)"):
+        program = HACKS[name].program
+        assert code_reward(["p"], [program], tests=[list(ADD)], **FAST) == [1.0], name
+        assert code_reward(["p"], [program], tests=[list(ADD)], strict=True, **FAST) == [0.0], name
+
+
+def test_strict_mode_compares_types_and_refuses_tests_it_cannot_judge(any_isolation: None) -> None:
+    program = "def f(x):\n    return {'a': [x, (x, 2.5)], 'b': {1, 2}, 'c': None, 'd': b'z', 'e': x > 0}\n"
+    value = "{'a': [1, (1, 2.5)], 'b': {2, 1}, 'c': None, 'd': b'z', 'e': True}"
+    tests = [[f"assert f(1) == {value}", "assert f(1)['e']", "assert not f(0)['e']", f"assert {value} == f(1)"]]
+    assert code_reward(["p"], [program], tests=tests, strict=True, **FAST) == [1.0]
+    floats = "def f(x):\n    return float(x)\n"  # 1.0 == 1 in Python, not in strict mode; 1 is not True
+    assert code_reward(["p"], [floats], tests=[["assert f(1) == 1", "assert f(1) == 1.0"]], **FAST) == [1.0]
+    assert code_reward(["p"], [floats], tests=[["assert f(1) == 1", "assert f(1) == 1.0"]], strict=True) == [0.5]
+    assert code_reward(["p"], ["def f():\n    return 1\n"], tests=[["assert f()"]], strict=True) == [0.0]
+    with pytest.raises(ValueError, match=r"test 0 'assert f\(\) < 3'.*not other comparisons"):
+        code_reward(["p"], [program], tests=[["assert f() < 3"]], strict=True)
+    with pytest.raises(ValueError, match="needs a literal on one side"):
+        code_reward(["p"], [program], tests=[["assert f(1) == f(2)"]], strict=True)
+
+
+def test_ordinary_programs_are_not_mistaken_for_hacks(any_isolation: None) -> None:
+    program = (
+        "import collections, dataclasses, enum, functools, io, math, random, sys, tempfile, threading, typing\n"
+        "import numpy\nsys.setrecursionlimit(5000)\nrandom.seed(1)\nPoint = collections.namedtuple('Point', 'x y')\n"
+        "@dataclasses.dataclass\nclass Box:\n    size: int\nclass Color(enum.Enum):\n    RED = 1\n"
+        "T = typing.TypeVar('T')\nsaved, sys.stdout = sys.stdout, io.StringIO()\nprint('quiet')\nsys.stdout = saved\n"
+        "worker = threading.Thread(target=lambda: None)\nworker.start()\nworker.join()\n"
+        "@functools.lru_cache\ndef add(a, b):\n    tempfile.gettempdir()\n    return int(numpy.add(a, b))\n"
+    )
+    tests = [list(ADD) + ["assert math.isclose(add(1, 2) / 2, 1.5)", "assert Point(1, 2).x == 1 and Box(3).size == 3"]]
+    assert code_reward(["p"], [program], tests=tests, **FAST) == [1.0]
