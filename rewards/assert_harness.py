@@ -93,11 +93,11 @@ def main() -> None:
         space = getattr(module, "__dict__", None)
         if name == "__main__" or not isinstance_(module, ModuleType) or space is None:
             continue
-        saved.append((name, space, dict_(space)))
+        saved.append((name, space, dict_(space), name != "builtins"))
         for value in space.values():
             if isinstance_(value, type) and not value.__flags__ & (1 << 8) and value.__module__ == name:
-                saved.append((f"{name}.{value.__qualname__}", value.__dict__, dict_(value.__dict__)))
-    loaded = {name: modules[name] for name, _, _ in saved if name in modules}
+                saved.append((f"{name}.{value.__qualname__}", value.__dict__, dict_(value.__dict__), False))
+    loaded = {name: modules[name] for name, _, _, _ in saved if name in modules}
     hooks = (list_(meta_path), list_(path_hooks), list_(gc.callbacks))
     handlers = [getsignal(s) for s in signals]
 
@@ -110,11 +110,13 @@ def main() -> None:
         for name, module in loaded.items():
             if modules.get(name) is not module:
                 return f"sys.modules[{name!r}] was replaced"
-        for name, live, copy in saved:
+        for name, live, copy, module in saved:
             for key, value in copy.items():
                 now = live.get(key, live)
                 if now is value or value is None or (name == "sys" and key in _SYS_FREE):
                     continue  # unchanged, set lazily by the module itself (None before), or free to set
+                if module and key[:2] == "__" == key[-2:]:
+                    continue  # a module's own metadata (importlib renames its bootstrap modules)
                 if not (type_(value) is bool and type_(now) is bool):  # flags modules flip themselves
                     return f"{name}.{key} was changed"
         if (list_(meta_path), list_(path_hooks), list_(gc.callbacks)) != hooks:
