@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 from transformers import BertConfig, BertForMaskedLM, Qwen2Config, Qwen2ForCausalLM
 
+from tracerl.checkpoint import seal
 from tracerl.cli import main
 from tracerl.config import TinyModelConfig
 from tracerl.models import build_tiny, char_tokenizer, save_tiny
@@ -102,7 +103,7 @@ def _checkpoint(root: Path, name: str, complete: bool = True) -> Path:
     model, tok = build_tiny(TinyModelConfig(hidden_size=32, intermediate_size=32))
     save_tiny(model, tok, hf)
     if complete:
-        (root / name / "COMPLETE").write_text("")
+        seal(root / name, 1)  # the manifest a save writes last; the damage below comes after it
     return hf
 
 
