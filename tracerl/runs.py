@@ -185,22 +185,22 @@ def _model_config(folder: Path) -> dict[str, Any] | None:
     return raw if isinstance(raw, dict) else None
 
 
-def check_writable(run_dir: Path) -> None:
-    """``run_dir`` is a directory this process can create or write into.
+def check_writable(folder: Path, setting: str = "run_dir") -> None:
+    """``folder`` (the value of ``setting``) is a directory this process can create or write into.
 
     Raises:
         ConfigError: it is a file, or its nearest existing folder is read-only.
     """
-    if run_dir.exists() and not run_dir.is_dir():
-        raise ConfigError(f"run_dir '{run_dir}' is a file; give a directory (it is created if missing).")
-    existing = run_dir
+    if folder.exists() and not folder.is_dir():
+        raise ConfigError(f"{setting} '{folder}' is a file; give a directory (it is created if missing).")
+    existing = folder
     while not existing.exists():
         existing = existing.parent
     if not existing.is_dir():
-        raise ConfigError(f"run_dir '{run_dir}' cannot be created: '{existing}' is a file.")
+        raise ConfigError(f"{setting} '{folder}' cannot be created: '{existing}' is a file.")
     if not os.access(existing, os.W_OK | os.X_OK):
         raise ConfigError(
-            f"run_dir '{run_dir}' cannot be written: '{existing}' is read-only for this user. Give a run_dir on a "
+            f"{setting} '{folder}' cannot be written: '{existing}' is read-only for this user. Give a folder on a "
             "writable disk."
         )
 

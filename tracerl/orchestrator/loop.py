@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import signal
 import time
 from collections.abc import Iterator
@@ -32,8 +33,9 @@ from rich.console import Console
 
 from tracerl import checkpoint, data, runs, stats, trace
 from tracerl.advantages import compute_advantages
-from tracerl.config import Config, check_cluster, to_dict
+from tracerl.config import Config, ConfigError, check_cluster, to_dict
 from tracerl.metrics import MetricsLogger, Timers, decoding_order_picture
+from tracerl.orchestrator import guards
 from tracerl.orchestrator.console import eval_line, step_line
 from tracerl.orchestrator.evaluation import collect, evaluate
 from tracerl.orchestrator.setup import (
@@ -123,6 +125,7 @@ class Session:
     recovery_s: float = 0.0  # the last learner rebuild, logged with the next step
     cleanup: list[Any] = field(default_factory=list)
     claim: runs.Claim | None = None  # the run's id and settings, recorded in each checkpoint it writes
+    scored_any: bool = False  # a reward function has scored a sample in this run (a resumed run has)
 
     @classmethod
     @contextlib.contextmanager
@@ -133,6 +136,9 @@ class Session:
         resume = claim.resume
         stream, eval_set = load_prompts(cfg)
         check_rewards(cfg, stream.ds.column_names, cfg.data.source)
+        crowded = guards.oversubscription(cfg, os.cpu_count() or 1)
+        if crowded:
+            console.print(f"[yellow]warning: {crowded}[/yellow]")
         with teardown() as cleanup:
             if connect(cfg, verbose):
                 cleanup.append(ray.shutdown)
@@ -180,6 +186,9 @@ class Session:
             batch = self.stream.next_batch(cfg.rollout.prompts_per_step)
             shards = self.rollout.generate_async(batch.prompt_ids, cfg.rollout.samples_per_prompt, seed(cfg, step))
             rollout, scored = self.collect(shards, batch, cfg.rollout.samples_per_prompt, timers)
+            if not self.scored_any and (problem := guards.nothing_scored(scored, step, cfg)):
+                raise ConfigError(problem)
+            self.scored_any = self.scored_any or any(v == v for v in scored.total)  # NaN != NaN
             with timers("views"):
                 adv, keep, metrics = self.advantages(scored, rollout)
                 kept = rollout.select(keep.nonzero().squeeze(1))
@@ -246,6 +255,7 @@ class Session:
         self.stream.load_state_dict(state.data)
         self.logger.rewind(state.step)
         self.start_step = self.saved_step = state.step
+        self.scored_any = self.scored_any or state.step > 0
         self.skipped_steps = int(state.extra.get("skipped_steps", 0))
         self.updating = False
         checkpoint.restore_rng(state.rng)
