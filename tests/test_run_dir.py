@@ -11,6 +11,8 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -290,3 +292,14 @@ def test_resume_from_a_checkpoint_with_planted_code_is_refused_at_once(tmp_path:
     assert code == 2 and str(states) in err and "could run code" in err and "Traceback" not in err
     assert time.monotonic() - start < 5.0
     assert not marker.exists()
+
+
+def test_the_checkpoint_benchmark_runs_and_reports_its_ratio() -> None:
+    root = Path(__file__).resolve().parents[1]
+    out = subprocess.run(
+        [sys.executable, str(root / "scripts" / "bench_checkpoint.py"), "--mb", "4", "--files", "2", "--json"],
+        capture_output=True, text=True, timeout=120, cwd=root,
+    )  # fmt: skip
+    assert out.returncode == 0, out.stderr
+    result = json.loads(out.stdout)
+    assert result["mb"] == 4 and result["seal_s"] > 0 and result["verify_mb_per_s"] > 0 and result["seal_over_save"] > 0

@@ -744,3 +744,15 @@ def test_a_timed_out_batch_leaves_nothing_behind_for_the_next_call() -> None:
     start = time.monotonic()
     assert service.score(["p"], [RIGHT], columns={"tests": [list(ADD)]}).total == [1.0]
     assert time.monotonic() - start < 2.0  # not behind the 18 programs that had not started
+
+
+@needs_full
+def test_the_start_up_benchmark_runs_and_reports_its_ratios() -> None:
+    out = subprocess.run(
+        [sys.executable, str(REPO / "scripts" / "bench_sandbox.py"), "--runs", "2", "--json"],
+        capture_output=True, text=True, timeout=120, cwd=REPO,
+    )  # fmt: skip
+    assert out.returncode == 0, out.stderr
+    result = json.loads(out.stdout)
+    assert result["median_ms"]["sandbox"] > 0 and result["sandbox_over_bare"] > 0
+    assert result["isolation"]["syscall_filter"] and result["isolation"]["ipc_namespace"]
