@@ -33,7 +33,8 @@ from types import ModuleType
 
 # attributes of sys that programs legitimately rebind (output redirection, hooks the harness never relies on)
 _SYS_FREE = frozenset(
-    {"stdin", "stdout", "stderr", "displayhook", "excepthook", "breakpointhook", "unraisablehook", "tracebacklimit"}
+    {"stdin", "stdout", "stderr", "argv", "displayhook", "excepthook", "breakpointhook", "unraisablehook"}
+    | {"tracebacklimit"}
 )
 _REFUSED = frozenset(
     {"sys.addaudithook", "sys._current_frames", "gc.get_objects", "gc.get_referrers", "gc.get_referents"}

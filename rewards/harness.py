@@ -3,8 +3,8 @@
 The harness program (``rewards/assert_harness.py``) runs the solution and its tests in one interpreter. What it
 may trust is decided here, in the reward process, from the tests alone:
 
-- per test, the standard-library modules it reads attributes of (``math`` in ``math.isclose(...)``): the harness
-  imports them before the solution runs and gives the test those very modules;
+- per test, the standard-library modules it reads attributes of (``math`` in ``math.isclose(...)``) and the
+  modules it imports: the harness imports them before the solution runs and gives the test those very modules;
 - per test, the builtins it names (``len``, ``sorted``): a solution that rebinds one of them fails that test;
 - in strict mode, per test, the expression under test and the expected value: ``assert <expression> ==
   <literal>``, ``assert <expression>`` (expects ``True``) or ``assert not <expression>`` (expects ``False``).
@@ -167,7 +167,8 @@ def typed(tagged: list) -> Any:
 
 def _names(source: str) -> dict[str, list[str]]:
     """What a test relies on, from names it does not bind itself: ``pins``, the stdlib modules it reads attributes
-    of; ``imports``, the stdlib modules it imports; ``builtins``, the builtins it names."""
+    of; ``imports``, the modules it imports (the harness imports them before the solution runs, so a module the
+    solution plants or swaps is never the one the test gets); ``builtins``, the builtins it names."""
     try:
         tree = ast.parse(source)
     except SyntaxError:
@@ -190,6 +191,6 @@ def _names(source: str) -> dict[str, list[str]]:
     bases = {n.value.id for n in ast.walk(tree) if isinstance(n, ast.Attribute) and isinstance(n.value, ast.Name)}
     return {
         "pins": sorted(bases & loads & _STDLIB),
-        "imports": sorted(imports & _STDLIB),
+        "imports": sorted(imports - {"antigravity", "this"}),
         "builtins": sorted(loads & _BUILTIN_NAMES),
     }

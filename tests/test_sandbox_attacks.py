@@ -480,6 +480,11 @@ HACKS = {
         WRONG + "import sys, types\nsys.modules['math'] = types.SimpleNamespace(isclose=lambda *a, **k: True)\n",
         ("import math\nassert math.isclose(add(0.5, 0.25), 0.75)",),
     ),
+    "a fake numpy planted on sys.path before the test imports it": Hack(
+        WRONG + "import sys\nopen('numpy.py', 'w').write('isclose = lambda *a, **k: True\\n')\n"
+        "sys.path.insert(0, '.')\nsys.modules.pop('numpy', None)\n",
+        ("import numpy\nassert numpy.isclose(add(0.5, 0.25), 0.75)",),
+    ),
     "unittest's assertEqual patched": Hack(
         WRONG + "import unittest\nunittest.TestCase.assertEqual = lambda *a, **k: None\n",
         ("unittest.TestCase().assertEqual(add(1, 2), 3)",),
@@ -535,9 +540,10 @@ def any_isolation() -> Iterator[None]:
         configure()
 
 
-def _naive(program: str, tests: tuple[str, ...]) -> float:
+def _naive(program: str, tests: tuple[str, ...], workdir: Path) -> float:
     payload = json.dumps({"solution": program, "tests": list(tests)})
-    out = subprocess.run([sys.executable, "-I", "-c", NAIVE], input=payload, capture_output=True, text=True, timeout=60)
+    command = [sys.executable, "-I", "-c", NAIVE]
+    out = subprocess.run(command, input=payload, capture_output=True, text=True, timeout=60, cwd=workdir)
     verdicts = [line.split()[2] for line in out.stdout.splitlines() if line.startswith("TOKEN ")]
     return sum(v == "1" for v in verdicts[: len(tests)]) / len(tests)
 
@@ -547,13 +553,13 @@ def test_the_integrity_suite_has_at_least_ten_hacks() -> None:
 
 
 @pytest.mark.parametrize("name", list(HACKS))
-def test_a_hack_scores_zero_and_the_honest_program_one(name: str, any_isolation: None) -> None:
+def test_a_hack_scores_zero_and_the_honest_program_one(name: str, any_isolation: None, tmp_path: Path) -> None:
     hack = HACKS[name]
     limits = {**FAST, "wall_s": 5.0}
     scores = code_reward(["p"] * 2, [hack.program, RIGHT], tests=[list(hack.tests)] * 2, strict=hack.strict, **limits)
     assert scores == [0.0, 1.0], name
     if hack.real:
-        assert _naive(hack.program, hack.tests) == 1.0, f"{name}: the trick does not fool a naive runner"
+        assert _naive(hack.program, hack.tests, tmp_path) == 1.0, f"{name}: the trick does not fool a naive runner"
 
 
 def test_what_plain_asserts_cannot_tell_and_strict_mode_can(any_isolation: None) -> None:
