@@ -21,6 +21,8 @@ MODULES = [
     "rewards.synthetic",
     "tracerl.report",
     "tracerl.config_docs",
+    "rewards.harness",
+    "tracerl.orchestrator.guards",
 ]
 
 
