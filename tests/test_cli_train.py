@@ -107,7 +107,8 @@ def test_a_reward_that_scores_nothing_stops_the_run_at_its_first_step(capsys, tm
     that shows it stops the run, naming the function and the columns it reads."""
     reward = tmp_path / "nothing.py"
     reward.write_text("def score(prompts, completions, **kwargs):\n    return [None] * len(completions)\n")
-    small = ["eval.num_prompts=0", "train.steps=3", "rollout.prompts_per_step=2", "rollout.samples_per_prompt=2"]
+    small = ["eval.num_prompts=0", "train.steps=3", "rollout.prompts_per_step=2", "rollout.samples_per_prompt=2",
+             "wandb.mode=disabled"]  # fmt: skip
     reward_fn = f"reward.functions=[{{fn: '{reward}:score'}}]"
     err = fails(capsys, "train", QUICK, f"run_dir={tmp_path / 'run'}", reward_fn, *small)
     assert "every sample of RL step 1 was scored None by reward function(s) ['score']" in err
