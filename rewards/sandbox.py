@@ -1,7 +1,8 @@
 """Run untrusted Python programs (generated code) in a separate, limited, isolated process.
 
-Each program runs as ``python -I main.py`` in a fresh temporary directory (deleted afterwards; with filesystem
-isolation the program sees a size-limited tmpfs there holding a copy of its files) with:
+Each program runs as ``python -I main.py`` (with the system-call filter: ``python -I -c BOOTSTRAP``, which
+installs it and runs ``main.py`` as ``__main__``, ``rewards.seccomp``) in a fresh temporary directory (deleted
+afterwards; with filesystem isolation the program sees a size-limited tmpfs there holding a copy of its files) with:
 - resource limits (``setrlimit`` in the child): CPU seconds, address space, processes, file size, open files;
 - a scrubbed environment: ``PATH``, locale, ``HOME``/``TMPDIR`` = its directory; no inherited variable, so no
   ``WANDB_API_KEY``, ``HF_TOKEN``, cloud credentials;

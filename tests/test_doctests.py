@@ -21,7 +21,6 @@ MODULES = [
     "rewards.synthetic",
     "tracerl.report",
     "tracerl.config_docs",
-    "rewards.harness",
     "tracerl.orchestrator.guards",
 ]
 

@@ -18,7 +18,7 @@ from rewards.math import extract_gsm8k_answer, gsm8k_reward, math_verify_reward
 from rewards.registry import UnknownRewardError, get_reward, register_reward
 from rewards.text import completion_text, extract_code, last_boxed
 
-MODULES = ["registry", "text", "math", "format", "length", "code", "sandbox"]
+MODULES = ["registry", "text", "math", "format", "length", "code", "sandbox", "harness", "seccomp"]
 
 
 @pytest.mark.parametrize("module", MODULES)
