@@ -53,6 +53,15 @@ def cmd_generate(ns: argparse.Namespace) -> int:
     cfg = _config(ns)
     policy = load_policy(cfg.model)
     prompt_ids = encode_prompt(policy.tokenizer, ns.prompt, cfg.data)
+    unk = policy.tokenizer.unk_token_id
+    if unk is not None and unk in prompt_ids and policy.tokenizer.unk_token not in ns.prompt:
+        unknown = sorted({c for c in ns.prompt if unk in policy.tokenizer(c, add_special_tokens=False)["input_ids"]})
+        where = f"model.tiny.alphabet={cfg.model.tiny.alphabet!r}" if cfg.model.path is None else "its vocabulary"
+        raise ConfigError(
+            f"--prompt has characters the tokenizer of the model does not know: {', '.join(map(repr, unknown))} "
+            f"(they would all read as {policy.tokenizer.unk_token}; the model knows {where}). Write the prompt "
+            "with known characters."
+        )
     rollout = generate(policy, [prompt_ids], cfg.sampling, seed=cfg.seed)
     ids, steps = rollout.response_ids[0].tolist(), rollout.step_map[0].tolist()
     last = max(steps) if max(steps) >= 0 else 0
@@ -103,6 +112,11 @@ def cmd_validate(ns: argparse.Namespace) -> int:
         f"cluster: ok ({cfg.learner.num_ranks} learner rank(s), {cfg.rollout.num_workers} rollout actor(s), "
         f"{cfg.rollout.placement}, {gpus_needed(cfg)} of {c.num_nodes * c.gpus_per_node} GPUs)"
     )
+    from tracerl.orchestrator.guards import oversubscription
+
+    crowded = oversubscription(cfg, os.cpu_count() or 1)
+    if crowded:
+        console.print(f"[yellow]warning: {crowded}[/yellow]")
     if not ns.offline:
         from tracerl.models import load_policy
         from tracerl.sampling import check_compatible, resolve_cache
@@ -319,7 +333,8 @@ def main(argv: list[str] | None = None) -> int:
             return 130
         err = getattr(err, "cause", None) or err  # a Ray task failure: the actor's own error
         message = err.args[0] if isinstance(err, KeyError) and err.args else str(err)
-        expected = isinstance(err, ConfigError | ValueError | FileNotFoundError | KeyError | RuntimeError)
+        clear = ConfigError | ValueError | FileNotFoundError | FileExistsError | KeyError | RuntimeError
+        expected = isinstance(err, clear)
         kind = "" if expected else f"{type(err).__name__}: "
         hint = "" if expected else " (run with --debug for the traceback)"
         print(f"tracerl {ns.command}: error: {kind}{message}{hint}", file=sys.stderr)

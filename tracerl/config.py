@@ -127,9 +127,10 @@ class SandboxConfig:
     """The code sandbox of code-execution rewards (DESIGN §16, docs/rewards.md)."""
 
     # below this level generated code is never run: full (separate user + private filesystem + no network +
-    # pid namespace + process limit) | namespaces (the same without a separate user) | network | none
+    # pid, IPC namespaces + process limit + system-call filter) | namespaces (the same without a separate user) |
+    # network | none
     min_isolation: Literal["full", "namespaces", "network", "none"] = "full"
-    paths: list[str] = field(default_factory=list)  # host paths programs may read, beside the interpreter
+    paths: list[str] = field(default_factory=list)  # host paths programs may read (no socket, FIFO or device)
 
 
 @dataclass

@@ -26,6 +26,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
+from rewards.sandbox import deadline as sandbox_deadline
 from tracerl.reward_resolve import (
     HttpReward,
     RewardError,
@@ -98,15 +99,18 @@ def _invoke(fn: Callable, kwargs: dict[str, Any]) -> Any:
 class _Call:
     """One function call on its own daemon thread (an abandoned, timed-out call cannot block exit)."""
 
-    def __init__(self, fn: Callable, kwargs: dict[str, Any], name: str) -> None:
+    def __init__(self, fn: Callable, kwargs: dict[str, Any], name: str, deadline: float | None = None) -> None:
         self.value: Any = None
         self.error: BaseException | None = None
-        self.thread = threading.Thread(target=self._run, args=(fn, kwargs), name=f"reward-{name}", daemon=True)
+        self.thread = threading.Thread(
+            target=self._run, args=(fn, kwargs, deadline), name=f"reward-{name}", daemon=True
+        )
         self.thread.start()
 
-    def _run(self, fn: Callable, kwargs: dict[str, Any]) -> None:
+    def _run(self, fn: Callable, kwargs: dict[str, Any], deadline: float | None) -> None:
         try:
-            self.value = _invoke(fn, kwargs)
+            with sandbox_deadline(deadline):  # sandboxed programs of an abandoned call are stopped with it
+                self.value = _invoke(fn, kwargs)
         except BaseException as err:  # reported to the caller, never swallowed
             self.error = err
 
@@ -243,7 +247,12 @@ class RewardService:
             return RewardResult([], {r.name: [] for r in self.rewards}, summarize({}, [], {}))
         start = time.monotonic()
         calls = [
-            _Call(r.fn, self._arguments(r, list(prompts), list(completions), completion_ids, columns), r.name)
+            _Call(
+                r.fn,
+                self._arguments(r, list(prompts), list(completions), completion_ids, columns),
+                r.name,
+                start + self.timeout_s,
+            )
             for r in self.rewards
         ]
         parts: dict[str, list[float]] = {}
@@ -336,7 +345,7 @@ class RewardService:
             one_ids = None if ids is None else list(ids)[i : i + 1]
             one_columns = {k: list(v)[i : i + 1] for k, v in columns.items()}
             arguments = self._arguments(r, prompts[i : i + 1], completions[i : i + 1], one_ids, one_columns)
-            call = _Call(r.fn, arguments, r.name)
+            call = _Call(r.fn, arguments, r.name, deadline)
             if not call.wait(deadline):
                 return None
             if call.error is not None:

@@ -27,7 +27,7 @@ import numpy as np
 import torch
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
-from tracerl import checkpoint, data
+from tracerl import checkpoint, data, runs
 from tracerl.config import Config, ConfigError, to_dict
 from tracerl.learner import Learner
 from tracerl.metrics import MetricsLogger
@@ -166,6 +166,7 @@ def run_sft(cfg: Config, progress: bool = True) -> dict[str, float]:
             "learner.num_ranks=1 (several ranks: drive a LearnerGroup with Learner.sft_step batches)."
         )
     run_dir = Path(cfg.run_dir)
+    claim = runs.claim(cfg, "sft")  # whose directory, what to resume (verified), before anything is written
     random.seed(cfg.seed)
     np.random.seed(cfg.seed)
     torch.manual_seed(cfg.seed)
@@ -194,12 +195,14 @@ def run_sft(cfg: Config, progress: bool = True) -> dict[str, float]:
         return exact_match_accuracy(eval_policy, eval_prompts, answers, cfg)
 
     # 2. Resume, metrics (nothing is written before the model, the data and the learner have passed their checks).
-    run_dir.mkdir(parents=True, exist_ok=True)
+    runs.record(run_dir, claim)
     (run_dir / "config.json").write_text(json.dumps(to_dict(cfg), indent=2))
     sampler, step, result, run_id = _Sampler(len(pairs), cfg.seed), 0, {}, None
-    resume = checkpoint.resolve_resume(run_dir, cfg.checkpoint.resume)
+    resume = claim.resume
+    for note in claim.notes:
+        print(note)
     if resume is not None:
-        state = checkpoint.load_checkpoint(resume, learner)
+        state = checkpoint.load_checkpoint(resume, learner, verified=True)
         step, result, run_id = state.step, dict(state.extra.get("result", {})), state.wandb_run_id
         sampler.load_state_dict(state.data)
         checkpoint.restore_rng(state.rng)
@@ -217,7 +220,7 @@ def run_sft(cfg: Config, progress: bool = True) -> dict[str, float]:
             rng=checkpoint.capture_rng(),
             extra={"result": result},
         )
-        checkpoint.save_checkpoint(run_dir, at, learner, state, cfg.checkpoint.keep_last)
+        checkpoint.save_checkpoint(run_dir, at, learner, state, cfg.checkpoint.keep_last, claim.identity)
 
     # 3. Train.
     columns = (

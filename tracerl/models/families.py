@@ -131,6 +131,7 @@ def _raw_config(cfg: ModelConfig) -> dict:
     """The checkpoint's config.json as a dict, with a clear error when the path is wrong."""
     assert cfg.path is not None
     path = Path(cfg.path).expanduser()
+    _not_a_checkpoint(cfg)
     if _is_local(cfg.path):
         if not path.exists():
             raise ConfigError(
@@ -162,7 +163,19 @@ def _raw_config(cfg: ModelConfig) -> dict:
         ) from None
 
 
+def _not_a_checkpoint(cfg: ModelConfig) -> None:
+    """A tracerl checkpoint folder is not a model directory: say where its model is."""
+    path = Path(str(cfg.path)).expanduser()
+    for inner in (path / "learner" / "hf", path / "hf"):
+        if (inner / "config.json").is_file() and not (path / "config.json").is_file():
+            raise ConfigError(
+                f"model.path '{cfg.path}' is a tracerl checkpoint, not a model directory: its policy is in "
+                f"'{inner}' (set model.path to that), or write a standalone copy with tracerl export {cfg.path} OUT."
+            )
+
+
 def _tokenizer(cfg: ModelConfig) -> Any:
+    _not_a_checkpoint(cfg)
     try:
         return AutoTokenizer.from_pretrained(cfg.path, trust_remote_code=cfg.trust_remote_code)
     except (OSError, ValueError) as err:

@@ -30,6 +30,7 @@ from tracerl.orchestrator.setup import (
 )
 from tracerl.records import Rollout
 from tracerl.reward_service import RewardResult, merge_results
+from tracerl.runs import check_writable
 from tracerl.workers import PLACEMENTS, RewardPool, RolloutGroup, RolloutShard
 
 
@@ -98,6 +99,8 @@ def evaluate(
 def run_eval(cfg: Config, out_dir: str | None = None, verbose: bool = False, console: Console | None = None) -> dict:
     """``tracerl eval``: the loop's evaluation, on the rollout side only, for ``model.path`` as it is on disk."""
     console = console or Console(soft_wrap=True)
+    out = Path(out_dir) if out_dir else Path(cfg.run_dir) / "eval"
+    check_writable(out, "--out" if out_dir else "run_dir")  # before anything starts
     _, eval_set = load_prompts(cfg)
     if eval_set is None:
         raise ConfigError("eval.num_prompts is 0: there is nothing to evaluate; set eval.num_prompts ≥ 1.")
@@ -109,7 +112,6 @@ def run_eval(cfg: Config, out_dir: str | None = None, verbose: bool = False, con
         cleanup.append(rewards.shutdown)
         rollout = RolloutGroup(cfg, PLACEMENTS.lookup("separate")(cfg, ray.cluster_resources().get("GPU", 0.0)).rollout)
         cleanup.append(rollout.shutdown)
-        out = Path(out_dir) if out_dir else Path(cfg.run_dir) / "eval"
         metrics = evaluate(cfg, rollout, rewards, eval_set, 0, 0, out, tag="eval")
         console.print(eval_line(0, metrics, cfg.eval.k))
         console.print(f"[dim]samples: {out / 'eval.jsonl'} · summary and sampling settings: {out / 'eval.json'}[/dim]")

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import signal
 import time
 from collections.abc import Iterator
@@ -30,10 +31,11 @@ import ray
 import torch
 from rich.console import Console
 
-from tracerl import checkpoint, data, stats, trace
+from tracerl import checkpoint, data, runs, stats, trace
 from tracerl.advantages import compute_advantages
-from tracerl.config import Config, check_cluster, to_dict
+from tracerl.config import Config, ConfigError, check_cluster, to_dict
 from tracerl.metrics import MetricsLogger, Timers, decoding_order_picture
+from tracerl.orchestrator import guards
 from tracerl.orchestrator.console import eval_line, step_line
 from tracerl.orchestrator.evaluation import collect, evaluate
 from tracerl.orchestrator.setup import (
@@ -122,15 +124,21 @@ class Session:
     learner_restarts: int = 0
     recovery_s: float = 0.0  # the last learner rebuild, logged with the next step
     cleanup: list[Any] = field(default_factory=list)
+    claim: runs.Claim | None = None  # the run's id and settings, recorded in each checkpoint it writes
+    scored_any: bool = False  # a reward function has scored a sample in this run (a resumed run has)
 
     @classmethod
     @contextlib.contextmanager
     def open(cls, cfg: Config, verbose: bool, console: Console) -> Iterator[Session]:
         """Check, start, resume; shut every actor down on the way out, whatever happens."""
         run_dir = Path(cfg.run_dir)
-        resume = checkpoint.resolve_resume(run_dir, cfg.checkpoint.resume)
+        claim = runs.claim(cfg, "train")  # whose directory, what to resume (verified), before anything is written
+        resume = claim.resume
         stream, eval_set = load_prompts(cfg)
         check_rewards(cfg, stream.ds.column_names, cfg.data.source)
+        crowded = guards.oversubscription(cfg, os.cpu_count() or 1)
+        if crowded:
+            console.print(f"[yellow]warning: {crowded}[/yellow]")
         with teardown() as cleanup:
             if connect(cfg, verbose):
                 cleanup.append(ray.shutdown)
@@ -149,19 +157,21 @@ class Session:
             samplings = [cfg.sampling, stats.eval_sampling(cfg, greedy=True)]
             ray.get(rollout.workers[0].check_positions.remote(longest, samplings))
             initial = checkpoint.DriverState(data=stream.state_dict(), rng=checkpoint.capture_rng())
-            state = checkpoint.load_checkpoint(resume, learner) if resume is not None else None
-            run_dir.mkdir(parents=True, exist_ok=True)
+            state = checkpoint.load_checkpoint(resume, learner, verified=True) if resume is not None else None
+            runs.record(run_dir, claim)
             (run_dir / "config.json").write_text(json.dumps(to_dict(cfg), indent=2))
             logger = MetricsLogger(run_dir, to_dict(cfg), cfg.wandb, resume_id=state.wandb_run_id if state else None)
             cleanup.append(logger.close)
             s = cls(
                 cfg, console, stream, eval_set, rollout, learner, rewards, logger, rollout.info[0], placement, initial,
-                cleanup=cleanup,
+                cleanup=cleanup, claim=claim,
             )  # fmt: skip
             s.version, _ = WEIGHT_SYNC.lookup(cfg.rollout.sync)(learner, rollout)  # same weights on both sides
             if state is not None:
                 s.restore(state)
             write_layout(run_dir / "cluster.json", learner, rollout, rewards)
+            for note in claim.notes:
+                console.print(f"[yellow]{note}[/yellow]")
             console.print(s.banner(time.perf_counter() - t0, resume))
             yield s
 
@@ -176,6 +186,9 @@ class Session:
             batch = self.stream.next_batch(cfg.rollout.prompts_per_step)
             shards = self.rollout.generate_async(batch.prompt_ids, cfg.rollout.samples_per_prompt, seed(cfg, step))
             rollout, scored = self.collect(shards, batch, cfg.rollout.samples_per_prompt, timers)
+            if not self.scored_any and (problem := guards.nothing_scored(scored, step, cfg)):
+                raise ConfigError(problem)
+            self.scored_any = self.scored_any or any(v == v for v in scored.total)  # NaN != NaN
             with timers("views"):
                 adv, keep, metrics = self.advantages(scored, rollout)
                 kept = rollout.select(keep.nonzero().squeeze(1))
@@ -210,7 +223,7 @@ class Session:
         weights, and the run goes back to that step: the steps after it are redone (each appears once in
         ``metrics.jsonl``). Past ``fault.max_learner_restarts`` it stops with a ``RunError`` saying how to resume."""
         cfg, t0 = self.cfg, time.perf_counter()
-        latest = checkpoint.latest_checkpoint(cfg.run_dir)
+        latest = checkpoint.latest_checkpoint(cfg.run_dir, self.claim.run_id if self.claim else None)
         if self.learner_restarts >= cfg.fault.max_learner_restarts:
             where = f"The latest complete checkpoint is {latest}" if latest else "No checkpoint was written yet"
             raise RunError(
@@ -242,6 +255,7 @@ class Session:
         self.stream.load_state_dict(state.data)
         self.logger.rewind(state.step)
         self.start_step = self.saved_step = state.step
+        self.scored_any = self.scored_any or state.step > 0
         self.skipped_steps = int(state.extra.get("skipped_steps", 0))
         self.updating = False
         checkpoint.restore_rng(state.rng)
@@ -359,7 +373,8 @@ class Session:
             rng=checkpoint.capture_rng(),
             extra={"skipped_steps": self.skipped_steps},
         )
-        checkpoint.save_checkpoint(self.cfg.run_dir, step, self.learner, state, self.cfg.checkpoint.keep_last)
+        identity = self.claim.identity if self.claim else None
+        checkpoint.save_checkpoint(self.cfg.run_dir, step, self.learner, state, self.cfg.checkpoint.keep_last, identity)
         self.saved_step = step
 
     @contextlib.contextmanager

@@ -1,6 +1,7 @@
 """Reward scoring in Ray (DESIGN §9, §11): a pool of CPU actors, each running a ``RewardService``, so scoring
 uses many cores and the driver stays free (``score_async`` returns futures). A worker that dies is replaced and
-its shard redone; a worker that cannot start reports why at once.
+its shard redone; a worker that cannot start reports why at once; a worker whose call timed out and still runs
+is replaced (with either error policy).
 
 Reward actors never import torch (each process that does costs ~430 MB).
 
@@ -12,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import os
 import sys
+import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
@@ -74,6 +76,10 @@ class RewardWorker:
     def info(self) -> dict[str, Any]:
         """pid and whether torch got imported (it should not)."""
         return {"pid": os.getpid(), "torch_imported": "torch" in sys.modules}
+
+    def stuck(self) -> int:
+        """Reward calls this actor abandoned at their timeout that are still running (they hold a core)."""
+        return sum(t.name.startswith("reward-") and t.is_alive() for t in threading.enumerate())
 
 
 @dataclass
@@ -184,7 +190,11 @@ class RewardPool:
         last = ""
         for _ in range(self.max_restarts + 1):
             try:
-                return ray.get(ref)
+                result = ray.get(ref)
+                errors = any(v for k, v in result.metrics.items() if k.startswith("reward/errors/"))
+                if errors and ray.get(shard.actor.stuck.remote()):  # on_error="nan": a timed-out call still runs
+                    self._replace(shard)
+                return result
             except RayActorError as err:  # the worker died (killed, crashed, out of memory): replace it, redo
                 last = _first_lines(str(err))
                 self._replace(shard)
