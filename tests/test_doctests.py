@@ -21,6 +21,11 @@ MODULES = [
     "rewards.synthetic",
     "tracerl.report",
     "tracerl.config_docs",
+    "tracerl.reward_resolve",
+    "tracerl.reward_service",
+    "tracerl.reward_models.classifier",
+    "tracerl.reward_models.judge",
+    "tracerl.reward_models.train",
 ]
 
 

@@ -143,7 +143,7 @@ class JudgeConfig:
     template: str = JUDGE_TEMPLATE  # the user message: a Jinja template over prompt, completion and dataset columns
     system: str | None = None  # optional system message
     parser: Literal["regex", "json"] = "regex"  # read the score with a regex, or from a JSON object in the answer
-    pattern: str = r"(?i)score\W*(-?\d+(?:\.\d+)?)"  # regex: the last match's first group (or the match) is the score
+    pattern: str = r"(?i)score\W*?(-?\d+(?:\.\d+)?)"  # regex: the last match's first group (or the match) is the score
     json_field: str = "score"  # json: the field holding the score (a.b for a nested one)
     concurrency: int = 8  # requests in flight at once (per reward actor)
     request_timeout_s: float = 60.0  # seconds one request may take before it is retried

@@ -130,9 +130,14 @@ def reward_kind(spec: RewardSpec) -> str:
 
     if text in rewards.available_rewards():
         return "function"
-    if os.path.isdir(os.path.expanduser(text)) or _HUB_ID.match(text):
+    if os.path.isdir(os.path.expanduser(text)) or _HUB_ID.match(text) or _looks_local(text):
         return "model"
     return "function"  # resolves to an unknown-name error that lists every form
+
+
+def _looks_local(text: str) -> bool:
+    """A path that can only be local (absolute, ./, ~, or deeper than organisation/name)."""
+    return text.startswith(("/", "./", "../", "~")) or text.count("/") >= 2
 
 
 def default_name(spec: RewardSpec) -> str:

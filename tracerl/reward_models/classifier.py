@@ -118,6 +118,12 @@ class SequenceClassifierReward:
         return f"reward model '{self.__name__}' ({self.source})"
 
     def _read(self, auto: Any, what: str) -> Any:
+        local = os.path.expanduser(self.source)
+        if (local.startswith(("/", ".")) or local.count("/") >= 2) and not os.path.isdir(local):
+            raise RewardError(
+                f"{self._where()}: the directory {os.path.abspath(local)} does not exist. Train one with tracerl "
+                "train-reward-model (or TRL's RewardTrainer), or give an existing directory or a hub id 'org/name'."
+            )
         try:
             return auto.from_pretrained(self.source, trust_remote_code=self.options.trust_remote_code)
         except (OSError, ValueError) as err:

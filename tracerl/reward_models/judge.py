@@ -39,7 +39,7 @@ def parse_regex(text: str, pattern: re.Pattern[str]) -> float:
     """The score in a judge's answer: the last match of ``pattern`` (its first group, or the whole match).
 
     Example:
-        >>> parse_regex("Score: 3. On reflection, Score: 7/10", re.compile(r"(?i)score\\W*(-?\\d+(?:\\.\\d+)?)"))
+        >>> parse_regex("Score: 3. On reflection, Score: 7/10", re.compile(r"(?i)score\\W*?(-?\\d+(?:\\.\\d+)?)"))
         7.0
     """
     matches = list(pattern.finditer(text))

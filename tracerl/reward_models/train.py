@@ -209,9 +209,10 @@ def train_reward_model(cfg: Config, console: Console | None = None, verbose: boo
             f"completions) and reward_model.pair_prompts ≥ 1; got {r.heldout_fraction}, {r.samples_per_prompt}, "
             f"{r.pair_prompts}."
         )
+    pairs = load_pairs(r.pairs) if r.pairs else None
     model, tok = build_classifier(cfg)
     scorer = SequenceClassifierReward.from_model(model, tok, RewardModelConfig(max_length=r.max_length), "reward_model")
-    pairs = load_pairs(r.pairs) if r.pairs else sample_pairs(cfg, console)
+    pairs = pairs if pairs is not None else sample_pairs(cfg, console)
     train, held = split_pairs(pairs, r.heldout_fraction, cfg.seed)
     if len(train) < r.batch_size:
         raise ConfigError(
@@ -221,7 +222,8 @@ def train_reward_model(cfg: Config, console: Console | None = None, verbose: boo
     cuda = torch.cuda.is_available()
     scratch = tempfile.mkdtemp(prefix="tracerl-rm-")
     args = RewardConfig(
-        output_dir=scratch, use_cpu=not cuda, bf16=cuda, num_train_epochs=r.epochs, learning_rate=r.lr,
+        output_dir=scratch, use_cpu=not cuda, bf16=cuda, gradient_checkpointing=cuda,  # memory is short on GPUs only
+        num_train_epochs=r.epochs, learning_rate=r.lr,
         per_device_train_batch_size=r.batch_size, max_length=r.max_length,
         center_rewards_coefficient=r.center_rewards_coefficient, seed=cfg.seed, data_seed=cfg.seed, logging_steps=10,
         save_strategy="no", eval_strategy="no", report_to=[], disable_tqdm=not verbose,
