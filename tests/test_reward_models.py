@@ -200,3 +200,31 @@ def test_sampled_pairs_come_from_the_policy_ordered_by_the_labelling_reward(tmp_
         assert chosen > rejected and p["margin"] == pytest.approx(chosen - rejected)
         assert p["prompt"].startswith("parity ")
     assert {p["prompt_index"] for p in pairs} <= set(range(12))
+
+
+@pytest.mark.parametrize(
+    ("entries", "expected"),
+    [
+        ("{fn: a/b, model: {}, judge: {}}", "has both a model and a judge block"),
+        ("{fn: sudoku_cells, kind: function, model: {}}", "is kind=function but has a model/judge block"),
+        ("{fn: a/b, model: {max_length: 512, batch_tokens: 256}}", "model.batch_tokens ≥ model.max_length"),
+        ("{fn: a/b, model: {num_workers: 3}}", "model.num_workers (3) must equal rollout.num_workers (1)"),
+        ("{fn: a/b, model: {gpu_fraction: 0.6}}, {fn: c/d, model: {gpu_fraction: 0.5}}", "take 1.1 of each rollout"),
+        ("{fn: 'http://h:1/v1', judge: {concurrency: 0}}", "judge.concurrency and judge.max_tokens must be ≥ 1"),
+    ],
+)
+def test_impossible_reward_entries_are_refused_when_the_config_loads(entries: str, expected: str) -> None:
+    from tracerl.config import ConfigError
+
+    with pytest.raises(ConfigError) as err:
+        load_config(None, [f"reward.functions=[{entries}]"])
+    assert expected in str(err.value)
+    if "take" not in expected:  # a problem of one entry names it
+        assert "reward.functions[0]" in str(err.value)
+
+
+def test_reward_models_on_their_own_gpus_count_in_the_gpus_a_run_needs(capsys) -> None:
+    entry = "reward.functions=[{fn: a/b, model: {placement: separate, num_workers: 2}}]"
+    assert main(["validate", "--offline", "cluster.gpus_per_node=3", entry]) == 2
+    err = capsys.readouterr().err
+    assert "needs 4 GPUs (1 learner ranks + 1 rollout actors + 2 reward-model actors" in err and "has 3" in err
