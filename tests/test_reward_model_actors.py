@@ -106,3 +106,23 @@ def test_train_two_steps_against_a_reward_model_with_a_verifier_watching(local_r
     assert math.isfinite(last["eval/greedy_reward/rm"])
     layout = json.loads((Path(cfg.run_dir) / "cluster.json").read_text())
     assert [w["name"] for w in layout["reward_model"]] == ["rm"] and layout["reward_model"][0]["pid"] > 0
+
+
+def test_a_judge_scores_in_the_function_actors(local_ray) -> None:
+    from tracerl.config import JudgeConfig
+    from tracerl.workers import RewardPool
+
+    from .test_judge import Stub
+
+    stub = Stub()
+    spec = RewardSpec(stub.url, name="judge", judge=JudgeConfig(template="ANSWER: {{ completion }}", concurrency=3))
+    pool = RewardPool([spec], num_workers=2, on_error="nan")
+    try:
+        assert pool.model_workers == {} and len(pool.workers) == 2  # a judge is an HTTP client: no model actors
+        result = pool.score(["q"] * 5, ["good 1", "good 2", "babble", "good 4", "good 5"])
+        assert result.parts["judge"][:2] == [1.0, 2.0] and result.parts["judge"][3:] == [4.0, 5.0]
+        assert math.isnan(result.parts["judge"][2]) and result.metrics["reward/errors/judge"] == 1.0
+        assert len(stub.requests) == 5
+    finally:
+        pool.shutdown()
+        stub.close()

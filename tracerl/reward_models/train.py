@@ -19,6 +19,8 @@ loads.
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import math
 import random
@@ -194,9 +196,11 @@ def train_reward_model(cfg: Config, console: Console | None = None, verbose: boo
         ConfigError: ``out_dir`` exists, pairs cannot be read or made, or there are too few to train on; nothing
             is written then.
     """
-    from transformers import ProgressCallback
-    from transformers.trainer_callback import PrinterCallback
-    from trl import RewardConfig, RewardTrainer
+    quiet = contextlib.nullcontext() if verbose else contextlib.redirect_stdout(io.StringIO())
+    with quiet:  # transformers prints a line when its W&B integration is imported in offline mode
+        from transformers import ProgressCallback
+        from transformers.trainer_callback import PrinterCallback
+        from trl import RewardConfig, RewardTrainer
 
     console = console or Console(soft_wrap=True)
     r = cfg.reward_model
