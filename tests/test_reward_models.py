@@ -228,3 +228,13 @@ def test_reward_models_on_their_own_gpus_count_in_the_gpus_a_run_needs(capsys) -
     assert main(["validate", "--offline", "cluster.gpus_per_node=3", entry]) == 2
     err = capsys.readouterr().err
     assert "needs 4 GPUs (1 learner ranks + 1 rollout actors + 2 reward-model actors" in err and "has 3" in err
+
+
+def test_train_with_a_bad_reward_model_starts_nothing_and_writes_nothing(capsys, tmp_path: Path) -> None:
+    causal = save_tiny_classifier(tmp_path / "causal", head=False)
+    capsys.readouterr()
+    quick = str(Path(__file__).resolve().parents[1] / "configs" / "quickstart.yaml")
+    run_dir = tmp_path / "run"
+    assert main(["train", quick, f"run_dir={run_dir}", f"reward.functions=[{{fn: {causal}, name: rm}}]"]) == 2
+    err = capsys.readouterr().err
+    assert "reward model 'rm'" in err and "no sequence-classification head" in err and not run_dir.exists()
