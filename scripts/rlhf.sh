@@ -2,7 +2,8 @@
 # RLHF for a diffusion LM on a laptop (docs/rlhf.md): set up .venv (CPU torch), then
 #   1. tracerl sft                 the quickstart's SFT model (4x4 Sudoku from a teacher with a habit)
 #   2. tracerl train-reward-model  preference pairs of the SFT model's own completions → a reward model (TRL)
-#   3. tracerl train               TraceRL against the reward model only; the verifier sudoku_cells at weight 0
+#   3. tracerl train               TraceRL against the reward model only (KL to the SFT model); the verifier
+#                                  sudoku_cells at weight 0
 #   4. tracerl plot                the before/after table and curves of the RL run
 # Extra key=value arguments override configs/rlhf.yaml for every phase (e.g. seed=1 run_dir=runs/rlhf-seed1).
 set -euo pipefail
@@ -28,7 +29,7 @@ t_sft=$SECONDS
 phase "2/4 reward model: pairs of the SFT model's completions, ordered by cells right; TRL's RewardTrainer"
 $tracerl train-reward-model "$config" "$@" model.path="$sft_dir/final" reward_model.out_dir="$rm_dir"
 t_rm=$((SECONDS - t_sft))
-phase "3/4 TraceRL against the reward model (the verifier watches at weight 0)"
+phase "3/4 TraceRL against the reward model, with a KL to the SFT model (the verifier watches at weight 0)"
 $tracerl train "$config" "$@" model.path="$sft_dir/final" reward_model.out_dir="$rm_dir" run_dir="$rl_dir"
 t_rl=$((SECONDS - t_sft - t_rm))
 phase "4/4 before / after (the reward is the reward model's score; eval/greedy_reward/sudoku_cells is the verifier)"
