@@ -442,11 +442,11 @@ class RewardService:
     def _locate(self, r: _Reward, batch: tuple) -> int | None:
         """The first sample on which the function fails alone (re-run one by one, within a time budget).
 
-        Not done for HTTP endpoints (one request per sample would hammer a failing server).
+        Not done for HTTP endpoints and judges (one request per sample would hammer a failing server).
         """
         prompts, completions, ids, columns = batch
         n = len(completions)
-        if n < 2 or isinstance(r.fn, HttpReward):
+        if n < 2 or isinstance(r.fn, HttpReward) or getattr(r.fn, "remote", False):
             return 0 if n == 1 else None
         deadline = time.monotonic() + min(self.timeout_s, LOCATE_BUDGET_S)
         for i in range(n):

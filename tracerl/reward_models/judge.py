@@ -97,6 +97,8 @@ class JudgeReward:
             is not set.
     """
 
+    remote = True  # its failures are not re-run sample by sample to find the culprit (the server would pay)
+
     def __init__(self, url: str, options: JudgeConfig, name: str = "judge") -> None:
         self.options, self.__name__ = options, name
         self.base = url.rstrip("/").removesuffix("/chat/completions").rstrip("/")
