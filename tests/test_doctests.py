@@ -22,6 +22,11 @@ MODULES = [
     "tracerl.report",
     "tracerl.config_docs",
     "tracerl.orchestrator.guards",
+    "tracerl.reward_resolve",
+    "tracerl.reward_service",
+    "tracerl.reward_models.classifier",
+    "tracerl.reward_models.judge",
+    "tracerl.reward_models.train",
 ]
 
 

@@ -5,6 +5,7 @@
     tracerl generate [CONFIG.yaml] [key=value ...] --prompt TEXT   watch one prompt denoise in the terminal
     tracerl validate [CONFIG.yaml] [key=value ...] [--offline]     check config, model, data, rewards, cluster
     tracerl sft [CONFIG.yaml] [key=value ...]                      masked-diffusion SFT
+    tracerl train-reward-model [CONFIG.yaml] [key=value ...]       preference pairs → a reward model (TRL)
     tracerl export CHECKPOINT OUT_DIR                              write a Hugging Face model directory
     tracerl plot RUN_DIR [--sft SFT_RUN_DIR] [--out PNG]           before/after table and curves of a train run
     tracerl serve-reward --reward SPEC [--host --port]             serve a reward function over HTTP
@@ -132,7 +133,7 @@ def cmd_validate(ns: argparse.Namespace) -> int:
     local_data = cfg.data.source.startswith("synthetic:") or os.path.exists(os.path.expanduser(cfg.data.source))
     if ns.offline and (not local_data or cfg.model.path and not os.path.isdir(cfg.model.path)):
         console.print(f"data: not checked offline (data.source '{cfg.data.source}' or the tokenizer is on the hub)")
-        check_rewards(cfg, None, cfg.data.source)
+        service = check_rewards(cfg, None, cfg.data.source)
     else:
         stream, eval_set = load_prompts(cfg)
         if not ns.offline:
@@ -144,7 +145,11 @@ def cmd_validate(ns: argparse.Namespace) -> int:
             f"data: ok ({len(stream.ids)} training prompts, {held} held out, {stream.dropped} dropped as longer than "
             "the limit)"
         )
-        check_rewards(cfg, stream.ds.column_names, cfg.data.source)
+        service = check_rewards(cfg, stream.ds.column_names, cfg.data.source, load=not ns.offline)
+    for reward in service.rewards:  # reward models and judges say what was checked
+        describe = getattr(reward.fn, "describe", None)
+        if callable(describe):
+            console.print(f"reward '{reward.name}': ok ({describe()})")
     r = cfg.reward
     console.print(f"rewards: ok ({', '.join(f.fn for f in r.functions)}; sandbox minimum {r.sandbox.min_isolation})")
     return 0
@@ -220,6 +225,13 @@ def cmd_sft(ns: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_train_reward_model(ns: argparse.Namespace) -> int:
+    from tracerl.reward_models.train import train_reward_model
+
+    train_reward_model(_config(ns), verbose=ns.verbose)
+    return 0
+
+
 def cmd_export(ns: argparse.Namespace) -> int:
     from tracerl.checkpoint import export_hf
 
@@ -287,6 +299,10 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("sft", help="masked-diffusion supervised fine-tuning")
     s.add_argument("config", nargs="*", help=config_help)
     s.set_defaults(fn=cmd_sft)
+
+    rm = sub.add_parser("train-reward-model", help="preference pairs → a reward-model directory (TRL RewardTrainer)")
+    rm.add_argument("config", nargs="*", help=config_help)
+    rm.set_defaults(fn=cmd_train_reward_model)
 
     e = sub.add_parser("export", help="write a Hugging Face directory from a checkpoint")
     e.add_argument("checkpoint", help="a checkpoint directory (run_dir/checkpoints/step-N)")

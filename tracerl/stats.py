@@ -76,6 +76,20 @@ def eval_sampling(cfg: Config, greedy: bool) -> SamplingConfig:
     return s
 
 
+def part_means(parts: dict[str, list[float]], prefix: str) -> dict[str, float]:
+    """``<prefix>/<name>``: the mean of each reward part over the samples where it is a number (NaN if none).
+
+    Example:
+        >>> part_means({"rm": [0.5, 1.5], "verifier": [1.0, float("nan")]}, "eval/greedy_reward")
+        {'eval/greedy_reward/rm': 1.0, 'eval/greedy_reward/verifier': 1.0}
+    """
+    out = {}
+    for name, values in parts.items():
+        kept = [v for v in values if not math.isnan(v)]
+        out[f"{prefix}/{name}"] = sum(kept) / len(kept) if kept else math.nan
+    return out
+
+
 def eval_metrics(
     greedy: list[float],
     sampled: list[list[float]],

@@ -64,6 +64,9 @@ def evaluate(
     tokens_per_forward = float((greedy.step_map >= 0).sum()) / max(1.0, steps)
     metrics = stats.eval_metrics(g_scored.total, per_prompt, cfg.eval.k, cfg.eval.pass_threshold, exact,
                                  tokens_per_forward)  # fmt: skip
+    if len(g_scored.parts) > 1:  # each part on its own: a weight-0 verifier shows what a reward model is worth
+        metrics |= stats.part_means(g_scored.parts, "eval/greedy_reward")
+        metrics |= stats.part_means(s_scored.parts, f"eval/mean@{cfg.eval.k}")
     tag = tag or f"step-{step}"
     out_dir.mkdir(parents=True, exist_ok=True)
     with (out_dir / f"{tag}.jsonl").open("w") as f:
@@ -108,9 +111,10 @@ def run_eval(cfg: Config, out_dir: str | None = None, verbose: bool = False, con
     with teardown() as cleanup:
         if connect(cfg, verbose):
             cleanup.append(ray.shutdown)
-        rewards = reward_pool(cfg)
+        placement = PLACEMENTS.lookup("separate")(cfg, ray.cluster_resources().get("GPU", 0.0))
+        rewards = reward_pool(cfg, placement.reward_models)
         cleanup.append(rewards.shutdown)
-        rollout = RolloutGroup(cfg, PLACEMENTS.lookup("separate")(cfg, ray.cluster_resources().get("GPU", 0.0)).rollout)
+        rollout = RolloutGroup(cfg, placement.rollout)
         cleanup.append(rollout.shutdown)
         metrics = evaluate(cfg, rollout, rewards, eval_set, 0, 0, out, tag="eval")
         console.print(eval_line(0, metrics, cfg.eval.k))

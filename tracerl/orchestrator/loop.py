@@ -147,7 +147,7 @@ class Session:
             t0 = time.perf_counter()
             placement = place(cfg, ray.cluster_resources().get("GPU", 0.0))
             cleanup.append(placement.remove)
-            rewards = reward_pool(cfg)
+            rewards = reward_pool(cfg, placement.reward_models)
             cleanup.append(rewards.shutdown)
             learner = LearnerGroup(cfg, options=placement.learner)
             cleanup.append(learner.shutdown)
@@ -202,6 +202,7 @@ class Session:
         metrics |= {
             "fault/rollout_restarts": float(self.rollout.restarts),
             "fault/reward_restarts": float(self.rewards.restarts),
+            "fault/reward_model_restarts": float(self.rewards.model_restarts),
             "fault/learner_restarts": float(self.learner_restarts),
             "fault/rollout_restart_s": self.rollout.restart_s,  # run totals: time spent replacing actors
             "fault/reward_restart_s": self.rewards.restart_s,
@@ -408,9 +409,14 @@ class Session:
         return (
             f"[bold]tracerl train[/bold] {cfg.model.family} {p['parameters'] / 1e6:.1f}M params · "
             f"{len(self.learner)} learner rank(s) · {len(self.rollout)} rollout actor(s) · "
-            f"{cfg.reward.num_workers} reward worker(s) · {len(self.stream.ids)} train prompts · "
+            f"{cfg.reward.num_workers} reward worker(s){self.reward_models_banner()} · "
+            f"{len(self.stream.ids)} train prompts · "
             f"{len(self.eval_set.prompt_ids) if self.eval_set else 0} held-out · {start} · ready in {seconds:.1f}s"
         )
+
+    def reward_models_banner(self) -> str:
+        models = self.rewards.model_workers
+        return "".join(f" · reward model {name} on {len(actors)} actor(s)" for name, actors in models.items())
 
 
 class RunError(RuntimeError):
