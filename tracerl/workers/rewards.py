@@ -84,6 +84,10 @@ class RewardWorker:
         """Where it runs (pid, node, GPU ids) and whether torch got imported (only a reward model's actor should)."""
         return where() | {"torch_imported": "torch" in sys.modules}
 
+    def stuck(self) -> int:
+        """Reward calls this actor abandoned at their timeout that are still running (they hold a core)."""
+        return sum(t.name.startswith("reward-") and t.is_alive() for t in threading.enumerate())
+
 
 @dataclass
 class _Group:
@@ -94,10 +98,6 @@ class _Group:
     options: list[dict[str, Any]]  # Ray options of actor i
     actors: list[Any] = field(default_factory=list)
     model: bool = False  # a reward model's group (its restarts count in fault/reward_model_restarts)
-
-    def stuck(self) -> int:
-        """Reward calls this actor abandoned at their timeout that are still running (they hold a core)."""
-        return sum(t.name.startswith("reward-") and t.is_alive() for t in threading.enumerate())
 
 
 @dataclass
