@@ -16,7 +16,11 @@ It measures, on random models of real shapes (bf16, one GPU, no Ray):
 - ``rl_steps``: the stage breakdown of two RL steps of a Qwen3-0.6B-shaped model composed in-process from the
   library's pieces: rollout (``generate`` on a separate rollout copy), reward (``RewardService`` with
   ``synthetic_exact`` on addition prompts), advantages, views, train, weight copy (``state_dict_for_rollout``
-  then ``load_state_dict`` into the rollout copy).
+  then ``load_state_dict`` into the rollout copy);
+- ``diffusion_gemma``: the renoising canvas sampler on a DiffusionGemma-shaped random model (the released
+  26B-A4B text config, bf16, canvas 256, 16 steps) at batch 1 and 64, against vLLM's published ≈1,756 tok/s at
+  batch 1 (H100, FP8) and transformers' own generate at batch 1 in the same run
+  (``scripts/gpu_check_diffusion_gemma.py``).
 
 Each part is guarded: a failing part records ``error`` (and a traceback) in the JSON and the others still run.
 Shapes, sizes and the model builders live in ``scripts/gpu_check_setup.py``.
@@ -48,6 +52,7 @@ from dataclasses import asdict, replace
 from typing import Any
 
 import torch
+from gpu_check_diffusion_gemma import part_diffusion_gemma
 from gpu_check_setup import (
     Plan,
     agreement,
@@ -69,7 +74,7 @@ from gpu_check_setup import (
 
 JETENGINE_TOK_S = 5000.0  # "5000+ tokens/second", SDAR-4B, block 4, batch 128, one H200 (FlashAttention-2 + Triton)
 JETENGINE_SOURCE = "github.com/Labman42/JetEngine README: SDAR-4B, block size 4, batch size 128, NVIDIA H200"
-PARTS = ("sampler", "learner", "replay", "rl_steps")
+PARTS = ("sampler", "learner", "replay", "rl_steps", "diffusion_gemma")
 STAGES = ("rollout_s", "reward_s", "advantages_s", "views_s", "train_s", "weight_copy_s")  # of one RL step
 WATCHED_IMPORTS = ("ray", "wandb", "datasets", "trl", "math_verify")  # absent on the GPU machine
 
@@ -360,6 +365,7 @@ RUNNERS: dict[str, Callable[[Plan, dict[str, Any]], dict[str, Any]]] = {
     "learner": part_learner,
     "replay": part_replay,
     "rl_steps": part_rl_steps,
+    "diffusion_gemma": part_diffusion_gemma,
 }
 
 

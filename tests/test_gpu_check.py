@@ -26,6 +26,10 @@ KEYS = {
     ],
     "replay": ["block", "full"],
     "rl_steps": ["samples_per_step", "engine_init_s", "steps", "stage_share_last_step", "rollout_copy_matches_learner"],
+    "diffusion_gemma": [
+        "model", "canvas_length", "denoising_steps", "batch_1", "batch_4", "reference_tokens_per_s",
+        "transformers_generate_batch_1_tokens_per_s", "ratio_batch_1_to_transformers_generate",
+    ],
 }  # fmt: skip
 STAGES = ["rollout_s", "reward_s", "advantages_s", "views_s", "train_s", "weight_copy_s", "step_s"]
 
@@ -144,3 +148,16 @@ def test_bad_parts_are_refused() -> None:
     )
     assert proc.returncode == 2
     assert "unknown part(s) ['nonsense']" in proc.stderr and proc.stdout == ""
+
+
+def test_diffusion_gemma_part_decodes_whole_canvases_and_compares_with_generate(report: dict) -> None:
+    d = report["diffusion_gemma"]
+    c = d["canvas_length"]
+    assert d["model"]["experts"] == 4 and d["denoising_steps"] == 4  # 16 on the GPU
+    for batch in (1, 4):
+        row = d[f"batch_{batch}"]
+        assert row["generated_tokens"] == batch * c  # EOS off: one whole canvas each
+        assert row["steps_run"] == batch * 4  # adaptive stopping off: every step ran
+        assert row["tokens_per_s"] > 0
+    assert d["reference_tokens_per_s"] == 1756.0 and "vLLM" in d["reference"]
+    assert d["ratio_batch_1_to_transformers_generate"] > 0

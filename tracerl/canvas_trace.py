@@ -26,6 +26,7 @@ dims: N samples · R units · K canvases · S steps · C canvas length · T cont
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -158,9 +159,10 @@ def _encode(policy, units: CanvasUnits, device: torch.device):  # noqa: ANN001, 
 
 
 @torch.no_grad()
-def chain_pass(policy, units: CanvasUnits) -> tuple[torch.Tensor, torch.Tensor]:  # noqa: ANN001
+def chain_pass(policy, units: CanvasUnits, full: bool = False) -> tuple[torch.Tensor, torch.Tensor]:  # noqa: ANN001
     """The step chain with the current (behaviour) weights: step by step, the logits of each input canvas given
-    the self-conditioning the previous step produced.
+    the self-conditioning the previous step produced (``full``: every step runs, even after the last live one,
+    so that ranks sharded with ZeRO-3 make the same calls).
 
     Returns:
         logp [R, S, C] float32: log-prob of every accepted token under its step's processed logits (0 elsewhere);
@@ -178,7 +180,7 @@ def chain_pass(policy, units: CanvasUnits) -> tuple[torch.Tensor, torch.Tensor]:
     logp = torch.zeros((r, s, c), dtype=torch.float32, device=device)
     ids = units.target_ids.to(device)
     for t in range(s):
-        if not bool(units.step_valid[:, t].any()):
+        if not full and not bool(units.step_valid[:, t].any()):
             break
         logits = policy.denoise(canvases[:, t], cache, masks, pos, self_conditioning_embeds=sc[:, t])
         processed = logits / units.temperature[t].to(device)
@@ -204,8 +206,15 @@ class CanvasScorer(nn.Module):
         self.chunk_tokens = chunk_tokens
 
     def forward(
-        self, units: CanvasUnits, sc: torch.Tensor, targets: torch.Tensor, num_chunks: int = -1
+        self,
+        units: CanvasUnits,
+        sc: torch.Tensor | None,
+        targets: torch.Tensor,
+        num_chunks: int = -1,
+        sc_temperature: torch.Tensor | None = None,
     ) -> torch.Tensor:
+        """``sc`` None (SFT): the self-conditioning input comes from a first pass without gradient and without
+        self-conditioning, at temperature ``sc_temperature`` [r] (0 on a row: that row gets none)."""
         policy, device = self.policy, self.policy.device
         cache, attention = _encode(policy, units, device)
         r, s, c = units.canvases.shape
@@ -213,6 +222,8 @@ class CanvasScorer(nn.Module):
         rows = units.canvases.to(device).reshape(r * s, c)
         masks = policy.decoder_masks(rows, cache, attention.repeat_interleave(s, dim=0))
         pos = units.canvas_pos.to(device).repeat_interleave(s, dim=0)
+        if sc is None:
+            sc = self_conditioning(policy, rows, cache, masks, pos, sc_temperature.to(device).repeat_interleave(s))
         hidden = policy.decoder_hidden(rows, cache, masks, pos, self_conditioning_embeds=sc.reshape(r * s, c, -1))
         targets = targets.to(device)
         picked = hidden.view(r, s, c, -1)[targets]  # [M, H]
@@ -241,3 +252,153 @@ def replay_logprobs(policy, units: CanvasUnits, chunk_tokens: int = 1024) -> tor
     logp = torch.zeros(units.accepted.shape, dtype=torch.float32)
     logp[units.accepted] = out[0].cpu()
     return logp
+
+
+@torch.no_grad()
+def self_conditioning(policy, rows, cache, masks, pos, tau: torch.Tensor) -> torch.Tensor:  # noqa: ANN001
+    """[n, C, H] the self-conditioning input of a detached first pass (no self-conditioning, no gradient) over
+    canvases ``rows`` [n, C]: the soft embeddings of its logits at temperature ``tau`` [n]; rows with τ = 0 get
+    the zero signal (trained without self-conditioning)."""
+    zeros = torch.zeros((*rows.shape, policy.model.config.get_text_config().hidden_size), dtype=policy.dtype,
+                        device=rows.device)  # fmt: skip
+    logits = policy.denoise(rows, cache, masks, pos, self_conditioning_embeds=zeros)
+    on = tau > 0
+    processed = logits / torch.where(on, tau, 1.0)[:, None, None]
+    return torch.where(on[:, None, None], policy.soft_embeddings(processed.to(policy.dtype)), zeros)
+
+
+@dataclass
+class CanvasRows:
+    """Units as the learner's training rows: row = unit, T = S·C (its steps' positions flattened in order), the
+    self-conditioning state beside them (from the chain pass), or, for SFT, the temperature of its first pass."""
+
+    units: CanvasUnits
+    sc: torch.Tensor | None = None  # [R, S, C, H] self-conditioning input of each step (None: SFT first pass)
+    sc_temperature: torch.Tensor | None = None  # [R] SFT: τ of the detached first pass (0: none)
+
+    def __len__(self) -> int:
+        return len(self.units)
+
+    @property
+    def row_tokens(self) -> int:
+        return self.units.row_tokens
+
+    @property
+    def row_sample(self) -> torch.Tensor:
+        return self.units.row_sample
+
+    @property
+    def target_mask(self) -> torch.Tensor:
+        """[R, S·C] bool, the trained actions of each unit."""
+        return self.units.target_mask.flatten(1)
+
+    def scorer_args(self, rows: torch.Tensor) -> tuple:
+        """``CanvasScorer``'s arguments for ``rows`` (its outputs come in ``target_mask[rows]`` order)."""
+        units = self.units.select(rows)
+        sc = self.sc[rows.to(self.sc.device)] if self.sc is not None else None
+        tau = self.sc_temperature[rows] if self.sc_temperature is not None else None
+        return units, sc, units.target_mask, tau
+
+
+def canvas_rows(
+    policy,  # noqa: ANN001
+    units: CanvasUnits,
+    chunks: list[torch.Tensor],
+    reduce: Callable[[torch.Tensor], torch.Tensor] | None = None,
+) -> tuple[torch.Tensor, CanvasRows]:
+    """The chain pass over ``units`` in micro-batches ``chunks`` (this rank's; an empty chunk still runs one
+    unit, so ranks stay in step): old log-probs [R, S, C] on CPU and the rows with their self-conditioning.
+    ``reduce`` sums a tensor over ranks (each rank fills its own units; None: one rank)."""
+    r, s, c = units.canvases.shape
+    hidden = policy.model.config.get_text_config().hidden_size
+    old = torch.zeros((r, s, c), dtype=torch.float32, device=policy.device)
+    sc = torch.zeros((r, s, c, hidden), dtype=policy.dtype, device=policy.device)
+    for chunk in chunks:
+        rows = chunk if len(chunk) else torch.arange(1)
+        logp, state = chain_pass(policy, units.select(rows), full=reduce is not None)
+        if len(chunk):
+            old[chunk.to(old.device)], sc[chunk.to(sc.device)] = logp, state
+    if reduce is not None:
+        old, sc = reduce(old), reduce(sc)
+    return old.cpu(), CanvasRows(units, sc)
+
+
+# ---------------------------------------------------------------------------------------------- SFT
+
+
+@dataclass
+class CanvasSFTBatch:
+    """One renoising-SFT batch: units of one step each (a corrupted canvas), their loss weights and
+    self-conditioning temperatures."""
+
+    units: CanvasUnits  # S = 1: the corrupted canvas; targets = every position, target ids = the clean canvas
+    weights: torch.Tensor  # [R, 1, C] float32, per-target weight of −log p (sums to 1 over the batch)
+    sc_temperature: torch.Tensor  # [R] float32, τ of the detached first pass; 0 = no self-conditioning
+    rate: torch.Tensor  # [R] float32, the corruption rate of each canvas
+
+
+def renoise_sft_batch(
+    pairs: list[tuple[list[int], list[int]]],
+    *,
+    canvas_length: int,
+    vocab_size: int,
+    pad_id: int,
+    eos_id: int,
+    generator: torch.Generator,
+    rate_eps: float = 1e-3,
+    sc_prob: float = 0.5,
+    t_min: float = 0.4,
+    t_max: float = 0.8,
+) -> CanvasSFTBatch:
+    """The renoising denoiser objective on (prompt, response) pairs (DESIGN §18).
+
+    Each response, ending with EOS (appended if missing) and EOS-padded to whole canvases, gives one unit per
+    canvas: context = prompt and the clean canvases before it. Per canvas a corruption rate t ~ U(ε, 1]; each
+    position is replaced by a uniform random token with probability t (the sampler's renoising); the loss is the
+    cross-entropy −log p(clean token | corrupted canvas, context) at every position, averaged over positions and
+    canvases. With probability ``sc_prob`` a canvas is self-conditioned the usual way: a detached first pass gives
+    the soft embeddings of its logits at τ = t_min + (t_max − t_min)·t (the sampler's temperature at that noise
+    level).
+    """
+    units: list[tuple[list[int], list[int]]] = []  # (context, clean canvas)
+    for prompt, response in pairs:
+        full = list(response) if response and response[-1] == eos_id else [*response, eos_id]
+        full += [eos_id] * (-len(full) % canvas_length)
+        for k in range(len(full) // canvas_length):
+            canvas = full[k * canvas_length : (k + 1) * canvas_length]
+            units.append((prompt + full[: k * canvas_length], canvas))
+    r = len(units)
+    width = max(len(u[0]) for u in units)
+    context_ids = torch.full((r, width), pad_id, dtype=torch.long)
+    context_mask = torch.zeros((r, width), dtype=torch.bool)
+    context_pos = torch.zeros((r, width), dtype=torch.long)
+    clean = torch.tensor([u[1] for u in units], dtype=torch.long)
+    for row, (ctx, _) in enumerate(units):
+        context_ids[row, width - len(ctx) :] = torch.tensor(ctx)
+        context_mask[row, width - len(ctx) :] = True
+        context_pos[row, width - len(ctx) :] = torch.arange(len(ctx))
+    lengths = context_mask.sum(-1)
+    rate = rate_eps + (1 - rate_eps) * torch.rand(r, generator=generator)
+    noisy = torch.rand(r, canvas_length, generator=generator) < rate[:, None]
+    noise = torch.randint(0, vocab_size, (r, canvas_length), generator=generator)
+    corrupted = torch.where(noisy, noise, clean)
+    sc_on = torch.rand(r, generator=generator) < sc_prob
+    sc_tau = torch.where(sc_on, t_min + (t_max - t_min) * rate, 0.0)
+    every = torch.ones((r, 1, canvas_length), dtype=torch.bool)
+    batch = CanvasUnits(
+        row_sample=torch.arange(r),
+        row_canvas=torch.zeros(r, dtype=torch.long),
+        context_ids=context_ids,
+        context_mask=context_mask,
+        context_pos=context_pos,
+        canvas_pos=lengths[:, None] + torch.arange(canvas_length),
+        canvases=corrupted[:, None],
+        step_valid=torch.ones((r, 1), dtype=torch.bool),
+        target_mask=every,
+        accepted=every,
+        target_ids=clean[:, None],
+        rollout_logp=torch.zeros((r, 1, canvas_length)),
+        temperature=torch.ones(1),
+    )
+    weights = torch.full((r, 1, canvas_length), 1.0 / (r * canvas_length))
+    return CanvasSFTBatch(batch, weights, sc_tau.float(), rate)

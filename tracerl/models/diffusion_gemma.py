@@ -55,6 +55,49 @@ TINY_VISION = dict(
 )
 
 
+# google/diffusiongemma-26B-A4B-it's text config as published on the hub (model_type diffusion_gemma,
+# DiffusionGemmaForBlockDiffusion, canvas_length 256; read from the hub config as quoted in public test fixtures,
+# e.g. a NeMo-style model summary test of "google/diffusiongemma-26B-A4B-it"); its generation_config.json gives
+# max_denoising_steps 48, entropy_bound 0.1, t_max 0.8, t_min 0.4, stability 1, confidence 0.005, EOS [1, 106, 50],
+# pad 0 (tracerl's sampling.canvas defaults). The vision tower keeps transformers' Gemma 4 default.
+RELEASED_TEXT = dict(
+    vocab_size=262_144,
+    hidden_size=2816,
+    intermediate_size=2112,
+    num_hidden_layers=30,
+    num_attention_heads=16,
+    num_key_value_heads=8,
+    head_dim=256,
+    global_head_dim=512,
+    num_global_key_value_heads=2,
+    num_experts=128,
+    top_k_experts=8,
+    moe_intermediate_size=704,
+    sliding_window=1024,
+    max_position_embeddings=262_144,
+    layer_types=(["sliding_attention"] * 5 + ["full_attention"]) * 5,
+    use_bidirectional_attention="vision",
+    pad_token_id=0,
+    eos_token_id=1,
+    bos_token_id=2,
+)
+RELEASED_CANVAS = 256
+RELEASED_EOS = [1, 106, 50]
+
+
+def released_config(num_layers: int | None = None, vision: bool = True) -> DiffusionGemmaConfig:
+    """The released 26B-A4B configuration, optionally with its first ``num_layers`` layers only (random-weight
+    measurements that must fit one GPU) and the tiny vision tower instead of the Gemma 4 one."""
+    text = dict(RELEASED_TEXT)
+    if num_layers is not None:
+        text["num_hidden_layers"] = num_layers
+        text["layer_types"] = text["layer_types"][:num_layers]
+        text["layer_types"][-1] = "full_attention"
+    return DiffusionGemmaConfig(
+        text_config=text, vision_config=None if vision else dict(TINY_VISION), canvas_length=RELEASED_CANVAS
+    )
+
+
 def tiny_config(cfg: TinyModelConfig, vocab_size: int, pad_id: int, eos_id: int) -> DiffusionGemmaConfig:
     """A DiffusionGemma of tiny shape: ``cfg.num_layers`` layers alternating sliding and full attention (the
     last is full, as in the released model), a MoE of ``cfg.num_experts`` experts (top ``cfg.top_k_experts``)

@@ -23,6 +23,7 @@ __all__ = [
     "generate",
     "get_remasking",
     "register_remasking",
+    "renoising",
     "resolve_cache",
     "sample_block",
     "sample_canvas",
