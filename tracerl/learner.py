@@ -168,10 +168,14 @@ class Learner:
         # A renoising canvas policy (DiffusionGemma) is scored per (sample, canvas) unit, all its steps over one
         # encoder pass (canvas_trace.CanvasScorer); every other family per training row (PolicyScorer).
         scorer = canvas_trace.CanvasScorer if getattr(policy, "trajectory", None) == "renoising" else PolicyScorer
+        if scorer is canvas_trace.CanvasScorer and self.lc.zero_stage == 3:
+            policy.gather = deepspeed.zero.GatheredParameters  # it reads the embedding matrix outside its forward
         self.ref: Any = None
         if self.obj.kl_to_ref_coef > 0:
             ref_policy = copy.copy(policy)
             ref_policy.model = copy.deepcopy(policy.model).to(dtype).eval().requires_grad_(False)
+            if hasattr(ref_policy, "gather"):  # the frozen copy is never partitioned
+                ref_policy.gather = lambda params: contextlib.nullcontext()
             self.ref = scorer(ref_policy, self.lc.logprob_chunk_tokens)
         value = ValueModel.from_policy(policy) if self.obj.value_model else None
 

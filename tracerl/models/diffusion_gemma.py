@@ -165,6 +165,9 @@ class CanvasPolicy:
     def __init__(self, model: nn.Module, tokenizer: Any) -> None:
         self.model = model
         self.tokenizer = tokenizer
+        # Makes parameters whole while code outside their module's forward reads them (the learner sets
+        # DeepSpeed's GatheredParameters under ZeRO-3, where a parameter is a shard between forwards).
+        self.gather: Any = lambda params: contextlib.nullcontext()
         config = model.config
         text = config.text_config
         self.canvas_length = int(config.canvas_length)
@@ -271,7 +274,8 @@ class CanvasPolicy:
         softmax (fp32) · embedding matrix · embedding scale, in the embedding dtype (as the decoder does)."""
         embed = self.model.model.decoder.embed_tokens
         probs = logits.softmax(dim=-1, dtype=torch.float32).to(embed.weight.dtype)
-        return torch.matmul(probs, embed.weight) * embed.embed_scale.to(embed.weight.dtype)
+        with self.gather([embed.weight]):  # read outside the embedding's own forward: whole under ZeRO-3
+            return torch.matmul(probs, embed.weight) * embed.embed_scale.to(embed.weight.dtype)
 
     @contextlib.contextmanager
     def _inject(self, embeds: torch.Tensor) -> Iterator[None]:
