@@ -78,7 +78,11 @@ def test_a_step_updates_the_policy_and_the_old_log_probs_are_the_samplers(learne
     assert all(torch.isfinite(v).all() for v in after.values())
 
 
-@pytest.mark.parametrize("aggregation", ["token_sum_over_max_len", "token_mean", "seq_mean_token_mean"])
+@pytest.mark.parametrize(
+    "aggregation",
+    ["token_sum_over_max_len", pytest.param("token_mean", marks=pytest.mark.slow),
+     pytest.param("seq_mean_token_mean", marks=pytest.mark.slow)],
+)  # fmt: skip
 def test_micro_batches_of_units_give_the_one_batch_gradient(learners, aggregation: str) -> None:
     """Units split into micro-batches (one unit each) give the same update as all units in one."""
     pol = policy()
