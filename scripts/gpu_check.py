@@ -21,6 +21,10 @@ It measures, on random models of real shapes (bf16, one GPU, no Ray):
   scoring 128 completions of 1,024 tokens through ``SequenceClassifierReward.score_ids`` (the reward-model
   actors' code: packed by a token budget of 32,768, eval mode, inference mode): samples/s after a warm-up, peak
   memory, and the largest |batched − one-at-a-time| score over a few samples.
+- ``diffusion_gemma``: the renoising canvas sampler on a DiffusionGemma-shaped random model (the released
+  26B-A4B text config, bf16, canvas 256, 16 steps) at batch 1 and 64, against vLLM's published ≈1,756 tok/s at
+  batch 1 (H100, FP8) and transformers' own generate at batch 1 in the same run
+  (``scripts/gpu_check_diffusion_gemma.py``).
 
 Each part is guarded: a failing part records ``error`` (and a traceback) in the JSON and the others still run.
 Shapes, sizes and the model builders live in ``scripts/gpu_check_setup.py``.
@@ -53,6 +57,7 @@ from dataclasses import asdict, replace
 from typing import Any
 
 import torch
+from gpu_check_diffusion_gemma import part_diffusion_gemma
 from gpu_check_setup import (
     Plan,
     agreement,
@@ -74,7 +79,7 @@ from gpu_check_setup import (
 
 JETENGINE_TOK_S = 5000.0  # "5000+ tokens/second", SDAR-4B, block 4, batch 128, one H200 (FlashAttention-2 + Triton)
 JETENGINE_SOURCE = "github.com/Labman42/JetEngine README: SDAR-4B, block size 4, batch size 128, NVIDIA H200"
-PARTS = ("sampler", "learner", "replay", "rl_steps", "reward_model")
+PARTS = ("sampler", "learner", "replay", "rl_steps", "reward_model", "diffusion_gemma")
 STAGES = ("rollout_s", "reward_s", "advantages_s", "views_s", "train_s", "weight_copy_s")  # of one RL step
 WATCHED_IMPORTS = ("ray", "wandb", "datasets", "trl", "math_verify")  # absent on the GPU machine
 
@@ -421,6 +426,7 @@ RUNNERS: dict[str, Callable[[Plan, dict[str, Any]], dict[str, Any]]] = {
     "replay": part_replay,
     "rl_steps": part_rl_steps,
     "reward_model": part_reward_model,
+    "diffusion_gemma": part_diffusion_gemma,
 }
 
 

@@ -30,6 +30,10 @@ KEYS = {
         "model", "parameters", "dtype", "samples", "tokens_per_sample", "batch_tokens", "forwards", "seconds",
         "samples_per_s", "tokens_per_s", "peak_memory_gib", "scores_finite", "batched_vs_single_max_abs",
     ],
+    "diffusion_gemma": [
+        "model", "canvas_length", "denoising_steps", "batch_1", "batch_4", "reference_tokens_per_s",
+        "transformers_generate_batch_1_tokens_per_s", "ratio_batch_1_to_transformers_generate",
+    ],
 }  # fmt: skip
 STAGES = ["rollout_s", "reward_s", "advantages_s", "views_s", "train_s", "weight_copy_s", "step_s"]
 
@@ -158,3 +162,16 @@ def test_reward_model_scores_every_completion_in_budgeted_forwards(report: dict)
     assert rm["forwards"] == -(-rm["samples"] // per_forward) == 3
     assert rm["samples_per_s"] == pytest.approx(rm["samples"] / rm["seconds"])
     assert rm["batched_vs_single_max_abs"] < 1e-5  # packing and padding change no score (fp32)
+
+
+def test_diffusion_gemma_part_decodes_whole_canvases_and_compares_with_generate(report: dict) -> None:
+    d = report["diffusion_gemma"]
+    c = d["canvas_length"]
+    assert d["model"]["experts"] == 4 and d["denoising_steps"] == 4  # 16 on the GPU
+    for batch in (1, 4):
+        row = d[f"batch_{batch}"]
+        assert row["generated_tokens"] == batch * c  # EOS off: one whole canvas each
+        assert row["steps_run"] == batch * 4  # adaptive stopping off: every step ran
+        assert row["tokens_per_s"] > 0
+    assert d["reference_tokens_per_s"] == 1756.0 and "vLLM" in d["reference"]
+    assert d["ratio_batch_1_to_transformers_generate"] > 0

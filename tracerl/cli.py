@@ -49,6 +49,7 @@ def cmd_generate(ns: argparse.Namespace) -> int:
 
     from tracerl.data import encode_prompt
     from tracerl.models import load_policy
+    from tracerl.records import CanvasRollout
     from tracerl.sampling import generate
 
     cfg = _config(ns)
@@ -64,6 +65,8 @@ def cmd_generate(ns: argparse.Namespace) -> int:
             "with known characters."
         )
     rollout = generate(policy, [prompt_ids], cfg.sampling, seed=cfg.seed)
+    if isinstance(rollout, CanvasRollout):
+        return _show_canvases(ns, rollout, policy)
     ids, steps = rollout.response_ids[0].tolist(), rollout.step_map[0].tolist()
     last = max(steps) if max(steps) >= 0 else 0
     tok = policy.tokenizer
@@ -97,6 +100,60 @@ def cmd_generate(ns: argparse.Namespace) -> int:
     return 0
 
 
+def canvas_frames(rollout, tokenizer, eos_ids: tuple[int, ...]) -> list:  # noqa: ANN001
+    """One line per denoising step of every canvas of the first sample: the canvas the step produced, its accepted
+    tokens in green (the policy's actions), the renoised positions dim (fresh uniform noise); then the output."""
+    from rich.text import Text
+
+    def piece(token: int) -> str:
+        if token in eos_ids:
+            return "⏎"
+        text = tokenizer.decode([token], skip_special_tokens=True)
+        return text if len(text) == 1 and text.isprintable() and not text.isspace() else "·"
+
+    lines = []
+    c = rollout.canvas_length
+    for k in range(rollout.canvases.shape[1]):
+        if not bool(rollout.canvas_valid[0, k]):
+            break
+        live = int(rollout.step_valid[0, k].sum())
+        for j in range(live):
+            accepted = rollout.accepted[0, k, j]
+            after = rollout.canvases[0, k, j + 1] if j + 1 < live else None
+            text = Text(f"canvas {k} step {j:>2} τ={float(rollout.temperature[j]):.2f} ", style="dim")
+            for pos in range(c):
+                if bool(accepted[pos]):
+                    text.append(piece(int(rollout.accepted_ids[0, k, j, pos])), style="bold green")
+                else:
+                    text.append(piece(int(after[pos])) if after is not None else " ", style="dim")
+            text.append(f"  {int(accepted.sum())} accepted", style="dim")
+            lines.append(text)
+        out = Text(f"canvas {k} output{' ' * 9}", style="dim")
+        out.append("".join(piece(int(t)) for t in rollout.response_ids[0, k * c : (k + 1) * c]), style="bold")
+        lines.append(out)
+    return lines
+
+
+def _show_canvases(ns: argparse.Namespace, rollout, policy) -> int:  # noqa: ANN001
+    """``tracerl generate`` for a renoising model: every step of every canvas, accepted vs renoised positions."""
+    from rich.console import Console
+
+    console = Console()
+    console.print(f"[bold]{ns.prompt}[/bold]")
+    for line in canvas_frames(rollout, policy.tokenizer, policy.eos_ids):
+        if not ns.no_animate:
+            time.sleep(ns.delay)
+        console.print(line)
+    live = rollout.step_valid & rollout.canvas_valid[..., None]
+    console.print(f"[bold]{rollout.texts[0]}[/bold]")
+    console.print(
+        f"[dim]{int(rollout.response_mask[0].sum())} tokens · {int(live[0].sum())} denoising steps over "
+        f"{int(rollout.canvas_valid[0].sum())} canvas(es) · {int(rollout.accepted[0][live[0]].sum())} tokens "
+        "accepted (green), the rest renoised each step (dim)[/dim]"
+    )
+    return 0
+
+
 def cmd_validate(ns: argparse.Namespace) -> int:
     """Resolve and check everything a run needs, without training; ``--offline`` loads no weights and no hub data."""
     from rich.console import Console
@@ -120,16 +177,17 @@ def cmd_validate(ns: argparse.Namespace) -> int:
         console.print(f"[yellow]warning: {crowded}[/yellow]")
     if not ns.offline:
         from tracerl.models import load_policy
-        from tracerl.sampling import check_compatible, resolve_cache
+        from tracerl.sampling import check_compatible, renoising, resolve_cache
 
         policy = load_policy(cfg.model)
         check_compatible(policy, cfg.sampling)
         params = sum(p.numel() for p in policy.model.parameters())
-        layout = "block" if policy.block_size else "full"
-        console.print(
-            f"model: ok ({cfg.model.family}, {params / 1e6:.2f}M parameters, {layout} attention, mask id "
-            f"{policy.mask_id}, cache {resolve_cache(policy, cfg.sampling)})"
-        )
+        if renoising(policy):
+            shape = f"renoising canvases of {policy.canvas_length} tokens, EOS ids {list(policy.eos_ids)}"
+        else:
+            layout = "block" if policy.block_size else "full"
+            shape = f"{layout} attention, mask id {policy.mask_id}, cache {resolve_cache(policy, cfg.sampling)}"
+        console.print(f"model: ok ({cfg.model.family}, {params / 1e6:.2f}M parameters, {shape})")
     local_data = cfg.data.source.startswith("synthetic:") or os.path.exists(os.path.expanduser(cfg.data.source))
     if ns.offline and (not local_data or cfg.model.path and not os.path.isdir(cfg.model.path)):
         console.print(f"data: not checked offline (data.source '{cfg.data.source}' or the tokenizer is on the hub)")

@@ -41,19 +41,39 @@ class TinyModelConfig:
     block_size: int = 4  # block size of the block-diffusion variant
     max_position_embeddings: int = 2048  # longest prompt + response the rotary tables cover
     alphabet: str = "0123456789+-*=?:#., abcdefghijklmnopqrstuvwxyz"  # characters of the char-level tokenizer
+    canvas_length: int = 16  # diffusion_gemma: tokens per canvas (the released model has 256)
+    num_experts: int = 4  # diffusion_gemma: experts of each MoE layer
+    top_k_experts: int = 2  # diffusion_gemma: experts each token is routed to
+    moe_intermediate_size: int = 64  # diffusion_gemma: width of each expert
+    sliding_window: int = 64  # diffusion_gemma: window of the sliding-attention layers (every other layer)
 
 
 @dataclass
 class ModelConfig:
     """Which diffusion language model to load and how."""
 
-    family: str = "tiny"  # model family: tiny | llada | dream | sdar | masked_lm (see tracerl.models)
-    path: str | None = None  # local directory or hub name; None builds a random tiny model (family tiny only)
+    family: str = "tiny"  # model family: tiny | llada | dream | sdar | masked_lm | diffusion_gemma (tracerl.models)
+    path: str | None = None  # local directory or hub name; None builds a random tiny model (tiny, diffusion_gemma)
     trust_remote_code: bool = False  # load the checkpoint's own modeling code instead of the native class
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"  # parameter dtype of the policy
     mask_token_id: int | None = None  # override the mask token id (otherwise config, then tokenizer)
     block_size: int | None = None  # block size of a block-diffusion model (None: from its config)
     tiny: TinyModelConfig = field(default_factory=TinyModelConfig)  # shape of a random tiny model
+
+
+@dataclass
+class CanvasSamplingConfig:
+    """The renoising canvas sampler of model.family=diffusion_gemma (DESIGN §18); defaults are the released
+    model's generation_config.json (transformers' ``DiffusionGemmaGenerationConfig``)."""
+
+    canvas_length: int | None = None  # tokens per canvas; None: the checkpoint's (another value is refused)
+    max_denoising_steps: int = 48  # denoising steps per canvas at most
+    entropy_bound: float = 0.1  # accept the lowest-entropy positions while Σ entropy − max entropy ≤ this
+    t_max: float = 0.8  # temperature of the first denoising step (linear schedule)
+    t_min: float = 0.4  # temperature the schedule approaches at the last step
+    stability_threshold: int | None = 1  # adaptive stopping: steps the argmax canvas must stay the same (None: off)
+    confidence_threshold: float | None = 0.005  # adaptive stopping: mean entropy below this (None: off)
+    noise: Literal["sample", "batch"] = "sample"  # one random stream per sample, or one per batch (as generate)
 
 
 @dataclass
@@ -76,6 +96,7 @@ class SamplingConfig:
     cuda_graph: bool = False  # block models on CUDA: the denoising step as replayed CUDA graphs (not yet run on a GPU)
     trainable_pad_tokens: int = 0  # tokens after the first EOS that still count for the loss (TraceRL post_num)
     batch_size: int = 64  # sequences decoded together in one sampler call
+    canvas: CanvasSamplingConfig = field(default_factory=CanvasSamplingConfig)  # diffusion_gemma's sampler
 
 
 @dataclass
@@ -267,7 +288,9 @@ class SFTConfig:
     lr: float = 1e-3  # learning rate (the learner's other settings apply)
     eval_every: int = 100  # steps between accuracy checks on held-out prompts (0 = off)
     eval_prompts: int = 64  # held-out prompts per check
-    mask_eps: float = 1e-3  # full attention: per-example mask ratio t ~ U(mask_eps, 1]; block: per block
+    mask_eps: float = 1e-3  # full attention: per-example mask ratio t ~ U(mask_eps, 1]; block: per block; canvas:
+    # per canvas corruption rate (diffusion_gemma)
+    self_conditioning_prob: float = 0.5  # diffusion_gemma: canvases trained with a detached self-conditioning pass
     eos_padding: bool = True  # pad responses with EOS up to sampling.max_new_tokens and train on it (LLaDA)
 
 
@@ -441,6 +464,7 @@ def check(cfg: Config) -> None:
     check_loop(cfg)
     check_counts(cfg)
     check_reward_entries(cfg)
+    check_renoising(cfg)
 
 
 def reward_model_workers(m: RewardModelConfig, rollout_workers: int) -> int:
@@ -516,6 +540,46 @@ def check_old_logp_source(cfg: Config) -> None:
             "objective.old_logp_source=rollout uses the sampler's log-probs as the old policy's, which is only true "
             "when the views replay the sampler exactly (trace views, shrink 1, an exact cache, float32 throughout); "
             f"here {'; '.join(reasons)}. Set objective.old_logp_source=learner (the learner recomputes them)."
+        )
+
+
+# Sampler settings of the absorbing-mask samplers (block grid, remasking, candidate filters, caches): a renoising
+# canvas model (model.family=diffusion_gemma) takes none of them; its sampler is sampling.canvas.
+ABSORBING_SAMPLING = (
+    "block_size", "steps_per_block", "steps", "remasking", "threshold", "eb_threshold", "top_k", "top_p", "cache",
+    "kv_storage", "fused_commit", "cuda_graph", "trainable_pad_tokens",
+)  # fmt: skip
+
+
+def check_renoising(cfg: Config) -> None:
+    """model.family=diffusion_gemma: no absorbing-mask sampler settings, and only the estimators that replay its
+    renoising trajectory (trace views, exact steps; no value model yet)."""
+    if cfg.model.family != "diffusion_gemma":
+        return
+    default = SamplingConfig()
+    changed = [k for k in ABSORBING_SAMPLING if getattr(cfg.sampling, k) != getattr(default, k)]
+    changed += [f"eval.{k}" for k in ("remasking", "steps_per_block") if getattr(cfg.eval, k) is not None]
+    if changed:
+        shown = ", ".join(k if k.startswith("eval.") else f"sampling.{k}" for k in changed)
+        raise ConfigError(
+            f"{shown}: model.family=diffusion_gemma is a renoising canvas model, which has no mask token, no "
+            "remasking rule and no block grid of its own choosing; its sampler is set under sampling.canvas "
+            "(canvas_length, max_denoising_steps, entropy_bound, t_max, t_min, stability_threshold, "
+            "confidence_threshold). Remove these settings."
+        )
+    o = cfg.objective
+    if o.views != "trace" or o.shrink != 1:
+        raise ConfigError(
+            f"objective.views={o.views}, objective.shrink={o.shrink}: model.family=diffusion_gemma trains on the "
+            "renoising trajectory itself (each step's accepted tokens from the step's own canvas and "
+            "self-conditioning); masking estimators (d1, random_masking, coupled) and merged steps have no "
+            "meaning for it. Set objective.views=trace and objective.shrink=1."
+        )
+    if o.value_model:
+        raise ConfigError(
+            "objective.value_model=true: tracerl has no value model for model.family=diffusion_gemma yet (its "
+            "state is a canvas and a self-conditioning signal, not a masked sequence). Set "
+            "objective.value_model=false (group-relative advantages need none)."
         )
 
 

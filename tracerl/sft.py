@@ -8,6 +8,11 @@
   example in the block layout [prompt blocks | clean response | noisy response] (``trace.build_views`` with
   custom ``RowMasks``), so each noisy block is predicted from the clean blocks before it, as at sampling time.
 
+- Renoising canvas models (DiffusionGemma): per canvas of the EOS-padded response a corruption rate t; each
+  position replaced by a uniform random token with probability t; cross-entropy to the clean canvas at every
+  position, its context the prompt and the clean canvases before; self-conditioning from a detached first pass on
+  a share of the canvases (``canvas_trace.renoise_sft_batch``).
+
 Responses are padded with EOS up to ``sampling.max_new_tokens`` and the padding is trained (LLaDA's recipe), so
 the model learns to fill the tail of a fixed-length canvas with EOS.
 
@@ -27,13 +32,13 @@ import numpy as np
 import torch
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
-from tracerl import checkpoint, data, runs
+from tracerl import canvas_trace, checkpoint, data, runs
 from tracerl.config import Config, ConfigError, to_dict
 from tracerl.learner import Learner
 from tracerl.metrics import MetricsLogger
 from tracerl.models import load_policy
 from tracerl.records import Rollout
-from tracerl.sampling import generate
+from tracerl.sampling import generate, renoising
 from tracerl.trace import RowMasks, Views, build_views, region_blocks
 
 # ---------------------------------------------------------------------------------------------- maths
@@ -107,6 +112,28 @@ def sft_views(
     pos = views.target_pos.clamp(min=0)
     weights = per_token[views.row_sample.unsqueeze(1).expand_as(pos), pos]
     return views, torch.where(views.target_mask, weights, 0.0)
+
+
+def canvas_sft_views(
+    policy: Any, pairs: list[tuple[list[int], list[int]]], cfg: Config, generator: torch.Generator
+) -> tuple[canvas_trace.CanvasRows, torch.Tensor]:
+    """Rows and loss weights [R, C] of one renoising-SFT batch (``canvas_trace.renoise_sft_batch``): corruption
+    rate t ~ U(sft.mask_eps, 1] per canvas, self-conditioning on ``sft.self_conditioning_prob`` of them at the
+    sampler's temperature for that noise level (sampling.canvas.t_min … t_max)."""
+    c = cfg.sampling.canvas
+    b = canvas_trace.renoise_sft_batch(
+        pairs,
+        canvas_length=policy.canvas_length,
+        vocab_size=policy.vocab_size,
+        pad_id=policy.pad_id,
+        eos_id=policy.eos_id,
+        generator=generator,
+        rate_eps=cfg.sft.mask_eps,
+        sc_prob=cfg.sft.self_conditioning_prob,
+        t_min=c.t_min,
+        t_max=c.t_max,
+    )
+    return canvas_trace.CanvasRows(b.units, sc_temperature=b.sc_temperature), b.weights.flatten(1)
 
 
 # ---------------------------------------------------------------------------------------------- run
@@ -236,7 +263,7 @@ def run_sft(cfg: Config, progress: bool = True) -> dict[str, float]:
             t0 = time.perf_counter()
             batch = [pairs[i] for i in sampler.next(cfg.sft.batch_size)]
             length = max(cfg.sampling.max_new_tokens if cfg.sft.eos_padding else 0, max(len(r) for _, r in batch))
-            rollout = clean_rollout(
+            rollout = None if renoising(policy) else clean_rollout(
                 batch,
                 length=length,
                 pad_id=policy.pad_id,
@@ -246,7 +273,10 @@ def run_sft(cfg: Config, progress: bool = True) -> dict[str, float]:
                 eos_padding=cfg.sft.eos_padding,
             )
             generator = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step)  # resume-exact masks
-            views, weights = sft_views(rollout, policy.mask_id, policy.shift, cfg.sft.mask_eps, generator)
+            if renoising(policy):  # DiffusionGemma: uniform-token corruption of whole canvases
+                views, weights = canvas_sft_views(policy, batch, cfg, generator)
+            else:
+                views, weights = sft_views(rollout, policy.mask_id, policy.shift, cfg.sft.mask_eps, generator)
             metrics = learner.sft_step(views, weights)
             step += 1
             metrics["time/step"] = time.perf_counter() - t0

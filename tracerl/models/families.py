@@ -67,6 +67,8 @@ def checkpoint_family(raw: dict) -> str | None:
     it could serve several, such as a plain Qwen2 or Llama config)."""
     model_type = str(raw.get("model_type", "")).lower()
     architectures = " ".join(raw.get("architectures") or []).lower()
+    if model_type == "diffusion_gemma" or "diffusiongemma" in architectures:
+        return "diffusion_gemma"
     if model_type == "llada" or "llada" in architectures or {"d_model", "n_layers"} <= raw.keys():
         return "llada"
     if model_type == "dream" or "dream" in architectures:
@@ -408,6 +410,6 @@ def load_policy(cfg: ModelConfig) -> Any:
 
 def load_tokenizer(cfg: ModelConfig) -> Any:
     """The tokenizer of a model config, without loading weights (the driver encodes prompts with it)."""
-    if cfg.family == "tiny" and cfg.path is None:
+    if cfg.family in ("tiny", "diffusion_gemma") and cfg.path is None:
         return char_tokenizer(cfg.tiny.alphabet)
     return _tokenizer(cfg)

@@ -170,6 +170,6 @@ def collect(
     with timers("reward"):
         order = sorted(parts)
         scored = merge_results([rewards.gather(futures[lo]) for lo in order])
-    rollout = Rollout.concat([parts[lo] for lo in order])
+    rollout = type(parts[order[0]]).concat([parts[lo] for lo in order])  # a Rollout or a CanvasRollout
     rollout.group = torch.cat([parts[lo].group for lo in order])  # prompt index within the batch
     return rollout, scored

@@ -31,7 +31,7 @@ import ray
 import torch
 from rich.console import Console
 
-from tracerl import checkpoint, data, runs, stats, trace
+from tracerl import canvas_trace, checkpoint, data, runs, stats, trace
 from tracerl.advantages import compute_advantages
 from tracerl.config import Config, ConfigError, check_cluster, to_dict
 from tracerl.metrics import MetricsLogger, Timers, decoding_order_picture
@@ -48,7 +48,7 @@ from tracerl.orchestrator.setup import (
     teardown,
     write_layout,
 )
-from tracerl.records import Rollout
+from tracerl.records import CanvasRollout, Rollout
 from tracerl.reward_service import RewardResult
 from tracerl.workers import (
     WEIGHT_SYNC,
@@ -271,8 +271,10 @@ class Session:
             self.learner.publish_weights,
         )  # fmt: skip
 
-    def views(self, kept: Rollout, step: int) -> trace.Views:
+    def views(self, kept: Rollout | CanvasRollout, step: int) -> trace.Views | canvas_trace.CanvasUnits:
         o = self.cfg.objective
+        if isinstance(kept, CanvasRollout):  # one unit per (sample, canvas): the learner replays its step chain
+            return canvas_trace.make_units(kept, int(kept.sampler["pad_id"]))
         return trace.make_views(
             kept,
             o.views,
