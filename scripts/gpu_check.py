@@ -18,7 +18,15 @@ It measures, on random models of real shapes (bf16, one GPU, no Ray):
   (``RewardService`` with ``synthetic_exact`` on addition prompts), advantages and the group filter
   (``stages.advantages``), the kept samples' views (``stages.training_batch``), train (``Learner.train_step`` on
   the kept samples), weight copy (``state_dict_for_rollout`` then ``load_state_dict`` into the rollout copy). What
-  the loop adds around them (Ray actors, the object store, metrics) is not timed here.
+  the loop adds around them (Ray actors, the object store, metrics) is not timed here;
+- ``reward_model``: an 8B-shaped sequence classifier (Llama-3-8B's config, random weights, one label, bf16)
+  scoring 128 completions of 1,024 tokens through ``SequenceClassifierReward.score_ids`` (the reward-model
+  actors' code: packed by a token budget of 32,768, eval mode, inference mode): samples/s after a warm-up, peak
+  memory, and the largest |batched − one-at-a-time| score over a few samples.
+- ``diffusion_gemma``: the renoising canvas sampler on a DiffusionGemma-shaped random model (the released
+  26B-A4B text config, bf16, canvas 256, 16 steps) at batch 1 and 64, against vLLM's published ≈1,756 tok/s at
+  batch 1 (H100, FP8) and transformers' own generate at batch 1 in the same run
+  (``scripts/gpu_check_diffusion_gemma.py``).
 
 Each part is guarded: a failing part records ``error`` (and a traceback) in the JSON and the others still run.
 Shapes, sizes and the model builders live in ``scripts/gpu_check_setup.py``.
@@ -41,6 +49,7 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import math
 import os
 import sys
 import time
@@ -50,6 +59,7 @@ from dataclasses import asdict, replace
 from typing import Any
 
 import torch
+from gpu_check_diffusion_gemma import part_diffusion_gemma
 from gpu_check_setup import (
     Plan,
     agreement,
@@ -71,7 +81,7 @@ from gpu_check_setup import (
 
 JETENGINE_TOK_S = 5000.0  # "5000+ tokens/second", SDAR-4B, block 4, batch 128, one H200 (FlashAttention-2 + Triton)
 JETENGINE_SOURCE = "github.com/Labman42/JetEngine README: SDAR-4B, block size 4, batch size 128, NVIDIA H200"
-PARTS = ("sampler", "learner", "replay", "rl_steps")
+PARTS = ("sampler", "learner", "replay", "rl_steps", "reward_model", "diffusion_gemma")
 STAGES = ("rollout_s", "reward_s", "advantages_s", "views_s", "train_s", "weight_copy_s")  # of one RL step
 WATCHED_IMPORTS = ("ray", "wandb", "datasets", "trl", "math_verify")  # absent on the GPU machine
 
@@ -361,11 +371,68 @@ def part_rl_steps(plan: Plan, ctx: dict[str, Any]) -> dict[str, Any]:
     }
 
 
+def part_reward_model(plan: Plan, ctx: dict[str, Any]) -> dict[str, Any]:
+    """A reward model of 8B shape scoring a rollout's completions, as a reward-model actor does."""
+    del ctx
+    from transformers import LlamaConfig, LlamaForSequenceClassification
+
+    from tracerl.config import RewardModelConfig
+    from tracerl.models.tiny import char_tokenizer
+    from tracerl.reward_models.classifier import SequenceClassifierReward
+
+    sh = plan.rm
+    config = LlamaConfig(
+        vocab_size=sh.vocab, hidden_size=sh.hidden, intermediate_size=sh.intermediate, num_hidden_layers=sh.layers,
+        num_attention_heads=sh.heads, num_key_value_heads=sh.kv_heads, head_dim=sh.head_dim,
+        max_position_embeddings=max(8192, plan.rm_tokens), num_labels=1, pad_token_id=0,
+    )  # fmt: skip
+    dtype = torch.bfloat16 if plan.device == "cuda" else torch.float32
+    torch.manual_seed(0)
+    t0 = clock()
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        with torch.device(plan.device):
+            model = LlamaForSequenceClassification(config).eval()
+    finally:
+        torch.set_default_dtype(previous)
+    build_s = clock() - t0
+    tok = char_tokenizer("0123456789")  # only its pad id (0) is used: the inputs are token ids already
+    rm = SequenceClassifierReward.from_model(model, tok, RewardModelConfig(batch_tokens=plan.rm_batch_tokens), "rm")
+    gen = torch.Generator().manual_seed(1)
+    ids = torch.randint(4, sh.vocab, (plan.rm_samples, plan.rm_tokens), generator=gen).tolist()
+    rm.score_ids(ids[: max(1, plan.rm_batch_tokens // plan.rm_tokens)])  # warm-up: one forward of the real shape
+    reset_peak(plan.device)
+    t0 = clock()
+    scores = rm.score_ids(ids)
+    seconds = clock() - t0
+    few = ids[:4]
+    single = [rm.score_ids([x])[0] for x in few]
+    return {
+        "model": asdict(sh),
+        "parameters": sum(p.numel() for p in model.parameters()),
+        "dtype": str(dtype),
+        "samples": plan.rm_samples,
+        "tokens_per_sample": plan.rm_tokens,
+        "batch_tokens": plan.rm_batch_tokens,
+        "forwards": -(-plan.rm_samples // max(1, plan.rm_batch_tokens // plan.rm_tokens)),
+        "build_s": build_s,
+        "seconds": seconds,
+        "samples_per_s": plan.rm_samples / seconds,
+        "tokens_per_s": plan.rm_samples * plan.rm_tokens / seconds,
+        "peak_memory_gib": peak_memory_gib(plan.device),
+        "scores_finite": all(math.isfinite(x) for x in scores),
+        "batched_vs_single_max_abs": max(abs(a - b) for a, b in zip(scores[:4], single, strict=True)),
+    }
+
+
 RUNNERS: dict[str, Callable[[Plan, dict[str, Any]], dict[str, Any]]] = {
     "sampler": part_sampler,
     "learner": part_learner,
     "replay": part_replay,
     "rl_steps": part_rl_steps,
+    "reward_model": part_reward_model,
+    "diffusion_gemma": part_diffusion_gemma,
 }
 
 

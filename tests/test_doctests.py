@@ -23,6 +23,12 @@ MODULES = [
     "tracerl.config_docs",
     "tracerl.seeding",
     "tracerl.workers.rollout",
+    "tracerl.orchestrator.guards",
+    "tracerl.reward_resolve",
+    "tracerl.reward_service",
+    "tracerl.reward_models.classifier",
+    "tracerl.reward_models.judge",
+    "tracerl.reward_models.train",
 ]
 
 

@@ -13,6 +13,7 @@ import functools
 import inspect
 import itertools
 import json
+import os
 import random
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -253,6 +254,13 @@ def _load_source(cfg: DataConfig, seed: int) -> datasets.Dataset:
         raise
     except Exception as err:  # noqa: BLE001 - datasets raises many types; the message is what matters
         detail = (_json_problem(path) if local and path.suffix in (".json", ".jsonl") else None) or _root_cause(err)
+        offline = os.environ.get("HF_DATASETS_OFFLINE", os.environ.get("HF_HUB_OFFLINE", "")).strip().lower()
+        if not local and offline in ("1", "true", "yes", "on"):
+            raise ConfigError(
+                f"data.source '{src}' is a hub dataset that is not in the local cache, and HF_DATASETS_OFFLINE / "
+                "HF_HUB_OFFLINE forbid downloading it. Download it once with the network on (or save it with "
+                "save_to_disk and give that folder as data.source), or unset the offline variable."
+            ) from None
         raise ConfigError(f"could not load data.source '{src}' (split {cfg.split}): {detail}") from None
 
 
@@ -420,6 +428,13 @@ class PromptStream:
 
     def __init__(self, ds: datasets.Dataset, tokenizer: Any, cfg: DataConfig, seed: int) -> None:
         encoded = [encode_prompt(tokenizer, p, cfg) for p in ds["prompt"]]
+        empty = [i for i, ids in enumerate(encoded) if not ids]
+        if empty:
+            raise ConfigError(
+                f"{len(empty)} prompt(s) of data.source '{cfg.source}' are empty (no tokens; the first is row "
+                f"{empty[0]}, column '{cfg.prompt_column}'): a model cannot be prompted with nothing. Remove them, "
+                "or point data.prompt_column at the column that holds the prompts."
+            )
         keep = [i for i, ids in enumerate(encoded) if len(ids) <= cfg.max_prompt_tokens]
         self.dropped = len(encoded) - len(keep)
         if not keep:

@@ -46,10 +46,10 @@ import torch.distributed as dist
 from torch import nn
 
 from tracerl import advantages as adv_lib
-from tracerl import objectives, trace
+from tracerl import canvas_trace, objectives, trace
 from tracerl.config import Config, LearnerConfig
 from tracerl.models.value import ValueModel, enable_checkpointing
-from tracerl.records import Rollout
+from tracerl.records import CanvasRollout, Rollout
 from tracerl.scoring import LRSchedule, PolicyScorer, ValueScorer, response_token_steps, rows_from_response
 from tracerl.trace import Views
 
@@ -165,11 +165,18 @@ class Learner:
         total = total_steps if total_steps is not None else self.lc.total_steps
 
         # 1. Frozen copies first: ZeRO-3 partitions the policy's parameters in place when its engine starts.
-        self.ref: PolicyScorer | None = None
+        # A renoising canvas policy (DiffusionGemma) is scored per (sample, canvas) unit, all its steps over one
+        # encoder pass (canvas_trace.CanvasScorer); every other family per training row (PolicyScorer).
+        scorer = canvas_trace.CanvasScorer if getattr(policy, "trajectory", None) == "renoising" else PolicyScorer
+        if scorer is canvas_trace.CanvasScorer and self.lc.zero_stage == 3:
+            policy.gather = deepspeed.zero.GatheredParameters  # it reads the embedding matrix outside its forward
+        self.ref: Any = None
         if self.obj.kl_to_ref_coef > 0:
             ref_policy = copy.copy(policy)
             ref_policy.model = copy.deepcopy(policy.model).to(dtype).eval().requires_grad_(False)
-            self.ref = PolicyScorer(ref_policy, self.lc.logprob_chunk_tokens)
+            if hasattr(ref_policy, "gather"):  # the frozen copy is never partitioned
+                ref_policy.gather = lambda params: contextlib.nullcontext()
+            self.ref = scorer(ref_policy, self.lc.logprob_chunk_tokens)
         value = ValueModel.from_policy(policy) if self.obj.value_model else None
 
         # 2. Engines.
@@ -178,7 +185,7 @@ class Learner:
             if value is not None:
                 value.gradient_checkpointing_enable()
         self.engine = self._engine(
-            PolicyScorer(policy, self.lc.logprob_chunk_tokens), lr if lr is not None else self.lc.lr, total
+            scorer(policy, self.lc.logprob_chunk_tokens), lr if lr is not None else self.lc.lr, total
         )
         self.value_engine = self._engine(ValueScorer(value), self.lc.value_lr, total) if value is not None else None
         if self.ref is not None:
@@ -213,14 +220,18 @@ class Learner:
             dist.all_reduce(count, op=dist.ReduceOp.MAX)
             num_chunks = int(count.item())
         with torch.set_grad_enabled(grad):
-            packed = scorer(
-                views.input_ids[rows].to(device),
-                views.position_ids[rows].to(device),
-                views.visible(rows).to(device),
-                mask,
-                views.target_ids[rows].to(device),
-                num_chunks,
-            )  # [K, M]
+            if isinstance(views, canvas_trace.CanvasRows):  # units: context, step canvases, self-conditioning
+                units, sc, targets, tau = views.scorer_args(rows)
+                packed = scorer(units, sc, targets, num_chunks, tau)
+            else:
+                packed = scorer(
+                    views.input_ids[rows].to(device),
+                    views.position_ids[rows].to(device),
+                    views.visible(rows).to(device),
+                    mask,
+                    views.target_ids[rows].to(device),
+                    num_chunks,
+                )  # [K, M]
             return [torch.zeros(mask.shape, dtype=x.dtype, device=device).masked_scatter(mask, x) for x in packed]
 
     def _lockstep_chunks(self, count: int, rows_per_micro: int) -> list[torch.Tensor]:
@@ -323,16 +334,22 @@ class Learner:
             entropy, grad_norm, lr, tokens, micro_batches, optimizer_steps, and value_loss with a value model.
         """
         length = rollout.response_ids.shape[1]
-        mask = views.target_mask
         metrics: dict[str, float] = {}
 
-        # 1. Everything "old" is computed once, before any update.
-        if self.obj.old_logp_source == "rollout":
+        # 1. Everything "old" is computed once, before any update. A renoising rollout's views are its units;
+        #    the step chain gives each step's self-conditioning state and the old log-probs in one pass, and a
+        #    unit's row normaliser is its canvas length (token_sum_over_max_len: a canvas trajectory's actions / C).
+        if isinstance(rollout, CanvasRollout):
+            views, old_logp, metrics = self._canvas_old(rollout, views)
+            length = rollout.canvas_length
+        elif self.obj.old_logp_source == "rollout":
             old_logp = rows_from_response(views, rollout.rollout_logp.float())
         else:
             old_logp = self.logprobs(views)
             if self.obj.views == "trace":  # the views replay the sampler's states: compare with what it recorded
-                metrics.update(mismatch_metrics(old_logp, rows_from_response(views, rollout.rollout_logp), mask))
+                rollout_rows = rows_from_response(views, rollout.rollout_logp)
+                metrics.update(mismatch_metrics(old_logp, rollout_rows, views.target_mask))
+        mask = views.target_mask
         ref_logp = self.infer(self.ref, views)[0] if self.ref is not None else None
 
         # 2. Value model: advantages from pre-update values (step GAE), then value updates.
@@ -411,6 +428,27 @@ class Learner:
         self.rl_steps += 1
         self.version += 1
         return metrics
+
+    def _canvas_old(
+        self, rollout: CanvasRollout, units: canvas_trace.CanvasUnits
+    ) -> tuple[canvas_trace.CanvasRows, torch.Tensor, dict[str, float]]:
+        """Renoising rollouts: the chain pass over every unit with the current (behaviour) weights, each rank its
+        share, then summed over ranks; gives every unit's self-conditioning state and the old log-probs [R, S·C]
+        (or the sampler's own with ``old_logp_source=rollout``), and the train/rollout mismatch."""
+        module = self.engine.module
+        set_learner_mode(module, checkpointing=False)
+        chunks = self._lockstep_chunks(len(units), max(1, self.lc.micro_batch_tokens // units.row_tokens))
+        reduce = self._reduce if self.world_size > 1 else None
+        old, rows = canvas_trace.canvas_rows(self.policy, units, chunks, reduce)
+        mask = rows.target_mask
+        recorded = units.rollout_logp.flatten(1)
+        metrics = mismatch_metrics(old.flatten(1), recorded, mask)
+        old_logp = recorded if self.obj.old_logp_source == "rollout" else old.flatten(1)
+        return rows, torch.where(mask, old_logp, 0.0), metrics
+
+    def _reduce(self, t: torch.Tensor) -> torch.Tensor:
+        dist.all_reduce(t)
+        return t
 
     def _sum_all(self, sums: dict[str, float]) -> dict[str, float]:
         keys = sorted(sums)

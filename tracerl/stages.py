@@ -2,7 +2,8 @@
 them, and so does ``scripts/gpu_check.py``, so its stage timings describe the loop's own update.
 
     advantages → (advantages [N], keep [N], advantage/* and reward/* metrics)
-    training_batch → the kept samples, their advantages and their training views (None when nothing is kept)
+    training_batch → the kept samples, their advantages and their training views (None when nothing is kept;
+                     a renoising policy's canvas units)
 
 dims: N samples · R training rows
 """
@@ -11,10 +12,10 @@ from __future__ import annotations
 
 import torch
 
-from tracerl import trace
+from tracerl import canvas_trace, trace
 from tracerl.advantages import compute_advantages
 from tracerl.config import ObjectiveConfig
-from tracerl.records import Rollout
+from tracerl.records import CanvasRollout, Rollout
 
 
 def advantages(
@@ -34,19 +35,22 @@ def advantages(
 
 
 def training_batch(
-    rollout: Rollout,
+    rollout: Rollout | CanvasRollout,
     adv: torch.Tensor,
     keep: torch.Tensor,
     o: ObjectiveConfig,
     mask_id: int,
     shift: bool,
     seed: int,
-) -> tuple[Rollout, torch.Tensor, trace.Views | None]:
+) -> tuple[Rollout | CanvasRollout, torch.Tensor, trace.Views | canvas_trace.CanvasUnits | None]:
     """(kept samples, their advantages [N_kept], their training views or None when nothing is kept): the views of
-    ``objective.views`` (registry ``views``), ``seed`` for the estimators that draw masks (``seeding.stage_seed``)."""
+    ``objective.views`` (registry ``views``), ``seed`` for the estimators that draw masks (``seeding.stage_seed``);
+    for a ``CanvasRollout``, one unit per (sample, canvas), whose step chain the learner replays."""
     kept = rollout.select(keep.nonzero().squeeze(1))
     if not len(kept):
         return kept, adv[keep], None
+    if isinstance(kept, CanvasRollout):
+        return kept, adv[keep], canvas_trace.make_units(kept, int(kept.sampler["pad_id"]))
     views = trace.make_views(
         kept,
         o.views,

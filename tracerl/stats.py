@@ -16,7 +16,7 @@ import torch  # noqa: F401 - the examples build tensors
 
 from rewards.text import last_boxed
 from tracerl.config import Config, SamplingConfig
-from tracerl.records import Rollout
+from tracerl.records import CanvasRollout, Rollout
 
 
 def rollout_metrics(rollout: Rollout) -> dict[str, float]:
@@ -32,6 +32,8 @@ def rollout_metrics(rollout: Rollout) -> dict[str, float]:
         >>> m["rollout/response_length"], m["rollout/nfe_per_token"], m["rollout/truncation_rate"]
         (3.5, 0.7142857142857143, 0.5)
     """
+    if isinstance(rollout, CanvasRollout):
+        return canvas_metrics(rollout)
     lengths = rollout.response_lengths.double()
     generated = rollout.step_map >= 0
     steps = (rollout.step_map.max(-1).values + 1).clamp(min=0).double()  # denoising steps per sequence
@@ -46,6 +48,33 @@ def rollout_metrics(rollout: Rollout) -> dict[str, float]:
         "rollout/samples": float(len(rollout)),
         "rollout/generated_tokens": float(tokens),
         "rollout/weights_version": float(rollout.weights_version),
+    }
+    if rollout.truncated is not None:
+        out["rollout/truncation_rate"] = rollout.truncated.double().mean().item()
+    return out
+
+
+def canvas_metrics(rollout: CanvasRollout) -> dict[str, float]:
+    """``rollout/*`` of a renoising rollout: the keys of ``rollout_metrics`` (NFE per token = decoder steps per
+    generated token; tokens per step and mean confidence over accepted tokens, at the step's temperature) and the
+    canvas sampler's own: accepted tokens per step, steps per canvas, canvases per sample."""
+    lengths = rollout.response_lengths.double()
+    live = rollout.step_valid & rollout.canvas_valid[..., None]  # [N, K, S]
+    steps = live.sum().item()
+    tokens = float(rollout.canvas_valid.sum().item() * rollout.canvas_length)
+    accepted = rollout.accepted & live[..., None]
+    out = {
+        "rollout/response_length": lengths.mean().item(),
+        "rollout/response_length_max": lengths.max().item(),
+        "rollout/nfe_per_token": steps / max(1.0, tokens),
+        "rollout/tokens_per_step": tokens / max(1, steps),
+        "rollout/mean_confidence": rollout.rollout_logp[accepted].exp().mean().item() if accepted.any() else 0.0,
+        "rollout/samples": float(len(rollout)),
+        "rollout/generated_tokens": tokens,
+        "rollout/weights_version": float(rollout.weights_version),
+        "rollout/accepted_per_step": accepted.sum().item() / max(1, steps),
+        "rollout/steps_per_canvas": steps / max(1, int(rollout.canvas_valid.sum())),
+        "rollout/canvases": rollout.canvas_valid.sum(-1).double().mean().item(),
     }
     if rollout.truncated is not None:
         out["rollout/truncation_rate"] = rollout.truncated.double().mean().item()
@@ -75,6 +104,20 @@ def eval_sampling(cfg: Config, greedy: bool) -> SamplingConfig:
             if key == "steps_per_block":
                 s = replace(s, steps=None)
     return s
+
+
+def part_means(parts: dict[str, list[float]], prefix: str) -> dict[str, float]:
+    """``<prefix>/<name>``: the mean of each reward part over the samples where it is a number (NaN if none).
+
+    Example:
+        >>> part_means({"rm": [0.5, 1.5], "verifier": [1.0, float("nan")]}, "eval/greedy_reward")
+        {'eval/greedy_reward/rm': 1.0, 'eval/greedy_reward/verifier': 1.0}
+    """
+    out = {}
+    for name, values in parts.items():
+        kept = [v for v in values if not math.isnan(v)]
+        out[f"{prefix}/{name}"] = sum(kept) / len(kept) if kept else math.nan
+    return out
 
 
 def eval_metrics(

@@ -71,6 +71,8 @@ def checkpoint_family(raw: dict) -> str | None:
     it could serve several, such as a plain Qwen2 or Llama config)."""
     model_type = str(raw.get("model_type", "")).lower()
     architectures = " ".join(raw.get("architectures") or []).lower()
+    if model_type == "diffusion_gemma" or "diffusiongemma" in architectures:
+        return "diffusion_gemma"
     if model_type == "llada" or "llada" in architectures or {"d_model", "n_layers"} <= raw.keys():
         return "llada"
     if model_type == "dream" or "dream" in architectures:
@@ -135,6 +137,7 @@ def _raw_config(cfg: ModelConfig) -> dict:
     """The checkpoint's config.json as a dict, with a clear error when the path is wrong."""
     assert cfg.path is not None
     path = Path(cfg.path).expanduser()
+    _not_a_checkpoint(cfg)
     if _is_local(cfg.path):
         if not path.exists():
             raise ConfigError(
@@ -166,7 +169,19 @@ def _raw_config(cfg: ModelConfig) -> dict:
         ) from None
 
 
+def _not_a_checkpoint(cfg: ModelConfig) -> None:
+    """A tracerl checkpoint folder is not a model directory: say where its model is."""
+    path = Path(str(cfg.path)).expanduser()
+    for inner in (path / "learner" / "hf", path / "hf"):
+        if (inner / "config.json").is_file() and not (path / "config.json").is_file():
+            raise ConfigError(
+                f"model.path '{cfg.path}' is a tracerl checkpoint, not a model directory: its policy is in "
+                f"'{inner}' (set model.path to that), or write a standalone copy with tracerl export {cfg.path} OUT."
+            )
+
+
 def _tokenizer(cfg: ModelConfig) -> Any:
+    _not_a_checkpoint(cfg)
     try:
         return AutoTokenizer.from_pretrained(cfg.path, trust_remote_code=cfg.trust_remote_code)
     except (OSError, ValueError) as err:
@@ -422,6 +437,6 @@ def load_policy(cfg: ModelConfig, weights: bool = True) -> Any:
 
 def load_tokenizer(cfg: ModelConfig) -> Any:
     """The tokenizer of a model config, without loading weights (the driver encodes prompts with it)."""
-    if cfg.family == "tiny" and cfg.path is None:
+    if cfg.family in ("tiny", "diffusion_gemma") and cfg.path is None:
         return char_tokenizer(cfg.tiny.alphabet)
     return _tokenizer(cfg)

@@ -32,6 +32,7 @@ from tracerl.orchestrator.setup import (
 )
 from tracerl.records import Rollout
 from tracerl.reward_service import RewardResult, merge_results
+from tracerl.runs import check_writable
 from tracerl.workers import PLACEMENTS, RewardPool, RolloutGroup, RolloutShard
 
 
@@ -67,6 +68,9 @@ def evaluate(
     tokens_per_forward = float((greedy.step_map >= 0).sum()) / max(1.0, steps)
     metrics = stats.eval_metrics(g_scored.total, per_prompt, cfg.eval.k, cfg.eval.pass_threshold, exact,
                                  tokens_per_forward)  # fmt: skip
+    if len(g_scored.parts) > 1:  # each part on its own: a weight-0 verifier shows what a reward model is worth
+        metrics |= stats.part_means(g_scored.parts, "eval/greedy_reward")
+        metrics |= stats.part_means(s_scored.parts, f"eval/mean@{cfg.eval.k}")
     tag = tag or f"step-{step}"
     out_dir.mkdir(parents=True, exist_ok=True)
     with (out_dir / f"{tag}.jsonl").open("w") as f:
@@ -113,6 +117,8 @@ def run_eval(cfg: Config, out_dir: str | None = None, verbose: bool = False, con
     """``tracerl eval``: the loop's evaluation, on the rollout side only, for ``model.path`` as it is on disk
     (checked like a run before any actor starts; the same seeds as the loop's evaluations, so it reproduces them)."""
     console = console or Console(soft_wrap=True)
+    out = Path(out_dir) if out_dir else Path(cfg.run_dir) / "eval"
+    check_writable(out, "--out" if out_dir else "run_dir")  # before anything starts
     _, eval_set = load_prompts(cfg)
     if eval_set is None:
         raise ConfigError("eval.num_prompts is 0: there is nothing to evaluate; set eval.num_prompts ≥ 1.")
@@ -124,11 +130,11 @@ def run_eval(cfg: Config, out_dir: str | None = None, verbose: bool = False, con
         if connect(cfg, verbose):
             cleanup.append(ray.shutdown)
         check_device(cfg, ray.cluster_resources().get("GPU", 0.0))
-        rewards = reward_pool(cfg)
+        placement = PLACEMENTS.lookup("separate")(cfg, ray.cluster_resources().get("GPU", 0.0))
+        rewards = reward_pool(cfg, placement.reward_models)
         cleanup.append(rewards.shutdown)
-        rollout = RolloutGroup(cfg, PLACEMENTS.lookup("separate")(cfg, ray.cluster_resources().get("GPU", 0.0)).rollout)
+        rollout = RolloutGroup(cfg, placement.rollout)
         cleanup.append(rollout.shutdown)
-        out = Path(out_dir) if out_dir else Path(cfg.run_dir) / "eval"
         metrics = evaluate(cfg, rollout, rewards, eval_set, 0, 0, out, tag="eval")
         console.print(eval_line(0, metrics, cfg.eval.k))
         console.print(f"[dim]samples: {out / 'eval.jsonl'} · summary and sampling settings: {out / 'eval.json'}[/dim]")
@@ -183,6 +189,6 @@ def collect(
     with timers("reward"):
         order = sorted(parts)
         scored = merge_results([rewards.gather(futures[lo]) for lo in order])
-    rollout = Rollout.concat([parts[lo] for lo in order])
+    rollout = type(parts[order[0]]).concat([parts[lo] for lo in order])  # a Rollout or a CanvasRollout
     rollout.group = torch.cat([parts[lo].group for lo in order])  # prompt index within the batch
     return rollout, scored

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import signal
 import time
 from collections.abc import Iterator
@@ -30,9 +31,10 @@ import ray
 import torch
 from rich.console import Console
 
-from tracerl import checkpoint, data, seeding, stages, stats, trace
-from tracerl.config import Config, check_cluster, to_dict
+from tracerl import canvas_trace, checkpoint, data, runs, seeding, stages, stats, trace
+from tracerl.config import Config, ConfigError, check_cluster, to_dict
 from tracerl.metrics import MetricsLogger, Timers, decoding_order_picture
+from tracerl.orchestrator import guards
 from tracerl.orchestrator.console import eval_line, step_line
 from tracerl.orchestrator.evaluation import collect, eval_table, evaluate
 from tracerl.orchestrator.setup import (
@@ -47,7 +49,7 @@ from tracerl.orchestrator.setup import (
     teardown,
     write_layout,
 )
-from tracerl.records import Rollout
+from tracerl.records import CanvasRollout, Rollout
 from tracerl.reward_service import RewardResult
 from tracerl.workers import (
     WEIGHT_SYNC,
@@ -130,6 +132,8 @@ class Session:
     learner_restarts: int = 0
     recovery_s: float = 0.0  # the last learner rebuild, logged with the next step
     cleanup: list[Any] = field(default_factory=list)
+    claim: runs.Claim | None = None  # the run's id and settings, recorded in each checkpoint it writes
+    scored_any: bool = False  # a reward function has scored a sample in this run (a resumed run has)
 
     @classmethod
     @contextlib.contextmanager
@@ -139,12 +143,16 @@ class Session:
         target, the prompts and the tokenizer's coverage of them, the rewards, the sampler settings against the
         model (from its config alone) and, once Ray is up, the cluster's GPUs and resources."""
         run_dir = Path(cfg.run_dir)
-        resume = checkpoint.resolve_resume(run_dir, cfg.checkpoint.resume)
+        claim = runs.claim(cfg, "train")  # whose directory, what to resume (verified), before anything is written
+        resume = claim.resume
         stream, eval_set = load_prompts(cfg)
         check_rewards(cfg, stream.ds.column_names, cfg.data.source)
         check_model(cfg, max(len(p) for p in stream.ids + (eval_set.prompt_ids if eval_set else [])))
         if local_gpus(cfg) is not None:
             check_device(cfg, local_gpus(cfg))
+        crowded = guards.oversubscription(cfg, os.cpu_count() or 1)
+        if crowded:
+            console.print(f"[yellow]warning: {crowded}[/yellow]")
         with teardown() as cleanup:
             if connect(cfg, verbose):
                 cleanup.append(ray.shutdown)
@@ -154,27 +162,29 @@ class Session:
             t0 = time.perf_counter()
             placement = place(cfg, ray.cluster_resources().get("GPU", 0.0))
             cleanup.append(placement.remove)
-            rewards = reward_pool(cfg)
+            rewards = reward_pool(cfg, placement.reward_models)
             cleanup.append(rewards.shutdown)
             learner = LearnerGroup(cfg, options=placement.learner)
             cleanup.append(learner.shutdown)
             rollout = RolloutGroup(cfg, placement.rollout)
             cleanup.append(rollout.shutdown)
             initial = checkpoint.DriverState(data=stream.state_dict(), rng=checkpoint.capture_rng())
-            state = checkpoint.load_checkpoint(resume, learner) if resume is not None else None
-            run_dir.mkdir(parents=True, exist_ok=True)
+            state = checkpoint.load_checkpoint(resume, learner, verified=True) if resume is not None else None
+            runs.record(run_dir, claim)
             (run_dir / "config.json").write_text(json.dumps(to_dict(cfg), indent=2))
             resume_id = state.wandb_run_id if state else None
             logger = MetricsLogger(run_dir, to_dict(cfg), cfg.wandb, resume_id=resume_id, verbose=verbose)
             cleanup.append(logger.close)
             s = cls(
                 cfg, console, stream, eval_set, rollout, learner, rewards, logger, rollout.info[0], placement, initial,
-                cleanup=cleanup,
+                cleanup=cleanup, claim=claim,
             )  # fmt: skip
             s.version, _ = WEIGHT_SYNC.lookup(cfg.rollout.sync)(learner, rollout)  # same weights on both sides
             if state is not None:
                 s.restore(state, resumed=True)
             write_layout(run_dir / "cluster.json", learner, rollout, rewards)
+            for note in claim.notes:
+                console.print(f"[yellow]{note}[/yellow]")
             console.print(s.banner(time.perf_counter() - t0, resume))
             yield s
 
@@ -192,6 +202,9 @@ class Session:
             seeds = seeding.batch_seeds(cfg.seed, step, len(batch.prompt_ids), samples)
             shards = self.rollout.generate_async(batch.prompt_ids, samples, seeds)
             rollout, scored = self.collect(shards, batch, samples, timers)
+            if not self.scored_any and (problem := guards.nothing_scored(scored, step, cfg)):
+                raise ConfigError(problem)
+            self.scored_any = self.scored_any or any(v == v for v in scored.total)  # NaN != NaN
             with timers("advantages"):
                 adv, keep, metrics = stages.advantages(scored.total, rollout, o)
             with timers("views"):
@@ -212,6 +225,7 @@ class Session:
         metrics |= {
             "fault/rollout_restarts": float(self.rollout.restarts),
             "fault/reward_restarts": float(self.rewards.restarts),
+            "fault/reward_model_restarts": float(self.rewards.model_restarts),
             "fault/learner_restarts": float(self.learner_restarts),
             "fault/rollout_restart_s": self.rollout.restart_s,  # run totals: time spent replacing actors
             "fault/reward_restart_s": self.rewards.restart_s,
@@ -233,7 +247,7 @@ class Session:
         weights, and the run goes back to that step: the steps after it are redone (each appears once in
         ``metrics.jsonl``). Past ``fault.max_learner_restarts`` it stops with a ``RunError`` saying how to resume."""
         cfg, t0 = self.cfg, time.perf_counter()
-        latest = checkpoint.latest_checkpoint(cfg.run_dir)
+        latest = checkpoint.latest_checkpoint(cfg.run_dir, self.claim.run_id if self.claim else None)
         if self.learner_restarts >= cfg.fault.max_learner_restarts:
             where = f"The latest complete checkpoint is {latest}" if latest else "No checkpoint was written yet"
             raise RunError(
@@ -269,6 +283,7 @@ class Session:
         else:
             self.logger.rewind(state.step)
         self.start_step = self.saved_step = state.step
+        self.scored_any = self.scored_any or state.step > 0
         self.skipped_steps = int(state.extra.get("skipped_steps", 0))
         self.no_signal_steps = int(state.extra.get("no_signal_steps", 0))
         self.updating = False
@@ -285,8 +300,8 @@ class Session:
         )  # fmt: skip
 
     def views(
-        self, rollout: Rollout, adv: torch.Tensor, keep: torch.Tensor, step: int
-    ) -> tuple[Rollout, torch.Tensor, trace.Views | None]:
+        self, rollout: Rollout | CanvasRollout, adv: torch.Tensor, keep: torch.Tensor, step: int
+    ) -> tuple[Rollout | CanvasRollout, torch.Tensor, trace.Views | canvas_trace.CanvasUnits | None]:
         seed = seeding.stage_seed(self.cfg.seed, step, "views")
         return stages.training_batch(rollout, adv, keep, self.cfg.objective, self.policy["mask_id"],
                                      self.policy["shift"], seed)  # fmt: skip
@@ -373,7 +388,8 @@ class Session:
             rng=rng,
             extra={"skipped_steps": self.skipped_steps, "no_signal_steps": self.no_signal_steps},
         )
-        checkpoint.save_checkpoint(self.cfg.run_dir, step, self.learner, state, self.cfg.checkpoint.keep_last)
+        identity = self.claim.identity if self.claim else None
+        checkpoint.save_checkpoint(self.cfg.run_dir, step, self.learner, state, self.cfg.checkpoint.keep_last, identity)
         self.saved_step = step
 
     @contextlib.contextmanager
@@ -418,10 +434,15 @@ class Session:
         return (
             f"[bold]tracerl train[/bold] {cfg.model.family} {p['parameters'] / 1e6:.1f}M params · "
             f"{len(self.learner)} learner rank(s) · {len(self.rollout)} rollout actor(s) · "
-            f"{cfg.reward.num_workers} reward worker(s) · {len(self.stream.ids)} train prompts · "
+            f"{cfg.reward.num_workers} reward worker(s){self.reward_models_banner()} · "
+            f"{len(self.stream.ids)} train prompts · "
             f"{len(self.eval_set.prompt_ids) if self.eval_set else 0} held-out · {start} · ready in {seconds:.1f}s"
             f"{idle}"
         )
+
+    def reward_models_banner(self) -> str:
+        models = self.rewards.model_workers
+        return "".join(f" · reward model {name} on {len(actors)} actor(s)" for name, actors in models.items())
 
 
 class RunError(RuntimeError):

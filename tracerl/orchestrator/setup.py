@@ -16,11 +16,13 @@ import ray
 
 from rewards.registry import answer_format
 from tracerl import data, stats
-from tracerl.config import Config, ConfigError
+from tracerl.config import Config, ConfigError, reward_model_workers
 from tracerl.models import load_policy, load_tokenizer
 from tracerl.records import Rollout
+from tracerl.reward_resolve import specs_from_config
 from tracerl.reward_service import RewardService, RewardSpec, check_columns
 from tracerl.workers import RewardPool, RolloutShard
+from tracerl.workers.placement import reward_models
 
 
 @contextlib.contextmanager
@@ -51,6 +53,7 @@ def connect(cfg: Config, verbose: bool) -> bool:
         cfg.learner.num_ranks * cfg.learner.num_cpus_per_rank
         + cfg.rollout.num_workers * cfg.rollout.num_cpus_per_worker
         + cfg.reward.num_workers * cfg.reward.num_cpus_per_worker
+        + sum(reward_model_workers(m, cfg.rollout.num_workers) * m.num_cpus for _, m in reward_models(cfg))
     )
     # logical CPUs: enough for every actor of the run even on a 2-core laptop (they mostly take turns)
     ray.init(
@@ -81,8 +84,8 @@ def check_resources(cfg: Config, available: dict[str, float]) -> None:
 
 
 def write_layout(path: Any, learner: Any, rollout: Any, rewards: RewardPool) -> None:
-    """``cluster.json``: where a run landed: node, pid and GPUs of every learner rank and rollout actor, the pid of
-    every reward actor."""
+    """``cluster.json``: where a run landed: node, pid and GPUs of every learner rank, rollout actor and reward-model
+    actor, the pid of every reward-function actor."""
     address = {n["NodeID"]: n["NodeManagerAddress"] for n in ray.nodes()}
 
     def entry(w: dict[str, Any]) -> dict[str, Any]:
@@ -92,6 +95,7 @@ def write_layout(path: Any, learner: Any, rollout: Any, rewards: RewardPool) -> 
         "learner": [entry(w) for w in learner.where()],
         "rollout": [entry(w) for w in rollout.info],
         "reward": [{"pid": pid} for pid in rewards.pids()],
+        "reward_model": [{"name": w["name"]} | entry(w) for w in rewards.model_layout()],
     }
     path.write_text(json.dumps(layout, indent=2))
 
@@ -194,18 +198,23 @@ def check_device(cfg: Config, gpus: float) -> None:
         fits(s, "cuda" if gpus > 0 else "cpu")
 
 
-def check_rewards(cfg: Config, columns: list[str] | None, source: str) -> None:
-    """The reward functions resolve (names, import paths, files) and find the dataset columns they need."""
+def check_rewards(cfg: Config, columns: list[str] | None, source: str, load: bool = False) -> RewardService:
+    """The reward functions resolve (names, import paths, files; reward models' configs and tokenizers, judges'
+    endpoints) and find the dataset columns they need; with ``load``, reward models' weights load too."""
     r = cfg.reward
     service = RewardService(
         reward_specs(cfg), on_error=r.on_error, timeout_s=r.timeout_s, imports=r.imports, sandbox=asdict(r.sandbox)
     )
     if columns is not None:
         check_columns(service, columns, source)
+    if load:
+        service.load()
+    return service
 
 
-def reward_pool(cfg: Config) -> RewardPool:
-    """The run's reward actors (``reward.*``, ``fault.max_restarts``)."""
+def reward_pool(cfg: Config, model_options: dict[str, list[dict[str, Any]]] | None = None) -> RewardPool:
+    """The run's reward actors (``reward.*``, ``fault.max_restarts``); reward models' actors with ``model_options``
+    (from the placement)."""
     r = cfg.reward
     return RewardPool(
         reward_specs(cfg),
@@ -216,14 +225,12 @@ def reward_pool(cfg: Config) -> RewardPool:
         max_restarts=cfg.fault.max_restarts,
         imports=r.imports,
         sandbox=asdict(r.sandbox),
+        model_options=model_options,
     )
 
 
 def reward_specs(cfg: Config) -> list[RewardSpec]:
-    return [
-        RewardSpec(f.fn, f.weight, f.name, dict(f.kwargs), f.completion_format, f.factory_kwargs)
-        for f in cfg.reward.functions
-    ]
+    return specs_from_config(cfg.reward)
 
 
 def reward_inputs(batch: data.PromptBatch, shard: RolloutShard, part: Rollout, samples: int) -> tuple:

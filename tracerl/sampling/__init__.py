@@ -9,11 +9,12 @@ from __future__ import annotations
 import torch
 
 from tracerl.config import ConfigError, SamplingConfig, check_sampling
-from tracerl.records import Rollout
+from tracerl.records import CanvasRollout, Rollout
 from tracerl.sampling.block import block_grid, sample_block
 from tracerl.sampling.full import sample_full
 from tracerl.sampling.graphs import graph_capturable
 from tracerl.sampling.remasking import REMASKING, get_remasking, register_remasking
+from tracerl.sampling.renoise import check_canvas_sampling, sample_canvas, sample_seeds
 from tracerl.seeding import RowStreams, row_seeds
 
 __all__ = [
@@ -25,8 +26,10 @@ __all__ = [
     "generate",
     "get_remasking",
     "register_remasking",
+    "renoising",
     "resolve_cache",
     "sample_block",
+    "sample_canvas",
     "sample_full",
 ]
 
@@ -50,10 +53,18 @@ def resolve_cache(policy, s: SamplingConfig) -> str:  # noqa: ANN001
     return s.cache if s.cache in ("prefix", "dual") else "none"
 
 
+def renoising(policy) -> bool:  # noqa: ANN001
+    """The policy denoises canvases of uniform noise (DiffusionGemma), not masks: the canvas sampler serves it."""
+    return getattr(policy, "trajectory", "absorbing") == "renoising"
+
+
 def check_compatible(policy, s: SamplingConfig) -> None:  # noqa: ANN001
     """Sampling settings are valid on their own and fit this policy (block size, cache mode, whether its forward
-    can be captured as a CUDA graph); the device is ``check_device``'s. Needs no weights: the driver runs it on
-    ``load_policy(..., weights=False)`` before any actor starts."""
+    can be captured as a CUDA graph; a renoising policy's canvas settings); the device is ``check_device``'s.
+    Needs no weights: the driver runs it on ``load_policy(..., weights=False)`` before any actor starts."""
+    if renoising(policy):
+        check_canvas_sampling(policy, s)
+        return
     check_sampling(s)
     if s.remasking not in REMASKING:
         raise ConfigError(f"unknown remasking '{s.remasking}'; choose from {sorted(REMASKING)}.")
@@ -99,8 +110,13 @@ def check_positions(policy, longest_prompt: int, s: SamplingConfig) -> None:  # 
     Raises:
         ConfigError: it does not; the message names both settings.
     """
-    limit = getattr(policy.model.config, "max_position_embeddings", None)
-    longest = longest_prompt + s.max_new_tokens + (s.block_size if policy.block_size else 0)
+    if renoising(policy):  # whole canvases, counted in the text config
+        check_canvas_sampling(policy, s)
+        limit = policy.model.config.get_text_config().max_position_embeddings
+        longest = longest_prompt + -(-s.max_new_tokens // policy.canvas_length) * policy.canvas_length
+    else:
+        limit = getattr(policy.model.config, "max_position_embeddings", None)
+        longest = longest_prompt + s.max_new_tokens + (s.block_size if policy.block_size else 0)
     if limit is not None and longest > limit:
         raise ConfigError(
             f"the longest prompt ({longest_prompt} tokens) plus sampling.max_new_tokens={s.max_new_tokens} needs "
@@ -117,7 +133,8 @@ def generate(
     group: torch.Tensor | None = None,
     seeds: list[int] | None = None,
 ) -> Rollout:
-    """Sample one response per prompt (repeat prompts for groups) and return the Rollout with its trace.
+    """Sample one response per prompt (repeat prompts for groups) and return the Rollout with its trace (a
+    ``CanvasRollout`` for a renoising policy).
 
     Sequences are decoded ``s.batch_size`` at a time. Each draws its random numbers from its own stream:
     ``seeds`` [N] (e.g. ``seeding.sample_seed`` of each sample), or ``seeding.row_seeds(seed, N)``. A sequence's
@@ -128,6 +145,20 @@ def generate(
         raise ValueError("generate() needs at least one prompt")
     if any(len(p) == 0 for p in prompts):
         raise ValueError("every prompt needs at least one token")
+    if renoising(policy):
+        check_positions(policy, max(len(p) for p in prompts), s)
+        seeds = list(seeds) if seeds is not None else sample_seeds(seed, len(prompts))
+        group = group if group is not None else torch.arange(len(prompts))
+        parts = [
+            sample_canvas(policy, prompts[lo : lo + s.batch_size], s, seed + lo, group[lo : lo + s.batch_size],
+                          seeds=seeds[lo : lo + s.batch_size])
+            for lo in range(0, len(prompts), s.batch_size)
+        ]  # fmt: skip
+        if len(parts) == 1:
+            return parts[0]
+        joined = CanvasRollout.concat(parts)
+        joined.group = group.clone()
+        return joined
     check_compatible(policy, s)
     check_device(s, policy.device.type)
     mode = resolve_cache(policy, s)
