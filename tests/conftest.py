@@ -83,8 +83,9 @@ def wandb_history(run_dir) -> list[dict]:  # noqa: ANN001
 
     out = subprocess.run(
         [sys.executable, "-m", "wandb", "leet", "inspect", "--json", str(run_dir)],
-        capture_output=True, text=True, timeout=120, check=True,
+        capture_output=True, text=True, timeout=120,
     )  # fmt: skip
+    assert out.returncode == 0, f"wandb leet inspect {run_dir} failed:\n{out.stdout[-2000:]}\n{out.stderr[-2000:]}"
     records = [json.loads(line) for line in out.stdout.splitlines() if line.startswith("{")]
     return [r["history"]["item"] for r in records if r.get("type") == "history"]
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import time
 
 import pytest
 import torch
@@ -62,6 +63,9 @@ def test_a_resumed_offline_run_holds_every_row_once_in_order(tmp_path, monkeypat
         first.log({"reward/mean": step / 10, "train/policy_loss": float("nan") if step == 1 else 0.1}, step=step)
     run_id = first.run_id
     first.close()
+    # W&B names an offline run directory by its start second and run id: a resumed process starts seconds later,
+    # never within the same second (which would reuse the directory), so neither does this one.
+    time.sleep(1.05 - time.time() % 1)
     second = MetricsLogger(tmp_path, wandb_cfg=cfg, resume_id=run_id)
     second.resume(2)  # metrics.jsonl cut back to step 2; the new W&B run directory gets steps 0-2
     for step in (3, 4):
