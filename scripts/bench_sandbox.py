@@ -32,11 +32,12 @@ def bwrap_command(workdir: str, filter_fd: int) -> list[str]:
     plan = _plan("auto")[0]
     command = ["bwrap", "--unshare-all", "--unshare-user", "--die-with-parent", "--new-session", "--disable-userns"]
     command += ["--uid", "900000", "--gid", "900000", "--hostname", "sandbox", "--cap-drop", "ALL"]
+    # the private /tmp first: an installation inside /tmp (a checkout there) is bound on top of it, not hidden
+    command += ["--dev", "/dev", "--proc", "/proc", "--tmpfs", "/tmp", "--tmpfs", "/dev/shm"]
     for source, target, _ in plan.binds:
         command += ["--ro-bind", source.decode(), target.decode()]
     for link, target in plan.links:
         command += ["--symlink", target.decode(), link.decode()]
-    command += ["--dev", "/dev", "--proc", "/proc", "--tmpfs", "/tmp", "--tmpfs", "/dev/shm"]
     command += ["--bind", workdir, workdir, "--chdir", workdir, "--clearenv"]
     for key, value in clean_env(workdir).items():
         command += ["--setenv", key, value]

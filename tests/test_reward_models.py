@@ -4,6 +4,7 @@ pairs in the order their training says, through the reward service; their bad in
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -12,7 +13,7 @@ from safetensors.torch import load_file, save_file
 
 from tracerl.checks import load_config
 from tracerl.cli import main
-from tracerl.config import RewardModelConfig
+from tracerl.config import ConfigError, RewardModelConfig
 from tracerl.reward_models.classifier import SequenceClassifierReward, token_budget_batches, truncate
 from tracerl.reward_resolve import RewardError, RewardSpec, reward_kind
 from tracerl.reward_service import RewardService
@@ -238,3 +239,34 @@ def test_train_with_a_bad_reward_model_starts_nothing_and_writes_nothing(capsys,
     assert main(["train", quick, f"run_dir={run_dir}", f"reward.functions=[{{fn: {causal}, name: rm}}]"]) == 2
     err = capsys.readouterr().err
     assert "reward model 'rm'" in err and "no sequence-classification head" in err and not run_dir.exists()
+
+
+def test_training_ignores_a_launcher_environment_whose_port_is_taken(monkeypatch, tmp_path: Path) -> None:
+    """An earlier process group (or launcher) leaves RANK/LOCAL_RANK/MASTER_PORT behind; accelerate would start a
+    group at that port and fail with EADDRINUSE. Training runs in one process and restores the variables."""
+    import socket
+
+    from tracerl.reward_models.train import train_reward_model
+
+    pairs = tmp_path / "pairs.jsonl"
+    pairs.write_text("".join(json.dumps(p) + "\n" for p in ones_pairs(40, seed=1)))
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = str(busy.getsockname()[1])
+        launcher = {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port}
+        for k, v in launcher.items():
+            monkeypatch.setenv(k, v)
+        cfg = load_config(None, [*TINY_RM, f"reward_model.out_dir={tmp_path / 'rm'}", f"reward_model.pairs={pairs}",
+                                 "reward_model.base=tiny", "reward_model.epochs=1", "reward_model.batch_size=8",
+                                 "reward_model.heldout_fraction=0.25"])  # fmt: skip
+        summary = train_reward_model(cfg)
+    assert summary["pairs"]["train"] == 30 and (tmp_path / "rm" / "reward_model.json").exists()
+    assert {k: os.environ[k] for k in launcher} == launcher
+
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    cfg = load_config(None, [*TINY_RM, f"reward_model.out_dir={tmp_path / 'rm4'}", f"reward_model.pairs={pairs}",
+                             "reward_model.base=tiny", "reward_model.batch_size=8"])  # fmt: skip
+    with pytest.raises(ConfigError, match="WORLD_SIZE=4"):
+        train_reward_model(cfg)
+    assert not (tmp_path / "rm4").exists() and os.environ["WORLD_SIZE"] == "4"

@@ -23,9 +23,11 @@ import contextlib
 import io
 import json
 import math
+import os
 import random
 import shutil
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -189,6 +191,64 @@ def pair_accuracy(scorer: SequenceClassifierReward, pairs: list[dict[str, Any]])
     return sum(c > r for c, r in zip(chosen, rejected, strict=True)) / len(pairs)
 
 
+# What a launcher (torchrun, or an earlier torch.distributed group in this process) leaves in the environment.
+_LAUNCHER_VARS = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+
+
+@contextlib.contextmanager
+def _one_process() -> Iterator[None]:
+    """Train in this process alone. Accelerate (under TRL's trainer) starts a process group whenever LOCAL_RANK is
+    set, at the inherited MASTER_PORT, and fails with EADDRINUSE when that port belongs to another process (a run
+    or test that set the variables earlier). Reward-model training is one process, so the launcher variables are
+    hidden while it runs and restored after."""
+    saved = {k: os.environ.pop(k) for k in _LAUNCHER_VARS if k in os.environ}
+    if int(saved.get("WORLD_SIZE", "1")) > 1:
+        os.environ.update(saved)
+        raise ConfigError(
+            f"tracerl train-reward-model runs in one process, but WORLD_SIZE={saved['WORLD_SIZE']} says it was "
+            "started by a multi-process launcher; run it directly (python or the tracerl command), not under torchrun."
+        )
+    try:
+        yield
+    finally:
+        os.environ.update(saved)
+
+
+@contextlib.contextmanager
+def _scratch() -> Iterator[str]:
+    path = tempfile.mkdtemp(prefix="tracerl-rm-")
+    try:
+        yield path
+    finally:
+        shutil.rmtree(path, ignore_errors=True)
+
+
+def _fit(
+    model: Any, tok: Any, scorer: SequenceClassifierReward, train: list[dict[str, Any]], r: RewardModelConfig,
+    seed: int, cuda: bool, console: Console, verbose: bool, scratch: str,
+) -> Any:  # fmt: skip
+    """TRL's RewardTrainer on ``train``; its progress printing only with ``verbose``."""
+    quiet = contextlib.nullcontext() if verbose else contextlib.redirect_stdout(io.StringIO())
+    with quiet:  # transformers prints a line when its W&B integration is imported in offline mode
+        from transformers import ProgressCallback
+        from transformers.trainer_callback import PrinterCallback
+        from trl import RewardConfig, RewardTrainer
+
+    args = RewardConfig(
+        output_dir=scratch, use_cpu=not cuda, bf16=cuda, gradient_checkpointing=cuda,  # memory is short on GPUs only
+        num_train_epochs=r.epochs, learning_rate=r.lr,
+        per_device_train_batch_size=r.batch_size, max_length=r.max_length,
+        center_rewards_coefficient=r.center_rewards_coefficient, seed=seed, data_seed=seed, logging_steps=10,
+        save_strategy="no", eval_strategy="no", report_to=[], disable_tqdm=not verbose,
+    )  # fmt: skip
+    trainer = RewardTrainer(model=model, args=args, train_dataset=tokenized(scorer, train), processing_class=tok)
+    if not verbose:
+        trainer.remove_callback(PrinterCallback)
+        trainer.remove_callback(ProgressCallback)
+    with console.status(f"training the reward model on {len(train)} pairs ({r.epochs:g} epochs, TRL)"):
+        return trainer.train()
+
+
 def train_reward_model(cfg: Config, console: Console | None = None, verbose: bool = False) -> dict[str, Any]:
     """Steps 1-5; returns the summary written to ``<out_dir>/reward_model.json``.
 
@@ -196,12 +256,6 @@ def train_reward_model(cfg: Config, console: Console | None = None, verbose: boo
         ConfigError: ``out_dir`` exists, pairs cannot be read or made, or there are too few to train on; nothing
             is written then.
     """
-    quiet = contextlib.nullcontext() if verbose else contextlib.redirect_stdout(io.StringIO())
-    with quiet:  # transformers prints a line when its W&B integration is imported in offline mode
-        from transformers import ProgressCallback
-        from transformers.trainer_callback import PrinterCallback
-        from trl import RewardConfig, RewardTrainer
-
     console = console or Console(soft_wrap=True)
     r = cfg.reward_model
     out = Path(r.out_dir)
@@ -224,23 +278,8 @@ def train_reward_model(cfg: Config, console: Console | None = None, verbose: boo
             "prompts (reward_model.pair_prompts, samples_per_prompt) or give more pairs."
         )
     cuda = torch.cuda.is_available()
-    scratch = tempfile.mkdtemp(prefix="tracerl-rm-")
-    args = RewardConfig(
-        output_dir=scratch, use_cpu=not cuda, bf16=cuda, gradient_checkpointing=cuda,  # memory is short on GPUs only
-        num_train_epochs=r.epochs, learning_rate=r.lr,
-        per_device_train_batch_size=r.batch_size, max_length=r.max_length,
-        center_rewards_coefficient=r.center_rewards_coefficient, seed=cfg.seed, data_seed=cfg.seed, logging_steps=10,
-        save_strategy="no", eval_strategy="no", report_to=[], disable_tqdm=not verbose,
-    )  # fmt: skip
-    trainer = RewardTrainer(model=model, args=args, train_dataset=tokenized(scorer, train), processing_class=tok)
-    if not verbose:
-        trainer.remove_callback(PrinterCallback)
-        trainer.remove_callback(ProgressCallback)
-    try:
-        with console.status(f"training the reward model on {len(train)} pairs ({r.epochs:g} epochs, TRL)"):
-            result = trainer.train()
-    finally:
-        shutil.rmtree(scratch, ignore_errors=True)
+    with _one_process(), _scratch() as scratch:
+        result = _fit(model, tok, scorer, train, r, cfg.seed, cuda, console, verbose, scratch)
     model.eval()
     scorer.device = next(model.parameters()).device
     summary = {
