@@ -63,7 +63,7 @@ def test_a_step_updates_the_policy_and_the_old_log_probs_are_the_samplers(learne
     rollout, units = batch(pol)
     learner = learners(make_cfg(), copy.deepcopy(pol))
     before = learner.state_dict_for_rollout()[1]
-    metrics = learner.train_step(rollout, ADV, units)
+    metrics = learner.train_step(rollout, ADV)
     after = learner.state_dict_for_rollout()[1]
     # the replay through the engine: old log-probs of every trained action equal the sampler's
     assert metrics["rollout/logp_mismatch"] < 1e-6
@@ -92,7 +92,7 @@ def test_micro_batches_of_units_give_the_one_batch_gradient(learners, aggregatio
         cfg = make_cfg(micro_batch_tokens=budget)
         cfg.objective.aggregation = aggregation
         learner = learners(cfg, copy.deepcopy(pol))
-        metrics = learner.train_step(rollout, ADV, units)
+        metrics = learner.train_step(rollout, ADV)
         results.append((metrics, learner.state_dict_for_rollout()[1]))
     (one, w1), (many, w2) = results
     assert many["train/micro_batches"] == len(units) > one["train/micro_batches"] == 1
@@ -107,7 +107,7 @@ def test_the_loss_is_the_clipped_surrogate_over_each_canvas_trajectory(learners)
     rollout, units = batch(pol)
     cfg = make_cfg(lr=0.0)
     cfg.objective.kl_to_old_coef = 0.0
-    metrics = learners(cfg, copy.deepcopy(pol)).train_step(rollout, ADV, units)
+    metrics = learners(cfg, copy.deepcopy(pol)).train_step(rollout, ADV)
     logp = canvas_trace.replay_logprobs(pol, units).flatten(1)
     mask = units.target_mask.flatten(1)
     adv = ADV[units.row_sample]
@@ -126,7 +126,7 @@ def test_the_advantage_sign_moves_the_trajectory_log_prob(learners, sign: float)
     learner = learners(cfg, pol)
     start = canvas_trace.replay_logprobs(pol, units)[units.target_mask].sum().item()
     for _ in range(3):
-        learner.train_step(rollout, torch.full((len(rollout),), sign), units)
+        learner.train_step(rollout, torch.full((len(rollout),), sign))
     end = canvas_trace.replay_logprobs(pol, units)[units.target_mask].sum().item()
     assert sign * (end - start) > 0.5
 
@@ -137,8 +137,8 @@ def test_a_reference_model_is_frozen_and_measured(learners) -> None:
     cfg = make_cfg(lr=3e-3)
     cfg.objective.kl_to_ref_coef = 0.05
     learner = learners(cfg, copy.deepcopy(pol))
-    first = learner.train_step(rollout, ADV, units)
-    second = learner.train_step(rollout, ADV, units)
+    first = learner.train_step(rollout, ADV)
+    second = learner.train_step(rollout, ADV)
     assert first["train/kl_to_ref"] == pytest.approx(0.0, abs=1e-6) and second["train/kl_to_ref"] > 0
 
 
@@ -147,7 +147,7 @@ def test_old_log_probs_from_the_rollout_give_ratio_one(learners) -> None:
     rollout, units = batch(pol)
     cfg = make_cfg()
     cfg.objective.old_logp_source = "rollout"
-    metrics = learners(cfg, copy.deepcopy(pol)).train_step(rollout, ADV, units)
+    metrics = learners(cfg, copy.deepcopy(pol)).train_step(rollout, ADV)
     # |Δ| ≤ 1e-6 (float rounding of another batch layout); k3 = e^−Δ − 1 + Δ in fp32 rounds to ~1e-8 there
     assert metrics["train/kl_to_old"] < 1e-7 and metrics["train/clipfrac"] == 0.0
 

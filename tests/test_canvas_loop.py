@@ -82,9 +82,7 @@ def test_train_replays_renoising_trajectories_and_exports_a_loadable_model(local
     assert (Path(cfg.run_dir) / "pictures" / "decoding-order-1.png").is_file()
     # the trained policy moved, and the export loads back with transformers' own class, whole
     start = load_policy(cfg.model).model.state_dict()
-    model, info = DiffusionGemmaForBlockDiffusion.from_pretrained(
-        Path(cfg.run_dir) / "final", output_loading_info=True
-    )
+    model, info = DiffusionGemmaForBlockDiffusion.from_pretrained(Path(cfg.run_dir) / "final", output_loading_info=True)
     assert not info["missing_keys"] and not info["unexpected_keys"]
     end = model.state_dict()
     moved = [k for k in start if not torch.equal(start[k], end[k])]

@@ -291,5 +291,5 @@ def test_the_last_live_step_is_replayed_but_not_trained() -> None:
     in_trained = {(int(i), int(k)) for i, k in zip(trained.row_sample, trained.row_canvas, strict=True)}
     for u in range(len(trained)):
         i, k = int(trained.row_sample[u]), int(trained.row_canvas[u])
-        assert not bool(trained.target_mask[u, last[i, k]:].any()) and bool(trained.target_mask[u].any())
+        assert not bool(trained.target_mask[u, last[i, k] :].any()) and bool(trained.target_mask[u].any())
     assert in_trained <= {(int(i), int(k)) for i, k in zip(every.row_sample, every.row_canvas, strict=True)}

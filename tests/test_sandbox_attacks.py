@@ -147,9 +147,7 @@ def _keyctl(call: str, *args: object) -> int:
     if call not in _KEY_CALLS:
         return -1
     libc = ctypes.CDLL(None, use_errno=True)
-    return libc.syscall(
-        ctypes.c_long(_KEY_CALLS[call]), *[ctypes.c_long(a) if isinstance(a, int) else a for a in args]
-    )
+    return libc.syscall(ctypes.c_long(_KEY_CALLS[call]), *[ctypes.c_long(a) if isinstance(a, int) else a for a in args])
 
 
 def _home_entries() -> list[str]:

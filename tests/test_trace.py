@@ -236,3 +236,16 @@ def test_estimator_views(policies, kind):
     with torch.no_grad():
         logp = view_logprobs(policy, rnd)
     assert torch.isfinite(logp).all() and (logp[rnd.target_mask] < 0).all()
+
+
+def test_sample_random_takes_the_loops_63_bit_view_seeds():
+    """The loop's view seeds (``seeding.stage_seed``) use all 63 bits; every sample's draws stay its own."""
+    from tracerl import seeding
+    from tracerl.trace import SampleRandom
+
+    seed = seeding.stage_seed(5, 3, "views")
+    assert seed > 2**62 // 1_000_003  # large enough to have overflowed a product with a per-sample multiplier
+    both = SampleRandom(seed, torch.tensor([0, 1])).rand(4)
+    assert both.shape == (2, 4) and not torch.equal(both[0], both[1])
+    assert torch.equal(SampleRandom(seed, torch.tensor([1])).rand(4)[0], both[1])
+    assert not torch.equal(SampleRandom(seed + 1, torch.tensor([1])).rand(4)[0], both[1])

@@ -85,13 +85,12 @@ def test_masked_lm_policy_trains_with_a_value_model_in_the_learner(tmp_path):
 
     policy = masked_lm_policy(tmp_path)
     rollout = generate(policy, encode(policy, ["1+2=", "12+3="]), SamplingConfig(max_new_tokens=8, block_size=4))
-    views = make_views(rollout, "trace", policy.mask_id)
     cfg = Config()
     cfg.objective.value_model = True
     cfg.learner.lr = cfg.learner.value_lr = 1e-2
     learner = Learner(cfg, policy)
     try:
-        first = learner.train_step(rollout, torch.tensor([1.0, -1.0]), views)
+        first = learner.train_step(rollout, torch.tensor([1.0, -1.0]))
         head = learner.value_engine.module.value.head.weight
         assert head.abs().sum() > 0
         assert first["train/value_loss"] > 0 and first["train/grad_norm"] > 0

@@ -34,6 +34,7 @@ from torch import nn
 
 from tracerl import objectives
 from tracerl.records import CanvasRollout
+from tracerl.trace import TargetTable
 
 
 @dataclass
@@ -268,15 +269,44 @@ def self_conditioning(policy, rows, cache, masks, pos, tau: torch.Tensor) -> tor
 
 
 @dataclass
+class CanvasInputs:
+    """What ``CanvasScorer`` runs on: some units, the self-conditioning of their steps (or, for SFT, the τ of
+    their detached first pass) and their targets; ``call`` runs a scorer on them (the learner's micro-batches
+    treat it like ``trace.ModelInputs``)."""
+
+    units: CanvasUnits
+    sc: torch.Tensor | None  # [r, S, C, H]
+    sc_temperature: torch.Tensor | None  # [r]
+
+    @property
+    def target_mask(self) -> torch.Tensor:
+        return self.units.target_mask
+
+    def to(self, device: torch.device | str) -> CanvasInputs:
+        sc = self.sc.to(device) if self.sc is not None else None
+        return CanvasInputs(self.units, sc, self.sc_temperature)  # the scorer moves the units' tensors itself
+
+    def call(self, scorer: Callable[..., torch.Tensor], num_chunks: int) -> torch.Tensor:
+        return scorer(self.units, self.sc, self.units.target_mask, num_chunks, self.sc_temperature)
+
+
+@dataclass
 class CanvasRows:
-    """Units as the learner's training rows: row = unit, T = S·C (its steps' positions flattened in order), the
-    self-conditioning state beside them (from the chain pass), or, for SFT, the temperature of its first pass."""
+    """Units as the learner's view set (the protocol of ``trace.Views``): one sequence per unit (its context
+    once, then its S step canvases in one decoder batch), targets its trained actions in (step, position) order,
+    the self-conditioning state beside them (from the chain pass), or, for SFT, the temperature of its first pass.
+    A target's response position is canvas · C + position, so per-token tensors [N, L] read at it."""
 
     units: CanvasUnits
     sc: torch.Tensor | None = None  # [R, S, C, H] self-conditioning input of each step (None: SFT first pass)
     sc_temperature: torch.Tensor | None = None  # [R] SFT: τ of the detached first pass (0: none)
+    pad_id: int = 0  # the context token of a placeholder unit (a rank without units)
 
     def __len__(self) -> int:
+        return len(self.units)
+
+    @property
+    def num_rows(self) -> int:
         return len(self.units)
 
     @property
@@ -288,39 +318,73 @@ class CanvasRows:
         return self.units.row_sample
 
     @property
+    def seq_sample(self) -> torch.Tensor:
+        return self.units.row_sample
+
+    @property
     def target_mask(self) -> torch.Tensor:
         """[R, S·C] bool, the trained actions of each unit."""
         return self.units.target_mask.flatten(1)
 
-    def scorer_args(self, rows: torch.Tensor) -> tuple:
-        """``CanvasScorer``'s arguments for ``rows`` (its outputs come in ``target_mask[rows]`` order)."""
-        units = self.units.select(rows)
-        sc = self.sc[rows.to(self.sc.device)] if self.sc is not None else None
-        tau = self.sc_temperature[rows] if self.sc_temperature is not None else None
-        return units, sc, units.target_mask, tau
+    def seq_tokens(self) -> torch.Tensor:
+        """[R] tokens each unit runs through the model (its real context, then S canvases)."""
+        return self.units.context_mask.sum(-1) + self.units.steps * self.units.canvas_length
+
+    def targets(self) -> TargetTable:
+        """Every trained action, unit by unit, in the order ``CanvasScorer`` returns them."""
+        u = self.units
+        r, s, c = u.target_mask.nonzero(as_tuple=True)
+        counts = u.target_mask.flatten(1).sum(-1)
+        start = torch.cat([torch.zeros(1, dtype=torch.long), torch.cumsum(counts, 0)])
+        return TargetTable(row=r, sample=u.row_sample[r], pos=u.row_canvas[r] * u.canvas_length + c, seq_start=start)
+
+    def model_inputs(self, seqs: torch.Tensor) -> CanvasInputs:
+        sc = self.sc[seqs.to(self.sc.device)] if self.sc is not None else None
+        tau = self.sc_temperature[seqs] if self.sc_temperature is not None else None
+        return CanvasInputs(self.units.select(seqs), sc, tau)
+
+    def dummy_inputs(self) -> CanvasInputs:
+        """A unit with no target (one context token, the canvases of the first unit or zeros): what a rank
+        without units runs so that every rank makes the same calls."""
+        u = self.units
+        if len(u):
+            one = u.select(torch.arange(1))
+            one.target_mask = torch.zeros_like(one.target_mask)
+        else:
+            s, c = u.steps, u.canvas_length
+            zeros = torch.zeros((1, s, c), dtype=torch.long)
+            one = CanvasUnits(
+                torch.zeros(1, dtype=torch.long), torch.zeros(1, dtype=torch.long),
+                torch.full((1, 1), self.pad_id, dtype=torch.long), torch.ones(1, 1, dtype=torch.bool),
+                torch.zeros(1, 1, dtype=torch.long), torch.arange(1, c + 1)[None], zeros,
+                torch.ones(1, s, dtype=torch.bool), zeros.bool(), zeros.bool(), zeros,
+                torch.zeros(1, s, c), u.temperature,
+            )  # fmt: skip
+        hidden = None if self.sc is None else torch.zeros((1, *self.sc.shape[1:]), dtype=self.sc.dtype)
+        tau = None if self.sc_temperature is None else torch.zeros(1)
+        return CanvasInputs(one, hidden, tau)
 
 
 def canvas_rows(
     policy,  # noqa: ANN001
-    units: CanvasUnits,
-    chunks: list[torch.Tensor],
-    reduce: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    rows: CanvasRows,
+    chunks: list[torch.Tensor | None],
+    lockstep: bool = False,
 ) -> tuple[torch.Tensor, CanvasRows]:
-    """The chain pass over ``units`` in micro-batches ``chunks`` (this rank's; an empty chunk still runs one
-    unit, so ranks stay in step): old log-probs [R, S, C] on CPU and the rows with their self-conditioning.
-    ``reduce`` sums a tensor over ranks (each rank fills its own units; None: one rank)."""
+    """The chain pass over this rank's units in micro-batches ``chunks`` (``None``: an empty micro-batch that
+    still runs a placeholder unit): old log-probs [R, S, C] on CPU and the rows with their self-conditioning.
+    ``lockstep`` (ZeRO-3): every rank runs every step, as many chunks each (``len(chunks)`` agrees)."""
+    units = rows.units
     r, s, c = units.canvases.shape
     hidden = policy.model.config.get_text_config().hidden_size
     old = torch.zeros((r, s, c), dtype=torch.float32, device=policy.device)
     sc = torch.zeros((r, s, c, hidden), dtype=policy.dtype, device=policy.device)
     for chunk in chunks:
-        rows = chunk if len(chunk) else torch.arange(1)
-        logp, state = chain_pass(policy, units.select(rows), full=reduce is not None)
-        if len(chunk):
+        part = units.select(chunk) if chunk is not None else rows.dummy_inputs().units
+        logp, state = chain_pass(policy, part, full=lockstep)
+        if chunk is not None:
             old[chunk.to(old.device)], sc[chunk.to(sc.device)] = logp, state
-    if reduce is not None:
-        old, sc = reduce(old), reduce(sc)
-    return old.cpu(), CanvasRows(units, sc)
+    return old.cpu(), CanvasRows(units, sc, pad_id=rows.pad_id)
 
 
 # ---------------------------------------------------------------------------------------------- SFT

@@ -149,8 +149,7 @@ def _explicit(
 def _same_command(run_dir: Path, owner: dict, command: str) -> None:
     if owner.get("command") != command:
         raise ConfigError(
-            f"run_dir '{run_dir}' holds a tracerl {owner.get('command')} run; tracerl {command} needs its own "
-            "run_dir."
+            f"run_dir '{run_dir}' holds a tracerl {owner.get('command')} run; tracerl {command} needs its own run_dir."
         )
 
 

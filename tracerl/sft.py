@@ -266,14 +266,18 @@ def run_sft(cfg: Config, progress: bool = True, verbose: bool = False) -> dict[s
             t0 = time.perf_counter()
             batch = [pairs[i] for i in sampler.next(cfg.sft.batch_size)]
             length = max(cfg.sampling.max_new_tokens if cfg.sft.eos_padding else 0, max(len(r) for _, r in batch))
-            rollout = None if renoising(policy) else clean_rollout(
-                batch,
-                length=length,
-                pad_id=policy.pad_id,
-                eos_id=policy.eos_id,
-                block_size=block_size,
-                layout=layout,
-                eos_padding=cfg.sft.eos_padding,
+            rollout = (
+                None
+                if renoising(policy)
+                else clean_rollout(
+                    batch,
+                    length=length,
+                    pad_id=policy.pad_id,
+                    eos_id=policy.eos_id,
+                    block_size=block_size,
+                    layout=layout,
+                    eos_padding=cfg.sft.eos_padding,
+                )
             )
             generator = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step)  # resume-exact masks
             if renoising(policy):  # DiffusionGemma: uniform-token corruption of whole canvases

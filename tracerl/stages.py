@@ -2,17 +2,15 @@
 them, and so does ``scripts/gpu_check.py``, so its stage timings describe the loop's own update.
 
     advantages → (advantages [N], keep [N], advantage/* and reward/* metrics)
-    training_batch → the kept samples, their advantages and their training views (None when nothing is kept;
-                     a renoising policy's canvas units)
+    training_batch → the kept samples and their advantages (the learner ranks build the training views)
 
-dims: N samples · R training rows
+dims: N samples
 """
 
 from __future__ import annotations
 
 import torch
 
-from tracerl import canvas_trace, trace
 from tracerl.advantages import compute_advantages
 from tracerl.config import ObjectiveConfig
 from tracerl.records import CanvasRollout, Rollout
@@ -35,31 +33,9 @@ def advantages(
 
 
 def training_batch(
-    rollout: Rollout | CanvasRollout,
-    adv: torch.Tensor,
-    keep: torch.Tensor,
-    o: ObjectiveConfig,
-    mask_id: int,
-    shift: bool,
-    seed: int,
-) -> tuple[Rollout | CanvasRollout, torch.Tensor, trace.Views | canvas_trace.CanvasUnits | None]:
-    """(kept samples, their advantages [N_kept], their training views or None when nothing is kept): the views of
-    ``objective.views`` (registry ``views``), ``seed`` for the estimators that draw masks (``seeding.stage_seed``);
-    for a ``CanvasRollout``, one unit per (sample, canvas), whose step chain the learner replays."""
+    rollout: Rollout | CanvasRollout, adv: torch.Tensor, keep: torch.Tensor
+) -> tuple[Rollout | CanvasRollout, torch.Tensor]:
+    """(kept samples, their advantages [N_kept]): what the learner ranks receive, each its shard
+    (``records.shard_step``); every rank builds the training views of its own samples (``Learner.views_of``)."""
     kept = rollout.select(keep.nonzero().squeeze(1))
-    if not len(kept):
-        return kept, adv[keep], None
-    if isinstance(kept, CanvasRollout):
-        return kept, adv[keep], canvas_trace.make_units(kept, int(kept.sampler["pad_id"]))
-    views = trace.make_views(
-        kept,
-        o.views,
-        mask_id,
-        shift=shift,
-        seed=seed,
-        shrink_s=o.shrink,
-        prompt_mask_prob=o.d1_prompt_mask_prob,
-        low=o.mask_ratio_low,
-        high=o.mask_ratio_high,
-    )
-    return kept, adv[keep], views
+    return kept, adv[keep]

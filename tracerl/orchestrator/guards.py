@@ -46,7 +46,7 @@ def nothing_scored(scored: RewardResult, step: int, cfg: Config) -> str | None:
     silent = [name for name, values in scored.parts.items() if all(math.isnan(v) for v in values)]
     return (
         f"every sample of RL step {step} was scored None by reward function(s) {silent} ({len(scored.total)} "
-        "samples), so there is nothing to train on: None means \"cannot score this sample\". Check that the "
+        'samples), so there is nothing to train on: None means "cannot score this sample". Check that the '
         f"dataset columns they read hold what they expect (data.answer_column='{cfg.data.answer_column}' of "
         f"data.source '{cfg.data.source}'), or the reward's kwargs."
     )

@@ -6,10 +6,11 @@ Each RL step, top to bottom:
 2. ``RolloutGroup``   → K actors sample G responses per prompt; shards come back version-stamped
 3. ``RewardPool``     → each shard is scored as soon as it returns (not after the slowest one)
 4. advantages         → group-relative advantages and the group filter (registries)
-5. views              → the training rows of the kept samples (``trace.make_views``, registry ``views``)
-6. ``LearnerGroup``   → M DeepSpeed ranks: old log-probs, TraceRL loss, optimizer steps
-7. weight sync        → every rollout actor gets the new weights, version + 1 (registry ``WEIGHT_SYNC``)
-8. metrics            → W&B, ``metrics.jsonl``, one console line; eval and checkpoints when due
+5. ``LearnerGroup``   → M learner ranks, each sent its shard of the kept samples: it builds their training
+                        views (registry ``views``; never on the driver), then old log-probs, TraceRL loss,
+                        optimizer steps
+6. weight sync        → every rollout actor gets the new weights, version + 1 (registry ``WEIGHT_SYNC``)
+7. metrics            → W&B, ``metrics.jsonl``, one console line; eval and checkpoints when due
 
 The same code runs on a 2-core laptop (a local Ray instance on loopback, gloo, the tiny model) and on a
 multi-node GPU cluster (``--ray-address``, nccl).
@@ -31,7 +32,7 @@ import ray
 import torch
 from rich.console import Console
 
-from tracerl import canvas_trace, checkpoint, data, runs, seeding, stages, stats, trace
+from tracerl import checkpoint, data, runs, seeding, stages, stats
 from tracerl.config import Config, ConfigError, check_cluster, to_dict
 from tracerl.metrics import MetricsLogger, Timers, decoding_order_picture
 from tracerl.orchestrator import guards
@@ -207,15 +208,14 @@ class Session:
             self.scored_any = self.scored_any or any(v == v for v in scored.total)  # NaN != NaN
             with timers("advantages"):
                 adv, keep, metrics = stages.advantages(scored.total, rollout, o)
-            with timers("views"):
-                kept, kept_adv, views = self.views(rollout, adv, keep, step)
-            if views is None:
+            kept, kept_adv = stages.training_batch(rollout, adv, keep)
+            if not len(kept):
                 self.skipped_steps += 1  # every group filtered out: nothing to learn from, the run goes on
             else:
                 no_signal = metrics["advantage/flat_groups"] == 1.0 and not o.value_model
                 metrics["advantage/no_signal"] = float(no_signal)  # trained on zero advantages: only KL terms act
                 self.no_signal_steps += no_signal
-                metrics |= self.update(kept, kept_adv, views, timers)
+                metrics |= self.update(kept, kept_adv, step, timers)
         metrics |= scored.metrics | stats.rollout_metrics(rollout) | timers.pop()
         metrics |= {
             "advantage/skipped_steps": float(self.skipped_steps),
@@ -299,22 +299,15 @@ class Session:
             self.learner.publish_weights,
         )  # fmt: skip
 
-    def views(
-        self, rollout: Rollout | CanvasRollout, adv: torch.Tensor, keep: torch.Tensor, step: int
-    ) -> tuple[Rollout | CanvasRollout, torch.Tensor, trace.Views | canvas_trace.CanvasUnits | None]:
-        seed = seeding.stage_seed(self.cfg.seed, step, "views")
-        return stages.training_batch(rollout, adv, keep, self.cfg.objective, self.policy["mask_id"],
-                                     self.policy["shift"], seed)  # fmt: skip
-
-    def update(self, kept: Rollout, adv: torch.Tensor, views: trace.Views, timers: Timers) -> dict[str, float]:
-        """The learner step, then the weight sync; colocated on GPU the rollout copies leave the device while the
-        learner trains."""
+    def update(self, kept: Rollout | CanvasRollout, adv: torch.Tensor, step: int, timers: Timers) -> dict[str, float]:
+        """The learner step (each rank builds the views of its shard of ``kept``, seeded per step), then the weight
+        sync; colocated on GPU the rollout copies leave the device while the learner trains."""
         self.updating = True
         offload = self.cfg.rollout.placement == "colocated" and self.cfg.rollout.offload_during_train
         with timers("train"):
             if offload:
                 self.rollout.offload()
-            metrics = self.learner.train_step(kept, adv, views)
+            metrics = self.learner.train_step(kept, adv, seed=seeding.stage_seed(self.cfg.seed, step, "views"))
             if offload:
                 self.rollout.onload()
         with timers("sync"):
@@ -323,8 +316,7 @@ class Session:
         return metrics | {
             "sync/weight_s": timers.seconds["sync"],
             "sync/bytes": float(nbytes),
-            "trace/rows_per_sample": len(views) / len(kept),
-            "trace/row_tokens": float(views.row_tokens),
+            "train/shard_bytes": float(max(self.learner.shard_bytes)),
         }
 
     # -- evaluation ---------------------------------------------------------------------------------------------
