@@ -185,24 +185,31 @@ def load_checkpoint(path: str | Path, learner: Saveable | None) -> DriverState:
     return DriverState(**torch.load(path / "driver.pt", weights_only=False))
 
 
-def export_hf(source: str | Path | Any, out_dir: str | Path) -> Path:
-    """Write a Hugging Face directory of the policy (``save_pretrained`` of the native model + tokenizer) that
-    ``from_pretrained`` and ``load_policy(ModelConfig(family=..., path=out_dir))`` load.
+def export_hf(source: str | Path | Any, out_dir: str | Path, adapter: bool = False) -> Path:
+    """Write a Hugging Face directory of the policy (``save_pretrained`` of the native model + tokenizer, LoRA
+    adapters merged in) that ``from_pretrained`` and ``load_policy(ModelConfig(family=..., path=out_dir))`` load;
+    with ``adapter`` the LoRA adapter directory instead (``PeftModel.from_pretrained(base, out_dir)`` loads it).
 
     ``source`` is a checkpoint directory (``step-<N>``, or its ``learner/`` folder) or a live learner (anything
     with ``save_hf(dir)``: a ``Learner`` or a ``LearnerGroup``, which gathers ZeRO-3 weights first).
     """
     out = Path(out_dir)
-    if hasattr(source, "save_hf"):
+    if hasattr(source, "save_hf") and not adapter:
         source.save_hf(out)
         return out
     src = Path(source)
     if not src.is_dir():
         raise FileNotFoundError(f"checkpoint '{src}' does not exist; give a directory like run_dir/checkpoints/step-N.")
-    hf = next((c for c in (src / "learner" / "hf", src / "hf", src) if (c / "config.json").is_file()), None)
+    sub, marker = ("adapter", "adapter_config.json") if adapter else ("hf", "config.json")
+    hf = next((c for c in (src / "learner" / sub, src / sub, src) if (c / marker).is_file()), None)
     if hf is None:
+        if adapter:
+            raise FileNotFoundError(
+                f"{src} holds no LoRA adapters (expected learner/adapter/adapter_config.json inside a checkpoint): "
+                "it was trained with learner.lora.enabled=false. Export the merged model without --adapter."
+            )
         raise FileNotFoundError(f"{src} holds no exported policy (expected learner/hf/config.json inside a checkpoint)")
-    verify_export_source(src, hf)
+    verify_export_source(src, hf, marker)
     if out.exists() and any(out.iterdir()):
         raise FileExistsError(f"export target '{out}' exists and is not empty; give a new or empty directory.")
     # Copy into a temporary sibling, fsync, then rename: an interrupted export leaves no half-written directory.
@@ -221,9 +228,9 @@ def export_hf(source: str | Path | Any, out_dir: str | Path) -> Path:
     return out
 
 
-def verify_export_source(checkpoint: Path, hf: Path) -> None:
-    """What ``export_hf`` copies is whole: a complete checkpoint (``COMPLETE``), a JSON ``config.json`` and
-    readable weight files.
+def verify_export_source(checkpoint: Path, hf: Path, config_name: str = "config.json") -> None:
+    """What ``export_hf`` copies is whole: a complete checkpoint (``COMPLETE``), a JSON ``config_name``
+    (``config.json``, or ``adapter_config.json`` for LoRA adapters) and readable weight files.
 
     Raises:
         ValueError: a check failed; the message names the file.
@@ -235,11 +242,11 @@ def verify_export_source(checkpoint: Path, hf: Path) -> None:
             "written. Export an earlier complete checkpoint (those with a COMPLETE file)."
         )
     try:
-        config = json.loads((hf / "config.json").read_text())
+        config = json.loads((hf / config_name).read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise ValueError(f"{hf / 'config.json'} is not valid JSON ({err}); the checkpoint is damaged.") from None
+        raise ValueError(f"{hf / config_name} is not valid JSON ({err}); the checkpoint is damaged.") from None
     if not isinstance(config, dict):
-        raise ValueError(f"{hf / 'config.json'} is not a JSON object; the checkpoint is damaged.")
+        raise ValueError(f"{hf / config_name} is not a JSON object; the checkpoint is damaged.")
     weights = sorted(hf.glob("*.safetensors")) + sorted(hf.glob("*.bin"))
     if not weights:
         raise ValueError(f"{hf} has no weight files (*.safetensors or *.bin); the checkpoint is damaged.")
