@@ -39,7 +39,8 @@ class Learner:
 
     Args:
         cfg: the run config (``learner``, ``objective`` and ``seed`` are read; ``learner.engine`` picks the engine).
-        policy: a DiffusionPolicy; its ``model`` becomes the engine's module (trained in place).
+        policy: a DiffusionPolicy; its ``model`` becomes the engine's module (trained in place; with
+            ``learner.lora`` PEFT adapters are injected into it first and only they are trained).
         rank, world_size: this rank and the number of ranks; every rank must call every method together.
         lr, total_steps: override ``learner.lr`` / ``learner.total_steps`` (SFT uses its own).
         master_addr, master_port: rendezvous of rank 0 (default: this machine, a free port).
