@@ -163,6 +163,28 @@ def test_adapters_disabled_is_the_base_layer_exactly(block_policy):
     assert torch.equal(off, want) and not torch.allclose(on, want)
 
 
+def test_a_masked_lm_takes_adapters_on_every_linear_layer_but_its_head(learners, tmp_path):
+    """``masked_lm``'s default (PEFT's all-linear) on a BERT with dropout 0.1: adapters on attention, MLP and the
+    head's transform, none on the output projection; the first pass still sees ratio 1 (dropout off)."""
+    from tracerl.config import SamplingConfig
+    from tracerl.models import char_tokenizer
+    from tracerl.sampling import generate
+
+    from .test_learner import _dropout_bert
+
+    tok = char_tokenizer("0123456789+=abc ")
+    policy = _dropout_bert(tmp_path, tok)
+    rollout = generate(policy, [tok(p)["input_ids"] for p in ["1+2=", "12+3=", "a"]], SamplingConfig(max_new_tokens=8))
+    learner = learners(lora_cfg(), policy)
+    adapted = {n.split(".lora_A.")[0] for n in learner.state_dict_for_rollout()[1] if ".lora_A." in n}
+    assert "bert.encoder.layer.0.attention.self.query" in adapted
+    assert "bert.encoder.layer.1.output.dense" in adapted
+    assert not any(n.startswith("cls.predictions.decoder") for n in adapted)
+    metrics = learner.train_step(rollout, torch.tensor([1.0, -1.0, 0.5]))
+    assert metrics["train/clipfrac"] == 0.0 and metrics["train/kl_to_old"] == 0.0
+    assert metrics["train/grad_norm"] > 0
+
+
 # ---------------------------------------------------------------------------------------------- state
 
 
