@@ -70,6 +70,8 @@ def test_a_family_without_default_targets_needs_them_named():
         lora_targets("gemma_renoise", LoRAConfig(enabled=True))
     assert lora_targets("gemma_renoise", LoRAConfig(enabled=True, target_modules=["q_proj"])) == ["q_proj"]
     assert lora_targets("masked_lm", LoRAConfig(enabled=True)) == "all-linear"
+    with pytest.raises(ConfigError, match="learner.lora cannot apply to model.family=diffusion_gemma"):
+        lora_targets("diffusion_gemma", LoRAConfig(enabled=True, target_modules=["q_proj"]))
 
 
 def test_targets_matching_nothing_fail_before_sft_writes_anything(tmp_path):

@@ -38,11 +38,22 @@ LORA_TARGETS: dict[str, list[str] | str] = {
     "sdar": DECODER_TARGETS,
     "masked_lm": "all-linear",
 }
+# Families LoRA cannot apply to, with the reason (refused even with target_modules).
+LORA_UNSUPPORTED: dict[str, str] = {
+    "diffusion_gemma": "its canvas learner (renoising trajectories, self-conditioning, DESIGN §18) has no adapter "
+    "path: the reference, weight sync and export of that family handle full weights only",
+}
 ADAPTER = "default"  # PEFT's adapter name; parameter names carry it (``...q_proj.lora_A.default.weight``)
 
 
 def lora_targets(family: str, lora: LoRAConfig) -> list[str] | str:
-    """``learner.lora.target_modules``, or the family's default; a clear error for a family without one."""
+    """``learner.lora.target_modules``, or the family's default; a clear error for a family without one or one
+    LoRA cannot apply to."""
+    if family in LORA_UNSUPPORTED:
+        raise ConfigError(
+            f"learner.lora cannot apply to model.family={family}: {LORA_UNSUPPORTED[family]}. Set "
+            "learner.lora.enabled=false to train every weight."
+        )
     if lora.target_modules:
         return list(lora.target_modules)
     if family not in LORA_TARGETS:
