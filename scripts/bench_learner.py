@@ -14,14 +14,15 @@ Rollouts are synthetic with the sampler's structure (every block committed in 4 
 absolute block grid, no EOS): the learner's work depends on the step map's shape, not on the tokens. Their
 ``rollout_logp`` is the rows' own replay, so a quickstart step starts at ratio 1 as after exact sampling.
 
-Each shape runs in its own process: two learners from the same weights, one on the rows (``learner.packed_views
-=false``, today's layout) and one on packed views; a warm-up step each, then ``--repeats`` timed RL steps each,
-interleaved. Reported per layout: seconds and CPU-seconds per step (median, min-max), model tokens/s, trained
-targets/s, FLOPs per trained target counted by ``torch.utils.flop_counter`` on one extra step (CPU SDPA counted
-as two matrix products, as torch counts it on GPU), the achieved GFLOP/s, and that as a fraction of one matrix
-multiply of the model's widest linear layer ([micro-batch tokens × hidden] @ [hidden × intermediate]) timed in the
-same process. The ratios (packed against rows) use CPU-seconds, which a loaded machine disturbs least; the
-largest |log-prob difference| between the two layouts is measured on the same weights.
+Each shape runs in its own process: learners from the same weights, one on the rows (``learner.packed_views
+=false``, today's layout) and one on packed views per ``--attention`` backend (default ``grouped`` and
+``dense``); a warm-up step each, then ``--repeats`` timed RL steps each, interleaved. Reported per layout:
+seconds and CPU-seconds per step (median, min-max), model tokens/s, trained targets/s, FLOPs per trained target
+counted by ``torch.utils.flop_counter`` on one extra step (CPU SDPA counted as two matrix products, as torch
+counts it on GPU), the achieved GFLOP/s, and that as a fraction of one matrix multiply of the model's widest
+linear layer ([micro-batch tokens × hidden] @ [hidden × intermediate]) timed in the same process. The ratios
+(rows over packed) use CPU-seconds, which a loaded machine disturbs least; the largest |log-prob difference|
+between the two layouts is measured on the same weights.
 """
 
 from __future__ import annotations
@@ -141,7 +142,7 @@ def measure(args: argparse.Namespace, name: str) -> dict[str, Any]:
     params = sum(p.numel() for p in policy.model.parameters())
     rollout = synthetic_rollout(policy, sh["samples"], sh["prompt"], sh["new"], seed=1)
     rows = make_views(rollout, "trace", policy.mask_id)
-    packed = make_views(rollout, "trace", policy.mask_id, pack=True, max_tokens=args.budget)
+    packed = make_views(rollout, "trace", policy.mask_id, pack=True, max_tokens=args.budget, attention="dense")
     with torch.no_grad():
         want = rows.targets().place(target_logprobs(policy, rows), len(rollout), sh["new"])
         got = packed.targets().place(target_logprobs(policy, packed), len(rollout), sh["new"])
@@ -149,16 +150,17 @@ def measure(args: argparse.Namespace, name: str) -> dict[str, Any]:
     max_diff = float((want - got).abs().max())
     advantages = torch.linspace(-1, 1, len(rollout))
 
-    def learner(packed_views: bool) -> Learner:
+    def learner(packed_views: bool, attention: str = "auto") -> Learner:
         cfg = Config()
         cfg.learner.packed_views = packed_views
+        cfg.learner.packed_attention = attention
         cfg.learner.micro_batch_tokens = args.budget
         cfg.learner.minibatches = sh["minibatches"]
         cfg.learner.lr = sh["lr"]
         cfg.objective.old_logp_source = sh["old_logp"]
         return Learner(cfg, copy.deepcopy(policy))
 
-    layouts = {"rows": learner(False), "packed": learner(True)}
+    layouts = {"rows": learner(False)} | {f"packed_{a}": learner(True, a) for a in args.attention.split(",")}
     walls: dict[str, list[float]] = {k: [] for k in layouts}
     cpus: dict[str, list[float]] = {k: [] for k in layouts}
     metrics: dict[str, dict[str, float]] = {}
@@ -199,7 +201,6 @@ def measure(args: argparse.Namespace, name: str) -> dict[str, Any]:
             "step_s_range": [min(walls[key]), max(walls[key])],
             "cpu_s": cpu,
             "cpu_s_range": [min(cpus[key]), max(cpus[key])],
-            "sequences_per_sample": m["trace/rows_per_sample"] if key == "rows" else None,
             "tokens_per_sample": m["trace/tokens_per_sample"],
             "tokens_per_s": tokens / step,
             "targets_per_s": targets / step,
@@ -208,9 +209,11 @@ def measure(args: argparse.Namespace, name: str) -> dict[str, Any]:
             "fraction_of_matmul": flops[key] / step / 1e9 / mm,
             "micro_batches": m["train/micro_batches"],
         }
-    out["speedup_cpu"] = out["rows"]["cpu_s"] / out["packed"]["cpu_s"]
-    out["speedup_wall"] = out["rows"]["step_s"] / out["packed"]["step_s"]
-    out["flops_ratio"] = out["rows"]["flops_per_target"] / out["packed"]["flops_per_target"]
+    for key in layouts:
+        if key != "rows":
+            out[key]["speedup_cpu"] = out["rows"]["cpu_s"] / out[key]["cpu_s"]
+            out[key]["speedup_wall"] = out["rows"]["step_s"] / out[key]["step_s"]
+            out[key]["flops_ratio"] = out["rows"]["flops_per_target"] / out[key]["flops_per_target"]
     return out
 
 
@@ -221,6 +224,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3, help="timed RL steps per layout")
     parser.add_argument("--budget", type=int, default=8192, help="learner.micro_batch_tokens")
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--attention", default="grouped,dense", help="packed_attention backends to run beside rows")
     parser.add_argument("--one", default=None, help=argparse.SUPPRESS)  # internal: run one shape, print JSON
     args = parser.parse_args()
 
@@ -240,29 +244,31 @@ def main() -> None:
         if proc.returncode:
             sys.exit(f"shape {name} failed:\n{proc.stderr[-4000:]}")
         results.append(json.loads(proc.stdout.strip().splitlines()[-1]))
+        print(f"{name}: {json.dumps(results[-1])}", file=sys.stderr, flush=True)  # progress, and a partial record
     if args.json:
         print(json.dumps({"device": "cpu", "results": results}))
         return
     head = (
-        f"{'shape':11} {'layout':7} {'params':>7} {'tok/sample':>10} {'step s':>16} {'cpu s':>16} {'targets/s':>9} "
-        f"{'MFLOP/target':>12} {'GFLOP/s':>8} {'of mm':>6}"
+        f"{'shape':11} {'layout':15} {'params':>7} {'tok/sample':>10} {'step s':>17} {'cpu s':>17} {'targets/s':>9} "
+        f"{'MFLOP/target':>12} {'GFLOP/s':>8} {'of mm':>6} {'vs rows':>8} {'FLOPs':>6}"
     )
     print(head)
     for r in results:
-        for key in ("rows", "packed"):
-            x = r[key]
+        for key, x in r.items():
+            if not isinstance(x, dict):
+                continue
             lo, hi = x["step_s_range"]
             clo, chi = x["cpu_s_range"]
+            ratio = f"{x['speedup_cpu']:7.2f}x {x['flops_ratio']:5.2f}x" if "speedup_cpu" in x else ""
             print(
-                f"{r['shape']:11} {key:7} {r['params'] / 1e6:6.2f}M {x['tokens_per_sample']:10.0f} "
+                f"{r['shape']:11} {key:15} {r['params'] / 1e6:6.2f}M {x['tokens_per_sample']:10.0f} "
                 f"{x['step_s']:6.2f} ({lo:.2f}-{hi:.2f}) {x['cpu_s']:6.2f} ({clo:.2f}-{chi:.2f}) "
                 f"{x['targets_per_s']:9.0f} {x['flops_per_target'] / 1e6:12.1f} {x['gflops_achieved']:8.1f} "
-                f"{x['fraction_of_matmul']:6.2f}"
+                f"{x['fraction_of_matmul']:6.2f} {ratio}"
             )
         print(
-            f"{r['shape']:11} packed vs rows: {r['speedup_cpu']:.2f}x CPU time ({r['speedup_wall']:.2f}x wall), "
-            f"{r['flops_ratio']:.2f}x fewer FLOPs per target, max |log-prob diff| {r['max_abs_logp_diff']:.1e}; "
-            f"matmul {r['matmul_gflops']:.1f} GFLOP/s"
+            f"{r['shape']:11} max |log-prob difference| packed vs rows {r['max_abs_logp_diff']:.1e}; "
+            f"matmul {r['matmul_gflops']:.1f} GFLOP/s; ratios: CPU-seconds and FLOPs per target of rows / packed"
         )
 
 

@@ -216,6 +216,11 @@ def test_packed_views_train_like_the_rows(learners, block_policy, extra):
         torch.testing.assert_close(packed_w[name], tensor, rtol=1e-5, atol=1e-6, msg=name)
 
 
+def test_flex_attention_is_refused_off_cuda(block_policy):
+    with pytest.raises(ValueError, match="learner.packed_attention=flex .* no backward on cpu.*=auto"):
+        Learner(make_cfg(engine="torch", packed_attention="flex"), copy.deepcopy(block_policy))
+
+
 def test_torch_engine_refuses_zero():
     from tracerl.config import ConfigError, check
 

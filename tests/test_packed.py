@@ -64,37 +64,59 @@ def test_pattern_by_hand():
     assert torch.equal(pattern.dense()[0], want)
 
 
+def random_pattern(backend: str, s: int = 3, c: int = 9, b: int = 4, blocks: tuple = (0, 1, 2, 2, 3, 1), **kw):  # noqa: ANN003, ANN201
+    """A pattern with padding here and there; noisy segments renoise ``blocks`` (any order, repeats allowed)."""
+    col_block = torch.cat([torch.arange(c) // b, torch.tensor(blocks).repeat_interleave(b)]).expand(s, -1)
+    valid = torch.rand(s, c + len(blocks) * b, generator=torch.Generator().manual_seed(3)) < 0.8
+    return PackedAttention(c, b, col_block.clone(), valid, backend=backend, **kw)
+
+
 @pytest.mark.filterwarnings("ignore:.*flex_attention.*:UserWarning")
-@pytest.mark.parametrize("backend", ["split", "flex"])
+@pytest.mark.parametrize(
+    ("backend", "group_queries"), [("grouped", 1024), ("grouped", 4), ("grouped", 9), ("dense", 0), ("flex", 0)]
+)
 @pytest.mark.parametrize("kv_heads", [4, 2])
-def test_kernels_equal_attention_under_the_dense_mask(backend, kv_heads):
+def test_kernels_equal_attention_under_the_dense_mask(backend, group_queries, kv_heads):
+    """Every backend, one group or many (a group of one segment, or groups spanning blocks), with grouped heads."""
     torch.manual_seed(0)
-    s, c, b, k, heads, d = 3, 9, 4, 4, 4, 8
-    col_block = torch.cat([torch.arange(c) // b, torch.tensor([0, 1, 2, 2]).repeat_interleave(b)]).expand(s, -1)
-    valid = torch.rand(s, c + k * b) < 0.8
-    pattern = PackedAttention(c, b, col_block.clone(), valid, backend=backend)
-    dtype = torch.float64 if backend == "split" else torch.float32  # eager FlexAttention computes in fp32
-    q = torch.randn(s, heads, c + k * b, d, dtype=dtype)
-    kk, v = (torch.randn(s, kv_heads, c + k * b, d, dtype=dtype) for _ in range(2))
+    pattern = random_pattern(backend, group_queries=group_queries or 1024)
+    s, t, _ = pattern.shape
+    heads, d = 4, 8
+    dtype = torch.float64 if backend != "flex" else torch.float32  # eager FlexAttention computes in fp32
+    q = torch.randn(s, heads, t, d, dtype=dtype)
+    kk, v = (torch.randn(s, kv_heads, t, d, dtype=dtype) for _ in range(2))
     rep = heads // kv_heads
     want = torch.nn.functional.scaled_dot_product_attention(
         q, kk.repeat_interleave(rep, 1), v.repeat_interleave(rep, 1), attn_mask=pattern.dense().unsqueeze(1), scale=0.4
     )
-    if backend == "split":
+    if backend == "flex":
+        got = pattern.attend(q, kk, v, 0.4)  # grouped heads inside FlexAttention
+        torch.testing.assert_close(got, want, rtol=0, atol=1e-5)
+    else:
         got = pattern.attend(q, kk.repeat_interleave(rep, 1), v.repeat_interleave(rep, 1), 0.4)
         torch.testing.assert_close(got, want, rtol=0, atol=1e-12)
-    else:
-        got = pattern.attend(q, kk, v, 0.4)  # GQA inside FlexAttention
-        torch.testing.assert_close(got, want, rtol=0, atol=1e-5)
 
 
-def test_split_kernel_backward_equals_dense():
+def test_grouped_plan_computes_a_fraction_of_the_dense_pairs():
+    """Segments ordered by block, groups of one segment: each group's keys are the clean prefix before its block
+    and itself (block 1 of width 4 → 4 clean keys + 4, block 3 → the whole clean context of 9 + 4)."""
+    pattern = random_pattern("grouped", blocks=(1, 2, 3), group_queries=4)
+    grouped, (masks, sizes, keys) = pattern._plan(torch.float32)
+    assert grouped and sizes == [9, 4, 4, 4]  # the clean queries, then one segment per group
+    assert [m.shape[-1] for m in masks] == [9, 4 + 4, 8 + 4, 9 + 4]
+    want_keys = [*range(9), *range(4), *range(9, 13), *range(8), *range(13, 17), *range(9), *range(17, 21)]
+    assert keys.tolist() == want_keys
+    pairs = sum(m.shape[-2] * m.shape[-1] for m in masks)
+    assert pairs == 81 + 4 * (8 + 12 + 13) < 21 * 21
+
+
+@pytest.mark.parametrize("group_queries", [1024, 4])
+def test_grouped_backward_equals_dense(group_queries):
     torch.manual_seed(1)
-    s, c, b, k, heads, d = 2, 6, 2, 3, 2, 4
-    col_block = torch.cat([torch.arange(c) // b, torch.tensor([1, 2, 3]).repeat_interleave(b)]).expand(s, -1)
-    pattern = PackedAttention(c, b, col_block.clone(), torch.ones(s, c + k * b, dtype=torch.bool))
-    x = [torch.randn(s, heads, c + k * b, d, dtype=torch.float64, requires_grad=True) for _ in range(3)]
-    w = torch.randn(s, heads, c + k * b, d, dtype=torch.float64)
+    pattern = random_pattern("grouped", s=2, c=6, b=2, blocks=(1, 2, 2, 3), group_queries=group_queries)
+    s, t, _ = pattern.shape
+    x = [torch.randn(s, 2, t, 4, dtype=torch.float64, requires_grad=True) for _ in range(3)]
+    w = torch.randn(s, 2, t, 4, dtype=torch.float64)
     (pattern.attend(*x, 0.5) * w).sum().backward()
     got = [t.grad.clone() for t in x]
     for t in x:
@@ -108,7 +130,7 @@ def test_split_kernel_backward_equals_dense():
 # ---------------------------------------------------------------------------------------------- replay invariant
 
 
-@pytest.mark.parametrize("backend", ["split", "dense"])
+@pytest.mark.parametrize("backend", ["grouped", "dense"])
 @pytest.mark.parametrize("remasking", REMASKINGS)
 def test_packed_views_replay_the_sampler_and_equal_the_rows(block, remasking, backend):
     """s = 1, fp32: packed log-probs equal rollout_logp (1e-4, the replay invariant) and the rows' (1e-5), for

@@ -208,7 +208,7 @@ class LearnerConfig:
     minibatches: int = 1  # optimizer steps per pass (the step's samples split into this many minibatches)
     micro_batch_tokens: int = 8192  # token budget of one micro-batch (sequences are packed up to it)
     packed_views: bool = True  # block layout: one sequence per sample, every denoising state computed once
-    packed_attention: Literal["auto", "split", "flex", "dense"] = "auto"  # packed views' attention (auto: flex on CUDA)
+    packed_attention: Literal["auto", "grouped", "flex", "dense"] = "auto"  # auto: flex on CUDA, grouped on CPU
     gradient_checkpointing: bool = False  # recompute activations in backward (large models)
     backend: Literal["auto", "gloo", "nccl"] = "auto"  # torch.distributed backend (auto: nccl on GPU)
     logprob_chunk_tokens: int = 1024  # target tokens per chunk of the chunked log-softmax (memory O(chunk × V))

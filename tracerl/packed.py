@@ -7,10 +7,11 @@ clean copy is block-causal and never sees a noisy copy. A packed view is one seq
     [clean context: prompt + generated response | noisy segment | noisy segment | …]
 
 where a noisy segment is one block of one round that holds targets of that round, in the state before the round's
-step (positions committed at that step or later masked). A block without targets in a round is left out: its
-noisy copy is seen by nothing else (a noisy block sees only earlier clean blocks and itself). The attention
-pattern (``models.attention.PackedAttention``) lets every column see exactly what it sees in its row, so the
-log-probs are the rows' (the replay invariant; tests compare them to 1e-5 in fp32).
+step (positions committed at that step or later masked); segments are ordered by block, then round. A block
+without targets in a round is left out: its noisy copy is seen by nothing else (a noisy block sees only earlier
+clean blocks and itself). The attention pattern (``models.attention.PackedAttention``) lets every column see
+exactly what it sees in its row, so the log-probs are the rows' (the replay invariant; tests compare them to
+1e-5 in fp32).
 
 A sample whose packed sequence exceeds the token budget is split into chunks of segments, each chunk with its own
 copy of the clean context. Full-attention views are not packed: there the prompt attends to the response state of
@@ -50,7 +51,7 @@ class PackedViews:
     row_step: torch.Tensor  # [R] long, the round of each row
     clean: int  # C, clean columns of the padded layout
     block: int  # B
-    attention: str = "split"  # PackedAttention backend: split | flex | dense
+    attention: str = "grouped"  # PackedAttention backend: grouped | flex | dense
     layout: str = "packed"
     shift: bool = False
 
@@ -96,7 +97,7 @@ class PackedViews:
 
 
 def pack_views(
-    rollout: Rollout, masks: RowMasks, mask_id: int, *, max_tokens: int | None = None, attention: str = "split"
+    rollout: Rollout, masks: RowMasks, mask_id: int, *, max_tokens: int | None = None, attention: str = "grouped"
 ) -> PackedViews:
     """Pack the block-layout rows described by ``masks`` one sequence per sample (see the module docstring).
 
@@ -129,7 +130,7 @@ def pack_views(
         block_of = (lp + torch.arange(n_gen)) // b
         has = torch.zeros((len(rows), int(block_of.max()) + 1), dtype=torch.bool)  # [r, blocks]: targets there
         has[torch.arange(len(rows)).unsqueeze(1).expand_as(target)[target], block_of.expand_as(target)[target]] = True
-        seg_row, seg_block = has.nonzero(as_tuple=True)  # [K]
+        seg_block, seg_row = has.t().nonzero(as_tuple=True)  # [K], by block then round: groups need few blocks
         abs_pos = seg_block.unsqueeze(1) * b + torch.arange(b)  # [K, B] absolute positions of each segment
         j = abs_pos - lp  # response position (negative: the prompt's tail in the first decoding block)
         in_prompt, in_response = j < 0, (j >= 0) & (j < n_gen)

@@ -433,7 +433,7 @@ def make_views(
     sample_ids: torch.Tensor | None = None,
     pack: bool = False,
     max_tokens: int | None = None,
-    attention: str = "split",
+    attention: str = "grouped",
     **kwargs: object,
 ) -> Any:
     """Build the training views of a rollout with the named builder (one seeded mask per RL step and sample).
