@@ -9,10 +9,11 @@ import json
 import pytest
 import torch
 
-from tracerl.checkpoint import export_hf
+from tracerl.checkpoint import DriverState, export_hf, load_checkpoint, save_checkpoint
 from tracerl.checks import load_config
 from tracerl.config import Config, ConfigError, LoRAConfig, ModelConfig, TinyModelConfig
 from tracerl.learner import Learner
+from tracerl.manifest import CheckpointError, verify_checkpoint
 from tracerl.models import load_policy
 from tracerl.models.lora import adapters_disabled, apply_lora, load_trained, lora_targets, merged_state_dict
 from tracerl.scoring import PolicyScorer
@@ -223,10 +224,13 @@ def test_export_writes_a_merged_model_and_the_adapter_directory_peft_loads(learn
     rollout, _ = batch(full_policy)
     learner = learners(lora_cfg(), copy.deepcopy(full_policy))
     learner.train_step(rollout, ADV)
-    ckpt = tmp_path / "step-1"
-    learner.save(ckpt / "learner")
-    (ckpt / "COMPLETE").write_text("")
+    ckpt = save_checkpoint(tmp_path / "run", 1, learner, DriverState(step=1))
     merged = learner.merged_state_dict()
+    # the adapter directory is part of the checkpoint's manifest, and a LoRA checkpoint loads through verification
+    assert any(name.startswith("learner/adapter/") for name in verify_checkpoint(ckpt)["files"])
+    resumed = learners(lora_cfg(), copy.deepcopy(full_policy))
+    assert load_checkpoint(ckpt, resumed).step == 1
+    assert all(torch.equal(resumed.merged_state_dict()[k], merged[k]) for k in merged)
 
     out = export_hf(ckpt, tmp_path / "merged")
     reloaded = load_policy(ModelConfig(family="tiny", path=str(out)))
@@ -239,11 +243,17 @@ def test_export_writes_a_merged_model_and_the_adapter_directory_peft_loads(learn
     via_peft = peft_model.merge_and_unload().state_dict()
     assert all(torch.equal(via_peft[k], merged[k]) for k in merged)
 
+    # an adapter file changed after the checkpoint was sealed is refused, naming it, and nothing is written
+    weights = next((ckpt / "learner" / "adapter").glob("*.safetensors"))
+    weights.write_bytes(weights.read_bytes()[:-1] + b"\0")
+    with pytest.raises(CheckpointError, match=weights.name):
+        export_hf(ckpt, tmp_path / "tampered", adapter=True)
+    assert not (tmp_path / "tampered").exists()
+
     full = learners(lora_cfg("learner.lora.enabled=false"), copy.deepcopy(full_policy))
-    full.save(tmp_path / "full" / "learner")
-    (tmp_path / "full" / "COMPLETE").write_text("")
+    full_ckpt = save_checkpoint(tmp_path / "full", 1, full, DriverState(step=1))
     with pytest.raises(FileNotFoundError, match="holds no LoRA adapters"):
-        export_hf(tmp_path / "full", tmp_path / "nothing", adapter=True)
+        export_hf(full_ckpt, tmp_path / "nothing", adapter=True)
 
 
 def test_sft_with_lora_through_the_same_option(tmp_path):

@@ -33,7 +33,7 @@ def check_names(cfg: Config) -> Config:
             raise ConfigError(f"unknown {key} '{value}'; choose from {sorted(valid)}.")
     if cfg.learner.lora.enabled:
         lora_targets(cfg.model.family, cfg.learner.lora)  # a family without a default needs target_modules
-    if cfg.model.path is None and cfg.model.family != "tiny":
+    if cfg.model.path is None and cfg.model.family not in ("tiny", "diffusion_gemma"):
         raise ConfigError(
             f"model.path is required for model.family={cfg.model.family}: give a local directory or a hub name."
         )
