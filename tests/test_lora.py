@@ -218,6 +218,26 @@ def test_resume_from_a_checkpoint_equals_an_uninterrupted_run(learners, full_pol
         c.load(tmp_path / "ckpt")
 
 
+def test_resuming_with_other_lora_settings_is_refused_before_anything_starts(tmp_path):
+    from tracerl import runs
+
+    from .test_run_dir import cfg_for, fake_run
+
+    run_dir = tmp_path / "run"
+    fake_run(run_dir, (1,), cfg=cfg_for(run_dir, *LORA))
+    assert runs.claim(cfg_for(run_dir, "checkpoint.resume=auto", *LORA), "train").resume
+    with pytest.raises(ConfigError, match="written with learner.lora.enabled=True; this run has learner.lora.enabled"):
+        runs.claim(cfg_for(run_dir, "checkpoint.resume=auto"), "train")
+    with pytest.raises(ConfigError, match="written with learner.lora.rank=4; this run has learner.lora.rank=8"):
+        runs.claim(cfg_for(run_dir, "checkpoint.resume=auto", *LORA, "learner.lora.rank=8"), "train")
+    with pytest.raises(ConfigError, match=r"learner.lora.target_modules=None; this run has .*\['q_proj'\]"):
+        runs.claim(cfg_for(run_dir, "checkpoint.resume=auto", *LORA, "learner.lora.target_modules=[q_proj]"), "train")
+    full = tmp_path / "full"
+    fake_run(full, (1,))
+    with pytest.raises(ConfigError, match="written with learner.lora.enabled=False; this run has learner.lora.enabled"):
+        runs.claim(cfg_for(full, "checkpoint.resume=auto", *LORA), "train")
+
+
 def test_export_writes_a_merged_model_and_the_adapter_directory_peft_loads(learners, full_policy, tmp_path):
     from peft import PeftModel
 
