@@ -273,28 +273,35 @@ def driver_state(path: str | Path) -> DriverState:
         raise CheckpointError(f"{file} is not a readable driver state ({type(err).__name__}: {err}).") from None
 
 
-def export_hf(source: str | Path | Any, out_dir: str | Path) -> Path:
-    """Write a Hugging Face directory of the policy (``save_pretrained`` of the native model + tokenizer) that
-    ``from_pretrained`` and ``load_policy(ModelConfig(family=..., path=out_dir))`` load.
+def export_hf(source: str | Path | Any, out_dir: str | Path, adapter: bool = False) -> Path:
+    """Write a Hugging Face directory of the policy (``save_pretrained`` of the native model + tokenizer, LoRA
+    adapters merged in) that ``from_pretrained`` and ``load_policy(ModelConfig(family=..., path=out_dir))`` load;
+    with ``adapter`` the LoRA adapter directory instead (``PeftModel.from_pretrained(base, out_dir)`` loads it).
 
     ``source`` is a checkpoint directory (``step-<N>``, or its ``learner/`` folder) or a live learner (anything
     with ``save_hf(dir)``: a ``Learner`` or a ``LearnerGroup``, which gathers ZeRO-3 weights first).
     """
     out = Path(out_dir)
-    if hasattr(source, "save_hf"):
+    if hasattr(source, "save_hf") and not adapter:
         source.save_hf(out)
         return out
     src = Path(source)
     if not src.is_dir():
         raise FileNotFoundError(f"checkpoint '{src}' does not exist; give a directory like run_dir/checkpoints/step-N.")
-    hf = next((c for c in (src / "learner" / "hf", src / "hf", src) if (c / "config.json").is_file()), None)
+    sub, marker = ("adapter", "adapter_config.json") if adapter else ("hf", "config.json")
+    hf = next((c for c in (src / "learner" / sub, src / sub, src) if (c / marker).is_file()), None)
     if hf is None:
+        if adapter:
+            raise FileNotFoundError(
+                f"{src} holds no LoRA adapters (expected learner/adapter/adapter_config.json inside a checkpoint): "
+                "it was trained with learner.lora.enabled=false. Export the merged model without --adapter."
+            )
         raise FileNotFoundError(f"{src} holds no exported policy (expected learner/hf/config.json inside a checkpoint)")
     if out.exists() and not out.is_dir():
         raise FileExistsError(f"export target '{out}' is a file; give a new or empty directory.")
     if out.exists() and any(out.iterdir()):
         raise FileExistsError(f"export target '{out}' exists and is not empty; give a new or empty directory.")
-    verify_export_source(src, hf)
+    verify_export_source(src, hf, marker)
     # Copy into a temporary sibling, fsync, then rename: an interrupted export leaves no half-written directory.
     tmp = out.parent / f".tmp-{out.name}-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
@@ -311,9 +318,9 @@ def export_hf(source: str | Path | Any, out_dir: str | Path) -> Path:
     return out
 
 
-def verify_export_source(checkpoint: Path, hf: Path) -> None:
-    """What ``export_hf`` copies is whole: a complete checkpoint (``COMPLETE``), a JSON ``config.json`` and
-    readable weight files.
+def verify_export_source(checkpoint: Path, hf: Path, config_name: str = "config.json") -> None:
+    """What ``export_hf`` copies is whole: a complete checkpoint (``COMPLETE``), a JSON ``config_name``
+    (``config.json``, or ``adapter_config.json`` for LoRA adapters) and readable weight files.
 
     Raises:
         ValueError: a check failed; the message names the file.
@@ -327,11 +334,11 @@ def verify_export_source(checkpoint: Path, hf: Path) -> None:
     if hf != checkpoint:  # the exported files are those the manifest recorded
         verify_checkpoint(roots[0], under=hf.relative_to(roots[0]).as_posix() + "/")
     try:
-        config = json.loads((hf / "config.json").read_text())
+        config = json.loads((hf / config_name).read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise ValueError(f"{hf / 'config.json'} is not valid JSON ({err}); the checkpoint is damaged.") from None
+        raise ValueError(f"{hf / config_name} is not valid JSON ({err}); the checkpoint is damaged.") from None
     if not isinstance(config, dict):
-        raise ValueError(f"{hf / 'config.json'} is not a JSON object; the checkpoint is damaged.")
+        raise ValueError(f"{hf / config_name} is not a JSON object; the checkpoint is damaged.")
     weights = sorted(hf.glob("*.safetensors")) + sorted(hf.glob("*.bin"))
     if not weights:
         raise ValueError(f"{hf} has no weight files (*.safetensors or *.bin); the checkpoint is damaged.")

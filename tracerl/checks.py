@@ -11,6 +11,7 @@ from pathlib import Path
 from tracerl import advantages, objectives, trace
 from tracerl.config import Config, ConfigError, load
 from tracerl.models import FAMILIES
+from tracerl.models.lora import lora_targets
 from tracerl.sampling import REMASKING
 
 
@@ -30,6 +31,8 @@ def check_names(cfg: Config) -> Config:
     ):
         if value not in valid:
             raise ConfigError(f"unknown {key} '{value}'; choose from {sorted(valid)}.")
+    if cfg.learner.lora.enabled:
+        lora_targets(cfg.model.family, cfg.learner.lora)  # a family without a default needs target_modules
     if cfg.model.path is None and cfg.model.family not in ("tiny", "diffusion_gemma"):
         raise ConfigError(
             f"model.path is required for model.family={cfg.model.family}: give a local directory or a hub name."

@@ -6,7 +6,7 @@
     tracerl validate [CONFIG.yaml] [key=value ...] [--offline]     check config, model, data, rewards, cluster
     tracerl sft [CONFIG.yaml] [key=value ...]                      masked-diffusion SFT
     tracerl train-reward-model [CONFIG.yaml] [key=value ...]       preference pairs → a reward model (TRL)
-    tracerl export CHECKPOINT OUT_DIR                              write a Hugging Face model directory
+    tracerl export CHECKPOINT OUT_DIR [--adapter]                  write a Hugging Face model directory
     tracerl plot RUN_DIR [--sft SFT_RUN_DIR] [--out PNG]           before/after table and curves of a train run
     tracerl serve-reward --reward SPEC [--host --port]             serve a reward function over HTTP
 
@@ -291,7 +291,7 @@ def cmd_train_reward_model(ns: argparse.Namespace) -> int:
 def cmd_export(ns: argparse.Namespace) -> int:
     from tracerl.checkpoint import export_hf
 
-    out = export_hf(ns.checkpoint, ns.out)
+    out = export_hf(ns.checkpoint, ns.out, adapter=ns.adapter)
     print(f"exported to {out}")
     return 0
 
@@ -363,6 +363,9 @@ def build_parser() -> argparse.ArgumentParser:
     e = sub.add_parser("export", help="write a Hugging Face directory from a checkpoint")
     e.add_argument("checkpoint", help="a checkpoint directory (run_dir/checkpoints/step-N)")
     e.add_argument("out", help="output directory")
+    e.add_argument(
+        "--adapter", action="store_true", help="write the LoRA adapter directory PEFT loads instead of the merged model"
+    )
     e.set_defaults(fn=cmd_export)
 
     pl = sub.add_parser("plot", help="before/after table and reward / held-out curves (PNG) of a train run")

@@ -245,6 +245,17 @@ class ObjectiveConfig:
 
 
 @dataclass
+class LoRAConfig:
+    """LoRA adapters through PEFT (DESIGN §20): the policy trains low-rank adapters over frozen base weights."""
+
+    enabled: bool = False  # train adapters instead of every weight (reference = base; weight sync sends adapters)
+    rank: int = 16  # r, the adapters' rank (≥ 1)
+    alpha: float = 32.0  # scaling numerator: the update is (alpha / rank) · B A
+    target_modules: list[str] | None = None  # module names (suffixes) that get adapters; None = the family's default
+    dropout: float = 0.0  # adapter dropout; must be 0 (the learner runs every pass without dropout)
+
+
+@dataclass
 class LearnerConfig:
     """The learner (DESIGN §10, §20)."""
 
@@ -272,6 +283,7 @@ class LearnerConfig:
     backend: Literal["auto", "gloo", "nccl"] = "auto"  # torch.distributed backend (auto: nccl on GPU)
     logprob_chunk_tokens: int = 1024  # target tokens per chunk of the chunked log-softmax (memory O(chunk × V))
     zero3_persistence_threshold: int = 100_000  # ZeRO-3: parameters with fewer elements stay whole on every rank
+    lora: LoRAConfig = field(default_factory=LoRAConfig)  # train LoRA adapters instead of full weights
 
 
 @dataclass
@@ -469,6 +481,7 @@ def check(cfg: Config) -> None:
             f"rollout.prompts_per_step and rollout.samples_per_prompt must be ≥ 1 (got {cfg.rollout.prompts_per_step}"
             f" and {cfg.rollout.samples_per_prompt}): an RL step needs at least one prompt and one sample of it."
         )
+    check_lora(lr.lora, lr.zero_stage)
     check_old_logp_source(cfg)
     check_loop(cfg)
     check_counts(cfg)
@@ -525,6 +538,35 @@ def check_reward_entries(cfg: Config) -> None:
         raise ConfigError(
             f"the colocated reward models take {shares:g} of each rollout actor's GPU, which holds only {room:g} for "
             "the rollout copy and them; lower their model.gpu_fraction or place one with model.placement=separate."
+        )
+
+
+def check_lora(lora: LoRAConfig, zero_stage: int) -> None:
+    """``learner.lora``'s numbers (its target modules are checked against the model when it is built)."""
+    if not lora.enabled:
+        return
+    if lora.rank < 1:
+        raise ConfigError(
+            f"learner.lora.rank must be ≥ 1 (the adapters' rank), got {lora.rank}; d1 uses 128 for LLaDA-8B, 16 is a "
+            "common start. Set learner.lora.enabled=false to train every weight instead."
+        )
+    if lora.alpha <= 0:
+        raise ConfigError(f"learner.lora.alpha must be > 0 (the update is alpha / rank · B A), got {lora.alpha}.")
+    if lora.dropout != 0:
+        raise ConfigError(
+            f"learner.lora.dropout={lora.dropout} is refused: the learner computes old and new log-probs with "
+            "dropout off so that their ratio is exactly 1 before an update, and adapter dropout would make every "
+            "pass differ. Set learner.lora.dropout=0."
+        )
+    if lora.target_modules is not None and not lora.target_modules:
+        raise ConfigError(
+            "learner.lora.target_modules is an empty list: give module names (e.g. [q_proj, v_proj]) or leave it "
+            "unset for the model family's default."
+        )
+    if zero_stage == 3:
+        raise ConfigError(
+            "learner.lora with learner.zero_stage=3 is not supported yet (the adapters and their optimizer state "
+            "are small, so ZeRO-3 would only partition the frozen base weights). Set learner.zero_stage=2."
         )
 
 

@@ -55,7 +55,7 @@ class Claim:
 
 def settings(cfg: Config) -> dict[str, Any]:
     """The settings a checkpoint can only be resumed with: the model's identity and shape, how the learner's
-    state is laid out (ZeRO stage, ranks, precision) and which extra models it holds."""
+    state is laid out (ZeRO stage, ranks, precision, LoRA adapters) and which extra models it holds."""
     model = to_dict(cfg)["model"]
     out: dict[str, Any] = {"model.family": cfg.model.family, "model.path": cfg.model.path}
     if cfg.model.path is None:
@@ -66,7 +66,11 @@ def settings(cfg: Config) -> dict[str, Any]:
         "learner.num_ranks": cfg.learner.num_ranks if cfg.learner.zero_stage > 0 else None,
         "objective.value_model": cfg.objective.value_model,
         "objective.kl_to_ref_coef > 0": cfg.objective.kl_to_ref_coef > 0,
+        "learner.lora.enabled": cfg.learner.lora.enabled,
     }
+    lora = cfg.learner.lora
+    if lora.enabled:  # the adapters' shapes: which layers have them and their rank
+        out |= {"learner.lora.rank": lora.rank, "learner.lora.target_modules": lora.target_modules}
     return out
 
 

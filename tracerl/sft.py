@@ -219,7 +219,7 @@ def run_sft(cfg: Config, progress: bool = True, verbose: bool = False) -> dict[s
 
     def accuracy() -> float:
         if eval_policy is not policy:
-            eval_policy.model.load_state_dict(learner.state_dict_for_rollout()[1])
+            eval_policy.model.load_state_dict(learner.merged_state_dict())
         return exact_match_accuracy(eval_policy, eval_prompts, answers, cfg)
 
     # 2. Resume, metrics (nothing is written before the model, the data and the learner have passed their checks).

@@ -28,6 +28,7 @@ from tracerl.config import Config
 from tracerl.learner import rl
 from tracerl.learner.engine import Engine, init_distributed, make_engine
 from tracerl.learner.micro import MicroBatches
+from tracerl.models.lora import adapters_disabled, apply_lora, merged_state_dict, trained_names
 from tracerl.models.value import ValueModel, enable_checkpointing
 from tracerl.records import CanvasRollout, Rollout
 from tracerl.scoring import PolicyScorer, ValueScorer
@@ -39,7 +40,8 @@ class Learner:
 
     Args:
         cfg: the run config (``learner``, ``objective`` and ``seed`` are read; ``learner.engine`` picks the engine).
-        policy: a DiffusionPolicy; its ``model`` becomes the engine's module (trained in place).
+        policy: a DiffusionPolicy; its ``model`` becomes the engine's module (trained in place; with
+            ``learner.lora`` PEFT adapters are injected into it first and only they are trained).
         rank, world_size: this rank and the number of ranks; every rank must call every method together.
         lr, total_steps: override ``learner.lr`` / ``learner.total_steps`` (SFT uses its own).
         master_addr, master_port: rendezvous of rank 0 (default: this machine, a free port).
@@ -70,9 +72,11 @@ class Learner:
         dtype = torch.bfloat16 if self.lc.precision == "bf16" and self.lc.engine == "deepspeed" else torch.float32
         total = total_steps if total_steps is not None else self.lc.total_steps
 
-        # 1. Frozen copies first: ZeRO-3 partitions the policy's parameters in place when its engine starts.
+        # 1. Frozen copies first: ZeRO-3 partitions the policy's parameters in place when its engine starts. With
+        #    LoRA the reference is the policy's own base (adapters disabled), and the value model a full copy.
         # A renoising canvas policy (DiffusionGemma) is scored per (sample, canvas) unit, all its steps over one
         # encoder pass (canvas_trace.CanvasScorer); every other family per training sequence (PolicyScorer).
+        self.lora = self.lc.lora.enabled
         self.canvas = getattr(policy, "trajectory", None) == "renoising"
         scorer_type: Any = canvas_trace.CanvasScorer if self.canvas else PolicyScorer
         if self.canvas and self.lc.zero_stage == 3:
@@ -80,13 +84,14 @@ class Learner:
 
             policy.gather = gathered_parameters  # it reads the embedding matrix outside its forward
         self.ref: Any = None
-        if self.obj.kl_to_ref_coef > 0:
+        if self.obj.kl_to_ref_coef > 0 and not self.lora:
             ref_policy = copy.copy(policy)
             ref_policy.model = copy.deepcopy(policy.model).to(dtype).eval().requires_grad_(False)
             if hasattr(ref_policy, "gather"):  # the frozen copy is never partitioned
                 ref_policy.gather = lambda params: contextlib.nullcontext()
             self.ref = scorer_type(ref_policy, self.lc.logprob_chunk_tokens)
         value = ValueModel.from_policy(policy) if self.obj.value_model else None
+        self.peft: Any = apply_lora(policy, self.lc.lora, self.seed) if self.lora else None
 
         # 2. Engines.
         if self.lc.gradient_checkpointing:
@@ -99,7 +104,9 @@ class Learner:
         self.value_engine: Engine | None = None
         if value is not None:
             self.value_engine = make_engine(ValueScorer(value), self.lc, self.lc.value_lr, total, rank, world_size)
-        if self.ref is not None:
+        if self.lora and self.obj.kl_to_ref_coef > 0:
+            self.ref = BaseScorer(policy, self.lc.logprob_chunk_tokens)  # shares the engine's (cast) weights
+        elif self.ref is not None:
             self.ref.to(self.engine.device)
         self.micro = MicroBatches(self.lc, self.engine, dummy_token=int(getattr(policy, "pad_id", 0)))
 
@@ -232,17 +239,32 @@ class Learner:
     # ------------------------------------------------------------------------------------------ weights, state
 
     def state_dict_for_rollout(self) -> tuple[int, dict[str, torch.Tensor]]:
-        """(version, full policy weights on CPU under the native model's names); gathered under ZeRO-3, so
-        every rank must call it."""
-        return self.version, self.engine.full_state_dict(self.policy.model)
+        """(version, the weights the learner trains, on CPU under the native model's names): every weight, or
+        with ``learner.lora`` the adapter weights only (the rollout copies hold the base already). Gathered under
+        ZeRO-3, so every rank must call it."""
+        names = trained_names(self.policy.model) if self.lora else None
+        return self.version, self.engine.full_state_dict(self.policy.model, names)
+
+    def merged_state_dict(self) -> dict[str, torch.Tensor]:
+        """The policy's full weights on CPU under the native model's names, adapters merged in (``learner.lora``)."""
+        if self.lora:
+            return merged_state_dict(self.policy.model)
+        return self.engine.full_state_dict(self.policy.model)
 
     def save_hf(self, out_dir: str | Path) -> None:
-        """Write the policy as a Hugging Face directory (native ``save_pretrained`` + tokenizer) from rank 0;
-        every rank calls it (ZeRO-3 weights are gathered)."""
-        _, weights = self.state_dict_for_rollout()
+        """Write the policy as a Hugging Face directory (native ``save_pretrained`` + tokenizer, adapters merged)
+        from rank 0; every rank calls it (ZeRO-3 weights are gathered)."""
+        weights = self.merged_state_dict()
         if self.rank == 0:
             self.policy.model.save_pretrained(out_dir, state_dict=weights)
             self.policy.tokenizer.save_pretrained(out_dir)
+
+    def save_adapter(self, out_dir: str | Path) -> None:
+        """Write the adapters as the directory PEFT loads (``PeftModel.from_pretrained(base, out_dir)``)."""
+        if self.peft is None:
+            raise ValueError("this learner trains full weights (learner.lora.enabled=false): it has no adapters")
+        if self.rank == 0:
+            self.peft.save_pretrained(out_dir)
 
     def save(self, directory: str | Path) -> None:
         """Write engine state (weights, optimizer, LR schedule), value/reference state, the learner's counters
@@ -253,14 +275,17 @@ class Learner:
         if self.value_engine is not None:
             self.value_engine.save(d / "value")
         self.save_hf(d / "hf")
+        if self.lora:
+            self.save_adapter(d / "adapter")
         if self.rank == 0:
-            if self.ref is not None:
+            if self.ref is not None and not self.lora:
                 torch.save(self.ref.model.state_dict(), d / "ref.pt")
             state = {
                 "version": self.version,
                 "rl_steps": self.rl_steps,
                 "world_size": self.world_size,
                 "engine": self.lc.engine,
+                "lora": self.lora,
             }
             (d / "learner.json").write_text(json.dumps(state))
         self.barrier()
@@ -275,6 +300,12 @@ class Learner:
                 f"checkpoint {d} was written by learner.engine={engine}; this learner has learner.engine="
                 f"{self.lc.engine}. Set learner.engine={engine} to resume from it."
             )
+        if bool(state.get("lora", False)) != self.lora:
+            written = "LoRA adapters" if state.get("lora") else "full weights"
+            raise ValueError(
+                f"checkpoint {d} holds {written}; this learner has learner.lora.enabled={self.lora}. Set "
+                f"learner.lora.enabled={str(bool(state.get('lora'))).lower()} to resume from it."
+            )
         if state["world_size"] != self.world_size and self.lc.zero_stage > 0:
             raise ValueError(
                 f"checkpoint {d} was written by {state['world_size']} ZeRO ranks; this learner has {self.world_size}"
@@ -282,7 +313,7 @@ class Learner:
         self.engine.load(d / "policy")
         if self.value_engine is not None:
             self.value_engine.load(d / "value")
-        if self.ref is not None:
+        if self.ref is not None and not self.lora:
             self.ref.model.load_state_dict(torch.load(d / "ref.pt", map_location="cpu"))
         self.version, self.rl_steps = int(state["version"]), int(state["rl_steps"])
 
@@ -298,3 +329,12 @@ class Learner:
                 engine.destroy()
         self.engine = self.value_engine = self.ref = None  # type: ignore[assignment]
         gc.collect()
+
+
+class BaseScorer(PolicyScorer):
+    """The reference policy under ``learner.lora``: the policy's own module with its adapters disabled, so the
+    reference is the initial (base) model without a second copy of the weights."""
+
+    def forward(self, *inputs: Any, **kwargs: Any) -> torch.Tensor:
+        with adapters_disabled(self.model):
+            return super().forward(*inputs, **kwargs)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+from collections.abc import Collection
 from pathlib import Path
 from typing import Any
 
@@ -84,6 +85,7 @@ class DeepSpeedEngine:
         self.device = self.ds.device
         self.rank, self.world_size = rank, world_size
         self.lockstep = lc.zero_stage == 3 and world_size > 1
+        self.frozen = len(params) < sum(1 for _ in module.parameters())  # LoRA: checkpoints keep what is trained
         # ZeRO-0 in fp32 reports no gradient norm; its full reduced gradients are on the parameters at the boundary
         self.norm_from_grads = lc.zero_stage == 0 and lc.precision == "fp32"
 
@@ -111,20 +113,24 @@ class DeepSpeedEngine:
     def all_reduce(self, tensor: torch.Tensor, op: str = "sum") -> torch.Tensor:
         return all_reduce(tensor, op, self.world_size)
 
-    def full_state_dict(self, module: nn.Module | None = None) -> dict[str, torch.Tensor]:
+    def full_state_dict(
+        self, module: nn.Module | None = None, names: Collection[str] | None = None
+    ) -> dict[str, torch.Tensor]:
         source = self.module if module is None else module
         out = {}
         for name, tensor in source.state_dict(keep_vars=True).items():
+            if names is not None and name not in names:
+                continue
             gathered = deepspeed.zero.GatheredParameters([tensor]) if hasattr(tensor, "ds_id") else None
             with gathered or contextlib.nullcontext():
                 out[name] = tensor.detach().to("cpu", copy=True)
         return out
 
     def save(self, directory: Path) -> None:
-        self.ds.save_checkpoint(str(directory), tag="state")
+        self.ds.save_checkpoint(str(directory), tag="state", exclude_frozen_parameters=self.frozen)
 
     def load(self, directory: Path) -> None:
-        self.ds.load_checkpoint(str(directory), tag="state")
+        self.ds.load_checkpoint(str(directory), tag="state", load_module_strict=not self.frozen)
 
     def destroy(self) -> None:
         self.ds.destroy()

@@ -23,7 +23,7 @@ from __future__ import annotations
 import gc
 import os
 import socket
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
@@ -73,13 +73,16 @@ class Engine(Protocol):
         """Reduce ``tensor`` over the ranks in place (``sum`` or ``max``) and return it; identity on one rank."""
         ...
 
-    def full_state_dict(self, module: nn.Module | None = None) -> dict[str, torch.Tensor]:
+    def full_state_dict(
+        self, module: nn.Module | None = None, names: Collection[str] | None = None
+    ) -> dict[str, torch.Tensor]:
         """Full weights of ``module`` (a submodule; default the engine's) on CPU, gathered across ranks when
-        partitioned: every rank must call it."""
+        partitioned, only the entries in ``names`` if given: every rank must call it."""
         ...
 
     def save(self, directory: Path) -> None:
-        """Write weights, optimizer and LR-schedule state under ``directory`` (every rank calls it)."""
+        """Write the trained weights (every weight, or only those with ``requires_grad`` when some are frozen,
+        as under LoRA), optimizer and LR-schedule state under ``directory`` (every rank calls it)."""
         ...
 
     def load(self, directory: Path) -> None:
@@ -163,6 +166,28 @@ def all_reduce(tensor: torch.Tensor, op: str, world_size: int) -> torch.Tensor:
     return tensor
 
 
+def frozen_names(module: nn.Module) -> set[str]:
+    """Names of the parameters without ``requires_grad`` (LoRA's base weights): checkpoints leave them out."""
+    return {n for n, p in module.named_parameters() if not p.requires_grad}
+
+
+def saved_state(module: nn.Module) -> dict[str, torch.Tensor]:
+    """What a checkpoint keeps of ``module``: its state dict without frozen parameters."""
+    frozen = frozen_names(module)
+    return {k: v for k, v in module.state_dict().items() if k not in frozen}
+
+
+def load_saved_state(module: nn.Module, state: dict[str, torch.Tensor]) -> None:
+    """Load ``saved_state``'s output: everything but the frozen parameters must be there."""
+    missing, unexpected = module.load_state_dict(state, strict=False)
+    missing = sorted(set(missing) - frozen_names(module))
+    if missing or unexpected:
+        raise ValueError(
+            f"checkpoint weights do not fit the model: missing {missing[:3]}, unexpected {sorted(unexpected)[:3]} "
+            "(was it written with other learner.lora settings?)"
+        )
+
+
 # ---------------------------------------------------------------------------------------------- plain PyTorch
 
 
@@ -229,15 +254,18 @@ class TorchEngine:
     def all_reduce(self, tensor: torch.Tensor, op: str = "sum") -> torch.Tensor:
         return all_reduce(tensor, op, self.world_size)
 
-    def full_state_dict(self, module: nn.Module | None = None) -> dict[str, torch.Tensor]:
+    def full_state_dict(
+        self, module: nn.Module | None = None, names: Collection[str] | None = None
+    ) -> dict[str, torch.Tensor]:
         source = self.module if module is None else module
-        return {k: v.detach().to("cpu", copy=True) for k, v in source.state_dict().items()}
+        items = source.state_dict().items()
+        return {k: v.detach().to("cpu", copy=True) for k, v in items if names is None or k in names}
 
     def save(self, directory: Path) -> None:
         if self.rank == 0:  # every rank holds the same state
             directory.mkdir(parents=True, exist_ok=True)
             state = {
-                "module": self.module.state_dict(),
+                "module": saved_state(self.module),
                 "optimizer": self.optimizer.state_dict(),
                 "scheduler": self.scheduler.state_dict(),
             }
@@ -245,7 +273,7 @@ class TorchEngine:
 
     def load(self, directory: Path) -> None:
         state = torch.load(directory / "engine.pt", map_location=self.device, weights_only=False)
-        self.module.load_state_dict(state["module"])
+        load_saved_state(self.module, state["module"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
 

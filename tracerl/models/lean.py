@@ -52,8 +52,12 @@ def _has_parts(model: nn.Module) -> bool:
         return False
     layer = layers[0]
     attn, mlp = getattr(layer, "self_attn", None), getattr(layer, "mlp", None)
+    parts = [("self_attn", a) for a in ("q_proj", "k_proj", "v_proj", "o_proj")]
+    parts += [("mlp", a) for a in ("gate_proj", "up_proj", "down_proj")]
+    linear = [getattr(getattr(block, outer, None), inner, None) for block in layers for outer, inner in parts]
     return (
-        all(hasattr(attn, a) for a in ("q_proj", "k_proj", "v_proj", "o_proj", "head_dim", "scaling"))
+        all(isinstance(m, nn.Linear) for m in linear)  # LoRA adapters (PEFT layers) take the transformers forward
+        and all(hasattr(attn, a) for a in ("q_proj", "k_proj", "v_proj", "o_proj", "head_dim", "scaling"))
         and hasattr(attn, "num_key_value_groups")
         and all(hasattr(mlp, a) for a in ("gate_proj", "up_proj", "down_proj"))
         and hasattr(layer.input_layernorm, "variance_epsilon")

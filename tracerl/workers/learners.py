@@ -53,11 +53,16 @@ class LearnerWorker:
         from tracerl.models import load_policy
 
         policy = load_policy(self.cfg.model)
-        if weights is not None:
+        lora = self.cfg.learner.lora.enabled  # then ``weights`` are adapters: they fit once the adapters exist
+        if weights is not None and not lora:
             policy.model.load_state_dict(weights)
         self.learner = Learner(
             self.cfg, policy, self.rank, self.world_size, master_addr=addr, master_port=port, **learner_kwargs
         )
+        if weights is not None and lora:
+            from tracerl.models.lora import load_trained
+
+            load_trained(policy.model, weights)
         return os.getpid()
 
     def train_step(self, shard: Any) -> dict[str, float]:
@@ -118,6 +123,11 @@ class LearnerWorker:
 
     def save_hf(self, directory: str) -> None:
         self.learner.save_hf(directory)
+
+    def merged_state_dict(self) -> dict | None:
+        """Rank 0: the policy's weights with its adapters merged in (tests compare rollout copies with it)."""
+        weights = self.learner.merged_state_dict()
+        return weights if self.rank == 0 else None
 
     def destroy(self) -> None:
         if self.learner is not None:
@@ -243,6 +253,10 @@ class LearnerGroup:
     def save_hf(self, directory: str | os.PathLike) -> None:
         """The policy as a Hugging Face directory, written by rank 0 (see ``checkpoint.export_hf``)."""
         self._all("save_hf", os.fspath(directory))
+
+    def merged_state_dict(self) -> dict:
+        """The policy's full weights on CPU, adapters merged in under ``learner.lora`` (rank 0's)."""
+        return self._all("merged_state_dict")
 
     def shutdown(self, force: bool = False) -> None:
         """Release the engines and end the actors (``force``: end them at once, e.g. after a rank died and the

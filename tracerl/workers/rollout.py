@@ -43,6 +43,10 @@ class RolloutWorker:
 
         self.device = "cuda" if torch.cuda.is_available() else "cpu"
         policy = load_policy(replace(self.cfg.model, dtype=self.cfg.rollout.dtype))
+        if self.cfg.learner.lora.enabled:  # the base once; weight syncs replace the adapters (applied unmerged)
+            from tracerl.models.lora import apply_lora
+
+            apply_lora(policy, self.cfg.learner.lora, self.cfg.seed)
         policy.model.to(self.device).eval().requires_grad_(False)
         self.policy = policy
         if weights is not None:
@@ -75,10 +79,11 @@ class RolloutWorker:
     def load_weights(self, published: tuple[int, list[Any], list[Any]]) -> int:
         """Object-store path: (version, layout, packed buckets) from ``LearnerWorker.packed_weights``; the
         weights are copied (and cast) in. Returns the bytes received."""
+        from tracerl.models.lora import load_trained
         from tracerl.weight_sync import layout_bytes, unpack
 
         version, layout, flats = published
-        self.policy.model.load_state_dict(unpack(layout, flats))
+        load_trained(self.policy.model, unpack(layout, flats))
         self.version = int(version)
         return layout_bytes(layout)
 
@@ -99,16 +104,23 @@ class RolloutWorker:
 
     def receive_weights(self, version: int, layout: list[Any]) -> int:
         """Collective path: receive the broadcast buckets and copy (cast) them in; returns the bytes received."""
+        from tracerl.models.lora import load_trained
         from tracerl.weight_sync import layout_bytes, receive_state
 
         state = receive_state(self.weight_group, layout, self.device)
-        self.policy.model.load_state_dict(state)
+        load_trained(self.policy.model, state)
         self.version = int(version)
         return layout_bytes(layout)
 
     def state_dict(self) -> dict:
         """The copy's weights on CPU (tests compare sync paths with it)."""
         return {k: v.detach().cpu().clone() for k, v in self.policy.model.state_dict().items()}
+
+    def merged_state_dict(self) -> dict:
+        """The copy's weights with its adapters merged in (``learner.lora``), under the native model's names."""
+        from tracerl.models.lora import merged_state_dict
+
+        return merged_state_dict(self.policy.model)
 
     def offload(self) -> None:
         """Colocated on GPU: free the device for the learner while it trains."""
@@ -264,6 +276,9 @@ class RolloutGroup:
 
     def state_dicts(self) -> list[dict]:
         return ray.get([w.state_dict.remote() for w in self.workers])
+
+    def merged_state_dicts(self) -> list[dict]:
+        return ray.get([w.merged_state_dict.remote() for w in self.workers])
 
     def offload(self) -> None:
         ray.get([w.offload.remote() for w in self.workers])
