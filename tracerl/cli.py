@@ -104,6 +104,7 @@ def cmd_validate(ns: argparse.Namespace) -> int:
         f"{cfg.rollout.placement}, {gpus_needed(cfg)} of {c.num_nodes * c.gpus_per_node} GPUs)"
     )
     if not ns.offline:
+        from tracerl import trace
         from tracerl.models import load_policy
         from tracerl.sampling import check_compatible, resolve_cache
 
@@ -111,6 +112,7 @@ def cmd_validate(ns: argparse.Namespace) -> int:
         check_compatible(policy, cfg.sampling)
         params = sum(p.numel() for p in policy.model.parameters())
         layout = "block" if policy.block_size else "full"
+        trace.check_estimator(cfg.objective.views, layout, cfg.objective.d1_prompt_mask_prob)
         console.print(
             f"model: ok ({cfg.model.family}, {params / 1e6:.2f}M parameters, {layout} attention, mask id "
             f"{policy.mask_id}, cache {resolve_cache(policy, cfg.sampling)})"

@@ -56,6 +56,8 @@ from tracerl.trace import Views
 deepspeed.utils.logger.setLevel(logging.WARNING)  # DeepSpeed logs every engine's config at INFO
 
 TOKEN_METRICS = ("clipfrac", "kl_to_old", "kl_to_ref", "entropy")  # token means over every target of a step
+PEAK_METRICS = ("log_ratio_abs_max",)  # maxima over every target of a step
+VALUE_LR_RATIO = 5.0  # learner.value_lr = null: TraceRL's value / policy learning rates (5e-6 / 1e-6)
 
 # ---------------------------------------------------------------------------------------------- setup
 
@@ -180,7 +182,8 @@ class Learner:
         self.engine = self._engine(
             PolicyScorer(policy, self.lc.logprob_chunk_tokens), lr if lr is not None else self.lc.lr, total
         )
-        self.value_engine = self._engine(ValueScorer(value), self.lc.value_lr, total) if value is not None else None
+        value_lr = self.lc.value_lr or VALUE_LR_RATIO * self.lc.lr
+        self.value_engine = self._engine(ValueScorer(value), value_lr, total) if value is not None else None
         if self.ref is not None:
             self.ref.to(self.engine.device)
 
@@ -298,10 +301,11 @@ class Learner:
         dist.all_reduce(t)
         return float(t.item())
 
-    def _passes(self, n_rows: int, salt: int) -> list[torch.Tensor]:
-        """Minibatches of all μ passes: a seeded shuffle per pass (identical on every rank), then split."""
+    def _passes(self, n_rows: int, salt: int, passes: int | None = None) -> list[torch.Tensor]:
+        """Minibatches of all μ passes (``passes``, default ``updates_per_step``): a seeded shuffle per pass
+        (identical on every rank), then split."""
         out = []
-        for p in range(self.lc.updates_per_step):
+        for p in range(passes or self.lc.updates_per_step):
             seed = ((self.cfg.seed * 1_000_003 + self.rl_steps) * 101 + p) * 2 + salt
             perm = torch.randperm(n_rows, generator=torch.Generator().manual_seed(seed))
             out.extend(mb for mb in torch.tensor_split(perm, self.lc.minibatches) if len(mb))
@@ -315,7 +319,9 @@ class Learner:
         Args:
             rollout: the sampled batch (response length L, ``rollout_logp``, step map for the value model).
             advantages: [N] per sample (broadcast to each sample's rows), or [N, L] per token. With the value
-                model on, [N] is the outcome reward fed to step-level GAE (TraceRL passes the z-scored reward).
+                model on, [N] is the raw reward (``objective.value_target`` centered or reward) or the group
+                advantage (``advantage``, TraceRL's z-scored reward), see ``advantages.value_outcome``; [N, L] are
+                per-token process rewards.
             views: the training rows (``trace.make_views``).
 
         Returns:
@@ -358,6 +364,7 @@ class Learner:
         )
         stats: dict[str, float] = defaultdict(float)
         sums: dict[str, float] = defaultdict(float)
+        peaks: dict[str, float] = defaultdict(float)
 
         def loss_fn(mb_rows: torch.Tensor, pos: torch.Tensor, outs: list[torch.Tensor]) -> torch.Tensor:
             logp, entropy = outs
@@ -389,6 +396,8 @@ class Learner:
                     if f"train/{key}" in m:
                         sums[key] += m[f"train/{key}"] * count
                 sums["count"] += count
+                for key in PEAK_METRICS:
+                    peaks[key] = max(peaks[key], m[f"train/{key}"])
             return loss
 
         for mb_rows in self._passes(len(views), salt=0):
@@ -408,6 +417,7 @@ class Learner:
         for key in TOKEN_METRICS:
             if key in totals:
                 metrics[f"train/{key}"] = totals[key] / max(1.0, totals["count"])
+        metrics.update({f"train/{k}": v for k, v in self._max_all(peaks).items()})
         self.rl_steps += 1
         self.version += 1
         return metrics
@@ -418,6 +428,14 @@ class Learner:
             return dict(sums)
         t = torch.tensor([sums[k] for k in keys], dtype=torch.float64, device=self.engine.device)
         dist.all_reduce(t)
+        return dict(zip(keys, t.tolist(), strict=True))
+
+    def _max_all(self, peaks: dict[str, float]) -> dict[str, float]:
+        keys = sorted(peaks)
+        if self.world_size == 1 or not keys:
+            return dict(peaks)
+        t = torch.tensor([peaks[k] for k in keys], dtype=torch.float64, device=self.engine.device)
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
         return dict(zip(keys, t.tolist(), strict=True))
 
     def _value_phase(
@@ -432,13 +450,19 @@ class Learner:
         covered = trace.scatter_to_response(views, mask.float(), n, length) > 0
         token_mask = covered & rollout.response_mask
         token_steps = response_token_steps(rollout, self.obj.shrink)
+        scale = torch.ones(n)
         if rewards.ndim == 2:  # per-token (process) rewards
             token_rewards = torch.where(token_mask, rewards.float(), 0.0)
+            baseline = torch.zeros(n)
         else:
-            token_rewards = adv_lib.outcome_token_rewards(rewards.float(), token_steps, token_mask)
+            outcome, baseline, scale = adv_lib.value_outcome(
+                rewards.float(), rollout.group, self.obj.value_target, self.obj.advantage
+            )
+            token_rewards = adv_lib.outcome_token_rewards(outcome, token_steps, token_mask)
         token_adv, token_returns = adv_lib.step_gae(
             token_values, token_steps, token_rewards, token_mask, self.obj.gamma, self.obj.lam
         )
+        token_adv = token_adv * scale.unsqueeze(1)
         returns = rows_from_response(views, token_returns)
 
         stats: dict[str, float] = defaultdict(float)
@@ -458,13 +482,14 @@ class Learner:
             )
             return loss
 
-        for mb_rows in self._passes(len(views), salt=1):
+        for mb_rows in self._passes(len(views), salt=1, passes=self.lc.value_updates_per_step):
             self._optimizer_step(self.value_engine, views, mb_rows, loss_fn, stats)
         steps = max(1.0, stats["optimizer_steps"])
         metrics = {
             "train/value_loss": stats["loss"] / steps,
             "train/value_grad_norm": stats["grad_norm"] / steps,
-            "train/value_mean": float(old_values[mask].mean()) if mask.any() else 0.0,
+            "train/value_optimizer_steps": stats["optimizer_steps"],
+            **adv_lib.value_metrics(token_values, token_returns, token_adv, baseline, token_mask),
         }
         return rows_from_response(views, token_adv), metrics
 

@@ -30,12 +30,13 @@ import ray
 import torch
 from rich.console import Console
 
-from tracerl import checkpoint, data, stats, trace
-from tracerl.advantages import compute_advantages
+from tracerl import checkpoint, data, scoring, stats, trace
+from tracerl.advantages import compute_advantages, truncated_is_wrong
 from tracerl.config import Config, check_cluster, to_dict
 from tracerl.metrics import MetricsLogger, Timers, decoding_order_picture
 from tracerl.orchestrator.console import eval_line, step_line
 from tracerl.orchestrator.evaluation import collect, evaluate
+from tracerl.orchestrator.guard import DivergenceGuard, guard_line
 from tracerl.orchestrator.setup import (
     check_resources,
     check_rewards,
@@ -122,6 +123,7 @@ class Session:
     learner_restarts: int = 0
     recovery_s: float = 0.0  # the last learner rebuild, logged with the next step
     cleanup: list[Any] = field(default_factory=list)
+    divergence: DivergenceGuard | None = None  # set in open(): the divergence guard of this run
 
     @classmethod
     @contextlib.contextmanager
@@ -148,6 +150,8 @@ class Session:
             longest = max(len(p) for p in stream.ids + (eval_set.prompt_ids if eval_set else []))
             samplings = [cfg.sampling, stats.eval_sampling(cfg, greedy=True)]
             ray.get(rollout.workers[0].check_positions.remote(longest, samplings))
+            layout = "block" if rollout.info[0]["block_size"] else "full"
+            trace.check_estimator(cfg.objective.views, layout, cfg.objective.d1_prompt_mask_prob)
             initial = checkpoint.DriverState(data=stream.state_dict(), rng=checkpoint.capture_rng())
             state = checkpoint.load_checkpoint(resume, learner) if resume is not None else None
             run_dir.mkdir(parents=True, exist_ok=True)
@@ -158,6 +162,7 @@ class Session:
                 cfg, console, stream, eval_set, rollout, learner, rewards, logger, rollout.info[0], placement, initial,
                 cleanup=cleanup,
             )  # fmt: skip
+            s.divergence = DivergenceGuard(cfg.guard)
             s.version, _ = WEIGHT_SYNC.lookup(cfg.rollout.sync)(learner, rollout)  # same weights on both sides
             if state is not None:
                 s.restore(state)
@@ -183,7 +188,7 @@ class Session:
             if views is None:
                 self.skipped_steps += 1  # every group filtered out: nothing to learn from, the run goes on
             else:
-                metrics |= self.update(kept, adv[keep], views, timers)
+                metrics |= self.update(kept, self.learner_outcome(adv, scored, rollout)[keep], views, timers)
         metrics |= scored.metrics | stats.rollout_metrics(rollout) | timers.pop()
         metrics |= {"advantage/skipped_steps": float(self.skipped_steps), "sync/weights_version": float(self.version)}
         metrics |= {
@@ -282,6 +287,15 @@ class Session:
             high=o.filter_high,
         )
 
+    def learner_outcome(self, adv: torch.Tensor, scored: RewardResult, rollout: Rollout) -> torch.Tensor:
+        """[N] what the learner trains on: the advantages, or the raw rewards when a value model's target is made
+        from them (``objective.value_target`` centered or reward; the learner forms its GAE advantages)."""
+        o = self.cfg.objective
+        if not o.value_model or o.value_target == "advantage":
+            return adv
+        rewards = torch.tensor(scored.total, dtype=torch.float32)
+        return truncated_is_wrong(rewards, rollout.truncated) if o.truncated_is_wrong else rewards
+
     def update(self, kept: Rollout, adv: torch.Tensor, views: trace.Views, timers: Timers) -> dict[str, float]:
         """The learner step, then the weight sync; colocated on GPU the rollout copies leave the device while the
         learner trains."""
@@ -301,7 +315,17 @@ class Session:
             "sync/bytes": float(nbytes),
             "trace/rows_per_sample": len(views) / len(kept),
             "trace/row_tokens": float(views.row_tokens),
+            "perf/learner_flops": self.learner_flops(views),
         }
+
+    def learner_flops(self, views: trace.Views) -> float:
+        """Counted FLOPs of this step's learner passes (``scoring.learner_flops``): compute, not wall time."""
+        o, lc = self.cfg.objective, self.cfg.learner
+        return scoring.learner_flops(
+            views, int(self.policy["parameters"]), old_logp_pass=o.old_logp_source == "learner",
+            reference=o.kl_to_ref_coef > 0, value=o.value_model, updates_per_step=lc.updates_per_step,
+            value_updates_per_step=lc.value_updates_per_step,
+        )  # fmt: skip
 
     # -- evaluation ---------------------------------------------------------------------------------------------
 
@@ -325,6 +349,8 @@ class Session:
         t = metrics.get("time/step", 0.0)
         metrics["perf/tokens_per_s"] = metrics["rollout/generated_tokens"] / max(t, 1e-9)
         metrics["perf/rollout_share"] = metrics.get("time/rollout", 0.0) / max(t, 1e-9)
+        warnings = self.divergence.check(step, metrics) if self.divergence else []
+        metrics["guard/warnings"] = float(len(warnings))
         self.logger.log(metrics, step=step)
         every = self.cfg.train.log_samples_every
         if every and (step % every == 0 or step == 1):
@@ -332,6 +358,9 @@ class Session:
         self.console.print(step_line(step, self.cfg.train.steps, metrics))
         if "eval/greedy_reward" in metrics:
             self.console.print(eval_line(step, metrics, self.cfg.eval.k))
+        for message in warnings:
+            self.console.print(guard_line(step, message))
+            self.logger.alert("tracerl: divergence", f"RL step {step}: {message}", step)
 
     def log_samples(self, step: int, rollout: Rollout, scored: RewardResult, adv: Any) -> None:
         n = min(self.cfg.train.log_samples, len(rollout))
