@@ -48,12 +48,15 @@ METHODS: dict[str, list[str]] = {
 # The full-attention variant of the task: the same model shape with bidirectional attention. Trace views merge
 # 4 neighbouring steps (TraceRL's shrink for full attention; 8 on LLaDA): 5 rows of 40 tokens per sample instead
 # of 20, which merged steps need the learner's own old log-probs for.
+# On blocks d1 runs without its prompt perturbation, which the block sampler never produces (refused there).
 LAYOUTS: dict[str, list[str]] = {
-    "block": [],
+    "block": ["objective.d1_prompt_mask_prob=0"],
     "full": ["model.tiny.attention=full", "objective.shrink=4", "objective.old_logp_source=learner"],
 }
-# The comparison reads the greedy reward only: one sampled completion per prompt keeps evaluations cheap.
-EVAL = ["eval.samples=1", "eval.k=1", "train.log_samples_every=0", "wandb.mode=disabled"]
+# Every method: a learning-rate warmup over the first 10 optimizer steps. Adam's first updates move every parameter
+# by the full learning rate (the update is the gradient's sign), which d1 cannot take (docs/estimators.md). The
+# comparison reads the greedy reward only: one sampled completion per prompt keeps evaluations cheap.
+COMMON = ["learner.warmup_steps=10", "eval.samples=1", "eval.k=1", "train.log_samples_every=0", "wandb.mode=disabled"]
 REFERENCE = "trace"
 
 
@@ -68,6 +71,7 @@ class Run:
     equal_compute_step: int  # its step that has spent what the reference spends in --steps steps
     run_dir: str
     refused: str | None = None  # the config check's reason, when the method is refused for this layout
+    overrides: list[str] = field(default_factory=list)  # the key=value overrides of its tracerl train
     evals: dict[int, float] = field(default_factory=dict)  # RL step → held-out greedy reward
     flops: dict[int, float] = field(default_factory=dict)  # RL step → cumulative counted learner FLOPs
     warnings: list[str] = field(default_factory=list)  # divergence guard warnings
@@ -149,7 +153,7 @@ def markdown(rows: list[dict[str, Any]], steps: int) -> str:
 
     lines = [
         f"| layout | method | SFT start | step {steps}: greedy reward | Δ (seeds up) | equal compute: step | greedy "
-        "reward | Δ (seeds up) | learner PFLOP | runs warned |",
+        "reward | Δ (seeds up) | learner FLOPs | runs warned |",
         "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
@@ -163,7 +167,7 @@ def markdown(rows: list[dict[str, Any]], steps: int) -> str:
             lines.append(
                 head + f"| {pm(r['start'])} | {pm(s['reward'])} | {pm(s['delta'], True)} ({s['rose']}/{r['finished']}) "
                 f"| {c['step']} | {pm(c['reward'])} | {pm(c['delta'], True)} ({c['rose']}/{r['finished']}) "
-                f"| {c['flops'] / 1e15:.3f} | {r['warnings']}/{r['finished']} |"
+                f"| {c['flops']:.3g} | {r['warnings']}/{r['finished']} |"
             )
     return "\n".join(lines) + "\n"
 
@@ -186,14 +190,14 @@ def plot(runs: list[Run], path: Path) -> None:
             steps = sorted(set.intersection(*(set(r.evals) for r in group)))
             mean = [statistics.fmean(r.evals[s] for r in group) for s in steps]
             sd = [mean_sd([r.evals[s] for r in group])[1] for s in steps]
-            flops = [statistics.fmean(r.flops.get(s, math.nan) for r in group) / 1e15 for s in steps]
+            flops = [statistics.fmean(r.flops.get(s, math.nan) for r in group) / 1e12 for s in steps]
             for ax, x in zip(row, (steps, flops), strict=True):
                 (line,) = ax.plot(x, mean, "o-", ms=3, label=f"{method} ({len(group)} seeds)")
                 low = [m - d for m, d in zip(mean, sd, strict=True)]
                 high = [m + d for m, d in zip(mean, sd, strict=True)]
                 ax.fill_between(x, low, high, color=line.get_color(), alpha=0.15)
         row[0].set_xlabel("RL step")
-        row[1].set_xlabel("counted learner compute (PFLOP)")
+        row[1].set_xlabel("counted learner compute (TFLOP)")
         for ax in row:
             ax.set_ylabel("held-out greedy reward")
             ax.set_title(f"{layout} layout")
@@ -218,19 +222,21 @@ def tracerl(args: list[str], log: Path) -> None:
         raise SystemExit(f"tracerl {args[0]} failed (exit {proc.returncode}); {log}:\n{tail}")
 
 
-def refusal(config: str, overrides: list[str]) -> str | None:
-    """The config check's error for these overrides (a method refused for a layout), or None."""
+def refusal(config: str, overrides: list[str], layout: str) -> str | None:
+    """Why these overrides are refused (the config checks and ``trace.check_estimator`` for the layout), or None."""
+    from tracerl import trace
     from tracerl.checks import load_config
     from tracerl.config import ConfigError
 
     try:
-        load_config(config, overrides)
+        o = load_config(config, overrides).objective
+        trace.check_estimator(o.views, layout, o.d1_prompt_mask_prob)
     except ConfigError as err:
         return str(err)
     return None
 
 
-def step_flops(config: str, overrides: list[str], methods: list[str], seed: int) -> dict[str, float]:
+def step_flops(config: str, overrides: list[str], methods: list[str], layout: str, seed: int) -> dict[str, float]:
     """Counted learner FLOPs of one RL step of each method, on the same rollout of the SFT model."""
     import torch
 
@@ -250,7 +256,7 @@ def step_flops(config: str, overrides: list[str], methods: list[str], seed: int)
     params = sum(p.numel() for p in policy.model.parameters())
     out = {}
     for method in methods:
-        if refusal(config, [*overrides, *METHODS[method]]):
+        if refusal(config, [*overrides, *METHODS[method]], layout):
             continue
         c = load_config(config, [*overrides, *METHODS[method]])
         o, lc = c.objective, c.learner
@@ -291,36 +297,43 @@ def main(argv: list[str] | None = None) -> int:
         )
     out = Path(ns.out)
     os.environ.setdefault("OMP_NUM_THREADS", "1")  # one torch thread per process: the numbers are pinned so
-    runs: list[Run] = []
     t0 = time.time()
-    for layout in layouts:
-        base = [*ns.overrides, *LAYOUTS[layout], *EVAL]
+    plans: dict[tuple[str, int, str], Run] = {}
+    for layout in layouts:  # 1-2: the SFT model and every method's equal-compute step, per layout
         sft = out / layout / "sft"
-        if not (sft / "final").is_dir():
+        if not (sft / "final").is_dir():  # the task's own SFT recipe (COMMON is for the RL runs only)
             print(f"[{layout}] SFT → {sft}", flush=True)
-            tracerl(["sft", ns.config, *base, "seed=0", f"run_dir={sft}"], out / layout / "sft.log")
-        base.append(f"model.path={sft / 'final'}")
-        flops = step_flops(ns.config, base, methods, seed=0)
+            args = [*LAYOUTS[layout], *ns.overrides, "wandb.mode=disabled", "seed=0", f"run_dir={sft}"]
+            tracerl(["sft", ns.config, *args], out / layout / "sft.log")
+        base = [*COMMON, *LAYOUTS[layout], *ns.overrides, f"model.path={sft / 'final'}"]
+        flops = step_flops(ns.config, base, methods, layout, seed=0)
         budget = flops[REFERENCE]
         print(f"[{layout}] learner FLOPs per RL step, relative to {REFERENCE}: "
               + ", ".join(f"{m} {f / budget:.2f}" for m, f in flops.items()), flush=True)  # fmt: skip
         for method in methods:
-            overrides = [*base, *METHODS[method]]
-            reason = refusal(ns.config, overrides)
+            reason = refusal(ns.config, [*base, *METHODS[method]], layout)
             eq = equal_compute_step(ns.steps, budget, flops[method], ns.eval_every) if method in flops else ns.steps
             for seed in seeds:
                 run_dir = out / layout / method / f"seed{seed}"
-                run = Run(layout, method, seed, max(ns.steps, eq), eq, str(run_dir), reason)
-                runs.append(run)
-                if reason:
+                run = Run(layout, method, seed, max(ns.steps, eq), eq, str(run_dir), reason, [*base, *METHODS[method]])
+                plans[(layout, seed, method)] = run
+    # 3: seed by seed, so that a comparison stopped early has every method on the same seeds
+    for seed in seeds:
+        for layout in layouts:
+            for method in methods:
+                run = plans[(layout, seed, method)]
+                run_dir = Path(run.run_dir)
+                if run.refused:
                     continue
                 if not finished(run_dir, run.steps):
                     if run_dir.exists():  # an interrupted run: start it again from scratch
                         subprocess.run(["rm", "-rf", str(run_dir)], check=True)
                     print(f"[{layout}] {method} seed {seed}: {run.steps} RL steps ({time.time() - t0:.0f}s so far)")
-                    args = [f"seed={seed}", f"train.steps={run.steps}", f"train.eval_every={ns.eval_every}"]
-                    tracerl(["train", ns.config, *overrides, *args, f"run_dir={run_dir}"], run_dir.with_suffix(".log"))
+                    args = [*run.overrides, f"seed={seed}", f"train.steps={run.steps}", f"run_dir={run_dir}"]
+                    args.append(f"train.eval_every={ns.eval_every}")
+                    tracerl(["train", ns.config, *args], run_dir.with_suffix(".log"))
                 read_run(run)
+    runs = [plans[(layout, seed, method)] for layout in layouts for method in methods for seed in seeds]
     rows = summarise(runs, ns.steps)
     (out / "compare.md").write_text(markdown(rows, ns.steps))
     (out / "compare.json").write_text(json.dumps({"rows": rows, "runs": [vars(r) for r in runs]}, indent=1))

@@ -189,7 +189,7 @@ class LearnerConfig:
     precision: Literal["fp32", "bf16"] = "fp32"  # training precision
     lr: float = 1e-6  # policy learning rate (AdamW)
     value_lr: float | None = None  # value model learning rate (None: 5 × learner.lr, TraceRL's ratio 5e-6 / 1e-6)
-    value_updates_per_step: int = 4  # passes over an RL step's rows for the value model (each in `minibatches` steps)
+    value_updates_per_step: int = 1  # passes over an RL step's rows for the value model (each in `minibatches` steps)
     weight_decay: float = 0.0  # AdamW weight decay
     beta1: float = 0.9  # AdamW beta1
     beta2: float = 0.999  # AdamW beta2
