@@ -169,11 +169,10 @@ class ObjectiveConfig:
     mask_ratio_low: float = 0.1  # random_masking / coupled: lowest mask ratio
     mask_ratio_high: float = 0.9  # random_masking / coupled: highest mask ratio
     value_model: bool = False  # train a value model and use step-level GAE advantages
-    # what the value model learns (docs/estimators.md): centered = the reward minus its group's mean, so a value
-    # that has learnt nothing leaves the group baseline as it is; reward = the raw reward (a plain PPO critic);
-    # both scale R − V per group as the advantage function scales r − mean (group_zscore: 1/std). advantage = the
-    # group advantage itself (TraceRL's code: the z-scored reward, unpredictable when a group's spread is tiny)
-    value_target: Literal["centered", "reward", "advantage"] = "centered"
+    # centered = the reward minus its group's mean, so a value that has learnt nothing leaves the group baseline as
+    # it is; reward = the raw reward (a plain PPO critic); both scale R − V per group as the advantage function
+    # scales r − mean (group_zscore: 1/std). advantage = the group advantage itself (TraceRL's: the z-scored reward)
+    value_target: Literal["centered", "reward", "advantage"] = "centered"  # what the value model learns (estimators.md)
     gamma: float = 1.0  # GAE discount over denoising steps
     lam: float = 1.0  # GAE lambda
     value_eps: float = 0.0  # clip range of the value loss around the pre-update values (0 = off; TraceRL: 0.2)
