@@ -100,16 +100,20 @@ def mean_sd(values: list[float]) -> tuple[float, float]:
 
 
 def read_run(run: Run) -> None:
-    """Fill ``evals``, ``flops`` and ``warnings`` from a finished run directory."""
+    """Fill ``evals``, ``flops`` and ``warnings`` from a finished run directory; the warnings are the divergence
+    guard's (default settings) replayed over its metrics, so every run is judged alike."""
+    from tracerl.config import GuardConfig
+    from tracerl.orchestrator.guard import DivergenceGuard
+
     rows = [json.loads(x) for x in (Path(run.run_dir) / "metrics.jsonl").read_text().splitlines() if x.strip()]
-    total, run.evals, run.flops = 0.0, {}, {0: 0.0}
+    total, run.evals, run.flops, run.warnings = 0.0, {}, {0: 0.0}, []
+    guard = DivergenceGuard(GuardConfig())
     for row in sorted(rows, key=lambda r: r["step"]):
         total += row.get("perf/learner_flops", 0.0)
         run.flops[int(row["step"])] = total
         if "eval/greedy_reward" in row:
             run.evals[int(row["step"])] = float(row["eval/greedy_reward"])
-    alerts = Path(run.run_dir) / "alerts.jsonl"
-    run.warnings = [json.loads(x)["text"] for x in alerts.read_text().splitlines()] if alerts.is_file() else []
+        run.warnings += [f"step {row['step']}: {w}" for w in guard.check(int(row["step"]), row)]
 
 
 def summarise(runs: list[Run], steps: int) -> list[dict[str, Any]]:

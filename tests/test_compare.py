@@ -30,11 +30,11 @@ def run(tmp_path, method: str, seed: int, evals: dict[int, float], flops: list[f
     d = tmp_path / method / f"seed{seed}"
     d.mkdir(parents=True)
     rows = [{"step": 0, "eval/greedy_reward": evals[0]}]
-    rows += [{"step": s, "perf/learner_flops": flops[s - 1], **({"eval/greedy_reward": evals[s]} if s in evals else {})}
-             for s in range(1, steps + 1)]  # fmt: skip
+    rows += [{"step": s, "perf/learner_flops": flops[s - 1], "train/policy_loss": 0.0,
+              **({"eval/greedy_reward": evals[s]} if s in evals else {})} for s in range(1, steps + 1)]  # fmt: skip
+    if alerts:  # a training reward that collapses: 0.6 at step 1, then 0.1
+        rows = [r | ({"reward/mean": 0.6 if r["step"] < 2 else 0.1} if r["step"] else {}) for r in rows]
     (d / "metrics.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
-    if alerts:
-        (d / "alerts.jsonl").write_text(json.dumps({"step": 2, "title": "t", "text": "collapsed"}) + "\n")
     r = compare.Run("block", method, seed, steps, eq, str(d))
     compare.read_run(r)
     return r
@@ -50,7 +50,9 @@ def test_summary_and_table_by_hand(tmp_path):
         compare.Run("block", "d1", 0, 2, 2, str(tmp_path / "none"), refused="d1 masks the prompt"),
     ]
     assert runs[2].flops == {0: 0.0, 1: 5.0, 2: 10.0, 3: 15.0, 4: 20.0}
-    assert runs[2].warnings == ["collapsed"]
+    # windows of 3 steps: (0.6 + 0.1 + 0.1)/3 = 0.27 at step 3 (the best), 0.1 at step 4 < 0.5 × 0.27
+    want = "step 4: training reward collapsed: 0.10 over the last 3 steps, below 0.5 × its best (0.27)"
+    assert runs[2].warnings == [want]
     rows = {r["method"]: r for r in compare.summarise(runs, steps=2)}
     trace, cheap = rows["trace"], rows["cheap"]
     # trace at step 2: rewards 0.6, 0.5 → mean 0.55, sd 0.0707; Δ 0.2, 0.1 → +0.15; both seeds rose; 20 FLOPs

@@ -54,7 +54,8 @@ class DivergenceGuard:
                         f"{c.reward_fraction:g} × its best ({self.best_reward:.2f})"
                     )
                 self.best_reward = max(self.best_reward, mean)
-        self.skipped = self.skipped + 1 if "train/policy_loss" not in m else 0
+        if "reward/mean" in m:  # a training step (an evaluation alone, as at step 0, is not one)
+            self.skipped = self.skipped + 1 if "train/policy_loss" not in m else 0
         if self.skipped >= c.window:
             found["skipped"] = (
                 f"nothing trained for {self.skipped} steps: every group was filtered out (all its rewards equal; "

@@ -76,6 +76,7 @@ def run(cfg: Config, *, verbose: bool = False, console: Console | None = None) -
             last = s.evaluate(0)
             s.logger.log(last, step=0)
             s.console.print(eval_line(0, last, cfg.eval.k))
+            s.divergence.check(0, last)  # the start the held-out reward is compared with
         step = s.start_step + 1
         while step <= cfg.train.steps:
             try:
