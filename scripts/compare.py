@@ -75,6 +75,10 @@ class Run:
     evals: dict[int, float] = field(default_factory=dict)  # RL step → held-out greedy reward
     flops: dict[int, float] = field(default_factory=dict)  # RL step → cumulative counted learner FLOPs
     warnings: list[str] = field(default_factory=list)  # divergence guard warnings
+    series: dict[str, dict[int, float]] = field(default_factory=dict)  # SERIES key → RL step → value
+
+
+SERIES = ("train/kl_to_old", "train/log_ratio_abs_max", "value/explained_var", "value/advantage_var_ratio")
 
 
 # ---------------------------------------------------------------------------------------------- pure parts
@@ -113,6 +117,9 @@ def read_run(run: Run) -> None:
         run.flops[int(row["step"])] = total
         if "eval/greedy_reward" in row:
             run.evals[int(row["step"])] = float(row["eval/greedy_reward"])
+        for key in SERIES:
+            if key in row:
+                run.series.setdefault(key, {})[int(row["step"])] = float(row[key])
         run.warnings += [f"step {row['step']}: {w}" for w in guard.check(int(row["step"]), row)]
 
 
@@ -145,6 +152,13 @@ def summarise(runs: list[Run], steps: int) -> list[dict[str, Any]]:
             }
         row["start"] = mean_sd([r.evals[0] for r in done])
         row["warnings"] = sum(bool(r.warnings) for r in done)
+        kl = [v for r in done for s, v in r.series.get("train/kl_to_old", {}).items() if s <= steps]
+        row["kl_to_old_max"] = max(kl, default=math.nan)  # over the first `steps` steps of every seed
+        if any("value/explained_var" in r.series for r in done):
+            at = [r.series["value/explained_var"].get(steps, math.nan) for r in done]
+            ratio = [statistics.fmean(v for s, v in r.series["value/advantage_var_ratio"].items() if s <= steps)
+                     for r in done]  # fmt: skip
+            row["value"] = {"explained_var": mean_sd(at), "advantage_var_ratio": mean_sd(ratio)}
         out.append(row)
     return out
 
@@ -157,22 +171,29 @@ def markdown(rows: list[dict[str, Any]], steps: int) -> str:
 
     lines = [
         f"| layout | method | SFT start | step {steps}: greedy reward | Δ (seeds up) | equal compute: step | greedy "
-        "reward | Δ (seeds up) | learner FLOPs | runs warned |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        f"reward | Δ (seeds up) | learner FLOPs | max kl_to_old (steps ≤ {steps}) | runs warned |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         head = f"| {r['layout']} | {r['method']} "
         if "refused" in r:
-            lines.append(head + f"| refused: {r['refused']} |" + " |" * 7)
+            lines.append(head + f"| refused: {r['refused']} |" + " |" * 8)
         elif "steps" not in r:
-            lines.append(head + f"| {r.get('finished', 0)} of {r['seeds']} runs finished |" + " |" * 7)
+            lines.append(head + f"| {r.get('finished', 0)} of {r['seeds']} runs finished |" + " |" * 8)
         else:
             s, c = r["steps"], r["compute"]
             lines.append(
                 head + f"| {pm(r['start'])} | {pm(s['reward'])} | {pm(s['delta'], True)} ({s['rose']}/{r['finished']}) "
                 f"| {c['step']} | {pm(c['reward'])} | {pm(c['delta'], True)} ({c['rose']}/{r['finished']}) "
-                f"| {c['flops']:.3g} | {r['warnings']}/{r['finished']} |"
+                f"| {c['flops']:.3g} | {r['kl_to_old_max']:.3f} | {r['warnings']}/{r['finished']} |"
             )
+    values = [r for r in rows if "value" in r]
+    if values:
+        lines += ["", f"| layout | value model: explained variance at step {steps} | GAE / group-baseline advantage "
+                  f"variance (mean of steps 1-{steps}) |", "|---|---|---|"]  # fmt: skip
+        for r in values:
+            v = r["value"]
+            lines.append(f"| {r['layout']} | {pm(v['explained_var'])} | {pm(v['advantage_var_ratio'])} |")
     return "\n".join(lines) + "\n"
 
 

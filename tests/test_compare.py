@@ -31,7 +31,7 @@ def run(tmp_path, method: str, seed: int, evals: dict[int, float], flops: list[f
     d.mkdir(parents=True)
     rows = [{"step": 0, "eval/greedy_reward": evals[0]}]
     rows += [{"step": s, "perf/learner_flops": flops[s - 1], "train/policy_loss": 0.0,
-              **({"eval/greedy_reward": evals[s]} if s in evals else {})} for s in range(1, steps + 1)]  # fmt: skip
+              "train/kl_to_old": 0.01 * s, **({"eval/greedy_reward": evals[s]} if s in evals else {})} for s in range(1, steps + 1)]  # fmt: skip
     if alerts:  # a training reward that collapses: 0.6 at step 1, then 0.1
         rows = [r | ({"reward/mean": 0.6 if r["step"] < 2 else 0.1} if r["step"] else {}) for r in rows]
     (d / "metrics.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
@@ -64,6 +64,7 @@ def test_summary_and_table_by_hand(tmp_path):
     assert cheap["compute"]["step"] == 4 and cheap["compute"]["flops"] == 20.0
     assert cheap["compute"]["reward"][0] == pytest.approx(0.5) and cheap["compute"]["rose"] == 1
     assert cheap["warnings"] == 1
+    assert cheap["kl_to_old_max"] == pytest.approx(0.02)  # the largest over the first 2 steps, not all 4
     assert rows["d1"]["refused"] == "d1 masks the prompt"
     table = compare.markdown(list(rows.values()), steps=2)
     assert "| block | trace | 0.400 ± 0.000 | 0.550 ± 0.071 | +0.150 ± 0.071 (2/2) | 2 |" in table
