@@ -30,8 +30,9 @@ def run(tmp_path, method: str, seed: int, evals: dict[int, float], flops: list[f
     d = tmp_path / method / f"seed{seed}"
     d.mkdir(parents=True)
     rows = [{"step": 0, "eval/greedy_reward": evals[0]}]
-    rows += [{"step": s, "perf/learner_flops": flops[s - 1], "train/policy_loss": 0.0,
-              "train/kl_to_old": 0.01 * s, **({"eval/greedy_reward": evals[s]} if s in evals else {})} for s in range(1, steps + 1)]  # fmt: skip
+    for s in range(1, steps + 1):
+        row = {"step": s, "perf/learner_flops": flops[s - 1], "train/policy_loss": 0.0, "train/kl_to_old": 0.01 * s}
+        rows.append(row | ({"eval/greedy_reward": evals[s]} if s in evals else {}))
     if alerts:  # a training reward that collapses: 0.6 at step 1, then 0.1
         rows = [r | ({"reward/mean": 0.6 if r["step"] < 2 else 0.1} if r["step"] else {}) for r in rows]
     (d / "metrics.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
