@@ -3,7 +3,7 @@ counted learner compute, for the block and the full-attention layout.
 
     .venv/bin/python scripts/compare.py configs/quickstart.yaml --out runs/compare [key=value ...]
         [--layouts block,full] [--methods trace,trace_value,coupled,random_masking,d1] [--seeds 0,1,2,3,4]
-        [--steps 20] [--eval-every 5]
+        [--steps 20] [--eval-every 5] [--report]
 
 For each layout:
 1. one SFT model (``tracerl sft`` at seed 0, reused when ``<out>/<layout>/sft/final`` exists);
@@ -18,6 +18,7 @@ For each layout:
    against RL steps and against counted learner FLOPs) and ``compare.json`` (every number).
 
 Runs go one at a time (the machine is shared); extra key=value arguments apply to every SFT and RL run.
+``--report`` runs nothing and writes the table and PNG of the runs finished so far.
 """
 
 from __future__ import annotations
@@ -227,7 +228,8 @@ def plot(runs: list[Run], path: Path) -> None:
             ax.set_ylabel("held-out greedy reward")
             ax.set_title(f"{layout} layout")
             ax.grid(alpha=0.3)
-        row[0].legend(loc="lower right", fontsize=8)
+        if row[0].lines:
+            row[0].legend(loc="lower right", fontsize=8)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -310,6 +312,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seeds", default="0,1,2,3,4", help="comma-separated RL seeds (the SFT model is seed 0's)")
     p.add_argument("--steps", type=int, default=20, help="RL steps of the equal-steps comparison")
     p.add_argument("--eval-every", type=int, default=5, help="RL steps between held-out evaluations")
+    p.add_argument("--report", action="store_true", help="run nothing: the table and PNG of the finished runs")
     ns = p.parse_args(argv)
     layouts, methods = ns.layouts.split(","), ns.methods.split(",")
     seeds = [int(s) for s in ns.seeds.split(",")]
@@ -326,6 +329,8 @@ def main(argv: list[str] | None = None) -> int:
     plans: dict[tuple[str, int, str], Run] = {}
     for layout in layouts:  # 1-2: the SFT model and every method's equal-compute step, per layout
         sft = out / layout / "sft"
+        if not (sft / "final").is_dir() and ns.report:
+            raise SystemExit(f"{sft / 'final'} does not exist: nothing to report for the {layout} layout yet.")
         if not (sft / "final").is_dir():  # the task's own SFT recipe (COMMON is for the RL runs only)
             print(f"[{layout}] SFT → {sft}", flush=True)
             args = [*LAYOUTS[layout], *ns.overrides, "wandb.mode=disabled", "seed=0", f"run_dir={sft}"]
@@ -348,7 +353,7 @@ def main(argv: list[str] | None = None) -> int:
             for method in methods:
                 run = plans[(layout, seed, method)]
                 run_dir = Path(run.run_dir)
-                if run.refused:
+                if run.refused or ns.report and not finished(run_dir, run.steps):
                     continue
                 if not finished(run_dir, run.steps):
                     if run_dir.exists():  # an interrupted run: start it again from scratch
