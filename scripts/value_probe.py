@@ -46,6 +46,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--steps", type=int, default=40)
     p.add_argument("--targets", default="centered,reward")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--print-every", type=int, default=5, help="steps between printed lines (means over them)")
     ns = p.parse_args(argv)
 
     from rewards.synthetic import sudoku_cells
@@ -97,8 +98,8 @@ def main(argv: list[str] | None = None) -> int:
                 _, returns = adv_lib.step_gae(values, steps, token_rewards, mask, o.gamma, o.lam)
                 before.append(m["value/explained_var"])
                 after.append(adv_lib.explained_variance(values, returns, mask))
-                if step % 5 == 0:
-                    last = slice(-5, None)
+                if step % ns.print_every == 0:
+                    last = slice(-ns.print_every, None)
                     print(f"step {step:3d}  explained variance before update (new batch) "
                           f"{statistics.fmean(before[last]):+.3f}  after update (same batch) "
                           f"{statistics.fmean(after[last]):+.3f}  value loss {m['train/value_loss']:.4f}  "

@@ -101,7 +101,8 @@ def test_masked_lm_policy_trains_with_a_value_model_in_the_learner(tmp_path):
 
 
 @pytest.mark.slow
-def test_value_model_learns_known_values_and_cuts_advantage_variance():
+@pytest.mark.parametrize("attention", ["full", "block"])
+def test_value_model_learns_known_values_and_cuts_advantage_variance(attention):
     """A case whose right values are known: the reward is 1 when the first response token lies in the lower half
     of the vocabulary, and the sampler decodes left to right, so every token after the first sees it. The right
     value of those states is the reward itself (returns are raw rewards, γ = λ = 1); only the first token's state
@@ -110,9 +111,10 @@ def test_value_model_learns_known_values_and_cuts_advantage_variance():
     from tracerl.config import Config
     from tracerl.learner import Learner
 
-    policy = tiny_policy("full")
+    policy = tiny_policy(attention)  # block: two blocks of 4 (the quickstart's layout), every later state shows it
     prompts = encode(policy, ["1+2=", "12+3=", "7*8=", "a"] * 4)
-    sampling = SamplingConfig(max_new_tokens=6, block_size=6, remasking="sequential")
+    width = 6 if attention == "full" else 4
+    sampling = SamplingConfig(max_new_tokens=6 if attention == "full" else 8, block_size=width, remasking="sequential")
     rollout = generate(policy, prompts, sampling, seed=0, group=torch.arange(4).repeat_interleave(4))
     reward = (rollout.response_ids[:, 0] < policy.vocab_size // 2).float()
     assert 0.2 < reward.mean() < 0.8  # both outcomes occur
