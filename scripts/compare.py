@@ -293,10 +293,12 @@ def step_flops(config: str, overrides: list[str], methods: list[str], layout: st
         views = trace.make_views(
             rollout, o.views, policy.mask_id, shift=policy.shift, seed=seed, shrink_s=o.shrink,
             prompt_mask_prob=o.d1_prompt_mask_prob, low=o.mask_ratio_low, high=o.mask_ratio_high,
-        )  # fmt: skip
+            pack=lc.packed_views, max_tokens=lc.micro_batch_tokens,
+        )  # fmt: skip  (the learner's views: packed on blocks unless learner.packed_views=false)
         out[method] = scoring.learner_flops(
-            views, params, old_logp_pass=o.old_logp_source == "learner", reference=o.kl_to_ref_coef > 0,
-            value=o.value_model, updates_per_step=lc.updates_per_step, value_updates_per_step=lc.value_updates_per_step,
+            float(views.seq_tokens().sum()), params, old_logp_pass=o.old_logp_source == "learner",
+            reference=o.kl_to_ref_coef > 0, value=o.value_model, updates_per_step=lc.updates_per_step,
+            value_updates_per_step=lc.value_updates_per_step,
         )  # fmt: skip
     return out
 

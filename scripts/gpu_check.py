@@ -13,6 +13,9 @@ It measures, on random models of real shapes (bf16, one GPU, no Ray):
   (``trace.make_views`` + ``trace.view_logprobs``) for the block layout and the full layout;
 - ``learner``: one ``Learner.train_step`` (ZeRO-0, 1 rank, bf16) of the 4B model on the sampler's rollout:
   tokens/s and peak memory (``torch.cuda.max_memory_allocated``);
+- ``packed``: packed block-layout views on a Qwen3-0.6B-shaped model: the log-prob deviation of each attention
+  backend (flex, grouped, dense) from the rows on the same weights, and one learner step on the rows against one
+  on packed views (flex on CUDA);
 - ``rl_steps``: the stage breakdown of two RL steps of a Qwen3-0.6B-shaped model composed in-process from the
   library's pieces: rollout (``generate`` on a separate rollout copy), reward (``RewardService`` with
   ``synthetic_exact`` on addition prompts), advantages, views, train, weight copy (``state_dict_for_rollout``
@@ -64,12 +67,11 @@ from gpu_check_setup import (
     random_prompts,
     reset_peak,
     sampling,
-    subset,
 )
 
 JETENGINE_TOK_S = 5000.0  # "5000+ tokens/second", SDAR-4B, block 4, batch 128, one H200 (FlashAttention-2 + Triton)
 JETENGINE_SOURCE = "github.com/Labman42/JetEngine README: SDAR-4B, block size 4, batch size 128, NVIDIA H200"
-PARTS = ("sampler", "learner", "replay", "rl_steps")
+PARTS = ("sampler", "learner", "replay", "packed", "rl_steps")
 STAGES = ("rollout_s", "reward_s", "advantages_s", "views_s", "train_s", "weight_copy_s")  # of one RL step
 WATCHED_IMPORTS = ("ray", "wandb", "datasets", "trl", "math_verify")  # absent on the GPU machine
 
@@ -190,14 +192,12 @@ def guarded(fn: Callable[[], dict[str, Any]]) -> dict[str, Any]:
 def part_learner(plan: Plan, ctx: dict[str, Any]) -> dict[str, Any]:
     from tracerl.learner import Learner, free_port
     from tracerl.sampling import generate
-    from tracerl.trace import make_views
 
     policy, rollout = big_model(plan, ctx), ctx.pop("rollout", None)
     del ctx["big"]  # trained in place below: no later part may sample from it
     if rollout is None:  # the sampler part did not run or failed: sample a rollout of the same shape here
         prompts = random_prompts(policy, plan.batch, plan.prompt_tokens, seed=1)
         rollout = generate(policy, prompts, sampling(4, plan.new_tokens, plan.batch, "kv"), seed=0)
-    views = make_views(rollout, "trace", policy.mask_id)
     advantages = torch.randn(len(rollout), generator=torch.Generator().manual_seed(0))
     n_params = params(policy)
     free()
@@ -207,18 +207,20 @@ def part_learner(plan: Plan, ctx: dict[str, Any]) -> dict[str, Any]:
     start = clock()
     learner = Learner(cfg, policy, master_port=free_port())  # never an inherited MASTER_PORT
     init_s = clock() - start
+    views = learner.views_of(rollout)  # what train_step builds, for the counts below
     try:
-        warm_rows = max(1, min(len(views), plan.micro_batch_tokens // views.row_tokens))
+        per_sample = views.seq_tokens().sum().item() / len(rollout)
+        warm_samples = max(1, min(len(rollout), int(plan.micro_batch_tokens // per_sample)))
         start = clock()
-        learner.train_step(rollout, advantages, subset(views, warm_rows))  # warm-up: kernels, Adam state
+        learner.train_step(rollout.select(range(warm_samples)), advantages[:warm_samples])  # kernels, Adam state
         warm_s = clock() - start
         start = clock()
-        metrics = learner.train_step(rollout, advantages, views)
+        metrics = learner.train_step(rollout, advantages)
         step_s = clock() - start
         peak = peak_memory_gib(plan.device)
     finally:
         learner.destroy()
-    row_tokens = len(views) * views.row_tokens * cfg.learner.updates_per_step
+    row_tokens = int(views.seq_tokens().sum()) * cfg.learner.updates_per_step
     return {
         "model": asdict(plan.big) | {"params": n_params},
         "zero_stage": 0,
@@ -226,12 +228,13 @@ def part_learner(plan: Plan, ctx: dict[str, Any]) -> dict[str, Any]:
         "precision": "bf16",
         "gradient_checkpointing": True,
         "micro_batch_tokens": plan.micro_batch_tokens,
-        "rows": len(views),
-        "row_tokens": views.row_tokens,
-        "target_tokens": int(views.target_mask.sum()),
+        "rows": views.num_rows,
+        "sequences": len(views),
+        "row_tokens": float(views.seq_tokens().float().mean()),
+        "target_tokens": len(views.targets()),
         "engine_init_s": init_s,
         "warmup_step_s": warm_s,
-        "warmup_rows": warm_rows,
+        "warmup_samples": warm_samples,
         "step_s": step_s,
         "tokens_per_s": row_tokens / step_s,
         "target_tokens_per_s": metrics["train/tokens"] * cfg.learner.updates_per_step / step_s,
@@ -277,6 +280,69 @@ def part_replay(plan: Plan, ctx: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+def part_packed(plan: Plan, ctx: dict[str, Any]) -> dict[str, Any]:
+    """Packed views on the device: log-probs of every attention backend against the rows (same weights), and one
+    learner step on the rows against one on packed views (the device's backend: flex on CUDA)."""
+    from tracerl.learner import Learner, free_port
+    from tracerl.sampling import generate
+    from tracerl.trace import make_views, target_logprobs
+
+    policy = build_policy(plan.small, plan, block=4, seed=5)
+    policy.eos_id = -1
+    prompts = random_prompts(policy, plan.replay_batch, plan.prompt_tokens, seed=6)
+    rollout = generate(policy, prompts, sampling(4, plan.replay_new_tokens, plan.replay_batch, "kv"), seed=2)
+    n, length = len(rollout), rollout.response_ids.shape[1]
+    out: dict[str, Any] = {"model": asdict(plan.small), "dtype": str(plan.dtype), "samples": n, "new_tokens": length}
+
+    def placed(views: Any) -> torch.Tensor:
+        with torch.no_grad():
+            return views.targets().place(target_logprobs(policy, views).cpu(), n, length)
+
+    rows = make_views(rollout, "trace", policy.mask_id)
+    want = placed(rows)
+    mask = rollout.response_mask
+    out["rows"] = {
+        "tokens": len(rows) * rows.row_tokens,
+        "replay_max_abs": float((want - rollout.rollout_logp)[mask].abs().max()),
+    }
+    for backend in ("flex", "grouped", "dense"):
+        start = clock()
+        packed = make_views(
+            rollout, "trace", policy.mask_id, pack=True, max_tokens=plan.micro_batch_tokens, attention=backend
+        )
+        got = placed(packed)
+        out[backend] = {
+            "tokens": int(packed.seq_tokens().sum()),
+            "max_abs_vs_rows": float((got - want)[mask].abs().max()),
+            "mean_abs_vs_rows": float((got - want)[mask].abs().mean()),
+            "seconds": clock() - start,
+        }
+    steps = {}
+    for packed_views in (False, True):
+        cfg = learner_config(plan, checkpointing=False)
+        cfg.learner.packed_views = packed_views
+        if plan.device != "cuda":  # FlexAttention has no backward on CPU
+            cfg.learner.packed_attention = "grouped"
+        model = build_policy(plan.small, plan, block=4, seed=5)
+        learner = Learner(cfg, model, master_port=free_port())
+        try:
+            learner.train_step(rollout.select(range(min(2, n))), torch.zeros(min(2, n)))  # warm-up: kernels, compile
+            start = clock()
+            metrics = learner.train_step(rollout, torch.linspace(-1, 1, n))
+            steps["packed" if packed_views else "rows"] = {
+                "step_s": clock() - start,
+                "tokens_per_sample": metrics["trace/tokens_per_sample"],
+                "policy_loss": metrics["train/policy_loss"],
+                "peak_memory_gib": peak_memory_gib(plan.device),
+            }
+        finally:
+            learner.destroy()
+            del model
+            free()
+    out["learner"] = steps | {"speedup": steps["rows"]["step_s"] / steps["packed"]["step_s"]}
+    return out
+
+
 def addition_prompts(n: int, seed: int) -> tuple[list[str], list[str]]:
     """Synthetic addition questions and their answers (the task of ``data.source=synthetic:addition``)."""
     g = torch.Generator().manual_seed(seed)
@@ -290,7 +356,6 @@ def part_rl_steps(plan: Plan, ctx: dict[str, Any]) -> dict[str, Any]:
     from tracerl.models import DecoderPolicy
     from tracerl.reward_service import RewardService
     from tracerl.sampling import generate
-    from tracerl.trace import make_views
 
     policy = build_policy(plan.small, plan, block=4, seed=4)
     rollout_policy = DecoderPolicy(
@@ -322,11 +387,9 @@ def part_rl_steps(plan: Plan, ctx: dict[str, Any]) -> dict[str, Any]:
             adv = adv_lib.get_advantage(cfg.objective.advantage)(rewards, rollout.group) * keep
             t["advantages_s"] = clock() - t0
             t0 = clock()
-            views = make_views(rollout, cfg.objective.views, policy.mask_id, seed=step)
-            t["views_s"] = clock() - t0
-            t0 = clock()
-            metrics = learner.train_step(rollout, adv, views)
-            t["train_s"] = clock() - t0
+            metrics = learner.train_step(rollout, adv, seed=step)  # builds its views (time/views), then trains
+            t["views_s"] = metrics["time/views"]
+            t["train_s"] = clock() - t0 - t["views_s"]
             t0 = clock()
             version, weights = learner.state_dict_for_rollout()
             t["weight_gather_s"] = clock() - t0
@@ -336,7 +399,8 @@ def part_rl_steps(plan: Plan, ctx: dict[str, Any]) -> dict[str, Any]:
             t["weight_copy_s"] = t["weight_gather_s"] + t["weight_load_s"]
             t["step_s"] = sum(t[k] for k in STAGES)
             t["rollout_share"] = t["rollout_s"] / t["step_s"]
-            t |= {"weights_version": version, "rows": len(views), "row_tokens": views.row_tokens}
+            t |= {"weights_version": version, "rows_per_sample": metrics["trace/rows_per_sample"]}
+            t |= {"row_tokens": metrics["trace/row_tokens"]}
             t |= {"reward_mean": float(rewards.mean()), "policy_loss": metrics["train/policy_loss"]}
             steps.append(t)
             log(f"rl step {step}: " + ", ".join(f"{k}={v:.3g}" for k, v in t.items()))
@@ -359,6 +423,7 @@ RUNNERS: dict[str, Callable[[Plan, dict[str, Any]], dict[str, Any]]] = {
     "sampler": part_sampler,
     "learner": part_learner,
     "replay": part_replay,
+    "packed": part_packed,
     "rl_steps": part_rl_steps,
 }
 

@@ -7,7 +7,7 @@ import gc
 import resource
 import sys
 import time
-from dataclasses import dataclass, fields, replace
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -185,14 +185,6 @@ def sampling(block: int, new_tokens: int, batch: int, cache: str) -> Any:
 
 def params(policy: Any) -> int:
     return sum(p.numel() for p in policy.model.parameters())
-
-
-def subset(views: Any, rows: int) -> Any:
-    """The first ``rows`` rows of a Views (every per-row tensor sliced together)."""
-    changes = {
-        f.name: getattr(views, f.name)[:rows] for f in fields(views) if isinstance(getattr(views, f.name), torch.Tensor)
-    }
-    return replace(views, **changes)
 
 
 def learner_config(plan: Plan, *, checkpointing: bool) -> Any:

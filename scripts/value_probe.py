@@ -51,9 +51,9 @@ def main(argv: list[str] | None = None) -> int:
 
     from rewards.synthetic import sudoku_cells
     from tracerl import advantages as adv_lib
-    from tracerl import trace
     from tracerl.checks import load_config
     from tracerl.learner import Learner
+    from tracerl.learner.value_phase import value_phase
     from tracerl.models import load_policy
     from tracerl.orchestrator.setup import load_prompts
     from tracerl.sampling import generate
@@ -83,14 +83,15 @@ def main(argv: list[str] | None = None) -> int:
                 tot, win = variance_split(rewards, group)
                 totals.append(tot)
                 within.append(win)
-                views = trace.make_views(rollout, "trace", policy.mask_id, shift=policy.shift, seed=step)
-                _, m = learner._value_phase(rollout, rewards, views)  # pre-update values: out of sample
+                views = learner.views_of(rollout, seed=step)
+                table = views.targets()
+                everything = torch.arange(len(views))
+                n, length = rollout.response_ids.shape
+                _, m = value_phase(learner, rollout, rewards, views, table, views.seq_sample, n)  # pre-update values
                 learner.rl_steps += 1
                 # after the update, on the same batch: in sample
-                n, length = rollout.response_ids.shape
-                values = trace.scatter_to_response(views, learner.infer(learner.value_engine, views)[0], n, length)
-                covered = trace.scatter_to_response(views, views.target_mask.float(), n, length) > 0
-                mask = covered & rollout.response_mask
+                values = table.place(learner.micro.infer(learner.value_engine, views, table, everything)[0], n, length)
+                mask = (table.place(torch.ones(len(table)), n, length) > 0) & rollout.response_mask
                 outcome, *_ = adv_lib.value_outcome(rewards.float(), group, target, cfg.objective.advantage)
                 steps = response_token_steps(rollout, cfg.objective.shrink)
                 token_rewards = adv_lib.outcome_token_rewards(outcome, steps, mask)

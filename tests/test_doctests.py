@@ -21,6 +21,7 @@ MODULES = [
     "rewards.synthetic",
     "tracerl.report",
     "tracerl.config_docs",
+    "tracerl.learner.micro",
 ]
 
 

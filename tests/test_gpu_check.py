@@ -21,10 +21,11 @@ KEYS = {
         "fixed_shape", "cuda_graph",
     ],
     "learner": [
-        "rows", "row_tokens", "target_tokens", "engine_init_s", "step_s", "tokens_per_s", "target_tokens_per_s",
-        "peak_memory_gib", "metrics",
+        "rows", "sequences", "row_tokens", "target_tokens", "engine_init_s", "step_s", "tokens_per_s",
+        "target_tokens_per_s", "peak_memory_gib", "metrics",
     ],
     "replay": ["block", "full"],
+    "packed": ["rows", "flex", "grouped", "dense", "learner"],
     "rl_steps": ["samples_per_step", "engine_init_s", "steps", "stage_share_last_step", "rollout_copy_matches_learner"],
 }  # fmt: skip
 STAGES = ["rollout_s", "reward_s", "advantages_s", "views_s", "train_s", "weight_copy_s", "step_s"]
@@ -112,12 +113,24 @@ def test_fp32_replay_reproduces_the_rollout_log_probs(report: dict) -> None:
 
 
 @pytest.mark.slow
+def test_packed_views_match_the_rows_on_every_backend(report: dict) -> None:
+    p = report["packed"]
+    for backend in ("flex", "grouped", "dense"):
+        assert p[backend]["tokens"] < p["rows"]["tokens"]
+        assert p[backend]["max_abs_vs_rows"] < 1e-4, (backend, p[backend])  # fp32 in the smoke run
+    lr = p["learner"]
+    assert lr["packed"]["tokens_per_sample"] < lr["rows"]["tokens_per_sample"]
+    assert lr["packed"]["policy_loss"] == pytest.approx(lr["rows"]["policy_loss"], rel=1e-4, abs=1e-6)
+    assert lr["speedup"] == pytest.approx(lr["rows"]["step_s"] / lr["packed"]["step_s"])
+
+
+@pytest.mark.slow
 def test_learner_update_and_rl_steps(report: dict) -> None:
     lr = report["learner"]
     assert lr["precision"] == "bf16" and lr["zero_stage"] == 0
     assert lr["metrics"]["train/optimizer_steps"] == 1.0
     assert lr["metrics"]["train/tokens"] == lr["target_tokens"]
-    assert lr["tokens_per_s"] == pytest.approx(lr["rows"] * lr["row_tokens"] / lr["step_s"])
+    assert lr["tokens_per_s"] == pytest.approx(lr["sequences"] * lr["row_tokens"] / lr["step_s"])
 
     rl = report["rl_steps"]
     assert [s["weights_version"] for s in rl["steps"]] == [1, 2]

@@ -12,7 +12,7 @@ HEAVY = {"ray", "deepspeed", "wandb"}
 # layer of each tracerl module: a module may import only modules of its own or a lower layer
 LAYERS = {
     "config": 0, "records": 0, "metrics": 0, "registry": 0,
-    "data": 1, "models": 1, "sampling": 1, "trace": 1, "advantages": 1, "objectives": 1,
+    "data": 1, "models": 1, "sampling": 1, "trace": 1, "packed": 1, "advantages": 1, "objectives": 1,
     "reward_service": 1, "reward_resolve": 1, "checkpoint": 1, "scoring": 1, "stats": 1, "weight_sync": 1,
     "report": 1, "config_docs": 1,
     "checks": 2, "reward_server": 2, "learner": 2, "workers": 2,
@@ -53,6 +53,16 @@ def test_heavy_dependencies_only_at_the_edge():
             assert heavy <= ALLOWED_HEAVY.get(module, set()), f"{path.name} imports {heavy}"
 
 
+def test_only_the_deepspeed_engine_imports_deepspeed():
+    """The engine seam (DESIGN §20): algorithm code talks to an Engine; one file implements it with DeepSpeed."""
+    importers = sorted(
+        str(path.relative_to(ROOT / "tracerl"))
+        for path in (ROOT / "tracerl").rglob("*.py")
+        if "deepspeed" in {name.split(".")[0] for name in imports(path)}
+    )
+    assert importers == ["learner/deepspeed_engine.py"]
+
+
 def test_imports_point_down():
     for module, paths in tracerl_modules().items():
         if module == "__init__":
@@ -73,7 +83,8 @@ def test_rewards_import_without_torch_or_ray():
 
 def test_maths_modules_import_without_ray_deepspeed_wandb():
     code = (
-        "import sys, tracerl.trace, tracerl.objectives, tracerl.advantages, tracerl.sampling, tracerl.models;"
+        "import sys, tracerl.trace, tracerl.packed, tracerl.objectives, tracerl.advantages, tracerl.sampling,"
+        " tracerl.models;"
         "print(sorted({'ray', 'deepspeed', 'wandb'} & set(sys.modules)))"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, check=True)

@@ -10,6 +10,7 @@ import torch
 from tracerl.checkpoint import DriverState, export_hf, load_checkpoint, save_checkpoint
 from tracerl.config import Config, SamplingConfig
 from tracerl.learner import Learner
+from tracerl.records import TrainShard
 from tracerl.sampling import generate
 from tracerl.trace import make_views
 
@@ -28,8 +29,14 @@ def local_ray():  # noqa: ANN201
     ray.shutdown()
 
 
-def dp_cfg(stage: int) -> Config:
+def dp_cfg(stage: int, attention: str, budget: int) -> Config:
     cfg = Config(seed=3)
+    cfg.model.tiny.attention = attention
+    cfg.learner.micro_batch_tokens = budget
+    # Adam's first step moves a weight by ~lr·g/(|g| + eps): with eps = 1e-8 a gradient of 1e-9, all float noise
+    # (summation order), moves it by a tenth of lr either way. eps = 1e-6 keeps such updates linear in g, so the
+    # weights compare the gradients, not the signs of their rounding errors.
+    cfg.learner.adam_eps = 1e-6
     cfg.learner.lr = 1e-3
     cfg.learner.zero_stage = stage
     cfg.learner.zero3_persistence_threshold = 0  # partition every parameter, the case ZeRO-3 exists for
@@ -39,27 +46,38 @@ def dp_cfg(stage: int) -> Config:
     return cfg
 
 
-@pytest.mark.parametrize("stage", [2, 3])
-def test_two_ranks_give_the_weights_of_one(local_ray, tmp_path, stage):
-    policy = tiny_policy("full")
+def views_bytes(views) -> int:  # noqa: ANN001
+    return sum(t.numel() * t.element_size() for t in vars(views).values() if isinstance(t, torch.Tensor))
+
+
+@pytest.mark.parametrize(("attention", "stage"), [("full", 2), ("full", 3), ("block", 2), ("block", 3)])
+def test_two_ranks_give_the_weights_of_one(local_ray, tmp_path, attention, stage):
+    """Full attention trains rows, block attention packed views (one sequence per sample)."""
+    policy = tiny_policy(attention)
     prompts = encode(policy, ["1+2=", "12+34=", "7*8="])
     rollout = generate(policy, prompts, SamplingConfig(max_new_tokens=8, block_size=4), seed=2)
     views = make_views(rollout, "trace", policy.mask_id)
     initial = {k: v.clone() for k, v in policy.model.state_dict().items()}
 
-    single = Learner(dp_cfg(0), copy.deepcopy(policy))  # one plain rank with every row
-    want_metrics = single.train_step(rollout, ADV, views)
+    budget = 4 * views.row_tokens  # uneven shares: the ranks hold 2 and 1 samples
+    single = Learner(dp_cfg(0, attention, budget), copy.deepcopy(policy))  # one plain rank with every sample
+    want_metrics = single.train_step(rollout, ADV)
     _, want = single.state_dict_for_rollout()
     single.destroy()
 
     from tracerl.workers import LearnerGroup
 
-    cfg = dp_cfg(stage)
-    cfg.learner.micro_batch_tokens = 4 * views.row_tokens  # uneven shares: 24 rows → 12 per minibatch → 6 a rank
+    cfg = dp_cfg(stage, attention, budget)
     group = LearnerGroup(cfg, num_ranks=2, weights=initial)
     try:
         assert len(set(group.pids)) == 2
-        metrics = group.train_step(rollout, ADV, views)
+        metrics = group.train_step(rollout, ADV)
+        # each rank was sent its own samples only: together exactly the rollout, never the views
+        whole = TrainShard(rollout, ADV, torch.arange(3), 3, 0).nbytes()
+        shares = (torch.tensor([0, 1]), torch.tensor([2]))
+        want_bytes = [TrainShard(rollout.select(i), ADV[i], i, 3, 0).nbytes() for i in shares]
+        assert group.shard_bytes == want_bytes and sum(want_bytes) == whole
+        assert max(group.shard_bytes) < whole < views_bytes(views)
         version, got = group.get_weights()
         assert version == 1
         for name, tensor in want.items():
@@ -68,10 +86,10 @@ def test_two_ranks_give_the_weights_of_one(local_ray, tmp_path, stage):
             assert metrics[key] == pytest.approx(want_metrics[key], rel=1e-4, abs=1e-7), key
         assert metrics["train/grad_norm"] > cfg.learner.max_grad_norm  # so clipping was active
 
-        if stage == 3:  # save / export / load across the two ZeRO-3 ranks
+        if stage == 3 and attention == "full":  # save / export / load across the two ZeRO-3 ranks
             path = save_checkpoint(tmp_path, 1, group, DriverState(step=1))
             export_hf(group, tmp_path / "hf")
-            group.train_step(rollout, ADV, views)
+            group.train_step(rollout, ADV)
             assert not torch.equal(group.get_weights()[1]["lm_head.weight"], got["lm_head.weight"])
             load_checkpoint(path, group)
             version, back = group.get_weights()

@@ -91,6 +91,14 @@ def changed(cfg: Config) -> bool:
 def test_three_rl_steps_end_to_end(local_ray, tmp_path, monkeypatch):
     monkeypatch.setenv("WANDB_MODE", "offline")
     cfg = rl_cfg(tmp_path, "wandb.mode=offline")
+
+    def driver_builds_views(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
+        raise AssertionError("the driver built training views; the learner ranks build them from their shards")
+
+    from tracerl import trace
+
+    for name in ("make_views", "build_views"):  # the learner actors are other processes: they keep theirs
+        monkeypatch.setattr(trace, name, driver_builds_views)
     last = run(cfg)
     history = rows(cfg)
     assert [r["step"] for r in history] == [0, 1, 2, 3]  # step 0: the evaluation before training
@@ -101,6 +109,7 @@ def test_three_rl_steps_end_to_end(local_ray, tmp_path, monkeypatch):
         assert r["rollout/weights_version"] == r["step"] - 1  # and each step sampled with the previous one
         assert r["rollout/logp_mismatch"] < 1e-4  # exact KV cache, fp32, shrink 1: the replay invariant
         assert 0 < r["perf/rollout_share"] < 1 and r["sync/bytes"] > 0
+        assert r["trace/rows_per_sample"] >= 1 and r["time/views"] > 0 and r["train/shard_bytes"] > 0
         assert r["perf/learner_flops"] > 0 and r["guard/warnings"] == 0.0 and r["train/log_ratio_abs_max"] >= 0
         assert all(math.isfinite(v) for v in r.values())
     assert [r["step"] for r in history if "eval/greedy_reward" in r] == [0, 2, 3]

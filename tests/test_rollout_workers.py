@@ -9,7 +9,6 @@ from tracerl.checks import load_config
 from tracerl.data import PromptBatch
 from tracerl.metrics import Timers
 from tracerl.records import Rollout
-from tracerl.trace import make_views
 
 ray = pytest.importorskip("ray")
 pytestmark = pytest.mark.ray
@@ -37,8 +36,7 @@ def update(learner: LearnerGroup, group: RolloutGroup, seed: int) -> None:
     prompts = [[5, 6, 7], [8, 9]]
     shards = group.generate_async(prompts, samples=2, seed=seed)
     rollout = Rollout.concat([ray.get(s.ref) for s in shards])
-    views = make_views(rollout, "trace", group.info[0]["mask_id"])
-    learner.train_step(rollout, torch.tensor([1.0, -1.0, 0.5, -0.5]), views)
+    learner.train_step(rollout, torch.tensor([1.0, -1.0, 0.5, -0.5]))
 
 
 def test_object_store_and_collective_sync_give_identical_weights(local_ray):

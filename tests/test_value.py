@@ -85,14 +85,13 @@ def test_masked_lm_policy_trains_with_a_value_model_in_the_learner(tmp_path):
 
     policy = masked_lm_policy(tmp_path)
     rollout = generate(policy, encode(policy, ["1+2=", "12+3="]), SamplingConfig(max_new_tokens=8, block_size=4))
-    views = make_views(rollout, "trace", policy.mask_id)
     cfg = Config()
     cfg.objective.value_model = True
     cfg.learner.lr = cfg.learner.value_lr = 1e-2
     learner = Learner(cfg, policy)
     try:
         rollout.group = torch.tensor([0, 0])  # one group of two: centered rewards ±0.5
-        first = learner.train_step(rollout, torch.tensor([1.0, 0.0]), views)
+        first = learner.train_step(rollout, torch.tensor([1.0, 0.0]))
         head = learner.value_engine.module.value.head.weight
         assert head.abs().sum() > 0
         assert first["train/value_loss"] > 0 and first["train/grad_norm"] > 0
@@ -118,7 +117,6 @@ def test_value_model_learns_known_values_and_cuts_advantage_variance(attention):
     rollout = generate(policy, prompts, sampling, seed=0, group=torch.arange(4).repeat_interleave(4))
     reward = (rollout.response_ids[:, 0] < policy.vocab_size // 2).float()
     assert 0.2 < reward.mean() < 0.8  # both outcomes occur
-    views = make_views(rollout, "trace", policy.mask_id)
     cfg = Config()
     cfg.objective.value_model = True
     cfg.objective.value_target = "reward"
@@ -126,7 +124,7 @@ def test_value_model_learns_known_values_and_cuts_advantage_variance(attention):
     cfg.learner.lr, cfg.learner.value_lr, cfg.learner.value_updates_per_step = 1e-6, 3e-3, 4
     learner = Learner(cfg, policy)
     try:
-        history = [learner.train_step(rollout, reward, views) for _ in range(12)]
+        history = [learner.train_step(rollout, reward) for _ in range(12)]
     finally:
         learner.destroy()
     first, last = history[0], history[-1]

@@ -180,9 +180,10 @@ class ObjectiveConfig:
 
 @dataclass
 class LearnerConfig:
-    """The DeepSpeed learner (DESIGN §10)."""
+    """The learner (DESIGN §10, §20)."""
 
-    num_ranks: int = 1  # learner ranks (Ray actors, one DeepSpeed rank each; 0 = auto from cluster.*)
+    engine: Literal["deepspeed", "torch"] = "deepspeed"  # what trains a module: DeepSpeed, or plain PyTorch (ZeRO 0)
+    num_ranks: int = 1  # learner ranks (Ray actors, data-parallel; 0 = auto from cluster.*)
     num_cpus_per_rank: float = 1.0  # Ray CPUs each learner rank reserves
     zero_stage: int = 0  # DeepSpeed ZeRO stage 0-3
     precision: Literal["fp32", "bf16"] = "fp32"  # training precision
@@ -196,10 +197,12 @@ class LearnerConfig:
     lr_schedule: Literal["constant", "linear", "cosine"] = "constant"  # after warmup
     warmup_steps: int = 0  # linear warmup, in optimizer steps
     total_steps: int = 1000  # optimizer steps the schedule spans (linear / cosine)
-    max_grad_norm: float = 1.0  # gradient clipping (owned by the DeepSpeed engine)
-    updates_per_step: int = 1  # mu: passes over an RL step's rows
-    minibatches: int = 1  # optimizer steps per pass (rows split into this many minibatches)
-    micro_batch_tokens: int = 8192  # token budget of one micro-batch (rows are packed up to it)
+    max_grad_norm: float = 1.0  # gradient clipping by the global norm, owned by the engine (0 = off)
+    updates_per_step: int = 1  # mu: passes over an RL step's samples
+    minibatches: int = 1  # optimizer steps per pass (the step's samples split into this many minibatches)
+    micro_batch_tokens: int = 8192  # token budget of one micro-batch (sequences are packed up to it)
+    packed_views: bool = True  # block layout: one sequence per sample, every denoising state computed once
+    packed_attention: Literal["auto", "grouped", "flex", "dense"] = "auto"  # auto: flex on CUDA, grouped on CPU
     gradient_checkpointing: bool = False  # recompute activations in backward (large models)
     backend: Literal["auto", "gloo", "nccl"] = "auto"  # torch.distributed backend (auto: nccl on GPU)
     logprob_chunk_tokens: int = 1024  # target tokens per chunk of the chunked log-softmax (memory O(chunk × V))
@@ -378,6 +381,11 @@ def check(cfg: Config) -> None:
         raise ConfigError(f"objective.shrink must be ≥ 1 (1 = exact replay), got {cfg.objective.shrink}.")
     if not 0 <= lr.zero_stage <= 3:
         raise ConfigError(f"learner.zero_stage must be 0, 1, 2 or 3, got {lr.zero_stage}.")
+    if lr.engine == "torch" and lr.zero_stage != 0:
+        raise ConfigError(
+            f"learner.engine=torch keeps the whole model on every rank and has no ZeRO; got learner.zero_stage="
+            f"{lr.zero_stage}. Set learner.zero_stage=0, or learner.engine=deepspeed for ZeRO."
+        )
     if min(lr.num_ranks, lr.minibatches, lr.updates_per_step, lr.value_updates_per_step, lr.micro_batch_tokens) < 1:
         raise ConfigError(
             "learner.num_ranks, minibatches, updates_per_step, value_updates_per_step and micro_batch_tokens must be "

@@ -9,6 +9,7 @@ dims: R rows (training views) · T row length · M target tokens · V vocab · H
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 from torch.utils.checkpoint import checkpoint
@@ -16,9 +17,9 @@ from torch.utils.checkpoint import checkpoint
 from tracerl.registry import Registry
 
 KLFn = Callable[[torch.Tensor], torch.Tensor]
-AggregationFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, int | None], torch.Tensor]
+WeightFn = Callable[[torch.Tensor, torch.Tensor, "int | None", "Totals"], torch.Tensor]
 KL_ESTIMATORS: Registry[KLFn] = Registry("kl estimator")
-AGGREGATIONS: Registry[AggregationFn] = Registry("aggregation")
+AGGREGATIONS: Registry[WeightFn] = Registry("aggregation")
 
 # exp() of a log-ratio is taken on this clamped range (TraceRL's choice), so one wild token cannot overflow.
 LOG_RATIO_CLAMP = 10.0
@@ -71,6 +72,50 @@ def kl_to_old(logp: torch.Tensor, old_logp: torch.Tensor, kind: str = "k3") -> t
 get_kl_estimator = KL_ESTIMATORS.lookup
 
 
+# ---------------------------------------------------------------- aggregations as per-target weights
+#
+# Every aggregation is linear in the per-target values: agg(v) = Σ_j w_j · v_j, with weights that depend only on
+# which targets a minibatch holds. So a loss evaluated on part of a minibatch (a micro-batch, one rank's rows)
+# with the whole minibatch's weights is exactly that part's share of the minibatch loss, and the shares add up.
+
+
+@dataclass(frozen=True)
+class Totals:
+    """Counts over a whole minibatch, for weights of targets that are only a part of it (dims: M targets)."""
+
+    rows: float  # rows with ≥ 1 target
+    tokens: float  # target tokens
+    samples: float  # samples with ≥ 1 target
+
+
+def count_totals(rows: torch.Tensor, samples: torch.Tensor) -> Totals:
+    """The Totals of a set of targets: ``rows`` [M] and ``samples`` [M] are each target's row and sample ids."""
+    return Totals(float(rows.unique().numel()), float(rows.numel()), float(samples.unique().numel()))
+
+
+def _counts(ids: torch.Tensor) -> torch.Tensor:
+    """[M] how many targets share each target's id."""
+    _, inverse, counts = torch.unique(ids, return_inverse=True, return_counts=True)
+    return counts[inverse].to(torch.float64)
+
+
+def target_weights(
+    rows: torch.Tensor,
+    samples: torch.Tensor,
+    name: str,
+    norm_len: int | None = None,
+    totals: Totals | None = None,
+) -> torch.Tensor:
+    """[M] float64 weights w with agg(v) = Σ_j w_j v_j for the named aggregation (see AGGREGATIONS).
+
+    ``rows`` / ``samples`` [M]: the row and sample of each target; a row's and a sample's targets must all be
+    here (their counts are taken here), while ``totals`` gives the minibatch-wide numbers of rows, tokens and
+    samples (default: these targets' own).
+    """
+    fn = AGGREGATIONS.lookup(name)
+    return fn(rows, samples, norm_len, totals if totals is not None else count_totals(rows, samples))
+
+
 def aggregate(
     values: torch.Tensor,
     mask: torch.Tensor,
@@ -81,15 +126,20 @@ def aggregate(
     """Reduce per-token ``values`` [R, T] at the targets ``mask`` [R, T] to a scalar with the named rule
     (see AGGREGATIONS); rows and samples without targets do not count. No targets at all gives 0.
     """
-    if name not in AGGREGATIONS:
-        raise KeyError(f"unknown aggregation '{name}'; choose from {sorted(AGGREGATIONS)}")
-    return AGGREGATIONS[name](torch.where(mask, values, 0.0), mask, row_sample, norm_len)
+    return (torch.where(mask, values, 0.0) * weight_grid(mask, row_sample, name, norm_len).to(values.dtype)).sum()
+
+
+def weight_grid(
+    mask: torch.Tensor, row_sample: torch.Tensor, name: str, norm_len: int | None = None, totals: Totals | None = None
+) -> torch.Tensor:
+    """``target_weights`` laid out like ``mask`` [R, T] (0 off the targets)."""
+    rows, cols = mask.nonzero(as_tuple=True)
+    w = target_weights(rows, row_sample[rows], name, norm_len, totals)
+    return torch.zeros(mask.shape, dtype=torch.float64, device=mask.device).index_put((rows, cols), w)
 
 
 @register_aggregation("token_sum_over_max_len")
-def _token_sum_over_max_len(
-    values: torch.Tensor, mask: torch.Tensor, row_sample: torch.Tensor, norm_len: int | None
-) -> torch.Tensor:
+def _token_sum_over_max_len(rows: torch.Tensor, samples: torch.Tensor, norm_len: int | None, t: Totals) -> torch.Tensor:
     """TraceRL block layout: (1/R') Σ_rows (1/norm_len) Σ_{j∈T_r} v_j, R' = rows with ≥ 1 target,
     norm_len = the padded response length L of the RL step (a constant, Dr.-GRPO-like normaliser).
     """
@@ -97,24 +147,20 @@ def _token_sum_over_max_len(
         raise ValueError(
             "aggregation 'token_sum_over_max_len' needs norm_len, the padded response length of the RL step"
         )
-    rows = mask.any(1).sum().clamp(min=1)
-    return values.sum() / norm_len / rows
+    return torch.full(rows.shape, 1.0 / (norm_len * max(t.rows, 1.0)), dtype=torch.float64, device=rows.device)
 
 
 @register_aggregation("row_mean")
-def _row_mean(values: torch.Tensor, mask: torch.Tensor, row_sample: torch.Tensor, norm_len: int | None) -> torch.Tensor:
+def _row_mean(rows: torch.Tensor, samples: torch.Tensor, norm_len: int | None, t: Totals) -> torch.Tensor:
     """TraceRL full attention: mean over each row's targets, then mean over rows with ≥ 1 target."""
-    per_row_count = mask.sum(1)
-    per_row = values.sum(1) / per_row_count.clamp(min=1)
-    return per_row.sum() / (per_row_count > 0).sum().clamp(min=1)
+    return 1.0 / (_counts(rows) * max(t.rows, 1.0))
 
 
 @register_aggregation("row_sum")
-def _row_sum(values: torch.Tensor, mask: torch.Tensor, row_sample: torch.Tensor, norm_len: int | None) -> torch.Tensor:
+def _row_sum(rows: torch.Tensor, samples: torch.Tensor, norm_len: int | None, t: Totals) -> torch.Tensor:
     """The anchor's KL reduction under full attention: sum over each row's targets, then mean over rows with ≥ 1
     target (dLLM-RL ``rl_llada.py``: β Σ_T k3 / B, while the surrogate is averaged per row)."""
-    per_row_count = mask.sum(1)
-    return values.sum() / (per_row_count > 0).sum().clamp(min=1)
+    return torch.full(rows.shape, 1.0 / max(t.rows, 1.0), dtype=torch.float64, device=rows.device)
 
 
 def resolve_kl_aggregation(aggregation: str, kl_aggregation: str) -> str:
@@ -131,25 +177,17 @@ def resolve_kl_aggregation(aggregation: str, kl_aggregation: str) -> str:
 
 
 @register_aggregation("token_mean")
-def _token_mean(
-    values: torch.Tensor, mask: torch.Tensor, row_sample: torch.Tensor, norm_len: int | None
-) -> torch.Tensor:
+def _token_mean(rows: torch.Tensor, samples: torch.Tensor, norm_len: int | None, t: Totals) -> torch.Tensor:
     """DAPO (Yu et al. 2025): Σ over every target token of the batch / number of target tokens."""
-    return values.sum() / mask.sum().clamp(min=1)
+    return torch.full(rows.shape, 1.0 / max(t.tokens, 1.0), dtype=torch.float64, device=rows.device)
 
 
 @register_aggregation("seq_mean_token_mean")
-def _seq_mean_token_mean(
-    values: torch.Tensor, mask: torch.Tensor, row_sample: torch.Tensor, norm_len: int | None
-) -> torch.Tensor:
+def _seq_mean_token_mean(rows: torch.Tensor, samples: torch.Tensor, norm_len: int | None, t: Totals) -> torch.Tensor:
     """GRPO (Shao et al. 2024): mean over each sample's targets across all its rows, then mean over
     samples with ≥ 1 target.
     """
-    _, sid = torch.unique(row_sample, return_inverse=True)
-    num = int(sid.max()) + 1 if sid.numel() else 0
-    total = torch.zeros(num, dtype=values.dtype, device=values.device).index_add(0, sid, values.sum(1))
-    count = torch.zeros(num, dtype=torch.long, device=mask.device).index_add_(0, sid, mask.sum(1))
-    return (total / count.clamp(min=1)).sum() / (count > 0).sum().clamp(min=1)
+    return 1.0 / (_counts(samples) * max(t.samples, 1.0))
 
 
 def _masked_mean(x: torch.Tensor, mask: torch.Tensor) -> float:
@@ -179,6 +217,8 @@ def policy_loss(
     kl_to_ref_coef: float = 0.0,
     kl_to_ref_kind: str = "k3",
     entropy: torch.Tensor | None = None,
+    weights: torch.Tensor | None = None,
+    kl_weights: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, dict[str, float]]:
     """PPO clipped surrogate on the target tokens of training rows (Schulman et al. 2017; TraceRL, Wang et al.
     2026): ρ = exp(clamp(logp − old_logp, ±10)), loss = −agg(min(ρA, clip(ρ, 1−ε_low, 1+ε_high)A))
@@ -188,6 +228,9 @@ def policy_loss(
     logp, old_logp,
     mask, ref_logp, entropy [R, T]; advantages [R] (per row) or [R, T] (per token). Only ``logp`` carries gradients;
     ``train/policy_loss`` is the returned total.
+
+    ``weights`` / ``kl_weights`` [R, T]: the aggregations' per-target weights (``weight_grid``) when these
+    targets are part of a larger minibatch; by default they are computed from ``mask`` and ``row_sample``.
     """
     for kind in (kl_to_old_kind, kl_to_ref_kind):
         get_kl_estimator(kind)  # a misspelt kind fails even while its coefficient is 0
@@ -195,25 +238,28 @@ def policy_loss(
     adv = _clean((adv.unsqueeze(1) if adv.ndim == 1 else adv).expand_as(logp), mask)
     logp = _clean(logp, mask)
     old_logp = _clean(old_logp.detach(), mask)
-
-    def agg(values: torch.Tensor, name: str = aggregation) -> torch.Tensor:
-        return aggregate(values, mask, row_sample, name, norm_len)
-
     kl_agg = resolve_kl_aggregation(aggregation, kl_aggregation)
+    if weights is None:
+        weights = weight_grid(mask, row_sample, aggregation, norm_len)
+    if kl_weights is None:
+        kl_weights = weights if kl_agg == aggregation else weight_grid(mask, row_sample, kl_agg, norm_len)
+
+    def agg(values: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+        return (_clean(values, mask) * _clean(w, mask).to(values.dtype)).sum()
 
     # 1. Clipped surrogate: the pessimistic (min) of the plain and the clipped importance-weighted advantage.
     ratio = torch.exp((logp - old_logp).clamp(-LOG_RATIO_CLAMP, LOG_RATIO_CLAMP))
     unclipped = ratio * adv
     clipped = ratio.clamp(1 - eps_low, 1 + eps_high) * adv
-    loss = -agg(torch.minimum(unclipped, clipped))
+    loss = -agg(torch.minimum(unclipped, clipped), weights)
 
     # 2. Optional KL penalties: to the policy that produced old_logp (TraceRL) and to a frozen reference.
     if kl_to_old_coef:  # TraceRL's penalty: GRPO's estimator form on the old policy's tokens (see kl_to_old)
-        loss = loss + kl_to_old_coef * agg(kl_estimate(logp, old_logp, kl_to_old_kind), kl_agg)
+        loss = loss + kl_to_old_coef * agg(kl_estimate(logp, old_logp, kl_to_old_kind), kl_weights)
     if ref_logp is not None:
         ref_logp = _clean(ref_logp.detach(), mask)
         if kl_to_ref_coef:
-            loss = loss + kl_to_ref_coef * agg(kl_estimate(logp, ref_logp, kl_to_ref_kind), kl_agg)
+            loss = loss + kl_to_ref_coef * agg(kl_estimate(logp, ref_logp, kl_to_ref_kind), kl_weights)
 
     # 3. Metrics over target tokens; the KLs are always logged as k3 means, whatever enters the loss. The largest
     #    |log-ratio| beside the mean KL tells one token that moved far from a policy that moved everywhere.
@@ -244,17 +290,22 @@ def value_loss(
     eps: float = 0.2,
     aggregation: str = "token_sum_over_max_len",
     norm_len: int | None = None,
+    weights: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, dict[str, float]]:
     """PPO clipped value loss (as in TraceRL's value model): per token
     ½·max((V − R)², (V_old + clip(V − V_old, −ε, ε) − R)²), then aggregated like the policy loss; ε = 0 is the
-    plain ½(V − R)². values, old_values, returns, mask [R, T]; only ``values`` carries gradients.
+    plain ½(V − R)². values, old_values, returns, mask [R, T]; only ``values`` carries gradients. ``weights`` as in
+    ``policy_loss``.
     """
     values = _clean(values, mask)
     old_values = _clean(old_values.detach(), mask)
     returns = _clean(returns.detach(), mask)
     plain = (values - returns) ** 2
     clipped = (old_values + (values - old_values).clamp(-eps, eps) - returns) ** 2 if eps > 0 else plain
-    loss = aggregate(0.5 * torch.maximum(plain, clipped), mask, row_sample, aggregation, norm_len)
+    if weights is None:
+        weights = weight_grid(mask, row_sample, aggregation, norm_len)
+    per_token = _clean(0.5 * torch.maximum(plain, clipped), mask)
+    loss = (per_token * _clean(weights, mask).to(per_token.dtype)).sum()
     with torch.no_grad():
         metrics = {
             "train/value_loss": loss.item(),

@@ -100,3 +100,33 @@ class Rollout:
                 else None
             ),
         )
+
+
+@dataclass
+class TrainShard:
+    """One learner rank's part of an RL step (DESIGN §20): its samples of the kept rollout and their advantages.
+    The rank builds its training views from it; nothing proportional to the views crosses the object store.
+
+    dims: n samples of this rank · N samples of the step · L response length
+    """
+
+    rollout: Rollout  # this rank's samples, at the step's padded widths (Lp, L)
+    advantages: torch.Tensor  # [n] per sample, or [n, L] per token
+    sample_ids: torch.Tensor  # [n] long, each sample's index in the step (seeds its random masks, its minibatch)
+    num_samples: int  # N, over every rank
+    seed: int  # the RL step's view seed
+
+    def nbytes(self) -> int:
+        """Bytes of the tensors this shard carries (what a rank receives, up to pickling overhead and texts)."""
+        tensors = [getattr(self.rollout, f.name) for f in fields(self.rollout)] + [self.advantages, self.sample_ids]
+        return sum(t.numel() * t.element_size() for t in tensors if isinstance(t, torch.Tensor))
+
+
+def shard_step(rollout: Rollout, advantages: torch.Tensor, num_ranks: int, seed: int) -> list[TrainShard]:
+    """Split an RL step's kept samples into ``num_ranks`` contiguous shards (sizes differ by at most one; a rank
+    may get none when there are fewer samples than ranks)."""
+    n = len(rollout)
+    return [
+        TrainShard(rollout.select(ids), advantages[ids], ids, n, seed)
+        for ids in torch.tensor_split(torch.arange(n), num_ranks)
+    ]

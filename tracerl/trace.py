@@ -18,6 +18,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -27,8 +28,53 @@ from tracerl.registry import Registry
 
 
 @dataclass
+class TargetTable:
+    """Every target of a view set, flat, in the order a scorer returns them: sequence by sequence, and within a
+    sequence by column (dims: M targets · S sequences)."""
+
+    row: torch.Tensor  # [M] long, the training row (view) a target belongs to
+    sample: torch.Tensor  # [M] long, its rollout sample
+    pos: torch.Tensor  # [M] long, its response position
+    seq_start: torch.Tensor  # [S + 1] long, the targets of sequence s are [seq_start[s], seq_start[s + 1])
+
+    def __len__(self) -> int:
+        return self.row.shape[0]
+
+    def of(self, seqs: torch.Tensor) -> torch.Tensor:
+        """[m] ids of the targets of sequences ``seqs``, in the order a scorer run on those sequences returns them."""
+        start, count = self.seq_start[seqs], self.seq_start[seqs + 1] - self.seq_start[seqs]
+        first = torch.cumsum(count, 0) - count  # where each sequence's targets begin in the output
+        return torch.repeat_interleave(start - first, count) + torch.arange(int(count.sum()))
+
+    def read(self, per_token: torch.Tensor) -> torch.Tensor:
+        """A per-response-token tensor [N, L] read at every target → [M]."""
+        return per_token[self.sample, self.pos]
+
+    def place(self, values: torch.Tensor, n: int, length: int) -> torch.Tensor:
+        """Per-target ``values`` [M] put back at their samples' response positions → [N, L] (0 elsewhere)."""
+        out = torch.zeros((n, length), dtype=values.dtype, device=values.device)
+        out[self.sample.to(values.device), self.pos.to(values.device)] = values
+        return out
+
+
+@dataclass
+class ModelInputs:
+    """What a scorer runs on: some sequences of a view set (dims: s sequences · T tokens)."""
+
+    input_ids: torch.Tensor  # [s, T] long
+    position_ids: torch.Tensor  # [s, T] long
+    attention: Any  # [s, T, T] bool query × key visibility, or a models.attention.PackedAttention pattern
+    target_mask: torch.Tensor  # [s, T] bool
+    target_ids: torch.Tensor  # [s, T] long
+
+    def to(self, device: torch.device | str) -> ModelInputs:
+        return ModelInputs(*(getattr(self, f).to(device) for f in ModelInputs.__dataclass_fields__))
+
+
+@dataclass
 class Views:
-    """Training rows built from a Rollout; attention is described compactly and materialised per micro-batch."""
+    """Training rows built from a Rollout; attention is described compactly and materialised per micro-batch.
+    Here every row is one sequence of the model (``len`` counts both)."""
 
     input_ids: torch.Tensor  # [R, T] long, tokens with the row's masked positions set to the mask id
     position_ids: torch.Tensor  # [R, T] long, the sampler's position ids (both copies share them)
@@ -45,6 +91,15 @@ class Views:
 
     def __len__(self) -> int:
         return self.input_ids.shape[0]
+
+    @property
+    def seq_sample(self) -> torch.Tensor:
+        """[S] the sample of each sequence (a row is a sequence)."""
+        return self.row_sample
+
+    @property
+    def num_rows(self) -> int:
+        return len(self.row_sample)
 
     @property
     def row_tokens(self) -> int:
@@ -64,6 +119,27 @@ class Views:
             vis = keys & (clean_q | noisy_q)
         eye = torch.eye(valid.shape[1], dtype=torch.bool, device=valid.device).unsqueeze(0)
         return vis | eye
+
+    def seq_tokens(self) -> torch.Tensor:
+        """[S] tokens each sequence puts through the model (every row is ``row_tokens`` wide)."""
+        return torch.full((len(self),), self.row_tokens, dtype=torch.long)
+
+    def model_inputs(self, seqs: torch.Tensor) -> ModelInputs:
+        """The scorer's inputs for rows ``seqs``."""
+        return ModelInputs(
+            self.input_ids[seqs],
+            self.position_ids[seqs],
+            self.visible(seqs),
+            self.target_mask[seqs],
+            self.target_ids[seqs],
+        )
+
+    def targets(self) -> TargetTable:
+        """Every target, row-major (a row's targets by column)."""
+        rows, cols = self.target_mask.nonzero(as_tuple=True)
+        counts = self.target_mask.sum(1)
+        start = torch.cat([torch.zeros(1, dtype=torch.long), torch.cumsum(counts, 0)])
+        return TargetTable(rows, self.row_sample[rows], self.target_pos[rows, cols], start)
 
 
 # ------------------------------------------------------------------------------------------------ shrink
@@ -126,6 +202,31 @@ register_views = VIEWS.register
 get_views = VIEWS.lookup
 
 
+class SampleRandom:
+    """Uniform draws per rollout sample, each sample from a generator seeded by (RL-step seed, its sample id), so a
+    sample's random mask does not depend on the other samples it is built with (each learner rank builds the views
+    of its own shard) and is the same for old, reference and current log-probs within an RL step.
+
+    Example:
+        >>> a = SampleRandom(7, torch.tensor([0, 1, 2])).rand(2)
+        >>> b = SampleRandom(7, torch.tensor([2])).rand(2)
+        >>> torch.equal(a[2], b[0])
+        True
+    """
+
+    def __init__(self, seed: int, sample_ids: torch.Tensor) -> None:
+        self.seed, self.sample_ids = seed, sample_ids
+
+    def rand(self, *shape: int) -> torch.Tensor:
+        """[n, *shape] draws from U[0, 1), row i from sample ``sample_ids[i]``'s generator (one call per RL step
+        per builder: a second call draws the same numbers again)."""
+        rows = [
+            torch.rand(shape, generator=torch.Generator().manual_seed(self.seed * 1_000_003 + int(i)))
+            for i in self.sample_ids
+        ]
+        return torch.stack(rows) if rows else torch.zeros((0, *shape))
+
+
 def region_blocks(rollout: Rollout) -> torch.Tensor:
     """[N, L] block of the sampler's absolute grid that each response position lies in (0 = first decoding)."""
     tail = rollout.prompt_lengths % rollout.block_size
@@ -165,8 +266,10 @@ def trace_masks(rollout: Rollout, *, shrink_s: int = 1, **_: object) -> RowMasks
                 target = (round_of == r) & rollout.response_mask[i]
                 if target.any():
                     rows.append((i, r, (round_of >= r) | (merged[i] < 0), target))
-    if not rows:
-        raise ValueError("the rollout has no trainable tokens (empty response masks)")
+    if not rows:  # no trainable token (e.g. an empty shard): no rows
+        length = rollout.response_ids.shape[1]
+        none = torch.zeros(0, dtype=torch.long)
+        return RowMasks(none, none, torch.zeros(0, length, dtype=torch.bool), torch.zeros(0, length, dtype=torch.bool))
     sample, step, masked, target = zip(*rows, strict=True)
     return RowMasks(torch.tensor(sample), torch.tensor(step), torch.stack(masked), torch.stack(target))
 
@@ -198,12 +301,12 @@ def check_estimator(views: str, layout: str, d1_prompt_mask_prob: float) -> None
 
 
 @register_views("d1")
-def d1_masks(rollout: Rollout, *, generator: torch.Generator, prompt_mask_prob: float = 0.15, **_: object) -> RowMasks:
+def d1_masks(rollout: Rollout, *, rng: SampleRandom, prompt_mask_prob: float = 0.15, **_: object) -> RowMasks:
     """d1 / diffu-GRPO: the completion fully masked, the prompt masked with probability p; one row per sample.
     On the block layout each block is fully masked behind the clean blocks before it (and p must be 0)."""
     check_estimator("d1", rollout.layout, prompt_mask_prob)
     sample, target = _response_targets(rollout, 1)
-    prompt_masked = torch.rand(rollout.prompt_ids.shape, generator=generator) < prompt_mask_prob
+    prompt_masked = rng.rand(rollout.prompt_ids.shape[1]) < prompt_mask_prob
     return RowMasks(
         sample, torch.zeros_like(sample), torch.ones_like(target), target, prompt_masked & rollout.prompt_mask
     )
@@ -211,21 +314,20 @@ def d1_masks(rollout: Rollout, *, generator: torch.Generator, prompt_mask_prob: 
 
 @register_views("random_masking")
 def random_masking_masks(
-    rollout: Rollout, *, generator: torch.Generator, low: float = 0.1, high: float = 0.9, copies: int = 1, **_: object
+    rollout: Rollout, *, rng: SampleRandom, low: float = 0.1, high: float = 0.9, copies: int = 1, **_: object
 ) -> RowMasks:
     """UniGRPO-style: per row a mask ratio t ~ U[low, high]; each response token masked with probability t."""
     sample, valid = _response_targets(rollout, copies)
-    ratio = low + (high - low) * torch.rand(len(sample), 1, generator=generator)
-    masked = (torch.rand(valid.shape, generator=generator) < ratio) & valid
+    draws = rng.rand(copies, 1 + valid.shape[1]).flatten(0, 1)  # [N · copies, 1 + L]: the ratio, then the tokens
+    ratio = low + (high - low) * draws[:, :1]
+    masked = (draws[:, 1:] < ratio) & valid
     return RowMasks(sample, torch.zeros_like(sample), masked | ~valid, masked)
 
 
 @register_views("coupled")
-def coupled_masks(
-    rollout: Rollout, *, generator: torch.Generator, low: float = 0.1, high: float = 0.9, **_: object
-) -> RowMasks:
+def coupled_masks(rollout: Rollout, *, rng: SampleRandom, low: float = 0.1, high: float = 0.9, **_: object) -> RowMasks:
     """DiffuCoder coupled sampling: a random mask and its complement, so every token is scored exactly once."""
-    one = random_masking_masks(rollout, generator=generator, low=low, high=high)
+    one = random_masking_masks(rollout, rng=rng, low=low, high=high)
     valid = rollout.response_mask
     complement = valid & ~one.target
     step = torch.cat([torch.zeros_like(one.sample), torch.ones_like(one.sample)])
@@ -287,8 +389,8 @@ def _block_rows(rollout: Rollout, m: RowMasks, mask_id: int) -> Views:
     lp_all = rollout.prompt_lengths
     length = rollout.response_ids.shape[1]
     full_all = (lp_all // b) * b
-    c = int(full_all.max())  # columns of complete prompt blocks
-    u = int(((lp_all - full_all + length + b - 1) // b).max()) * b  # region width, whole blocks
+    c = int(full_all.max()) if len(rollout) else 0  # columns of complete prompt blocks
+    u = int(((lp_all - full_all + length + b - 1) // b).max()) * b if len(rollout) else 0  # region width, whole blocks
     r = len(m.sample)
     t = c + 2 * u
     input_ids = torch.full((r, t), int(rollout.sampler.get("pad_id", 0)), dtype=torch.long)
@@ -346,11 +448,31 @@ def _block_rows(rollout: Rollout, m: RowMasks, mask_id: int) -> Views:
 
 
 def make_views(
-    rollout: Rollout, name: str, mask_id: int, *, shift: bool = False, seed: int = 0, **kwargs: object
-) -> Views:
-    """Build the training views of a rollout with the named builder (one seeded mask per RL step)."""
-    generator = torch.Generator().manual_seed(seed)
-    masks = get_views(name)(rollout, generator=generator, **kwargs)
+    rollout: Rollout,
+    name: str,
+    mask_id: int,
+    *,
+    shift: bool = False,
+    seed: int = 0,
+    sample_ids: torch.Tensor | None = None,
+    pack: bool = False,
+    max_tokens: int | None = None,
+    attention: str = "grouped",
+    **kwargs: object,
+) -> Any:
+    """Build the training views of a rollout with the named builder (one seeded mask per RL step and sample).
+
+    ``sample_ids`` [N]: each sample's id in the whole RL step (default 0..N-1) when ``rollout`` is a shard of
+    it, so random masks do not depend on how the step was sharded. ``pack``: block-layout rows packed one
+    sequence per sample (``packed.pack_views``, chunks of at most ``max_tokens``, ``attention`` its backend) when
+    the builder leaves prompts unmasked; otherwise (and for the full layout) the rows of ``build_views``.
+    """
+    ids = torch.arange(len(rollout)) if sample_ids is None else sample_ids
+    masks = get_views(name)(rollout, rng=SampleRandom(seed, ids), **kwargs)
+    if pack and rollout.layout == "block" and masks.prompt_masked is None and not shift:
+        from tracerl.packed import pack_views  # packed.py builds on this module
+
+        return pack_views(rollout, masks, mask_id, max_tokens=max_tokens, attention=attention)
     return build_views(rollout, masks, mask_id, shift)
 
 
@@ -372,6 +494,16 @@ def view_logprobs(policy, views: Views, rows: torch.Tensor | None = None) -> tor
     out = torch.zeros(target.shape, dtype=torch.float32, device=device)
     out[target] = picked
     return out
+
+
+def target_logprobs(policy, views: Any) -> torch.Tensor:  # noqa: ANN001
+    """[M] fp32 log-prob of every target from its training view, rows or packed, in ``views.targets()`` order
+    (one forward of every sequence; the LM head only at the targets)."""
+    device = next(policy.model.parameters()).device
+    inputs = views.model_inputs(torch.arange(len(views))).to(device)
+    logits = policy.logits_at(inputs.input_ids, inputs.position_ids, inputs.attention, inputs.target_mask)
+    logp = torch.log_softmax(logits.float(), dim=-1)
+    return logp.gather(-1, inputs.target_ids[inputs.target_mask].unsqueeze(-1)).squeeze(-1)
 
 
 def scatter_to_response(views: Views, values: torch.Tensor, n: int, length: int) -> torch.Tensor:

@@ -15,6 +15,7 @@ from typing import Any, Protocol, runtime_checkable
 import torch
 from torch import nn
 
+from tracerl.models.attention import PackedAttention, backbone_hidden_states
 from tracerl.models.cache import StaticKVCache
 from tracerl.models.lean import lean_hidden_states, lean_supported
 
@@ -38,7 +39,8 @@ class DiffusionPolicy(Protocol):
     def hidden_states(
         self, input_ids: torch.Tensor, position_ids: torch.Tensor, visible: torch.Tensor, cache: Any = None
     ) -> torch.Tensor:
-        """[N, Q, H] final hidden states; ``visible`` [N, Q, K] bool says which keys each query sees."""
+        """[N, Q, H] final hidden states; ``visible`` [N, Q, K] bool says which keys each query sees (or, for packed
+        training views without a cache, a ``models.attention.PackedAttention`` pattern)."""
         ...
 
     def head(self, hidden: torch.Tensor) -> torch.Tensor:
@@ -159,6 +161,8 @@ class DecoderPolicy:
         self, input_ids: torch.Tensor, position_ids: torch.Tensor, visible: torch.Tensor, cache: Any = None
     ) -> torch.Tensor:
         backbone = self.backbone()
+        if isinstance(visible, PackedAttention):  # packed training views: block-sparse, no cache
+            return backbone_hidden_states(backbone, input_ids, position_ids, visible)
         mask = additive_mask(visible, self.dtype)
         if isinstance(cache, StaticKVCache) and lean_supported(self.model):
             return lean_hidden_states(backbone, input_ids, position_ids, mask, cache)

@@ -38,7 +38,7 @@ def lean_supported(model: nn.Module) -> bool:
         and getattr(cfg, "hidden_act", None) == "silu"
         and not getattr(cfg, "use_sliding_window", False)
         and all(t == "full_attention" for t in layer_types)
-        and getattr(cfg, "_attn_implementation", None) in ("sdpa", "eager")
+        and getattr(cfg, "_attn_implementation", None) in ("sdpa", "eager", "tracerl")  # tracerl: SDPA but packed
         and getattr(cfg, "pretraining_tp", 1) == 1
         and _has_parts(model)
     )

@@ -17,6 +17,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from tracerl.models.attention import PackedAttention, backbone_hidden_states
 from tracerl.models.base import additive_mask
 
 
@@ -68,6 +69,8 @@ class ValueModel(nn.Module):
 
     def hidden_states(self, input_ids: torch.Tensor, position_ids: torch.Tensor, visible: torch.Tensor) -> torch.Tensor:
         """[N, Q, H] last hidden states of the backbone under the attention pattern ``visible`` [N, Q, K]."""
+        if isinstance(visible, PackedAttention):  # packed block-layout views
+            return backbone_hidden_states(self.backbone, input_ids, position_ids, visible)
         if self.encoder:
             key_valid = visible.any(dim=1).long()  # full attention: a key is valid if any query sees it
             out = self.backbone(input_ids=input_ids, attention_mask=key_valid, output_hidden_states=True)

@@ -6,10 +6,11 @@ Each RL step, top to bottom:
 2. ``RolloutGroup``   → K actors sample G responses per prompt; shards come back version-stamped
 3. ``RewardPool``     → each shard is scored as soon as it returns (not after the slowest one)
 4. advantages         → group-relative advantages and the group filter (registries)
-5. views              → the training rows of the kept samples (``trace.make_views``, registry ``views``)
-6. ``LearnerGroup``   → M DeepSpeed ranks: old log-probs, TraceRL loss, optimizer steps
-7. weight sync        → every rollout actor gets the new weights, version + 1 (registry ``WEIGHT_SYNC``)
-8. metrics            → W&B, ``metrics.jsonl``, one console line; eval and checkpoints when due
+5. ``LearnerGroup``   → M learner ranks, each sent its shard of the kept samples: it builds their training
+                        views (registry ``views``; never on the driver), then old log-probs, TraceRL loss,
+                        optimizer steps
+6. weight sync        → every rollout actor gets the new weights, version + 1 (registry ``WEIGHT_SYNC``)
+7. metrics            → W&B, ``metrics.jsonl``, one console line; eval and checkpoints when due
 
 The same code runs on a 2-core laptop (a local Ray instance on loopback, gloo, the tiny model) and on a
 multi-node GPU cluster (``--ray-address``, nccl).
@@ -182,14 +183,13 @@ class Session:
             batch = self.stream.next_batch(cfg.rollout.prompts_per_step)
             shards = self.rollout.generate_async(batch.prompt_ids, cfg.rollout.samples_per_prompt, seed(cfg, step))
             rollout, scored = self.collect(shards, batch, cfg.rollout.samples_per_prompt, timers)
-            with timers("views"):
+            with timers("advantages"):
                 adv, keep, metrics = self.advantages(scored, rollout)
                 kept = rollout.select(keep.nonzero().squeeze(1))
-                views = self.views(kept, step) if len(kept) else None
-            if views is None:
+            if not len(kept):
                 self.skipped_steps += 1  # every group filtered out: nothing to learn from, the run goes on
             else:
-                metrics |= self.update(kept, self.learner_outcome(adv, scored, rollout)[keep], views, timers)
+                metrics |= self.update(kept, self.learner_outcome(adv, scored, rollout)[keep], step, timers)
         metrics |= scored.metrics | stats.rollout_metrics(rollout) | timers.pop()
         metrics |= {"advantage/skipped_steps": float(self.skipped_steps), "sync/weights_version": float(self.version)}
         metrics |= {
@@ -262,20 +262,6 @@ class Session:
             self.learner.publish_weights,
         )  # fmt: skip
 
-    def views(self, kept: Rollout, step: int) -> trace.Views:
-        o = self.cfg.objective
-        return trace.make_views(
-            kept,
-            o.views,
-            self.policy["mask_id"],
-            shift=self.policy["shift"],
-            seed=seed(self.cfg, step, salt=1),
-            shrink_s=o.shrink,
-            prompt_mask_prob=o.d1_prompt_mask_prob,
-            low=o.mask_ratio_low,
-            high=o.mask_ratio_high,
-        )
-
     def advantages(self, scored: RewardResult, rollout: Rollout) -> tuple[torch.Tensor, torch.Tensor, dict]:
         o = self.cfg.objective
         return compute_advantages(
@@ -297,15 +283,15 @@ class Session:
         rewards = torch.tensor(scored.total, dtype=torch.float32)
         return truncated_is_wrong(rewards, rollout.truncated) if o.truncated_is_wrong else rewards
 
-    def update(self, kept: Rollout, adv: torch.Tensor, views: trace.Views, timers: Timers) -> dict[str, float]:
-        """The learner step, then the weight sync; colocated on GPU the rollout copies leave the device while the
-        learner trains."""
+    def update(self, kept: Rollout, adv: torch.Tensor, step: int, timers: Timers) -> dict[str, float]:
+        """The learner step (each rank builds the views of its shard of ``kept``, seeded per step), then the weight
+        sync; colocated on GPU the rollout copies leave the device while the learner trains."""
         self.updating = True
         offload = self.cfg.rollout.placement == "colocated" and self.cfg.rollout.offload_during_train
         with timers("train"):
             if offload:
                 self.rollout.offload()
-            metrics = self.learner.train_step(kept, adv, views)
+            metrics = self.learner.train_step(kept, adv, seed=seed(self.cfg, step, salt=1))
             if offload:
                 self.rollout.onload()
         with timers("sync"):
@@ -314,16 +300,16 @@ class Session:
         return metrics | {
             "sync/weight_s": timers.seconds["sync"],
             "sync/bytes": float(nbytes),
-            "trace/rows_per_sample": len(views) / len(kept),
-            "trace/row_tokens": float(views.row_tokens),
-            "perf/learner_flops": self.learner_flops(views),
+            "train/shard_bytes": float(max(self.learner.shard_bytes)),
+            "perf/learner_flops": self.learner_flops(metrics["trace/tokens_per_sample"] * len(kept)),
         }
 
-    def learner_flops(self, views: trace.Views) -> float:
-        """Counted FLOPs of this step's learner passes (``scoring.learner_flops``): compute, not wall time."""
+    def learner_flops(self, tokens: float) -> float:
+        """Counted FLOPs of this step's learner passes over ``tokens`` view tokens (``scoring.learner_flops``):
+        compute, not wall time."""
         o, lc = self.cfg.objective, self.cfg.learner
         return scoring.learner_flops(
-            views, int(self.policy["parameters"]), old_logp_pass=o.old_logp_source == "learner",
+            tokens, int(self.policy["parameters"]), old_logp_pass=o.old_logp_source == "learner",
             reference=o.kl_to_ref_coef > 0, value=o.value_model, updates_per_step=lc.updates_per_step,
             value_updates_per_step=lc.value_updates_per_step,
         )  # fmt: skip

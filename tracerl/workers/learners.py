@@ -60,8 +60,11 @@ class LearnerWorker:
         )
         return os.getpid()
 
-    def train_step(self, rollout: Any, advantages: Any, views: Any) -> dict[str, float]:
-        return self.learner.train_step(rollout, advantages, views)
+    def train_step(self, shard: Any) -> dict[str, float]:
+        """One RL step on this rank's shard (``records.TrainShard``): the rank builds its own views."""
+        return self.learner.train_step(
+            shard.rollout, shard.advantages, seed=shard.seed, sample_ids=shard.sample_ids, num_samples=shard.num_samples
+        )
 
     def sft_step(self, views: Any, weights: Any) -> dict[str, float]:
         return self.learner.sft_step(views, weights)
@@ -136,7 +139,7 @@ class LearnerGroup:
 
     Example:
         >>> group = LearnerGroup(cfg, num_ranks=2)                      # doctest: +SKIP
-        >>> metrics = group.train_step(rollout, advantages, views)     # doctest: +SKIP
+        >>> metrics = group.train_step(rollout, advantages, seed=7)    # doctest: +SKIP
         >>> version, weights = group.get_weights()                     # doctest: +SKIP
     """
 
@@ -159,6 +162,7 @@ class LearnerGroup:
         self.workers = [LearnerWorker.options(**options[rank]).remote(cfg, rank, n) for rank in range(n)]
         self.bucket_mb = cfg.rollout.sync_bucket_mb
         self.pids: list[int | None] = [None] * n
+        self.shard_bytes: list[int] = []  # tensor bytes each rank received for the last RL step
         addr, port = self.gather([self.workers[0].rendezvous.remote()], "rendezvous")[0]
         shared = ray.put(weights)
         setups = [w.setup.remote(addr, port, shared, learner_kwargs or {}) for w in self.workers]
@@ -211,9 +215,16 @@ class LearnerGroup:
                     return rank
         return None
 
-    def train_step(self, rollout: Any, advantages: Any, views: Any) -> dict[str, float]:
-        """One RL step on every rank (each trains its share of every minibatch); rank 0's metrics."""
-        return self._all("train_step", rollout, advantages, views)
+    def train_step(self, rollout: Any, advantages: Any, seed: int = 0) -> dict[str, float]:
+        """One RL step: each rank gets its data-parallel shard of the kept ``rollout`` and ``advantages`` (one
+        object-store copy per rank, never the views) and builds its own training views (view seed ``seed``);
+        returns rank 0's metrics, which cover every rank."""
+        from tracerl.records import shard_step
+
+        shards = shard_step(rollout, advantages, len(self.workers), seed)
+        self.shard_bytes = [shard.nbytes() for shard in shards]
+        refs = [w.train_step.remote(ray.put(shard)) for w, shard in zip(self.workers, shards, strict=True)]
+        return self.gather(refs, "train_step")[0]
 
     def sft_step(self, views: Any, weights: Any) -> dict[str, float]:
         return self._all("sft_step", views, weights)

@@ -1,0 +1,296 @@
+"""One learner rank (DESIGN §10, §20): the policy engine, the optional value engine and frozen reference, and the
+steps that use them. The package splits the learner by concept:
+
+- ``engine.py``          the ``Engine`` protocol and the plain-PyTorch engine; ``deepspeed_engine.py`` the
+                         DeepSpeed one (the only importer of deepspeed);
+- ``micro.py``           micro-batches by token budget, forwards without gradient, one optimizer step;
+- ``rl.py``              the RL update as numbered steps (old log-probs → value phase → μ passes);
+- ``value_phase.py``     step-level GAE from the value model, then its updates;
+- ``core.py``            this file: building the engines, SFT steps, weights for the rollout side, state.
+
+dims: N samples · L response length · R rows · T row length · M targets
+"""
+
+from __future__ import annotations
+
+import copy
+import gc
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from tracerl import objectives
+from tracerl.config import Config
+from tracerl.learner import rl
+from tracerl.learner.engine import Engine, init_distributed, make_engine
+from tracerl.learner.micro import MicroBatches
+from tracerl.models.value import ValueModel, enable_checkpointing
+from tracerl.records import Rollout
+from tracerl.scoring import PolicyScorer, ValueScorer
+from tracerl.trace import make_views
+
+VALUE_LR_RATIO = 5.0  # learner.value_lr = null: TraceRL's value / policy learning rates (5e-6 / 1e-6)
+
+
+class Learner:
+    """One learner rank training the policy (and optionally a value model) on training views.
+
+    Args:
+        cfg: the run config (``learner``, ``objective`` and ``seed`` are read; ``learner.engine`` picks the engine).
+        policy: a DiffusionPolicy; its ``model`` becomes the engine's module (trained in place).
+        rank, world_size: this rank and the number of ranks; every rank must call every method together.
+        lr, total_steps: override ``learner.lr`` / ``learner.total_steps`` (SFT uses its own).
+        master_addr, master_port: rendezvous of rank 0 (default: this machine, a free port).
+    """
+
+    def __init__(
+        self,
+        cfg: Config,
+        policy: Any,
+        rank: int = 0,
+        world_size: int = 1,
+        *,
+        lr: float | None = None,
+        total_steps: int | None = None,
+        master_addr: str = "127.0.0.1",
+        master_port: int | None = None,
+    ) -> None:
+        self.cfg, self.lc, self.obj, self.seed = cfg, cfg.learner, cfg.objective, cfg.seed
+        self.policy, self.rank, self.world_size = policy, rank, world_size
+        if self.lc.packed_attention == "flex" and not torch.cuda.is_available():
+            raise ValueError(
+                "learner.packed_attention=flex trains through FlexAttention, which has no backward on cpu; set "
+                "learner.packed_attention=auto (grouped here) or grouped."
+            )
+        self.version = 0  # learner updates (train_step / sft_step calls) behind the current weights
+        self.rl_steps = 0  # train_step calls; seeds the minibatch order of each pass
+        init_distributed(self.lc.engine, rank, world_size, self.lc.backend, master_addr, master_port)
+        dtype = torch.bfloat16 if self.lc.precision == "bf16" and self.lc.engine == "deepspeed" else torch.float32
+        total = total_steps if total_steps is not None else self.lc.total_steps
+
+        # 1. Frozen copies first: ZeRO-3 partitions the policy's parameters in place when its engine starts.
+        self.ref: PolicyScorer | None = None
+        if self.obj.kl_to_ref_coef > 0:
+            ref_policy = copy.copy(policy)
+            ref_policy.model = copy.deepcopy(policy.model).to(dtype).eval().requires_grad_(False)
+            self.ref = PolicyScorer(ref_policy, self.lc.logprob_chunk_tokens)
+        value = ValueModel.from_policy(policy) if self.obj.value_model else None
+
+        # 2. Engines.
+        if self.lc.gradient_checkpointing:
+            enable_checkpointing(policy.model)
+            if value is not None:
+                value.gradient_checkpointing_enable()
+        scorer = PolicyScorer(policy, self.lc.logprob_chunk_tokens)
+        policy_lr = lr if lr is not None else self.lc.lr
+        self.engine: Engine = make_engine(scorer, self.lc, policy_lr, total, rank, world_size)
+        self.value_engine: Engine | None = None
+        if value is not None:
+            value_lr = self.lc.value_lr or VALUE_LR_RATIO * self.lc.lr
+            self.value_engine = make_engine(ValueScorer(value), self.lc, value_lr, total, rank, world_size)
+        if self.ref is not None:
+            self.ref.to(self.engine.device)
+        self.micro = MicroBatches(self.lc, self.engine, dummy_token=int(getattr(policy, "pad_id", 0)))
+
+    # ------------------------------------------------------------------------------------------ ranks
+
+    def my_share(self, seqs: torch.Tensor) -> torch.Tensor:
+        """This rank's part of ``seqs`` when every rank holds the same views (SFT batches, ``logprobs``): a
+        contiguous share each. RL steps instead give each rank views of its own samples."""
+        return torch.tensor_split(seqs, self.world_size)[self.rank]
+
+    def gather(self, per_target: torch.Tensor) -> torch.Tensor:
+        """Per-target values [M] that each rank filled for its own share (0 elsewhere), completed on every rank."""
+        if self.world_size == 1:
+            return per_target
+        return self.engine.all_reduce(per_target.to(self.engine.device)).cpu()
+
+    def sum_over_ranks(self, sums: dict[str, float]) -> dict[str, float]:
+        """Add up per-rank sums (same keys on every rank)."""
+        keys = sorted(sums)
+        if self.world_size == 1 or not keys:
+            return dict(sums)
+        t = torch.tensor([sums[k] for k in keys], dtype=torch.float64, device=self.engine.device)
+        return dict(zip(keys, self.engine.all_reduce(t).tolist(), strict=True))
+
+    def max_over_ranks(self, peaks: dict[str, float]) -> dict[str, float]:
+        """The largest of each per-rank value (same keys on every rank)."""
+        keys = sorted(peaks)
+        if self.world_size == 1 or not keys:
+            return dict(peaks)
+        t = torch.tensor([peaks[k] for k in keys], dtype=torch.float64, device=self.engine.device)
+        return dict(zip(keys, self.engine.all_reduce(t, op="max").tolist(), strict=True))
+
+    def mean_over_ranks(self, sums: dict[str, float]) -> dict[str, float]:
+        """Per-rank sums with a ``count`` → their means over every rank (0 without any count)."""
+        total = self.sum_over_ranks(sums)
+        count = total.pop("count")
+        return {k: v / count if count else 0.0 for k, v in total.items()}
+
+    def minibatch_totals(self, rows: torch.Tensor, samples: torch.Tensor) -> objectives.Totals:
+        """The aggregation counts of a minibatch whose targets on this rank have these rows and samples: rows
+        and samples live on one rank each, so the counts add up over the ranks."""
+        t = objectives.count_totals(rows, samples)
+        total = self.sum_over_ranks({"rows": t.rows, "tokens": t.tokens, "samples": t.samples})
+        return objectives.Totals(total["rows"], total["tokens"], total["samples"])
+
+    # ------------------------------------------------------------------------------------------ steps
+
+    def views_of(self, rollout: Rollout, seed: int = 0, sample_ids: torch.Tensor | None = None) -> Any:
+        """The training views of ``rollout`` as ``objective.*`` asks (builder, shrink, masking knobs), packed one
+        sequence per sample for the block layout unless ``learner.packed_views=false``; ``seed`` is the RL step's
+        view seed and ``sample_ids`` the samples' ids in the step when ``rollout`` is a shard."""
+        o, lc = self.obj, self.lc
+        attention = lc.packed_attention
+        if attention == "auto":  # FlexAttention has no backward on CPU; grouped SDPA is the fastest measured there
+            attention = "flex" if self.engine.device.type == "cuda" else "grouped"
+        return make_views(
+            rollout,
+            o.views,
+            self.policy.mask_id,
+            shift=bool(self.policy.shift),
+            seed=seed,
+            sample_ids=sample_ids,
+            pack=lc.packed_views,
+            max_tokens=lc.micro_batch_tokens,
+            attention=attention,
+            shrink_s=o.shrink,
+            prompt_mask_prob=o.d1_prompt_mask_prob,
+            low=o.mask_ratio_low,
+            high=o.mask_ratio_high,
+        )
+
+    def logprobs(self, views: Any) -> torch.Tensor:
+        """[M] log-prob of every target under the current policy, in the views' ``targets()`` order (every rank
+        passes the same views)."""
+        table = views.targets()
+        return self.gather(self.micro.infer(self.engine, views, table, self.my_share(torch.arange(len(views))))[0])
+
+    def train_step(
+        self,
+        rollout: Rollout,
+        advantages: torch.Tensor,
+        *,
+        seed: int = 0,
+        sample_ids: torch.Tensor | None = None,
+        num_samples: int | None = None,
+    ) -> dict[str, float]:
+        """One RL step on this rank's samples of it: build their views here, then ``rl.train_step``.
+
+        Args:
+            rollout: this rank's samples (one rank: the whole kept rollout).
+            advantages: [n] per sample (broadcast to each sample's targets), or [n, L] per token. With the value
+                model on they are the outcome reward of its step-level GAE (TraceRL passes the z-scored reward).
+            seed: the RL step's view seed (random view builders).
+            sample_ids, num_samples: the samples' indices in the whole step and its size, when ``rollout`` is one
+                rank's shard (``records.shard_step``); default: the whole step.
+
+        Returns:
+            ``train/*`` metrics as floats: policy_loss, clipfrac, kl_to_old, kl_to_ref (with a reference),
+            entropy, grad_norm, lr, tokens, micro_batches, optimizer_steps, value_loss with a value model;
+            ``trace/*`` (rows and tokens per sample) and ``time/views`` (this rank's view building).
+        """
+        ids = torch.arange(len(rollout)) if sample_ids is None else sample_ids
+        start = time.perf_counter()
+        views = self.views_of(rollout, seed, ids)
+        views_s = time.perf_counter() - start
+        metrics = rl.train_step(self, rollout, advantages, views, ids, num_samples or len(rollout))
+        self.rl_steps += 1
+        self.version += 1
+        return metrics | {"time/views": views_s}
+
+    def sft_step(self, views: Any, weights: torch.Tensor) -> dict[str, float]:
+        """One optimizer step on the weighted negative log-likelihood −Σ weights · log p(target | view).
+
+        ``weights`` [R, T] (read at targets) carry the whole normalisation (e.g. 1 / (t · response tokens ·
+        examples) for the MDLM loss), so micro-batches simply add up. Returns train/loss, grad_norm, lr, tokens,
+        micro_batches.
+        """
+        table = views.targets()
+        flat = weights[views.target_mask].float()  # row-major: the table's order
+
+        def loss_fn(ids: torch.Tensor, outs: list[torch.Tensor]) -> torch.Tensor:
+            return -(flat[ids].to(outs[0].device) * outs[0]).sum()
+
+        s = self.micro.optimizer_step(self.engine, views, table, self.my_share(torch.arange(len(views))), loss_fn)
+        self.version += 1
+        return {
+            "train/loss": s.loss,
+            "train/grad_norm": s.grad_norm,
+            "train/lr": s.lr,
+            "train/tokens": float(len(table)),
+            "train/micro_batches": float(s.micro_batches),
+        }
+
+    # ------------------------------------------------------------------------------------------ weights, state
+
+    def state_dict_for_rollout(self) -> tuple[int, dict[str, torch.Tensor]]:
+        """(version, full policy weights on CPU under the native model's names); gathered under ZeRO-3, so
+        every rank must call it."""
+        return self.version, self.engine.full_state_dict(self.policy.model)
+
+    def save_hf(self, out_dir: str | Path) -> None:
+        """Write the policy as a Hugging Face directory (native ``save_pretrained`` + tokenizer) from rank 0;
+        every rank calls it (ZeRO-3 weights are gathered)."""
+        _, weights = self.state_dict_for_rollout()
+        if self.rank == 0:
+            self.policy.model.save_pretrained(out_dir, state_dict=weights)
+            self.policy.tokenizer.save_pretrained(out_dir)
+
+    def save(self, directory: str | Path) -> None:
+        """Write engine state (weights, optimizer, LR schedule), value/reference state, the learner's counters
+        and an HF copy of the policy (``hf/``) under ``directory``. Every rank calls it (shared filesystem)."""
+        d = Path(directory)
+        d.mkdir(parents=True, exist_ok=True)
+        self.engine.save(d / "policy")
+        if self.value_engine is not None:
+            self.value_engine.save(d / "value")
+        self.save_hf(d / "hf")
+        if self.rank == 0:
+            if self.ref is not None:
+                torch.save(self.ref.model.state_dict(), d / "ref.pt")
+            state = {
+                "version": self.version,
+                "rl_steps": self.rl_steps,
+                "world_size": self.world_size,
+                "engine": self.lc.engine,
+            }
+            (d / "learner.json").write_text(json.dumps(state))
+        self.barrier()
+
+    def load(self, directory: str | Path) -> None:
+        """Restore what ``save`` wrote (same engine, ZeRO stage and number of ranks)."""
+        d = Path(directory)
+        state = json.loads((d / "learner.json").read_text())
+        engine = state.get("engine", "deepspeed")
+        if engine != self.lc.engine:
+            raise ValueError(
+                f"checkpoint {d} was written by learner.engine={engine}; this learner has learner.engine="
+                f"{self.lc.engine}. Set learner.engine={engine} to resume from it."
+            )
+        if state["world_size"] != self.world_size and self.lc.zero_stage > 0:
+            raise ValueError(
+                f"checkpoint {d} was written by {state['world_size']} ZeRO ranks; this learner has {self.world_size}"
+            )
+        self.engine.load(d / "policy")
+        if self.value_engine is not None:
+            self.value_engine.load(d / "value")
+        if self.ref is not None:
+            self.ref.model.load_state_dict(torch.load(d / "ref.pt", map_location="cpu"))
+        self.version, self.rl_steps = int(state["version"]), int(state["rl_steps"])
+
+    def barrier(self) -> None:
+        """Wait for every rank (a summed zero: the engines' reduction is the only collective the learner uses)."""
+        if self.world_size > 1:
+            self.engine.all_reduce(torch.zeros(1, device=self.engine.device))
+
+    def destroy(self) -> None:
+        """Release the engines (several learners may live one after another in a process)."""
+        for engine in (self.engine, self.value_engine):
+            if engine is not None:
+                engine.destroy()
+        self.engine = self.value_engine = self.ref = None  # type: ignore[assignment]
+        gc.collect()

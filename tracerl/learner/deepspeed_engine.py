@@ -1,0 +1,135 @@
+"""The DeepSpeed implementation of the engine seam (``learner.engine=deepspeed``); the only module that imports
+deepspeed.
+
+ZeRO stages 0-3, fp32 or bf16 (bf16 weights, fp32 master weights in the optimizer), torch's AdamW
+(``torch_adam``: nothing JIT-compiles), gradient clipping by ``learner.max_grad_norm`` over all ranks. The
+accumulation boundary is marked per micro-batch (``set_gradient_accumulation_boundary``), because packing makes
+the number of micro-batches of a minibatch vary; DeepSpeed's own accumulation count stays 1.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from pathlib import Path
+from typing import Any
+
+import deepspeed
+import torch
+from torch import nn
+
+from tracerl.config import LearnerConfig
+from tracerl.learner.engine import all_reduce
+from tracerl.scoring import LRSchedule
+
+deepspeed.utils.logger.setLevel(logging.WARNING)  # DeepSpeed logs every engine's config at INFO
+
+
+def ds_config(lc: LearnerConfig, lr: float, world_size: int) -> dict[str, Any]:
+    """The DeepSpeed config of one engine: torch's AdamW (nothing JIT-compiles), clipping and ZeRO stage.
+
+    Micro-batch size and accumulation steps are 1 here on purpose: the boundary is marked per micro-batch (micro-batch
+    counts vary with packing), so these numbers only feed DeepSpeed's sample counter.
+    """
+    zero: dict[str, Any] = {"stage": lc.zero_stage}
+    if lc.zero_stage == 3:
+        zero["stage3_param_persistence_threshold"] = lc.zero3_persistence_threshold
+    return {
+        "train_batch_size": world_size,
+        "train_micro_batch_size_per_gpu": 1,
+        "gradient_accumulation_steps": 1,
+        "gradient_clipping": lc.max_grad_norm,
+        "optimizer": {
+            "type": "AdamW",
+            "params": {
+                "lr": lr,
+                "betas": [lc.beta1, lc.beta2],
+                "eps": lc.adam_eps,
+                "weight_decay": lc.weight_decay,
+                "torch_adam": True,
+            },
+        },
+        "zero_optimization": zero,
+        "bf16": {"enabled": lc.precision == "bf16"},
+        "zero_allow_untested_optimizer": True,
+        "steps_per_print": 2**31 - 1,
+        "wall_clock_breakdown": False,
+    }
+
+
+def init_deepspeed_distributed(backend: str, rank: int, world_size: int) -> None:
+    """``deepspeed.init_distributed`` from the environment ``engine.rendezvous_env`` set, with the shared-memory
+    comm op off (its JIT build takes ~30 s and gains nothing here)."""
+    deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
+    deepspeed.init_distributed(
+        dist_backend=backend, auto_mpi_discovery=False, verbose=False, rank=rank, world_size=world_size
+    )
+
+
+class DeepSpeedEngine:
+    """A DeepSpeed engine behind the ``Engine`` protocol."""
+
+    def __init__(
+        self, module: nn.Module, lc: LearnerConfig, lr: float, total_steps: int, rank: int = 0, world_size: int = 1
+    ) -> None:
+        params = [p for p in module.parameters() if p.requires_grad]
+        schedule = LRSchedule(lc.lr_schedule, lc.warmup_steps, total_steps)
+        self.ds, *_ = deepspeed.initialize(
+            model=module,
+            model_parameters=params,
+            config=ds_config(lc, lr, world_size),
+            lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, schedule),
+        )
+        self.module: nn.Module = self.ds.module
+        self.device = self.ds.device
+        self.rank, self.world_size = rank, world_size
+        self.lockstep = lc.zero_stage == 3 and world_size > 1
+        # ZeRO-0 in fp32 reports no gradient norm; its full reduced gradients are on the parameters at the boundary
+        self.norm_from_grads = lc.zero_stage == 0 and lc.precision == "fp32"
+
+    def __call__(self, *inputs: Any) -> Any:
+        return self.ds(*inputs)
+
+    def backward(self, loss: torch.Tensor, *, last: bool) -> None:
+        self.ds.set_gradient_accumulation_boundary(last)
+        self.ds.backward(loss * self.world_size, scale_wrt_gas=False)  # DeepSpeed averages over ranks: undo it
+        if not last:
+            self.ds.step()  # DeepSpeed counts micro-steps here; off the boundary it changes no weight
+
+    def step(self) -> float:
+        norm = _grad_norm(self.module) if self.norm_from_grads else None
+        self.ds.step()
+        if norm is None:
+            reported = self.ds.get_global_grad_norm()
+            norm = float(reported) if reported is not None else float("nan")
+        return norm
+
+    @property
+    def lr(self) -> float:
+        return float(self.ds.get_lr()[0])
+
+    def all_reduce(self, tensor: torch.Tensor, op: str = "sum") -> torch.Tensor:
+        return all_reduce(tensor, op, self.world_size)
+
+    def full_state_dict(self, module: nn.Module | None = None) -> dict[str, torch.Tensor]:
+        source = self.module if module is None else module
+        out = {}
+        for name, tensor in source.state_dict(keep_vars=True).items():
+            gathered = deepspeed.zero.GatheredParameters([tensor]) if hasattr(tensor, "ds_id") else None
+            with gathered or contextlib.nullcontext():
+                out[name] = tensor.detach().to("cpu", copy=True)
+        return out
+
+    def save(self, directory: Path) -> None:
+        self.ds.save_checkpoint(str(directory), tag="state")
+
+    def load(self, directory: Path) -> None:
+        self.ds.load_checkpoint(str(directory), tag="state")
+
+    def destroy(self) -> None:
+        self.ds.destroy()
+
+
+def _grad_norm(module: nn.Module) -> float:
+    grads = [p.grad.detach().float().norm() for p in module.parameters() if p.grad is not None]
+    return float(torch.stack(grads).norm()) if grads else 0.0
