@@ -14,8 +14,10 @@ Example:
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
+import signal
 import time
 import uuid
 
@@ -58,6 +60,26 @@ class MemoryCgroups:
     def procs_file(path: str) -> bytes:
         """The file a process writes its pid to, to join the cgroup (done by the child before ``exec``)."""
         return os.fsencode(os.path.join(path, "cgroup.procs"))
+
+    @staticmethod
+    def kill(path: str) -> None:
+        """SIGKILL every process in the cgroup (``cgroup.kill`` on cgroup v2, each pid of ``cgroup.procs`` on v1):
+        a program's whole tree, even processes that left its process group."""
+        kill_file = os.path.join(path, "cgroup.kill")
+        if os.path.exists(kill_file):
+            _write(kill_file, "1")
+            return
+        for _ in range(100):  # a process may fork while its siblings are being killed: repeat until empty
+            try:
+                with open(os.path.join(path, "cgroup.procs")) as f:
+                    pids = [int(p) for p in f.read().split()]
+            except FileNotFoundError:
+                return
+            if not pids:
+                return
+            for pid in pids:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
 
     @staticmethod
     def remove(path: str, wait_s: float = 2.0) -> None:

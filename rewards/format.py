@@ -31,7 +31,7 @@ def has_format(text: str, tags: Sequence[str] = ("think",), require_boxed: bool 
     return not require_boxed or last_boxed(text[cursor:]) is not None
 
 
-@register_reward("format")
+@register_reward("format", answer_format="<think>2+2</think> \\boxed{4}")
 def format_reward(
     prompts: list,
     completions: list,

@@ -11,7 +11,12 @@ Layers (each used only where the OS allows it; ``rewards.sandbox`` probes them o
   Nothing else of the host exists there (not the working directory, not ``sys.path`` or ``PYTHONPATH``
   folders, not home, not ``/etc``), and nothing it writes reaches the host;
 - pid namespace (``unshare --pid --fork``): every process the program starts dies with it, even ones that
-  left its process group, and none is left as a zombie.
+  left its process group, and none is left as a zombie;
+- IPC and UTS namespaces: System V shared memory, semaphores and message queues (and POSIX message queues) are
+  its own and vanish with it; its host name is ``sandbox``;
+- a system-call filter (``rewards.seccomp``), installed by the interpreter itself just before the program's first
+  line, after it has joined a fresh, empty session keyring: no kernel keyrings, no new namespaces, no ``AF_UNIX``
+  socket of its own, none of the kernel interfaces unprivileged sandboxes usually lose.
 Without root, the same namespaces come from a user namespace where unprivileged user namespaces are enabled.
 
 The child-side code runs between ``fork`` and ``exec`` (``preexec_fn``): it makes only system calls, with
@@ -29,11 +34,15 @@ import resource
 import shutil
 import signal
 import site
+import stat
 import sys
 import tempfile
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
+
+from rewards.seccomp import BOOTSTRAP, keyctl_number, syscall_filter
 
 CLONE_NEWNS, CLONE_NEWUSER, CLONE_NEWNET = 0x00020000, 0x10000000, 0x40000000
+CLONE_NEWUTS, CLONE_NEWIPC = 0x04000000, 0x08000000
 MS_RDONLY, MS_NOSUID, MS_NODEV, MS_NOEXEC, MS_REMOUNT = 1, 2, 4, 8, 32
 MS_NOATIME, MS_NODIRATIME, MS_BIND, MS_REC, MS_PRIVATE = 1024, 2048, 4096, 16384, 1 << 18
 MS_RELATIME, MS_STRICTATIME = 1 << 21, 1 << 24
@@ -54,7 +63,7 @@ _OS_TREES = ("/usr", "/bin", "/sbin", "/lib", "/lib32", "/lib64", "/libx32")  # 
 _OS_FILES = ("/etc/ld.so.cache",)  # the dynamic linker's cache (it also works without, only slower)
 _DEVICES = ("/dev/null", "/dev/zero", "/dev/full", "/dev/random", "/dev/urandom")
 _PIVOT_ROOT = {"x86_64": 155, "aarch64": 41, "riscv64": 41}  # syscall numbers (glibc has no wrapper)
-
+_HIDDEN = ("__editable__",)  # site-packages entries that name the host's checkout (editable installs)
 
 @dataclass(frozen=True)
 class Isolation:
@@ -66,6 +75,8 @@ class Isolation:
     pid_namespace: bool  # all descendants are killed and reaped with the program
     process_limit: bool  # RLIMIT_NPROC is enforced (uid 0 is exempt from it)
     memory_cgroup: bool = False  # the whole program's memory is capped by a cgroup (else per process only)
+    ipc_namespace: bool = False  # its own System V IPC objects and host name, gone with it
+    syscall_filter: bool = False  # seccomp: no keyrings, no new namespaces, no AF_UNIX sockets of its own
     notes: str = ""  # why a layer is off, if any
 
 
@@ -84,7 +95,17 @@ class Plan:
     private_tmpfs: tuple[bytes, ...] = ()  # mount points that get a fresh, writable, size-limited tmpfs
     host_proc: bool = False  # bind the host's /proc first (a user namespace may mount a new one only then)
     pivot_syscall: int | None = None  # pivot_root's number here (None: chroot into the new root instead)
+    hidden: tuple[bytes, ...] = ()  # files in its root shown empty (they would name host paths)
+    ipc: bool = False  # its own IPC and UTS namespaces (System V objects, host name)
+    syscall_filter: bytes = b""  # the seccomp program BOOTSTRAP installs (empty: none, python runs main.py)
+    keyctl: int = 0  # keyctl's system-call number (BOOTSTRAP joins a fresh session keyring with it)
     host_ids: tuple[int, int] = field(default_factory=lambda: (os.getuid(), os.getgid()))
+
+    def interpreter(self) -> list[str]:
+        """How the program's interpreter starts: through BOOTSTRAP when there is a filter to install."""
+        if not self.syscall_filter:
+            return [sys.executable, "-I", "main.py"]
+        return [sys.executable, "-I", "-c", BOOTSTRAP, self.syscall_filter.hex(), str(self.keyctl)]
 
     def command_prefix(self, uid: int | None) -> list[str]:
         """Wrapper command for the pid namespace (the program runs under a tiny ``sh`` as pid 1)."""
@@ -109,11 +130,15 @@ def candidate_plans(paths: tuple[str, ...] = ()) -> list[Plan]:
     has_unshare = shutil.which("unshare") is not None and os.path.exists("/bin/sh")
     root = os.geteuid() == 0
     view = _filesystem_view(paths, host_proc=not root and has_unshare)
+    machine = platform.machine()
+    kernel: dict = {"ipc": True}
+    if syscall_filter(machine):
+        kernel.update(syscall_filter=syscall_filter(machine), keyctl=keyctl_number(machine))
     if root:
         full = Plan("root", separate_user=True, network=True, filesystem=True, pid_namespace=has_unshare, **view)
-        return [full, Plan("root-network", network=True), Plan("none")]
+        return [replace(full, **kernel), Plan("root-network", network=True), Plan("none")]
     userns = Plan("userns", user_namespace=True, network=True, filesystem=True, pid_namespace=has_unshare, **view)
-    return [userns, Plan("userns-network", user_namespace=True, network=True), Plan("none")]
+    return [replace(userns, **kernel), Plan("userns-network", user_namespace=True, network=True), Plan("none")]
 
 
 def describe(plan: Plan, notes: str = "", memory_cgroup: bool = False) -> Isolation:
@@ -125,6 +150,8 @@ def describe(plan: Plan, notes: str = "", memory_cgroup: bool = False) -> Isolat
         pid_namespace=plan.pid_namespace,
         process_limit=plan.separate_user or plan.user_namespace,
         memory_cgroup=memory_cgroup,
+        ipc_namespace=plan.ipc,
+        syscall_filter=bool(plan.syscall_filter),
         notes=notes,
     )
 
@@ -159,23 +186,70 @@ def _filesystem_view(paths: tuple[str, ...] = (), host_proc: bool = False) -> di
     binds: list[tuple[bytes, bytes, int]] = []
     covered: list[tuple[str, str]] = []
     for source, target in sorted(set(wanted), key=lambda st: (len(st[1]), st[1])):
-        if any(_under(target, [t]) and source == s + target[len(t) :] for s, t in covered):
+        if any(_under(target, [t]) and source == _rebase(target, t, s) for s, t in covered):
             continue  # already visible through a bind of a folder above it
         covered.append((source, target))
         for point in sorted(m for m in mounts if _under(m, [source]) and not _under(m, list(_SYSTEM_TREES))):
-            inner = target + point[len(source) :]  # the bind itself, then every mount below it
+            inner = _rebase(point, source, target)  # the bind itself, then every mount below it
             binds.append((point.encode(), inner.encode(), _mount_flags(point, mounts)))
         if not any(m == source for m in mounts):
             binds.append((source.encode(), target.encode(), _mount_flags(source, mounts)))
     binds.sort(key=lambda b: len(b[1]))  # a folder before the mounts below it
     tmpfs = [p for p in ("/tmp", "/dev/shm") if os.path.isdir(p)]
+    hidden = []
+    for site_dir in site.getsitepackages():
+        for folder in (site_dir, os.path.join(site_dir, "__pycache__")):
+            for name in sorted(os.listdir(folder)) if os.path.isdir(folder) else []:
+                if name.startswith(_HIDDEN) and os.path.isfile(os.path.join(folder, name)):
+                    hidden.append(os.path.join(folder, name))
+                elif name.endswith(".dist-info") and _local_install(os.path.join(folder, name, "direct_url.json")):
+                    hidden.append(os.path.join(folder, name, "direct_url.json"))
     return {
         "binds": tuple(binds),
         "links": tuple(links),
         "private_tmpfs": tuple(p.encode() for p in tmpfs),
         "host_proc": host_proc,
         "pivot_syscall": _PIVOT_ROOT.get(platform.machine()),
+        "hidden": tuple(os.fsencode(p) for p in hidden),
     }
+
+
+def listed_path_problem(path: str) -> str | None:
+    """Why a path may not be listed for programs to read (``reward.sandbox.paths``), or None.
+
+    A listed path is bound read-only into the program's root, but a read-only mount does not stop a program from
+    connecting to a socket or writing into a FIFO there, nor from opening a device node; and binding ``/`` or a
+    kernel filesystem would show the whole host. So those are refused, naming the entry.
+    """
+    real = os.path.realpath(os.path.expanduser(path))
+    if real == "/" or _under(real, list(_SYSTEM_TREES)):
+        return f"it is {real}, which would show the whole host or its kernel filesystems; list specific folders"
+    for top, folders, files in os.walk(real) if os.path.isdir(real) else [(os.path.dirname(real), [], [real])]:
+        for name in (*folders, *files):
+            entry = os.path.join(top, name)
+            mode = os.lstat(entry).st_mode
+            if not (stat.S_ISREG(mode) or stat.S_ISDIR(mode) or stat.S_ISLNK(mode)):
+                kind = "socket" if stat.S_ISSOCK(mode) else "FIFO" if stat.S_ISFIFO(mode) else "device node"
+                return (
+                    f"it holds a {kind}, {entry}, which a read-only mount does not protect (programs could send "
+                    "through it); list a folder of plain files"
+                )
+    return None
+
+
+def _rebase(path: str, source: str, target: str) -> str:
+    """``path`` (``source`` or below it) as seen where ``source`` is bound at ``target``."""
+    rest = os.path.relpath(path, source)
+    return target if rest == "." else os.path.join(target, rest)
+
+
+def _local_install(direct_url: str) -> bool:
+    """Whether a package's ``direct_url.json`` names a folder of this machine (an install from a checkout)."""
+    try:
+        with open(direct_url, "rb") as f:
+            return b'"file:' in f.read(4096)
+    except OSError:
+        return False
 
 
 def _mount_flags(path: str, mounts: dict[str, int]) -> int:
@@ -240,7 +314,7 @@ def child_setup(
 
 def _setup(plan: Plan, workdir: bytes, rlimits: tuple, tmpfs_options: bytes, uid: int | None) -> None:
     flags = (CLONE_NEWUSER if plan.user_namespace else 0) | (CLONE_NEWNET if plan.network else 0)
-    flags |= CLONE_NEWNS if plan.filesystem else 0
+    flags |= (CLONE_NEWNS if plan.filesystem else 0) | (CLONE_NEWIPC | CLONE_NEWUTS if plan.ipc else 0)
     if flags:
         _call(_LIBC.unshare(flags), "unshare")
     if plan.user_namespace:
@@ -248,6 +322,8 @@ def _setup(plan: Plan, workdir: bytes, rlimits: tuple, tmpfs_options: bytes, uid
         _write("/proc/self/setgroups", b"deny")
         _write("/proc/self/uid_map", b"%d %d 1" % (uid, uid))
         _write("/proc/self/gid_map", b"%d %d 1" % (gid, gid))
+    if plan.ipc:
+        _call(_LIBC.sethostname(b"sandbox", 7), "sethostname")
     if plan.filesystem:
         _private_view(plan, workdir, tmpfs_options, uid)
     # after the user namespace exists: its RLIMIT_NPROC then counts only the processes inside it
@@ -281,6 +357,8 @@ def _private_view(plan: Plan, workdir: bytes, tmpfs_options: bytes, uid: int | N
             os.close(os.open(inside, os.O_WRONLY | os.O_CREAT, 0o644))
         _mount(source, inside, None, MS_BIND)
         _mount(None, inside, None, MS_REMOUNT | MS_BIND | MS_RDONLY | keep)
+    for path in plan.hidden:  # an empty file in its place: nothing of the host's layout shows through
+        _mount(b"/dev/null", root + path, None, MS_BIND)
     for link, target in plan.links:
         os.symlink(target, root + link)
     os.makedirs(root + b"/proc", exist_ok=True)  # `unshare --mount-proc` mounts its pid namespace's /proc here

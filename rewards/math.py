@@ -42,7 +42,7 @@ def ground_truth_values(fn_name: str, n: int, answer: Any, solution: Any, truth:
 # ---------------------------------------------------------------------------------------------- math_verify
 
 
-@register_reward("math_verify")
+@register_reward("math_verify", answer_format="\\boxed{42}")
 def math_verify_reward(
     prompts: list,
     completions: list,
@@ -147,7 +147,7 @@ def gsm8k_answers_match(predicted: str | None, gold: str | None) -> bool:
         return predicted.strip().lower() == gold.strip().lower()
 
 
-@register_reward("gsm8k")
+@register_reward("gsm8k", answer_format="#### 42")
 def gsm8k_reward(
     prompts: list,
     completions: list,

@@ -22,6 +22,7 @@ from typing import Any
 
 RewardFn = Callable[..., list[float | None]]
 REWARDS: dict[str, RewardFn] = {}
+ANSWER_FORMATS: dict[str, str] = {}  # name -> an example of the answer format the reward reads (e.g. \boxed{42})
 
 
 class UnknownRewardError(LookupError):
@@ -31,8 +32,10 @@ class UnknownRewardError(LookupError):
         return str(self.args[0]) if self.args else ""
 
 
-def register_reward(name: str) -> Callable[[RewardFn], RewardFn]:
-    """Register ``fn`` under ``name`` so configs can name it; returns ``fn`` unchanged.
+def register_reward(name: str, answer_format: str | None = None) -> Callable[[RewardFn], RewardFn]:
+    """Register ``fn`` under ``name`` so configs can name it; returns ``fn`` unchanged. ``answer_format`` is an
+    example of what the reward reads in a completion (``\\boxed{42}``): a run checks before it starts that the
+    model's tokenizer can write it.
 
     Raises:
         ValueError: ``name`` is already taken by a different function.
@@ -42,6 +45,8 @@ def register_reward(name: str) -> Callable[[RewardFn], RewardFn]:
         if name in REWARDS and REWARDS[name] is not fn:
             raise ValueError(f"reward name '{name}' is already registered (by {_qualname(REWARDS[name])}).")
         REWARDS[name] = fn
+        if answer_format is not None:
+            ANSWER_FORMATS[name] = answer_format
         return fn
 
     return wrap
@@ -56,6 +61,11 @@ def get_reward(name: str) -> RewardFn:
     if name not in REWARDS:
         raise UnknownRewardError(f"unknown reward '{name}'; choose from {sorted(REWARDS)}")
     return REWARDS[name]
+
+
+def answer_format(name: str) -> str | None:
+    """The example answer format registered with reward ``name`` (None: any text, or not a registered name)."""
+    return ANSWER_FORMATS.get(name)
 
 
 def available_rewards() -> list[str]:

@@ -1,15 +1,18 @@
 """Run untrusted Python programs (generated code) in a separate, limited, isolated process.
 
-Each program runs as ``python -I main.py`` in a fresh temporary directory (deleted afterwards; with filesystem
-isolation the program sees a size-limited tmpfs there holding a copy of its files) with:
+Each program runs as ``python -I main.py`` (with the system-call filter: ``python -I -c BOOTSTRAP``, which
+installs it and runs ``main.py`` as ``__main__``, ``rewards.seccomp``) in a fresh temporary directory (deleted
+afterwards; with filesystem isolation the program sees a size-limited tmpfs there holding a copy of its files) with:
 - resource limits (``setrlimit`` in the child): CPU seconds, address space, processes, file size, open files;
 - a scrubbed environment: ``PATH``, locale, ``HOME``/``TMPDIR`` = its directory; no inherited variable, so no
   ``WANDB_API_KEY``, ``HF_TOKEN``, cloud credentials;
 - output capped at ``max_output_bytes`` (the program is killed when it prints more);
-- a wall-clock limit, after which its whole process group (and pid namespace) is killed;
+- a wall-clock limit (and the caller's ``deadline``), after which its whole process tree is killed (its pid
+  namespace, its process group, every process in its cgroup);
 - the OS isolation this machine allows (``rewards.isolation``: separate uid, no network, its own root holding
-  only the interpreter's installation, pid namespace; ``rewards.cgroup``: a memory cap on the whole program),
-  probed once per process; ``isolation()`` says what is active;
+  only the interpreter's installation, pid, IPC and UTS namespaces, a system-call filter with a fresh session
+  keyring; ``rewards.cgroup``: a memory cap on the whole program), probed once per process; ``isolation()`` says
+  what is active;
 - a minimum isolation level (``configure(min_isolation=...)``, default ``"full"``): below it no program runs
   and ``SandboxError`` says which layer is missing, why, and how to fix it.
 At most ``max_workers`` programs run at once per ``Sandbox``.
@@ -24,6 +27,7 @@ Example:
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import functools
 import logging
 import math
@@ -33,17 +37,16 @@ import selectors
 import shutil
 import signal
 import subprocess
-import sys
 import tempfile
 import threading
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Literal
 
 from rewards.cgroup import MemoryCgroups
-from rewards.isolation import Isolation, Plan, UidSlots, candidate_plans, child_setup, describe
+from rewards.isolation import Isolation, Plan, UidSlots, candidate_plans, child_setup, describe, listed_path_problem
 
 log = logging.getLogger(__name__)
 _READ_CHUNK = 1 << 16
@@ -86,9 +89,10 @@ class SandboxError(RuntimeError):
 # ---------------------------------------------------------------------------------------------- isolation
 
 # The minimum isolation levels, most to least contained: the layers each one needs.
+_CONTAINED = ("filesystem", "network", "pid_namespace", "process_limit", "ipc_namespace", "syscall_filter")
 LEVELS: dict[str, tuple[str, ...]] = {
-    "full": ("separate_user", "filesystem", "network", "pid_namespace", "process_limit"),
-    "namespaces": ("filesystem", "network", "pid_namespace", "process_limit"),  # unprivileged user namespace
+    "full": ("separate_user", *_CONTAINED),
+    "namespaces": _CONTAINED,  # what an unprivileged user namespace gives
     "network": ("network",),
     "none": (),
 }
@@ -113,7 +117,8 @@ def configure(min_isolation: str = "full", paths: Sequence[str] = ()) -> Policy:
     """Set this process's sandbox policy; lowering the level below "full" is logged.
 
     Raises:
-        ValueError: an unknown level, or a path that does not exist.
+        ValueError: an unknown level, a path that does not exist, or one that may not be listed (``/``, a
+            kernel filesystem, a folder holding a socket, FIFO or device node).
     """
     global _POLICY
     if min_isolation not in LEVELS:
@@ -121,6 +126,9 @@ def configure(min_isolation: str = "full", paths: Sequence[str] = ()) -> Policy:
     for path in paths:
         if not os.path.exists(os.path.expanduser(path)):
             raise ValueError(f"sandbox path '{path}' does not exist; list only existing files or folders.")
+        problem = listed_path_problem(path)
+        if problem is not None:
+            raise ValueError(f"sandbox path '{path}' (reward.sandbox.paths) cannot be shown to programs: {problem}.")
     policy = Policy(min_isolation, tuple(os.path.abspath(os.path.expanduser(p)) for p in paths))
     if policy != _POLICY:
         if min_isolation != "full":
@@ -195,6 +203,21 @@ def _plan(mode: str, paths: tuple[str, ...] = ()) -> tuple[Plan, Isolation]:
 
 # ---------------------------------------------------------------------------------------------- running
 
+_DEADLINE: contextvars.ContextVar[float | None] = contextvars.ContextVar("tracerl_sandbox_deadline", default=None)
+
+
+@contextlib.contextmanager
+def deadline(until: float | None) -> Iterator[None]:
+    """Inside, every program this thread starts through a ``Sandbox`` stops at ``until`` (``time.monotonic()``
+    seconds) at the latest, and one that cannot start before it is not started. A reward service sets it to the
+    end of each call, so a call it abandons leaves no program running and none queued in front of the next."""
+    token = _DEADLINE.set(until)
+    try:
+        yield
+    finally:
+        _DEADLINE.reset(token)
+
+
 
 class Sandbox:
     """Runs programs with ``limits``, at most ``max_workers`` at once (default: CPU count).
@@ -221,8 +244,13 @@ class Sandbox:
     def isolation(self) -> Isolation:
         return isolation(self.mode)
 
-    def run(self, source: str, stdin: bytes | str = b"", files: dict[str, str] | None = None) -> RunResult:
+    def run(
+        self, source: str, stdin: bytes | str = b"", files: dict[str, str] | None = None, until: float | None = None
+    ) -> RunResult:
         """Run ``source`` as ``main.py`` (``files`` are written beside it) with ``stdin`` as its input.
+
+        ``until`` (``time.monotonic()`` seconds; default: this thread's ``deadline``) stops the program then at the
+        latest; a program that cannot start before it is not started (status "timeout", ``returncode`` None).
 
         Raises:
             SandboxError: the isolation is below the minimum level, or the sandbox itself failed (could not
@@ -231,18 +259,28 @@ class Sandbox:
         check_isolation(self.min_isolation, self.mode)
         plan = _plan(self.mode, _POLICY.paths)[0]
         data = stdin.encode() if isinstance(stdin, str) else stdin
-        with self._slots:
-            return _spawn(plan, source, data, self.limits, files or {})
+        until = _DEADLINE.get() if until is None else until
+        late = RunResult("timeout", None, b"", b"not started: the caller's deadline passed first", 0.0)
+        if until is not None and until <= time.monotonic():
+            return late
+        if not self._slots.acquire(timeout=None if until is None else max(0.0, until - time.monotonic())):
+            return late
+        try:
+            if until is not None and until <= time.monotonic():
+                return late
+            return _spawn(plan, source, data, self.limits, files or {}, until)
+        finally:
+            self._slots.release()
 
     def run_many(self, jobs: Iterable[tuple[str, bytes | str]]) -> list[RunResult]:
-        """Run ``(source, stdin)`` jobs concurrently; results in job order."""
-        jobs = list(jobs)
+        """Run ``(source, stdin)`` jobs concurrently; results in job order (under the caller's ``deadline``)."""
+        jobs, until = list(jobs), _DEADLINE.get()
         if len(jobs) <= 1:
-            return [self.run(src, stdin) for src, stdin in jobs]
+            return [self.run(src, stdin, until=until) for src, stdin in jobs]
         with self._pool_lock:
             if self._pool is None:
                 self._pool = ThreadPoolExecutor(self.max_workers, thread_name_prefix="sandbox")
-        return list(self._pool.map(lambda job: self.run(*job), jobs))
+        return list(self._pool.map(lambda job: self.run(*job, until=until), jobs))
 
     def close(self) -> None:
         """Stop the worker threads (running programs finish first)."""
@@ -258,8 +296,10 @@ class Sandbox:
         self.close()
 
 
-def _spawn(plan: Plan, source: str, stdin: bytes, limits: Limits, files: dict[str, str]) -> RunResult:
-    """One program, start to cleanup, under ``plan``."""
+def _spawn(
+    plan: Plan, source: str, stdin: bytes, limits: Limits, files: dict[str, str], until: float | None = None
+) -> RunResult:
+    """One program, start to cleanup, under ``plan``; stopped at ``until`` at the latest."""
     uid, lock_fd = _UID_SLOTS.acquire() if plan.separate_user and _UID_SLOTS else (None, None)
     cgroups = _CGROUPS[0] if _CGROUPS and plan.name != "none" else None
     workdir = cgroup = None
@@ -287,7 +327,7 @@ def _spawn(plan: Plan, source: str, stdin: bytes, limits: Limits, files: dict[st
         setup = functools.partial(
             child_setup, plan, os.fsencode(workdir), rlimits, tmpfs_options, uid, error_write, procs
         )
-        command = [*plan.command_prefix(uid), sys.executable, "-I", "main.py"]
+        command = [*plan.command_prefix(uid), *plan.interpreter()]
         try:
             proc = subprocess.Popen(
                 command,
@@ -308,7 +348,7 @@ def _spawn(plan: Plan, source: str, stdin: bytes, limits: Limits, files: dict[st
         finally:
             os.close(error_read)
             os.close(error_write)
-        stdout, stderr, status = _communicate(proc, stdin, limits, start, plan.pid_namespace)
+        stdout, stderr, status = _communicate(proc, stdin, limits, start, plan.pid_namespace, until)
         # Close our ends first: after a limit the pipes may be full, and a process still writing to them (the
         # `unshare` wrapper reports its child's SIGKILL on stderr) must get EPIPE, not block until killed.
         proc.stdout.close()
@@ -330,6 +370,7 @@ def _spawn(plan: Plan, source: str, stdin: bytes, limits: Limits, files: dict[st
             shutil.rmtree(workdir, onerror=_force_remove)
         if cgroup is not None:
             try:
+                MemoryCgroups.kill(cgroup)  # whatever is left of the program, however it got there
                 MemoryCgroups.remove(cgroup)
             except OSError as err:
                 log.warning("could not remove the sandbox cgroup %s: %s", cgroup, err)
@@ -368,10 +409,11 @@ def _rlimits(limits: Limits, plan: Plan) -> tuple[tuple[int, int, int], ...]:
 
 
 def _communicate(
-    proc: subprocess.Popen, stdin: bytes, limits: Limits, start: float, pid_namespace: bool
+    proc: subprocess.Popen, stdin: bytes, limits: Limits, start: float, pid_namespace: bool, until: float | None
 ) -> tuple[bytes, bytes, Literal["ok", "timeout", "output_limit"]]:
-    """Feed stdin and collect output until both pipes close, the wall clock runs out or output overflows."""
-    deadline = start + limits.wall_s
+    """Feed stdin and collect output until both pipes close, the wall clock (or ``until``) runs out or output
+    overflows."""
+    deadline = min(start + limits.wall_s, math.inf if until is None else until)
     out_fd, err_fd = proc.stdout.fileno(), proc.stderr.fileno()
     buffers = {out_fd: bytearray(), err_fd: bytearray()}
     total = 0

@@ -111,7 +111,7 @@ def read_run(run: Run) -> None:
     """Fill ``evals``, ``flops`` and ``warnings`` from a finished run directory; the warnings are the divergence
     guard's (default settings) replayed over its metrics, so every run is judged alike."""
     from tracerl.config import GuardConfig
-    from tracerl.orchestrator.guard import DivergenceGuard
+    from tracerl.orchestrator.guards import DivergenceGuard
 
     rows = [json.loads(x) for x in (Path(run.run_dir) / "metrics.jsonl").read_text().splitlines() if x.strip()]
     total, run.evals, run.flops, run.warnings = 0.0, {}, {0: 0.0}, []

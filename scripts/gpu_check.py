@@ -16,10 +16,21 @@ It measures, on random models of real shapes (bf16, one GPU, no Ray):
 - ``packed``: packed block-layout views on a Qwen3-0.6B-shaped model: the log-prob deviation of each attention
   backend (flex, grouped, dense) from the rows on the same weights, and one learner step on the rows against one
   on packed views (flex on CUDA);
-- ``rl_steps``: the stage breakdown of two RL steps of a Qwen3-0.6B-shaped model composed in-process from the
-  library's pieces: rollout (``generate`` on a separate rollout copy), reward (``RewardService`` with
-  ``synthetic_exact`` on addition prompts), advantages, views, train, weight copy (``state_dict_for_rollout``
-  then ``load_state_dict`` into the rollout copy).
+- ``rl_steps``: the stage breakdown of two RL steps of a Qwen3-0.6B-shaped model, in-process with the loop's own
+  stage code: rollout (``generate`` on a separate rollout copy with the loop's per-sample seeds), reward
+  (``RewardService`` with ``synthetic_exact`` on addition prompts), advantages and the group filter
+  (``stages.advantages``), the kept samples (``stages.training_batch``), views and train (``Learner.train_step``
+  builds the views of the kept samples, timed apart as ``time/views``, then trains), weight copy
+  (``state_dict_for_rollout`` then ``load_state_dict`` into the rollout copy). What the loop adds
+  around them (Ray actors, the object store, metrics) is not timed here;
+- ``reward_model``: an 8B-shaped sequence classifier (Llama-3-8B's config, random weights, one label, bf16)
+  scoring 128 completions of 1,024 tokens through ``SequenceClassifierReward.score_ids`` (the reward-model
+  actors' code: packed by a token budget of 32,768, eval mode, inference mode): samples/s after a warm-up, peak
+  memory, and the largest |batched − one-at-a-time| score over a few samples.
+- ``diffusion_gemma``: the renoising canvas sampler on a DiffusionGemma-shaped random model (the released
+  26B-A4B text config, bf16, canvas 256, 16 steps) at batch 1 and 64, against vLLM's published ≈1,756 tok/s at
+  batch 1 (H100, FP8) and transformers' own generate at batch 1 in the same run
+  (``scripts/gpu_check_diffusion_gemma.py``).
 
 Each part is guarded: a failing part records ``error`` (and a traceback) in the JSON and the others still run.
 Shapes, sizes and the model builders live in ``scripts/gpu_check_setup.py``.
@@ -42,6 +53,7 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import math
 import os
 import sys
 import time
@@ -51,6 +63,7 @@ from dataclasses import asdict, replace
 from typing import Any
 
 import torch
+from gpu_check_diffusion_gemma import part_diffusion_gemma
 from gpu_check_setup import (
     Plan,
     agreement,
@@ -71,7 +84,7 @@ from gpu_check_setup import (
 
 JETENGINE_TOK_S = 5000.0  # "5000+ tokens/second", SDAR-4B, block 4, batch 128, one H200 (FlashAttention-2 + Triton)
 JETENGINE_SOURCE = "github.com/Labman42/JetEngine README: SDAR-4B, block size 4, batch size 128, NVIDIA H200"
-PARTS = ("sampler", "learner", "replay", "packed", "rl_steps")
+PARTS = ("sampler", "learner", "replay", "packed", "rl_steps", "reward_model", "diffusion_gemma")
 STAGES = ("rollout_s", "reward_s", "advantages_s", "views_s", "train_s", "weight_copy_s")  # of one RL step
 WATCHED_IMPORTS = ("ray", "wandb", "datasets", "trl", "math_verify")  # absent on the GPU machine
 
@@ -133,14 +146,15 @@ def graph_rows(
     static row and the other parts keep theirs."""
     from tracerl.sampling import generate
     from tracerl.sampling.block import sample_block
+    from tracerl.seeding import RowStreams, row_seeds
 
     graph_s = replace(s, cuda_graph=True)
     rows: dict[str, Any] = {}
 
     def fixed_shape() -> dict[str, Any]:
-        generator = torch.Generator(device=policy.device).manual_seed(0)  # what generate(..., seed=0) seeds
+        streams = RowStreams(row_seeds(0, len(prompts)), policy.device)  # what generate(..., seed=0) draws with
         start = clock()
-        rows["_eager"] = eager = sample_block(policy, prompts, graph_s, generator, capture=False)
+        rows["_eager"] = eager = sample_block(policy, prompts, graph_s, streams, capture=False)
         seconds = clock() - start
         tok_s = int((eager.step_map >= 0).sum()) / seconds
         return {"seconds": seconds, "tokens_per_s": tok_s, "ratio_to_static": tok_s / static_tok_s} | {
@@ -351,7 +365,7 @@ def addition_prompts(n: int, seed: int) -> tuple[list[str], list[str]]:
 
 
 def part_rl_steps(plan: Plan, ctx: dict[str, Any]) -> dict[str, Any]:
-    from tracerl import advantages as adv_lib
+    from tracerl import seeding, stages
     from tracerl.learner import Learner, free_port
     from tracerl.models import DecoderPolicy
     from tracerl.reward_service import RewardService
@@ -375,20 +389,22 @@ def part_rl_steps(plan: Plan, ctx: dict[str, Any]) -> dict[str, Any]:
             rep = [i for i in range(plan.rl_prompts) for _ in range(plan.rl_group)]
             t: dict[str, float] = {}
             t0 = clock()
-            rollout = generate(rollout_policy, [prompts[i] for i in rep], s, seed=step, group=torch.tensor(rep))
+            seeds = seeding.batch_seeds(cfg.seed, step + 1, plan.rl_prompts, plan.rl_group)  # the loop's seeds
+            rollout = generate(rollout_policy, [prompts[i] for i in rep], s, group=torch.tensor(rep), seeds=seeds)
             t["rollout_s"] = clock() - t0
             t0 = clock()
             columns = {"answer": [answers[i] for i in rep]}
             scored = service.score([texts[i] for i in rep], rollout.texts, columns=columns)
             t["reward_s"] = clock() - t0
-            t0 = clock()
-            rewards = torch.tensor(scored.total, dtype=torch.float32)
-            keep = adv_lib.get_group_filter(cfg.objective.group_filter)(rewards, rollout.group)
-            adv = adv_lib.get_advantage(cfg.objective.advantage)(rewards, rollout.group) * keep
+            t0 = clock()  # from here on the loop's own stage code (tracerl.stages), as Session.step runs it
+            adv, keep, adv_metrics = stages.advantages(scored.total, rollout, cfg.objective)
             t["advantages_s"] = clock() - t0
             t0 = clock()
-            metrics = learner.train_step(rollout, adv, seed=step)  # builds its views (time/views), then trains
-            t["views_s"] = metrics["time/views"]
+            outcome = stages.learner_outcome(adv, scored.total, rollout, cfg.objective)
+            kept, kept_outcome = stages.training_batch(rollout, outcome, keep)
+            seed = seeding.stage_seed(cfg.seed, step + 1, "views")
+            metrics = learner.train_step(kept, kept_outcome, seed=seed) if len(kept) else {}  # views, then training
+            t["views_s"] = metrics.get("time/views", 0.0)
             t["train_s"] = clock() - t0 - t["views_s"]
             t0 = clock()
             version, weights = learner.state_dict_for_rollout()
@@ -399,9 +415,11 @@ def part_rl_steps(plan: Plan, ctx: dict[str, Any]) -> dict[str, Any]:
             t["weight_copy_s"] = t["weight_gather_s"] + t["weight_load_s"]
             t["step_s"] = sum(t[k] for k in STAGES)
             t["rollout_share"] = t["rollout_s"] / t["step_s"]
-            t |= {"weights_version": version, "rows_per_sample": metrics["trace/rows_per_sample"]}
-            t |= {"row_tokens": metrics["trace/row_tokens"]}
-            t |= {"reward_mean": float(rewards.mean()), "policy_loss": metrics["train/policy_loss"]}
+            t |= {"weights_version": version, "kept_samples": len(kept)}
+            t |= {"flat_groups": adv_metrics["advantage/flat_groups"]}
+            t |= {"rows_per_sample": metrics.get("trace/rows_per_sample", 0.0)}
+            t |= {"row_tokens": metrics.get("trace/row_tokens", 0.0)}
+            t |= {"reward_mean": scored.metrics["reward/mean"], "policy_loss": metrics.get("train/policy_loss", 0.0)}
             steps.append(t)
             log(f"rl step {step}: " + ", ".join(f"{k}={v:.3g}" for k, v in t.items()))
         loaded = rollout_policy.model.state_dict()
@@ -419,12 +437,69 @@ def part_rl_steps(plan: Plan, ctx: dict[str, Any]) -> dict[str, Any]:
     }
 
 
+def part_reward_model(plan: Plan, ctx: dict[str, Any]) -> dict[str, Any]:
+    """A reward model of 8B shape scoring a rollout's completions, as a reward-model actor does."""
+    del ctx
+    from transformers import LlamaConfig, LlamaForSequenceClassification
+
+    from tracerl.config import RewardModelConfig
+    from tracerl.models.tiny import char_tokenizer
+    from tracerl.reward_models.classifier import SequenceClassifierReward
+
+    sh = plan.rm
+    config = LlamaConfig(
+        vocab_size=sh.vocab, hidden_size=sh.hidden, intermediate_size=sh.intermediate, num_hidden_layers=sh.layers,
+        num_attention_heads=sh.heads, num_key_value_heads=sh.kv_heads, head_dim=sh.head_dim,
+        max_position_embeddings=max(8192, plan.rm_tokens), num_labels=1, pad_token_id=0,
+    )  # fmt: skip
+    dtype = torch.bfloat16 if plan.device == "cuda" else torch.float32
+    torch.manual_seed(0)
+    t0 = clock()
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        with torch.device(plan.device):
+            model = LlamaForSequenceClassification(config).eval()
+    finally:
+        torch.set_default_dtype(previous)
+    build_s = clock() - t0
+    tok = char_tokenizer("0123456789")  # only its pad id (0) is used: the inputs are token ids already
+    rm = SequenceClassifierReward.from_model(model, tok, RewardModelConfig(batch_tokens=plan.rm_batch_tokens), "rm")
+    gen = torch.Generator().manual_seed(1)
+    ids = torch.randint(4, sh.vocab, (plan.rm_samples, plan.rm_tokens), generator=gen).tolist()
+    rm.score_ids(ids[: max(1, plan.rm_batch_tokens // plan.rm_tokens)])  # warm-up: one forward of the real shape
+    reset_peak(plan.device)
+    t0 = clock()
+    scores = rm.score_ids(ids)
+    seconds = clock() - t0
+    few = ids[:4]
+    single = [rm.score_ids([x])[0] for x in few]
+    return {
+        "model": asdict(sh),
+        "parameters": sum(p.numel() for p in model.parameters()),
+        "dtype": str(dtype),
+        "samples": plan.rm_samples,
+        "tokens_per_sample": plan.rm_tokens,
+        "batch_tokens": plan.rm_batch_tokens,
+        "forwards": -(-plan.rm_samples // max(1, plan.rm_batch_tokens // plan.rm_tokens)),
+        "build_s": build_s,
+        "seconds": seconds,
+        "samples_per_s": plan.rm_samples / seconds,
+        "tokens_per_s": plan.rm_samples * plan.rm_tokens / seconds,
+        "peak_memory_gib": peak_memory_gib(plan.device),
+        "scores_finite": all(math.isfinite(x) for x in scores),
+        "batched_vs_single_max_abs": max(abs(a - b) for a, b in zip(scores[:4], single, strict=True)),
+    }
+
+
 RUNNERS: dict[str, Callable[[Plan, dict[str, Any]], dict[str, Any]]] = {
     "sampler": part_sampler,
     "learner": part_learner,
     "replay": part_replay,
     "packed": part_packed,
     "rl_steps": part_rl_steps,
+    "reward_model": part_reward_model,
+    "diffusion_gemma": part_diffusion_gemma,
 }
 
 

@@ -30,6 +30,7 @@ class Shape:
 QWEN3_4B = Shape(2560, 36, 32, 8, 128, 9728, 151936)  # Qwen/Qwen3-4B config.json, the base of SDAR-4B
 QWEN3_0_6B = Shape(1024, 28, 16, 8, 128, 3072, 151936)  # Qwen/Qwen3-0.6B config.json
 TINY = Shape(64, 2, 4, 2, 16, 128, 96)
+LLAMA3_8B = Shape(4096, 32, 32, 8, 128, 14336, 128256, tie=False)  # meta-llama/Meta-Llama-3-8B: 8B reward models' base
 
 
 @dataclass(frozen=True)
@@ -49,6 +50,10 @@ class Plan:
     rl_prompts: int = 32
     rl_group: int = 4
     rl_new_tokens: int = 256
+    rm: Shape = LLAMA3_8B  # the sequence-classification reward model
+    rm_samples: int = 128  # completions scored
+    rm_tokens: int = 1024  # tokens of each (prompt + completion)
+    rm_batch_tokens: int = 32768  # padded tokens per forward (model.batch_tokens)
 
 
 def make_plan(smoke: bool) -> Plan:
@@ -67,6 +72,10 @@ def make_plan(smoke: bool) -> Plan:
             rl_prompts=2,
             rl_group=2,
             rl_new_tokens=8,
+            rm=TINY,
+            rm_samples=8,
+            rm_tokens=32,
+            rm_batch_tokens=96,
         )
     return Plan("cuda", torch.bfloat16, QWEN3_4B, QWEN3_0_6B)
 

@@ -7,9 +7,12 @@
 #
 # Then, on the head: tracerl train CONFIG.yaml --ray-address HOST:PORT
 #
-# Each node runs as `ray start --block` in the background; its pid and log go to $RAY_CLUSTER_DIR (default
-# .ray-cluster/), and `stop` sends SIGTERM to exactly those pids, then ends what is left of their process groups
-# (never `ray stop`, which ends every Ray process of the user, other people's runs included). The dashboard stays off unless you pass --include-dashboard=true.
+# Each node runs as `ray start --block` in its own process group in the background; its pid and log go to
+# $RAY_CLUSTER_DIR (default .ray-cluster/). `stop` sends SIGTERM to exactly those pids, waits for each to end (at
+# most $RAY_CLUSTER_STOP_S seconds, default 30), SIGKILLs what is left of its process group (agents), and returns
+# only when no process of those groups is running (exit 1, naming them, if any still is after the SIGKILL): never
+# `ray stop`, which ends every Ray process of the user, other people's runs included. The dashboard stays off
+# unless you pass --include-dashboard=true.
 # Options go to `ray start` unchanged: --node-ip-address, --num-cpus, --num-gpus, and --resources to pin tracerl's
 # actors (e.g. head: --resources '{"learner_node": 8}' with cluster.learner_resources={learner_node: 1}).
 # RAY_AUTH_MODE defaults to disabled here and in `tracerl train --ray-address`, so both sides agree; export
@@ -23,6 +26,18 @@ export RAY_AUTH_MODE=${RAY_AUTH_MODE:-disabled} RAY_USAGE_STATS_ENABLED=0
 unset RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER  # set to 0 (as tracerl does for a local instance) it refuses to add nodes
 
 usage() { sed -n '2,8p' "$0" | sed 's/^# \{0,1\}//' >&2; exit 2; }
+
+running() {  # running PGID [pid]: pids of that process group still running (exited, unreaped ones are not)
+  ps -e -o pid=,pgid=,stat= | awk -v g="$1" -v p="${2:-}" '$2 == g && $3 !~ /^Z/ && (p == "" || $1 == p) {print $1}'
+}
+
+wait_gone() {  # wait_gone SECONDS PGID [pid]: 0 once none of them runs, 1 if one still does after SECONDS
+  local deadline=$((SECONDS + $1))
+  while [ -n "$(running "$2" "${3:-}")" ]; do
+    [ $SECONDS -ge "$deadline" ] && return 1
+    sleep 0.1
+  done
+}
 
 start() {  # start NAME ray-start-args...: launch, record the pid, wait until the node is up
   local name=$1; shift
@@ -63,15 +78,23 @@ case ${1:-} in
     ;;
   stop)
     shopt -s nullglob
+    status=0
     for file in "$state"/*.pid; do
-      pid=$(cat "$file")
-      if kill -TERM "$pid" 2>/dev/null; then  # ray start --block stops its node
-        for _ in $(seq 150); do kill -0 "$pid" 2>/dev/null || break; sleep 0.2; done
-        echo "stopped $(basename "$file" .pid) (pid $pid)"
+      pid=$(cat "$file") name=$(basename "$file" .pid)
+      if [ -n "$(running "$pid")" ]; then
+        kill -TERM "$pid" 2>/dev/null || true  # ray start --block stops its node
+        wait_gone "${RAY_CLUSTER_STOP_S:-30}" "$pid" "$pid" || true
+        kill -KILL -- "-$pid" 2>/dev/null || true  # what its node left behind (agents), by its process group
+        if ! wait_gone 10 "$pid"; then
+          echo "$name (pid $pid): processes $(running "$pid" | tr '\n' ' ')still run after SIGKILL" >&2
+          status=1
+          continue
+        fi
+        echo "stopped $name (pid $pid)"
       fi
-      kill -KILL -- "-$pid" 2>/dev/null || true  # what its node left behind (agents), by its process group
       rm -f "$file"
     done
+    exit $status
     ;;
   *) usage ;;
 esac

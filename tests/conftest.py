@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import json
 import os
+import random
 import sys
 import warnings
+from pathlib import Path
 
 import pytest
 import torch
@@ -70,3 +73,72 @@ def block_policy():  # noqa: ANN201
 
 def encode(policy, texts: list[str]) -> list[list[int]]:  # noqa: ANN001
     return [policy.tokenizer(t)["input_ids"] for t in texts]
+
+
+def wandb_history(run_dir) -> list[dict]:  # noqa: ANN001
+    """The history rows of an offline W&B run directory, in the order they were written, read back with W&B's own
+    reader (``wandb leet inspect --json``); NaN values read back as the string "NaN"."""
+    import json
+    import subprocess
+
+    out = subprocess.run(
+        [sys.executable, "-m", "wandb", "leet", "inspect", "--json", str(run_dir)],
+        capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert out.returncode == 0, f"wandb leet inspect {run_dir} failed:\n{out.stdout[-2000:]}\n{out.stderr[-2000:]}"
+    records = [json.loads(line) for line in out.stdout.splitlines() if line.startswith("{")]
+    return [r["history"]["item"] for r in records if r.get("type") == "history"]
+
+
+def save_tiny_classifier(path, *, head: bool = True, pad: bool = True, num_labels: int = 1, seed: int = 0):  # noqa: ANN001, ANN201
+    """A random tiny reward model directory (Llama sequence classifier, char tokenizer with a chat template):
+    ``head=False`` saves a causal LM instead, ``pad=False`` a tokenizer without a pad token."""
+    from transformers import LlamaConfig, LlamaForCausalLM, LlamaForSequenceClassification
+
+    from tracerl.models.tiny import char_tokenizer
+
+    tok = char_tokenizer("0123456789abcdefghijklmnopqrstuvwxyz:?")
+    config = LlamaConfig(
+        vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+        num_key_value_heads=2, max_position_embeddings=256, pad_token_id=tok.pad_token_id, num_labels=num_labels,
+    )  # fmt: skip
+    torch.manual_seed(seed)
+    model = (LlamaForSequenceClassification if head else LlamaForCausalLM)(config)
+    model.save_pretrained(path)
+    if not pad:
+        tok.pad_token = None
+    tok.save_pretrained(path)
+    return path
+
+
+# a tiny model for reward-model tests
+TINY_RM = ["model.tiny.hidden_size=32", "model.tiny.num_layers=1", "model.tiny.num_heads=2",
+           "model.tiny.intermediate_size=64"]  # fmt: skip
+
+
+def ones_pairs(n: int, seed: int) -> list[dict]:
+    """Preference pairs whose rule a tiny model learns fast: of two 0/1 strings, the one with more 1s is chosen."""
+    rng, out = random.Random(seed), []
+    while len(out) < n:
+        a, b = ("".join(rng.choice("01") for _ in range(6)) for _ in range(2))
+        if a.count("1") != b.count("1"):
+            chosen, rejected = (a, b) if a.count("1") > b.count("1") else (b, a)
+            out.append({"prompt": f"count {len(out) % 40}:", "chosen": chosen, "rejected": rejected})
+    return out
+
+
+@pytest.fixture(scope="session")
+def trained_rm(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny reward model trained by ``tracerl train-reward-model`` on ``ones_pairs`` (TRL's RewardTrainer)."""
+    from tracerl.checks import load_config
+    from tracerl.reward_models.train import train_reward_model
+
+    root = tmp_path_factory.mktemp("rm")
+    pairs = root / "pairs.jsonl"
+    pairs.write_text("".join(json.dumps(p) + "\n" for p in ones_pairs(160, seed=0)))
+    cfg = load_config(None, [*TINY_RM, f"reward_model.out_dir={root / 'rm'}", f"reward_model.pairs={pairs}",
+                             "reward_model.base=tiny", "reward_model.epochs=3", "reward_model.lr=5e-3",
+                             "reward_model.batch_size=16", "reward_model.heldout_fraction=0.25"])  # fmt: skip
+    summary = train_reward_model(cfg)
+    assert summary["pairs"] == {"train": 120, "heldout": 40, "source": str(pairs)}  # 10 of 40 prompts held out
+    return root / "rm"

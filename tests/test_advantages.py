@@ -10,6 +10,7 @@ import torch
 from tracerl.advantages import (
     ADVANTAGES,
     advantage_metrics,
+    compute_advantages,
     get_advantage,
     get_group_filter,
     outcome_token_rewards,
@@ -134,15 +135,30 @@ def test_advantage_metrics_by_hand() -> None:
     rewards = torch.tensor([1.0, 0.0, NAN, 3.0])
     advantages = torch.tensor([1.0, -1.0, 0.0, 5.0])
     keep = torch.tensor([True, True, True, False])
-    m = advantage_metrics(rewards, advantages, keep)
+    group = torch.tensor([0, 0, 1, 2])
+    m = advantage_metrics(rewards, advantages, keep, group)
     # kept advantages [1, −1, 0]: mean 0, population std sqrt(2/3); kept 3 of 4
     # valid rewards [1, 0, 3]: mean 4/3, population std sqrt(((−1/3)² + (−4/3)² + (5/3)²)/3) = sqrt(14/9)
+    # kept groups 0 (advantages 1, −1) and 1 (advantage 0): one of two is flat
     assert m["advantage/mean"] == pytest.approx(0.0)
     assert m["advantage/std"] == pytest.approx(math.sqrt(2 / 3))
     assert m["advantage/kept_fraction"] == pytest.approx(0.75)
-    assert m["reward/mean"] == pytest.approx(4 / 3)
-    assert m["reward/std"] == pytest.approx(math.sqrt(14 / 9))
+    assert m["advantage/reward_mean"] == pytest.approx(4 / 3)
+    assert m["advantage/reward_std"] == pytest.approx(math.sqrt(14 / 9))
+    assert m["advantage/flat_groups"] == 0.5
     assert all(isinstance(v, float) for v in m.values())
+
+
+def test_keep_all_counts_groups_whose_samples_all_scored_the_same() -> None:
+    # group 0 all 1.0, group 1 all 0.0 (no signal under any group advantage), group 2 mixed
+    rewards = torch.tensor([1.0, 1.0, 0.0, 0.0, 1.0, 0.0])
+    group = torch.tensor([0, 0, 1, 1, 2, 2])
+    for name in ("group_zscore", "group_mean", "rloo"):
+        adv, keep, m = compute_advantages(rewards, group, advantage=name, group_filter="keep_all")
+        assert keep.all() and m["advantage/kept_fraction"] == 1.0
+        assert m["advantage/flat_groups"] == pytest.approx(2 / 3), name
+    _, _, m = compute_advantages(torch.ones(4), torch.tensor([0, 0, 1, 1]))
+    assert m["advantage/flat_groups"] == 1.0  # a near-deterministic model: nothing to learn from
 
 
 def test_lookup_errors_name_the_choices() -> None:

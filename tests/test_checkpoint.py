@@ -83,6 +83,7 @@ def untimed(metrics: list[dict[str, float]]) -> list[dict[str, float]]:
     return [{k: v for k, v in m.items() if not k.startswith("time/")} for m in metrics]
 
 
+@pytest.mark.slow  # trains 4 steps twice
 def test_resume_reproduces_the_uninterrupted_run(tmp_path):
     """Save after step 1, load into a fresh learner, continue: weights, value model and metrics equal a run
     that never stopped (fixed seed, CPU, μ = 2 passes × 2 minibatches, warmup + cosine schedule)."""

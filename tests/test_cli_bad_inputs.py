@@ -7,13 +7,16 @@ or file at fault, and writes nothing.
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
 from transformers import BertConfig, BertForMaskedLM, Qwen2Config, Qwen2ForCausalLM
 
+from tracerl import runs
+from tracerl.checkpoint import seal
 from tracerl.cli import main
-from tracerl.config import TinyModelConfig
+from tracerl.config import TinyModelConfig, load
 from tracerl.models import build_tiny, char_tokenizer, save_tiny
 
 TOK = char_tokenizer("0123456789+=abc ")
@@ -90,10 +93,26 @@ CASES = [
     ("export bad config", ["export", "{d}/ckpt_badjson", "{d}/out3"], "{d}/ckpt_badjson/learner/hf/config.json"),
     ("export truncated", ["export", "{d}/ckpt_truncated", "{d}/out4"], "ckpt_truncated/learner/hf/model.safetensors"),
     ("export into non-empty", ["export", "{d}/ckpt_ok", "{d}/full"], "export target '{d}/full'"),
+    ("export to a file", ["export", "{d}/ckpt_ok", "{d}/data.txt"], "export target '{d}/data.txt' is a file"),
     # sft writes nothing before its checks
     ("sft model missing", ["sft", "model.family=dream", "model.path={d}/nope", "run_dir={d}/run1"], "model.path"),
     ("sft data missing", ["sft", "data.source={d}/nope.jsonl", "run_dir={d}/run2"], "data.source"),
     ("generate bad family", ["generate", "model.family=gpt", "--prompt", "1+1="], "model family 'gpt'"),
+    ("generate unknown characters", ["generate", "--prompt", "1+1=XY"], "does not know: 'X', 'Y'"),
+    # where runs write, and what they read
+    ("sft run_dir is a file", ["sft", "run_dir={d}/data.txt"], "run_dir '{d}/data.txt' is a file"),
+    ("train run_dir is a file", ["train", "run_dir={d}/data.txt"], "run_dir '{d}/data.txt' is a file"),
+    ("train run_dir below a file", ["train", "run_dir={d}/data.txt/run"], "'{d}/data.txt' is a file"),
+    ("eval --out is a file", ["eval", "--out", "{d}/data.txt"], "--out '{d}/data.txt' is a file"),
+    ("fresh train in another run", ["train", "run_dir={d}/oldrun"], "run_dir '{d}/oldrun' holds another run"),
+    ("sft resuming a train run", ["sft", "run_dir={d}/oldrun", "checkpoint.resume=auto"], "holds a tracerl train run"),
+    ("model.path at a checkpoint", ["validate", "model.path={d}/ckpt_ok"], "'{d}/ckpt_ok' is a tracerl checkpoint"),
+    ("train from a checkpoint", ["train", "model.path={d}/ckpt_ok", "run_dir={d}/run3"], "{d}/ckpt_ok/learner/hf"),
+    (
+        "empty prompts",
+        ["validate", "data.source={d}/empty.jsonl", "data.chat_template=false", "eval.num_prompts=0"],
+        "2 prompt(s) of data.source '{d}/empty.jsonl' are empty",
+    ),
 ]
 
 
@@ -102,7 +121,7 @@ def _checkpoint(root: Path, name: str, complete: bool = True) -> Path:
     model, tok = build_tiny(TinyModelConfig(hidden_size=32, intermediate_size=32))
     save_tiny(model, tok, hf)
     if complete:
-        (root / name / "COMPLETE").write_text("")
+        seal(root / name, 1)  # the manifest a save writes last; the damage below comes after it
     return hf
 
 
@@ -132,6 +151,10 @@ def files(tmp_path_factory: pytest.TempPathFactory) -> Path:
     (d / "bad.jsonl").write_text('{"prompt": "1+1=", "answer": "2"}\n{"prompt": "2+2=", answer: 4}\n')
     (d / "noprompt.jsonl").write_text('{"question": "1+1=", "answer": "2"}\n')
     (d / "data.txt").write_text("1+1=2\n")
+    (d / "empty.jsonl").write_text('{"prompt": "", "answer": "1"}\n{"prompt": "", "answer": "2"}\n')
+    old = runs.claim(load(None, [f"run_dir={d / 'oldrun'}"]), "train")
+    runs.record(d / "oldrun", old)
+    (d / "oldrun" / "metrics.jsonl").write_text('{"step": 1}\n')
     for name, fn in (
         ("unknown", "nope"),
         ("file", f"{d}/missing.py:score"),
@@ -167,3 +190,21 @@ def test_bad_input(name: str, argv: list[str], expected: str, files: Path, capsy
     assert expected.replace("{d}", str(files)) in paragraph, paragraph
     assert sorted(p.name for p in files.iterdir()) == before  # nothing written: no run_dir, no export
     assert (files / "full" / "keep.txt").read_text() == "mine"
+
+
+def test_an_uncached_hub_dataset_offline_names_the_setting(capsys: pytest.CaptureFixture, monkeypatch) -> None:
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    assert main(["validate", "data.source=no-org/no-such-dataset"]) == 2
+    err = capsys.readouterr().err
+    assert "data.source 'no-org/no-such-dataset' is a hub dataset that is not in the local cache" in err
+    assert "HF_DATASETS_OFFLINE" in err and "not cached in None" not in err
+
+
+def test_many_actors_on_few_cores_is_a_warning_that_says_what_it_costs(capsys: pytest.CaptureFixture) -> None:
+    assert main(["validate", "--offline", "reward.num_workers=16", "rollout.num_workers=16"]) == 0
+    out = " ".join(capsys.readouterr().out.split())
+    cores = os.cpu_count() or 1
+    assert f"warning: rollout.num_workers=16 and reward.num_workers=16 on a machine with {cores} CPU cores" in out
+    assert "MB per rollout actor" in out and f"Use at most {cores}" in out
+    assert main(["validate", "--offline", f"reward.num_workers={cores}", f"rollout.num_workers={cores}"]) == 0
+    assert "warning" not in capsys.readouterr().out

@@ -11,6 +11,8 @@ from tracerl.checks import load_config
 from tracerl.cli import main
 from tracerl.config import ConfigError
 
+from .conftest import save_tiny_classifier
+
 ROOT = Path(__file__).resolve().parents[1]
 QUICK = str(ROOT / "configs" / "quickstart.yaml")
 
@@ -24,8 +26,11 @@ def fails(capsys, *argv: str) -> str:  # noqa: ANN001
 
 
 @pytest.mark.parametrize("path", sorted((ROOT / "configs").glob("*.yaml")), ids=lambda p: p.name)
-def test_every_shipped_config_validates_offline(capsys, path):
-    assert main(["validate", "--offline", str(path)]) == 0
+def test_every_shipped_config_validates_offline(capsys, path, tmp_path):
+    # a config that scores with a reward model trained earlier in its pipeline gets one (random weights) to check
+    needs = [f"reward_model.out_dir={save_tiny_classifier(tmp_path / 'rm')}"] if path.name == "rlhf.yaml" else []
+    capsys.readouterr()
+    assert main(["validate", "--offline", str(path), *needs]) == 0
     out = capsys.readouterr().out
     assert "config: ok" in out and "cluster: ok" in out and "rewards: ok" in out
 
@@ -50,6 +55,7 @@ def test_validate_catches_more_gpus_than_the_cluster_has(capsys):
     assert "needs 4 GPUs" in err and "has 2" in err and "rollout.placement=colocated" in err
 
 
+@pytest.mark.ray  # starts a local Ray instance to count its GPUs
 def test_train_on_a_cpu_only_cluster_that_asks_for_gpus_starts_nothing(capsys, tmp_path):
     err = fails(capsys, "train", QUICK, f"run_dir={tmp_path / 'run'}", "cluster.gpus_per_node=1")
     assert "needs 2 GPUs" in err and "the Ray cluster has 0" in err  # 1 learner rank + 1 rollout actor
@@ -98,3 +104,19 @@ def test_train_checks_positions_before_anything_is_written(capsys, tmp_path):
     err = fails(capsys, "train", QUICK, f"run_dir={tmp_path / 'run'}", "model.tiny.max_position_embeddings=24")
     assert "max_position_embeddings=24" in err and "sampling.max_new_tokens" in err
     assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_a_reward_that_scores_nothing_stops_the_run_at_its_first_step(capsys, tmp_path):
+    """A reward that returns None for every sample would train nothing, step after step, and exit 0: the first step
+    that shows it stops the run, naming the function and the columns it reads."""
+    reward = tmp_path / "nothing.py"
+    reward.write_text("def score(prompts, completions, **kwargs):\n    return [None] * len(completions)\n")
+    small = ["eval.num_prompts=0", "train.steps=3", "rollout.prompts_per_step=2", "rollout.samples_per_prompt=2",
+             "wandb.mode=disabled"]  # fmt: skip
+    reward_fn = f"reward.functions=[{{fn: '{reward}:score'}}]"
+    err = fails(capsys, "train", QUICK, f"run_dir={tmp_path / 'run'}", reward_fn, *small)
+    assert "every sample of RL step 1 was scored None by reward function(s) ['score']" in err
+    assert "data.answer_column" in err
+    assert not (tmp_path / "run" / "checkpoints").exists() and not (tmp_path / "run" / "final").exists()

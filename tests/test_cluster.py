@@ -36,12 +36,18 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    return Path(f"/proc/{pid}").exists() and "zombie" not in Path(f"/proc/{pid}/status").read_text().lower()
+def running(pgid: int) -> list[int]:
+    """pids of the process group ``pgid`` that still run (a process that exited but is not yet reaped does not)."""
+    out = []
+    for proc in Path("/proc").iterdir():
+        if proc.name.isdigit():
+            try:
+                fields = (proc / "stat").read_text().rsplit(")", 1)[1].split()
+            except (OSError, IndexError):
+                continue  # gone meanwhile
+            if int(fields[2]) == pgid and fields[0] not in ("Z", "X"):
+                out.append(int(proc.name))
+    return out
 
 
 def test_learner_and_rollout_actors_land_on_the_nodes_the_config_names(tmp_path):
@@ -95,4 +101,4 @@ def test_learner_and_rollout_actors_land_on_the_nodes_the_config_names(tmp_path)
     finally:
         stopped = cluster("stop")
     assert stopped.stdout.count("stopped") == 2
-    assert not any(alive(pid) for pid in pids)
+    assert not [p for pgid in pids for p in running(pgid)]  # stop returned only once its nodes were gone

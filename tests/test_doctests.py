@@ -22,6 +22,14 @@ MODULES = [
     "tracerl.report",
     "tracerl.config_docs",
     "tracerl.learner.micro",
+    "tracerl.seeding",
+    "tracerl.workers.rollout",
+    "tracerl.orchestrator.guards",
+    "tracerl.reward_resolve",
+    "tracerl.reward_service",
+    "tracerl.reward_models.classifier",
+    "tracerl.reward_models.judge",
+    "tracerl.reward_models.train",
 ]
 
 

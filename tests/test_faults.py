@@ -21,6 +21,8 @@ from pathlib import Path
 
 import pytest
 
+from .conftest import wandb_history
+
 pytest.importorskip("ray")
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 
@@ -52,9 +54,11 @@ class Run:
     """One ``tracerl train`` process in its own session (so the test can signal it like a terminal would, and
     remove whatever it leaves behind)."""
 
-    def __init__(self, tmp: Path, name: str, *args: str, env: dict[str, str] | None = None) -> None:
+    def __init__(
+        self, tmp: Path, name: str, *args: str, env: dict[str, str] | None = None, reward: str = REWARD
+    ) -> None:
         tmp.mkdir(parents=True, exist_ok=True)
-        (tmp / "reward.py").write_text(REWARD)
+        (tmp / "reward.py").write_text(reward)
         self.config = tmp / "config.yaml"
         self.config.write_text(CONFIG.format(reward=tmp / "reward.py", steps=STEPS))
         self.dir = tmp / name
@@ -139,13 +143,19 @@ def reference(tmp_path_factory) -> dict[int, dict[str, float]]:
 
 
 def test_driver_sigkilled_after_a_checkpoint_resumes_to_the_same_numbers(reference, tmp_path):
-    run = Run(tmp_path, "run").start()
+    run = Run(tmp_path, "run", "wandb.mode=offline", env={"WANDB_MODE": "offline"}).start()
     run.when(lambda: run.complete(2))
     os.kill(run.proc.pid, signal.SIGKILL)
     assert run.wait() == -signal.SIGKILL
     assert run.start("--resume", "auto").wait() == 0, run.output
     assert "resumed from" in run.output and "(step 2)" in run.output
     assert_same_run(run, reference)
+    # The resumed W&B run holds every step of metrics.jsonl, once, in order, whatever the killed one had flushed.
+    rows = run.rows()
+    history = wandb_history(sorted((run.dir / "wandb").glob("offline-run-*"))[-1])
+    assert [h["_step"] for h in history] == [r["step"] for r in rows] == list(range(STEPS + 1))
+    for h, r in zip(history, rows, strict=True):
+        assert all(h[key] == r[key] for key in ("reward/mean", "eval/greedy_reward", "train/loss") if key in r)
 
 
 def test_driver_sigkilled_while_writing_a_checkpoint_resumes_from_the_one_before(reference, tmp_path):
@@ -227,3 +237,90 @@ def test_a_killed_rank_of_a_two_rank_learner_does_not_hang_the_survivor(tmp_path
     assert [r["step"] for r in rows] == [1, 2, 3] and rows[-1]["fault/learner_restarts"] == 1
     after = run.layout()["learner"]
     assert len(after) == 2 and not {w["pid"] for w in after} & {w["pid"] for w in before}  # a whole new group
+
+
+# ------------------------------------------------------------------------------- a step that fails before its update
+
+PROMPT_LOG = """
+import json, os, time
+from pathlib import Path
+
+def score(prompts, completions, **kwargs):
+    calls = Path(os.environ["PROMPT_LOG"] + ".calls")
+    n = int(calls.read_text()) + 1 if calls.exists() else 1
+    calls.write_text(str(n))
+    if n >= int(os.environ.get("FAIL_AT_CALL") or 1 << 30):  # (the service then retries sample by sample)
+        raise ValueError("the grader is down")
+    if str(n) == os.environ.get("SLOW_AT_CALL"):
+        Path(os.environ["PROMPT_LOG"] + ".slow").write_text("scoring")
+        time.sleep(60)
+    with open(os.environ["PROMPT_LOG"], "a") as f:
+        f.write(json.dumps(sorted(set(prompts))) + "\\n")
+    return [len(set(c)) / 8.0 for c in completions]
+"""
+# no evaluation (every reward call is a training step's), no checkpoint but the last (so a failed step's guard
+# writes one)
+NO_EVAL = ("eval.num_prompts=0", "checkpoint.save_every=0")
+
+
+def logged(tmp: Path, name: str, *args: str, **env: str) -> Run:
+    log = tmp / f"{name}.prompts"
+    return Run(tmp, name, *NO_EVAL, *args, env={"PROMPT_LOG": str(log), **env}, reward=PROMPT_LOG)
+
+
+def prompts_of(run: Run) -> list[list[str]]:
+    path = Path(run.env["PROMPT_LOG"])
+    return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+
+
+@pytest.fixture(scope="module")
+def straight(tmp_path_factory) -> tuple[dict[int, dict[str, float]], list[list[str]]]:
+    """An uninterrupted run without evaluations: its numbers, and the prompts of each step (one reward call each)."""
+    run = logged(tmp_path_factory.mktemp("straight"), "run").start()
+    assert run.wait() == 0, run.output
+    steps = prompts_of(run)
+    assert len(steps) == STEPS and len({tuple(p) for p in steps}) == STEPS  # every step its own prompts
+    return numbers(run.rows()), steps
+
+
+def resume_and_compare(run: Run, straight: tuple, failed_step: int, same_prompts: bool = True) -> None:
+    """The failed run left a checkpoint of the step before ``failed_step`` holding the data cursor as that step
+    found it: the resumed run draws the failed step's prompts again, and every step equals the uninterrupted run."""
+    want_numbers, want_prompts = straight
+    saved = sorted(int(p.name[5:]) for p in (run.dir / "checkpoints").glob("step-*"))
+    assert saved == [failed_step - 1], run.output
+    assert run.start("--resume", "auto").wait() == 0, run.output
+    assert f"(step {failed_step - 1})" in run.output
+    assert_same_run(run, want_numbers)
+    if same_prompts:
+        assert prompts_of(run) == want_prompts  # steps 1..k-1 from the failed run, then k.. from the resumed one
+
+
+def test_a_raising_reward_checkpoints_the_cursor_the_failed_step_found(straight, tmp_path):
+    run = logged(tmp_path, "run", FAIL_AT_CALL="3").start()
+    assert run.wait() == 2, run.output
+    assert "RL step 3 failed" in run.output and "the grader is down" in run.output
+    run.env.pop("FAIL_AT_CALL")
+    resume_and_compare(run, straight, failed_step=3)
+
+
+def test_rollout_actors_dying_too_often_checkpoint_the_cursor_the_failed_step_found(straight, tmp_path):
+    run = logged(tmp_path, "run", "fault.max_restarts=0").start()
+    run.when(lambda: run.has_row(2), poll=0.002)
+    os.kill(run.layout()["rollout"][0]["pid"], signal.SIGKILL)  # while step 3 samples
+    assert run.wait() == 2, run.output
+    assert "RL step 3 failed" in run.output and "fault.max_restarts=0" in run.output
+    resume_and_compare(run, straight, failed_step=3)
+
+
+def test_a_second_ctrl_c_checkpoints_the_cursor_the_failed_step_found(straight, tmp_path):
+    run = logged(tmp_path, "run", SLOW_AT_CALL="3").start()
+    slow = Path(run.env["PROMPT_LOG"] + ".slow")
+    run.when(slow.exists)  # step 3 is being scored (slowly), before its update
+    os.killpg(run.proc.pid, signal.SIGINT)  # finish this step and stop ...
+    run.when(lambda: "stopping after this RL step" in run.output)  # (two signals before it is handled are one)
+    os.killpg(run.proc.pid, signal.SIGINT)  # ... no: stop at once
+    assert run.wait() == 130, run.output
+    assert "interrupted at RL step 3" in run.output
+    run.env.pop("SLOW_AT_CALL")
+    resume_and_compare(run, straight, failed_step=3)

@@ -27,6 +27,14 @@ KEYS = {
     "replay": ["block", "full"],
     "packed": ["rows", "flex", "grouped", "dense", "learner"],
     "rl_steps": ["samples_per_step", "engine_init_s", "steps", "stage_share_last_step", "rollout_copy_matches_learner"],
+    "reward_model": [
+        "model", "parameters", "dtype", "samples", "tokens_per_sample", "batch_tokens", "forwards", "seconds",
+        "samples_per_s", "tokens_per_s", "peak_memory_gib", "scores_finite", "batched_vs_single_max_abs",
+    ],
+    "diffusion_gemma": [
+        "model", "canvas_length", "denoising_steps", "batch_1", "batch_4", "reference_tokens_per_s",
+        "transformers_generate_batch_1_tokens_per_s", "ratio_batch_1_to_transformers_generate",
+    ],
 }  # fmt: skip
 STAGES = ["rollout_s", "reward_s", "advantages_s", "views_s", "train_s", "weight_copy_s", "step_s"]
 
@@ -135,6 +143,8 @@ def test_learner_update_and_rl_steps(report: dict) -> None:
     rl = report["rl_steps"]
     assert [s["weights_version"] for s in rl["steps"]] == [1, 2]
     for step in rl["steps"]:
+        # the loop's stage code: keep_all keeps every sample, and the flat groups are counted as the loop counts them
+        assert step["kept_samples"] == rl["samples_per_step"] and 0 <= step["flat_groups"] <= 1
         assert all(step[k] >= 0 for k in STAGES)
         assert step["step_s"] == pytest.approx(sum(step[k] for k in STAGES[:-1]))
         assert 0 < step["rollout_share"] < 1
@@ -157,3 +167,26 @@ def test_bad_parts_are_refused() -> None:
     )
     assert proc.returncode == 2
     assert "unknown part(s) ['nonsense']" in proc.stderr and proc.stdout == ""
+
+
+@pytest.mark.slow
+def test_reward_model_scores_every_completion_in_budgeted_forwards(report: dict) -> None:
+    rm = report["reward_model"]
+    assert rm["scores_finite"] is True and rm["dtype"] == "torch.float32"  # CPU smoke: fp32
+    per_forward = rm["batch_tokens"] // rm["tokens_per_sample"]  # 96 // 32 = 3 completions per forward
+    assert rm["forwards"] == -(-rm["samples"] // per_forward) == 3
+    assert rm["samples_per_s"] == pytest.approx(rm["samples"] / rm["seconds"])
+    assert rm["batched_vs_single_max_abs"] < 1e-5  # packing and padding change no score (fp32)
+
+
+def test_diffusion_gemma_part_decodes_whole_canvases_and_compares_with_generate(report: dict) -> None:
+    d = report["diffusion_gemma"]
+    c = d["canvas_length"]
+    assert d["model"]["experts"] == 4 and d["denoising_steps"] == 4  # 16 on the GPU
+    for batch in (1, 4):
+        row = d[f"batch_{batch}"]
+        assert row["generated_tokens"] == batch * c  # EOS off: one whole canvas each
+        assert row["steps_run"] == batch * 4  # adaptive stopping off: every step ran
+        assert row["tokens_per_s"] > 0
+    assert d["reference_tokens_per_s"] == 1756.0 and "vLLM" in d["reference"]
+    assert d["ratio_batch_1_to_transformers_generate"] > 0

@@ -8,7 +8,7 @@ import pytest
 
 from tracerl.config import ConfigError, GuardConfig, load
 from tracerl.metrics import MetricsLogger
-from tracerl.orchestrator.guard import DivergenceGuard, guard_line
+from tracerl.orchestrator.guards import DivergenceGuard, guard_line
 
 
 def steps(guard: DivergenceGuard, rows: list[dict[str, float]]) -> list[list[str]]:

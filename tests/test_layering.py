@@ -11,10 +11,10 @@ ROOT = Path(__file__).resolve().parents[1]
 HEAVY = {"ray", "deepspeed", "wandb"}
 # layer of each tracerl module: a module may import only modules of its own or a lower layer
 LAYERS = {
-    "config": 0, "records": 0, "metrics": 0, "registry": 0,
-    "data": 1, "models": 1, "sampling": 1, "trace": 1, "packed": 1, "advantages": 1, "objectives": 1,
-    "reward_service": 1, "reward_resolve": 1, "checkpoint": 1, "scoring": 1, "stats": 1, "weight_sync": 1,
-    "report": 1, "config_docs": 1,
+    "config": 0, "records": 0, "metrics": 0, "registry": 0, "seeding": 0,
+    "data": 1, "stages": 1, "models": 1, "sampling": 1, "trace": 1, "packed": 1, "canvas_trace": 1, "advantages": 1,
+    "objectives": 1, "reward_service": 1, "reward_resolve": 1, "checkpoint": 1, "scoring": 1, "stats": 1,
+    "weight_sync": 1, "report": 1, "config_docs": 1, "manifest": 1, "runs": 1, "reward_models": 1,
     "checks": 2, "reward_server": 2, "learner": 2, "workers": 2,
     "sft": 3, "orchestrator": 3,
     "cli": 4,
@@ -84,7 +84,7 @@ def test_rewards_import_without_torch_or_ray():
 def test_maths_modules_import_without_ray_deepspeed_wandb():
     code = (
         "import sys, tracerl.trace, tracerl.packed, tracerl.objectives, tracerl.advantages, tracerl.sampling,"
-        " tracerl.models;"
+        " tracerl.models, tracerl.seeding, tracerl.stages;"
         "print(sorted({'ray', 'deepspeed', 'wandb'} & set(sys.modules)))"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, check=True)

@@ -18,7 +18,7 @@ from tracerl.models import build_tiny
 from tracerl.orchestrator import RunError, run
 
 ray = pytest.importorskip("ray")
-pytestmark = pytest.mark.ray
+pytestmark = [pytest.mark.ray, pytest.mark.slow]  # every test runs the whole loop
 
 # A reward with spread on the outputs of a random tiny model (so advantages, and updates, are non-zero).
 REWARD = """
@@ -43,6 +43,7 @@ BASE = [
     "model.tiny.intermediate_size=256",
     "sampling.max_new_tokens=8",
     "sampling.temperature=1.0",
+    "sampling.batch_size=8",  # two sampler batches per RL step: two rollout actors share the work
     "data.source=synthetic:parity",
     "data.num_synthetic=200",
     "objective.group_filter=drop_all_equal",
@@ -117,7 +118,7 @@ def test_three_rl_steps_end_to_end(local_ray, tmp_path, monkeypatch):
     assert last["train/optimizer_steps"] >= 1 and changed(cfg)
 
     run_dir = Path(cfg.run_dir)
-    samples = json.loads((run_dir / "rollout_samples-2.json").read_text())
+    samples = json.loads((run_dir / "samples_rollout-2.json").read_text())
     assert samples["columns"][:3] == ["prompt", "completion", "reward"] and len(samples["rows"]) == 8
     assert (run_dir / "pictures" / "decoding-order-2.png").stat().st_size > 1000
     summary = json.loads((run_dir / "eval" / "step-2.json").read_text())
@@ -136,7 +137,7 @@ def test_three_rl_steps_end_to_end(local_ray, tmp_path, monkeypatch):
     text = out.stdout
     for key in ("reward/mean", "train/policy_loss", "rollout/logp_mismatch", "sync/weight_s", "eval/greedy_reward"):
         assert key in text, f"{key} missing from the W&B run ({out.stderr[-300:]})"
-    assert "rollout/samples" in text and "rollout/decoding_order" in text
+    assert "samples/rollout" in text and "samples/eval" in text and "rollout/decoding_order" in text
 
 
 VARIANTS = {
@@ -173,7 +174,6 @@ def test_the_divergence_guard_warns_when_nothing_trains(local_ray, tmp_path, cap
     assert [r["guard/warnings"] for r in rows(cfg)] == [0.0, 1.0, 0.0]
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize("name", list(VARIANTS))
 def test_every_variant_runs_in_the_loop(local_ray, tmp_path, name):
     small = ["train.steps=2", "rollout.num_workers=1", "reward.num_workers=1", "eval.num_prompts=0"]
@@ -191,7 +191,6 @@ def test_every_variant_runs_in_the_loop(local_ray, tmp_path, name):
         assert last["rollout/logp_mismatch"] < 1e-4
 
 
-@pytest.mark.slow
 def test_dream_style_shifted_policy_trains_in_the_loop(local_ray, tmp_path):
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
@@ -247,7 +246,8 @@ def test_a_reward_that_raises_stops_the_run_and_keeps_the_last_step(local_ray, t
         "        raise ValueError('the grader is down')\n"
         "    return [float(len(c) % 2) for c in completions]\n"
     )
-    cfg = rl_cfg(tmp_path, "rollout.num_workers=1", "reward.num_workers=1", "eval.num_prompts=0", "train.steps=4")
+    cfg = rl_cfg(tmp_path, "rollout.num_workers=1", "reward.num_workers=1", "eval.num_prompts=0", "train.steps=4",
+                 "sampling.batch_size=64")  # one sampler batch, one reward call per step  # fmt: skip
     cfg.reward.functions[0].fn = f"{flaky}:score"
     with pytest.raises(RunError) as err:
         run(cfg)
@@ -340,3 +340,43 @@ def test_no_credential_from_the_environment_reaches_any_file_the_run_writes(loca
         assert value not in printed.out + printed.err
         for path in files:
             assert value.encode() not in path.read_bytes(), f"{value[:6]}… found in {path}"
+
+
+VARYING = ("time/", "perf/", "fault/", "sync/weight_s")  # the machine's speed; everything else must be equal
+
+
+def numbers(cfg: Config) -> dict[int, dict[str, float]]:
+    return {r["step"]: {k: v for k, v in r.items() if k not in ("step", "time") and not k.startswith(VARYING)}
+            for r in rows(cfg)}  # fmt: skip
+
+
+def eval_samples(cfg: Config) -> dict[str, list]:
+    out = {}
+    for path in sorted((Path(cfg.run_dir) / "eval").glob("step-*.jsonl")):
+        out[path.name] = [(r["mode"], r["completion"], r["reward"]) for r in map(json.loads, path.open())]
+    return out
+
+
+def test_the_numbers_do_not_depend_on_the_actor_counts_and_survive_a_resume(local_ray, tmp_path):
+    # 4 prompts x 4 samples in sampler batches of one group (sampling.batch_size=4): 4 batches per RL step, shared
+    # by 1, 2 or 3 rollout actors; 8 held-out prompts evaluated at steps 0, 2 and 4
+    common = ["train.steps=4", "sampling.batch_size=4", "checkpoint.save_every=1", "eval.num_prompts=8"]
+    runs = {}
+    for actors, rewards in ((1, 1), (2, 2), (3, 1)):
+        cfg = rl_cfg(tmp_path / f"k{actors}", *common, f"rollout.num_workers={actors}", f"reward.num_workers={rewards}")
+        run(cfg)
+        runs[actors] = cfg
+    first = rl_cfg(tmp_path / "resumed", *common, "rollout.num_workers=3", "train.steps=2")
+    run(first)  # two steps on 3 actors, then the rest on 2 actors and 2 reward workers, resumed
+    resumed = rl_cfg(tmp_path / "resumed", *common, "rollout.num_workers=2", "reward.num_workers=2",
+                     "checkpoint.resume=auto")  # fmt: skip
+    run(resumed)
+    want = numbers(runs[1])
+    assert sorted(want) == [0, 1, 2, 3, 4] and len({want[s]["reward/mean"] for s in range(1, 5)}) > 1
+    assert {"eval/greedy_reward", "eval/mean@2", "train/policy_loss"} <= set(want[2]) | set(want[1])
+    for cfg in (runs[2], runs[3], resumed):
+        assert numbers(cfg) == want, cfg.run_dir  # bitwise: every metric of every step, the evaluations too
+        assert eval_samples(cfg) == eval_samples(runs[1])
+    final = {k: v for k, v in final_weights(runs[1]).items()}
+    for cfg in (runs[3], resumed):
+        assert all(torch.equal(final[k], v) for k, v in final_weights(cfg).items())

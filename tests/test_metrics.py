@@ -1,23 +1,83 @@
-"""Metrics sinks: metrics.jsonl always, W&B offline without credentials, rank > 0 silent; trace picture."""
+"""Metrics sinks: metrics.jsonl always (NaN included), W&B offline without credentials and off when the environment
+says so, one kind per key, every row in a resumed W&B run; rank > 0 silent; trace picture."""
 
 from __future__ import annotations
 
 import json
+import math
+import time
 
+import pytest
 import torch
 
 from tracerl.config import WandbConfig
-from tracerl.metrics import MetricsLogger, Timers, decoding_order_picture, wandb_mode
+from tracerl.metrics import MetricKindError, MetricsLogger, Timers, decoding_order_picture, read_jsonl, wandb_mode
+
+from .conftest import wandb_history
 
 
-def test_jsonl_rows_and_nonfinite_values_dropped(tmp_path):
+def test_jsonl_rows_keep_nan_and_infinities(tmp_path):
     log = MetricsLogger(tmp_path, wandb_cfg=WandbConfig(mode="disabled"))
-    log.log({"reward/mean": 0.5, "train/clipfrac": float("nan")}, step=1)
+    log.log({"reward/mean": 0.5, "train/policy_loss": float("nan"), "train/grad_norm": float("inf")}, step=1)
     log.log({"reward/mean": 0.75}, step=2)
     log.close()
     rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [1, 2]
-    assert rows[0]["reward/mean"] == 0.5 and "train/clipfrac" not in rows[0]
+    assert rows[0]["reward/mean"] == 0.5 and math.isnan(rows[0]["train/policy_loss"])  # a NaN loss is visible
+    assert rows[0]["train/grad_norm"] == math.inf
+    assert '"train/policy_loss": NaN' in (tmp_path / "metrics.jsonl").read_text()
+
+
+def test_a_key_keeps_one_kind(tmp_path):
+    log = MetricsLogger(tmp_path, wandb_cfg=WandbConfig(mode="disabled"))
+    log.log({"rollout/samples": 16.0}, step=1)
+    with pytest.raises(MetricKindError, match="'rollout/samples' is logged as a table but was a scalar"):
+        log.log_table("rollout/samples", ["a"], [[1]], step=1)
+    log.log_table("samples/rollout", ["a"], [[1]], step=1)
+    with pytest.raises(MetricKindError, match="'samples/rollout' is logged as a scalar but was a table"):
+        log.log({"samples/rollout": 1.0}, step=2)
+    log.close()
+
+
+def test_wandb_mode_from_the_environment_wins(monkeypatch, tmp_path):
+    monkeypatch.setenv("WANDB_MODE", "disabled")
+    assert wandb_mode("offline") == "disabled" and wandb_mode("online") == "disabled"
+    log = MetricsLogger(tmp_path, wandb_cfg=WandbConfig(mode="offline"))
+    log.log({"a": 1.0}, step=0)
+    log.close()
+    assert log.run_id is None and not (tmp_path / "wandb").exists()  # no W&B run, no wandb/ folder
+    monkeypatch.setenv("WANDB_MODE", "dryrun")
+    assert wandb_mode("disabled") == "offline"
+    monkeypatch.delenv("WANDB_MODE")
+    monkeypatch.setenv("WANDB_DISABLED", "true")
+    assert wandb_mode("offline") == "disabled"
+    monkeypatch.delenv("WANDB_DISABLED")
+    assert wandb_mode("offline") == "offline"
+
+
+def test_a_resumed_offline_run_holds_every_row_once_in_order(tmp_path, monkeypatch):
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    cfg = WandbConfig(mode="offline", project="t")
+    first = MetricsLogger(tmp_path, wandb_cfg=cfg)
+    for step in range(4):  # steps 0-3 logged; the checkpoint is of step 2; then the process dies
+        first.log({"reward/mean": step / 10, "train/policy_loss": float("nan") if step == 1 else 0.1}, step=step)
+    run_id = first.run_id
+    first.close()
+    # W&B names an offline run directory by its start second and run id: a resumed process starts seconds later,
+    # never within the same second (which would reuse the directory), so neither does this one.
+    time.sleep(1.05 - time.time() % 1)
+    second = MetricsLogger(tmp_path, wandb_cfg=cfg, resume_id=run_id)
+    second.resume(2)  # metrics.jsonl cut back to step 2; the new W&B run directory gets steps 0-2
+    for step in (3, 4):
+        second.log({"reward/mean": step / 10, "train/policy_loss": 0.2}, step=step)
+    second.close()
+    assert [r["step"] for r in read_jsonl(tmp_path / "metrics.jsonl")] == [0, 1, 2, 3, 4]
+    runs = sorted((tmp_path / "wandb").glob(f"offline-run-*-{run_id}"))
+    assert len(runs) == 2
+    history = wandb_history(runs[-1])
+    assert [h["_step"] for h in history] == [0, 1, 2, 3, 4]
+    assert [h["reward/mean"] for h in history] == [0.0, 0.1, 0.2, 0.3, 0.4]
+    assert history[1]["train/policy_loss"] == "NaN"  # the NaN reached W&B
 
 
 def test_nonzero_rank_writes_nothing(tmp_path):
@@ -29,6 +89,7 @@ def test_nonzero_rank_writes_nothing(tmp_path):
 
 def test_online_without_credentials_falls_back_to_offline(monkeypatch, tmp_path):
     monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    monkeypatch.delenv("WANDB_MODE", raising=False)
     monkeypatch.setenv("HOME", str(tmp_path))
     assert wandb_mode("online") == "offline"
     assert wandb_mode("disabled") == "disabled"

@@ -55,6 +55,20 @@ def _bidirectional_logits(model, ids: torch.Tensor) -> torch.Tensor:  # noqa: AN
         return model(input_ids=ids, attention_mask=torch.zeros(1, 1, n, n)).logits[0]
 
 
+def assert_skeleton_matches(cfg: ModelConfig, policy) -> None:  # noqa: ANN001
+    """``load_policy(cfg, weights=False)`` (what the driver checks sampler settings against) describes the policy
+    ``load_policy(cfg)`` loads, without reading its weights (its parameters live on the meta device)."""
+    from tracerl.sampling.graphs import graph_capturable
+
+    skel = load_policy(cfg, weights=False)
+    assert all(p.device.type == "meta" for p in skel.model.parameters())
+    for key in ("family", "block_size", "shift", "mask_id", "vocab_size", "eos_id", "supports_cache"):
+        assert getattr(skel, key) == getattr(policy, key), key
+    limit = getattr(policy.model.config, "max_position_embeddings", None)
+    assert getattr(skel.model.config, "max_position_embeddings", None) == limit
+    assert graph_capturable(skel.model) == graph_capturable(policy.model)
+
+
 def _ids() -> torch.Tensor:
     return torch.tensor([TOK("12+3=")["input_ids"] + [TOK.mask_token_id] * 3])
 
@@ -89,6 +103,7 @@ def test_llada_checkpoint_loads_into_llama_with_identical_logits(tmp_path):
     )
     TOK.save_pretrained(tmp_path)
     policy = load_policy(ModelConfig(family="llada", path=str(tmp_path)))
+    assert_skeleton_matches(ModelConfig(family="llada", path=str(tmp_path)), policy)
     assert (policy.family, policy.block_size, policy.shift, policy.mask_id) == ("llada", None, False, 2)
     ids = _ids()
     n = ids.shape[1]
@@ -107,6 +122,7 @@ def test_dream_loads_into_qwen2_with_shifted_logits(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps(raw))
     TOK.save_pretrained(tmp_path)
     policy = load_policy(ModelConfig(family="dream", path=str(tmp_path)))
+    assert_skeleton_matches(ModelConfig(family="dream", path=str(tmp_path)), policy)
     assert policy.shift and policy.family == "dream"
     ids = _ids()
     n = ids.shape[1]
@@ -126,6 +142,7 @@ def test_sdar_loads_into_qwen3_and_samples_with_its_block_size(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps(raw))
     TOK.save_pretrained(tmp_path)  # the mask token comes from the tokenizer here
     policy = load_policy(ModelConfig(family="sdar", path=str(tmp_path)))
+    assert_skeleton_matches(ModelConfig(family="sdar", path=str(tmp_path)), policy)
     assert policy.block_size == 2 and policy.mask_id == TOK.mask_token_id
     r = generate(policy, [TOK("1+1=")["input_ids"]], SamplingConfig(max_new_tokens=4, block_size=2))
     assert r.layout == "block" and (r.step_map[0] >= 0).any()
@@ -146,6 +163,7 @@ def test_masked_lm_family_generates(tmp_path):
     bert.save_pretrained(tmp_path)
     TOK.save_pretrained(tmp_path)
     policy = load_policy(ModelConfig(family="masked_lm", path=str(tmp_path)))
+    assert_skeleton_matches(ModelConfig(family="masked_lm", path=str(tmp_path)), policy)
     assert not policy.supports_cache and policy.mask_id == TOK.mask_token_id
     r = generate(policy, [TOK("1+1=")["input_ids"], TOK("2=")["input_ids"]], SamplingConfig(max_new_tokens=4))
     assert r.layout == "full" and r.response_ids.shape == (2, 4)
@@ -158,6 +176,7 @@ def test_tiny_model_round_trips_through_save_pretrained(tmp_path, attention):
     model, tok = build_tiny(TinyModelConfig(attention=attention, hidden_size=32, intermediate_size=32))
     save_tiny(model, tok, tmp_path)
     policy = load_policy(ModelConfig(family="tiny", path=str(tmp_path)))
+    assert_skeleton_matches(ModelConfig(family="tiny", path=str(tmp_path)), policy)
     assert policy.block_size == (4 if attention == "block" else None)
     assert policy.mask_id == tok.mask_token_id
     for a, b in zip(model.state_dict().values(), policy.model.state_dict().values(), strict=True):

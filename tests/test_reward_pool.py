@@ -26,6 +26,20 @@ def fails_on_c5(prompts, completions, **kwargs):
     if "c5" in completions:
         raise ValueError("c5 is unscorable")
     return [1.0] * len(completions)
+
+def hangs_on_h(prompts, completions, **kwargs):
+    if "h" in completions:
+        time.sleep(120)
+    return [1.0] * len(completions)
+
+def plants_key(prompts, completions, **kwargs):
+    # adds a key to this worker's session keyring and reads it back (x86_64 system-call numbers)
+    import ctypes
+    libc, L = ctypes.CDLL(None, use_errno=True), ctypes.c_long
+    if completions[0].startswith("tracerl-pool-bait"):
+        libc.syscall(L(248), b"user", completions[0].encode(), b"pool-secret", L(11), L(-3))  # add_key
+    serial = libc.syscall(L(249), b"user", completions[0].encode(), None, L(0))  # request_key
+    return [float(serial > 0)] * len(completions)
 """
 
 
@@ -173,3 +187,43 @@ def test_sandboxed_code_in_ray_workers_sees_no_host_folders(ray_local, tmp_path:
     finally:
         pool.shutdown()
     assert result.total == [0.0, 0.0, 0.0, 1.0]
+
+
+def test_a_worker_whose_call_timed_out_is_replaced_with_on_error_nan(ray_local, reward_file: Path) -> None:
+    from tracerl.workers import RewardPool
+
+    pool = RewardPool([RewardSpec(f"{reward_file}:hangs_on_h")], num_workers=1, on_error="nan", timeout_s=1.0)
+    try:
+        stuck = pool.workers[0]
+        result = pool.score(["q"] * 2, ["h", "x"])
+        assert all(v != v for v in result.total) and result.metrics["reward/errors/hangs_on_h"] == 2.0
+        assert pool.restarts == 1 and pool.workers[0] is not stuck  # its sleeping call would hold a core for 2 min
+        with pytest.raises(ray.exceptions.RayActorError):
+            ray.get(stuck.info.remote(), timeout=30)
+        assert pool.score(["q"], ["x"]).total == [1.0]  # the replacement scores at once
+        assert pool.restarts == 1
+    finally:
+        pool.shutdown()
+
+
+@pytest.mark.skipif(os.uname().machine != "x86_64", reason="the bait uses x86_64 keyring system-call numbers")
+def test_sandboxed_code_in_ray_workers_cannot_read_the_session_keyring(ray_local, reward_file: Path) -> None:
+    from rewards.sandbox import isolation
+    from tracerl.workers import RewardPool
+
+    if not isolation().syscall_filter:
+        pytest.skip(f"no system-call filter here ({isolation().notes})")
+    description = f"tracerl-pool-bait-{os.getpid()}"
+    program = (
+        "import ctypes\nlibc, L = ctypes.CDLL(None, use_errno=True), ctypes.c_long\ndef f():\n"
+        f"    return libc.syscall(L(249), b'user', {description.encode()!r}, None, L(0)) > 0"
+    )
+    specs = [RewardSpec(f"{reward_file}:plants_key"), RewardSpec("code", kwargs={"wall_s": 4.0})]
+    pool = RewardPool(specs, num_workers=1)
+    try:
+        planted = pool.score(["q"], [description], columns={"tests": [["assert True"]]})
+        sandboxed = pool.score(["q"], [program], columns={"tests": [["assert f()"]]})
+    finally:
+        pool.shutdown()
+    assert planted.parts["plants_key"] == [1.0]  # the worker process itself holds and reads the key
+    assert sandboxed.parts["code"] == [0.0]  # a program it runs in the sandbox does not

@@ -87,6 +87,10 @@ def test_arguments_columns_weights_and_metrics(tmp_path: Path) -> None:
     assert nan_equal(result.parts["later"], [math.nan, 1.0])  # None is NaN, not an error
     # total = 2 * spy - 1 * strict + later:  sample 0 → NaN (later is None);  sample 1 → 2 - 0.5 + 1 = 2.5
     assert nan_equal(result.total, [math.nan, 2.5])
+    # correlations need two samples where both parts are numbers and neither part is constant over them: none here
+    corr = {k: result.metrics.pop(k) for k in list(result.metrics) if k.startswith("reward/corr/")}
+    assert sorted(corr) == ["reward/corr/spy/later", "reward/corr/spy/strict", "reward/corr/strict/later"]
+    assert all(math.isnan(v) for v in corr.values())
     assert result.metrics == {
         "reward/spy/mean": 2.0,
         "reward/errors/spy": 0.0,
@@ -95,6 +99,7 @@ def test_arguments_columns_weights_and_metrics(tmp_path: Path) -> None:
         "reward/later/mean": 1.0,
         "reward/errors/later": 0.0,
         "reward/mean": 2.5,
+        "reward/std": 0.0,  # one non-NaN total
         "reward/nan_count": 1.0,
     }
 

@@ -18,7 +18,7 @@ from rewards.math import extract_gsm8k_answer, gsm8k_reward, math_verify_reward
 from rewards.registry import UnknownRewardError, get_reward, register_reward
 from rewards.text import completion_text, extract_code, last_boxed
 
-MODULES = ["registry", "text", "math", "format", "length", "code", "sandbox"]
+MODULES = ["registry", "text", "math", "format", "length", "code", "sandbox", "harness", "seccomp"]
 
 
 @pytest.mark.parametrize("module", MODULES)
@@ -120,10 +120,16 @@ def test_code_reward_asserts_and_io() -> None:
     assert code_reward(["p"], [half], tests=tests[:1], all_or_nothing=True) == [0.0]
     # tests stored as a JSON string (common in datasets) work too
     assert code_reward(["p"], [good], tests=[json.dumps(tests[0])]) == [1.0]
-    # stdin/stdout: trailing whitespace is ignored, a non-zero exit fails the test
-    io_program = "n = int(input())\nprint(n * 2, ' ')\nimport sys; sys.exit(1 if n < 0 else 0)"
+    # stdin/stdout, compared as bytes: "exact" (default) takes only the expected bytes, with or without the final
+    # newline print adds; "lines" ignores trailing whitespace per line; a non-zero exit fails the test either way
+    io_program = "n = int(input())\nprint(n * 2, end=' \\n' if n > 4 else '\\n')\nexit(1 if n < 0 else 0)"
     inputs, outputs = [["2\n", "5\n", "-1\n"]], [["4", "10\n", "-2"]]
-    assert code_reward(["p"], [io_program], test_inputs=inputs, test_outputs=outputs) == [pytest.approx(2 / 3)]
+    assert code_reward(["p"], [io_program], test_inputs=inputs, test_outputs=outputs) == [pytest.approx(1 / 3)]
+    loose = code_reward(["p"], [io_program], test_inputs=inputs, test_outputs=outputs, output_match="lines")
+    assert loose == [pytest.approx(2 / 3)]
+    # bytes, not text: an invalid UTF-8 byte is not the replacement character it would decode to
+    raw = "import sys\nsys.stdout.buffer.write(b'\\xff')"
+    assert code_reward(["p"], [raw], test_inputs=[[""]], test_outputs=[["\ufffd"]]) == [0.0]
     assert code_reward(["p"], [good], tests=[[]]) == [None]  # nothing to check: skipped, not punished
 
 

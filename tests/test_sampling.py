@@ -9,7 +9,9 @@ import torch
 
 from tracerl.config import ConfigError, SamplingConfig
 from tracerl.sampling import REMASKING, block_grid, generate
+from tracerl.sampling.core import StepNoise
 from tracerl.sampling.remasking import get_remasking
+from tracerl.seeding import RowStreams
 
 from .conftest import encode
 
@@ -218,7 +220,7 @@ def test_remasking_rules_by_hand():
     ent = torch.tensor([[2.0, 0.1, 0.3, 0.05]])
     elig = torch.tensor([[True, True, True, False]])
     one = torch.tensor([1])
-    kw = dict(threshold=0.9, eb_threshold=0.35, generator=torch.Generator().manual_seed(0))
+    kw = dict(threshold=0.9, eb_threshold=0.35, noise=StepNoise(RowStreams([0]), block=0, step=0, width=4))
     assert get_remasking("low_confidence_static")(conf, ent, elig, torch.tensor([2]), **kw).tolist() == [
         [False, True, True, False]
     ]
@@ -276,10 +278,10 @@ def test_greedy_and_filtered_sampling_pick_allowed_tokens():
     from tracerl.sampling.core import sample_candidates
 
     logits = torch.tensor([[[0.0, 3.0, 2.0, 1.0, -1.0]]]).expand(1, 64, 5).contiguous()
-    gen = torch.Generator().manual_seed(0)
-    greedy = sample_candidates(logits, SamplingConfig(temperature=0.0), mask_id=1, generator=gen)
+    noise = StepNoise(RowStreams([0]), block=0, step=0, width=64)
+    greedy = sample_candidates(logits, SamplingConfig(temperature=0.0), mask_id=1, noise=None)
     assert (greedy.tokens == 2).all()  # the mask token (id 1) is never a candidate
-    top2 = sample_candidates(logits, SamplingConfig(top_k=2), mask_id=1, generator=gen)
+    top2 = sample_candidates(logits, SamplingConfig(top_k=2), mask_id=1, noise=noise)
     assert set(top2.tokens.flatten().tolist()) == {2, 3}  # top-2 after removing the mask token
     ref = torch.log_softmax(logits[0, 0], -1)
     torch.testing.assert_close(top2.logp[0], ref[top2.tokens[0]])  # rollout_logp is the temperature-1 log-prob

@@ -99,7 +99,7 @@ def test_fused_commit_takes_one_forward_per_denoising_step(block_policy):
 
 def test_cuda_graph_needs_a_cuda_device(block_policy, full_policy):
     prompts = encode(block_policy, ["1+2="])
-    with pytest.raises(ConfigError, match="sampling.cuda_graph=true .* needs a CUDA device; this policy is on cpu"):
+    with pytest.raises(ConfigError, match="sampling.cuda_graph=true .* needs a CUDA device; the sampler runs on cpu"):
         generate(block_policy, prompts, SamplingConfig(max_new_tokens=4, cuda_graph=True))
     with pytest.raises(ConfigError, match="sampling.cuda_graph=true is for block-diffusion models"):
         generate(full_policy, prompts, SamplingConfig(max_new_tokens=4, cuda_graph=True))

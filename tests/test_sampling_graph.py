@@ -23,6 +23,7 @@ from tracerl.models.base import DecoderPolicy
 from tracerl.models.tiny import char_tokenizer
 from tracerl.sampling import generate
 from tracerl.sampling.block import sample_block
+from tracerl.seeding import RowStreams, row_seeds
 
 from .conftest import encode
 from .test_sampling import PROMPTS, check_invariants, eos_biased
@@ -46,7 +47,8 @@ def forwards_seen(policy, eos_bias: float):  # noqa: ANN001, ANN201
 
 
 def run(policy, prompts, s: SamplingConfig, cache: bool = True, capture: bool | None = None):  # noqa: ANN001, ANN201
-    return sample_block(policy, prompts, s, torch.Generator(policy.device).manual_seed(4), cache=cache, capture=capture)
+    streams = RowStreams(row_seeds(4, len(prompts)), policy.device)
+    return sample_block(policy, prompts, s, streams, cache=cache, capture=capture)
 
 
 def assert_same(a, b, atol: float = 1e-5) -> None:  # noqa: ANN001

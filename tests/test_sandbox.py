@@ -176,3 +176,11 @@ def test_large_stdin_and_wall_clock_timeout() -> None:
         sleeping = box.run("import time\ntime.sleep(30)")  # no CPU used: only the wall clock stops it
     assert echoed.ok and echoed.stdout == b"ab" * 200_000
     assert sleeping.status == "timeout" and 1.0 <= sleeping.wall_s < 2.0
+
+
+def test_mounts_below_a_listed_folder_land_below_where_it_is_shown() -> None:
+    from rewards.isolation import _rebase
+
+    assert _rebase("/usr", "/", "/data/root") == "/data/root/usr"  # a join by concatenation gave /data/rootusr
+    assert _rebase("/real/venv/lib", "/real/venv", "/tmp/venv") == "/tmp/venv/lib"
+    assert _rebase("/a/b", "/a/b", "/x") == "/x"

@@ -113,6 +113,7 @@ def sft_cfg(tmp_path, *extra: str):  # noqa: ANN001, ANN201
     )
 
 
+@pytest.mark.slow  # real SFT
 def test_sft_learns_a_synthetic_task_and_exports_it(tmp_path):
     """Parity ("parity 37:" → "odd"): the loss falls and exact-match accuracy of sampled answers on held-out
     prompts rises from 0 to nearly 1; the exported directory loads and samples the same answers."""
@@ -135,6 +136,7 @@ def test_sft_learns_a_synthetic_task_and_exports_it(tmp_path):
     assert exact_match_accuracy(policy, prompts, held["answer"], cfg) == result["eval/accuracy"]
 
 
+@pytest.mark.slow  # real SFT
 def test_block_diffusion_sft_learns(tmp_path):
     cfg = sft_cfg(
         tmp_path,
@@ -148,6 +150,7 @@ def test_block_diffusion_sft_learns(tmp_path):
     assert result["eval/accuracy_before"] < 0.2 and result["eval/accuracy"] >= 0.9
 
 
+@pytest.mark.slow  # real SFT
 def test_sft_resume_continues_exactly(tmp_path):
     """8 steps, stop, resume to 16 = 16 steps straight (same masks, data order, optimizer state)."""
     straight = sft_cfg(tmp_path / "a", "sft.steps=16", "sft.eval_every=0")

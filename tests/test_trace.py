@@ -128,7 +128,7 @@ def _reference_logp_block(policy, rollout, i: int, j: int) -> float:  # noqa: AN
 def test_views_match_plain_per_token_reference(policies, kind):
     policy = policies[kind]
     s = SamplingConfig(max_new_tokens=10, block_size=4, remasking="low_confidence_dynamic", threshold=0.05)
-    rollout = generate(policy, encode(policy, PROMPTS[:3]), s, seed=2)
+    rollout = generate(policy, encode(policy, PROMPTS[:3]), s, seed=7)  # a seed where no row stops at once
     _, got = replay(policy, rollout)
     ref = _reference_logp_block if kind == "block" else _reference_logp_full
     checked = 0

@@ -135,3 +135,25 @@ def test_value_model_learns_known_values_and_cuts_advantage_variance(attention):
     assert last["value/explained_var"] > 0.6, curve
     assert last["value/advantage_var_ratio"] < 0.7, [round(h["value/advantage_var_ratio"], 3) for h in history]
     assert last["train/value_optimizer_steps"] == 4.0
+
+
+def test_the_learner_gets_rewards_for_a_reward_made_value_target_and_advantages_otherwise():
+    """stages.learner_outcome, as the loop and gpu_check call it: a value model whose target is made from the
+    rewards gets the raw rewards (a truncated response scored 0 under truncated_is_wrong); otherwise the advantages."""
+    from types import SimpleNamespace
+
+    from tracerl.config import ObjectiveConfig
+    from tracerl.stages import learner_outcome
+
+    adv = torch.tensor([0.5, -0.5, 1.0])
+    rewards = [1.0, 0.0, 0.75]
+    rollout = SimpleNamespace(truncated=torch.tensor([False, False, True]))
+    o = ObjectiveConfig(value_model=False, value_target="reward")
+    assert learner_outcome(adv, rewards, rollout, o) is adv  # no value model: the advantages
+    o = ObjectiveConfig(value_model=True, value_target="advantage")
+    assert learner_outcome(adv, rewards, rollout, o) is adv
+    for target in ("centered", "reward"):
+        o = ObjectiveConfig(value_model=True, value_target=target, truncated_is_wrong=True)
+        assert learner_outcome(adv, rewards, rollout, o).tolist() == [1.0, 0.0, 0.0]  # the truncated 0.75 → 0
+        o = ObjectiveConfig(value_model=True, value_target=target, truncated_is_wrong=False)
+        assert learner_outcome(adv, rewards, rollout, o).tolist() == [1.0, 0.0, 0.75]

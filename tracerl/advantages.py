@@ -121,19 +121,41 @@ def _mean_std(x: torch.Tensor) -> tuple[float, float]:
     return x.mean().item(), x.std(unbiased=False).item()
 
 
-def advantage_metrics(rewards: torch.Tensor, advantages: torch.Tensor, keep: torch.Tensor) -> dict[str, float]:
-    """Batch statistics: advantage mean/std (population) over kept samples, the kept fraction, and reward
-    mean/std over all non-NaN rewards. Empty sets give 0.0.
+def advantage_metrics(
+    rewards: torch.Tensor, advantages: torch.Tensor, keep: torch.Tensor, group: torch.Tensor | None = None
+) -> dict[str, float]:
+    """Batch statistics: advantage mean/std (population) over kept samples, the kept fraction, the mean/std of the
+    non-NaN rewards the advantages were computed from (``advantage/reward_*``: after ``truncated_is_wrong``; the
+    rewards as scored are ``reward/*``), and with ``group`` the fraction of kept groups whose advantages are all 0
+    (``advantage/flat_groups``: every sample scored the same, so the group teaches nothing). Empty sets give 0.0.
     """
     adv_mean, adv_std = _mean_std(advantages[keep])
     rew_mean, rew_std = _mean_std(rewards[~torch.isnan(rewards)])
-    return {
+    out = {
         "advantage/mean": adv_mean,
         "advantage/std": adv_std,
         "advantage/kept_fraction": keep.double().mean().item() if keep.numel() else 0.0,
-        "reward/mean": rew_mean,
-        "reward/std": rew_std,
+        "advantage/reward_mean": rew_mean,
+        "advantage/reward_std": rew_std,
     }
+    if group is not None:
+        out["advantage/flat_groups"] = flat_group_fraction(advantages, keep, group)
+    return out
+
+
+def flat_group_fraction(advantages: torch.Tensor, keep: torch.Tensor, group: torch.Tensor) -> float:
+    """Fraction of the kept groups in which every kept sample has advantage 0 (0.0 when nothing is kept).
+
+    Example:
+        >>> flat_group_fraction(torch.tensor([0.0, 0.0, 1.0, -1.0]), torch.ones(4, dtype=torch.bool),
+        ...                     torch.tensor([0, 0, 1, 1]))
+        0.5
+    """
+    kept_groups = torch.unique(group[keep])
+    if not kept_groups.numel():
+        return 0.0
+    moving = torch.unique(group[keep & (advantages != 0)])
+    return 1.0 - moving.numel() / kept_groups.numel()
 
 
 def step_ranks(token_steps: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -305,7 +327,7 @@ def compute_advantages(
     low: float = 0.2,
     high: float = 0.8,
 ) -> tuple[torch.Tensor, torch.Tensor, dict[str, float]]:
-    """One RL step's advantage stage: (advantages [N], keep [N] bool, ``advantage/*`` + ``reward/*`` metrics).
+    """One RL step's advantage stage: (advantages [N], keep [N] bool, ``advantage/*`` metrics).
 
     ``truncated`` [N] (given when truncated responses count as wrong) sets those rewards to 0 first; samples whose
     reward is NaN are never kept. The filter reads the rewards as scores (accuracy for 0/1 rewards).
@@ -320,4 +342,4 @@ def compute_advantages(
         rewards = truncated_is_wrong(rewards, truncated)
     adv = get_advantage(advantage)(rewards, group)
     keep = get_group_filter(group_filter)(rewards, group, low=low, high=high) & ~torch.isnan(rewards)
-    return adv, keep, advantage_metrics(rewards, adv, keep)
+    return adv, keep, advantage_metrics(rewards, adv, keep, group)

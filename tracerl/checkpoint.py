@@ -5,13 +5,19 @@ Layout of one checkpoint, ``<run_dir>/checkpoints/step-<N>/``:
     learner/     what the learner's ``save`` writes: DeepSpeed engine state (weights, optimizer, LR schedule) of
                  the policy and the value model, the reference weights, the learner's counters, and ``hf/``, the
                  policy as a Hugging Face directory (what ``export_hf`` copies)
-    driver.pt    DriverState: RL step, data cursor, RNG states of python / numpy / torch, W&B run id, version
-    COMPLETE     written last
+    driver.json  DriverState: RL step, data cursor, RNG states of python / numpy / torch, W&B run id, version
+    COMPLETE     written last: the manifest (JSON): step, the identity of the run that wrote it (run id, model
+                 and learner settings), and the size and SHA-256 of every other file
 
 A checkpoint is written into ``.tmp-step-<N>``, every file is fsynced, ``COMPLETE`` is written, and only then is
 the directory renamed to ``step-<N>`` (an atomic rename on POSIX). A run killed at any moment leaves either no
 ``step-<N>`` or a complete one; ``latest_checkpoint`` ignores temporary and unmarked directories, and the next
 save removes them.
+
+A checkpoint holds data, never code. The driver's state is JSON. Before anything of a checkpoint is loaded,
+``verify_checkpoint`` (``tracerl.manifest``) checks every file against the manifest and opens every pickle the
+learner will load (DeepSpeed's ``.pt`` files) with torch's weights-only unpickler: a truncated, changed or added
+file, or a pickle that would run code, is refused naming the file, and that code never runs.
 
 This module never imports deepspeed or ray: the learner is anything with ``save(dir)`` / ``load(dir)`` (a
 ``Learner`` or a ``LearnerGroup``).
@@ -31,8 +37,10 @@ from typing import Any, Protocol
 import numpy as np
 import torch
 
+from tracerl.manifest import COMPLETE, CheckpointError, manifest, seal, verify_checkpoint
+
 CHECKPOINTS = "checkpoints"
-COMPLETE = "COMPLETE"
+DRIVER = "driver.json"
 _STEP = re.compile(r"^step-(\d+)$")
 
 
@@ -53,7 +61,7 @@ class DriverState:
     data: dict[str, Any] = field(default_factory=dict)  # data cursor, e.g. PromptStream.state_dict()
     wandb_run_id: str | None = None  # resume the same W&B run
     rng: dict[str, Any] = field(default_factory=dict)  # capture_rng() at save time
-    extra: dict[str, Any] = field(default_factory=dict)  # anything else the caller wants back
+    extra: dict[str, Any] = field(default_factory=dict)  # anything else the caller wants back (JSON values)
 
 
 def capture_rng() -> dict[str, Any]:
@@ -76,37 +84,95 @@ def restore_rng(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+def rng_to_json(state: dict[str, Any]) -> dict[str, Any]:
+    """``capture_rng()`` as JSON values: tuples as lists, arrays as lists, torch states as hex."""
+    out: dict[str, Any] = {}
+    if "python" in state:
+        version, words, gauss = state["python"]
+        out["python"] = [version, list(words), gauss]
+    if "numpy" in state:
+        kind, keys, pos, has_gauss, cached = state["numpy"]
+        out["numpy"] = [kind, [int(k) for k in keys], int(pos), int(has_gauss), float(cached)]
+    if "torch" in state:
+        out["torch"] = state["torch"].numpy().tobytes().hex()
+    if "cuda" in state:
+        out["cuda"] = [s.cpu().numpy().tobytes().hex() for s in state["cuda"]]
+    return out
+
+
+def rng_from_json(raw: dict[str, Any]) -> dict[str, Any]:
+    """The inverse of ``rng_to_json``: what ``restore_rng`` takes."""
+
+    def tensor(text: str) -> torch.Tensor:
+        return torch.frombuffer(bytearray.fromhex(text), dtype=torch.uint8).clone()
+
+    out: dict[str, Any] = {}
+    if "python" in raw:
+        version, words, gauss = raw["python"]
+        out["python"] = (version, tuple(words), gauss)
+    if "numpy" in raw:
+        kind, keys, pos, has_gauss, cached = raw["numpy"]
+        out["numpy"] = (kind, np.asarray(keys, dtype=np.uint32), pos, has_gauss, cached)
+    if "torch" in raw:
+        out["torch"] = tensor(raw["torch"])
+    if "cuda" in raw:
+        out["cuda"] = [tensor(t) for t in raw["cuda"]]
+    return out
+
+
 def checkpoint_dir(run_dir: str | Path) -> Path:
     """``<run_dir>/checkpoints``."""
     return Path(run_dir) / CHECKPOINTS
 
 
-def list_checkpoints(run_dir: str | Path) -> list[Path]:
-    """Complete checkpoints of a run (``step-<N>`` with a ``COMPLETE`` marker), oldest first."""
+def run_id_of(path: str | Path) -> str | None:
+    """The run id a complete checkpoint was written by (None: unreadable or none recorded)."""
+    try:
+        return manifest(path).get("identity", {}).get("run_id")
+    except CheckpointError:
+        return None
+
+
+def list_checkpoints(run_dir: str | Path, run_id: str | None = None) -> list[Path]:
+    """Complete checkpoints of a run (``step-<N>`` with a ``COMPLETE`` marker), oldest first; with ``run_id``,
+    only those that run wrote."""
     root = checkpoint_dir(run_dir)
     if not root.is_dir():
         return []
     found = []
     for path in root.iterdir():
         match = _STEP.match(path.name)
-        if match and path.is_dir() and (path / COMPLETE).is_file():
+        complete = match and path.is_dir() and (path / COMPLETE).is_file()
+        if complete and (run_id is None or run_id_of(path) == run_id):
             found.append((int(match.group(1)), path))
     return [path for _, path in sorted(found)]
 
 
-def latest_checkpoint(run_dir: str | Path) -> Path | None:
-    """The newest complete checkpoint of a run, or None; half-written ones are ignored."""
-    done = list_checkpoints(run_dir)
+def latest_checkpoint(run_dir: str | Path, run_id: str | None = None) -> Path | None:
+    """The newest complete checkpoint of a run (of ``run_id``, if given), or None; half-written ones are ignored."""
+    done = list_checkpoints(run_dir, run_id)
     return done[-1] if done else None
 
 
-def resolve_resume(run_dir: str | Path, resume: str) -> Path | None:
+def half_written(run_dir: str | Path) -> list[Path]:
+    """Checkpoint directories without a ``COMPLETE`` marker: saves that were killed (the next save clears them)."""
+    root = checkpoint_dir(run_dir)
+    if not root.is_dir():
+        return []
+    return sorted(
+        p for p in root.iterdir() if p.is_dir() and (p.name.startswith(".tmp-step-") or _STEP.match(p.name))
+        and not (p / COMPLETE).is_file()
+    )  # fmt: skip
+
+
+def resolve_resume(run_dir: str | Path, resume: str, run_id: str | None = None) -> Path | None:
     """``checkpoint.resume`` → the directory to resume from: ``none`` → None, ``auto`` → the latest complete
-    checkpoint (None for a fresh run), anything else → that checkpoint directory (which must be complete)."""
+    checkpoint (of ``run_id``, if given; None for a fresh run), anything else → that checkpoint directory (which
+    must be complete)."""
     if resume == "none":
         return None
     if resume == "auto":
-        return latest_checkpoint(run_dir)
+        return latest_checkpoint(run_dir, run_id)
     path = Path(resume)
     if not (path / COMPLETE).is_file():
         raise FileNotFoundError(
@@ -133,9 +199,15 @@ def _fsync_dir(path: Path) -> None:
 
 
 def save_checkpoint(
-    run_dir: str | Path, step: int, learner: Saveable | None, driver: DriverState, keep_last: int = 2
+    run_dir: str | Path,
+    step: int,
+    learner: Saveable | None,
+    driver: DriverState,
+    keep_last: int = 2,
+    identity: dict[str, Any] | None = None,
 ) -> Path:
-    """Write checkpoint ``step`` atomically and keep the last ``keep_last`` complete ones (≤ 0: keep all).
+    """Write checkpoint ``step`` atomically and keep the last ``keep_last`` complete ones of this run (≤ 0: keep
+    all). ``identity`` (``run_id`` and the settings a resume must match) goes into the manifest.
 
     Returns the final directory ``<run_dir>/checkpoints/step-<step>``.
     """
@@ -149,15 +221,12 @@ def save_checkpoint(
     tmp.mkdir()
     if learner is not None:
         learner.save(tmp / "learner")
-    torch.save(asdict(driver), tmp / "driver.pt")
+    state = {**asdict(driver), "rng": rng_to_json(driver.rng)}
+    (tmp / DRIVER).write_text(json.dumps(state))
     _fsync_tree(tmp)
 
-    # 2. The marker last, then the atomic rename (a re-save of the same step replaces the old one).
-    with open(tmp / COMPLETE, "w") as f:
-        f.write(f"step {step}\n")
-        f.flush()
-        os.fsync(f.fileno())
-    _fsync_dir(tmp)
+    # 2. The manifest last, then the atomic rename (a re-save of the same step replaces the old one).
+    seal(tmp, step, identity)
     if final.exists():
         old = root / f".old-step-{step}"
         os.rename(final, old)
@@ -167,22 +236,41 @@ def save_checkpoint(
         os.rename(tmp, final)
     _fsync_dir(root)
 
-    # 3. Keep the last k.
+    # 3. Keep the last k of this run.
     if keep_last > 0:
-        for path in list_checkpoints(run_dir)[:-keep_last]:
+        for path in list_checkpoints(run_dir, (identity or {}).get("run_id"))[:-keep_last]:
             shutil.rmtree(path, ignore_errors=True)
     return final
 
 
-def load_checkpoint(path: str | Path, learner: Saveable | None) -> DriverState:
-    """Restore the learner from a complete checkpoint and return its DriverState (the caller restores the
-    RNGs with ``restore_rng(state.rng)`` once everything else is set up)."""
+def load_checkpoint(path: str | Path, learner: Saveable | None, verified: bool = False) -> DriverState:
+    """Verify a complete checkpoint (``verify_checkpoint``, unless ``verified``), restore the learner and return its
+    DriverState (the caller restores the RNGs with ``restore_rng(state.rng)`` once everything else is set up).
+
+    Raises:
+        CheckpointError: the checkpoint failed verification, or its driver state does not parse.
+    """
     path = Path(path)
-    if not (path / COMPLETE).is_file():
-        raise FileNotFoundError(f"{path} is not a complete checkpoint (no {COMPLETE} marker)")
+    if not verified:
+        verify_checkpoint(path)
+    state = driver_state(path)
     if learner is not None:
         learner.load(path / "learner")
-    return DriverState(**torch.load(path / "driver.pt", weights_only=False))
+    return state
+
+
+def driver_state(path: str | Path) -> DriverState:
+    """The DriverState of a checkpoint (``driver.json``).
+
+    Raises:
+        CheckpointError: the file is missing or does not parse.
+    """
+    file = Path(path) / DRIVER
+    try:
+        raw = json.loads(file.read_text())
+        return DriverState(**{**raw, "rng": rng_from_json(raw.get("rng", {}))})
+    except (OSError, ValueError, TypeError, KeyError) as err:
+        raise CheckpointError(f"{file} is not a readable driver state ({type(err).__name__}: {err}).") from None
 
 
 def export_hf(source: str | Path | Any, out_dir: str | Path) -> Path:
@@ -202,9 +290,11 @@ def export_hf(source: str | Path | Any, out_dir: str | Path) -> Path:
     hf = next((c for c in (src / "learner" / "hf", src / "hf", src) if (c / "config.json").is_file()), None)
     if hf is None:
         raise FileNotFoundError(f"{src} holds no exported policy (expected learner/hf/config.json inside a checkpoint)")
-    verify_export_source(src, hf)
+    if out.exists() and not out.is_dir():
+        raise FileExistsError(f"export target '{out}' is a file; give a new or empty directory.")
     if out.exists() and any(out.iterdir()):
         raise FileExistsError(f"export target '{out}' exists and is not empty; give a new or empty directory.")
+    verify_export_source(src, hf)
     # Copy into a temporary sibling, fsync, then rename: an interrupted export leaves no half-written directory.
     tmp = out.parent / f".tmp-{out.name}-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
@@ -228,12 +318,14 @@ def verify_export_source(checkpoint: Path, hf: Path) -> None:
     Raises:
         ValueError: a check failed; the message names the file.
     """
-    markers = [d / COMPLETE for d in (checkpoint, checkpoint.parent, hf.parent.parent)]
-    if hf != checkpoint and not any(m.is_file() for m in markers):
+    roots = [d for d in (checkpoint, checkpoint.parent, hf.parent.parent) if (d / COMPLETE).is_file()]
+    if hf != checkpoint and not roots:
         raise ValueError(
             f"checkpoint '{checkpoint}' is not complete (no {COMPLETE} marker): it was interrupted while being "
             "written. Export an earlier complete checkpoint (those with a COMPLETE file)."
         )
+    if hf != checkpoint:  # the exported files are those the manifest recorded
+        verify_checkpoint(roots[0], under=hf.relative_to(roots[0]).as_posix() + "/")
     try:
         config = json.loads((hf / "config.json").read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as err:

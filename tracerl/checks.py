@@ -30,7 +30,7 @@ def check_names(cfg: Config) -> Config:
     ):
         if value not in valid:
             raise ConfigError(f"unknown {key} '{value}'; choose from {sorted(valid)}.")
-    if cfg.model.path is None and cfg.model.family != "tiny":
+    if cfg.model.path is None and cfg.model.family not in ("tiny", "diffusion_gemma"):
         raise ConfigError(
             f"model.path is required for model.family={cfg.model.family}: give a local directory or a hub name."
         )

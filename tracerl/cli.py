@@ -5,6 +5,7 @@
     tracerl generate [CONFIG.yaml] [key=value ...] --prompt TEXT   watch one prompt denoise in the terminal
     tracerl validate [CONFIG.yaml] [key=value ...] [--offline]     check config, model, data, rewards, cluster
     tracerl sft [CONFIG.yaml] [key=value ...]                      masked-diffusion SFT
+    tracerl train-reward-model [CONFIG.yaml] [key=value ...]       preference pairs → a reward model (TRL)
     tracerl export CHECKPOINT OUT_DIR                              write a Hugging Face model directory
     tracerl plot RUN_DIR [--sft SFT_RUN_DIR] [--out PNG]           before/after table and curves of a train run
     tracerl serve-reward --reward SPEC [--host --port]             serve a reward function over HTTP
@@ -48,12 +49,24 @@ def cmd_generate(ns: argparse.Namespace) -> int:
 
     from tracerl.data import encode_prompt
     from tracerl.models import load_policy
+    from tracerl.records import CanvasRollout
     from tracerl.sampling import generate
 
     cfg = _config(ns)
     policy = load_policy(cfg.model)
     prompt_ids = encode_prompt(policy.tokenizer, ns.prompt, cfg.data)
+    unk = policy.tokenizer.unk_token_id
+    if unk is not None and unk in prompt_ids and policy.tokenizer.unk_token not in ns.prompt:
+        unknown = sorted({c for c in ns.prompt if unk in policy.tokenizer(c, add_special_tokens=False)["input_ids"]})
+        where = f"model.tiny.alphabet={cfg.model.tiny.alphabet!r}" if cfg.model.path is None else "its vocabulary"
+        raise ConfigError(
+            f"--prompt has characters the tokenizer of the model does not know: {', '.join(map(repr, unknown))} "
+            f"(they would all read as {policy.tokenizer.unk_token}; the model knows {where}). Write the prompt "
+            "with known characters."
+        )
     rollout = generate(policy, [prompt_ids], cfg.sampling, seed=cfg.seed)
+    if isinstance(rollout, CanvasRollout):
+        return _show_canvases(ns, rollout, policy)
     ids, steps = rollout.response_ids[0].tolist(), rollout.step_map[0].tolist()
     last = max(steps) if max(steps) >= 0 else 0
     tok = policy.tokenizer
@@ -87,12 +100,66 @@ def cmd_generate(ns: argparse.Namespace) -> int:
     return 0
 
 
+def canvas_frames(rollout, tokenizer, eos_ids: tuple[int, ...]) -> list:  # noqa: ANN001
+    """One line per denoising step of every canvas of the first sample: the canvas the step produced, its accepted
+    tokens in green (the policy's actions), the renoised positions dim (fresh uniform noise); then the output."""
+    from rich.text import Text
+
+    def piece(token: int) -> str:
+        if token in eos_ids:
+            return "⏎"
+        text = tokenizer.decode([token], skip_special_tokens=True)
+        return text if len(text) == 1 and text.isprintable() and not text.isspace() else "·"
+
+    lines = []
+    c = rollout.canvas_length
+    for k in range(rollout.canvases.shape[1]):
+        if not bool(rollout.canvas_valid[0, k]):
+            break
+        live = int(rollout.step_valid[0, k].sum())
+        for j in range(live):
+            accepted = rollout.accepted[0, k, j]
+            after = rollout.canvases[0, k, j + 1] if j + 1 < live else None
+            text = Text(f"canvas {k} step {j:>2} τ={float(rollout.temperature[j]):.2f} ", style="dim")
+            for pos in range(c):
+                if bool(accepted[pos]):
+                    text.append(piece(int(rollout.accepted_ids[0, k, j, pos])), style="bold green")
+                else:
+                    text.append(piece(int(after[pos])) if after is not None else " ", style="dim")
+            text.append(f"  {int(accepted.sum())} accepted", style="dim")
+            lines.append(text)
+        out = Text(f"canvas {k} output{' ' * 9}", style="dim")
+        out.append("".join(piece(int(t)) for t in rollout.response_ids[0, k * c : (k + 1) * c]), style="bold")
+        lines.append(out)
+    return lines
+
+
+def _show_canvases(ns: argparse.Namespace, rollout, policy) -> int:  # noqa: ANN001
+    """``tracerl generate`` for a renoising model: every step of every canvas, accepted vs renoised positions."""
+    from rich.console import Console
+
+    console = Console()
+    console.print(f"[bold]{ns.prompt}[/bold]")
+    for line in canvas_frames(rollout, policy.tokenizer, policy.eos_ids):
+        if not ns.no_animate:
+            time.sleep(ns.delay)
+        console.print(line)
+    live = rollout.step_valid & rollout.canvas_valid[..., None]
+    console.print(f"[bold]{rollout.texts[0]}[/bold]")
+    console.print(
+        f"[dim]{int(rollout.response_mask[0].sum())} tokens · {int(live[0].sum())} denoising steps over "
+        f"{int(rollout.canvas_valid[0].sum())} canvas(es) · {int(rollout.accepted[0][live[0]].sum())} tokens "
+        "accepted (green), the rest renoised each step (dim)[/dim]"
+    )
+    return 0
+
+
 def cmd_validate(ns: argparse.Namespace) -> int:
     """Resolve and check everything a run needs, without training; ``--offline`` loads no weights and no hub data."""
     from rich.console import Console
 
     from tracerl.config import check_cluster, gpus_needed
-    from tracerl.orchestrator import check_rewards, load_prompts
+    from tracerl.orchestrator import check_device, check_model, check_rewards, load_prompts
 
     console = Console()
     cfg = _config(ns)
@@ -103,36 +170,42 @@ def cmd_validate(ns: argparse.Namespace) -> int:
         f"cluster: ok ({cfg.learner.num_ranks} learner rank(s), {cfg.rollout.num_workers} rollout actor(s), "
         f"{cfg.rollout.placement}, {gpus_needed(cfg)} of {c.num_nodes * c.gpus_per_node} GPUs)"
     )
-    if not ns.offline:
-        from tracerl import trace
-        from tracerl.models import load_policy
-        from tracerl.sampling import check_compatible, resolve_cache
+    check_device(cfg, c.num_nodes * c.gpus_per_node)
+    from tracerl.orchestrator.guards import oversubscription
 
-        policy = load_policy(cfg.model)
+    crowded = oversubscription(cfg, os.cpu_count() or 1)
+    if crowded:
+        console.print(f"[yellow]warning: {crowded}[/yellow]")
+    if not ns.offline:
+        from tracerl.models import load_policy
+        from tracerl.sampling import check_compatible, renoising, resolve_cache
+
+        policy = load_policy(cfg.model)  # the weights too: they must load
         check_compatible(policy, cfg.sampling)
         params = sum(p.numel() for p in policy.model.parameters())
-        layout = "block" if policy.block_size else "full"
-        trace.check_estimator(cfg.objective.views, layout, cfg.objective.d1_prompt_mask_prob)
-        console.print(
-            f"model: ok ({cfg.model.family}, {params / 1e6:.2f}M parameters, {layout} attention, mask id "
-            f"{policy.mask_id}, cache {resolve_cache(policy, cfg.sampling)})"
-        )
+        if renoising(policy):
+            shape = f"renoising canvases of {policy.canvas_length} tokens, EOS ids {list(policy.eos_ids)}"
+        else:
+            layout = "block" if policy.block_size else "full"
+            shape = f"{layout} attention, mask id {policy.mask_id}, cache {resolve_cache(policy, cfg.sampling)}"
+        console.print(f"model: ok ({cfg.model.family}, {params / 1e6:.2f}M parameters, {shape})")
     local_data = cfg.data.source.startswith("synthetic:") or os.path.exists(os.path.expanduser(cfg.data.source))
     if ns.offline and (not local_data or cfg.model.path and not os.path.isdir(cfg.model.path)):
         console.print(f"data: not checked offline (data.source '{cfg.data.source}' or the tokenizer is on the hub)")
-        check_rewards(cfg, None, cfg.data.source)
+        service = check_rewards(cfg, None, cfg.data.source)
     else:
         stream, eval_set = load_prompts(cfg)
-        if not ns.offline:
-            from tracerl.sampling import check_positions
-
-            check_positions(policy, max(len(ids) for ids in stream.ids), cfg.sampling)
+        check_model(cfg, max(len(ids) for ids in stream.ids + (eval_set.prompt_ids if eval_set else [])))
         held = len(eval_set.prompt_ids) if eval_set else 0
         console.print(
             f"data: ok ({len(stream.ids)} training prompts, {held} held out, {stream.dropped} dropped as longer than "
-            "the limit)"
+            "the limit; the tokenizer writes them; every sampler setting fits the model)"
         )
-        check_rewards(cfg, stream.ds.column_names, cfg.data.source)
+        service = check_rewards(cfg, stream.ds.column_names, cfg.data.source, load=not ns.offline)
+    for reward in service.rewards:  # reward models and judges say what was checked
+        describe = getattr(reward.fn, "describe", None)
+        if callable(describe):
+            console.print(f"reward '{reward.name}': ok ({describe()})")
     r = cfg.reward
     console.print(f"rewards: ok ({', '.join(f.fn for f in r.functions)}; sandbox minimum {r.sandbox.min_isolation})")
     return 0
@@ -202,9 +275,16 @@ def cmd_sft(ns: argparse.Namespace) -> int:
     from tracerl.sft import run_sft
 
     cfg = _config(ns)
-    run_sft(cfg)
+    run_sft(cfg, verbose=ns.verbose)
     out = cfg.run_dir.rstrip("/")
     Console().print(f"[dim]metrics: {out}/metrics.jsonl · model: {out}/final[/dim]", soft_wrap=True)
+    return 0
+
+
+def cmd_train_reward_model(ns: argparse.Namespace) -> int:
+    from tracerl.reward_models.train import train_reward_model
+
+    train_reward_model(_config(ns), verbose=ns.verbose)
     return 0
 
 
@@ -276,6 +356,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("config", nargs="*", help=config_help)
     s.set_defaults(fn=cmd_sft)
 
+    rm = sub.add_parser("train-reward-model", help="preference pairs → a reward-model directory (TRL RewardTrainer)")
+    rm.add_argument("config", nargs="*", help=config_help)
+    rm.set_defaults(fn=cmd_train_reward_model)
+
     e = sub.add_parser("export", help="write a Hugging Face directory from a checkpoint")
     e.add_argument("checkpoint", help="a checkpoint directory (run_dir/checkpoints/step-N)")
     e.add_argument("out", help="output directory")
@@ -321,7 +405,8 @@ def main(argv: list[str] | None = None) -> int:
             return 130
         err = getattr(err, "cause", None) or err  # a Ray task failure: the actor's own error
         message = err.args[0] if isinstance(err, KeyError) and err.args else str(err)
-        expected = isinstance(err, ConfigError | ValueError | FileNotFoundError | KeyError | RuntimeError)
+        clear = ConfigError | ValueError | FileNotFoundError | FileExistsError | KeyError | RuntimeError
+        expected = isinstance(err, clear)
         kind = "" if expected else f"{type(err).__name__}: "
         hint = "" if expected else " (run with --debug for the traceback)"
         print(f"tracerl {ns.command}: error: {kind}{message}{hint}", file=sys.stderr)

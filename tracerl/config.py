@@ -41,19 +41,39 @@ class TinyModelConfig:
     block_size: int = 4  # block size of the block-diffusion variant
     max_position_embeddings: int = 2048  # longest prompt + response the rotary tables cover
     alphabet: str = "0123456789+-*=?:#., abcdefghijklmnopqrstuvwxyz"  # characters of the char-level tokenizer
+    canvas_length: int = 16  # diffusion_gemma: tokens per canvas (the released model has 256)
+    num_experts: int = 4  # diffusion_gemma: experts of each MoE layer
+    top_k_experts: int = 2  # diffusion_gemma: experts each token is routed to
+    moe_intermediate_size: int = 64  # diffusion_gemma: width of each expert
+    sliding_window: int = 64  # diffusion_gemma: window of the sliding-attention layers (every other layer)
 
 
 @dataclass
 class ModelConfig:
     """Which diffusion language model to load and how."""
 
-    family: str = "tiny"  # model family: tiny | llada | dream | sdar | masked_lm (see tracerl.models)
-    path: str | None = None  # local directory or hub name; None builds a random tiny model (family tiny only)
+    family: str = "tiny"  # model family: tiny | llada | dream | sdar | masked_lm | diffusion_gemma (tracerl.models)
+    path: str | None = None  # local directory or hub name; None builds a random tiny model (tiny, diffusion_gemma)
     trust_remote_code: bool = False  # load the checkpoint's own modeling code instead of the native class
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"  # parameter dtype of the policy
     mask_token_id: int | None = None  # override the mask token id (otherwise config, then tokenizer)
     block_size: int | None = None  # block size of a block-diffusion model (None: from its config)
     tiny: TinyModelConfig = field(default_factory=TinyModelConfig)  # shape of a random tiny model
+
+
+@dataclass
+class CanvasSamplingConfig:
+    """The renoising canvas sampler of model.family=diffusion_gemma (DESIGN §18); defaults are the released
+    model's generation_config.json (transformers' ``DiffusionGemmaGenerationConfig``)."""
+
+    canvas_length: int | None = None  # tokens per canvas; None: the checkpoint's (another value is refused)
+    max_denoising_steps: int = 48  # denoising steps per canvas at most
+    entropy_bound: float = 0.1  # accept the lowest-entropy positions while Σ entropy − max entropy ≤ this
+    t_max: float = 0.8  # temperature of the first denoising step (linear schedule)
+    t_min: float = 0.4  # temperature the schedule approaches at the last step
+    stability_threshold: int | None = 1  # adaptive stopping: steps the argmax canvas must stay the same (None: off)
+    confidence_threshold: float | None = 0.005  # adaptive stopping: mean entropy below this (None: off)
+    noise: Literal["sample", "batch"] = "sample"  # one random stream per sample, or one per batch (as generate)
 
 
 @dataclass
@@ -76,6 +96,7 @@ class SamplingConfig:
     cuda_graph: bool = False  # block models on CUDA: the denoising step as replayed CUDA graphs (not yet run on a GPU)
     trainable_pad_tokens: int = 0  # tokens after the first EOS that still count for the loss (TraceRL post_num)
     batch_size: int = 64  # sequences decoded together in one sampler call
+    canvas: CanvasSamplingConfig = field(default_factory=CanvasSamplingConfig)  # diffusion_gemma's sampler
 
 
 @dataclass
@@ -93,6 +114,7 @@ class DataConfig:
     num_synthetic: int = 2000  # examples generated for a synthetic task
     synthetic_options: dict[str, Any] = field(default_factory=dict)  # the synthetic task's options, e.g. noise: 0.3
     shuffle: bool = True  # shuffle every epoch (seeded)
+    max_unknown_rate: float = 0.01  # most unknown tokens per token of prompt/answer/response (checked before start)
 
 
 @dataclass
@@ -110,16 +132,63 @@ class RolloutConfig:
     num_cpus_per_worker: float = 1.0  # Ray CPUs each rollout actor reserves
 
 
+JUDGE_TEMPLATE = (
+    "Rate how well the response answers the request, from 0 (useless) to 10 (perfect).\n\n"
+    "Request:\n{{ prompt }}\n\nResponse:\n{{ completion }}\n\nEnd with a line 'Score: N'."
+)
+
+
+@dataclass
+class RewardModelConfig:
+    """A sequence-classification reward model (``kind: model``): how it scores and where its Ray actors run."""
+
+    label_index: int | None = None  # the logit that is the score; None: 0, for a model with one label (num_labels=1)
+    max_length: int = 1024  # tokens of prompt + completion scored; longer inputs are cut (reward/truncated/<name>)
+    truncation_side: Literal["left", "right"] = "left"  # left: keep the completion's end, which the score is read at
+    template: Literal["auto", "chat", "plain"] = "auto"  # auto: the tokenizer's chat template when it has one
+    separator: str = "\n"  # plain: the text is prompt + separator + completion + EOS
+    batch_tokens: int = 16384  # padded tokens per forward; inputs are sorted by length and packed up to it
+    dtype: Literal["auto", "float32", "bfloat16"] = "auto"  # auto: bfloat16 on a GPU, float32 on CPU
+    pad_token: str | None = None  # padding token when the tokenizer has none (e.g. its EOS token)
+    trust_remote_code: bool = False  # load the checkpoint's own modeling code
+    placement: Literal["cpu", "separate", "colocated"] = "colocated"  # own GPUs, or beside each rollout actor
+    num_workers: int = 0  # Ray actors, each with a copy (0: one per rollout actor when colocated, else 1)
+    gpu_fraction: float = 0.25  # colocated on GPUs: the share of a rollout actor's GPU each actor takes
+    num_cpus: float = 1.0  # Ray CPUs each actor reserves
+
+
+@dataclass
+class JudgeConfig:
+    """A generative judge behind an OpenAI-compatible chat endpoint (``kind: judge``; vLLM, SGLang, ...)."""
+
+    model: str | None = None  # served model name; None: the only model the endpoint lists
+    template: str = JUDGE_TEMPLATE  # the user message: a Jinja template over prompt, completion and dataset columns
+    system: str | None = None  # optional system message
+    parser: Literal["regex", "json"] = "regex"  # read the score with a regex, or from a JSON object in the answer
+    pattern: str = r"(?i)score\W*?(-?\d+(?:\.\d+)?)"  # regex: the last match's first group (or the match) is the score
+    json_field: str = "score"  # json: the field holding the score (a.b for a nested one)
+    concurrency: int = 8  # requests in flight at once (per reward actor)
+    request_timeout_s: float = 60.0  # seconds one request may take before it is retried
+    retries: int = 2  # retries after a connection error, a timeout, 429 or 5xx, with exponential backoff
+    backoff_s: float = 0.5  # first backoff; doubled after every retry
+    max_tokens: int = 256  # answer length the judge may use
+    temperature: float = 0.0  # judge sampling temperature
+    api_key_env: str | None = None  # name of the environment variable holding the API key (never the key itself)
+
+
 @dataclass
 class RewardFnConfig:
     """One reward function and its weight in the total."""
 
-    fn: str = "synthetic_exact"  # registered name, pkg.module:fn, path/to/file.py:fn, or http(s)://host/score
-    weight: float = 1.0  # weight in the weighted sum
+    fn: str = "synthetic_exact"  # registered name, pkg.module:fn, path/to/file.py:fn, http(s) URL, model dir or hub id
+    weight: float = 1.0  # weight in the weighted sum (0: computed and logged, not optimised)
     name: str | None = None  # metric name (defaults to the function's name)
     kwargs: dict[str, Any] = field(default_factory=dict)  # fixed keyword arguments passed on every call
     completion_format: Literal["as_given", "chat", "text"] = "as_given"  # chat: wrap text as an assistant message
     factory_kwargs: dict[str, Any] | None = None  # fn builds the reward: the reward is fn(**factory_kwargs)
+    kind: Literal["auto", "function", "http", "model", "judge"] = "auto"  # auto: from fn and the model/judge block
+    model: RewardModelConfig | None = None  # fn is a sequence-classification reward model: its settings
+    judge: JudgeConfig | None = None  # fn is an OpenAI-compatible chat endpoint used as a judge: its settings
 
 
 @dataclass
@@ -127,9 +196,10 @@ class SandboxConfig:
     """The code sandbox of code-execution rewards (DESIGN §16, docs/rewards.md)."""
 
     # below this level generated code is never run: full (separate user + private filesystem + no network +
-    # pid namespace + process limit) | namespaces (the same without a separate user) | network | none
+    # pid, IPC namespaces + process limit + system-call filter) | namespaces (the same without a separate user) |
+    # network | none
     min_isolation: Literal["full", "namespaces", "network", "none"] = "full"
-    paths: list[str] = field(default_factory=list)  # host paths programs may read, beside the interpreter
+    paths: list[str] = field(default_factory=list)  # host paths programs may read (no socket, FIFO or device)
 
 
 @dataclass
@@ -158,7 +228,7 @@ class ObjectiveConfig:
     truncated_is_wrong: bool = False  # responses without EOS get reward 0
     eps_low: float = 0.2  # lower clip range of the importance ratio
     eps_high: float = 0.2  # upper clip range (clip-higher when > eps_low)
-    aggregation: str = "token_sum_over_max_len"  # token_sum_over_max_len | row_mean | token_mean | seq_mean_token_mean
+    aggregation: str = "token_sum_over_max_len"  # or row_mean | row_sum | token_mean | seq_mean_token_mean
     kl_aggregation: str = "auto"  # KL reduction; auto: row_sum under row_mean (as the anchor), else = aggregation
     kl_to_old_coef: float = 0.01  # beta of the KL to the old (rollout-step) policy; TraceRL default 0.01
     kl_to_old_kind: str = "k3"  # k1 | k2 | k3
@@ -227,8 +297,29 @@ class SFTConfig:
     lr: float = 1e-3  # learning rate (the learner's other settings apply)
     eval_every: int = 100  # steps between accuracy checks on held-out prompts (0 = off)
     eval_prompts: int = 64  # held-out prompts per check
-    mask_eps: float = 1e-3  # full attention: per-example mask ratio t ~ U(mask_eps, 1]; block: per block
+    mask_eps: float = 1e-3  # full attention: per-example mask ratio t ~ U(mask_eps, 1]; block: per block; canvas:
+    # per canvas corruption rate (diffusion_gemma)
+    self_conditioning_prob: float = 0.5  # diffusion_gemma: canvases trained with a detached self-conditioning pass
     eos_padding: bool = True  # pad responses with EOS up to sampling.max_new_tokens and train on it (LLaDA)
+
+
+@dataclass
+class RewardModelTrainConfig:
+    """tracerl train-reward-model: preference pairs → a reward-model directory, trained with TRL's RewardTrainer."""
+
+    out_dir: str = "runs/reward_model"  # the reward-model directory written (must not exist yet)
+    pairs: str | None = None  # preference pairs (json/jsonl/parquet: prompt, chosen, rejected); None: sample them
+    base: str = "policy"  # policy: model.path with a new score head; tiny: a fresh tiny classifier; or a dir / hub id
+    bidirectional: bool = True  # full attention in the classifier (a diffusion backbone was trained so)
+    label_with: str = "synthetic_exact"  # sampled pairs: the reward that orders two completions of a prompt
+    pair_prompts: int = 1000  # sampled pairs: training prompts, each sampled samples_per_prompt times by model.path
+    samples_per_prompt: int = 4  # sampled pairs: every two completions of a prompt with different rewards make a pair
+    heldout_fraction: float = 0.1  # prompts whose pairs are kept out of training to measure pair accuracy
+    epochs: float = 2.0  # passes over the training pairs
+    lr: float = 1e-3  # learning rate (AdamW)
+    batch_size: int = 32  # pairs per optimizer step
+    max_length: int = 256  # longer pairs are left out of training (TRL's rule)
+    center_rewards_coefficient: float | None = None  # TRL's penalty on the mean reward (keeps scores near 0)
 
 
 @dataclass
@@ -243,7 +334,7 @@ class TrainConfig:
 
 @dataclass
 class GuardConfig:
-    """The divergence guard: one console line and a W&B alert when a run looks broken (orchestrator/guard.py)."""
+    """The divergence guard: one console line and a W&B alert when a run looks broken (orchestrator/guards.py)."""
 
     enabled: bool = True  # watch every RL step's metrics
     window: int = 3  # RL steps a sign must last (windowed training reward, filtered-out steps, KL above the bound)
@@ -316,6 +407,7 @@ class Config:
     learner: LearnerConfig = field(default_factory=LearnerConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     sft: SFTConfig = field(default_factory=SFTConfig)
+    reward_model: RewardModelTrainConfig = field(default_factory=RewardModelTrainConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     guard: GuardConfig = field(default_factory=GuardConfig)
@@ -405,6 +497,60 @@ def check(cfg: Config) -> None:
     check_loop(cfg)
     check_guard(cfg.guard)
     check_counts(cfg)
+    check_reward_entries(cfg)
+    check_renoising(cfg)
+
+
+def reward_model_workers(m: RewardModelConfig, rollout_workers: int) -> int:
+    """Actors of a reward model: ``num_workers``, or (0) one beside each rollout actor when colocated, else one."""
+    if m.num_workers:
+        return m.num_workers
+    return rollout_workers if m.placement == "colocated" else 1
+
+
+def check_reward_entries(cfg: Config) -> None:
+    """The ``model`` / ``judge`` blocks of ``reward.functions`` entries: their kind, counts and GPU shares."""
+    shares = 0.0
+    for i, f in enumerate(cfg.reward.functions):
+        where = f"reward.functions[{i}] ({f.name or f.fn})"
+        if f.model is not None and f.judge is not None:
+            raise ConfigError(f"{where} has both a model and a judge block; an entry is one or the other.")
+        if f.kind in ("function", "http") and (f.model is not None or f.judge is not None):
+            raise ConfigError(f"{where} is kind={f.kind} but has a model/judge block; drop the block or the kind.")
+        if f.kind == "model" and f.judge is not None or f.kind == "judge" and f.model is not None:
+            raise ConfigError(f"{where} is kind={f.kind}: give its settings as '{f.kind}: {{...}}'.")
+        m, j = f.model, f.judge
+        if m is not None:
+            if m.max_length < 1 or m.batch_tokens < m.max_length:
+                raise ConfigError(
+                    f"{where}: model.max_length must be ≥ 1 and model.batch_tokens ≥ model.max_length (one input must "
+                    f"fit a forward); got max_length={m.max_length}, batch_tokens={m.batch_tokens}."
+                )
+            if m.num_workers < 0 or m.num_cpus < 0 or not 0 < m.gpu_fraction < 1:
+                raise ConfigError(
+                    f"{where}: model.num_workers ≥ 0 (0 = auto), model.num_cpus ≥ 0 and 0 < model.gpu_fraction < 1; "
+                    f"got {m.num_workers}, {m.num_cpus}, {m.gpu_fraction}."
+                )
+            if m.placement == "colocated":
+                if reward_model_workers(m, cfg.rollout.num_workers) != cfg.rollout.num_workers:
+                    raise ConfigError(
+                        f"{where}: model.placement=colocated puts one reward-model actor beside each rollout actor, so "
+                        f"model.num_workers ({m.num_workers}) must equal rollout.num_workers "
+                        f"({cfg.rollout.num_workers}); set it to 0 (auto), or use model.placement=separate (own GPUs) "
+                        "or cpu."
+                    )
+                shares += m.gpu_fraction
+        if j is not None and (j.concurrency < 1 or j.retries < 0 or j.max_tokens < 1 or not j.request_timeout_s > 0):
+            raise ConfigError(
+                f"{where}: judge.concurrency and judge.max_tokens must be ≥ 1, judge.retries ≥ 0 and "
+                f"judge.request_timeout_s > 0; got {j.concurrency}, {j.max_tokens}, {j.retries}, {j.request_timeout_s}."
+            )
+    room = 0.5 if cfg.rollout.placement == "colocated" else 1.0  # a rollout actor's share of its GPU
+    if shares >= room:
+        raise ConfigError(
+            f"the colocated reward models take {shares:g} of each rollout actor's GPU, which holds only {room:g} for "
+            "the rollout copy and them; lower their model.gpu_fraction or place one with model.placement=separate."
+        )
 
 
 def check_old_logp_source(cfg: Config) -> None:
@@ -437,6 +583,46 @@ def check_guard(g: GuardConfig) -> None:
         raise ConfigError(
             f"guard.window must be ≥ 1 step, guard.reward_fraction in (0, 1) and guard.max_kl_to_old > 0; got "
             f"{g.window}, {g.reward_fraction} and {g.max_kl_to_old} (guard.enabled=false turns the guard off)."
+        )
+
+
+# Sampler settings of the absorbing-mask samplers (block grid, remasking, candidate filters, caches): a renoising
+# canvas model (model.family=diffusion_gemma) takes none of them; its sampler is sampling.canvas.
+ABSORBING_SAMPLING = (
+    "block_size", "steps_per_block", "steps", "remasking", "threshold", "eb_threshold", "top_k", "top_p", "cache",
+    "kv_storage", "fused_commit", "cuda_graph", "trainable_pad_tokens",
+)  # fmt: skip
+
+
+def check_renoising(cfg: Config) -> None:
+    """model.family=diffusion_gemma: no absorbing-mask sampler settings, and only the estimators that replay its
+    renoising trajectory (trace views, exact steps; no value model yet)."""
+    if cfg.model.family != "diffusion_gemma":
+        return
+    default = SamplingConfig()
+    changed = [k for k in ABSORBING_SAMPLING if getattr(cfg.sampling, k) != getattr(default, k)]
+    changed += [f"eval.{k}" for k in ("remasking", "steps_per_block") if getattr(cfg.eval, k) is not None]
+    if changed:
+        shown = ", ".join(k if k.startswith("eval.") else f"sampling.{k}" for k in changed)
+        raise ConfigError(
+            f"{shown}: model.family=diffusion_gemma is a renoising canvas model, which has no mask token, no "
+            "remasking rule and no block grid of its own choosing; its sampler is set under sampling.canvas "
+            "(canvas_length, max_denoising_steps, entropy_bound, t_max, t_min, stability_threshold, "
+            "confidence_threshold). Remove these settings."
+        )
+    o = cfg.objective
+    if o.views != "trace" or o.shrink != 1:
+        raise ConfigError(
+            f"objective.views={o.views}, objective.shrink={o.shrink}: model.family=diffusion_gemma trains on the "
+            "renoising trajectory itself (each step's accepted tokens from the step's own canvas and "
+            "self-conditioning); masking estimators (d1, random_masking, coupled) and merged steps have no "
+            "meaning for it. Set objective.views=trace and objective.shrink=1."
+        )
+    if o.value_model:
+        raise ConfigError(
+            "objective.value_model=true: tracerl has no value model for model.family=diffusion_gemma yet (its "
+            "state is a canvas and a self-conditioning signal, not a masked sequence). Set "
+            "objective.value_model=false (group-relative advantages need none)."
         )
 
 
@@ -483,20 +669,33 @@ def resolve_resources(cfg: Config) -> None:
 
 
 def gpus_needed(cfg: Config) -> int:
-    """Accelerators the run asks for: one per learner rank, plus one per rollout actor unless colocated."""
+    """Accelerators the run asks for: one per learner rank, plus one per rollout actor unless colocated, plus one per
+    actor of a reward model placed on GPUs of its own."""
     if cfg.cluster.gpus_per_node == 0:
         return 0
+    own = reward_model_gpus(cfg)
     if cfg.rollout.placement == "colocated":
-        return cfg.learner.num_ranks
-    return cfg.learner.num_ranks + cfg.rollout.num_workers
+        return cfg.learner.num_ranks + own
+    return cfg.learner.num_ranks + cfg.rollout.num_workers + own
+
+
+def reward_model_gpus(cfg: Config) -> int:
+    """GPUs of the reward models placed on GPUs of their own (``model.placement=separate``)."""
+    return sum(
+        reward_model_workers(f.model, cfg.rollout.num_workers)
+        for f in cfg.reward.functions
+        if f.model is not None and f.model.placement == "separate"
+    )
 
 
 def check_cluster(cfg: Config, available_gpus: float, source: str) -> None:
     """The GPUs the run needs fit into ``available_gpus`` (from the declared cluster or a live one)."""
     need = gpus_needed(cfg)
     if need > available_gpus:
-        layout = f"{cfg.learner.num_ranks} learner ranks" + (
-            "" if cfg.rollout.placement == "colocated" else f" + {cfg.rollout.num_workers} rollout actors"
+        layout = (
+            f"{cfg.learner.num_ranks} learner ranks"
+            + ("" if cfg.rollout.placement == "colocated" else f" + {cfg.rollout.num_workers} rollout actors")
+            + (f" + {reward_model_gpus(cfg)} reward-model actors" if reward_model_gpus(cfg) else "")
         )
         raise ConfigError(
             f"the run needs {need} GPUs ({layout}, rollout.placement={cfg.rollout.placement}) but {source} has "
@@ -529,6 +728,8 @@ def check_counts(cfg: Config) -> None:
     for key, value in (("reward.timeout_s", cfg.reward.timeout_s), ("sft.lr", cfg.sft.lr)):
         if not value > 0:
             raise ConfigError(f"{key} must be a positive number, got {value}.")
+    if not 0.0 <= cfg.data.max_unknown_rate <= 1.0:
+        raise ConfigError(f"data.max_unknown_rate is a fraction of tokens in [0, 1], got {cfg.data.max_unknown_rate}.")
 
 
 # ---------------------------------------------------------------------------------------------- loading

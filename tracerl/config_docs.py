@@ -95,14 +95,23 @@ def render() -> str:
         parts.append(f"\n## `{title}`\n\n{doc}\n\n| key | type | default | meaning |\n|---|---|---|---|")
         parts.extend(f"| `{k}` | `{_cell(t)}` | `{_cell(d)}` | {_cell(m)} |" for k, t, d, m in rows)
     parts.append(
-        "\n`reward.functions` is a list of `{fn, weight, name, kwargs, completion_format}` entries (the "
-        "`reward.functions[]` fields below); by default one entry, `synthetic_exact` with weight 1.\n"
+        "\n`reward.functions` is a list of `{fn, weight, name, kwargs, completion_format, kind, model, judge}` "
+        "entries (the `reward.functions[]` fields below); by default one entry, `synthetic_exact` with weight 1. "
+        "A reward model's settings go in its `model` block and a judge's in its `judge` block (both unset by "
+        "default; see `docs/rewards.md`).\n"
     )
-    from tracerl.config import RewardFnConfig
+    from tracerl.config import JudgeConfig, RewardFnConfig, RewardModelConfig
 
-    _, _, rows = sections(RewardFnConfig, "reward.functions[].")[0]
-    parts.append("| key | type | default | meaning |\n|---|---|---|---|")
-    parts.extend(f"| `{k}` | `{_cell(t)}` | `{_cell(d)}` | {_cell(m)} |" for k, t, d, m in rows)
+    for cls, prefix in (
+        (RewardFnConfig, "reward.functions[]."),
+        (RewardModelConfig, "reward.functions[].model."),
+        (JudgeConfig, "reward.functions[].judge."),
+    ):
+        _, _, rows = sections(cls, prefix)[0]
+        if cls is not RewardFnConfig:
+            parts.append(f"\n### `{prefix.rstrip('.')}`\n\n{(inspect.getdoc(cls) or '').splitlines()[0]}\n")
+        parts.append("| key | type | default | meaning |\n|---|---|---|---|")
+        parts.extend(f"| `{k}` | `{_cell(t)}` | `{_cell(d)}` | {_cell(m)} |" for k, t, d, m in rows)
     return "\n".join(parts) + "\n"
 
 

@@ -13,6 +13,7 @@ import functools
 import inspect
 import itertools
 import json
+import os
 import random
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -253,6 +254,13 @@ def _load_source(cfg: DataConfig, seed: int) -> datasets.Dataset:
         raise
     except Exception as err:  # noqa: BLE001 - datasets raises many types; the message is what matters
         detail = (_json_problem(path) if local and path.suffix in (".json", ".jsonl") else None) or _root_cause(err)
+        offline = os.environ.get("HF_DATASETS_OFFLINE", os.environ.get("HF_HUB_OFFLINE", "")).strip().lower()
+        if not local and offline in ("1", "true", "yes", "on"):
+            raise ConfigError(
+                f"data.source '{src}' is a hub dataset that is not in the local cache, and HF_DATASETS_OFFLINE / "
+                "HF_HUB_OFFLINE forbid downloading it. Download it once with the network on (or save it with "
+                "save_to_disk and give that folder as data.source), or unset the offline variable."
+            ) from None
         raise ConfigError(f"could not load data.source '{src}' (split {cfg.split}): {detail}") from None
 
 
@@ -323,6 +331,74 @@ def encode_prompt(tokenizer: Any, prompt: str | list[dict], cfg: DataConfig) -> 
     return tokenizer(prompt, add_special_tokens=False)["input_ids"]
 
 
+COVERAGE_ROWS = 256  # rows of each text column the tokenizer check reads
+
+
+def _texts(values: list[Any]) -> list[str]:
+    """The text of column values: strings as they are, chat messages as their contents."""
+    out = []
+    for v in values:
+        if isinstance(v, str):
+            out.append(v)
+        elif isinstance(v, list):
+            out.extend(str(m.get("content", "")) for m in v if isinstance(m, dict))
+    return out
+
+
+def unknown_tokens(tokenizer: Any, texts: list[str]) -> tuple[float, list[str]]:
+    """(fraction of the tokens of ``texts`` that are the tokenizer's unknown token, the characters it writes as
+    unknown); (0.0, []) for a tokenizer without an unknown token (byte-level BPE writes anything).
+
+    Example:
+        >>> from tracerl.models.tiny import char_tokenizer
+        >>> unknown_tokens(char_tokenizer("0123456789"), [r"\\boxed{12}"])
+        (0.8, ['\\\\', 'b', 'd', 'e', 'o', 'x', '{', '}'])
+    """
+    unk = getattr(tokenizer, "unk_token_id", None)
+    if unk is None or not texts:
+        return 0.0, []
+    ids = tokenizer(texts, add_special_tokens=False)["input_ids"]
+    total, bad = sum(len(x) for x in ids), sum(x.count(unk) for x in ids)
+    if not bad:
+        return 0.0, []
+    chars = sorted({c for t in texts for c in t if not c.isspace()})
+    unknown = [c for c in chars if unk in tokenizer(c, add_special_tokens=False)["input_ids"]]
+    return bad / max(1, total), unknown
+
+
+def check_coverage(
+    tokenizer: Any, ds: datasets.Dataset, cfg: DataConfig, fix: str, formats: dict[str, str] | None = None
+) -> None:
+    """The tokenizer can write the data: on the first rows of the prompt, answer and response columns, at most
+    ``data.max_unknown_rate`` of the tokens are its unknown token, and every example answer format of the rewards
+    (``formats``: reward name → e.g. ``\\boxed{42}``) is written without one. ``fix`` says what to change (the
+    tokenizer files, ``model.tiny.alphabet``).
+
+    Raises:
+        ConfigError: naming the column (or reward), the rate, the characters and the fix.
+    """
+    rows = ds.select(range(min(COVERAGE_ROWS, len(ds))))
+    for column in ("prompt", "answer", "response"):
+        if column not in rows.column_names:
+            continue
+        rate, chars = unknown_tokens(tokenizer, _texts(rows[column]))
+        if rate > cfg.max_unknown_rate:
+            raise ConfigError(
+                f"the tokenizer cannot write the data: {rate:.1%} of the tokens of the {column}s of data.source "
+                f"'{cfg.source}' (first {len(rows)} rows) are its unknown token {tokenizer.unk_token!r}, from the "
+                f"characters {chars[:24]}; the model could never read or write them (data.max_unknown_rate="
+                f"{cfg.max_unknown_rate}). {fix}"
+            )
+    for name, example in (formats or {}).items():
+        rate, chars = unknown_tokens(tokenizer, [example])
+        if rate > 0:
+            raise ConfigError(
+                f"the reward '{name}' reads answers written like {example!r}, but the tokenizer writes the characters "
+                f"{chars} as its unknown token {tokenizer.unk_token!r}: the model could never write an answer the "
+                f"reward can score. {fix}"
+            )
+
+
 def sft_pairs(ds: datasets.Dataset, tokenizer: Any, cfg: DataConfig) -> list[tuple[list[int], list[int]]]:
     """(prompt ids, response ids ending with EOS) for every example whose prompt fits ``max_prompt_tokens``."""
     pairs = []
@@ -352,6 +428,13 @@ class PromptStream:
 
     def __init__(self, ds: datasets.Dataset, tokenizer: Any, cfg: DataConfig, seed: int) -> None:
         encoded = [encode_prompt(tokenizer, p, cfg) for p in ds["prompt"]]
+        empty = [i for i, ids in enumerate(encoded) if not ids]
+        if empty:
+            raise ConfigError(
+                f"{len(empty)} prompt(s) of data.source '{cfg.source}' are empty (no tokens; the first is row "
+                f"{empty[0]}, column '{cfg.prompt_column}'): a model cannot be prompted with nothing. Remove them, "
+                "or point data.prompt_column at the column that holds the prompts."
+            )
         keep = [i for i, ids in enumerate(encoded) if len(ids) <= cfg.max_prompt_tokens]
         self.dropped = len(encoded) - len(keep)
         if not keep:

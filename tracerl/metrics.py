@@ -1,14 +1,17 @@
-"""Metrics to three sinks: W&B, the console and ``metrics.jsonl`` in the run directory (DESIGN §12).
+"""Metrics to two sinks, W&B and ``metrics.jsonl`` in the run directory (DESIGN §12); the console line a person
+reads is the orchestrator's (``orchestrator/console.py``), built from the same metrics.
 
 Only rank 0 logs; other ranks get a logger whose sinks are all off, so callers never branch on the rank or on
 whether W&B is on. W&B runs offline when there are no credentials, and never blocks a run: if it cannot start,
-the run goes on with the other sinks and says so.
+the run goes on with ``metrics.jsonl`` and says so. Every value is written, NaN and infinities included (a NaN
+loss is what a person most needs to see: ``metrics.jsonl`` spells it ``NaN``, as Python's json reads and writes
+it). A key keeps one kind for the whole run (scalar, table or image), so its W&B chart never breaks. A resumed
+run sends W&B the rows of ``metrics.jsonl`` that the W&B run lacks, in order, before its first new step.
 """
 
 from __future__ import annotations
 
 import json
-import math
 import os
 import time
 from collections import defaultdict
@@ -21,16 +24,35 @@ import torch
 
 from tracerl.config import WandbConfig
 
+WANDB_MODES = ("online", "offline", "disabled")
+_ENV_MODES = {"dryrun": "offline", "run": "online"}  # W&B's older spellings
+
 
 def wandb_mode(requested: str) -> str:
-    """``online`` only with credentials; otherwise ``offline`` (or ``disabled`` when asked)."""
-    if requested == "online" and not (os.environ.get("WANDB_API_KEY") or (Path.home() / ".netrc").exists()):
+    """The W&B mode of a run: ``WANDB_MODE`` from the environment when it names one (online / offline / disabled;
+    ``WANDB_DISABLED=true`` means disabled), else ``wandb.mode``; ``online`` only with credentials, otherwise
+    ``offline``. The environment wins so that ``WANDB_MODE=disabled`` always means no W&B run, whatever the
+    config says.
+    """
+    env = os.environ.get("WANDB_MODE", "").strip().lower()
+    env = _ENV_MODES.get(env, env)
+    if os.environ.get("WANDB_DISABLED", "").strip().lower() in ("1", "true", "yes"):
+        env = "disabled"
+    mode = env if env in WANDB_MODES else requested
+    if mode == "online" and not (os.environ.get("WANDB_API_KEY") or (Path.home() / ".netrc").exists()):
         return "offline"
-    return requested
+    return mode
+
+
+class MetricKindError(TypeError):
+    """A metric key logged as another kind (scalar, table, image) than before in the same run."""
 
 
 class MetricsLogger:
-    """Log namespaced scalars (``reward/mean``, ``train/clipfrac``, ...), tables and images."""
+    """Log namespaced scalars (``reward/mean``, ``train/clipfrac``, ...), tables and images.
+
+    ``verbose=False`` keeps W&B's own console messages off (the CLI's ``--verbose`` turns them on).
+    """
 
     def __init__(
         self,
@@ -39,12 +61,14 @@ class MetricsLogger:
         wandb_cfg: WandbConfig | None = None,
         rank: int = 0,
         resume_id: str | None = None,
+        verbose: bool = False,
     ) -> None:
         self.enabled = rank == 0
         self.run_dir = Path(run_dir)
         self.run = None
         self._jsonl = None
         self._wandb_step = 0  # W&B takes steps in order: rows of redone steps (after a rewind) are not sent again
+        self._kinds: dict[str, str] = {}  # key -> "scalar" | "table" | "image": one kind per key for the run
         if not self.enabled:
             return
         self.run_dir.mkdir(parents=True, exist_ok=True)
@@ -64,6 +88,7 @@ class MetricsLogger:
                     mode=mode,
                     id=resume_id,
                     resume="allow" if resume_id else None,
+                    settings=wandb.Settings(silent=not verbose, show_info=verbose, show_warnings=verbose),
                 )
             except Exception as err:  # noqa: BLE001 - monitoring must never stop training
                 print(f"W&B could not start ({err}); metrics go to {self.run_dir / 'metrics.jsonl'} only.")
@@ -73,14 +98,24 @@ class MetricsLogger:
         return self.run.id if self.run is not None else None
 
     def log(self, metrics: dict[str, float], step: int) -> None:
-        """Write one row of scalars for ``step`` to every sink."""
+        """Write one row of scalars for ``step`` to every sink; NaN and infinities are written as they are."""
         if not self.enabled:
             return
-        clean = {k: float(v) for k, v in metrics.items() if v is not None and math.isfinite(float(v))}
-        self._jsonl.write(json.dumps({"step": step, "time": time.time(), **clean}) + "\n")
+        row = {k: float(v) for k, v in metrics.items() if v is not None}
+        self._claim(row, "scalar")
+        self._jsonl.write(json.dumps({"step": step, "time": time.time(), **row}) + "\n")
         self._jsonl.flush()
         if self._to_wandb(step):
-            self.run.log(clean, step=step)
+            self.run.log(row, step=step)
+
+    def _claim(self, keys: Any, kind: str) -> None:
+        for key in keys:
+            seen = self._kinds.setdefault(key, kind)
+            if seen != kind:
+                raise MetricKindError(
+                    f"metric '{key}' is logged as a {kind} but was a {seen} before in this run; one key, one kind "
+                    "(a W&B chart cannot hold both). Log it under another name."
+                )
 
     def _to_wandb(self, step: int) -> bool:
         if self.run is None or step < self._wandb_step:
@@ -89,18 +124,38 @@ class MetricsLogger:
         return True
 
     def rewind(self, step: int) -> None:
-        """Drop the ``metrics.jsonl`` rows of the steps after ``step``: they are about to be redone (a resume, a
-        rebuilt learner), so each step appears once. W&B takes steps in order only: it keeps the rows it has."""
+        """Drop the ``metrics.jsonl`` rows of the steps after ``step``: they are about to be redone (a rebuilt
+        learner), so each step appears once. W&B takes steps in order only: it keeps the rows it has (the redone
+        steps reproduce them)."""
         if not self.enabled:
             return
         self._jsonl.close()
         truncate_jsonl(self.run_dir / "metrics.jsonl", step)
         self._jsonl = (self.run_dir / "metrics.jsonl").open("a")
 
+    def resume(self, step: int) -> None:
+        """A run resumed from its checkpoint of ``step``: ``metrics.jsonl`` is cut back to it (the later rows are
+        redone), and the W&B run gets every row up to it that it lacks, in order: all of them in a new offline
+        run directory, those from the server's next step on in an online one. So a run killed at any moment ends
+        with every step in W&B once, in order. (Tables and images of the steps before are not sent again.)"""
+        if not self.enabled:
+            return
+        self.rewind(step)
+        if self.run is None:
+            return
+        first = int(getattr(self.run, "starting_step", 0) or 0)
+        for row in read_jsonl(self.run_dir / "metrics.jsonl"):
+            at = int(row.pop("step", 0))
+            row.pop("time", None)
+            if first <= at <= step and self._to_wandb(at):
+                self._claim(row, "scalar")
+                self.run.log(row, step=at)
+
     def log_table(self, name: str, columns: list[str], rows: list[list[Any]], step: int) -> None:
         """A table (e.g. sample completions with their rewards); W&B only, and a JSON copy in the run dir."""
         if not self.enabled:
             return
+        self._claim([name], "table")
         (self.run_dir / f"{name.replace('/', '_')}-{step}.json").write_text(
             json.dumps({"columns": columns, "rows": rows})
         )
@@ -110,7 +165,11 @@ class MetricsLogger:
             self.run.log({name: wandb.Table(columns=columns, data=rows)}, step=step)
 
     def log_image(self, name: str, path: Path, step: int) -> None:
-        if self.enabled and self._to_wandb(step):
+        """An image (a decoding-order picture); W&B only (the file stays where it is)."""
+        if not self.enabled:
+            return
+        self._claim([name], "image")
+        if self._to_wandb(step):
             import wandb
 
             self.run.log({name: wandb.Image(str(path))}, step=step)
@@ -137,6 +196,13 @@ class MetricsLogger:
         if self.run is not None:
             self.run.finish()
             self.run = None
+
+
+def read_jsonl(path: Path) -> list[dict[str, Any]]:
+    """The rows of a ``metrics.jsonl`` (NaN and infinities as floats); [] when there is none."""
+    if not path.is_file():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
 def truncate_jsonl(path: Path, last_step: int) -> None:

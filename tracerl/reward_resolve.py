@@ -1,9 +1,12 @@
-"""Reward specs and how they resolve to functions (DESIGN §9), and the per-process setup of reward workers.
+"""Reward specs and how they resolve to functions (DESIGN §9, §19), and the per-process setup of reward workers.
 
 A reward function is named by a registered name (``math_verify``), an import path (``my_pkg.rewards:score``),
 a file (``./my_reward.py:score``) or an HTTP endpoint (``http://host:port/score``); a factory (a function that
-builds the reward function) takes ``factory_kwargs``. ``prepare_process`` imports ``reward.imports`` and sets the
-code sandbox's policy; the driver and every reward worker call it before names are resolved.
+builds the reward function) takes ``factory_kwargs``. Learned rewards resolve to functions with the same
+contract: a sequence-classification reward model (a model directory or hub id, TRL's spelling) and a generative
+judge behind an OpenAI-compatible chat endpoint (``tracerl.reward_models``). ``prepare_process`` imports
+``reward.imports`` and sets the code sandbox's policy; the driver and every reward worker call it before names
+are resolved.
 """
 
 from __future__ import annotations
@@ -12,6 +15,7 @@ import importlib
 import importlib.util
 import json
 import os
+import re
 import sys
 import threading
 import time
@@ -22,17 +26,46 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+from tracerl.config import JudgeConfig, RewardModelConfig
+
+KINDS = ("function", "http", "model", "judge")
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")  # organisation/name
+
 
 @dataclass
 class RewardSpec:
     """One reward function of a run and how it counts."""
 
-    fn: str | Callable[..., Any]  # registered name, "pkg.module:fn", "path/file.py:fn", "http(s)://...", or a callable
-    weight: float = 1.0  # its weight in the total (total = sum of weight * reward)
+    fn: str | Callable[..., Any]  # registered name, "pkg.module:fn", "file.py:fn", URL, model dir, hub id, callable
+    weight: float = 1.0  # its weight in the total (total = sum of weight * reward; 0: logged, not optimised)
     name: str | None = None  # name in metrics (reward/<name>/mean); default derived from fn
     kwargs: dict[str, Any] = field(default_factory=dict)  # fixed keyword arguments for every call (win over columns)
     completion_format: Literal["as_given", "chat", "text"] = "as_given"  # chat: wrap strings as assistant messages
     factory_kwargs: dict[str, Any] | None = None  # fn is a factory: the reward is fn(**factory_kwargs)
+    kind: Literal["auto", "function", "http", "model", "judge"] = "auto"  # auto: see reward_kind
+    model: RewardModelConfig | None = None  # settings of a sequence-classification reward model
+    judge: JudgeConfig | None = None  # settings of an OpenAI-compatible judge
+
+
+def specs_from_config(reward: Any) -> list[RewardSpec]:
+    """The ``RewardSpec`` of every entry of a ``RewardConfig`` (``reward.functions``)."""
+    return [
+        RewardSpec(
+            f.fn, f.weight, f.name, dict(f.kwargs), f.completion_format, f.factory_kwargs, f.kind, f.model, f.judge
+        )
+        for f in reward.functions
+    ]
+
+
+class SampleErrors(Exception):
+    """A reward function scored some samples and failed on others (a judge whose answer for one sample did not
+    parse): ``values`` [N] with None where it failed, ``errors`` {sample index: why}. The service applies its error
+    policy per sample: ``raise`` names the first failed sample, ``nan`` scores only the failed ones NaN."""
+
+    def __init__(self, values: list[float | None], errors: dict[int, str]) -> None:
+        first = min(errors) if errors else None
+        super().__init__(f"{len(errors)} of {len(values)} samples failed; sample {first}: {errors.get(first)}")
+        self.values, self.errors = values, errors
 
 
 class RewardError(RuntimeError):
@@ -70,6 +103,79 @@ class RewardError(RuntimeError):
 # ---------------------------------------------------------------------------------------------- resolving
 
 
+def reward_kind(spec: RewardSpec) -> str:
+    """What a spec names: ``function`` (a callable, registered name, import path or file), ``http`` (a JSON
+    endpoint), ``model`` (a sequence-classification reward model: a directory or an ``org/name`` hub id, TRL's
+    spelling) or ``judge`` (an OpenAI-compatible chat endpoint). An explicit ``kind``, or a ``model`` / ``judge``
+    block, decides; registered names come before directories of the same name.
+
+    Example:
+        >>> [reward_kind(RewardSpec(f)) for f in ("math_verify", "pkg.mod:fn", "http://h:1/score", "org/rm-7b")]
+        ['function', 'function', 'http', 'model']
+    """
+    if spec.kind != "auto":
+        return spec.kind
+    if spec.judge is not None:
+        return "judge"
+    if spec.model is not None:
+        return "model"
+    if callable(spec.fn):
+        return "function"
+    text = str(spec.fn).strip()
+    if text.startswith(("http://", "https://")):
+        return "http"
+    if ":" in text or text.endswith(".py"):
+        return "function"
+    import rewards
+
+    if text in rewards.available_rewards():
+        return "function"
+    if os.path.isdir(os.path.expanduser(text)) or _HUB_ID.match(text) or _looks_local(text):
+        return "model"
+    return "function"  # resolves to an unknown-name error that lists every form
+
+
+def _looks_local(text: str) -> bool:
+    """A path that can only be local (absolute, ./, ~, or deeper than organisation/name)."""
+    return text.startswith(("/", "./", "../", "~")) or text.count("/") >= 2
+
+
+def default_name(spec: RewardSpec) -> str:
+    """The metric name of a spec without resolving it (a model: its directory or hub name; a judge: ``judge``)."""
+    kind = reward_kind(spec)
+    if spec.name:
+        return spec.name
+    if kind == "model":
+        return os.path.basename(os.path.normpath(os.path.expanduser(str(spec.fn))))
+    if kind == "judge":
+        return "judge"
+    return resolve_reward(spec.fn)[0]
+
+
+def resolve_spec(spec: RewardSpec, timeout_s: float = 30.0, http_retries: int = 2) -> tuple[str, Callable]:
+    """``(default name, callable)`` for any kind of spec; a reward model reads its config and tokenizer here but
+    loads its weights only when asked (``fn.load()``), so the driver and ``tracerl validate --offline`` stay light.
+
+    Raises:
+        RewardError: as ``resolve_reward``; or a reward model / judge whose settings cannot work, naming the fix.
+    """
+    kind = reward_kind(spec)
+    if kind not in KINDS:
+        raise RewardError(f"unknown reward kind '{kind}'; choose from {list(KINDS)} or auto.")
+    if kind in ("function", "http"):
+        if spec.model is not None or spec.judge is not None:
+            raise RewardError(f"reward '{spec.fn}' is a {kind}: a model or judge block does not apply to it.")
+        return resolve_reward(spec.fn, timeout_s, http_retries)
+    name = default_name(spec)
+    if kind == "model":
+        from tracerl.reward_models.classifier import SequenceClassifierReward
+
+        return name, SequenceClassifierReward(str(spec.fn), spec.model or RewardModelConfig(), name=name)
+    from tracerl.reward_models.judge import JudgeReward
+
+    return name, JudgeReward(str(spec.fn), spec.judge or JudgeConfig(), name=name)
+
+
 def resolve_reward(
     fn: str | Callable[..., Any], timeout_s: float = 30.0, http_retries: int = 2
 ) -> tuple[str, Callable]:
@@ -105,7 +211,8 @@ def resolve_reward(
     except LookupError:
         raise RewardError(
             f"unknown reward '{spec}'; choose from {rewards.available_rewards()}, or give an import path "
-            "'pkg.module:function', a file 'path/to/file.py:function' or an endpoint 'http://host:port/score'."
+            "'pkg.module:function', a file 'path/to/file.py:function', an endpoint 'http://host:port/score', or a "
+            "reward model: an existing model directory or a hub id 'organisation/name' (kind: model)."
         ) from None
 
 

@@ -1,15 +1,22 @@
-"""The reward service: call reward functions with TRL's contract, check and combine them (DESIGN §9); specs
+"""The reward service: call reward functions with TRL's contract, check and combine them (DESIGN §9, §19); specs
 resolve to functions in ``tracerl.reward_resolve``.
 
 A reward function is named by a registered name (``math_verify``), an import path (``my_pkg.rewards:score``),
-a file (``./my_reward.py:score``) or an HTTP endpoint (``http://host:port/score``). Every function is called as
+a file (``./my_reward.py:score``), an HTTP endpoint (``http://host:port/score``), a reward model (a directory or
+hub id) or an OpenAI-compatible judge. Every function is called as
 ``fn(prompts=..., completions=..., completion_ids=..., **dataset_columns)`` and returns one ``float | None`` per
 sample; ``None`` means "cannot score this sample" and becomes NaN (excluded from advantages), not an error.
-The functions of one batch run concurrently, each in its own thread, under a per-call timeout.
+The functions of one batch run concurrently, each in its own thread, under a per-call timeout. A function that
+names a ``log_metric`` parameter (TRL's name) gets a callable ``log_metric(key, count)``; its counts are summed
+over the batch into ``reward/<key>/<name>`` (a reward model counts ``truncated`` inputs so).
 
 Error policy: ``on_error="raise"`` (default) turns an exception, a timeout, a wrong-length or non-numeric return
 into a ``RewardError`` naming the function (and the sample, where one is to blame); ``on_error="nan"`` scores
-the failed call's samples NaN instead, counts them in ``reward/errors/<name>`` and logs the error.
+the failed call's samples NaN instead, counts them in ``reward/errors/<name>`` and logs the error. A function
+that fails on some samples only raises ``SampleErrors``: ``raise`` names the first, ``nan`` scores just those NaN.
+
+Parts are weighted into the total; a part with weight 0 is computed and logged but not optimised, and
+``reward/corr/<a>/<b>`` (the correlation of two parts over the batch) shows a verifier watching a reward model.
 
 dims: N samples
 """
@@ -23,16 +30,19 @@ import math
 import threading
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Literal
 
+from rewards.sandbox import deadline as sandbox_deadline
 from tracerl.reward_resolve import (
     HttpReward,
     RewardError,
     RewardSpec,
+    SampleErrors,
     build_reward,
     prepare_process,
     resolve_reward,
+    resolve_spec,
     run_preflight,
 )
 
@@ -45,6 +55,8 @@ __all__ = [
     "RewardResult",
     "RewardService",
     "RewardSpec",
+    "SampleErrors",
+    "correlation",
     "merge_results",
     "prepare_process",
     "resolve_reward",
@@ -58,7 +70,8 @@ class RewardResult:
 
     total: list[float]  # [N] weighted sum of the parts; NaN when any part with a non-zero weight is NaN
     parts: dict[str, list[float]]  # name -> [N] raw reward of each function (NaN: None or a failed call)
-    metrics: dict[str, float]  # reward/<name>/mean, reward/errors/<name>, reward/mean, reward/nan_count
+    metrics: dict[str, float]  # reward/<name>/mean, reward/errors/<name>, reward/corr/<a>/<b>, reward/mean, ...
+    counts: dict[str, float] = field(default_factory=dict)  # reward/<key>/<name> counted by functions (summed)
 
 
 # ---------------------------------------------------------------------------------------------- calling
@@ -72,6 +85,15 @@ class _Reward:
     kwargs: dict[str, Any]
     completion_format: str
     accepts: frozenset[str] | None  # parameter names when the function takes no **kwargs; None: anything
+    counts: bool  # it names a log_metric parameter: it gets a counter, summed into reward/<key>/<name>
+
+
+def _named(fn: Callable, parameter: str) -> bool:
+    """Whether ``fn`` names ``parameter`` explicitly (not only through ``**kwargs``)."""
+    try:
+        return parameter in inspect.signature(fn).parameters
+    except (TypeError, ValueError):
+        return False
 
 
 def _parameters(fn: Callable) -> frozenset[str] | None:
@@ -98,15 +120,26 @@ def _invoke(fn: Callable, kwargs: dict[str, Any]) -> Any:
 class _Call:
     """One function call on its own daemon thread (an abandoned, timed-out call cannot block exit)."""
 
-    def __init__(self, fn: Callable, kwargs: dict[str, Any], name: str) -> None:
+    def __init__(
+        self, fn: Callable, kwargs: dict[str, Any], name: str, deadline: float | None = None, counts: bool = False
+    ) -> None:
         self.value: Any = None
         self.error: BaseException | None = None
-        self.thread = threading.Thread(target=self._run, args=(fn, kwargs), name=f"reward-{name}", daemon=True)
+        self.counts: dict[str, float] = {}  # what the function counted with log_metric
+        if counts:
+            kwargs = {**kwargs, "log_metric": self.log_metric}
+        self.thread = threading.Thread(
+            target=self._run, args=(fn, kwargs, deadline), name=f"reward-{name}", daemon=True
+        )
         self.thread.start()
 
-    def _run(self, fn: Callable, kwargs: dict[str, Any]) -> None:
+    def log_metric(self, key: str, value: float) -> None:
+        self.counts[key] = self.counts.get(key, 0.0) + float(value)
+
+    def _run(self, fn: Callable, kwargs: dict[str, Any], deadline: float | None) -> None:
         try:
-            self.value = _invoke(fn, kwargs)
+            with sandbox_deadline(deadline):  # sandboxed programs of an abandoned call are stopped with it
+                self.value = _invoke(fn, kwargs)
         except BaseException as err:  # reported to the caller, never swallowed
             self.error = err
 
@@ -147,24 +180,84 @@ def _mean(values: Sequence[float]) -> float:
     return sum(kept) / len(kept) if kept else math.nan
 
 
-def summarize(parts: dict[str, list[float]], total: list[float], errors: dict[str, int]) -> dict[str, float]:
-    """The reward metrics of a batch (NaN entries are excluded from means)."""
+def _std(values: Sequence[float]) -> float:
+    kept = [v for v in values if not math.isnan(v)]
+    mean = _mean(kept)
+    return math.sqrt(sum((v - mean) ** 2 for v in kept) / len(kept)) if kept else math.nan
+
+
+def correlation(a: Sequence[float], b: Sequence[float]) -> float:
+    """Pearson correlation of two parts over the samples where both are numbers; NaN when fewer than two such
+    samples, or when one part is constant over them.
+
+    Example:
+        >>> correlation([1.0, 2.0, 3.0, float("nan")], [2.0, 4.0, 7.0, 1.0]), correlation([1.0, 1.0], [0.0, 1.0])
+        (0.9933992677987828, nan)
+    """
+    pairs = [(x, y) for x, y in zip(a, b, strict=True) if not (math.isnan(x) or math.isnan(y))]
+    if len(pairs) < 2:
+        return math.nan
+    mx, my = sum(x for x, _ in pairs) / len(pairs), sum(y for _, y in pairs) / len(pairs)
+    sxy = sum((x - mx) * (y - my) for x, y in pairs)
+    sxx, syy = sum((x - mx) ** 2 for x, _ in pairs), sum((y - my) ** 2 for _, y in pairs)
+    return sxy / math.sqrt(sxx * syy) if sxx > 0 and syy > 0 else math.nan
+
+
+def summarize(
+    parts: dict[str, list[float]],
+    total: list[float],
+    errors: dict[str, int],
+    counts: dict[str, float] | None = None,
+) -> dict[str, float]:
+    """The reward metrics of a batch (NaN entries are excluded from means): each part's mean and error count, the
+    correlation of every two parts (``reward/corr/<a>/<b>``, in list order), the counts functions reported
+    (``reward/<key>/<name>``), the total's mean, population std and NaN count, the rewards as scored."""
     metrics: dict[str, float] = {}
     for name, values in parts.items():
         metrics[f"reward/{name}/mean"] = _mean(values)
         metrics[f"reward/errors/{name}"] = float(errors.get(name, 0))
+    names = list(parts)
+    for i, a in enumerate(names):
+        for b in names[i + 1 :]:
+            metrics[f"reward/corr/{a}/{b}"] = correlation(parts[a], parts[b])
+    metrics |= dict(counts or {})
     metrics["reward/mean"] = _mean(total)
+    metrics["reward/std"] = _std(total)
     metrics["reward/nan_count"] = float(sum(math.isnan(v) for v in total))
     return metrics
 
 
+def weigh(
+    parts: dict[str, list[float]],
+    weights: dict[str, float],
+    errors: dict[str, int],
+    counts: dict[str, float] | None = None,
+) -> RewardResult:
+    """The total of a batch from its parts: ``total[i] = Σ weight · part[i]`` over the parts with a non-zero weight
+    (a weight-0 part is logged, never optimised, and never makes the total NaN).
+
+    Example:
+        >>> r = weigh({"rm": [0.5, 1.0], "verifier": [1.0, 0.0]}, {"rm": 2.0, "verifier": 0.0}, {})
+        >>> r.total, r.metrics["reward/corr/rm/verifier"]
+        ([1.0, 2.0], -1.0)
+    """
+    n = len(next(iter(parts.values()))) if parts else 0
+    weighted = [name for name in parts if weights[name] != 0]
+    total = [sum(weights[name] * parts[name][i] for name in weighted) for i in range(n)]
+    return RewardResult(total, parts, summarize(parts, total, errors, counts), dict(counts or {}))
+
+
 def merge_results(results: Sequence[RewardResult]) -> RewardResult:
-    """Concatenate shard results in order and recompute the metrics over the whole batch."""
+    """Concatenate shard results in order and recompute the metrics over the whole batch (counts are summed)."""
     names = list(results[0].parts) if results else []
     parts = {name: [v for r in results for v in r.parts[name]] for name in names}
     total = [v for r in results for v in r.total]
     errors = {name: int(sum(r.metrics.get(f"reward/errors/{name}", 0.0) for r in results)) for name in names}
-    return RewardResult(total, parts, summarize(parts, total, errors))
+    counts: dict[str, float] = {}
+    for r in results:
+        for key, value in r.counts.items():
+            counts[key] = counts.get(key, 0.0) + value
+    return RewardResult(total, parts, summarize(parts, total, errors, counts), counts)
 
 
 class RewardService:
@@ -199,7 +292,7 @@ class RewardService:
             spec = spec if isinstance(spec, RewardSpec) else RewardSpec(spec)
             if spec.completion_format not in ("as_given", "chat", "text"):
                 raise ValueError(f"completion_format must be as_given, chat or text, got '{spec.completion_format}'.")
-            default_name, fn = resolve_reward(spec.fn, timeout_s, http_retries)
+            default_name, fn = resolve_spec(spec, timeout_s, http_retries)
             name = spec.name or default_name
             if any(r.name == name for r in self.rewards):
                 raise RewardError(f"two reward functions are named '{name}'; give one a different name=.")
@@ -213,11 +306,27 @@ class RewardService:
                     "entry, e.g. {fn: ..., factory_kwargs: {max_completion_len: 512, soft_punish_cache: 64}}."
                 )
             run_preflight(fn, name)
-            self.rewards.append(_Reward(name, fn, spec.weight, dict(spec.kwargs), spec.completion_format, accepts))
+            counts = _named(fn, "log_metric")
+            self.rewards.append(
+                _Reward(name, fn, spec.weight, dict(spec.kwargs), spec.completion_format, accepts, counts)
+            )
 
     @property
     def names(self) -> list[str]:
         return [r.name for r in self.rewards]
+
+    def load(self) -> None:
+        """Load what the functions hold back until they run where they score (a reward model's weights): reward
+        workers call it once at start, ``tracerl validate`` without ``--offline`` to check the weights."""
+        for r in self.rewards:
+            load = getattr(r.fn, "load", None)
+            if callable(load):
+                try:
+                    load()
+                except RewardError:
+                    raise
+                except Exception as err:  # noqa: BLE001 - whatever stops the load, named
+                    raise RewardError(f"reward '{r.name}' could not load: {type(err).__name__}: {err}") from err
 
     def score(
         self,
@@ -243,15 +352,24 @@ class RewardService:
             return RewardResult([], {r.name: [] for r in self.rewards}, summarize({}, [], {}))
         start = time.monotonic()
         calls = [
-            _Call(r.fn, self._arguments(r, list(prompts), list(completions), completion_ids, columns), r.name)
+            _Call(
+                r.fn,
+                self._arguments(r, list(prompts), list(completions), completion_ids, columns),
+                r.name,
+                start + self.timeout_s,
+                r.counts,
+            )
             for r in self.rewards
         ]
         parts: dict[str, list[float]] = {}
         errors: dict[str, int] = {}
+        counts: dict[str, float] = {}
         batch = (list(prompts), list(completions), completion_ids, columns)
         for reward, call in zip(self.rewards, calls, strict=True):
             try:
-                parts[reward.name] = self._finish(reward, call, start + self.timeout_s, batch)
+                parts[reward.name], failed = self._finish(reward, call, start + self.timeout_s, batch)
+                if failed:
+                    errors[reward.name] = failed
             except RewardError as err:
                 if self.on_error == "raise":
                     raise
@@ -263,9 +381,8 @@ class RewardService:
                     reward.name,
                 )
                 parts[reward.name], errors[reward.name] = [math.nan] * n, n
-        weighted = [r for r in self.rewards if r.weight != 0]  # weight 0: logged only, never NaN-poisons the total
-        total = [sum(r.weight * parts[r.name][i] for r in weighted) for i in range(n)]
-        return RewardResult(total, parts, summarize(parts, total, errors))
+            counts |= {f"reward/{key}/{reward.name}": value for key, value in call.counts.items()}
+        return weigh(parts, {r.name: r.weight for r in self.rewards}, errors, counts)
 
     # -- helpers ----------------------------------------------------------------------------------------------
 
@@ -295,8 +412,9 @@ class RewardService:
             kwargs = {k: v for k, v in kwargs.items() if k in r.accepts}
         return kwargs
 
-    def _finish(self, r: _Reward, call: _Call, deadline: float, batch: tuple) -> list[float]:
-        """The checked rewards of one call, or a named ``RewardError``."""
+    def _finish(self, r: _Reward, call: _Call, deadline: float, batch: tuple) -> tuple[list[float], int]:
+        """The checked rewards of one call and how many of its samples failed (``SampleErrors`` under
+        ``on_error="nan"``), or a named ``RewardError``."""
         completions, columns = batch[1], batch[3]
         n = len(completions)
         if not call.wait(deadline):
@@ -306,6 +424,8 @@ class RewardService:
                 r.name,
                 timed_out=True,
             )
+        if isinstance(call.error, SampleErrors):
+            return self._partial(r, call.error, completions)
         if call.error is not None:
             err = call.error
             detail = f"{type(err).__name__}: {str(err).rstrip('.')}."
@@ -318,25 +438,41 @@ class RewardService:
             quote = "" if index is None else repr(str(completions[index])[:120])
             raise RewardError(detail, r.name, index, quote=quote) from err
         try:
-            return _to_rewards(call.value, n)
+            return _to_rewards(call.value, n), 0
         except RewardError as err:
             raise RewardError(err.detail, r.name, err.index) from None
+
+    def _partial(self, r: _Reward, err: SampleErrors, completions: list) -> tuple[list[float], int]:
+        """A call that failed on some samples: ``raise`` names the first one, ``nan`` scores only those NaN."""
+        n = len(completions)
+        if len(err.values) != n:
+            raise RewardError(f"it reported {len(err.values)} values for a batch of {n} samples.", r.name)
+        first = min(err.errors)
+        if self.on_error == "raise":
+            detail = f"{len(err.errors)} of {n} samples failed; sample {first}: {str(err.errors[first]).rstrip('.')}."
+            raise RewardError(detail, r.name, first, quote=repr(str(completions[first])[:120]))
+        log.warning(
+            "reward function '%s' failed on %d of %d samples (scored NaN, counted in reward/errors/%s); sample %d: %s",
+            r.name, len(err.errors), n, r.name, first, err.errors[first],
+        )  # fmt: skip
+        values = [None if i in err.errors else v for i, v in enumerate(err.values)]
+        return _to_rewards(values, n), len(err.errors)
 
     def _locate(self, r: _Reward, batch: tuple) -> int | None:
         """The first sample on which the function fails alone (re-run one by one, within a time budget).
 
-        Not done for HTTP endpoints (one request per sample would hammer a failing server).
+        Not done for HTTP endpoints and judges (one request per sample would hammer a failing server).
         """
         prompts, completions, ids, columns = batch
         n = len(completions)
-        if n < 2 or isinstance(r.fn, HttpReward):
+        if n < 2 or isinstance(r.fn, HttpReward) or getattr(r.fn, "remote", False):
             return 0 if n == 1 else None
         deadline = time.monotonic() + min(self.timeout_s, LOCATE_BUDGET_S)
         for i in range(n):
             one_ids = None if ids is None else list(ids)[i : i + 1]
             one_columns = {k: list(v)[i : i + 1] for k, v in columns.items()}
             arguments = self._arguments(r, prompts[i : i + 1], completions[i : i + 1], one_ids, one_columns)
-            call = _Call(r.fn, arguments, r.name)
+            call = _Call(r.fn, arguments, r.name, deadline, r.counts)
             if not call.wait(deadline):
                 return None
             if call.error is not None:
@@ -349,6 +485,11 @@ def required_columns(service: RewardService) -> dict[str, set[str]]:
     call's own arguments nor fixed ``kwargs`` (e.g. ``answer`` for ``synthetic_exact``)."""
     out: dict[str, set[str]] = {}
     for r in service.rewards:
+        declared = getattr(r.fn, "required_columns", None)  # a judge: the columns its template names
+        if declared is not None:
+            if set(declared) - set(r.kwargs):
+                out[r.name] = set(declared) - set(r.kwargs)
+            continue
         try:
             params = inspect.signature(r.fn).parameters.values()
         except (TypeError, ValueError):
@@ -366,8 +507,10 @@ def check_columns(service: RewardService, columns: Sequence[str], source: str) -
     for name, need in required_columns(service).items():
         missing = sorted(need - set(columns))
         if missing:
+            judge = hasattr(next(r.fn for r in service.rewards if r.name == name), "required_columns")
+            fix = "change the judge's template (judge.template), " if judge else ""
             raise RewardError(
                 f"reward function '{name}' needs the dataset column(s) {missing}, which data.source '{source}' lacks "
                 f"(its columns: {sorted(columns)}). Map the right column with data.answer_column / "
-                "data.prompt_column, or give the value in the reward entry's kwargs."
+                f"data.prompt_column, {fix}or give the value in the reward entry's kwargs."
             )

@@ -8,6 +8,11 @@
   example in the block layout [prompt blocks | clean response | noisy response] (``trace.build_views`` with
   custom ``RowMasks``), so each noisy block is predicted from the clean blocks before it, as at sampling time.
 
+- Renoising canvas models (DiffusionGemma): per canvas of the EOS-padded response a corruption rate t; each
+  position replaced by a uniform random token with probability t; cross-entropy to the clean canvas at every
+  position, its context the prompt and the clean canvases before; self-conditioning from a detached first pass on
+  a share of the canvases (``canvas_trace.renoise_sft_batch``).
+
 Responses are padded with EOS up to ``sampling.max_new_tokens`` and the padding is trained (LLaDA's recipe), so
 the model learns to fill the tail of a fixed-length canvas with EOS.
 
@@ -27,13 +32,13 @@ import numpy as np
 import torch
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
-from tracerl import checkpoint, data
+from tracerl import canvas_trace, checkpoint, data, runs, stats
 from tracerl.config import Config, ConfigError, to_dict
 from tracerl.learner import Learner
 from tracerl.metrics import MetricsLogger
 from tracerl.models import load_policy
 from tracerl.records import Rollout
-from tracerl.sampling import generate
+from tracerl.sampling import generate, renoising
 from tracerl.trace import RowMasks, Views, build_views, region_blocks
 
 # ---------------------------------------------------------------------------------------------- maths
@@ -109,6 +114,28 @@ def sft_views(
     return views, torch.where(views.target_mask, weights, 0.0)
 
 
+def canvas_sft_views(
+    policy: Any, pairs: list[tuple[list[int], list[int]]], cfg: Config, generator: torch.Generator
+) -> tuple[canvas_trace.CanvasRows, torch.Tensor]:
+    """Rows and loss weights [R, C] of one renoising-SFT batch (``canvas_trace.renoise_sft_batch``): corruption
+    rate t ~ U(sft.mask_eps, 1] per canvas, self-conditioning on ``sft.self_conditioning_prob`` of them at the
+    sampler's temperature for that noise level (sampling.canvas.t_min … t_max)."""
+    c = cfg.sampling.canvas
+    b = canvas_trace.renoise_sft_batch(
+        pairs,
+        canvas_length=policy.canvas_length,
+        vocab_size=policy.vocab_size,
+        pad_id=policy.pad_id,
+        eos_id=policy.eos_id,
+        generator=generator,
+        rate_eps=cfg.sft.mask_eps,
+        sc_prob=cfg.sft.self_conditioning_prob,
+        t_min=c.t_min,
+        t_max=c.t_max,
+    )
+    return canvas_trace.CanvasRows(b.units, sc_temperature=b.sc_temperature), b.weights.flatten(1)
+
+
 # ---------------------------------------------------------------------------------------------- run
 
 
@@ -143,15 +170,16 @@ class _Sampler:
 
 
 def exact_match_accuracy(policy: Any, prompts: list[list[int]], answers: list[str], cfg: Config) -> float:
-    """Fraction of held-out prompts whose greedy completion (cut at EOS, stripped) equals the answer."""
+    """Fraction of held-out prompts whose greedy completion (cut at EOS) states the reference answer:
+    ``stats.same_answer``, the final answers compared (last ``\\boxed{}``, else after ``####``, else the text)."""
     if not prompts:
         return 0.0
     with torch.no_grad():  # greedy: the accuracy of the model, not of one draw from it
         rollout = generate(policy, prompts, replace(cfg.sampling, temperature=0.0), seed=cfg.seed)
-    return sum(t.strip() == str(a).strip() for t, a in zip(rollout.texts, answers, strict=True)) / len(prompts)
+    return sum(stats.same_answer(t, a) for t, a in zip(rollout.texts, answers, strict=True)) / len(prompts)
 
 
-def run_sft(cfg: Config, progress: bool = True) -> dict[str, float]:
+def run_sft(cfg: Config, progress: bool = True, verbose: bool = False) -> dict[str, float]:
     """Masked-diffusion SFT of ``cfg.model`` on ``cfg.data`` for ``cfg.sft.steps`` optimizer steps.
 
     Writes ``<run_dir>/config.json``, metrics to W&B and ``metrics.jsonl`` (a line per step, ``eval/accuracy`` every
@@ -166,6 +194,7 @@ def run_sft(cfg: Config, progress: bool = True) -> dict[str, float]:
             "learner.num_ranks=1 (several ranks: drive a LearnerGroup with Learner.sft_step batches)."
         )
     run_dir = Path(cfg.run_dir)
+    claim = runs.claim(cfg, "sft")  # whose directory, what to resume (verified), before anything is written
     random.seed(cfg.seed)
     np.random.seed(cfg.seed)
     torch.manual_seed(cfg.seed)
@@ -194,16 +223,20 @@ def run_sft(cfg: Config, progress: bool = True) -> dict[str, float]:
         return exact_match_accuracy(eval_policy, eval_prompts, answers, cfg)
 
     # 2. Resume, metrics (nothing is written before the model, the data and the learner have passed their checks).
-    run_dir.mkdir(parents=True, exist_ok=True)
+    runs.record(run_dir, claim)
     (run_dir / "config.json").write_text(json.dumps(to_dict(cfg), indent=2))
     sampler, step, result, run_id = _Sampler(len(pairs), cfg.seed), 0, {}, None
-    resume = checkpoint.resolve_resume(run_dir, cfg.checkpoint.resume)
+    resume = claim.resume
+    for note in claim.notes:
+        print(note)
     if resume is not None:
-        state = checkpoint.load_checkpoint(resume, learner)
+        state = checkpoint.load_checkpoint(resume, learner, verified=True)
         step, result, run_id = state.step, dict(state.extra.get("result", {})), state.wandb_run_id
         sampler.load_state_dict(state.data)
         checkpoint.restore_rng(state.rng)
-    logger = MetricsLogger(run_dir, to_dict(cfg), cfg.wandb, resume_id=run_id)
+    logger = MetricsLogger(run_dir, to_dict(cfg), cfg.wandb, resume_id=run_id, verbose=verbose)
+    if resume is not None:
+        logger.resume(step)  # rows logged after the checkpoint are redone; W&B gets the rows it lacks
     if resume is None and n_eval:
         result["eval/accuracy_before"] = accuracy()
         logger.log({"eval/accuracy": result["eval/accuracy_before"]}, step=0)
@@ -217,7 +250,7 @@ def run_sft(cfg: Config, progress: bool = True) -> dict[str, float]:
             rng=checkpoint.capture_rng(),
             extra={"result": result},
         )
-        checkpoint.save_checkpoint(run_dir, at, learner, state, cfg.checkpoint.keep_last)
+        checkpoint.save_checkpoint(run_dir, at, learner, state, cfg.checkpoint.keep_last, claim.identity)
 
     # 3. Train.
     columns = (
@@ -233,17 +266,24 @@ def run_sft(cfg: Config, progress: bool = True) -> dict[str, float]:
             t0 = time.perf_counter()
             batch = [pairs[i] for i in sampler.next(cfg.sft.batch_size)]
             length = max(cfg.sampling.max_new_tokens if cfg.sft.eos_padding else 0, max(len(r) for _, r in batch))
-            rollout = clean_rollout(
-                batch,
-                length=length,
-                pad_id=policy.pad_id,
-                eos_id=policy.eos_id,
-                block_size=block_size,
-                layout=layout,
-                eos_padding=cfg.sft.eos_padding,
+            rollout = (
+                None
+                if renoising(policy)
+                else clean_rollout(
+                    batch,
+                    length=length,
+                    pad_id=policy.pad_id,
+                    eos_id=policy.eos_id,
+                    block_size=block_size,
+                    layout=layout,
+                    eos_padding=cfg.sft.eos_padding,
+                )
             )
             generator = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step)  # resume-exact masks
-            views, weights = sft_views(rollout, policy.mask_id, policy.shift, cfg.sft.mask_eps, generator)
+            if renoising(policy):  # DiffusionGemma: uniform-token corruption of whole canvases
+                views, weights = canvas_sft_views(policy, batch, cfg, generator)
+            else:
+                views, weights = sft_views(rollout, policy.mask_id, policy.shift, cfg.sft.mask_eps, generator)
             metrics = learner.sft_step(views, weights)
             step += 1
             metrics["time/step"] = time.perf_counter() - t0

@@ -14,8 +14,9 @@ from typing import Any
 
 import torch  # noqa: F401 - the examples build tensors
 
+from rewards.text import last_boxed
 from tracerl.config import Config, SamplingConfig
-from tracerl.records import Rollout
+from tracerl.records import CanvasRollout, Rollout
 
 
 def rollout_metrics(rollout: Rollout) -> dict[str, float]:
@@ -31,6 +32,8 @@ def rollout_metrics(rollout: Rollout) -> dict[str, float]:
         >>> m["rollout/response_length"], m["rollout/nfe_per_token"], m["rollout/truncation_rate"]
         (3.5, 0.7142857142857143, 0.5)
     """
+    if isinstance(rollout, CanvasRollout):
+        return canvas_metrics(rollout)
     lengths = rollout.response_lengths.double()
     generated = rollout.step_map >= 0
     steps = (rollout.step_map.max(-1).values + 1).clamp(min=0).double()  # denoising steps per sequence
@@ -45,6 +48,33 @@ def rollout_metrics(rollout: Rollout) -> dict[str, float]:
         "rollout/samples": float(len(rollout)),
         "rollout/generated_tokens": float(tokens),
         "rollout/weights_version": float(rollout.weights_version),
+    }
+    if rollout.truncated is not None:
+        out["rollout/truncation_rate"] = rollout.truncated.double().mean().item()
+    return out
+
+
+def canvas_metrics(rollout: CanvasRollout) -> dict[str, float]:
+    """``rollout/*`` of a renoising rollout: the keys of ``rollout_metrics`` (NFE per token = decoder steps per
+    generated token; tokens per step and mean confidence over accepted tokens, at the step's temperature) and the
+    canvas sampler's own: accepted tokens per step, steps per canvas, canvases per sample."""
+    lengths = rollout.response_lengths.double()
+    live = rollout.step_valid & rollout.canvas_valid[..., None]  # [N, K, S]
+    steps = live.sum().item()
+    tokens = float(rollout.canvas_valid.sum().item() * rollout.canvas_length)
+    accepted = rollout.accepted & live[..., None]
+    out = {
+        "rollout/response_length": lengths.mean().item(),
+        "rollout/response_length_max": lengths.max().item(),
+        "rollout/nfe_per_token": steps / max(1.0, tokens),
+        "rollout/tokens_per_step": tokens / max(1, steps),
+        "rollout/mean_confidence": rollout.rollout_logp[accepted].exp().mean().item() if accepted.any() else 0.0,
+        "rollout/samples": float(len(rollout)),
+        "rollout/generated_tokens": tokens,
+        "rollout/weights_version": float(rollout.weights_version),
+        "rollout/accepted_per_step": accepted.sum().item() / max(1, steps),
+        "rollout/steps_per_canvas": steps / max(1, int(rollout.canvas_valid.sum())),
+        "rollout/canvases": rollout.canvas_valid.sum(-1).double().mean().item(),
     }
     if rollout.truncated is not None:
         out["rollout/truncation_rate"] = rollout.truncated.double().mean().item()
@@ -76,6 +106,20 @@ def eval_sampling(cfg: Config, greedy: bool) -> SamplingConfig:
     return s
 
 
+def part_means(parts: dict[str, list[float]], prefix: str) -> dict[str, float]:
+    """``<prefix>/<name>``: the mean of each reward part over the samples where it is a number (NaN if none).
+
+    Example:
+        >>> part_means({"rm": [0.5, 1.5], "verifier": [1.0, float("nan")]}, "eval/greedy_reward")
+        {'eval/greedy_reward/rm': 1.0, 'eval/greedy_reward/verifier': 1.0}
+    """
+    out = {}
+    for name, values in parts.items():
+        kept = [v for v in values if not math.isnan(v)]
+        out[f"{prefix}/{name}"] = sum(kept) / len(kept) if kept else math.nan
+    return out
+
+
 def eval_metrics(
     greedy: list[float],
     sampled: list[list[float]],
@@ -86,7 +130,8 @@ def eval_metrics(
 ) -> dict[str, float]:
     """``eval/*`` from the rewards of the greedy sample of each prompt [P] and of n sampled ones [P][n]: greedy
     reward, mean@k (mean reward of a sample), pass@k (a sample passes when its reward ≥ ``threshold``), greedy
-    exact match and tokens per forward. NaN rewards count as failures and are left out of means.
+    exact match (``exact`` [P], see ``same_answer``) and tokens per forward. NaN rewards count as failures and are
+    left out of means.
 
     Example:
         >>> m = eval_metrics([1.0, 0.0], [[1.0, 0.0], [0.0, 0.0]], k=1, threshold=1.0)
@@ -110,6 +155,32 @@ def eval_metrics(
     if tokens_per_forward is not None:
         out["eval/tokens_per_forward"] = tokens_per_forward
     return out
+
+
+def final_answer(text: Any) -> str:
+    """The final answer a completion (or a reference answer) states, as exact match compares it: the content of
+    its last ``\\boxed{...}``, else what follows its last ``####`` (GSM8K), else the whole text; whitespace
+    runs become one space and the ends are trimmed.
+
+    Example:
+        >>> final_answer(r"so the sum is \\boxed{111}."), final_answer("work...\\n#### 72"), final_answer(" 12  34 ")
+        ('111', '72', '12 34')
+    """
+    text = str(text)
+    boxed = last_boxed(text)
+    if boxed is not None:
+        text = boxed
+    elif "####" in text:
+        text = text.rsplit("####", 1)[1]
+    return " ".join(text.split())
+
+
+def same_answer(completion: Any, answer: Any) -> bool:
+    """Exact match: the completion's ``final_answer`` equals the reference answer's (so ``\\boxed{111}`` matches the
+    answer ``111``, and a MATH solution's ``\\boxed{}`` matches a completion's). An empty final answer never
+    matches."""
+    got = final_answer(completion)
+    return bool(got) and got == final_answer(answer)
 
 
 def _key(prompt: Any) -> str:

@@ -13,6 +13,7 @@ dims: N samples · L response length · R rows · T row length · M targets
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import gc
 import json
@@ -22,13 +23,13 @@ from typing import Any
 
 import torch
 
-from tracerl import objectives
+from tracerl import canvas_trace, objectives
 from tracerl.config import Config
 from tracerl.learner import rl
 from tracerl.learner.engine import Engine, init_distributed, make_engine
 from tracerl.learner.micro import MicroBatches
 from tracerl.models.value import ValueModel, enable_checkpointing
-from tracerl.records import Rollout
+from tracerl.records import CanvasRollout, Rollout
 from tracerl.scoring import PolicyScorer, ValueScorer
 from tracerl.trace import make_views
 
@@ -72,11 +73,21 @@ class Learner:
         total = total_steps if total_steps is not None else self.lc.total_steps
 
         # 1. Frozen copies first: ZeRO-3 partitions the policy's parameters in place when its engine starts.
-        self.ref: PolicyScorer | None = None
+        # A renoising canvas policy (DiffusionGemma) is scored per (sample, canvas) unit, all its steps over one
+        # encoder pass (canvas_trace.CanvasScorer); every other family per training sequence (PolicyScorer).
+        self.canvas = getattr(policy, "trajectory", None) == "renoising"
+        scorer_type: Any = canvas_trace.CanvasScorer if self.canvas else PolicyScorer
+        if self.canvas and self.lc.zero_stage == 3:
+            from tracerl.learner.deepspeed_engine import gathered_parameters
+
+            policy.gather = gathered_parameters  # it reads the embedding matrix outside its forward
+        self.ref: Any = None
         if self.obj.kl_to_ref_coef > 0:
             ref_policy = copy.copy(policy)
             ref_policy.model = copy.deepcopy(policy.model).to(dtype).eval().requires_grad_(False)
-            self.ref = PolicyScorer(ref_policy, self.lc.logprob_chunk_tokens)
+            if hasattr(ref_policy, "gather"):  # the frozen copy is never partitioned
+                ref_policy.gather = lambda params: contextlib.nullcontext()
+            self.ref = scorer_type(ref_policy, self.lc.logprob_chunk_tokens)
         value = ValueModel.from_policy(policy) if self.obj.value_model else None
 
         # 2. Engines.
@@ -84,7 +95,7 @@ class Learner:
             enable_checkpointing(policy.model)
             if value is not None:
                 value.gradient_checkpointing_enable()
-        scorer = PolicyScorer(policy, self.lc.logprob_chunk_tokens)
+        scorer = scorer_type(policy, self.lc.logprob_chunk_tokens)
         policy_lr = lr if lr is not None else self.lc.lr
         self.engine: Engine = make_engine(scorer, self.lc, policy_lr, total, rank, world_size)
         self.value_engine: Engine | None = None
@@ -139,11 +150,15 @@ class Learner:
 
     # ------------------------------------------------------------------------------------------ steps
 
-    def views_of(self, rollout: Rollout, seed: int = 0, sample_ids: torch.Tensor | None = None) -> Any:
+    def views_of(self, rollout: Rollout | CanvasRollout, seed: int = 0, sample_ids: torch.Tensor | None = None) -> Any:
         """The training views of ``rollout`` as ``objective.*`` asks (builder, shrink, masking knobs), packed one
         sequence per sample for the block layout unless ``learner.packed_views=false``; ``seed`` is the RL step's
-        view seed and ``sample_ids`` the samples' ids in the step when ``rollout`` is a shard."""
+        view seed and ``sample_ids`` the samples' ids in the step when ``rollout`` is a shard. A renoising
+        rollout's views are its units, one per (sample, canvas) (``canvas_trace.CanvasRows``)."""
         o, lc = self.obj, self.lc
+        if isinstance(rollout, CanvasRollout):
+            pad_id = int(rollout.sampler["pad_id"])
+            return canvas_trace.CanvasRows(canvas_trace.make_units(rollout, pad_id), pad_id=pad_id)
         attention = lc.packed_attention
         if attention == "auto":  # FlexAttention has no backward on CPU; grouped SDPA is the fastest measured there
             attention = "flex" if self.engine.device.type == "cuda" else "grouped"
@@ -171,7 +186,7 @@ class Learner:
 
     def train_step(
         self,
-        rollout: Rollout,
+        rollout: Rollout | CanvasRollout,
         advantages: torch.Tensor,
         *,
         seed: int = 0,

@@ -130,6 +130,11 @@ class DeepSpeedEngine:
         self.ds.destroy()
 
 
+def gathered_parameters(params: Any) -> Any:
+    """A context in which ZeRO-3-partitioned ``params`` are whole (read-only) on every rank."""
+    return deepspeed.zero.GatheredParameters(params)
+
+
 def _grad_norm(module: nn.Module) -> float:
     grads = [p.grad.detach().float().norm() for p in module.parameters() if p.grad is not None]
     return float(torch.stack(grads).norm()) if grads else 0.0

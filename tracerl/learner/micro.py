@@ -104,8 +104,11 @@ class MicroBatches:
         most = int(self.engine.all_reduce(count, "max").item())
         return mine + [None] * (most - len(mine))
 
-    def dummy(self) -> ModelInputs:
-        """One token that sees itself and is no target: what a rank without sequences runs."""
+    def dummy(self, views: Any) -> Any:
+        """What a rank without sequences runs: the view set's own placeholder when it has one (canvas units),
+        else one token that sees itself and is no target."""
+        if hasattr(views, "dummy_inputs"):
+            return views.dummy_inputs()
         one = torch.full((1, 1), self.dummy_token, dtype=torch.long)
         return ModelInputs(one, torch.zeros_like(one), torch.ones(1, 1, 1, dtype=torch.bool), one == -1, one)
 
@@ -121,8 +124,11 @@ class MicroBatches:
             num_chunks = int(self.engine.all_reduce(count, "max").item())
         with torch.set_grad_enabled(grad):
             i = inputs
-            packed = scorer(i.input_ids, i.position_ids, i.attention, i.target_mask, i.target_ids, num_chunks)  # [K, m]
-        return list(packed)
+            if hasattr(i, "call"):  # inputs that know their scorer's signature (canvas units)
+                packed = i.call(scorer, num_chunks)
+            else:
+                packed = scorer(i.input_ids, i.position_ids, i.attention, i.target_mask, i.target_ids, num_chunks)
+        return list(packed)  # [K] outputs, [m] each
 
     @torch.no_grad()
     def infer(self, scorer: Any, views: Any, table: TargetTable, seqs: torch.Tensor) -> list[torch.Tensor]:
@@ -131,7 +137,7 @@ class MicroBatches:
         lockstep = isinstance(scorer, Engine) and scorer.lockstep
         results: list[torch.Tensor] | None = None
         for chunk in self.chunks(seqs, views.seq_tokens()):
-            inputs = views.model_inputs(chunk) if chunk is not None else self.dummy()
+            inputs = views.model_inputs(chunk) if chunk is not None else self.dummy(views)
             outs = self.forward(scorer, inputs, grad=False, lockstep=lockstep)
             if results is None:
                 results = [torch.zeros(len(table), dtype=x.dtype) for x in outs]
@@ -155,7 +161,7 @@ class MicroBatches:
         lr = engine.lr
         total = 0.0
         for i, chunk in enumerate(chunks):
-            inputs = views.model_inputs(chunk) if chunk is not None else self.dummy()
+            inputs = views.model_inputs(chunk) if chunk is not None else self.dummy(views)
             outs = self.forward(engine, inputs, grad=True, lockstep=engine.lockstep)
             ids = table.of(chunk) if chunk is not None else None
             loss = loss_fn(ids, outs) if ids is not None and len(ids) else outs[0].sum() * 0.0  # idle: still steps

@@ -21,10 +21,10 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from tracerl import objectives
-from tracerl.learner.micro import minibatches
+from tracerl import canvas_trace, objectives
+from tracerl.learner.micro import minibatches, set_learner_mode
 from tracerl.learner.value_phase import value_phase
-from tracerl.records import Rollout
+from tracerl.records import CanvasRollout, Rollout
 
 if TYPE_CHECKING:
     from tracerl.learner.core import Learner
@@ -35,7 +35,7 @@ PEAK_METRICS = ("log_ratio_abs_max",)  # maxima over every target of a step
 
 def train_step(
     learner: Learner,
-    rollout: Rollout,
+    rollout: Rollout | CanvasRollout,
     advantages: torch.Tensor,
     views: Any,
     sample_ids: torch.Tensor,
@@ -61,8 +61,16 @@ def train_step(
     seq_sample = sample_ids[views.seq_sample]  # [S] the step-wide sample of each sequence
     metrics: dict[str, float] = {}
 
-    # 1. Everything "old", once, before any update.
-    if obj.old_logp_source == "rollout":
+    # 1. Everything "old", once, before any update. Renoising units: the step chain gives each step's
+    #    self-conditioning state and the old log-probs in one pass, and a unit's normaliser is its canvas length
+    #    (token_sum_over_max_len: a canvas trajectory's actions / C).
+    if isinstance(rollout, CanvasRollout):
+        length = rollout.canvas_length
+        views, old_logp, recorded = canvas_old(learner, views, everything)
+        metrics |= learner.mean_over_ranks(mismatch_sums(old_logp, recorded))
+        if obj.old_logp_source == "rollout":
+            old_logp = recorded
+    elif obj.old_logp_source == "rollout":
         old_logp = table.read(rollout.rollout_logp.float())
     else:
         old_logp = micro.infer(learner.engine, views, table, everything)[0]
@@ -159,6 +167,17 @@ def train_step(
             metrics[f"train/{key}"] = totals[key] / max(1.0, totals["count"])
     metrics |= {f"train/{k}": v for k, v in learner.max_over_ranks(dict(peaks)).items()}
     return metrics
+
+
+def canvas_old(learner: Learner, rows: Any, seqs: torch.Tensor) -> tuple[Any, torch.Tensor, torch.Tensor]:
+    """Renoising units: the chain pass over this rank's ``seqs`` with the current (behaviour) weights →
+    (the rows with each step's self-conditioning state, old log-probs [M] and the sampler's own [M], in the
+    targets' order)."""
+    set_learner_mode(learner.engine.module, checkpointing=False)
+    chunks = learner.micro.chunks(seqs, rows.seq_tokens())
+    old, rows = canvas_trace.canvas_rows(learner.policy, rows, chunks, lockstep=learner.engine.lockstep)
+    mask = rows.units.target_mask
+    return rows, old[mask], rows.units.rollout_logp[mask].float()
 
 
 def mismatch_sums(old_logp: torch.Tensor, rollout_logp: torch.Tensor) -> dict[str, float]:

@@ -1,6 +1,7 @@
 """Diffusion policies: the protocol, one adapter per family, the tiny model and the family registry."""
 
 from tracerl.models.base import DecoderPolicy, DiffusionPolicy, truncate_cache
+from tracerl.models.diffusion_gemma import CanvasPolicy, build_tiny_diffusion_gemma, load_diffusion_gemma
 from tracerl.models.families import FAMILIES, LLADA_KEY_MAPPING, load_policy, load_tokenizer, register_family
 from tracerl.models.masked_lm import MaskedLMPolicy
 from tracerl.models.tiny import build_tiny, char_tokenizer, save_tiny
@@ -8,6 +9,9 @@ from tracerl.models.value import ValueModel
 
 __all__ = [
     "FAMILIES",
+    "CanvasPolicy",
+    "build_tiny_diffusion_gemma",
+    "load_diffusion_gemma",
     "LLADA_KEY_MAPPING",
     "DecoderPolicy",
     "DiffusionPolicy",

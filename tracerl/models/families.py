@@ -6,6 +6,7 @@ transformers' own maintained classes; tracerl supplies the attention mask, the l
 
 from __future__ import annotations
 
+import contextvars
 import json
 import logging
 import os
@@ -15,6 +16,7 @@ from typing import Any
 
 import torch
 from transformers import (
+    AutoConfig,
     AutoModelForCausalLM,
     AutoModelForMaskedLM,
     AutoTokenizer,
@@ -35,6 +37,8 @@ from tracerl.models.tiny import build_tiny, char_tokenizer
 
 log = logging.getLogger(__name__)
 FAMILIES: dict[str, Callable[[ModelConfig], Any]] = {}
+# load_policy(cfg, weights=False): the loaders build the model from its config on the meta device (no weights read)
+_SKELETON = contextvars.ContextVar("tracerl_skeleton", default=False)
 
 # LLaDA's OLMo-style parameter names → LlamaForCausalLM's (checkpoint keys are prefixed "model.transformer.").
 LLADA_KEY_MAPPING = {
@@ -67,6 +71,8 @@ def checkpoint_family(raw: dict) -> str | None:
     it could serve several, such as a plain Qwen2 or Llama config)."""
     model_type = str(raw.get("model_type", "")).lower()
     architectures = " ".join(raw.get("architectures") or []).lower()
+    if model_type == "diffusion_gemma" or "diffusiongemma" in architectures:
+        return "diffusion_gemma"
     if model_type == "llada" or "llada" in architectures or {"d_model", "n_layers"} <= raw.keys():
         return "llada"
     if model_type == "dream" or "dream" in architectures:
@@ -131,6 +137,7 @@ def _raw_config(cfg: ModelConfig) -> dict:
     """The checkpoint's config.json as a dict, with a clear error when the path is wrong."""
     assert cfg.path is not None
     path = Path(cfg.path).expanduser()
+    _not_a_checkpoint(cfg)
     if _is_local(cfg.path):
         if not path.exists():
             raise ConfigError(
@@ -162,7 +169,19 @@ def _raw_config(cfg: ModelConfig) -> dict:
         ) from None
 
 
+def _not_a_checkpoint(cfg: ModelConfig) -> None:
+    """A tracerl checkpoint folder is not a model directory: say where its model is."""
+    path = Path(str(cfg.path)).expanduser()
+    for inner in (path / "learner" / "hf", path / "hf"):
+        if (inner / "config.json").is_file() and not (path / "config.json").is_file():
+            raise ConfigError(
+                f"model.path '{cfg.path}' is a tracerl checkpoint, not a model directory: its policy is in "
+                f"'{inner}' (set model.path to that), or write a standalone copy with tracerl export {cfg.path} OUT."
+            )
+
+
 def _tokenizer(cfg: ModelConfig) -> Any:
+    _not_a_checkpoint(cfg)
     try:
         return AutoTokenizer.from_pretrained(cfg.path, trust_remote_code=cfg.trust_remote_code)
     except (OSError, ValueError) as err:
@@ -242,9 +261,22 @@ def _check_weights(cfg: ModelConfig) -> None:
         )
 
 
+def _skeleton(loader: Callable, cfg: ModelConfig, **kwargs: Any) -> torch.nn.Module:
+    """What ``loader`` (a ``from_pretrained``) would build, from the config alone, on the meta device."""
+    cls = loader.__self__
+    config = kwargs.get("config") or AutoConfig.from_pretrained(cfg.path, trust_remote_code=cfg.trust_remote_code)
+    extra = {k: v for k, v in kwargs.items() if k in ("attn_implementation", "trust_remote_code")}
+    build = getattr(cls, "from_config", None) or cls._from_config
+    with torch.device("meta"):
+        return build(config, dtype=_dtype(cfg), **extra)
+
+
 def _load(loader: Callable, cfg: ModelConfig, **kwargs: Any) -> Any:
     """``loader(cfg.path, ...)`` (a ``from_pretrained``) with unreadable or mismatched weights named."""
     _check_weights(cfg)
+    if _SKELETON.get():
+        model = _skeleton(loader, cfg, **kwargs)
+        return (model, {"missing_keys": []}) if kwargs.get("output_loading_info") else model
     try:
         return loader(cfg.path, dtype=_dtype(cfg), **kwargs)
     except ConfigError:
@@ -295,7 +327,8 @@ def _remote(cfg: ModelConfig, family: str, block_size: int | None, shift: bool) 
 def load_tiny(cfg: ModelConfig) -> DecoderPolicy:
     """The built-in tiny model: random from ``model.tiny`` when no path is given, else a saved one."""
     if cfg.path is None:
-        model, tok = build_tiny(cfg.tiny)
+        with torch.device("meta" if _SKELETON.get() else "cpu"):
+            model, tok = build_tiny(cfg.tiny)
         block = cfg.tiny.block_size if cfg.tiny.attention == "block" else None
         policy = DecoderPolicy(model, tok, family="tiny", mask_id=tok.mask_token_id, block_size=block)
         policy.model.to(_dtype(cfg))
@@ -386,15 +419,24 @@ def load_masked_lm(cfg: ModelConfig) -> MaskedLMPolicy:
     return MaskedLMPolicy(model.eval(), tok, mask_id=mask_id)
 
 
-def load_policy(cfg: ModelConfig) -> Any:
-    """Load the policy a model config describes (family registry lookup)."""
+def load_policy(cfg: ModelConfig, weights: bool = True) -> Any:
+    """Load the policy a model config describes (family registry lookup).
+
+    ``weights=False`` builds it from its config.json and tokenizer alone, on the meta device, reading no weights
+    (what the driver checks sampler settings against before any actor starts): every check of the loader that
+    needs no weights still runs.
+    """
     if cfg.family not in FAMILIES:
         raise ConfigError(f"unknown model family '{cfg.family}'; choose from {sorted(FAMILIES)}.")
-    return FAMILIES[cfg.family](cfg)
+    token = _SKELETON.set(not weights)
+    try:
+        return FAMILIES[cfg.family](cfg)
+    finally:
+        _SKELETON.reset(token)
 
 
 def load_tokenizer(cfg: ModelConfig) -> Any:
     """The tokenizer of a model config, without loading weights (the driver encodes prompts with it)."""
-    if cfg.family == "tiny" and cfg.path is None:
+    if cfg.family in ("tiny", "diffusion_gemma") and cfg.path is None:
         return char_tokenizer(cfg.tiny.alphabet)
     return _tokenizer(cfg)

@@ -4,17 +4,18 @@
 
 from tracerl.orchestrator.evaluation import collect, evaluate, run_eval
 from tracerl.orchestrator.loop import Interrupted, RunError, Session, run
-from tracerl.orchestrator.setup import check_rewards, load_prompts, seed
+from tracerl.orchestrator.setup import check_device, check_model, check_rewards, load_prompts
 
 __all__ = [
     "Interrupted",
     "RunError",
     "Session",
+    "check_device",
+    "check_model",
     "check_rewards",
     "collect",
     "evaluate",
     "load_prompts",
     "run",
     "run_eval",
-    "seed",
 ]

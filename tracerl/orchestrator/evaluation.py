@@ -15,21 +15,24 @@ import torch
 from ray.exceptions import RayActorError
 from rich.console import Console
 
-from tracerl import data, stats
+from tracerl import data, seeding, stats
 from tracerl.config import Config, ConfigError
 from tracerl.metrics import Timers
 from tracerl.orchestrator.console import eval_line
 from tracerl.orchestrator.setup import (
+    check_device,
+    check_model,
     check_rewards,
     connect,
     load_prompts,
+    local_gpus,
     reward_inputs,
     reward_pool,
-    seed,
     teardown,
 )
 from tracerl.records import Rollout
 from tracerl.reward_service import RewardResult, merge_results
+from tracerl.runs import check_writable
 from tracerl.workers import PLACEMENTS, RewardPool, RolloutGroup, RolloutShard
 
 
@@ -46,23 +49,28 @@ def evaluate(
 ) -> dict[str, float]:
     """``eval/*`` of the rollout actors' current weights on ``prompts`` (greedy + ``eval.samples`` sampled per
     prompt), written with every sample and the exact settings to ``out_dir/<tag>.jsonl`` and ``<tag>.json``.
-    ``weights`` reloads a replacement for an actor that died (see ``collect``)."""
+    Sample g of prompt p draws with ``seeding.eval_seed`` (the same at every step: evaluations of two checkpoints
+    are paired). ``weights`` reloads a replacement for an actor that died (see ``collect``)."""
     settings = {"greedy": stats.eval_sampling(cfg, greedy=True), "sampled": stats.eval_sampling(cfg, greedy=False)}
 
-    def sample(samples: int, salt: int, sampling: Any) -> tuple[Rollout, RewardResult]:
-        shards = rollout.generate_async(prompts.prompt_ids, samples, seed(cfg, step, salt), sampling)
+    def sample(samples: int, mode: str) -> tuple[Rollout, RewardResult]:
+        seeds = seeding.eval_seeds(cfg.seed, len(prompts.prompt_ids), samples, mode)
+        shards = rollout.generate_async(prompts.prompt_ids, samples, seeds, settings[mode])
         return collect(rollout, rewards, shards, prompts, samples, Timers(), version, cfg.fault.max_restarts, weights)
 
-    greedy, g_scored = sample(1, 7, settings["greedy"])
-    sampled, s_scored = sample(cfg.eval.samples, 8, settings["sampled"])
+    greedy, g_scored = sample(1, "greedy")
+    sampled, s_scored = sample(cfg.eval.samples, "sampled")
     n = cfg.eval.samples
     per_prompt = [s_scored.total[i * n : (i + 1) * n] for i in range(len(prompts.prompt_ids))]
     answers = prompts.columns.get("answer")
-    exact = [t.strip() == str(a).strip() for t, a in zip(greedy.texts, answers, strict=True)] if answers else None
+    exact = [stats.same_answer(t, a) for t, a in zip(greedy.texts, answers, strict=True)] if answers else None
     steps = float((greedy.step_map.max(-1).values + 1).clamp(min=0).sum())
     tokens_per_forward = float((greedy.step_map >= 0).sum()) / max(1.0, steps)
     metrics = stats.eval_metrics(g_scored.total, per_prompt, cfg.eval.k, cfg.eval.pass_threshold, exact,
                                  tokens_per_forward)  # fmt: skip
+    if len(g_scored.parts) > 1:  # each part on its own: a weight-0 verifier shows what a reward model is worth
+        metrics |= stats.part_means(g_scored.parts, "eval/greedy_reward")
+        metrics |= stats.part_means(s_scored.parts, f"eval/mean@{cfg.eval.k}")
     tag = tag or f"step-{step}"
     out_dir.mkdir(parents=True, exist_ok=True)
     with (out_dir / f"{tag}.jsonl").open("w") as f:
@@ -76,6 +84,7 @@ def evaluate(
                     "mode": mode,
                     "sample": i % reps,
                     "completion": r.texts[i],
+                    "exact_match": stats.same_answer(r.texts[i], answers[p]) if answers else None,
                     "reward": scored.total[i],
                     "parts": {k: v[i] for k, v in scored.parts.items()},
                 }
@@ -95,21 +104,37 @@ def evaluate(
     return metrics
 
 
+EVAL_COLUMNS = ["prompt", "answer", "mode", "sample", "completion", "exact_match", "reward"]
+
+
+def eval_table(path: Path) -> tuple[list[str], list[list[Any]]]:
+    """(columns, rows) of an evaluation's samples as a W&B table: every held-out sample of ``<tag>.jsonl``."""
+    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return EVAL_COLUMNS, [[str(r["prompt"]), *(r[c] for c in EVAL_COLUMNS[1:])] for r in rows]
+
+
 def run_eval(cfg: Config, out_dir: str | None = None, verbose: bool = False, console: Console | None = None) -> dict:
-    """``tracerl eval``: the loop's evaluation, on the rollout side only, for ``model.path`` as it is on disk."""
+    """``tracerl eval``: the loop's evaluation, on the rollout side only, for ``model.path`` as it is on disk
+    (checked like a run before any actor starts; the same seeds as the loop's evaluations, so it reproduces them)."""
     console = console or Console(soft_wrap=True)
+    out = Path(out_dir) if out_dir else Path(cfg.run_dir) / "eval"
+    check_writable(out, "--out" if out_dir else "run_dir")  # before anything starts
     _, eval_set = load_prompts(cfg)
     if eval_set is None:
         raise ConfigError("eval.num_prompts is 0: there is nothing to evaluate; set eval.num_prompts ≥ 1.")
     check_rewards(cfg, list(eval_set.columns) + ["prompt"], cfg.eval.source or cfg.data.source)
+    check_model(cfg, max(len(p) for p in eval_set.prompt_ids))
+    if local_gpus(cfg) is not None:
+        check_device(cfg, local_gpus(cfg))
     with teardown() as cleanup:
         if connect(cfg, verbose):
             cleanup.append(ray.shutdown)
-        rewards = reward_pool(cfg)
+        check_device(cfg, ray.cluster_resources().get("GPU", 0.0))
+        placement = PLACEMENTS.lookup("separate")(cfg, ray.cluster_resources().get("GPU", 0.0))
+        rewards = reward_pool(cfg, placement.reward_models)
         cleanup.append(rewards.shutdown)
-        rollout = RolloutGroup(cfg, PLACEMENTS.lookup("separate")(cfg, ray.cluster_resources().get("GPU", 0.0)).rollout)
+        rollout = RolloutGroup(cfg, placement.rollout)
         cleanup.append(rollout.shutdown)
-        out = Path(out_dir) if out_dir else Path(cfg.run_dir) / "eval"
         metrics = evaluate(cfg, rollout, rewards, eval_set, 0, 0, out, tag="eval")
         console.print(eval_line(0, metrics, cfg.eval.k))
         console.print(f"[dim]samples: {out / 'eval.jsonl'} · summary and sampling settings: {out / 'eval.json'}[/dim]")
@@ -134,19 +159,19 @@ def collect(
     replacement actor loaded with ``weights()`` (the learner's current weights; None: ``cfg.model`` as on disk),
     at most ``max_restarts`` times.
     """
-    start = time.perf_counter()
+    start, restarts = time.perf_counter(), group.restarts
     by_ref = {s.ref: s for s in shards}
-    pending, parts, futures, redone = list(by_ref), {}, {}, 0
+    pending, parts, futures = list(by_ref), {}, {}
     while pending:
         [ready], pending = ray.wait(pending, num_returns=1)
         shard = by_ref.pop(ready)
         try:
             part = ray.get(ready)
         except RayActorError as err:  # the actor died (killed, out of memory, node lost): replace it, redo
-            redone += 1
-            if redone > max_restarts:
+            died = group.restarts - restarts + (shard.incarnation == group.incarnation[shard.worker])
+            if died > max_restarts:
                 raise RuntimeError(
-                    f"rollout actors died {redone} times in one step (fault.max_restarts={max_restarts}); last: {err}"
+                    f"rollout actors died {died} times in one step (fault.max_restarts={max_restarts}); last: {err}"
                 ) from None
             new = group.redo(shard, weights() if weights else None)
             by_ref[new.ref] = new
@@ -164,6 +189,6 @@ def collect(
     with timers("reward"):
         order = sorted(parts)
         scored = merge_results([rewards.gather(futures[lo]) for lo in order])
-    rollout = Rollout.concat([parts[lo] for lo in order])
+    rollout = type(parts[order[0]]).concat([parts[lo] for lo in order])  # a Rollout or a CanvasRollout
     rollout.group = torch.cat([parts[lo].group for lo in order])  # prompt index within the batch
     return rollout, scored

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import signal
 import time
 from collections.abc import Iterator
@@ -31,24 +32,26 @@ import ray
 import torch
 from rich.console import Console
 
-from tracerl import checkpoint, data, scoring, stats, trace
-from tracerl.advantages import compute_advantages, truncated_is_wrong
-from tracerl.config import Config, check_cluster, to_dict
+from tracerl import checkpoint, data, runs, scoring, seeding, stages, stats
+from tracerl.config import Config, ConfigError, check_cluster, to_dict
 from tracerl.metrics import MetricsLogger, Timers, decoding_order_picture
+from tracerl.orchestrator import guards
 from tracerl.orchestrator.console import eval_line, step_line
-from tracerl.orchestrator.evaluation import collect, evaluate
-from tracerl.orchestrator.guard import DivergenceGuard, guard_line
+from tracerl.orchestrator.evaluation import collect, eval_table, evaluate
+from tracerl.orchestrator.guards import DivergenceGuard, guard_line
 from tracerl.orchestrator.setup import (
+    check_device,
+    check_model,
     check_resources,
     check_rewards,
     connect,
     load_prompts,
+    local_gpus,
     reward_pool,
-    seed,
     teardown,
     write_layout,
 )
-from tracerl.records import Rollout
+from tracerl.records import CanvasRollout, Rollout
 from tracerl.reward_service import RewardResult
 from tracerl.workers import (
     WEIGHT_SYNC,
@@ -60,15 +63,20 @@ from tracerl.workers import (
     RolloutShard,
     place,
 )
+from tracerl.workers.rollout import sampler_batches
 
 # --------------------------------------------------------------------------------------------------- the loop
 
 
 def run(cfg: Config, *, verbose: bool = False, console: Console | None = None) -> dict[str, float]:
     """Train ``cfg`` for ``train.steps`` RL steps (resuming per ``checkpoint.resume``); returns the last metrics.
-    The trained policy ends up as a Hugging Face directory in ``<run_dir>/final``.
+    The trained policy ends up as a Hugging Face directory in ``<run_dir>/final``. The same as ``tracerl train``:
+    ``run(checks.load_config("configs/quickstart.yaml", ["train.steps=5"]))``.
 
-    Everything is checked (config, data, rewards, cluster resources) before anything is written or started.
+    Before any actor starts and before anything is written, ``Session.open`` checks the resume target, the data
+    and the tokenizer's coverage of it, the rewards, every sampler setting against the model (block size, cache,
+    CUDA graphs, prompt plus response length; from the model's config alone) and the cluster's GPUs and
+    resources. Third-party console output (W&B's, Ray's) only with ``verbose``.
     """
     console = console or Console(soft_wrap=True)
     with Session.open(cfg, verbose, console) as s, stop_signals(console) as stop:
@@ -119,56 +127,69 @@ class Session:
     initial: checkpoint.DriverState  # where a learner rebuilt before the first checkpoint starts again
     start_step: int = 0
     version: int = 0
-    skipped_steps: int = 0
+    skipped_steps: int = 0  # RL steps with no kept sample (every group filtered out)
+    no_signal_steps: int = 0  # RL steps whose kept samples all had advantage 0 (every kept group scored flat)
+    step_start: tuple[dict, dict] = ({}, {})  # data cursor and RNG states as the current step found them
     saved_step: int = 0
     updating: bool = False  # inside the learner step or the sync (a failure there leaves no trustworthy state)
     learner_restarts: int = 0
     recovery_s: float = 0.0  # the last learner rebuild, logged with the next step
     cleanup: list[Any] = field(default_factory=list)
+    claim: runs.Claim | None = None  # the run's id and settings, recorded in each checkpoint it writes
+    scored_any: bool = False  # a reward function has scored a sample in this run (a resumed run has)
     divergence: DivergenceGuard | None = None  # set in open(): the divergence guard of this run
 
     @classmethod
     @contextlib.contextmanager
     def open(cls, cfg: Config, verbose: bool, console: Console) -> Iterator[Session]:
-        """Check, start, resume; shut every actor down on the way out, whatever happens."""
+        """Check, start, resume; shut every actor down on the way out, whatever happens. Everything that can be
+        checked is checked before any actor starts and before anything is written to ``run_dir``: the resume
+        target, the prompts and the tokenizer's coverage of them, the rewards, the sampler settings against the
+        model (from its config alone) and, once Ray is up, the cluster's GPUs and resources."""
         run_dir = Path(cfg.run_dir)
-        resume = checkpoint.resolve_resume(run_dir, cfg.checkpoint.resume)
+        claim = runs.claim(cfg, "train")  # whose directory, what to resume (verified), before anything is written
+        resume = claim.resume
         stream, eval_set = load_prompts(cfg)
         check_rewards(cfg, stream.ds.column_names, cfg.data.source)
+        check_model(cfg, max(len(p) for p in stream.ids + (eval_set.prompt_ids if eval_set else [])))
+        if local_gpus(cfg) is not None:
+            check_device(cfg, local_gpus(cfg))
+        crowded = guards.oversubscription(cfg, os.cpu_count() or 1)
+        if crowded:
+            console.print(f"[yellow]warning: {crowded}[/yellow]")
         with teardown() as cleanup:
             if connect(cfg, verbose):
                 cleanup.append(ray.shutdown)
             check_cluster(cfg, ray.cluster_resources().get("GPU", 0.0), "the Ray cluster")
             check_resources(cfg, ray.cluster_resources())
+            check_device(cfg, ray.cluster_resources().get("GPU", 0.0))
             t0 = time.perf_counter()
             placement = place(cfg, ray.cluster_resources().get("GPU", 0.0))
             cleanup.append(placement.remove)
-            rewards = reward_pool(cfg)
+            rewards = reward_pool(cfg, placement.reward_models)
             cleanup.append(rewards.shutdown)
             learner = LearnerGroup(cfg, options=placement.learner)
             cleanup.append(learner.shutdown)
             rollout = RolloutGroup(cfg, placement.rollout)
             cleanup.append(rollout.shutdown)
-            longest = max(len(p) for p in stream.ids + (eval_set.prompt_ids if eval_set else []))
-            samplings = [cfg.sampling, stats.eval_sampling(cfg, greedy=True)]
-            ray.get(rollout.workers[0].check_positions.remote(longest, samplings))
-            layout = "block" if rollout.info[0]["block_size"] else "full"
-            trace.check_estimator(cfg.objective.views, layout, cfg.objective.d1_prompt_mask_prob)
             initial = checkpoint.DriverState(data=stream.state_dict(), rng=checkpoint.capture_rng())
-            state = checkpoint.load_checkpoint(resume, learner) if resume is not None else None
-            run_dir.mkdir(parents=True, exist_ok=True)
+            state = checkpoint.load_checkpoint(resume, learner, verified=True) if resume is not None else None
+            runs.record(run_dir, claim)
             (run_dir / "config.json").write_text(json.dumps(to_dict(cfg), indent=2))
-            logger = MetricsLogger(run_dir, to_dict(cfg), cfg.wandb, resume_id=state.wandb_run_id if state else None)
+            resume_id = state.wandb_run_id if state else None
+            logger = MetricsLogger(run_dir, to_dict(cfg), cfg.wandb, resume_id=resume_id, verbose=verbose)
             cleanup.append(logger.close)
             s = cls(
                 cfg, console, stream, eval_set, rollout, learner, rewards, logger, rollout.info[0], placement, initial,
-                cleanup=cleanup,
+                cleanup=cleanup, claim=claim,
             )  # fmt: skip
             s.divergence = DivergenceGuard(cfg.guard)
             s.version, _ = WEIGHT_SYNC.lookup(cfg.rollout.sync)(learner, rollout)  # same weights on both sides
             if state is not None:
-                s.restore(state)
+                s.restore(state, resumed=True)
             write_layout(run_dir / "cluster.json", learner, rollout, rewards)
+            for note in claim.notes:
+                console.print(f"[yellow]{note}[/yellow]")
             console.print(s.banner(time.perf_counter() - t0, resume))
             yield s
 
@@ -177,24 +198,39 @@ class Session:
     def step(self, step: int, stop: list[str]) -> dict[str, float]:
         """RL step ``step``: rollout, rewards, advantages, views, update, sync, then metrics, eval and checkpoint
         when due; returns its metrics."""
-        cfg = self.cfg
+        cfg, o = self.cfg, self.cfg.objective
         timers, metrics = Timers(), {}
+        self.step_start = (self.stream.state_dict(), checkpoint.capture_rng())  # what a failed step leaves behind
         with self.guard(step), timers("step"):
             batch = self.stream.next_batch(cfg.rollout.prompts_per_step)
-            shards = self.rollout.generate_async(batch.prompt_ids, cfg.rollout.samples_per_prompt, seed(cfg, step))
-            rollout, scored = self.collect(shards, batch, cfg.rollout.samples_per_prompt, timers)
+            samples = cfg.rollout.samples_per_prompt
+            seeds = seeding.batch_seeds(cfg.seed, step, len(batch.prompt_ids), samples)
+            shards = self.rollout.generate_async(batch.prompt_ids, samples, seeds)
+            rollout, scored = self.collect(shards, batch, samples, timers)
+            if not self.scored_any and (problem := guards.nothing_scored(scored, step, cfg)):
+                raise ConfigError(problem)
+            self.scored_any = self.scored_any or any(v == v for v in scored.total)  # NaN != NaN
             with timers("advantages"):
-                adv, keep, metrics = self.advantages(scored, rollout)
-                kept = rollout.select(keep.nonzero().squeeze(1))
+                adv, keep, metrics = stages.advantages(scored.total, rollout, o)
+            outcome = stages.learner_outcome(adv, scored.total, rollout, o)
+            kept, kept_outcome = stages.training_batch(rollout, outcome, keep)
             if not len(kept):
                 self.skipped_steps += 1  # every group filtered out: nothing to learn from, the run goes on
             else:
-                metrics |= self.update(kept, self.learner_outcome(adv, scored, rollout)[keep], step, timers)
+                no_signal = metrics["advantage/flat_groups"] == 1.0 and not o.value_model
+                metrics["advantage/no_signal"] = float(no_signal)  # trained on zero advantages: only KL terms act
+                self.no_signal_steps += no_signal
+                metrics |= self.update(kept, kept_outcome, step, timers)
         metrics |= scored.metrics | stats.rollout_metrics(rollout) | timers.pop()
-        metrics |= {"advantage/skipped_steps": float(self.skipped_steps), "sync/weights_version": float(self.version)}
+        metrics |= {
+            "advantage/skipped_steps": float(self.skipped_steps),
+            "advantage/no_signal_steps": float(self.no_signal_steps),
+            "sync/weights_version": float(self.version),
+        }
         metrics |= {
             "fault/rollout_restarts": float(self.rollout.restarts),
             "fault/reward_restarts": float(self.rewards.restarts),
+            "fault/reward_model_restarts": float(self.rewards.model_restarts),
             "fault/learner_restarts": float(self.learner_restarts),
             "fault/rollout_restart_s": self.rollout.restart_s,  # run totals: time spent replacing actors
             "fault/reward_restart_s": self.rewards.restart_s,
@@ -216,7 +252,7 @@ class Session:
         weights, and the run goes back to that step: the steps after it are redone (each appears once in
         ``metrics.jsonl``). Past ``fault.max_learner_restarts`` it stops with a ``RunError`` saying how to resume."""
         cfg, t0 = self.cfg, time.perf_counter()
-        latest = checkpoint.latest_checkpoint(cfg.run_dir)
+        latest = checkpoint.latest_checkpoint(cfg.run_dir, self.claim.run_id if self.claim else None)
         if self.learner_restarts >= cfg.fault.max_learner_restarts:
             where = f"The latest complete checkpoint is {latest}" if latest else "No checkpoint was written yet"
             raise RunError(
@@ -242,13 +278,19 @@ class Session:
             "[/yellow]"
         )
 
-    def restore(self, state: checkpoint.DriverState) -> None:
+    def restore(self, state: checkpoint.DriverState, resumed: bool = False) -> None:
         """Put the driver back at ``state`` (the learner is already restored): data cursor, counters, metrics rows
-        after its step dropped (they are redone), RNGs last."""
+        after its step dropped (they are redone), and after a resume the W&B run given the rows it lacks; RNGs
+        last."""
         self.stream.load_state_dict(state.data)
-        self.logger.rewind(state.step)
+        if resumed:
+            self.logger.resume(state.step)
+        else:
+            self.logger.rewind(state.step)
         self.start_step = self.saved_step = state.step
+        self.scored_any = self.scored_any or state.step > 0
         self.skipped_steps = int(state.extra.get("skipped_steps", 0))
+        self.no_signal_steps = int(state.extra.get("no_signal_steps", 0))
         self.updating = False
         checkpoint.restore_rng(state.rng)
 
@@ -262,28 +304,7 @@ class Session:
             self.learner.publish_weights,
         )  # fmt: skip
 
-    def advantages(self, scored: RewardResult, rollout: Rollout) -> tuple[torch.Tensor, torch.Tensor, dict]:
-        o = self.cfg.objective
-        return compute_advantages(
-            torch.tensor(scored.total, dtype=torch.float32),
-            rollout.group,
-            rollout.truncated if o.truncated_is_wrong else None,
-            advantage=o.advantage,
-            group_filter=o.group_filter,
-            low=o.filter_low,
-            high=o.filter_high,
-        )
-
-    def learner_outcome(self, adv: torch.Tensor, scored: RewardResult, rollout: Rollout) -> torch.Tensor:
-        """[N] what the learner trains on: the advantages, or the raw rewards when a value model's target is made
-        from them (``objective.value_target`` centered or reward; the learner forms its GAE advantages)."""
-        o = self.cfg.objective
-        if not o.value_model or o.value_target == "advantage":
-            return adv
-        rewards = torch.tensor(scored.total, dtype=torch.float32)
-        return truncated_is_wrong(rewards, rollout.truncated) if o.truncated_is_wrong else rewards
-
-    def update(self, kept: Rollout, adv: torch.Tensor, step: int, timers: Timers) -> dict[str, float]:
+    def update(self, kept: Rollout | CanvasRollout, adv: torch.Tensor, step: int, timers: Timers) -> dict[str, float]:
         """The learner step (each rank builds the views of its shard of ``kept``, seeded per step), then the weight
         sync; colocated on GPU the rollout copies leave the device while the learner trains."""
         self.updating = True
@@ -291,7 +312,7 @@ class Session:
         with timers("train"):
             if offload:
                 self.rollout.offload()
-            metrics = self.learner.train_step(kept, adv, seed=seed(self.cfg, step, salt=1))
+            metrics = self.learner.train_step(kept, adv, seed=seeding.stage_seed(self.cfg.seed, step, "views"))
             if offload:
                 self.rollout.onload()
         with timers("sync"):
@@ -301,15 +322,18 @@ class Session:
             "sync/weight_s": timers.seconds["sync"],
             "sync/bytes": float(nbytes),
             "train/shard_bytes": float(max(self.learner.shard_bytes)),
-            "perf/learner_flops": self.learner_flops(metrics["trace/tokens_per_sample"] * len(kept)),
+            "perf/learner_flops": self.learner_flops(
+                metrics["trace/tokens_per_sample"] * len(kept), chain_pass=isinstance(kept, CanvasRollout)
+            ),
         }
 
-    def learner_flops(self, tokens: float) -> float:
+    def learner_flops(self, tokens: float, chain_pass: bool) -> float:
         """Counted FLOPs of this step's learner passes over ``tokens`` view tokens (``scoring.learner_flops``):
-        compute, not wall time."""
+        compute, not wall time. Renoising units always take the chain pass (old log-probs and self-conditioning
+        states, ``rl.canvas_old``), whatever ``objective.old_logp_source`` says."""
         o, lc = self.cfg.objective, self.cfg.learner
         return scoring.learner_flops(
-            tokens, int(self.policy["parameters"]), old_logp_pass=o.old_logp_source == "learner",
+            tokens, int(self.policy["parameters"]), old_logp_pass=o.old_logp_source == "learner" or chain_pass,
             reference=o.kl_to_ref_coef > 0, value=o.value_model, updates_per_step=lc.updates_per_step,
             value_updates_per_step=lc.value_updates_per_step,
         )  # fmt: skip
@@ -321,10 +345,12 @@ class Session:
         its reward and the exact sampling settings, under ``<run_dir>/eval/``."""
         if self.eval_set is None:
             return {}
-        return evaluate(
+        metrics = evaluate(
             self.cfg, self.rollout, self.rewards, self.eval_set, self.version, step, self.eval_dir,
             weights=self.learner.publish_weights,
         )  # fmt: skip
+        self.logger.log_table("samples/eval", *eval_table(self.eval_dir / f"step-{step}.jsonl"), step)
+        return metrics
 
     @property
     def eval_dir(self) -> Path:
@@ -360,28 +386,33 @@ class Session:
              rollout.weights_version]
             for i in range(n)
         ]  # fmt: skip
-        self.logger.log_table("rollout/samples", columns, rows, step)
+        self.logger.log_table("samples/rollout", columns, rows, step)
         pictures = Path(self.cfg.run_dir) / "pictures"
         pictures.mkdir(parents=True, exist_ok=True)
         path = decoding_order_picture(rollout.step_map[:n], pictures / f"decoding-order-{step}.png", f"RL step {step}")
         self.logger.log_image("rollout/decoding_order", path, step)
 
-    def save(self, step: int) -> None:
+    def save(self, step: int, at_step_start: tuple[dict, dict] | None = None) -> None:
+        """Checkpoint RL step ``step``. ``at_step_start``: the data cursor and RNG states as step ``step + 1`` found
+        them, for a step that failed before it finished (its prompts must be drawn again on resume)."""
+        data_state, rng = at_step_start or (self.stream.state_dict(), checkpoint.capture_rng())
         state = checkpoint.DriverState(
             step=step,
             weights_version=self.version,
-            data=self.stream.state_dict(),
+            data=data_state,
             wandb_run_id=self.logger.run_id,
-            rng=checkpoint.capture_rng(),
-            extra={"skipped_steps": self.skipped_steps},
+            rng=rng,
+            extra={"skipped_steps": self.skipped_steps, "no_signal_steps": self.no_signal_steps},
         )
-        checkpoint.save_checkpoint(self.cfg.run_dir, step, self.learner, state, self.cfg.checkpoint.keep_last)
+        identity = self.claim.identity if self.claim else None
+        checkpoint.save_checkpoint(self.cfg.run_dir, step, self.learner, state, self.cfg.checkpoint.keep_last, identity)
         self.saved_step = step
 
     @contextlib.contextmanager
     def guard(self, step: int) -> Iterator[None]:
-        """A step that fails before the learner touched its weights (a reward that raises, a dead rollout actor,
-        Ctrl-C) leaves a checkpoint of the last finished step, so nothing is lost."""
+        """A step that fails before the learner touched its weights (a reward that raises, rollout actors dying too
+        often, a second Ctrl-C) leaves a checkpoint of the last finished step, so nothing is lost: with the data
+        cursor and RNGs as the failed step found them, so a resumed run draws that step's prompts again."""
         try:
             yield
         except LearnerFailure:
@@ -390,7 +421,7 @@ class Session:
             done = step - 1
             if done > self.saved_step and not self.updating:
                 with contextlib.suppress(Exception):
-                    self.save(done)
+                    self.save(done, self.step_start)
             where = checkpoint.checkpoint_dir(self.cfg.run_dir)
             note = (
                 f" The last finished RL step is {done}; a checkpoint of step {self.saved_step} is in {where}: resume "
@@ -406,12 +437,28 @@ class Session:
     def banner(self, seconds: float, resume: Path | None) -> str:
         cfg, p = self.cfg, self.policy
         start = f"resumed from {resume} (step {self.start_step})" if resume else "fresh run"
+        r = cfg.rollout
+        batches = len(sampler_batches(r.prompts_per_step, r.samples_per_prompt, cfg.sampling.batch_size))
+        idle = (
+            f"\n[yellow]sampling.batch_size={cfg.sampling.batch_size} cuts an RL step into {batches} sampler "
+            f"batch(es) for {len(self.rollout)} rollout actors: {len(self.rollout) - batches} stay idle. A step's "
+            "batches do not depend on the actor count (so neither do its numbers); lower sampling.batch_size to "
+            "use every actor.[/yellow]"
+            if batches < len(self.rollout)
+            else ""
+        )
         return (
             f"[bold]tracerl train[/bold] {cfg.model.family} {p['parameters'] / 1e6:.1f}M params · "
             f"{len(self.learner)} learner rank(s) · {len(self.rollout)} rollout actor(s) · "
-            f"{cfg.reward.num_workers} reward worker(s) · {len(self.stream.ids)} train prompts · "
+            f"{cfg.reward.num_workers} reward worker(s){self.reward_models_banner()} · "
+            f"{len(self.stream.ids)} train prompts · "
             f"{len(self.eval_set.prompt_ids) if self.eval_set else 0} held-out · {start} · ready in {seconds:.1f}s"
+            f"{idle}"
         )
+
+    def reward_models_banner(self) -> str:
+        models = self.rewards.model_workers
+        return "".join(f" · reward model {name} on {len(actors)} actor(s)" for name, actors in models.items())
 
 
 class RunError(RuntimeError):

@@ -1,4 +1,5 @@
-"""Everything a run checks and starts before its first step: Ray, prompts, rewards."""
+"""Everything a run checks and starts before its first step: prompts and the tokenizer's coverage of them, the
+rewards, the sampler settings against the model (from its config alone), Ray."""
 
 from __future__ import annotations
 
@@ -8,23 +9,20 @@ import math
 import os
 import socket
 from collections.abc import Callable, Iterator
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from typing import Any
 
 import ray
 
-from tracerl import data, stats
-from tracerl.config import Config, ConfigError
-from tracerl.models import load_tokenizer
+from rewards.registry import answer_format
+from tracerl import data, stats, trace
+from tracerl.config import Config, ConfigError, reward_model_workers
+from tracerl.models import load_policy, load_tokenizer
 from tracerl.records import Rollout
+from tracerl.reward_resolve import specs_from_config
 from tracerl.reward_service import RewardService, RewardSpec, check_columns
 from tracerl.workers import RewardPool, RolloutShard
-
-
-def seed(cfg: Config, step: int, salt: int = 0) -> int:
-    """The seed of one stage of one RL step: a run is reproducible, and a resumed run samples what the
-    uninterrupted one would have."""
-    return (cfg.seed * 1_000_003 + step) * 31 + salt
+from tracerl.workers.placement import reward_models
 
 
 @contextlib.contextmanager
@@ -55,6 +53,7 @@ def connect(cfg: Config, verbose: bool) -> bool:
         cfg.learner.num_ranks * cfg.learner.num_cpus_per_rank
         + cfg.rollout.num_workers * cfg.rollout.num_cpus_per_worker
         + cfg.reward.num_workers * cfg.reward.num_cpus_per_worker
+        + sum(reward_model_workers(m, cfg.rollout.num_workers) * m.num_cpus for _, m in reward_models(cfg))
     )
     # logical CPUs: enough for every actor of the run even on a 2-core laptop (they mostly take turns)
     ray.init(
@@ -85,8 +84,8 @@ def check_resources(cfg: Config, available: dict[str, float]) -> None:
 
 
 def write_layout(path: Any, learner: Any, rollout: Any, rewards: RewardPool) -> None:
-    """``cluster.json``: where a run landed: node, pid and GPUs of every learner rank and rollout actor, the pid of
-    every reward actor."""
+    """``cluster.json``: where a run landed: node, pid and GPUs of every learner rank, rollout actor and reward-model
+    actor, the pid of every reward-function actor."""
     address = {n["NodeID"]: n["NodeManagerAddress"] for n in ray.nodes()}
 
     def entry(w: dict[str, Any]) -> dict[str, Any]:
@@ -96,6 +95,7 @@ def write_layout(path: Any, learner: Any, rollout: Any, rewards: RewardPool) -> 
         "learner": [entry(w) for w in learner.where()],
         "rollout": [entry(w) for w in rollout.info],
         "reward": [{"pid": pid} for pid in rewards.pids()],
+        "reward_model": [{"name": w["name"]} | entry(w) for w in rewards.model_layout()],
     }
     path.write_text(json.dumps(layout, indent=2))
 
@@ -114,11 +114,33 @@ def check_reachable(address: str, timeout_s: float = 5.0) -> None:
         ) from None
 
 
+def tokenizer_fix(cfg: Config) -> str:
+    """What to change when the model's tokenizer cannot write the data (the end of ``check_coverage``'s error)."""
+    if cfg.model.family == "tiny" and cfg.model.path is None:
+        return (
+            f"Add the missing characters to model.tiny.alphabet (now {cfg.model.tiny.alphabet!r}); the tiny model's "
+            "char tokenizer has exactly those characters."
+        )
+    return (
+        f"Check the tokenizer files at model.path '{cfg.model.path}': without its tokenizer_config.json, "
+        "transformers falls back to defaults (a lower-casing BERT tokenizer, say) that do not match the model's "
+        "vocabulary. Save the model's own tokenizer there, or raise data.max_unknown_rate if the data really holds "
+        "such characters."
+    )
+
+
+def reward_formats(cfg: Config) -> dict[str, str]:
+    """Example answer formats of the run's registered rewards that declare one (``\\boxed{42}``)."""
+    formats = {f.name or f.fn: answer_format(f.fn) for f in cfg.reward.functions if f.weight != 0}
+    return {name: example for name, example in formats.items() if example is not None}
+
+
 def load_prompts(cfg: Config) -> tuple[data.PromptStream, data.PromptBatch | None]:
     """The training stream and the held-out prompts: ``eval.source``, or ``eval.num_prompts`` whole prompts of
-    ``data.source`` that never appear in training."""
+    ``data.source`` that never appear in training. The tokenizer must cover both (``data.check_coverage``)."""
     tokenizer = load_tokenizer(cfg.model)
     ds = data.load_examples(cfg.data, cfg.seed, require=("prompt",))
+    data.check_coverage(tokenizer, ds, cfg.data, tokenizer_fix(cfg), reward_formats(cfg))
     held = None
     if cfg.eval.num_prompts and cfg.eval.source is None:
         train_rows, held_rows = stats.heldout_split(ds["prompt"], cfg.eval.num_prompts, cfg.seed)
@@ -132,23 +154,70 @@ def load_prompts(cfg: Config) -> tuple[data.PromptStream, data.PromptBatch | Non
         eval_cfg = type(cfg.data)(**{**asdict(cfg.data), "source": cfg.eval.source, "split": cfg.eval.split})
         held = data.load_examples(eval_cfg, cfg.seed, require=("prompt",))
         held = held.select(range(min(cfg.eval.num_prompts, len(held))))
+        data.check_coverage(tokenizer, held, eval_cfg, tokenizer_fix(cfg))
     stream = data.PromptStream(ds, tokenizer, cfg.data, cfg.seed)
     eval_set = data.PromptStream(held, tokenizer, cfg.data, cfg.seed).all() if held is not None else None
     return stream, eval_set
 
 
-def check_rewards(cfg: Config, columns: list[str] | None, source: str) -> None:
-    """The reward functions resolve (names, import paths, files) and find the dataset columns they need."""
+def samplings(cfg: Config) -> list[Any]:
+    """Every sampler setting a run uses: ``sampling``, and the greedy and sampled evaluation settings."""
+    return [cfg.sampling, stats.eval_sampling(cfg, greedy=True), stats.eval_sampling(cfg, greedy=False)]
+
+
+def check_model(cfg: Config, longest_prompt: int) -> Any:
+    """Before any actor starts: every sampler setting of the run fits the model (``sampling.block_size`` against
+    a block model's own, the cache mode, whether ``cuda_graph`` can capture its forward), the longest prompt plus
+    the response fits its positions, and the estimator is sound on its layout (``trace.check_estimator``). The
+    model is built from its config.json and tokenizer alone, on the meta device (no weights read). Returns it, for
+    ``check_device`` once the cluster is known."""
+    from tracerl.sampling import check_compatible, check_positions, resolve_cache
+
+    policy = load_policy(replace(cfg.model, dtype=cfg.rollout.dtype), weights=False)
+    for s in samplings(cfg):
+        check_compatible(policy, s)
+        resolve_cache(policy, s)
+        check_positions(policy, longest_prompt, s)
+    o = cfg.objective
+    trace.check_estimator(o.views, "block" if policy.block_size else "full", o.d1_prompt_mask_prob)
+    return policy
+
+
+def local_gpus(cfg: Config) -> float | None:
+    """GPUs a local Ray instance of this run will offer (what torch sees here); None when joining a cluster (known
+    once connected)."""
+    if cfg.cluster.address:
+        return None
+    import torch
+
+    return float(torch.cuda.device_count())
+
+
+def check_device(cfg: Config, gpus: float) -> None:
+    """The sampler settings fit the rollout actors' device: CUDA when the cluster has GPUs, else the CPU."""
+    from tracerl.sampling import check_device as fits
+
+    for s in samplings(cfg):
+        fits(s, "cuda" if gpus > 0 else "cpu")
+
+
+def check_rewards(cfg: Config, columns: list[str] | None, source: str, load: bool = False) -> RewardService:
+    """The reward functions resolve (names, import paths, files; reward models' configs and tokenizers, judges'
+    endpoints) and find the dataset columns they need; with ``load``, reward models' weights load too."""
     r = cfg.reward
     service = RewardService(
         reward_specs(cfg), on_error=r.on_error, timeout_s=r.timeout_s, imports=r.imports, sandbox=asdict(r.sandbox)
     )
     if columns is not None:
         check_columns(service, columns, source)
+    if load:
+        service.load()
+    return service
 
 
-def reward_pool(cfg: Config) -> RewardPool:
-    """The run's reward actors (``reward.*``, ``fault.max_restarts``)."""
+def reward_pool(cfg: Config, model_options: dict[str, list[dict[str, Any]]] | None = None) -> RewardPool:
+    """The run's reward actors (``reward.*``, ``fault.max_restarts``); reward models' actors with ``model_options``
+    (from the placement)."""
     r = cfg.reward
     return RewardPool(
         reward_specs(cfg),
@@ -159,14 +228,12 @@ def reward_pool(cfg: Config) -> RewardPool:
         max_restarts=cfg.fault.max_restarts,
         imports=r.imports,
         sandbox=asdict(r.sandbox),
+        model_options=model_options,
     )
 
 
 def reward_specs(cfg: Config) -> list[RewardSpec]:
-    return [
-        RewardSpec(f.fn, f.weight, f.name, dict(f.kwargs), f.completion_format, f.factory_kwargs)
-        for f in cfg.reward.functions
-    ]
+    return specs_from_config(cfg.reward)
 
 
 def reward_inputs(batch: data.PromptBatch, shard: RolloutShard, part: Rollout, samples: int) -> tuple:

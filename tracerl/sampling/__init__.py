@@ -9,21 +9,27 @@ from __future__ import annotations
 import torch
 
 from tracerl.config import ConfigError, SamplingConfig, check_sampling
-from tracerl.records import Rollout
+from tracerl.records import CanvasRollout, Rollout
 from tracerl.sampling.block import block_grid, sample_block
 from tracerl.sampling.full import sample_full
 from tracerl.sampling.graphs import graph_capturable
 from tracerl.sampling.remasking import REMASKING, get_remasking, register_remasking
+from tracerl.sampling.renoise import check_canvas_sampling, sample_canvas, sample_seeds
+from tracerl.seeding import RowStreams, row_seeds
 
 __all__ = [
     "REMASKING",
     "block_grid",
+    "check_compatible",
+    "check_device",
     "check_positions",
     "generate",
     "get_remasking",
     "register_remasking",
+    "renoising",
     "resolve_cache",
     "sample_block",
+    "sample_canvas",
     "sample_full",
 ]
 
@@ -47,8 +53,18 @@ def resolve_cache(policy, s: SamplingConfig) -> str:  # noqa: ANN001
     return s.cache if s.cache in ("prefix", "dual") else "none"
 
 
+def renoising(policy) -> bool:  # noqa: ANN001
+    """The policy denoises canvases of uniform noise (DiffusionGemma), not masks: the canvas sampler serves it."""
+    return getattr(policy, "trajectory", "absorbing") == "renoising"
+
+
 def check_compatible(policy, s: SamplingConfig) -> None:  # noqa: ANN001
-    """Sampling settings are valid on their own and fit this policy."""
+    """Sampling settings are valid on their own and fit this policy (block size, cache mode, whether its forward
+    can be captured as a CUDA graph; a renoising policy's canvas settings); the device is ``check_device``'s.
+    Needs no weights: the driver runs it on ``load_policy(..., weights=False)`` before any actor starts."""
+    if renoising(policy):
+        check_canvas_sampling(policy, s)
+        return
     check_sampling(s)
     if s.remasking not in REMASKING:
         raise ConfigError(f"unknown remasking '{s.remasking}'; choose from {sorted(REMASKING)}.")
@@ -76,12 +92,16 @@ def check_compatible(policy, s: SamplingConfig) -> None:  # noqa: ANN001
                 f"({type(policy.model).__name__}) runs the transformers forward, which may synchronise with the "
                 "host inside the step and so cannot be captured. Set sampling.cuda_graph=false."
             )
-        if policy.device.type != "cuda":
-            raise ConfigError(
-                "sampling.cuda_graph=true is to capture the block step as a CUDA graph and needs a CUDA device; "
-                f"this policy is on {policy.device.type}. Set sampling.cuda_graph=false (the static cache still "
-                "applies) or move the model to a GPU."
-            )
+
+
+def check_device(s: SamplingConfig, device: str) -> None:
+    """Sampling settings fit the device the sampler runs on (``cuda_graph`` needs CUDA)."""
+    if s.cuda_graph and device != "cuda":
+        raise ConfigError(
+            "sampling.cuda_graph=true is to capture the block step as a CUDA graph and needs a CUDA device; "
+            f"the sampler runs on {device}. Set sampling.cuda_graph=false (the static cache still applies), or "
+            "run the rollout actors on GPUs (cluster.gpus_per_node)."
+        )
 
 
 def check_positions(policy, longest_prompt: int, s: SamplingConfig) -> None:  # noqa: ANN001
@@ -90,8 +110,13 @@ def check_positions(policy, longest_prompt: int, s: SamplingConfig) -> None:  # 
     Raises:
         ConfigError: it does not; the message names both settings.
     """
-    limit = getattr(policy.model.config, "max_position_embeddings", None)
-    longest = longest_prompt + s.max_new_tokens + (s.block_size if policy.block_size else 0)
+    if renoising(policy):  # whole canvases, counted in the text config
+        check_canvas_sampling(policy, s)
+        limit = policy.model.config.get_text_config().max_position_embeddings
+        longest = longest_prompt + -(-s.max_new_tokens // policy.canvas_length) * policy.canvas_length
+    else:
+        limit = getattr(policy.model.config, "max_position_embeddings", None)
+        longest = longest_prompt + s.max_new_tokens + (s.block_size if policy.block_size else 0)
     if limit is not None and longest > limit:
         raise ConfigError(
             f"the longest prompt ({longest_prompt} tokens) plus sampling.max_new_tokens={s.max_new_tokens} needs "
@@ -106,28 +131,51 @@ def generate(
     s: SamplingConfig,
     seed: int = 0,
     group: torch.Tensor | None = None,
+    seeds: list[int] | None = None,
 ) -> Rollout:
-    """Sample one response per prompt (repeat prompts for groups) and return the Rollout with its trace.
+    """Sample one response per prompt (repeat prompts for groups) and return the Rollout with its trace (a
+    ``CanvasRollout`` for a renoising policy).
 
-    Sequences are decoded ``s.batch_size`` at a time; the same seed gives the same tokens.
+    Sequences are decoded ``s.batch_size`` at a time. Each draws its random numbers from its own stream:
+    ``seeds`` [N] (e.g. ``seeding.sample_seed`` of each sample), or ``seeding.row_seeds(seed, N)``. A sequence's
+    draws do not depend on the other sequences; its arithmetic may, in the last bits (kernels chosen by batch
+    shape), so the same prompts in the same batches give the same tokens.
     """
     if not prompts:
         raise ValueError("generate() needs at least one prompt")
     if any(len(p) == 0 for p in prompts):
         raise ValueError("every prompt needs at least one token")
+    if renoising(policy):
+        check_positions(policy, max(len(p) for p in prompts), s)
+        seeds = list(seeds) if seeds is not None else sample_seeds(seed, len(prompts))
+        group = group if group is not None else torch.arange(len(prompts))
+        parts = [
+            sample_canvas(policy, prompts[lo : lo + s.batch_size], s, seed + lo, group[lo : lo + s.batch_size],
+                          seeds=seeds[lo : lo + s.batch_size])
+            for lo in range(0, len(prompts), s.batch_size)
+        ]  # fmt: skip
+        if len(parts) == 1:
+            return parts[0]
+        joined = CanvasRollout.concat(parts)
+        joined.group = group.clone()
+        return joined
     check_compatible(policy, s)
+    check_device(s, policy.device.type)
     mode = resolve_cache(policy, s)
     check_positions(policy, max(len(p) for p in prompts), s)
-    device = next(policy.model.parameters()).device
-    generator = torch.Generator(device=device).manual_seed(seed)
+    seeds = list(seeds) if seeds is not None else row_seeds(seed, len(prompts))
+    if len(seeds) != len(prompts):
+        raise ValueError(f"generate() got {len(seeds)} seeds for {len(prompts)} prompts (one per sequence)")
+    streams = RowStreams(seeds, next(policy.model.parameters()).device)
     group = group if group is not None else torch.arange(len(prompts))
     shards = []
     for lo in range(0, len(prompts), s.batch_size):
-        chunk, grp = prompts[lo : lo + s.batch_size], group[lo : lo + s.batch_size]
+        rows = slice(lo, lo + s.batch_size)
+        chunk, grp, noise = prompts[rows], group[rows], streams.select(rows)
         if policy.block_size is not None:
-            shards.append(sample_block(policy, chunk, s, generator, cache=mode == "kv", group=grp))
+            shards.append(sample_block(policy, chunk, s, noise, cache=mode == "kv", group=grp))
         else:
-            shards.append(sample_full(policy, chunk, s, generator, cache=mode, group=grp))
+            shards.append(sample_full(policy, chunk, s, noise, cache=mode, group=grp))
     if len(shards) == 1:
         return shards[0]
     out = Rollout.concat(shards)

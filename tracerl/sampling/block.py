@@ -26,8 +26,9 @@ import torch
 from tracerl.config import SamplingConfig, resolved_steps_per_block
 from tracerl.models.base import truncate_cache
 from tracerl.records import Rollout
-from tracerl.sampling.core import Trace, build_rollout, commit_step, step_quota
+from tracerl.sampling.core import StepNoise, Trace, build_rollout, commit_step, step_quota
 from tracerl.sampling.graphs import BlockForwards
+from tracerl.seeding import RowStreams
 
 
 def block_grid(prompt_lengths: list[int], block: int, length: int) -> dict[str, torch.Tensor | int]:
@@ -60,12 +61,14 @@ def sample_block(
     policy,  # noqa: ANN001
     prompts: list[list[int]],
     s: SamplingConfig,
-    generator: torch.Generator,
+    streams: RowStreams,
     cache: bool = True,
     group: torch.Tensor | None = None,
     capture: bool | None = None,
 ) -> Rollout:
-    """Generate with block diffusion; ``cache=False`` recomputes the whole prefix every step (reference).
+    """Generate with block diffusion; ``cache=False`` recomputes the whole prefix every step (reference). Row i
+    draws its random numbers from ``streams`` row i, keyed by its decoding block (counted from its first one) and
+    the step within it.
 
     With ``s.cuda_graph`` (and the cache) the forwards take the fixed-shape path of ``sampling.graphs``,
     captured as CUDA graphs when ``capture`` (None: when the policy is on CUDA), else run eagerly.
@@ -138,7 +141,8 @@ def sample_block(
                 logits = policy.logits_at(x[:, :hi], position_ids[:, :hi], vis, positions)
             quota = step_quota(n_masked, steps, t) if t < steps - 1 else eligible.sum(-1)
             quota = torch.where(eligible.any(-1), quota.clamp_min(1), quota)
-            new, commit, logp = commit_step(logits, x[:, lo:hi], eligible, quota, s, policy.mask_id, generator)
+            noise = StepNoise(streams, b, t, block)
+            new, commit, logp = commit_step(logits, x[:, lo:hi], eligible, quota, s, policy.mask_id, noise)
             x[:, lo:hi] = new
             trace.record(resp_index[:, lo:hi], commit, logp)
         eos_here = ((x[:, lo:hi] == policy.eos_id) & in_block).any(-1)

@@ -12,6 +12,9 @@ import torch
 from tracerl.config import SamplingConfig, resolved_steps_per_block
 from tracerl.records import Rollout
 from tracerl.sampling.remasking import get_remasking
+from tracerl.seeding import RowStreams, categorical
+
+CANDIDATES = 0  # the key of a step's candidate uniforms (REMASK: the remasking rule's)
 
 
 @dataclass
@@ -38,8 +41,22 @@ def filter_logits(logits: torch.Tensor, top_k: int, top_p: float) -> torch.Tenso
     return logits
 
 
-def sample_candidates(logits: torch.Tensor, s: SamplingConfig, mask_id: int, generator: torch.Generator) -> Candidates:
-    """Sample one candidate per position with temperature / top-k / top-p (Gumbel-max, seeded).
+class StepNoise:
+    """The random numbers of one denoising step, per row from its own stream (``tracerl.seeding``): keyed by the
+    block (counted from the row's first decoding block), the step within it and what they are for, so a row draws
+    the same numbers whatever else is in its batch."""
+
+    def __init__(self, streams: RowStreams, block: int, step: int, width: int) -> None:
+        self.streams, self.block, self.step, self.width = streams, block, step, width
+
+    def uniform(self, what: int) -> torch.Tensor:
+        """[N, B] float64 uniforms in (0, 1) for ``what`` (CANDIDATES, REMASK) at this step."""
+        return self.streams.uniform((self.block, self.step, what), self.width)
+
+
+def sample_candidates(logits: torch.Tensor, s: SamplingConfig, mask_id: int, noise: StepNoise | None) -> Candidates:
+    """Sample one candidate per position with temperature / top-k / top-p (inverse CDF, one seeded uniform per
+    position from ``noise``; greedy when the temperature is 0, which needs no noise).
 
     The mask token is never a candidate. ``logp`` is the unfiltered temperature-1 log-prob in fp32, the
     quantity a training view recomputes.
@@ -52,11 +69,11 @@ def sample_candidates(logits: torch.Tensor, s: SamplingConfig, mask_id: int, gen
         probs = torch.softmax(scores, dim=-1)
         tokens = probs.argmax(-1)
     else:
+        if noise is None:
+            raise ValueError("sampling at a temperature above 0 needs the step's noise")
         scores = filter_logits(scores / s.temperature, s.top_k, s.top_p)
         probs = torch.softmax(scores, dim=-1)
-        u = torch.rand(scores.shape, generator=generator, device=generator.device).to(scores.device)
-        gumbel = -torch.log((-torch.log(u.clamp_min(1e-20))).clamp_min(1e-20))
-        tokens = (torch.log(probs) + gumbel).argmax(-1)
+        tokens = categorical(probs, noise.uniform(CANDIDATES).to(probs.device))
     entropy = -(probs * torch.log(probs.clamp_min(1e-30))).sum(-1)
     return Candidates(
         tokens=tokens,
@@ -102,13 +119,13 @@ def commit_step(
     quota: torch.Tensor,
     s: SamplingConfig,
     mask_id: int,
-    generator: torch.Generator,
+    noise: StepNoise,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """One denoising step on a block: sample candidates, choose positions, write them.
 
     Returns (new block tokens [N, B], commit mask [N, B], logp of the candidates [N, B]).
     """
-    cand = sample_candidates(logits, s, mask_id, generator)
+    cand = sample_candidates(logits, s, mask_id, noise)
     remask = get_remasking(s.remasking)
     commit = remask(
         cand.confidence,
@@ -117,7 +134,7 @@ def commit_step(
         quota,
         threshold=s.threshold,
         eb_threshold=s.eb_threshold,
-        generator=generator,
+        noise=noise,
     )
     return torch.where(commit, cand.tokens, block_tokens), commit, cand.logp
 

@@ -20,7 +20,8 @@ import torch
 from tracerl.config import SamplingConfig, resolved_steps_per_block
 from tracerl.models.base import truncate_cache
 from tracerl.records import Rollout
-from tracerl.sampling.core import Trace, build_rollout, commit_step, step_quota
+from tracerl.sampling.core import StepNoise, Trace, build_rollout, commit_step, step_quota
+from tracerl.seeding import RowStreams
 
 
 def full_visible(valid: torch.Tensor, q_cols: torch.Tensor, k_cols: torch.Tensor) -> torch.Tensor:
@@ -34,11 +35,12 @@ def sample_full(
     policy,  # noqa: ANN001
     prompts: list[list[int]],
     s: SamplingConfig,
-    generator: torch.Generator,
+    streams: RowStreams,
     cache: str = "none",
     group: torch.Tensor | None = None,
 ) -> Rollout:
-    """Generate with full attention; ``cache`` is ``none`` (exact), ``prefix`` or ``dual`` (approximate)."""
+    """Generate with full attention; ``cache`` is ``none`` (exact), ``prefix`` or ``dual`` (approximate).
+    Row i draws its random numbers from ``streams`` row i (keyed by block and step)."""
     device = policy.device
     block, length, steps = s.block_size, s.max_new_tokens, resolved_steps_per_block(s)
     n = len(prompts)
@@ -93,7 +95,8 @@ def sample_full(
                 logits = policy.logits_at(x[:, start:hi], position_ids[:, start:hi], vis, positions - start, kv)
             quota = step_quota(n_masked, steps, t) if t < steps - 1 else eligible.sum(-1)
             quota = torch.where(eligible.any(-1), quota.clamp_min(1), quota)
-            new, commit, logp = commit_step(logits, x[:, lo:hi], eligible, quota, s, policy.mask_id, generator)
+            noise = StepNoise(streams, (lo - lp) // block, t, hi - lo)
+            new, commit, logp = commit_step(logits, x[:, lo:hi], eligible, quota, s, policy.mask_id, noise)
             x[:, lo:hi] = new
             trace.record(resp_index[:, lo:hi], commit, logp)
         finished |= ((x[:, lp:hi] == policy.eos_id) & (trace.step_map[:, : hi - lp] >= 0)).any(-1)

@@ -1,7 +1,8 @@
 """Remasking strategies: which masked positions of the current block to commit at a denoising step.
 
 Every strategy is a pure function with one signature, registered by name:
-``fn(confidence, entropy, eligible, quota, *, threshold, eb_threshold, generator) -> commit``.
+``fn(confidence, entropy, eligible, quota, *, threshold, eb_threshold, noise) -> commit``; ``noise`` gives
+the step's seeded uniforms of each row (``noise.uniform(REMASK)`` → [N, B], see ``sampling.core.StepNoise``).
 
 dims: N sequences · B positions of the current block
 - confidence [N, B] float: probability of the sampled candidate (any value where not eligible)
@@ -20,6 +21,7 @@ import torch
 from tracerl.registry import Registry
 
 RemaskFn = Callable[..., torch.Tensor]
+REMASK = 1  # the key of a step's remasking uniforms (sampling.core.CANDIDATES is 0)
 REMASKING: Registry[RemaskFn] = Registry("remasking")
 register_remasking = REMASKING.register
 get_remasking = REMASKING.lookup
@@ -59,9 +61,9 @@ def entropy_bounded(confidence, entropy, eligible, quota, *, eb_threshold: float
 
 
 @register_remasking("random")
-def random_order(confidence, entropy, eligible, quota, *, generator: torch.Generator, **_) -> torch.Tensor:  # noqa: ANN001
-    """Commit ``quota`` eligible positions chosen uniformly at random."""
-    score = torch.rand(eligible.shape, generator=generator, device=generator.device).to(eligible.device)
+def random_order(confidence, entropy, eligible, quota, *, noise, **_) -> torch.Tensor:  # noqa: ANN001
+    """Commit ``quota`` eligible positions chosen uniformly at random (each row from its own seeded stream)."""
+    score = noise.uniform(REMASK).to(eligible.device)
     return top_k_mask(score, eligible, quota)
 
 

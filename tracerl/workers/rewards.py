@@ -1,10 +1,13 @@
-"""Reward scoring in Ray (DESIGN §9, §11): a pool of CPU actors, each running a ``RewardService``, so scoring
-uses many cores and the driver stays free (``score_async`` returns futures). A worker that dies is replaced and
-its shard redone; a worker that cannot start reports why at once.
+"""Reward scoring in Ray (DESIGN §9, §11, §19): a pool of actors, each running a ``RewardService``, so scoring
+uses many cores and the driver stays free (``score_async`` returns futures). Functions (and judges, which are
+HTTP clients) run in W CPU actors that never import torch (each process that does costs ~430 MB); each reward
+model runs in a group of its own: N actors that hold its weights, placed on GPUs of their own, beside the
+rollout actors on fractional GPUs, or on CPU (``workers.placement.reward_model_options``). Every group scores
+every shard; the parts are joined and weighted in the driver. A worker that dies is replaced and its shard
+redone (``fault/reward_restarts``, ``fault/reward_model_restarts``); a worker that cannot start reports why at
+once; a worker whose call timed out and still runs is replaced (with either error policy).
 
-Reward actors never import torch (each process that does costs ~430 MB).
-
-dims: N samples · W reward workers
+dims: N samples · W function workers · G actor groups (functions + one per reward model)
 """
 
 from __future__ import annotations
@@ -12,14 +15,17 @@ from __future__ import annotations
 import contextlib
 import os
 import sys
+import threading
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import Any, Literal
 
 import ray
 from ray.exceptions import RayActorError, RayTaskError
 
+from tracerl.config import RewardModelConfig
+from tracerl.reward_resolve import default_name, reward_kind
 from tracerl.reward_service import (
     RewardError,
     RewardResult,
@@ -27,17 +33,19 @@ from tracerl.reward_service import (
     RewardSpec,
     merge_results,
     prepare_process,
-    resolve_reward,
+    weigh,
 )
-from tracerl.workers.common import split_even
+from tracerl.workers.common import split_even, where
 
 
 @ray.remote
 class RewardWorker:
-    """One ``RewardService`` in a CPU actor (no torch).
+    """One ``RewardService`` in an actor: reward functions (no torch), or one reward model, whose weights it loads
+    at start (``RewardService.load``).
 
     A service that cannot start (a bad spec, a module of ``imports`` that fails, the sandbox below its minimum
-    isolation) is not a crash to restart: the error is kept and raised by ``ready`` and every ``score``.
+    isolation, weights that do not load) is not a crash to restart: the error is kept and raised by ``ready`` and
+    every ``score``.
     """
 
     def __init__(
@@ -56,6 +64,7 @@ class RewardWorker:
             self.service = RewardService(
                 specs, on_error=on_error, timeout_s=timeout_s, imports=imports, sandbox=sandbox
             )
+            self.service.load()
         except Exception as err:  # noqa: BLE001 - reported by ready(), with its own message
             self.start_error = err
 
@@ -72,28 +81,49 @@ class RewardWorker:
         return self.service.score(prompts, completions, completion_ids, columns)
 
     def info(self) -> dict[str, Any]:
-        """pid and whether torch got imported (it should not)."""
-        return {"pid": os.getpid(), "torch_imported": "torch" in sys.modules}
+        """Where it runs (pid, node, GPU ids) and whether torch got imported (only a reward model's actor should)."""
+        return where() | {"torch_imported": "torch" in sys.modules}
+
+    def stuck(self) -> int:
+        """Reward calls this actor abandoned at their timeout that are still running (they hold a core)."""
+        return sum(t.name.startswith("reward-") and t.is_alive() for t in threading.enumerate())
+
+
+@dataclass
+class _Group:
+    """Actors that run the same specs: the functions, or one reward model."""
+
+    name: str  # "functions", or the reward model's name
+    specs: list[RewardSpec]
+    options: list[dict[str, Any]]  # Ray options of actor i
+    actors: list[Any] = field(default_factory=list)
+    model: bool = False  # a reward model's group (its restarts count in fault/reward_model_restarts)
 
 
 @dataclass
 class _Shard:
-    worker: int  # index into the pool's workers
+    group: _Group  # the group it was sent to
+    worker: int  # index into the group's actors
     actor: Any  # the actor handle it was sent to (to tell a dead worker from its replacement)
     offset: int  # index of the shard's first sample in the batch
     args: tuple  # (prompts, completions, completion_ids, columns) of the shard
 
 
 class RewardPool:
-    """``num_workers`` reward actors; a batch is split into contiguous shards, one per worker, merged in order.
+    """Reward actors in groups: ``num_workers`` actors for the functions and judges, and a group per reward model.
+    A batch is split into contiguous shards, one per actor of each group; the parts come back in order and are
+    weighted into the total here.
 
     Args:
-        specs: reward functions, as for ``RewardService`` (resolved here first, so bad specs fail at once).
-        num_workers: actors W; each reserves ``num_cpus_per_worker`` Ray CPUs.
+        specs: reward functions, models and judges, as for ``RewardService``.
+        num_workers: function actors W; each reserves ``num_cpus_per_worker`` Ray CPUs (none when every spec is a
+            reward model).
         on_error, timeout_s: the ``RewardService`` error policy and per-call timeout.
         max_restarts: how often one shard may be redone after its worker died before giving up.
         imports: modules imported in the driver and every worker before reward names are resolved.
         sandbox: the code sandbox policy of every worker (``rewards.sandbox.configure`` arguments).
+        model_options: reward-model name → the Ray options of each of its actors (``reward_model_options``);
+            a model not listed gets ``model.num_workers`` (at least one) CPU actors.
 
     Raises:
         RewardError: a worker could not start its service (raised at once, with the worker's own error).
@@ -109,27 +139,52 @@ class RewardPool:
         max_restarts: int = 3,
         imports: Sequence[str] = (),
         sandbox: dict[str, Any] | None = None,
+        model_options: dict[str, list[dict[str, Any]]] | None = None,
     ) -> None:
         if num_workers < 1:
             raise ValueError(f"num_workers must be at least 1, got {num_workers}.")
         prepare_process(imports, sandbox)
         self.specs = [_portable(s if isinstance(s, RewardSpec) else RewardSpec(s)) for s in specs]
-        self.names = [spec.name or resolve_reward(spec.fn, timeout_s)[0] for spec in self.specs]
+        self.names = [default_name(spec) for spec in self.specs]
+        for name in self.names:
+            if self.names.count(name) > 1:
+                raise RewardError(f"two reward functions are named '{name}'; give one a different name=.")
+        self.weights = {name: spec.weight for name, spec in zip(self.names, self.specs, strict=True)}
         self.on_error, self.timeout_s, self.max_restarts = on_error, timeout_s, max_restarts
-        self._options = {"num_cpus": num_cpus_per_worker}
         self._setup = (list(imports), sandbox, _search_paths(imports))
-        self.workers = [self._start() for _ in range(num_workers)]
-        self.restarts = 0  # workers replaced so far
+        functions = [s for s in self.specs if reward_kind(s) != "model"]
+        self.groups = [_Group("functions", functions, [{"num_cpus": num_cpus_per_worker}] * num_workers)]
+        if not functions:
+            self.groups = []
+        for name, spec in zip(self.names, self.specs, strict=True):
+            if reward_kind(spec) == "model":
+                m = spec.model or RewardModelConfig()
+                options = (model_options or {}).get(name) or [{"num_cpus": m.num_cpus}] * max(1, m.num_workers)
+                self.groups.append(_Group(name, [replace(spec, name=name)], list(options), model=True))
+        self.restarts = 0  # function workers replaced so far
+        self.model_restarts = 0  # reward-model workers replaced so far
         self.restart_s = 0.0  # seconds spent starting the replacements
         self._pending: dict[Any, _Shard] = {}
         try:
-            _started(self.workers)
+            for group in self.groups:
+                group.actors = [self._start(group, i) for i in range(len(group.options))]
+            _started([a for g in self.groups for a in g.actors])
         except BaseException:
             self.shutdown()
             raise
 
-    def _start(self) -> Any:
-        return RewardWorker.options(**self._options).remote(self.specs, self.on_error, self.timeout_s, *self._setup)
+    @property
+    def workers(self) -> list[Any]:
+        """The function actors (replaced in place when one dies)."""
+        return self.groups[0].actors if self.groups and not self.groups[0].model else []
+
+    @property
+    def model_workers(self) -> dict[str, list[Any]]:
+        """Reward-model name → its actors."""
+        return {g.name: g.actors for g in self.groups if g.model}
+
+    def _start(self, group: _Group, i: int) -> Any:
+        return RewardWorker.options(**group.options[i]).remote(group.specs, self.on_error, self.timeout_s, *self._setup)
 
     def score_async(
         self,
@@ -143,17 +198,18 @@ class RewardPool:
         n = len(completions)
         columns = columns or {}
         refs = []
-        for w, (lo, hi) in enumerate(split_even(n, len(self.workers))):
-            args = (
-                list(prompts[lo:hi]),
-                list(completions[lo:hi]),
-                None if completion_ids is None else list(completion_ids[lo:hi]),
-                {k: list(v[lo:hi]) for k, v in columns.items()},
-            )
-            actor = self.workers[w]
-            ref = actor.score.remote(*args)
-            self._pending[ref] = _Shard(w, actor, lo, args)
-            refs.append(ref)
+        for group in self.groups:
+            for w, (lo, hi) in enumerate(split_even(n, len(group.actors))):
+                args = (
+                    list(prompts[lo:hi]),
+                    list(completions[lo:hi]),
+                    None if completion_ids is None else list(completion_ids[lo:hi]),
+                    {k: list(v[lo:hi]) for k, v in columns.items()},
+                )
+                actor = group.actors[w]
+                ref = actor.score.remote(*args)
+                self._pending[ref] = _Shard(group, w, actor, lo, args)
+                refs.append(ref)
         return refs
 
     def gather(self, refs: Sequence[ray.ObjectRef]) -> RewardResult:
@@ -162,33 +218,56 @@ class RewardPool:
         Raises:
             RewardError: a reward function failed (on_error="raise"); the index counts from the batch start.
         """
-        results = [self._get(ref, self._pending.pop(ref)) for ref in refs]
-        if not results:
+        by_group: dict[str, list[tuple[int, RewardResult]]] = {}
+        for ref in refs:
+            shard = self._pending.pop(ref)
+            by_group.setdefault(shard.group.name, []).append((shard.offset, self._get(ref, shard)))
+        if not by_group:
             return merge_results([RewardResult([], {name: [] for name in self.names}, {})])
-        return merge_results(results)
+        parts, errors, counts = {}, {}, {}
+        for shards in by_group.values():  # each group's shards in order, then its parts side by side
+            merged = merge_results([r for _, r in sorted(shards, key=lambda x: x[0])])
+            parts |= merged.parts
+            errors |= {name: int(merged.metrics[f"reward/errors/{name}"]) for name in merged.parts}
+            counts |= merged.counts
+        return weigh({name: parts[name] for name in self.names}, self.weights, errors, counts)
 
     def score(self, *args: Any, **kwargs: Any) -> RewardResult:
         """``gather(score_async(...))``."""
         return self.gather(self.score_async(*args, **kwargs))
 
     def pids(self) -> list[int]:
-        """The pid of each reward actor."""
+        """The pid of each function actor."""
         return ray.get([w.ready.remote() for w in self.workers])
 
+    def model_layout(self) -> list[dict[str, Any]]:
+        """Where each reward-model actor runs: its model's name, pid, node and GPU ids."""
+        return [
+            {"name": g.name} | info
+            for g in self.groups
+            if g.model
+            for info in ray.get([a.info.remote() for a in g.actors])
+        ]
+
     def shutdown(self) -> None:
-        for actor in self.workers:
-            ray.kill(actor)
-        self.workers = []
+        for group in self.groups:
+            for actor in group.actors:
+                ray.kill(actor)
+            group.actors = []
 
     def _get(self, ref: Any, shard: _Shard) -> RewardResult:
         last = ""
         for _ in range(self.max_restarts + 1):
             try:
-                return ray.get(ref)
+                result = ray.get(ref)
+                errors = any(v for k, v in result.metrics.items() if k.startswith("reward/errors/"))
+                if errors and ray.get(shard.actor.stuck.remote()):  # on_error="nan": a timed-out call still runs
+                    self._replace(shard)
+                return result
             except RayActorError as err:  # the worker died (killed, crashed, out of memory): replace it, redo
                 last = _first_lines(str(err))
                 self._replace(shard)
-                shard = replace(shard, actor=self.workers[shard.worker])
+                shard = replace(shard, actor=shard.group.actors[shard.worker])
                 ref = shard.actor.score.remote(*shard.args)
             except RayTaskError as err:
                 cause = getattr(err, "cause", None)
@@ -198,20 +277,25 @@ class RewardPool:
                     raise cause.shifted(shard.offset) from None
                 raise
         hi = shard.offset + len(shard.args[1])
+        what = f"reward model '{shard.group.name}' worker" if shard.group.model else "reward worker"
         raise RuntimeError(
-            f"reward worker {shard.worker} died {self.max_restarts + 1} times while scoring samples "
+            f"{what} {shard.worker} died {self.max_restarts + 1} times while scoring samples "
             f"{shard.offset}..{hi - 1}; giving up. Last error: {last}"
         )
 
     def _replace(self, shard: _Shard) -> None:
-        if self.workers[shard.worker] is not shard.actor:
+        group = shard.group
+        if group.actors[shard.worker] is not shard.actor:
             return  # already replaced for another shard of the same dead worker
         t0 = time.perf_counter()
         with contextlib.suppress(Exception):  # it may be gone already
             ray.kill(shard.actor)
-        self.workers[shard.worker] = self._start()
-        self.restarts += 1
-        _started([self.workers[shard.worker]])
+        group.actors[shard.worker] = self._start(group, shard.worker)
+        if group.model:
+            self.model_restarts += 1
+        else:
+            self.restarts += 1
+        _started([group.actors[shard.worker]])
         self.restart_s += time.perf_counter() - t0
 
 
@@ -250,7 +334,9 @@ def _search_paths(imports: Sequence[str]) -> list[str]:
 
 
 def _portable(spec: RewardSpec) -> RewardSpec:
-    """Make a file spec's path absolute: actors may run in another working directory."""
+    """Make a file spec's or a model directory's path absolute: actors may run in another working directory."""
+    if isinstance(spec.fn, str) and reward_kind(spec) == "model" and os.path.isdir(os.path.expanduser(spec.fn)):
+        return replace(spec, fn=os.path.abspath(os.path.expanduser(spec.fn)), name=spec.name or default_name(spec))
     if isinstance(spec.fn, str) and ":" in spec.fn and not spec.fn.startswith(("http://", "https://")):
         location, attr = spec.fn.rsplit(":", 1)
         if location.endswith(".py") or "/" in location:

@@ -17,8 +17,9 @@ import ray
 from tracerl.workers.common import split_even, where
 
 # K rollout actors, each a policy copy in inference mode (dtype rollout.dtype) with the sampler (DESIGN §11). A
-# batch of prompts is split into whole groups across the actors; each returns its Rollout shard through the
-# object store, stamped with the weights version it was sampled with.
+# batch of prompts is cut into sampler batches of whole groups (the same cut for any K), handed out to the actors;
+# each batch comes back as a Rollout shard through the object store, stamped with the weights version it was
+# sampled with.
 
 
 @ray.remote
@@ -32,9 +33,10 @@ class RolloutWorker:
         self.weight_group: Any = None
         self.device = "cpu"
 
-    def setup(self, weights: tuple[int, dict] | None = None) -> dict[str, Any]:
-        """Load the policy copy (then ``weights`` = (version, state dict) if given); returns what the driver needs
-        to know about the policy and where this actor runs."""
+    def setup(self, weights: tuple[int, list[Any], list[Any]] | None = None) -> dict[str, Any]:
+        """Load the policy copy (then ``weights`` = (version, layout, packed buckets) from
+        ``LearnerWorker.packed_weights``, if given); returns what the driver needs to know about the policy and
+        where this actor runs."""
         import torch
 
         from tracerl.models import load_policy
@@ -58,21 +60,15 @@ class RolloutWorker:
     def where(self) -> dict[str, Any]:
         return where()
 
-    def check_positions(self, longest_prompt: int, samplings: list[Any]) -> None:
-        """Each sampler setting fits the longest prompt into the model's positions (a clear error otherwise)."""
-        from tracerl.sampling import check_positions
-
-        for s in samplings:
-            check_positions(self.policy, longest_prompt, s)
-
-    def generate(self, prompt_ids: list[list[int]], group: Any, seed: int, sampling: Any = None) -> Any:
-        """Sample one response per prompt (repeated for groups); the Rollout carries this copy's version."""
+    def generate(self, prompt_ids: list[list[int]], group: Any, seeds: list[int], sampling: Any = None) -> Any:
+        """Sample one response per prompt (repeated for groups), sequence i with ``seeds[i]``; the Rollout carries
+        this copy's version."""
         import torch
 
         from tracerl.sampling import generate
 
         with torch.inference_mode():
-            rollout = generate(self.policy, prompt_ids, sampling or self.cfg.sampling, seed=seed, group=group)
+            rollout = generate(self.policy, prompt_ids, sampling or self.cfg.sampling, group=group, seeds=seeds)
         rollout.weights_version = self.version
         return rollout
 
@@ -127,15 +123,28 @@ class RolloutWorker:
             self.policy.model.to(self.device)
 
 
+def sampler_batches(prompts: int, samples: int, batch_size: int) -> list[tuple[int, int]]:
+    """[lo, hi) prompt ranges of the sampler batches of an RL step: whole groups, ``batch_size // samples`` prompts
+    each (at least one), in order. The cut depends on the batch alone, never on the number of actors.
+
+    Example:
+        >>> sampler_batches(5, 4, 8)
+        [(0, 2), (2, 4), (4, 5)]
+    """
+    per = max(1, batch_size // samples)
+    return [(lo, min(lo + per, prompts)) for lo in range(0, prompts, per)]
+
+
 @dataclass
 class RolloutShard:
     """A pending shard: the future of its Rollout and which prompts of the batch it covers."""
 
     ref: ray.ObjectRef
-    lo: int  # first prompt of the batch in this shard
+    lo: int  # first prompt of the batch in this shard (one sampler batch of whole groups)
     hi: int  # one past its last prompt
     worker: int = 0  # index of the actor it was sent to
     args: tuple = ()  # the generate() arguments, to redo the shard on a replacement actor
+    incarnation: int = 0  # which actor held slot ``worker`` when it was sent (a slot's actor is replaced on death)
 
 
 class RolloutGroup:
@@ -144,11 +153,13 @@ class RolloutGroup:
     Args:
         cfg: the run config (``model``, ``sampling``, ``rollout``).
         options: Ray options of each actor (``place(cfg, gpus).rollout``).
-        weights: (version, state dict) to start from (default: what ``cfg.model`` loads, version 0).
+        weights: (version, layout, packed buckets) to start from, as ``LearnerWorker.packed_weights`` returns them
+            (default: what ``cfg.model`` loads, version 0).
 
     Example:
         >>> group = RolloutGroup(cfg, [{"num_cpus": 1}] * 2)                     # doctest: +SKIP
-        >>> shards = group.generate_async(prompt_ids, samples=4, seed=0)        # doctest: +SKIP
+        >>> seeds = seeding.batch_seeds(cfg.seed, step, len(prompt_ids), 4)     # doctest: +SKIP
+        >>> shards = group.generate_async(prompt_ids, samples=4, seeds=seeds)   # doctest: +SKIP
         >>> rollout = Rollout.concat([ray.get(s.ref) for s in shards])          # doctest: +SKIP
     """
 
@@ -159,44 +170,77 @@ class RolloutGroup:
         self.version = int(weights[0]) if isinstance(weights, tuple) else 0
         self.restarts = 0  # actors replaced after they died
         self.restart_s = 0.0  # seconds spent starting and loading the replacements
+        self.incarnation = [0] * len(self.workers)  # replacements of each slot's actor
         self._layout: list[Any] | None = None
 
     def __len__(self) -> int:
         return len(self.workers)
 
     def generate_async(
-        self, prompt_ids: list[list[int]], samples: int, seed: int, sampling: Any = None
+        self, prompt_ids: list[list[int]], samples: int, seeds: Sequence[int], sampling: Any = None
     ) -> list[RolloutShard]:
-        """Split P prompts (whole groups of ``samples``) across the actors; one future per non-empty shard.
+        """Sample ``samples`` responses for each of P prompts; one future per sampler batch.
 
-        Shard k samples with seed ``seed * 1009 + k``, so a run is reproducible for a given number of actors.
+        The P prompts are cut into sampler batches of whole groups, ``sampler_batches(P, samples, batch_size)``,
+        and the batches are handed out to the K actors in contiguous runs. Sample g of prompt p draws with
+        ``seeds[p * samples + g]`` (``seeding.batch_seeds``), and a batch is decoded alone, so its tokens and
+        log-probs are bitwise the same whichever actor decodes it and however many there are: a run's numbers do
+        not depend on K.
         """
         import torch
 
+        s = sampling or self.cfg.sampling
+        if len(seeds) != len(prompt_ids) * samples:
+            raise ValueError(f"generate_async got {len(seeds)} seeds for {len(prompt_ids)} × {samples} samples")
+        batches = sampler_batches(len(prompt_ids), samples, s.batch_size)
         shards = []
-        for k, (lo, hi) in enumerate(split_even(len(prompt_ids), len(self.workers))):
-            prompts = [p for p in prompt_ids[lo:hi] for _ in range(samples)]
-            group = torch.arange(lo, hi).repeat_interleave(samples)
-            args = (prompts, group, seed * 1009 + k, sampling)
-            shards.append(RolloutShard(self.workers[k].generate.remote(*args), lo, hi, k, args))
+        for k, (first, last) in enumerate(split_even(len(batches), len(self.workers))):
+            for lo, hi in batches[first:last]:
+                prompts = [p for p in prompt_ids[lo:hi] for _ in range(samples)]
+                group = torch.arange(lo, hi).repeat_interleave(samples)
+                args = (prompts, group, list(seeds[lo * samples : hi * samples]), sampling)
+                ref = self.workers[k].generate.remote(*args)
+                shards.append(RolloutShard(ref, lo, hi, k, args, self.incarnation[k]))
         return shards
 
     def redo(self, shard: RolloutShard, weights: tuple[int, ray.ObjectRef] | None) -> RolloutShard:
-        """Replace the (dead) actor of ``shard`` with a fresh one holding ``weights`` = (version, stored weights),
-        or ``cfg.model`` as on disk for None, and send it the same work: same prompts and seed, same samples."""
-        k, t0 = shard.worker, time.perf_counter()
+        """Replace the (dead) actor of ``shard`` with a fresh one holding ``weights`` = (version, the stored
+        (version, layout, packed buckets)) from ``LearnerGroup.publish_weights``, or ``cfg.model`` as on disk for
+        None, and send it the same work: same prompts and seeds, same samples. The other shards that were queued on
+        the dead actor fail too: they go to its replacement, which is started once."""
+        k = shard.worker
+        if shard.incarnation == self.incarnation[k]:  # the actor it was sent to is still in the slot: replace it
+            self._replace(k, weights[1] if weights is not None else None)
+        ref = self.workers[k].generate.remote(*shard.args)
+        return replace(shard, ref=ref, incarnation=self.incarnation[k])
+
+    def _replace(self, k: int, published: Any) -> None:
+        """A fresh actor in slot ``k`` (the old one is dead), loaded with ``published`` weights (None: from disk)."""
+        t0 = time.perf_counter()
         with contextlib.suppress(Exception):
             ray.kill(self.workers[k])
         self.workers[k] = RolloutWorker.options(**self.options[k]).remote(self.cfg, k)
-        ray.get(self.workers[k].setup.remote(weights[1] if weights is not None else None))
+        self.info[k] = ray.get(self.workers[k].setup.remote(published))
         self._layout = None  # a collective sync re-forms its group with the new member
+        self.incarnation[k] += 1
         self.restarts += 1
         self.restart_s += time.perf_counter() - t0
-        return replace(shard, ref=self.workers[k].generate.remote(*shard.args))
 
     def load_weights(self, version: int, published: ray.ObjectRef) -> int:
-        """Object-store sync: every actor loads the one stored copy; returns the bytes each received."""
-        received = ray.get([w.load_weights.remote(published) for w in self.workers])
+        """Object-store sync: every actor loads the one stored copy; returns the bytes each received. An actor that
+        died since its last task (an idle one, say) is replaced by a fresh one that loads the same copy."""
+        from ray.exceptions import RayActorError
+
+        refs = [w.load_weights.remote(published) for w in self.workers]
+        received = []
+        for k, ref in enumerate(refs):
+            try:
+                received.append(ray.get(ref))
+            except RayActorError as err:
+                if err.actor_id != self.workers[k]._actor_id.hex():
+                    raise  # not this actor's death (the learner rank that published the weights, say)
+                self._replace(k, published)
+                received.append(ray.get(self.workers[k].load_weights.remote(published)))
         self.version = version
         return int(received[0])
 

@@ -1,6 +1,8 @@
-"""The divergence guard: one console line (and a W&B alert) when a run looks broken, so none fails silently.
+"""What the loop watches besides the config checks: run inputs that are valid one by one but wrong for the run
+(many actors on few cores: a warning before anything starts; a reward that scores nothing: an error at the first step
+it shows), and a run that goes wrong while it trains (``DivergenceGuard``: one console line and a W&B alert).
 
-Three signs, each checked after every RL step from the metrics the loop already has:
+The divergence guard checks three signs after every RL step, from the metrics the loop already has:
 
 - the training reward collapses: its mean over the last ``guard.window`` steps falls below
   ``guard.reward_fraction`` × the best such mean so far, or every group was filtered out for ``guard.window``
@@ -13,10 +15,55 @@ Each sign is reported when it appears, and again only after it has cleared.
 
 from __future__ import annotations
 
+import math
 from collections import deque
 from dataclasses import dataclass, field
 
-from tracerl.config import GuardConfig
+from tracerl.config import Config, GuardConfig
+from tracerl.reward_service import RewardResult
+
+ACTOR_MB = 430  # what an actor process that imports torch holds before its model (docs: ENV / cluster)
+
+
+def oversubscription(cfg: Config, cores: int) -> str | None:
+    """A warning when a local instance would start more rollout or reward actors than the machine has cores
+    (they take turns on the cores: each one costs start-up time and memory and adds no speed); None otherwise.
+
+    Example:
+        >>> cfg = Config()
+        >>> cfg.reward.num_workers = 16
+        >>> oversubscription(cfg, 2).split(":")[0]
+        'reward.num_workers=16 on a machine with 2 CPU cores'
+    """
+    if cfg.cluster.address:
+        return None
+    counts = (("rollout.num_workers", cfg.rollout.num_workers), ("reward.num_workers", cfg.reward.num_workers))
+    crowded = [(name, count) for name, count in counts if count > cores]
+    if not crowded:
+        return None
+    names = " and ".join(f"{name}={count}" for name, count in crowded)
+    processes = sum(count for _, count in crowded)
+    return (
+        f"{names} on a machine with {cores} CPU cores: the actors take turns on the cores, so beyond {cores} each one "
+        f"adds start-up time and memory (about {ACTOR_MB} MB per rollout actor before its model, {processes} "
+        f"processes in all) and no speed. Use at most {cores} here, or run on a cluster (--ray-address)."
+    )
+
+
+def nothing_scored(scored: RewardResult, step: int, cfg: Config) -> str | None:
+    """The error when every sample of an RL step got None from its reward functions (no function failed), so
+    nothing can be trained on; None otherwise."""
+    if not scored.total or not all(math.isnan(v) for v in scored.total):
+        return None
+    if any(v for k, v in scored.metrics.items() if k.startswith("reward/errors/")):
+        return None  # failures under on_error="nan": counted and logged, not this
+    silent = [name for name, values in scored.parts.items() if all(math.isnan(v) for v in values)]
+    return (
+        f"every sample of RL step {step} was scored None by reward function(s) {silent} ({len(scored.total)} "
+        'samples), so there is nothing to train on: None means "cannot score this sample". Check that the '
+        f"dataset columns they read hold what they expect (data.answer_column='{cfg.data.answer_column}' of "
+        f"data.source '{cfg.data.source}'), or the reward's kwargs."
+    )
 
 
 @dataclass
@@ -25,7 +72,8 @@ class DivergenceGuard:
 
     Example:
         >>> guard = DivergenceGuard(GuardConfig(window=2, reward_fraction=0.5))
-        >>> [guard.check(s, {"reward/mean": r}) for s, r in enumerate([0.6, 0.6, 0.2, 0.1], start=1)]
+        >>> trained = [{"reward/mean": r, "train/policy_loss": 0.1} for r in (0.6, 0.6, 0.2, 0.1)]
+        >>> [guard.check(s, m) for s, m in enumerate(trained, start=1)]
         [[], [], [], ['training reward collapsed: 0.15 over the last 2 steps, below 0.5 × its best (0.60)']]
     """
 

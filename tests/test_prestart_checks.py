@@ -1,0 +1,113 @@
+"""Checks that run before any actor starts and before anything is written (``Session.open``, ``run_eval``,
+``tracerl validate``): sampler settings against the model (built from its config alone), prompt plus response
+length, and whether the tokenizer can write the data and the rewards' answer formats."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from tracerl.cli import main
+
+ROOT = Path(__file__).resolve().parents[1]
+QUICK = str(ROOT / "configs" / "quickstart.yaml")
+
+
+def refused(capsys, tmp_path: Path, *argv: str) -> str:  # noqa: ANN001
+    """Run ``tracerl train QUICK run_dir=... argv``: it must fail with one paragraph, start no Ray instance (so no
+    actor) and write nothing."""
+    import ray
+
+    capsys.readouterr()  # what the test itself printed before
+    rc = main(["train", QUICK, f"run_dir={tmp_path / 'run'}", *argv])
+    err = capsys.readouterr().err
+    assert rc == 2, err
+    assert "Traceback" not in err and len(err.strip().splitlines()) == 1
+    assert not ray.is_initialized()  # refused before Ray (and any actor) started
+    assert not (tmp_path / "run").exists()  # nothing written
+    return err
+
+
+def test_a_block_size_the_model_does_not_have(capsys, tmp_path):
+    err = refused(capsys, tmp_path, "sampling.block_size=8")
+    assert "sampling.block_size=8 differs from the model's block size 4" in err
+
+
+def test_a_cache_mode_the_model_cannot_use(capsys, tmp_path):
+    err = refused(capsys, tmp_path, "sampling.cache=dual", "objective.old_logp_source=learner")
+    assert "sampling.cache=dual is for full-attention models" in err
+    err = refused(capsys, tmp_path, "model.tiny.attention=full", "sampling.cache=kv")
+    assert "sampling.cache=kv needs a block-diffusion model" in err
+
+
+def test_cuda_graph_on_a_model_or_device_that_cannot_take_it(capsys, tmp_path):
+    err = refused(capsys, tmp_path, "model.tiny.attention=full", "sampling.cuda_graph=true")
+    assert "sampling.cuda_graph=true is for block-diffusion models" in err
+    err = refused(capsys, tmp_path, "sampling.cuda_graph=true")  # the block model, but no GPU here
+    assert "needs a CUDA device; the sampler runs on cpu" in err
+
+
+def test_an_evaluation_setting_is_checked_too(capsys, tmp_path):
+    err = refused(capsys, tmp_path, "eval.max_new_tokens=2040")  # fits for training, not for evaluation
+    assert "sampling.max_new_tokens=2040" in err and "max_position_embeddings=2048" in err
+
+
+def test_a_prompt_plus_response_longer_than_the_model(capsys, tmp_path):
+    err = refused(capsys, tmp_path, "model.tiny.max_position_embeddings=24")
+    assert "max_position_embeddings=24" in err and "sampling.max_new_tokens" in err
+
+
+def test_a_reward_format_the_tiny_alphabet_cannot_write(capsys, tmp_path):
+    data = tmp_path / "math.jsonl"
+    data.write_text("".join(json.dumps({"prompt": f"{i}+{i}=", "answer": str(2 * i)}) + "\n" for i in range(20)))
+    own = [f"data.source={data}", "eval.source=null", "eval.num_prompts=2", "reward.functions=[{fn: math_verify}]"]
+    err = refused(capsys, tmp_path, *own)
+    assert "reward 'math_verify' reads answers written like '\\\\boxed{42}'" in err
+    assert "'\\\\', 'b', 'o', 'x', 'e', 'd'" not in err and "'{', '}'" in err  # the characters, sorted
+    assert "model.tiny.alphabet" in err
+    assert main(["validate", QUICK, *own, "model.tiny.alphabet=0123456789+=\\boxed{}"]) == 0  # with them, fine
+
+
+def test_data_the_tiny_alphabet_cannot_write(capsys, tmp_path):
+    data = tmp_path / "upper.jsonl"
+    rows = [{"prompt": f"ADD {i} AND {i}:", "answer": str(2 * i)} for i in range(20)]
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    err = refused(capsys, tmp_path, f"data.source={data}", "eval.source=null", "eval.num_prompts=2",
+                  "reward.functions=[{fn: synthetic_exact}]")  # fmt: skip
+    assert "of the prompts of data.source" in err and "unknown token '<unk>'" in err
+    assert "'A', 'D', 'N'" in err and "model.tiny.alphabet" in err
+
+
+def test_validate_says_what_the_tokenizer_cannot_write(capsys, tmp_path):
+    data = tmp_path / "upper.jsonl"
+    data.write_text("".join(json.dumps({"prompt": "QQQ:", "answer": "1"}) + "\n" for _ in range(5)))
+    rc = main(["validate", QUICK, f"data.source={data}", "eval.source=null", "eval.num_prompts=1",
+               "reward.functions=[{fn: synthetic_exact}]"])  # fmt: skip
+    captured = capsys.readouterr()
+    assert rc == 2 and "data: ok" not in captured.out and "the tokenizer cannot write the data" in captured.err
+
+
+def test_a_masked_lm_directory_without_its_tokenizer_config(capsys, tmp_path):
+    """An AntiBERTy-like protein masked LM saved with vocab.txt only: transformers falls back to a lower-casing
+    BERT tokenizer, every residue (upper case in the vocabulary) becomes [UNK], and the run is refused."""
+    from transformers import BertConfig, BertForMaskedLM
+
+    residues = list("ACDEFGHIKLMNPQRSTVWY")
+    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *residues, ":"]
+    model_dir = tmp_path / "antiberty"
+    config = BertConfig(vocab_size=len(vocab), hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                        intermediate_size=64, max_position_embeddings=128)  # fmt: skip
+    BertForMaskedLM(config).save_pretrained(model_dir)
+    (model_dir / "vocab.txt").write_text("\n".join(vocab) + "\n")  # no tokenizer_config.json
+    data = tmp_path / "heavy.jsonl"
+    rows = [{"prompt": "EVQLVESGGGLVQPGGSLRLSCAAS:", "answer": "GFTFS"}] * 10
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    own = ["model.family=masked_lm", f"model.path={model_dir}", f"data.source={data}", "data.chat_template=false",
+           "eval.source=null", "eval.num_prompts=1", "reward.functions=[{fn: synthetic_exact}]",
+           "sampling.max_new_tokens=8", "sampling.block_size=8", "sampling.cache=none"]  # fmt: skip
+    err = refused(capsys, tmp_path, *own)
+    assert "unknown token '[UNK]'" in err and "tokenizer_config.json" in err and str(model_dir) in err
+    capsys.readouterr()
+    rc = main(["validate", QUICK, *own])
+    captured = capsys.readouterr()
+    assert rc == 2 and "data: ok" not in captured.out and "[UNK]" in captured.err

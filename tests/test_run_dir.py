@@ -1,0 +1,305 @@
+"""One run per run directory, and checkpoints that hold data only (DESIGN §13, §16).
+
+A fresh run in a directory that holds another run is refused, naming it, before anything is written; ``--resume
+auto`` takes only the directory's own checkpoints; a half-written checkpoint is reported; a checkpoint whose files
+were truncated, changed, added to, or replaced by pickled code is refused naming the file, and the code never
+runs (a marker file it would create is never created), even when its manifest was rewritten to match.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from tracerl import runs
+from tracerl.checkpoint import (
+    COMPLETE,
+    CheckpointError,
+    DriverState,
+    capture_rng,
+    driver_state,
+    latest_checkpoint,
+    list_checkpoints,
+    restore_rng,
+    save_checkpoint,
+    seal,
+    verify_checkpoint,
+)
+from tracerl.cli import main
+from tracerl.config import Config, ConfigError, load
+
+from .test_checkpoint import FileLearner
+
+MARKER = "/tmp/tracerl-pickle-ran-{}"
+
+
+class Planted:
+    """A pickle that runs code when loaded: it creates a marker file."""
+
+    def __init__(self, marker: str) -> None:
+        self.marker = marker
+
+    def __reduce__(self):  # noqa: ANN204
+        return (os.system, (f"touch {self.marker}",))
+
+
+def cfg_for(run_dir: Path, *overrides: str) -> Config:
+    return load(None, [f"run_dir={run_dir}", "wandb.mode=disabled", *overrides])
+
+
+def fake_run(run_dir: Path, steps: tuple[int, ...] = (1, 2), command: str = "train", cfg: Config | None = None) -> str:
+    """A run directory as a run leaves it: run.json, metrics, checkpoints that carry its id and settings."""
+    claim = runs.claim(cfg or cfg_for(run_dir), command)
+    runs.record(run_dir, claim)
+    (run_dir / "metrics.jsonl").write_text("".join(json.dumps({"step": s}) + "\n" for s in steps))
+    for step in steps:
+        driver = DriverState(step=step, data={"epoch": 0, "cursor": step}, rng=capture_rng())
+        save_checkpoint(run_dir, step, FileLearner(str(step)), driver, keep_last=0, identity=claim.identity)
+    return claim.run_id
+
+
+def snapshot(root: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+# ---------------------------------------------------------------------------------------------- the directory
+
+
+def test_a_fresh_run_in_a_directory_of_another_run_is_refused_and_nothing_is_written(tmp_path: Path) -> None:
+    run_dir = tmp_path / "run"
+    fake_run(run_dir)
+    before = snapshot(run_dir)
+    with pytest.raises(ConfigError) as err:
+        runs.claim(cfg_for(run_dir), "train")
+    message = str(err.value)
+    assert f"run_dir '{run_dir}' holds another run" in message and "--resume auto" in message
+    assert "metrics.jsonl" in message and "checkpoints" in message
+    assert snapshot(run_dir) == before
+
+
+def test_resume_auto_continues_the_own_run_and_verifies_it(tmp_path: Path) -> None:
+    run_dir = tmp_path / "run"
+    run_id = fake_run(run_dir, (1, 2, 3))
+    claim = runs.claim(cfg_for(run_dir, "checkpoint.resume=auto"), "train")
+    assert claim.run_id == run_id and claim.resume == run_dir / "checkpoints" / "step-3" and not claim.restart
+    assert claim.identity["settings"]["model.tiny.hidden_size"] == Config().model.tiny.hidden_size
+    with pytest.raises(ConfigError, match="holds a tracerl train run; tracerl sft needs its own run_dir"):
+        runs.claim(cfg_for(run_dir, "checkpoint.resume=auto"), "sft")
+
+
+def test_resume_auto_takes_only_the_own_checkpoints(tmp_path: Path) -> None:
+    mine, other = tmp_path / "mine", tmp_path / "other"
+    fake_run(mine, (1, 2))
+    fake_run(other, (7,))
+    shutil.copytree(other / "checkpoints" / "step-7", mine / "checkpoints" / "step-7")  # mixed in by hand
+    with pytest.raises(ConfigError, match=r"checkpoints/step-7 was not written by the run of run_dir"):
+        runs.claim(cfg_for(mine, "checkpoint.resume=auto"), "train")
+
+
+def test_keep_last_counts_only_the_runs_own_checkpoints(tmp_path: Path) -> None:
+    run_dir = tmp_path / "run"
+    fake_run(tmp_path / "other", (9,))
+    shutil.copytree(tmp_path / "other" / "checkpoints", run_dir / "checkpoints")
+    identity = {"run_id": "mine"}
+    for step in (1, 2, 3):
+        save_checkpoint(run_dir, step, FileLearner(), DriverState(step=step), keep_last=2, identity=identity)
+    assert [p.name for p in list_checkpoints(run_dir, "mine")] == ["step-2", "step-3"]
+    assert (run_dir / "checkpoints" / "step-9").is_dir()  # another run's checkpoint is not this run's to delete
+    assert latest_checkpoint(run_dir, "mine").name == "step-3" and latest_checkpoint(run_dir).name == "step-9"
+
+
+def test_a_run_with_only_a_half_written_checkpoint_starts_over_and_says_so(tmp_path: Path) -> None:
+    run_dir = tmp_path / "run"
+    claim = runs.claim(cfg_for(run_dir), "train")
+    runs.record(run_dir, claim)
+    (run_dir / "metrics.jsonl").write_text('{"step": 1}\n{"step": 2}\n')
+    (run_dir / "checkpoints" / ".tmp-step-2" / "learner").mkdir(parents=True)  # killed while saving step 2
+    again = runs.claim(cfg_for(run_dir, "checkpoint.resume=auto"), "train")
+    assert again.run_id == claim.run_id and again.resume is None and again.restart
+    assert "no complete checkpoint" in again.notes[0] and ".tmp-step-2" in again.notes[0]
+    runs.record(run_dir, again)
+    assert not (run_dir / "metrics.jsonl").exists()  # the redone steps are not appended to the lost ones
+
+
+def test_resume_by_path_continues_that_run_here_or_in_a_new_directory(tmp_path: Path) -> None:
+    first, second, busy = tmp_path / "first", tmp_path / "second", tmp_path / "busy"
+    run_id = fake_run(first, (1, 2))
+    step = first / "checkpoints" / "step-2"
+    claim = runs.claim(cfg_for(second, f"checkpoint.resume={step}"), "train")
+    assert claim.run_id == run_id and claim.resume == step
+    fake_run(busy, (1,))
+    with pytest.raises(ConfigError, match=f"checkpoint {step} belongs to run {run_id}, but run_dir '{busy}'"):
+        runs.claim(cfg_for(busy, f"checkpoint.resume={step}"), "train")
+
+
+def test_a_checkpoint_of_other_settings_or_another_model_is_refused_naming_them(tmp_path: Path) -> None:
+    run_dir = tmp_path / "run"
+    fake_run(run_dir, (1,))
+    with pytest.raises(ConfigError, match="written with model.tiny.hidden_size=64; this run has model.tiny.hidden"):
+        runs.claim(cfg_for(run_dir, "checkpoint.resume=auto", "model.tiny.hidden_size=32"), "train")
+    with pytest.raises(ConfigError, match="written with objective.value_model=False"):
+        runs.claim(cfg_for(run_dir, "checkpoint.resume=auto", "objective.value_model=true"), "train")
+    # a model directory: the checkpoint's own config.json against model.path's
+    models = tmp_path / "models"
+    for name, width in (("small", 32), ("big", 64)):
+        (models / name).mkdir(parents=True)
+        (models / name / "config.json").write_text(json.dumps({"model_type": "llama", "hidden_size": width}))
+    trained = tmp_path / "trained"
+    fake_run(trained, (1,), cfg=cfg_for(trained, f"model.path={models / 'small'}"))
+    hf = trained / "checkpoints" / "step-1" / "learner" / "hf"
+    hf.mkdir()
+    shutil.copy(models / "small" / "config.json", hf / "config.json")
+    seal(hf.parents[1], 1, json.loads((hf.parents[1] / COMPLETE).read_text())["identity"])
+    assert runs.claim(cfg_for(trained, "checkpoint.resume=auto", f"model.path={models / 'small'}"), "train").resume
+    with pytest.raises(ConfigError, match="holds a model with hidden_size=32, but model.path has hidden_size=64"):
+        runs.claim(cfg_for(trained, "checkpoint.resume=auto", f"model.path={models / 'big'}"), "train")
+
+
+def test_a_run_dir_that_is_a_file_or_read_only_is_refused(tmp_path: Path) -> None:
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(ConfigError, match=f"run_dir '{tmp_path / 'file'}' is a file"):
+        runs.claim(cfg_for(tmp_path / "file"), "sft")
+    with pytest.raises(ConfigError, match="cannot be created: .* is a file"):
+        runs.claim(cfg_for(tmp_path / "file" / "run"), "sft")
+    read_only = next((p for p in ("/proc/sys",) if os.path.isdir(p) and not os.access(p, os.W_OK)), None)
+    if read_only is None:
+        pytest.skip("no read-only folder to try here")
+    with pytest.raises(ConfigError, match=f"'{read_only}' is read-only"):
+        runs.claim(cfg_for(Path(read_only) / "tracerl-run"), "train")
+
+
+# ---------------------------------------------------------------------------------------------- the checkpoint
+
+
+def test_driver_state_is_json_and_round_trips_every_rng(tmp_path: Path) -> None:
+    driver = DriverState(step=3, data={"epoch": 1, "cursor": 5}, wandb_run_id="w", rng=capture_rng(), extra={"k": 1})
+    path = save_checkpoint(tmp_path, 3, None, driver)
+    raw = json.loads((path / "driver.json").read_text())  # plain JSON: nothing there can run
+    assert raw["step"] == 3 and isinstance(raw["rng"]["torch"], str)
+    want = (torch.rand(1).item(),)
+    restore_rng(driver_state(path).rng)
+    assert (torch.rand(1).item(),) == want
+    assert driver_state(path).data == driver.data and not (path / "driver.pt").exists()
+
+
+@pytest.mark.parametrize("damage", ["truncated", "one byte changed", "file added", "file removed", "driver.json"])
+def test_a_damaged_checkpoint_is_refused_naming_the_file(tmp_path: Path, damage: str) -> None:
+    run_dir = tmp_path / "run"
+    fake_run(run_dir, (1,))
+    step = run_dir / "checkpoints" / "step-1"
+    weights = step / "learner" / "weights.txt"
+    if damage == "truncated":
+        weights.write_text("")
+        expected = f"{weights} has 0 bytes, but 1 were written"
+    elif damage == "one byte changed":
+        weights.write_text("9")
+        expected = f"{weights} is not the file that was written"
+    elif damage == "file added":
+        (step / "learner" / "extra.pt").write_bytes(b"\x80\x02N.")
+        expected = f"{step / 'learner' / 'extra.pt'} is not part of checkpoint"
+    elif damage == "file removed":
+        weights.unlink()
+        expected = f"{weights} is missing"
+    else:
+        (step / "driver.json").write_text("{")
+        seal(step, 1, json.loads((step / COMPLETE).read_text())["identity"])  # even with a matching manifest
+        expected = f"{step / 'driver.json'} is not a readable driver state"
+    with pytest.raises((CheckpointError, ConfigError)) as err:
+        runs.claim(cfg_for(run_dir, "checkpoint.resume=auto"), "train")
+    assert expected in str(err.value)
+
+
+@pytest.mark.parametrize("manifest", ["as written", "rewritten to match"])
+def test_a_pickle_replaced_by_code_is_refused_and_the_code_never_runs(tmp_path: Path, manifest: str) -> None:
+    marker = Path(MARKER.format(f"{os.getpid()}-{manifest.replace(' ', '-')}"))
+    marker.unlink(missing_ok=True)
+    run_dir = tmp_path / "run"
+    fake_run(run_dir, (1,))
+    step = run_dir / "checkpoints" / "step-1"
+    state = step / "learner" / "model_states.pt"
+    torch.save({"module": torch.zeros(2), "trap": Planted(str(marker))}, state)
+    if manifest == "rewritten to match":
+        seal(step, 1, json.loads((step / COMPLETE).read_text())["identity"])
+        expected = f"{state} holds more than tensors and plain state"
+    else:
+        expected = f"{state} is not part of checkpoint"
+    with pytest.raises(CheckpointError) as err:
+        verify_checkpoint(step)
+    assert expected in str(err.value)
+    if manifest == "rewritten to match":
+        assert "system" in str(err.value)  # names what the pickle asked for
+    assert not marker.exists()
+
+
+# ---------------------------------------------------------------------------------------------- on the command line
+
+SFT = [
+    "data.source=synthetic:parity", "data.chat_template=false", "data.num_synthetic=80", "sft.batch_size=8",
+    "sft.eval_every=0", "sampling.max_new_tokens=8", "sampling.block_size=8", "wandb.mode=disabled",
+    "model.tiny.hidden_size=32", "model.tiny.intermediate_size=64", "model.tiny.num_layers=1",
+]  # fmt: skip
+
+
+def cli(capsys: pytest.CaptureFixture, *argv: str) -> tuple[int, str]:
+    code = main(list(argv))
+    return code, capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_the_mixed_run_dir_sequence_is_refused_at_the_first_step(tmp_path: Path, capsys) -> None:  # noqa: ANN001
+    """A run of 4 steps, then a fresh run of 2 in the same run_dir: refused before anything is written (the old
+    run's metrics, checkpoints and final model untouched); the same run continued with --resume auto."""
+    run_dir = tmp_path / "run"
+    code, err = cli(capsys, "sft", *SFT, f"run_dir={run_dir}", "sft.steps=4", "checkpoint.save_every=2")
+    assert code == 0, err
+    before = snapshot(run_dir)
+    start = time.monotonic()
+    code, err = cli(capsys, "sft", *SFT, f"run_dir={run_dir}", "sft.steps=2")
+    assert code == 2 and f"run_dir '{run_dir}' holds another run" in err and "Traceback" not in err
+    assert time.monotonic() - start < 5.0  # at once, not after the model, data and learner started
+    assert snapshot(run_dir) == before
+    code, err = cli(capsys, "train", "model.tiny.hidden_size=32", f"run_dir={run_dir}", "--resume", "auto")
+    assert code == 2 and "holds a tracerl sft run; tracerl train needs its own run_dir" in err
+    assert snapshot(run_dir) == before
+    code, err = cli(capsys, "sft", *SFT, f"run_dir={run_dir}", "sft.steps=6", "checkpoint.save_every=2",
+                    "checkpoint.resume=auto")  # fmt: skip
+    assert code == 0, err
+    steps = [json.loads(line)["step"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert steps == [1, 2, 3, 4, 5, 6]
+
+
+@pytest.mark.slow
+def test_resume_from_a_checkpoint_with_planted_code_is_refused_at_once(tmp_path: Path, capsys) -> None:  # noqa: ANN001
+    marker = Path(MARKER.format(f"{os.getpid()}-cli"))
+    marker.unlink(missing_ok=True)
+    run_dir = tmp_path / "run"
+    code, err = cli(capsys, "sft", *SFT, f"run_dir={run_dir}", "sft.steps=2", "checkpoint.save_every=1")
+    assert code == 0, err
+    step = run_dir / "checkpoints" / "step-2"
+    [states] = (step / "learner" / "policy" / "state").glob("*model_states.pt")
+    torch.save({"module": torch.zeros(2), "trap": Planted(str(marker))}, states)  # DeepSpeed's own file
+    seal(step, 2, json.loads((step / COMPLETE).read_text())["identity"])  # the manifest rewritten to match
+    start = time.monotonic()
+    code, err = cli(capsys, "sft", *SFT, f"run_dir={run_dir}", "sft.steps=3", "checkpoint.resume=auto")
+    assert code == 2 and str(states) in err and "could run code" in err and "Traceback" not in err
+    assert time.monotonic() - start < 5.0
+    assert not marker.exists()
+
+
+def test_the_checkpoint_benchmark_runs_and_reports_its_ratio() -> None:
+    root = Path(__file__).resolve().parents[1]
+    out = subprocess.run(
+        [sys.executable, str(root / "scripts" / "bench_checkpoint.py"), "--mb", "4", "--files", "2", "--json"],
+        capture_output=True, text=True, timeout=120, cwd=root,
+    )  # fmt: skip
+    assert out.returncode == 0, out.stderr
+    result = json.loads(out.stdout)
+    assert result["mb"] == 4 and result["seal_s"] > 0 and result["verify_mb_per_s"] > 0 and result["seal_over_save"] > 0

@@ -1,0 +1,233 @@
+"""One run per run directory (DESIGN §13, §16): whose files a ``run_dir`` holds, what a resume may take, and the
+checks done before anything is written.
+
+A run writes ``run.json`` (its id and command) into its directory with its first file. Its checkpoints carry that
+id in their manifest, with the settings a resume must match (``identity``). ``claim`` decides, before anything
+is written, what a ``tracerl train`` or ``tracerl sft`` may do with its ``run_dir``:
+
+- a fresh run (``checkpoint.resume=none``) needs a directory without another run's files;
+- ``--resume auto`` continues the directory's own run from its newest complete checkpoint (verified first); a
+  run that never finished a checkpoint starts over under the same id (the half-written checkpoint is reported,
+  its metrics rows dropped); a directory without a run starts a fresh one;
+- ``--resume DIR`` continues the run that wrote that checkpoint, here or in a new directory;
+- a checkpoint written with other model or learner settings, or by another run, is refused naming both.
+
+So metrics are appended only on resume, ``keep_last`` and ``--resume auto`` only see the run's own checkpoints,
+and a tampered, truncated or code-carrying checkpoint is refused at once, naming the file.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from tracerl import checkpoint
+from tracerl.config import Config, ConfigError, to_dict
+
+RUN = "run.json"
+# what marks a directory as holding a run (eval/, pictures/, wandb/ alone do not)
+RUN_FILES = ("run.json", "config.json", "metrics.jsonl", "checkpoints", "final", "cluster.json")
+_MODEL_SHAPE = ("model_type", "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
+                "num_attention_heads", "num_key_value_heads", "head_dim")  # fmt: skip
+
+
+@dataclass(frozen=True)
+class Claim:
+    """What a run may do with its directory, decided before anything is written."""
+
+    run_id: str  # the run's id (new, or the one it continues)
+    command: str  # "train" or "sft"
+    resume: Path | None  # the verified checkpoint to resume from; None: start from step 0
+    restart: bool = False  # the run's own earlier attempt left files but no complete checkpoint: start over
+    notes: list[str] = field(default_factory=list)  # what the console should say about the directory
+    settings: dict[str, Any] = field(default_factory=dict)  # what every checkpoint of the run records
+
+    @property
+    def identity(self) -> dict[str, Any]:
+        """What each checkpoint's manifest records about the run that wrote it."""
+        return {"run_id": self.run_id, "command": self.command, "settings": self.settings}
+
+
+def settings(cfg: Config) -> dict[str, Any]:
+    """The settings a checkpoint can only be resumed with: the model's identity and shape, how the learner's
+    state is laid out (ZeRO stage, ranks, precision) and which extra models it holds."""
+    model = to_dict(cfg)["model"]
+    out: dict[str, Any] = {"model.family": cfg.model.family, "model.path": cfg.model.path}
+    if cfg.model.path is None:
+        out |= {f"model.tiny.{k}": v for k, v in model["tiny"].items()}
+    out |= {
+        "learner.zero_stage": cfg.learner.zero_stage,
+        "learner.precision": cfg.learner.precision,
+        "learner.num_ranks": cfg.learner.num_ranks if cfg.learner.zero_stage > 0 else None,
+        "objective.value_model": cfg.objective.value_model,
+        "objective.kl_to_ref_coef > 0": cfg.objective.kl_to_ref_coef > 0,
+    }
+    return out
+
+
+def claim(cfg: Config, command: str) -> Claim:
+    """Decide what ``command`` may do with ``cfg.run_dir`` (see the module docstring); nothing is written.
+
+    Raises:
+        ConfigError: the directory cannot be written, holds another run, or the checkpoint to resume from does not
+            belong to this run or was written with other settings.
+        CheckpointError: the checkpoint to resume from failed verification (the message names the file).
+        FileNotFoundError: ``checkpoint.resume`` names a directory that is not a complete checkpoint.
+    """
+    run_dir, resume = Path(cfg.run_dir), cfg.checkpoint.resume
+    check_writable(run_dir)
+    owner = read_owner(run_dir)
+    present = [name for name in RUN_FILES if (run_dir / name).exists()]
+    wanted = settings(cfg)
+    if resume == "none":
+        if present:
+            raise ConfigError(
+                f"run_dir '{run_dir}' holds another run ({', '.join(present)}); a fresh run there would mix its "
+                "metrics, checkpoints and final model with that run's. Continue that run with --resume auto "
+                "(checkpoint.resume=auto), or give a new run_dir."
+            )
+        return Claim(uuid.uuid4().hex, command, None, settings=wanted)
+    if resume != "auto":
+        return _explicit(cfg, command, Path(resume), owner, present, wanted)
+    if owner is None:
+        if present:
+            raise ConfigError(
+                f"run_dir '{run_dir}' holds files of a run ({', '.join(present)}) but no {RUN}, so --resume auto "
+                f"cannot tell whose they are. Resume a checkpoint by path (--resume {run_dir}/checkpoints/step-N) "
+                "or give a new run_dir."
+            )
+        return Claim(uuid.uuid4().hex, command, None, settings=wanted)
+    _same_command(run_dir, owner, command)
+    for path in checkpoint.list_checkpoints(run_dir):
+        if checkpoint.run_id_of(path) != owner["run_id"]:
+            raise ConfigError(
+                f"checkpoint {path} was not written by the run of run_dir '{run_dir}' (run {owner['run_id']}): the "
+                "directory mixes runs, and --resume auto takes only the directory's own checkpoints. Move that "
+                "checkpoint out, or resume it by path into a new run_dir."
+            )
+    latest = checkpoint.latest_checkpoint(run_dir, owner["run_id"])
+    partial = [str(p) for p in checkpoint.half_written(run_dir)]
+    if latest is None:
+        note = f"no complete checkpoint in {checkpoint.checkpoint_dir(run_dir)}"
+        note += f" (half-written, ignored: {', '.join(partial)})" if partial else ""
+        return Claim(owner["run_id"], command, None, True, [f"{note}: starting the run over from step 0"], wanted)
+    notes = [f"half-written checkpoint ignored: {', '.join(partial)}"] if partial else []
+    _check_resumable(latest, wanted)
+    return Claim(owner["run_id"], command, latest, False, notes, wanted)
+
+
+def _explicit(
+    cfg: Config, command: str, path: Path, owner: dict | None, present: list[str], wanted: dict[str, Any]
+) -> Claim:
+    """``--resume DIR``: continue the run that wrote it, in its own directory or a new one."""
+    run_dir = Path(cfg.run_dir)
+    path = checkpoint.resolve_resume(run_dir, str(path))
+    assert path is not None
+    record = checkpoint.manifest(path)
+    run_id = record.get("identity", {}).get("run_id")
+    if owner is not None and owner["run_id"] != run_id:
+        raise ConfigError(
+            f"checkpoint {path} belongs to run {run_id}, but run_dir '{run_dir}' holds run {owner['run_id']}: "
+            "resuming it there would mix the two. Give a new run_dir to continue that checkpoint's run."
+        )
+    if owner is None and present:
+        raise ConfigError(
+            f"run_dir '{run_dir}' holds files of another run ({', '.join(present)}); give a new run_dir to continue "
+            f"checkpoint {path}."
+        )
+    if owner is not None:
+        _same_command(run_dir, owner, command)
+    _check_resumable(path, wanted)
+    return Claim(run_id or uuid.uuid4().hex, command, path, settings=wanted)
+
+
+def _same_command(run_dir: Path, owner: dict, command: str) -> None:
+    if owner.get("command") != command:
+        raise ConfigError(
+            f"run_dir '{run_dir}' holds a tracerl {owner.get('command')} run; tracerl {command} needs its own run_dir."
+        )
+
+
+def _check_resumable(path: Path, wanted: dict[str, Any]) -> None:
+    """The checkpoint verifies (files, hashes, pickles) and was written with the settings this run has."""
+    record = checkpoint.verify_checkpoint(path)
+    checkpoint.driver_state(path)  # parses
+    had = record.get("identity", {}).get("settings", {})
+    for key, value in wanted.items():
+        if key == "model.path" or key not in had or had[key] == value:
+            continue
+        raise ConfigError(
+            f"checkpoint {path} was written with {key}={had[key]!r}; this run has {key}={value!r}. Resume it with "
+            "the settings it was written with, or start a new run_dir."
+        )
+    saved = _model_config(path / "learner" / "hf")
+    current = _model_config(Path(wanted["model.path"])) if wanted.get("model.path") else None
+    for key in _MODEL_SHAPE:
+        if saved and current and key in saved and key in current and saved[key] != current[key]:
+            raise ConfigError(
+                f"checkpoint {path} holds a model with {key}={saved[key]!r}, but model.path has {key}="
+                f"{current[key]!r}: it is a checkpoint of another model. Point model.path at the model it was "
+                "trained from, or start a new run_dir."
+            )
+
+
+def _model_config(folder: Path) -> dict[str, Any] | None:
+    try:
+        raw = json.loads((folder / "config.json").read_text())
+    except (OSError, ValueError):
+        return None
+    return raw if isinstance(raw, dict) else None
+
+
+def check_writable(folder: Path, setting: str = "run_dir") -> None:
+    """``folder`` (the value of ``setting``) is a directory this process can create or write into.
+
+    Raises:
+        ConfigError: it is a file, or its nearest existing folder is read-only.
+    """
+    if folder.exists() and not folder.is_dir():
+        raise ConfigError(f"{setting} '{folder}' is a file; give a directory (it is created if missing).")
+    existing = folder
+    while not existing.exists():
+        existing = existing.parent
+    if not existing.is_dir():
+        raise ConfigError(f"{setting} '{folder}' cannot be created: '{existing}' is a file.")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise ConfigError(
+            f"{setting} '{folder}' cannot be written: '{existing}' is read-only for this user. Give a folder on a "
+            "writable disk."
+        )
+
+
+def read_owner(run_dir: Path) -> dict[str, Any] | None:
+    """The ``run.json`` of a directory (None when there is none).
+
+    Raises:
+        ConfigError: it exists but is not a run record.
+    """
+    path = run_dir / RUN
+    if not path.is_file():
+        return None
+    try:
+        raw = json.loads(path.read_text())
+    except (OSError, ValueError):
+        raw = None
+    if not isinstance(raw, dict) or not isinstance(raw.get("run_id"), str):
+        raise ConfigError(f"{path} is not a tracerl run record; give a new run_dir.")
+    return raw
+
+
+def record(run_dir: Path, claimed: Claim) -> None:
+    """Write ``run.json`` (first among the run's files) and, when the run starts over, drop the metrics rows of
+    its earlier attempt: metrics are appended only on resume."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    if read_owner(run_dir) is None:
+        entry = {"run_id": claimed.run_id, "command": claimed.command, "created": time.strftime("%Y-%m-%dT%H:%M:%S")}
+        (run_dir / RUN).write_text(json.dumps(entry, indent=1) + "\n")
+    if claimed.restart:
+        (run_dir / "metrics.jsonl").unlink(missing_ok=True)
