@@ -214,8 +214,13 @@ def test_packed_views_train_like_the_rows(learners, block_policy, extra):
         for key, value in want.items():
             if key.startswith("train/") and key != "train/micro_batches":
                 assert have[key] == pytest.approx(value, rel=1e-4, abs=1e-6), key
+    # Adam divides each gradient entry by its running RMS, so an entry whose gradient sits near rounding level
+    # moves by a sizeable fraction of lr whatever its rounding: two fp32 summation orders (rows, packed) whose
+    # gradients agree to ~1e-7 (the grad norms above) give weights that differ by up to ~0.5% of lr there.
+    assert p1["train/grad_norm"] == pytest.approx(r1["train/grad_norm"], rel=1e-6)
+    lr = 1e-3
     for name, tensor in rows_w.items():
-        torch.testing.assert_close(packed_w[name], tensor, rtol=1e-5, atol=1e-6, msg=name)
+        torch.testing.assert_close(packed_w[name], tensor, rtol=1e-5, atol=0.01 * lr, msg=name)
 
 
 def test_flex_attention_is_refused_off_cuda(block_policy):

@@ -232,3 +232,24 @@ def test_full_attention_views_are_never_packed():
     policy = tiny_policy("full")
     rollout = generate(policy, encode(policy, PROMPTS[:2]), SamplingConfig(max_new_tokens=8, block_size=4), seed=0)
     assert isinstance(make_views(rollout, "trace", policy.mask_id, pack=True), Views)
+
+
+def test_rows_without_a_target_pack_to_nothing(block):
+    """A builder may give a sample rows with no target (random masks that hit no generated position): packing
+    skips the sample, and the other samples' log-probs are the rows' own."""
+    from tracerl.packed import pack_views
+    from tracerl.trace import RowMasks, build_views
+
+    rollout = generate(block, encode(block, PROMPTS), SamplingConfig(max_new_tokens=8, block_size=4), seed=0)
+    n, length = rollout.response_ids.shape
+    target = rollout.response_mask.clone()
+    target[0] = False  # sample 0: a row, no target
+    masks = RowMasks(torch.arange(n), torch.zeros(n, dtype=torch.long), target.clone(), target)
+    packed = pack_views(rollout, masks, block.mask_id)
+    rows = build_views(rollout, masks, block.mask_id)
+    assert 0 not in packed.seq_sample.tolist() and len(packed) == n - 1
+    with torch.no_grad():
+        a, b = target_logprobs(block, rows), target_logprobs(block, packed)
+    ta, tb = rows.targets(), packed.targets()
+    key = lambda t: t.row * 1000 + t.pos  # noqa: E731
+    torch.testing.assert_close(b[torch.argsort(key(tb))], a[torch.argsort(key(ta))], atol=1e-5, rtol=0)

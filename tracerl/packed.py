@@ -127,6 +127,8 @@ def pack_views(
         context = torch.cat([prompt, response])  # the clean context, column = absolute position
         # noisy segments: (row, block) pairs that hold targets, by row then block
         target = masks.target[rows, :n_gen]  # [r, n_gen]
+        if not bool(target.any()):  # rows without a target among the generated positions: nothing to score
+            continue
         block_of = (lp + torch.arange(n_gen)) // b
         has = torch.zeros((len(rows), int(block_of.max()) + 1), dtype=torch.bool)  # [r, blocks]: targets there
         has[torch.arange(len(rows)).unsqueeze(1).expand_as(target)[target], block_of.expand_as(target)[target]] = True
