@@ -22,6 +22,7 @@ from typing import Any
 
 import torch
 
+from tracerl import seeding
 from tracerl.config import ConfigError
 from tracerl.records import Rollout
 from tracerl.registry import Registry
@@ -221,7 +222,7 @@ class SampleRandom:
         """[n, *shape] draws from U[0, 1), row i from sample ``sample_ids[i]``'s generator (one call per RL step
         per builder: a second call draws the same numbers again)."""
         rows = [
-            torch.rand(shape, generator=torch.Generator().manual_seed(self.seed * 1_000_003 + int(i)))
+            torch.rand(shape, generator=torch.Generator().manual_seed(seeding.mix(self.seed, int(i))))
             for i in self.sample_ids
         ]
         return torch.stack(rows) if rows else torch.zeros((0, *shape))

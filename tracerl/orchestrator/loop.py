@@ -75,8 +75,9 @@ def run(cfg: Config, *, verbose: bool = False, console: Console | None = None) -
 
     Before any actor starts and before anything is written, ``Session.open`` checks the resume target, the data
     and the tokenizer's coverage of it, the rewards, every sampler setting against the model (block size, cache,
-    CUDA graphs, prompt plus response length; from the model's config alone) and the cluster's GPUs and
-    resources. Third-party console output (W&B's, Ray's) only with ``verbose``.
+    CUDA graphs, prompt plus response length; from the model's config alone), the estimator against the model's
+    layout (``trace.check_estimator``) and the cluster's GPUs and resources. Third-party console output (W&B's,
+    Ray's) only with ``verbose``.
     """
     console = console or Console(soft_wrap=True)
     with Session.open(cfg, verbose, console) as s, stop_signals(console) as stop:
@@ -144,8 +145,8 @@ class Session:
     def open(cls, cfg: Config, verbose: bool, console: Console) -> Iterator[Session]:
         """Check, start, resume; shut every actor down on the way out, whatever happens. Everything that can be
         checked is checked before any actor starts and before anything is written to ``run_dir``: the resume
-        target, the prompts and the tokenizer's coverage of them, the rewards, the sampler settings against the
-        model (from its config alone) and, once Ray is up, the cluster's GPUs and resources."""
+        target, the prompts and the tokenizer's coverage of them, the rewards, the sampler settings and the
+        estimator against the model (from its config alone) and, once Ray is up, the cluster's GPUs and resources."""
         run_dir = Path(cfg.run_dir)
         claim = runs.claim(cfg, "train")  # whose directory, what to resume (verified), before anything is written
         resume = claim.resume
