@@ -260,16 +260,14 @@ def test_d1_prompt_perturbation_is_refused_on_the_block_layout(policies):
     check_estimator("trace", "block", 0.15)  # the knob only concerns d1
 
 
-def test_random_views_take_the_loops_63_bit_view_seeds():
-    """The loop's view seed (seeding.stage_seed) is a 63-bit hash; seed · 1,000,003 + i overflowed torch's 64-bit
-    generator seed and every random view builder failed at its first RL step."""
+def test_sample_random_takes_the_loops_63_bit_view_seeds():
+    """The loop's view seeds (``seeding.stage_seed``) use all 63 bits; every sample's draws stay its own."""
     from tracerl import seeding
     from tracerl.trace import SampleRandom
 
-    seed = seeding.stage_seed(0, 1, "views")
-    assert seed > 2**62
-    draws = SampleRandom(seed, torch.tensor([0, 5])).rand(3)
-    assert draws.shape == (2, 3) and ((draws >= 0) & (draws < 1)).all()
-    assert torch.equal(draws[1], SampleRandom(seed, torch.tensor([5])).rand(3)[0])  # a sample's own stream
-    assert not torch.equal(draws[0], draws[1])
-    assert not torch.equal(draws, SampleRandom(seeding.stage_seed(0, 2, "views"), torch.tensor([0, 5])).rand(3))
+    seed = seeding.stage_seed(5, 3, "views")
+    assert seed > 2**62 // 1_000_003  # large enough to have overflowed a product with a per-sample multiplier
+    both = SampleRandom(seed, torch.tensor([0, 1])).rand(4)
+    assert both.shape == (2, 4) and not torch.equal(both[0], both[1])
+    assert torch.equal(SampleRandom(seed, torch.tensor([1])).rand(4)[0], both[1])
+    assert not torch.equal(SampleRandom(seed + 1, torch.tensor([1])).rand(4)[0], both[1])
