@@ -400,9 +400,10 @@ def part_rl_steps(plan: Plan, ctx: dict[str, Any]) -> dict[str, Any]:
             adv, keep, adv_metrics = stages.advantages(scored.total, rollout, cfg.objective)
             t["advantages_s"] = clock() - t0
             t0 = clock()
-            kept, kept_adv = stages.training_batch(rollout, adv, keep)
+            outcome = stages.learner_outcome(adv, scored.total, rollout, cfg.objective)
+            kept, kept_outcome = stages.training_batch(rollout, outcome, keep)
             seed = seeding.stage_seed(cfg.seed, step + 1, "views")
-            metrics = learner.train_step(kept, kept_adv, seed=seed) if len(kept) else {}  # views, then training
+            metrics = learner.train_step(kept, kept_outcome, seed=seed) if len(kept) else {}  # views, then training
             t["views_s"] = metrics.get("time/views", 0.0)
             t["train_s"] = clock() - t0 - t["views_s"]
             t0 = clock()

@@ -30,6 +30,13 @@ def test_validate_reports_each_part(capsys, tmp_path):
         assert part in out
 
 
+def test_validate_refuses_d1_prompt_perturbation_on_a_block_model(capsys):
+    d1 = ["objective.views=d1", "objective.old_logp_source=learner"]
+    assert main(["validate", "model.tiny.attention=block", *d1]) == 2
+    assert "objective.d1_prompt_mask_prob=0" in capsys.readouterr().err
+    assert main(["validate", "model.tiny.attention=full", *d1]) == 0  # d1's own setting on full attention
+
+
 def test_validate_fails_on_missing_model_path(capsys, tmp_path):
     rc = main(["validate", "model.family=llada", f"model.path={tmp_path / 'missing'}"])
     assert rc == 2 and "does not exist" in capsys.readouterr().err

@@ -8,6 +8,7 @@ import math
 import pytest
 import torch
 
+from tracerl.advantages import group_zscore
 from tracerl.config import Config, SamplingConfig
 from tracerl.learner import Learner
 from tracerl.models.base import DecoderPolicy
@@ -194,6 +195,7 @@ def test_packed_views_train_like_the_rows(learners, block_policy, extra):
     """The same RL step on packed views and on the rows: the same metrics and weights (fp32, 1e-5), with fewer
     tokens through the model."""
     rollout, _ = batch(block_policy, n_tokens=12)
+    rollout.group = torch.tensor([0, 0, 1, 1])  # the value model's centered target needs groups that vary
     got = {}
     for packed in (False, True):
         cfg = make_cfg(packed_views=packed, updates_per_step=2, minibatches=2, micro_batch_tokens=200)
@@ -265,7 +267,8 @@ def test_train_step_updates_parameters_with_finite_gradients_and_reports_metrics
     g = grads[0]
     assert all(torch.isfinite(x).all() for x in g.values())
     assert sum(x.abs().sum() for x in g.values()) > 0
-    for key in ("policy_loss", "clipfrac", "kl_to_old", "grad_norm", "entropy", "lr", "tokens", "micro_batches"):
+    keys = ("policy_loss", "clipfrac", "kl_to_old", "log_ratio_abs_max", "grad_norm", "entropy", "lr", "tokens")
+    for key in (*keys, "micro_batches"):
         assert isinstance(metrics[f"train/{key}"], float), key
     assert metrics["train/lr"] == pytest.approx(1e-3 / 2)  # first warmup step
     assert metrics["train/tokens"] == float(views.target_mask.sum())
@@ -345,22 +348,31 @@ def test_gradient_checkpointing_gives_the_same_gradient(learners, full_policy):
 # ---------------------------------------------------------------------------------------------- value / reference
 
 
-def test_value_model_with_zero_head_gives_outcome_advantages_then_learns(learners, full_policy):
+@pytest.mark.parametrize("target", ["advantage", "centered"])
+def test_value_model_with_zero_head_gives_outcome_advantages_then_learns(learners, full_policy, target):
     """γ = λ = 1 and a zero-initialised value head: A_j = R − 0 = R for every token, so the first policy update
-    equals the one without a value model; the value head itself moves towards the returns."""
+    equals the one without a value model: with TraceRL's target the learner gets the group advantages themselves;
+    with ``centered`` it gets raw rewards, and (r − mean_g − 0) · scale_g is exactly the group z-score. The value
+    head itself moves towards the returns."""
     rollout, views = batch(full_policy)
+    rollout.group = torch.tensor([0, 0, 1, 1])
+    rewards = torch.tensor([1.0, 0.0, 0.75, 0.25])
+    adv = group_zscore(rewards, rollout.group)  # [1, -1, 1, -1]
     plain = learners(make_cfg(), copy.deepcopy(full_policy))
-    plain.train_step(rollout, ADV)
-    cfg = make_cfg(value_lr=1e-2)
+    plain.train_step(rollout, adv)
+    cfg = make_cfg(value_lr=3e-3)  # 1e-2 overshoots: Adam's first steps move every head weight by the full lr
     cfg.objective.value_model = True
+    cfg.objective.value_target = target
     learner = learners(cfg, copy.deepcopy(full_policy))
-    metrics = learner.train_step(rollout, ADV)
-    assert metrics["train/value_mean"] == 0.0
+    signal = adv if target == "advantage" else rewards
+    metrics = learner.train_step(rollout, signal)
+    assert metrics["value/mean"] == 0.0 and metrics["value/explained_var"] == 0.0
+    assert metrics["value/advantage_var_ratio"] == pytest.approx(1.0)  # nothing learnt yet: the group baseline
     want, got = plain.state_dict_for_rollout()[1], learner.state_dict_for_rollout()[1]
     for name in want:
         torch.testing.assert_close(got[name], want[name], rtol=0, atol=1e-6)
     assert learner.value_engine.module.value.head.weight.abs().sum() > 0
-    later = [learner.train_step(rollout, ADV)["train/value_loss"] for _ in range(4)]
+    later = [learner.train_step(rollout, signal)["train/value_loss"] for _ in range(7)]
     assert later[-1] < metrics["train/value_loss"]  # the values move towards the returns R
 
 

@@ -111,6 +111,7 @@ def test_three_rl_steps_end_to_end(local_ray, tmp_path, monkeypatch):
         assert r["rollout/logp_mismatch"] < 1e-4  # exact KV cache, fp32, shrink 1: the replay invariant
         assert 0 < r["perf/rollout_share"] < 1 and r["sync/bytes"] > 0
         assert r["trace/rows_per_sample"] >= 1 and r["time/views"] > 0 and r["train/shard_bytes"] > 0
+        assert r["perf/learner_flops"] > 0 and r["guard/warnings"] == 0.0 and r["train/log_ratio_abs_max"] >= 0
         assert all(math.isfinite(v) for v in r.values())
     assert [r["step"] for r in history if "eval/greedy_reward" in r] == [0, 2, 3]
     assert {"eval/pass@2", "eval/mean@2", "eval/exact_match", "eval/tokens_per_forward"} <= set(history[2])
@@ -151,6 +152,28 @@ VARIANTS = {
 }
 
 
+def test_d1_prompt_perturbation_on_a_block_model_is_refused_before_anything_is_written(local_ray, tmp_path):
+    cfg = rl_cfg(tmp_path, "objective.views=d1", "objective.old_logp_source=learner")
+    with pytest.raises(Exception, match=r"objective.d1_prompt_mask_prob=0\.15 masks prompt tokens"):
+        run(cfg)
+    assert not Path(cfg.run_dir).exists()
+
+
+def test_the_divergence_guard_warns_when_nothing_trains(local_ray, tmp_path, capsys):
+    """A reward that is the same for every sample: every group is filtered out, nothing trains, and after
+    guard.window steps the console and alerts.jsonl say so, once."""
+    cfg = rl_cfg(tmp_path, "guard.window=2", "train.steps=3", "eval.num_prompts=0")
+    constant = tmp_path / "constant.py"
+    constant.write_text("def score(prompts, completions, **kwargs):\n    return [0.5] * len(completions)\n")
+    cfg.reward.functions[0].fn = f"{constant}:score"
+    run(cfg)
+    out = capsys.readouterr().out
+    assert out.count("divergence at RL step 2: nothing trained for 2 steps") == 1
+    alerts = [json.loads(x) for x in (Path(cfg.run_dir) / "alerts.jsonl").read_text().splitlines()]
+    assert [(a["step"], a["title"]) for a in alerts] == [(2, "tracerl: divergence")]
+    assert [r["guard/warnings"] for r in rows(cfg)] == [0.0, 1.0, 0.0]
+
+
 @pytest.mark.parametrize("name", list(VARIANTS))
 def test_every_variant_runs_in_the_loop(local_ray, tmp_path, name):
     small = ["train.steps=2", "rollout.num_workers=1", "reward.num_workers=1", "eval.num_prompts=0"]
@@ -159,7 +182,7 @@ def test_every_variant_runs_in_the_loop(local_ray, tmp_path, name):
     train = {k: v for k, v in last.items() if k.startswith("train/")}
     assert train and all(math.isfinite(v) for v in train.values())
     assert changed(cfg)
-    assert ("train/value_loss" in last) == (name == "value")
+    assert ("train/value_loss" in last) == ("value/explained_var" in last) == (name == "value")
     assert ("train/kl_to_ref" in last) == (name == "reference")
     assert ("rollout/logp_mismatch" in last) == (name not in ("d1", "random_masking", "coupled"))
     if name == "shrink2-collective":  # merged steps are not the states tokens were sampled in: the metric shows it

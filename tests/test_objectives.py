@@ -12,6 +12,7 @@ from tracerl.objectives import (
     aggregate,
     entropy_from_logits,
     kl_estimate,
+    kl_to_old,
     policy_loss,
     target_logprobs,
     value_loss,
@@ -37,6 +38,35 @@ def test_kl_estimators_by_hand() -> None:
     zero = torch.zeros(3)
     for kind in ("k1", "k2", "k3"):
         assert torch.equal(kl_estimate(zero, zero, kind), zero)
+
+
+def test_kl_to_old_estimates_from_the_old_policys_tokens() -> None:
+    # Two tokens over {a, b}: π_old = (0.9, 0.1), π_new = (0.5, 0.5). KL(old‖new) = 0.9 ln 1.8 + 0.1 ln 0.2
+    # = 0.368064. The rollout's tokens come from π_old, so the per-token estimate weighted by π_old is exact;
+    # GRPO's orientation gives χ²(old‖new) − KL(old‖new) = (0.81/0.5 + 0.01/0.5 − 1) − 0.368064 = 0.271936.
+    old, new = torch.log(torch.tensor([0.9, 0.1])), torch.log(torch.tensor([0.5, 0.5]))
+    p_old = old.exp()
+    truth = 0.9 * math.log(1.8) + 0.1 * math.log(0.2)
+    assert (p_old * kl_to_old(new, old)).sum().item() == pytest.approx(truth, rel=1e-6)
+    assert (p_old * kl_estimate(new, old, "k3")).sum().item() == pytest.approx(1.64 - 1 - truth, rel=1e-6)
+
+
+def test_one_token_falling_far_is_a_small_kl_but_a_strong_penalty() -> None:
+    # 2,000 tokens, one of which fell 5 nats. KL(old‖new) from the old policy's tokens: k3 = e^{−5} − 1 + 5 on that
+    # token, 0 elsewhere → 4.0067/2000 = 0.002 (GRPO's form would log e^5 − 1 − 5 = 142.4 → 0.071, and e^10 for a
+    # 10-nat fall). The penalty keeps TraceRL's form: its gradient on that token is (1 − e^5)/2000 = −0.0737.
+    old = torch.zeros(1, 2000)
+    logp = old.clone()
+    logp[0, 0] = -5.0
+    logp.requires_grad_(True)
+    mask = torch.ones(1, 2000, dtype=torch.bool)
+    loss, m = policy_loss(
+        logp, old, torch.zeros(1), mask, row_sample=torch.tensor([0]), aggregation="token_mean", kl_to_old_coef=1.0
+    )
+    assert m["train/kl_to_old"] == pytest.approx((math.exp(-5) + 4) / 2000, rel=1e-6)
+    assert m["train/log_ratio_abs_max"] == pytest.approx(5.0)
+    loss.backward()
+    assert logp.grad[0, 0].item() == pytest.approx((1 - math.exp(5)) / 2000, rel=1e-5)
 
 
 def test_kl_lookup_error_lists_kinds() -> None:
@@ -156,9 +186,11 @@ def test_policy_loss_clip_by_hand() -> None:
     assert m["train/ratio_mean"] == pytest.approx(5.1 / 5)  # (1.5 + 1.1 + 0.5 + 0.5 + 1.5)/5 = 1.02
     assert m["train/ratio_max"] == pytest.approx(1.5)
     assert m["train/policy_loss"] == pytest.approx(-0.1, abs=1e-6)
-    # k3 per token = 1/ρ − 1 + ln ρ: ρ = 1.5 → 0.072132, 1.1 → 0.004399, 0.5 → 0.306853
-    k3 = [1 / r - 1 + math.log(r) for r in RATIOS]
+    # KL(old‖new) from the old policy's tokens, k3 per token = ρ − 1 − ln ρ: ρ = 1.5 → 0.094535, 1.1 → 0.004690,
+    # 0.5 → 0.193147
+    k3 = [r - 1 - math.log(r) for r in RATIOS]
     assert m["train/kl_to_old"] == pytest.approx(sum(k3) / 5, rel=1e-5)
+    assert m["train/log_ratio_abs_max"] == pytest.approx(math.log(2))  # ρ = 0.5
     assert "train/kl_to_ref" not in m and "train/entropy" not in m
 
 
@@ -179,7 +211,7 @@ def test_policy_loss_with_kl_terms_by_hand() -> None:
         kl_to_old_coef=0.1, kl_to_old_kind="k3", ref_logp=ref, kl_to_ref_coef=0.05, kl_to_ref_kind="k2",
         entropy=torch.tensor([[1.0, 2.0, 3.0, 4.0, 5.0]]),
     )  # fmt: skip
-    k3_old = sum(1 / r - 1 + math.log(r) for r in RATIOS) / 5  # 0.152468
+    k3_old = sum(1 / r - 1 + math.log(r) for r in RATIOS) / 5  # the penalty: TraceRL's (GRPO's) orientation
     k2_ref = sum(0.5 * (math.log(r) - 0.5) ** 2 for r in RATIOS) / 5
     k3_ref = sum(math.exp(-(math.log(r) - 0.5)) - 1 + math.log(r) - 0.5 for r in RATIOS) / 5
     assert loss.item() == pytest.approx(-0.1 + 0.1 * k3_old + 0.05 * k2_ref, rel=1e-5)

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from tracerl.config import SamplingConfig
+from tracerl.config import ConfigError, SamplingConfig
 from tracerl.models.attention import PackedAttention
 from tracerl.packed import PackedViews
 from tracerl.sampling import generate
@@ -209,8 +209,10 @@ def test_packed_random_builders_equal_the_rows(block, name):
     ta, tb = rows.targets(), packed.targets()
     key = lambda t: t.row * 1000 + t.pos  # noqa: E731 - (row, position) names a target in both layouts
     torch.testing.assert_close(b[torch.argsort(key(tb))], a[torch.argsort(key(ta))], atol=1e-5, rtol=0)
-    d1 = make_views(rollout, "d1", block.mask_id, seed=3, pack=True)
-    assert isinstance(d1, Views)  # a masked prompt belongs to one row: d1 stays in rows
+    with pytest.raises(ConfigError, match=r"objective.d1_prompt_mask_prob=0\.15 masks prompt tokens"):
+        make_views(rollout, "d1", block.mask_id, seed=3, pack=True)  # the block sampler never masks a prompt
+    d1 = make_views(rollout, "d1", block.mask_id, seed=3, pack=True, prompt_mask_prob=0.0)
+    assert isinstance(d1, Views)  # d1 carries a prompt mask (all clean at p = 0), which belongs to one row: rows
 
 
 def test_chunks_of_a_long_sample_give_the_same_log_probs(block):

@@ -222,7 +222,7 @@ def test_estimator_views(policies, kind):
     mask = rollout.response_mask
     coupled = make_views(rollout, "coupled", policy.mask_id, seed=3)
     assert_targets_once(coupled, rollout)  # a mask and its complement score every token exactly once
-    d1 = make_views(rollout, "d1", policy.mask_id, seed=3)
+    d1 = make_views(rollout, "d1", policy.mask_id, seed=3, prompt_mask_prob=0.15 if kind == "full" else 0.0)
     assert len(d1) == len(rollout)
     assert int(d1.target_mask.sum()) == int(mask.sum())
     assert int((d1.input_ids == policy.mask_id).sum()) >= int(mask.sum())  # whole completion masked
@@ -236,6 +236,28 @@ def test_estimator_views(policies, kind):
     with torch.no_grad():
         logp = view_logprobs(policy, rnd)
     assert torch.isfinite(logp).all() and (logp[rnd.target_mask] < 0).all()
+
+
+def test_d1_prompt_perturbation_is_refused_on_the_block_layout(policies):
+    """The block sampler never masks its prompt (it sits clean in the cache): d1's perturbation is refused there,
+    with the reason and the fix; on full attention it stays (d1's own setting), and on blocks p = 0 is accepted."""
+    from tracerl.config import ConfigError
+    from tracerl.trace import check_estimator
+
+    policy = policies["block"]
+    rollout = generate(policy, encode(policy, PROMPTS), SamplingConfig(max_new_tokens=12, block_size=4), seed=0)
+    with pytest.raises(ConfigError, match=r"never does .* objective.d1_prompt_mask_prob=0"):
+        make_views(rollout, "d1", policy.mask_id, seed=3, prompt_mask_prob=0.15)
+    views = make_views(rollout, "d1", policy.mask_id, seed=3, prompt_mask_prob=0.0)
+    # p = 0: the prompt is never masked, and each block's noisy copy is all masks behind the clean blocks before it
+    assert not (views.input_ids[views.col_valid & ~views.col_noisy] == policy.mask_id).any()  # prompt, clean copy
+    noisy_real = views.col_noisy & views.col_valid
+    targets = views.target_mask
+    assert (views.input_ids[targets] == policy.mask_id).all()
+    assert torch.equal(targets.sum(1), rollout.response_mask.sum(1))  # every token scored from its block's start
+    assert int((views.input_ids[noisy_real] == policy.mask_id).sum()) >= int(rollout.response_mask.sum())
+    check_estimator("d1", "full", 0.15)  # d1's own setting on full attention
+    check_estimator("trace", "block", 0.15)  # the knob only concerns d1
 
 
 def test_sample_random_takes_the_loops_63_bit_view_seeds():

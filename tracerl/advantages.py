@@ -235,6 +235,88 @@ def outcome_token_rewards(reward: torch.Tensor, token_steps: torch.Tensor, mask:
     return torch.where(on_last, reward.to(dtype).unsqueeze(1), torch.zeros((), dtype=dtype))
 
 
+def group_scale(rewards: torch.Tensor, advantages: torch.Tensor, group: torch.Tensor) -> torch.Tensor:
+    """How much an advantage function stretches each group's rewards: std_g(advantages) / std_g(rewards) → [N]
+    (group_zscore: 1/std_g; group_mean: 1; rloo: n/(n − 1)); 0 for a constant group. With a value model the GAE
+    advantage R − V is multiplied by this, so it keeps the scale of the group baseline it replaces.
+
+    Example:
+        >>> r, g = torch.tensor([1.0, 0.0, 0.5, 0.5]), torch.tensor([0, 0, 1, 1])
+        >>> group_scale(r, group_zscore(r, g), g).tolist()
+        [2.0, 2.0, 0.0, 0.0]
+    """
+    *_, reward_std = _group_stats(rewards, group)
+    *_, adv_std = _group_stats(torch.where(torch.isnan(rewards), torch.nan, advantages.double()), group)
+    scale = torch.where(reward_std >= ZERO_STD, adv_std / reward_std.clamp(min=ZERO_STD), 0.0)
+    return scale.to(advantages.dtype if advantages.is_floating_point() else torch.float32)
+
+
+def value_outcome(
+    rewards: torch.Tensor, group: torch.Tensor, target: str, advantage: str
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """What step-level GAE gets for the value model ``target`` → (outcome [N] placed on the last step, the group
+    baseline's advantages [N] the value replaces, the scale [N] of the GAE advantages).
+
+    ``rewards`` [N] are raw rewards for ``centered`` (outcome r − mean_g) and ``reward`` (outcome r), scaled per group
+    as ``advantage`` scales r − mean_g (``group_scale``), so a value of 0 under ``centered`` gives back the group
+    advantage exactly; for ``advantage`` they are the group advantages already (TraceRL), outcome and baseline alike.
+
+    Example:
+        >>> r, g = torch.tensor([1.0, 0.0, 0.5, 0.5]), torch.tensor([0, 0, 1, 1])
+        >>> [x.tolist() for x in value_outcome(r, g, "centered", "group_zscore")]
+        [[0.5, -0.5, 0.0, 0.0], [1.0, -1.0, 0.0, 0.0], [2.0, 2.0, 0.0, 0.0]]
+    """
+    if target == "advantage":
+        return rewards, rewards, torch.ones_like(rewards)
+    if target not in ("centered", "reward"):
+        raise ValueError(f"unknown value target '{target}'; choose from ['advantage', 'centered', 'reward']")
+    baseline = get_advantage(advantage)(rewards, group)
+    outcome = group_mean(rewards, group) if target == "centered" else rewards
+    return outcome, baseline, group_scale(rewards, baseline, group)
+
+
+def explained_variance(values: torch.Tensor, returns: torch.Tensor, mask: torch.Tensor) -> float:
+    """1 − Var(R − V) / Var(R) over the masked tokens (PPO's value diagnostic): 1 = perfect, 0 = no better than
+    predicting the mean return, negative = worse; 0.0 when the returns are constant.
+
+    Example:
+        >>> explained_variance(torch.tensor([0.0, 1.0]), torch.tensor([0.0, 2.0]), torch.tensor([True, True]))
+        0.75
+    """
+    ret, val = returns[mask].double(), values[mask].double()
+    var = ret.var(unbiased=False) if ret.numel() else ret.new_zeros(())
+    if not var > ZERO_STD**2:
+        return 0.0
+    return float(1 - (ret - val).var(unbiased=False) / var)
+
+
+def value_metrics(
+    values: torch.Tensor,
+    returns: torch.Tensor,
+    advantages: torch.Tensor,
+    baseline_advantages: torch.Tensor,
+    mask: torch.Tensor,
+) -> dict[str, float]:
+    """What a user needs to trust a value model, over the trainable tokens ``mask`` [N, L] of one RL step: the
+    explained variance of the (pre-update) ``values`` against the GAE ``returns``, their means, and the variance of
+    the GAE ``advantages`` [N, L] against that of the group baseline's ``baseline_advantages`` [N] on the same
+    tokens (TraceRL reports 45.5% less training variance with its value model: a ratio of 0.545).
+    """
+    if not mask.any():
+        return {}
+    adv_var = advantages[mask].double().var(unbiased=False).item()
+    base = baseline_advantages.double().unsqueeze(1).expand_as(mask)[mask]
+    base_var = base.var(unbiased=False).item()
+    return {
+        "value/explained_var": explained_variance(values, returns, mask),
+        "value/mean": values[mask].double().mean().item(),
+        "value/return_mean": returns[mask].double().mean().item(),
+        "value/advantage_var": adv_var,
+        "value/baseline_advantage_var": base_var,
+        "value/advantage_var_ratio": adv_var / base_var if base_var > 0 else 0.0,
+    }
+
+
 def compute_advantages(
     rewards: torch.Tensor,
     group: torch.Tensor,

@@ -239,9 +239,13 @@ class ObjectiveConfig:
     mask_ratio_low: float = 0.1  # random_masking / coupled: lowest mask ratio
     mask_ratio_high: float = 0.9  # random_masking / coupled: highest mask ratio
     value_model: bool = False  # train a value model and use step-level GAE advantages
+    # centered = the reward minus its group's mean, so a value that has learnt nothing leaves the group baseline as
+    # it is; reward = the raw reward (a plain PPO critic); both scale R − V per group as the advantage function
+    # scales r − mean (group_zscore: 1/std). advantage = the group advantage itself (TraceRL's: the z-scored reward)
+    value_target: Literal["centered", "reward", "advantage"] = "centered"  # what the value model learns (estimators.md)
     gamma: float = 1.0  # GAE discount over denoising steps
     lam: float = 1.0  # GAE lambda
-    value_eps: float = 0.2  # clip range of the value loss
+    value_eps: float = 0.0  # clip range of the value loss around the pre-update values (0 = off; TraceRL: 0.2)
 
 
 @dataclass
@@ -265,7 +269,8 @@ class LearnerConfig:
     zero_stage: int = 0  # DeepSpeed ZeRO stage 0-3
     precision: Literal["fp32", "bf16"] = "fp32"  # training precision
     lr: float = 1e-6  # policy learning rate (AdamW)
-    value_lr: float = 5e-6  # value model learning rate
+    value_lr: float | None = None  # value model learning rate (None: 5 × learner.lr, TraceRL's ratio 5e-6 / 1e-6)
+    value_updates_per_step: int = 1  # passes over an RL step's rows for the value model (each in `minibatches` steps)
     weight_decay: float = 0.0  # AdamW weight decay
     beta1: float = 0.9  # AdamW beta1
     beta2: float = 0.999  # AdamW beta2
@@ -340,6 +345,16 @@ class TrainConfig:
 
 
 @dataclass
+class GuardConfig:
+    """The divergence guard: one console line and a W&B alert when a run looks broken (orchestrator/guards.py)."""
+
+    enabled: bool = True  # watch every RL step's metrics
+    window: int = 3  # RL steps a sign must last (windowed training reward, filtered-out steps, KL above the bound)
+    reward_fraction: float = 0.5  # a reward below this fraction of its best so far is a collapse
+    max_kl_to_old: float = 0.5  # train/kl_to_old above this (nats per token) for `window` steps is a warning
+
+
+@dataclass
 class EvalConfig:
     """Held-out evaluation, in the loop and as ``tracerl eval`` (DESIGN §17)."""
 
@@ -407,6 +422,7 @@ class Config:
     reward_model: RewardModelTrainConfig = field(default_factory=RewardModelTrainConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    guard: GuardConfig = field(default_factory=GuardConfig)
     cluster: ClusterConfig = field(default_factory=ClusterConfig)
     fault: FaultConfig = field(default_factory=FaultConfig)
     wandb: WandbConfig = field(default_factory=WandbConfig)
@@ -474,8 +490,16 @@ def check(cfg: Config) -> None:
             f"learner.engine=torch keeps the whole model on every rank and has no ZeRO; got learner.zero_stage="
             f"{lr.zero_stage}. Set learner.zero_stage=0, or learner.engine=deepspeed for ZeRO."
         )
-    if lr.num_ranks < 1 or lr.minibatches < 1 or lr.updates_per_step < 1 or lr.micro_batch_tokens < 1:
-        raise ConfigError("learner.num_ranks, minibatches, updates_per_step and micro_batch_tokens must be ≥ 1.")
+    if min(lr.num_ranks, lr.minibatches, lr.updates_per_step, lr.value_updates_per_step, lr.micro_batch_tokens) < 1:
+        raise ConfigError(
+            "learner.num_ranks, minibatches, updates_per_step, value_updates_per_step and micro_batch_tokens must be "
+            "≥ 1."
+        )
+    if lr.value_lr is not None and not lr.value_lr > 0 or cfg.objective.value_eps < 0:
+        raise ConfigError(
+            f"learner.value_lr must be positive (or null for 5 × learner.lr), got {lr.value_lr}, and "
+            f"objective.value_eps ≥ 0 (0 = no value clipping), got {cfg.objective.value_eps}."
+        )
     if cfg.rollout.prompts_per_step < 1 or cfg.rollout.samples_per_prompt < 1:
         raise ConfigError(
             f"rollout.prompts_per_step and rollout.samples_per_prompt must be ≥ 1 (got {cfg.rollout.prompts_per_step}"
@@ -484,6 +508,7 @@ def check(cfg: Config) -> None:
     check_lora(lr.lora, lr.zero_stage)
     check_old_logp_source(cfg)
     check_loop(cfg)
+    check_guard(cfg.guard)
     check_counts(cfg)
     check_reward_entries(cfg)
     check_renoising(cfg)
@@ -591,6 +616,15 @@ def check_old_logp_source(cfg: Config) -> None:
             "objective.old_logp_source=rollout uses the sampler's log-probs as the old policy's, which is only true "
             "when the views replay the sampler exactly (trace views, shrink 1, an exact cache, float32 throughout); "
             f"here {'; '.join(reasons)}. Set objective.old_logp_source=learner (the learner recomputes them)."
+        )
+
+
+def check_guard(g: GuardConfig) -> None:
+    """The divergence guard's bounds."""
+    if g.window < 1 or not 0 < g.reward_fraction < 1 or not g.max_kl_to_old > 0:
+        raise ConfigError(
+            f"guard.window must be ≥ 1 step, guard.reward_fraction in (0, 1) and guard.max_kl_to_old > 0; got "
+            f"{g.window}, {g.reward_fraction} and {g.max_kl_to_old} (guard.enabled=false turns the guard off)."
         )
 
 

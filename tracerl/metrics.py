@@ -174,6 +174,21 @@ class MetricsLogger:
 
             self.run.log({name: wandb.Image(str(path))}, step=step)
 
+    def alert(self, title: str, text: str, step: int) -> None:
+        """A warning a person must see: a W&B alert (mail or Slack when the run is online) and a row of
+        ``alerts.jsonl`` in the run directory."""
+        if not self.enabled:
+            return
+        with (self.run_dir / "alerts.jsonl").open("a") as f:
+            f.write(json.dumps({"step": step, "time": time.time(), "title": title, "text": text}) + "\n")
+        if self.run is not None:
+            try:
+                import wandb
+
+                self.run.alert(title=title, text=text, level=wandb.AlertLevel.WARN)
+            except Exception:  # noqa: BLE001 - offline runs may not support alerts; monitoring never stops a run
+                pass
+
     def close(self) -> None:
         if self._jsonl is not None:
             self._jsonl.close()

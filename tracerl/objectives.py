@@ -45,11 +45,28 @@ def _k3(delta: torch.Tensor) -> torch.Tensor:
 
 
 def kl_estimate(logp: torch.Tensor, ref_logp: torch.Tensor, kind: str) -> torch.Tensor:
-    """Per-token estimate of KL(π‖ref) from samples of π (Schulman 2020, "Approximating KL divergence"),
-    Δ = logp − ref_logp: k1 = Δ; k2 = ½Δ²; k3 = exp(−Δ) − 1 + Δ ≥ 0 (TraceRL's default; Δ clamped to
-    [−10, 10] inside exp). Elementwise, any shape.
+    """Per-token estimate of KL(π‖ref) from tokens **sampled from π** (Schulman 2020, "Approximating KL
+    divergence"), Δ = logp − ref_logp: k1 = Δ; k2 = ½Δ²; k3 = exp(−Δ) − 1 + Δ ≥ 0 (Δ clamped to [−10, 10]
+    inside exp). Elementwise, any shape. The first argument must be the policy the tokens came from: see
+    ``kl_to_old``.
     """
     return get_kl_estimator(kind)(logp - ref_logp)
+
+
+def kl_to_old(logp: torch.Tensor, old_logp: torch.Tensor, kind: str = "k3") -> torch.Tensor:
+    """Per-token estimate of KL(π_old‖π_θ) from the rollout's tokens, which π_old sampled: ``kl_estimate`` with
+    the sampling policy first, i.e. with Δ = logp − old_logp, k3 = exp(Δ) − 1 − Δ. This is ``train/kl_to_old``.
+
+    GRPO's form exp(−Δ) − 1 + Δ (TraceRL's penalty, ``kl_estimate(logp, old_logp)``) assumes the tokens came from
+    π_θ. On π_old's tokens its mean is χ²(π_old‖π_θ) − KL(π_old‖π_θ), not a KL: one token whose log-prob fell 10
+    nats adds e¹⁰ ≈ 22,000 (9 here; its k1 is 10). As a penalty that is what TraceRL wants, a barrier that pushes
+    back hard on a sampled token losing its probability; as a metric it reads one token as a policy jump.
+
+    Example:
+        >>> round(kl_to_old(torch.tensor([-10.0]), torch.tensor([0.0])).item(), 4)
+        9.0
+    """
+    return kl_estimate(old_logp, logp, kind)
 
 
 get_kl_estimator = KL_ESTIMATORS.lookup
@@ -206,7 +223,9 @@ def policy_loss(
     """PPO clipped surrogate on the target tokens of training rows (Schulman et al. 2017; TraceRL, Wang et al.
     2026): ρ = exp(clamp(logp − old_logp, ±10)), loss = −agg(min(ρA, clip(ρ, 1−ε_low, 1+ε_high)A))
     + β_old·agg_kl(k(logp, old_logp)) + β_ref·agg_kl(k(logp, ref_logp)), where agg_kl is ``kl_aggregation``
-    (``resolve_kl_aggregation``: the anchor sums KL over a row's targets under ``row_mean``). logp, old_logp,
+    (``resolve_kl_aggregation``: the anchor sums KL over a row's targets under ``row_mean``). The penalties use
+    GRPO's orientation; the logged ``train/kl_to_old`` is KL(π_old‖π_θ) from π_old's own tokens (``kl_to_old``).
+    logp, old_logp,
     mask, ref_logp, entropy [R, T]; advantages [R] (per row) or [R, T] (per token). Only ``logp`` carries gradients;
     ``train/policy_loss`` is the returned total.
 
@@ -235,21 +254,24 @@ def policy_loss(
     loss = -agg(torch.minimum(unclipped, clipped), weights)
 
     # 2. Optional KL penalties: to the policy that produced old_logp (TraceRL) and to a frozen reference.
-    if kl_to_old_coef:
+    if kl_to_old_coef:  # TraceRL's penalty: GRPO's estimator form on the old policy's tokens (see kl_to_old)
         loss = loss + kl_to_old_coef * agg(kl_estimate(logp, old_logp, kl_to_old_kind), kl_weights)
     if ref_logp is not None:
         ref_logp = _clean(ref_logp.detach(), mask)
         if kl_to_ref_coef:
             loss = loss + kl_to_ref_coef * agg(kl_estimate(logp, ref_logp, kl_to_ref_kind), kl_weights)
 
-    # 3. Metrics over target tokens; the KLs are always logged as k3 means, whatever enters the loss.
+    # 3. Metrics over target tokens; the KLs are always logged as k3 means, whatever enters the loss. The largest
+    #    |log-ratio| beside the mean KL tells one token that moved far from a policy that moved everywhere.
     with torch.no_grad():
+        log_ratio = (logp - old_logp)[mask]
         metrics = {
             "train/policy_loss": loss.item(),
             "train/clipfrac": _masked_mean((clipped < unclipped).double(), mask),
             "train/ratio_mean": _masked_mean(ratio, mask),
             "train/ratio_max": ratio[mask].max().item() if mask.any() else 0.0,
-            "train/kl_to_old": _masked_mean(kl_estimate(logp, old_logp, "k3"), mask),
+            "train/kl_to_old": _masked_mean(kl_to_old(logp, old_logp, "k3"), mask),
+            "train/log_ratio_abs_max": log_ratio.abs().max().item() if mask.any() else 0.0,
         }
         if ref_logp is not None:
             metrics["train/kl_to_ref"] = _masked_mean(kl_estimate(logp, ref_logp, "k3"), mask)
@@ -271,15 +293,15 @@ def value_loss(
     weights: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, dict[str, float]]:
     """PPO clipped value loss (as in TraceRL's value model): per token
-    ½·max((V − R)², (V_old + clip(V − V_old, −ε, ε) − R)²), then aggregated like the policy loss.
-    values, old_values, returns, mask [R, T]; only ``values`` carries gradients. ``weights`` as in
+    ½·max((V − R)², (V_old + clip(V − V_old, −ε, ε) − R)²), then aggregated like the policy loss; ε = 0 is the
+    plain ½(V − R)². values, old_values, returns, mask [R, T]; only ``values`` carries gradients. ``weights`` as in
     ``policy_loss``.
     """
     values = _clean(values, mask)
     old_values = _clean(old_values.detach(), mask)
     returns = _clean(returns.detach(), mask)
     plain = (values - returns) ** 2
-    clipped = (old_values + (values - old_values).clamp(-eps, eps) - returns) ** 2
+    clipped = (old_values + (values - old_values).clamp(-eps, eps) - returns) ** 2 if eps > 0 else plain
     if weights is None:
         weights = weight_grid(mask, row_sample, aggregation, norm_len)
     per_token = _clean(0.5 * torch.maximum(plain, clipped), mask)

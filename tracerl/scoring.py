@@ -141,3 +141,33 @@ def response_token_steps(rollout: Rollout, shrink_s: int) -> torch.Tensor:
     """[N, L] the rollout's step map shrunk exactly as the trace views shrink it (per block for the block layout)."""
     groups = trace.region_blocks(rollout) if rollout.layout == "block" else None
     return trace.shrink(rollout.step_map, shrink_s, groups)
+
+
+# ---------------------------------------------------------------------------------------------- counted compute
+
+
+def learner_flops(
+    tokens: float,
+    params: int,
+    *,
+    old_logp_pass: bool,
+    reference: bool,
+    value: bool,
+    updates_per_step: int,
+    value_updates_per_step: int,
+) -> float:
+    """FLOPs the learner spends on one RL step whose views put ``tokens`` through the model (``seq_tokens()`` summed:
+    every row or packed sequence at its full width, which is what the micro-batches compute), counted, not timed
+    (Kaplan et al. 2020: a forward costs 2 · params per token, forward + backward 6 · params), over these passes: old
+    log-probs (unless taken from the rollout), reference log-probs, and with a value model (a copy of the backbone:
+    ``params`` as well) one forward for the old values and ``value_updates_per_step`` training passes, then
+    ``updates_per_step`` policy training passes.
+
+    Example:
+        >>> learner_flops(30, 100, old_logp_pass=True, reference=False, value=False, updates_per_step=1,
+        ...               value_updates_per_step=1)                    # (1 forward + 1 training pass) · 30 tokens
+        24000.0
+    """
+    forwards = int(old_logp_pass) + int(reference) + int(value)
+    trainings = updates_per_step + (value_updates_per_step if value else 0)
+    return float(tokens * params * (2 * forwards + 6 * trainings))

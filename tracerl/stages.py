@@ -2,6 +2,7 @@
 them, and so does ``scripts/gpu_check.py``, so its stage timings describe the loop's own update.
 
     advantages → (advantages [N], keep [N], advantage/* and reward/* metrics)
+    learner_outcome → [N] what the learner trains on: the advantages, or the rewards a value model's target uses
     training_batch → the kept samples and their advantages (the learner ranks build the training views)
 
 dims: N samples
@@ -11,7 +12,7 @@ from __future__ import annotations
 
 import torch
 
-from tracerl.advantages import compute_advantages
+from tracerl.advantages import compute_advantages, truncated_is_wrong
 from tracerl.config import ObjectiveConfig
 from tracerl.records import CanvasRollout, Rollout
 
@@ -30,6 +31,18 @@ def advantages(
         low=o.filter_low,
         high=o.filter_high,
     )
+
+
+def learner_outcome(
+    adv: torch.Tensor, rewards: list[float], rollout: Rollout | CanvasRollout, o: ObjectiveConfig
+) -> torch.Tensor:
+    """[N] what the learner trains on: the advantages, or the raw rewards (truncated responses scored 0 under
+    ``objective.truncated_is_wrong``) when a value model's target is made from them (``objective.value_target``
+    centered or reward; the learner forms its GAE advantages)."""
+    if not o.value_model or o.value_target == "advantage":
+        return adv
+    total = torch.tensor(rewards, dtype=torch.float32)
+    return truncated_is_wrong(total, rollout.truncated) if o.truncated_is_wrong else total
 
 
 def training_batch(

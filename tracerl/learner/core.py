@@ -34,6 +34,8 @@ from tracerl.records import CanvasRollout, Rollout
 from tracerl.scoring import PolicyScorer, ValueScorer
 from tracerl.trace import make_views
 
+VALUE_LR_RATIO = 5.0  # learner.value_lr = null: TraceRL's value / policy learning rates (5e-6 / 1e-6)
+
 
 class Learner:
     """One learner rank training the policy (and optionally a value model) on training views.
@@ -103,7 +105,8 @@ class Learner:
         self.engine: Engine = make_engine(scorer, self.lc, policy_lr, total, rank, world_size)
         self.value_engine: Engine | None = None
         if value is not None:
-            self.value_engine = make_engine(ValueScorer(value), self.lc, self.lc.value_lr, total, rank, world_size)
+            value_lr = self.lc.value_lr or VALUE_LR_RATIO * self.lc.lr
+            self.value_engine = make_engine(ValueScorer(value), self.lc, value_lr, total, rank, world_size)
         if self.lora and self.obj.kl_to_ref_coef > 0:
             self.ref = BaseScorer(policy, self.lc.logprob_chunk_tokens)  # shares the engine's (cast) weights
         elif self.ref is not None:
@@ -130,6 +133,14 @@ class Learner:
             return dict(sums)
         t = torch.tensor([sums[k] for k in keys], dtype=torch.float64, device=self.engine.device)
         return dict(zip(keys, self.engine.all_reduce(t).tolist(), strict=True))
+
+    def max_over_ranks(self, peaks: dict[str, float]) -> dict[str, float]:
+        """The largest of each per-rank value (same keys on every rank)."""
+        keys = sorted(peaks)
+        if self.world_size == 1 or not keys:
+            return dict(peaks)
+        t = torch.tensor([peaks[k] for k in keys], dtype=torch.float64, device=self.engine.device)
+        return dict(zip(keys, self.engine.all_reduce(t, op="max").tolist(), strict=True))
 
     def mean_over_ranks(self, sums: dict[str, float]) -> dict[str, float]:
         """Per-rank sums with a ``count`` → their means over every rank (0 without any count)."""

@@ -30,6 +30,7 @@ if TYPE_CHECKING:
     from tracerl.learner.core import Learner
 
 TOKEN_METRICS = ("clipfrac", "kl_to_old", "kl_to_ref", "entropy")  # token means over every target of a step
+PEAK_METRICS = ("log_ratio_abs_max",)  # maxima over every target of a step
 
 
 def train_step(
@@ -79,7 +80,9 @@ def train_step(
 
     # 2. Value phase: advantages from the pre-update values (step GAE), then the value updates.
     if learner.value_engine is not None:
-        adv, value_metrics = value_phase(learner, rollout, advantages, views, table, seq_sample, num_samples)
+        adv, value_metrics = value_phase(
+            learner, rollout, advantages, views, table, seq_sample, num_samples, sample_ids
+        )
         metrics |= value_metrics
     else:
         adv = table.read(advantages.float()) if advantages.ndim == 2 else advantages.float()[table.sample]
@@ -97,6 +100,8 @@ def train_step(
     weights = torch.zeros(len(table), dtype=torch.float64)
     kl_weights = torch.zeros(len(table), dtype=torch.float64)
     sums: dict[str, float] = defaultdict(float)
+
+    peaks: dict[str, float] = defaultdict(float)
 
     def loss_fn(ids: torch.Tensor, outs: list[torch.Tensor]) -> torch.Tensor:
         logp, entropy = outs
@@ -121,6 +126,9 @@ def train_step(
             if f"train/{key}" in m:
                 sums[key] += m[f"train/{key}"] * len(ids)
         sums["count"] += len(ids)
+        for key in PEAK_METRICS:
+            if f"train/{key}" in m:
+                peaks[key] = max(peaks[key], m[f"train/{key}"])
         return loss
 
     steps: dict[str, float] = defaultdict(float)
@@ -157,6 +165,7 @@ def train_step(
     for key in TOKEN_METRICS:
         if key in totals:
             metrics[f"train/{key}"] = totals[key] / max(1.0, totals["count"])
+    metrics |= {f"train/{k}": v for k, v in learner.max_over_ranks(dict(peaks)).items()}
     return metrics
 
 

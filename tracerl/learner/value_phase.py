@@ -25,6 +25,27 @@ if TYPE_CHECKING:
     from tracerl.learner.core import Learner
 
 
+VALUE_METRICS = ("value/explained_var", "value/mean", "value/return_mean", "value/advantage_var",
+                 "value/baseline_advantage_var", "value/advantage_var_ratio")  # advantages.value_metrics' keys
+
+
+def step_outcome(
+    learner: Learner, rollout: Rollout, rewards: torch.Tensor, sample_ids: torch.Tensor, num_samples: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``advantages.value_outcome`` of this rank's samples → (outcome, baseline, scale) [n], with every group's
+    statistics over the whole step: a rank's shard may hold part of a group, so the step's rewards and groups are
+    put together first (one all-reduce of 2 · N numbers)."""
+    obj = learner.obj
+    full = torch.zeros(2, num_samples, dtype=torch.float64)
+    full[0, sample_ids] = rewards.double()
+    full[1, sample_ids] = rollout.group.double()
+    if learner.world_size > 1:
+        full = learner.engine.all_reduce(full.to(learner.engine.device)).cpu()
+    parts = adv_lib.value_outcome(full[0].float(), full[1].long(), obj.value_target, obj.advantage)
+    outcome, baseline, scale = (x[sample_ids] for x in parts)
+    return outcome, baseline, scale
+
+
 def value_phase(
     learner: Learner,
     rollout: Rollout,
@@ -33,14 +54,17 @@ def value_phase(
     table: TargetTable,
     seq_sample: torch.Tensor,
     num_samples: int,
+    sample_ids: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, dict[str, float]]:
     """Per-target policy advantages [M] from the value model, after training it on this RL step.
 
     Args:
         rollout, views, table: this rank's samples, their views and targets.
-        outcome: [n] the outcome reward of each sample, placed on its last step (the loop passes the group
-            advantage, TraceRL's z-scored reward), or [n, L] per-token process rewards.
-        seq_sample: [S] the step-wide sample of each sequence; num_samples: N over all ranks (minibatches).
+        outcome: [n] each sample's raw reward (``objective.value_target`` centered or reward) or group advantage
+            (``advantage``, TraceRL's z-scored reward), see ``advantages.value_outcome``; or [n, L] per-token
+            process rewards.
+        seq_sample: [S] the step-wide sample of each sequence; num_samples: N over all ranks (minibatches);
+            sample_ids: [n] each sample's index in the step (default: this rank holds the whole step).
 
     Returns:
         (advantages [M], ``train/value_*`` metrics).
@@ -56,13 +80,18 @@ def value_phase(
     covered = table.place(torch.ones(len(table)), n, length) > 0
     token_mask = covered & rollout.response_mask
     token_steps = response_token_steps(rollout, obj.shrink)
+    scale = torch.ones(n)
     if outcome.ndim == 2:  # per-token (process) rewards
         token_rewards = torch.where(token_mask, outcome.float(), 0.0)
+        baseline = torch.zeros(n)
     else:
-        token_rewards = adv_lib.outcome_token_rewards(outcome.float(), token_steps, token_mask)
+        ids = sample_ids if sample_ids is not None else torch.arange(n)
+        step_out, baseline, scale = step_outcome(learner, rollout, outcome.float(), ids, num_samples)
+        token_rewards = adv_lib.outcome_token_rewards(step_out, token_steps, token_mask)
     token_adv, token_returns = adv_lib.step_gae(
         token_values, token_steps, token_rewards, token_mask, obj.gamma, obj.lam
     )
+    token_adv = token_adv * scale.unsqueeze(1)  # the scale of the group baseline it replaces (value_outcome)
     returns = table.read(token_returns)
 
     # 2. μ passes of clipped value-loss updates, each micro-batch's loss computed once.
@@ -83,7 +112,8 @@ def value_phase(
         return loss
 
     stats: dict[str, float] = defaultdict(float)
-    for mb in minibatches(num_samples, lc.updates_per_step, lc.minibatches, learner.seed, learner.rl_steps, salt=1):
+    passes = lc.value_updates_per_step
+    for mb in minibatches(num_samples, passes, lc.minibatches, learner.seed, learner.rl_steps, salt=1):
         seqs = everything[torch.isin(seq_sample, mb)]
         ids = table.of(seqs)
         totals = learner.minibatch_totals(table.row[ids], table.sample[ids])
@@ -94,9 +124,16 @@ def value_phase(
         stats["grad_norm"] += s.grad_norm
         stats["optimizer_steps"] += 1
     steps = max(1.0, stats["optimizer_steps"])
+    # What a user needs to trust it (advantages.value_metrics), per rank, then averaged over ranks by token count
+    # (exact on one rank; explained variance and variance ratios are not additive across ranks).
+    local = adv_lib.value_metrics(token_values, token_returns, token_adv, baseline, token_mask)
+    local = local or dict.fromkeys(VALUE_METRICS, 0.0)  # a rank without targets: same keys, no weight
+    count = float(token_mask.sum())
+    mean = learner.mean_over_ranks({**{k: v * count for k, v in local.items()}, "count": count})
     metrics = {
         "train/value_loss": stats["loss"] / steps,
         "train/value_grad_norm": stats["grad_norm"] / steps,
-        "train/value_mean": learner.mean_over_ranks({"v": float(old_values.sum()), "count": float(len(table))})["v"],
+        "train/value_optimizer_steps": stats["optimizer_steps"],
+        **mean,
     }
     return table.read(token_adv), metrics

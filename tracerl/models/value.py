@@ -31,7 +31,7 @@ def enable_checkpointing(model: nn.Module) -> None:
 
 
 class ValueModel(nn.Module):
-    """A copy of a policy's transformer (no LM head) with a ``Linear(H, 1, bias=False)`` head set to zero.
+    """A copy of a policy's transformer (no LM head) with a ``Linear(H, 1)`` head set to zero (weight and bias).
 
     ``forward(input_ids, position_ids, visible)`` → [N, Q] fp32 values, one per view column; the caller
     picks the columns that predict its targets (``models.base.gather_positions`` with the policy's shift).
@@ -45,8 +45,11 @@ class ValueModel(nn.Module):
     def __init__(self, backbone: nn.Module, hidden_size: int, *, encoder: bool = False, shift: bool = False) -> None:
         super().__init__()
         self.backbone = backbone
-        self.head = nn.Linear(hidden_size, 1, bias=False)
+        # A bias, unlike TraceRL's head: raw rewards have a mean far from 0 (0.5 in the quickstart), which a
+        # bias learns in a few steps; without one the backbone must build a constant direction first.
+        self.head = nn.Linear(hidden_size, 1, bias=True)
         nn.init.zeros_(self.head.weight)
+        nn.init.zeros_(self.head.bias)
         self.head.to(next(backbone.parameters()).dtype)
         self.encoder = encoder  # masked LMs take a key-padding mask, not a 4D pattern
         self.shift = shift  # the policy's logit shift, so values are read where the policy reads logits

@@ -1,11 +1,25 @@
-"""Run inputs that are valid one by one but wrong for the run: many actors on few cores (a warning before anything
-starts), a reward that scores nothing (an error at the first step it shows)."""
+"""What the loop watches besides the config checks: run inputs that are valid one by one but wrong for the run
+(many actors on few cores: a warning before anything starts; a reward that scores nothing: an error at the first step
+it shows), and a run that goes wrong while it trains (``DivergenceGuard``: one console line and a W&B alert).
+
+The divergence guard checks three signs after every RL step, from the metrics the loop already has:
+
+- the training reward collapses: its mean over the last ``guard.window`` steps falls below
+  ``guard.reward_fraction`` × the best such mean so far, or every group was filtered out for ``guard.window``
+  steps in a row (nothing is learnt any more: d1 on the block layout ended so, every sample scoring 0);
+- the held-out greedy reward collapses: an evaluation below ``guard.reward_fraction`` × the best one so far;
+- ``train/kl_to_old`` stays above ``guard.max_kl_to_old`` for ``guard.window`` steps in a row.
+
+Each sign is reported when it appears, and again only after it has cleared.
+"""
 
 from __future__ import annotations
 
 import math
+from collections import deque
+from dataclasses import dataclass, field
 
-from tracerl.config import Config
+from tracerl.config import Config, GuardConfig
 from tracerl.reward_service import RewardResult
 
 ACTOR_MB = 430  # what an actor process that imports torch holds before its model (docs: ENV / cluster)
@@ -50,3 +64,75 @@ def nothing_scored(scored: RewardResult, step: int, cfg: Config) -> str | None:
         f"dataset columns they read hold what they expect (data.answer_column='{cfg.data.answer_column}' of "
         f"data.source '{cfg.data.source}'), or the reward's kwargs."
     )
+
+
+@dataclass
+class DivergenceGuard:
+    """Watch a run's metrics step by step; ``check`` returns the new warnings of this step (usually none).
+
+    Example:
+        >>> guard = DivergenceGuard(GuardConfig(window=2, reward_fraction=0.5))
+        >>> trained = [{"reward/mean": r, "train/policy_loss": 0.1} for r in (0.6, 0.6, 0.2, 0.1)]
+        >>> [guard.check(s, m) for s, m in enumerate(trained, start=1)]
+        [[], [], [], ['training reward collapsed: 0.15 over the last 2 steps, below 0.5 × its best (0.60)']]
+    """
+
+    cfg: GuardConfig
+    rewards: deque = field(default_factory=deque)  # the last `window` training rewards
+    best_reward: float = float("-inf")  # best windowed mean training reward so far
+    best_eval: float = float("-inf")  # best held-out greedy reward so far
+    skipped: int = 0  # consecutive steps with every group filtered out
+    high_kl: int = 0  # consecutive steps with kl_to_old above the bound
+    active: set[str] = field(default_factory=set)  # signs reported and not yet cleared
+
+    def check(self, step: int, m: dict[str, float]) -> list[str]:
+        c, found = self.cfg, {}
+        if not c.enabled:
+            return []
+        # 1. Training reward: windowed mean against its best, and steps that trained nothing.
+        if "reward/mean" in m:
+            self.rewards.append(m["reward/mean"])
+            while len(self.rewards) > c.window:
+                self.rewards.popleft()
+            if len(self.rewards) == c.window:
+                mean = sum(self.rewards) / c.window
+                if self.best_reward > 0 and mean < c.reward_fraction * self.best_reward:
+                    found["reward"] = (
+                        f"training reward collapsed: {mean:.2f} over the last {c.window} steps, below "
+                        f"{c.reward_fraction:g} × its best ({self.best_reward:.2f})"
+                    )
+                self.best_reward = max(self.best_reward, mean)
+        if "reward/mean" in m:  # a training step (an evaluation alone, as at step 0, is not one)
+            self.skipped = self.skipped + 1 if "train/policy_loss" not in m else 0
+        if self.skipped >= c.window:
+            found["skipped"] = (
+                f"nothing trained for {self.skipped} steps: every group was filtered out (all its rewards equal; "
+                f"training reward {m.get('reward/mean', float('nan')):.2f})"
+            )
+        # 2. Held-out greedy reward against its best evaluation.
+        if "eval/greedy_reward" in m:
+            value = m["eval/greedy_reward"]
+            if self.best_eval > 0 and value < c.reward_fraction * self.best_eval:
+                found["eval"] = (
+                    f"held-out greedy reward collapsed: {value:.3f}, below {c.reward_fraction:g} × its best "
+                    f"({self.best_eval:.3f})"
+                )
+            self.best_eval = max(self.best_eval, value)
+        elif "eval" in self.active:
+            found["eval"] = ""  # no evaluation this step: the last one still stands
+        # 3. KL to the old policy above its bound for several steps.
+        if "train/kl_to_old" in m:
+            self.high_kl = self.high_kl + 1 if m["train/kl_to_old"] > c.max_kl_to_old else 0
+        if self.high_kl >= c.window:
+            found["kl"] = (
+                f"train/kl_to_old above {c.max_kl_to_old:g} for {self.high_kl} steps (now "
+                f"{m['train/kl_to_old']:.3g}, largest token log-ratio {m.get('train/log_ratio_abs_max', 0.0):.1f})"
+            )
+        new = [msg for key, msg in found.items() if key not in self.active and msg]
+        self.active = set(found)
+        return new
+
+
+def guard_line(step: int, message: str) -> str:
+    """The console line of one warning."""
+    return f"[bold yellow]⚠ divergence at RL step {step}:[/bold yellow] [yellow]{message}[/yellow]"

@@ -32,12 +32,13 @@ import ray
 import torch
 from rich.console import Console
 
-from tracerl import checkpoint, data, runs, seeding, stages, stats
+from tracerl import checkpoint, data, runs, scoring, seeding, stages, stats
 from tracerl.config import Config, ConfigError, check_cluster, to_dict
 from tracerl.metrics import MetricsLogger, Timers, decoding_order_picture
 from tracerl.orchestrator import guards
 from tracerl.orchestrator.console import eval_line, step_line
 from tracerl.orchestrator.evaluation import collect, eval_table, evaluate
+from tracerl.orchestrator.guards import DivergenceGuard, guard_line
 from tracerl.orchestrator.setup import (
     check_device,
     check_model,
@@ -74,8 +75,9 @@ def run(cfg: Config, *, verbose: bool = False, console: Console | None = None) -
 
     Before any actor starts and before anything is written, ``Session.open`` checks the resume target, the data
     and the tokenizer's coverage of it, the rewards, every sampler setting against the model (block size, cache,
-    CUDA graphs, prompt plus response length; from the model's config alone) and the cluster's GPUs and
-    resources. Third-party console output (W&B's, Ray's) only with ``verbose``.
+    CUDA graphs, prompt plus response length; from the model's config alone), the estimator against the model's
+    layout (``trace.check_estimator``) and the cluster's GPUs and resources. Third-party console output (W&B's,
+    Ray's) only with ``verbose``.
     """
     console = console or Console(soft_wrap=True)
     with Session.open(cfg, verbose, console) as s, stop_signals(console) as stop:
@@ -84,6 +86,7 @@ def run(cfg: Config, *, verbose: bool = False, console: Console | None = None) -
             last = s.evaluate(0)
             s.logger.log(last, step=0)
             s.console.print(eval_line(0, last, cfg.eval.k))
+            s.divergence.check(0, last)  # the start the held-out reward is compared with
         step = s.start_step + 1
         while step <= cfg.train.steps:
             try:
@@ -135,14 +138,15 @@ class Session:
     cleanup: list[Any] = field(default_factory=list)
     claim: runs.Claim | None = None  # the run's id and settings, recorded in each checkpoint it writes
     scored_any: bool = False  # a reward function has scored a sample in this run (a resumed run has)
+    divergence: DivergenceGuard | None = None  # set in open(): the divergence guard of this run
 
     @classmethod
     @contextlib.contextmanager
     def open(cls, cfg: Config, verbose: bool, console: Console) -> Iterator[Session]:
         """Check, start, resume; shut every actor down on the way out, whatever happens. Everything that can be
         checked is checked before any actor starts and before anything is written to ``run_dir``: the resume
-        target, the prompts and the tokenizer's coverage of them, the rewards, the sampler settings against the
-        model (from its config alone) and, once Ray is up, the cluster's GPUs and resources."""
+        target, the prompts and the tokenizer's coverage of them, the rewards, the sampler settings and the
+        estimator against the model (from its config alone) and, once Ray is up, the cluster's GPUs and resources."""
         run_dir = Path(cfg.run_dir)
         claim = runs.claim(cfg, "train")  # whose directory, what to resume (verified), before anything is written
         resume = claim.resume
@@ -180,6 +184,7 @@ class Session:
                 cfg, console, stream, eval_set, rollout, learner, rewards, logger, rollout.info[0], placement, initial,
                 cleanup=cleanup, claim=claim,
             )  # fmt: skip
+            s.divergence = DivergenceGuard(cfg.guard)
             s.version, _ = WEIGHT_SYNC.lookup(cfg.rollout.sync)(learner, rollout)  # same weights on both sides
             if state is not None:
                 s.restore(state, resumed=True)
@@ -208,14 +213,15 @@ class Session:
             self.scored_any = self.scored_any or any(v == v for v in scored.total)  # NaN != NaN
             with timers("advantages"):
                 adv, keep, metrics = stages.advantages(scored.total, rollout, o)
-            kept, kept_adv = stages.training_batch(rollout, adv, keep)
+            outcome = stages.learner_outcome(adv, scored.total, rollout, o)
+            kept, kept_outcome = stages.training_batch(rollout, outcome, keep)
             if not len(kept):
                 self.skipped_steps += 1  # every group filtered out: nothing to learn from, the run goes on
             else:
                 no_signal = metrics["advantage/flat_groups"] == 1.0 and not o.value_model
                 metrics["advantage/no_signal"] = float(no_signal)  # trained on zero advantages: only KL terms act
                 self.no_signal_steps += no_signal
-                metrics |= self.update(kept, kept_adv, step, timers)
+                metrics |= self.update(kept, kept_outcome, step, timers)
         metrics |= scored.metrics | stats.rollout_metrics(rollout) | timers.pop()
         metrics |= {
             "advantage/skipped_steps": float(self.skipped_steps),
@@ -317,7 +323,21 @@ class Session:
             "sync/weight_s": timers.seconds["sync"],
             "sync/bytes": float(nbytes),
             "train/shard_bytes": float(max(self.learner.shard_bytes)),
+            "perf/learner_flops": self.learner_flops(
+                metrics["trace/tokens_per_sample"] * len(kept), chain_pass=isinstance(kept, CanvasRollout)
+            ),
         }
+
+    def learner_flops(self, tokens: float, chain_pass: bool) -> float:
+        """Counted FLOPs of this step's learner passes over ``tokens`` view tokens (``scoring.learner_flops``):
+        compute, not wall time. Renoising units always take the chain pass (old log-probs and self-conditioning
+        states, ``rl.canvas_old``), whatever ``objective.old_logp_source`` says."""
+        o, lc = self.cfg.objective, self.cfg.learner
+        return scoring.learner_flops(
+            tokens, int(self.policy["parameters"]), old_logp_pass=o.old_logp_source == "learner" or chain_pass,
+            reference=o.kl_to_ref_coef > 0, value=o.value_model, updates_per_step=lc.updates_per_step,
+            value_updates_per_step=lc.value_updates_per_step,
+        )  # fmt: skip
 
     # -- evaluation ---------------------------------------------------------------------------------------------
 
@@ -343,6 +363,8 @@ class Session:
         t = metrics.get("time/step", 0.0)
         metrics["perf/tokens_per_s"] = metrics["rollout/generated_tokens"] / max(t, 1e-9)
         metrics["perf/rollout_share"] = metrics.get("time/rollout", 0.0) / max(t, 1e-9)
+        warnings = self.divergence.check(step, metrics) if self.divergence else []
+        metrics["guard/warnings"] = float(len(warnings))
         self.logger.log(metrics, step=step)
         every = self.cfg.train.log_samples_every
         if every and (step % every == 0 or step == 1):
@@ -350,6 +372,9 @@ class Session:
         self.console.print(step_line(step, self.cfg.train.steps, metrics))
         if "eval/greedy_reward" in metrics:
             self.console.print(eval_line(step, metrics, self.cfg.eval.k))
+        for message in warnings:
+            self.console.print(guard_line(step, message))
+            self.logger.alert("tracerl: divergence", f"RL step {step}: {message}", step)
 
     def log_samples(self, step: int, rollout: Rollout, scored: RewardResult, adv: Any) -> None:
         n = min(self.cfg.train.log_samples, len(rollout))

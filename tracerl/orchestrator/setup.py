@@ -15,7 +15,7 @@ from typing import Any
 import ray
 
 from rewards.registry import answer_format
-from tracerl import data, stats
+from tracerl import data, stats, trace
 from tracerl.config import Config, ConfigError, reward_model_workers
 from tracerl.models import load_policy, load_tokenizer
 from tracerl.records import Rollout
@@ -167,9 +167,10 @@ def samplings(cfg: Config) -> list[Any]:
 
 def check_model(cfg: Config, longest_prompt: int) -> Any:
     """Before any actor starts: every sampler setting of the run fits the model (``sampling.block_size`` against
-    a block model's own, the cache mode, whether ``cuda_graph`` can capture its forward) and the longest prompt
-    plus the response fits its positions. The model is built from its config.json and tokenizer alone, on the meta
-    device (no weights read). Returns it, for ``check_device`` once the cluster is known."""
+    a block model's own, the cache mode, whether ``cuda_graph`` can capture its forward), the longest prompt plus
+    the response fits its positions, and the estimator is sound on its layout (``trace.check_estimator``). The
+    model is built from its config.json and tokenizer alone, on the meta device (no weights read). Returns it, for
+    ``check_device`` once the cluster is known."""
     from tracerl.sampling import check_compatible, check_positions, resolve_cache
 
     policy = load_policy(replace(cfg.model, dtype=cfg.rollout.dtype), weights=False)
@@ -177,6 +178,8 @@ def check_model(cfg: Config, longest_prompt: int) -> Any:
         check_compatible(policy, s)
         resolve_cache(policy, s)
         check_positions(policy, longest_prompt, s)
+    o = cfg.objective
+    trace.check_estimator(o.views, "block" if policy.block_size else "full", o.d1_prompt_mask_prob)
     return policy
 
 

@@ -1,0 +1,382 @@
+"""Compare tracerl's estimators on one task: methods × seeds from one SFT model, at equal RL steps and at equal
+counted learner compute, for the block and the full-attention layout.
+
+    .venv/bin/python scripts/compare.py configs/quickstart.yaml --out runs/compare [key=value ...]
+        [--layouts block,full] [--methods trace,trace_value,coupled,random_masking,d1] [--seeds 0,1,2,3,4]
+        [--steps 20] [--eval-every 5] [--report]
+
+For each layout:
+1. one SFT model (``tracerl sft`` at seed 0, reused when ``<out>/<layout>/sft/final`` exists);
+2. the learner FLOPs of one RL step of every method, counted on the same rollout of that model
+   (``scoring.learner_flops``): a method whose step costs less gets more steps, so that at its equal-compute step
+   it has spent what ``trace`` spends in ``--steps`` steps (rounded to ``--eval-every``);
+3. one ``tracerl train`` per method and seed, for max(--steps, its equal-compute step) steps, evaluated every
+   ``--eval-every`` steps on the held-out prompts (greedy); a method the config check refuses is listed with the
+   reason, and a finished run is never run again (the script resumes where it stopped);
+4. ``<out>/compare.md`` (the table: held-out greedy reward, mean ± sd over seeds, at equal steps and at equal
+   compute; how many seeds rose above the SFT start; divergence warnings), ``compare.png`` (held-out reward
+   against RL steps and against counted learner FLOPs) and ``compare.json`` (every number).
+
+Runs go one at a time (the machine is shared); extra key=value arguments apply to every SFT and RL run.
+``--report`` runs nothing and writes the table and PNG of the runs finished so far.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+
+# Only the estimator changes between methods (objective.views / objective.value_model); the learner recomputes
+# the old log-probs where the views are not the sampler's states (objective.old_logp_source=rollout is refused).
+METHODS: dict[str, list[str]] = {
+    "trace": [],
+    "trace_value": ["objective.value_model=true"],
+    "coupled": ["objective.views=coupled", "objective.old_logp_source=learner"],
+    "random_masking": ["objective.views=random_masking", "objective.old_logp_source=learner"],
+    "d1": ["objective.views=d1", "objective.old_logp_source=learner"],
+}
+# The full-attention variant of the task: the same model shape with bidirectional attention, SFT for 600 steps at
+# lr 1e-3 (the block recipe's 200 at 2e-3 leaves it at a greedy reward of 0.17, from which every method only learns
+# to write 1 in every blank cell, 0.25; this recipe starts it at 0.46, near the block model's 0.41). Trace views
+# merge 4 neighbouring steps (TraceRL's shrink for full attention; 8 on LLaDA): 5 rows of 40 tokens per sample
+# instead of 20, which merged steps need the learner's own old log-probs for.
+# On blocks d1 runs without its prompt perturbation, which the block sampler never produces (refused there).
+LAYOUTS: dict[str, list[str]] = {
+    "block": ["objective.d1_prompt_mask_prob=0"],
+    "full": ["model.tiny.attention=full", "sft.steps=600", "sft.lr=1e-3", "objective.shrink=4",
+             "objective.old_logp_source=learner"],
+}  # fmt: skip
+# Every method: a learning-rate warmup over the first 10 optimizer steps. Adam's first updates move every parameter
+# by the full learning rate (the update is the gradient's sign), which d1 cannot take (docs/estimators.md). The
+# comparison reads the greedy reward only: one sampled completion per prompt keeps evaluations cheap.
+COMMON = ["learner.warmup_steps=10", "eval.samples=1", "eval.k=1", "train.log_samples_every=0", "wandb.mode=disabled"]
+REFERENCE = "trace"
+
+
+@dataclass
+class Run:
+    """One (layout, method, seed) RL run and what it measured."""
+
+    layout: str
+    method: str
+    seed: int
+    steps: int  # RL steps it runs
+    equal_compute_step: int  # its step that has spent what the reference spends in --steps steps
+    run_dir: str
+    refused: str | None = None  # the config check's reason, when the method is refused for this layout
+    overrides: list[str] = field(default_factory=list)  # the key=value overrides of its tracerl train
+    evals: dict[int, float] = field(default_factory=dict)  # RL step → held-out greedy reward
+    flops: dict[int, float] = field(default_factory=dict)  # RL step → cumulative counted learner FLOPs
+    warnings: list[str] = field(default_factory=list)  # divergence guard warnings
+    series: dict[str, dict[int, float]] = field(default_factory=dict)  # SERIES key → RL step → value
+
+
+SERIES = ("train/kl_to_old", "train/log_ratio_abs_max", "value/explained_var", "value/advantage_var_ratio")
+
+
+# ---------------------------------------------------------------------------------------------- pure parts
+
+
+def equal_compute_step(steps: int, reference_flops: float, flops: float, every: int) -> int:
+    """The step at which a method spending ``flops`` per step has spent what the reference spends in ``steps``,
+    rounded to a multiple of ``every`` (where it is evaluated), at least ``every``.
+
+    Example:
+        >>> [equal_compute_step(20, 4.0, flops, 5) for flops in (1.0, 2.2, 32.0)]
+        [80, 35, 5]
+    """
+    exact = steps * reference_flops / flops
+    return max(every, every * round(exact / every))
+
+
+def mean_sd(values: list[float]) -> tuple[float, float]:
+    """Mean and sample standard deviation (0 for fewer than two values)."""
+    if not values:
+        return math.nan, math.nan
+    return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0
+
+
+def read_run(run: Run) -> None:
+    """Fill ``evals``, ``flops`` and ``warnings`` from a finished run directory; the warnings are the divergence
+    guard's (default settings) replayed over its metrics, so every run is judged alike."""
+    from tracerl.config import GuardConfig
+    from tracerl.orchestrator.guards import DivergenceGuard
+
+    rows = [json.loads(x) for x in (Path(run.run_dir) / "metrics.jsonl").read_text().splitlines() if x.strip()]
+    total, run.evals, run.flops, run.warnings = 0.0, {}, {0: 0.0}, []
+    guard = DivergenceGuard(GuardConfig())
+    for row in sorted(rows, key=lambda r: r["step"]):
+        total += row.get("perf/learner_flops", 0.0)
+        run.flops[int(row["step"])] = total
+        if "eval/greedy_reward" in row:
+            run.evals[int(row["step"])] = float(row["eval/greedy_reward"])
+        for key in SERIES:
+            if key in row:
+                run.series.setdefault(key, {})[int(row["step"])] = float(row[key])
+        run.warnings += [f"step {row['step']}: {w}" for w in guard.check(int(row["step"]), row)]
+
+
+def summarise(runs: list[Run], steps: int) -> list[dict[str, Any]]:
+    """One row per (layout, method): held-out greedy reward at the start, at ``steps`` and at the equal-compute
+    step (mean, sd over seeds), its change, how many seeds rose, the learner FLOPs spent, the warnings."""
+    out = []
+    for layout, method in dict.fromkeys((r.layout, r.method) for r in runs):
+        group = [r for r in runs if (r.layout, r.method) == (layout, method)]
+        row: dict[str, Any] = {"layout": layout, "method": method, "seeds": len(group)}
+        if group[0].refused:
+            out.append(row | {"refused": group[0].refused})
+            continue
+        done = [r for r in group if r.evals and max(r.evals) >= r.steps]
+        row["finished"] = len(done)
+        if not done:
+            out.append(row)
+            continue
+        eq = done[0].equal_compute_step
+        for key, at in (("steps", steps), ("compute", eq)):
+            start = [r.evals[0] for r in done]
+            end = [r.evals[at] for r in done]
+            delta = [e - s for s, e in zip(start, end, strict=True)]
+            row[key] = {
+                "step": at,
+                "reward": mean_sd(end),
+                "delta": mean_sd(delta),
+                "rose": sum(d > 0 for d in delta),
+                "flops": statistics.fmean(r.flops[at] for r in done),
+            }
+        row["start"] = mean_sd([r.evals[0] for r in done])
+        row["warnings"] = sum(bool(r.warnings) for r in done)
+        kl = [v for r in done for s, v in r.series.get("train/kl_to_old", {}).items() if s <= steps]
+        row["kl_to_old_max"] = max(kl, default=math.nan)  # over the first `steps` steps of every seed
+        if any("value/explained_var" in r.series for r in done):
+            at = [r.series["value/explained_var"].get(steps, math.nan) for r in done]
+            ratio = [statistics.fmean(v for s, v in r.series["value/advantage_var_ratio"].items() if s <= steps)
+                     for r in done]  # fmt: skip
+            row["value"] = {"explained_var": mean_sd(at), "advantage_var_ratio": mean_sd(ratio)}
+        out.append(row)
+    return out
+
+
+def markdown(rows: list[dict[str, Any]], steps: int) -> str:
+    """The comparison table (one line per layout and method)."""
+
+    def pm(x: tuple[float, float], sign: bool = False) -> str:
+        return f"{x[0]:+.3f} ± {x[1]:.3f}" if sign else f"{x[0]:.3f} ± {x[1]:.3f}"
+
+    lines = [
+        f"| layout | method | SFT start | step {steps}: greedy reward | Δ (seeds up) | equal compute: step | greedy "
+        f"reward | Δ (seeds up) | learner FLOPs | max kl_to_old (steps ≤ {steps}) | runs warned |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        head = f"| {r['layout']} | {r['method']} "
+        if "refused" in r:
+            lines.append(head + f"| refused: {r['refused']} |" + " |" * 8)
+        elif "steps" not in r:
+            lines.append(head + f"| {r.get('finished', 0)} of {r['seeds']} runs finished |" + " |" * 8)
+        else:
+            s, c = r["steps"], r["compute"]
+            lines.append(
+                head + f"| {pm(r['start'])} | {pm(s['reward'])} | {pm(s['delta'], True)} ({s['rose']}/{r['finished']}) "
+                f"| {c['step']} | {pm(c['reward'])} | {pm(c['delta'], True)} ({c['rose']}/{r['finished']}) "
+                f"| {c['flops']:.3g} | {r['kl_to_old_max']:.3f} | {r['warnings']}/{r['finished']} |"
+            )
+    values = [r for r in rows if "value" in r]
+    if values:
+        lines += ["", f"| layout | value model: explained variance at step {steps} | GAE / group-baseline advantage "
+                  f"variance (mean of steps 1-{steps}) |", "|---|---|---|"]  # fmt: skip
+        for r in values:
+            v = r["value"]
+            lines.append(f"| {r['layout']} | {pm(v['explained_var'])} | {pm(v['advantage_var_ratio'])} |")
+    return "\n".join(lines) + "\n"
+
+
+def plot(runs: list[Run], path: Path) -> None:
+    """Held-out greedy reward (mean ± sd over seeds) against RL steps and against counted learner FLOPs, one row of
+    two panels per layout."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    layouts = list(dict.fromkeys(r.layout for r in runs))
+    fig, axes = plt.subplots(len(layouts), 2, figsize=(11, 4 * len(layouts)), squeeze=False, constrained_layout=True)
+    for row, layout in zip(axes, layouts, strict=True):
+        for method in dict.fromkeys(r.method for r in runs if r.layout == layout):
+            group = [r for r in runs if (r.layout, r.method) == (layout, method) and r.evals and not r.refused]
+            if not group:
+                continue
+            steps = sorted(set.intersection(*(set(r.evals) for r in group)))
+            mean = [statistics.fmean(r.evals[s] for r in group) for s in steps]
+            sd = [mean_sd([r.evals[s] for r in group])[1] for s in steps]
+            flops = [statistics.fmean(r.flops.get(s, math.nan) for r in group) / 1e12 for s in steps]
+            for ax, x in zip(row, (steps, flops), strict=True):
+                (line,) = ax.plot(x, mean, "o-", ms=3, label=f"{method} ({len(group)} seeds)")
+                low = [m - d for m, d in zip(mean, sd, strict=True)]
+                high = [m + d for m, d in zip(mean, sd, strict=True)]
+                ax.fill_between(x, low, high, color=line.get_color(), alpha=0.15)
+        row[0].set_xlabel("RL step")
+        row[1].set_xlabel("counted learner compute (TFLOP)")
+        for ax in row:
+            ax.set_ylabel("held-out greedy reward")
+            ax.set_title(f"{layout} layout")
+            ax.grid(alpha=0.3)
+        if row[0].lines:
+            row[0].legend(loc="lower right", fontsize=8)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+# ---------------------------------------------------------------------------------------------- running
+
+
+def tracerl(args: list[str], log: Path) -> None:
+    """Run one tracerl command, its console to ``log``; a failure stops the comparison with the log's tail."""
+    log.parent.mkdir(parents=True, exist_ok=True)
+    with log.open("w") as f:
+        cmd = [sys.executable, "-m", "tracerl.cli", *args]
+        proc = subprocess.run(cmd, cwd=ROOT, stdout=f, stderr=subprocess.STDOUT)
+    if proc.returncode:
+        tail = "\n".join(log.read_text().splitlines()[-20:])
+        raise SystemExit(f"tracerl {args[0]} failed (exit {proc.returncode}); {log}:\n{tail}")
+
+
+def refusal(config: str, overrides: list[str], layout: str) -> str | None:
+    """Why these overrides are refused (the config checks and ``trace.check_estimator`` for the layout), or None."""
+    from tracerl import trace
+    from tracerl.checks import load_config
+    from tracerl.config import ConfigError
+
+    try:
+        o = load_config(config, overrides).objective
+        trace.check_estimator(o.views, layout, o.d1_prompt_mask_prob)
+    except ConfigError as err:
+        return str(err)
+    return None
+
+
+def step_flops(config: str, overrides: list[str], methods: list[str], layout: str, seed: int) -> dict[str, float]:
+    """Counted learner FLOPs of one RL step of each method, on the same rollout of the SFT model."""
+    import torch
+
+    from tracerl import scoring, trace
+    from tracerl.checks import load_config
+    from tracerl.models import load_policy
+    from tracerl.orchestrator.setup import load_prompts
+    from tracerl.sampling import generate
+
+    cfg = load_config(config, overrides)
+    policy = load_policy(cfg.model)
+    stream, _ = load_prompts(cfg)
+    g = cfg.rollout.samples_per_prompt
+    prompts = [p for p in stream.next_batch(cfg.rollout.prompts_per_step).prompt_ids for _ in range(g)]
+    with torch.no_grad():
+        rollout = generate(policy, prompts, cfg.sampling, seed=seed)
+    params = sum(p.numel() for p in policy.model.parameters())
+    out = {}
+    for method in methods:
+        if refusal(config, [*overrides, *METHODS[method]], layout):
+            continue
+        c = load_config(config, [*overrides, *METHODS[method]])
+        o, lc = c.objective, c.learner
+        views = trace.make_views(
+            rollout, o.views, policy.mask_id, shift=policy.shift, seed=seed, shrink_s=o.shrink,
+            prompt_mask_prob=o.d1_prompt_mask_prob, low=o.mask_ratio_low, high=o.mask_ratio_high,
+            pack=lc.packed_views, max_tokens=lc.micro_batch_tokens,
+        )  # fmt: skip  (the learner's views: packed on blocks unless learner.packed_views=false)
+        out[method] = scoring.learner_flops(
+            float(views.seq_tokens().sum()), params, old_logp_pass=o.old_logp_source == "learner",
+            reference=o.kl_to_ref_coef > 0, value=o.value_model, updates_per_step=lc.updates_per_step,
+            value_updates_per_step=lc.value_updates_per_step,
+        )  # fmt: skip
+    return out
+
+
+def finished(run_dir: Path, steps: int) -> bool:
+    return (run_dir / "eval" / f"step-{steps}.json").is_file() and (run_dir / "final").is_dir()
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("config", help="the task's config (e.g. configs/quickstart.yaml)")
+    p.add_argument("overrides", nargs="*", help="key=value overrides for every SFT and RL run")
+    p.add_argument("--out", required=True, help="output directory (runs, table, PNG)")
+    p.add_argument("--layouts", default="block,full", help=f"comma-separated, from {list(LAYOUTS)}")
+    p.add_argument("--methods", default=",".join(METHODS), help=f"comma-separated, from {list(METHODS)}")
+    p.add_argument("--seeds", default="0,1,2,3,4", help="comma-separated RL seeds (the SFT model is seed 0's)")
+    p.add_argument("--steps", type=int, default=20, help="RL steps of the equal-steps comparison")
+    p.add_argument("--eval-every", type=int, default=5, help="RL steps between held-out evaluations")
+    p.add_argument("--report", action="store_true", help="run nothing: the table and PNG of the finished runs")
+    ns = p.parse_args(argv)
+    layouts, methods = ns.layouts.split(","), ns.methods.split(",")
+    seeds = [int(s) for s in ns.seeds.split(",")]
+    unknown = sorted(set(layouts) - set(LAYOUTS)) + sorted(set(methods) - set(METHODS))
+    if unknown or REFERENCE not in methods or ns.steps % ns.eval_every:
+        raise SystemExit(
+            f"unknown layouts/methods {unknown} (choose from {list(LAYOUTS)} and {list(METHODS)}); '{REFERENCE}' "
+            f"must be among the methods (it sets the compute budget), and --steps ({ns.steps}) a multiple of "
+            f"--eval-every ({ns.eval_every})."
+        )
+    out = Path(ns.out)
+    os.environ.setdefault("OMP_NUM_THREADS", "1")  # one torch thread per process: the numbers are pinned so
+    t0 = time.time()
+    plans: dict[tuple[str, int, str], Run] = {}
+    for layout in layouts:  # 1-2: the SFT model and every method's equal-compute step, per layout
+        sft = out / layout / "sft"
+        if not (sft / "final").is_dir() and ns.report:
+            raise SystemExit(f"{sft / 'final'} does not exist: nothing to report for the {layout} layout yet.")
+        if not (sft / "final").is_dir():  # the task's own SFT recipe (COMMON is for the RL runs only)
+            print(f"[{layout}] SFT → {sft}", flush=True)
+            args = [*LAYOUTS[layout], *ns.overrides, "wandb.mode=disabled", "seed=0", f"run_dir={sft}"]
+            tracerl(["sft", ns.config, *args], out / layout / "sft.log")
+        base = [*COMMON, *LAYOUTS[layout], *ns.overrides, f"model.path={sft / 'final'}"]
+        flops = step_flops(ns.config, base, methods, layout, seed=0)
+        budget = flops[REFERENCE]
+        print(f"[{layout}] learner FLOPs per RL step, relative to {REFERENCE}: "
+              + ", ".join(f"{m} {f / budget:.2f}" for m, f in flops.items()), flush=True)  # fmt: skip
+        for method in methods:
+            reason = refusal(ns.config, [*base, *METHODS[method]], layout)
+            eq = equal_compute_step(ns.steps, budget, flops[method], ns.eval_every) if method in flops else ns.steps
+            for seed in seeds:
+                run_dir = out / layout / method / f"seed{seed}"
+                run = Run(layout, method, seed, max(ns.steps, eq), eq, str(run_dir), reason, [*base, *METHODS[method]])
+                plans[(layout, seed, method)] = run
+    # 3: seed by seed, so that a comparison stopped early has every method on the same seeds
+    for seed in seeds:
+        for layout in layouts:
+            for method in methods:
+                run = plans[(layout, seed, method)]
+                run_dir = Path(run.run_dir)
+                if run.refused or ns.report and not finished(run_dir, run.steps):
+                    continue
+                if not finished(run_dir, run.steps):
+                    if run_dir.exists():  # an interrupted run: start it again from scratch
+                        subprocess.run(["rm", "-rf", str(run_dir)], check=True)
+                    print(f"[{layout}] {method} seed {seed}: {run.steps} RL steps ({time.time() - t0:.0f}s so far)")
+                    args = [*run.overrides, f"seed={seed}", f"train.steps={run.steps}", f"run_dir={run_dir}"]
+                    args.append(f"train.eval_every={ns.eval_every}")
+                    tracerl(["train", ns.config, *args], run_dir.with_suffix(".log"))
+                read_run(run)
+    runs = [plans[(layout, seed, method)] for layout in layouts for method in methods for seed in seeds]
+    rows = summarise(runs, ns.steps)
+    (out / "compare.md").write_text(markdown(rows, ns.steps))
+    (out / "compare.json").write_text(json.dumps({"rows": rows, "runs": [vars(r) for r in runs]}, indent=1))
+    plot(runs, out / "compare.png")
+    print(markdown(rows, ns.steps))
+    print(f"table: {out / 'compare.md'} · curves: {out / 'compare.png'} · numbers: {out / 'compare.json'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

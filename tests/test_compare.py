@@ -1,0 +1,112 @@
+"""scripts/compare.py: the method comparison's arithmetic by hand, and a smoke-size run end to end."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+SPEC = importlib.util.spec_from_file_location("compare", ROOT / "scripts" / "compare.py")
+compare = importlib.util.module_from_spec(SPEC)
+sys.modules["compare"] = compare  # dataclasses look their module up while the class is built
+SPEC.loader.exec_module(compare)
+
+
+def test_equal_compute_steps_by_hand():
+    # trace spends 4 units per step for 20 steps = 80 units; a method spending 1 unit needs 80 steps, one spending
+    # 3 needs 26.7 → 25 (nearest multiple of 5); a dearer one (8 units) 10 steps; never fewer than one evaluation.
+    assert [compare.equal_compute_step(20, 4.0, f, 5) for f in (1.0, 3.0, 8.0, 1000.0)] == [80, 25, 10, 5]
+
+
+def run(tmp_path, method: str, seed: int, evals: dict[int, float], flops: list[float], steps: int, eq: int,
+        alerts: int = 0):  # noqa: ANN201
+    """A fake finished run directory: metrics rows with evaluations and counted FLOPs."""
+    d = tmp_path / method / f"seed{seed}"
+    d.mkdir(parents=True)
+    rows = [{"step": 0, "eval/greedy_reward": evals[0]}]
+    for s in range(1, steps + 1):
+        row = {"step": s, "perf/learner_flops": flops[s - 1], "train/policy_loss": 0.0, "train/kl_to_old": 0.01 * s}
+        rows.append(row | ({"eval/greedy_reward": evals[s]} if s in evals else {}))
+    if alerts:  # a training reward that collapses: 0.6 at step 1, then 0.1
+        rows = [r | ({"reward/mean": 0.6 if r["step"] < 2 else 0.1} if r["step"] else {}) for r in rows]
+    (d / "metrics.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
+    r = compare.Run("block", method, seed, steps, eq, str(d))
+    compare.read_run(r)
+    return r
+
+
+def test_summary_and_table_by_hand(tmp_path):
+    # trace: 2 steps of 10 FLOPs; cheap: 4 steps of 5 FLOPs (equal compute at step 4); one refused method.
+    runs = [
+        run(tmp_path, "trace", 0, {0: 0.4, 2: 0.6}, [10.0, 10.0], 2, 2),
+        run(tmp_path, "trace", 1, {0: 0.4, 2: 0.5}, [10.0, 10.0], 2, 2),
+        run(tmp_path, "cheap", 0, {0: 0.4, 2: 0.45, 4: 0.7}, [5.0] * 4, 4, 4, alerts=1),
+        run(tmp_path, "cheap", 1, {0: 0.4, 2: 0.35, 4: 0.3}, [5.0] * 4, 4, 4),
+        compare.Run("block", "d1", 0, 2, 2, str(tmp_path / "none"), refused="d1 masks the prompt"),
+    ]
+    assert runs[2].flops == {0: 0.0, 1: 5.0, 2: 10.0, 3: 15.0, 4: 20.0}
+    # windows of 3 steps: (0.6 + 0.1 + 0.1)/3 = 0.27 at step 3 (the best), 0.1 at step 4 < 0.5 × 0.27
+    want = "step 4: training reward collapsed: 0.10 over the last 3 steps, below 0.5 × its best (0.27)"
+    assert runs[2].warnings == [want]
+    rows = {r["method"]: r for r in compare.summarise(runs, steps=2)}
+    trace, cheap = rows["trace"], rows["cheap"]
+    # trace at step 2: rewards 0.6, 0.5 → mean 0.55, sd 0.0707; Δ 0.2, 0.1 → +0.15; both seeds rose; 20 FLOPs
+    assert trace["steps"]["reward"] == pytest.approx((0.55, 0.070711), abs=1e-6)
+    assert trace["steps"]["delta"] == pytest.approx((0.15, 0.070711), abs=1e-6)
+    assert trace["steps"]["rose"] == 2 and trace["compute"]["flops"] == 20.0
+    # cheap at equal steps (2): 0.45, 0.35 → Δ +0.05, −0.05; at equal compute (4): 0.7, 0.3 → Δ +0.1; 1 of 2 rose
+    assert cheap["steps"]["delta"] == pytest.approx((0.0, 0.070711), abs=1e-6)
+    assert cheap["compute"]["step"] == 4 and cheap["compute"]["flops"] == 20.0
+    assert cheap["compute"]["reward"][0] == pytest.approx(0.5) and cheap["compute"]["rose"] == 1
+    assert cheap["warnings"] == 1
+    assert cheap["kl_to_old_max"] == pytest.approx(0.02)  # the largest over the first 2 steps, not all 4
+    assert rows["d1"]["refused"] == "d1 masks the prompt"
+    table = compare.markdown(list(rows.values()), steps=2)
+    assert "| block | trace | 0.400 ± 0.000 | 0.550 ± 0.071 | +0.150 ± 0.071 (2/2) | 2 |" in table
+    assert "| block | d1 | refused: d1 masks the prompt |" in table
+    compare.plot(runs, tmp_path / "c.png")
+    assert (tmp_path / "c.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_refusal_names_the_problem():
+    d1 = ["objective.views=d1", "objective.old_logp_source=learner"]
+    assert compare.refusal("configs/quickstart.yaml", d1, "block").startswith(
+        "objective.views=d1 with objective.d1_prompt_mask_prob=0.15"
+    )
+    assert compare.refusal("configs/quickstart.yaml", d1, "full") is None
+    assert "old_logp_source" in compare.refusal("configs/quickstart.yaml", ["objective.views=coupled"], "block")
+
+
+@pytest.mark.slow
+@pytest.mark.ray
+def test_compare_end_to_end_smoke(tmp_path):
+    """Both layouts, two methods, one seed, two RL steps: the table, the PNG and the JSON come out, and random
+    masking (one row per sample instead of trace's several) gets more steps at equal compute."""
+    small = [
+        "sft.steps=4", "sft.eval_every=0", "data.num_synthetic=300", "rollout.prompts_per_step=4",
+        "rollout.samples_per_prompt=4", "eval.num_prompts=8", "reward.num_workers=1",
+    ]  # fmt: skip
+    env = {**os.environ, "WANDB_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0", "HF_DATASETS_OFFLINE": "1"}
+    cmd = [sys.executable, "scripts/compare.py", "configs/quickstart.yaml", *small, "--out", str(tmp_path),
+           "--layouts", "block,full", "--methods", "trace,random_masking", "--seeds", "0", "--steps", "2",
+           "--eval-every", "1"]  # fmt: skip
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=1800)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    result = json.loads((tmp_path / "compare.json").read_text())
+    rows = {(r["layout"], r["method"]): r for r in result["rows"]}
+    assert set(rows) == {(lay, m) for lay in ("block", "full") for m in ("trace", "random_masking")}
+    for layout in ("block", "full"):
+        trace, rnd = rows[(layout, "trace")], rows[(layout, "random_masking")]
+        assert trace["compute"]["step"] == 2 and rnd["compute"]["step"] > 2
+        assert trace["finished"] == rnd["finished"] == 1
+    assert (tmp_path / "compare.png").read_bytes()[:4] == b"\x89PNG"
+    assert "| block | trace |" in (tmp_path / "compare.md").read_text()
+    # a second call finds every run finished and only rebuilds the table
+    again = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert again.returncode == 0 and "RL steps (" not in again.stdout

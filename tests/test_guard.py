@@ -1,0 +1,84 @@
+"""The divergence guard: one warning when a run collapses, none on a healthy run."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from tracerl.config import ConfigError, GuardConfig, load
+from tracerl.metrics import MetricsLogger
+from tracerl.orchestrator.guards import DivergenceGuard, guard_line
+
+
+def steps(guard: DivergenceGuard, rows: list[dict[str, float]]) -> list[list[str]]:
+    return [guard.check(step, row) for step, row in enumerate(rows, start=1)]
+
+
+def trained(reward: float, kl: float = 0.01, **extra: float) -> dict[str, float]:
+    return {"reward/mean": reward, "train/policy_loss": 0.0, "train/kl_to_old": kl, **extra}
+
+
+def test_a_healthy_run_gets_no_warning() -> None:
+    rows = [trained(r) for r in (0.40, 0.45, 0.43, 0.50, 0.60, 0.55, 0.58, 0.70)]
+    rows[3]["eval/greedy_reward"] = 0.5
+    rows[7]["eval/greedy_reward"] = 0.7
+    assert all(w == [] for w in steps(DivergenceGuard(GuardConfig()), rows))
+
+
+def test_d1_like_collapse_warns_once_then_again_when_nothing_trains() -> None:
+    # The d1 run of the issue: training reward 0.42 → 0 in a few steps, then every group filtered out.
+    rewards = [0.42, 0.45, 0.40, 0.20, 0.05, 0.0, 0.0, 0.0, 0.0]
+    rows = [trained(r) for r in rewards[:6]] + [{"reward/mean": 0.0}] * 3  # no train/* when nothing was kept
+    found = steps(DivergenceGuard(GuardConfig(window=3, reward_fraction=0.5)), rows)
+    # window means of steps 3..9: 0.423, 0.35, 0.217 (just above 0.5 × 0.423 = 0.212), 0.083, 0.017, 0, 0
+    assert found[:5] == [[], [], [], [], []]
+    assert found[5] == ["training reward collapsed: 0.08 over the last 3 steps, below 0.5 × its best (0.42)"]
+    assert found[6:8] == [[], []]  # the same sign goes on: not repeated
+    assert found[8] == [
+        "nothing trained for 3 steps: every group was filtered out (all its rewards equal; training reward 0.00)"
+    ]
+
+
+def test_held_out_collapse_and_recovery() -> None:
+    guard = DivergenceGuard(GuardConfig(window=3))
+    assert guard.check(0, {"eval/greedy_reward": 0.42}) == []
+    assert guard.check(10, trained(0.5, **{"eval/greedy_reward": 0.60})) == []
+    assert guard.check(20, trained(0.5, **{"eval/greedy_reward": 0.20})) == [
+        "held-out greedy reward collapsed: 0.200, below 0.5 × its best (0.600)"
+    ]
+    assert guard.check(21, trained(0.5)) == []  # still collapsed, no new evaluation: no repeat
+    assert guard.check(30, trained(0.5, **{"eval/greedy_reward": 0.55})) == []  # recovered
+    assert guard.check(40, trained(0.5, **{"eval/greedy_reward": 0.10})) == [
+        "held-out greedy reward collapsed: 0.100, below 0.5 × its best (0.600)"
+    ]
+
+
+def test_kl_above_the_bound_for_window_steps() -> None:
+    guard = DivergenceGuard(GuardConfig(window=2, max_kl_to_old=0.5))
+    # one isolated spike is not a warning; two steps in a row are
+    found = steps(guard, [trained(0.5, kl=9.0), trained(0.5), trained(0.5, kl=0.8),
+                          trained(0.5, kl=0.9, **{"train/log_ratio_abs_max": 7.5})])  # fmt: skip
+    assert found == [[], [], [], ["train/kl_to_old above 0.5 for 2 steps (now 0.9, largest token log-ratio 7.5)"]]
+
+
+def test_disabled_guard_says_nothing() -> None:
+    rows = [trained(r) for r in (0.9, 0.9, 0.9, 0.0, 0.0, 0.0)]
+    assert all(w == [] for w in steps(DivergenceGuard(GuardConfig(enabled=False)), rows))
+
+
+def test_guard_config_is_checked() -> None:
+    assert load(None, ["guard.window=5"]).guard.window == 5
+    with pytest.raises(ConfigError, match="guard.reward_fraction in"):
+        load(None, ["guard.reward_fraction=1.5"])
+
+
+def test_alert_goes_to_alerts_jsonl(tmp_path) -> None:  # noqa: ANN001
+    logger = MetricsLogger(tmp_path)
+    logger.alert("tracerl: divergence", "RL step 4: training reward collapsed", step=4)
+    logger.close()
+    rows = [json.loads(line) for line in (tmp_path / "alerts.jsonl").read_text().splitlines()]
+    assert [(r["step"], r["title"], r["text"]) for r in rows] == [
+        (4, "tracerl: divergence", "RL step 4: training reward collapsed")
+    ]
+    assert "RL step 4" in guard_line(4, "x") and "x" in guard_line(4, "x")
