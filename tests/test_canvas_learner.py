@@ -167,3 +167,20 @@ def test_renoising_sft_lowers_the_denoising_loss(learners) -> None:
         losses.append(learner.sft_step(rows, b.weights.flatten(1))["train/loss"])
         assert step or bool((b.sc_temperature > 0).all())
     assert losses[-1] < 0.7 * losses[0]
+
+
+@pytest.mark.parametrize("empty", [False, True])
+def test_a_rank_without_units_runs_a_placeholder_unit(empty: bool) -> None:
+    """What an idle rank (or an idle micro-batch slot) runs so that ranks stay in step: a unit with no target whose
+    forward still puts every trainable parameter in the graph, and a chain pass over it that fills nothing."""
+    pol = policy()
+    _, units = batch(pol)
+    mine = units.select(torch.arange(0)) if empty else units
+    rows = canvas_trace.CanvasRows(mine, pad_id=pol.pad_id)
+    old, rows = canvas_trace.canvas_rows(pol, rows, [None], lockstep=True)  # only the placeholder runs
+    assert old.shape == (len(mine), units.steps, units.canvas_length) and not old.any()
+    out = rows.dummy_inputs().call(canvas_trace.CanvasScorer(pol, 64), 3)  # lockstep: 3 LM-head chunks
+    assert out.shape == (2, 0)
+    (out[0].sum() * 0.0).backward()
+    trainable = [p for p in pol.model.parameters() if p.requires_grad]
+    assert trainable and all(p.grad is not None for p in trainable)

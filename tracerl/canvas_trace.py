@@ -361,7 +361,7 @@ class CanvasRows:
                 torch.zeros(1, s, c), u.temperature,
             )  # fmt: skip
         hidden = None if self.sc is None else torch.zeros((1, *self.sc.shape[1:]), dtype=self.sc.dtype)
-        tau = None if self.sc_temperature is None else torch.zeros(1)
+        tau = None if self.sc is not None else torch.zeros(1)  # no state: a first pass at τ = 0 gives the zero signal
         return CanvasInputs(one, hidden, tau)
 
 
