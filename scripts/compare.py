@@ -321,7 +321,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--steps", type=int, default=20, help="RL steps of the equal-steps comparison")
     p.add_argument("--eval-every", type=int, default=5, help="RL steps between held-out evaluations")
     p.add_argument("--report", action="store_true", help="run nothing: the table and PNG of the finished runs")
+    p.add_argument("--verbose", action="store_true", help="third-party logs and progress bars")
     ns = p.parse_args(argv)
+    from tracerl.cli import quiet_third_party
+
+    quiet_third_party(ns.verbose)
     layouts, methods = ns.layouts.split(","), ns.methods.split(",")
     seeds = [int(s) for s in ns.seeds.split(",")]
     unknown = sorted(set(layouts) - set(LAYOUTS)) + sorted(set(methods) - set(METHODS))

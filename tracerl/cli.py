@@ -211,7 +211,7 @@ def cmd_validate(ns: argparse.Namespace) -> int:
     return 0
 
 
-def _quiet(verbose: bool) -> None:
+def quiet_third_party(verbose: bool) -> None:
     """Third-party logs, warnings and progress bars only with --verbose (the environment reaches Ray actors)."""
     if not verbose:
         for key, value in (
@@ -393,7 +393,7 @@ def main(argv: list[str] | None = None) -> int:
     if rest:  # key=value overrides after an option (tracerl train c.yaml --resume auto seed=1)
         ns.config = [*ns.config, *rest]
     ns.debug, ns.verbose = debug, verbose
-    _quiet(verbose)
+    quiet_third_party(verbose)
     fn: Callable[[argparse.Namespace], int] = ns.fn
     try:
         return fn(ns)
