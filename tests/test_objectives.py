@@ -13,6 +13,7 @@ from tracerl.objectives import (
     entropy_from_logits,
     kl_estimate,
     kl_to_old,
+    kl_to_old_bound,
     policy_loss,
     target_logprobs,
     value_loss,
@@ -63,10 +64,54 @@ def test_one_token_falling_far_is_a_small_kl_but_a_strong_penalty() -> None:
     loss, m = policy_loss(
         logp, old, torch.zeros(1), mask, row_sample=torch.tensor([0]), aggregation="token_mean", kl_to_old_coef=1.0
     )
-    assert m["train/kl_to_old"] == pytest.approx((math.exp(-5) + 4) / 2000, rel=1e-6)
+    assert m["train/kl_to_old_k3"] == pytest.approx((math.exp(-5) + 4) / 2000, rel=1e-6)
+    # the bound: p = 1 (kept at 1 − 1e-9), q = e^{−5} → p · 5 + (1 − p)(ln 1e-9 − ln(1 − e^{−5})) ≈ 5 per token
+    assert m["train/kl_to_old"] == pytest.approx(5.0 / 2000, rel=1e-5)
     assert m["train/log_ratio_abs_max"] == pytest.approx(5.0)
     loss.backward()
     assert logp.grad[0, 0].item() == pytest.approx((1 - math.exp(5)) / 2000, rel=1e-5)
+
+
+def test_kl_to_old_bound_is_the_exact_kl_on_two_tokens_and_below_it_on_more() -> None:
+    # Two tokens: merging "this token" with "any other" loses nothing, so the bound is the exact KL on each token.
+    old, new = torch.log(torch.tensor([0.9, 0.1])), torch.log(torch.tensor([0.5, 0.5]))
+    truth = 0.9 * math.log(1.8) + 0.1 * math.log(0.2)
+    torch.testing.assert_close(kl_to_old_bound(new, old), torch.full((2,), truth))
+    # Random distributions over 7 tokens: every token's bound lies in [0, KL(old‖new)], and the largest comes
+    # within 10% of it for distributions that differ in one token's mass mostly.
+    g = torch.Generator().manual_seed(0)
+    old = torch.log_softmax(torch.randn(64, 7, generator=g) * 2, dim=-1)
+    new = torch.log_softmax(old + torch.randn(64, 7, generator=g), dim=-1)
+    exact = (old.exp() * (old - new)).sum(-1, keepdim=True)
+    bound = kl_to_old_bound(new, old)
+    assert (bound >= 0).all() and (bound <= exact + 1e-6).all()
+    assert (bound.max(-1).values / exact.squeeze(-1)).mean() > 0.3  # not trivially 0
+    one = old.clone()
+    one[:, 0] = torch.log(old[:, 0].exp() * 0.2)  # token 0 loses 80% of its mass to the others, uniformly
+    one[:, 1:] = torch.log(old[:, 1:].exp() + old[:, :1].exp() * 0.8 / 6)
+    exact_one = (old.exp() * (old - one)).sum(-1)
+    assert torch.all(kl_to_old_bound(one[:, 0], old[:, 0]) >= 0.5 * exact_one)
+
+
+def test_one_rare_token_rising_is_not_read_as_a_policy_jump() -> None:
+    # Off the sampler's states (coupled, random masking, d1, merged trace steps) a rollout token can have an old
+    # probability of e^{−10}. One such token of 600 rising to 0.99 is a 4.6-nat move of one position: k3 reads
+    # e^{10}·0.99 − 1 − 9.99 ≈ 21,800 for it, a mean of 36 "nats"; the bound reads −ln(0.01) ≈ 4.6, a mean of 0.008.
+    # A policy that moved everywhere (every token 0.9 → 0.3) reads large under both.
+    old = torch.full((1, 600), math.log(0.9))
+    old[0, 0] = -10.0
+    logp = old.clone()
+    logp[0, 0] = math.log(0.99)
+    mask = torch.ones(1, 600, dtype=torch.bool)
+    _, m = policy_loss(logp, old, torch.zeros(1), mask, row_sample=torch.tensor([0]), aggregation="token_mean")
+    assert m["train/kl_to_old_k3"] > 30
+    assert m["train/kl_to_old"] == pytest.approx(-math.log(0.01) / 600, rel=0.01)
+    assert m["train/log_ratio_abs_max"] == pytest.approx(10 + math.log(0.99), rel=1e-5)
+    moved = torch.full((1, 600), math.log(0.3))
+    _, m = policy_loss(moved, torch.full((1, 600), math.log(0.9)), torch.zeros(1), mask,
+                       row_sample=torch.tensor([0]), aggregation="token_mean")  # fmt: skip
+    assert m["train/kl_to_old"] == pytest.approx(0.9 * math.log(3) + 0.1 * math.log(0.1 / 0.7), rel=1e-5)
+    assert m["train/kl_to_old"] > 0.5
 
 
 def test_kl_lookup_error_lists_kinds() -> None:
@@ -189,7 +234,11 @@ def test_policy_loss_clip_by_hand() -> None:
     # KL(old‖new) from the old policy's tokens, k3 per token = ρ − 1 − ln ρ: ρ = 1.5 → 0.094535, 1.1 → 0.004690,
     # 0.5 → 0.193147
     k3 = [r - 1 - math.log(r) for r in RATIOS]
-    assert m["train/kl_to_old"] == pytest.approx(sum(k3) / 5, rel=1e-5)
+    assert m["train/kl_to_old_k3"] == pytest.approx(sum(k3) / 5, rel=1e-5)
+    # the two-outcome bound per token: p ln(p/q) + (1 − p) ln((1 − p)/(1 − q)) with q = ρ·p
+    probs = [0.2, 0.3, 0.4, 0.1, 0.25]
+    bern = [p * math.log(1 / r) + (1 - p) * math.log((1 - p) / (1 - r * p)) for p, r in zip(probs, RATIOS, strict=True)]
+    assert m["train/kl_to_old"] == pytest.approx(sum(bern) / 5, rel=1e-5)
     assert m["train/log_ratio_abs_max"] == pytest.approx(math.log(2))  # ρ = 0.5
     assert "train/kl_to_ref" not in m and "train/entropy" not in m
 

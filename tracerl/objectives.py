@@ -8,6 +8,7 @@ dims: R rows (training views) · T row length · M target tokens · V vocab · H
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -55,7 +56,9 @@ def kl_estimate(logp: torch.Tensor, ref_logp: torch.Tensor, kind: str) -> torch.
 
 def kl_to_old(logp: torch.Tensor, old_logp: torch.Tensor, kind: str = "k3") -> torch.Tensor:
     """Per-token estimate of KL(π_old‖π_θ) from the rollout's tokens, which π_old sampled: ``kl_estimate`` with
-    the sampling policy first, i.e. with Δ = logp − old_logp, k3 = exp(Δ) − 1 − Δ. This is ``train/kl_to_old``.
+    the sampling policy first, i.e. with Δ = logp − old_logp, k3 = exp(Δ) − 1 − Δ. This is ``train/kl_to_old_k3``;
+    it is unbiased only in states where π_old sampled the token, and heavy-tailed (e^Δ) where a token rises far,
+    so ``train/kl_to_old`` is ``kl_to_old_bound``.
 
     GRPO's form exp(−Δ) − 1 + Δ (TraceRL's penalty, ``kl_estimate(logp, old_logp)``) assumes the tokens came from
     π_θ. On π_old's tokens its mean is χ²(π_old‖π_θ) − KL(π_old‖π_θ), not a KL: one token whose log-prob fell 10
@@ -67,6 +70,37 @@ def kl_to_old(logp: torch.Tensor, old_logp: torch.Tensor, kind: str = "k3") -> t
         9.0
     """
     return kl_estimate(old_logp, logp, kind)
+
+
+def log1mexp(x: torch.Tensor) -> torch.Tensor:
+    """log(1 − eˣ) for x ≤ 0, accurate at both ends (Mächler 2012: log(−expm1 x) near 0, log1p(−eˣ) below −ln 2)."""
+    return torch.where(x > -math.log(2), torch.log(-torch.expm1(x)), torch.log1p(-torch.exp(x)))
+
+
+def kl_to_old_bound(logp: torch.Tensor, old_logp: torch.Tensor) -> torch.Tensor:
+    """Per-token lower bound on KL(π_old(·|s) ‖ π_θ(·|s)) at the state s the token was scored in: the KL between
+    the two-outcome distributions (this token, any other), p = π_old(x|s) against q = π_θ(x|s),
+
+        p · ln(p/q) + (1 − p) · ln((1 − p)/(1 − q)).
+
+    Merging outcomes never increases a KL (the data-processing inequality), so this is ≤ the exact KL over the
+    vocabulary at s, and it is the largest such bound that only the token's two log-probs can give. Unlike k3 it
+    needs no sampling assumption: ``kl_to_old``'s k3 is unbiased only where x was sampled from π_old(·|s) itself,
+    i.e. in trace views that replay the sampler's states, while coupled, random-masking and d1 views, and merged
+    trace steps (``objective.shrink`` > 1), score tokens in states the sampler never saw, where a token can have an
+    old probability of e⁻¹⁰. If it then rises to ~1, k3 adds e¹⁰ ≈ 22,000 for that one token; this bound adds
+    −ln(1 − q): the ~10 nats the position really lost. This is ``train/kl_to_old``. Computed in float64, with
+    both log-probs kept ≤ −1e-9 so that a probability that rounds to 1 stays finite (≤ 20.7 nats).
+
+    Example:
+        >>> old, new = torch.log(torch.tensor([0.9, 0.1])), torch.log(torch.tensor([0.5, 0.5]))
+        >>> [round(v, 6) for v in kl_to_old_bound(new, old).tolist()]   # both tokens: KL(0.9, 0.1 ‖ 0.5, 0.5)
+        [0.368064, 0.368064]
+    """
+    a = old_logp.double().clamp(max=-1e-9)
+    b = logp.double().clamp(max=-1e-9)
+    p = a.exp()
+    return (p * (a - b) + (1 - p) * (log1mexp(a) - log1mexp(b))).clamp(min=0.0).to(logp.dtype)
 
 
 get_kl_estimator = KL_ESTIMATORS.lookup
@@ -270,7 +304,8 @@ def policy_loss(
             "train/clipfrac": _masked_mean((clipped < unclipped).double(), mask),
             "train/ratio_mean": _masked_mean(ratio, mask),
             "train/ratio_max": ratio[mask].max().item() if mask.any() else 0.0,
-            "train/kl_to_old": _masked_mean(kl_to_old(logp, old_logp, "k3"), mask),
+            "train/kl_to_old": _masked_mean(kl_to_old_bound(logp, old_logp), mask),
+            "train/kl_to_old_k3": _masked_mean(kl_to_old(logp, old_logp, "k3"), mask),
             "train/log_ratio_abs_max": log_ratio.abs().max().item() if mask.any() else 0.0,
         }
         if ref_logp is not None:

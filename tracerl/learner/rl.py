@@ -29,7 +29,8 @@ from tracerl.records import CanvasRollout, Rollout
 if TYPE_CHECKING:
     from tracerl.learner.core import Learner
 
-TOKEN_METRICS = ("clipfrac", "kl_to_old", "kl_to_ref", "entropy")  # token means over every target of a step
+# token means over every target of a step
+TOKEN_METRICS = ("clipfrac", "kl_to_old", "kl_to_old_k3", "kl_to_ref", "entropy")
 PEAK_METRICS = ("log_ratio_abs_max",)  # maxima over every target of a step
 
 
