@@ -194,12 +194,16 @@ def main() -> None:
             print(f"  {key:<24} {f[key] / 2**20:9.1f}MB {a[key] / 2**20:9.1f}MB")
         mb, mb_lora = mem / 2**20, mem_lora / 2**20
         print(f"  params+grads+optimizer   {mb:9.1f}MB {mb_lora:9.1f}MB   ({mem / mem_lora:.2f}x less)")
-        print(f"  sync bytes per actor     {f['bytes_per_actor'] / 2**20:9.1f}MB {a['bytes_per_actor'] / 2**20:9.2f}MB"
-              f"   ({f['bytes_per_actor'] / a['bytes_per_actor']:.0f}x less)")
+        print(
+            f"  sync bytes per actor     {f['bytes_per_actor'] / 2**20:9.1f}MB {a['bytes_per_actor'] / 2**20:9.2f}MB"
+            f"   ({f['bytes_per_actor'] / a['bytes_per_actor']:.0f}x less)"
+        )
         for key in ("object_store_s", "collective_s"):
             print(f"  {key:<24} {f[key]:10.3f}s {a[key]:10.3f}s   ({f[key] / a[key]:.1f}x faster)")
-        print(f"  rollout copy: generate unmerged {r['generate_unmerged_s']:.3f}s, merged {r['generate_merged_s']:.3f}s"
-              f" ({r['generate_unmerged_s'] / r['generate_merged_s']:.2f}x), one merge {r['merge_s']:.3f}s")
+        print(
+            f"  rollout copy: generate unmerged {r['generate_unmerged_s']:.3f}s, merged {r['generate_merged_s']:.3f}s"
+            f" ({r['generate_unmerged_s'] / r['generate_merged_s']:.2f}x), one merge {r['merge_s']:.3f}s"
+        )
 
 
 if __name__ == "__main__":

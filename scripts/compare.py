@@ -294,9 +294,17 @@ def step_flops(config: str, overrides: list[str], methods: list[str], layout: st
         c = load_config(config, [*overrides, *METHODS[method]])
         o, lc = c.objective, c.learner
         views = trace.make_views(
-            rollout, o.views, policy.mask_id, shift=policy.shift, seed=seed, shrink_s=o.shrink,
-            prompt_mask_prob=o.d1_prompt_mask_prob, low=o.mask_ratio_low, high=o.mask_ratio_high,
-            pack=lc.packed_views, max_tokens=lc.micro_batch_tokens,
+            rollout,
+            o.views,
+            policy.mask_id,
+            shift=policy.shift,
+            seed=seed,
+            shrink_s=o.shrink,
+            prompt_mask_prob=o.d1_prompt_mask_prob,
+            low=o.mask_ratio_low,
+            high=o.mask_ratio_high,
+            pack=lc.packed_views,
+            max_tokens=lc.micro_batch_tokens,
         )  # fmt: skip  (the learner's views: packed on blocks unless learner.packed_views=false)
         out[method] = scoring.learner_flops(
             float(views.seq_tokens().sum()), params, old_logp_pass=o.old_logp_source == "learner",

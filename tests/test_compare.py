@@ -24,8 +24,9 @@ def test_equal_compute_steps_by_hand():
     assert [compare.equal_compute_step(20, 4.0, f, 5) for f in (1.0, 3.0, 8.0, 1000.0)] == [80, 25, 10, 5]
 
 
-def run(tmp_path, method: str, seed: int, evals: dict[int, float], flops: list[float], steps: int, eq: int,
-        alerts: int = 0):  # noqa: ANN201
+def run(
+    tmp_path, method: str, seed: int, evals: dict[int, float], flops: list[float], steps: int, eq: int, alerts: int = 0
+):  # noqa: ANN201
     """A fake finished run directory: metrics rows with evaluations and counted FLOPs."""
     d = tmp_path / method / f"seed{seed}"
     d.mkdir(parents=True)

@@ -25,8 +25,14 @@ if TYPE_CHECKING:
     from tracerl.learner.core import Learner
 
 
-VALUE_METRICS = ("value/explained_var", "value/mean", "value/return_mean", "value/advantage_var",
-                 "value/baseline_advantage_var", "value/advantage_var_ratio")  # advantages.value_metrics' keys
+VALUE_METRICS = (
+    "value/explained_var",
+    "value/mean",
+    "value/return_mean",
+    "value/advantage_var",
+    "value/baseline_advantage_var",
+    "value/advantage_var_ratio",
+)  # advantages.value_metrics' keys
 
 
 def step_outcome(
