@@ -52,8 +52,9 @@ METHODS: dict[str, list[str]] = {
 # merge 4 neighbouring steps (TraceRL's shrink for full attention; 8 on LLaDA): 5 rows of 40 tokens per sample
 # instead of 20, which merged steps need the learner's own old log-probs for.
 # RL on the full layout takes half the quickstart's learning rate (3.5e-4): at 7e-4, trace seed 0 rose to 0.78
-# held-out by step 10, then its updates grew (gradient norm 0.07 → 4.7 by step 14, kl_to_old 0.02 → 0.8) and one
-# step of 12 nats undid it; at 3.5e-4 the same run stays below 0.005 nats a step and reaches 0.82 by step 16.
+# held-out by step 10, then drifted into writing digits over the clues (training reward 0.83 → 0.20 over steps
+# 11-12, at 0.02 nats a step: a drift, not a jump); at 3.5e-4 the same run stays below 0.005 nats a step and
+# reaches 0.82 by step 16 (docs/estimators.md).
 # On blocks d1 runs without its prompt perturbation, which the block sampler never produces (refused there).
 LAYOUTS: dict[str, list[str]] = {
     "block": ["objective.d1_prompt_mask_prob=0"],
