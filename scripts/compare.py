@@ -306,7 +306,7 @@ def step_flops(config: str, overrides: list[str], methods: list[str], layout: st
             high=o.mask_ratio_high,
             pack=lc.packed_views,
             max_tokens=lc.micro_batch_tokens,
-        )  # fmt: skip  (the learner's views: packed on blocks unless learner.packed_views=false)
+        )  # the learner's own views: packed on blocks unless learner.packed_views=false
         out[method] = scoring.learner_flops(
             float(views.seq_tokens().sum()), params, old_logp_pass=o.old_logp_source == "learner",
             reference=o.kl_to_ref_coef > 0, value=o.value_model, updates_per_step=lc.updates_per_step,
