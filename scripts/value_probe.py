@@ -11,14 +11,30 @@ part within groups (what the ``centered`` target asks the value model to predict
 after-update explained variance rises while the before-update one stays near 0 learns, but what it learns on one
 batch does not carry to the next: the rewards are not predictable from the states by this model from this much
 data. One whose after-update explained variance stays near 0 does not learn.
+
+Beside them it prints how much of the variance any value could explain on the same batches (``synthetic:sudoku4``
+with the tiny model's one-character tokens):
+
+- ``--oracle-samples K`` (default 32): an oracle that knows the solution grid (``sudoku_oracle_values``). It reads
+  every digit committed so far as right or wrong, and expects each cell still to come to be right as often as K
+  fresh samples of the same puzzle got it right; every token.
+- ``--mc-samples K`` (default 0: off, it costs K generations per block and sample): the policy's own value
+  V^π(s) = E[reward | s], the best any function of the state can predict, by K continuations of each state at a
+  block start (``block_start_values``); the block layout only.
+
+    .venv/bin/python scripts/value_probe.py configs/quickstart.yaml model.path=<sft>/final --steps 10 \
+        --targets centered --mc-samples 32
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import statistics
 import sys
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -39,6 +55,232 @@ def variance_split(rewards: torch.Tensor, group: torch.Tensor) -> tuple[float, f
     return float(r.var(unbiased=False)), float((r - means[group]).pow(2).mean())
 
 
+def sudoku_token_cells(
+    token_texts: list[list[str]], puzzles: list[str], solutions: list[str], mask: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """What each response position means for ``sudoku_cells`` when every token is one character (the tiny model's
+    tokenizer) → (blank [N, L]: a blank cell of the puzzle, right [N, L]: a blank cell filled right, spoiler [N, L]:
+    a token that makes the sample score 0: a changed clue or separator, or a character after the grid).
+    ``token_texts[i][j]`` is position j's text ("" for EOS and padding); ``mask`` [N, L] the generated positions.
+
+    Example:
+        >>> texts = [list("13 43") + [""], list("12 4") + ["", ""]]  # the second drops the clue 3
+        >>> b, r, s = sudoku_token_cells(texts, ["1. .3"] * 2, ["12 43"] * 2, torch.ones(2, 6, dtype=torch.bool))
+        >>> b.int().tolist()
+        [[0, 1, 0, 1, 0, 0], [0, 1, 0, 1, 0, 0]]
+        >>> r.int().tolist(), s.int().tolist()
+        ([[0, 0, 0, 1, 0, 0], [0, 1, 0, 1, 0, 0]], [[0, 0, 0, 0, 0, 0], [0, 0, 0, 0, 1, 0]])
+    """
+    n, length = mask.shape
+    blank, right, spoiler = (torch.zeros(n, length, dtype=torch.bool) for _ in range(3))
+    for i, (texts, puzzle, solution) in enumerate(zip(token_texts, puzzles, solutions, strict=True)):
+        for j in range(length):
+            if not mask[i, j]:
+                continue
+            text = texts[j]
+            if j >= len(solution):
+                spoiler[i, j] = text.strip() != ""
+            elif puzzle[j] == ".":
+                blank[i, j], right[i, j] = True, text == solution[j]
+            else:
+                spoiler[i, j] = text != solution[j]
+    return blank, right, spoiler
+
+
+def sudoku_oracle_values(
+    blank: torch.Tensor,
+    right: torch.Tensor,
+    spoiler: torch.Tensor,
+    steps: torch.Tensor,
+    mask: torch.Tensor,
+    rate: torch.Tensor,
+    clean_rate: torch.Tensor,
+) -> torch.Tensor:
+    """[N, L] an oracle's value of the state each token was committed from (the tokens of earlier steps): 0 once a
+    spoiler is committed; else (the right blank cells committed + Σ over blank cells to come of ``rate``) / blank
+    cells, times ``clean_rate``. ``blank``, ``right``, ``spoiler`` as ``sudoku_token_cells`` gives them, ``steps``
+    [N, L] the commit step of each position (−1: none), ``mask`` [N, L] the tokens that get a value; ``rate`` [N, L]
+    how often the policy gets each cell of the sample's puzzle right and ``clean_rate`` [N] how often it writes no
+    spoiler, measured on other samples of the same puzzle (``group_rates``).
+
+    Example (two blank cells, committed one per step, the first right; the policy gets each right half the time):
+        >>> blank, right = torch.tensor([[True, True]]), torch.tensor([[True, False]])
+        >>> steps, none = torch.tensor([[0, 1]]), torch.zeros(1, 2, dtype=torch.bool)
+        >>> rate, clean = torch.tensor([[0.5, 0.5]]), torch.tensor([1.0])
+        >>> sudoku_oracle_values(blank, right, none, steps, ~none, rate, clean).tolist()
+        [[0.5, 0.75]]
+    """
+    r, b = right.double(), blank.double()
+    # committed[i, j, c]: position c was committed before the state of token j (an earlier step)
+    committed = (steps.unsqueeze(1) >= 0) & (steps.unsqueeze(1) < steps.unsqueeze(2))
+    known = (committed.double() * (r * b).unsqueeze(1)).sum(-1)
+    expected = ((~committed).double() * (rate.double() * b).unsqueeze(1)).sum(-1)
+    spoilt = (committed & spoiler.unsqueeze(1)).any(-1)
+    values = (known + expected) / b.sum(1, keepdim=True).clamp(min=1) * clean_rate.double().unsqueeze(1)
+    return torch.where(spoilt | ~mask, 0.0, values).float()
+
+
+def group_rates(right: torch.Tensor, spoiler: torch.Tensor, group: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per group (``group`` [N] in 0..G−1): how often each position is a blank cell filled right [G, L], and how
+    often a sample has no spoiler [G].
+
+    Example:
+        >>> right = torch.tensor([[True, False], [True, True], [False, False]])
+        >>> rate, clean = group_rates(right, torch.tensor([[False, True], [False, False], [False, False]]),
+        ...                           torch.tensor([0, 0, 1]))
+        >>> rate.tolist(), clean.tolist()
+        ([[1.0, 0.5], [0.0, 0.0]], [0.5, 1.0])
+    """
+    num = int(group.max()) + 1
+    count = torch.bincount(group, minlength=num).double().clamp(min=1)
+    rate = torch.zeros(num, right.shape[1], dtype=torch.float64).index_add_(0, group, right.double())
+    clean = torch.zeros(num, dtype=torch.float64).index_add_(0, group, (~spoiler.any(1)).double())
+    return (rate / count.unsqueeze(1)).float(), (clean / count).float()
+
+
+def oracle_metrics(
+    values: torch.Tensor,
+    rewards: torch.Tensor,
+    group: torch.Tensor,
+    mask: torch.Tensor,
+    target: str,
+    advantage: str = "group_zscore",
+) -> tuple[float, float]:
+    """(explained variance, GAE advantage variance / the group baseline's) of oracle ``values`` [N, L] (expected raw
+    rewards) under value ``target`` (``centered``: values and returns minus the group's mean reward), over
+    ``mask``, the advantages scaled per group as ``advantage`` scales them (``advantages.value_outcome``), as
+    training logs ``value/explained_var`` and ``value/advantage_var_ratio``.
+
+    Example (a perfect oracle explains everything and leaves no advantage variance):
+        >>> r, g = torch.tensor([1.0, 0.0, 0.5, 0.0]), torch.tensor([0, 0, 1, 1])
+        >>> oracle_metrics(r.unsqueeze(1), r, g, torch.ones(4, 1, dtype=torch.bool), "centered")
+        (1.0, 0.0)
+    """
+    from tracerl import advantages as adv_lib
+
+    r = rewards.float()
+    _, baseline, scale = adv_lib.value_outcome(r, group, "centered", advantage)
+    mean = (r - adv_lib.group_mean(r, group)).double().unsqueeze(1)  # [N, 1] each sample's group mean
+    returns, v = r.double().unsqueeze(1).expand_as(values), values.double()
+    if target != "reward":
+        returns, v = returns - mean, v - mean
+    ev = adv_lib.explained_variance(v, returns, mask)
+    adv = (returns - v) * scale.double().unsqueeze(1)
+    base_var = baseline.double().unsqueeze(1).expand_as(values)[mask].var(unbiased=False)
+    ratio = float(adv[mask].var(unbiased=False) / base_var) if base_var > 0 else 1.0
+    return ev, ratio
+
+
+def block_start_values(
+    policy: Any,
+    sampling: Any,
+    prompts: list[list[int]],
+    rollout: Any,
+    score: Callable[[list[int], list[str]], list[float]],
+    samples: int,
+    seed: int,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """[N, L] the policy's own value V^π(s) = E[reward | s] of the state each block's first token was committed from
+    (the prompt and the blocks before it, all clean), by Monte Carlo: ``samples`` continuations of that state, sampled
+    with ``sampling`` from the prompt extended by those blocks, which the block layout sees exactly as the sampler did
+    (block-causal attention on the same columns; the prompts must fill whole blocks). NaN for every other token.
+    ``score(samples, completions)`` rewards the completions of the given rollout samples.
+
+    Returns (values, noise): noise [N, L] is the variance of each Monte Carlo mean (the continuations' sample
+    variance / ``samples``; NaN with one sample), which ``debiased_explained_variance`` takes out of the error.
+    """
+    from tracerl.sampling import generate
+
+    size = rollout.block_size
+    if rollout.layout != "block" or any(len(p) % size for p in prompts):
+        raise ValueError(
+            "block_start_values needs a block-layout rollout whose prompts fill whole blocks (a prompt of "
+            f"{size}·k tokens), so that the prompt extended by the committed blocks is the sampler's state; "
+            "use the quickstart's bare 20-character puzzles (data.chat_template=false)."
+        )
+    n, length = rollout.response_ids.shape
+    values = torch.full((n, length), float("nan"))
+    noise = torch.full((n, length), float("nan"))
+    for b in range((length + size - 1) // size):
+        steps = rollout.step_map[:, b * size : (b + 1) * size]
+        rows = [i for i in range(n) if (steps[i] >= 0).any()]  # samples that decoded block b
+        if not rows:
+            break
+        head = [rollout.response_ids[i, : b * size].tolist() for i in rows]
+        idx = [k for k in range(len(rows)) for _ in range(samples)]
+        with torch.no_grad():
+            cont = generate(policy, [list(prompts[rows[k]]) + head[k] for k in idx],
+                            dataclasses.replace(sampling, max_new_tokens=length - b * size), seed=seed + b)  # fmt: skip
+        prefix = [policy.tokenizer.decode(h, skip_special_tokens=True) for h in head]
+        rewards = score([rows[k] for k in idx], [prefix[k] + text for k, text in zip(idx, cont.texts, strict=True)])
+        per_state = torch.tensor(rewards, dtype=torch.float64).view(len(rows), samples)
+        mean = per_state.mean(1)
+        var = per_state.var(1) / samples if samples > 1 else torch.full_like(mean, float("nan"))
+        for k, i in enumerate(rows):
+            made = steps[i] >= 0
+            cols = b * size + (made & (steps[i] == steps[i][made].min())).nonzero().squeeze(1)
+            values[i, cols], noise[i, cols] = float(mean[k]), float(var[k])
+    return values, noise
+
+
+def debiased_explained_variance(
+    values: torch.Tensor, noise: torch.Tensor, returns: torch.Tensor, mask: torch.Tensor
+) -> float:
+    """Explained variance of the exact values of which ``values`` [N, L] are unbiased Monte Carlo estimates with
+    variances ``noise`` [N, L]: 1 − (Var(R − V̂) − mean noise) / Var(R) over ``mask``. The estimates' own noise
+    adds its variance to the error, so the plain explained variance of V̂ is too low by mean noise / Var(R).
+
+    Example (returns 0 and 1 estimated as 0.25 and 0.75: plainly 0.75 explained; if the estimates' noise is
+    0.0625 each, the whole error is noise and the exact values explain everything):
+        >>> r, v, mask = torch.tensor([[0.0, 1.0]]), torch.tensor([[0.25, 0.75]]), torch.ones(1, 2, dtype=torch.bool)
+        >>> debiased_explained_variance(v, torch.zeros(1, 2), r, mask), debiased_explained_variance(
+        ...     v, torch.full((1, 2), 0.0625), r, mask)
+        (0.75, 1.0)
+    """
+    r, v, var = returns[mask].double(), values[mask].double(), noise[mask].double()
+    total = r.var(unbiased=False)
+    if not total > 0:
+        return 0.0
+    error = (r - v).var(unbiased=False) - var.mean()
+    return float(1 - error / total)
+
+
+def oracle_batch(
+    policy: Any,
+    cfg: Any,
+    batch: Any,
+    rollout: Any,
+    group: torch.Tensor,
+    mask: torch.Tensor,
+    steps: torch.Tensor,
+    samples: int,
+    seed: int,
+) -> torch.Tensor:
+    """[N, L] ``sudoku_oracle_values`` of one probe batch (``group`` [N] its puzzle indices): ``samples`` fresh
+    completions per puzzle measure how often the policy gets each cell right (``group_rates``), independent of the
+    batch itself."""
+    from tracerl.sampling import generate
+
+    tok = policy.tokenizer
+    puzzles = [str(p).split(":")[0] for p in batch.prompts]
+    solutions = [str(a) for a in batch.columns["answer"]]
+
+    def cells(ro: Any, idx: list[int]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        texts = [[tok.decode([t], skip_special_tokens=True) for t in row] for row in ro.response_ids.tolist()]
+        return sudoku_token_cells(texts, [puzzles[i] for i in idx], [solutions[i] for i in idx], ro.response_mask)
+
+    n_prompts = len(puzzles)
+    ref_idx = [i for i in range(n_prompts) for _ in range(samples)]
+    with torch.no_grad():
+        ref = generate(policy, [batch.prompt_ids[i] for i in ref_idx], cfg.sampling, seed=seed,
+                       group=torch.tensor(ref_idx))  # fmt: skip
+    _, ref_right, ref_spoiler = cells(ref, ref_idx)
+    rate, clean = group_rates(ref_right, ref_spoiler, torch.tensor(ref_idx))
+    idx = group.tolist()
+    blank, right, spoiler = cells(rollout, idx)
+    return sudoku_oracle_values(blank, right, spoiler, steps, mask, rate[group], clean[group])
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("config")
@@ -47,6 +289,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--targets", default="centered,reward")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--print-every", type=int, default=5, help="steps between printed lines (means over them)")
+    p.add_argument(
+        "--oracle-samples",
+        type=int,
+        default=32,
+        help="samples per puzzle that measure the oracle's per-cell rates (0: no oracle)",
+    )
+    p.add_argument("--mc-samples", type=int, default=0,
+                   help="continuations per state for the policy's own value at block starts (0: off)")  # fmt: skip
     ns = p.parse_args(argv)
 
     from rewards.synthetic import sudoku_cells
@@ -69,7 +319,8 @@ def main(argv: list[str] | None = None) -> int:
         lc = learner.lc
         print(f"== target {target}: value lr {lc.value_lr or 5 * lc.lr:g}, {lc.value_updates_per_step} pass(es) × "
               f"{lc.minibatches} minibatches per step")  # fmt: skip
-        before, after, totals, within = [], [], [], []
+        before, after, totals, within, oracle, oracle_ratio = [], [], [], [], [], []
+        mc, mc_exact, oracle_at_starts = [], [], []
         try:
             for step in range(1, ns.steps + 1):
                 batch = stream.next_batch(n_prompts)
@@ -98,13 +349,41 @@ def main(argv: list[str] | None = None) -> int:
                 o = cfg.objective
                 _, returns = adv_lib.step_gae(values, steps, token_rewards, mask, o.gamma, o.lam)
                 before.append(m["value/explained_var"])
+                adv = cfg.objective.advantage
+                if ns.oracle_samples > 0:
+                    oracle_v = oracle_batch(policy, cfg, batch, rollout, group, mask, steps, ns.oracle_samples,
+                                            seed=ns.seed * 100_003 + step + 50_000)  # fmt: skip
+                    ev, ratio = oracle_metrics(oracle_v, rewards, group, mask, target, adv)
+                    oracle.append(ev)
+                    oracle_ratio.append(ratio)
+                if ns.mc_samples > 0:
+
+                    def score(
+                        ids: list[int], completions: list[str], texts: list = texts, answers: list = answers
+                    ) -> list[float]:
+                        return sudoku_cells([texts[i] for i in ids], completions, answer=[answers[i] for i in ids])
+
+                    seed = ns.seed * 100_003 + step + 70_000
+                    mc_v, noise = block_start_values(policy, cfg.sampling, prompts, rollout, score, ns.mc_samples, seed)
+                    starts = ~mc_v.isnan() & mask
+                    mc.append(oracle_metrics(mc_v.nan_to_num(), rewards, group, starts, target, adv)[0])
+                    if ns.mc_samples > 1:  # the same with the Monte Carlo noise taken out
+                        mean = rewards - adv_lib.group_mean(rewards, group)  # each sample's group mean
+                        shift = torch.zeros_like(mean) if target == "reward" else mean
+                        ret = (rewards - shift).unsqueeze(1).expand_as(mc_v)
+                        vals = mc_v - shift.unsqueeze(1)
+                        mc_exact.append(debiased_explained_variance(vals, noise, ret, starts))
+                    if ns.oracle_samples > 0:
+                        oracle_at_starts.append(oracle_metrics(oracle_v, rewards, group, starts, target, adv)[0])
                 after.append(adv_lib.explained_variance(values, returns, mask))
                 if step % ns.print_every == 0:
                     last = slice(-ns.print_every, None)
                     print(f"step {step:3d}  explained variance before update (new batch) "
                           f"{statistics.fmean(before[last]):+.3f}  after update (same batch) "
                           f"{statistics.fmean(after[last]):+.3f}  value loss {m['train/value_loss']:.4f}  "
-                          f"advantage var ratio {m['value/advantage_var_ratio']:.3f}", flush=True)  # fmt: skip
+                          f"advantage var ratio {m['value/advantage_var_ratio']:.3f}"
+                          + (f"  oracle {statistics.fmean(oracle[last]):+.3f}" if oracle else ""),
+                          flush=True)  # fmt: skip
         finally:
             learner.destroy()
         total, inside = statistics.fmean(totals), statistics.fmean(within)
@@ -112,6 +391,19 @@ def main(argv: list[str] | None = None) -> int:
         print(f"reward variance: total {total:.4f}, within groups {inside:.4f} ({share:.0%}); explained "
               f"variance over the last 10 steps: before update {statistics.fmean(before[-10:]):+.3f}, after "
               f"{statistics.fmean(after[-10:]):+.3f}")  # fmt: skip
+        if oracle:
+            print(
+                f"oracle (knows the solution; per-cell rates from {ns.oracle_samples} other samples per puzzle): "
+                f"explained variance {statistics.fmean(oracle):+.3f}, advantage variance "
+                f"{statistics.fmean(oracle_ratio):.3f} × the group baseline's (mean of {len(oracle)} batches)"
+            )
+        if mc:
+            print(
+                f"the policy's own value V^π at block starts ({ns.mc_samples} continuations per state): explained "
+                f"variance {statistics.fmean(mc):+.3f} on those tokens"
+                + (f", {statistics.fmean(mc_exact):+.3f} without the Monte Carlo noise" if mc_exact else "")
+                + (f" (the oracle there: {statistics.fmean(oracle_at_starts):+.3f})" if oracle_at_starts else "")
+            )
     return 0
 
 

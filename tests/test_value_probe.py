@@ -1,7 +1,9 @@
-"""scripts/value_probe.py: the reward-variance split by hand, and a smoke-size probe end to end."""
+"""scripts/value_probe.py: the reward-variance split and the Sudoku oracle by hand, and a smoke-size probe end to
+end."""
 
 from __future__ import annotations
 
+import doctest
 import importlib.util
 import re
 import sys
@@ -17,6 +19,11 @@ sys.modules["value_probe"] = probe
 SPEC.loader.exec_module(probe)
 
 
+def test_docstring_examples():
+    result = doctest.testmod(probe)
+    assert result.attempted >= 6 and result.failed == 0
+
+
 def test_variance_split_by_hand():
     # rewards 1, 0 | 0.5, 0.5 | 1, 1: mean 2/3, total variance (1/9 + 4/9 + 1/36 · 2 + 1/9 · 2) / 6 = 0.1389;
     # within groups only the first group varies: (0.25 + 0.25) / 6 = 0.0833
@@ -24,14 +31,147 @@ def test_variance_split_by_hand():
     assert total == pytest.approx(5 / 36) and within == pytest.approx(1 / 12)
 
 
+def test_oracle_values_by_hand():
+    # one sample: blank, clue, blank, committed one per step; the first blank right, the clue changed (a spoiler);
+    # the policy gets the blanks right at rates 0.5 and 0.25 and writes no spoiler 80% of the time
+    blank = torch.tensor([[True, False, True, False]])
+    right = torch.tensor([[True, False, False, False]])
+    spoiler = torch.tensor([[False, True, False, False]])
+    steps = torch.tensor([[0, 1, 2, 3]])
+    mask = torch.tensor([[True, True, True, False]])  # the last position gets no value
+    rate, clean = torch.tensor([[0.5, 0.0, 0.25, 0.0]]), torch.tensor([0.8])
+    values = probe.sudoku_oracle_values(blank, right, spoiler, steps, mask, rate, clean)
+    # nothing committed: (0.5 + 0.25) / 2 · 0.8; the right first cell committed: (1 + 0.25) / 2 · 0.8; then the
+    # spoiler is committed: 0
+    assert values[0].tolist() == pytest.approx([0.3, 0.5, 0.0, 0.0])
+
+
+def test_oracle_values_merged_steps_see_only_earlier_steps():
+    # two blank cells committed in the same step: neither state has seen the other cell
+    blank, right = torch.tensor([[True, True]]), torch.tensor([[True, True]])
+    none = torch.zeros(1, 2, dtype=torch.bool)
+    values = probe.sudoku_oracle_values(blank, right, none, torch.tensor([[0, 0]]), ~none,
+                                        torch.tensor([[0.5, 0.5]]), torch.tensor([1.0]))  # fmt: skip
+    assert values.tolist() == [[0.5, 0.5]]
+
+
+def test_group_rates_by_hand():
+    right = torch.tensor([[True, False], [True, True], [False, True], [False, False]])
+    spoiler = torch.tensor([[False, False], [True, False], [False, False], [False, False]])
+    rate, clean = probe.group_rates(right, spoiler, torch.tensor([0, 0, 1, 1]))
+    assert rate.tolist() == [[1.0, 0.5], [0.0, 0.5]] and clean.tolist() == [0.5, 1.0]
+
+
+def test_oracle_metrics_group_mean_is_the_baseline():
+    """A value equal to the group's mean reward explains nothing of the centered returns and leaves the group
+    baseline's advantages as they are; the rewards themselves explain everything."""
+    rewards, group = torch.tensor([1.0, 0.0, 0.5, 0.25, 0.75, 0.5]), torch.tensor([0, 0, 1, 1, 1, 1])
+    mean = torch.tensor([0.5, 0.5, 0.5, 0.5, 0.5, 0.5]).unsqueeze(1).expand(6, 3)
+    mask = torch.ones(6, 3, dtype=torch.bool)
+    ev, ratio = probe.oracle_metrics(mean, rewards, group, mask, "centered")
+    assert ev == pytest.approx(0.0, abs=1e-9) and ratio == pytest.approx(1.0)
+    ev, ratio = probe.oracle_metrics(rewards.unsqueeze(1).expand(6, 3), rewards, group, mask, "reward")
+    assert ev == pytest.approx(1.0) and ratio == pytest.approx(0.0, abs=1e-12)
+    # halfway between: the advantages keep a quarter of the baseline's variance
+    half = (mean + rewards.unsqueeze(1)) / 2
+    assert probe.oracle_metrics(half, rewards, group, mask, "centered") == pytest.approx((0.75, 0.25))
+
+
+def test_sudoku_token_cells_match_the_reward():
+    """A sample without a spoiler scores the share of its blank cells that are right; one with a spoiler scores 0."""
+    from rewards.synthetic import sudoku_cells
+
+    puzzle, solution = "1.3. 34.2 2.4. 4.21", "1234 3412 2143 4321"
+    completions = ["1234 3412 2143 4321", "1434 3412 2143 4321", "1234 3412 2143 4322", "1214 3412 2143 4321"]
+    texts = [[*c, ""] for c in completions]
+    mask = torch.ones(4, 20, dtype=torch.bool)
+    blank, right, spoiler = probe.sudoku_token_cells(texts, [puzzle] * 4, [solution] * 4, mask)
+    expected = sudoku_cells([puzzle + ":"] * 4, completions, answer=[solution] * 4)
+    got = torch.where(spoiler.any(1), 0.0, right.sum(1) / blank.sum(1)).tolist()
+    assert got == pytest.approx(expected) and expected[2] == 0.0 and expected[3] == 0.0
+
+
 @pytest.mark.slow
 def test_value_probe_smoke(tmp_path, capsys):
-    """Two probe steps of both targets on the untrained tiny model: the before/after explained variances and the
-    variance split are printed, within-group variance no larger than the total."""
+    """Five probe steps of both targets on the untrained tiny model: the before/after explained variances, the
+    variance split (within-group variance no larger than the total), the oracle's and V^π's explained variances."""
     small = ["data.num_synthetic=300", "rollout.prompts_per_step=2", "rollout.samples_per_prompt=4",
              "wandb.mode=disabled", f"run_dir={tmp_path}"]  # fmt: skip
-    assert probe.main(["configs/quickstart.yaml", *small, "--steps", "5", "--targets", "centered,reward"]) == 0
+    args = ["--steps", "5", "--targets", "centered,reward", "--oracle-samples", "4", "--mc-samples", "2"]
+    assert probe.main(["configs/quickstart.yaml", *small, *args]) == 0
     out = capsys.readouterr().out
     assert out.count("step   5  explained variance before update") == 2, out
     splits = re.findall(r"total ([\d.]+), within groups ([\d.]+)", out)
     assert len(splits) == 2 and all(float(w) <= float(t) + 1e-12 for t, w in splits), out
+    oracle = re.findall(
+        r"oracle \(knows the solution.*explained variance ([-+][\d.]+), advantage variance ([\d.]+)", out
+    )
+    assert len(oracle) == 2 and all(float(ev) <= 1.0 and float(ratio) >= 0.0 for ev, ratio in oracle), out
+    mc = re.findall(r"V\^π at block starts \(2 continuations per state\): explained variance ([-+][\d.]+) on "
+                    r"those tokens, ([-+][\d.]+) without the Monte Carlo noise", out)  # fmt: skip
+    assert len(mc) == 2 and all(float(plain) <= 1.0 and float(exact) <= 1.0 for plain, exact in mc), out
+
+
+def _tiny_rollout(overrides: list[str]):
+    from tracerl.checks import load_config
+    from tracerl.models import load_policy
+    from tracerl.orchestrator.setup import load_prompts
+    from tracerl.sampling import generate
+
+    cfg = load_config("configs/quickstart.yaml", ["data.num_synthetic=300", "wandb.mode=disabled", *overrides])
+    torch.manual_seed(0)
+    policy = load_policy(cfg.model)  # untrained: its completions vary from block to block
+    stream, _ = load_prompts(cfg)
+    prompts = [list(p) for p in stream.next_batch(6).prompt_ids]
+    return cfg, policy, prompts, generate(policy, prompts, cfg.sampling, seed=3)
+
+
+def test_block_start_values_replay_the_sampler_state():
+    """Greedy decoding continues every block start exactly as the rollout went on, so V^π there is the sample's own
+    reward, and the continuations score the rollout's own completions: the prompt extended by the committed blocks
+    is the state the sampler saw (the replay invariant, DESIGN §7)."""
+    cfg, policy, prompts, rollout = _tiny_rollout(["sampling.temperature=0"])
+    scored: list[tuple[int, str]] = []
+
+    def score(ids: list[int], completions: list[str]) -> list[float]:
+        scored.extend(zip(ids, completions, strict=True))
+        return [float(len(c) + 100 * c.count("1")) for c in completions]
+
+    values, noise = probe.block_start_values(policy, cfg.sampling, prompts, rollout, score, samples=2, seed=11)
+    own = torch.tensor([float(len(t) + 100 * t.count("1")) for t in rollout.texts], dtype=torch.float32)
+    assert all(text == rollout.texts[i] for i, text in scored), "a continuation left the rollout's path"
+    starts = ~values.isnan()
+    size = rollout.block_size
+    decoded = (rollout.step_map.view(len(prompts), -1, size) >= 0).any(-1).sum(1)  # blocks each sample decoded
+    assert (starts.sum(1) >= decoded).all() and starts.any(1).all()
+    assert torch.equal(values[starts], own.unsqueeze(1).expand_as(values)[starts])
+    assert torch.equal(noise.isnan(), values.isnan()) and (noise[starts] == 0).all()  # greedy: no Monte Carlo noise
+    # each block's value sits on the token(s) of that block's first step
+    for i, b in zip(*torch.nonzero(starts.view(len(prompts), -1, size).any(-1), as_tuple=True), strict=True):
+        block = rollout.step_map[i, b * size : (b + 1) * size]
+        assert torch.equal(starts[i, b * size : (b + 1) * size], block == block[block >= 0].min())
+
+
+def test_debiased_explained_variance_recovers_the_exact_values():
+    """Exact values explain 40% of the returns; Monte Carlo estimates of them (8 samples each) explain less, and
+    taking their known noise out gives back the exact values' explained variance."""
+    g = torch.Generator().manual_seed(0)
+    exact = torch.rand(4000, 1, generator=g) * 2  # Var 1/3
+    returns = exact + torch.randn(4000, 1, generator=g) * 0.5  # + Var 1/4 the state cannot tell
+    mask = torch.ones(4000, 1, dtype=torch.bool)
+    draws = exact + torch.randn(4000, 8, generator=g) * 0.5  # 8 continuations per state
+    estimate, noise = draws.mean(1, keepdim=True), draws.var(1, keepdim=True) / 8
+    from tracerl.advantages import explained_variance
+
+    truth = explained_variance(exact, returns, mask)
+    plain = explained_variance(estimate, returns, mask)
+    assert truth == pytest.approx((1 / 3) / (1 / 3 + 1 / 4), abs=0.03)
+    assert plain < truth - 0.03  # the noise (Var 1/32) is visible
+    assert probe.debiased_explained_variance(estimate, noise, returns, mask) == pytest.approx(truth, abs=0.015)
+
+
+def test_block_start_values_refuse_unaligned_prompts():
+    cfg, policy, prompts, rollout = _tiny_rollout([])
+    with pytest.raises(ValueError, match="fill whole blocks"):
+        probe.block_start_values(policy, cfg.sampling, [p[:-1] for p in prompts], rollout, lambda i, c: [0.0] * len(c),
+                                 samples=1, seed=0)  # fmt: skip
