@@ -51,13 +51,14 @@ METHODS: dict[str, list[str]] = {
 # to write 1 in every blank cell, 0.25; this recipe starts it at 0.46, near the block model's 0.41). Trace views
 # merge 4 neighbouring steps (TraceRL's shrink for full attention; 8 on LLaDA): 5 rows of 40 tokens per sample
 # instead of 20, which merged steps need the learner's own old log-probs for.
-# RL on the full layout takes half the quickstart's learning rate (3.5e-4): at 7e-4, trace seed 0 rose to 0.78
-# held-out by step 10, then drifted into writing digits over the clues (training reward 0.83 → 0.20 over steps
-# 11-12, at 0.02 nats a step: a drift, not a jump); at 3.5e-4 the same run stays below 0.005 nats a step and
-# reaches 0.82 by step 16 (docs/estimators.md).
+# RL on both layouts takes half the quickstart's learning rate (3.5e-4). On full attention at 7e-4, trace seed 0
+# rose to 0.78 held-out by step 10, then drifted into writing digits over the clues (training reward 0.83 → 0.20
+# over steps 11-12, at 0.02 nats a step: a drift, not a jump); at 3.5e-4 the same run stays below 0.005 nats a
+# step and reaches 0.82 by step 16. On blocks at 7e-4 (the quickstart's, tuned for trace) coupled seed 1 collapsed
+# by step 20; at 3.5e-4 every method rises on every seed (docs/estimators.md; `learner.lr=7e-4` reruns it).
 # On blocks d1 runs without its prompt perturbation, which the block sampler never produces (refused there).
 LAYOUTS: dict[str, list[str]] = {
-    "block": ["objective.d1_prompt_mask_prob=0"],
+    "block": ["objective.d1_prompt_mask_prob=0", "learner.lr=3.5e-4"],
     "full": ["model.tiny.attention=full", "sft.steps=600", "sft.lr=1e-3", "objective.shrink=4",
              "objective.old_logp_source=learner", "learner.lr=3.5e-4"],
 }  # fmt: skip
