@@ -145,11 +145,13 @@ def oracle_metrics(
     mask: torch.Tensor,
     target: str,
     advantage: str = "group_zscore",
+    noise: torch.Tensor | None = None,
 ) -> tuple[float, float]:
     """(explained variance, GAE advantage variance / the group baseline's) of oracle ``values`` [N, L] (expected raw
     rewards) under value ``target`` (``centered``: values and returns minus the group's mean reward), over
     ``mask``, the advantages scaled per group as ``advantage`` scales them (``advantages.value_outcome``), as
-    training logs ``value/explained_var`` and ``value/advantage_var_ratio``.
+    training logs ``value/explained_var`` and ``value/advantage_var_ratio``. With ``noise`` [N, L], the variances
+    of Monte Carlo ``values``, the explained variance is that of the exact values (``debiased_explained_variance``).
 
     Example (a perfect oracle explains everything and leaves no advantage variance):
         >>> r, g = torch.tensor([1.0, 0.0, 0.5, 0.0]), torch.tensor([0, 0, 1, 1])
@@ -164,7 +166,11 @@ def oracle_metrics(
     returns, v = r.double().unsqueeze(1).expand_as(values), values.double()
     if target != "reward":
         returns, v = returns - mean, v - mean
-    ev = adv_lib.explained_variance(v, returns, mask)
+    ev = (
+        adv_lib.explained_variance(v, returns, mask)
+        if noise is None
+        else debiased_explained_variance(v, noise, returns, mask)
+    )
     adv = (returns - v) * scale.double().unsqueeze(1)
     base_var = baseline.double().unsqueeze(1).expand_as(values)[mask].var(unbiased=False)
     ratio = float(adv[mask].var(unbiased=False) / base_var) if base_var > 0 else 1.0
@@ -237,12 +243,12 @@ def debiased_explained_variance(
         ...     v, torch.full((1, 2), 0.0625), r, mask)
         (0.75, 1.0)
     """
-    r, v, var = returns[mask].double(), values[mask].double(), noise[mask].double()
-    total = r.var(unbiased=False)
+    from tracerl import advantages as adv_lib
+
+    total = returns[mask].double().var(unbiased=False)
     if not total > 0:
         return 0.0
-    error = (r - v).var(unbiased=False) - var.mean()
-    return float(1 - error / total)
+    return adv_lib.explained_variance(values, returns, mask) + float(noise[mask].double().mean() / total)
 
 
 def oracle_batch(
@@ -349,7 +355,7 @@ def main(argv: list[str] | None = None) -> int:
                 o = cfg.objective
                 _, returns = adv_lib.step_gae(values, steps, token_rewards, mask, o.gamma, o.lam)
                 before.append(m["value/explained_var"])
-                adv = cfg.objective.advantage
+                adv = o.advantage
                 if ns.oracle_samples > 0:
                     oracle_v = oracle_batch(policy, cfg, batch, rollout, group, mask, steps, ns.oracle_samples,
                                             seed=ns.seed * 100_003 + step + 50_000)  # fmt: skip
@@ -366,13 +372,10 @@ def main(argv: list[str] | None = None) -> int:
                     seed = ns.seed * 100_003 + step + 70_000
                     mc_v, noise = block_start_values(policy, cfg.sampling, prompts, rollout, score, ns.mc_samples, seed)
                     starts = ~mc_v.isnan() & mask
-                    mc.append(oracle_metrics(mc_v.nan_to_num(), rewards, group, starts, target, adv)[0])
+                    mc_v = mc_v.nan_to_num()
+                    mc.append(oracle_metrics(mc_v, rewards, group, starts, target, adv)[0])
                     if ns.mc_samples > 1:  # the same with the Monte Carlo noise taken out
-                        mean = rewards - adv_lib.group_mean(rewards, group)  # each sample's group mean
-                        shift = torch.zeros_like(mean) if target == "reward" else mean
-                        ret = (rewards - shift).unsqueeze(1).expand_as(mc_v)
-                        vals = mc_v - shift.unsqueeze(1)
-                        mc_exact.append(debiased_explained_variance(vals, noise, ret, starts))
+                        mc_exact.append(oracle_metrics(mc_v, rewards, group, starts, target, adv, noise)[0])
                     if ns.oracle_samples > 0:
                         oracle_at_starts.append(oracle_metrics(oracle_v, rewards, group, starts, target, adv)[0])
                 after.append(adv_lib.explained_variance(values, returns, mask))
