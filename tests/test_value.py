@@ -65,6 +65,37 @@ def test_zero_head_gives_zero_values_and_learns_from_the_head_first(policy):
     assert sum(p.grad.abs().sum() for p in value.backbone.parameters() if p.grad is not None) > 0
 
 
+def test_state_readout_is_the_mean_of_the_token_readout_over_what_each_column_sees(policy):
+    """objective.value_readout=state: each column's value is the mean, over the keys it sees in its view, of the
+    head's per-column outputs (the token readout of the same weights), checked by a plain loop; on packed block
+    views too."""
+    from tracerl.models.attention import PackedAttention
+
+    views = views_of(policy)
+    rows = torch.arange(len(views))
+    token = ValueModel.from_policy(policy)
+    state = ValueModel.from_policy(policy, "state")
+    state.load_state_dict(token.state_dict())
+    with torch.no_grad():
+        for model in (token, state):
+            model.head.weight.copy_(torch.linspace(-1.0, 1.0, model.head.weight.numel()).view_as(model.head.weight))
+            model.head.bias.fill_(0.3)
+    visible = views.visible(rows)
+    per_column = token(views.input_ids, views.position_ids, visible)
+    values = state(views.input_ids, views.position_ids, visible)
+    seen = visible.dense() if isinstance(visible, PackedAttention) else visible
+    expected = torch.zeros_like(per_column)
+    for n in range(seen.shape[0]):
+        for q in range(seen.shape[1]):
+            keys = seen[n, q].nonzero().squeeze(1).tolist()
+            expected[n, q] = sum(per_column[n, k].item() for k in keys) / max(1, len(keys))
+    assert per_column.std() > 0.01  # the columns differ, so a mean over the wrong keys would show
+    torch.testing.assert_close(values, expected, rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(values, per_column)  # the two readouts really differ
+    with pytest.raises(ValueError, match="unknown value readout 'pooled'.*'token', 'state'"):
+        ValueModel.from_policy(policy, "pooled")
+
+
 def test_value_backbone_is_a_copy_of_the_policy_backbone(policy):
     value = ValueModel.from_policy(policy)
     source = policy.model.base_model if policy.family == "masked_lm" else policy.backbone()
@@ -100,8 +131,8 @@ def test_masked_lm_policy_trains_with_a_value_model_in_the_learner(tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("attention", ["full", "block"])
-def test_value_model_learns_known_values_and_cuts_advantage_variance(attention):
+@pytest.mark.parametrize(("attention", "readout"), [("full", "token"), ("block", "token"), ("block", "state")])
+def test_value_model_learns_known_values_and_cuts_advantage_variance(attention, readout):
     """A case whose right values are known: the reward is 1 when the first response token lies in the lower half
     of the vocabulary, and the sampler decodes left to right, so every token after the first sees it. The right
     value of those states is the reward itself (returns are raw rewards, γ = λ = 1); only the first token's state
@@ -120,6 +151,7 @@ def test_value_model_learns_known_values_and_cuts_advantage_variance(attention):
     cfg = Config()
     cfg.objective.value_model = True
     cfg.objective.value_target = "reward"
+    cfg.objective.value_readout = readout
     cfg.objective.advantage = "group_mean"  # scale 1: GAE advantages are R − V, the baseline's R − mean_g
     cfg.learner.lr, cfg.learner.value_lr, cfg.learner.value_updates_per_step = 1e-6, 3e-3, 4
     learner = Learner(cfg, policy)
@@ -157,3 +189,34 @@ def test_the_learner_gets_rewards_for_a_reward_made_value_target_and_advantages_
         assert learner_outcome(adv, rewards, rollout, o).tolist() == [1.0, 0.0, 0.0]  # the truncated 0.75 → 0
         o = ObjectiveConfig(value_model=True, value_target=target, truncated_is_wrong=False)
         assert learner_outcome(adv, rewards, rollout, o).tolist() == [1.0, 0.0, 0.75]
+
+
+@pytest.mark.parametrize("readout", ["token", "state"])
+def test_values_at_the_targets_are_the_same_from_packed_and_row_views(readout):
+    """The replay invariant for the value model: a token's value read in its packed block view equals the one read
+    in its row view, for either readout (the state readout averages over exactly the keys the state shows)."""
+    from tracerl.config import Config
+    from tracerl.learner import Learner
+
+    policy = tiny_policy("block")
+    sampling = SamplingConfig(max_new_tokens=8, block_size=4)
+    rollout = generate(policy, encode(policy, ["1+2=", "12+3=", "7"]), sampling, seed=2)
+    read = {}
+    for packed in (False, True):
+        cfg = Config()
+        cfg.objective.value_model = True
+        cfg.objective.value_readout = readout
+        cfg.learner.packed_views = packed
+        learner = Learner(cfg, policy)
+        try:
+            with torch.no_grad():
+                head = learner.value_engine.module.value.head
+                head.weight.copy_(torch.linspace(-1.0, 1.0, head.weight.numel()).view_as(head.weight))
+            views = learner.views_of(rollout)
+            table = views.targets()
+            values = learner.micro.infer(learner.value_engine, views, table, torch.arange(len(views)))[0]
+            read[packed] = table.place(values, *rollout.response_ids.shape)
+        finally:
+            learner.destroy()
+    assert read[False].abs().max() > 0.01
+    torch.testing.assert_close(read[True], read[False], rtol=1e-5, atol=1e-5)

@@ -243,6 +243,9 @@ class ObjectiveConfig:
     # it is; reward = the raw reward (a plain PPO critic); both scale R − V per group as the advantage function
     # scales r − mean (group_zscore: 1/std). advantage = the group advantage itself (TraceRL's: the z-scored reward)
     value_target: Literal["centered", "reward", "advantage"] = "centered"  # what the value model learns (estimators.md)
+    # token = TraceRL's: the head on the column that predicts the token; state = the mean of the head over every
+    # column the token's view sees (the whole state), ahead of token out of sample on the quickstart (estimators.md)
+    value_readout: Literal["token", "state"] = "token"  # where the value model reads a token's value
     gamma: float = 1.0  # GAE discount over denoising steps
     lam: float = 1.0  # GAE lambda
     value_eps: float = 0.0  # clip range of the value loss around the pre-update values (0 = off; TraceRL: 0.2)

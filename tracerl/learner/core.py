@@ -92,7 +92,7 @@ class Learner:
             if hasattr(ref_policy, "gather"):  # the frozen copy is never partitioned
                 ref_policy.gather = lambda params: contextlib.nullcontext()
             self.ref = scorer_type(ref_policy, self.lc.logprob_chunk_tokens)
-        value = ValueModel.from_policy(policy) if self.obj.value_model else None
+        value = ValueModel.from_policy(policy, self.obj.value_readout) if self.obj.value_model else None
         self.peft: Any = apply_lora(policy, self.lc.lora, self.seed) if self.lora else None
 
         # 2. Engines.

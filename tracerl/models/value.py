@@ -1,7 +1,16 @@
 """The diffusion value model: the policy's backbone plus a zero-initialised scalar head (TraceRL §value).
 
 The value of a response token is read in the token's own training view, i.e. in the state just before the
-sampler committed it, at the column whose hidden state predicts it (one to the left for shifted models).
+sampler committed it, at the column whose hidden state predicts it (one to the left for shifted models). Two
+readouts (``objective.value_readout``):
+
+- ``token`` (TraceRL's): the head's output at that column;
+- ``state``: the mean of the head's output over every column that column sees, i.e. over the whole state the
+  token was committed in (prompt, committed and masked tokens). A reward that adds up over positions (a fraction
+  of cells right, of tests passed) is then a sum of per-column parts, each column scoring its own token, instead
+  of one column having to summarise every other; on the quickstart it learns faster out of sample
+  (docs/estimators.md).
+
 A zero-initialised head makes every value 0 at the start, so the first advantages equal the plain outcome
 rewards and the head learns from there. Works for every family: decoders through ``policy.backbone()``,
 masked LMs through ``model.base_model``.
@@ -30,11 +39,29 @@ def enable_checkpointing(model: nn.Module) -> None:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
 
 
+READOUTS = ("token", "state")
+
+
+def state_mean(scores: torch.Tensor, visible: torch.Tensor | PackedAttention) -> torch.Tensor:
+    """[N, Q] the mean of ``scores`` [N, K] over the keys each query sees under ``visible`` ([N, Q, K] bool or a
+    packed pattern, materialised: O(Q · K) per sequence, like the ``dense`` backend's mask).
+
+    Example:
+        >>> seen = torch.tensor([[[True, False, False], [True, True, False], [True, True, True]]])
+        >>> state_mean(torch.tensor([[3.0, 1.0, 2.0]]), seen)
+        tensor([[3., 2., 2.]])
+    """
+    dense = visible.dense() if isinstance(visible, PackedAttention) else visible
+    weights = dense.to(scores.dtype)
+    return torch.einsum("nqk,nk->nq", weights, scores) / weights.sum(-1).clamp(min=1.0)
+
+
 class ValueModel(nn.Module):
     """A copy of a policy's transformer (no LM head) with a ``Linear(H, 1)`` head set to zero (weight and bias).
 
-    ``forward(input_ids, position_ids, visible)`` → [N, Q] fp32 values, one per view column; the caller
-    picks the columns that predict its targets (``models.base.gather_positions`` with the policy's shift).
+    ``forward(input_ids, position_ids, visible)`` → [N, Q] fp32 values, one per view column (``readout``: the
+    head at the column, or its mean over the columns it sees); the caller picks the columns that predict its
+    targets (``models.base.gather_positions`` with the policy's shift).
 
     Example:
         >>> value = ValueModel.from_policy(policy)          # doctest: +SKIP
@@ -42,8 +69,18 @@ class ValueModel(nn.Module):
         0.0
     """
 
-    def __init__(self, backbone: nn.Module, hidden_size: int, *, encoder: bool = False, shift: bool = False) -> None:
+    def __init__(
+        self,
+        backbone: nn.Module,
+        hidden_size: int,
+        *,
+        encoder: bool = False,
+        shift: bool = False,
+        readout: str = "token",
+    ) -> None:
         super().__init__()
+        if readout not in READOUTS:
+            raise ValueError(f"unknown value readout '{readout}'; choose from {list(READOUTS)}")
         self.backbone = backbone
         # A bias, unlike TraceRL's head: raw rewards have a mean far from 0 (0.5 in the quickstart), which a
         # bias learns in a few steps; without one the backbone must build a constant direction first.
@@ -53,15 +90,16 @@ class ValueModel(nn.Module):
         self.head.to(next(backbone.parameters()).dtype)
         self.encoder = encoder  # masked LMs take a key-padding mask, not a 4D pattern
         self.shift = shift  # the policy's logit shift, so values are read where the policy reads logits
+        self.readout = readout
 
     @classmethod
-    def from_policy(cls, policy: Any) -> ValueModel:
+    def from_policy(cls, policy: Any, readout: str = "token") -> ValueModel:
         """A value model initialised from (a copy of) ``policy``'s backbone; the policy is left untouched."""
         if policy.family == "masked_lm":
             backbone = copy.deepcopy(policy.model.base_model)
-            return cls(backbone, int(policy.model.config.hidden_size), encoder=True)
+            return cls(backbone, int(policy.model.config.hidden_size), encoder=True, readout=readout)
         backbone = copy.deepcopy(policy.backbone())
-        return cls(backbone, int(backbone.config.hidden_size), shift=bool(policy.shift))
+        return cls(backbone, int(backbone.config.hidden_size), shift=bool(policy.shift), readout=readout)
 
     def gradient_checkpointing_enable(self) -> None:
         """Recompute the backbone's activations in backward (transformers' own switch)."""
@@ -86,4 +124,5 @@ class ValueModel(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor, visible: torch.Tensor) -> torch.Tensor:
         hidden = self.hidden_states(input_ids, position_ids, visible)
-        return self.head(hidden).squeeze(-1).float()
+        scores = self.head(hidden).squeeze(-1).float()
+        return scores if self.readout == "token" else state_mean(scores, visible)
