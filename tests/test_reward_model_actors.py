@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import time
 from pathlib import Path
 
 import pytest
@@ -33,6 +34,17 @@ def local_ray():  # noqa: ANN201
     ray.init(address="local", num_cpus=8, include_dashboard=False, log_to_driver=False)
     yield
     ray.shutdown()
+
+
+def wait_until_dead(actor, timeout_s: float = 60.0) -> None:  # noqa: ANN001
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            ray.get(actor.info.remote(), timeout=timeout_s)
+        except ray.exceptions.RayActorError:
+            return
+        assert time.monotonic() < deadline, f"a killed actor still answered after {timeout_s:.0f} s"
+        time.sleep(0.05)
 
 
 def test_reward_model_actors_score_as_in_process_and_in_training_order(local_ray, trained_rm: Path, tmp_path) -> None:
@@ -73,10 +85,12 @@ def test_a_dead_reward_model_actor_is_replaced_and_its_shard_rescored(local_ray,
         fresh = ones_pairs(8, seed=3)
         args = ([p["prompt"] for p in fresh], [p["chosen"] for p in fresh])
         before = pool.score(*args)
-        refs = pool.score_async(*args)
         victim = pool.model_workers["rm"][1]
-        ray.kill(victim)  # dies while scoring samples 4..7
-        after = pool.gather(refs)
+        # Dead before its shard (samples 4..7) is sent. Killed after, it could finish those four before the kill
+        # lands (ray.kill is asynchronous: the actor may answer calls for a while) and no call would fail.
+        ray.kill(victim)
+        wait_until_dead(victim)
+        after = pool.score(*args)
         assert after.parts["rm"] == pytest.approx(before.parts["rm"], abs=1e-6)  # nothing lost, order kept
         assert pool.model_restarts == 1 and pool.restarts == 0 and pool.model_workers["rm"][1] is not victim
     finally:
