@@ -6,7 +6,7 @@ sampler and with ``DiffusionGemmaForBlockDiffusion.generate`` from the same nois
 batched generate after ``torch.manual_seed``, ``noise=sample`` against generate on each prompt alone seeded with
 that sample's seed. The same rollouts then replay: the learner's log-prob of every accepted token of every step
 (one encoder pass per canvas, all steps in one decoder batch, self-conditioning from the chain pass) equals the
-sampler's within 1e-5.
+sampler's within float rounding (``ROUNDING``); in the sampler's own batch layout it is bitwise equal.
 """
 
 from __future__ import annotations
@@ -143,6 +143,13 @@ def rollout_of(name: str) -> tuple[CanvasPolicy, CanvasRollout, list[list[int]]]
     return _ROLLOUTS[name]
 
 
+# The learner batches a canvas's steps differently from the sampler, so the CPU's matmul kernels round differently:
+# below 1e-5 over these conditions where the test was written, up to 1.13e-5 on an AMD EPYC ("loose entropy
+# bound"; with AVX2 kernels pinned, another condition). A wrong state is far outside it: τ off by 0.01% moves
+# log-probs by 4e-4 to 8e-4, 20-40 × this bound. Bitwise equality holds in the sampler's own layout (the
+# peaked-logits test below).
+ROUNDING = 2e-5
+
 FAST = ("default", "per-sample noise, eos", "eos inside a canvas", "three canvases", "stability one")
 NAMES = [pytest.param(n, marks=() if n in FAST else pytest.mark.slow) for n in sorted(CASES)]
 
@@ -166,14 +173,14 @@ def test_the_sampler_returns_generates_sequences(name: str) -> None:
 
 
 @pytest.mark.parametrize("name", NAMES)
-def test_every_accepted_token_replays_within_1e5(name: str) -> None:
+def test_every_accepted_token_replays_within_rounding(name: str) -> None:
     policy, rollout, _ = rollout_of(name)
     units = make_units(rollout, policy.pad_id, train_final_step=True)
     replayed = replay_logprobs(policy, units)
     old, _ = chain_pass(policy, units)
     assert units.accepted.any()
-    assert (replayed - units.rollout_logp)[units.accepted].abs().max() < 1e-5
-    assert (old.cpu() - units.rollout_logp)[units.accepted].abs().max() < 1e-5
+    assert (replayed - units.rollout_logp)[units.accepted].abs().max() < ROUNDING
+    assert (old.cpu() - units.rollout_logp)[units.accepted].abs().max() < ROUNDING
     # every accepted action of every live step of every output canvas is a unit's
     live = rollout.accepted & rollout.canvas_valid[:, :, None, None]
     assert int(units.accepted.sum()) == int(live.sum())
@@ -247,7 +254,7 @@ def test_greedy_takes_the_argmax_denoiser_canvas() -> None:
     g = sample_canvas(policy, [policy.tokenizer(PROMPTS[0])["input_ids"]], case.sampling(), seed=1)
     units = make_units(g, policy.pad_id, train_final_step=True)
     # the accepted token is the mode of its step's distribution: its log-prob is the largest one
-    assert (replay_logprobs(policy, units) - units.rollout_logp)[units.accepted].abs().max() < 1e-5
+    assert (replay_logprobs(policy, units) - units.rollout_logp)[units.accepted].abs().max() < ROUNDING
     assert bool((units.rollout_logp[units.accepted] > -torch.log(torch.tensor(float(policy.vocab_size)))).all())
 
 
@@ -274,7 +281,7 @@ def test_shards_of_different_shapes_concat_and_still_replay() -> None:
     assert not bool(joined.canvas_valid[: len(one), 1:].any()) and joined.texts == one.texts + three.texts
     assert torch.equal(joined.position_offset, torch.cat([one.position_offset, three.position_offset]))
     units = make_units(joined, policy.pad_id, train_final_step=True)
-    assert (replay_logprobs(policy, units) - units.rollout_logp)[units.accepted].abs().max() < 1e-5
+    assert (replay_logprobs(policy, units) - units.rollout_logp)[units.accepted].abs().max() < ROUNDING
     picked = joined.select([4, 0])
     assert torch.equal(picked.canvases[1], joined.canvases[0]) and picked.texts == [joined.texts[4], joined.texts[0]]
     assert torch.equal(picked.temperature, joined.temperature)
