@@ -106,6 +106,10 @@ def test_compare_end_to_end_smoke(tmp_path):
         trace, rnd = rows[(layout, "trace")], rows[(layout, "random_masking")]
         assert trace["compute"]["step"] == 2 and rnd["compute"]["step"] > 2
         assert trace["finished"] == rnd["finished"] == 1
+    # the full layout's runs carry a KL to the SFT model (the long cheap-estimator runs drift without it)
+    for layout, reference in (("block", False), ("full", True)):
+        logged = (tmp_path / layout / "trace" / "seed0" / "metrics.jsonl").read_text()
+        assert ('"train/kl_to_ref"' in logged) == reference, layout
     assert (tmp_path / "compare.png").read_bytes()[:4] == b"\x89PNG"
     assert "| block | trace |" in (tmp_path / "compare.md").read_text()
     # a second call finds every run finished and only rebuilds the table
