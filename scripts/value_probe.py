@@ -1,5 +1,5 @@
-"""Can the value model predict the quickstart's rewards? Train only the value model (the policy stays frozen) on
-fresh rollouts of one policy, and measure, step by step, the explained variance of its values on a batch it has
+"""Can the value model predict a task's rewards? Train only the value model (the policy stays frozen) on fresh
+rollouts of one policy, and measure, step by step, the explained variance of its values on a batch it has
 never trained on (before the update: what ``value/explained_var`` logs in training) and on the batch it has just
 trained on (after the update: whether it fits at all).
 
@@ -12,15 +12,17 @@ after-update explained variance rises while the before-update one stays near 0 l
 batch does not carry to the next: the rewards are not predictable from the states by this model from this much
 data. One whose after-update explained variance stays near 0 does not learn.
 
-Beside them it prints how much of the variance any value could explain on the same batches (``synthetic:sudoku4``
-with the tiny model's one-character tokens):
+Rewards come from the config's ``reward.functions``, as in training, so the probe runs on a task of your own.
+Beside them it prints how much of the variance any value could explain on the same batches:
 
-- ``--oracle-samples K`` (default 32): an oracle that knows the solution grid (``sudoku_oracle_values``). It reads
-  every digit committed so far as right or wrong, and expects each cell still to come to be right as often as K
-  fresh samples of the same puzzle got it right; every token.
+- ``--oracle-samples K`` (default 32 where an oracle exists, else off): an oracle that knows the answer, on tasks
+  whose tokens are one character each and whose reward counts the positions written right
+  (``synthetic:sudoku4`` with ``sudoku_cells``, the quickstart; ``synthetic:copy`` with ``digit_accuracy``). It
+  reads every digit committed so far as right or wrong, and expects each cell still to come to be right as often
+  as K fresh samples of the same prompt got it right; every token (``oracle_values``).
 - ``--mc-samples K`` (default 0: off, it costs K generations per block and sample): the policy's own value
   V^π(s) = E[reward | s], the best any function of the state can predict, by K continuations of each state at a
-  block start (``block_start_values``); the block layout only.
+  block start (``block_start_values``); the block layout, with prompts that fill whole blocks.
 
     .venv/bin/python scripts/value_probe.py configs/quickstart.yaml model.path=<sft>/final --steps 10 \
         --targets centered --mc-samples 32
@@ -85,6 +87,40 @@ def sudoku_token_cells(
             else:
                 spoiler[i, j] = text != solution[j]
     return blank, right, spoiler
+
+
+def copy_token_cells(
+    token_texts: list[list[str]], answers: list[str], mask: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``sudoku_token_cells`` for ``synthetic:copy`` scored by ``digit_accuracy``: every answer position is a cell,
+    right when its character is the answer's there; nothing is a spoiler. Positions are aligned from the left, which
+    is ``digit_accuracy``'s alignment (from the right) for completions of the answer's length.
+
+    Example:
+        >>> b, r, s = copy_token_cells([list("4081") + [""]], ["4071"], torch.ones(1, 5, dtype=torch.bool))
+        >>> b.int().tolist(), r.int().tolist(), s.any().item()
+        ([[1, 1, 1, 1, 0]], [[1, 1, 0, 1, 0]], False)
+    """
+    n, length = mask.shape
+    blank, right = (torch.zeros(n, length, dtype=torch.bool) for _ in range(2))
+    for i, (texts, answer) in enumerate(zip(token_texts, answers, strict=True)):
+        for j in range(min(len(answer), length)):
+            if mask[i, j]:
+                blank[i, j], right[i, j] = True, texts[j] == answer[j]
+    return blank, right, torch.zeros(n, length, dtype=torch.bool)
+
+
+def oracle_cells(cfg: Any) -> Callable[[list[list[str]], list[str], list[str], torch.Tensor], tuple] | None:
+    """The cell reader of the oracle for this config's task and reward, ``cells(token_texts, prompts, answers,
+    mask)`` → (blank, right, spoiler); None where there is no oracle (any other task, or more than one reward)."""
+    names = [f.fn for f in cfg.reward.functions]
+    if cfg.data.source == "synthetic:sudoku4" and names == ["sudoku_cells"]:
+        return lambda texts, prompts, answers, mask: sudoku_token_cells(
+            texts, [str(p).split(":")[0] for p in prompts], [str(a) for a in answers], mask
+        )
+    if cfg.data.source == "synthetic:copy" and names == ["digit_accuracy"]:
+        return lambda texts, prompts, answers, mask: copy_token_cells(texts, [str(a) for a in answers], mask)
+    return None
 
 
 def sudoku_oracle_values(
@@ -261,29 +297,28 @@ def oracle_batch(
     steps: torch.Tensor,
     samples: int,
     seed: int,
+    cells: Callable[..., tuple[torch.Tensor, torch.Tensor, torch.Tensor]],
 ) -> torch.Tensor:
-    """[N, L] ``sudoku_oracle_values`` of one probe batch (``group`` [N] its puzzle indices): ``samples`` fresh
-    completions per puzzle measure how often the policy gets each cell right (``group_rates``), independent of the
-    batch itself."""
+    """[N, L] ``sudoku_oracle_values`` of one probe batch (``group`` [N] its prompt indices), its cells read by
+    ``cells`` (``oracle_cells``): ``samples`` fresh completions per prompt measure how often the policy gets each
+    cell right (``group_rates``), independent of the batch itself."""
     from tracerl.sampling import generate
 
     tok = policy.tokenizer
-    puzzles = [str(p).split(":")[0] for p in batch.prompts]
-    solutions = [str(a) for a in batch.columns["answer"]]
+    prompts, answers = list(batch.prompts), [str(a) for a in batch.columns["answer"]]
 
-    def cells(ro: Any, idx: list[int]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def read(ro: Any, idx: list[int]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         texts = [[tok.decode([t], skip_special_tokens=True) for t in row] for row in ro.response_ids.tolist()]
-        return sudoku_token_cells(texts, [puzzles[i] for i in idx], [solutions[i] for i in idx], ro.response_mask)
+        return cells(texts, [prompts[i] for i in idx], [answers[i] for i in idx], ro.response_mask)
 
-    n_prompts = len(puzzles)
+    n_prompts = len(prompts)
     ref_idx = [i for i in range(n_prompts) for _ in range(samples)]
     with torch.no_grad():
         ref = generate(policy, [batch.prompt_ids[i] for i in ref_idx], cfg.sampling, seed=seed,
                        group=torch.tensor(ref_idx))  # fmt: skip
-    _, ref_right, ref_spoiler = cells(ref, ref_idx)
+    _, ref_right, ref_spoiler = read(ref, ref_idx)
     rate, clean = group_rates(ref_right, ref_spoiler, torch.tensor(ref_idx))
-    idx = group.tolist()
-    blank, right, spoiler = cells(rollout, idx)
+    blank, right, spoiler = read(rollout, group.tolist())
     return sudoku_oracle_values(blank, right, spoiler, steps, mask, rate[group], clean[group])
 
 
@@ -298,26 +333,35 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument(
         "--oracle-samples",
         type=int,
-        default=32,
-        help="samples per puzzle that measure the oracle's per-cell rates (0: no oracle)",
+        default=None,
+        help="samples per prompt that measure the oracle's per-cell rates (0: no oracle; default 32 where the task "
+        "has one)",
     )
     p.add_argument("--mc-samples", type=int, default=0,
                    help="continuations per state for the policy's own value at block starts (0: off)")  # fmt: skip
     ns = p.parse_args(argv)
 
-    from rewards.synthetic import sudoku_cells
     from tracerl import advantages as adv_lib
     from tracerl.checks import load_config
     from tracerl.learner import Learner
     from tracerl.learner.value_phase import value_phase
     from tracerl.models import load_policy
-    from tracerl.orchestrator.setup import load_prompts
+    from tracerl.orchestrator.setup import check_rewards, load_prompts
     from tracerl.sampling import generate
     from tracerl.scoring import response_token_steps
 
     torch.manual_seed(ns.seed)
     for target in ns.targets.split(","):
         cfg = load_config(ns.config, [*ns.overrides, "objective.value_model=true", f"objective.value_target={target}"])
+        cells = oracle_cells(cfg)
+        oracle_samples = ns.oracle_samples if ns.oracle_samples is not None else (32 if cells else 0)
+        if oracle_samples > 0 and cells is None:
+            raise SystemExit(
+                f"--oracle-samples {oracle_samples}: the oracle knows only synthetic:sudoku4 scored by sudoku_cells "
+                f"and synthetic:copy scored by digit_accuracy, not {cfg.data.source} scored by "
+                f"{[f.fn for f in cfg.reward.functions]}; pass --oracle-samples 0 (or --mc-samples K for V^π)."
+            )
+        service = check_rewards(cfg, None, cfg.data.source)  # the run's own reward functions, weighted
         policy = load_policy(cfg.model)
         stream, _ = load_prompts(cfg)
         g, n_prompts = cfg.rollout.samples_per_prompt, cfg.rollout.prompts_per_step
@@ -335,8 +379,16 @@ def main(argv: list[str] | None = None) -> int:
                 with torch.no_grad():
                     rollout = generate(policy, prompts, cfg.sampling, seed=ns.seed * 100_003 + step, group=group)
                 texts = [p for p in batch.prompts for _ in range(g)]
-                answers = [a for a in batch.columns["answer"] for _ in range(g)]
-                rewards = torch.tensor(sudoku_cells(texts, rollout.texts, answer=answers))
+                columns = {k: [v for v in col for _ in range(g)] for k, col in batch.columns.items()}
+
+                def score(
+                    ids: list[int], completions: list[str], texts: list = texts, columns: dict = columns,
+                    service: Any = service,
+                ) -> list[float]:  # fmt: skip
+                    picked = {k: [col[i] for i in ids] for k, col in columns.items()}
+                    return service.score([texts[i] for i in ids], completions, columns=picked).total
+
+                rewards = torch.tensor(score(list(range(len(texts))), rollout.texts))
                 tot, win = variance_split(rewards, group)
                 totals.append(tot)
                 within.append(win)
@@ -356,19 +408,13 @@ def main(argv: list[str] | None = None) -> int:
                 _, returns = adv_lib.step_gae(values, steps, token_rewards, mask, o.gamma, o.lam)
                 before.append(m["value/explained_var"])
                 adv = o.advantage
-                if ns.oracle_samples > 0:
-                    oracle_v = oracle_batch(policy, cfg, batch, rollout, group, mask, steps, ns.oracle_samples,
-                                            seed=ns.seed * 100_003 + step + 50_000)  # fmt: skip
+                if oracle_samples > 0:
+                    oracle_v = oracle_batch(policy, cfg, batch, rollout, group, mask, steps, oracle_samples,
+                                            seed=ns.seed * 100_003 + step + 50_000, cells=cells)  # fmt: skip
                     ev, ratio = oracle_metrics(oracle_v, rewards, group, mask, target, adv)
                     oracle.append(ev)
                     oracle_ratio.append(ratio)
                 if ns.mc_samples > 0:
-
-                    def score(
-                        ids: list[int], completions: list[str], texts: list = texts, answers: list = answers
-                    ) -> list[float]:
-                        return sudoku_cells([texts[i] for i in ids], completions, answer=[answers[i] for i in ids])
-
                     seed = ns.seed * 100_003 + step + 70_000
                     mc_v, noise = block_start_values(policy, cfg.sampling, prompts, rollout, score, ns.mc_samples, seed)
                     starts = ~mc_v.isnan() & mask
@@ -376,7 +422,7 @@ def main(argv: list[str] | None = None) -> int:
                     mc.append(oracle_metrics(mc_v, rewards, group, starts, target, adv)[0])
                     if ns.mc_samples > 1:  # the same with the Monte Carlo noise taken out
                         mc_exact.append(oracle_metrics(mc_v, rewards, group, starts, target, adv, noise)[0])
-                    if ns.oracle_samples > 0:
+                    if oracle_samples > 0:
                         oracle_at_starts.append(oracle_metrics(oracle_v, rewards, group, starts, target, adv)[0])
                 after.append(adv_lib.explained_variance(values, returns, mask))
                 if step % ns.print_every == 0:
@@ -396,7 +442,7 @@ def main(argv: list[str] | None = None) -> int:
               f"{statistics.fmean(after[-10:]):+.3f}")  # fmt: skip
         if oracle:
             print(
-                f"oracle (knows the solution; per-cell rates from {ns.oracle_samples} other samples per puzzle): "
+                f"oracle (knows the solution; per-cell rates from {oracle_samples} other samples per prompt): "
                 f"explained variance {statistics.fmean(oracle):+.3f}, advantage variance "
                 f"{statistics.fmean(oracle_ratio):.3f} × the group baseline's (mean of {len(oracle)} batches)"
             )

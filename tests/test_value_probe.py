@@ -175,3 +175,53 @@ def test_block_start_values_refuse_unaligned_prompts():
     with pytest.raises(ValueError, match="fill whole blocks"):
         probe.block_start_values(policy, cfg.sampling, [p[:-1] for p in prompts], rollout, lambda i, c: [0.0] * len(c),
                                  samples=1, seed=0)  # fmt: skip
+
+
+def test_copy_token_cells_match_the_reward():
+    """For completions of the answer's length, the share of right cells is digit_accuracy's reward."""
+    from rewards.synthetic import digit_accuracy
+
+    completions = ["4071", "4081", "9999", "4070"]
+    texts = [[*c, "", ""] for c in completions]
+    blank, right, spoiler = probe.copy_token_cells(texts, ["4071"] * 4, torch.ones(4, 6, dtype=torch.bool))
+    expected = digit_accuracy(["copy 4071:"] * 4, completions, answer=["4071"] * 4)
+    assert (right.sum(1) / blank.sum(1)).tolist() == pytest.approx(expected) and expected == [1.0, 0.75, 0.0, 0.75]
+    assert blank.sum().item() == 16 and not spoiler.any()
+
+
+def test_oracle_cells_know_their_tasks_only():
+    from tracerl.checks import load_config
+
+    assert probe.oracle_cells(load_config("configs/quickstart.yaml", [])) is not None
+    assert probe.oracle_cells(load_config("configs/copy.yaml", [])) is not None
+    # a known task scored by another reward has no oracle: its cells would not be that reward's
+    other = "reward.functions=[{fn: synthetic_exact}]"
+    assert probe.oracle_cells(load_config("configs/copy.yaml", [other])) is None
+    assert probe.oracle_cells(load_config("configs/quickstart.yaml", [other])) is None
+
+
+def test_value_probe_refuses_an_oracle_it_does_not_have(capsys):
+    """Asking for the oracle on a task it does not know stops before any model loads, naming the way out."""
+    with pytest.raises(SystemExit, match=r"synthetic_exact.*pass --oracle-samples 0"):
+        probe.main(["configs/copy.yaml", "reward.functions=[{fn: synthetic_exact}]", "--oracle-samples", "4"])
+
+
+@pytest.mark.slow
+def test_value_probe_scores_with_the_configs_reward(tmp_path, capsys):
+    """The probe's rewards are the config's reward functions, called with the dataset's columns (it used to score
+    every task as Sudoku): a reward file that records its calls, on the copy task, no oracle by default."""
+    calls = tmp_path / "calls.txt"
+    (tmp_path / "my_reward.py").write_text(
+        "def score(prompts, completions, answer, **kwargs):\n"
+        f"    open({str(calls)!r}, 'a').write(f'{{len(completions)}} {{answer[0]}}\\n')\n"
+        "    return [float(len(c)) for c in completions]\n"
+    )
+    reward = f"reward.functions=[{{fn: '{tmp_path}/my_reward.py:score'}}]"
+    small = ["data.num_synthetic=300", "rollout.prompts_per_step=2", "rollout.samples_per_prompt=4",
+             "wandb.mode=disabled", f"run_dir={tmp_path}", reward]  # fmt: skip
+    assert probe.main(["configs/copy.yaml", *small, "--steps", "2", "--targets", "centered", "--print-every", "1"]) == 0
+    out = capsys.readouterr().out
+    lines = calls.read_text().split()
+    scored = [(int(n), a) for n, a in zip(lines[::2], lines[1::2], strict=True)]
+    assert [n for n, _ in scored][-2:] == [8, 8] and all(a.isdigit() for _, a in scored), scored  # 2 prompts x 4
+    assert "oracle" not in out and out.count("explained variance before update") == 2, out
