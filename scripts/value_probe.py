@@ -322,6 +322,45 @@ def oracle_batch(
     return sudoku_oracle_values(blank, right, spoiler, steps, mask, rate[group], clean[group])
 
 
+class FinalStateRegression:
+    """An independent check on how learnable a task's rewards are from a batch budget: a plain PyTorch regression
+    of each sample's reward (minus its group's mean for ``centered``) on its whole final sequence, prompt and
+    completion all visible, so the state holds everything the reward depends on (its ceiling is 1 for a
+    deterministic reward of the text). A fresh copy of the policy's backbone with a zero head (``ValueModel``,
+    ``state`` readout: the mean of the head over the sequence), AdamW at ``lr``, gradients clipped at
+    ``max_grad_norm``; none of the learner's code. If it cannot learn the rewards from these batches, a value model
+    that sees less (each token's state before it was committed) cannot either.
+    """
+
+    def __init__(self, policy: Any, lr: float, max_grad_norm: float = 1.0) -> None:
+        from tracerl.models.value import ValueModel
+
+        self.model = ValueModel.from_policy(policy, "state")
+        self.params = [q for q in self.model.parameters() if q.requires_grad]
+        self.optimizer = torch.optim.AdamW(self.params, lr=lr, weight_decay=0.0)
+        self.max_grad_norm = max_grad_norm
+
+    def predict(self, rollout: Any) -> torch.Tensor:
+        """[N] the model's value of each sample's final sequence (left-padded prompt, then the generated tokens)."""
+        ids = torch.cat([rollout.prompt_ids, rollout.response_ids.clamp(min=0)], 1)
+        valid = torch.cat([rollout.prompt_mask, rollout.step_map >= 0], 1)
+        visible = (valid.unsqueeze(1) & valid.unsqueeze(2)) | torch.eye(ids.shape[1], dtype=torch.bool)
+        positions = (valid.long().cumsum(1) - 1).clamp(min=0)
+        first = valid.long().argmax(1)  # every valid column sees the same keys, so any of them gives the mean
+        return self.model(ids, positions, visible).gather(1, first.unsqueeze(1)).squeeze(1)
+
+    def update(self, rollout: Any, targets: torch.Tensor, minibatches: int, passes: int, seed: int) -> None:
+        """``passes`` × ``minibatches`` AdamW steps on ½ (V − target)², each on a random part of the batch."""
+        g = torch.Generator().manual_seed(seed)
+        for _ in range(passes):
+            for part in torch.randperm(len(targets), generator=g).chunk(minibatches):
+                loss = 0.5 * (self.predict(rollout.select(part)) - targets[part]).pow(2).mean()
+                self.optimizer.zero_grad()
+                loss.backward()
+                torch.nn.utils.clip_grad_norm_(self.params, self.max_grad_norm)
+                self.optimizer.step()
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("config")
@@ -337,6 +376,8 @@ def main(argv: list[str] | None = None) -> int:
         help="samples per prompt that measure the oracle's per-cell rates (0: no oracle; default 32 where the task "
         "has one)",
     )
+    p.add_argument("--final-state", action="store_true",
+                   help="also train FinalStateRegression (it sees each final sequence) on the batches")  # fmt: skip
     p.add_argument("--mc-samples", type=int, default=0,
                    help="continuations per state for the policy's own value at block starts (0: off)")  # fmt: skip
     ns = p.parse_args(argv)
@@ -367,6 +408,10 @@ def main(argv: list[str] | None = None) -> int:
         g, n_prompts = cfg.rollout.samples_per_prompt, cfg.rollout.prompts_per_step
         learner = Learner(cfg, policy)
         lc = learner.lc
+        regression = (
+            FinalStateRegression(policy, lc.value_lr or 5 * lc.lr, lc.max_grad_norm) if ns.final_state else None
+        )
+        final_ev: list[float] = []
         print(f"== target {target}: value lr {lc.value_lr or 5 * lc.lr:g}, {lc.value_updates_per_step} pass(es) × "
               f"{lc.minibatches} minibatches per step")  # fmt: skip
         before, after, totals, within, oracle, oracle_ratio = [], [], [], [], [], []
@@ -425,13 +470,21 @@ def main(argv: list[str] | None = None) -> int:
                     if oracle_samples > 0:
                         oracle_at_starts.append(oracle_metrics(oracle_v, rewards, group, starts, target, adv)[0])
                 after.append(adv_lib.explained_variance(values, returns, mask))
+                if regression is not None:  # out of sample, then trained on this batch like the value model
+                    target_r = outcome.float()  # the value model's own outcome target
+                    with torch.no_grad():
+                        guess = regression.predict(rollout)
+                    one = torch.ones(len(target_r), 1, dtype=torch.bool)
+                    final_ev.append(adv_lib.explained_variance(guess.unsqueeze(1), target_r.unsqueeze(1), one))
+                    regression.update(rollout, target_r, lc.minibatches, lc.value_updates_per_step, seed=step)
                 if step % ns.print_every == 0:
                     last = slice(-ns.print_every, None)
                     print(f"step {step:3d}  explained variance before update (new batch) "
                           f"{statistics.fmean(before[last]):+.3f}  after update (same batch) "
                           f"{statistics.fmean(after[last]):+.3f}  value loss {m['train/value_loss']:.4f}  "
                           f"advantage var ratio {m['value/advantage_var_ratio']:.3f}"
-                          + (f"  oracle {statistics.fmean(oracle[last]):+.3f}" if oracle else ""),
+                          + (f"  oracle {statistics.fmean(oracle[last]):+.3f}" if oracle else "")
+                          + (f"  final-state regression {statistics.fmean(final_ev[last]):+.3f}" if final_ev else ""),
                           flush=True)  # fmt: skip
         finally:
             learner.destroy()
@@ -440,6 +493,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"reward variance: total {total:.4f}, within groups {inside:.4f} ({share:.0%}); explained "
               f"variance over the last 10 steps: before update {statistics.fmean(before[-10:]):+.3f}, after "
               f"{statistics.fmean(after[-10:]):+.3f}")  # fmt: skip
+        if final_ev:
+            print(
+                f"final-state regression (sees each whole final sequence, trained on the same batches): explained "
+                f"variance before update {statistics.fmean(final_ev[-10:]):+.3f} over the last 10 steps"
+            )
         if oracle:
             print(
                 f"oracle (knows the solution; per-cell rates from {oracle_samples} other samples per prompt): "

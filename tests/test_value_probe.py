@@ -225,3 +225,33 @@ def test_value_probe_scores_with_the_configs_reward(tmp_path, capsys):
     scored = [(int(n), a) for n, a in zip(lines[::2], lines[1::2], strict=True)]
     assert [n for n, _ in scored][-2:] == [8, 8] and all(a.isdigit() for _, a in scored), scored  # 2 prompts x 4
     assert "oracle" not in out and out.count("explained variance before update") == 2, out
+
+
+@pytest.mark.slow
+def test_final_state_regression_reads_the_completion():
+    """One prompt for every sample, so only the completions differ; the target is how often a completion uses its
+    most common token. The zero head predicts 0 at first; trained on that batch the regression explains most of
+    the target, which it can only do by reading the completions."""
+    from tracerl.advantages import explained_variance
+    from tracerl.checks import load_config
+    from tracerl.models import load_policy
+    from tracerl.orchestrator.setup import load_prompts
+    from tracerl.sampling import generate
+
+    cfg = load_config("configs/quickstart.yaml", ["data.num_synthetic=300", "wandb.mode=disabled"])
+    torch.manual_seed(0)
+    policy = load_policy(cfg.model)  # untrained: varied completions
+    stream, _ = load_prompts(cfg)
+    prompt = list(stream.next_batch(1).prompt_ids[0])
+    rollout = generate(policy, [prompt] * 32, cfg.sampling, seed=5)
+    made = rollout.step_map >= 0
+    token = int(torch.mode(rollout.response_ids[made]).values)
+    target = ((rollout.response_ids == token) & made).sum(1) / made.sum(1)
+    assert target.var() > 0
+    regression = probe.FinalStateRegression(policy, lr=3e-3)
+    with torch.no_grad():
+        assert torch.equal(regression.predict(rollout), torch.zeros(32))
+    regression.update(rollout, target, minibatches=2, passes=40, seed=0)
+    with torch.no_grad():
+        fitted = regression.predict(rollout)
+    assert explained_variance(fitted.unsqueeze(1), target.unsqueeze(1), torch.ones(32, 1, dtype=torch.bool)) > 0.5
