@@ -8,7 +8,7 @@ import pytest
 
 from tracerl.config import ConfigError, GuardConfig, load
 from tracerl.metrics import MetricsLogger
-from tracerl.orchestrator.guards import DivergenceGuard, guard_line
+from tracerl.orchestrator.guards import DivergenceGuard, ValueWatch, guard_line
 
 
 def steps(guard: DivergenceGuard, rows: list[dict[str, float]]) -> list[list[str]]:
@@ -82,3 +82,29 @@ def test_alert_goes_to_alerts_jsonl(tmp_path) -> None:  # noqa: ANN001
         (4, "tracerl: divergence", "RL step 4: training reward collapsed")
     ]
     assert "RL step 4" in guard_line(4, "x") and "x" in guard_line(4, "x")
+
+
+def test_value_watch_reports_an_idle_value_model_once_and_again_after_it_learnt() -> None:
+    watch = ValueWatch(GuardConfig(value_window=3, min_value_explained_var=0.05))
+    evs = [0.0, 0.01, -0.01, 0.02, 0.3, 0.4, 0.5, 0.0, 0.0, 0.0, 0.0]
+    found = [watch.check({"value/explained_var": ev, "value/advantage_var_ratio": 1.01}) for ev in evs]
+    # means over 3 steps from step 3: 0.000, 0.007, 0.103, 0.233, 0.400, 0.300, 0.167, 0.000, 0.000
+    assert [i + 1 for i, f in enumerate(found) if f] == [3, 10]
+    assert found[2].startswith("value/explained_var +0.000 on average over the last 3 steps (below 0.05; advantage "
+                               "variance 1.01 × the group baseline's)")  # fmt: skip
+    assert watch.idle
+
+
+def test_value_watch_is_quiet_without_a_value_model_or_while_it_learns() -> None:
+    watch = ValueWatch(GuardConfig(value_window=2))
+    assert [watch.check({"reward/mean": 0.5}) for _ in range(4)] == [None] * 4  # no value metrics
+    assert [watch.check({"value/explained_var": ev}) for ev in (0.4, 0.5, 0.6)] == [None] * 3
+    assert [ValueWatch(GuardConfig(enabled=False, value_window=1)).check({"value/explained_var": 0.0})] == [None]
+
+
+def test_value_watch_config_is_checked() -> None:
+    assert load(None, ["guard.value_window=4"]).guard.value_window == 4
+    with pytest.raises(ConfigError, match="guard.value_window must be ≥ 1"):
+        load(None, ["guard.value_window=0"])
+    with pytest.raises(ConfigError, match="guard.min_value_explained_var below 1"):
+        load(None, ["guard.min_value_explained_var=1.5"])

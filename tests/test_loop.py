@@ -174,6 +174,24 @@ def test_the_divergence_guard_warns_when_nothing_trains(local_ray, tmp_path, cap
     assert [r["guard/warnings"] for r in rows(cfg)] == [0.0, 1.0, 0.0]
 
 
+def test_an_idle_value_model_is_reported_once(local_ray, tmp_path, capsys):
+    """A reward no state predicts (a fixed hash of the completion): the value model explains nothing, and after
+    guard.value_window steps the console says so once, and guard/value_idle is logged."""
+    cfg = rl_cfg(tmp_path, "objective.value_model=true", "guard.value_window=2", "train.steps=3", "eval.num_prompts=0")
+    noise = tmp_path / "noise.py"
+    noise.write_text(
+        "import zlib\n\ndef score(prompts, completions, **kwargs):\n"
+        "    return [zlib.crc32(c.encode()) % 7 / 6 for c in completions]\n"
+    )
+    cfg.reward.functions[0].fn = f"{noise}:score"
+    run(cfg)
+    out = capsys.readouterr().out
+    assert out.count("value model idle at RL step") == 1 and "value model idle at RL step 2" in out, out
+    logged = rows(cfg)
+    assert [r["guard/value_idle"] for r in logged][:2] == [0.0, 1.0]
+    assert all(abs(r["value/explained_var"]) < 0.05 for r in logged[:2])
+
+
 @pytest.mark.parametrize("name", list(VARIANTS))
 def test_every_variant_runs_in_the_loop(local_ray, tmp_path, name):
     small = ["train.steps=2", "rollout.num_workers=1", "reward.num_workers=1", "eval.num_prompts=0"]

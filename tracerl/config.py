@@ -355,6 +355,8 @@ class GuardConfig:
     window: int = 3  # RL steps a sign must last (windowed training reward, filtered-out steps, KL above the bound)
     reward_fraction: float = 0.5  # a reward below this fraction of its best so far is a collapse
     max_kl_to_old: float = 0.5  # train/kl_to_old above this (nats per token) for `window` steps is a warning
+    value_window: int = 10  # objective.value_model: RL steps over which value/explained_var is averaged
+    min_value_explained_var: float = 0.05  # a mean below this over `value_window` steps: the value model is idle
 
 
 @dataclass
@@ -628,6 +630,11 @@ def check_guard(g: GuardConfig) -> None:
         raise ConfigError(
             f"guard.window must be ≥ 1 step, guard.reward_fraction in (0, 1) and guard.max_kl_to_old > 0; got "
             f"{g.window}, {g.reward_fraction} and {g.max_kl_to_old} (guard.enabled=false turns the guard off)."
+        )
+    if g.value_window < 1 or not g.min_value_explained_var < 1:
+        raise ConfigError(
+            f"guard.value_window must be ≥ 1 step and guard.min_value_explained_var below 1 (an explained variance "
+            f"is at most 1); got {g.value_window} and {g.min_value_explained_var}."
         )
 
 

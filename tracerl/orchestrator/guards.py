@@ -11,6 +11,10 @@ The divergence guard checks three signs after every RL step, from the metrics th
 - ``train/kl_to_old`` stays above ``guard.max_kl_to_old`` for ``guard.window`` steps in a row.
 
 Each sign is reported when it appears, and again only after it has cleared.
+
+``ValueWatch`` reports, with ``objective.value_model`` on, a value model that has learnt nothing: its
+``value/explained_var`` averaged over ``guard.value_window`` steps below ``guard.min_value_explained_var``. Its
+advantages are then the group baseline's, at about twice the learner compute (docs/estimators.md).
 """
 
 from __future__ import annotations
@@ -136,3 +140,49 @@ class DivergenceGuard:
 def guard_line(step: int, message: str) -> str:
     """The console line of one warning."""
     return f"[bold yellow]⚠ divergence at RL step {step}:[/bold yellow] [yellow]{message}[/yellow]"
+
+
+@dataclass
+class ValueWatch:
+    """Watch the value model's explained variance step by step; ``check`` returns the message of this step when the
+    value model has just been found idle (None otherwise, and while it stays idle).
+
+    Example:
+        >>> watch = ValueWatch(GuardConfig(value_window=2))
+        >>> rows = [{"value/explained_var": ev, "value/advantage_var_ratio": 1.0} for ev in (0.01, -0.01, 0.0)]
+        >>> [watch.check(m) is not None for m in rows]
+        [False, True, False]
+    """
+
+    cfg: GuardConfig
+    explained: deque = field(default_factory=deque)  # the last `value_window` explained variances
+    ratios: deque = field(default_factory=deque)  # ... and advantage variance ratios
+    idle: bool = False  # reported and not yet cleared
+
+    def check(self, m: dict[str, float]) -> str | None:
+        c = self.cfg
+        if not c.enabled or "value/explained_var" not in m:
+            return None
+        self.explained.append(m["value/explained_var"])
+        self.ratios.append(m.get("value/advantage_var_ratio", float("nan")))
+        while len(self.explained) > c.value_window:
+            self.explained.popleft()
+            self.ratios.popleft()
+        if len(self.explained) < c.value_window:
+            return None
+        mean = sum(self.explained) / len(self.explained)
+        was, self.idle = self.idle, mean < c.min_value_explained_var
+        if not self.idle or was:
+            return None
+        ratio = sum(self.ratios) / len(self.ratios)
+        return (
+            f"value/explained_var {mean:+.3f} on average over the last {len(self.explained)} steps (below "
+            f"{c.min_value_explained_var:g}; advantage variance {ratio:.2f} × the group baseline's): its advantages "
+            "are the group baseline's at about twice the learner compute. scripts/value_probe.py measures what a "
+            "value can learn on this task (docs/estimators.md); objective.value_model=false saves the compute."
+        )
+
+
+def value_line(step: int, message: str) -> str:
+    """The console line of an idle value model."""
+    return f"[bold yellow]⚠ value model idle at RL step {step}:[/bold yellow] [yellow]{message}[/yellow]"

@@ -38,7 +38,7 @@ from tracerl.metrics import MetricsLogger, Timers, decoding_order_picture
 from tracerl.orchestrator import guards
 from tracerl.orchestrator.console import eval_line, step_line
 from tracerl.orchestrator.evaluation import collect, eval_table, evaluate
-from tracerl.orchestrator.guards import DivergenceGuard, guard_line
+from tracerl.orchestrator.guards import DivergenceGuard, ValueWatch, guard_line, value_line
 from tracerl.orchestrator.setup import (
     check_device,
     check_model,
@@ -139,6 +139,7 @@ class Session:
     claim: runs.Claim | None = None  # the run's id and settings, recorded in each checkpoint it writes
     scored_any: bool = False  # a reward function has scored a sample in this run (a resumed run has)
     divergence: DivergenceGuard | None = None  # set in open(): the divergence guard of this run
+    value_watch: ValueWatch | None = None  # set in open(): reports a value model that learns nothing
 
     @classmethod
     @contextlib.contextmanager
@@ -185,6 +186,7 @@ class Session:
                 cleanup=cleanup, claim=claim,
             )  # fmt: skip
             s.divergence = DivergenceGuard(cfg.guard)
+            s.value_watch = ValueWatch(cfg.guard) if cfg.objective.value_model else None
             s.version, _ = WEIGHT_SYNC.lookup(cfg.rollout.sync)(learner, rollout)  # same weights on both sides
             if state is not None:
                 s.restore(state, resumed=True)
@@ -365,6 +367,9 @@ class Session:
         metrics["perf/rollout_share"] = metrics.get("time/rollout", 0.0) / max(t, 1e-9)
         warnings = self.divergence.check(step, metrics) if self.divergence else []
         metrics["guard/warnings"] = float(len(warnings))
+        value_idle = self.value_watch.check(metrics) if self.value_watch else None
+        if self.value_watch:
+            metrics["guard/value_idle"] = float(self.value_watch.idle)
         self.logger.log(metrics, step=step)
         every = self.cfg.train.log_samples_every
         if every and (step % every == 0 or step == 1):
@@ -375,6 +380,8 @@ class Session:
         for message in warnings:
             self.console.print(guard_line(step, message))
             self.logger.alert("tracerl: divergence", f"RL step {step}: {message}", step)
+        if value_idle:
+            self.console.print(value_line(step, value_idle))
 
     def log_samples(self, step: int, rollout: Rollout, scored: RewardResult, adv: Any) -> None:
         n = min(self.cfg.train.log_samples, len(rollout))
