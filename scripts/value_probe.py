@@ -19,7 +19,7 @@ Beside them it prints how much of the variance any value could explain on the sa
   whose tokens are one character each and whose reward counts the positions written right
   (``synthetic:sudoku4`` with ``sudoku_cells``, the quickstart; ``synthetic:copy`` with ``digit_accuracy``). It
   reads every digit committed so far as right or wrong, and expects each cell still to come to be right as often
-  as K fresh samples of the same prompt got it right; every token (``oracle_values``).
+  as K fresh samples of the same prompt got it right; every token (``oracle_batch``).
 - ``--mc-samples K`` (default 0: off, it costs K generations per block and sample): the policy's own value
   V^π(s) = E[reward | s], the best any function of the state can predict, by K continuations of each state at a
   block start (``block_start_values``); the block layout, with prompts that fill whole blocks.
@@ -322,6 +322,17 @@ def oracle_batch(
     return sudoku_oracle_values(blank, right, spoiler, steps, mask, rate[group], clean[group])
 
 
+def batch_scorer(service: Any, texts: list[str], columns: dict[str, list]) -> Callable[[list[int], list[str]], list]:
+    """``score(ids, completions)``: the rewards of ``completions`` for the samples ``ids`` of a batch whose prompts
+    are ``texts`` and dataset columns ``columns`` (one entry per sample), by the run's ``RewardService``."""
+
+    def score(ids: list[int], completions: list[str]) -> list[float]:
+        picked = {k: [col[i] for i in ids] for k, col in columns.items()}
+        return service.score([texts[i] for i in ids], completions, columns=picked).total
+
+    return score
+
+
 class FinalStateRegression:
     """An independent check on how learnable a task's rewards are from a batch budget: a plain PyTorch regression
     of each sample's reward (minus its group's mean for ``centered``) on its whole final sequence, prompt and
@@ -385,6 +396,7 @@ def main(argv: list[str] | None = None) -> int:
     from tracerl import advantages as adv_lib
     from tracerl.checks import load_config
     from tracerl.learner import Learner
+    from tracerl.learner.core import VALUE_LR_RATIO
     from tracerl.learner.value_phase import value_phase
     from tracerl.models import load_policy
     from tracerl.orchestrator.setup import check_rewards, load_prompts
@@ -408,11 +420,10 @@ def main(argv: list[str] | None = None) -> int:
         g, n_prompts = cfg.rollout.samples_per_prompt, cfg.rollout.prompts_per_step
         learner = Learner(cfg, policy)
         lc = learner.lc
-        regression = (
-            FinalStateRegression(policy, lc.value_lr or 5 * lc.lr, lc.max_grad_norm) if ns.final_state else None
-        )
+        value_lr = lc.value_lr or VALUE_LR_RATIO * lc.lr  # the value engine's
+        regression = FinalStateRegression(policy, value_lr, lc.max_grad_norm) if ns.final_state else None
         final_ev: list[float] = []
-        print(f"== target {target}: value lr {lc.value_lr or 5 * lc.lr:g}, {lc.value_updates_per_step} pass(es) × "
+        print(f"== target {target}: value lr {value_lr:g}, {lc.value_updates_per_step} pass(es) × "
               f"{lc.minibatches} minibatches per step")  # fmt: skip
         before, after, totals, within, oracle, oracle_ratio = [], [], [], [], [], []
         mc, mc_exact, oracle_at_starts = [], [], []
@@ -425,14 +436,7 @@ def main(argv: list[str] | None = None) -> int:
                     rollout = generate(policy, prompts, cfg.sampling, seed=ns.seed * 100_003 + step, group=group)
                 texts = [p for p in batch.prompts for _ in range(g)]
                 columns = {k: [v for v in col for _ in range(g)] for k, col in batch.columns.items()}
-
-                def score(
-                    ids: list[int], completions: list[str], texts: list = texts, columns: dict = columns,
-                    service: Any = service,
-                ) -> list[float]:  # fmt: skip
-                    picked = {k: [col[i] for i in ids] for k, col in columns.items()}
-                    return service.score([texts[i] for i in ids], completions, columns=picked).total
-
+                score = batch_scorer(service, texts, columns)
                 rewards = torch.tensor(score(list(range(len(texts))), rollout.texts))
                 tot, win = variance_split(rewards, group)
                 totals.append(tot)

@@ -200,7 +200,7 @@ def test_oracle_cells_know_their_tasks_only():
     assert probe.oracle_cells(load_config("configs/quickstart.yaml", [other])) is None
 
 
-def test_value_probe_refuses_an_oracle_it_does_not_have(capsys):
+def test_value_probe_refuses_an_oracle_it_does_not_have():
     """Asking for the oracle on a task it does not know stops before any model loads, naming the way out."""
     with pytest.raises(SystemExit, match=r"synthetic_exact.*pass --oracle-samples 0"):
         probe.main(["configs/copy.yaml", "reward.functions=[{fn: synthetic_exact}]", "--oracle-samples", "4"])

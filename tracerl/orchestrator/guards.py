@@ -155,28 +155,25 @@ class ValueWatch:
     """
 
     cfg: GuardConfig
-    explained: deque = field(default_factory=deque)  # the last `value_window` explained variances
-    ratios: deque = field(default_factory=deque)  # ... and advantage variance ratios
+    recent: deque = field(init=False)  # (explained variance, advantage variance ratio) of the last `value_window` steps
     idle: bool = False  # reported and not yet cleared
+
+    def __post_init__(self) -> None:
+        self.recent = deque(maxlen=self.cfg.value_window)
 
     def check(self, m: dict[str, float]) -> str | None:
         c = self.cfg
         if not c.enabled or "value/explained_var" not in m:
             return None
-        self.explained.append(m["value/explained_var"])
-        self.ratios.append(m.get("value/advantage_var_ratio", float("nan")))
-        while len(self.explained) > c.value_window:
-            self.explained.popleft()
-            self.ratios.popleft()
-        if len(self.explained) < c.value_window:
+        self.recent.append((m["value/explained_var"], m.get("value/advantage_var_ratio", float("nan"))))
+        if len(self.recent) < c.value_window:
             return None
-        mean = sum(self.explained) / len(self.explained)
+        mean, ratio = (sum(x) / len(self.recent) for x in zip(*self.recent, strict=True))
         was, self.idle = self.idle, mean < c.min_value_explained_var
         if not self.idle or was:
             return None
-        ratio = sum(self.ratios) / len(self.ratios)
         return (
-            f"value/explained_var {mean:+.3f} on average over the last {len(self.explained)} steps (below "
+            f"value/explained_var {mean:+.3f} on average over the last {len(self.recent)} steps (below "
             f"{c.min_value_explained_var:g}; advantage variance {ratio:.2f} × the group baseline's): its advantages "
             "are the group baseline's at about twice the learner compute. scripts/value_probe.py measures what a "
             "value can learn on this task (docs/estimators.md); objective.value_model=false saves the compute."

@@ -367,8 +367,9 @@ class Session:
         metrics["perf/rollout_share"] = metrics.get("time/rollout", 0.0) / max(t, 1e-9)
         warnings = self.divergence.check(step, metrics) if self.divergence else []
         metrics["guard/warnings"] = float(len(warnings))
-        value_idle = self.value_watch.check(metrics) if self.value_watch else None
+        value_idle = None
         if self.value_watch:
+            value_idle = self.value_watch.check(metrics)
             metrics["guard/value_idle"] = float(self.value_watch.idle)
         self.logger.log(metrics, step=step)
         every = self.cfg.train.log_samples_every
