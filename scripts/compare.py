@@ -323,6 +323,39 @@ def finished(run_dir: Path, steps: int) -> bool:
     return (run_dir / "eval" / f"step-{steps}.json").is_file() and (run_dir / "final").is_dir()
 
 
+def check_selection(
+    layouts: str, methods: str, seeds: str, steps: int, eval_every: int
+) -> tuple[list[str], list[str], list[int]]:
+    """The comma-separated choices as lists, each entry once in the order given; a SystemExit that names every
+    problem otherwise."""
+
+    def items(text: str) -> list[str]:
+        return list(dict.fromkeys(x.strip() for x in text.split(",") if x.strip()))
+
+    problems = []
+    lay, meth = items(layouts), items(methods)
+    if unknown := [x for x in lay if x not in LAYOUTS]:
+        problems.append(f"unknown layouts {unknown}: choose from {list(LAYOUTS)}")
+    if unknown := [x for x in meth if x not in METHODS]:
+        problems.append(f"unknown methods {unknown}: choose from {list(METHODS)}")
+    if REFERENCE not in meth:
+        problems.append(f"--methods must include '{REFERENCE}' (got {meth}): it sets the compute budget")
+    try:
+        seed_list = [int(x) for x in items(seeds)]
+    except ValueError:
+        problems.append(f"--seeds must be comma-separated integers, got '{seeds}'")
+        seed_list = []
+    if not seed_list and not any(p.startswith("--seeds") for p in problems):
+        problems.append("--seeds names no seed")
+    if eval_every < 1 or steps < 1 or steps % eval_every:
+        problems.append(
+            f"--steps ({steps}) and --eval-every ({eval_every}) must be ≥ 1, --steps a multiple of --eval-every"
+        )
+    if problems:
+        raise SystemExit("compare.py: " + "; ".join(problems) + ".")
+    return lay, meth, seed_list
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("config", help="the task's config (e.g. configs/quickstart.yaml)")
@@ -335,19 +368,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--eval-every", type=int, default=5, help="RL steps between held-out evaluations")
     p.add_argument("--report", action="store_true", help="run nothing: the table and PNG of the finished runs")
     p.add_argument("--verbose", action="store_true", help="third-party logs and progress bars")
-    ns = p.parse_args(argv)
+    ns = p.parse_intermixed_args(argv)  # key=value overrides before or after the options
     from tracerl.cli import quiet_third_party
 
     quiet_third_party(ns.verbose)
-    layouts, methods = ns.layouts.split(","), ns.methods.split(",")
-    seeds = [int(s) for s in ns.seeds.split(",")]
-    unknown = sorted(set(layouts) - set(LAYOUTS)) + sorted(set(methods) - set(METHODS))
-    if unknown or REFERENCE not in methods or ns.steps % ns.eval_every:
-        raise SystemExit(
-            f"unknown layouts/methods {unknown} (choose from {list(LAYOUTS)} and {list(METHODS)}); '{REFERENCE}' "
-            f"must be among the methods (it sets the compute budget), and --steps ({ns.steps}) a multiple of "
-            f"--eval-every ({ns.eval_every})."
-        )
+    layouts, methods, seeds = check_selection(ns.layouts, ns.methods, ns.seeds, ns.steps, ns.eval_every)
     out = Path(ns.out)
     os.environ.setdefault("OMP_NUM_THREADS", "1")  # one torch thread per process: the numbers are pinned so
     t0 = time.time()

@@ -84,6 +84,32 @@ def test_refusal_names_the_problem():
     assert "old_logp_source" in compare.refusal("configs/quickstart.yaml", ["objective.views=coupled"], "block")
 
 
+def test_selection_is_deduplicated_and_every_problem_named():
+    assert compare.check_selection("block,block", "trace,coupled,trace", "0, 0,1", 20, 5) == (
+        ["block"],
+        ["trace", "coupled"],
+        [0, 1],
+    )  # a repeated seed would have been counted twice in the table's mean ± sd
+    with pytest.raises(SystemExit, match=r"--methods must include 'trace' \(got \['coupled'\]\)"):
+        compare.check_selection("block", "coupled", "0", 20, 5)
+    with pytest.raises(SystemExit) as err:
+        compare.check_selection("blok", "trace,dpo", "a", 20, 0)
+    message = str(err.value)
+    for part in ("unknown layouts ['blok']", "unknown methods ['dpo']", "--seeds must be comma-separated integers",
+                 "--eval-every (0) must be ≥ 1"):  # fmt: skip
+        assert part in message, part
+    with pytest.raises(SystemExit, match=r"--steps \(-5\)"):
+        compare.check_selection("block", "trace", "0", -5, 5)
+
+
+def test_overrides_may_follow_the_options(tmp_path):
+    """As the docs write it: `--layouts block learner.lr=7e-4`; argparse alone refused the override there."""
+    with pytest.raises(SystemExit) as err:
+        compare.main(["configs/quickstart.yaml", "--out", str(tmp_path), "--report", "--layouts", "block",
+                      "learner.lr=7e-4"])  # fmt: skip
+    assert "nothing to report for the block layout" in str(err.value)
+
+
 @pytest.mark.slow
 @pytest.mark.ray
 def test_compare_end_to_end_smoke(tmp_path):

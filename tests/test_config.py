@@ -98,3 +98,29 @@ def test_unknown_objective_names_list_choices():
         load(None, ["objective.advantage=grpo"])
     with pytest.raises(ConfigError, match=r"unknown objective.views 'elbo'; choose from \['coupled', 'd1'"):
         load(None, ["objective.views=elbo"])
+
+
+@pytest.mark.parametrize(
+    ("overrides", "named"),
+    [
+        (["objective.mask_ratio_low=0", "objective.mask_ratio_high=0"], "objective.mask_ratio_low and mask_ratio_high"),
+        (["objective.mask_ratio_low=0.9", "objective.mask_ratio_high=0.1"], "0 < low ≤ high ≤ 1"),
+        (["objective.mask_ratio_high=2"], "got 0.1 and 2"),
+        (["objective.d1_prompt_mask_prob=-0.5"], "objective.d1_prompt_mask_prob must be in"),
+        (["objective.d1_prompt_mask_prob=1.5"], "got 1.5"),
+        (["objective.eps_low=-0.1"], "objective.eps_low must be in"),
+        (["objective.eps_high=-0.1"], "eps_high ≥ 0"),
+        (["objective.kl_to_ref_coef=-1"], "objective.kl_to_ref_coef must be ≥ 0"),
+        (["objective.kl_to_old_coef=-0.01"], "objective.kl_to_old_coef must be ≥ 0"),
+        (["objective.lam=1.5"], "objective.gamma and objective.lam"),
+    ],
+)
+def test_objective_numbers_out_of_range_are_refused(overrides, named):
+    with pytest.raises(ConfigError, match=named):
+        load(None, overrides)
+
+
+def test_objective_numbers_at_their_limits_are_accepted():
+    cfg = load(None, ["objective.mask_ratio_low=1", "objective.mask_ratio_high=1", "objective.d1_prompt_mask_prob=0",
+                      "objective.eps_low=1", "objective.kl_to_old_coef=0", "objective.gamma=0"])  # fmt: skip
+    assert cfg.objective.mask_ratio_low == 1 and cfg.objective.d1_prompt_mask_prob == 0

@@ -59,7 +59,64 @@ def test_kl_above_the_bound_for_window_steps() -> None:
     # one isolated spike is not a warning; two steps in a row are
     found = steps(guard, [trained(0.5, kl=9.0), trained(0.5), trained(0.5, kl=0.8),
                           trained(0.5, kl=0.9, **{"train/log_ratio_abs_max": 7.5})])  # fmt: skip
-    assert found == [[], [], [], ["train/kl_to_old above 0.5 for 2 steps (now 0.9, largest token log-ratio 7.5)"]]
+    assert found == [[], [], [], ["train/kl_to_old above 0.5 for 2 steps (last 0.9, largest token log-ratio 7.5)"]]
+
+
+def test_a_step_that_trained_nothing_after_high_kl_does_not_crash_the_guard() -> None:
+    # A collapse: KL high, then every sample scores the same and every group is dropped (no train/* keys at all).
+    guard = DivergenceGuard(GuardConfig(window=2, max_kl_to_old=0.5))
+    found = steps(guard, [trained(0.5, kl=0.9), trained(0.5, kl=0.8), {"reward/mean": 0.0}, {"reward/mean": 0.0}])
+    assert found[1] == ["train/kl_to_old above 0.5 for 2 steps (last 0.8, largest token log-ratio nan)"]
+    assert found[2] == []  # the sign stands (the last KL reading), not repeated
+    assert found[3] == [
+        "training reward collapsed: 0.00 over the last 2 steps, below 0.5 × its best (0.50)",
+        "nothing trained for 2 steps: every group was filtered out (all its rewards equal; training reward 0.00)",
+    ]
+    assert guard.high_kl == 2
+
+
+def test_a_kl_that_is_not_a_number_counts_as_high() -> None:
+    guard = DivergenceGuard(GuardConfig(window=2, max_kl_to_old=0.5))
+    found = steps(guard, [trained(0.5, kl=float("nan")), trained(0.5, kl=float("nan"))])
+    assert found == [[], ["train/kl_to_old above 0.5 for 2 steps (last nan, largest token log-ratio nan)"]]
+
+
+def test_the_kl_measured_after_the_step_is_judged_when_logged() -> None:
+    # learner.kl_after_step: the in-loss kl_to_old (before each optimizer step) reads small, the step moved far
+    guard = DivergenceGuard(GuardConfig(window=1, max_kl_to_old=0.5))
+    row = trained(0.5, kl=0.01, **{"train/kl_to_old_after_step": 0.7, "train/log_ratio_abs_max_after_step": 6.0})
+    assert guard.check(1, row) == [
+        "train/kl_to_old_after_step above 0.5 for 1 steps (last 0.7, largest token log-ratio 6.0)"
+    ]
+
+
+def test_a_resumed_guard_warns_where_an_uninterrupted_one_does() -> None:
+    cfg = GuardConfig(window=2, max_kl_to_old=0.5)
+    rows = [trained(0.6), trained(0.6, kl=0.9), trained(0.2, kl=0.9), trained(0.1),
+            {"reward/mean": 0.0}, {"reward/mean": 0.0, "eval/greedy_reward": 0.1}]  # fmt: skip
+    rows[0]["eval/greedy_reward"] = 0.5
+    whole = steps(DivergenceGuard(cfg), rows)
+    assert sum(map(len, whole)) >= 3  # the sequence does warn
+    for cut in range(1, len(rows)):
+        first = DivergenceGuard(cfg)
+        before = [first.check(step, row) for step, row in enumerate(rows[:cut], start=1)]
+        second = DivergenceGuard(cfg)
+        second.load_state_dict(json.loads(json.dumps(first.state_dict(), allow_nan=False)))  # strict JSON
+        after = [second.check(step, row) for step, row in enumerate(rows[cut:], start=cut + 1)]
+        assert before + after == whole, cut
+
+
+def test_a_resumed_value_watch_reports_where_an_uninterrupted_one_does() -> None:
+    cfg = GuardConfig(value_window=3)
+    rows = [{"value/explained_var": ev, "value/advantage_var_ratio": 1.0} for ev in (0.2, 0.0, 0.0, -0.1, 0.3, 0.0)]
+    watch = ValueWatch(cfg)
+    whole = [watch.check(m) for m in rows]
+    assert [w is not None for w in whole] == [False, False, False, True, False, False]
+    first = ValueWatch(cfg)
+    before = [first.check(m) for m in rows[:3]]
+    second = ValueWatch(cfg)
+    second.load_state_dict(json.loads(json.dumps(first.state_dict(), allow_nan=False)))
+    assert before + [second.check(m) for m in rows[3:]] == whole
 
 
 def test_disabled_guard_says_nothing() -> None:

@@ -278,6 +278,30 @@ def test_train_step_updates_parameters_with_finite_gradients_and_reports_metrics
     assert 0 < metrics["train/entropy"] <= math.log(full_policy.vocab_size) + 1e-4
 
 
+@pytest.mark.parametrize("minibatches", [1, 2])
+def test_kl_after_step_reads_what_the_whole_step_moved(learners, full_policy, minibatches):
+    """The in-loss train/kl_to_old reads each minibatch before its own update (0 with one minibatch); the reading
+    after the step equals the bound and the largest |Δ| computed by hand from the policy before and after it."""
+    from tracerl.objectives import kl_to_old_bound
+
+    rollout, views = batch(full_policy)
+    cfg = make_cfg(lr=3e-2, minibatches=minibatches, kl_after_step=True)
+    learner = learners(cfg, copy.deepcopy(full_policy))
+    target = views.target_mask
+    with torch.no_grad():
+        old = view_logprobs(learner.policy, views)[target].double()
+    metrics = learner.train_step(rollout, ADV)
+    with torch.no_grad():
+        new = view_logprobs(learner.policy, views)[target].double()
+    assert metrics["train/kl_to_old_after_step"] == pytest.approx(kl_to_old_bound(new, old).mean().item(), rel=1e-4)
+    assert metrics["train/log_ratio_abs_max_after_step"] == pytest.approx((new - old).abs().max().item(), rel=1e-4)
+    assert metrics["train/kl_to_old_after_step"] > 1e-3  # the step moved the policy
+    if minibatches == 1:
+        assert metrics["train/kl_to_old"] == 0.0  # in-loss: measured before the step's only update
+    else:  # in-loss: the second minibatch sees the first update, the first sees none; the last update is unseen
+        assert 0 < metrics["train/kl_to_old"] < metrics["train/kl_to_old_after_step"]
+
+
 def test_old_logp_from_the_rollout_matches_the_learner(learners, full_policy):
     """The replay invariant through the learner: rollout_logp as old log-probs gives Δ ≈ 0 on the first step."""
     rollout, views = batch(full_policy)

@@ -102,3 +102,32 @@ def test_two_ranks_give_the_weights_of_one(local_ray, tmp_path, attention, stage
             assert all(torch.equal(exported[k], got[k]) for k in exported)
     finally:
         group.shutdown()
+
+
+@pytest.mark.parametrize("kl_after_step", [False, True])
+def test_a_rank_without_samples_takes_part_in_the_step(local_ray, kl_after_step):
+    """One kept sample, two ranks: rank 1 holds no target. Every rank still sends the same metric keys to the
+    sums over ranks (a rank that sent fewer failed gloo's size check, and could hang NCCL), and the step equals
+    one rank's."""
+    policy = tiny_policy("block")
+    rollout = generate(policy, encode(policy, ["12+34="]), SamplingConfig(max_new_tokens=8, block_size=4), seed=2)
+    adv = torch.tensor([1.0])
+    cfg = dp_cfg(2, "block", 10_000)
+    cfg.learner.kl_after_step = kl_after_step
+    single = Learner(copy.deepcopy(cfg), copy.deepcopy(policy))
+    want = single.train_step(rollout, adv)
+    single.destroy()
+
+    from tracerl.workers import LearnerGroup
+
+    group = LearnerGroup(cfg, num_ranks=2, weights=policy.model.state_dict())
+    try:
+        got = group.train_step(rollout, adv)
+        assert group.shard_bytes[1] < group.shard_bytes[0]  # rank 1 was sent no sample
+        assert set(got) == set(want)
+        for key in ("train/policy_loss", "train/kl_to_old", "train/entropy", "train/tokens", "train/log_ratio_abs_max"):
+            assert got[key] == pytest.approx(want[key], rel=1e-4, abs=1e-7), key
+        if kl_after_step:
+            assert got["train/kl_to_old_after_step"] == pytest.approx(want["train/kl_to_old_after_step"], rel=1e-3)
+    finally:
+        group.shutdown()

@@ -284,6 +284,7 @@ class LearnerConfig:
     max_grad_norm: float = 1.0  # gradient clipping by the global norm, owned by the engine (0 = off)
     updates_per_step: int = 1  # mu: passes over an RL step's samples
     minibatches: int = 1  # optimizer steps per pass (the step's samples split into this many minibatches)
+    kl_after_step: bool = False  # one more forward after the step: train/kl_to_old_after_step (what it moved)
     micro_batch_tokens: int = 8192  # token budget of one micro-batch (sequences are packed up to it)
     packed_views: bool = True  # block layout: one sequence per sample, every denoising state computed once
     packed_attention: Literal["auto", "grouped", "flex", "dense"] = "auto"  # auto: flex on CUDA, grouped on CPU
@@ -511,6 +512,7 @@ def check(cfg: Config) -> None:
             f" and {cfg.rollout.samples_per_prompt}): an RL step needs at least one prompt and one sample of it."
         )
     check_lora(lr.lora, lr.zero_stage)
+    check_objective_ranges(cfg.objective)
     check_old_logp_source(cfg)
     check_loop(cfg)
     check_guard(cfg.guard)
@@ -598,6 +600,34 @@ def check_lora(lora: LoRAConfig, zero_stage: int) -> None:
             "learner.lora with learner.zero_stage=3 is not supported yet (the adapters and their optimizer state "
             "are small, so ZeRO-3 would only partition the frozen base weights). Set learner.zero_stage=2."
         )
+
+
+def check_objective_ranges(o: ObjectiveConfig) -> None:
+    """The objective's numbers, each within the range where it means something; every problem in one message."""
+    problems = []
+    if not 0 < o.mask_ratio_low <= o.mask_ratio_high <= 1:
+        problems.append(
+            f"objective.mask_ratio_low and mask_ratio_high must satisfy 0 < low ≤ high ≤ 1 (the share of a sample's "
+            f"tokens a random_masking or coupled view masks, drawn from U[low, high]; a ratio of 0 trains on nothing),"
+            f" got {o.mask_ratio_low} and {o.mask_ratio_high}"
+        )
+    if not 0 <= o.d1_prompt_mask_prob < 1:
+        problems.append(
+            f"objective.d1_prompt_mask_prob must be in [0, 1) (the probability that d1 masks a prompt token), got "
+            f"{o.d1_prompt_mask_prob}"
+        )
+    if not (0 <= o.eps_low <= 1 and o.eps_high >= 0):
+        problems.append(
+            f"objective.eps_low must be in [0, 1] and eps_high ≥ 0 (the ratio is clipped to [1 − eps_low, 1 + "
+            f"eps_high]), got {o.eps_low} and {o.eps_high}"
+        )
+    for key in ("kl_to_old_coef", "kl_to_ref_coef"):
+        if not getattr(o, key) >= 0:
+            problems.append(f"objective.{key} must be ≥ 0 (0 turns the penalty off), got {getattr(o, key)}")
+    if not (0 <= o.gamma <= 1 and 0 <= o.lam <= 1):
+        problems.append(f"objective.gamma and objective.lam must be in [0, 1] (GAE), got {o.gamma} and {o.lam}")
+    if problems:
+        raise ConfigError("; ".join(problems) + ".")
 
 
 def check_old_logp_source(cfg: Config) -> None:

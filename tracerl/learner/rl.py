@@ -4,7 +4,11 @@
    ``rollout_logp``), reference log-probs when ``objective.kl_to_ref_coef > 0``;
 2. value phase (optional): step-level GAE advantages from the pre-update values, then the value updates
    (``value_phase.py``);
-3. policy: μ = ``learner.updates_per_step`` passes, each split into ``learner.minibatches`` optimizer steps.
+3. policy: μ = ``learner.updates_per_step`` passes, each split into ``learner.minibatches`` optimizer steps;
+4. with ``learner.kl_after_step``, the log-probs of every target once more after the last update:
+   ``train/kl_to_old_after_step`` and ``train/log_ratio_abs_max_after_step``, how far the whole step moved the
+   policy. ``train/kl_to_old`` is PPO's in-loss reading: each minibatch's targets before its own optimizer step,
+   averaged over the step's passes, so the step's first minibatch reads 0 and its last update is never seen.
 
 The loss of a micro-batch is computed once: the policy loss of its targets with the aggregation weights of the
 whole minibatch (``objectives.target_weights``), which is exactly its share of the minibatch loss, so the
@@ -16,6 +20,7 @@ dims: N samples · L response length · M targets (flat, ``TargetTable`` order) 
 
 from __future__ import annotations
 
+import math
 from collections import defaultdict
 from typing import TYPE_CHECKING, Any
 
@@ -100,9 +105,10 @@ def train_step(
     )
     weights = torch.zeros(len(table), dtype=torch.float64)
     kl_weights = torch.zeros(len(table), dtype=torch.float64)
-    sums: dict[str, float] = defaultdict(float)
-
-    peaks: dict[str, float] = defaultdict(float)
+    # every rank sends the same keys to the sums over ranks, also a rank that holds no target of this step
+    emitted = [k for k in TOKEN_METRICS if k != "kl_to_ref" or ref_logp is not None]
+    sums: dict[str, float] = dict.fromkeys([*emitted, "count"], 0.0)
+    peaks: dict[str, float] = dict.fromkeys(PEAK_METRICS, 0.0)
 
     def loss_fn(ids: torch.Tensor, outs: list[torch.Tensor]) -> torch.Tensor:
         logp, entropy = outs
@@ -129,7 +135,7 @@ def train_step(
         sums["count"] += len(ids)
         for key in PEAK_METRICS:
             if f"train/{key}" in m:
-                peaks[key] = max(peaks[key], m[f"train/{key}"])
+                peaks[key] = nan_max(peaks[key], m[f"train/{key}"])
         return loss
 
     steps: dict[str, float] = defaultdict(float)
@@ -147,6 +153,12 @@ def train_step(
         steps["micro_batches"] += s.micro_batches
         steps["optimizer_steps"] += 1
         steps["lr"] = s.lr
+    if lc.kl_after_step:  # 4. how far the whole step moved the policy: every target again, after the last update
+        new_logp = micro.infer(learner.engine, views, table, everything)[0]
+        sums |= after_step_sums(new_logp, old_logp)
+        peaks["log_ratio_abs_max_after_step"] = (
+            float((new_logp.double() - old_logp.double()).abs().max()) if len(table) else 0.0
+        )
     totals = learner.sum_over_ranks(
         {**sums, "targets": float(len(table)), "rows": float(views.num_rows), "samples": float(len(rollout)),
          "tokens": float(views.seq_tokens().sum()), "sequences": float(len(views))}
@@ -163,11 +175,25 @@ def train_step(
         "trace/row_tokens": totals["tokens"] / max(1.0, totals["sequences"]),
         "trace/tokens_per_sample": totals["tokens"] / max(1.0, totals["samples"]),
     }
-    for key in TOKEN_METRICS:
-        if key in totals:
-            metrics[f"train/{key}"] = totals[key] / max(1.0, totals["count"])
-    metrics |= {f"train/{k}": v for k, v in learner.max_over_ranks(dict(peaks)).items()}
+    peaks = learner.max_over_ranks(peaks)
+    if totals["count"]:  # a step without a target (every rank empty) has no token metrics
+        metrics |= {f"train/{k}": totals[k] / totals["count"] for k in emitted}
+        if lc.kl_after_step:
+            metrics["train/kl_to_old_after_step"] = totals["kl_after_step"] / totals["targets"]
+        metrics |= {f"train/{k}": v for k, v in peaks.items()}
     return metrics
+
+
+def after_step_sums(new_logp: torch.Tensor, old_logp: torch.Tensor) -> dict[str, float]:
+    """The sum over one rank's targets (both [M]) of ``objectives.kl_to_old_bound`` between the policy after the
+    step's last update and the old one, in the states the step trained on (``train/kl_to_old_after_step`` is its
+    mean over every target of the step)."""
+    return {"kl_after_step": float(objectives.kl_to_old_bound(new_logp, old_logp).sum())}
+
+
+def nan_max(a: float, b: float) -> float:
+    """The larger of two floats, NaN if either is (Python's ``max`` drops a NaN in its second argument)."""
+    return math.nan if math.isnan(a) or math.isnan(b) else max(a, b)
 
 
 def canvas_old(learner: Learner, rows: Any, seqs: torch.Tensor) -> tuple[Any, torch.Tensor, torch.Tensor]:

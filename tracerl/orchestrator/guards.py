@@ -22,10 +22,12 @@ from __future__ import annotations
 import math
 from collections import deque
 from dataclasses import dataclass, field
+from typing import Any
 
 from tracerl.config import Config, GuardConfig
 from tracerl.reward_service import RewardResult
 
+KL_AFTER_STEP = "train/kl_to_old_after_step"  # measured after the step's last update (learner.kl_after_step)
 ACTOR_MB = 430  # what an actor process that imports torch holds before its model (docs: ENV / cluster)
 
 
@@ -87,7 +89,25 @@ class DivergenceGuard:
     best_eval: float = float("-inf")  # best held-out greedy reward so far
     skipped: int = 0  # consecutive steps with every group filtered out
     high_kl: int = 0  # consecutive steps with kl_to_old above the bound
+    last_kl: tuple[str, float, float] = ("", 0.0, 0.0)  # the last KL read: metric, value, largest token log-ratio
     active: set[str] = field(default_factory=set)  # signs reported and not yet cleared
+
+    def state_dict(self) -> dict[str, Any]:
+        """What a checkpoint keeps, as JSON values, so a resumed run warns exactly where an uninterrupted one does."""
+        return {
+            "rewards": [finite_or_none(r) for r in self.rewards], "best_reward": finite_or_none(self.best_reward),
+            "best_eval": finite_or_none(self.best_eval), "skipped": self.skipped, "high_kl": self.high_kl,
+            "last_kl": [self.last_kl[0], *map(finite_or_none, self.last_kl[1:])], "active": sorted(self.active),
+        }  # fmt: skip
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.rewards = deque(none_or(r, float("nan")) for r in state["rewards"])
+        self.best_reward = none_or(state["best_reward"], float("-inf"))
+        self.best_eval = none_or(state["best_eval"], float("-inf"))
+        self.skipped, self.high_kl = int(state["skipped"]), int(state["high_kl"])
+        name, kl, peak = state["last_kl"]
+        self.last_kl = (name, none_or(kl, float("nan")), none_or(peak, float("nan")))
+        self.active = set(state["active"])
 
     def check(self, step: int, m: dict[str, float]) -> list[str]:
         c, found = self.cfg, {}
@@ -124,17 +144,31 @@ class DivergenceGuard:
             self.best_eval = max(self.best_eval, value)
         elif "eval" in self.active:
             found["eval"] = ""  # no evaluation this step: the last one still stands
-        # 3. KL to the old policy above its bound for several steps.
-        if "train/kl_to_old" in m:
-            self.high_kl = self.high_kl + 1 if m["train/kl_to_old"] > c.max_kl_to_old else 0
+        # 3. KL to the old policy above its bound (or not a number) for several steps. A step that trained nothing
+        #    has no KL: it neither extends nor breaks the run of high steps, and the last reading stands.
+        key = KL_AFTER_STEP if KL_AFTER_STEP in m else "train/kl_to_old"
+        if key in m:
+            kl = m[key]
+            self.high_kl = self.high_kl + 1 if not kl <= c.max_kl_to_old else 0  # NaN counts as high
+            self.last_kl = (key, kl, m.get(key.replace("kl_to_old", "log_ratio_abs_max"), float("nan")))
         if self.high_kl >= c.window:
+            name, kl, peak = self.last_kl
             found["kl"] = (
-                f"train/kl_to_old above {c.max_kl_to_old:g} for {self.high_kl} steps (now "
-                f"{m['train/kl_to_old']:.3g}, largest token log-ratio {m.get('train/log_ratio_abs_max', 0.0):.1f})"
+                f"{name} above {c.max_kl_to_old:g} for {self.high_kl} steps (last {kl:.3g}, largest token "
+                f"log-ratio {peak:.1f})"
             )
         new = [msg for key, msg in found.items() if key not in self.active and msg]
         self.active = set(found)
         return new
+
+
+def finite_or_none(x: float) -> float | None:
+    """A float as strict JSON takes it: None for ±inf and NaN."""
+    return x if math.isfinite(x) else None
+
+
+def none_or(x: float | None, default: float) -> float:
+    return default if x is None else float(x)
 
 
 def guard_line(step: int, message: str) -> str:
@@ -160,6 +194,15 @@ class ValueWatch:
 
     def __post_init__(self) -> None:
         self.recent = deque(maxlen=self.cfg.value_window)
+
+    def state_dict(self) -> dict[str, Any]:
+        """What a checkpoint keeps (JSON values)."""
+        return {"recent": [[finite_or_none(x) for x in pair] for pair in self.recent], "idle": self.idle}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.recent.clear()
+        self.recent.extend(tuple(none_or(x, float("nan")) for x in pair) for pair in state["recent"])
+        self.idle = bool(state["idle"])
 
     def check(self, m: dict[str, float]) -> str | None:
         c = self.cfg

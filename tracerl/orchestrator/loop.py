@@ -294,6 +294,13 @@ class Session:
         self.scored_any = self.scored_any or state.step > 0
         self.skipped_steps = int(state.extra.get("skipped_steps", 0))
         self.no_signal_steps = int(state.extra.get("no_signal_steps", 0))
+        # the watches as they were after that step (fresh for a checkpoint written before they were kept)
+        self.divergence = DivergenceGuard(self.cfg.guard)
+        self.value_watch = ValueWatch(self.cfg.guard) if self.cfg.objective.value_model else None
+        if state.extra.get("guard"):
+            self.divergence.load_state_dict(state.extra["guard"])
+        if self.value_watch and state.extra.get("value_watch"):
+            self.value_watch.load_state_dict(state.extra["value_watch"])
         self.updating = False
         checkpoint.restore_rng(state.rng)
 
@@ -411,7 +418,12 @@ class Session:
             data=data_state,
             wandb_run_id=self.logger.run_id,
             rng=rng,
-            extra={"skipped_steps": self.skipped_steps, "no_signal_steps": self.no_signal_steps},
+            extra={
+                "skipped_steps": self.skipped_steps,
+                "no_signal_steps": self.no_signal_steps,
+                "guard": self.divergence.state_dict() if self.divergence else None,
+                "value_watch": self.value_watch.state_dict() if self.value_watch else None,
+            },  # fmt: skip
         )
         identity = self.claim.identity if self.claim else None
         checkpoint.save_checkpoint(self.cfg.run_dir, step, self.learner, state, self.cfg.checkpoint.keep_last, identity)
