@@ -17,6 +17,9 @@ from tracerl.advantages import (
     step_gae,
     step_ranks,
     truncated_is_wrong,
+    value_metrics,
+    value_metrics_from_sums,
+    value_sums,
 )
 
 NAN = float("nan")
@@ -276,3 +279,28 @@ def test_outcome_token_rewards_last_step_only() -> None:
     # sample 0: the largest trainable step is 4 (step 9 is not trainable); sample 1 has no trainable token
     out = outcome_token_rewards(torch.tensor([2.0, 5.0]), steps, mask)
     assert out.tolist() == [[0.0, 2.0, 2.0, 0.0, 0.0], [0.0] * 5]
+
+
+def test_value_metrics_of_a_step_split_over_ranks_are_the_whole_steps() -> None:
+    """Two ranks holding 3 and 5 samples: the sums added up give exactly the metrics of all 8 samples, by hand from
+    their definitions; the token-weighted mean of each rank's explained variance (what was logged) does not."""
+    gen = torch.Generator().manual_seed(0)
+    values, returns = torch.randn(8, 6, generator=gen), torch.randn(8, 6, generator=gen) + 3 * torch.arange(8)[:, None]
+    adv, base = returns - values, torch.randn(8, generator=gen)
+    mask = torch.rand(8, 6, generator=gen) > 0.3
+    parts = [value_sums(values[i], returns[i], adv[i], base[i], mask[i]) for i in (slice(0, 3), slice(3, 8))]
+    added = {k: parts[0][k] + parts[1][k] for k in parts[0]}
+    got = value_metrics_from_sums(added)
+    r, v, a = returns[mask].double(), values[mask].double(), adv[mask].double()
+    b = base.double()[:, None].expand(8, 6)[mask]
+    want_ev = 1 - (r - v).var(unbiased=False) / r.var(unbiased=False)
+    assert got["value/explained_var"] == pytest.approx(float(want_ev), rel=1e-9)
+    assert got["value/mean"] == pytest.approx(float(v.mean()), rel=1e-9)
+    assert got["value/advantage_var"] == pytest.approx(float(a.var(unbiased=False)), rel=1e-9)
+    assert got["value/advantage_var_ratio"] == pytest.approx(float(a.var(unbiased=False) / b.var(unbiased=False)))
+    assert got == pytest.approx(value_metrics(values, returns, adv, base, mask), rel=1e-9)
+    counts = [p["count"] for p in parts]
+    per_rank = [value_metrics_from_sums(p)["value/explained_var"] for p in parts]
+    averaged = sum(c * e for c, e in zip(counts, per_rank, strict=True)) / sum(counts)
+    assert abs(averaged - got["value/explained_var"]) > 0.05  # the old per-rank average: another number
+    assert value_metrics_from_sums({**added, "count": 0.0}) == {}

@@ -124,3 +124,10 @@ def test_objective_numbers_at_their_limits_are_accepted():
     cfg = load(None, ["objective.mask_ratio_low=1", "objective.mask_ratio_high=1", "objective.d1_prompt_mask_prob=0",
                       "objective.eps_low=1", "objective.kl_to_old_coef=0", "objective.gamma=0"])  # fmt: skip
     assert cfg.objective.mask_ratio_low == 1 and cfg.objective.d1_prompt_mask_prob == 0
+
+
+@pytest.mark.parametrize("views", ["coupled", "random_masking", "d1"])
+def test_the_value_model_is_refused_off_trace_views(views):
+    with pytest.raises(ConfigError, match=f"objective.value_model=true with objective.views={views}: .*only trace"):
+        load(None, ["objective.value_model=true", f"objective.views={views}", "objective.old_logp_source=learner"])
+    assert load(None, ["objective.value_model=true", "objective.shrink=4"]).objective.shrink == 4  # merged: fine

@@ -22,6 +22,7 @@ MODULES = [
     "tracerl.report",
     "tracerl.config_docs",
     "tracerl.learner.micro",
+    "tracerl.learner.core",
     "tracerl.seeding",
     "tracerl.workers.rollout",
     "tracerl.orchestrator.guards",

@@ -131,3 +131,32 @@ def test_a_rank_without_samples_takes_part_in_the_step(local_ray, kl_after_step)
             assert got["train/kl_to_old_after_step"] == pytest.approx(want["train/kl_to_old_after_step"], rel=1e-3)
     finally:
         group.shutdown()
+
+
+def test_value_metrics_do_not_depend_on_the_number_of_ranks(local_ray):
+    """Two ranks holding 3 and 3 of 6 samples (two groups split across them) log the value metrics of one rank
+    holding all 6: explained variance and variance ratios come from sums over every rank's tokens, not averages."""
+    policy = tiny_policy("block")
+    prompts = encode(policy, ["12+34=", "7*8=", "1+2="] * 2)
+    sampling = SamplingConfig(max_new_tokens=8, block_size=4)
+    rollout = generate(policy, prompts, sampling, seed=2, group=torch.tensor([0, 1, 0, 1, 0, 1]))
+    rewards = torch.tensor([1.0, 0.0, 0.0, 1.0, 0.5, 0.25])
+    cfg = dp_cfg(2, "block", 10_000)
+    cfg.objective.value_model = True
+    cfg.learner.value_lr = 1e-2
+    single = Learner(copy.deepcopy(cfg), copy.deepcopy(policy))
+    want = [single.train_step(rollout, rewards) for _ in range(2)]  # the second step: values are no longer 0
+    single.destroy()
+
+    from tracerl.workers import LearnerGroup
+
+    group = LearnerGroup(cfg, num_ranks=2, weights=policy.model.state_dict())
+    try:
+        got = [group.train_step(rollout, rewards) for _ in range(2)]
+    finally:
+        group.shutdown()
+    assert want[1]["value/explained_var"] != 0.0
+    for w, g in zip(want, got, strict=True):
+        for key in ("value/explained_var", "value/mean", "value/return_mean", "value/advantage_var",
+                    "value/advantage_var_ratio"):  # fmt: skip
+            assert g[key] == pytest.approx(w[key], rel=1e-4, abs=1e-7), key

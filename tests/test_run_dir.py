@@ -163,6 +163,22 @@ def test_a_checkpoint_of_other_settings_or_another_model_is_refused_naming_them(
         runs.claim(cfg_for(trained, "checkpoint.resume=auto", f"model.path={models / 'big'}"), "train")
 
 
+def test_a_resume_with_changed_optimizer_settings_says_the_checkpoints_apply(tmp_path: Path) -> None:
+    """The optimizer and scheduler states restore the learning rates and the schedule as saved, so a changed
+    learner.lr or value_lr would be ignored silently; the resume goes on, and its notes name each change."""
+    run_dir = tmp_path / "run"
+    fake_run(run_dir, (1,), cfg=cfg_for(run_dir, "objective.value_model=true", "learner.value_lr=7e-4"))
+    same = runs.claim(cfg_for(run_dir, "checkpoint.resume=auto", "objective.value_model=true",
+                              "learner.value_lr=7e-4"), "train")  # fmt: skip
+    assert same.notes == []
+    changed = runs.claim(cfg_for(run_dir, "checkpoint.resume=auto", "objective.value_model=true",
+                                 "learner.value_lr=1e-9", "learner.lr=2e-6"), "train")  # fmt: skip
+    assert changed.resume == run_dir / "checkpoints" / "step-1"
+    (note,) = changed.notes
+    assert "learner.lr=2e-06 (checkpoint: 1e-06)" in note and "learner.value_lr=1e-09 (checkpoint: 0.0007)" in note
+    assert "the checkpoint's values apply" in note
+
+
 def test_a_run_dir_that_is_a_file_or_read_only_is_refused(tmp_path: Path) -> None:
     (tmp_path / "file").write_text("x")
     with pytest.raises(ConfigError, match=f"run_dir '{tmp_path / 'file'}' is a file"):

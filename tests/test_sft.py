@@ -165,3 +165,18 @@ def test_sft_resume_continues_exactly(tmp_path):
         assert torch.equal(b[name], tensor), name
     steps = [json.loads(x)["step"] for x in (tmp_path / "b" / "run" / "metrics.jsonl").read_text().splitlines()]
     assert steps == list(range(1, 17))
+
+
+def test_sft_trains_the_policy_alone_whatever_the_rl_settings(tmp_path):
+    """One YAML serves SFT and RL: a value model and a reference KL in it must not make SFT build (and checkpoint)
+    a second and third copy of the backbone; the run learns the same as without them."""
+    plain = sft_cfg(tmp_path / "a", "sft.steps=3", "sft.eval_every=0", "checkpoint.save_every=3")
+    rl = sft_cfg(tmp_path / "b", "sft.steps=3", "sft.eval_every=0", "checkpoint.save_every=3",
+                 "objective.value_model=true", "objective.kl_to_ref_coef=0.05")  # fmt: skip
+    run_sft(plain, progress=False)
+    run_sft(rl, progress=False)
+    saved = tmp_path / "b" / "run" / "checkpoints" / "step-3" / "learner"
+    assert saved.is_dir() and not (saved / "value").exists()
+    a = AutoModelForCausalLM.from_pretrained(tmp_path / "a" / "run" / "final").state_dict()
+    b = AutoModelForCausalLM.from_pretrained(tmp_path / "b" / "run" / "final").state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)

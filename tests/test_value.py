@@ -220,3 +220,65 @@ def test_values_at_the_targets_are_the_same_from_packed_and_row_views(readout):
             learner.destroy()
     assert read[False].abs().max() > 0.01
     torch.testing.assert_close(read[True], read[False], rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("engine", ["torch", "deepspeed"])
+def test_the_value_schedule_spans_the_same_rl_steps_as_the_policys(engine):
+    """value_updates_per_step=3 against the policy's 1: the value engine takes 3 × the optimizer steps, so its
+    linear decay over learner.total_steps = 4 RL steps is stretched to 12 of its steps (it reached 0 after 4 of its
+    steps, i.e. in RL step 2, and learnt nothing after); train/value_lr says where it is."""
+    from tracerl.config import Config
+    from tracerl.learner import Learner
+    from tracerl.scoring import lr_factor
+
+    policy = tiny_policy("full")
+    rollout = generate(policy, encode(policy, ["1+2=", "12+3="]), SamplingConfig(max_new_tokens=8, block_size=4))
+    rollout.group = torch.tensor([0, 0])
+    cfg = Config()
+    cfg.objective.value_model = True
+    cfg.learner.engine = engine
+    cfg.learner.lr, cfg.learner.value_lr = 1e-3, 2e-3
+    cfg.learner.lr_schedule, cfg.learner.total_steps, cfg.learner.warmup_steps = "linear", 4, 1
+    cfg.learner.value_updates_per_step = 3
+    learner = Learner(cfg, policy)
+    try:
+        for step in range(1, 5):
+            m = learner.train_step(rollout, torch.tensor([1.0, 0.0]))
+            assert m["train/value_optimizer_steps"] == 3
+            # the last optimizer step of RL step `step`: the policy's step `step`, the value's step 3 · step, with
+            # warmup 1 and 3 optimizer steps and schedules of 4 and 12
+            assert m["train/lr"] == pytest.approx(1e-3 * lr_factor(step - 1, "linear", 1, 4))
+            assert m["train/value_lr"] == pytest.approx(2e-3 * lr_factor(3 * step - 1, "linear", 3, 12))
+            if step < 4:
+                assert m["train/value_lr"] > 0
+    finally:
+        learner.destroy()
+
+
+@pytest.mark.parametrize("target", ["centered", "reward", "advantage"])
+def test_a_flat_step_has_no_signal_except_under_the_advantage_target(target):
+    """Every group scored flat: with the value model on, its GAE advantages are 0 under the targets made from the
+    rewards (the loop reports advantage/no_signal, as without a value model) and the value's own error under
+    TraceRL's `advantage` target (not reported: it is trained on)."""
+    from tracerl.config import Config
+    from tracerl.learner import Learner
+    from tracerl.stages import no_signal
+
+    policy = tiny_policy("full")
+    rollout = generate(policy, encode(policy, ["1+2=", "12+3="]), SamplingConfig(max_new_tokens=8, block_size=4))
+    rollout.group = torch.tensor([0, 0])
+    cfg = Config()
+    cfg.objective.value_model, cfg.objective.value_target = True, target
+    cfg.learner.lr = cfg.learner.value_lr = 1e-2
+    learner = Learner(cfg, policy)
+    try:
+        varied = torch.tensor([1.0, -1.0]) if target == "advantage" else torch.tensor([1.0, 0.0])
+        learner.train_step(rollout, varied)  # the value head is no longer 0
+        flat = learner.train_step(rollout, torch.tensor([0.0, 0.0]) if target == "advantage" else torch.ones(2))
+    finally:
+        learner.destroy()
+    assert flat["value/mean"] != 0.0
+    zero = flat["value/advantage_var"] == 0.0 and flat["value/baseline_advantage_var"] == 0.0
+    assert zero == (target != "advantage")
+    assert no_signal(1.0, cfg.objective) == zero
+    assert not no_signal(0.5, cfg.objective)

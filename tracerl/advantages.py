@@ -290,6 +290,50 @@ def explained_variance(values: torch.Tensor, returns: torch.Tensor, mask: torch.
     return float(1 - (ret - val).var(unbiased=False) / var)
 
 
+def value_sums(
+    values: torch.Tensor,
+    returns: torch.Tensor,
+    advantages: torch.Tensor,
+    baseline_advantages: torch.Tensor,
+    mask: torch.Tensor,
+) -> dict[str, float]:
+    """The sums behind ``value_metrics`` over one rank's trainable tokens ``mask`` [N, L]: count, and the sum and
+    sum of squares of the returns, the values, the return errors R − V, the GAE ``advantages`` [N, L] and the group
+    baseline's ``baseline_advantages`` [N] on the same tokens. Sums add up over ranks, so the metrics of a step
+    split over ranks are those of the whole step (explained variance and variance ratios cannot be averaged)."""
+    base = baseline_advantages.double().unsqueeze(1).expand_as(mask)
+    parts = {"return": returns, "value": values, "error": returns.double() - values.double(), "adv": advantages,
+             "base": base}  # fmt: skip
+    sums = {"count": float(mask.sum())}
+    for name, x in parts.items():
+        x = x.double()[mask]
+        sums[f"{name}_sum"], sums[f"{name}_sq"] = float(x.sum()), float((x * x).sum())
+    return sums
+
+
+def value_metrics_from_sums(sums: dict[str, float]) -> dict[str, float]:
+    """``value_metrics`` from ``value_sums`` (added up over ranks); {} without a token."""
+    n = sums["count"]
+    if not n:
+        return {}
+
+    def mean(name: str) -> float:
+        return sums[f"{name}_sum"] / n
+
+    def var(name: str) -> float:
+        return max(0.0, sums[f"{name}_sq"] / n - mean(name) ** 2)
+
+    ret_var, adv_var, base_var = var("return"), var("adv"), var("base")
+    return {
+        "value/explained_var": 1 - var("error") / ret_var if ret_var > ZERO_STD**2 else 0.0,
+        "value/mean": mean("value"),
+        "value/return_mean": mean("return"),
+        "value/advantage_var": adv_var,
+        "value/baseline_advantage_var": base_var,
+        "value/advantage_var_ratio": adv_var / base_var if base_var > 0 else 0.0,
+    }
+
+
 def value_metrics(
     values: torch.Tensor,
     returns: torch.Tensor,
@@ -301,20 +345,14 @@ def value_metrics(
     explained variance of the (pre-update) ``values`` against the GAE ``returns``, their means, and the variance of
     the GAE ``advantages`` [N, L] against that of the group baseline's ``baseline_advantages`` [N] on the same
     tokens (TraceRL reports 45.5% less training variance with its value model: a ratio of 0.545).
+
+    Example:
+        >>> m = value_metrics(torch.tensor([[0.0, 1.0]]), torch.tensor([[0.0, 2.0]]), torch.tensor([[0.0, 1.0]]),
+        ...                   torch.tensor([1.0]), torch.tensor([[True, True]]))
+        >>> round(m["value/explained_var"], 6), m["value/advantage_var"], m["value/advantage_var_ratio"]
+        (0.75, 0.25, 0.0)
     """
-    if not mask.any():
-        return {}
-    adv_var = advantages[mask].double().var(unbiased=False).item()
-    base = baseline_advantages.double().unsqueeze(1).expand_as(mask)[mask]
-    base_var = base.var(unbiased=False).item()
-    return {
-        "value/explained_var": explained_variance(values, returns, mask),
-        "value/mean": values[mask].double().mean().item(),
-        "value/return_mean": returns[mask].double().mean().item(),
-        "value/advantage_var": adv_var,
-        "value/baseline_advantage_var": base_var,
-        "value/advantage_var_ratio": adv_var / base_var if base_var > 0 else 0.0,
-    }
+    return value_metrics_from_sums(value_sums(values, returns, advantages, baseline_advantages, mask))
 
 
 def compute_advantages(

@@ -273,7 +273,7 @@ class LearnerConfig:
     precision: Literal["fp32", "bf16"] = "fp32"  # training precision
     lr: float = 1e-6  # policy learning rate (AdamW)
     value_lr: float | None = None  # value model learning rate (None: 5 × learner.lr, TraceRL's ratio 5e-6 / 1e-6)
-    value_updates_per_step: int = 1  # passes over an RL step's rows for the value model (each in `minibatches` steps)
+    value_updates_per_step: int = 1  # value model passes per RL step (its schedule is stretched to the same RL steps)
     weight_decay: float = 0.0  # AdamW weight decay
     beta1: float = 0.9  # AdamW beta1
     beta2: float = 0.999  # AdamW beta2
@@ -626,6 +626,14 @@ def check_objective_ranges(o: ObjectiveConfig) -> None:
             problems.append(f"objective.{key} must be ≥ 0 (0 turns the penalty off), got {getattr(o, key)}")
     if not (0 <= o.gamma <= 1 and 0 <= o.lam <= 1):
         problems.append(f"objective.gamma and objective.lam must be in [0, 1] (GAE), got {o.gamma} and {o.lam}")
+    if o.value_model and o.views != "trace":
+        problems.append(
+            f"objective.value_model=true with objective.views={o.views}: the value model reads each token's value in "
+            "the state just before the sampler committed it and runs GAE over the denoising steps, which only trace "
+            f"views replay; {o.views} views score tokens in masked states the sampler never produced (d1: the "
+            "whole completion masked), where a value means neither. Use objective.views=trace with the value model, "
+            "or objective.value_model=false"
+        )
     if problems:
         raise ConfigError("; ".join(problems) + ".")
 

@@ -46,11 +46,12 @@ class Claim:
     restart: bool = False  # the run's own earlier attempt left files but no complete checkpoint: start over
     notes: list[str] = field(default_factory=list)  # what the console should say about the directory
     settings: dict[str, Any] = field(default_factory=dict)  # what every checkpoint of the run records
+    restored: dict[str, Any] = field(default_factory=dict)  # the optimizer settings a resume takes from a checkpoint
 
     @property
     def identity(self) -> dict[str, Any]:
         """What each checkpoint's manifest records about the run that wrote it."""
-        return {"run_id": self.run_id, "command": self.command, "settings": self.settings}
+        return {"run_id": self.run_id, "command": self.command, "settings": self.settings, "restored": self.restored}
 
 
 def settings(cfg: Config) -> dict[str, Any]:
@@ -74,6 +75,24 @@ def settings(cfg: Config) -> dict[str, Any]:
     return out
 
 
+def restored_settings(cfg: Config, command: str) -> dict[str, Any]:
+    """The settings a resume takes from the checkpoint, not from the config: the optimizers' state holds the
+    learning rates and AdamW's settings, and the schedulers' the schedule (``scoring.LRSchedule``), so a changed value
+    does not take effect. A resume with one changed says so (``claim``'s notes)."""
+    lc = cfg.learner
+    out: dict[str, Any] = {
+        "learner.lr_schedule": lc.lr_schedule, "learner.warmup_steps": lc.warmup_steps,
+        "learner.weight_decay": lc.weight_decay, "learner.beta1": lc.beta1, "learner.beta2": lc.beta2,
+        "learner.adam_eps": lc.adam_eps,
+    }  # fmt: skip
+    if command == "sft":  # its schedule spans sft.steps, which a resume may extend
+        return out | {"sft.lr": cfg.sft.lr}
+    out |= {"learner.lr": lc.lr, "learner.total_steps": lc.total_steps}
+    if cfg.objective.value_model:
+        out |= {"learner.value_lr": lc.value_lr, "learner.value_updates_per_step": lc.value_updates_per_step}
+    return out
+
+
 def claim(cfg: Config, command: str) -> Claim:
     """Decide what ``command`` may do with ``cfg.run_dir`` (see the module docstring); nothing is written.
 
@@ -87,7 +106,7 @@ def claim(cfg: Config, command: str) -> Claim:
     check_writable(run_dir)
     owner = read_owner(run_dir)
     present = [name for name in RUN_FILES if (run_dir / name).exists()]
-    wanted = settings(cfg)
+    wanted, restored = settings(cfg), restored_settings(cfg, command)
     if resume == "none":
         if present:
             raise ConfigError(
@@ -95,9 +114,9 @@ def claim(cfg: Config, command: str) -> Claim:
                 "metrics, checkpoints and final model with that run's. Continue that run with --resume auto "
                 "(checkpoint.resume=auto), or give a new run_dir."
             )
-        return Claim(uuid.uuid4().hex, command, None, settings=wanted)
+        return Claim(uuid.uuid4().hex, command, None, settings=wanted, restored=restored)
     if resume != "auto":
-        return _explicit(cfg, command, Path(resume), owner, present, wanted)
+        return _explicit(cfg, command, Path(resume), owner, present, wanted, restored)
     if owner is None:
         if present:
             raise ConfigError(
@@ -105,7 +124,7 @@ def claim(cfg: Config, command: str) -> Claim:
                 f"cannot tell whose they are. Resume a checkpoint by path (--resume {run_dir}/checkpoints/step-N) "
                 "or give a new run_dir."
             )
-        return Claim(uuid.uuid4().hex, command, None, settings=wanted)
+        return Claim(uuid.uuid4().hex, command, None, settings=wanted, restored=restored)
     _same_command(run_dir, owner, command)
     for path in checkpoint.list_checkpoints(run_dir):
         if checkpoint.run_id_of(path) != owner["run_id"]:
@@ -119,14 +138,22 @@ def claim(cfg: Config, command: str) -> Claim:
     if latest is None:
         note = f"no complete checkpoint in {checkpoint.checkpoint_dir(run_dir)}"
         note += f" (half-written, ignored: {', '.join(partial)})" if partial else ""
-        return Claim(owner["run_id"], command, None, True, [f"{note}: starting the run over from step 0"], wanted)
+        return Claim(
+            owner["run_id"], command, None, True, [f"{note}: starting the run over from step 0"], wanted, restored
+        )
     notes = [f"half-written checkpoint ignored: {', '.join(partial)}"] if partial else []
-    _check_resumable(latest, wanted)
-    return Claim(owner["run_id"], command, latest, False, notes, wanted)
+    notes += _check_resumable(latest, wanted, restored)
+    return Claim(owner["run_id"], command, latest, False, notes, wanted, restored)
 
 
 def _explicit(
-    cfg: Config, command: str, path: Path, owner: dict | None, present: list[str], wanted: dict[str, Any]
+    cfg: Config,
+    command: str,
+    path: Path,
+    owner: dict | None,
+    present: list[str],
+    wanted: dict[str, Any],
+    restored: dict[str, Any],
 ) -> Claim:
     """``--resume DIR``: continue the run that wrote it, in its own directory or a new one."""
     run_dir = Path(cfg.run_dir)
@@ -146,8 +173,8 @@ def _explicit(
         )
     if owner is not None:
         _same_command(run_dir, owner, command)
-    _check_resumable(path, wanted)
-    return Claim(run_id or uuid.uuid4().hex, command, path, settings=wanted)
+    notes = _check_resumable(path, wanted, restored)
+    return Claim(run_id or uuid.uuid4().hex, command, path, notes=notes, settings=wanted, restored=restored)
 
 
 def _same_command(run_dir: Path, owner: dict, command: str) -> None:
@@ -157,8 +184,9 @@ def _same_command(run_dir: Path, owner: dict, command: str) -> None:
         )
 
 
-def _check_resumable(path: Path, wanted: dict[str, Any]) -> None:
-    """The checkpoint verifies (files, hashes, pickles) and was written with the settings this run has."""
+def _check_resumable(path: Path, wanted: dict[str, Any], restored: dict[str, Any]) -> list[str]:
+    """The checkpoint verifies (files, hashes, pickles) and was written with the settings this run has; → a note for
+    each optimizer setting that differs from the checkpoint's (the checkpoint's applies)."""
     record = checkpoint.verify_checkpoint(path)
     checkpoint.driver_state(path)  # parses
     had = record.get("identity", {}).get("settings", {})
@@ -178,6 +206,15 @@ def _check_resumable(path: Path, wanted: dict[str, Any]) -> None:
                 f"{current[key]!r}: it is a checkpoint of another model. Point model.path at the model it was "
                 "trained from, or start a new run_dir."
             )
+    saved_opt = record.get("identity", {}).get("restored", {})
+    changed = [f"{k}={v!r} (checkpoint: {saved_opt[k]!r})" for k, v in restored.items() if saved_opt.get(k, v) != v]
+    if not changed:
+        return []
+    return [
+        f"{', '.join(changed)}: the optimizer and its learning-rate schedule resume from checkpoint {path} as they "
+        "were saved, so the checkpoint's values apply and these do not (config.json records this run's). To train "
+        "with them, start a new run from this run's weights (its final/ directory or an export)."
+    ]
 
 
 def _model_config(folder: Path) -> dict[str, Any] | None:

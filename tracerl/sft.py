@@ -212,7 +212,9 @@ def run_sft(cfg: Config, progress: bool = True, verbose: bool = False) -> dict[s
     answers = [row["answer"] for row in held]
     layout = "block" if policy.block_size is not None else "full"
     block_size = policy.block_size or cfg.sampling.block_size
-    learner = Learner(cfg, policy, lr=cfg.sft.lr, total_steps=cfg.sft.steps)
+    # SFT trains the policy alone: no value model, no reference copy, whatever the (shared) RL settings say
+    policy_only = replace(cfg, objective=replace(cfg.objective, value_model=False, kl_to_ref_coef=0.0))
+    learner = Learner(policy_only, policy, lr=cfg.sft.lr, total_steps=cfg.sft.steps)
     eval_policy = policy
     if cfg.learner.zero_stage == 3:  # partitioned weights cannot sample: evaluate a gathered copy
         eval_policy = load_policy(cfg.model)

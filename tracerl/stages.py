@@ -4,6 +4,7 @@ them, and so does ``scripts/gpu_check.py``, so its stage timings describe the lo
     advantages → (advantages [N], keep [N], advantage/* and reward/* metrics)
     learner_outcome → [N] what the learner trains on: the advantages, or the rewards a value model's target uses
     training_batch → the kept samples and their advantages (the learner ranks build the training views)
+    no_signal → whether every kept advantage is 0 (only the KL terms act)
 
 dims: N samples
 """
@@ -52,3 +53,11 @@ def training_batch(
     (``records.shard_step``); every rank builds the training views of its own samples (``Learner.views_of``)."""
     kept = rollout.select(keep.nonzero().squeeze(1))
     return kept, adv[keep]
+
+
+def no_signal(flat_groups: float, o: ObjectiveConfig) -> bool:
+    """Whether the step trains on zero advantages only: every kept group scored flat (``flat_groups``, the share of
+    such groups, is 1). A flat group's advantages are 0, also a value model's GAE ones (scaled by the group's reward
+    spread, ``advantages.group_scale``: 0), except under TraceRL's target (``value_target=advantage``), whose GAE
+    advantage 0 − V is the value's own error and not a signal from the rewards either, but is trained on."""
+    return flat_groups == 1.0 and not (o.value_model and o.value_target == "advantage")

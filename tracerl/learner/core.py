@@ -15,8 +15,10 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import dataclasses
 import gc
 import json
+import math
 import time
 from pathlib import Path
 from typing import Any
@@ -24,7 +26,7 @@ from typing import Any
 import torch
 
 from tracerl import canvas_trace, objectives
-from tracerl.config import Config
+from tracerl.config import Config, LearnerConfig
 from tracerl.learner import rl
 from tracerl.learner.engine import Engine, init_distributed, make_engine
 from tracerl.learner.micro import MicroBatches
@@ -35,6 +37,23 @@ from tracerl.scoring import PolicyScorer, ValueScorer
 from tracerl.trace import make_views
 
 VALUE_LR_RATIO = 5.0  # learner.value_lr = null: TraceRL's value / policy learning rates (5e-6 / 1e-6)
+
+
+def value_schedule(lc: LearnerConfig, total: int) -> tuple[LearnerConfig, int]:
+    """The value engine's learner settings and schedule length: it takes ``value_updates_per_step`` passes per RL
+    step where the policy takes ``updates_per_step`` (each in ``minibatches`` optimizer steps), so its warmup and
+    schedule are stretched by that ratio and both span the same RL steps.
+
+    Example:
+        >>> lc = LearnerConfig(updates_per_step=1, value_updates_per_step=4, warmup_steps=10)
+        >>> value_lc, total = value_schedule(lc, 1000)
+        >>> value_lc.warmup_steps, total
+        (40, 4000)
+    """
+    ratio = lc.value_updates_per_step / lc.updates_per_step
+    if ratio == 1:
+        return lc, total
+    return dataclasses.replace(lc, warmup_steps=math.ceil(lc.warmup_steps * ratio)), math.ceil(total * ratio)
 
 
 class Learner:
@@ -106,7 +125,8 @@ class Learner:
         self.value_engine: Engine | None = None
         if value is not None:
             value_lr = self.lc.value_lr or VALUE_LR_RATIO * self.lc.lr
-            self.value_engine = make_engine(ValueScorer(value), self.lc, value_lr, total, rank, world_size)
+            value_lc, value_total = value_schedule(self.lc, total)
+            self.value_engine = make_engine(ValueScorer(value), value_lc, value_lr, value_total, rank, world_size)
         if self.lora and self.obj.kl_to_ref_coef > 0:
             self.ref = BaseScorer(policy, self.lc.logprob_chunk_tokens)  # shares the engine's (cast) weights
         elif self.ref is not None:

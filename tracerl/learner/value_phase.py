@@ -129,17 +129,17 @@ def value_phase(
         stats["loss"] += s.loss
         stats["grad_norm"] += s.grad_norm
         stats["optimizer_steps"] += 1
+        stats["lr"] = s.lr
     steps = max(1.0, stats["optimizer_steps"])
-    # What a user needs to trust it (advantages.value_metrics), per rank, then averaged over ranks by token count
-    # (exact on one rank; explained variance and variance ratios are not additive across ranks).
-    local = adv_lib.value_metrics(token_values, token_returns, token_adv, baseline, token_mask)
-    local = local or dict.fromkeys(VALUE_METRICS, 0.0)  # a rank without targets: same keys, no weight
-    count = float(token_mask.sum())
-    mean = learner.mean_over_ranks({**{k: v * count for k, v in local.items()}, "count": count})
+    # What a user needs to trust it (advantages.value_metrics), from sums over every rank's tokens: the metrics of
+    # the whole step, whatever the number of ranks (explained variance and variance ratios cannot be averaged).
+    local = adv_lib.value_sums(token_values, token_returns, token_adv, baseline, token_mask)
+    whole = adv_lib.value_metrics_from_sums(learner.sum_over_ranks(local)) or dict.fromkeys(VALUE_METRICS, 0.0)
     metrics = {
         "train/value_loss": stats["loss"] / steps,
         "train/value_grad_norm": stats["grad_norm"] / steps,
         "train/value_optimizer_steps": stats["optimizer_steps"],
-        **mean,
+        "train/value_lr": stats["lr"],
+        **whole,
     }
     return table.read(token_adv), metrics

@@ -8,9 +8,11 @@ The divergence guard checks three signs after every RL step, from the metrics th
   ``guard.reward_fraction`` × the best such mean so far, or every group was filtered out for ``guard.window``
   steps in a row (nothing is learnt any more: d1 on the block layout ended so, every sample scoring 0);
 - the held-out greedy reward collapses: an evaluation below ``guard.reward_fraction`` × the best one so far;
-- ``train/kl_to_old`` stays above ``guard.max_kl_to_old`` for ``guard.window`` steps in a row.
+- ``train/kl_to_old`` (``train/kl_to_old_after_step`` when ``learner.kl_after_step`` logs it) stays above
+  ``guard.max_kl_to_old`` for ``guard.window`` steps in a row (NaN counts as above).
 
-Each sign is reported when it appears, and again only after it has cleared.
+Each sign is reported when it appears, and again only after it has cleared. Both watches keep their state in the
+checkpoint (``state_dict``), so a resumed run warns exactly where an uninterrupted one does.
 
 ``ValueWatch`` reports, with ``objective.value_model`` on, a value model that has learnt nothing: its
 ``value/explained_var`` averaged over ``guard.value_window`` steps below ``guard.min_value_explained_var``. Its

@@ -220,7 +220,7 @@ class Session:
             if not len(kept):
                 self.skipped_steps += 1  # every group filtered out: nothing to learn from, the run goes on
             else:
-                no_signal = metrics["advantage/flat_groups"] == 1.0 and not o.value_model
+                no_signal = stages.no_signal(metrics["advantage/flat_groups"], o)
                 metrics["advantage/no_signal"] = float(no_signal)  # trained on zero advantages: only KL terms act
                 self.no_signal_steps += no_signal
                 metrics |= self.update(kept, kept_outcome, step, timers)
