@@ -68,7 +68,10 @@ LAYOUTS: dict[str, list[str]] = {
 # Every method: a learning-rate warmup over the first 10 optimizer steps. Adam's first updates move every parameter
 # by the full learning rate (the update is the gradient's sign), which d1 cannot take (docs/estimators.md). The
 # comparison reads the greedy reward only: one sampled completion per prompt keeps evaluations cheap.
-COMMON = ["learner.warmup_steps=10", "eval.samples=1", "eval.k=1", "train.log_samples_every=0", "wandb.mode=disabled"]
+# learner.kl_after_step: the KL column reads how far each whole step moved the policy (one more forward pass, not
+# counted as learner compute: it trains nothing), not the in-loss reading before each minibatch's update.
+COMMON = ["learner.warmup_steps=10", "eval.samples=1", "eval.k=1", "train.log_samples_every=0", "wandb.mode=disabled",
+          "learner.kl_after_step=true"]  # fmt: skip
 REFERENCE = "trace"
 
 
@@ -90,7 +93,9 @@ class Run:
     series: dict[str, dict[int, float]] = field(default_factory=dict)  # SERIES key → RL step → value
 
 
-SERIES = ("train/kl_to_old", "train/log_ratio_abs_max", "value/explained_var", "value/advantage_var_ratio")
+SERIES = ("train/kl_to_old", "train/kl_to_old_after_step", "train/log_ratio_abs_max", "value/explained_var",
+          "value/advantage_var_ratio")  # fmt: skip
+KL_AFTER_STEP = "train/kl_to_old_after_step"
 
 
 # ---------------------------------------------------------------------------------------------- pure parts
@@ -164,7 +169,9 @@ def summarise(runs: list[Run], steps: int) -> list[dict[str, Any]]:
             }
         row["start"] = mean_sd([r.evals[0] for r in done])
         row["warnings"] = sum(bool(r.warnings) for r in done)
-        kl = [v for r in done for s, v in r.series.get("train/kl_to_old", {}).items() if s <= steps]
+        # the whole step's movement where the runs measured it, else the in-loss reading (runs before kl_after_step)
+        row["kl_metric"] = KL_AFTER_STEP if all(KL_AFTER_STEP in r.series for r in done) else "train/kl_to_old"
+        kl = [v for r in done for s, v in r.series.get(row["kl_metric"], {}).items() if s <= steps]
         row["kl_to_old_max"] = max(kl, default=math.nan)  # over the first `steps` steps of every seed
         if any("value/explained_var" in r.series for r in done):
             at = [r.series["value/explained_var"].get(steps, math.nan) for r in done]
@@ -181,9 +188,11 @@ def markdown(rows: list[dict[str, Any]], steps: int) -> str:
     def pm(x: tuple[float, float], sign: bool = False) -> str:
         return f"{x[0]:+.3f} ± {x[1]:.3f}" if sign else f"{x[0]:.3f} ± {x[1]:.3f}"
 
+    read = {r["kl_metric"].removeprefix("train/") for r in rows if "kl_metric" in r}
+    kl_name = read.pop() if len(read) == 1 else "kl_to_old or kl_to_old_after_step"
     lines = [
         f"| layout | method | SFT start | step {steps}: greedy reward | Δ (seeds up) | equal compute: step | greedy "
-        f"reward | Δ (seeds up) | learner FLOPs | max kl_to_old (steps ≤ {steps}) | runs warned |",
+        f"reward | Δ (seeds up) | learner FLOPs | max {kl_name} (steps ≤ {steps}) | runs warned |",
         "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:

@@ -184,3 +184,17 @@ def test_a_rank_without_units_runs_a_placeholder_unit(empty: bool) -> None:
     (out[0].sum() * 0.0).backward()
     trainable = [p for p in pol.model.parameters() if p.requires_grad]
     assert trainable and all(p.grad is not None for p in trainable)
+
+
+def test_the_kl_after_a_canvas_step_is_read_in_the_states_it_trained_on(learners) -> None:
+    """learner.kl_after_step on a renoising policy: each step's self-conditioning state is the one the step trained
+    with (fixed before the update), so with one minibatch the reading is the update's own movement: above 0, and
+    its largest token |Δ| the largest of every target."""
+    pol = policy()
+    rollout, _ = batch(pol)
+    cfg = make_cfg()
+    cfg.learner.kl_after_step = True
+    metrics = learners(cfg, copy.deepcopy(pol)).train_step(rollout, ADV)
+    assert metrics["train/kl_to_old"] == pytest.approx(0.0, abs=1e-6)  # in-loss: before the only update
+    assert metrics["train/kl_to_old_after_step"] > 1e-6
+    assert metrics["train/log_ratio_abs_max_after_step"] > 0

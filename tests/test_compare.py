@@ -70,6 +70,7 @@ def test_summary_and_table_by_hand(tmp_path):
     assert rows["d1"]["refused"] == "d1 masks the prompt"
     table = compare.markdown(list(rows.values()), steps=2)
     assert "| block | trace | 0.400 ± 0.000 | 0.550 ± 0.071 | +0.150 ± 0.071 (2/2) | 2 |" in table
+    assert "| max kl_to_old (steps ≤ 2) |" in table  # these runs logged the in-loss reading only
     assert "| block | d1 | refused: d1 masks the prompt |" in table
     compare.plot(runs, tmp_path / "c.png")
     assert (tmp_path / "c.png").read_bytes()[:4] == b"\x89PNG"
@@ -143,3 +144,16 @@ def test_compare_end_to_end_smoke(tmp_path):
     # a second call finds every run finished and only rebuilds the table
     again = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert again.returncode == 0 and "RL steps (" not in again.stdout
+
+
+def test_the_kl_column_reads_the_whole_steps_movement_when_the_runs_measured_it(tmp_path):
+    r = run(tmp_path, "trace", 0, {0: 0.4, 2: 0.6}, [10.0, 10.0], 2, 2)
+    rows = [json.loads(x) for x in (Path(r.run_dir) / "metrics.jsonl").read_text().splitlines()]
+    for row in rows[1:]:
+        row["train/kl_to_old_after_step"] = 0.3 * row["step"]  # learner.kl_after_step (compare's COMMON)
+    (Path(r.run_dir) / "metrics.jsonl").write_text("\n".join(json.dumps(x) for x in rows))
+    compare.read_run(r)
+    (row,) = compare.summarise([r], steps=2)
+    assert row["kl_to_old_max"] == pytest.approx(0.6) and row["kl_metric"] == "train/kl_to_old_after_step"
+    assert "| max kl_to_old_after_step (steps ≤ 2) |" in compare.markdown([row], steps=2)
+    assert "learner.kl_after_step=true" in compare.COMMON
