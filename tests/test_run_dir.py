@@ -177,6 +177,22 @@ def test_a_resume_with_changed_optimizer_settings_says_the_checkpoints_apply(tmp
     (note,) = changed.notes
     assert "learner.lr=2e-06 (checkpoint: 1e-06)" in note and "learner.value_lr=1e-09 (checkpoint: 0.0007)" in note
     assert "the checkpoint's values apply" in note
+    # the same rate spelt differently (null = 5 × learner.lr) and a schedule length a constant schedule ignores
+    quiet = runs.claim(cfg_for(run_dir, "checkpoint.resume=auto", "objective.value_model=true",
+                               "learner.value_lr=7e-4", "learner.total_steps=50"), "train")  # fmt: skip
+    assert quiet.notes == []
+
+
+def test_resume_notes_name_a_schedule_length_only_where_the_schedule_decays(tmp_path: Path) -> None:
+    run_dir, sft_dir = tmp_path / "run", tmp_path / "sft"
+    fake_run(run_dir, (1,), cfg=cfg_for(run_dir, "objective.value_model=true"))  # value_lr null: 5 × 1e-6
+    same = runs.claim(cfg_for(run_dir, "checkpoint.resume=auto", "objective.value_model=true",
+                              "learner.value_lr=5e-6"), "train")  # fmt: skip
+    assert same.notes == []
+    fake_run(sft_dir, (1,), "sft", cfg=cfg_for(sft_dir, "learner.lr_schedule=linear", "sft.steps=8"))
+    (note,) = runs.claim(cfg_for(sft_dir, "checkpoint.resume=auto", "learner.lr_schedule=linear", "sft.steps=16"),
+                         "sft").notes  # fmt: skip
+    assert note.startswith("sft.steps=16 (checkpoint: 8)")  # a linear decay to 0 at step 8: the rest at lr 0
 
 
 def test_a_run_dir_that_is_a_file_or_read_only_is_refused(tmp_path: Path) -> None:

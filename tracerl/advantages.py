@@ -330,7 +330,7 @@ def value_metrics_from_sums(sums: dict[str, float]) -> dict[str, float]:
         "value/return_mean": mean("return"),
         "value/advantage_var": adv_var,
         "value/baseline_advantage_var": base_var,
-        "value/advantage_var_ratio": adv_var / base_var if base_var > 0 else 0.0,
+        "value/advantage_var_ratio": adv_var / base_var if base_var > ZERO_STD**2 else 0.0,
     }
 
 

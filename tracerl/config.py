@@ -262,6 +262,9 @@ class LoRAConfig:
     dropout: float = 0.0  # adapter dropout; must be 0 (the learner runs every pass without dropout)
 
 
+VALUE_LR_RATIO = 5.0  # learner.value_lr = null: TraceRL's value / policy learning rates (5e-6 / 1e-6)
+
+
 @dataclass
 class LearnerConfig:
     """The learner (DESIGN §10, §20)."""

@@ -19,6 +19,7 @@ and a tampered, truncated or code-carrying checkpoint is refused at once, naming
 from __future__ import annotations
 
 import json
+import math
 import os
 import time
 import uuid
@@ -27,7 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from tracerl import checkpoint
-from tracerl.config import Config, ConfigError, to_dict
+from tracerl.config import VALUE_LR_RATIO, Config, ConfigError, to_dict
 
 RUN = "run.json"
 # what marks a directory as holding a run (eval/, pictures/, wandb/ alone do not)
@@ -85,11 +86,12 @@ def restored_settings(cfg: Config, command: str) -> dict[str, Any]:
         "learner.weight_decay": lc.weight_decay, "learner.beta1": lc.beta1, "learner.beta2": lc.beta2,
         "learner.adam_eps": lc.adam_eps,
     }  # fmt: skip
-    if command == "sft":  # its schedule spans sft.steps, which a resume may extend
-        return out | {"sft.lr": cfg.sft.lr}
-    out |= {"learner.lr": lc.lr, "learner.total_steps": lc.total_steps}
-    if cfg.objective.value_model:
-        out |= {"learner.value_lr": lc.value_lr, "learner.value_updates_per_step": lc.value_updates_per_step}
+    decays = lc.lr_schedule != "constant"  # only then does the schedule's length matter
+    if command == "sft":  # the schedule spans sft.steps
+        return out | {"sft.lr": cfg.sft.lr} | ({"sft.steps": cfg.sft.steps} if decays else {})
+    out |= {"learner.lr": lc.lr} | ({"learner.total_steps": lc.total_steps} if decays else {})
+    if cfg.objective.value_model:  # the rate the value engine was built with (null: VALUE_LR_RATIO × lr)
+        out |= {"learner.value_lr": lc.value_lr or VALUE_LR_RATIO * lc.lr}
     return out
 
 
@@ -207,7 +209,9 @@ def _check_resumable(path: Path, wanted: dict[str, Any], restored: dict[str, Any
                 "trained from, or start a new run_dir."
             )
     saved_opt = record.get("identity", {}).get("restored", {})
-    changed = [f"{k}={v!r} (checkpoint: {saved_opt[k]!r})" for k, v in restored.items() if saved_opt.get(k, v) != v]
+    changed = [
+        f"{k}={v!r} (checkpoint: {saved_opt[k]!r})" for k, v in restored.items() if not _same(saved_opt.get(k, v), v)
+    ]
     if not changed:
         return []
     return [
@@ -215,6 +219,13 @@ def _check_resumable(path: Path, wanted: dict[str, Any], restored: dict[str, Any
         "were saved, so the checkpoint's values apply and these do not (config.json records this run's). To train "
         "with them, start a new run from this run's weights (its final/ directory or an export)."
     ]
+
+
+def _same(a: Any, b: Any) -> bool:
+    """Equal, numbers up to float rounding (5 × 1e-6 is 4.9999999999999996e-06)."""
+    if isinstance(a, int | float) and isinstance(b, int | float):
+        return math.isclose(a, b, rel_tol=1e-9, abs_tol=0.0)
+    return a == b
 
 
 def _model_config(folder: Path) -> dict[str, Any] | None:

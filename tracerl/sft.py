@@ -194,7 +194,10 @@ def run_sft(cfg: Config, progress: bool = True, verbose: bool = False) -> dict[s
             "learner.num_ranks=1 (several ranks: drive a LearnerGroup with Learner.sft_step batches)."
         )
     run_dir = Path(cfg.run_dir)
-    claim = runs.claim(cfg, "sft")  # whose directory, what to resume (verified), before anything is written
+    # SFT trains the policy alone: no value model, no reference copy, whatever the (shared) RL settings say; its
+    # checkpoints record (and a resume checks) the settings it trains with
+    policy_only = replace(cfg, objective=replace(cfg.objective, value_model=False, kl_to_ref_coef=0.0))
+    claim = runs.claim(policy_only, "sft")  # whose directory, what to resume (verified), before anything is written
     random.seed(cfg.seed)
     np.random.seed(cfg.seed)
     torch.manual_seed(cfg.seed)
@@ -212,8 +215,6 @@ def run_sft(cfg: Config, progress: bool = True, verbose: bool = False) -> dict[s
     answers = [row["answer"] for row in held]
     layout = "block" if policy.block_size is not None else "full"
     block_size = policy.block_size or cfg.sampling.block_size
-    # SFT trains the policy alone: no value model, no reference copy, whatever the (shared) RL settings say
-    policy_only = replace(cfg, objective=replace(cfg.objective, value_model=False, kl_to_ref_coef=0.0))
     learner = Learner(policy_only, policy, lr=cfg.sft.lr, total_steps=cfg.sft.steps)
     eval_policy = policy
     if cfg.learner.zero_stage == 3:  # partitioned weights cannot sample: evaluate a gathered copy

@@ -26,7 +26,7 @@ from typing import Any
 import torch
 
 from tracerl import canvas_trace, objectives
-from tracerl.config import Config, LearnerConfig
+from tracerl.config import VALUE_LR_RATIO, Config, LearnerConfig
 from tracerl.learner import rl
 from tracerl.learner.engine import Engine, init_distributed, make_engine
 from tracerl.learner.micro import MicroBatches
@@ -35,8 +35,6 @@ from tracerl.models.value import ValueModel, enable_checkpointing
 from tracerl.records import CanvasRollout, Rollout
 from tracerl.scoring import PolicyScorer, ValueScorer
 from tracerl.trace import make_views
-
-VALUE_LR_RATIO = 5.0  # learner.value_lr = null: TraceRL's value / policy learning rates (5e-6 / 1e-6)
 
 
 def value_schedule(lc: LearnerConfig, total: int) -> tuple[LearnerConfig, int]:

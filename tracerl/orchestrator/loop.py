@@ -87,6 +87,7 @@ def run(cfg: Config, *, verbose: bool = False, console: Console | None = None) -
             s.logger.log(last, step=0)
             s.console.print(eval_line(0, last, cfg.eval.k))
             s.divergence.check(0, last)  # the start the held-out reward is compared with
+            s.initial.extra["guard"] = s.divergence.state_dict()  # a learner rebuilt before any checkpoint keeps it
         step = s.start_step + 1
         while step <= cfg.train.steps:
             try:
