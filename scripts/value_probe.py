@@ -395,8 +395,8 @@ def main(argv: list[str] | None = None) -> int:
 
     from tracerl import advantages as adv_lib
     from tracerl.checks import load_config
+    from tracerl.config import value_lr as resolve_value_lr
     from tracerl.learner import Learner
-    from tracerl.learner.core import VALUE_LR_RATIO
     from tracerl.learner.value_phase import value_phase
     from tracerl.models import load_policy
     from tracerl.orchestrator.setup import check_rewards, load_prompts
@@ -420,7 +420,7 @@ def main(argv: list[str] | None = None) -> int:
         g, n_prompts = cfg.rollout.samples_per_prompt, cfg.rollout.prompts_per_step
         learner = Learner(cfg, policy)
         lc = learner.lc
-        value_lr = lc.value_lr or VALUE_LR_RATIO * lc.lr  # the value engine's
+        value_lr = resolve_value_lr(lc)  # the value engine's
         regression = FinalStateRegression(policy, value_lr, lc.max_grad_norm) if ns.final_state else None
         final_ev: list[float] = []
         print(f"== target {target}: value lr {value_lr:g}, {lc.value_updates_per_step} pass(es) × "

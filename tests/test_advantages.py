@@ -17,7 +17,6 @@ from tracerl.advantages import (
     step_gae,
     step_ranks,
     truncated_is_wrong,
-    value_metrics,
     value_metrics_from_sums,
     value_sums,
 )
@@ -298,7 +297,7 @@ def test_value_metrics_of_a_step_split_over_ranks_are_the_whole_steps() -> None:
     assert got["value/mean"] == pytest.approx(float(v.mean()), rel=1e-9)
     assert got["value/advantage_var"] == pytest.approx(float(a.var(unbiased=False)), rel=1e-9)
     assert got["value/advantage_var_ratio"] == pytest.approx(float(a.var(unbiased=False) / b.var(unbiased=False)))
-    assert got == pytest.approx(value_metrics(values, returns, adv, base, mask), rel=1e-9)
+    assert got == pytest.approx(value_metrics_from_sums(value_sums(values, returns, adv, base, mask)), rel=1e-9)
     counts = [p["count"] for p in parts]
     per_rank = [value_metrics_from_sums(p)["value/explained_var"] for p in parts]
     averaged = sum(c * e for c, e in zip(counts, per_rank, strict=True)) / sum(counts)

@@ -262,9 +262,6 @@ class LoRAConfig:
     dropout: float = 0.0  # adapter dropout; must be 0 (the learner runs every pass without dropout)
 
 
-VALUE_LR_RATIO = 5.0  # learner.value_lr = null: TraceRL's value / policy learning rates (5e-6 / 1e-6)
-
-
 @dataclass
 class LearnerConfig:
     """The learner (DESIGN §10, §20)."""
@@ -296,6 +293,14 @@ class LearnerConfig:
     logprob_chunk_tokens: int = 1024  # target tokens per chunk of the chunked log-softmax (memory O(chunk × V))
     zero3_persistence_threshold: int = 100_000  # ZeRO-3: parameters with fewer elements stay whole on every rank
     lora: LoRAConfig = field(default_factory=LoRAConfig)  # train LoRA adapters instead of full weights
+
+
+VALUE_LR_RATIO = 5.0  # learner.value_lr = null: TraceRL's value / policy learning rates (5e-6 / 1e-6)
+
+
+def value_lr(lc: LearnerConfig) -> float:
+    """The value model's learning rate: ``learner.value_lr``, or null = ``VALUE_LR_RATIO`` × ``learner.lr``."""
+    return lc.value_lr or VALUE_LR_RATIO * lc.lr
 
 
 @dataclass

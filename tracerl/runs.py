@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from tracerl import checkpoint
-from tracerl.config import VALUE_LR_RATIO, Config, ConfigError, to_dict
+from tracerl.config import Config, ConfigError, to_dict, value_lr
 
 RUN = "run.json"
 # what marks a directory as holding a run (eval/, pictures/, wandb/ alone do not)
@@ -90,8 +90,8 @@ def restored_settings(cfg: Config, command: str) -> dict[str, Any]:
     if command == "sft":  # the schedule spans sft.steps
         return out | {"sft.lr": cfg.sft.lr} | ({"sft.steps": cfg.sft.steps} if decays else {})
     out |= {"learner.lr": lc.lr} | ({"learner.total_steps": lc.total_steps} if decays else {})
-    if cfg.objective.value_model:  # the rate the value engine was built with (null: VALUE_LR_RATIO × lr)
-        out |= {"learner.value_lr": lc.value_lr or VALUE_LR_RATIO * lc.lr}
+    if cfg.objective.value_model:  # the rate the value engine was built with
+        out |= {"learner.value_lr": value_lr(lc)}
     return out
 
 

@@ -26,7 +26,7 @@ from typing import Any
 import torch
 
 from tracerl import canvas_trace, objectives
-from tracerl.config import VALUE_LR_RATIO, Config, LearnerConfig
+from tracerl.config import Config, LearnerConfig, value_lr
 from tracerl.learner import rl
 from tracerl.learner.engine import Engine, init_distributed, make_engine
 from tracerl.learner.micro import MicroBatches
@@ -49,8 +49,6 @@ def value_schedule(lc: LearnerConfig, total: int) -> tuple[LearnerConfig, int]:
         (40, 4000)
     """
     ratio = lc.value_updates_per_step / lc.updates_per_step
-    if ratio == 1:
-        return lc, total
     return dataclasses.replace(lc, warmup_steps=math.ceil(lc.warmup_steps * ratio)), math.ceil(total * ratio)
 
 
@@ -122,9 +120,10 @@ class Learner:
         self.engine: Engine = make_engine(scorer, self.lc, policy_lr, total, rank, world_size)
         self.value_engine: Engine | None = None
         if value is not None:
-            value_lr = self.lc.value_lr or VALUE_LR_RATIO * self.lc.lr
             value_lc, value_total = value_schedule(self.lc, total)
-            self.value_engine = make_engine(ValueScorer(value), value_lc, value_lr, value_total, rank, world_size)
+            self.value_engine = make_engine(
+                ValueScorer(value), value_lc, value_lr(self.lc), value_total, rank, world_size
+            )
         if self.lora and self.obj.kl_to_ref_coef > 0:
             self.ref = BaseScorer(policy, self.lc.logprob_chunk_tokens)  # shares the engine's (cast) weights
         elif self.ref is not None:

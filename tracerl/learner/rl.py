@@ -155,7 +155,7 @@ def train_step(
         steps["lr"] = s.lr
     if lc.kl_after_step:  # 4. how far the whole step moved the policy: every target again, after the last update
         new_logp = micro.infer(learner.engine, views, table, everything)[0]
-        sums |= after_step_sums(new_logp, old_logp)
+        sums["kl_after_step"] = float(objectives.kl_to_old_bound(new_logp, old_logp).sum())  # mean: / targets
         peaks["log_ratio_abs_max_after_step"] = (
             float((new_logp.double() - old_logp.double()).abs().max()) if len(table) else 0.0
         )
@@ -182,13 +182,6 @@ def train_step(
             metrics["train/kl_to_old_after_step"] = totals["kl_after_step"] / totals["targets"]
         metrics |= {f"train/{k}": v for k, v in peaks.items()}
     return metrics
-
-
-def after_step_sums(new_logp: torch.Tensor, old_logp: torch.Tensor) -> dict[str, float]:
-    """The sum over one rank's targets (both [M]) of ``objectives.kl_to_old_bound`` between the policy after the
-    step's last update and the old one, in the states the step trained on (``train/kl_to_old_after_step`` is its
-    mean over every target of the step)."""
-    return {"kl_after_step": float(objectives.kl_to_old_bound(new_logp, old_logp).sum())}
 
 
 def nan_max(a: float, b: float) -> float:

@@ -32,7 +32,7 @@ VALUE_METRICS = (
     "value/advantage_var",
     "value/baseline_advantage_var",
     "value/advantage_var_ratio",
-)  # advantages.value_metrics' keys
+)  # advantages.value_metrics_from_sums' keys
 
 
 def step_outcome(
@@ -131,8 +131,9 @@ def value_phase(
         stats["optimizer_steps"] += 1
         stats["lr"] = s.lr
     steps = max(1.0, stats["optimizer_steps"])
-    # What a user needs to trust it (advantages.value_metrics), from sums over every rank's tokens: the metrics of
-    # the whole step, whatever the number of ranks (explained variance and variance ratios cannot be averaged).
+    # What a user needs to trust it (advantages.value_metrics_from_sums), from sums over every rank's tokens: the
+    # metrics of the whole step, whatever the number of ranks (explained variance and variance ratios cannot be
+    # averaged).
     local = adv_lib.value_sums(token_values, token_returns, token_adv, baseline, token_mask)
     whole = adv_lib.value_metrics_from_sums(learner.sum_over_ranks(local)) or dict.fromkeys(VALUE_METRICS, 0.0)
     metrics = {
