@@ -182,6 +182,29 @@ def summarise(runs: list[Run], steps: int) -> list[dict[str, Any]]:
     return out
 
 
+def strict(value: Any) -> Any:
+    """``value`` with every NaN or infinity replaced by None, so that ``compare.json`` is strict JSON (a mean over no
+    finished run, a run that logged no KL, a metric that was NaN).
+
+    Example:
+        >>> strict({"kl": math.nan, "reward": (0.5, math.inf), "runs": [1.0]})
+        {'kl': None, 'reward': [0.5, None], 'runs': [1.0]}
+    """
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: strict(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [strict(v) for v in value]
+    return value
+
+
+def write_json(path: Path, rows: list[dict[str, Any]], runs: list[Run]) -> None:
+    """The summary rows and every run's numbers, as strict JSON (no NaN)."""
+    data = strict({"rows": rows, "runs": [vars(r) for r in runs]})
+    path.write_text(json.dumps(data, indent=1, allow_nan=False))
+
+
 def markdown(rows: list[dict[str, Any]], steps: int) -> str:
     """The comparison table (one line per layout and method)."""
 
@@ -425,7 +448,7 @@ def main(argv: list[str] | None = None) -> int:
     runs = [plans[(layout, seed, method)] for layout in layouts for method in methods for seed in seeds]
     rows = summarise(runs, ns.steps)
     (out / "compare.md").write_text(markdown(rows, ns.steps))
-    (out / "compare.json").write_text(json.dumps({"rows": rows, "runs": [vars(r) for r in runs]}, indent=1))
+    write_json(out / "compare.json", rows, runs)
     plot(runs, out / "compare.png")
     print(markdown(rows, ns.steps))
     print(f"table: {out / 'compare.md'} · curves: {out / 'compare.png'} · numbers: {out / 'compare.json'}")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import doctest
 import importlib.util
 import json
 import os
@@ -16,6 +17,11 @@ SPEC = importlib.util.spec_from_file_location("compare", ROOT / "scripts" / "com
 compare = importlib.util.module_from_spec(SPEC)
 sys.modules["compare"] = compare  # dataclasses look their module up while the class is built
 SPEC.loader.exec_module(compare)
+
+
+def test_docstring_examples():
+    result = doctest.testmod(compare)
+    assert result.attempted >= 2 and result.failed == 0
 
 
 def test_equal_compute_steps_by_hand():
@@ -74,6 +80,25 @@ def test_summary_and_table_by_hand(tmp_path):
     assert "| block | d1 | refused: d1 masks the prompt |" in table
     compare.plot(runs, tmp_path / "c.png")
     assert (tmp_path / "c.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_compare_json_is_strict_json(tmp_path):
+    """A run that logged no KL has no maximum (NaN in the summary) and a NaN metric stays NaN in its series; the
+    JSON file says null for both, so strict parsers (jq, JavaScript, ``parse_constant`` here) read it."""
+    r = run(tmp_path, "trace", 0, {0: 0.4, 2: 0.6}, [10.0, 10.0], 2, 2)
+    r.series["train/kl_to_old"] = {}
+    r.series["reward/mean"] = {1: float("nan"), 2: 0.5}
+    rows = compare.summarise([r], steps=2)
+    assert rows[0]["kl_to_old_max"] != rows[0]["kl_to_old_max"]  # NaN in memory: the table prints "nan"
+
+    def refuse(name: str) -> None:
+        raise ValueError(f"non-strict JSON constant {name}")
+
+    compare.write_json(tmp_path / "compare.json", rows, [r])
+    data = json.loads((tmp_path / "compare.json").read_text(), parse_constant=refuse)
+    assert data["rows"][0]["kl_to_old_max"] is None
+    assert data["runs"][0]["series"]["reward/mean"] == {"1": None, "2": 0.5}
+    assert data["rows"][0]["steps"]["reward"] == [0.6, 0.0]
 
 
 def test_refusal_names_the_problem():

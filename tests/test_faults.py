@@ -226,6 +226,35 @@ def test_past_fault_max_learner_restarts_the_run_stops_saying_what_died_and_resu
     assert_same_run(run, reference)
 
 
+COLLAPSING = """
+import os
+from pathlib import Path
+
+def score(prompts, completions, **kwargs):
+    scale = 0.01 if Path(os.environ["COLLAPSE_FLAG"]).exists() else 1.0  # the groups still differ: training goes on
+    return [scale * len(set(c)) / 8.0 for c in completions]
+"""
+
+
+def test_a_learner_rebuilt_before_any_checkpoint_keeps_the_step_0_evaluation(tmp_path):
+    """The learner dies before the first checkpoint, so it is rebuilt from the initial weights and the run redoes
+    its steps from step 1. The divergence guard must still know the step-0 held-out reward: after the rebuild, the
+    step-2 evaluation (the reward has fallen 100-fold since step 0) is reported as a collapse against it. A guard
+    rebuilt fresh would take step 2's evaluation for the best so far, and stay silent."""
+    flag = tmp_path / "collapse"
+    run = Run(tmp_path, "run", "checkpoint.save_every=0", env={"COLLAPSE_FLAG": str(flag)}, reward=COLLAPSING)
+    run.start().when(lambda: run.has_row(0), poll=0.01)
+    flag.touch()  # from now on every reward is 1% of what it was
+    run.when(lambda: run.has_row(1), poll=0.01)
+    os.kill(run.layout()["learner"][0]["pid"], signal.SIGKILL)
+    assert run.wait() == 0, run.output
+    out = " ".join(run.output.split())
+    rebuilt = out.find("learner rebuilt from the initial weights")
+    assert rebuilt > 0, run.output
+    assert "divergence at RL step 2: held-out greedy reward collapsed" in out[rebuilt:], run.output
+    assert run.steps() == list(range(STEPS + 1))  # each step once: the rows after step 0 were redone
+
+
 def test_a_killed_rank_of_a_two_rank_learner_does_not_hang_the_survivor(tmp_path):
     run = Run(tmp_path, "run", "learner.num_ranks=2", "train.steps=3", "eval.num_prompts=0").start()
     run.when(lambda: run.complete(1), poll=0.01)

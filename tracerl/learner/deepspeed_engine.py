@@ -17,6 +17,7 @@ from typing import Any
 
 import deepspeed
 import torch
+from deepspeed.runtime.fp16.unfused_optimizer import FP16_UnfusedOptimizer
 from torch import nn
 
 from tracerl.config import LearnerConfig
@@ -58,6 +59,24 @@ def ds_config(lc: LearnerConfig, lr: float, world_size: int) -> dict[str, Any]:
     }
 
 
+def _undo_state_warmup(optimizer: Any) -> None:
+    """Undo the zero-gradient AdamW step DeepSpeed's bf16 wrapper at ZeRO-0 (``FP16_UnfusedOptimizer``) takes to
+    create the optimizer state.
+
+    That step counts as AdamW's step 1, so the first real update moves each weight by 0.74 × lr instead of lr and every
+    later bias correction is one step late (ZeRO-1/2 and fp32 create the state lazily, at the first real step). With
+    weight decay it also shrinks the fp32 master weights once. Dropping the state and copying the masters back from the
+    model's weights gives every stage the same AdamW steps.
+    """
+    if not isinstance(optimizer, FP16_UnfusedOptimizer):
+        return
+    optimizer.optimizer.state.clear()  # torch's AdamW creates it again, lazily, at the first real step
+    with torch.no_grad():
+        for masters, weights in zip(optimizer.fp32_groups, optimizer.fp16_groups, strict=True):
+            for master, weight in zip(masters, weights, strict=True):
+                master.copy_(weight)
+
+
 def init_deepspeed_distributed(backend: str, rank: int, world_size: int) -> None:
     """``deepspeed.init_distributed`` from the environment ``engine.rendezvous_env`` set, with the shared-memory
     comm op off (its JIT build takes ~30 s and gains nothing here)."""
@@ -81,6 +100,7 @@ class DeepSpeedEngine:
             config=ds_config(lc, lr, world_size),
             lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, schedule),
         )
+        _undo_state_warmup(self.ds.optimizer)
         self.module: nn.Module = self.ds.module
         self.device = self.ds.device
         self.rank, self.world_size = rank, world_size
