@@ -2,6 +2,13 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
 from tracerl.cli import main
 
 
@@ -40,3 +47,19 @@ def test_validate_refuses_d1_prompt_perturbation_on_a_block_model(capsys):
 def test_validate_fails_on_missing_model_path(capsys, tmp_path):
     rc = main(["validate", "model.family=llada", f"model.path={tmp_path / 'missing'}"])
     assert rc == 2 and "does not exist" in capsys.readouterr().err
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="DeepSpeed warns only when it falls back to the CPU")
+def test_sft_on_a_cpu_machine_prints_no_third_party_warning_unless_verbose(tmp_path):
+    """DeepSpeed, imported by ``tracerl sft``, logs a WARNING line that it fell back to the CPU: a third-party line,
+    shown with --verbose only."""
+    env = {k: v for k, v in os.environ.items() if k != "DS_ACCELERATOR"}
+    args = [sys.executable, "-m", "tracerl.cli", "sft", "data.source=synthetic:parity", "data.num_synthetic=100",
+            "sft.steps=1", "sft.batch_size=4", "sft.eval_prompts=4", "sampling.max_new_tokens=8",
+            "sampling.block_size=8", "wandb.mode=disabled"]  # fmt: skip
+    quiet = subprocess.run([*args, f"run_dir={tmp_path / 'quiet'}"], env=env, capture_output=True, text=True)
+    assert quiet.returncode == 0, quiet.stderr
+    assert "WARNING" not in quiet.stdout + quiet.stderr and "exact match" in quiet.stdout
+    loud = subprocess.run([*args, f"run_dir={tmp_path / 'loud'}", "--verbose"], env=env, capture_output=True, text=True)
+    assert loud.returncode == 0, loud.stderr
+    assert "Setting accelerator to CPU" in loud.stdout + loud.stderr

@@ -226,6 +226,11 @@ def quiet_third_party(verbose: bool) -> None:
             os.environ.setdefault(key, value)
         warnings.filterwarnings("ignore")
         logging.getLogger("datasets").setLevel(logging.ERROR)
+        if "DS_ACCELERATOR" not in os.environ:  # DeepSpeed picks the CPU anyway, and logs a warning saying so
+            import torch
+
+            if not torch.cuda.is_available():
+                os.environ["DS_ACCELERATOR"] = "cpu"
         if "datasets" in sys.modules:  # imported already: the environment variable is read only at import
             sys.modules["datasets"].disable_progress_bars()
 
