@@ -54,6 +54,43 @@ def test_held_out_collapse_and_recovery() -> None:
     ]
 
 
+def test_a_reward_model_score_below_zero_collapses_against_its_start() -> None:
+    # A reward model's scores: training reward from -2.0 up to +1.0, then back down. Measured from 0, "0.5 × its
+    # best" would be +0.5 and a healthy -1.0 early on would already read as a collapse below it; the old rule (best
+    # above 0 only) never warned while the best was negative. From its start (-2.0), half-way back is -0.5.
+    guard = DivergenceGuard(GuardConfig(window=1, reward_fraction=0.5))
+    found = steps(guard, [trained(r) for r in (-2.0, -1.5, -1.0, 1.0, 0.0, -0.6, -2.5)])
+    assert found[:5] == [[], [], [], [], []]  # the rise, then a fall to 0.0: above -0.5
+    assert found[5] == [
+        "training reward collapsed: -0.60 over the last 1 steps, below -0.50, half-way back from its best (1.00) to "
+        "its start (-2.00)"
+    ]
+    assert found[6] == []  # the same sign goes on
+    held_out = DivergenceGuard(GuardConfig())
+    assert held_out.check(0, {"eval/greedy_reward": -1.0}) == []
+    assert held_out.check(5, trained(0.0, **{"eval/greedy_reward": -0.5})) == []  # rose; a fraction from 0 fails
+    assert held_out.check(10, trained(0.0, **{"eval/greedy_reward": -0.8})) == [
+        "held-out greedy reward collapsed: -0.800, below -0.750, half-way back from its best (-0.500) to its start "
+        "(-1.000)"
+    ]
+
+
+def test_a_checkpoint_without_floors_measures_from_zero_as_before() -> None:
+    guard = DivergenceGuard(GuardConfig(window=1))
+    guard.check(1, trained(0.6, **{"eval/greedy_reward": 0.5}))
+    old = {k: v for k, v in guard.state_dict().items() if not k.endswith("_floor")}
+    resumed = DivergenceGuard(GuardConfig(window=1))
+    resumed.load_state_dict(old)
+    assert (resumed.reward_floor, resumed.eval_floor) == (0.0, 0.0)
+    fresh = DivergenceGuard(GuardConfig(window=1))
+    fresh.load_state_dict({k: v for k, v in DivergenceGuard(GuardConfig()).state_dict().items() if "floor" not in k})
+    assert (fresh.reward_floor, fresh.eval_floor) == (None, None)  # nothing seen yet: set by the first reading
+    assert resumed.check(2, trained(0.2, **{"eval/greedy_reward": 0.2})) == [
+        "training reward collapsed: 0.20 over the last 1 steps, below 0.5 × its best (0.60)",
+        "held-out greedy reward collapsed: 0.200, below 0.5 × its best (0.500)",
+    ]
+
+
 def test_kl_above_the_bound_for_window_steps() -> None:
     guard = DivergenceGuard(GuardConfig(window=2, max_kl_to_old=0.5))
     # one isolated spike is not a warning; two steps in a row are
@@ -90,11 +127,16 @@ def test_the_kl_measured_after_the_step_is_judged_when_logged() -> None:
     ]
 
 
-def test_a_resumed_guard_warns_where_an_uninterrupted_one_does() -> None:
+@pytest.mark.parametrize("shift", [0.0, -2.0])  # rewards in [0, 1]; a reward model's, which start below 0
+def test_a_resumed_guard_warns_where_an_uninterrupted_one_does(shift: float) -> None:
     cfg = GuardConfig(window=2, max_kl_to_old=0.5)
     rows = [trained(0.6), trained(0.6, kl=0.9), trained(0.2, kl=0.9), trained(0.1),
             {"reward/mean": 0.0}, {"reward/mean": 0.0, "eval/greedy_reward": 0.1}]  # fmt: skip
     rows[0]["eval/greedy_reward"] = 0.5
+    if shift:  # up from -1.4 to -0.6 (held-out -1.9 to -1.2), then down to -2.0: the floors are the starts, not 0
+        for row, reward in zip(rows, (0.6, 0.6, 1.4, 1.4, 0.0, 0.0), strict=True):
+            row["reward/mean"] = reward + shift
+        rows[0]["eval/greedy_reward"], rows[2]["eval/greedy_reward"], rows[5]["eval/greedy_reward"] = -1.9, -1.2, -1.9
     whole = steps(DivergenceGuard(cfg), rows)
     assert sum(map(len, whole)) >= 3  # the sequence does warn
     for cut in range(1, len(rows)):

@@ -362,7 +362,7 @@ class GuardConfig:
 
     enabled: bool = True  # watch every RL step's metrics
     window: int = 3  # RL steps a sign must last (windowed training reward, filtered-out steps, KL above the bound)
-    reward_fraction: float = 0.5  # a reward below this fraction of its best so far is a collapse
+    reward_fraction: float = 0.5  # below this fraction of its best so far is a collapse (from its start if below 0)
     max_kl_to_old: float = 0.5  # train/kl_to_old above this (nats per token) for `window` steps is a warning
     value_window: int = 10  # objective.value_model: RL steps over which value/explained_var is averaged
     min_value_explained_var: float = 0.05  # a mean below this over `value_window` steps: the value model is idle

@@ -7,7 +7,12 @@ The divergence guard checks three signs after every RL step, from the metrics th
 - the training reward collapses: its mean over the last ``guard.window`` steps falls below
   ``guard.reward_fraction`` × the best such mean so far, or every group was filtered out for ``guard.window``
   steps in a row (nothing is learnt any more: d1 on the block layout ended so, every sample scoring 0);
-- the held-out greedy reward collapses: an evaluation below ``guard.reward_fraction`` × the best one so far;
+- the held-out greedy reward collapses: an evaluation below ``guard.reward_fraction`` × the best one so far.
+
+A fraction of the best is measured from 0 for rewards that start at 0 or above (verifiers, scores in [0, 1]). A
+reward that starts below 0 (a reward model's scores) is measured from its start instead: a collapse is a fall below
+``start + guard.reward_fraction × (best − start)``, i.e. the run lost more than ``1 − reward_fraction`` of what it
+had gained;
 - ``train/kl_to_old`` (``train/kl_to_old_after_step`` when ``learner.kl_after_step`` logs it) stays above
   ``guard.max_kl_to_old`` for ``guard.window`` steps in a row (NaN counts as above).
 
@@ -89,6 +94,8 @@ class DivergenceGuard:
     rewards: deque = field(default_factory=deque)  # the last `window` training rewards
     best_reward: float = float("-inf")  # best windowed mean training reward so far
     best_eval: float = float("-inf")  # best held-out greedy reward so far
+    reward_floor: float | None = None  # what a fraction of the best is measured from: min(0, first windowed mean)
+    eval_floor: float | None = None  # the same for the held-out reward: min(0, first evaluation)
     skipped: int = 0  # consecutive steps with every group filtered out
     high_kl: int = 0  # consecutive steps with kl_to_old above the bound
     last_kl: tuple[str, float, float] = ("", 0.0, 0.0)  # the last KL read: metric, value, largest token log-ratio
@@ -98,7 +105,8 @@ class DivergenceGuard:
         """What a checkpoint keeps, as JSON values, so a resumed run warns exactly where an uninterrupted one does."""
         return {
             "rewards": [finite_or_none(r) for r in self.rewards], "best_reward": finite_or_none(self.best_reward),
-            "best_eval": finite_or_none(self.best_eval), "skipped": self.skipped, "high_kl": self.high_kl,
+            "best_eval": finite_or_none(self.best_eval), "reward_floor": self.reward_floor,
+            "eval_floor": self.eval_floor, "skipped": self.skipped, "high_kl": self.high_kl,
             "last_kl": [self.last_kl[0], *map(finite_or_none, self.last_kl[1:])], "active": sorted(self.active),
         }  # fmt: skip
 
@@ -106,6 +114,9 @@ class DivergenceGuard:
         self.rewards = deque(none_or(r, float("nan")) for r in state["rewards"])
         self.best_reward = none_or(state["best_reward"], float("-inf"))
         self.best_eval = none_or(state["best_eval"], float("-inf"))
+        # a checkpoint written before the floors were kept measured every fraction from 0
+        self.reward_floor = state.get("reward_floor", 0.0 if state["best_reward"] is not None else None)
+        self.eval_floor = state.get("eval_floor", 0.0 if state["best_eval"] is not None else None)
         self.skipped, self.high_kl = int(state["skipped"]), int(state["high_kl"])
         name, kl, peak = state["last_kl"]
         self.last_kl = (name, none_or(kl, float("nan")), none_or(peak, float("nan")))
@@ -122,11 +133,11 @@ class DivergenceGuard:
                 self.rewards.popleft()
             if len(self.rewards) == c.window:
                 mean = sum(self.rewards) / c.window
-                if self.best_reward > 0 and mean < c.reward_fraction * self.best_reward:
-                    found["reward"] = (
-                        f"training reward collapsed: {mean:.2f} over the last {c.window} steps, below "
-                        f"{c.reward_fraction:g} × its best ({self.best_reward:.2f})"
-                    )
+                if self.reward_floor is None:
+                    self.reward_floor = min(0.0, mean)
+                fell = collapse(mean, self.best_reward, self.reward_floor, c.reward_fraction, ".2f")
+                if fell:
+                    found["reward"] = f"training reward collapsed: {mean:.2f} over the last {c.window} steps, {fell}"
                 self.best_reward = max(self.best_reward, mean)
         if "reward/mean" in m:  # a training step (an evaluation alone, as at step 0, is not one)
             self.skipped = self.skipped + 1 if "train/policy_loss" not in m else 0
@@ -138,11 +149,11 @@ class DivergenceGuard:
         # 2. Held-out greedy reward against its best evaluation.
         if "eval/greedy_reward" in m:
             value = m["eval/greedy_reward"]
-            if self.best_eval > 0 and value < c.reward_fraction * self.best_eval:
-                found["eval"] = (
-                    f"held-out greedy reward collapsed: {value:.3f}, below {c.reward_fraction:g} × its best "
-                    f"({self.best_eval:.3f})"
-                )
+            if self.eval_floor is None:
+                self.eval_floor = min(0.0, value)
+            fell = collapse(value, self.best_eval, self.eval_floor, c.reward_fraction, ".3f")
+            if fell:
+                found["eval"] = f"held-out greedy reward collapsed: {value:.3f}, {fell}"
             self.best_eval = max(self.best_eval, value)
         elif "eval" in self.active:
             found["eval"] = ""  # no evaluation this step: the last one still stands
@@ -162,6 +173,28 @@ class DivergenceGuard:
         new = [msg for key, msg in found.items() if key not in self.active and msg]
         self.active = set(found)
         return new
+
+
+def collapse(value: float, best: float, floor: float, fraction: float, fmt: str) -> str | None:
+    """How ``value`` fell below ``fraction`` of the way from ``floor`` to ``best`` (None if it did not, or if the
+    reward never rose above ``floor``): a fraction of the best for ``floor`` 0, of the gain since the start for a
+    reward that started below 0.
+
+    Example:
+        >>> collapse(0.2, 0.6, 0.0, 0.5, ".2f")
+        'below 0.5 × its best (0.60)'
+        >>> collapse(-2.5, 1.0, -2.0, 0.5, ".2f")  # a reward model's score: from -2.0 up to 1.0, then down
+        'below -0.50, half-way back from its best (1.00) to its start (-2.00)'
+        >>> collapse(-0.4, 1.0, -2.0, 0.5, ".2f") is None
+        True
+    """
+    if not best > floor or not value < floor + fraction * (best - floor):
+        return None
+    if floor == 0:
+        return f"below {fraction:g} × its best ({best:{fmt}})"
+    way = "half-way" if fraction == 0.5 else f"{1 - fraction:g} of the way"
+    threshold = floor + fraction * (best - floor)
+    return f"below {threshold:{fmt}}, {way} back from its best ({best:{fmt}}) to its start ({floor:{fmt}})"
 
 
 def finite_or_none(x: float) -> float | None:
