@@ -343,18 +343,19 @@ def test_block_layout_in_bf16(learners, block_policy, stage):
 def test_bf16_takes_the_same_adamw_steps_at_every_zero_stage(learners, block_policy):
     """bf16 at ZeRO-0 runs DeepSpeed's unfused wrapper, which took a zero-gradient AdamW step when it was built: the
     first real update moved 0.74 × lr and every later bias correction was one step late, so ZeRO-0 drifted from
-    ZeRO-1/2 from the second step on. All three now count the same steps and end with the same weights."""
+    ZeRO-1/2 from the second step on. All stages now count the same steps and end with the same weights."""
     rollout, views = batch(block_policy, n_tokens=12)
     weights, counts = [], []
-    for stage in (0, 1, 2):
+    for stage in (0, 1, 2, 3):
         cfg = make_cfg(zero_stage=stage, precision="bf16", micro_batch_tokens=2 * views.row_tokens)
+        cfg.learner.zero3_persistence_threshold = 0  # ZeRO-3: partition every parameter
         learner = learners(cfg, copy.deepcopy(block_policy))
         for _ in range(3):
             learner.train_step(rollout, ADV)
         weights.append(learner.state_dict_for_rollout()[1])
         adamw = learner.engine.ds.optimizer.optimizer  # torch's AdamW inside DeepSpeed's wrapper
         counts.append({int(state["step"]) for state in adamw.state.values()})
-    assert counts == [{3}, {3}, {3}]
+    assert counts == [{3}] * 4
     for other in weights[1:]:
         for name, tensor in weights[0].items():
             assert torch.equal(other[name], tensor), name
