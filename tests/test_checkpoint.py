@@ -84,23 +84,31 @@ def untimed(metrics: list[dict[str, float]]) -> list[dict[str, float]]:
 
 
 @pytest.mark.slow  # trains 4 steps twice
-def test_resume_reproduces_the_uninterrupted_run(tmp_path):
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])  # bf16 at ZeRO-0: DeepSpeed's unfused optimizer wrapper
+def test_resume_reproduces_the_uninterrupted_run(tmp_path, precision):
     """Save after step 1, load into a fresh learner, continue: weights, value model and metrics equal a run
-    that never stopped (fixed seed, CPU, μ = 2 passes × 2 minibatches, warmup + cosine schedule)."""
+    that never stopped (fixed seed, CPU, μ = 2 passes × 2 minibatches, warmup + cosine schedule; in bf16 with
+    weight decay, whose fp32 master weights the checkpoint must carry)."""
     data = batches(tiny_policy("full"), 3)
 
-    straight = Learner(rl_cfg(), tiny_policy("full"))
+    def config() -> Config:
+        cfg = rl_cfg()
+        if precision == "bf16":
+            cfg.learner.precision, cfg.learner.weight_decay = "bf16", 0.1
+        return cfg
+
+    straight = Learner(config(), tiny_policy("full"))
     want = [straight.train_step(*d) for d in data]
     want_weights = straight.state_dict_for_rollout()
     want_value = {k: v.clone() for k, v in straight.value_engine.module.state_dict().items()}
     straight.destroy()
 
-    first = Learner(rl_cfg(), tiny_policy("full"))
+    first = Learner(config(), tiny_policy("full"))
     first.train_step(*data[0])
     path = save_checkpoint(tmp_path, 1, first, DriverState(step=1, weights_version=first.version, rng=capture_rng()))
     first.destroy()
 
-    resumed = Learner(rl_cfg(), tiny_policy("full"))
+    resumed = Learner(config(), tiny_policy("full"))
     state = load_checkpoint(path, resumed)
     assert (state.step, state.weights_version, resumed.version) == (1, 1, 1)
     got = [resumed.train_step(*d) for d in data[1:]]
