@@ -75,6 +75,24 @@ def test_a_reward_model_score_below_zero_collapses_against_its_start() -> None:
     ]
 
 
+def test_a_first_reading_that_is_not_a_number_sets_no_floor() -> None:
+    # every held-out sample scored None at step 0: the start is the first finite evaluation, not 0
+    guard = DivergenceGuard(GuardConfig())
+    found = [guard.check(s, {"eval/greedy_reward": v}) for s, v in ((0, float("nan")), (5, -1.0), (10, -0.2))]
+    assert found == [[], [], []] and guard.eval_floor == -1.0
+    assert guard.check(15, {"eval/greedy_reward": -1.0}) == [
+        "held-out greedy reward collapsed: -1.000, below -0.600, half-way back from its best (-0.200) to its start "
+        "(-1.000)"
+    ]
+    json.dumps(guard.state_dict(), allow_nan=False)  # strict JSON
+    training = DivergenceGuard(GuardConfig(window=1))
+    assert steps(training, [trained(float("-inf")), trained(-2.0), trained(1.0), trained(-1.0)])[3] == [
+        "training reward collapsed: -1.00 over the last 1 steps, below -0.50, half-way back from its best (1.00) to "
+        "its start (-2.00)"
+    ]
+    json.dumps(training.state_dict(), allow_nan=False)
+
+
 def test_a_checkpoint_without_floors_measures_from_zero_as_before() -> None:
     guard = DivergenceGuard(GuardConfig(window=1))
     guard.check(1, trained(0.6, **{"eval/greedy_reward": 0.5}))

@@ -342,12 +342,13 @@ def test_block_layout_in_bf16(learners, block_policy, stage):
 
 def test_bf16_takes_the_same_adamw_steps_at_every_zero_stage(learners, block_policy):
     """bf16 at ZeRO-0 runs DeepSpeed's unfused wrapper, which took a zero-gradient AdamW step when it was built: the
-    first real update moved 0.74 × lr and every later bias correction was one step late, so ZeRO-0 drifted from
-    ZeRO-1/2 from the second step on. All stages now count the same steps and end with the same weights."""
+    first real update moved 0.74 × lr, every later bias correction was one step late, and weight decay shrank the
+    fp32 master weights once, so ZeRO-0 drifted from ZeRO-1/2 from the first step on. All stages now count the same
+    steps and end with the same weights (weight decay on: the masters must be copied back from the weights)."""
     rollout, views = batch(block_policy, n_tokens=12)
     weights, counts = [], []
     for stage in (0, 1, 2, 3):
-        cfg = make_cfg(zero_stage=stage, precision="bf16", micro_batch_tokens=2 * views.row_tokens)
+        cfg = make_cfg(zero_stage=stage, precision="bf16", micro_batch_tokens=2 * views.row_tokens, weight_decay=0.1)
         cfg.learner.zero3_persistence_threshold = 0  # ZeRO-3: partition every parameter
         learner = learners(cfg, copy.deepcopy(block_policy))
         for _ in range(3):

@@ -211,6 +211,10 @@ def cmd_validate(ns: argparse.Namespace) -> int:
     return 0
 
 
+def _no_cpu_fallback_warning(record: logging.LogRecord) -> bool:
+    return "Setting accelerator to CPU" not in record.getMessage()
+
+
 def quiet_third_party(verbose: bool) -> None:
     """Third-party logs, warnings and progress bars only with --verbose (the environment reaches Ray actors)."""
     if not verbose:
@@ -226,11 +230,9 @@ def quiet_third_party(verbose: bool) -> None:
             os.environ.setdefault(key, value)
         warnings.filterwarnings("ignore")
         logging.getLogger("datasets").setLevel(logging.ERROR)
-        if "DS_ACCELERATOR" not in os.environ:  # DeepSpeed picks the CPU anyway, and logs a warning saying so
-            import torch
-
-            if not torch.cuda.is_available():
-                os.environ["DS_ACCELERATOR"] = "cpu"
+        # DeepSpeed's import logs a WARNING when it falls back to the CPU. Filter that one line rather than set
+        # DS_ACCELERATOR=cpu: the variable would also skip DeepSpeed's detection of MPS, XPU or HPU devices.
+        logging.getLogger("DeepSpeed").addFilter(_no_cpu_fallback_warning)
         if "datasets" in sys.modules:  # imported already: the environment variable is read only at import
             sys.modules["datasets"].disable_progress_bars()
 

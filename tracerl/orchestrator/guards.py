@@ -94,8 +94,8 @@ class DivergenceGuard:
     rewards: deque = field(default_factory=deque)  # the last `window` training rewards
     best_reward: float = float("-inf")  # best windowed mean training reward so far
     best_eval: float = float("-inf")  # best held-out greedy reward so far
-    reward_floor: float | None = None  # what a fraction of the best is measured from: min(0, first windowed mean)
-    eval_floor: float | None = None  # the same for the held-out reward: min(0, first evaluation)
+    reward_floor: float | None = None  # what a fraction of the best is measured from: min(0, first finite mean)
+    eval_floor: float | None = None  # the same for the held-out reward: min(0, first finite evaluation)
     skipped: int = 0  # consecutive steps with every group filtered out
     high_kl: int = 0  # consecutive steps with kl_to_old above the bound
     last_kl: tuple[str, float, float] = ("", 0.0, 0.0)  # the last KL read: metric, value, largest token log-ratio
@@ -133,7 +133,7 @@ class DivergenceGuard:
                 self.rewards.popleft()
             if len(self.rewards) == c.window:
                 mean = sum(self.rewards) / c.window
-                if self.reward_floor is None:
+                if self.reward_floor is None and math.isfinite(mean):
                     self.reward_floor = min(0.0, mean)
                 fell = collapse(mean, self.best_reward, self.reward_floor, c.reward_fraction, ".2f")
                 if fell:
@@ -149,7 +149,7 @@ class DivergenceGuard:
         # 2. Held-out greedy reward against its best evaluation.
         if "eval/greedy_reward" in m:
             value = m["eval/greedy_reward"]
-            if self.eval_floor is None:
+            if self.eval_floor is None and math.isfinite(value):
                 self.eval_floor = min(0.0, value)
             fell = collapse(value, self.best_eval, self.eval_floor, c.reward_fraction, ".3f")
             if fell:
@@ -175,10 +175,10 @@ class DivergenceGuard:
         return new
 
 
-def collapse(value: float, best: float, floor: float, fraction: float, fmt: str) -> str | None:
-    """How ``value`` fell below ``fraction`` of the way from ``floor`` to ``best`` (None if it did not, or if the
-    reward never rose above ``floor``): a fraction of the best for ``floor`` 0, of the gain since the start for a
-    reward that started below 0.
+def collapse(value: float, best: float, floor: float | None, fraction: float, fmt: str) -> str | None:
+    """How ``value`` fell below ``fraction`` of the way from ``floor`` to ``best`` (None if it did not, if the
+    reward never rose above ``floor``, or before a finite reading set ``floor``): a fraction of the best for
+    ``floor`` 0, of the gain since the start for a reward that started below 0.
 
     Example:
         >>> collapse(0.2, 0.6, 0.0, 0.5, ".2f")
@@ -188,7 +188,7 @@ def collapse(value: float, best: float, floor: float, fraction: float, fmt: str)
         >>> collapse(-0.4, 1.0, -2.0, 0.5, ".2f") is None
         True
     """
-    if not best > floor or not value < floor + fraction * (best - floor):
+    if floor is None or not best > floor or not value < floor + fraction * (best - floor):
         return None
     if floor == 0:
         return f"below {fraction:g} × its best ({best:{fmt}})"
