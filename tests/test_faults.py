@@ -101,8 +101,9 @@ class Run:
         return self.log.read_text() if self.log.exists() else ""
 
     def rows(self) -> list[dict]:
+        """The rows written so far; a line the run is still writing (no newline yet) is not one."""
         path = self.dir / "metrics.jsonl"
-        return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+        return [json.loads(line) for line in path.read_text().split("\n")[:-1]] if path.exists() else []
 
     def steps(self) -> list[int]:
         return [r["step"] for r in self.rows()]
