@@ -7,14 +7,14 @@ The divergence guard checks three signs after every RL step, from the metrics th
 - the training reward collapses: its mean over the last ``guard.window`` steps falls below
   ``guard.reward_fraction`` × the best such mean so far, or every group was filtered out for ``guard.window``
   steps in a row (nothing is learnt any more: d1 on the block layout ended so, every sample scoring 0);
-- the held-out greedy reward collapses: an evaluation below ``guard.reward_fraction`` × the best one so far.
+- the held-out greedy reward collapses: an evaluation below ``guard.reward_fraction`` × the best one so far;
+- ``train/kl_to_old`` (``train/kl_to_old_after_step`` when ``learner.kl_after_step`` logs it) stays above
+  ``guard.max_kl_to_old`` for ``guard.window`` steps in a row (NaN counts as above).
 
 A fraction of the best is measured from 0 for rewards that start at 0 or above (verifiers, scores in [0, 1]). A
 reward that starts below 0 (a reward model's scores) is measured from its start instead: a collapse is a fall below
 ``start + guard.reward_fraction × (best − start)``, i.e. the run lost more than ``1 − reward_fraction`` of what it
-had gained;
-- ``train/kl_to_old`` (``train/kl_to_old_after_step`` when ``learner.kl_after_step`` logs it) stays above
-  ``guard.max_kl_to_old`` for ``guard.window`` steps in a row (NaN counts as above).
+had gained.
 
 Each sign is reported when it appears, and again only after it has cleared. Both watches keep their state in the
 checkpoint (``state_dict``), so a resumed run warns exactly where an uninterrupted one does.
