@@ -93,16 +93,38 @@ def test_a_first_reading_that_is_not_a_number_sets_no_floor() -> None:
     json.dumps(training.state_dict(), allow_nan=False)
 
 
+def test_a_reward_of_weight_0_that_collapses_while_the_trained_one_rises_is_named() -> None:
+    # RLHF without a KL (docs/rlhf.md): the reward model's score climbs while the verifier logged beside it at
+    # weight 0 falls to 0; a monitor that rises, or one the guard was not told about, says nothing
+    guard = DivergenceGuard(GuardConfig(window=2), monitors=("verifier", "length"))
+    scores, verifier = (0.5, 1.0, 1.5, 2.0, 2.5, 2.8), (0.5, 0.6, 0.6, 0.3, 0.05, 0.0)
+    rows = [trained(rm, **{"reward/verifier/mean": v, "reward/length/mean": 0.1 * i, "reward/other/mean": 0.0})
+            for i, (rm, v) in enumerate(zip(scores, verifier, strict=True))]  # fmt: skip
+    found = steps(guard, rows)
+    # verifier window means: 0.55, 0.6, 0.45, 0.175 (< 0.5 × 0.6 at step 5), 0.025
+    assert found[:4] == [[], [], [], []] and found[5] == []
+    assert found[4] == [
+        "reward 'verifier' (weight 0, not trained on) collapsed: 0.17 over the last 2 steps, below 0.5 × its best "
+        "(0.60), while the training reward holds up (2.50): the policy may be gaming the reward it is trained on"
+    ]
+    state = json.loads(json.dumps(guard.state_dict(), allow_nan=False))
+    assert set(state["monitors"]) == {"verifier", "length"}
+    older = {k: v for k, v in state.items() if k != "monitors"}  # a checkpoint from before monitors were watched
+    resumed = DivergenceGuard(GuardConfig(window=2), monitors=("verifier",))
+    resumed.load_state_dict(older)
+    assert resumed.watched["verifier"].best == float("-inf")  # its track starts afresh
+
+
 def test_a_checkpoint_without_floors_measures_from_zero_as_before() -> None:
     guard = DivergenceGuard(GuardConfig(window=1))
     guard.check(1, trained(0.6, **{"eval/greedy_reward": 0.5}))
     old = {k: v for k, v in guard.state_dict().items() if not k.endswith("_floor")}
     resumed = DivergenceGuard(GuardConfig(window=1))
     resumed.load_state_dict(old)
-    assert (resumed.reward_floor, resumed.eval_floor) == (0.0, 0.0)
+    assert (resumed.training.floor, resumed.eval_floor) == (0.0, 0.0)
     fresh = DivergenceGuard(GuardConfig(window=1))
     fresh.load_state_dict({k: v for k, v in DivergenceGuard(GuardConfig()).state_dict().items() if "floor" not in k})
-    assert (fresh.reward_floor, fresh.eval_floor) == (None, None)  # nothing seen yet: set by the first reading
+    assert (fresh.training.floor, fresh.eval_floor) == (None, None)  # nothing seen yet: set by the first reading
     assert resumed.check(2, trained(0.2, **{"eval/greedy_reward": 0.2})) == [
         "training reward collapsed: 0.20 over the last 1 steps, below 0.5 × its best (0.60)",
         "held-out greedy reward collapsed: 0.200, below 0.5 × its best (0.500)",
@@ -155,12 +177,16 @@ def test_a_resumed_guard_warns_where_an_uninterrupted_one_does(shift: float) -> 
         for row, reward in zip(rows, (0.6, 0.6, 1.4, 1.4, 0.0, 0.0), strict=True):
             row["reward/mean"] = reward + shift
         rows[0]["eval/greedy_reward"], rows[2]["eval/greedy_reward"], rows[5]["eval/greedy_reward"] = -1.9, -1.2, -1.9
-    whole = steps(DivergenceGuard(cfg), rows)
-    assert sum(map(len, whole)) >= 3  # the sequence does warn
+    for row, verifier in zip(rows, (0.9, 0.9, 0.9, 0.2, 0.2, 0.2), strict=True):  # a monitor that collapses too
+        row["reward/verifier/mean"] = verifier
+    whole = steps(DivergenceGuard(cfg, monitors=("verifier",)), rows)
+    assert sum(map(len, whole)) >= 4  # the sequence does warn, the monitor included
+    named = [w for ws in whole for w in ws if w.startswith("reward 'verifier'")]
+    assert len(named) == 1 and "gaming" not in named[0]  # the trained reward collapsed too: no gaming hint
     for cut in range(1, len(rows)):
-        first = DivergenceGuard(cfg)
+        first = DivergenceGuard(cfg, monitors=("verifier",))
         before = [first.check(step, row) for step, row in enumerate(rows[:cut], start=1)]
-        second = DivergenceGuard(cfg)
+        second = DivergenceGuard(cfg, monitors=("verifier",))
         second.load_state_dict(json.loads(json.dumps(first.state_dict(), allow_nan=False)))  # strict JSON
         after = [second.check(step, row) for step, row in enumerate(rows[cut:], start=cut + 1)]
         assert before + after == whole, cut

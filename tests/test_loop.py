@@ -13,7 +13,7 @@ import torch
 from safetensors.torch import load_file
 
 from tracerl.checks import load_config
-from tracerl.config import Config
+from tracerl.config import Config, RewardFnConfig
 from tracerl.models import build_tiny
 from tracerl.orchestrator import RunError, run
 
@@ -172,6 +172,32 @@ def test_the_divergence_guard_warns_when_nothing_trains(local_ray, tmp_path, cap
     alerts = [json.loads(x) for x in (Path(cfg.run_dir) / "alerts.jsonl").read_text().splitlines()]
     assert [(a["step"], a["title"]) for a in alerts] == [(2, "tracerl: divergence")]
     assert [r["guard/warnings"] for r in rows(cfg)] == [0.0, 1.0, 0.0]
+
+
+def test_a_collapsing_reward_of_weight_0_is_reported_once(local_ray, tmp_path, capsys):
+    """A verifier logged beside the trained reward (weight 0) scores every sample 1.0 at step 1 and 0.0 after it,
+    while the trained reward is unchanged: the guard names it at step 2, once, as a possible sign that the policy
+    games the reward it is trained on."""
+    cfg = rl_cfg(tmp_path, "guard.window=1", "train.steps=3", "eval.num_prompts=0", "reward.num_workers=1")
+    verifier = tmp_path / "verifier.py"
+    verifier.write_text(
+        "from pathlib import Path\n\nSEEN = Path(__file__).with_suffix('.seen')\n\n"
+        "def score(prompts, completions, **kwargs):\n"
+        "    seen = int(SEEN.read_text()) if SEEN.exists() else 0\n"
+        "    SEEN.write_text(str(seen + len(completions)))\n"
+        "    return [1.0 if seen < 16 else 0.0] * len(completions)  # step 1 scores 16 completions\n"
+    )
+    cfg.reward.functions.append(RewardFnConfig(fn=f"{verifier}:score", weight=0.0, name="verifier"))
+    run(cfg)
+    out = " ".join(capsys.readouterr().out.split())
+    assert out.count("reward 'verifier' (weight 0, not trained on) collapsed") == 1, out
+    assert (
+        "divergence at RL step 2: reward 'verifier' (weight 0, not trained on) collapsed: 0.00 over the last 1 "
+        "steps, below 0.5 × its best (1.00)" in out
+    )
+    logged = rows(cfg)
+    assert [r["reward/verifier/mean"] for r in logged] == [1.0, 0.0, 0.0]
+    assert [r["guard/warnings"] for r in logged] == [0.0, 1.0, 0.0]
 
 
 def test_an_idle_value_model_is_reported_once(local_ray, tmp_path, capsys):

@@ -2,14 +2,16 @@
 (many actors on few cores: a warning before anything starts; a reward that scores nothing: an error at the first step
 it shows), and a run that goes wrong while it trains (``DivergenceGuard``: one console line and a W&B alert).
 
-The divergence guard checks three signs after every RL step, from the metrics the loop already has:
+The divergence guard checks four signs after every RL step, from the metrics the loop already has:
 
 - the training reward collapses: its mean over the last ``guard.window`` steps falls below
   ``guard.reward_fraction`` × the best such mean so far, or every group was filtered out for ``guard.window``
   steps in a row (nothing is learnt any more: d1 on the block layout ended so, every sample scoring 0);
 - the held-out greedy reward collapses: an evaluation below ``guard.reward_fraction`` × the best one so far;
 - ``train/kl_to_old`` (``train/kl_to_old_after_step`` when ``learner.kl_after_step`` logs it) stays above
-  ``guard.max_kl_to_old`` for ``guard.window`` steps in a row (NaN counts as above).
+  ``guard.max_kl_to_old`` for ``guard.window`` steps in a row (NaN counts as above);
+- a reward function of weight 0 (logged, not trained on: a verifier beside a reward model) collapses as the
+  training reward would; while the training reward holds up, the policy may be gaming the reward it is trained on.
 
 A fraction of the best is measured from 0 for rewards that start at 0 or above (verifiers, scores in [0, 1]). A
 reward that starts below 0 (a reward model's scores) is measured from its start instead: a collapse is a fall below
@@ -80,8 +82,49 @@ def nothing_scored(scored: RewardResult, step: int, cfg: Config) -> str | None:
 
 
 @dataclass
+class Windowed:
+    """A reward's mean over the last ``window`` steps against the best such mean so far, measured from its floor
+    (min(0, the first finite mean)): the training reward's track, and each monitor's.
+
+    Example:
+        >>> track = Windowed(window=2)
+        >>> [track.add(r, fraction=0.5) for r in (0.6, 0.6, 0.2, 0.0)]
+        [None, (0.6, None), (0.4, None), (0.1, 'below 0.5 × its best (0.60)')]
+    """
+
+    window: int
+    values: deque = field(default_factory=deque)  # the last `window` rewards
+    best: float = float("-inf")  # best windowed mean so far
+    floor: float | None = None  # what a fraction of the best is measured from
+
+    def add(self, value: float, fraction: float) -> tuple[float, str | None] | None:
+        """One step's reward in; once ``window`` steps are in, (windowed mean, how it collapsed or None)."""
+        self.values.append(value)
+        while len(self.values) > self.window:
+            self.values.popleft()
+        if len(self.values) < self.window:
+            return None
+        mean = sum(self.values) / self.window
+        if self.floor is None and math.isfinite(mean):
+            self.floor = min(0.0, mean)
+        fell = collapse(mean, self.best, self.floor, fraction, ".2f")
+        self.best = max(self.best, mean)
+        return mean, fell
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"values": [finite_or_none(v) for v in self.values], "best": finite_or_none(self.best),
+                "floor": self.floor}  # fmt: skip
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.values = deque(none_or(v, float("nan")) for v in state["values"])
+        self.best = none_or(state["best"], float("-inf"))
+        self.floor = state["floor"]
+
+
+@dataclass
 class DivergenceGuard:
     """Watch a run's metrics step by step; ``check`` returns the new warnings of this step (usually none).
+    ``monitors``: the names of the reward functions of weight 0 (logged as ``reward/<name>/mean``, not trained on).
 
     Example:
         >>> guard = DivergenceGuard(GuardConfig(window=2, reward_fraction=0.5))
@@ -91,32 +134,41 @@ class DivergenceGuard:
     """
 
     cfg: GuardConfig
-    rewards: deque = field(default_factory=deque)  # the last `window` training rewards
-    best_reward: float = float("-inf")  # best windowed mean training reward so far
+    monitors: tuple[str, ...] = ()
+    training: Windowed = field(init=False)  # the training reward
+    watched: dict[str, Windowed] = field(init=False)  # each monitor's reward
     best_eval: float = float("-inf")  # best held-out greedy reward so far
-    reward_floor: float | None = None  # what a fraction of the best is measured from: min(0, first finite mean)
-    eval_floor: float | None = None  # the same for the held-out reward: min(0, first finite evaluation)
+    eval_floor: float | None = None  # what its fraction is measured from: min(0, first finite evaluation)
     skipped: int = 0  # consecutive steps with every group filtered out
     high_kl: int = 0  # consecutive steps with kl_to_old above the bound
     last_kl: tuple[str, float, float] = ("", 0.0, 0.0)  # the last KL read: metric, value, largest token log-ratio
     active: set[str] = field(default_factory=set)  # signs reported and not yet cleared
 
+    def __post_init__(self) -> None:
+        self.training = Windowed(self.cfg.window)
+        self.watched = {name: Windowed(self.cfg.window) for name in self.monitors}
+
     def state_dict(self) -> dict[str, Any]:
         """What a checkpoint keeps, as JSON values, so a resumed run warns exactly where an uninterrupted one does."""
+        training = self.training.state_dict()
         return {
-            "rewards": [finite_or_none(r) for r in self.rewards], "best_reward": finite_or_none(self.best_reward),
-            "best_eval": finite_or_none(self.best_eval), "reward_floor": self.reward_floor,
-            "eval_floor": self.eval_floor, "skipped": self.skipped, "high_kl": self.high_kl,
+            "rewards": training["values"], "best_reward": training["best"], "reward_floor": training["floor"],
+            "best_eval": finite_or_none(self.best_eval), "eval_floor": self.eval_floor,
+            "monitors": {name: track.state_dict() for name, track in self.watched.items()},
+            "skipped": self.skipped, "high_kl": self.high_kl,
             "last_kl": [self.last_kl[0], *map(finite_or_none, self.last_kl[1:])], "active": sorted(self.active),
         }  # fmt: skip
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.rewards = deque(none_or(r, float("nan")) for r in state["rewards"])
-        self.best_reward = none_or(state["best_reward"], float("-inf"))
+        # a checkpoint written before the floors were kept measured every fraction from 0; one written before the
+        # monitors were watched starts their tracks afresh
+        floor = state.get("reward_floor", 0.0 if state["best_reward"] is not None else None)
+        self.training.load_state_dict({"values": state["rewards"], "best": state["best_reward"], "floor": floor})
         self.best_eval = none_or(state["best_eval"], float("-inf"))
-        # a checkpoint written before the floors were kept measured every fraction from 0
-        self.reward_floor = state.get("reward_floor", 0.0 if state["best_reward"] is not None else None)
         self.eval_floor = state.get("eval_floor", 0.0 if state["best_eval"] is not None else None)
+        for name, track in state.get("monitors", {}).items():
+            if name in self.watched:
+                self.watched[name].load_state_dict(track)
         self.skipped, self.high_kl = int(state["skipped"]), int(state["high_kl"])
         name, kl, peak = state["last_kl"]
         self.last_kl = (name, none_or(kl, float("nan")), none_or(peak, float("nan")))
@@ -128,17 +180,24 @@ class DivergenceGuard:
             return []
         # 1. Training reward: windowed mean against its best, and steps that trained nothing.
         if "reward/mean" in m:
-            self.rewards.append(m["reward/mean"])
-            while len(self.rewards) > c.window:
-                self.rewards.popleft()
-            if len(self.rewards) == c.window:
-                mean = sum(self.rewards) / c.window
-                if self.reward_floor is None and math.isfinite(mean):
-                    self.reward_floor = min(0.0, mean)
-                fell = collapse(mean, self.best_reward, self.reward_floor, c.reward_fraction, ".2f")
-                if fell:
-                    found["reward"] = f"training reward collapsed: {mean:.2f} over the last {c.window} steps, {fell}"
-                self.best_reward = max(self.best_reward, mean)
+            read = self.training.add(m["reward/mean"], c.reward_fraction)
+            if read and read[1]:
+                found["reward"] = f"training reward collapsed: {read[0]:.2f} over the last {c.window} steps, {read[1]}"
+        # A reward of weight 0 (a verifier beside a reward model) that collapses; while the trained reward holds up,
+        # the policy may be gaming the reward it is trained on.
+        for name, track in self.watched.items():
+            key = f"reward/{name}/mean"
+            read = track.add(m[key], c.reward_fraction) if key in m else None
+            if read and read[1]:
+                found[f"monitor/{name}"] = (
+                    f"reward '{name}' (weight 0, not trained on) collapsed: {read[0]:.2f} over the last {c.window} "
+                    f"steps, {read[1]}"
+                )
+                if "reward" not in found:
+                    found[f"monitor/{name}"] += (
+                        f", while the training reward holds up ({m.get('reward/mean', float('nan')):.2f}): the policy "
+                        "may be gaming the reward it is trained on"
+                    )
         if "reward/mean" in m:  # a training step (an evaluation alone, as at step 0, is not one)
             self.skipped = self.skipped + 1 if "train/policy_loss" not in m else 0
         if self.skipped >= c.window:

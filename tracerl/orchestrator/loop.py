@@ -186,7 +186,7 @@ class Session:
                 cfg, console, stream, eval_set, rollout, learner, rewards, logger, rollout.info[0], placement, initial,
                 cleanup=cleanup, claim=claim,
             )  # fmt: skip
-            s.divergence = DivergenceGuard(cfg.guard)
+            s.divergence = DivergenceGuard(cfg.guard, s.monitors())
             s.value_watch = ValueWatch(cfg.guard) if cfg.objective.value_model else None
             s.version, _ = WEIGHT_SYNC.lookup(cfg.rollout.sync)(learner, rollout)  # same weights on both sides
             if state is not None:
@@ -282,6 +282,10 @@ class Session:
             "[/yellow]"
         )
 
+    def monitors(self) -> tuple[str, ...]:
+        """The reward functions of weight 0: logged, not trained on; the divergence guard watches them."""
+        return tuple(name for name, weight in self.rewards.weights.items() if weight == 0)
+
     def restore(self, state: checkpoint.DriverState, resumed: bool = False) -> None:
         """Put the driver back at ``state`` (the learner is already restored): data cursor, counters, metrics rows
         after its step dropped (they are redone), and after a resume the W&B run given the rows it lacks; RNGs
@@ -296,7 +300,7 @@ class Session:
         self.skipped_steps = int(state.extra.get("skipped_steps", 0))
         self.no_signal_steps = int(state.extra.get("no_signal_steps", 0))
         # the watches as they were after that step (fresh for a checkpoint written before they were kept)
-        self.divergence = DivergenceGuard(self.cfg.guard)
+        self.divergence = DivergenceGuard(self.cfg.guard, self.monitors())
         self.value_watch = ValueWatch(self.cfg.guard) if self.cfg.objective.value_model else None
         if state.extra.get("guard"):
             self.divergence.load_state_dict(state.extra["guard"])
