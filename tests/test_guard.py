@@ -79,7 +79,7 @@ def test_a_first_reading_that_is_not_a_number_sets_no_floor() -> None:
     # every held-out sample scored None at step 0: the start is the first finite evaluation, not 0
     guard = DivergenceGuard(GuardConfig())
     found = [guard.check(s, {"eval/greedy_reward": v}) for s, v in ((0, float("nan")), (5, -1.0), (10, -0.2))]
-    assert found == [[], [], []] and guard.eval_floor == -1.0
+    assert found == [[], [], []] and guard.held_out.floor == -1.0
     assert guard.check(15, {"eval/greedy_reward": -1.0}) == [
         "held-out greedy reward collapsed: -1.000, below -0.600, half-way back from its best (-0.200) to its start "
         "(-1.000)"
@@ -121,10 +121,10 @@ def test_a_checkpoint_without_floors_measures_from_zero_as_before() -> None:
     old = {k: v for k, v in guard.state_dict().items() if not k.endswith("_floor")}
     resumed = DivergenceGuard(GuardConfig(window=1))
     resumed.load_state_dict(old)
-    assert (resumed.training.floor, resumed.eval_floor) == (0.0, 0.0)
+    assert (resumed.training.floor, resumed.held_out.floor) == (0.0, 0.0)
     fresh = DivergenceGuard(GuardConfig(window=1))
     fresh.load_state_dict({k: v for k, v in DivergenceGuard(GuardConfig()).state_dict().items() if "floor" not in k})
-    assert (fresh.training.floor, fresh.eval_floor) == (None, None)  # nothing seen yet: set by the first reading
+    assert (fresh.training.floor, fresh.held_out.floor) == (None, None)  # nothing seen yet: set by the first reading
     assert resumed.check(2, trained(0.2, **{"eval/greedy_reward": 0.2})) == [
         "training reward collapsed: 0.20 over the last 1 steps, below 0.5 × its best (0.60)",
         "held-out greedy reward collapsed: 0.200, below 0.5 × its best (0.500)",

@@ -84,7 +84,8 @@ def nothing_scored(scored: RewardResult, step: int, cfg: Config) -> str | None:
 @dataclass
 class Windowed:
     """A reward's mean over the last ``window`` steps against the best such mean so far, measured from its floor
-    (min(0, the first finite mean)): the training reward's track, and each monitor's.
+    (min(0, the first finite mean)): the training reward's track, each monitor's, and the held-out reward's (a
+    window of 1 evaluation, read to ``fmt``).
 
     Example:
         >>> track = Windowed(window=2)
@@ -93,6 +94,7 @@ class Windowed:
     """
 
     window: int
+    fmt: str = ".2f"  # how the messages write rewards
     values: deque = field(default_factory=deque)  # the last `window` rewards
     best: float = float("-inf")  # best windowed mean so far
     floor: float | None = None  # what a fraction of the best is measured from
@@ -107,7 +109,7 @@ class Windowed:
         mean = sum(self.values) / self.window
         if self.floor is None and math.isfinite(mean):
             self.floor = min(0.0, mean)
-        fell = collapse(mean, self.best, self.floor, fraction, ".2f")
+        fell = collapse(mean, self.best, self.floor, fraction, self.fmt)
         self.best = max(self.best, mean)
         return mean, fell
 
@@ -137,8 +139,7 @@ class DivergenceGuard:
     monitors: tuple[str, ...] = ()
     training: Windowed = field(init=False)  # the training reward
     watched: dict[str, Windowed] = field(init=False)  # each monitor's reward
-    best_eval: float = float("-inf")  # best held-out greedy reward so far
-    eval_floor: float | None = None  # what its fraction is measured from: min(0, first finite evaluation)
+    held_out: Windowed = field(init=False)  # the held-out greedy reward, evaluation by evaluation
     skipped: int = 0  # consecutive steps with every group filtered out
     high_kl: int = 0  # consecutive steps with kl_to_old above the bound
     last_kl: tuple[str, float, float] = ("", 0.0, 0.0)  # the last KL read: metric, value, largest token log-ratio
@@ -147,13 +148,14 @@ class DivergenceGuard:
     def __post_init__(self) -> None:
         self.training = Windowed(self.cfg.window)
         self.watched = {name: Windowed(self.cfg.window) for name in self.monitors}
+        self.held_out = Windowed(1, fmt=".3f")
 
     def state_dict(self) -> dict[str, Any]:
         """What a checkpoint keeps, as JSON values, so a resumed run warns exactly where an uninterrupted one does."""
-        training = self.training.state_dict()
+        training, held_out = self.training.state_dict(), self.held_out.state_dict()
         return {
             "rewards": training["values"], "best_reward": training["best"], "reward_floor": training["floor"],
-            "best_eval": finite_or_none(self.best_eval), "eval_floor": self.eval_floor,
+            "best_eval": held_out["best"], "eval_floor": held_out["floor"],
             "monitors": {name: track.state_dict() for name, track in self.watched.items()},
             "skipped": self.skipped, "high_kl": self.high_kl,
             "last_kl": [self.last_kl[0], *map(finite_or_none, self.last_kl[1:])], "active": sorted(self.active),
@@ -164,8 +166,8 @@ class DivergenceGuard:
         # monitors were watched starts their tracks afresh
         floor = state.get("reward_floor", 0.0 if state["best_reward"] is not None else None)
         self.training.load_state_dict({"values": state["rewards"], "best": state["best_reward"], "floor": floor})
-        self.best_eval = none_or(state["best_eval"], float("-inf"))
-        self.eval_floor = state.get("eval_floor", 0.0 if state["best_eval"] is not None else None)
+        floor = state.get("eval_floor", 0.0 if state["best_eval"] is not None else None)
+        self.held_out.load_state_dict({"values": [], "best": state["best_eval"], "floor": floor})
         for name, track in state.get("monitors", {}).items():
             if name in self.watched:
                 self.watched[name].load_state_dict(track)
@@ -207,13 +209,9 @@ class DivergenceGuard:
             )
         # 2. Held-out greedy reward against its best evaluation.
         if "eval/greedy_reward" in m:
-            value = m["eval/greedy_reward"]
-            if self.eval_floor is None and math.isfinite(value):
-                self.eval_floor = min(0.0, value)
-            fell = collapse(value, self.best_eval, self.eval_floor, c.reward_fraction, ".3f")
+            value, fell = self.held_out.add(m["eval/greedy_reward"], c.reward_fraction)
             if fell:
                 found["eval"] = f"held-out greedy reward collapsed: {value:.3f}, {fell}"
-            self.best_eval = max(self.best_eval, value)
         elif "eval" in self.active:
             found["eval"] = ""  # no evaluation this step: the last one still stands
         # 3. KL to the old policy above its bound (or not a number) for several steps. A step that trained nothing
