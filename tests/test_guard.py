@@ -109,10 +109,34 @@ def test_a_reward_of_weight_0_that_collapses_while_the_trained_one_rises_is_name
     ]
     state = json.loads(json.dumps(guard.state_dict(), allow_nan=False))
     assert set(state["monitors"]) == {"verifier", "length"}
-    older = {k: v for k, v in state.items() if k != "monitors"}  # a checkpoint from before monitors were watched
+    older = {k: v for k, v in state.items() if "monitors" not in k}  # a checkpoint from before monitors were watched
     resumed = DivergenceGuard(GuardConfig(window=2), monitors=("verifier",))
     resumed.load_state_dict(older)
     assert resumed.watched["verifier"].best == float("-inf")  # its track starts afresh
+    assert resumed.held_out_watched["verifier"].best == float("-inf")
+
+
+def test_a_held_out_reward_of_weight_0_that_collapses_is_named_until_an_evaluation_clears_it() -> None:
+    # docs/rlhf.md without a KL: the held-out greedy reward-model score climbs, the held-out verifier falls to 0
+    guard = DivergenceGuard(GuardConfig(window=1), monitors=("verifier",))
+    evals = {1: (-0.5, 0.41), 3: (1.2, 0.66), 5: (2.4, 0.30), 7: (3.3, 0.00), 9: (3.4, 0.70)}
+    rows = [trained(1.0, **({"eval/greedy_reward": evals[s][0], "eval/greedy_reward/verifier": evals[s][1]}
+                            if s in evals else {})) for s in range(1, 11)]  # fmt: skip
+    found = steps(guard, rows)
+    assert found[4] == [
+        "held-out greedy reward 'verifier' (weight 0, not trained on) collapsed: 0.300, below 0.5 × its best "
+        "(0.660), while the held-out greedy reward holds up (2.400): the policy may be gaming the reward it is "
+        "trained on"
+    ]
+    assert [i for i, f in enumerate(found) if f] == [4]  # steps 6-8 keep the sign without repeating it; 9 clears it
+    assert "eval/verifier" not in guard.active
+    # the held-out total collapses too: no gaming hint, each sign in its own line
+    both = DivergenceGuard(GuardConfig(window=1), monitors=("verifier",))
+    steps(both, [trained(1.0, **{"eval/greedy_reward": 0.8, "eval/greedy_reward/verifier": 0.6})])
+    assert both.check(2, trained(1.0, **{"eval/greedy_reward": 0.1, "eval/greedy_reward/verifier": 0.0})) == [
+        "held-out greedy reward collapsed: 0.100, below 0.5 × its best (0.800)",
+        "held-out greedy reward 'verifier' (weight 0, not trained on) collapsed: 0.000, below 0.5 × its best (0.600)",
+    ]
 
 
 def test_a_checkpoint_without_floors_measures_from_zero_as_before() -> None:
@@ -179,10 +203,13 @@ def test_a_resumed_guard_warns_where_an_uninterrupted_one_does(shift: float) -> 
         rows[0]["eval/greedy_reward"], rows[2]["eval/greedy_reward"], rows[5]["eval/greedy_reward"] = -1.9, -1.2, -1.9
     for row, verifier in zip(rows, (0.9, 0.9, 0.9, 0.2, 0.2, 0.2), strict=True):  # a monitor that collapses too
         row["reward/verifier/mean"] = verifier
+    rows[0]["eval/greedy_reward/verifier"], rows[5]["eval/greedy_reward/verifier"] = 0.8, 0.3  # and held out
     whole = steps(DivergenceGuard(cfg, monitors=("verifier",)), rows)
-    assert sum(map(len, whole)) >= 4  # the sequence does warn, the monitor included
+    assert sum(map(len, whole)) >= 5  # the sequence does warn, the monitor included
     named = [w for ws in whole for w in ws if w.startswith("reward 'verifier'")]
     assert len(named) == 1 and "gaming" not in named[0]  # the trained reward collapsed too: no gaming hint
+    held_out = [w for ws in whole for w in ws if w.startswith("held-out greedy reward 'verifier'")]
+    assert len(held_out) == 1
     for cut in range(1, len(rows)):
         first = DivergenceGuard(cfg, monitors=("verifier",))
         before = [first.check(step, row) for step, row in enumerate(rows[:cut], start=1)]

@@ -200,6 +200,30 @@ def test_a_collapsing_reward_of_weight_0_is_reported_once(local_ray, tmp_path, c
     assert [r["guard/warnings"] for r in logged] == [0.0, 1.0, 0.0]
 
 
+def test_a_held_out_reward_of_weight_0_that_collapses_is_reported_once(local_ray, tmp_path, capsys):
+    """The same verifier judged on the held-out evaluation: it scores the step-0 evaluation (the first call it
+    gets) 1.0 and everything after it 0.0; the evaluation at step 2 names it, once, and the last step's
+    evaluation, still at 0.0, does not repeat it."""
+    cfg = rl_cfg(tmp_path, "guard.window=1", "train.steps=4", "rollout.num_workers=1", "reward.num_workers=1")
+    verifier = tmp_path / "verifier.py"
+    verifier.write_text(
+        "from pathlib import Path\n\nSEEN = Path(__file__).with_suffix('.seen')\n\n"
+        "def score(prompts, completions, **kwargs):\n"
+        "    first = not SEEN.exists()\n"
+        "    SEEN.touch()\n"
+        "    return [1.0 if first else 0.0] * len(completions)\n"
+    )
+    cfg.reward.functions.append(RewardFnConfig(fn=f"{verifier}:score", weight=0.0, name="verifier"))
+    run(cfg)
+    out = " ".join(capsys.readouterr().out.split())
+    named = "held-out greedy reward 'verifier' (weight 0, not trained on) collapsed"
+    assert out.count(named) == 1, out
+    assert f"divergence at RL step 2: {named}: 0.000, below 0.5 × its best (1.000)" in out
+    logged = {r["step"]: r for r in rows(cfg) if "eval/greedy_reward/verifier" in r}
+    assert {s: r["eval/greedy_reward/verifier"] for s, r in logged.items()} == {0: 1.0, 2: 0.0, 4: 0.0}
+    assert logged[2]["guard/warnings"] == 1.0 and logged[4]["guard/warnings"] == 0.0
+
+
 def test_an_idle_value_model_is_reported_once(local_ray, tmp_path, capsys):
     """A reward no state predicts (a fixed hash of the completion): the value model explains nothing, and after
     guard.value_window steps the console says so once, and guard/value_idle is logged."""

@@ -11,7 +11,8 @@ The divergence guard checks four signs after every RL step, from the metrics the
 - ``train/kl_to_old`` (``train/kl_to_old_after_step`` when ``learner.kl_after_step`` logs it) stays above
   ``guard.max_kl_to_old`` for ``guard.window`` steps in a row (NaN counts as above);
 - a reward function of weight 0 (logged, not trained on: a verifier beside a reward model) collapses as the
-  training reward would; while the training reward holds up, the policy may be gaming the reward it is trained on.
+  training reward would, on the training batches or in the held-out greedy evaluation; while the trained reward
+  holds up there, the policy may be gaming the reward it is trained on.
 
 A fraction of the best is measured from 0 for rewards that start at 0 or above (verifiers, scores in [0, 1]). A
 reward that starts below 0 (a reward model's scores) is measured from its start instead: a collapse is a fall below
@@ -126,7 +127,8 @@ class Windowed:
 @dataclass
 class DivergenceGuard:
     """Watch a run's metrics step by step; ``check`` returns the new warnings of this step (usually none).
-    ``monitors``: the names of the reward functions of weight 0 (logged as ``reward/<name>/mean``, not trained on).
+    ``monitors``: the names of the reward functions of weight 0 (logged as ``reward/<name>/mean`` and
+    ``eval/greedy_reward/<name>``, not trained on).
 
     Example:
         >>> guard = DivergenceGuard(GuardConfig(window=2, reward_fraction=0.5))
@@ -140,6 +142,7 @@ class DivergenceGuard:
     training: Windowed = field(init=False)  # the training reward
     watched: dict[str, Windowed] = field(init=False)  # each monitor's reward
     held_out: Windowed = field(init=False)  # the held-out greedy reward, evaluation by evaluation
+    held_out_watched: dict[str, Windowed] = field(init=False)  # each monitor's held-out greedy reward
     skipped: int = 0  # consecutive steps with every group filtered out
     high_kl: int = 0  # consecutive steps with kl_to_old above the bound
     last_kl: tuple[str, float, float] = ("", 0.0, 0.0)  # the last KL read: metric, value, largest token log-ratio
@@ -149,6 +152,7 @@ class DivergenceGuard:
         self.training = Windowed(self.cfg.window)
         self.watched = {name: Windowed(self.cfg.window) for name in self.monitors}
         self.held_out = Windowed(1, fmt=".3f")
+        self.held_out_watched = {name: Windowed(1, fmt=".3f") for name in self.monitors}
 
     def state_dict(self) -> dict[str, Any]:
         """What a checkpoint keeps, as JSON values, so a resumed run warns exactly where an uninterrupted one does."""
@@ -157,6 +161,7 @@ class DivergenceGuard:
             "rewards": training["values"], "best_reward": training["best"], "reward_floor": training["floor"],
             "best_eval": held_out["best"], "eval_floor": held_out["floor"],
             "monitors": {name: track.state_dict() for name, track in self.watched.items()},
+            "eval_monitors": {name: track.state_dict() for name, track in self.held_out_watched.items()},
             "skipped": self.skipped, "high_kl": self.high_kl,
             "last_kl": [self.last_kl[0], *map(finite_or_none, self.last_kl[1:])], "active": sorted(self.active),
         }  # fmt: skip
@@ -168,9 +173,10 @@ class DivergenceGuard:
         self.training.load_state_dict({"values": state["rewards"], "best": state["best_reward"], "floor": floor})
         floor = state.get("eval_floor", 0.0 if state["best_eval"] is not None else None)
         self.held_out.load_state_dict({"values": [], "best": state["best_eval"], "floor": floor})
-        for name, track in state.get("monitors", {}).items():
-            if name in self.watched:
-                self.watched[name].load_state_dict(track)
+        for watched, key in ((self.watched, "monitors"), (self.held_out_watched, "eval_monitors")):
+            for name, track in state.get(key, {}).items():
+                if name in watched:
+                    watched[name].load_state_dict(track)
         self.skipped, self.high_kl = int(state["skipped"]), int(state["high_kl"])
         name, kl, peak = state["last_kl"]
         self.last_kl = (name, none_or(kl, float("nan")), none_or(peak, float("nan")))
@@ -207,13 +213,26 @@ class DivergenceGuard:
                 f"nothing trained for {self.skipped} steps: every group was filtered out (all its rewards equal; "
                 f"training reward {m.get('reward/mean', float('nan')):.2f})"
             )
-        # 2. Held-out greedy reward against its best evaluation.
+        # 2. Held-out greedy reward against its best evaluation, and each monitor's.
         if "eval/greedy_reward" in m:
             value, fell = self.held_out.add(m["eval/greedy_reward"], c.reward_fraction)
             if fell:
                 found["eval"] = f"held-out greedy reward collapsed: {value:.3f}, {fell}"
-        elif "eval" in self.active:
-            found["eval"] = ""  # no evaluation this step: the last one still stands
+            for name, track in self.held_out_watched.items():
+                key = f"eval/greedy_reward/{name}"
+                read = track.add(m[key], c.reward_fraction) if key in m else None
+                if read and read[1]:
+                    found[f"eval/{name}"] = (
+                        f"held-out greedy reward '{name}' (weight 0, not trained on) collapsed: {read[0]:.3f}, "
+                        f"{read[1]}"
+                    )
+                    if "eval" not in found:
+                        found[f"eval/{name}"] += (
+                            f", while the held-out greedy reward holds up ({value:.3f}): the policy may be gaming "
+                            "the reward it is trained on"
+                        )
+        else:  # no evaluation this step: the last one still stands
+            found.update((key, "") for key in self.active if key == "eval" or key.startswith("eval/"))
         # 3. KL to the old policy above its bound (or not a number) for several steps. A step that trained nothing
         #    has no KL: it neither extends nor breaks the run of high steps, and the last reading stands.
         key = KL_AFTER_STEP if KL_AFTER_STEP in m else "train/kl_to_old"
