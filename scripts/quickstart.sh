@@ -15,9 +15,10 @@ export TOKENIZERS_PARALLELISM=false DS_ACCELERATOR=${DS_ACCELERATOR:-cpu}  # CPU
 # One torch thread per process (the Ray actors get one from Ray anyway): with two threads each, SFT and evaluation
 # steps ran 8-10x slower on a 2-core machine shared with other work. The documented numbers were measured so.
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
-# The same CPU kernels on every x86-64 machine with AVX2: torch, MKL and oneDNN otherwise pick kernels by the CPU's
-# instruction set (AVX-512 here, AVX2 elsewhere), whose rounding differs and compounds over training (measured:
-# another ISA gives another SFT model). docs/quickstart.md's numbers were measured so.
+# One instruction set for torch's, MKL's and oneDNN's CPU kernels: they otherwise pick kernels by the CPU's (AVX-512
+# on one machine, AVX2 on another), whose rounding differs and compounds over training (measured: another ISA gives
+# another SFT model). It does not make two machines agree to the last digit (docs/quickstart.md: two AVX-512
+# machines gave different SFT models with it). docs/quickstart.md's numbers were measured so.
 export ATEN_CPU_CAPABILITY=${ATEN_CPU_CAPABILITY:-avx2} MKL_CBWR=${MKL_CBWR:-AVX2} ONEDNN_MAX_CPU_ISA=${ONEDNN_MAX_CPU_ISA:-AVX2}
 config=${QUICKSTART_CONFIG:-configs/quickstart.yaml}
 tracerl=.venv/bin/tracerl
