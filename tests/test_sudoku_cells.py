@@ -1,0 +1,46 @@
+"""scripts/sudoku_cells.py: the per-cell breakdown of greedy Sudoku answers, by hand and from the command line."""
+
+from __future__ import annotations
+
+import doctest
+import importlib.util
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+SCRIPT = ROOT / "scripts" / "sudoku_cells.py"
+SPEC = importlib.util.spec_from_file_location("sudoku_cells", SCRIPT)
+cells = importlib.util.module_from_spec(SPEC)
+sys.modules["sudoku_cells"] = cells  # dataclasses look their module up while the class is built
+SPEC.loader.exec_module(cells)
+
+
+def test_docstring_examples():
+    result = doctest.testmod(cells)
+    assert result.attempted >= 1 and result.failed == 0
+
+
+def test_a_file_of_greedy_and_sampled_rows(tmp_path):
+    answer = "1234 3412 2143 4321"
+    rows = [
+        # blanks (answer: written): 2: 1 (the habit), 3: 3 (right), 4: 4 (right)
+        {"mode": "greedy", "prompt": "1... 3412 2143 4321:", "answer": answer, "completion": "1134 3412 2143 4321"},
+        # 1: 2 and 3: 4 (wrong, and no habit: 1 and 3 are never confused), 4: 3 (the habit), and a 2 past the end of
+        # the short completion (wrong)
+        {"mode": "greedy", "prompt": ".2.. 3412 2143 43.1:", "answer": answer, "completion": "2243"},
+        {"mode": "sample", "prompt": "....:", "answer": answer, "completion": "0000"},  # not counted
+    ]
+    path = tmp_path / "step-0.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    c = cells.count(rows)
+    assert (c.plain, c.plain_right, c.confused, c.confused_right, c.habit) == (3, 1, 4, 1, 2)
+    out = subprocess.run([sys.executable, str(SCRIPT), str(path)], capture_output=True, text=True, check=True).stdout
+    assert out == (
+        f"{path}: cells of 1 and 3 right 33% · cells of 2 and 4 right 25% · the habit in 50% (3 and 4 cells)\n"
+    )
+    missing = subprocess.run(
+        [sys.executable, str(SCRIPT), str(tmp_path / "nope.jsonl")], capture_output=True, text=True
+    )
+    assert missing.returncode != 0 and "nope.jsonl does not exist" in missing.stderr
