@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # RLHF for a diffusion LM on a laptop (docs/rlhf.md): set up .venv (CPU torch), then
-#   1. tracerl sft                 the quickstart's SFT model (4x4 Sudoku from a teacher with a habit)
+#   1. tracerl sft                 the quickstart's SFT recipe (4x4 Sudoku from a teacher with a habit)
 #   2. tracerl train-reward-model  preference pairs of the SFT model's own completions → a reward model (TRL)
 #   3. tracerl train               TraceRL against the reward model only (KL to the SFT model); the verifier
 #                                  sudoku_cells at weight 0
