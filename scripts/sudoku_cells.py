@@ -6,7 +6,8 @@ teacher's habit.
     python scripts/sudoku_cells.py runs/q/rl/eval/step-0.jsonl runs/q/rl/eval/step-20.jsonl
 
 Reads the JSONL files ``tracerl eval`` and the loop's evaluations write (one row per sample: ``prompt``,
-``answer``, ``mode``, ``completion``); only the greedy rows count.
+``answer``, ``mode``, ``completion``); only the greedy rows count. Every blank cell is counted where it stands,
+also in an answer the verifier scores 0 as a whole (a changed clue, a grid of the wrong length).
 """
 
 from __future__ import annotations

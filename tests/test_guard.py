@@ -139,6 +139,28 @@ def test_a_held_out_reward_of_weight_0_that_collapses_is_named_until_an_evaluati
     ]
 
 
+def test_a_reading_that_is_not_a_number_keeps_a_reward_sign_standing() -> None:
+    # every sample scored None: the training reward, a monitor and both held-out readings are NaN for one step; the
+    # signs they had raised stand (not cleared, so not repeated when the reward stays low after it)
+    nan = float("nan")
+    guard = DivergenceGuard(GuardConfig(window=1), monitors=("verifier",))
+    high = {"eval/greedy_reward": 0.8, "eval/greedy_reward/verifier": 0.8, "reward/verifier/mean": 0.8}
+    low = {"eval/greedy_reward": 0.1, "eval/greedy_reward/verifier": 0.1, "reward/verifier/mean": 0.1}
+    none = {"eval/greedy_reward": nan, "eval/greedy_reward/verifier": nan, "reward/verifier/mean": nan}
+    found = steps(guard, [trained(0.8, **high), trained(0.1, **low), trained(nan, **none), trained(0.1, **low)])
+    assert [len(f) for f in found] == [0, 4, 0, 0]
+    assert guard.active == {"reward", "monitor/verifier", "eval", "eval/verifier"}
+    # a monitor that collapses while the trained reward is not a number gets no "holds up (nan)" hint
+    alone = DivergenceGuard(GuardConfig(window=1), monitors=("verifier",))
+    steps(alone, [trained(0.8, **high)])
+    row = trained(nan, **{**low, "eval/greedy_reward": nan})
+    assert alone.check(2, row) == [
+        "reward 'verifier' (weight 0, not trained on) collapsed: 0.10 over the last 1 steps, below 0.5 × its best "
+        "(0.80)",
+        "held-out greedy reward 'verifier' (weight 0, not trained on) collapsed: 0.100, below 0.5 × its best (0.800)",
+    ]
+
+
 def test_a_checkpoint_without_floors_measures_from_zero_as_before() -> None:
     guard = DivergenceGuard(GuardConfig(window=1))
     guard.check(1, trained(0.6, **{"eval/greedy_reward": 0.5}))

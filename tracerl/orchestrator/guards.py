@@ -186,9 +186,17 @@ class DivergenceGuard:
         c, found = self.cfg, {}
         if not c.enabled:
             return []
+
+        def unread(sign: str, read: tuple[float, str | None] | None) -> None:
+            # A reading that is not a number (every sample scored None) says nothing: the sign stands as it was.
+            if read is not None and not math.isfinite(read[0]) and sign in self.active:
+                found[sign] = ""
+
         # 1. Training reward: windowed mean against its best, and steps that trained nothing.
+        trained = m.get("reward/mean", float("nan"))
         if "reward/mean" in m:
-            read = self.training.add(m["reward/mean"], c.reward_fraction)
+            read = self.training.add(trained, c.reward_fraction)
+            unread("reward", read)
             if read and read[1]:
                 found["reward"] = f"training reward collapsed: {read[0]:.2f} over the last {c.window} steps, {read[1]}"
         # A reward of weight 0 (a verifier beside a reward model) that collapses; while the trained reward holds up,
@@ -196,15 +204,16 @@ class DivergenceGuard:
         for name, track in self.watched.items():
             key = f"reward/{name}/mean"
             read = track.add(m[key], c.reward_fraction) if key in m else None
+            unread(f"monitor/{name}", read)
             if read and read[1]:
                 found[f"monitor/{name}"] = (
                     f"reward '{name}' (weight 0, not trained on) collapsed: {read[0]:.2f} over the last {c.window} "
                     f"steps, {read[1]}"
                 )
-                if "reward" not in found:
+                if "reward" not in found and math.isfinite(trained):
                     found[f"monitor/{name}"] += (
-                        f", while the training reward holds up ({m.get('reward/mean', float('nan')):.2f}): the policy "
-                        "may be gaming the reward it is trained on"
+                        f", while the training reward holds up ({trained:.2f}): the policy may be gaming the reward "
+                        "it is trained on"
                     )
         if "reward/mean" in m:  # a training step (an evaluation alone, as at step 0, is not one)
             self.skipped = self.skipped + 1 if "train/policy_loss" not in m else 0
@@ -216,17 +225,19 @@ class DivergenceGuard:
         # 2. Held-out greedy reward against its best evaluation, and each monitor's.
         if "eval/greedy_reward" in m:
             value, fell = self.held_out.add(m["eval/greedy_reward"], c.reward_fraction)
+            unread("eval", (value, fell))
             if fell:
                 found["eval"] = f"held-out greedy reward collapsed: {value:.3f}, {fell}"
             for name, track in self.held_out_watched.items():
                 key = f"eval/greedy_reward/{name}"
                 read = track.add(m[key], c.reward_fraction) if key in m else None
+                unread(f"eval/{name}", read)
                 if read and read[1]:
                     found[f"eval/{name}"] = (
                         f"held-out greedy reward '{name}' (weight 0, not trained on) collapsed: {read[0]:.3f}, "
                         f"{read[1]}"
                     )
-                    if "eval" not in found:
+                    if "eval" not in found and math.isfinite(value):
                         found[f"eval/{name}"] += (
                             f", while the held-out greedy reward holds up ({value:.3f}): the policy may be gaming "
                             "the reward it is trained on"
