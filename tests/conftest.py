@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import random
@@ -54,6 +55,16 @@ def _strict_warn(message, category=None, stacklevel=1, source=None, **kwargs):  
 
 
 warnings.warn = _strict_warn
+
+
+def load_script(name: str):  # noqa: ANN201
+    """``scripts/<name>.py`` imported as the module ``name`` (registered in ``sys.modules``, which dataclasses look
+    their module up in while the class is built)."""
+    spec = importlib.util.spec_from_file_location(name, Path(__file__).resolve().parents[1] / "scripts" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
+    return module
 
 
 def tiny_policy(attention: str = "full", block_size: int = 4, **kw):  # noqa: ANN201

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import doctest
-import importlib.util
 import json
 import os
 import subprocess
@@ -12,11 +11,10 @@ from pathlib import Path
 
 import pytest
 
+from .conftest import load_script
+
 ROOT = Path(__file__).resolve().parents[1]
-SPEC = importlib.util.spec_from_file_location("compare", ROOT / "scripts" / "compare.py")
-compare = importlib.util.module_from_spec(SPEC)
-sys.modules["compare"] = compare  # dataclasses look their module up while the class is built
-SPEC.loader.exec_module(compare)
+compare = load_script("compare")
 
 
 def test_docstring_examples():

@@ -174,20 +174,29 @@ def test_the_divergence_guard_warns_when_nothing_trains(local_ray, tmp_path, cap
     assert [r["guard/warnings"] for r in rows(cfg)] == [0.0, 1.0, 0.0]
 
 
+def add_verifier(cfg: Config, tmp_path: Path, body: str) -> None:
+    """A reward function ``verifier`` of weight 0 whose ``score`` runs ``body`` (``SEEN``: a file beside it that
+    keeps state across calls, which may come from any reward worker process)."""
+    verifier = tmp_path / "verifier.py"
+    verifier.write_text(
+        "from pathlib import Path\n\nSEEN = Path(__file__).with_suffix('.seen')\n\n"
+        "def score(prompts, completions, **kwargs):\n" + body
+    )
+    cfg.reward.functions.append(RewardFnConfig(fn=f"{verifier}:score", weight=0.0, name="verifier"))
+
+
 def test_a_collapsing_reward_of_weight_0_is_reported_once(local_ray, tmp_path, capsys):
     """A verifier logged beside the trained reward (weight 0) scores every sample 1.0 at step 1 and 0.0 after it,
     while the trained reward is unchanged: the guard names it at step 2, once, as a possible sign that the policy
     games the reward it is trained on."""
     cfg = rl_cfg(tmp_path, "guard.window=1", "train.steps=3", "eval.num_prompts=0", "reward.num_workers=1")
-    verifier = tmp_path / "verifier.py"
-    verifier.write_text(
-        "from pathlib import Path\n\nSEEN = Path(__file__).with_suffix('.seen')\n\n"
-        "def score(prompts, completions, **kwargs):\n"
+    add_verifier(
+        cfg,
+        tmp_path,
         "    seen = int(SEEN.read_text()) if SEEN.exists() else 0\n"
         "    SEEN.write_text(str(seen + len(completions)))\n"
-        "    return [1.0 if seen < 16 else 0.0] * len(completions)  # step 1 scores 16 completions\n"
+        "    return [1.0 if seen < 16 else 0.0] * len(completions)  # step 1 scores 16 completions\n",
     )
-    cfg.reward.functions.append(RewardFnConfig(fn=f"{verifier}:score", weight=0.0, name="verifier"))
     run(cfg)
     out = " ".join(capsys.readouterr().out.split())
     assert out.count("reward 'verifier' (weight 0, not trained on) collapsed") == 1, out
@@ -205,15 +214,11 @@ def test_a_held_out_reward_of_weight_0_that_collapses_is_reported_once(local_ray
     gets) 1.0 and everything after it 0.0; the evaluation at step 2 names it, once, and the last step's
     evaluation, still at 0.0, does not repeat it."""
     cfg = rl_cfg(tmp_path, "guard.window=1", "train.steps=4", "rollout.num_workers=1", "reward.num_workers=1")
-    verifier = tmp_path / "verifier.py"
-    verifier.write_text(
-        "from pathlib import Path\n\nSEEN = Path(__file__).with_suffix('.seen')\n\n"
-        "def score(prompts, completions, **kwargs):\n"
-        "    first = not SEEN.exists()\n"
-        "    SEEN.touch()\n"
-        "    return [1.0 if first else 0.0] * len(completions)\n"
+    add_verifier(
+        cfg,
+        tmp_path,
+        "    first = not SEEN.exists()\n    SEEN.touch()\n    return [1.0 if first else 0.0] * len(completions)\n",
     )
-    cfg.reward.functions.append(RewardFnConfig(fn=f"{verifier}:score", weight=0.0, name="verifier"))
     run(cfg)
     out = " ".join(capsys.readouterr().out.split())
     named = "held-out greedy reward 'verifier' (weight 0, not trained on) collapsed"

@@ -3,18 +3,16 @@
 from __future__ import annotations
 
 import doctest
-import importlib.util
 import json
 import subprocess
 import sys
 from pathlib import Path
 
+from .conftest import load_script
+
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "scripts" / "sudoku_cells.py"
-SPEC = importlib.util.spec_from_file_location("sudoku_cells", SCRIPT)
-cells = importlib.util.module_from_spec(SPEC)
-sys.modules["sudoku_cells"] = cells  # dataclasses look their module up while the class is built
-SPEC.loader.exec_module(cells)
+cells = load_script("sudoku_cells")
 
 
 def test_docstring_examples():

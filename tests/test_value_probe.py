@@ -4,19 +4,14 @@ end."""
 from __future__ import annotations
 
 import doctest
-import importlib.util
 import re
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-SPEC = importlib.util.spec_from_file_location("value_probe", ROOT / "scripts" / "value_probe.py")
-probe = importlib.util.module_from_spec(SPEC)
-sys.modules["value_probe"] = probe
-SPEC.loader.exec_module(probe)
+from .conftest import load_script
+
+probe = load_script("value_probe")
 
 
 def test_docstring_examples():

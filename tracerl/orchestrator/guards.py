@@ -192,6 +192,28 @@ class DivergenceGuard:
             if read is not None and not math.isfinite(read[0]) and sign in self.active:
                 found[sign] = ""
 
+        def monitors(held_out: bool, trained: float) -> None:
+            # A reward of weight 0 (a verifier beside a reward model) that collapses, on the training batches or held
+            # out; while the trained reward holds up there, the policy may be gaming the reward it is trained on.
+            tracks = self.held_out_watched if held_out else self.watched
+            sign, trained_sign = ("eval/", "eval") if held_out else ("monitor/", "reward")
+            what = "held-out greedy reward" if held_out else "reward"
+            trained_what = "held-out greedy reward" if held_out else "training reward"
+            over, fmt = ("", ".3f") if held_out else (f" over the last {c.window} steps", ".2f")
+            for name, track in tracks.items():
+                key = f"eval/greedy_reward/{name}" if held_out else f"reward/{name}/mean"
+                read = track.add(m[key], c.reward_fraction) if key in m else None
+                unread(sign + name, read)
+                if read and read[1]:
+                    found[sign + name] = (
+                        f"{what} '{name}' (weight 0, not trained on) collapsed: {read[0]:{fmt}}{over}, {read[1]}"
+                    )
+                    if trained_sign not in found and math.isfinite(trained):
+                        found[sign + name] += (
+                            f", while the {trained_what} holds up ({trained:{fmt}}): the policy may be gaming the "
+                            "reward it is trained on"
+                        )
+
         # 1. Training reward: windowed mean against its best, and steps that trained nothing.
         trained = m.get("reward/mean", float("nan"))
         if "reward/mean" in m:
@@ -199,22 +221,7 @@ class DivergenceGuard:
             unread("reward", read)
             if read and read[1]:
                 found["reward"] = f"training reward collapsed: {read[0]:.2f} over the last {c.window} steps, {read[1]}"
-        # A reward of weight 0 (a verifier beside a reward model) that collapses; while the trained reward holds up,
-        # the policy may be gaming the reward it is trained on.
-        for name, track in self.watched.items():
-            key = f"reward/{name}/mean"
-            read = track.add(m[key], c.reward_fraction) if key in m else None
-            unread(f"monitor/{name}", read)
-            if read and read[1]:
-                found[f"monitor/{name}"] = (
-                    f"reward '{name}' (weight 0, not trained on) collapsed: {read[0]:.2f} over the last {c.window} "
-                    f"steps, {read[1]}"
-                )
-                if "reward" not in found and math.isfinite(trained):
-                    found[f"monitor/{name}"] += (
-                        f", while the training reward holds up ({trained:.2f}): the policy may be gaming the reward "
-                        "it is trained on"
-                    )
+        monitors(held_out=False, trained=trained)
         if "reward/mean" in m:  # a training step (an evaluation alone, as at step 0, is not one)
             self.skipped = self.skipped + 1 if "train/policy_loss" not in m else 0
         if self.skipped >= c.window:
@@ -228,20 +235,7 @@ class DivergenceGuard:
             unread("eval", (value, fell))
             if fell:
                 found["eval"] = f"held-out greedy reward collapsed: {value:.3f}, {fell}"
-            for name, track in self.held_out_watched.items():
-                key = f"eval/greedy_reward/{name}"
-                read = track.add(m[key], c.reward_fraction) if key in m else None
-                unread(f"eval/{name}", read)
-                if read and read[1]:
-                    found[f"eval/{name}"] = (
-                        f"held-out greedy reward '{name}' (weight 0, not trained on) collapsed: {read[0]:.3f}, "
-                        f"{read[1]}"
-                    )
-                    if "eval" not in found and math.isfinite(value):
-                        found[f"eval/{name}"] += (
-                            f", while the held-out greedy reward holds up ({value:.3f}): the policy may be gaming "
-                            "the reward it is trained on"
-                        )
+            monitors(held_out=True, trained=value)
         else:  # no evaluation this step: the last one still stands
             found.update((key, "") for key in self.active if key == "eval" or key.startswith("eval/"))
         # 3. KL to the old policy above its bound (or not a number) for several steps. A step that trained nothing
