@@ -75,6 +75,62 @@ def test_a_reward_model_score_below_zero_collapses_against_its_start() -> None:
     ]
 
 
+def test_a_fall_within_the_noise_is_no_collapse() -> None:
+    # A hard task whose reward starts near 0: 0.02 → 0.03 → 0.012 "lost more than half its best", but each mean
+    # has a standard error of 0.012 (2% of 128 samples right), so the fall is noise. The same fall with the noise
+    # unknown warns as before, and a fall far beyond the noise warns with it.
+    def rows(rewards: tuple[float, ...], sem: float) -> list[dict[str, float]]:
+        return [trained(r, **{"reward/sem": sem, "eval/greedy_reward": r, "eval/greedy_reward_sem": sem})
+                for r in rewards]  # fmt: skip
+
+    cfg = GuardConfig(window=1)
+    assert steps(DivergenceGuard(cfg), rows((0.02, 0.03, 0.012), sem=0.012)) == [[], [], []]
+    assert steps(DivergenceGuard(cfg), rows((0.02, 0.03, 0.012), sem=float("nan")))[2] == [
+        "training reward collapsed: 0.01 over the last 1 steps, below 0.5 × its best (0.03)",
+        "held-out greedy reward collapsed: 0.012, below 0.5 × its best (0.030)",
+    ]
+    assert steps(DivergenceGuard(cfg), rows((0.4, 0.6, 0.2), sem=0.04))[2] == [
+        "training reward collapsed: 0.20 over the last 1 steps, below 0.5 × its best (0.60)",
+        "held-out greedy reward collapsed: 0.200, below 0.5 × its best (0.600)",
+    ]
+    # a window of 3 steps averages 3 standard errors: √3 × 0.05 / 3 each, margin 3 × √2 × 0.0289 = 0.122
+    track = DivergenceGuard(GuardConfig(window=3))
+    found = steps(track, [trained(r, **{"reward/sem": 0.05}) for r in (0.3, 0.3, 0.3, 0.1, 0.1, 0.0)])
+    assert found[:4] == [[], [], [], []]  # 0.3 → 0.233 → 0.167: a fall of 0.133 but not below half of 0.3
+    assert found[4] == [] and found[5] == [
+        "training reward collapsed: 0.07 over the last 3 steps, below 0.5 × its best (0.30)"
+    ]
+
+
+def test_a_reward_model_score_that_only_falls_collapses_once_beyond_its_noise() -> None:
+    # A reward model's score that starts below 0 and never rises has gained nothing to lose; measured against its
+    # noise, a fall below its start is a collapse. Before, it never warned; and a rise within the noise (-0.87 →
+    # -0.86) made any later dip below the start a collapse ("half-way back" from -0.86 to -0.87).
+    def rm(reward: float) -> dict[str, float]:
+        return trained(reward, **{"reward/sem": 0.05, "eval/greedy_reward": reward, "eval/greedy_reward_sem": 0.05})
+
+    found = steps(DivergenceGuard(GuardConfig(window=1)), [rm(r) for r in (-0.87, -0.86, -0.95, -0.90, -1.5)])
+    assert found[:4] == [[], [], [], []]  # within 3 × √2 × 0.05 = 0.21 of the start and the best
+    assert found[4] == [
+        "training reward collapsed: -1.50 over the last 1 steps, 0.63 below its start (-0.87), beyond its noise "
+        "(0.21), and it never rose",
+        "held-out greedy reward collapsed: -1.500, 0.630 below its start (-0.870), beyond its noise (0.212), and it "
+        "never rose",
+    ]
+    rose = steps(DivergenceGuard(GuardConfig(window=1)), [rm(r) for r in (-0.87, 0.53, -0.3)])
+    assert rose[2][0] == (  # a rise beyond the noise: half of the gain lost, as before
+        "training reward collapsed: -0.30 over the last 1 steps, below -0.17, half-way back from its best (0.53) to "
+        "its start (-0.87)"
+    )
+    monitor = DivergenceGuard(GuardConfig(window=1), monitors=("rm",))
+    found = steps(monitor, [trained(0.5, **{"reward/rm/mean": r, "reward/sem/rm": 0.05}) for r in (-0.87, -1.5)])
+    assert found[1] == [
+        "reward 'rm' (weight 0, not trained on) collapsed: -1.50 over the last 1 steps, 0.63 below its start (-0.87), "
+        "beyond its noise (0.21), and it never rose, while the training reward holds up (0.50): the policy may be "
+        "gaming the reward it is trained on"
+    ]
+
+
 def test_a_first_reading_that_is_not_a_number_sets_no_floor() -> None:
     # every held-out sample scored None at step 0: the start is the first finite evaluation, not 0
     guard = DivergenceGuard(GuardConfig())
@@ -225,6 +281,8 @@ def test_a_resumed_guard_warns_where_an_uninterrupted_one_does(shift: float) -> 
         rows[0]["eval/greedy_reward"], rows[2]["eval/greedy_reward"], rows[5]["eval/greedy_reward"] = -1.9, -1.2, -1.9
     for row, verifier in zip(rows, (0.9, 0.9, 0.9, 0.2, 0.2, 0.2), strict=True):  # a monitor that collapses too
         row["reward/verifier/mean"] = verifier
+    for i, row in enumerate(rows):  # each reading with its noise, which the state keeps too
+        row |= {"reward/sem": 0.01 * (i + 1), "reward/sem/verifier": 0.02, "eval/greedy_reward_sem": 0.03}
     rows[0]["eval/greedy_reward/verifier"], rows[5]["eval/greedy_reward/verifier"] = 0.8, 0.3  # and held out
     whole = steps(DivergenceGuard(cfg, monitors=("verifier",)), rows)
     assert sum(map(len, whole)) >= 5  # the sequence does warn, the monitor included
@@ -237,6 +295,9 @@ def test_a_resumed_guard_warns_where_an_uninterrupted_one_does(shift: float) -> 
         before = [first.check(step, row) for step, row in enumerate(rows[:cut], start=1)]
         second = DivergenceGuard(cfg, monitors=("verifier",))
         second.load_state_dict(json.loads(json.dumps(first.state_dict(), allow_nan=False)))  # strict JSON
+        tracks = [(first.training, second.training), (first.watched["verifier"], second.watched["verifier"])]
+        assert all(a.state_dict() == b.state_dict() for a, b in tracks), cut  # the noise of each reading too
+        assert first.held_out.best_sem == second.held_out.best_sem or first.held_out.best_sem != first.held_out.best_sem
         after = [second.check(step, row) for step, row in enumerate(rows[cut:], start=cut + 1)]
         assert before + after == whole, cut
 

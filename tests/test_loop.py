@@ -16,6 +16,7 @@ from tracerl.checks import load_config
 from tracerl.config import Config, RewardFnConfig
 from tracerl.models import build_tiny
 from tracerl.orchestrator import RunError, run
+from tracerl.stats import standard_error
 
 ray = pytest.importorskip("ray")
 pytestmark = [pytest.mark.ray, pytest.mark.slow]  # every test runs the whole loop
@@ -125,6 +126,9 @@ def test_three_rl_steps_end_to_end(local_ray, tmp_path, monkeypatch):
     assert summary["sampling"]["greedy"]["temperature"] == 0.0 and summary["weights_version"] == 2
     lines = (run_dir / "eval" / "step-2.jsonl").read_text().splitlines()
     assert len(lines) == 8 + 8 * 2  # greedy + 2 samples per held-out prompt
+    greedy = [row["reward"] for row in map(json.loads, lines) if row["mode"] == "greedy"]
+    assert history[2]["eval/greedy_reward_sem"] == pytest.approx(standard_error(greedy))  # the guard's noise
+    assert all(r["reward/sem"] > 0 for r in history[1:])  # 4 prompts whose rewards differ
     saved = json.loads((run_dir / "config.json").read_text())
     assert saved["train"]["steps"] == 3
 
@@ -206,6 +210,7 @@ def test_a_collapsing_reward_of_weight_0_is_reported_once(local_ray, tmp_path, c
     )
     logged = rows(cfg)
     assert [r["reward/verifier/mean"] for r in logged] == [1.0, 0.0, 0.0]
+    assert [r["reward/sem/verifier"] for r in logged] == [0.0, 0.0, 0.0]  # every sample alike: no noise
     assert [r["guard/warnings"] for r in logged] == [0.0, 1.0, 0.0]
 
 

@@ -120,6 +120,44 @@ def part_means(parts: dict[str, list[float]], prefix: str) -> dict[str, float]:
     return out
 
 
+def standard_error(values: list[float], groups: list[int] | None = None) -> float:
+    """The standard error of the mean of ``values`` (NaN left out), samples of one prompt sharing a ``groups`` id
+    (None: every sample its own): from the spread of the group means, since samples of one prompt move together
+    and treating them as independent would understate it. NaN with fewer than two groups that have a number.
+
+    Example:
+        >>> round(standard_error([0.0, 1.0, 0.0, 1.0]), 3)  # four independent samples: std 0.577 / √4
+        0.289
+        >>> standard_error([0.0, 0.0, 1.0, 1.0], groups=[0, 0, 1, 1])  # two prompts, one always 0, one always 1
+        0.5
+    """
+    by_group: dict[int, list[float]] = {}
+    for i, v in enumerate(values):
+        if not math.isnan(v):
+            by_group.setdefault(i if groups is None else groups[i], []).append(v)
+    means = [sum(kept) / len(kept) for kept in by_group.values()]
+    if len(means) < 2:
+        return math.nan
+    mean = sum(means) / len(means)
+    return math.sqrt(sum((m - mean) ** 2 for m in means) / (len(means) - 1) / len(means))
+
+
+def standard_errors(
+    total: list[float], parts: dict[str, list[float]], groups: list[int] | None, key: str
+) -> dict[str, float]:
+    """``<key>``: the standard error of the total's mean, and ``<key>/<name>`` of each part's when there are
+    several (``standard_error``); what the divergence guard takes for noise.
+
+    Example:
+        >>> standard_errors([0.0, 1.0], {"rm": [0.0, 1.0], "verifier": [1.0, 1.0]}, None, "eval/greedy_reward_sem")
+        {'eval/greedy_reward_sem': 0.5, 'eval/greedy_reward_sem/rm': 0.5, 'eval/greedy_reward_sem/verifier': 0.0}
+    """
+    out = {key: standard_error(total, groups)}
+    if len(parts) > 1:
+        out |= {f"{key}/{name}": standard_error(values, groups) for name, values in parts.items()}
+    return out
+
+
 def eval_metrics(
     greedy: list[float],
     sampled: list[list[float]],

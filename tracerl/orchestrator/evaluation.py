@@ -68,6 +68,7 @@ def evaluate(
     tokens_per_forward = float((greedy.step_map >= 0).sum()) / max(1.0, steps)
     metrics = stats.eval_metrics(g_scored.total, per_prompt, cfg.eval.k, cfg.eval.pass_threshold, exact,
                                  tokens_per_forward)  # fmt: skip
+    metrics |= stats.standard_errors(g_scored.total, g_scored.parts, None, "eval/greedy_reward_sem")
     if len(g_scored.parts) > 1:  # each part on its own: a weight-0 verifier shows what a reward model is worth
         metrics |= stats.part_means(g_scored.parts, "eval/greedy_reward")
         metrics |= stats.part_means(s_scored.parts, f"eval/mean@{cfg.eval.k}")

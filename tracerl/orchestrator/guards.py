@@ -17,7 +17,11 @@ The divergence guard checks four signs after every RL step, from the metrics the
 A fraction of the best is measured from 0 for rewards that start at 0 or above (verifiers, scores in [0, 1]). A
 reward that starts below 0 (a reward model's scores) is measured from its start instead: a collapse is a fall below
 ``start + guard.reward_fraction × (best − start)``, i.e. the run lost more than ``1 − reward_fraction`` of what it
-had gained.
+had gained, or, if it never rose beyond its noise, a fall below its start beyond its noise.
+
+A fall from the best is a collapse only beyond ``NOISE_Z`` standard errors of the difference of the two means (each
+reading's standard error: ``reward/sem``, ``reward/sem/<name>``, ``eval/greedy_reward_sem[/<name>]``; none logged:
+no margin), so a reward near 0 does not warn on noise.
 
 Each sign is reported when it appears, and again only after it has cleared. Both watches keep their state in the
 checkpoint (``state_dict``), so a resumed run warns exactly where an uninterrupted one does.
@@ -38,6 +42,7 @@ from tracerl.config import Config, GuardConfig
 from tracerl.reward_service import RewardResult
 
 KL_AFTER_STEP = "train/kl_to_old_after_step"  # measured after the step's last update (learner.kl_after_step)
+NOISE_Z = 3.0  # a fall of the mean within this many standard errors (of the difference) is noise
 ACTOR_MB = 430  # what an actor process that imports torch holds before its model (docs: ENV / cluster)
 
 
@@ -86,7 +91,8 @@ def nothing_scored(scored: RewardResult, step: int, cfg: Config) -> str | None:
 class Windowed:
     """A reward's mean over the last ``window`` steps against the best such mean so far, measured from its floor
     (min(0, the first finite mean)): the training reward's track, each monitor's, and the held-out reward's (a
-    window of 1 evaluation, read to ``fmt``).
+    window of 1 evaluation, read to ``fmt``). Each reading may come with its standard error (``sem``: the batch's
+    ``reward/sem``); a fall that the noise of the two means can explain is no collapse.
 
     Example:
         >>> track = Windowed(window=2)
@@ -97,30 +103,42 @@ class Windowed:
     window: int
     fmt: str = ".2f"  # how the messages write rewards
     values: deque = field(default_factory=deque)  # the last `window` rewards
+    sems: deque = field(default_factory=deque)  # their standard errors (NaN: not known)
     best: float = float("-inf")  # best windowed mean so far
+    best_sem: float = float("nan")  # the standard error of that mean
     floor: float | None = None  # what a fraction of the best is measured from
 
-    def add(self, value: float, fraction: float) -> tuple[float, str | None] | None:
-        """One step's reward in; once ``window`` steps are in, (windowed mean, how it collapsed or None)."""
+    def add(self, value: float, fraction: float, sem: float = float("nan")) -> tuple[float, str | None] | None:
+        """One step's reward (and its standard error) in; once ``window`` steps are in, (windowed mean, how it
+        collapsed or None)."""
         self.values.append(value)
+        self.sems.append(sem)
         while len(self.values) > self.window:
             self.values.popleft()
+            self.sems.popleft()
         if len(self.values) < self.window:
             return None
         mean = sum(self.values) / self.window
+        mean_sem = math.sqrt(sum(e * e for e in self.sems)) / self.window  # NaN if one is not known
         if self.floor is None and math.isfinite(mean):
             self.floor = min(0.0, mean)
-        fell = collapse(mean, self.best, self.floor, fraction, self.fmt)
-        self.best = max(self.best, mean)
+        margin = NOISE_Z * math.hypot(mean_sem, self.best_sem)
+        fell = collapse(mean, self.best, self.floor, fraction, self.fmt, margin if math.isfinite(margin) else 0.0)
+        if mean > self.best:
+            self.best, self.best_sem = mean, mean_sem
         return mean, fell
 
     def state_dict(self) -> dict[str, Any]:
         return {"values": [finite_or_none(v) for v in self.values], "best": finite_or_none(self.best),
-                "floor": self.floor}  # fmt: skip
+                "floor": self.floor, "sems": [finite_or_none(e) for e in self.sems],
+                "best_sem": finite_or_none(self.best_sem)}  # fmt: skip
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        # a state written before the standard errors were kept: each one unknown (no noise margin, as then)
         self.values = deque(none_or(v, float("nan")) for v in state["values"])
+        self.sems = deque(none_or(e, float("nan")) for e in state.get("sems") or [None] * len(self.values))
         self.best = none_or(state["best"], float("-inf"))
+        self.best_sem = none_or(state.get("best_sem"), float("nan"))
         self.floor = state["floor"]
 
 
@@ -159,7 +177,8 @@ class DivergenceGuard:
         training, held_out = self.training.state_dict(), self.held_out.state_dict()
         return {
             "rewards": training["values"], "best_reward": training["best"], "reward_floor": training["floor"],
-            "best_eval": held_out["best"], "eval_floor": held_out["floor"],
+            "reward_sems": training["sems"], "best_reward_sem": training["best_sem"],
+            "best_eval": held_out["best"], "eval_floor": held_out["floor"], "best_eval_sem": held_out["best_sem"],
             "monitors": {name: track.state_dict() for name, track in self.watched.items()},
             "eval_monitors": {name: track.state_dict() for name, track in self.held_out_watched.items()},
             "skipped": self.skipped, "high_kl": self.high_kl,
@@ -170,9 +189,18 @@ class DivergenceGuard:
         # a checkpoint written before the floors were kept measured every fraction from 0; one written before the
         # monitors were watched starts their tracks afresh
         floor = state.get("reward_floor", 0.0 if state["best_reward"] is not None else None)
-        self.training.load_state_dict({"values": state["rewards"], "best": state["best_reward"], "floor": floor})
+        self.training.load_state_dict(
+            {
+                "values": state["rewards"],
+                "best": state["best_reward"],
+                "floor": floor,
+                "sems": state.get("reward_sems"),
+                "best_sem": state.get("best_reward_sem"),
+            }
+        )
         floor = state.get("eval_floor", 0.0 if state["best_eval"] is not None else None)
-        self.held_out.load_state_dict({"values": [], "best": state["best_eval"], "floor": floor})
+        self.held_out.load_state_dict({"values": [], "best": state["best_eval"], "floor": floor,
+                                       "best_sem": state.get("best_eval_sem")})  # fmt: skip
         for watched, key in ((self.watched, "monitors"), (self.held_out_watched, "eval_monitors")):
             for name, track in state.get(key, {}).items():
                 if name in watched:
@@ -202,7 +230,8 @@ class DivergenceGuard:
             over, fmt = ("", ".3f") if held_out else (f" over the last {c.window} steps", ".2f")
             for name, track in tracks.items():
                 key = f"eval/greedy_reward/{name}" if held_out else f"reward/{name}/mean"
-                read = track.add(m[key], c.reward_fraction) if key in m else None
+                sem = m.get(f"eval/greedy_reward_sem/{name}" if held_out else f"reward/sem/{name}", math.nan)
+                read = track.add(m[key], c.reward_fraction, sem) if key in m else None
                 unread(sign + name, read)
                 if read and read[1]:
                     found[sign + name] = (
@@ -217,7 +246,7 @@ class DivergenceGuard:
         # 1. Training reward: windowed mean against its best, and steps that trained nothing.
         trained = m.get("reward/mean", float("nan"))
         if "reward/mean" in m:
-            read = self.training.add(trained, c.reward_fraction)
+            read = self.training.add(trained, c.reward_fraction, m.get("reward/sem", math.nan))
             unread("reward", read)
             if read and read[1]:
                 found["reward"] = f"training reward collapsed: {read[0]:.2f} over the last {c.window} steps, {read[1]}"
@@ -231,7 +260,8 @@ class DivergenceGuard:
             )
         # 2. Held-out greedy reward against its best evaluation, and each monitor's.
         if "eval/greedy_reward" in m:
-            value, fell = self.held_out.add(m["eval/greedy_reward"], c.reward_fraction)
+            value, fell = self.held_out.add(m["eval/greedy_reward"], c.reward_fraction,
+                                            m.get("eval/greedy_reward_sem", math.nan))  # fmt: skip
             unread("eval", (value, fell))
             if fell:
                 found["eval"] = f"held-out greedy reward collapsed: {value:.3f}, {fell}"
@@ -256,20 +286,35 @@ class DivergenceGuard:
         return new
 
 
-def collapse(value: float, best: float, floor: float | None, fraction: float, fmt: str) -> str | None:
-    """How ``value`` fell below ``fraction`` of the way from ``floor`` to ``best`` (None if it did not, if the
-    reward never rose above ``floor``, or before a finite reading set ``floor``): a fraction of the best for
-    ``floor`` 0, of the gain since the start for a reward that started below 0.
+def collapse(
+    value: float, best: float, floor: float | None, fraction: float, fmt: str, margin: float = 0.0
+) -> str | None:
+    """How ``value`` fell below ``fraction`` of the way from ``floor`` to ``best``: a fraction of the best for
+    ``floor`` 0, of the gain since the start for a reward that started below 0. None if it did not, if the fall
+    from the best is within ``margin`` (the noise of the two means), or before a finite reading set ``floor``.
+    A reward that never rose above its floor by more than ``margin`` collapses when it falls more than ``margin``
+    below it (only with the noise known, ``margin`` > 0): a reward model's score that only falls.
 
     Example:
         >>> collapse(0.2, 0.6, 0.0, 0.5, ".2f")
         'below 0.5 × its best (0.60)'
+        >>> collapse(0.009, 0.02, 0.0, 0.5, ".3f", margin=0.03) is None  # near 0, within the noise
+        True
         >>> collapse(-2.5, 1.0, -2.0, 0.5, ".2f")  # a reward model's score: from -2.0 up to 1.0, then down
         'below -0.50, half-way back from its best (1.00) to its start (-2.00)'
         >>> collapse(-0.4, 1.0, -2.0, 0.5, ".2f") is None
         True
+        >>> collapse(-1.5, -0.85, -0.88, 0.5, ".2f", margin=0.2)  # a reward model's score that only fell
+        '0.62 below its start (-0.88), beyond its noise (0.20), and it never rose'
     """
-    if floor is None or not best > floor or not value < floor + fraction * (best - floor):
+    if floor is None or not value < best - margin:
+        return None
+    if margin > 0 and best - floor <= margin:  # never rose beyond the noise: a fall below the start
+        if not value < floor - margin:
+            return None
+        start = f"its start ({floor:{fmt}})" if floor < 0 else "0"
+        return f"{floor - value:{fmt}} below {start}, beyond its noise ({margin:{fmt}}), and it never rose"
+    if not best > floor or not value < floor + fraction * (best - floor):
         return None
     if floor == 0:
         return f"below {fraction:g} × its best ({best:{fmt}})"

@@ -226,6 +226,7 @@ class Session:
                 self.no_signal_steps += no_signal
                 metrics |= self.update(kept, kept_outcome, step, timers)
         metrics |= scored.metrics | stats.rollout_metrics(rollout) | timers.pop()
+        metrics |= stats.standard_errors(scored.total, scored.parts, rollout.group.tolist(), "reward/sem")
         metrics |= {
             "advantage/skipped_steps": float(self.skipped_steps),
             "advantage/no_signal_steps": float(self.no_signal_steps),
