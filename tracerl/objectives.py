@@ -295,8 +295,9 @@ def policy_loss(
         if kl_to_ref_coef:
             loss = loss + kl_to_ref_coef * agg(kl_estimate(logp, ref_logp, kl_to_ref_kind), kl_weights)
 
-    # 3. Metrics over target tokens; the KLs are always logged as k3 means, whatever enters the loss. The largest
-    #    |log-ratio| beside the mean KL tells one token that moved far from a policy that moved everywhere.
+    # 3. Metrics over target tokens, whatever KL enters the loss: kl_to_old as its two-outcome lower bound (and its
+    #    k3 mean), kl_to_ref as its k3 mean. The largest |log-ratio| beside the mean KL tells one token that moved
+    #    far from a policy that moved everywhere.
     with torch.no_grad():
         log_ratio = (logp - old_logp)[mask]
         metrics = {
