@@ -48,6 +48,13 @@ CASES = [
     ("zero_stage=5", ["validate", "learner.zero_stage=5"], "learner.zero_stage"),
     ("minibatches=0", ["validate", "learner.minibatches=0"], "minibatches"),
     ("samples_per_prompt=0", ["validate", "rollout.samples_per_prompt=0"], "rollout.samples_per_prompt"),
+    ("samples_per_prompt=1", ["validate", "rollout.samples_per_prompt=1"], "rollout.samples_per_prompt=1 with"),
+    ("learner.lr=0", ["validate", "learner.lr=0"], "learner.lr must be a positive number"),
+    (
+        "lora targets that match nothing",
+        ["validate", "learner.lora.enabled=true", "learner.lora.target_modules=[nope_proj]"],
+        "learner.lora.target_modules=['nope_proj'] match no module of the tiny model",
+    ),
     ("sft.steps=0", ["validate", "sft.steps=0"], "sft.steps"),
     ("sft.batch_size=0", ["validate", "sft.batch_size=0"], "sft.batch_size"),
     ("reward.timeout_s=0", ["validate", "reward.timeout_s=0"], "reward.timeout_s"),
@@ -97,6 +104,7 @@ CASES = [
     # sft writes nothing before its checks
     ("sft model missing", ["sft", "model.family=dream", "model.path={d}/nope", "run_dir={d}/run1"], "model.path"),
     ("sft data missing", ["sft", "data.source={d}/nope.jsonl", "run_dir={d}/run2"], "data.source"),
+    ("sft unknown characters", ["sft", "data.source={d}/unknown.jsonl", "run_dir={d}/run4"], "model.tiny.alphabet"),
     ("generate bad family", ["generate", "model.family=gpt", "--prompt", "1+1="], "model family 'gpt'"),
     ("generate unknown characters", ["generate", "--prompt", "1+1=XY"], "does not know: 'X', 'Y'"),
     # where runs write, and what they read
@@ -151,6 +159,7 @@ def files(tmp_path_factory: pytest.TempPathFactory) -> Path:
     (d / "bad.jsonl").write_text('{"prompt": "1+1=", "answer": "2"}\n{"prompt": "2+2=", answer: 4}\n')
     (d / "noprompt.jsonl").write_text('{"question": "1+1=", "answer": "2"}\n')
     (d / "data.txt").write_text("1+1=2\n")
+    (d / "unknown.jsonl").write_text('{"prompt": "ÄÖ=", "answer": "Ü", "response": "Ü"}\n' * 4)
     (d / "empty.jsonl").write_text('{"prompt": "", "answer": "1"}\n{"prompt": "", "answer": "2"}\n')
     old = runs.claim(load(None, [f"run_dir={d / 'oldrun'}"]), "train")
     runs.record(d / "oldrun", old)

@@ -117,6 +117,6 @@ def test_a_reward_that_scores_nothing_stops_the_run_at_its_first_step(capsys, tm
              "wandb.mode=disabled"]  # fmt: skip
     reward_fn = f"reward.functions=[{{fn: '{reward}:score'}}]"
     err = fails(capsys, "train", QUICK, f"run_dir={tmp_path / 'run'}", reward_fn, *small)
-    assert "every sample of RL step 1 was scored None by reward function(s) ['score']" in err
+    assert "every sample of RL step 1 was scored None (or NaN) by reward function(s) ['score']" in err
     assert "data.answer_column" in err
     assert not (tmp_path / "run" / "checkpoints").exists() and not (tmp_path / "run" / "final").exists()

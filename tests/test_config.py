@@ -93,6 +93,22 @@ def test_override_without_equals_is_clear():
         load(None, ["sampling.temperature"])
 
 
+@pytest.mark.parametrize("key", ["learner.lr", "reward_model.lr", "sft.lr"])
+@pytest.mark.parametrize("value", ["0", "-1"])
+def test_a_learning_rate_that_is_not_positive_is_refused(key, value):
+    # learner.lr=0 ran a whole run that changed nothing; -1 reached torch's own message after the model loaded
+    with pytest.raises(ConfigError, match=rf"{key} must be a positive number, got {float(value)}"):
+        load(None, [f"{key}={value}"])
+
+
+@pytest.mark.parametrize("advantage", ["group_zscore", "group_mean", "rloo"])
+def test_one_sample_per_prompt_is_refused_with_a_group_advantage(advantage):
+    # every advantage of a group of one is 0: the run would learn nothing, silently
+    with pytest.raises(ConfigError, match=rf"rollout.samples_per_prompt=1 with objective.advantage={advantage}.*≥ 2"):
+        load(None, ["rollout.samples_per_prompt=1", f"objective.advantage={advantage}"])
+    assert load(None, ["rollout.samples_per_prompt=2", f"objective.advantage={advantage}"]).rollout.samples_per_prompt
+
+
 def test_unknown_objective_names_list_choices():
     with pytest.raises(ConfigError, match=r"unknown objective.advantage 'grpo'; choose from \['group_mean'"):
         load(None, ["objective.advantage=grpo"])

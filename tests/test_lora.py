@@ -15,7 +15,15 @@ from tracerl.config import Config, ConfigError, LoRAConfig, ModelConfig, TinyMod
 from tracerl.learner import Learner
 from tracerl.manifest import CheckpointError, verify_checkpoint
 from tracerl.models import load_policy
-from tracerl.models.lora import adapters_disabled, apply_lora, load_trained, lora_targets, merged_state_dict
+from tracerl.models.lora import (
+    adapter_layers,
+    adapters_disabled,
+    apply_lora,
+    check_lora_targets,
+    load_trained,
+    lora_targets,
+    merged_state_dict,
+)
 from tracerl.scoring import PolicyScorer
 from tracerl.weight_sync import bucket_layout, layout_bytes, pack, unpack
 
@@ -64,6 +72,25 @@ def adapter_weights(learner: Learner) -> dict[str, torch.Tensor]:
 def test_bad_lora_settings_are_refused_at_load(override, message):
     with pytest.raises(ConfigError, match=message):
         load_config(None, [*LORA, override])
+
+
+@pytest.mark.parametrize("targets", [None, ["q_proj", "v_proj"], ["down_proj"]])
+def test_validate_counts_the_modules_lora_would_adapt_without_injecting(targets):
+    lora = LoRAConfig(enabled=True, target_modules=targets)
+    policy = load_policy(ModelConfig())
+    counted = check_lora_targets(policy, lora)
+    assert not adapter_layers(policy.model)  # nothing injected
+    apply_lora(policy, lora)
+    assert counted == len(adapter_layers(policy.model)) > 0  # PEFT adapts exactly those
+
+
+def test_targets_that_match_no_module_are_named_by_validate_as_by_train():
+    lora = LoRAConfig(enabled=True, target_modules=["nonexistent_proj"])
+    with pytest.raises(ConfigError) as checked:
+        check_lora_targets(load_policy(ModelConfig()), lora)
+    with pytest.raises(ConfigError) as applied:
+        apply_lora(load_policy(ModelConfig()), lora)
+    assert str(checked.value) == str(applied.value) and "'q_proj'" in str(checked.value)
 
 
 def test_a_family_without_default_targets_needs_them_named():

@@ -172,6 +172,24 @@ def not_a_number(prompts, completions, **kwargs):
     return [1.0, "high"]
 
 
+def test_a_kwarg_the_function_would_never_see_is_refused() -> None:
+    # a misspelt kwarg of a built-in reward used to leave its parameter at the default, silently
+    with pytest.raises(RewardError, match=r"reward 'length' has no parameter 'max_lenght'.*\['max_length'\]"):
+        RewardService([RewardSpec("length", kwargs={"max_lenght": 10})])
+    service = RewardService([RewardSpec("length", kwargs={"max_length": 4})])
+    assert service.score(["p"], ["ab"], [[1, 2]], {}).total == [0.5]  # the right spelling reaches it
+
+    def strict(prompts, completions, level=1.0):  # noqa: ANN001, ANN202 - no **kwargs: unknown keys are dropped
+        return [level] * len(completions)
+
+    def open_ended(prompts, completions, **kwargs):  # noqa: ANN001, ANN003, ANN202 - may read any kwarg
+        return [float(kwargs.get("levle", 0.0))] * len(completions)
+
+    with pytest.raises(RewardError, match=r"reward 'strict' has no parameter 'levle'.*\['level'\]"):
+        RewardService([RewardSpec(strict, kwargs={"levle": 2.0})])
+    assert RewardService([RewardSpec(open_ended, kwargs={"levle": 2.0})]).score(["p"], ["c"], [[1]], {}).total == [2.0]
+
+
 def test_raising_function_is_named_with_the_failing_sample() -> None:
     with pytest.raises(RewardError) as err:
         RewardService([fails_on_third, "length"]).score(["q"] * 4, ["c0", "c1", "c2", "c3"])

@@ -189,6 +189,10 @@ def cmd_validate(ns: argparse.Namespace) -> int:
             layout = "block" if policy.block_size else "full"
             shape = f"{layout} attention, mask id {policy.mask_id}, cache {resolve_cache(policy, cfg.sampling)}"
         console.print(f"model: ok ({cfg.model.family}, {params / 1e6:.2f}M parameters, {shape})")
+        if cfg.learner.lora.enabled:
+            from tracerl.models.lora import check_lora_targets
+
+            console.print(f"lora: ok (adapters on {check_lora_targets(policy, cfg.learner.lora)} modules)")
     local_data = cfg.data.source.startswith("synthetic:") or os.path.exists(os.path.expanduser(cfg.data.source))
     if ns.offline and (not local_data or cfg.model.path and not os.path.isdir(cfg.model.path)):
         console.print(f"data: not checked offline (data.source '{cfg.data.source}' or the tokenizer is on the hub)")

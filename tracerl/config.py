@@ -296,6 +296,7 @@ class LearnerConfig:
 
 
 VALUE_LR_RATIO = 5.0  # learner.value_lr = null: TraceRL's value / policy learning rates (5e-6 / 1e-6)
+GROUP_ADVANTAGES = ("group_zscore", "group_mean", "rloo")  # the built-in advantages: 0 for a group of one sample
 
 
 def value_lr(lc: LearnerConfig) -> float:
@@ -518,6 +519,12 @@ def check(cfg: Config) -> None:
         raise ConfigError(
             f"rollout.prompts_per_step and rollout.samples_per_prompt must be ≥ 1 (got {cfg.rollout.prompts_per_step}"
             f" and {cfg.rollout.samples_per_prompt}): an RL step needs at least one prompt and one sample of it."
+        )
+    if cfg.rollout.samples_per_prompt == 1 and cfg.objective.advantage in GROUP_ADVANTAGES:
+        raise ConfigError(
+            f"rollout.samples_per_prompt=1 with objective.advantage={cfg.objective.advantage}: a group of one sample "
+            "has nothing to compare its reward with, so every advantage is 0 (and the value model's, which is scaled "
+            "per group), and the run learns nothing. Use rollout.samples_per_prompt ≥ 2 (4-16 is usual)."
         )
     check_lora(lr.lora, lr.zero_stage)
     check_objective_ranges(cfg.objective)
@@ -823,7 +830,9 @@ def check_counts(cfg: Config) -> None:
         if value < least:
             bound = "positive" if least == 1 else "0 or more"
             raise ConfigError(f"{key} must be {bound} ({meaning}), got {value}.")
-    for key, value in (("reward.timeout_s", cfg.reward.timeout_s), ("sft.lr", cfg.sft.lr)):
+    positive = (("reward.timeout_s", cfg.reward.timeout_s), ("sft.lr", cfg.sft.lr), ("learner.lr", cfg.learner.lr),
+                ("reward_model.lr", cfg.reward_model.lr))  # fmt: skip
+    for key, value in positive:
         if not value > 0:
             raise ConfigError(f"{key} must be a positive number, got {value}.")
     if not 0.0 <= cfg.data.max_unknown_rate <= 1.0:

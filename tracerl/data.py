@@ -22,7 +22,7 @@ from typing import Any
 
 import datasets
 
-from tracerl.config import ConfigError, DataConfig
+from tracerl.config import ConfigError, DataConfig, ModelConfig
 
 SyntheticTask = Callable[..., dict[str, str]]  # fn(rng, **options), or fn(rng, split, **options) with splits
 SYNTHETIC: dict[str, SyntheticTask] = {}
@@ -397,6 +397,21 @@ def check_coverage(
                 f"{chars} as its unknown token {tokenizer.unk_token!r}: the model could never write an answer the "
                 f"reward can score. {fix}"
             )
+
+
+def tokenizer_fix(cfg: ModelConfig) -> str:
+    """What to change when the model's tokenizer cannot write the data (the end of ``check_coverage``'s error)."""
+    if cfg.family == "tiny" and cfg.path is None:
+        return (
+            f"Add the missing characters to model.tiny.alphabet (now {cfg.tiny.alphabet!r}); the tiny model's "
+            "char tokenizer has exactly those characters."
+        )
+    return (
+        f"Check the tokenizer files at model.path '{cfg.path}': without its tokenizer_config.json, "
+        "transformers falls back to defaults (a lower-casing BERT tokenizer, say) that do not match the model's "
+        "vocabulary. Save the model's own tokenizer there, or raise data.max_unknown_rate if the data really holds "
+        "such characters."
+    )
 
 
 def sft_pairs(ds: datasets.Dataset, tokenizer: Any, cfg: DataConfig) -> list[tuple[list[int], list[int]]]:

@@ -106,6 +106,30 @@ def _parameters(fn: Callable) -> frozenset[str] | None:
     return frozenset(p.name for p in params if p.kind is not inspect.Parameter.VAR_POSITIONAL)
 
 
+def check_kwargs(fn: Callable, spec: RewardSpec, name: str, accepts: frozenset[str] | None) -> None:
+    """A reward entry's ``kwargs`` that the function would never see: not a parameter of a function without
+    ``**kwargs`` (they are dropped before the call), or of a built-in reward (``rewards``: its ``**kwargs`` only
+    takes the dataset's columns, which it does not read by name). A misspelt ``max_lenght`` would otherwise leave
+    ``max_length`` at its default, silently.
+
+    Raises:
+        RewardError: naming the unknown kwargs and the parameters the function has.
+    """
+    try:
+        params = inspect.signature(fn).parameters.values()
+    except (TypeError, ValueError):
+        return
+    named = {p.name for p in params if p.kind not in (inspect.Parameter.VAR_POSITIONAL, inspect.Parameter.VAR_KEYWORD)}
+    builtin = (getattr(fn, "__module__", None) or "").split(".")[0] == "rewards"
+    unknown = sorted(k for k in spec.kwargs if k not in named)
+    if unknown and (accepts is not None or builtin):
+        raise RewardError(
+            f"reward '{name}' has no parameter {', '.join(map(repr, unknown))} (from its kwargs in reward.functions), "
+            f"so the value would never reach it; its parameters are {sorted(named - set(RESERVED))}. Fix the "
+            "spelling, or drop the kwarg."
+        )
+
+
 def _invoke(fn: Callable, kwargs: dict[str, Any]) -> Any:
     out = fn(**kwargs)
     if inspect.isawaitable(out):
@@ -305,6 +329,7 @@ class RewardService:
                     "trl.rewards:get_soft_overlong_punishment), give its arguments as factory_kwargs in the reward "
                     "entry, e.g. {fn: ..., factory_kwargs: {max_completion_len: 512, soft_punish_cache: 64}}."
                 )
+            check_kwargs(fn, spec, name, accepts)
             run_preflight(fn, name)
             counts = _named(fn, "log_metric")
             self.rewards.append(

@@ -206,6 +206,7 @@ def run_sft(cfg: Config, progress: bool = True, verbose: bool = False) -> dict[s
     policy = load_policy(cfg.model)
     tok = policy.tokenizer
     ds = data.load_examples(cfg.data, cfg.seed, require=("prompt", "answer", "response"))
+    data.check_coverage(tok, ds, cfg.data, data.tokenizer_fix(cfg.model))  # as tracerl train checks its data
     n_eval = min(cfg.sft.eval_prompts, len(ds) - 1) if cfg.sft.eval_every > 0 else 0
     pairs = data.sft_pairs(ds.select(range(len(ds) - n_eval)), tok, cfg.data)
     if not pairs:

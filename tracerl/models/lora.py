@@ -85,15 +85,37 @@ def apply_lora(policy: Any, lora: LoRAConfig, seed: int = 0) -> Any:
         except ValueError as err:
             if "not found" not in str(err) and "match" not in str(err):
                 raise
-            linear = sorted({n.rsplit(".", 1)[-1] for n, m in policy.model.named_modules() if isinstance(m, nn.Linear)})
-            raise ConfigError(
-                f"learner.lora.target_modules={targets} match no module of the {family} model; its linear layers "
-                f"are named {linear}. Set learner.lora.target_modules to some of them (or leave it unset for the "
-                "family's default)."
-            ) from None
+            raise no_targets(policy, targets) from None
     if peft_model.base_model.model is not policy.model:  # PEFT injects in place; everything relies on it
         raise RuntimeError("PEFT did not inject the adapters in place; tracerl cannot use this PEFT version")
     return peft_model
+
+
+def no_targets(policy: Any, targets: list[str] | str) -> ConfigError:
+    """The error for ``learner.lora.target_modules`` that match no module of the model: its linear layers' names."""
+    linear = sorted({n.rsplit(".", 1)[-1] for n, m in policy.model.named_modules() if isinstance(m, nn.Linear)})
+    return ConfigError(
+        f"learner.lora.target_modules={targets} match no module of the {policy.family} model; its linear layers "
+        f"are named {linear}. Set learner.lora.target_modules to some of them (or leave it unset for the "
+        "family's default)."
+    )
+
+
+def check_lora_targets(policy: Any, lora: LoRAConfig) -> int:
+    """How many modules of ``policy.model`` ``learner.lora`` would give adapters, without injecting any (PEFT's rule
+    for a list: a module whose name is a target or ends with ``.<target>``; a family default such as
+    ``all-linear`` is counted as every linear layer); what ``tracerl validate`` checks.
+
+    Raises:
+        ConfigError: as ``apply_lora``, for targets that match no module.
+    """
+    targets = lora_targets(policy.family, lora)
+    if isinstance(targets, str):
+        return sum(isinstance(m, nn.Linear) for m in policy.model.modules())
+    found = sum(any(n == t or n.endswith(f".{t}") for t in targets) for n, _ in policy.model.named_modules())
+    if not found:
+        raise no_targets(policy, targets)
+    return found
 
 
 def adapter_layers(model: nn.Module) -> list[nn.Module]:

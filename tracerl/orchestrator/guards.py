@@ -80,8 +80,9 @@ def nothing_scored(scored: RewardResult, step: int, cfg: Config) -> str | None:
         return None  # failures under on_error="nan": counted and logged, not this
     silent = [name for name, values in scored.parts.items() if all(math.isnan(v) for v in values)]
     return (
-        f"every sample of RL step {step} was scored None by reward function(s) {silent} ({len(scored.total)} "
-        'samples), so there is nothing to train on: None means "cannot score this sample". Check that the '
+        f"every sample of RL step {step} was scored None (or NaN) by reward function(s) {silent} "
+        f'({len(scored.total)} samples), so there is nothing to train on: None and NaN mean "cannot score this '
+        'sample". Check that the '
         f"dataset columns they read hold what they expect (data.answer_column='{cfg.data.answer_column}' of "
         f"data.source '{cfg.data.source}'), or the reward's kwargs."
     )

@@ -114,21 +114,6 @@ def check_reachable(address: str, timeout_s: float = 5.0) -> None:
         ) from None
 
 
-def tokenizer_fix(cfg: Config) -> str:
-    """What to change when the model's tokenizer cannot write the data (the end of ``check_coverage``'s error)."""
-    if cfg.model.family == "tiny" and cfg.model.path is None:
-        return (
-            f"Add the missing characters to model.tiny.alphabet (now {cfg.model.tiny.alphabet!r}); the tiny model's "
-            "char tokenizer has exactly those characters."
-        )
-    return (
-        f"Check the tokenizer files at model.path '{cfg.model.path}': without its tokenizer_config.json, "
-        "transformers falls back to defaults (a lower-casing BERT tokenizer, say) that do not match the model's "
-        "vocabulary. Save the model's own tokenizer there, or raise data.max_unknown_rate if the data really holds "
-        "such characters."
-    )
-
-
 def reward_formats(cfg: Config) -> dict[str, str]:
     """Example answer formats of the run's registered rewards that declare one (``\\boxed{42}``)."""
     formats = {f.name or f.fn: answer_format(f.fn) for f in cfg.reward.functions if f.weight != 0}
@@ -140,7 +125,7 @@ def load_prompts(cfg: Config) -> tuple[data.PromptStream, data.PromptBatch | Non
     ``data.source`` that never appear in training. The tokenizer must cover both (``data.check_coverage``)."""
     tokenizer = load_tokenizer(cfg.model)
     ds = data.load_examples(cfg.data, cfg.seed, require=("prompt",))
-    data.check_coverage(tokenizer, ds, cfg.data, tokenizer_fix(cfg), reward_formats(cfg))
+    data.check_coverage(tokenizer, ds, cfg.data, data.tokenizer_fix(cfg.model), reward_formats(cfg))
     held = None
     if cfg.eval.num_prompts and cfg.eval.source is None:
         train_rows, held_rows = stats.heldout_split(ds["prompt"], cfg.eval.num_prompts, cfg.seed)
@@ -154,7 +139,7 @@ def load_prompts(cfg: Config) -> tuple[data.PromptStream, data.PromptBatch | Non
         eval_cfg = type(cfg.data)(**{**asdict(cfg.data), "source": cfg.eval.source, "split": cfg.eval.split})
         held = data.load_examples(eval_cfg, cfg.seed, require=("prompt",))
         held = held.select(range(min(cfg.eval.num_prompts, len(held))))
-        data.check_coverage(tokenizer, held, eval_cfg, tokenizer_fix(cfg))
+        data.check_coverage(tokenizer, held, eval_cfg, data.tokenizer_fix(cfg.model))
     stream = data.PromptStream(ds, tokenizer, cfg.data, cfg.seed)
     eval_set = data.PromptStream(held, tokenizer, cfg.data, cfg.seed).all() if held is not None else None
     return stream, eval_set
