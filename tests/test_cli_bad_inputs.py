@@ -26,6 +26,8 @@ CASES = [
     # config files and overrides
     ("missing yaml", ["validate", "{d}/nope.yaml"], "config file '{d}/nope.yaml' does not exist"),
     ("yaml that is a list", ["validate", "{d}/list.yaml"], "config file '{d}/list.yaml' holds a list"),
+    ("yaml that is a string", ["validate", "{d}/string.yaml"], "config file '{d}/string.yaml' holds a string"),
+    ("config file is a directory", ["validate", "{d}/empty"], "config file '{d}/empty' is a directory"),
     ("yaml syntax error", ["validate", "{d}/broken.yaml"], "config file '{d}/broken.yaml' is not valid YAML"),
     ("unknown key", ["validate", "sampling.foo=1"], "sampling.foo"),
     ("unknown section", ["validate", "foo.bar=1"], "'foo"),
@@ -160,6 +162,7 @@ def files(tmp_path_factory: pytest.TempPathFactory) -> Path:
     (d / "noprompt.jsonl").write_text('{"question": "1+1=", "answer": "2"}\n')
     (d / "data.txt").write_text("1+1=2\n")
     (d / "unknown.jsonl").write_text('{"prompt": "ÄÖ=", "answer": "Ü", "response": "Ü"}\n' * 4)
+    (d / "string.yaml").write_text("just a string\n")
     (d / "empty.jsonl").write_text('{"prompt": "", "answer": "1"}\n{"prompt": "", "answer": "2"}\n')
     old = runs.claim(load(None, [f"run_dir={d / 'oldrun'}"]), "train")
     runs.record(d / "oldrun", old)

@@ -88,6 +88,25 @@ def test_missing_config_file_is_clear(tmp_path):
         load(tmp_path / "nope.yaml")
 
 
+@pytest.mark.parametrize(("text", "what"), [("just a string\n", "a string"), ("42\n", "a number"), ("- a\n", "a list")])
+def test_a_yaml_file_of_one_value_is_not_a_mapping(tmp_path, text, what):
+    path = tmp_path / "one.yaml"
+    path.write_text(text)
+    with pytest.raises(ConfigError, match=rf"^config file '{path}' holds {what} at the top, not a mapping of settings"):
+        load(path)
+
+
+def test_an_empty_yaml_file_is_the_defaults(tmp_path):
+    (tmp_path / "empty.yaml").write_text("")
+    assert load(tmp_path / "empty.yaml") == load(None)
+
+
+def test_a_directory_as_config_file_says_it_is_a_directory(tmp_path):
+    (tmp_path / "a.yaml").write_text("seed: 1\n")
+    with pytest.raises(ConfigError, match=rf"^config file '{tmp_path}' is a directory \(it holds a.yaml\)"):
+        load(tmp_path)
+
+
 def test_override_without_equals_is_clear():
     with pytest.raises(ConfigError, match="not of the form key=value"):
         load(None, ["sampling.temperature"])

@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+import yaml
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
@@ -868,6 +869,18 @@ def _explain(err: OmegaConfBaseException, source: str) -> ConfigError:
     return ConfigError(f"bad value for config key '{key}' (from {source}): {msg}.")
 
 
+def _top_level(path: Path) -> str | None:
+    """What a YAML file holds at the top when it is a single value, which OmegaConf takes for a key ('just a
+    string' becomes {'just a string': None}): "string", "number", ...; None for a mapping or an empty file."""
+    try:
+        top = yaml.safe_load(path.read_text())
+    except (yaml.YAMLError, UnicodeDecodeError):
+        return None  # what OmegaConf read, it reads with its own loader
+    if top is None or isinstance(top, dict):
+        return None
+    return {str: "string", bool: "boolean", int: "number", float: "number"}.get(type(top), type(top).__name__)
+
+
 def to_dict(cfg: Config) -> dict:
     """The resolved config as plain containers (for saving and for W&B)."""
     return OmegaConf.to_container(OmegaConf.structured(cfg), resolve=True)
@@ -883,17 +896,24 @@ def load(yaml_path: str | Path | None = None, overrides: list[str] | None = None
     layers = []
     if yaml_path is not None:
         path = Path(yaml_path)
+        if path.is_dir():
+            inside = sorted(p.name for p in path.glob("*.y*ml"))
+            some = f" (it holds {', '.join(inside[:4])}{', ...' if len(inside) > 4 else ''})" if inside else ""
+            raise ConfigError(f"config file '{path}' is a directory{some}; pass the path of a YAML file.")
         if not path.is_file():
             raise ConfigError(f"config file '{path}' does not exist; pass the path of a YAML file.")
         try:
             layer = OmegaConf.load(path)
         except Exception as err:  # noqa: BLE001 - yaml and omegaconf raise several types; the text says where
-            detail = " ".join(str(err).split())
-            raise ConfigError(f"config file '{path}' is not valid YAML: {detail}") from None
-        if not isinstance(layer, DictConfig):
+            if _top_level(path) is None:
+                detail = " ".join(str(err).split())
+                raise ConfigError(f"config file '{path}' is not valid YAML: {detail}") from None
+            layer = None  # a single value (OmegaConf refuses a number): said below
+        top = _top_level(path) or (None if isinstance(layer, DictConfig) else "list")
+        if top is not None:
             raise ConfigError(
-                f"config file '{path}' holds a {type(layer).__name__.removesuffix('Config').lower()} at the top, not "
-                "a mapping of settings; write it as keys, e.g. 'sampling: {max_new_tokens: 64}'."
+                f"config file '{path}' holds a {top} at the top, not a mapping of settings; write it as keys, "
+                "e.g. 'sampling: {max_new_tokens: 64}'."
             )
         layers.append((layer, str(path)))
     for item in overrides or []:
