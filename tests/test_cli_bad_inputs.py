@@ -69,6 +69,8 @@ CASES = [
     # model directories
     ("model path missing", ["validate", "model.family=dream", "model.path={d}/nope"], "model.path '{d}/nope'"),
     ("no config.json", ["validate", "model.family=dream", "model.path={d}/empty"], "has no config.json"),
+    ("model.path is a file", ["validate", "model.path={d}/data.txt"], "model.path '{d}/data.txt' is a file, not a"),
+    ("model card only", ["train", "model.path={d}/card", "run_dir={d}/run4"], "model.path '{d}/card' is not a model"),
     ("config.json not json", ["validate", "model.family=dream", "model.path={d}/badjson"], "config.json (model.path)"),
     ("no weights", ["validate", "model.family=dream", "model.path={d}/noweights"], "model.path '{d}/noweights'"),
     ("truncated weights", ["validate", "model.family=dream", "model.path={d}/truncated"], "model.path '{d}/truncated'"),
@@ -84,6 +86,13 @@ CASES = [
     ),
     # data
     ("data missing", ["validate", "data.source={d}/nope.jsonl"], "data.source '{d}/nope.jsonl'"),
+    ("eval source missing", ["validate", "eval.source={d}/nope2.jsonl"], "eval.source '{d}/nope2.jsonl' does not"),
+    ("empty data file", ["validate", "data.source={d}/void.jsonl"], "data.source '{d}/void.jsonl' is an empty file"),
+    (
+        "sft response null",
+        ["sft", "data.source={d}/noresponse.jsonl", "sft.steps=1", "eval.num_prompts=0", "run_dir={d}/run5"],
+        "row 1 (counting from 0) of data.source '{d}/noresponse.jsonl' has no response",
+    ),
     ("malformed jsonl", ["validate", "data.source={d}/bad.jsonl"], "line 2 is not valid JSON"),
     ("unsupported data file", ["validate", "data.source={d}/data.txt"], "unsupported file type '.txt'"),
     ("missing column", ["validate", "data.source={d}/noprompt.jsonl"], "data.prompt_column"),
@@ -163,6 +172,11 @@ def files(tmp_path_factory: pytest.TempPathFactory) -> Path:
     (d / "data.txt").write_text("1+1=2\n")
     (d / "unknown.jsonl").write_text('{"prompt": "ÄÖ=", "answer": "Ü", "response": "Ü"}\n' * 4)
     (d / "string.yaml").write_text("just a string\n")
+    (d / "card").mkdir()
+    (d / "card" / "README.md").write_text("a model card, no model\n")
+    (d / "void.jsonl").write_text("")
+    rows = [{"prompt": "1+2=", "answer": "3", "response": "3"}, {"prompt": "12+3=", "answer": "15", "response": None}]
+    (d / "noresponse.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     (d / "empty.jsonl").write_text('{"prompt": "", "answer": "1"}\n{"prompt": "", "answer": "2"}\n')
     old = runs.claim(load(None, [f"run_dir={d / 'oldrun'}"]), "train")
     runs.record(d / "oldrun", old)

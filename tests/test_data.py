@@ -47,6 +47,96 @@ def test_missing_file_is_clear(tmp_path):
         load_examples(DataConfig(source=str(tmp_path / "none.jsonl")), 0)
 
 
+def _no_hub(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Online, as a user is (conftest sets the offline variables), with any hub or builder call a failure."""
+    import datasets
+
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.delenv("HF_DATASETS_OFFLINE", raising=False)
+
+    def asked(*args: object, **kwargs: object) -> None:
+        raise AssertionError(f"the hub (or a dataset builder) was asked for {args}")
+
+    monkeypatch.setattr(datasets, "load_dataset", asked)
+    monkeypatch.setattr(datasets, "load_from_disk", asked)
+
+
+@pytest.mark.parametrize(
+    ("source", "why"),
+    [
+        ("w/nope.jsonl", "a local file, by its extension"),
+        ("nope.parquet", "a local file, by its extension"),
+        ("data/w/nope", "a local path: a hub name has one '/'"),
+        ("./nope", "a local path, by its start"),
+        ("~/no-such-tracerl-data", "a local path, by its start"),
+    ],
+)
+def test_a_mistyped_local_path_is_refused_without_the_hub(tmp_path, monkeypatch, source, why):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "w").mkdir()
+    _no_hub(monkeypatch)
+    for key in ("data.source", "eval.source"):
+        with pytest.raises(ConfigError, match=rf"^{key} '{source}' does not exist \({why}"):
+            load_examples(DataConfig(source=source), 0, key=key)
+
+
+def test_a_hub_name_still_goes_to_the_hub(monkeypatch):
+    import datasets
+
+    asked = []
+    monkeypatch.setattr(
+        datasets,
+        "load_dataset",
+        lambda name, split: asked.append(name) or datasets.Dataset.from_list([{"prompt": "1+1="}]),
+    )
+    assert load_examples(DataConfig(source="org/name"), 0)["prompt"] == ["1+1="] and asked == ["org/name"]
+
+
+def test_a_bad_eval_source_is_named_as_eval_source(tmp_path):
+    path = tmp_path / "q.jsonl"
+    path.write_text(json.dumps({"question": "1+1=", "answer": "2"}) + "\n")
+    with pytest.raises(ConfigError, match=r"^eval.source '.*q.jsonl' has no column 'prompt'.*data.prompt_column"):
+        load_examples(DataConfig(source=str(path)), 0, key="eval.source")
+
+
+@pytest.mark.parametrize("text", ["", "\n\n  \n"])
+def test_an_empty_file_says_it_is_empty(tmp_path, text):
+    path = tmp_path / "empty.jsonl"
+    path.write_text(text)
+    with pytest.raises(ConfigError, match=r"^data.source '.*empty.jsonl' is an empty file: it holds no examples"):
+        load_examples(DataConfig(source=str(path)), 0)
+
+
+def test_an_empty_json_document_says_it_holds_no_rows(tmp_path):
+    path = tmp_path / "empty.json"
+    path.write_text("[]")
+    with pytest.raises(ConfigError, match=r"data.source '.*empty.json'.*holds no rows"):
+        load_examples(DataConfig(source=str(path)), 0)
+
+
+@pytest.mark.parametrize(
+    ("first", "second", "row", "what"), [('"2"', "null", 1, "null"), ("2", "15", 0, "2 of type int, not text")]
+)
+def test_a_response_that_is_not_text_names_the_row_and_the_column_setting(tmp_path, first, second, row, what):
+    path = tmp_path / "sft.jsonl"
+    rows = [f'{{"prompt": "1+1=", "answer": "2", "target": {first}}}', f'{{"prompt": "3=", "target": {second}}}']
+    path.write_text("\n".join(rows) + "\n")
+    cfg = DataConfig(source=str(path), response_column="target")
+    with pytest.raises(ConfigError) as err:
+        load_examples(cfg, 0, require=("prompt", "answer", "response"))
+    message = str(err.value)
+    assert message.startswith(f"row {row} (counting from 0) of data.source '{path}' has no response")
+    assert f"its column 'target' is {what}" in message and "set data.response_column" in message
+    assert len(load_examples(cfg, 0, require=("prompt",))) == 2  # RL does not need the responses
+
+
+def test_a_null_prompt_names_the_row(tmp_path):
+    path = tmp_path / "q.jsonl"
+    path.write_text('{"prompt": "1+1="}\n{"prompt": null}\n')
+    with pytest.raises(ConfigError, match=r"^row 1 .* has no prompt: its column 'prompt' is null.*data.prompt_column"):
+        load_examples(DataConfig(source=str(path)), 0)
+
+
 def test_chat_template_and_plain_prompts():
     with_template = encode_prompt(TOK, "1+1=", DataConfig(chat_template=True))
     plain = encode_prompt(TOK, "1+1=", DataConfig(chat_template=False))

@@ -197,3 +197,79 @@ def test_the_old_cache_argument_would_fail_the_suite(monkeypatch: pytest.MonkeyP
     visible = torch.ones(1, 4, 4, dtype=torch.bool)
     with pytest.raises(FutureWarning, match="past_key_values.*caused by tracerl's own call"):
         policy.hidden_states(torch.tensor([[5, 6, 7, 8]]), torch.arange(4)[None], visible, policy.new_cache())
+
+
+def _no_hub(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """Online, as a user is (conftest sets HF_HUB_OFFLINE), with every hub lookup recorded and refused."""
+    from transformers import AutoTokenizer, PretrainedConfig
+
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    asked: list[str] = []
+
+    def hub(name: str, *args: object, **kwargs: object) -> None:
+        asked.append(str(name))
+        raise OSError(f"no network for {name}")
+
+    monkeypatch.setattr(PretrainedConfig, "get_config_dict", hub)
+    monkeypatch.setattr(AutoTokenizer, "from_pretrained", hub)
+    return asked
+
+
+@pytest.mark.parametrize(
+    ("path", "why"),
+    [
+        ("w/nope/model", "a local path: a hub name has one '/'"),
+        ("./nope", "a local path, by its start"),
+        ("../nope", "a local path, by its start"),
+        ("~/no-such-tracerl-model", "a local path, by its start"),
+        ("w/model.safetensors", "a local file, by its extension"),
+    ],
+)
+def test_a_mistyped_local_model_path_is_refused_without_the_hub(tmp_path, monkeypatch, path, why) -> None:
+    from tracerl.models import load_tokenizer
+
+    monkeypatch.chdir(tmp_path)
+    asked = _no_hub(monkeypatch)
+    for family in ("tiny", "dream"):
+        cfg = ModelConfig(family=family, path=path)
+        for load in (load_tokenizer, load_policy):
+            with pytest.raises(ConfigError, match=rf"^model.path '{path}' does not exist \({why}"):
+                load(cfg)
+    assert asked == []
+
+
+def test_a_hub_name_is_still_asked_of_the_hub(tmp_path, monkeypatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "w").mkdir()
+    asked = _no_hub(monkeypatch)
+    with pytest.raises(ConfigError, match=r"could not fetch model 'w/nope'.*though 'w' is a local folder"):
+        load_policy(ModelConfig(family="dream", path="w/nope"))
+    assert asked == ["w/nope"]
+
+
+def test_a_directory_without_config_json_is_refused_before_its_tokenizer_loads(tmp_path, monkeypatch) -> None:
+    from tracerl.models import load_tokenizer
+
+    asked = _no_hub(monkeypatch)
+    (tmp_path / "readme").mkdir()
+    (tmp_path / "readme" / "README.md").write_text("a model card")
+    cfg = ModelConfig(family="tiny", path=str(tmp_path / "readme"))
+    message = rf"^model.path '{cfg.path}' is not a model directory: it has no config.json \(it holds \['README.md'\]\)"
+    with pytest.raises(ConfigError, match=message):
+        load_tokenizer(cfg)
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ConfigError, match=r"it has no config.json \(it is empty\)"):
+        load_policy(ModelConfig(family="dream", path=str(tmp_path / "empty")))
+    assert asked == []
+
+
+def test_a_file_as_model_path_is_refused_before_anything_loads(tmp_path, monkeypatch) -> None:
+    from tracerl.models import load_tokenizer
+
+    asked = _no_hub(monkeypatch)
+    config = tmp_path / "quickstart.yaml"
+    config.write_text("model: {family: tiny}\n")
+    for load in (load_tokenizer, load_policy):
+        with pytest.raises(ConfigError, match=rf"^model.path '{config}' is a file, not a model directory"):
+            load(ModelConfig(family="tiny", path=str(config)))
+    assert asked == []

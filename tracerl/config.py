@@ -843,6 +843,30 @@ def check_counts(cfg: Config) -> None:
 # ---------------------------------------------------------------------------------------------- loading
 
 
+DATA_FILE_EXTENSIONS = (".json", ".jsonl", ".parquet", ".csv", ".txt", ".arrow")
+MODEL_FILE_EXTENSIONS = (".json", ".yaml", ".yml", ".safetensors", ".bin", ".pt", ".pth")
+
+
+def local_path_reason(value: str, extensions: tuple[str, ...] = ()) -> str | None:
+    """Why a setting that takes a local path or a hub name (``data.source``, ``model.path``) must mean a local
+    path, or None when it could be a hub name ``org/name``: a missing local path is then an error at once, with no
+    network access.
+
+    Example:
+        >>> local_path_reason("w/nope.jsonl", DATA_FILE_EXTENSIONS), local_path_reason("runs/a/model")
+        ('a local file, by its extension', "a local path: a hub name has one '/', as in org/name")
+        >>> local_path_reason("./model"), local_path_reason("GSAI-ML/LLaDA-8B-Instruct")
+        ('a local path, by its start', None)
+    """
+    if value.startswith(("/", "~", ".")):  # ./, ../ and hidden names: a hub name starts with a letter or digit
+        return "a local path, by its start"
+    if value.count("/") > 1 or "\\" in value:
+        return "a local path: a hub name has one '/', as in org/name"
+    if Path(value).suffix.lower() in extensions:
+        return "a local file, by its extension"
+    return None
+
+
 def _literal_problems(obj: Any, prefix: str = "") -> list[str]:
     """Values of ``Literal[...]`` fields that are not among the choices (OmegaConf only checks types)."""
     problems = []

@@ -2,8 +2,9 @@
 
 A source is ``synthetic:<task>``, a local json/jsonl/parquet file (or a ``save_to_disk`` directory), or a hub
 dataset name. Columns are checked when loading: a missing column is a clear error that lists the columns the
-dataset has. Prompts longer than ``max_prompt_tokens`` are dropped (with a count), never truncated, and every
-column is filtered together.
+dataset has. A source that can only be a local path (it starts with ``/``, ``.`` or ``~``, has more than one ``/``,
+or ends in a data-file extension) and does not exist is refused at once, without asking the hub. Prompts longer
+than ``max_prompt_tokens`` are dropped (with a count), never truncated, and every column is filtered together.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from typing import Any
 
 import datasets
 
-from tracerl.config import ConfigError, DataConfig, ModelConfig
+from tracerl.config import DATA_FILE_EXTENSIONS, ConfigError, DataConfig, ModelConfig, local_path_reason
 
 SyntheticTask = Callable[..., dict[str, str]]  # fn(rng, **options), or fn(rng, split, **options) with splits
 SYNTHETIC: dict[str, SyntheticTask] = {}
@@ -226,16 +227,22 @@ def synthetic(task: str, n: int, seed: int, split: str = "train", **options: Any
     return datasets.Dataset.from_list(rows)
 
 
-def _load_source(cfg: DataConfig, seed: int) -> datasets.Dataset:
+def _load_source(cfg: DataConfig, seed: int, key: str = "data.source") -> datasets.Dataset:
     src = cfg.source
     if src.startswith("synthetic:"):
         return synthetic(src.split(":", 1)[1], cfg.num_synthetic, seed, cfg.split, **cfg.synthetic_options)
     path = Path(src).expanduser()
-    local = src.startswith((".", "/", "~")) or path.exists()
-    if local and not path.exists():
+    reason = local_path_reason(src, DATA_FILE_EXTENSIONS)
+    local = reason is not None or path.exists()
+    if not path.exists() and reason is not None:  # a mistyped path: said at once, the hub is never asked
         raise ConfigError(
-            f"data.source '{src}' does not exist; give a json/jsonl/parquet file, a dataset directory, "
-            "a hub dataset name or synthetic:<task>."
+            f"{key} '{src}' does not exist ({reason}); give an existing json/jsonl/parquet/csv file or dataset "
+            "directory, a hub dataset name 'org/name' or synthetic:<task>."
+        )
+    if path.is_file() and path.stat().st_size < 4096 and not path.read_bytes().strip():
+        raise ConfigError(
+            f"{key} '{src}' is an empty file: it holds no examples. Write them into it (one JSON object a line for "
+            f".jsonl), or point {key} at the file that holds them."
         )
     try:
         if path.is_dir():
@@ -245,7 +252,7 @@ def _load_source(cfg: DataConfig, seed: int) -> datasets.Dataset:
             kind = {".json": "json", ".jsonl": "json", ".parquet": "parquet", ".csv": "csv"}.get(path.suffix)
             if kind is None:
                 raise ConfigError(
-                    f"data.source '{src}': unsupported file type '{path.suffix}' (use .json, .jsonl, .parquet or .csv)."
+                    f"{key} '{src}': unsupported file type '{path.suffix}' (use .json, .jsonl, .parquet or .csv)."
                 )
             with _datasets_quiet():  # a parse error is reported below, as one paragraph, not as its log lines
                 return datasets.load_dataset(kind, data_files=str(path), split="train")
@@ -257,11 +264,11 @@ def _load_source(cfg: DataConfig, seed: int) -> datasets.Dataset:
         offline = os.environ.get("HF_DATASETS_OFFLINE", os.environ.get("HF_HUB_OFFLINE", "")).strip().lower()
         if not local and offline in ("1", "true", "yes", "on"):
             raise ConfigError(
-                f"data.source '{src}' is a hub dataset that is not in the local cache, and HF_DATASETS_OFFLINE / "
+                f"{key} '{src}' is a hub dataset that is not in the local cache, and HF_DATASETS_OFFLINE / "
                 "HF_HUB_OFFLINE forbid downloading it. Download it once with the network on (or save it with "
-                "save_to_disk and give that folder as data.source), or unset the offline variable."
+                f"save_to_disk and give that folder as {key}), or unset the offline variable."
             ) from None
-        raise ConfigError(f"could not load data.source '{src}' (split {cfg.split}): {detail}") from None
+        raise ConfigError(f"could not load {key} '{src}' (split {cfg.split}): {detail}") from None
 
 
 @contextlib.contextmanager
@@ -282,12 +289,13 @@ def _root_cause(err: BaseException) -> str:
 
 
 def _json_problem(path: Path) -> str | None:
-    """Where a JSON Lines (or JSON) file stops parsing, as "line N: <error>"; None if it parses."""
+    """Where a JSON Lines (or JSON) file stops parsing, as "line N: <error>", or that it is an empty document;
+    None if it parses."""
     with open(path, encoding="utf-8", errors="replace") as f:
         text = f.read()
     try:
-        json.loads(text)
-        return None  # one JSON document
+        document = json.loads(text)
+        return "the file holds no rows (an empty JSON document)" if document in ([], {}) else None
     except json.JSONDecodeError:
         pass
     for number, line in enumerate(text.splitlines(), start=1):
@@ -299,23 +307,48 @@ def _json_problem(path: Path) -> str | None:
     return None
 
 
-def load_examples(cfg: DataConfig, seed: int, require: tuple[str, ...] = ("prompt",)) -> datasets.Dataset:
+def load_examples(
+    cfg: DataConfig, seed: int, require: tuple[str, ...] = ("prompt",), key: str = "data.source"
+) -> datasets.Dataset:
     """Load the dataset and rename its configured columns to ``prompt`` / ``answer`` / ``response``.
 
     ``require`` names the logical columns the caller needs ("prompt", "answer", "response"); a missing one is
-    an error listing the dataset's columns and the config key to set.
+    an error listing the dataset's columns and the config key to set. ``key`` is the setting ``cfg.source`` came
+    from (``eval.source`` for a separate evaluation set), named by every error.
     """
-    ds = _load_source(cfg, seed)
+    ds = _load_source(cfg, seed, key)
+    if len(ds) == 0:
+        raise ConfigError(
+            f"{key} '{cfg.source}' has no rows: there is nothing to train or evaluate on; "
+            f"point {key} at a dataset that holds examples."
+        )
     mapping = {"prompt": cfg.prompt_column, "answer": cfg.answer_column, "response": cfg.response_column}
     for logical in require:
         column = mapping[logical]
         if column not in ds.column_names:
             raise ConfigError(
-                f"data.source '{cfg.source}' has no column '{column}' (needed as the {logical}); it has "
+                f"{key} '{cfg.source}' has no column '{column}' (needed as the {logical}); it has "
                 f"{ds.column_names}. Set data.{logical}_column to the right one."
             )
+    for logical in require:
+        if logical in ("prompt", "response"):
+            _check_text(ds[mapping[logical]], logical, mapping[logical], cfg.source, key)
     renames = {col: logical for logical, col in mapping.items() if col in ds.column_names and col != logical}
     return ds.rename_columns(renames) if renames else ds
+
+
+def _check_text(values: list[Any], logical: str, column: str, source: str, key: str) -> None:
+    """Every value of the prompt or response column is text (a prompt may be chat messages): a null or a number
+    is named with its row, before a tokenizer meets it."""
+    for row, value in enumerate(values):
+        if isinstance(value, str) or logical == "prompt" and isinstance(value, list):
+            continue
+        what = "null" if value is None else f"{value!r} of type {type(value).__name__}, not text"
+        raise ConfigError(
+            f"row {row} (counting from 0) of {key} '{source}' has no {logical}: its column '{column}' is {what}. "
+            f"Every example needs its {logical} as text: fill in or remove that row, or set data.{logical}_column "
+            f"to the column that holds the {logical}s."
+        )
 
 
 def encode_prompt(tokenizer: Any, prompt: str | list[dict], cfg: DataConfig) -> list[int]:
@@ -367,7 +400,12 @@ def unknown_tokens(tokenizer: Any, texts: list[str]) -> tuple[float, list[str]]:
 
 
 def check_coverage(
-    tokenizer: Any, ds: datasets.Dataset, cfg: DataConfig, fix: str, formats: dict[str, str] | None = None
+    tokenizer: Any,
+    ds: datasets.Dataset,
+    cfg: DataConfig,
+    fix: str,
+    formats: dict[str, str] | None = None,
+    key: str = "data.source",
 ) -> None:
     """The tokenizer can write the data: on the first rows of the prompt, answer and response columns, at most
     ``data.max_unknown_rate`` of the tokens are its unknown token, and every example answer format of the rewards
@@ -384,7 +422,7 @@ def check_coverage(
         rate, chars = unknown_tokens(tokenizer, _texts(rows[column]))
         if rate > cfg.max_unknown_rate:
             raise ConfigError(
-                f"the tokenizer cannot write the data: {rate:.1%} of the tokens of the {column}s of data.source "
+                f"the tokenizer cannot write the data: {rate:.1%} of the tokens of the {column}s of {key} "
                 f"'{cfg.source}' (first {len(rows)} rows) are its unknown token {tokenizer.unk_token!r}, from the "
                 f"characters {chars[:24]}; the model could never read or write them (data.max_unknown_rate="
                 f"{cfg.max_unknown_rate}). {fix}"
@@ -441,12 +479,14 @@ class PromptStream:
     Prompts longer than ``max_prompt_tokens`` are dropped once, up front; ``dropped`` counts them.
     """
 
-    def __init__(self, ds: datasets.Dataset, tokenizer: Any, cfg: DataConfig, seed: int) -> None:
+    def __init__(
+        self, ds: datasets.Dataset, tokenizer: Any, cfg: DataConfig, seed: int, key: str = "data.source"
+    ) -> None:
         encoded = [encode_prompt(tokenizer, p, cfg) for p in ds["prompt"]]
         empty = [i for i, ids in enumerate(encoded) if not ids]
         if empty:
             raise ConfigError(
-                f"{len(empty)} prompt(s) of data.source '{cfg.source}' are empty (no tokens; the first is row "
+                f"{len(empty)} prompt(s) of {key} '{cfg.source}' are empty (no tokens; the first is row "
                 f"{empty[0]}, column '{cfg.prompt_column}'): a model cannot be prompted with nothing. Remove them, "
                 "or point data.prompt_column at the column that holds the prompts."
             )
@@ -454,7 +494,7 @@ class PromptStream:
         self.dropped = len(encoded) - len(keep)
         if not keep:
             raise ConfigError(
-                f"every prompt of data.source '{cfg.source}' is longer than data.max_prompt_tokens="
+                f"every prompt of {key} '{cfg.source}' is longer than data.max_prompt_tokens="
                 f"{cfg.max_prompt_tokens}; raise the limit."
             )
         self.ds = ds.select(keep)

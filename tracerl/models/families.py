@@ -30,7 +30,7 @@ from transformers import (
 )
 from transformers.models.auto.modeling_auto import MODEL_FOR_MASKED_LM_MAPPING_NAMES
 
-from tracerl.config import ConfigError, ModelConfig
+from tracerl.config import MODEL_FILE_EXTENSIONS, ConfigError, ModelConfig, local_path_reason
 from tracerl.models.base import DecoderPolicy
 from tracerl.models.masked_lm import MaskedLMPolicy
 from tracerl.models.tiny import build_tiny, char_tokenizer
@@ -130,22 +130,44 @@ def _dtype(cfg: ModelConfig) -> torch.dtype:
 
 
 def _is_local(path: str) -> bool:
-    return path.startswith((".", "/", "~")) or Path(path).exists()
+    return local_path_reason(path, MODEL_FILE_EXTENSIONS) is not None or Path(path).expanduser().exists()
+
+
+def _local_model_dir(cfg: ModelConfig) -> Path | None:
+    """The local model directory ``model.path`` names, checked before anything reads it (a config.json in a
+    directory); None for a hub name. A path that cannot be a hub name and does not exist is an error at once,
+    with no network access."""
+    assert cfg.path is not None
+    path = Path(cfg.path).expanduser()
+    if not path.exists():
+        reason = local_path_reason(cfg.path, MODEL_FILE_EXTENSIONS)
+        if reason is None:
+            return None
+        raise ConfigError(
+            f"model.path '{cfg.path}' does not exist ({reason}). Give a local model directory (with config.json) "
+            "or a Hugging Face hub name such as 'GSAI-ML/LLaDA-8B-Instruct'."
+        )
+    _not_a_checkpoint(cfg)
+    if not path.is_dir():
+        raise ConfigError(
+            f"model.path '{cfg.path}' is a file, not a model directory: set it to the directory that holds the "
+            "model's config.json, tokenizer and weights (as save_pretrained writes them)."
+        )
+    if not (path / "config.json").is_file():
+        held = sorted(p.name for p in path.iterdir())
+        what = f"it holds {held[:6]}{' ...' if len(held) > 6 else ''}" if held else "it is empty"
+        raise ConfigError(
+            f"model.path '{cfg.path}' is not a model directory: it has no config.json ({what}). Set model.path to "
+            "the directory that holds the model's config.json, tokenizer and weights, or to a hub name 'org/name'."
+        )
+    return path
 
 
 def _raw_config(cfg: ModelConfig) -> dict:
     """The checkpoint's config.json as a dict, with a clear error when the path is wrong."""
     assert cfg.path is not None
-    path = Path(cfg.path).expanduser()
-    _not_a_checkpoint(cfg)
-    if _is_local(cfg.path):
-        if not path.exists():
-            raise ConfigError(
-                f"model.path '{cfg.path}' does not exist. Give a local model directory (with config.json) "
-                "or a Hugging Face hub name such as 'GSAI-ML/LLaDA-8B-Instruct'."
-            )
-        if not (path / "config.json").is_file():
-            raise ConfigError(f"model.path '{cfg.path}' has no config.json: it is not a Hugging Face model directory.")
+    path = _local_model_dir(cfg)
+    if path is not None:
         try:
             raw = json.loads((path / "config.json").read_text())
         except (json.JSONDecodeError, UnicodeDecodeError) as err:
@@ -163,9 +185,12 @@ def _raw_config(cfg: ModelConfig) -> dict:
                 "in the local cache either). Set model.path to a local model directory, or unset HF_HUB_OFFLINE to "
                 "download it."
             ) from None
+        parent = Path(cfg.path).expanduser().parent
+        near = f", though '{parent}' is a local folder" if parent != Path(".") and parent.is_dir() else ""
         raise ConfigError(
-            f"could not fetch model '{cfg.path}' from the hub ({err.__class__.__name__}). Check the name and your "
-            "network, or download it and set model.path to the local directory."
+            f"could not fetch model '{cfg.path}' from the hub ({err.__class__.__name__}), and model.path is not a "
+            f"local directory either{near}. Check the name and your network, or download it and set model.path to "
+            "the local directory."
         ) from None
 
 
@@ -181,7 +206,7 @@ def _not_a_checkpoint(cfg: ModelConfig) -> None:
 
 
 def _tokenizer(cfg: ModelConfig) -> Any:
-    _not_a_checkpoint(cfg)
+    _local_model_dir(cfg)
     try:
         return AutoTokenizer.from_pretrained(cfg.path, trust_remote_code=cfg.trust_remote_code)
     except (OSError, ValueError) as err:

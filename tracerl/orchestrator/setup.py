@@ -126,7 +126,7 @@ def load_prompts(cfg: Config) -> tuple[data.PromptStream, data.PromptBatch | Non
     tokenizer = load_tokenizer(cfg.model)
     ds = data.load_examples(cfg.data, cfg.seed, require=("prompt",))
     data.check_coverage(tokenizer, ds, cfg.data, data.tokenizer_fix(cfg.model), reward_formats(cfg))
-    held = None
+    held, held_cfg, held_key = None, cfg.data, "data.source"
     if cfg.eval.num_prompts and cfg.eval.source is None:
         train_rows, held_rows = stats.heldout_split(ds["prompt"], cfg.eval.num_prompts, cfg.seed)
         if not train_rows:
@@ -136,12 +136,13 @@ def load_prompts(cfg: Config) -> tuple[data.PromptStream, data.PromptBatch | Non
             )
         ds, held = ds.select(train_rows), ds.select(held_rows)
     elif cfg.eval.num_prompts:
-        eval_cfg = type(cfg.data)(**{**asdict(cfg.data), "source": cfg.eval.source, "split": cfg.eval.split})
-        held = data.load_examples(eval_cfg, cfg.seed, require=("prompt",))
+        held_cfg = type(cfg.data)(**{**asdict(cfg.data), "source": cfg.eval.source, "split": cfg.eval.split})
+        held_key = "eval.source"
+        held = data.load_examples(held_cfg, cfg.seed, require=("prompt",), key=held_key)
         held = held.select(range(min(cfg.eval.num_prompts, len(held))))
-        data.check_coverage(tokenizer, held, eval_cfg, data.tokenizer_fix(cfg.model))
+        data.check_coverage(tokenizer, held, held_cfg, data.tokenizer_fix(cfg.model), key=held_key)
     stream = data.PromptStream(ds, tokenizer, cfg.data, cfg.seed)
-    eval_set = data.PromptStream(held, tokenizer, cfg.data, cfg.seed).all() if held is not None else None
+    eval_set = data.PromptStream(held, tokenizer, held_cfg, cfg.seed, held_key).all() if held is not None else None
     return stream, eval_set
 
 
