@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 from pathlib import Path
 
 import pytest
@@ -234,3 +235,22 @@ def test_many_actors_on_few_cores_is_a_warning_that_says_what_it_costs(capsys: p
     assert "MB per rollout actor" in out and f"Use at most {cores}" in out
     assert main(["validate", "--offline", f"reward.num_workers={cores}", f"rollout.num_workers={cores}"]) == 0
     assert "warning" not in capsys.readouterr().out
+
+
+def test_serve_reward_names_the_flag_and_the_fix(capsys: pytest.CaptureFixture) -> None:
+    """A port out of range, a busy port and a host that does not resolve: one line naming --port / --host."""
+    with pytest.raises(SystemExit) as stop:
+        main(["serve-reward", "--reward", "sudoku_cells", "--port", "99999"])
+    err = capsys.readouterr().err
+    assert stop.value.code == 2 and "argument --port: 99999 is not a port number; give 0-65535" in err
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        assert main(["serve-reward", "--reward", "sudoku_cells", "--port", str(port)]) == 2
+    err = capsys.readouterr().err
+    assert f"port {port} on 127.0.0.1 is in use (--port {port})" in err and "--port 0 picks a free one" in err
+    assert main(["serve-reward", "--reward", "sudoku_cells", "--host", "no.such.host.invalid", "--port", "0"]) == 2
+    err = capsys.readouterr().err
+    assert "--host 'no.such.host.invalid' is not a name or address this machine can resolve" in err
+    assert "Traceback" not in err and err.startswith("tracerl serve-reward: error: ")

@@ -28,6 +28,7 @@ MODULES = [
     "tracerl.orchestrator.guards",
     "tracerl.reward_resolve",
     "tracerl.reward_service",
+    "tracerl.reward_server",
     "tracerl.reward_models.classifier",
     "tracerl.reward_models.judge",
     "tracerl.reward_models.train",

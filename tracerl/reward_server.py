@@ -13,9 +13,11 @@ Example (shell): ``python -m tracerl.reward_server --reward math_verify --port 8
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import logging
 import math
+import socket
 import sys
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
@@ -96,18 +98,75 @@ class _BadRequest(ValueError):
     pass
 
 
+def _port(text: str) -> int:
+    """``--port``: an integer in 0-65535 (argparse's type)."""
+    try:
+        port = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"'{text}' is not a port number; give 0-65535 (0: any free port)") from None
+    if not 0 <= port <= 65535:
+        raise argparse.ArgumentTypeError(f"{port} is not a port number; give 0-65535 (0: any free port)")
+    return port
+
+
+def _seconds(text: str) -> float:
+    """``--timeout``: a positive number of seconds (argparse's type)."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not value > 0 or math.isinf(value):
+        raise argparse.ArgumentTypeError(f"'{text}' is not a positive number of seconds (e.g. 300)")
+    return value
+
+
+def bind_error(err: OSError, host: str, port: int) -> str:
+    """The paragraph for a server that cannot bind ``host:port``, naming the flag at fault and the fix.
+
+    Example:
+        >>> import errno
+        >>> bind_error(OSError(errno.EADDRINUSE, "Address already in use"), "127.0.0.1", 8000)[:52]
+        'port 8000 on 127.0.0.1 is in use (--port 8000): stop'
+    """
+    if isinstance(err, socket.gaierror):
+        return (
+            f"--host '{host}' is not a name or address this machine can resolve ({err.strerror}); give an address "
+            "of this machine: 127.0.0.1 (the default, loopback only), 0.0.0.0 (every interface) or one of its IP "
+            "addresses."
+        )
+    if err.errno == errno.EADDRINUSE:
+        return (
+            f"port {port} on {host} is in use (--port {port}): stop what holds it (perhaps another serve-reward), or "
+            "give another port; --port 0 picks a free one and prints it."
+        )
+    if err.errno == errno.EADDRNOTAVAIL:
+        return (
+            f"--host '{host}' is not an address of this machine ({err.strerror}); give one of its own addresses: "
+            "127.0.0.1 (the default, loopback only), 0.0.0.0 (every interface) or the IP of one of its interfaces."
+        )
+    if err.errno == errno.EACCES:
+        return (
+            f"--port {port} on {host} may not be bound by this user ({err.strerror}; ports below 1024 need "
+            "privileges): give a port of 1024 or more, or --port 0 for any free one."
+        )
+    return f"cannot serve at --host {host} --port {port}: {err.strerror or err}. Check both flags."
+
+
 def main(argv: list[str] | None = None) -> int:
     """``tracerl serve-reward``: serve ``--reward SPEC`` until interrupted; returns the exit code."""
     parser = argparse.ArgumentParser(prog="tracerl serve-reward", description=__doc__.splitlines()[0])
     parser.add_argument("--reward", required=True, help="registered name, pkg.module:fn, path/file.py:fn or URL")
     parser.add_argument("--host", default="127.0.0.1", help="address to bind (default: loopback only)")
-    parser.add_argument("--port", type=int, default=8000, help="port to bind (0: any free port)")
-    parser.add_argument("--timeout", type=float, default=300.0, help="seconds one scoring call may take")
+    parser.add_argument("--port", type=_port, default=8000, help="port to bind, 0-65535 (0: any free port)")
+    parser.add_argument("--timeout", type=_seconds, default=300.0, help="seconds one scoring call may take")
     args = parser.parse_args(argv)
     try:
         server = make_server(args.reward, args.host, args.port, args.timeout)
-    except (RewardError, OSError) as err:
-        print(f"error: {err}", file=sys.stderr)
+    except RewardError as err:
+        print(f"{parser.prog}: error: {err}", file=sys.stderr)
+        return 2
+    except OSError as err:
+        print(f"{parser.prog}: error: {bind_error(err, args.host, args.port)}", file=sys.stderr)
         return 2
     host, port = server.server_address[:2]
     print(f"serving reward '{args.reward}' at http://{host}:{port}/score (Ctrl-C to stop)", flush=True)
