@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import threading
+from http.server import BaseHTTPRequestHandler, HTTPServer
 from pathlib import Path
 
 import pytest
@@ -65,6 +67,28 @@ def test_train_on_a_cpu_only_cluster_that_asks_for_gpus_starts_nothing(capsys, t
 def test_unreachable_ray_address_is_clear_and_writes_nothing(capsys, tmp_path):
     err = fails(capsys, "train", QUICK, f"run_dir={tmp_path / 'run'}", "--ray-address", "127.0.0.1:9")
     assert "--ray-address" in err and "127.0.0.1:9" in err and "ray start --head" in err
+    assert not (tmp_path / "run").exists()
+
+
+def test_an_address_that_answers_but_is_no_ray_cluster_is_refused_at_once(capsys, tmp_path):
+    """Something accepts connections at --ray-address but is not a Ray GCS (here a plain HTTP server; a proxy in
+    front of an unroutable address answers the same): refused before ray.init, which would retry while its C++
+    client filled the console; the error says how to start a cluster and which setting to check."""
+
+    class Quiet(BaseHTTPRequestHandler):
+        def log_message(self, format, *args):  # noqa: A002, ANN001, ANN002, ANN202
+            pass
+
+    server = HTTPServer(("127.0.0.1", 0), Quiet)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    address = f"127.0.0.1:{server.server_address[1]}"
+    try:
+        err = fails(capsys, "train", QUICK, f"run_dir={tmp_path / 'run'}", "--ray-address", address)
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert f"--ray-address / cluster.address '{address}'" in err and "it is not a Ray cluster" in err
+    assert "scripts/ray_cluster.sh" in err and "gcs_client" not in err
     assert not (tmp_path / "run").exists()
 
 

@@ -101,17 +101,52 @@ def write_layout(path: Any, learner: Any, rollout: Any, rewards: RewardPool) -> 
 
 
 def check_reachable(address: str, timeout_s: float = 5.0) -> None:
-    """Fail at once, naming the setting, when nothing listens at a Ray cluster address."""
+    """Fail at once, naming the setting, when no Ray cluster answers at ``address``: nothing accepts a connection
+    there, or what does is not a Ray cluster (its GCS does not answer the request Ray's own client sends first).
+    ``ray.init`` would retry instead, filling the console with its C++ client's log lines."""
     host, _, port = address.rpartition(":")
+    fix = (
+        "Is the cluster started? Start it with scripts/ray_cluster.sh head (or 'ray start --head --port=PORT', see "
+        "docs/cluster.md) and check --ray-address / cluster.address: the head's HOST:PORT (its GCS port, 6379 by "
+        "default); or leave it out to run on a local instance."
+    )
     try:
         with socket.create_connection((host or address, int(port or 6379)), timeout=timeout_s):
             pass
     except (OSError, ValueError) as err:
         raise ConfigError(
-            f"--ray-address / cluster.address '{address}': no Ray cluster answers there ({err}). Start one with "
-            "'ray start --head --port=PORT' (see docs/cluster.md) and pass HOST:PORT, or leave it out to run on a "
-            "local instance."
+            f"--ray-address / cluster.address '{address}': no Ray cluster answers there ({err}). {fix}"
         ) from None
+    failure = _gcs_failure(f"{host or address}:{port or 6379}", timeout_s)
+    if failure:
+        raise ConfigError(
+            f"--ray-address / cluster.address '{address}': something accepts connections there, but it is not a Ray "
+            f"cluster (its GCS did not answer: {failure}). {fix}"
+        )
+
+
+def _gcs_failure(target: str, timeout_s: float) -> str | None:
+    """Why ``target`` is not a Ray GCS (the gRPC status of ``GetClusterId``, the first call Ray's client makes),
+    or None: it answered, or a gRPC server answered that may be a Ray whose API differs (``ray.init`` decides), or
+    the check cannot be made here (no grpcio, or TLS, which an insecure channel cannot speak)."""
+    if os.environ.get("RAY_USE_TLS", "0").lower() in ("1", "true"):
+        return None
+    try:
+        import grpc
+    except ImportError:
+        return None
+    channel = grpc.insecure_channel(target)
+    try:
+        channel.unary_unary("/ray.rpc.NodeInfoGcsService/GetClusterId")(b"", timeout=timeout_s)
+    except grpc.RpcError as err:
+        code, details = err.code(), err.details() or ""
+        answered = (grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED)  # a Ray with token auth
+        if code in answered or (code == grpc.StatusCode.UNIMPLEMENTED and "http2" not in details.lower()):
+            return None
+        return f"gRPC {code.name}: {details}" if details else f"gRPC {code.name}"
+    finally:
+        channel.close()
+    return None
 
 
 def reward_formats(cfg: Config) -> dict[str, str]:
