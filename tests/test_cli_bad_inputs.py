@@ -119,6 +119,11 @@ CASES = [
     ("sft unknown characters", ["sft", "data.source={d}/unknown.jsonl", "run_dir={d}/run4"], "model.tiny.alphabet"),
     ("generate bad family", ["generate", "model.family=gpt", "--prompt", "1+1="], "model family 'gpt'"),
     ("generate unknown characters", ["generate", "--prompt", "1+1=XY"], "does not know: 'X', 'Y'"),
+    (
+        "reward model label_with",
+        ["train-reward-model", "reward_model.label_with=nope", "reward_model.out_dir={d}/rm"],
+        "reward_model.label_with='nope' (the reward that orders sampled completions): unknown reward 'nope'",
+    ),
     # where runs write, and what they read
     ("sft run_dir is a file", ["sft", "run_dir={d}/data.txt"], "run_dir '{d}/data.txt' is a file"),
     ("train run_dir is a file", ["train", "run_dir={d}/data.txt"], "run_dir '{d}/data.txt' is a file"),
@@ -235,6 +240,20 @@ def test_many_actors_on_few_cores_is_a_warning_that_says_what_it_costs(capsys: p
     assert "MB per rollout actor" in out and f"Use at most {cores}" in out
     assert main(["validate", "--offline", f"reward.num_workers={cores}", f"rollout.num_workers={cores}"]) == 0
     assert "warning" not in capsys.readouterr().out
+
+
+def test_sampled_pairs_check_label_with_before_loading_any_model(capsys: pytest.CaptureFixture, monkeypatch) -> None:
+    """An unknown ``reward_model.label_with`` is a config error, found before the classifier is built and the
+    policy samples (which took ~40 s before the error)."""
+    from tracerl.reward_models import train
+
+    def unreachable(cfg):  # noqa: ANN001, ANN202
+        raise AssertionError("the classifier was built before reward_model.label_with was checked")
+
+    monkeypatch.setattr(train, "build_classifier", unreachable)
+    assert main(["train-reward-model", "reward_model.label_with=nope", "reward_model.out_dir=/nonexistent/rm"]) == 2
+    err = capsys.readouterr().err
+    assert "reward_model.label_with='nope'" in err and "unknown reward 'nope'" in err and "Traceback" not in err
 
 
 def test_serve_reward_names_the_flag_and_the_fix(capsys: pytest.CaptureFixture) -> None:

@@ -37,7 +37,7 @@ from rich.console import Console
 from tracerl import data, stats
 from tracerl.config import Config, ConfigError, RewardModelConfig
 from tracerl.reward_models.classifier import SequenceClassifierReward
-from tracerl.reward_service import RewardService, RewardSpec
+from tracerl.reward_service import RewardError, RewardService, RewardSpec
 
 PAIR_COLUMNS = ("prompt", "chosen", "rejected")
 
@@ -63,8 +63,25 @@ def pairs_of_group(prompt: Any, completions: list[str], rewards: list[float]) ->
     return out
 
 
-def sample_pairs(cfg: Config, console: Console) -> list[dict[str, Any]]:
-    """Pairs from the policy at ``model.path`` on ``reward_model.pair_prompts`` training prompts (step 1)."""
+def label_service(cfg: Config) -> RewardService:
+    """The reward ``reward_model.label_with`` that orders sampled completions, resolved (checked before anything
+    is loaded or sampled).
+
+    Raises:
+        ConfigError: the reward cannot be resolved; the message names the setting.
+    """
+    label_with = cfg.reward_model.label_with
+    try:
+        return RewardService([RewardSpec(label_with)], imports=cfg.reward.imports)
+    except (RewardError, ValueError) as err:
+        raise ConfigError(
+            f"reward_model.label_with={label_with!r} (the reward that orders sampled completions): {err}"
+        ) from None
+
+
+def sample_pairs(cfg: Config, console: Console, service: RewardService | None = None) -> list[dict[str, Any]]:
+    """Pairs from the policy at ``model.path`` on ``reward_model.pair_prompts`` training prompts (step 1), ordered
+    by ``service`` (default: ``label_service(cfg)``)."""
     from tracerl.models import load_policy
     from tracerl.sampling import generate
 
@@ -81,7 +98,7 @@ def sample_pairs(cfg: Config, console: Console) -> list[dict[str, Any]]:
         texts = generate(policy, repeated, cfg.sampling, seed=cfg.seed).texts
     columns = {k: [v for v in ds[k] for _ in range(r.samples_per_prompt)] for k in ds.column_names if k != "prompt"}
     prompts = [p for p in ds["prompt"] for _ in range(r.samples_per_prompt)]
-    service = RewardService([RewardSpec(r.label_with)], imports=cfg.reward.imports)
+    service = service if service is not None else label_service(cfg)
     scores = service.score(prompts, texts, columns=columns).total
     g = r.samples_per_prompt
     pairs = [
@@ -268,9 +285,10 @@ def train_reward_model(cfg: Config, console: Console | None = None, verbose: boo
             f"{r.pair_prompts}."
         )
     pairs = load_pairs(r.pairs) if r.pairs else None
+    labels = label_service(cfg) if pairs is None else None
     model, tok = build_classifier(cfg)
     scorer = SequenceClassifierReward.from_model(model, tok, RewardModelConfig(max_length=r.max_length), "reward_model")
-    pairs = pairs if pairs is not None else sample_pairs(cfg, console)
+    pairs = pairs if pairs is not None else sample_pairs(cfg, console, labels)
     train, held = split_pairs(pairs, r.heldout_fraction, cfg.seed)
     if len(train) < r.batch_size:
         raise ConfigError(
