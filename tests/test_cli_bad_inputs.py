@@ -131,6 +131,12 @@ CASES = [
     ("eval --out is a file", ["eval", "--out", "{d}/data.txt"], "--out '{d}/data.txt' is a file"),
     ("fresh train in another run", ["train", "run_dir={d}/oldrun"], "run_dir '{d}/oldrun' holds another run"),
     ("sft resuming a train run", ["sft", "run_dir={d}/oldrun", "checkpoint.resume=auto"], "holds a tracerl train run"),
+    (
+        "sft --resume auto in a train run",
+        ["sft", "run_dir={d}/oldrun", "--resume", "auto"],
+        "holds a tracerl train run",
+    ),
+    ("fresh sft in a train run", ["sft", "run_dir={d}/oldrun"], "holds a tracerl train run; tracerl sft needs its own"),
     ("model.path at a checkpoint", ["validate", "model.path={d}/ckpt_ok"], "'{d}/ckpt_ok' is a tracerl checkpoint"),
     ("train from a checkpoint", ["train", "model.path={d}/ckpt_ok", "run_dir={d}/run3"], "{d}/ckpt_ok/learner/hf"),
     (

@@ -95,6 +95,30 @@ def test_resume_auto_continues_the_own_run_and_verifies_it(tmp_path: Path) -> No
         runs.claim(cfg_for(run_dir, "checkpoint.resume=auto"), "sft")
 
 
+def test_a_fresh_run_in_a_directory_of_the_other_command_says_so_first(tmp_path: Path) -> None:
+    """A fresh ``tracerl sft`` in a train run's directory is refused naming the other command (not with advice to
+    resume the run, which the other command would refuse next); nothing is written."""
+    run_dir = tmp_path / "run"
+    fake_run(run_dir)
+    before = snapshot(run_dir)
+    with pytest.raises(ConfigError) as err:
+        runs.claim(cfg_for(run_dir), "sft")
+    message = str(err.value)
+    assert "holds a tracerl train run; tracerl sft needs its own run_dir" in message and "--resume" not in message
+    assert snapshot(run_dir) == before
+
+
+def test_files_of_a_run_without_its_record_are_not_sent_to_resume_auto(tmp_path: Path) -> None:
+    """Without run.json, --resume auto cannot tell whose the files are (it refuses them): the advice is a resume by
+    path or a new run_dir."""
+    run_dir = tmp_path / "run"
+    fake_run(run_dir)
+    (run_dir / runs.RUN).unlink()
+    with pytest.raises(ConfigError) as err:
+        runs.claim(cfg_for(run_dir), "train")
+    assert "--resume auto" not in str(err.value) and f"--resume {run_dir}/checkpoints/step-N" in str(err.value)
+
+
 def test_resume_auto_takes_only_the_own_checkpoints(tmp_path: Path) -> None:
     mine, other = tmp_path / "mine", tmp_path / "other"
     fake_run(mine, (1, 2))

@@ -4,7 +4,7 @@
     tracerl eval [CONFIG.yaml] [key=value ...] [--out DIR]         held-out evaluation of model.path
     tracerl generate [CONFIG.yaml] [key=value ...] --prompt TEXT   watch one prompt denoise in the terminal
     tracerl validate [CONFIG.yaml] [key=value ...] [--offline]     check config, model, data, rewards, cluster
-    tracerl sft [CONFIG.yaml] [key=value ...]                      masked-diffusion SFT
+    tracerl sft [CONFIG.yaml] [key=value ...] [--resume auto|DIR]  masked-diffusion SFT
     tracerl train-reward-model [CONFIG.yaml] [key=value ...]       preference pairs → a reward model (TRL)
     tracerl export CHECKPOINT OUT_DIR [--adapter]                  write a Hugging Face model directory
     tracerl plot RUN_DIR [--sft SFT_RUN_DIR] [--out PNG]           before/after table and curves of a train run
@@ -283,9 +283,13 @@ def cmd_eval(ns: argparse.Namespace) -> int:
 def cmd_sft(ns: argparse.Namespace) -> int:
     from rich.console import Console
 
+    from tracerl.checks import load_config
     from tracerl.sft import run_sft
 
-    cfg = _config(ns)
+    path, overrides = _split_config(ns.config)
+    if ns.resume:
+        overrides = [*overrides, f"checkpoint.resume={ns.resume}"]
+    cfg = load_config(path, overrides)
     run_sft(cfg, verbose=ns.verbose)
     out = cfg.run_dir.rstrip("/")
     Console().print(f"[dim]metrics: {out}/metrics.jsonl · model: {out}/final[/dim]", soft_wrap=True)
@@ -365,6 +369,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("sft", help="masked-diffusion supervised fine-tuning")
     s.add_argument("config", nargs="*", help=config_help)
+    s.add_argument("--resume", help="auto (latest complete checkpoint in run_dir) or a checkpoint directory")
     s.set_defaults(fn=cmd_sft)
 
     rm = sub.add_parser("train-reward-model", help="preference pairs → a reward-model directory (TRL RewardTrainer)")

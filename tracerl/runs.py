@@ -110,11 +110,17 @@ def claim(cfg: Config, command: str) -> Claim:
     present = [name for name in RUN_FILES if (run_dir / name).exists()]
     wanted, restored = settings(cfg), restored_settings(cfg, command)
     if resume == "none":
+        if owner is not None:
+            _same_command(run_dir, owner, command)
         if present:
+            how = (
+                "Continue that run with --resume auto (checkpoint.resume=auto)"
+                if owner is not None  # without run.json, --resume auto cannot tell whose the files are
+                else f"Continue that run from a checkpoint by path (--resume {run_dir}/checkpoints/step-N)"
+            )
             raise ConfigError(
                 f"run_dir '{run_dir}' holds another run ({', '.join(present)}); a fresh run there would mix its "
-                "metrics, checkpoints and final model with that run's. Continue that run with --resume auto "
-                "(checkpoint.resume=auto), or give a new run_dir."
+                f"metrics, checkpoints and final model with that run's. {how}, or give a new run_dir."
             )
         return Claim(uuid.uuid4().hex, command, None, settings=wanted, restored=restored)
     if resume != "auto":
@@ -182,7 +188,8 @@ def _explicit(
 def _same_command(run_dir: Path, owner: dict, command: str) -> None:
     if owner.get("command") != command:
         raise ConfigError(
-            f"run_dir '{run_dir}' holds a tracerl {owner.get('command')} run; tracerl {command} needs its own run_dir."
+            f"run_dir '{run_dir}' holds a tracerl {owner.get('command')} run; tracerl {command} needs its own run_dir. "
+            f"Give tracerl {command} a new run_dir (run_dir=DIR)."
         )
 
 
