@@ -137,6 +137,13 @@ CASES = [
         "holds a tracerl train run",
     ),
     ("fresh sft in a train run", ["sft", "run_dir={d}/oldrun"], "holds a tracerl train run; tracerl sft needs its own"),
+    (
+        "resume a missing checkpoint",
+        ["train", "run_dir={d}/run4", "--resume", "{d}/nope"],
+        "--resume / checkpoint.resume '{d}/nope' does not exist",
+    ),
+    ("plot a missing run", ["plot", "{d}/nope"], "RUN_DIR '{d}/nope' does not exist"),
+    ("plot a missing sft run", ["plot", "{d}/oldrun", "--sft", "{d}/nope"], "--sft '{d}/nope' does not exist"),
     ("model.path at a checkpoint", ["validate", "model.path={d}/ckpt_ok"], "'{d}/ckpt_ok' is a tracerl checkpoint"),
     ("train from a checkpoint", ["train", "model.path={d}/ckpt_ok", "run_dir={d}/run3"], "{d}/ckpt_ok/learner/hf"),
     (

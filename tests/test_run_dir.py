@@ -119,6 +119,16 @@ def test_files_of_a_run_without_its_record_are_not_sent_to_resume_auto(tmp_path:
     assert "--resume auto" not in str(err.value) and f"--resume {run_dir}/checkpoints/step-N" in str(err.value)
 
 
+def test_resume_from_a_path_that_does_not_exist_says_so(tmp_path: Path) -> None:
+    missing = tmp_path / "nope"
+    with pytest.raises(FileNotFoundError, match=f"checkpoint.resume '{missing}' does not exist"):
+        runs.claim(cfg_for(tmp_path / "run", f"checkpoint.resume={missing}"), "train")
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(FileNotFoundError, match=f"checkpoint.resume '{tmp_path / 'file'}' is a file"):
+        runs.claim(cfg_for(tmp_path / "run", f"checkpoint.resume={tmp_path / 'file'}"), "train")
+    assert not (tmp_path / "run").exists()
+
+
 def test_resume_auto_takes_only_the_own_checkpoints(tmp_path: Path) -> None:
     mine, other = tmp_path / "mine", tmp_path / "other"
     fake_run(mine, (1, 2))

@@ -174,6 +174,16 @@ def resolve_resume(run_dir: str | Path, resume: str, run_id: str | None = None) 
     if resume == "auto":
         return latest_checkpoint(run_dir, run_id)
     path = Path(resume)
+    if not path.exists():
+        raise FileNotFoundError(
+            f"--resume / checkpoint.resume '{resume}' does not exist; give a checkpoint directory "
+            f"(run_dir/checkpoints/step-N), or 'auto' to take the latest complete one in {checkpoint_dir(run_dir)}."
+        )
+    if not path.is_dir():
+        raise FileNotFoundError(
+            f"--resume / checkpoint.resume '{resume}' is a file; give a checkpoint directory "
+            f"(run_dir/checkpoints/step-N), or 'auto' to take the latest complete one in {checkpoint_dir(run_dir)}."
+        )
     if not (path / COMPLETE).is_file():
         raise FileNotFoundError(
             f"checkpoint.resume='{resume}' is not a complete checkpoint (no {COMPLETE} marker); use 'auto' to "

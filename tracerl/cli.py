@@ -318,6 +318,10 @@ def cmd_plot(ns: argparse.Namespace) -> int:
 
     from tracerl.report import before_after, plot_curves, table_rows
 
+    for flag, folder, of in (("RUN_DIR", ns.run_dir, "train"), ("--sft", ns.sft, "sft")):
+        if folder is not None and not os.path.isdir(folder):
+            problem = "is a file" if os.path.exists(folder) else "does not exist"
+            raise FileNotFoundError(f"{flag} '{folder}' {problem}; give the run_dir of a tracerl {of} run.")
     before, after = before_after(ns.run_dir)
     table = Table(title=f"held-out evaluation ({int(after['metrics']['eval/prompts'])} prompts)")
     for column in ("", f"SFT start (step {before['step']})", f"after RL (step {after['step']})", "change"):
