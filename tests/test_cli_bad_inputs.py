@@ -113,6 +113,12 @@ CASES = [
     ("export truncated", ["export", "{d}/ckpt_truncated", "{d}/out4"], "ckpt_truncated/learner/hf/model.safetensors"),
     ("export into non-empty", ["export", "{d}/ckpt_ok", "{d}/full"], "export target '{d}/full'"),
     ("export to a file", ["export", "{d}/ckpt_ok", "{d}/data.txt"], "export target '{d}/data.txt' is a file"),
+    (
+        "export below a file",
+        ["export", "{d}/ckpt_ok", "{d}/data.txt/out"],
+        "export target '{d}/data.txt/out' cannot be created: '{d}/data.txt' is a file",
+    ),
+    ("export truncated says export", ["export", "{d}/ckpt_truncated", "{d}/out5"], "Export from another checkpoint"),
     # sft writes nothing before its checks
     ("sft model missing", ["sft", "model.family=dream", "model.path={d}/nope", "run_dir={d}/run1"], "model.path"),
     ("sft data missing", ["sft", "data.source={d}/nope.jsonl", "run_dir={d}/run2"], "data.source"),

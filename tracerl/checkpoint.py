@@ -297,7 +297,8 @@ def export_hf(source: str | Path | Any, out_dir: str | Path, adapter: bool = Fal
         return out
     src = Path(source)
     if not src.is_dir():
-        raise FileNotFoundError(f"checkpoint '{src}' does not exist; give a directory like run_dir/checkpoints/step-N.")
+        problem = "is a file" if src.exists() else "does not exist"
+        raise FileNotFoundError(f"checkpoint '{src}' {problem}; give a directory like run_dir/checkpoints/step-N.")
     sub, marker = ("adapter", "adapter_config.json") if adapter else ("hf", "config.json")
     hf = next((c for c in (src / "learner" / sub, src / sub, src) if (c / marker).is_file()), None)
     if hf is None:
@@ -311,6 +312,19 @@ def export_hf(source: str | Path | Any, out_dir: str | Path, adapter: bool = Fal
         raise FileExistsError(f"export target '{out}' is a file; give a new or empty directory.")
     if out.exists() and any(out.iterdir()):
         raise FileExistsError(f"export target '{out}' exists and is not empty; give a new or empty directory.")
+    existing = out.parent
+    while not existing.exists():  # the folder the export's directories are created in
+        existing = existing.parent
+    if not existing.is_dir():
+        raise FileExistsError(
+            f"export target '{out}' cannot be created: '{existing}' is a file. Give an output directory whose "
+            "parent folders are folders (missing ones are created)."
+        )
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise ValueError(
+            f"export target '{out}' cannot be written: '{existing}' is read-only for this user. Give an output "
+            "directory on a writable disk."
+        )
     verify_export_source(src, hf, marker)
     # Copy into a temporary sibling, fsync, then rename: an interrupted export leaves no half-written directory.
     tmp = out.parent / f".tmp-{out.name}-{os.getpid()}"
@@ -342,7 +356,7 @@ def verify_export_source(checkpoint: Path, hf: Path, config_name: str = "config.
             "written. Export an earlier complete checkpoint (those with a COMPLETE file)."
         )
     if hf != checkpoint:  # the exported files are those the manifest recorded
-        verify_checkpoint(roots[0], under=hf.relative_to(roots[0]).as_posix() + "/")
+        verify_checkpoint(roots[0], under=hf.relative_to(roots[0]).as_posix() + "/", use="export")
     try:
         config = json.loads((hf / config_name).read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as err:

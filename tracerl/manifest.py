@@ -80,12 +80,13 @@ def seal(directory: str | Path, step: int, identity: dict[str, Any] | None = Non
     return record
 
 
-def verify_checkpoint(path: str | Path, under: str = "") -> dict[str, Any]:
+def verify_checkpoint(path: str | Path, under: str = "", use: str = "resume") -> dict[str, Any]:
     """Check a complete checkpoint before any of it is loaded; returns its manifest.
 
     Every file the manifest lists is there with its size and SHA-256, no other file is, and every pickle in it
     opens with torch's weights-only unpickler (tensors, containers and ``_PICKLE_ALLOWED`` only). ``under``
-    (``"learner/hf/"``) checks only the files below that folder.
+    (``"learner/hf/"``) checks only the files below that folder. ``use`` (``resume``, ``export``) is what the
+    messages tell the user to do from another checkpoint.
 
     Raises:
         CheckpointError: the first problem, naming the file.
@@ -97,26 +98,27 @@ def verify_checkpoint(path: str | Path, under: str = "") -> dict[str, Any]:
         if name.startswith(under) and name not in listed:
             raise CheckpointError(
                 f"{root / name} is not part of checkpoint {root} (its manifest does not list it): something was "
-                "added after the checkpoint was written. Remove it, or resume from another checkpoint."
+                f"added after the checkpoint was written. Remove it, or {use} from another checkpoint."
             )
     for name, entry in listed.items():
         file = root / name
         if not file.is_file():
-            raise CheckpointError(f"{file} is missing from checkpoint {root}; resume from another checkpoint.")
+            raise CheckpointError(f"{file} is missing from checkpoint {root}; {use} from another checkpoint.")
         if file.stat().st_size != entry["bytes"]:
             raise CheckpointError(
                 f"{file} has {file.stat().st_size} bytes, but {entry['bytes']} were written: the file is truncated "
-                "or was replaced. Resume from another checkpoint."
+                f"or was replaced. {use.capitalize()} from another checkpoint."
             )
     digests = _hashes(root, sorted(listed))
     for name, entry in listed.items():
         if digests[name] != entry["sha256"]:
             raise CheckpointError(
                 f"{root / name} is not the file that was written (its SHA-256 differs from the manifest): it was "
-                "changed or damaged after the checkpoint was marked complete. Resume from another checkpoint."
+                f"changed or damaged after the checkpoint was marked complete. {use.capitalize()} from another "
+                "checkpoint."
             )
     for name in listed:
-        _check_pickle(root / name)
+        _check_pickle(root / name, use)
     return record
 
 
@@ -155,7 +157,7 @@ class _Inert:
         del state
 
 
-def _check_pickle(path: Path) -> None:
+def _check_pickle(path: Path, use: str = "resume") -> None:
     """A pickle (or torch zip archive) opens with the weights-only unpickler; other files are not pickles."""
     with open(path, "rb") as f:
         head = f.read(4)
@@ -170,5 +172,5 @@ def _check_pickle(path: Path) -> None:
         reason = next((line for line in lines if "GLOBAL" in line), lines[-1])  # what the pickle asked for
         raise CheckpointError(
             f"{path} holds more than tensors and plain state ({type(err).__name__}: {reason[:300]}); it was not "
-            "loaded, since unpickling it could run code. Resume from a checkpoint this tracerl wrote."
+            f"loaded, since unpickling it could run code. {use.capitalize()} from a checkpoint this tracerl wrote."
         ) from None
