@@ -125,6 +125,8 @@ CASES = [
     ("sft unknown characters", ["sft", "data.source={d}/unknown.jsonl", "run_dir={d}/run4"], "model.tiny.alphabet"),
     ("generate bad family", ["generate", "model.family=gpt", "--prompt", "1+1="], "model family 'gpt'"),
     ("generate unknown characters", ["generate", "--prompt", "1+1=XY"], "does not know: 'X', 'Y'"),
+    ("generate empty prompt", ["generate", "data.chat_template=false", "--prompt", ""], "--prompt '' has no tokens"),
+    ("generate negative delay", ["generate", "--prompt", "1+1=", "--delay", "-1"], "--delay -1.0 is not a pause"),
     (
         "reward model label_with",
         ["train-reward-model", "reward_model.label_with=nope", "reward_model.out_dir={d}/rm"],

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import math
 import os
 import sys
 import time
@@ -52,9 +53,19 @@ def cmd_generate(ns: argparse.Namespace) -> int:
     from tracerl.records import CanvasRollout
     from tracerl.sampling import generate
 
+    if not (math.isfinite(ns.delay) and ns.delay >= 0):
+        raise ConfigError(
+            f"--delay {ns.delay} is not a pause: give the seconds each denoising step shows, 0 or more (0: no pause), "
+            "or --no-animate for the final text only."
+        )
     cfg = _config(ns)
     policy = load_policy(cfg.model)
     prompt_ids = encode_prompt(policy.tokenizer, ns.prompt, cfg.data)
+    if not prompt_ids:
+        raise ConfigError(
+            f"--prompt {ns.prompt!r} has no tokens: the model needs a prompt to continue. Give it some text, e.g. "
+            "--prompt '1+2='."
+        )
     unk = policy.tokenizer.unk_token_id
     if unk is not None and unk in prompt_ids and policy.tokenizer.unk_token not in ns.prompt:
         unknown = sorted({c for c in ns.prompt if unk in policy.tokenizer(c, add_special_tokens=False)["input_ids"]})
