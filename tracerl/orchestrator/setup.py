@@ -135,7 +135,8 @@ def _gcs_failure(target: str, timeout_s: float) -> str | None:
         import grpc
     except ImportError:
         return None
-    channel = grpc.insecure_channel(target)
+    proxy = int(os.environ.get("RAY_grpc_enable_http_proxy", "0").lower() in ("1", "true"))  # noqa: SIM112 - Ray's name
+    channel = grpc.insecure_channel(target, options=[("grpc.enable_http_proxy", proxy)])  # as Ray's own channels
     try:
         channel.unary_unary("/ray.rpc.NodeInfoGcsService/GetClusterId")(b"", timeout=timeout_s)
     except grpc.RpcError as err:
