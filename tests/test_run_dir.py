@@ -85,6 +85,17 @@ def test_a_fresh_run_in_a_directory_of_another_run_is_refused_and_nothing_is_wri
     assert snapshot(run_dir) == before
 
 
+def test_a_run_that_failed_before_its_first_checkpoint_is_started_over_with_resume_auto(tmp_path: Path) -> None:
+    # a reward that breaks the contract stops the run at step 1, after run.json was written: the fixed command is
+    # refused as "another run", and the message says that --resume auto starts it over with the new settings
+    run_dir = tmp_path / "run"
+    fake_run(run_dir, steps=())
+    with pytest.raises(ConfigError, match="has no complete checkpoint: --resume auto .* starts it over from step 0"):
+        runs.claim(cfg_for(run_dir, "objective.value_model=true"), "train")
+    claim = runs.claim(cfg_for(run_dir, "objective.value_model=true", "checkpoint.resume=auto"), "train")
+    assert claim.restart and claim.resume is None and claim.settings["objective.value_model"] is True
+
+
 def test_resume_auto_continues_the_own_run_and_verifies_it(tmp_path: Path) -> None:
     run_dir = tmp_path / "run"
     run_id = fake_run(run_dir, (1, 2, 3))

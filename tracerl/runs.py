@@ -118,6 +118,11 @@ def claim(cfg: Config, command: str) -> Claim:
                 if owner is not None  # without run.json, --resume auto cannot tell whose the files are
                 else f"Continue that run from a checkpoint by path (--resume {run_dir}/checkpoints/step-N)"
             )
+            if owner is not None and checkpoint.latest_checkpoint(run_dir, owner["run_id"]) is None:
+                how = (  # a run that failed before its first checkpoint: nothing in it to keep
+                    "That run has no complete checkpoint: --resume auto (checkpoint.resume=auto) starts it over from "
+                    "step 0 with these settings, in this run_dir"
+                )
             raise ConfigError(
                 f"run_dir '{run_dir}' holds another run ({', '.join(present)}); a fresh run there would mix its "
                 f"metrics, checkpoints and final model with that run's. {how}, or give a new run_dir."
