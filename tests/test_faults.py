@@ -233,15 +233,16 @@ from pathlib import Path
 
 def score(prompts, completions, **kwargs):
     scale = 0.01 if Path(os.environ["COLLAPSE_FLAG"]).exists() else 1.0  # the groups still differ: training goes on
-    return [scale * len(set(c)) / 8.0 for c in completions]
+    return [scale * (0.5 + len(set(c)) / 100.0) for c in completions]  # about 0.5 for every held-out prompt
 """
 
 
 def test_a_learner_rebuilt_before_any_checkpoint_keeps_the_step_0_evaluation(tmp_path):
     """The learner dies before the first checkpoint, so it is rebuilt from the initial weights and the run redoes
     its steps from step 1. The divergence guard must still know the step-0 held-out reward: after the rebuild, the
-    step-2 evaluation (the reward has fallen 100-fold since step 0) is reported as a collapse against it. A guard
-    rebuilt fresh would take step 2's evaluation for the best so far, and stay silent."""
+    step-2 evaluation (the reward has fallen 100-fold since step 0, far beyond the noise of 4 held-out prompts whose
+    rewards are all about 0.5) is reported as a collapse against it. A guard rebuilt fresh would take step 2's
+    evaluation for the best so far, and stay silent."""
     flag = tmp_path / "collapse"
     run = Run(tmp_path, "run", "checkpoint.save_every=0", env={"COLLAPSE_FLAG": str(flag)}, reward=COLLAPSING)
     run.start().when(lambda: run.has_row(0), poll=0.01)
