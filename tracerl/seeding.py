@@ -14,7 +14,10 @@ or resumed step samples exactly what the lost one did.
     categorical(probs, u)                            one draw per row of ``probs`` from one uniform each
 
 The uniforms come from a counter-based hash (integer arithmetic only), so the same seeds give the same numbers
-on every device and every PyTorch build; what may still differ between machines is the model's arithmetic.
+on every device and every PyTorch build; what may still differ between machines is the model's arithmetic. The
+renoising canvas sampler (DiffusionGemma, ``sampling/renoise.py``) is the exception: like transformers' ``generate``
+it draws from one ``torch.Generator`` per sample, seeded from the same per-sample seed, so its draws do not depend
+on the batch but may differ between a CPU and a GPU.
 
 dims: N rows (samples) · W positions per draw · V vocab
 """
