@@ -128,6 +128,33 @@ def test_one_sample_per_prompt_is_refused_with_a_group_advantage(advantage):
     assert load(None, ["rollout.samples_per_prompt=2", f"objective.advantage={advantage}"]).rollout.samples_per_prompt
 
 
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("learner=3", "'learner' is a section of settings (learner.engine, learner.num_ranks, ...), not a value"),
+        ("learner.lora=1", "'learner.lora' is a section of settings"),
+        ("reward.functions=sudoku_cells", "reward.functions takes a list, got 'sudoku_cells'; write it as "
+                                          "reward.functions=[{fn: sudoku_cells}]"),
+        ("reward.functions=[sudoku_cells]", "reward.functions[0] is 'sudoku_cells', but each entry of reward.functions "
+                                            "is a mapping"),
+        ("reward.functions=[{fn: sudoku_cells, weight: abc}]", "reward.functions[0].weight is 'abc', not a number"),
+        ("run_dir=", "an empty value means null, which run_dir does not take: give it a value"),
+    ],
+)  # fmt: skip
+def test_values_of_the_wrong_shape_name_the_setting_and_how_to_write_it(override, message):
+    # OmegaConf said "bad value for config key '?'", "AnyNode is not a ListConfig", or named 'weight' without its path
+    with pytest.raises(ConfigError) as err:
+        load(None, [override])
+    assert message in str(err.value) and "'?'" not in str(err.value)
+
+
+def test_a_section_of_the_wrong_shape_in_a_yaml_file_names_the_file(tmp_path):
+    path = tmp_path / "run.yaml"
+    path.write_text("learner: 5\n")
+    with pytest.raises(ConfigError, match=rf"'learner' is a section of settings .* \(from {path}\)"):
+        load(path)
+
+
 def test_unknown_objective_names_list_choices():
     with pytest.raises(ConfigError, match=r"unknown objective.advantage 'grpo'; choose from \['group_mean'"):
         load(None, ["objective.advantage=grpo"])

@@ -890,7 +890,71 @@ def _explain(err: OmegaConfBaseException, source: str) -> ConfigError:
         valid = [f.name for f in dataclasses.fields(parent_type)] if dataclasses.is_dataclass(parent_type) else []
         hint = f" Valid keys here: {valid}." if valid else ""
         return ConfigError(f"unknown config key '{key}' (from {source}).{hint}")
+    if "Incompatible value 'None'" in msg:  # `key=` with nothing after it
+        msg += f"; an empty value means null, which {key} does not take: give it a value"
     return ConfigError(f"bad value for config key '{key}' (from {source}): {msg}.")
+
+
+def _shape_problem(value: Any, schema: type, prefix: str = "") -> str | None:
+    """A value of the wrong shape for the schema, in a layer before it is merged (OmegaConf names neither the key
+    nor the fix for these): a section set to a single value, a list setting given something else, a list of
+    sections given bare values. None if every known key has the right shape (types and unknown keys: OmegaConf).
+
+    Example:
+        >>> _shape_problem({"learner": 3}, Config).split(":")[0]
+        "'learner' is a section of settings (learner.engine, learner.num_ranks, ...), not a value"
+        >>> _shape_problem({"reward": {"functions": "sudoku_cells"}}, Config).split(";")[0]
+        "reward.functions takes a list, got 'sudoku_cells'"
+        >>> _shape_problem({"reward": {"functions": [{"fn": "sudoku_cells", "weight": "abc"}]}}, Config)
+        "reward.functions[0].weight is 'abc', not a number"
+    """
+    if not isinstance(value, dict) or not dataclasses.is_dataclass(schema):
+        return None
+    hints = typing.get_type_hints(schema)
+    for key, item in value.items():
+        if key not in hints or item is None:
+            continue
+        name, kind = f"{prefix}{key}", _strip_optional(hints[key])
+        if kind in (int, float) and isinstance(item, str) and not _is_number(item):
+            return f"{name} is {item!r}, not a number"  # inside a list OmegaConf names the key without its path
+        if dataclasses.is_dataclass(kind):
+            if not isinstance(item, dict):
+                keys = [f"{name}.{f.name}" for f in dataclasses.fields(kind)]
+                return (
+                    f"'{name}' is a section of settings ({', '.join(keys[:2])}, ...), not a value: set its keys, "
+                    f"e.g. {keys[0]}=..."
+                )
+            if problem := _shape_problem(item, kind, f"{name}."):
+                return problem
+        elif typing.get_origin(kind) is list:
+            (inner,) = typing.get_args(kind) or (Any,)
+            example = "[{fn: sudoku_cells}]" if name == "reward.functions" else "[a, b]"
+            if not isinstance(item, list):
+                return f"{name} takes a list, got {item!r}; write it as {name}={example}"
+            for i, entry in enumerate(item):
+                if dataclasses.is_dataclass(inner) and not isinstance(entry, dict):
+                    keys = [f.name for f in dataclasses.fields(inner)]
+                    return (
+                        f"{name}[{i}] is {entry!r}, but each entry of {name} is a mapping of {keys[:3]}, ...; write "
+                        f"it as {name}={example}"
+                    )
+                if problem := _shape_problem(entry, inner, f"{name}[{i}]."):
+                    return problem
+    return None
+
+
+def _is_number(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
+
+
+def _strip_optional(kind: Any) -> Any:
+    """``X`` for ``X | None``."""
+    args = [a for a in typing.get_args(kind) if a is not type(None)]
+    return args[0] if len(args) == 1 and type(None) in typing.get_args(kind) else kind
 
 
 def _top_level(path: Path) -> str | None:
@@ -947,6 +1011,8 @@ def load(yaml_path: str | Path | None = None, overrides: list[str] | None = None
         layers.append((OmegaConf.from_dotlist(list(overrides)), "command-line overrides"))
     merged = base
     for layer, source in layers:
+        if problem := _shape_problem(OmegaConf.to_container(layer, resolve=False), schema):
+            raise ConfigError(f"{problem} (from {source}).")
         try:
             merged = OmegaConf.merge(merged, layer)
         except OmegaConfBaseException as err:
