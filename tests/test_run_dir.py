@@ -140,6 +140,17 @@ def test_resume_from_a_path_that_does_not_exist_says_so(tmp_path: Path) -> None:
     assert not (tmp_path / "run").exists()
 
 
+def test_resuming_a_checkpoint_of_the_other_command_by_path_is_refused(tmp_path: Path) -> None:
+    fake_run(tmp_path / "sft", steps=(1,), command="sft")
+    ckpt = tmp_path / "sft" / "checkpoints" / "step-1"
+    with pytest.raises(
+        ConfigError, match=rf"written by tracerl sft; tracerl train cannot resume it.*{ckpt}/learner/hf"
+    ):
+        runs.claim(cfg_for(tmp_path / "rl", f"checkpoint.resume={ckpt}"), "train")
+    assert not (tmp_path / "rl").exists()
+    assert runs.claim(cfg_for(tmp_path / "sft2", f"checkpoint.resume={ckpt}"), "sft").resume == ckpt
+
+
 def test_resume_auto_takes_only_the_own_checkpoints(tmp_path: Path) -> None:
     mine, other = tmp_path / "mine", tmp_path / "other"
     fake_run(mine, (1, 2))

@@ -173,7 +173,13 @@ def _explicit(
     path = checkpoint.resolve_resume(run_dir, str(path))
     assert path is not None
     record = checkpoint.manifest(path)
-    run_id = record.get("identity", {}).get("run_id")
+    run_id, wrote = record.get("identity", {}).get("run_id"), record.get("identity", {}).get("command")
+    if wrote is not None and wrote != command:
+        raise ConfigError(
+            f"checkpoint {path} was written by tracerl {wrote}; tracerl {command} cannot resume it (its optimizer "
+            f"state and counters are {wrote}'s). To start tracerl {command} from that model, set "
+            f"model.path={path}/learner/hf and leave --resume out."
+        )
     if owner is not None and owner["run_id"] != run_id:
         raise ConfigError(
             f"checkpoint {path} belongs to run {run_id}, but run_dir '{run_dir}' holds run {owner['run_id']}: "
