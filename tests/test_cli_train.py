@@ -87,7 +87,7 @@ def test_an_address_that_answers_but_is_no_ray_cluster_is_refused_at_once(capsys
     finally:
         server.shutdown()
         server.server_close()
-    assert f"--ray-address / cluster.address '{address}'" in err and "it is not a Ray cluster" in err
+    assert f"--ray-address / cluster.address '{address}'" in err and "no Ray cluster answers as one" in err
     assert "scripts/ray_cluster.sh" in err and "gcs_client" not in err
     assert not (tmp_path / "run").exists()
 

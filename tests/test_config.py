@@ -148,6 +148,17 @@ def test_values_of_the_wrong_shape_name_the_setting_and_how_to_write_it(override
     assert message in str(err.value) and "'?'" not in str(err.value)
 
 
+def test_interpolations_pass_the_shape_check_and_resolve(tmp_path, monkeypatch):
+    monkeypatch.setenv("TRACERL_TEST_LR", "2e-5")
+    cfg = load(
+        None, ["sft.lr=${oc.env:TRACERL_TEST_LR}", "learner.lr=${sft.lr}", "eval.k=${rollout.samples_per_prompt}"]
+    )
+    assert (cfg.learner.lr, cfg.sft.lr, cfg.eval.k) == (2e-5, 2e-5, cfg.rollout.samples_per_prompt)
+    path = tmp_path / "run.yaml"
+    path.write_text("learner: {lr: 1.0e-6}\nsft: {lr: '${learner.lr}'}\n")
+    assert load(path).sft.lr == 1e-6
+
+
 def test_a_section_of_the_wrong_shape_in_a_yaml_file_names_the_file(tmp_path):
     path = tmp_path / "run.yaml"
     path.write_text("learner: 5\n")

@@ -215,6 +215,17 @@ def test_a_masked_lm_takes_adapters_on_every_linear_layer_but_its_head(learners,
     assert metrics["train/grad_norm"] > 0
 
 
+def test_validate_counts_a_masked_lms_all_linear_adapters_as_peft_places_them(tmp_path):
+    from tracerl.models import char_tokenizer
+
+    from .test_learner import _dropout_bert
+
+    policy = _dropout_bert(tmp_path, char_tokenizer("0123456789+=abc "))
+    counted = check_lora_targets(policy, LoRAConfig(enabled=True))  # all-linear: the output head left out
+    apply_lora(policy, LoRAConfig(enabled=True))
+    assert counted == len(adapter_layers(policy.model)) > 0
+
+
 # ---------------------------------------------------------------------------------------------- state
 
 

@@ -915,6 +915,8 @@ def _shape_problem(value: Any, schema: type, prefix: str = "") -> str | None:
         if key not in hints or item is None:
             continue
         name, kind = f"{prefix}{key}", _strip_optional(hints[key])
+        if isinstance(item, str) and (item.startswith("${") or item == "???"):
+            continue  # an interpolation or a missing value: OmegaConf resolves and checks it after the merge
         if kind in (int, float) and isinstance(item, str) and not _is_number(item):
             return f"{name} is {item!r}, not a number"  # inside a list OmegaConf names the key without its path
         if dataclasses.is_dataclass(kind):

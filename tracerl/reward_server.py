@@ -33,10 +33,14 @@ def make_server(reward: str, host: str = "127.0.0.1", port: int = 0, timeout_s: 
 
     Raises:
         RewardError: the spec cannot be resolved.
+        BindError: nothing can listen at ``host:port`` (the message names ``--host`` or ``--port``).
     """
     service = RewardService([RewardSpec(reward)], on_error="raise", timeout_s=timeout_s)
     handler = type("RewardHandler", (_Handler,), {"service": service})
-    server = ThreadingHTTPServer((host, port), handler)
+    try:
+        server = ThreadingHTTPServer((host, port), handler)
+    except OSError as err:
+        raise BindError(bind_error(err, host, port)) from err
     server.daemon_threads = True
     return server
 
@@ -120,6 +124,10 @@ def _seconds(text: str) -> float:
     return value
 
 
+class BindError(OSError):
+    """The server cannot listen at ``--host``/``--port``; the message names the flag and the fix."""
+
+
 def bind_error(err: OSError, host: str, port: int) -> str:
     """The paragraph for a server that cannot bind ``host:port``, naming the flag at fault and the fix.
 
@@ -165,8 +173,8 @@ def main(argv: list[str] | None = None) -> int:
     except RewardError as err:
         print(f"{parser.prog}: error: {err}", file=sys.stderr)
         return 2
-    except OSError as err:
-        print(f"{parser.prog}: error: {bind_error(err, args.host, args.port)}", file=sys.stderr)
+    except BindError as err:
+        print(f"{parser.prog}: error: {err}", file=sys.stderr)
         return 2
     host, port = server.server_address[:2]
     print(f"serving reward '{args.reward}' at http://{host}:{port}/score (Ctrl-C to stop)", flush=True)

@@ -118,7 +118,7 @@ def claim(cfg: Config, command: str) -> Claim:
                 if owner is not None  # without run.json, --resume auto cannot tell whose the files are
                 else f"Continue that run from a checkpoint by path (--resume {run_dir}/checkpoints/step-N)"
             )
-            if owner is not None and checkpoint.latest_checkpoint(run_dir, owner["run_id"]) is None:
+            if owner is not None and not checkpoint.list_checkpoints(run_dir):
                 how = (  # a run that failed before its first checkpoint: nothing in it to keep
                     "That run has no complete checkpoint: --resume auto (checkpoint.resume=auto) starts it over from "
                     "step 0 with these settings, in this run_dir"

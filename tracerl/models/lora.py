@@ -110,8 +110,9 @@ def check_lora_targets(policy: Any, lora: LoRAConfig) -> int:
         ConfigError: as ``apply_lora``, for targets that match no module.
     """
     targets = lora_targets(policy.family, lora)
-    if isinstance(targets, str):
-        return sum(isinstance(m, nn.Linear) for m in policy.model.modules())
+    if isinstance(targets, str):  # all-linear: every linear layer but the output head, as PEFT picks them
+        head = policy.model.get_output_embeddings() if hasattr(policy.model, "get_output_embeddings") else None
+        return sum(isinstance(m, nn.Linear) and m is not head for m in policy.model.modules())
     found = sum(any(n == t or n.endswith(f".{t}") for t in targets) for n, _ in policy.model.named_modules())
     if not found:
         raise no_targets(policy, targets)

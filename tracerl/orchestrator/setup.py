@@ -120,8 +120,8 @@ def check_reachable(address: str, timeout_s: float = 5.0) -> None:
     failure = _gcs_failure(f"{host or address}:{port or 6379}", timeout_s)
     if failure:
         raise ConfigError(
-            f"--ray-address / cluster.address '{address}': something accepts connections there, but it is not a Ray "
-            f"cluster (its GCS did not answer: {failure}). {fix}"
+            f"--ray-address / cluster.address '{address}': something accepts connections there, but no Ray cluster "
+            f"answers as one (the request Ray's client sends first got: {failure}). {fix}"
         )
 
 
@@ -144,6 +144,8 @@ def _gcs_failure(target: str, timeout_s: float) -> str | None:
         answered = (grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED)  # a Ray with token auth
         if code in answered or (code == grpc.StatusCode.UNIMPLEMENTED and "http2" not in details.lower()):
             return None
+        if code == grpc.StatusCode.DEADLINE_EXCEEDED:
+            return f"no answer within {timeout_s:g} s; a Ray head that is still starting or overloaded: retry"
         return f"gRPC {code.name}: {details}" if details else f"gRPC {code.name}"
     finally:
         channel.close()
