@@ -102,6 +102,29 @@ def test_a_fall_within_the_noise_is_no_collapse() -> None:
     ]
 
 
+def test_held_out_evaluations_are_compared_prompt_by_prompt() -> None:
+    # 8 held-out prompts, half easy and half hard; every prompt loses 0.1-0.5: 0.500 -> 0.200. As two independent
+    # means (standard errors 0.151 and 0.076) the fall is within 3 of their difference's; prompt by prompt it is not.
+    best, now = [0.9, 0.1] * 4, [0.4, 0.0] * 4
+    row0 = {"eval/greedy_reward": 0.5, "eval/greedy_reward_sem": 0.151}
+    row1 = trained(0.5, **{"eval/greedy_reward": 0.2, "eval/greedy_reward_sem": 0.076})
+    independent = DivergenceGuard(GuardConfig())
+    assert independent.check(0, row0) == [] and independent.check(10, row1) == []
+    paired = DivergenceGuard(GuardConfig())
+    assert paired.check(0, row0, {"": best}) == []
+    expected = ["held-out greedy reward collapsed: 0.200, below 0.5 × its best (0.500)"]
+    resumed = DivergenceGuard(GuardConfig())
+    resumed.load_state_dict(json.loads(json.dumps(paired.state_dict(), allow_nan=False)))  # kept in the checkpoint
+    assert paired.check(10, row1, {"": now}) == expected
+    assert resumed.check(10, row1, {"": now}) == expected
+    # a weight-0 reward's held-out evaluation too, by its own per-prompt rewards
+    monitor = DivergenceGuard(GuardConfig(), monitors=("verifier",))
+    part = {"eval/greedy_reward_sem/verifier": 0.151}
+    monitor.check(0, {**row0, "eval/greedy_reward/verifier": 0.5, **part}, {"": best, "verifier": best})
+    found = monitor.check(10, {**row1, "eval/greedy_reward/verifier": 0.2, **part}, {"": now, "verifier": now})
+    assert any(w.startswith("held-out greedy reward 'verifier' (weight 0, not trained on) collapsed") for w in found)
+
+
 def test_a_reward_model_score_that_only_falls_collapses_once_beyond_its_noise() -> None:
     # A reward model's score that starts below 0 and never rises has gained nothing to lose; measured against its
     # noise, a fall below its start is a collapse. Before, it never warned; and a rise within the noise (-0.87 →

@@ -114,6 +114,17 @@ def eval_table(path: Path) -> tuple[list[str], list[list[Any]]]:
     return EVAL_COLUMNS, [[str(r["prompt"]), *(r[c] for c in EVAL_COLUMNS[1:])] for r in rows]
 
 
+def greedy_per_prompt(path: Path) -> dict[str, list[float]]:
+    """The greedy reward of each held-out prompt in an evaluation's ``<tag>.jsonl`` (``""``: the total; each part by
+    name), in prompt order: what the divergence guard compares with the best evaluation, prompt by prompt."""
+    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    greedy = sorted((r for r in rows if r["mode"] == "greedy"), key=lambda r: r["prompt_index"])
+    out = {"": [float(r["reward"]) for r in greedy]}
+    for name in greedy[0]["parts"] if greedy else ():
+        out[name] = [float(r["parts"][name]) for r in greedy]
+    return out
+
+
 def run_eval(cfg: Config, out_dir: str | None = None, verbose: bool = False, console: Console | None = None) -> dict:
     """``tracerl eval``: the loop's evaluation, on the rollout side only, for ``model.path`` as it is on disk
     (checked like a run before any actor starts; the same seeds as the loop's evaluations, so it reproduces them)."""

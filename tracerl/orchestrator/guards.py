@@ -21,7 +21,9 @@ had gained, or, if it never rose beyond its noise, a fall below its start beyond
 
 A fall from the best is a collapse only beyond ``NOISE_Z`` standard errors of the difference of the two means (each
 reading's standard error: ``reward/sem``, ``reward/sem/<name>``, ``eval/greedy_reward_sem[/<name>]``; none logged:
-no margin), so a reward near 0 does not warn on noise.
+no margin), so a reward near 0 does not warn on noise. A held-out evaluation, which scores the same prompts each
+time, is compared with the best one prompt by prompt when the loop passes the per-prompt rewards (``check``'s
+``per_prompt``): the standard error of the per-prompt differences (``paired_error``).
 
 Each sign is reported when it appears, and again only after it has cleared. Both watches keep their state in the
 checkpoint (``state_dict``), so a resumed run warns exactly where an uninterrupted one does.
@@ -108,10 +110,14 @@ class Windowed:
     best: float = float("-inf")  # best windowed mean so far
     best_sem: float = float("nan")  # the standard error of that mean
     floor: float | None = None  # what a fraction of the best is measured from
+    best_values: list[float] | None = None  # the per-prompt rewards of the best reading (held out: the same prompts)
 
-    def add(self, value: float, fraction: float, sem: float = float("nan")) -> tuple[float, str | None] | None:
+    def add(
+        self, value: float, fraction: float, sem: float = float("nan"), values: list[float] | None = None
+    ) -> tuple[float, str | None] | None:
         """One step's reward (and its standard error) in; once ``window`` steps are in, (windowed mean, how it
-        collapsed or None)."""
+        collapsed or None). ``values``: the per-prompt rewards of a reading on a fixed prompt set (the held-out
+        evaluation, window 1); against the best reading's, the noise is that of their per-prompt differences."""
         self.values.append(value)
         self.sems.append(sem)
         while len(self.values) > self.window:
@@ -123,16 +129,18 @@ class Windowed:
         mean_sem = math.sqrt(sum(e * e for e in self.sems)) / self.window  # NaN if one is not known
         if self.floor is None and math.isfinite(mean):
             self.floor = min(0.0, mean)
-        margin = NOISE_Z * math.hypot(mean_sem, self.best_sem)
+        paired = paired_error(values, self.best_values) if self.window == 1 else math.nan
+        margin = NOISE_Z * (paired if math.isfinite(paired) else math.hypot(mean_sem, self.best_sem))
         fell = collapse(mean, self.best, self.floor, fraction, self.fmt, margin if math.isfinite(margin) else 0.0)
         if mean > self.best:
-            self.best, self.best_sem = mean, mean_sem
+            self.best, self.best_sem, self.best_values = mean, mean_sem, values
         return mean, fell
 
     def state_dict(self) -> dict[str, Any]:
+        best_values = None if self.best_values is None else [finite_or_none(v) for v in self.best_values]
         return {"values": [finite_or_none(v) for v in self.values], "best": finite_or_none(self.best),
                 "floor": self.floor, "sems": [finite_or_none(e) for e in self.sems],
-                "best_sem": finite_or_none(self.best_sem)}  # fmt: skip
+                "best_sem": finite_or_none(self.best_sem), "best_values": best_values}  # fmt: skip
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         # a state written before the standard errors were kept: each one unknown (no noise margin, as then)
@@ -140,6 +148,8 @@ class Windowed:
         self.sems = deque(none_or(e, float("nan")) for e in state.get("sems") or [None] * len(self.values))
         self.best = none_or(state["best"], float("-inf"))
         self.best_sem = none_or(state.get("best_sem"), float("nan"))
+        best_values = state.get("best_values")
+        self.best_values = None if best_values is None else [none_or(v, float("nan")) for v in best_values]
         self.floor = state["floor"]
 
 
@@ -180,6 +190,7 @@ class DivergenceGuard:
             "rewards": training["values"], "best_reward": training["best"], "reward_floor": training["floor"],
             "reward_sems": training["sems"], "best_reward_sem": training["best_sem"],
             "best_eval": held_out["best"], "eval_floor": held_out["floor"], "best_eval_sem": held_out["best_sem"],
+            "best_eval_values": held_out["best_values"],
             "monitors": {name: track.state_dict() for name, track in self.watched.items()},
             "eval_monitors": {name: track.state_dict() for name, track in self.held_out_watched.items()},
             "skipped": self.skipped, "high_kl": self.high_kl,
@@ -201,7 +212,8 @@ class DivergenceGuard:
         )
         floor = state.get("eval_floor", 0.0 if state["best_eval"] is not None else None)
         self.held_out.load_state_dict({"values": [], "best": state["best_eval"], "floor": floor,
-                                       "best_sem": state.get("best_eval_sem")})  # fmt: skip
+                                       "best_sem": state.get("best_eval_sem"),
+                                       "best_values": state.get("best_eval_values")})  # fmt: skip
         for watched, key in ((self.watched, "monitors"), (self.held_out_watched, "eval_monitors")):
             for name, track in state.get(key, {}).items():
                 if name in watched:
@@ -211,8 +223,11 @@ class DivergenceGuard:
         self.last_kl = (name, none_or(kl, float("nan")), none_or(peak, float("nan")))
         self.active = set(state["active"])
 
-    def check(self, step: int, m: dict[str, float]) -> list[str]:
+    def check(self, step: int, m: dict[str, float], per_prompt: dict[str, list[float]] | None = None) -> list[str]:
+        """This step's new warnings. ``per_prompt``: the per-prompt greedy rewards of this step's evaluation (``""``:
+        the total, and each part by name), so that an evaluation is compared with the best one prompt by prompt."""
         c, found = self.cfg, {}
+        per_prompt = per_prompt or {}
         if not c.enabled:
             return []
 
@@ -221,18 +236,19 @@ class DivergenceGuard:
             if read is not None and not math.isfinite(read[0]) and sign in self.active:
                 found[sign] = ""
 
-        def monitors(held_out: bool, trained: float) -> None:
+        def monitors(evaluation: bool, trained: float) -> None:
             # A reward of weight 0 (a verifier beside a reward model) that collapses, on the training batches or held
             # out; while the trained reward holds up there, the policy may be gaming the reward it is trained on.
-            tracks = self.held_out_watched if held_out else self.watched
-            sign, trained_sign = ("eval/", "eval") if held_out else ("monitor/", "reward")
-            what = "held-out greedy reward" if held_out else "reward"
-            trained_what = "held-out greedy reward" if held_out else "training reward"
-            over, fmt = ("", ".3f") if held_out else (f" over the last {c.window} steps", ".2f")
+            tracks = self.held_out_watched if evaluation else self.watched
+            sign, trained_sign = ("eval/", "eval") if evaluation else ("monitor/", "reward")
+            what = "held-out greedy reward" if evaluation else "reward"
+            trained_what = "held-out greedy reward" if evaluation else "training reward"
+            over, fmt = ("", ".3f") if evaluation else (f" over the last {c.window} steps", ".2f")
             for name, track in tracks.items():
-                key = f"eval/greedy_reward/{name}" if held_out else f"reward/{name}/mean"
-                sem = m.get(f"eval/greedy_reward_sem/{name}" if held_out else f"reward/sem/{name}", math.nan)
-                read = track.add(m[key], c.reward_fraction, sem) if key in m else None
+                key = f"eval/greedy_reward/{name}" if evaluation else f"reward/{name}/mean"
+                sem = m.get(f"eval/greedy_reward_sem/{name}" if evaluation else f"reward/sem/{name}", math.nan)
+                values = per_prompt.get(name) if evaluation else None
+                read = track.add(m[key], c.reward_fraction, sem, values) if key in m else None
                 unread(sign + name, read)
                 if read and read[1]:
                     found[sign + name] = (
@@ -251,7 +267,7 @@ class DivergenceGuard:
             unread("reward", read)
             if read and read[1]:
                 found["reward"] = f"training reward collapsed: {read[0]:.2f} over the last {c.window} steps, {read[1]}"
-        monitors(held_out=False, trained=trained)
+        monitors(evaluation=False, trained=trained)
         if "reward/mean" in m:  # a training step (an evaluation alone, as at step 0, is not one)
             self.skipped = self.skipped + 1 if "train/policy_loss" not in m else 0
         if self.skipped >= c.window:
@@ -262,11 +278,11 @@ class DivergenceGuard:
         # 2. Held-out greedy reward against its best evaluation, and each monitor's.
         if "eval/greedy_reward" in m:
             value, fell = self.held_out.add(m["eval/greedy_reward"], c.reward_fraction,
-                                            m.get("eval/greedy_reward_sem", math.nan))  # fmt: skip
+                                            m.get("eval/greedy_reward_sem", math.nan), per_prompt.get(""))  # fmt: skip
             unread("eval", (value, fell))
             if fell:
                 found["eval"] = f"held-out greedy reward collapsed: {value:.3f}, {fell}"
-            monitors(held_out=True, trained=value)
+            monitors(evaluation=True, trained=value)
         else:  # no evaluation this step: the last one still stands
             found.update((key, "") for key in self.active if key == "eval" or key.startswith("eval/"))
         # 3. KL to the old policy above its bound (or not a number) for several steps. A step that trained nothing
@@ -322,6 +338,24 @@ def collapse(
     way = "half-way" if fraction == 0.5 else f"{1 - fraction:g} of the way"
     threshold = floor + fraction * (best - floor)
     return f"below {threshold:{fmt}}, {way} back from its best ({best:{fmt}}) to its start ({floor:{fmt}})"
+
+
+def paired_error(values: list[float] | None, best: list[float] | None) -> float:
+    """The standard error of the mean per-prompt difference between two readings on the same prompts (NaN when
+    either is missing, their prompts differ in number, or fewer than two prompts have both): the noise of the change
+    between two held-out evaluations, smaller than that of two independent means when easy prompts stay easy.
+
+    Example:
+        >>> round(paired_error([0.5, 0.6, 0.7, 0.8], [0.9, 0.9, 1.0, 1.2]), 3)  # each prompt fell by 0.3-0.4
+        0.029
+    """
+    if values is None or best is None or len(values) != len(best):
+        return math.nan
+    diffs = [a - b for a, b in zip(values, best, strict=True) if math.isfinite(a) and math.isfinite(b)]
+    if len(diffs) < 2:
+        return math.nan
+    mean = sum(diffs) / len(diffs)
+    return math.sqrt(sum((d - mean) ** 2 for d in diffs) / (len(diffs) - 1) / len(diffs))
 
 
 def finite_or_none(x: float) -> float | None:

@@ -37,7 +37,7 @@ from tracerl.config import Config, ConfigError, check_cluster, to_dict
 from tracerl.metrics import MetricsLogger, Timers, decoding_order_picture
 from tracerl.orchestrator import guards
 from tracerl.orchestrator.console import eval_line, step_line
-from tracerl.orchestrator.evaluation import collect, eval_table, evaluate
+from tracerl.orchestrator.evaluation import collect, eval_table, evaluate, greedy_per_prompt
 from tracerl.orchestrator.guards import DivergenceGuard, ValueWatch, guard_line, value_line
 from tracerl.orchestrator.setup import (
     check_device,
@@ -86,7 +86,7 @@ def run(cfg: Config, *, verbose: bool = False, console: Console | None = None) -
             last = s.evaluate(0)
             s.logger.log(last, step=0)
             s.console.print(eval_line(0, last, cfg.eval.k))
-            s.divergence.check(0, last)  # the start the held-out reward is compared with
+            s.divergence.check(0, last, s.per_prompt)  # the start the held-out reward is compared with
             s.initial.extra["guard"] = s.divergence.state_dict()  # a learner rebuilt before any checkpoint keeps it
         step = s.start_step + 1
         while step <= cfg.train.steps:
@@ -140,6 +140,7 @@ class Session:
     claim: runs.Claim | None = None  # the run's id and settings, recorded in each checkpoint it writes
     scored_any: bool = False  # a reward function has scored a sample in this run (a resumed run has)
     divergence: DivergenceGuard | None = None  # set in open(): the divergence guard of this run
+    per_prompt: dict[str, list[float]] | None = None  # the last evaluation's greedy rewards, prompt by prompt
     value_watch: ValueWatch | None = None  # set in open(): reports a value model that learns nothing
 
     @classmethod
@@ -365,7 +366,9 @@ class Session:
             self.cfg, self.rollout, self.rewards, self.eval_set, self.version, step, self.eval_dir,
             weights=self.learner.publish_weights,
         )  # fmt: skip
-        self.logger.log_table("samples/eval", *eval_table(self.eval_dir / f"step-{step}.jsonl"), step)
+        columns, rows = eval_table(self.eval_dir / f"step-{step}.jsonl")
+        self.logger.log_table("samples/eval", columns, rows, step)
+        self.per_prompt = greedy_per_prompt(self.eval_dir / f"step-{step}.jsonl")
         return metrics
 
     @property
@@ -378,7 +381,8 @@ class Session:
         t = metrics.get("time/step", 0.0)
         metrics["perf/tokens_per_s"] = metrics["rollout/generated_tokens"] / max(t, 1e-9)
         metrics["perf/rollout_share"] = metrics.get("time/rollout", 0.0) / max(t, 1e-9)
-        warnings = self.divergence.check(step, metrics) if self.divergence else []
+        per_prompt = self.per_prompt if "eval/greedy_reward" in metrics else None
+        warnings = self.divergence.check(step, metrics, per_prompt) if self.divergence else []
         metrics["guard/warnings"] = float(len(warnings))
         value_idle = None
         if self.value_watch:
