@@ -16,7 +16,7 @@ from tracerl.checks import load_config
 from tracerl.config import Config, RewardFnConfig
 from tracerl.models import build_tiny
 from tracerl.orchestrator import RunError, run
-from tracerl.orchestrator.evaluation import greedy_per_prompt
+from tracerl.orchestrator.evaluation import eval_rows, greedy_per_prompt
 from tracerl.stats import standard_error
 
 ray = pytest.importorskip("ray")
@@ -129,7 +129,8 @@ def test_three_rl_steps_end_to_end(local_ray, tmp_path, monkeypatch):
     assert len(lines) == 8 + 8 * 2  # greedy + 2 samples per held-out prompt
     greedy = [row["reward"] for row in map(json.loads, lines) if row["mode"] == "greedy"]
     assert history[2]["eval/greedy_reward_sem"] == pytest.approx(standard_error(greedy))  # the guard's noise
-    assert greedy_per_prompt(run_dir / "eval" / "step-2.jsonl")[""] == greedy  # what the guard pairs prompts by
+    per_prompt = greedy_per_prompt(eval_rows(run_dir / "eval" / "step-2.jsonl"))
+    assert per_prompt[""] == greedy  # what the guard pairs prompts by
     assert all(r["reward/sem"] > 0 for r in history[1:])  # 4 prompts whose rewards differ
     saved = json.loads((run_dir / "config.json").read_text())
     assert saved["train"]["steps"] == 3

@@ -174,14 +174,10 @@ def resolve_resume(run_dir: str | Path, resume: str, run_id: str | None = None) 
     if resume == "auto":
         return latest_checkpoint(run_dir, run_id)
     path = Path(resume)
-    if not path.exists():
-        raise FileNotFoundError(
-            f"--resume / checkpoint.resume '{resume}' does not exist; give a checkpoint directory "
-            f"(run_dir/checkpoints/step-N), or 'auto' to take the latest complete one in {checkpoint_dir(run_dir)}."
-        )
     if not path.is_dir():
+        problem = "is a file" if path.exists() else "does not exist"
         raise FileNotFoundError(
-            f"--resume / checkpoint.resume '{resume}' is a file; give a checkpoint directory "
+            f"--resume / checkpoint.resume '{resume}' {problem}; give a checkpoint directory "
             f"(run_dir/checkpoints/step-N), or 'auto' to take the latest complete one in {checkpoint_dir(run_dir)}."
         )
     if not (path / COMPLETE).is_file():

@@ -36,9 +36,13 @@ def _split_config(args: list[str]) -> tuple[str | None, list[str]]:
 
 
 def _config(ns: argparse.Namespace) -> Config:
+    """The command's config: its YAML and overrides, then the flags that set config keys where the command has
+    them (``--ray-address``: ``cluster.address``, ``--resume``: ``checkpoint.resume``)."""
     from tracerl.checks import load_config
 
     path, overrides = _split_config(ns.config)
+    flags = (("ray_address", "cluster.address"), ("resume", "checkpoint.resume"))
+    overrides = [*overrides, *(f"{key}={getattr(ns, flag)}" for flag, key in flags if getattr(ns, flag, None))]
     return load_config(path, overrides)
 
 
@@ -262,14 +266,7 @@ def _ray_env(address: str | None) -> None:
 
 
 def cmd_train(ns: argparse.Namespace) -> int:
-    path, overrides = _split_config(ns.config)
-    if ns.ray_address:
-        overrides = [*overrides, f"cluster.address={ns.ray_address}"]
-    if ns.resume:
-        overrides = [*overrides, f"checkpoint.resume={ns.resume}"]
-    from tracerl.checks import load_config
-
-    cfg = load_config(path, overrides)
+    cfg = _config(ns)
     _ray_env(cfg.cluster.address)
     from tracerl.orchestrator import run
 
@@ -278,12 +275,7 @@ def cmd_train(ns: argparse.Namespace) -> int:
 
 
 def cmd_eval(ns: argparse.Namespace) -> int:
-    path, overrides = _split_config(ns.config)
-    if ns.ray_address:
-        overrides = [*overrides, f"cluster.address={ns.ray_address}"]
-    from tracerl.checks import load_config
-
-    cfg = load_config(path, overrides)
+    cfg = _config(ns)
     _ray_env(cfg.cluster.address)
     from tracerl.orchestrator import run_eval
 
@@ -294,13 +286,9 @@ def cmd_eval(ns: argparse.Namespace) -> int:
 def cmd_sft(ns: argparse.Namespace) -> int:
     from rich.console import Console
 
-    from tracerl.checks import load_config
     from tracerl.sft import run_sft
 
-    path, overrides = _split_config(ns.config)
-    if ns.resume:
-        overrides = [*overrides, f"checkpoint.resume={ns.resume}"]
-    cfg = load_config(path, overrides)
+    cfg = _config(ns)
     run_sft(cfg, verbose=ns.verbose)
     out = cfg.run_dir.rstrip("/")
     Console().print(f"[dim]metrics: {out}/metrics.jsonl · model: {out}/final[/dim]", soft_wrap=True)

@@ -113,13 +113,12 @@ def claim(cfg: Config, command: str) -> Claim:
         if owner is not None:
             _same_command(run_dir, owner, command)
         if present:
-            how = (
-                "Continue that run with --resume auto (checkpoint.resume=auto)"
-                if owner is not None  # without run.json, --resume auto cannot tell whose the files are
-                else f"Continue that run from a checkpoint by path (--resume {run_dir}/checkpoints/step-N)"
-            )
-            if owner is not None and not checkpoint.list_checkpoints(run_dir):
-                how = (  # a run that failed before its first checkpoint: nothing in it to keep
+            if owner is None:  # without run.json, --resume auto cannot tell whose the files are
+                how = f"Continue that run from a checkpoint by path (--resume {run_dir}/checkpoints/step-N)"
+            elif checkpoint.list_checkpoints(run_dir):
+                how = "Continue that run with --resume auto (checkpoint.resume=auto)"
+            else:  # a run that failed before its first checkpoint: nothing in it to keep
+                how = (
                     "That run has no complete checkpoint: --resume auto (checkpoint.resume=auto) starts it over from "
                     "step 0 with these settings, in this run_dir"
                 )

@@ -135,11 +135,20 @@ def standard_error(values: list[float], groups: list[int] | None = None) -> floa
     for i, v in enumerate(values):
         if not math.isnan(v):
             by_group.setdefault(i if groups is None else groups[i], []).append(v)
-    means = [sum(kept) / len(kept) for kept in by_group.values()]
-    if len(means) < 2:
+    return mean_error([sum(kept) / len(kept) for kept in by_group.values()])
+
+
+def mean_error(values: list[float]) -> float:
+    """The standard error of the mean of independent ``values`` (sample std / √n); NaN for fewer than two.
+
+    Example:
+        >>> round(mean_error([0.0, 1.0, 0.0, 1.0]), 3)
+        0.289
+    """
+    if len(values) < 2:
         return math.nan
-    mean = sum(means) / len(means)
-    return math.sqrt(sum((m - mean) ** 2 for m in means) / (len(means) - 1) / len(means))
+    mean = sum(values) / len(values)
+    return math.sqrt(sum((v - mean) ** 2 for v in values) / (len(values) - 1) / len(values))
 
 
 def standard_errors(

@@ -108,16 +108,19 @@ def evaluate(
 EVAL_COLUMNS = ["prompt", "answer", "mode", "sample", "completion", "exact_match", "reward"]
 
 
-def eval_table(path: Path) -> tuple[list[str], list[list[Any]]]:
-    """(columns, rows) of an evaluation's samples as a W&B table: every held-out sample of ``<tag>.jsonl``."""
-    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+def eval_rows(path: Path) -> list[dict[str, Any]]:
+    """Every held-out sample of an evaluation's ``<tag>.jsonl``, as written."""
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def eval_table(rows: list[dict[str, Any]]) -> tuple[list[str], list[list[Any]]]:
+    """(columns, rows) of an evaluation's samples (``eval_rows``) as a W&B table."""
     return EVAL_COLUMNS, [[str(r["prompt"]), *(r[c] for c in EVAL_COLUMNS[1:])] for r in rows]
 
 
-def greedy_per_prompt(path: Path) -> dict[str, list[float]]:
-    """The greedy reward of each held-out prompt in an evaluation's ``<tag>.jsonl`` (``""``: the total; each part by
-    name), in prompt order: what the divergence guard compares with the best evaluation, prompt by prompt."""
-    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+def greedy_per_prompt(rows: list[dict[str, Any]]) -> dict[str, list[float]]:
+    """The greedy reward of each held-out prompt in an evaluation's samples (``eval_rows``; ``""``: the total, each
+    part by name), in prompt order: what the divergence guard compares with the best evaluation, prompt by prompt."""
     greedy = sorted((r for r in rows if r["mode"] == "greedy"), key=lambda r: r["prompt_index"])
     out = {"": [float(r["reward"]) for r in greedy]}
     for name in greedy[0]["parts"] if greedy else ():

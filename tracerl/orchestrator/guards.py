@@ -42,6 +42,7 @@ from typing import Any
 
 from tracerl.config import Config, GuardConfig
 from tracerl.reward_service import RewardResult
+from tracerl.stats import mean_error
 
 KL_AFTER_STEP = "train/kl_to_old_after_step"  # measured after the step's last update (learner.kl_after_step)
 NOISE_Z = 3.0  # a fall of the mean within this many standard errors (of the difference) is noise
@@ -351,11 +352,7 @@ def paired_error(values: list[float] | None, best: list[float] | None) -> float:
     """
     if values is None or best is None or len(values) != len(best):
         return math.nan
-    diffs = [a - b for a, b in zip(values, best, strict=True) if math.isfinite(a) and math.isfinite(b)]
-    if len(diffs) < 2:
-        return math.nan
-    mean = sum(diffs) / len(diffs)
-    return math.sqrt(sum((d - mean) ** 2 for d in diffs) / (len(diffs) - 1) / len(diffs))
+    return mean_error([a - b for a, b in zip(values, best, strict=True) if math.isfinite(a) and math.isfinite(b)])
 
 
 def finite_or_none(x: float) -> float | None:

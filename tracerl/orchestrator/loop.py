@@ -37,7 +37,7 @@ from tracerl.config import Config, ConfigError, check_cluster, to_dict
 from tracerl.metrics import MetricsLogger, Timers, decoding_order_picture
 from tracerl.orchestrator import guards
 from tracerl.orchestrator.console import eval_line, step_line
-from tracerl.orchestrator.evaluation import collect, eval_table, evaluate, greedy_per_prompt
+from tracerl.orchestrator.evaluation import collect, eval_rows, eval_table, evaluate, greedy_per_prompt
 from tracerl.orchestrator.guards import DivergenceGuard, ValueWatch, guard_line, value_line
 from tracerl.orchestrator.setup import (
     check_device,
@@ -366,9 +366,9 @@ class Session:
             self.cfg, self.rollout, self.rewards, self.eval_set, self.version, step, self.eval_dir,
             weights=self.learner.publish_weights,
         )  # fmt: skip
-        columns, rows = eval_table(self.eval_dir / f"step-{step}.jsonl")
-        self.logger.log_table("samples/eval", columns, rows, step)
-        self.per_prompt = greedy_per_prompt(self.eval_dir / f"step-{step}.jsonl")
+        rows = eval_rows(self.eval_dir / f"step-{step}.jsonl")
+        self.logger.log_table("samples/eval", *eval_table(rows), step)
+        self.per_prompt = greedy_per_prompt(rows)
         return metrics
 
     @property
