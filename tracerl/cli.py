@@ -241,6 +241,7 @@ def quiet_third_party(verbose: bool) -> None:
             ("TRANSFORMERS_VERBOSITY", "error"),
             ("WANDB_SILENT", "true"),
             ("HF_HUB_DISABLE_PROGRESS_BARS", "1"),
+            ("HF_HUB_VERBOSITY", "error"),  # a retried download's "Retrying in 8s" lines
             ("HF_DATASETS_DISABLE_PROGRESS_BARS", "1"),
             ("PYTHONWARNINGS", "ignore"),
             ("RAY_DEDUP_LOGS", "1"),
@@ -248,7 +249,8 @@ def quiet_third_party(verbose: bool) -> None:
         ):
             os.environ.setdefault(key, value)
         warnings.filterwarnings("ignore")
-        logging.getLogger("datasets").setLevel(logging.ERROR)
+        for name in ("datasets", "huggingface_hub"):  # the variables above are read at import
+            logging.getLogger(name).setLevel(logging.ERROR)
         # DeepSpeed's import logs a WARNING when it falls back to the CPU. Filter that one line rather than set
         # DS_ACCELERATOR=cpu: the variable would also skip DeepSpeed's detection of MPS, XPU or HPU devices.
         logging.getLogger("DeepSpeed").addFilter(_no_cpu_fallback_warning)

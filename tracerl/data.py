@@ -23,6 +23,7 @@ from typing import Any
 
 import datasets
 
+from tracerl import hub
 from tracerl.config import DATA_FILE_EXTENSIONS, ConfigError, DataConfig, ModelConfig, local_path_reason
 
 SyntheticTask = Callable[..., dict[str, str]]  # fn(rng, **options), or fn(rng, split, **options) with splits
@@ -238,6 +239,14 @@ def _load_source(cfg: DataConfig, seed: int, key: str = "data.source") -> datase
         raise ConfigError(
             f"{key} '{src}' does not exist ({reason}); give an existing json/jsonl/parquet/csv file or dataset "
             "directory, a hub dataset name 'org/name' or synthetic:<task>."
+        )
+    problem = None if local else hub.hub_problem(src, "dataset")
+    if problem is not None:
+        parent = path.parent
+        near = f", though '{parent}' is a local folder" if parent != Path(".") and parent.is_dir() else ""
+        raise ConfigError(
+            f"could not fetch dataset '{src}' ({key}) from the hub: {problem}; and it is not a local path "
+            f"either{near}. Check the name and your network, or give a local json/jsonl/parquet/csv file."
         )
     if path.is_file() and path.stat().st_size < 4096 and not path.read_bytes().strip():
         raise ConfigError(

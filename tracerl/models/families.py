@@ -9,7 +9,6 @@ from __future__ import annotations
 import contextvars
 import json
 import logging
-import os
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -30,6 +29,7 @@ from transformers import (
 )
 from transformers.models.auto.modeling_auto import MODEL_FOR_MASKED_LM_MAPPING_NAMES
 
+from tracerl import hub
 from tracerl.config import MODEL_FILE_EXTENSIONS, ConfigError, ModelConfig, local_path_reason
 from tracerl.models.base import DecoderPolicy
 from tracerl.models.masked_lm import MaskedLMPolicy
@@ -133,31 +133,33 @@ def _is_local(path: str) -> bool:
     return local_path_reason(path, MODEL_FILE_EXTENSIONS) is not None or Path(path).expanduser().exists()
 
 
-def _local_model_dir(cfg: ModelConfig) -> Path | None:
-    """The local model directory ``model.path`` names, checked before anything reads it (a config.json in a
-    directory); None for a hub name. A path that cannot be a hub name and does not exist is an error at once,
-    with no network access."""
-    assert cfg.path is not None
-    path = Path(cfg.path).expanduser()
+def local_model_dir(name: str, setting: str = "model.path") -> Path | None:
+    """The local model directory a setting (``model.path``, ``reward_model.base``) names, checked before anything
+    reads it (a config.json in a directory); None for a hub name, asked of the hub once (``hub.hub_problem``). A
+    path that cannot be a hub name and does not exist is an error at once, with no network access."""
+    path = Path(name).expanduser()
     if not path.exists():
-        reason = local_path_reason(cfg.path, MODEL_FILE_EXTENSIONS)
+        reason = local_path_reason(name, MODEL_FILE_EXTENSIONS)
         if reason is None:
+            problem = hub.hub_problem(name)
+            if problem is not None:
+                raise _not_fetched(name, problem, setting)
             return None
         raise ConfigError(
-            f"model.path '{cfg.path}' does not exist ({reason}). Give a local model directory (with config.json) "
+            f"{setting} '{name}' does not exist ({reason}). Give a local model directory (with config.json) "
             "or a Hugging Face hub name such as 'GSAI-ML/LLaDA-8B-Instruct'."
         )
-    _not_a_checkpoint(cfg)
+    _not_a_checkpoint(name, setting)
     if not path.is_dir():
         raise ConfigError(
-            f"model.path '{cfg.path}' is a file, not a model directory: set it to the directory that holds the "
+            f"{setting} '{name}' is a file, not a model directory: set it to the directory that holds the "
             "model's config.json, tokenizer and weights (as save_pretrained writes them)."
         )
     if not (path / "config.json").is_file():
         held = sorted(p.name for p in path.iterdir())
         what = f"it holds {held[:6]}{' ...' if len(held) > 6 else ''}" if held else "it is empty"
         raise ConfigError(
-            f"model.path '{cfg.path}' is not a model directory: it has no config.json ({what}). Set model.path to "
+            f"{setting} '{name}' is not a model directory: it has no config.json ({what}). Set {setting} to "
             "the directory that holds the model's config.json, tokenizer and weights, or to a hub name 'org/name'."
         )
     return path
@@ -166,7 +168,7 @@ def _local_model_dir(cfg: ModelConfig) -> Path | None:
 def _raw_config(cfg: ModelConfig) -> dict:
     """The checkpoint's config.json as a dict, with a clear error when the path is wrong."""
     assert cfg.path is not None
-    path = _local_model_dir(cfg)
+    path = local_model_dir(cfg.path)
     if path is not None:
         try:
             raw = json.loads((path / "config.json").read_text())
@@ -175,38 +177,40 @@ def _raw_config(cfg: ModelConfig) -> dict:
         if not isinstance(raw, dict):
             raise ConfigError(f"{path / 'config.json'} (model.path) is not a JSON object.")
         return raw
-    offline = os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on")
     try:
-        return PretrainedConfig.get_config_dict(cfg.path, local_files_only=offline)[0]
+        return PretrainedConfig.get_config_dict(cfg.path, local_files_only=hub.offline())[0]
     except OSError as err:
-        if offline:
+        if hub.offline():
             raise ConfigError(
                 f"model.path '{cfg.path}' is not a local directory and HF_HUB_OFFLINE=1 forbids the hub (it is not "
                 "in the local cache either). Set model.path to a local model directory, or unset HF_HUB_OFFLINE to "
                 "download it."
             ) from None
-        parent = Path(cfg.path).expanduser().parent
-        near = f", though '{parent}' is a local folder" if parent != Path(".") and parent.is_dir() else ""
-        raise ConfigError(
-            f"could not fetch model '{cfg.path}' from the hub ({err.__class__.__name__}), and model.path is not a "
-            f"local directory either{near}. Check the name and your network, or download it and set model.path to "
-            "the local directory."
-        ) from None
+        raise _not_fetched(cfg.path, f"the download failed ({err.__class__.__name__})") from None
 
 
-def _not_a_checkpoint(cfg: ModelConfig) -> None:
+def _not_fetched(name: str, why: str, setting: str = "model.path") -> ConfigError:
+    parent = Path(name).expanduser().parent
+    near = f", though '{parent}' is a local folder" if parent != Path(".") and parent.is_dir() else ""
+    return ConfigError(
+        f"could not fetch model '{name}' from the hub: {why}; and {setting} is not a local directory either{near}. "
+        f"Check the name and your network, or download it and set {setting} to the local directory."
+    )
+
+
+def _not_a_checkpoint(name: str, setting: str) -> None:
     """A tracerl checkpoint folder is not a model directory: say where its model is."""
-    path = Path(str(cfg.path)).expanduser()
+    path = Path(name).expanduser()
     for inner in (path / "learner" / "hf", path / "hf"):
         if (inner / "config.json").is_file() and not (path / "config.json").is_file():
             raise ConfigError(
-                f"model.path '{cfg.path}' is a tracerl checkpoint, not a model directory: its policy is in "
-                f"'{inner}' (set model.path to that), or write a standalone copy with tracerl export {cfg.path} OUT."
+                f"{setting} '{name}' is a tracerl checkpoint, not a model directory: its policy is in "
+                f"'{inner}' (set {setting} to that), or write a standalone copy with tracerl export {name} OUT."
             )
 
 
 def _tokenizer(cfg: ModelConfig) -> Any:
-    _local_model_dir(cfg)
+    local_model_dir(str(cfg.path))
     try:
         return AutoTokenizer.from_pretrained(cfg.path, trust_remote_code=cfg.trust_remote_code)
     except (OSError, ValueError) as err:

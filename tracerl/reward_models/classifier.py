@@ -24,6 +24,7 @@ import torch
 from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer, PreTrainedTokenizerBase
 from transformers.models.auto.modeling_auto import MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES
 
+from tracerl import hub
 from tracerl.config import RewardModelConfig
 from tracerl.reward_resolve import RewardError
 
@@ -124,10 +125,16 @@ class SequenceClassifierReward:
                 f"{self._where()}: the directory {os.path.abspath(local)} does not exist. Train one with tracerl "
                 "train-reward-model (or TRL's RewardTrainer), or give an existing directory or a hub id 'org/name'."
             )
+        problem = None if os.path.isdir(local) else hub.hub_problem(self.source)
+        if problem is not None:
+            raise RewardError(
+                f"{self._where()}: it is no local directory and cannot be fetched from the hub: {problem}. Give a "
+                "reward model directory (tracerl train-reward-model writes one) or a hub id 'org/name'."
+            )
         try:
             return auto.from_pretrained(self.source, trust_remote_code=self.options.trust_remote_code)
         except (OSError, ValueError) as err:
-            offline = " HF_HUB_OFFLINE is set, so a hub id must be in the local cache." if _offline() else ""
+            offline = " HF_HUB_OFFLINE is set, so a hub id must be in the local cache." if hub.offline() else ""
             raise RewardError(
                 f"{self._where()}: cannot read its {what}: {' '.join(str(err).split())[:300]}. Give a model "
                 f"directory (config.json, tokenizer and weights, as save_pretrained writes) or a hub id 'org/name'."
@@ -264,7 +271,3 @@ class SequenceClassifierReward:
         if log_metric is not None:
             log_metric("truncated", cut)
         return self.score_ids(ids)
-
-
-def _offline() -> bool:
-    return os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes")

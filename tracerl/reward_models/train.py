@@ -154,6 +154,8 @@ def build_classifier(cfg: Config) -> tuple[torch.nn.Module, Any]:
     """The classifier to train and its tokenizer (step 3): one logit, its pad token set in the config."""
     from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer
 
+    from tracerl.models.families import local_model_dir
+
     r = cfg.reward_model
     if r.base == "tiny":
         from transformers import LlamaConfig, LlamaForSequenceClassification
@@ -176,6 +178,7 @@ def build_classifier(cfg: Config) -> tuple[torch.nn.Module, Any]:
             "reward_model.base=policy starts the reward model from model.path, which is unset; give model.path (the "
             "SFT policy), or reward_model.base=tiny / a model directory."
         )
+    local_model_dir(source, "model.path" if r.base == "policy" else "reward_model.base")
     config = AutoConfig.from_pretrained(source, num_labels=1)
     config.is_causal = not r.bidirectional
     torch.manual_seed(cfg.seed)  # the new head's initialisation

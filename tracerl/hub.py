@@ -1,0 +1,67 @@
+"""One quick question to the Hugging Face hub before a model or dataset is downloaded by name.
+
+transformers and datasets retry a failed download five times with backoff (about 25 s, with a warning per try)
+before they give up, also when the name does not exist or there is no network at all. ``hub_problem`` asks the
+hub once, with a short timeout, so that a mistyped name (``model.path=w/nope``, where ``w/`` was meant as a local
+folder) or a machine without network is refused at once; a name the hub knows, a gated one, or one in the local cache
+goes on to the library's own loading.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+PROBE_TIMEOUT_S = 10.0
+
+
+def offline(kind: str = "model") -> bool:
+    """``HF_HUB_OFFLINE`` (or, for a dataset, ``HF_DATASETS_OFFLINE``) is set: names come from the local cache."""
+    names = ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE") if kind == "dataset" else ("HF_HUB_OFFLINE",)
+    return any(os.environ.get(n, "").strip().lower() in ("1", "true", "yes", "on") for n in names)
+
+
+def _cached(name: str, kind: str) -> bool:
+    """Something of ``name`` is in the hub's cache (or, for a dataset, in datasets' own): the library may load it
+    without the network, so the probe leaves it to the library."""
+    from huggingface_hub import constants
+
+    folders = [Path(constants.HF_HUB_CACHE) / f"{kind}s--{name.replace('/', '--')}"]
+    if kind == "dataset":
+        import datasets
+
+        folders.append(Path(datasets.config.HF_DATASETS_CACHE) / name.replace("/", "___"))
+    return any(f.exists() for f in folders)
+
+
+def hub_problem(name: str, kind: str = "model", timeout: float = PROBE_TIMEOUT_S) -> str | None:
+    """Why the hub cannot give the ``kind`` (``model`` or ``dataset``) ``name``, from one request; None when it
+    can or may (the download then says what goes wrong), when the name is in the local cache, or offline (the
+    caller says that).
+
+    Example:
+        >>> hub_problem("not a hub name/x")
+        "it is not a valid hub name ('org/name' of letters, digits, '-', '_' and '.')"
+    """
+    from huggingface_hub import HfApi
+    from huggingface_hub.errors import GatedRepoError, HfHubHTTPError, HFValidationError, RepositoryNotFoundError
+    from huggingface_hub.utils import validate_repo_id
+
+    try:
+        validate_repo_id(name)
+    except HFValidationError:
+        return "it is not a valid hub name ('org/name' of letters, digits, '-', '_' and '.')"
+    if offline(kind) or _cached(name, kind):
+        return None
+    api = HfApi()
+    try:
+        (api.dataset_info if kind == "dataset" else api.model_info)(name, timeout=timeout)
+    except GatedRepoError:
+        return None  # it exists; the download says what access it needs
+    except RepositoryNotFoundError:
+        return f"the hub has no {kind} of that name (a private one needs `hf auth login` first)"
+    except HfHubHTTPError:
+        return None  # the hub answered with something else (rate limit, server error): the download retries
+    except Exception as err:  # noqa: BLE001 - the transport's own errors (connection, DNS, timeout): no answer
+        return f"the hub cannot be reached ({err.__class__.__name__}: {err})"
+    return None
