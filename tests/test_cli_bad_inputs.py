@@ -277,6 +277,19 @@ def test_sampled_pairs_check_label_with_before_loading_any_model(capsys: pytest.
     assert "reward_model.label_with='nope'" in err and "unknown reward 'nope'" in err and "Traceback" not in err
 
 
+@pytest.mark.parametrize("prompt", ["", "1+2=XYZ"])
+def test_generate_checks_the_prompt_before_the_weights_load(capsys, monkeypatch, prompt: str) -> None:
+    import tracerl.models
+
+    def unreachable(cfg):  # noqa: ANN001, ANN202
+        raise AssertionError("the policy was loaded before --prompt was checked")
+
+    monkeypatch.setattr(tracerl.models, "load_policy", unreachable)
+    assert main(["generate", "data.chat_template=false", "--no-animate", "--prompt", prompt]) == 2
+    err = capsys.readouterr().err
+    assert "--prompt" in err and ("has no tokens" if not prompt else "'X', 'Y', 'Z'") in err, err
+
+
 def test_serve_reward_names_the_flag_and_the_fix(capsys: pytest.CaptureFixture) -> None:
     """A port out of range, a busy port and a host that does not resolve: one line naming --port / --host."""
     with pytest.raises(SystemExit) as stop:

@@ -53,7 +53,7 @@ def cmd_generate(ns: argparse.Namespace) -> int:
     from rich.text import Text
 
     from tracerl.data import encode_prompt
-    from tracerl.models import load_policy
+    from tracerl.models import load_policy, load_tokenizer
     from tracerl.records import CanvasRollout
     from tracerl.sampling import generate
 
@@ -63,22 +63,23 @@ def cmd_generate(ns: argparse.Namespace) -> int:
             "or --no-animate for the final text only."
         )
     cfg = _config(ns)
-    policy = load_policy(cfg.model)
-    prompt_ids = encode_prompt(policy.tokenizer, ns.prompt, cfg.data)
+    tokenizer = load_tokenizer(cfg.model)  # the prompt is checked before the weights load
+    prompt_ids = encode_prompt(tokenizer, ns.prompt, cfg.data)
     if not prompt_ids:
         raise ConfigError(
             f"--prompt {ns.prompt!r} has no tokens: the model needs a prompt to continue. Give it some text, e.g. "
             "--prompt '1+2='."
         )
-    unk = policy.tokenizer.unk_token_id
-    if unk is not None and unk in prompt_ids and policy.tokenizer.unk_token not in ns.prompt:
-        unknown = sorted({c for c in ns.prompt if unk in policy.tokenizer(c, add_special_tokens=False)["input_ids"]})
+    unk = tokenizer.unk_token_id
+    if unk is not None and unk in prompt_ids and tokenizer.unk_token not in ns.prompt:
+        unknown = sorted({c for c in ns.prompt if unk in tokenizer(c, add_special_tokens=False)["input_ids"]})
         where = f"model.tiny.alphabet={cfg.model.tiny.alphabet!r}" if cfg.model.path is None else "its vocabulary"
         raise ConfigError(
             f"--prompt has characters the tokenizer of the model does not know: {', '.join(map(repr, unknown))} "
-            f"(they would all read as {policy.tokenizer.unk_token}; the model knows {where}). Write the prompt "
+            f"(they would all read as {tokenizer.unk_token}; the model knows {where}). Write the prompt "
             "with known characters."
         )
+    policy = load_policy(cfg.model)
     rollout = generate(policy, [prompt_ids], cfg.sampling, seed=cfg.seed)
     if isinstance(rollout, CanvasRollout):
         return _show_canvases(ns, rollout, policy)
