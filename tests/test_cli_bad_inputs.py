@@ -132,6 +132,11 @@ CASES = [
         ["train-reward-model", "reward_model.label_with=nope", "reward_model.out_dir={d}/rm"],
         "reward_model.label_with='nope' (the reward that orders sampled completions): unknown reward 'nope'",
     ),
+    (
+        "reward model out_dir below a file",
+        ["train-reward-model", "reward_model.base=tiny", "reward_model.out_dir={d}/data.txt/rm"],
+        "reward_model.out_dir '{d}/data.txt/rm' cannot be created: '{d}/data.txt' is a file",
+    ),
     # where runs write, and what they read
     ("sft run_dir is a file", ["sft", "run_dir={d}/data.txt"], "run_dir '{d}/data.txt' is a file"),
     ("train run_dir is a file", ["train", "run_dir={d}/data.txt"], "run_dir '{d}/data.txt' is a file"),

@@ -25,6 +25,7 @@ from tracerl.checkpoint import (
     CheckpointError,
     DriverState,
     capture_rng,
+    check_writable,
     driver_state,
     latest_checkpoint,
     list_checkpoints,
@@ -262,6 +263,15 @@ def test_a_run_dir_that_is_a_file_or_read_only_is_refused(tmp_path: Path) -> Non
         pytest.skip("no read-only folder to try here")
     with pytest.raises(ConfigError, match=f"'{read_only}' is read-only"):
         runs.claim(cfg_for(Path(read_only) / "tracerl-run"), "train")
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self"), reason="needs Linux's /proc")
+def test_a_run_dir_where_no_folder_can_be_made_is_refused_before_anything_starts(tmp_path: Path) -> None:
+    """/proc passes os.access for root, yet no folder can be made there: the check makes (and removes) one."""
+    with pytest.raises(ConfigError, match=r"^run_dir '/proc/tracerl-run' cannot be (written|created)"):
+        runs.claim(cfg_for(Path("/proc/tracerl-run")), "train")
+    check_writable(tmp_path / "new" / "run")
+    assert list(tmp_path.iterdir()) == []  # the test folder is gone, and nothing else was made
 
 
 # ---------------------------------------------------------------------------------------------- the checkpoint

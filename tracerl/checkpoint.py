@@ -30,6 +30,7 @@ import os
 import random
 import re
 import shutil
+import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -37,6 +38,7 @@ from typing import Any, Protocol
 import numpy as np
 import torch
 
+from tracerl.config import ConfigError
 from tracerl.manifest import COMPLETE, CheckpointError, manifest, seal, verify_checkpoint
 
 CHECKPOINTS = "checkpoints"
@@ -279,6 +281,34 @@ def driver_state(path: str | Path) -> DriverState:
         raise CheckpointError(f"{file} is not a readable driver state ({type(err).__name__}: {err}).") from None
 
 
+def check_writable(folder: Path, setting: str = "run_dir") -> None:
+    """``folder`` (the value of ``setting``) is a directory this process can create or write into.
+
+    Raises:
+        ConfigError: it is a file, or no folder can be made in its nearest existing folder (a test folder is made
+            there and removed at once).
+    """
+    if folder.exists() and not folder.is_dir():
+        raise ConfigError(f"{setting} '{folder}' is a file; give a directory (it is created if missing).")
+    existing = folder
+    while not existing.exists():
+        existing = existing.parent
+    if not existing.is_dir():
+        raise ConfigError(f"{setting} '{folder}' cannot be created: '{existing}' is a file.")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise ConfigError(
+            f"{setting} '{folder}' cannot be written: '{existing}' is read-only for this user. Give a folder on a "
+            "writable disk."
+        )
+    try:  # root passes os.access everywhere, also where nothing can be created (/proc, a read-only mount)
+        os.rmdir(tempfile.mkdtemp(prefix=".tracerl-write-check-", dir=existing))
+    except OSError as err:
+        raise ConfigError(
+            f"{setting} '{folder}' cannot be created: making a folder in '{existing}' fails ({err.strerror}). Give a "
+            "folder on a writable disk."
+        ) from None
+
+
 def export_hf(source: str | Path | Any, out_dir: str | Path, adapter: bool = False) -> Path:
     """Write a Hugging Face directory of the policy (``save_pretrained`` of the native model + tokenizer, LoRA
     adapters merged in) that ``from_pretrained`` and ``load_policy(ModelConfig(family=..., path=out_dir))`` load;
@@ -308,19 +338,7 @@ def export_hf(source: str | Path | Any, out_dir: str | Path, adapter: bool = Fal
         raise FileExistsError(f"export target '{out}' is a file; give a new or empty directory.")
     if out.exists() and any(out.iterdir()):
         raise FileExistsError(f"export target '{out}' exists and is not empty; give a new or empty directory.")
-    existing = out.parent
-    while not existing.exists():  # the folder the export's directories are created in
-        existing = existing.parent
-    if not existing.is_dir():
-        raise FileExistsError(
-            f"export target '{out}' cannot be created: '{existing}' is a file. Give an output directory whose "
-            "parent folders are folders (missing ones are created)."
-        )
-    if not os.access(existing, os.W_OK | os.X_OK):
-        raise ValueError(
-            f"export target '{out}' cannot be written: '{existing}' is read-only for this user. Give an output "
-            "directory on a writable disk."
-        )
+    check_writable(out, "export target")
     verify_export_source(src, hf, marker)
     # Copy into a temporary sibling, fsync, then rename: an interrupted export leaves no half-written directory.
     tmp = out.parent / f".tmp-{out.name}-{os.getpid()}"

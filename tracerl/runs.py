@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -105,7 +104,7 @@ def claim(cfg: Config, command: str) -> Claim:
         FileNotFoundError: ``checkpoint.resume`` names a directory that is not a complete checkpoint.
     """
     run_dir, resume = Path(cfg.run_dir), cfg.checkpoint.resume
-    check_writable(run_dir)
+    checkpoint.check_writable(run_dir)
     owner = read_owner(run_dir)
     present = [name for name in RUN_FILES if (run_dir / name).exists()]
     wanted, restored = settings(cfg), restored_settings(cfg, command)
@@ -251,26 +250,6 @@ def _model_config(folder: Path) -> dict[str, Any] | None:
     except (OSError, ValueError):
         return None
     return raw if isinstance(raw, dict) else None
-
-
-def check_writable(folder: Path, setting: str = "run_dir") -> None:
-    """``folder`` (the value of ``setting``) is a directory this process can create or write into.
-
-    Raises:
-        ConfigError: it is a file, or its nearest existing folder is read-only.
-    """
-    if folder.exists() and not folder.is_dir():
-        raise ConfigError(f"{setting} '{folder}' is a file; give a directory (it is created if missing).")
-    existing = folder
-    while not existing.exists():
-        existing = existing.parent
-    if not existing.is_dir():
-        raise ConfigError(f"{setting} '{folder}' cannot be created: '{existing}' is a file.")
-    if not os.access(existing, os.W_OK | os.X_OK):
-        raise ConfigError(
-            f"{setting} '{folder}' cannot be written: '{existing}' is read-only for this user. Give a folder on a "
-            "writable disk."
-        )
 
 
 def read_owner(run_dir: Path) -> dict[str, Any] | None:

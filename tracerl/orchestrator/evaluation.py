@@ -16,6 +16,7 @@ from ray.exceptions import RayActorError
 from rich.console import Console
 
 from tracerl import data, seeding, stats
+from tracerl.checkpoint import check_writable
 from tracerl.config import Config, ConfigError
 from tracerl.metrics import Timers
 from tracerl.orchestrator.console import eval_line
@@ -32,7 +33,6 @@ from tracerl.orchestrator.setup import (
 )
 from tracerl.records import Rollout
 from tracerl.reward_service import RewardResult, merge_results
-from tracerl.runs import check_writable
 from tracerl.workers import PLACEMENTS, RewardPool, RolloutGroup, RolloutShard
 
 

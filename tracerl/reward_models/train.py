@@ -35,6 +35,7 @@ import torch
 from rich.console import Console
 
 from tracerl import data, stats
+from tracerl.checkpoint import check_writable
 from tracerl.config import Config, ConfigError, RewardModelConfig
 from tracerl.reward_models.classifier import SequenceClassifierReward
 from tracerl.reward_service import RewardError, RewardService, RewardSpec
@@ -281,6 +282,7 @@ def train_reward_model(cfg: Config, console: Console | None = None, verbose: boo
     out = Path(r.out_dir)
     if out.exists():
         raise ConfigError(f"reward_model.out_dir '{out}' exists; give a new directory (nothing is overwritten).")
+    check_writable(out, "reward_model.out_dir")  # before the pairs are sampled and the model trained
     if not 0 <= r.heldout_fraction < 1 or r.samples_per_prompt < 2 or r.pair_prompts < 1:
         raise ConfigError(
             "reward_model.heldout_fraction must be in [0, 1), reward_model.samples_per_prompt ≥ 2 (a pair needs two "
