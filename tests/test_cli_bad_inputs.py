@@ -50,6 +50,11 @@ CASES = [
     ("shrink=0", ["validate", "objective.shrink=0"], "objective.shrink"),
     ("zero_stage=5", ["validate", "learner.zero_stage=5"], "learner.zero_stage"),
     ("minibatches=0", ["validate", "learner.minibatches=0"], "minibatches"),
+    (
+        "more minibatches than samples",
+        ["validate", "rollout.prompts_per_step=2", "rollout.samples_per_prompt=2", "learner.minibatches=5"],
+        "learner.minibatches=5 splits each RL step's 4 samples",
+    ),
     ("samples_per_prompt=0", ["validate", "rollout.samples_per_prompt=0"], "rollout.samples_per_prompt"),
     ("samples_per_prompt=1", ["validate", "rollout.samples_per_prompt=1"], "rollout.samples_per_prompt=1 with"),
     ("learner.lr=0", ["validate", "learner.lr=0"], "learner.lr must be a positive number"),

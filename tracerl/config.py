@@ -284,7 +284,7 @@ class LearnerConfig:
     total_steps: int = 1000  # optimizer steps the schedule spans (linear / cosine)
     max_grad_norm: float = 1.0  # gradient clipping by the global norm, owned by the engine (0 = off)
     updates_per_step: int = 1  # mu: passes over an RL step's samples
-    minibatches: int = 1  # optimizer steps per pass (the step's samples split into this many minibatches)
+    minibatches: int = 1  # optimizer steps per pass (the step's samples split into this many; at most P × G)
     kl_after_step: bool = False  # one more forward after the step: train/kl_to_old_after_step (what it moved)
     micro_batch_tokens: int = 8192  # token budget of one micro-batch (sequences are packed up to it)
     packed_views: bool = True  # block layout: one sequence per sample, every denoising state computed once
@@ -520,6 +520,13 @@ def check(cfg: Config) -> None:
         raise ConfigError(
             f"rollout.prompts_per_step and rollout.samples_per_prompt must be ≥ 1 (got {cfg.rollout.prompts_per_step}"
             f" and {cfg.rollout.samples_per_prompt}): an RL step needs at least one prompt and one sample of it."
+        )
+    samples = cfg.rollout.prompts_per_step * cfg.rollout.samples_per_prompt
+    if lr.minibatches > samples:
+        raise ConfigError(
+            f"learner.minibatches={lr.minibatches} splits each RL step's {samples} samples (rollout.prompts_per_step"
+            f" × samples_per_prompt) into more minibatches than there are samples: a pass would take only {samples}"
+            f" optimizer steps, not {lr.minibatches}. Set learner.minibatches ≤ {samples}, or sample more per step."
         )
     if cfg.rollout.samples_per_prompt == 1 and cfg.objective.advantage in GROUP_ADVANTAGES:
         raise ConfigError(
