@@ -81,6 +81,16 @@ def test_a_name_the_hub_does_not_know_is_refused_and_a_known_one_is_downloaded(o
         assert online["asked"] == ["model:org/model", "download:org/model"]
 
 
+def test_a_probe_that_fails_oddly_leaves_the_name_to_the_library(online) -> None:
+    online["error"] = ValueError("an answer the client could not parse")
+    assert hub.hub_problem("org/model") is None
+    online["error"] = TimeoutError("timed out")
+    assert hub.hub_problem("org/model") == "the hub cannot be reached (TimeoutError: timed out)"
+    client = importlib.import_module(errors.Response.__module__.split(".")[0])
+    online["error"] = client.ConnectTimeout("connect timed out")
+    assert hub.hub_problem("org/model") == "the hub cannot be reached (ConnectTimeout: connect timed out)"
+
+
 def test_a_cached_or_offline_name_is_left_to_the_library(online, monkeypatch) -> None:
     (Path(constants.HF_HUB_CACHE) / "models--org--model").mkdir(parents=True)
     assert hub.hub_problem("org/model") is None and online["asked"] == []

@@ -62,6 +62,8 @@ def hub_problem(name: str, kind: str = "model", timeout: float = PROBE_TIMEOUT_S
         return f"the hub has no {kind} of that name (a private one needs `hf auth login` first)"
     except HfHubHTTPError:
         return None  # the hub answered with something else (rate limit, server error): the download retries
-    except Exception as err:  # noqa: BLE001 - the transport's own errors (connection, DNS, timeout): no answer
+    except (OSError, HfHubHTTPError.__bases__[0]) as err:  # the HTTP client's own errors: connection, DNS, timeout
         return f"the hub cannot be reached ({err.__class__.__name__}: {err})"
+    except Exception:  # noqa: BLE001 - anything else is the library's to report, on its own download
+        return None
     return None
