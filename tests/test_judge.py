@@ -132,7 +132,7 @@ def test_unparseable_answers_raise_naming_the_sample_or_score_nan_and_are_counte
         RewardService([judge(stub.url)]).score(["q"] * 3, completions, columns=columns)
     text = str(err.value)
     assert text.startswith("reward function 'judge' failed on sample 1: 1 of 3 samples failed; sample 1: no match")
-    assert "'I would rather not say.'" in text and "on_error='nan'" in text
+    assert "'I would rather not say.'" in text and "reward.on_error=nan" in text
     result = RewardService([judge(stub.url)], on_error="nan").score(["q"] * 3, completions, columns=columns)
     assert result.parts["judge"][0] == 1.0 and math.isnan(result.parts["judge"][1]) and result.parts["judge"][2] == 3
     assert result.metrics["reward/errors/judge"] == 1.0 and result.metrics["reward/nan_count"] == 1.0

@@ -195,7 +195,7 @@ def test_raising_function_is_named_with_the_failing_sample() -> None:
         RewardService([fails_on_third, "length"]).score(["q"] * 4, ["c0", "c1", "c2", "c3"])
     message = str(err.value)
     assert message.startswith("reward function 'fails_on_third' failed on sample 2: ValueError: cannot score 'c2'.")
-    assert "on_error='nan'" in message and "\n" not in message  # one paragraph, with the alternative
+    assert "reward.on_error=nan" in message and "\n" not in message  # one paragraph, with the alternative
     assert isinstance(err.value.__cause__, ValueError)
 
 

@@ -21,6 +21,7 @@ def check_names(cfg: Config) -> Config:
     for key, value, valid in (
         ("model family", cfg.model.family, FAMILIES),
         ("remasking", cfg.sampling.remasking, REMASKING),
+        ("eval.remasking", cfg.eval.remasking or cfg.sampling.remasking, REMASKING),
         ("objective.views", o.views, trace.VIEWS),
         ("objective.advantage", o.advantage, advantages.ADVANTAGES),
         ("objective.group_filter", o.group_filter, advantages.GROUP_FILTERS),

@@ -13,6 +13,7 @@ Example:
 from __future__ import annotations
 
 import dataclasses
+import math
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -300,6 +301,25 @@ VALUE_LR_RATIO = 5.0  # learner.value_lr = null: TraceRL's value / policy learni
 GROUP_ADVANTAGES = ("group_zscore", "group_mean", "rloo")  # the built-in advantages: 0 for a group of one sample
 
 
+DETERMINISTIC_REMASKING = ("low_confidence_static", "low_confidence_dynamic", "entropy_bounded", "sequential")
+
+
+def check_rollout_spread(cfg: Config) -> None:
+    """An RL run's samples of one prompt can differ (``tracerl train`` and ``validate``; greedy decoding is fine
+    for ``generate`` and ``eval``): at temperature 0 a deterministic remasking rule writes every sample of a prompt
+    the same, so every group advantage is 0 and nothing trains."""
+    s, r = cfg.sampling, cfg.rollout
+    grouped = r.samples_per_prompt > 1 and cfg.objective.advantage in GROUP_ADVANTAGES
+    greedy = cfg.model.family != "diffusion_gemma" and s.temperature == 0 and s.remasking in DETERMINISTIC_REMASKING
+    if grouped and greedy:
+        raise ConfigError(
+            f"sampling.temperature=0 with sampling.remasking={s.remasking} decodes every sample of a prompt the same "
+            f"way, so each group of rollout.samples_per_prompt={r.samples_per_prompt} is one answer repeated: every "
+            f"{cfg.objective.advantage} advantage is 0 and the run learns nothing. Sample at a temperature above 0 "
+            "(the quickstart uses 1.0); greedy decoding is for tracerl eval and generate."
+        )
+
+
 def value_lr(lc: LearnerConfig) -> float:
     """The value model's learning rate: ``learner.value_lr``, or null = ``VALUE_LR_RATIO`` × ``learner.lr``."""
     return lc.value_lr or VALUE_LR_RATIO * lc.lr
@@ -473,7 +493,13 @@ def check_sampling(s: SamplingConfig) -> None:
                 "change one of them or set sampling.steps_per_block instead."
             )
         num_blocks = s.max_new_tokens // s.block_size
-        if s.steps <= 0 or s.steps % num_blocks:
+        if s.steps <= 0:
+            raise ConfigError(
+                f"sampling.steps={s.steps}: the total number of denoising steps must be positive, a multiple of the "
+                f"number of blocks ({num_blocks}), e.g. sampling.steps={num_blocks * 2} (or null: "
+                "sampling.steps_per_block)."
+            )
+        if s.steps % num_blocks:
             raise ConfigError(
                 f"sampling.steps={s.steps} is not divisible by the number of blocks "
                 f"({s.max_new_tokens} / {s.block_size} = {num_blocks}): the block size does not divide the "
@@ -485,10 +511,16 @@ def check_sampling(s: SamplingConfig) -> None:
             f"denoising steps per block must be between 1 and sampling.block_size ({s.block_size}), got {spb}; "
             "every step commits at least one token of the block."
         )
-    if s.temperature < 0 or not 0 < s.top_p <= 1 or s.top_k < 0:
+    if not 0 <= s.temperature < math.inf or not 0 < s.top_p <= 1 or s.top_k < 0:
         raise ConfigError(
-            "sampling.temperature must be >= 0, sampling.top_p in (0, 1] and sampling.top_k >= 0; got "
-            f"temperature={s.temperature}, top_p={s.top_p}, top_k={s.top_k}."
+            "sampling.temperature must be a finite number >= 0 (0 = greedy), sampling.top_p in (0, 1] and "
+            f"sampling.top_k >= 0; got temperature={s.temperature}, top_p={s.top_p}, top_k={s.top_k}."
+        )
+    if not 0 < s.threshold <= 1 or not s.eb_threshold > 0 or math.isinf(s.eb_threshold):
+        raise ConfigError(
+            "sampling.threshold (the confidence that commits a token, low_confidence_dynamic) must be in (0, 1] and "
+            "sampling.eb_threshold (the entropy budget of a step, entropy_bounded) a finite number above 0; got "
+            f"threshold={s.threshold}, eb_threshold={s.eb_threshold}."
         )
 
 
@@ -552,7 +584,26 @@ def reward_model_workers(m: RewardModelConfig, rollout_workers: int) -> int:
 
 
 def check_reward_entries(cfg: Config) -> None:
-    """The ``model`` / ``judge`` blocks of ``reward.functions`` entries: their kind, counts and GPU shares."""
+    """The ``reward.functions`` entries: at least one, finite weights not all 0, and their ``model`` / ``judge``
+    blocks (kind, counts and GPU shares)."""
+    functions = cfg.reward.functions
+    if not functions:
+        raise ConfigError(
+            "reward.functions is empty: give at least one reward function, e.g. reward.functions=[{fn: "
+            "sudoku_cells}] (docs/rewards.md lists the built-in ones)."
+        )
+    for i, f in enumerate(functions):
+        if not math.isfinite(f.weight):
+            raise ConfigError(
+                f"reward.functions[{i}] ({f.name or f.fn}) has weight {f.weight}: a weight is a finite number (0 "
+                "logs the reward without optimising it)."
+            )
+    if all(f.weight == 0 for f in functions):
+        raise ConfigError(
+            f"every reward weight is 0 ({', '.join(f.name or f.fn for f in functions)}): the total reward is 0 for "
+            "every sample, so a run has nothing to optimise and an evaluation nothing to report. Give at least one "
+            "reward a weight other than 0, e.g. reward.functions[0].weight=1."
+        )
     shares = 0.0
     for i, f in enumerate(cfg.reward.functions):
         where = f"reward.functions[{i}] ({f.name or f.fn})"
@@ -754,6 +805,22 @@ def check_loop(cfg: Config) -> None:
         )
     if e.num_prompts < 0:
         raise ConfigError(f"eval.num_prompts must be ≥ 0 (0 = no evaluation), got {e.num_prompts}.")
+    if not 0 <= e.temperature < math.inf or not math.isfinite(e.pass_threshold):
+        raise ConfigError(
+            f"eval.temperature must be a finite number ≥ 0 (the k samples' temperature) and eval.pass_threshold a "
+            f"finite reward (a sample passes at or above it); got {e.temperature} and {e.pass_threshold}."
+        )
+    if e.max_new_tokens is not None and e.max_new_tokens < 1:
+        raise ConfigError(
+            f"eval.max_new_tokens must be a positive number of tokens (or null: sampling.max_new_tokens), got "
+            f"{e.max_new_tokens}."
+        )
+    block = cfg.sampling.block_size
+    if e.steps_per_block is not None and not 1 <= e.steps_per_block <= block:
+        raise ConfigError(
+            f"eval.steps_per_block must be between 1 and sampling.block_size ({block}) (or null: the sampler's own); "
+            f"got {e.steps_per_block}. Every step commits at least one token of the block."
+        )
 
 
 def resolve_resources(cfg: Config) -> None:

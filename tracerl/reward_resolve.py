@@ -90,7 +90,7 @@ class RewardError(RuntimeError):
         quote = f" (completion {self.index}: {self.quote})" if self.quote and self.index is not None else ""
         return (
             f"reward function '{self.name}' failed{where}: {self.detail}{quote} Fix the function, or set "
-            f"on_error='nan' to score such calls NaN and count them in reward/errors/{self.name}."
+            f"reward.on_error=nan to score such calls NaN and count them in reward/errors/{self.name}."
         )
 
     def shifted(self, offset: int) -> RewardError:

@@ -445,7 +445,7 @@ class RewardService:
         if not call.wait(deadline):
             raise RewardError(
                 f"it did not return within timeout_s={self.timeout_s:g} s on a batch of {n} samples (the call "
-                "was abandoned; its thread ends when the function does). Make it faster or raise timeout_s.",
+                "was abandoned; its thread ends when the function does). Make it faster or raise reward.timeout_s.",
                 r.name,
                 timed_out=True,
             )

@@ -33,7 +33,7 @@ import torch
 from rich.console import Console
 
 from tracerl import checkpoint, data, runs, scoring, seeding, stages, stats
-from tracerl.config import Config, ConfigError, check_cluster, to_dict
+from tracerl.config import Config, ConfigError, check_cluster, check_rollout_spread, to_dict
 from tracerl.metrics import MetricsLogger, Timers, decoding_order_picture
 from tracerl.orchestrator import guards
 from tracerl.orchestrator.console import eval_line, step_line
@@ -151,6 +151,7 @@ class Session:
         target, the prompts and the tokenizer's coverage of them, the rewards, the sampler settings and the
         estimator against the model (from its config alone) and, once Ray is up, the cluster's GPUs and resources."""
         run_dir = Path(cfg.run_dir)
+        check_rollout_spread(cfg)
         claim = runs.claim(cfg, "train")  # whose directory, what to resume (verified), before anything is written
         resume = claim.resume
         stream, eval_set = load_prompts(cfg)
