@@ -144,3 +144,18 @@ def test_a_reward_that_scores_nothing_stops_the_run_at_its_first_step(capsys, tm
     assert "every sample of RL step 1 was scored None (or NaN) by reward function(s) ['score']" in err
     assert "data.answer_column" in err
     assert not (tmp_path / "run" / "checkpoints").exists() and not (tmp_path / "run" / "final").exists()
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_an_evaluation_that_scores_nothing_is_an_error_not_a_zero(capsys, tmp_path):
+    """tracerl eval with a reward that gives None for every sample reported greedy reward 0.000 and exited 0."""
+    reward = tmp_path / "nothing.py"
+    reward.write_text("def score(prompts, completions, **kwargs):\n    return [None] * len(completions)\n")
+    small = ["eval.num_prompts=2", "eval.samples=2", "eval.k=2", "wandb.mode=disabled"]
+    reward_fn = f"reward.functions=[{{fn: '{reward}:score'}}]"
+    err = fails(capsys, "eval", QUICK, f"run_dir={tmp_path / 'run'}", reward_fn, *small)
+    assert "every sample of the held-out evaluation at step 0 was scored None (or NaN) by reward function(s) " in err
+    assert "['score']" in err and "(6 samples), so there is nothing to report" in err
+    assert "of eval.source 'synthetic:sudoku4'" in err  # the quickstart's held-out prompts are a dataset of their own
+    assert not list((tmp_path / "run").rglob("eval.json"))  # no summary with a made-up score

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 from tracerl.stats import eval_metrics, final_answer, same_answer
 
 
@@ -18,3 +20,10 @@ def test_eval_metrics_count_the_matches():
     exact = [same_answer(c, a) for c, a in zip([r"\boxed{111}", r"\boxed{7}", "9"], ["111", "8", "9"], strict=True)]
     m = eval_metrics([1.0, 0.0, 1.0], [[1.0], [0.0], [1.0]], k=1, threshold=1.0, exact=exact)
     assert m["eval/exact_match"] == 2 / 3
+
+
+def test_a_mean_of_rewards_none_of_which_is_a_number_is_nan_not_zero():
+    nan = float("nan")
+    m = eval_metrics([nan, nan], [[nan, 0.5], [nan, nan]], k=1, threshold=1.0)
+    assert math.isnan(m["eval/greedy_reward"]) and m["eval/mean@1"] == 0.5 and m["eval/pass@1"] == 0.0
+    assert math.isnan(eval_metrics([nan], [[nan]], k=1, threshold=1.0)["eval/mean@1"])

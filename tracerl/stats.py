@@ -178,7 +178,7 @@ def eval_metrics(
     """``eval/*`` from the rewards of the greedy sample of each prompt [P] and of n sampled ones [P][n]: greedy
     reward, mean@k (mean reward of a sample), pass@k (a sample passes when its reward ≥ ``threshold``), greedy
     exact match (``exact`` [P], see ``same_answer``) and tokens per forward. NaN rewards count as failures and are
-    left out of means.
+    left out of means (a mean of no number is NaN, not 0).
 
     Example:
         >>> m = eval_metrics([1.0, 0.0], [[1.0, 0.0], [0.0, 0.0]], k=1, threshold=1.0)
@@ -188,7 +188,7 @@ def eval_metrics(
 
     def mean(xs: list[float]) -> float:
         kept = [x for x in xs if not math.isnan(x)]
-        return sum(kept) / len(kept) if kept else 0.0
+        return sum(kept) / len(kept) if kept else math.nan
 
     passes = [pass_at_k(len(r), sum(x >= threshold for x in r if not math.isnan(x)), k) for r in sampled]
     out = {

@@ -20,6 +20,7 @@ from tracerl.checkpoint import check_writable
 from tracerl.config import Config, ConfigError
 from tracerl.metrics import Timers
 from tracerl.orchestrator.console import eval_line
+from tracerl.orchestrator.guards import nothing_scored
 from tracerl.orchestrator.setup import (
     check_device,
     check_model,
@@ -46,11 +47,18 @@ def evaluate(
     out_dir: Path,
     tag: str | None = None,
     weights: Callable[[], tuple[int, Any]] | None = None,
+    unscored_is_error: bool = True,
 ) -> dict[str, float]:
     """``eval/*`` of the rollout actors' current weights on ``prompts`` (greedy + ``eval.samples`` sampled per
     prompt), written with every sample and the exact settings to ``out_dir/<tag>.jsonl`` and ``<tag>.json``.
     Sample g of prompt p draws with ``seeding.eval_seed`` (the same at every step: evaluations of two checkpoints
-    are paired). ``weights`` reloads a replacement for an actor that died (see ``collect``)."""
+    are paired). ``weights`` reloads a replacement for an actor that died (see ``collect``).
+
+    Raises:
+        ConfigError: with ``unscored_is_error`` (``tracerl eval``, and a run before its first scored sample),
+            no sample could be scored: every reward gave None or NaN. Later in a run such an evaluation is logged
+            as NaN, for the divergence guard to read.
+    """
     settings = {"greedy": stats.eval_sampling(cfg, greedy=True), "sampled": stats.eval_sampling(cfg, greedy=False)}
 
     def sample(samples: int, mode: str) -> tuple[Rollout, RewardResult]:
@@ -60,6 +68,9 @@ def evaluate(
 
     greedy, g_scored = sample(1, "greedy")
     sampled, s_scored = sample(cfg.eval.samples, "sampled")
+    problem = nothing_scored(merge_results([g_scored, s_scored]), step, cfg, evaluation=True)
+    if unscored_is_error and problem:
+        raise ConfigError(problem)  # not a score of 0: nothing could be scored
     n = cfg.eval.samples
     per_prompt = [s_scored.total[i * n : (i + 1) * n] for i in range(len(prompts.prompt_ids))]
     answers = prompts.columns.get("answer")

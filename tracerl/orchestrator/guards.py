@@ -74,20 +74,25 @@ def oversubscription(cfg: Config, cores: int) -> str | None:
     )
 
 
-def nothing_scored(scored: RewardResult, step: int, cfg: Config) -> str | None:
-    """The error when every sample of an RL step got None from its reward functions (no function failed), so
-    nothing can be trained on; None otherwise."""
+def nothing_scored(scored: RewardResult, step: int, cfg: Config, evaluation: bool = False) -> str | None:
+    """The error when every sample of an RL step (or of a held-out ``evaluation``) got None from its reward
+    functions (no function failed), so nothing can be trained on (or reported); None otherwise."""
     if not scored.total or not all(math.isnan(v) for v in scored.total):
         return None
-    if any(v for k, v in scored.metrics.items() if k.startswith("reward/errors/")):
+    if not evaluation and any(v for k, v in scored.metrics.items() if k.startswith("reward/errors/")):
         return None  # failures under on_error="nan": counted and logged, not this
     silent = [name for name, values in scored.parts.items() if all(math.isnan(v) for v in values)]
+    what, key = ("the held-out evaluation at step", "eval.source") if evaluation else ("RL step", "data.source")
+    key = key if cfg.eval.source else "data.source"
+    source = cfg.eval.source if key == "eval.source" else cfg.data.source
+    errors = {k: v for k, v in scored.metrics.items() if k.startswith("reward/errors/") and v}
+    failed = f" (failures counted under reward.on_error=nan: {errors})" if errors else ""
+    consequence = "there is nothing to report" if evaluation else "there is nothing to train on"
     return (
-        f"every sample of RL step {step} was scored None (or NaN) by reward function(s) {silent} "
-        f'({len(scored.total)} samples), so there is nothing to train on: None and NaN mean "cannot score this '
-        'sample". Check that the '
-        f"dataset columns they read hold what they expect (data.answer_column='{cfg.data.answer_column}' of "
-        f"data.source '{cfg.data.source}'), or the reward's kwargs."
+        f"every sample of {what} {step} was scored None (or NaN) by reward function(s) {silent}{failed} "
+        f'({len(scored.total)} samples), so {consequence}: None and NaN mean "cannot score this sample". Check '
+        f"that the dataset columns they read hold what they expect (data.answer_column='{cfg.data.answer_column}' "
+        f"of {key} '{source}'), or the reward's kwargs."
     )
 
 

@@ -365,7 +365,7 @@ class Session:
             return {}
         metrics = evaluate(
             self.cfg, self.rollout, self.rewards, self.eval_set, self.version, step, self.eval_dir,
-            weights=self.learner.publish_weights,
+            weights=self.learner.publish_weights, unscored_is_error=not self.scored_any,
         )  # fmt: skip
         rows = eval_rows(self.eval_dir / f"step-{step}.jsonl")
         self.logger.log_table("samples/eval", *eval_table(rows), step)
