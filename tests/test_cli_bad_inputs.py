@@ -137,6 +137,24 @@ CASES = [
         ["export", "{d}/ckpt_ok", "{d}/data.txt/out"],
         "export target '{d}/data.txt/out' cannot be created: '{d}/data.txt' is a file",
     ),
+    (
+        "model.path is a run folder",
+        ["validate", "model.path={d}/arun"],
+        "model.path '{d}/arun' is not a model directory: it is a tracerl run folder; its latest complete checkpoint is "
+        "'{d}/arun/checkpoints/step-1/learner/hf' (set model.path to that)",
+    ),
+    (
+        "export of a run folder",
+        ["export", "{d}/arun", "{d}/out6"],
+        "'{d}/arun' is not a checkpoint: it is a tracerl run folder; its latest complete checkpoint is "
+        "'{d}/arun/checkpoints/step-1'; export that.",
+    ),
+    (
+        "resume from a run folder",
+        ["train", "run_dir={d}/run_resume", "--resume", "{d}/arun"],
+        "checkpoint.resume='{d}/arun' is not a complete checkpoint: it is a tracerl run folder; its latest complete "
+        "checkpoint is '{d}/arun/checkpoints/step-1'. Give that, or 'auto'",
+    ),
     ("export truncated says export", ["export", "{d}/ckpt_truncated", "{d}/out5"], "Export from another checkpoint"),
     # sft writes nothing before its checks
     ("sft model missing", ["sft", "model.family=dream", "model.path={d}/nope", "run_dir={d}/run1"], "model.path"),
@@ -246,6 +264,9 @@ def files(tmp_path_factory: pytest.TempPathFactory) -> Path:
     weights.write_bytes(weights.read_bytes()[:-100])
     (d / "full").mkdir()
     (d / "full" / "keep.txt").write_text("mine")
+    _checkpoint(d, "arun/checkpoints/step-1")  # a run folder, as train writes it: run.json, checkpoints, config.json
+    (d / "arun" / "run.json").write_text(json.dumps({"run_id": "r", "command": "train"}))
+    (d / "arun" / "config.json").write_text(json.dumps({"seed": 0}))
     return d
 
 

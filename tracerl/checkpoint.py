@@ -167,6 +167,26 @@ def half_written(run_dir: str | Path) -> list[Path]:
     )  # fmt: skip
 
 
+def run_folder_advice(path: str | Path, want: str = "model") -> str | None:
+    """Where to look inside ``path`` when it is a tracerl run folder (``run.json``, ``checkpoints/``) given where a
+    ``model`` directory (model.path) or a ``checkpoint`` (--resume, export) was wanted; None for anything else.
+
+    Example:
+        >>> run_folder_advice("/nonexistent") is None
+        True
+    """
+    path = Path(path)
+    if not ((path / "run.json").is_file() or checkpoint_dir(path).is_dir()):
+        return None
+    latest, final = latest_checkpoint(path), path / "final"
+    if want == "model" and (final / "config.json").is_file():
+        return f"it is a tracerl run folder; its trained model is '{final}'"
+    if latest is not None:
+        where = f"'{latest / 'learner' / 'hf'}'" if want == "model" else f"'{latest}'"
+        return f"it is a tracerl run folder; its latest complete checkpoint is {where}"
+    return f"it is a tracerl run folder with no complete checkpoint yet (in '{checkpoint_dir(path)}')"
+
+
 def resolve_resume(run_dir: str | Path, resume: str, run_id: str | None = None) -> Path | None:
     """``checkpoint.resume`` → the directory to resume from: ``none`` → None, ``auto`` → the latest complete
     checkpoint (of ``run_id``, if given; None for a fresh run), anything else → that checkpoint directory (which
@@ -183,9 +203,11 @@ def resolve_resume(run_dir: str | Path, resume: str, run_id: str | None = None) 
             f"(run_dir/checkpoints/step-N), or 'auto' to take the latest complete one in {checkpoint_dir(run_dir)}."
         )
     if not (path / COMPLETE).is_file():
+        advice = run_folder_advice(path, want="checkpoint")
+        why = f": {advice}. Give that, or" if advice else f" (no {COMPLETE} marker); use"
         raise FileNotFoundError(
-            f"checkpoint.resume='{resume}' is not a complete checkpoint (no {COMPLETE} marker); use 'auto' to "
-            f"take the latest complete one in {checkpoint_dir(run_dir)}."
+            f"checkpoint.resume='{resume}' is not a complete checkpoint{why} 'auto' to take the latest complete one "
+            f"in {checkpoint_dir(run_dir)}."
         )
     return path
 
@@ -325,6 +347,10 @@ def export_hf(source: str | Path | Any, out_dir: str | Path, adapter: bool = Fal
     if not src.is_dir():
         problem = "is a file" if src.exists() else "does not exist"
         raise FileNotFoundError(f"checkpoint '{src}' {problem}; give a directory like run_dir/checkpoints/step-N.")
+    if advice := run_folder_advice(src, want="checkpoint"):
+        final = src / "final"
+        ready = f" Its final model '{final}' is a standalone copy already." if (final / "config.json").is_file() else ""
+        raise FileNotFoundError(f"'{src}' is not a checkpoint: {advice}; export that.{ready}")
     sub, marker = ("adapter", "adapter_config.json") if adapter else ("hf", "config.json")
     hf = next((c for c in (src / "learner" / sub, src / sub, src) if (c / marker).is_file()), None)
     if hf is None:

@@ -30,6 +30,7 @@ from transformers import (
 from transformers.models.auto.modeling_auto import MODEL_FOR_MASKED_LM_MAPPING_NAMES
 
 from tracerl import hub
+from tracerl.checkpoint import run_folder_advice
 from tracerl.config import MODEL_FILE_EXTENSIONS, ConfigError, ModelConfig, local_path_reason
 from tracerl.models.base import DecoderPolicy
 from tracerl.models.masked_lm import MaskedLMPolicy
@@ -199,8 +200,10 @@ def _not_fetched(name: str, why: str, setting: str = "model.path") -> ConfigErro
 
 
 def _not_a_checkpoint(name: str, setting: str) -> None:
-    """A tracerl checkpoint folder is not a model directory: say where its model is."""
+    """A tracerl checkpoint or run folder is not a model directory: say where its model is."""
     path = Path(name).expanduser()
+    if advice := run_folder_advice(path):
+        raise ConfigError(f"{setting} '{name}' is not a model directory: {advice} (set {setting} to that).")
     for inner in (path / "learner" / "hf", path / "hf"):
         if (inner / "config.json").is_file() and not (path / "config.json").is_file():
             raise ConfigError(
