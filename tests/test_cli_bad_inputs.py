@@ -160,6 +160,24 @@ CASES = [
     ("sft model missing", ["sft", "model.family=dream", "model.path={d}/nope", "run_dir={d}/run1"], "model.path"),
     ("sft data missing", ["sft", "data.source={d}/nope.jsonl", "run_dir={d}/run2"], "data.source"),
     ("sft unknown characters", ["sft", "data.source={d}/unknown.jsonl", "run_dir={d}/run4"], "model.tiny.alphabet"),
+    ("sft empty responses", ["sft", "data.source={d}/noanswers.jsonl", "run_dir={d}/run6"], "is empty: SFT would"),
+    (
+        "sft holds out more than it trains on",
+        ["sft", "data.source={d}/sums.jsonl", "sft.eval_prompts=60", "run_dir={d}/run7"],
+        "sft.eval_prompts=60 holds out more of data.source '{d}/sums.jsonl' (100 examples) than it leaves to train on "
+        "(40). Lower sft.eval_prompts (at most 50 here)",
+    ),
+    (
+        "sft example beyond the positions",
+        [
+            "sft",
+            "data.source={d}/long.jsonl",
+            "model.tiny.max_position_embeddings=64",
+            "sft.eval_every=0",
+            "run_dir={d}/run8",
+        ],
+        "+ 91 response tokens) needs",
+    ),
     ("generate bad family", ["generate", "model.family=gpt", "--prompt", "1+1="], "model family 'gpt'"),
     ("generate unknown characters", ["generate", "--prompt", "1+1=XY"], "does not know: 'X', 'Y'"),
     ("generate empty prompt", ["generate", "data.chat_template=false", "--prompt", ""], "--prompt '' has no tokens"),
@@ -247,6 +265,10 @@ def files(tmp_path_factory: pytest.TempPathFactory) -> Path:
     rows = [{"prompt": "1+2=", "answer": "3", "response": "3"}, {"prompt": "12+3=", "answer": "15", "response": None}]
     (d / "noresponse.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     (d / "empty.jsonl").write_text('{"prompt": "", "answer": "1"}\n{"prompt": "", "answer": "2"}\n')
+    sums = [{"prompt": f"{a}+{a}=", "answer": str(2 * a), "response": str(2 * a)} for a in range(100)]
+    (d / "sums.jsonl").write_text("".join(json.dumps(r) + "\n" for r in sums))
+    (d / "noanswers.jsonl").write_text("".join(json.dumps(r | {"response": " "}) + "\n" for r in sums))
+    (d / "long.jsonl").write_text("".join(json.dumps(r | {"response": "1" * 90}) + "\n" for r in sums))
     old = runs.claim(load(None, [f"run_dir={d / 'oldrun'}"]), "train")
     runs.record(d / "oldrun", old)
     (d / "oldrun" / "metrics.jsonl").write_text('{"step": 1}\n')

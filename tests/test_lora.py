@@ -107,7 +107,7 @@ def test_targets_matching_nothing_fail_before_sft_writes_anything(tmp_path):
 
     run_dir = tmp_path / "sft"
     overrides = ["learner.lora.target_modules=[qkv_proj]", f"run_dir={run_dir}", "sft.steps=1", "learner.engine=torch"]
-    cfg = load_config(None, [*LORA, *overrides, "data.source=synthetic:parity", "data.num_synthetic=40"])
+    cfg = load_config(None, [*LORA, *overrides, "data.source=synthetic:parity", "data.num_synthetic=200"])
     with pytest.raises(ConfigError, match=r"target_modules=\['qkv_proj'\] match no module of the tiny model.*q_proj"):
         run_sft(cfg, progress=False)
     assert not run_dir.exists()

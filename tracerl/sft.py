@@ -179,6 +179,51 @@ def exact_match_accuracy(policy: Any, prompts: list[list[int]], answers: list[st
     return sum(stats.same_answer(t, a) for t, a in zip(rollout.texts, answers, strict=True)) / len(prompts)
 
 
+def check_sft_data(ds: Any, cfg: Config) -> None:
+    """The examples can teach something: responses that are not all empty, and a held-out set
+    (``sft.eval_prompts``, with evaluation on) that leaves at least as many examples to train on.
+
+    Raises:
+        ConfigError: naming the setting and the fix.
+    """
+    responses = ds["response"]
+    if all(not str(r).strip() for r in responses):
+        raise ConfigError(
+            f"every response of data.source '{cfg.data.source}' (data.response_column='{cfg.data.response_column}') "
+            "is empty: SFT would teach the model to stop at once. Point data.response_column at the column that "
+            "holds the target completions."
+        )
+    held = cfg.sft.eval_prompts if cfg.sft.eval_every > 0 else 0
+    if held > len(ds) - held:
+        raise ConfigError(
+            f"sft.eval_prompts={held} holds out more of data.source '{cfg.data.source}' ({len(ds)} examples) than "
+            f"it leaves to train on ({len(ds) - max(0, min(held, len(ds)))}). Lower sft.eval_prompts (at most "
+            f"{len(ds) // 2} here), or turn evaluation off with sft.eval_every=0."
+        )
+
+
+def check_sft_positions(policy: Any, pairs: list[tuple[list[int], list[int]]], cfg: Config) -> None:
+    """The longest training example (prompt + response + EOS, and a block of slack for a block model) fits the
+    model's positions (an example beyond them failed or crawled on without a word).
+
+    Raises:
+        ConfigError: naming the example's length, the limit and the settings that shorten it.
+    """
+    config = policy.model.config
+    limit = getattr(config.get_text_config() if hasattr(config, "get_text_config") else config,
+                    "max_position_embeddings", None)  # fmt: skip
+    slack = policy.block_size or 0
+    longest = max(range(len(pairs)), key=lambda i: len(pairs[i][0]) + len(pairs[i][1]))
+    prompt, response = (len(x) for x in pairs[longest])
+    if limit is not None and prompt + response + slack > limit:
+        raise ConfigError(
+            f"the longest SFT example of data.source '{cfg.data.source}' ({prompt} prompt + {response} response "
+            f"tokens{f' + a block of {slack}' if slack else ''}) needs {prompt + response + slack} positions, but the "
+            f"model has max_position_embeddings={limit}. Shorten or drop the longest responses "
+            f"(data.response_column='{cfg.data.response_column}'), or lower data.max_prompt_tokens."
+        )
+
+
 def run_sft(cfg: Config, progress: bool = True, verbose: bool = False) -> dict[str, float]:
     """Masked-diffusion SFT of ``cfg.model`` on ``cfg.data`` for ``cfg.sft.steps`` optimizer steps.
 
@@ -207,10 +252,12 @@ def run_sft(cfg: Config, progress: bool = True, verbose: bool = False) -> dict[s
     tok = policy.tokenizer
     ds = data.load_examples(cfg.data, cfg.seed, require=("prompt", "answer", "response"))
     data.check_coverage(tok, ds, cfg.data, data.tokenizer_fix(cfg.model))  # as tracerl train checks its data
-    n_eval = min(cfg.sft.eval_prompts, len(ds) - 1) if cfg.sft.eval_every > 0 else 0
+    check_sft_data(ds, cfg)
+    n_eval = cfg.sft.eval_prompts if cfg.sft.eval_every > 0 else 0
     pairs = data.sft_pairs(ds.select(range(len(ds) - n_eval)), tok, cfg.data)
     if not pairs:
         raise ValueError(f"no SFT examples left from data.source '{cfg.data.source}' (all prompts too long?)")
+    check_sft_positions(policy, pairs, cfg)
     held = [ds[i] for i in range(len(ds) - n_eval, len(ds))]
     eval_prompts = [data.encode_prompt(tok, row["prompt"], cfg.data) for row in held]
     answers = [row["answer"] for row in held]
