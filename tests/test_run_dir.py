@@ -35,7 +35,7 @@ from tracerl.checkpoint import (
     verify_checkpoint,
 )
 from tracerl.cli import main
-from tracerl.config import Config, ConfigError, load
+from tracerl.config import Config, ConfigError, load, to_dict
 
 from .test_checkpoint import FileLearner
 
@@ -238,6 +238,24 @@ def test_a_resume_with_changed_optimizer_settings_says_the_checkpoints_apply(tmp
     quiet = runs.claim(cfg_for(run_dir, "checkpoint.resume=auto", "objective.value_model=true",
                                "learner.value_lr=7e-4", "learner.total_steps=50"), "train")  # fmt: skip
     assert quiet.notes == []
+
+
+def test_a_resume_that_changes_what_the_numbers_mean_says_so(tmp_path: Path) -> None:
+    """A resume may change the reward, the data or the held-out set (a curriculum does), but then the run's curves and
+    tracerl plot's before/after table compare unlike things: the resume names each such change."""
+    run_dir = tmp_path / "run"
+    first = cfg_for(run_dir, "eval.num_prompts=4")
+    fake_run(run_dir, (1,), cfg=first)
+    (run_dir / "config.json").write_text(json.dumps(to_dict(first)))  # as the run wrote it
+    same = runs.claim(cfg_for(run_dir, "eval.num_prompts=4", "checkpoint.resume=auto", "train.steps=200"), "train")
+    assert same.notes == []  # more steps, same meaning
+    other = "reward.functions=[{fn: sudoku_cells, weight: 1.0}]"
+    changed = runs.claim(cfg_for(run_dir, "eval.num_prompts=12", other, "seed=5", "checkpoint.resume=auto"), "train")
+    (note,) = changed.notes
+    assert note.startswith("seed=5 (was 0); ") and "eval.num_prompts=12 (was 4)" in note
+    assert "reward.functions=[{'fn': 'sudoku_cells'" in note and "(was [{'fn': 'synthetic_exact'" in note
+    assert f"the run resumed from {run_dir / 'checkpoints' / 'step-1'} was trained and evaluated with" in note
+    assert changed.resume == run_dir / "checkpoints" / "step-1"  # a note, not a refusal
 
 
 def test_resume_notes_name_a_schedule_length_only_where_the_schedule_decays(tmp_path: Path) -> None:

@@ -153,7 +153,7 @@ def claim(cfg: Config, command: str) -> Claim:
             owner["run_id"], command, None, True, [f"{note}: starting the run over from step 0"], wanted, restored
         )
     notes = [f"half-written checkpoint ignored: {', '.join(partial)}"] if partial else []
-    notes += _check_resumable(latest, wanted, restored)
+    notes += _check_resumable(latest, wanted, restored) + _changed_meaning(cfg, latest)
     return Claim(owner["run_id"], command, latest, False, notes, wanted, restored)
 
 
@@ -190,7 +190,7 @@ def _explicit(
         )
     if owner is not None:
         _same_command(run_dir, owner, command)
-    notes = _check_resumable(path, wanted, restored)
+    notes = _check_resumable(path, wanted, restored) + _changed_meaning(cfg, path)
     return Claim(run_id or uuid.uuid4().hex, command, path, notes=notes, settings=wanted, restored=restored)
 
 
@@ -215,8 +215,8 @@ def _check_resumable(path: Path, wanted: dict[str, Any], restored: dict[str, Any
             f"checkpoint {path} was written with {key}={had[key]!r}; this run has {key}={value!r}. Resume it with "
             "the settings it was written with, or start a new run_dir."
         )
-    saved = _model_config(path / "learner" / "hf")
-    current = _model_config(Path(wanted["model.path"])) if wanted.get("model.path") else None
+    saved = _config_json(path / "learner" / "hf")
+    current = _config_json(Path(wanted["model.path"])) if wanted.get("model.path") else None
     for key in _MODEL_SHAPE:
         if saved and current and key in saved and key in current and saved[key] != current[key]:
             raise ConfigError(
@@ -237,6 +237,39 @@ def _check_resumable(path: Path, wanted: dict[str, Any], restored: dict[str, Any
     ]
 
 
+# What a run's numbers mean: a resume that changes one of these is allowed (a curriculum may change the data or the
+# reward), and said, since the run's curves and evaluations then compare unlike things across the resumed step.
+MEANING = (
+    "seed", "model.path", "data.source", "data.split", "data.prompt_column", "data.answer_column", "reward.functions",
+    "eval.source", "eval.split", "eval.num_prompts", "eval.samples", "eval.k", "eval.temperature",
+    "eval.pass_threshold", "eval.max_new_tokens", "eval.remasking", "eval.steps_per_block",
+)  # fmt: skip
+
+
+def _changed_meaning(cfg: Config, path: Path) -> list[str]:
+    """A note naming each ``MEANING`` setting of ``cfg`` that differs from the run that wrote checkpoint ``path``
+    (its run_dir's ``config.json``, written by the invocation that saved it); [] when none does or it is unreadable.
+    """
+    before = _config_json(path.parent.parent)
+    if before is None:
+        return []
+    now = json.loads(json.dumps(to_dict(cfg)))  # as config.json holds it
+
+    def at(tree: Any, key: str) -> Any:
+        for part in key.split("."):
+            tree = tree.get(part) if isinstance(tree, dict) else None
+        return tree
+
+    changed = [f"{k}={at(now, k)!r} (was {at(before, k)!r})" for k in MEANING if not _same(at(before, k), at(now, k))]
+    if not changed:
+        return []
+    return [
+        f"{'; '.join(changed)}: the run resumed from {path} was trained and evaluated with the earlier values, so its "
+        "curves, tracerl plot's before/after table and the divergence guard compare unlike things across this step. "
+        "To keep them apart, start a new run_dir from its weights (its final/ directory or an export) instead."
+    ]
+
+
 def _same(a: Any, b: Any) -> bool:
     """Equal, numbers up to float rounding (5 × 1e-6 is 4.9999999999999996e-06)."""
     if isinstance(a, int | float) and isinstance(b, int | float):
@@ -244,7 +277,7 @@ def _same(a: Any, b: Any) -> bool:
     return a == b
 
 
-def _model_config(folder: Path) -> dict[str, Any] | None:
+def _config_json(folder: Path) -> dict[str, Any] | None:
     try:
         raw = json.loads((folder / "config.json").read_text())
     except (OSError, ValueError):
