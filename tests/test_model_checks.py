@@ -116,6 +116,19 @@ def test_a_masked_lm_without_tokenizer_files_fails(tmp_path: Path) -> None:
     assert "model.path" in str(err.value) and "tokenizer" in str(err.value)
 
 
+def test_a_model_directory_without_tokenizer_files_names_them_before_any_prompt_is_read(tmp_path: Path) -> None:
+    """Without tokenizer files transformers loads a tokenizer of one token: every prompt read as empty, and the error
+    blamed data.prompt_column."""
+    from tracerl.models import load_tokenizer
+
+    model, tok = build_tiny(TinyModelConfig(hidden_size=32, intermediate_size=32))
+    save_tiny(model, tok, tmp_path / "m")
+    for name in tmp_path.joinpath("m").glob("tokenizer*"):
+        name.unlink()
+    with pytest.raises(ConfigError, match=r"^model.path '.*' has no tokenizer \(none of tokenizer.json"):
+        load_tokenizer(ModelConfig(family="tiny", path=str(tmp_path / "m")))
+
+
 def test_a_decoder_tokenizer_larger_than_the_vocabulary_fails(tmp_path: Path) -> None:
     Qwen3ForCausalLM(Qwen3Config(vocab_size=8, head_dim=8, **SHAPE)).save_pretrained(tmp_path)
     _retag(tmp_path, model_type="sdar", architectures=["SDARForCausalLM"], block_size=2)

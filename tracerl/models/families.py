@@ -212,8 +212,19 @@ def _not_a_checkpoint(name: str, setting: str) -> None:
             )
 
 
+# Files a saved tokenizer writes (fast, slow BPE / WordPiece / SentencePiece): a model directory with none of them
+# loads as a tokenizer of one token, which reads every prompt as empty.
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "vocab.txt", "tokenizer.model",
+                   "spiece.model", "merges.txt")  # fmt: skip
+
+
 def _tokenizer(cfg: ModelConfig) -> Any:
-    local_model_dir(str(cfg.path))
+    path = local_model_dir(str(cfg.path))
+    if path is not None and not any((path / name).is_file() for name in TOKENIZER_FILES):
+        raise ConfigError(
+            f"model.path '{cfg.path}' has no tokenizer (none of {', '.join(TOKENIZER_FILES)}): save the model's "
+            "tokenizer into it (tokenizer.save_pretrained), or point model.path at a directory that has one."
+        )
     try:
         return AutoTokenizer.from_pretrained(cfg.path, trust_remote_code=cfg.trust_remote_code)
     except (OSError, ValueError) as err:
