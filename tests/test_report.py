@@ -55,6 +55,41 @@ def test_plot_writes_a_png_and_the_cli_prints_the_table(tmp_path, capsys):
     assert (tmp_path / "c.png").stat().st_size > 10_000
 
 
+def test_a_killed_runs_half_written_last_row_is_left_out_and_damage_elsewhere_is_named(tmp_path, capsys):
+    fake_run(tmp_path / "rl")
+    metrics = tmp_path / "rl" / "metrics.jsonl"
+    rows = len(read_metrics(tmp_path / "rl"))
+    with metrics.open("a") as f:
+        f.write('{"step": 5, "reward/mean": ')  # killed while writing
+    assert len(read_metrics(tmp_path / "rl")) == rows and main(["plot", str(tmp_path / "rl")]) == 0
+    metrics.write_text(metrics.read_text().replace('{"step": 3,', '{"step": 3', 1))  # a damaged row mid-file
+    with pytest.raises(ValueError, match=r"metrics.jsonl line 4 is not valid JSON .*the file is damaged"):
+        read_metrics(tmp_path / "rl")
+    fake_run(tmp_path / "rl2")
+    (tmp_path / "rl2" / "eval" / "step-2.json").write_text('{"step": 2, "metr')
+    capsys.readouterr()
+    assert main(["plot", str(tmp_path / "rl2")]) == 2
+    assert "step-2.json is not an evaluation summary" in capsys.readouterr().err
+
+
+def test_plot_checks_out_and_which_run_is_which_before_drawing(tmp_path, capsys):
+    fake_run(tmp_path / "rl")
+    (tmp_path / "rl" / "run.json").write_text(json.dumps({"run_id": "a", "command": "train"}))
+    (tmp_path / "sft").mkdir()
+    (tmp_path / "sft" / "run.json").write_text(json.dumps({"run_id": "b", "command": "sft"}))
+    for argv, message in (
+        (["--out", str(tmp_path / "c.txt")], "--out '{t}/c.txt' is not a picture file matplotlib writes"),
+        (["--out", str(tmp_path / "file" / "c.png")], "--out's folder '{t}/file' is a file"),
+        (["--sft", str(tmp_path / "rl")], "--sft '{t}/rl' is a tracerl train run, not the sft run it takes"),
+    ):
+        (tmp_path / "file").write_text("x")
+        assert main(["plot", str(tmp_path / "rl"), *argv]) == 2
+        assert message.format(t=tmp_path) in capsys.readouterr().err
+    assert main(["plot", str(tmp_path / "sft")]) == 2
+    assert f"RUN_DIR '{tmp_path}/sft' is a tracerl sft run" in capsys.readouterr().err
+    assert not (tmp_path / "rl" / "curves.png").exists()
+
+
 def test_plot_of_a_run_without_evaluations_says_why(tmp_path, capsys):
     with pytest.raises(FileNotFoundError, match="metrics.jsonl does not exist"):
         read_metrics(tmp_path)

@@ -24,6 +24,7 @@ import sys
 import time
 import warnings
 from collections.abc import Callable
+from pathlib import Path
 
 from tracerl.config import Config, ConfigError
 
@@ -325,6 +326,27 @@ def cmd_plot(ns: argparse.Namespace) -> int:
         if folder is not None and not os.path.isdir(folder):
             problem = "is a file" if os.path.exists(folder) else "does not exist"
             raise FileNotFoundError(f"{flag} '{folder}' {problem}; give the run_dir of a tracerl {of} run.")
+    if ns.out is not None:  # where the PNG goes, checked before anything is drawn
+        from matplotlib.backends.backend_agg import FigureCanvasAgg
+        from matplotlib.figure import Figure
+
+        from tracerl.checkpoint import check_writable
+
+        kinds = FigureCanvasAgg(Figure()).get_supported_filetypes()
+        suffix = Path(ns.out).suffix.lower().lstrip(".")
+        if suffix not in kinds:
+            raise ConfigError(
+                f"--out '{ns.out}' is not a picture file matplotlib writes: end it with one of "
+                f"{', '.join(f'.{k}' for k in sorted(kinds))} (e.g. curves.png)."
+            )
+        check_writable(Path(ns.out).parent, "--out's folder")
+    from tracerl.runs import read_owner
+
+    for flag, folder, want in (("RUN_DIR", ns.run_dir, "train"), ("--sft", ns.sft, "sft")):
+        wrote = (read_owner(Path(folder)) or {}).get("command") if folder is not None else None
+        if wrote not in (None, want):
+            fix = "give it as --sft beside the RL run's RUN_DIR" if wrote == "sft" else "give it as RUN_DIR"
+            raise ConfigError(f"{flag} '{folder}' is a tracerl {wrote} run, not the {want} run it takes: {fix}.")
     before, after = before_after(ns.run_dir)
     table = Table(title=f"held-out evaluation ({int(after['metrics']['eval/prompts'])} prompts)")
     for column in ("", f"SFT start (step {before['step']})", f"after RL (step {after['step']})", "change"):

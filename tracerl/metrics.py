@@ -198,19 +198,41 @@ class MetricsLogger:
             self.run = None
 
 
-def read_jsonl(path: Path) -> list[dict[str, Any]]:
-    """The rows of a ``metrics.jsonl`` (NaN and infinities as floats); [] when there is none."""
+def jsonl_lines(path: Path) -> list[tuple[str, dict[str, Any]]]:
+    """Each row of a JSON Lines file with its text (NaN and infinities as floats); [] when there is none. A last
+    line that does not parse is left out: it is the half-written row of a run killed while writing it.
+
+    Raises:
+        ValueError: a line before the last does not parse; the message names the file and the line.
+    """
     if not path.is_file():
         return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    lines = [(n, line) for n, line in enumerate(path.read_text().splitlines(), 1) if line.strip()]
+    rows = []
+    for i, (n, line) in enumerate(lines):
+        try:
+            rows.append((line, json.loads(line)))
+        except json.JSONDecodeError as err:
+            if i == len(lines) - 1:
+                break
+            raise ValueError(
+                f"{path} line {n} is not valid JSON ({err.msg}): the file is damaged (a row of a killed run is only "
+                "ever the last). Repair or remove that line."
+            ) from None
+    return rows
+
+
+def read_jsonl(path: Path) -> list[dict[str, Any]]:
+    """The rows of a ``metrics.jsonl`` (``jsonl_lines``)."""
+    return [row for _, row in jsonl_lines(path)]
 
 
 def truncate_jsonl(path: Path, last_step: int) -> None:
-    """Drop the rows of steps after ``last_step`` (a resumed run redoes them, so each step appears once)."""
+    """Drop the rows of steps after ``last_step`` (a resumed run redoes them, so each step appears once), and a
+    half-written last row."""
     if not path.is_file():
         return
-    rows = [line for line in path.read_text().splitlines() if line.strip()]
-    kept = [line for line in rows if json.loads(line).get("step", 0) <= last_step]
+    kept = [line for line, row in jsonl_lines(path) if row.get("step", 0) <= last_step]
     tmp = path.with_suffix(".jsonl.tmp")
     tmp.write_text("".join(line + "\n" for line in kept))
     os.replace(tmp, path)

@@ -10,6 +10,8 @@ import math
 from pathlib import Path
 from typing import Any
 
+from tracerl.metrics import read_jsonl
+
 HEADLINE = ("eval/greedy_reward", "eval/exact_match")  # the table's rows, then mean@k and pass@k
 
 
@@ -22,7 +24,7 @@ def read_metrics(run_dir: str | Path) -> list[dict[str, Any]]:
     path = Path(run_dir) / "metrics.jsonl"
     if not path.is_file():
         raise FileNotFoundError(f"{path} does not exist: give the run_dir of a tracerl train or sft run.")
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return read_jsonl(path)
 
 
 def series(rows: list[dict[str, Any]], key: str) -> tuple[list[int], list[float]]:
@@ -39,8 +41,17 @@ def series(rows: list[dict[str, Any]], key: str) -> tuple[list[int], list[float]
 
 def eval_summaries(run_dir: str | Path) -> list[dict[str, Any]]:
     """Every ``eval/step-N.json`` of a run (metrics and exact sampling settings), ordered by step."""
-    paths = Path(run_dir).glob("eval/step-*.json")
-    return sorted((json.loads(p.read_text()) for p in paths), key=lambda s: s["step"])
+    found = []
+    for path in Path(run_dir).glob("eval/step-*.json"):
+        try:
+            summary = json.loads(path.read_text())
+            found.append((int(summary["step"]), summary))
+        except (ValueError, KeyError, TypeError) as err:
+            raise ValueError(
+                f"{path} is not an evaluation summary ({type(err).__name__}: {err}): the file is damaged. Remove it "
+                "(its step's samples are in the .jsonl beside it), or rerun tracerl eval for that step."
+            ) from None
+    return [summary for _, summary in sorted(found, key=lambda pair: pair[0])]
 
 
 def before_after(run_dir: str | Path) -> tuple[dict[str, Any], dict[str, Any]]:
