@@ -197,6 +197,7 @@ CASES = [
     ("train run_dir is a file", ["train", "run_dir={d}/data.txt"], "run_dir '{d}/data.txt' is a file"),
     ("train run_dir below a file", ["train", "run_dir={d}/data.txt/run"], "'{d}/data.txt' is a file"),
     ("eval --out is a file", ["eval", "--out", "{d}/data.txt"], "--out '{d}/data.txt' is a file"),
+    ("eval over an evaluation", ["eval", "--out", "{d}/evaldone"], "{d}/evaldone already holds an evaluation (eval"),
     ("fresh train in another run", ["train", "run_dir={d}/oldrun"], "run_dir '{d}/oldrun' holds another run"),
     ("sft resuming a train run", ["sft", "run_dir={d}/oldrun", "checkpoint.resume=auto"], "holds a tracerl train run"),
     (
@@ -284,6 +285,8 @@ def files(tmp_path_factory: pytest.TempPathFactory) -> Path:
     (_checkpoint(d, "ckpt_badjson") / "config.json").write_text("[1, 2")
     weights = _checkpoint(d, "ckpt_truncated") / "model.safetensors"
     weights.write_bytes(weights.read_bytes()[:-100])
+    (d / "evaldone").mkdir()
+    (d / "evaldone" / "eval.json").write_text("{}")
     (d / "full").mkdir()
     (d / "full" / "keep.txt").write_text("mine")
     _checkpoint(d, "arun/checkpoints/step-1")  # a run folder, as train writes it: run.json, checkpoints, config.json

@@ -144,7 +144,14 @@ def run_eval(cfg: Config, out_dir: str | None = None, verbose: bool = False, con
     (checked like a run before any actor starts; the same seeds as the loop's evaluations, so it reproduces them)."""
     console = console or Console(soft_wrap=True)
     out = Path(out_dir) if out_dir else Path(cfg.run_dir) / "eval"
-    check_writable(out, "--out" if out_dir else "run_dir")  # before anything starts
+    setting = "--out" if out_dir else "run_dir"
+    check_writable(out, setting)  # before anything starts
+    held = [name for name in ("eval.json", "eval.jsonl") if (out / name).exists()]
+    if held:
+        raise ConfigError(
+            f"{out} already holds an evaluation ({', '.join(held)}); tracerl eval does not overwrite one. Give "
+            f"another {setting}, or move that one away first."
+        )
     _, eval_set = load_prompts(cfg)
     if eval_set is None:
         raise ConfigError("eval.num_prompts is 0: there is nothing to evaluate; set eval.num_prompts ≥ 1.")
