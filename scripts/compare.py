@@ -405,6 +405,13 @@ def main(argv: list[str] | None = None) -> int:
 
     quiet_third_party(ns.verbose)
     layouts, methods, seeds = check_selection(ns.layouts, ns.methods, ns.seeds, ns.steps, ns.eval_every)
+    from tracerl.checks import load_config
+    from tracerl.config import ConfigError
+
+    try:  # the config and overrides load before anything is written under --out
+        load_config(ns.config, ns.overrides)
+    except ConfigError as err:
+        p.error(str(err))
     out = Path(ns.out)
     os.environ.setdefault("OMP_NUM_THREADS", "1")  # one torch thread per process: the numbers are pinned so
     t0 = time.time()

@@ -28,15 +28,31 @@ def rows(run: Path) -> list[dict[str, Any]]:
     path = run / "metrics.jsonl"
     if not path.is_file():
         sys.exit(f"{path} does not exist: give tracerl train run directories (<run_dir>/rl of scripts/rlhf.sh)")
-    return [json.loads(line) for line in path.read_text().splitlines()]
+    out = []
+    for n, line in enumerate(path.read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            out.append(json.loads(line))
+        except json.JSONDecodeError as err:
+            sys.exit(f"{path} line {n} is not valid JSON ({err.msg}): the file is damaged")
+    return out
 
 
 def summary(run: Path, k: int) -> dict[str, Any]:
     """Start and end of one run: reward model and verifier, greedy and mean@k, and the pair accuracy."""
     history = rows(run)
-    evals = [r for r in history if f"eval/greedy_reward/{VERIFIER}" in r]
+    evals = [r for r in history if f"eval/greedy_reward/{VERIFIER}" in r and f"eval/greedy_reward/{RM}" in r]
+    if len(evals) < 2:
+        sys.exit(
+            f"{run} has {len(evals)} evaluation(s) that score both '{RM}' and '{VERIFIER}': give the <run_dir>/rl of "
+            "scripts/rlhf.sh runs, whose rewards are the reward model 'rm' and the verifier (weight 0)."
+        )
     first, last = evals[0], evals[-1]
-    info = json.loads((run.parent / "reward_model" / "reward_model.json").read_text())
+    info_path = run.parent / "reward_model" / "reward_model.json"
+    if not info_path.is_file():
+        sys.exit(f"{info_path} does not exist: scripts/rlhf.sh keeps the reward model beside each run's rl/ folder.")
+    info = json.loads(info_path.read_text())
     out: dict[str, Any] = {"run": str(run), "steps": last["step"], "pair_accuracy": info["accuracy"]["heldout"]}
     for part in (RM, VERIFIER):
         for mode, key in (("greedy", f"eval/greedy_reward/{part}"), (f"mean@{k}", f"eval/mean@{k}/{part}")):

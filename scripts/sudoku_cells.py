@@ -13,7 +13,6 @@ also in an answer the verifier scores 0 as a whole (a changed clue, a grid of th
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,6 +20,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from tracerl.data import confused_with  # noqa: E402
+from tracerl.metrics import read_jsonl  # noqa: E402
 
 DIGITS = "1234"
 
@@ -81,7 +81,10 @@ def main(argv: list[str] | None = None) -> None:
     for path in args.files:
         if not path.is_file():
             sys.exit(f"{path} does not exist: give the JSONL files of tracerl eval or of a run's eval/ directory")
-        rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+        try:
+            rows = read_jsonl(path)
+        except ValueError as err:
+            sys.exit(str(err))
         print(f"{path}: {count(rows).line()}")
 
 

@@ -391,8 +391,31 @@ def main(argv: list[str] | None = None) -> int:
                    help="also train FinalStateRegression (it sees each final sequence) on the batches")  # fmt: skip
     p.add_argument("--mc-samples", type=int, default=0,
                    help="continuations per state for the policy's own value at block starts (0: off)")  # fmt: skip
+    p.add_argument("--verbose", action="store_true", help="third-party logs and progress bars")
+    p.add_argument("--debug", action="store_true", help="a traceback instead of a one-paragraph error")
     ns = p.parse_args(argv)
+    bad = [t for t in ns.targets.split(",") if t not in ("centered", "reward", "advantage")]
+    if bad:
+        p.error(f"--targets {ns.targets}: {bad} unknown; give a comma-separated list of centered, reward, advantage")
+    if ns.steps < 1 or ns.print_every < 1 or ns.mc_samples < 0 or (ns.oracle_samples or 0) < 0:
+        p.error(
+            f"--steps ({ns.steps}) and --print-every ({ns.print_every}) must be ≥ 1, --mc-samples ({ns.mc_samples}) "
+            f"and --oracle-samples ({ns.oracle_samples}) ≥ 0"
+        )
+    from tracerl.cli import quiet_third_party
 
+    quiet_third_party(ns.verbose)
+    try:
+        return probe(ns)
+    except Exception as err:  # noqa: BLE001 - one paragraph, as the tracerl commands print it
+        if ns.debug:
+            raise
+        print(f"value_probe.py: error: {err} (--debug for the traceback)", file=sys.stderr)
+        return 2
+
+
+def probe(ns: argparse.Namespace) -> int:
+    """The measurements of ``main``'s arguments (module docstring)."""
     from tracerl import advantages as adv_lib
     from tracerl.checks import load_config
     from tracerl.config import value_lr as resolve_value_lr

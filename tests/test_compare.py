@@ -126,6 +126,15 @@ def test_selection_is_deduplicated_and_every_problem_named():
         compare.check_selection("block", "trace", "0", -5, 5)
 
 
+def test_a_bad_config_is_refused_before_anything_is_written(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        compare.main([str(tmp_path / "nope.yaml"), "--out", str(tmp_path / "cmp")])
+    assert exit_.value.code == 2 and "nope.yaml' does not exist" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        compare.main(["configs/quickstart.yaml", "sampling.foo=1", "--out", str(tmp_path / "cmp")])
+    assert "sampling.foo" in capsys.readouterr().err and not (tmp_path / "cmp").exists()
+
+
 def test_overrides_may_follow_the_options(tmp_path):
     """As the docs write it: `--layouts block learner.lr=7e-4`; argparse alone refused the override there."""
     with pytest.raises(SystemExit) as err:

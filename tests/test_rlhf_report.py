@@ -39,3 +39,14 @@ def test_table_and_curves(tmp_path: Path) -> None:
     # changes +0.3 and +0.1: mean 0.2, sample std 0.141; mean@4 changes +0.15 and +0.05: 0.1 ± 0.071
     assert lines[-1] == "| mean ± std | | | +0.200 ± 0.141 | +0.100 ± 0.071 |"
     assert png.stat().st_size > 10_000
+
+
+def test_a_run_without_the_reward_model_is_named_not_a_traceback(tmp_path: Path) -> None:
+    run = tmp_path / "plain" / "rl"
+    run.mkdir(parents=True)
+    (run / "metrics.jsonl").write_text(json.dumps({"step": 0, "eval/greedy_reward": 0.4}) + "\n")
+    done = subprocess.run(
+        [sys.executable, str(ROOT / "scripts" / "rlhf_report.py"), f"x={run}"], capture_output=True, text=True
+    )
+    assert done.returncode == 1 and "Traceback" not in done.stderr
+    assert f"{run} has 0 evaluation(s) that score both 'rm' and 'sudoku_cells'" in done.stderr

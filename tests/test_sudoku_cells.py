@@ -8,6 +8,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from .conftest import load_script
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -42,3 +44,10 @@ def test_a_file_of_greedy_and_sampled_rows(tmp_path):
         [sys.executable, str(SCRIPT), str(tmp_path / "nope.jsonl")], capture_output=True, text=True
     )
     assert missing.returncode != 0 and "nope.jsonl does not exist" in missing.stderr
+
+
+def test_a_damaged_file_is_named_by_its_line(tmp_path) -> None:
+    path = tmp_path / "step-0.jsonl"
+    path.write_text('{"prompt": "x"\n{"prompt": "y"}\n')
+    with pytest.raises(SystemExit, match=r"step-0.jsonl line 1 is not valid JSON .*the file is damaged"):
+        cells.main([str(path)])

@@ -250,3 +250,20 @@ def test_final_state_regression_reads_the_completion():
     with torch.no_grad():
         fitted = regression.predict(rollout)
     assert explained_variance(fitted.unsqueeze(1), target.unsqueeze(1), torch.ones(32, 1, dtype=torch.bool)) > 0.5
+
+
+def test_bad_arguments_get_one_line_not_a_traceback(capsys) -> None:
+    for args, message in (
+        (["--targets", "bogus"], "--targets bogus: ['bogus'] unknown"),
+        (["--steps", "0"], "--steps (0) and --print-every (5) must be ≥ 1"),
+        (["--mc-samples", "-1"], "--mc-samples (-1)"),
+    ):
+        with pytest.raises(SystemExit) as exit_:
+            probe.main(["configs/quickstart.yaml", *args])
+        assert exit_.value.code == 2 and message in capsys.readouterr().err
+    assert probe.main(["configs/quickstart.yaml", "model.path=./runs/no-such-model", "--oracle-samples", "0"]) == 2
+    err = capsys.readouterr().err
+    assert (
+        err.startswith("value_probe.py: error: model.path './runs/no-such-model' does not exist")
+        and "Traceback" not in err
+    )
