@@ -64,6 +64,7 @@ CASES = [
     ("eval max_new_tokens", ["validate", "eval.max_new_tokens=0"], "eval.max_new_tokens must be a positive"),
     ("eval steps_per_block", ["validate", "eval.steps_per_block=0"], "eval.steps_per_block must be between 1 and"),
     ("eval remasking", ["validate", "eval.remasking=foo"], "unknown eval.remasking 'foo'"),
+    ("sft mask_eps", ["validate", "sft.mask_eps=2"], "sft.mask_eps must be in (0, 1)"),
     (
         "more minibatches than samples",
         ["validate", "rollout.prompts_per_step=2", "rollout.samples_per_prompt=2", "learner.minibatches=5"],

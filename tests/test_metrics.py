@@ -95,6 +95,18 @@ def test_online_without_credentials_falls_back_to_offline(monkeypatch, tmp_path)
     assert wandb_mode("disabled") == "disabled"
 
 
+def test_online_without_credentials_says_so_once(monkeypatch, tmp_path, capsys):
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    monkeypatch.delenv("WANDB_MODE", raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path))
+    log = MetricsLogger(tmp_path / "run", config={}, wandb_cfg=WandbConfig(mode="online", project="t"))
+    log.close()
+    out = capsys.readouterr().out
+    assert out.count("W&B runs offline: wandb.mode=online needs credentials") == 1 and "wandb sync" in out
+    MetricsLogger(tmp_path / "run2", config={}, wandb_cfg=WandbConfig(mode="offline", project="t")).close()
+    assert "W&B runs offline" not in capsys.readouterr().out  # asked for offline: nothing to say
+
+
 def test_wandb_offline_run_is_written(tmp_path, monkeypatch):
     monkeypatch.setenv("WANDB_MODE", "offline")
     log = MetricsLogger(tmp_path, config={"seed": 1}, wandb_cfg=WandbConfig(mode="offline", project="t"))

@@ -553,6 +553,11 @@ def check(cfg: Config) -> None:
             f"rollout.prompts_per_step and rollout.samples_per_prompt must be ≥ 1 (got {cfg.rollout.prompts_per_step}"
             f" and {cfg.rollout.samples_per_prompt}): an RL step needs at least one prompt and one sample of it."
         )
+    if not 0 < cfg.sft.mask_eps < 1:
+        raise ConfigError(
+            f"sft.mask_eps must be in (0, 1) (the smallest mask ratio t ~ U(mask_eps, 1] of an SFT example; the loss "
+            f"weighs a masked token by 1/t), got {cfg.sft.mask_eps}."
+        )
     samples = cfg.rollout.prompts_per_step * cfg.rollout.samples_per_prompt
     if lr.minibatches > samples:
         raise ConfigError(

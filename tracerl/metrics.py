@@ -75,6 +75,12 @@ class MetricsLogger:
         self._jsonl = (self.run_dir / "metrics.jsonl").open("a")
         wandb_cfg = wandb_cfg or WandbConfig(mode="disabled")
         mode = wandb_mode(wandb_cfg.mode)
+        asked = os.environ.get("WANDB_MODE", "").strip().lower() or wandb_cfg.mode
+        if asked in ("online", "run") and mode == "offline":  # asked for online, said once: it syncs later
+            print(
+                "W&B runs offline: wandb.mode=online needs credentials (WANDB_API_KEY or wandb login) and none were "
+                f"found; sync the run later with wandb sync {self.run_dir / 'wandb'}/offline-run-*."
+            )
         if mode != "disabled":
             try:
                 import wandb
