@@ -92,7 +92,7 @@ def test_a_probe_that_fails_oddly_leaves_the_name_to_the_library(online) -> None
 
 
 def test_a_cached_or_offline_name_is_left_to_the_library(online, monkeypatch) -> None:
-    (Path(constants.HF_HUB_CACHE) / "models--org--model").mkdir(parents=True)
+    (Path(constants.HF_HUB_CACHE) / "models--org--model" / "snapshots").mkdir(parents=True)
     assert hub.hub_problem("org/model") is None and online["asked"] == []
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     assert hub.hub_problem("org/other") is None and online["asked"] == []
@@ -100,6 +100,20 @@ def test_a_cached_or_offline_name_is_left_to_the_library(online, monkeypatch) ->
     monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
     assert hub.hub_problem("org/data", "dataset") is None and online["asked"] == []
     assert hub.hub_problem("org/other") is not None and online["asked"] == ["model:org/other"]
+
+
+def test_a_dataset_in_datasets_own_cache_is_left_to_datasets(online, tmp_path, monkeypatch) -> None:
+    """datasets keeps a hub dataset as org___snake_case_name; without network it loads it from there."""
+    import datasets
+
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", str(tmp_path / "ds-cache"))
+    (tmp_path / "ds-cache" / "DigitalLearningGmbH___math-lighteval").mkdir(parents=True)
+    assert hub.hub_problem("DigitalLearningGmbH/MATH-lighteval", "dataset") is not None  # an empty folder: no data
+    (tmp_path / "ds-cache" / "DigitalLearningGmbH___math-lighteval" / "default").mkdir()
+    online["asked"].clear()
+    assert hub.hub_problem("DigitalLearningGmbH/MATH-lighteval", "dataset") is None and online["asked"] == []
+    monkeypatch.setenv("TRANSFORMERS_OFFLINE", "1")
+    assert hub.hub_problem("org/other") is None and online["asked"] == []
 
 
 def test_an_invalid_name_is_named_without_a_request(online) -> None:

@@ -288,3 +288,18 @@ def test_a_file_as_model_path_is_refused_before_anything_loads(tmp_path, monkeyp
         with pytest.raises(ConfigError, match=rf"^model.path '{config}' is a file, not a model directory"):
             load(ModelConfig(family="tiny", path=str(config)))
     assert asked == []
+
+
+def test_a_model_directory_that_keeps_a_checkpoints_folder_is_still_a_model(tmp_path: Path) -> None:
+    from tracerl.checkpoint import run_folder_advice
+    from tracerl.models import load_tokenizer
+
+    model, tok = build_tiny(TinyModelConfig(hidden_size=32, intermediate_size=32))
+    save_tiny(model, tok, tmp_path / "m")
+    (tmp_path / "m" / "checkpoints").mkdir()  # a user's own folder beside the model's files
+    assert len(load_tokenizer(ModelConfig(family="tiny", path=str(tmp_path / "m")))) == len(tok)
+    (tmp_path / "run" / "checkpoints").mkdir(parents=True)  # a run that has not saved yet: nothing to point at
+    text, target = run_folder_advice(tmp_path / "run")
+    assert target is None and "no complete checkpoint yet" in text
+    with pytest.raises(ConfigError, match=r"no complete checkpoint yet \(in '.*checkpoints'\)\.$"):
+        load_tokenizer(ModelConfig(family="tiny", path=str(tmp_path / "run")))

@@ -167,9 +167,10 @@ def half_written(run_dir: str | Path) -> list[Path]:
     )  # fmt: skip
 
 
-def run_folder_advice(path: str | Path, want: str = "model") -> str | None:
-    """Where to look inside ``path`` when it is a tracerl run folder (``run.json``, ``checkpoints/``) given where a
-    ``model`` directory (model.path) or a ``checkpoint`` (--resume, export) was wanted; None for anything else.
+def run_folder_advice(path: str | Path, want: str = "model") -> tuple[str, Path | None] | None:
+    """When ``path`` is a tracerl run folder (``run.json``, ``checkpoints/``) given where a ``model`` directory
+    (model.path) or a ``checkpoint`` (--resume, export) was wanted: what it is, and the path to give instead (its
+    final model or latest complete checkpoint; None when it has neither yet). None for anything else.
 
     Example:
         >>> run_folder_advice("/nonexistent") is None
@@ -180,11 +181,11 @@ def run_folder_advice(path: str | Path, want: str = "model") -> str | None:
         return None
     latest, final = latest_checkpoint(path), path / "final"
     if want == "model" and (final / "config.json").is_file():
-        return f"it is a tracerl run folder; its trained model is '{final}'"
+        return f"it is a tracerl run folder; its trained model is '{final}'", final
     if latest is not None:
-        where = f"'{latest / 'learner' / 'hf'}'" if want == "model" else f"'{latest}'"
-        return f"it is a tracerl run folder; its latest complete checkpoint is {where}"
-    return f"it is a tracerl run folder with no complete checkpoint yet (in '{checkpoint_dir(path)}')"
+        target = latest / "learner" / "hf" if want == "model" else latest
+        return f"it is a tracerl run folder; its latest complete checkpoint is '{target}'", target
+    return f"it is a tracerl run folder with no complete checkpoint yet (in '{checkpoint_dir(path)}')", None
 
 
 def resolve_resume(run_dir: str | Path, resume: str, run_id: str | None = None) -> Path | None:
@@ -204,7 +205,10 @@ def resolve_resume(run_dir: str | Path, resume: str, run_id: str | None = None) 
         )
     if not (path / COMPLETE).is_file():
         advice = run_folder_advice(path, want="checkpoint")
-        why = f": {advice}. Give that, or" if advice else f" (no {COMPLETE} marker); use"
+        if advice is None:
+            why = f" (no {COMPLETE} marker); use"
+        else:
+            why = f": {advice[0]}. Give that, or" if advice[1] is not None else f": {advice[0]}; use"
         raise FileNotFoundError(
             f"checkpoint.resume='{resume}' is not a complete checkpoint{why} 'auto' to take the latest complete one "
             f"in {checkpoint_dir(run_dir)}."
@@ -349,8 +353,9 @@ def export_hf(source: str | Path | Any, out_dir: str | Path, adapter: bool = Fal
         raise FileNotFoundError(f"checkpoint '{src}' {problem}; give a directory like run_dir/checkpoints/step-N.")
     if advice := run_folder_advice(src, want="checkpoint"):
         final = src / "final"
+        what = "; export that." if advice[1] is not None else "."
         ready = f" Its final model '{final}' is a standalone copy already." if (final / "config.json").is_file() else ""
-        raise FileNotFoundError(f"'{src}' is not a checkpoint: {advice}; export that.{ready}")
+        raise FileNotFoundError(f"'{src}' is not a checkpoint: {advice[0]}{what}{ready}")
     sub, marker = ("adapter", "adapter_config.json") if adapter else ("hf", "config.json")
     hf = next((c for c in (src / "learner" / sub, src / sub, src) if (c / marker).is_file()), None)
     if hf is None:

@@ -16,22 +16,27 @@ PROBE_TIMEOUT_S = 10.0
 
 
 def offline(kind: str = "model") -> bool:
-    """``HF_HUB_OFFLINE`` (or, for a dataset, ``HF_DATASETS_OFFLINE``) is set: names come from the local cache."""
-    names = ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE") if kind == "dataset" else ("HF_HUB_OFFLINE",)
+    """The offline variables huggingface_hub (and, for a dataset, datasets) honour are set: names come from the
+    local cache only."""
+    names = ["HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"] + (["HF_DATASETS_OFFLINE"] if kind == "dataset" else [])
     return any(os.environ.get(n, "").strip().lower() in ("1", "true", "yes", "on") for n in names)
 
 
 def _cached(name: str, kind: str) -> bool:
-    """Something of ``name`` is in the hub's cache (or, for a dataset, in datasets' own): the library may load it
-    without the network, so the probe leaves it to the library."""
+    """Something of ``name`` is in the hub's cache (or, for a dataset, in datasets' own, in the folder datasets
+    names it: ``org___snake_case_name``): the library may load it without the network, so the probe leaves it to
+    the library."""
     from huggingface_hub import constants
 
     folders = [Path(constants.HF_HUB_CACHE) / f"{kind}s--{name.replace('/', '--')}"]
     if kind == "dataset":
         import datasets
+        from datasets.naming import camelcase_to_snakecase
 
-        folders.append(Path(datasets.config.HF_DATASETS_CACHE) / name.replace("/", "___"))
-    return any(f.exists() for f in folders)
+        parts = name.split("/")
+        parts[-1] = camelcase_to_snakecase(parts[-1])
+        folders.append(Path(datasets.config.HF_DATASETS_CACHE).expanduser() / "___".join(parts))
+    return any(f.is_dir() and any(f.iterdir()) for f in folders)
 
 
 def hub_problem(name: str, kind: str = "model", timeout: float = PROBE_TIMEOUT_S) -> str | None:

@@ -202,8 +202,11 @@ def _not_fetched(name: str, why: str, setting: str = "model.path") -> ConfigErro
 def _not_a_checkpoint(name: str, setting: str) -> None:
     """A tracerl checkpoint or run folder is not a model directory: say where its model is."""
     path = Path(name).expanduser()
+    if (path / "config.json").is_file() and not (path / "run.json").is_file():
+        return  # a model directory (that may keep other things beside its model)
     if advice := run_folder_advice(path):
-        raise ConfigError(f"{setting} '{name}' is not a model directory: {advice} (set {setting} to that).")
+        fix = f" (set {setting} to that)" if advice[1] is not None else ""
+        raise ConfigError(f"{setting} '{name}' is not a model directory: {advice[0]}{fix}.")
     for inner in (path / "learner" / "hf", path / "hf"):
         if (inner / "config.json").is_file() and not (path / "config.json").is_file():
             raise ConfigError(
