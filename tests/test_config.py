@@ -204,3 +204,16 @@ def test_the_value_model_is_refused_off_trace_views(views):
     with pytest.raises(ConfigError, match=f"objective.value_model=true with objective.views={views}: .*only trace"):
         load(None, ["objective.value_model=true", f"objective.views={views}", "objective.old_logp_source=learner"])
     assert load(None, ["objective.value_model=true", "objective.shrink=4"]).objective.shrink == 4  # merged: fine
+
+
+def test_reward_totals_and_sample_spread_are_checked_only_where_samples_are_scored_and_trained():
+    from tracerl.config import check_reward_total, check_training
+
+    weightless = load(None, ["reward.functions=[{fn: synthetic_exact, weight: 0}]"])  # sft and generate load it
+    with pytest.raises(ConfigError, match="every reward weight is 0"):
+        check_reward_total(weightless)
+    with pytest.raises(ConfigError, match="sampling.temperature=0 with sampling.remasking=low_confidence_static"):
+        check_training(load(None, ["sampling.temperature=0"]))
+    for fine in (["sampling.temperature=0", "objective.value_model=true"],  # R - V is no group difference
+                 ["sampling.temperature=0", "sampling.remasking=random"]):  # the commit order differs  # fmt: skip
+        check_training(load(None, fine))

@@ -384,3 +384,20 @@ def test_value_watch_config_is_checked() -> None:
         load(None, ["guard.value_window=0"])
     with pytest.raises(ConfigError, match="guard.min_value_explained_var below 1"):
         load(None, ["guard.min_value_explained_var=1.5"])
+
+
+def test_nothing_scored_excuses_counted_failures_except_where_asked() -> None:
+    from tracerl.orchestrator.guards import nothing_scored
+    from tracerl.reward_service import RewardResult
+
+    nan = float("nan")
+    cfg = load(None, ["eval.source=synthetic:sudoku4"])
+    silent = RewardResult([nan, nan], {"judge": [nan, nan]}, {"reward/errors/judge": 0.0})
+    failed = RewardResult([nan, nan], {"judge": [nan, nan]}, {"reward/errors/judge": 2.0})
+    assert nothing_scored(silent, 1, cfg).startswith("every sample of RL step 1 was scored None (or NaN) by")
+    assert nothing_scored(failed, 1, cfg) is None  # reward.on_error=nan: counted and logged, the run goes on
+    assert nothing_scored(failed, 0, cfg, evaluation=True) is None  # the same in a run's evaluation
+    message = nothing_scored(failed, 0, cfg, evaluation=True, failures_too=True)  # tracerl eval
+    assert "the held-out evaluation at step 0" in message and "{'reward/errors/judge': 2.0}" in message
+    assert "of eval.source 'synthetic:sudoku4'" in message and "nothing to report" in message
+    assert nothing_scored(RewardResult([nan, 0.5], {"judge": [nan, 0.5]}, {}), 1, cfg) is None

@@ -175,12 +175,12 @@ def cmd_validate(ns: argparse.Namespace) -> int:
     """Resolve and check everything a run needs, without training; ``--offline`` loads no weights and no hub data."""
     from rich.console import Console
 
-    from tracerl.config import check_cluster, check_rollout_spread, gpus_needed
+    from tracerl.config import check_cluster, check_training, gpus_needed
     from tracerl.orchestrator import check_device, check_model, check_rewards, load_prompts
 
     console = Console()
     cfg = _config(ns)
-    check_rollout_spread(cfg)
+    check_training(cfg)
     console.print(f"config: ok (seed {cfg.seed}, run_dir {cfg.run_dir})")
     c = cfg.cluster
     check_cluster(cfg, c.num_nodes * c.gpus_per_node, f"the declared cluster ({c.num_nodes} × {c.gpus_per_node} GPUs)")

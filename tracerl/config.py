@@ -304,12 +304,32 @@ GROUP_ADVANTAGES = ("group_zscore", "group_mean", "rloo")  # the built-in advant
 DETERMINISTIC_REMASKING = ("low_confidence_static", "low_confidence_dynamic", "entropy_bounded", "sequential")
 
 
-def check_rollout_spread(cfg: Config) -> None:
-    """An RL run's samples of one prompt can differ (``tracerl train`` and ``validate``; greedy decoding is fine
-    for ``generate`` and ``eval``): at temperature 0 a deterministic remasking rule writes every sample of a prompt
-    the same, so every group advantage is 0 and nothing trains."""
+def check_reward_total(cfg: Config) -> None:
+    """The commands that score samples (train, eval, validate) have a total reward to read: at least one reward
+    function, not every weight 0."""
+    functions = cfg.reward.functions
+    if not functions:
+        raise ConfigError(
+            "reward.functions is empty: give at least one reward function, e.g. reward.functions=[{fn: "
+            "sudoku_cells}] (docs/rewards.md lists the built-in ones)."
+        )
+    if all(f.weight == 0 for f in functions):
+        raise ConfigError(
+            f"every reward weight is 0 ({', '.join(f.name or f.fn for f in functions)}): the total reward is 0 for "
+            "every sample, so a run has nothing to optimise and an evaluation nothing to report. Give at least one "
+            "reward a weight other than 0, e.g. reward.functions[0].weight=1."
+        )
+
+
+def check_training(cfg: Config) -> None:
+    """What ``tracerl train`` (and ``validate``) need beyond ``check``: a total reward (``check_reward_total``),
+    and samples of one prompt that can differ. Greedy decoding is fine for ``generate`` and ``eval``, but at
+    temperature 0 a deterministic remasking rule writes every sample of a prompt the same, so every group
+    advantage is 0 and nothing trains."""
+    check_reward_total(cfg)
     s, r = cfg.sampling, cfg.rollout
-    grouped = r.samples_per_prompt > 1 and cfg.objective.advantage in GROUP_ADVANTAGES
+    # a value model's GAE advantage R - V is no group difference: it is not 0 for a group of equal samples
+    grouped = r.samples_per_prompt > 1 and cfg.objective.advantage in GROUP_ADVANTAGES and not cfg.objective.value_model
     greedy = cfg.model.family != "diffusion_gemma" and s.temperature == 0 and s.remasking in DETERMINISTIC_REMASKING
     if grouped and greedy:
         raise ConfigError(
@@ -591,24 +611,12 @@ def reward_model_workers(m: RewardModelConfig, rollout_workers: int) -> int:
 def check_reward_entries(cfg: Config) -> None:
     """The ``reward.functions`` entries: at least one, finite weights not all 0, and their ``model`` / ``judge``
     blocks (kind, counts and GPU shares)."""
-    functions = cfg.reward.functions
-    if not functions:
-        raise ConfigError(
-            "reward.functions is empty: give at least one reward function, e.g. reward.functions=[{fn: "
-            "sudoku_cells}] (docs/rewards.md lists the built-in ones)."
-        )
-    for i, f in enumerate(functions):
+    for i, f in enumerate(cfg.reward.functions):
         if not math.isfinite(f.weight):
             raise ConfigError(
                 f"reward.functions[{i}] ({f.name or f.fn}) has weight {f.weight}: a weight is a finite number (0 "
                 "logs the reward without optimising it)."
             )
-    if all(f.weight == 0 for f in functions):
-        raise ConfigError(
-            f"every reward weight is 0 ({', '.join(f.name or f.fn for f in functions)}): the total reward is 0 for "
-            "every sample, so a run has nothing to optimise and an evaluation nothing to report. Give at least one "
-            "reward a weight other than 0, e.g. reward.functions[0].weight=1."
-        )
     shares = 0.0
     for i, f in enumerate(cfg.reward.functions):
         where = f"reward.functions[{i}] ({f.name or f.fn})"

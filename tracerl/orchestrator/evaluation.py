@@ -17,7 +17,7 @@ from rich.console import Console
 
 from tracerl import data, seeding, stats
 from tracerl.checkpoint import check_writable
-from tracerl.config import Config, ConfigError
+from tracerl.config import Config, ConfigError, check_reward_total
 from tracerl.metrics import Timers
 from tracerl.orchestrator.console import eval_line
 from tracerl.orchestrator.guards import nothing_scored
@@ -48,6 +48,7 @@ def evaluate(
     tag: str | None = None,
     weights: Callable[[], tuple[int, Any]] | None = None,
     unscored_is_error: bool = True,
+    failures_too: bool = True,
 ) -> dict[str, float]:
     """``eval/*`` of the rollout actors' current weights on ``prompts`` (greedy + ``eval.samples`` sampled per
     prompt), written with every sample and the exact settings to ``out_dir/<tag>.jsonl`` and ``<tag>.json``.
@@ -56,8 +57,9 @@ def evaluate(
 
     Raises:
         ConfigError: with ``unscored_is_error`` (``tracerl eval``, and a run before its first scored sample),
-            no sample could be scored: every reward gave None or NaN. Later in a run such an evaluation is logged
-            as NaN, for the divergence guard to read.
+            no sample could be scored: every reward gave None or NaN (``failures_too``: or failed under
+            ``reward.on_error=nan``, which a run excuses as it does in its RL steps). Later in a run such an
+            evaluation is logged as NaN, for the divergence guard to read.
     """
     settings = {"greedy": stats.eval_sampling(cfg, greedy=True), "sampled": stats.eval_sampling(cfg, greedy=False)}
 
@@ -68,7 +70,7 @@ def evaluate(
 
     greedy, g_scored = sample(1, "greedy")
     sampled, s_scored = sample(cfg.eval.samples, "sampled")
-    problem = nothing_scored(merge_results([g_scored, s_scored]), step, cfg, evaluation=True)
+    problem = nothing_scored(merge_results([g_scored, s_scored]), step, cfg, evaluation=True, failures_too=failures_too)
     if unscored_is_error and problem:
         raise ConfigError(problem)  # not a score of 0: nothing could be scored
     n = cfg.eval.samples
@@ -144,6 +146,7 @@ def run_eval(cfg: Config, out_dir: str | None = None, verbose: bool = False, con
     (checked like a run before any actor starts; the same seeds as the loop's evaluations, so it reproduces them)."""
     console = console or Console(soft_wrap=True)
     out = Path(out_dir) if out_dir else Path(cfg.run_dir) / "eval"
+    check_reward_total(cfg)
     setting = "--out" if out_dir else "run_dir"
     check_writable(out, setting)  # before anything starts
     held = [name for name in ("eval.json", "eval.jsonl") if (out / name).exists()]

@@ -74,12 +74,16 @@ def oversubscription(cfg: Config, cores: int) -> str | None:
     )
 
 
-def nothing_scored(scored: RewardResult, step: int, cfg: Config, evaluation: bool = False) -> str | None:
+def nothing_scored(
+    scored: RewardResult, step: int, cfg: Config, evaluation: bool = False, failures_too: bool = False
+) -> str | None:
     """The error when every sample of an RL step (or of a held-out ``evaluation``) got None from its reward
-    functions (no function failed), so nothing can be trained on (or reported); None otherwise."""
+    functions, so nothing can be trained on (or reported); None otherwise. Calls that failed under
+    ``reward.on_error=nan`` are counted and logged, and excused, unless ``failures_too`` (``tracerl eval``: an
+    evaluation of nothing but failures reports nothing either)."""
     if not scored.total or not all(math.isnan(v) for v in scored.total):
         return None
-    if not evaluation and any(v for k, v in scored.metrics.items() if k.startswith("reward/errors/")):
+    if not failures_too and any(v for k, v in scored.metrics.items() if k.startswith("reward/errors/")):
         return None  # failures under on_error="nan": counted and logged, not this
     silent = [name for name, values in scored.parts.items() if all(math.isnan(v) for v in values)]
     what, key = ("the held-out evaluation at step", "eval.source") if evaluation else ("RL step", "data.source")

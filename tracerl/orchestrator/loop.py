@@ -33,7 +33,7 @@ import torch
 from rich.console import Console
 
 from tracerl import checkpoint, data, runs, scoring, seeding, stages, stats
-from tracerl.config import Config, ConfigError, check_cluster, check_rollout_spread, to_dict
+from tracerl.config import Config, ConfigError, check_cluster, check_training, to_dict
 from tracerl.metrics import MetricsLogger, Timers, decoding_order_picture
 from tracerl.orchestrator import guards
 from tracerl.orchestrator.console import eval_line, step_line
@@ -151,7 +151,7 @@ class Session:
         target, the prompts and the tokenizer's coverage of them, the rewards, the sampler settings and the
         estimator against the model (from its config alone) and, once Ray is up, the cluster's GPUs and resources."""
         run_dir = Path(cfg.run_dir)
-        check_rollout_spread(cfg)
+        check_training(cfg)
         claim = runs.claim(cfg, "train")  # whose directory, what to resume (verified), before anything is written
         resume = claim.resume
         stream, eval_set = load_prompts(cfg)
@@ -365,7 +365,7 @@ class Session:
             return {}
         metrics = evaluate(
             self.cfg, self.rollout, self.rewards, self.eval_set, self.version, step, self.eval_dir,
-            weights=self.learner.publish_weights, unscored_is_error=not self.scored_any,
+            weights=self.learner.publish_weights, unscored_is_error=not self.scored_any, failures_too=False,
         )  # fmt: skip
         rows = eval_rows(self.eval_dir / f"step-{step}.jsonl")
         self.logger.log_table("samples/eval", *eval_table(rows), step)
