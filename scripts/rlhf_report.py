@@ -43,7 +43,7 @@ def summary(run: Path, k: int) -> dict[str, Any]:
     """Start and end of one run: reward model and verifier, greedy and mean@k, and the pair accuracy."""
     history = rows(run)
     evals = [r for r in history if f"eval/greedy_reward/{VERIFIER}" in r and f"eval/greedy_reward/{RM}" in r]
-    if len(evals) < 2:
+    if not evals:
         sys.exit(
             f"{run} has {len(evals)} evaluation(s) that score both '{RM}' and '{VERIFIER}': give the <run_dir>/rl of "
             "scripts/rlhf.sh runs, whose rewards are the reward model 'rm' and the verifier (weight 0)."

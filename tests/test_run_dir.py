@@ -244,9 +244,8 @@ def test_a_resume_that_changes_what_the_numbers_mean_says_so(tmp_path: Path) -> 
     """A resume may change the reward, the data or the held-out set (a curriculum does), but then the run's curves and
     tracerl plot's before/after table compare unlike things: the resume names each such change."""
     run_dir = tmp_path / "run"
-    first = cfg_for(run_dir, "eval.num_prompts=4")
-    fake_run(run_dir, (1,), cfg=first)
-    (run_dir / "config.json").write_text(json.dumps(to_dict(first)))  # as the run wrote it
+    fake_run(run_dir, (1,), cfg=cfg_for(run_dir, "eval.num_prompts=4"))
+    (run_dir / "config.json").write_text(json.dumps(to_dict(cfg_for(run_dir, "seed=5"))))  # a later attempt's
     same = runs.claim(cfg_for(run_dir, "eval.num_prompts=4", "checkpoint.resume=auto", "train.steps=200"), "train")
     assert same.notes == []  # more steps, same meaning
     other = "reward.functions=[{fn: sudoku_cells, weight: 1.0}]"
@@ -256,6 +255,8 @@ def test_a_resume_that_changes_what_the_numbers_mean_says_so(tmp_path: Path) -> 
     assert "reward.functions=[{'fn': 'sudoku_cells'" in note and "(was [{'fn': 'synthetic_exact'" in note
     assert f"the run resumed from {run_dir / 'checkpoints' / 'step-1'} was trained and evaluated with" in note
     assert changed.resume == run_dir / "checkpoints" / "step-1"  # a note, not a refusal
+    # compared with what the checkpoint recorded, not with config.json, which every attempt rewrites
+    assert runs.claim(cfg_for(run_dir, "eval.num_prompts=4", "checkpoint.resume=auto"), "train").notes == []
 
 
 def test_resume_notes_name_a_schedule_length_only_where_the_schedule_decays(tmp_path: Path) -> None:
@@ -290,6 +291,18 @@ def test_a_run_dir_where_no_folder_can_be_made_is_refused_before_anything_starts
         runs.claim(cfg_for(Path("/proc/tracerl-run")), "train")
     check_writable(tmp_path / "new" / "run")
     assert list(tmp_path.iterdir()) == []  # the test folder is gone, and nothing else was made
+
+
+def test_the_write_check_makes_a_folder_because_permissions_do_not_tell(tmp_path: Path, monkeypatch) -> None:
+    """As root, os.access says yes also where nothing can be created: the check's own folder says no."""
+    import tempfile
+
+    def fails(*args: object, **kwargs: object) -> str:
+        raise FileNotFoundError(2, "No such file or directory")
+
+    monkeypatch.setattr(tempfile, "mkdtemp", fails)
+    with pytest.raises(ConfigError, match=r"making a folder in '.*' fails \(No such file or directory\)"):
+        check_writable(tmp_path / "run", "run_dir")
 
 
 # ---------------------------------------------------------------------------------------------- the checkpoint

@@ -47,11 +47,15 @@ class Claim:
     notes: list[str] = field(default_factory=list)  # what the console should say about the directory
     settings: dict[str, Any] = field(default_factory=dict)  # what every checkpoint of the run records
     restored: dict[str, Any] = field(default_factory=dict)  # the optimizer settings a resume takes from a checkpoint
+    meaning: dict[str, Any] = field(default_factory=dict)  # the settings that give the run's numbers their meaning
 
     @property
     def identity(self) -> dict[str, Any]:
         """What each checkpoint's manifest records about the run that wrote it."""
-        return {"run_id": self.run_id, "command": self.command, "settings": self.settings, "restored": self.restored}
+        return {
+            "run_id": self.run_id, "command": self.command, "settings": self.settings, "restored": self.restored,
+            "meaning": self.meaning,
+        }  # fmt: skip
 
 
 def settings(cfg: Config) -> dict[str, Any]:
@@ -125,7 +129,7 @@ def claim(cfg: Config, command: str) -> Claim:
                 f"run_dir '{run_dir}' holds another run ({', '.join(present)}); a fresh run there would mix its "
                 f"metrics, checkpoints and final model with that run's. {how}, or give a new run_dir."
             )
-        return Claim(uuid.uuid4().hex, command, None, settings=wanted, restored=restored)
+        return Claim(uuid.uuid4().hex, command, None, settings=wanted, restored=restored, meaning=meaning(cfg))
     if resume != "auto":
         return _explicit(cfg, command, Path(resume), owner, present, wanted, restored)
     if owner is None:
@@ -135,7 +139,7 @@ def claim(cfg: Config, command: str) -> Claim:
                 f"cannot tell whose they are. Resume a checkpoint by path (--resume {run_dir}/checkpoints/step-N) "
                 "or give a new run_dir."
             )
-        return Claim(uuid.uuid4().hex, command, None, settings=wanted, restored=restored)
+        return Claim(uuid.uuid4().hex, command, None, settings=wanted, restored=restored, meaning=meaning(cfg))
     _same_command(run_dir, owner, command)
     for path in checkpoint.list_checkpoints(run_dir):
         if checkpoint.run_id_of(path) != owner["run_id"]:
@@ -149,12 +153,11 @@ def claim(cfg: Config, command: str) -> Claim:
     if latest is None:
         note = f"no complete checkpoint in {checkpoint.checkpoint_dir(run_dir)}"
         note += f" (half-written, ignored: {', '.join(partial)})" if partial else ""
-        return Claim(
-            owner["run_id"], command, None, True, [f"{note}: starting the run over from step 0"], wanted, restored
-        )
+        notes = [f"{note}: starting the run over from step 0"]
+        return Claim(owner["run_id"], command, None, True, notes, wanted, restored, meaning(cfg))
     notes = [f"half-written checkpoint ignored: {', '.join(partial)}"] if partial else []
     notes += _check_resumable(latest, wanted, restored) + _changed_meaning(cfg, latest)
-    return Claim(owner["run_id"], command, latest, False, notes, wanted, restored)
+    return Claim(owner["run_id"], command, latest, False, notes, wanted, restored, meaning(cfg))
 
 
 def _explicit(
@@ -191,7 +194,8 @@ def _explicit(
     if owner is not None:
         _same_command(run_dir, owner, command)
     notes = _check_resumable(path, wanted, restored) + _changed_meaning(cfg, path)
-    return Claim(run_id or uuid.uuid4().hex, command, path, notes=notes, settings=wanted, restored=restored)
+    return Claim(run_id or uuid.uuid4().hex, command, path, notes=notes, settings=wanted, restored=restored,
+                 meaning=meaning(cfg))  # fmt: skip
 
 
 def _same_command(run_dir: Path, owner: dict, command: str) -> None:
@@ -246,21 +250,26 @@ MEANING = (
 )  # fmt: skip
 
 
-def _changed_meaning(cfg: Config, path: Path) -> list[str]:
-    """A note naming each ``MEANING`` setting of ``cfg`` that differs from the run that wrote checkpoint ``path``
-    (its run_dir's ``config.json``, written by the invocation that saved it); [] when none does or it is unreadable.
-    """
-    before = _config_json(path.parent.parent)
-    if before is None:
-        return []
-    now = json.loads(json.dumps(to_dict(cfg)))  # as config.json holds it
-
-    def at(tree: Any, key: str) -> Any:
+def meaning(cfg: Config) -> dict[str, Any]:
+    """The ``MEANING`` settings of ``cfg`` as JSON holds them (each checkpoint records them: ``Claim.identity``)."""
+    tree = json.loads(json.dumps(to_dict(cfg)))
+    out = {}
+    for key in MEANING:
+        value = tree
         for part in key.split("."):
-            tree = tree.get(part) if isinstance(tree, dict) else None
-        return tree
+            value = value.get(part) if isinstance(value, dict) else None
+        out[key] = value
+    return out
 
-    changed = [f"{k}={at(now, k)!r} (was {at(before, k)!r})" for k in MEANING if not _same(at(before, k), at(now, k))]
+
+def _changed_meaning(cfg: Config, path: Path) -> list[str]:
+    """A note naming each ``MEANING`` setting of ``cfg`` that differs from what checkpoint ``path`` recorded (a
+    checkpoint that recorded none gives no note)."""
+    before = checkpoint.manifest(path).get("identity", {}).get("meaning")
+    if not isinstance(before, dict):
+        return []
+    now = meaning(cfg)
+    changed = [f"{k}={now[k]!r} (was {before[k]!r})" for k in MEANING if k in before and not _same(before[k], now[k])]
     if not changed:
         return []
     return [
