@@ -609,8 +609,8 @@ def reward_model_workers(m: RewardModelConfig, rollout_workers: int) -> int:
 
 
 def check_reward_entries(cfg: Config) -> None:
-    """The ``reward.functions`` entries: at least one, finite weights not all 0, and their ``model`` / ``judge``
-    blocks (kind, counts and GPU shares)."""
+    """The ``reward.functions`` entries: finite weights (``check_reward_total`` asks for a total reward where samples
+    are scored), and their ``model`` / ``judge`` blocks (kind, counts and GPU shares)."""
     for i, f in enumerate(cfg.reward.functions):
         if not math.isfinite(f.weight):
             raise ConfigError(
