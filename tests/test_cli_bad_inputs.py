@@ -179,6 +179,18 @@ CASES = [
         ],
         "+ 91 response tokens) needs",
     ),
+    (
+        "sft padding beyond the positions",
+        [
+            "sft",
+            "data.source={d}/sums.jsonl",
+            "model.tiny.max_position_embeddings=64",
+            "sampling.max_new_tokens=60",
+            "sft.eval_every=0",
+            "run_dir={d}/run9",
+        ],
+        "60 response tokens (sft.eos_padding pads to sampling.max_new_tokens=60)",
+    ),
     ("generate bad family", ["generate", "model.family=gpt", "--prompt", "1+1="], "model family 'gpt'"),
     ("generate unknown characters", ["generate", "--prompt", "1+1=XY"], "does not know: 'X', 'Y'"),
     ("generate empty prompt", ["generate", "data.chat_template=false", "--prompt", ""], "--prompt '' has no tokens"),

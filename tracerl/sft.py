@@ -203,24 +203,30 @@ def check_sft_data(ds: Any, cfg: Config) -> None:
 
 
 def check_sft_positions(policy: Any, pairs: list[tuple[list[int], list[int]]], cfg: Config) -> None:
-    """The longest training example (prompt + response + EOS, and a block of slack for a block model) fits the
-    model's positions (an example beyond them failed or crawled on without a word).
+    """The longest batch SFT can draw fits the model's positions: the longest prompt (batches left-pad to it), the
+    longest response with its EOS or the EOS padding to ``sampling.max_new_tokens`` (``sft.eos_padding``), and a
+    block of slack for a block model. A batch beyond them failed or crawled on without a word.
 
     Raises:
-        ConfigError: naming the example's length, the limit and the settings that shorten it.
+        ConfigError: naming the lengths, the limit and the settings that shorten them.
     """
     config = policy.model.config
     limit = getattr(config.get_text_config() if hasattr(config, "get_text_config") else config,
                     "max_position_embeddings", None)  # fmt: skip
     slack = policy.block_size or 0
-    longest = max(range(len(pairs)), key=lambda i: len(pairs[i][0]) + len(pairs[i][1]))
-    prompt, response = (len(x) for x in pairs[longest])
-    if limit is not None and prompt + response + slack > limit:
+    prompt = max(len(p) for p, _ in pairs)
+    response = max(len(r) for _, r in pairs)
+    padded = max(response, cfg.sampling.max_new_tokens if cfg.sft.eos_padding else 0)
+    if limit is not None and prompt + padded + slack > limit:
+        part = f"{response} response tokens" if padded == response else (
+            f"{padded} response tokens (sft.eos_padding pads to sampling.max_new_tokens={padded})"
+        )  # fmt: skip
+        block = f" + a block of {slack}" if slack else ""
         raise ConfigError(
-            f"the longest SFT example of data.source '{cfg.data.source}' ({prompt} prompt + {response} response "
-            f"tokens{f' + a block of {slack}' if slack else ''}) needs {prompt + response + slack} positions, but the "
-            f"model has max_position_embeddings={limit}. Shorten or drop the longest responses "
-            f"(data.response_column='{cfg.data.response_column}'), or lower data.max_prompt_tokens."
+            f"the longest SFT batch of data.source '{cfg.data.source}' ({prompt} prompt + {part}{block}) needs "
+            f"{prompt + padded + slack} positions, but the model has max_position_embeddings={limit}. Shorten or "
+            f"drop the longest examples (data.response_column='{cfg.data.response_column}', data.max_prompt_tokens), "
+            "or lower sampling.max_new_tokens."
         )
 
 
