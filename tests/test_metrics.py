@@ -11,7 +11,15 @@ import pytest
 import torch
 
 from tracerl.config import WandbConfig
-from tracerl.metrics import MetricKindError, MetricsLogger, Timers, decoding_order_picture, read_jsonl, wandb_mode
+from tracerl.metrics import (
+    MetricKindError,
+    MetricsLogger,
+    Timers,
+    decoding_order_picture,
+    read_jsonl,
+    truncate_jsonl,
+    wandb_mode,
+)
 
 from .conftest import wandb_history
 
@@ -129,3 +137,12 @@ def test_decoding_order_picture(tmp_path):
     step_map = torch.tensor([[0, 1, 2, 3], [3, 2, 1, -1]])
     path = decoding_order_picture(step_map, tmp_path / "order.png")
     assert path.stat().st_size > 1000 and path.read_bytes()[:4] == b"\x89PNG"
+
+
+def test_a_resume_drops_later_rows_and_the_half_written_last_one(tmp_path):
+    """A run killed while writing a metrics row leaves half a line; the resume's truncation parsed every line and
+    failed on it."""
+    path = tmp_path / "metrics.jsonl"
+    path.write_text("".join(json.dumps({"step": s, "loss": 1.0 / s}) + "\n" for s in (1, 2, 3)) + '{"step": 4, "lo')
+    truncate_jsonl(path, 2)
+    assert [row["step"] for row in read_jsonl(path)] == [1, 2] and path.read_text().endswith("}\n")
