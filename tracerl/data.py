@@ -242,11 +242,10 @@ def _load_source(cfg: DataConfig, seed: int, key: str = "data.source") -> datase
         )
     problem = None if local else hub.hub_problem(src, "dataset")
     if problem is not None:
-        parent = path.parent
-        near = f", though '{parent}' is a local folder" if parent != Path(".") and parent.is_dir() else ""
         raise ConfigError(
             f"could not fetch dataset '{src}' ({key}) from the hub: {problem}; and it is not a local path "
-            f"either{near}. Check the name and your network, or give a local json/jsonl/parquet/csv file."
+            f"either{hub.local_folder_hint(src)}. Check the name and your network, or give a local "
+            "json/jsonl/parquet/csv file."
         )
     if path.is_file() and path.stat().st_size < 4096 and not path.read_bytes().strip():
         raise ConfigError(

@@ -39,6 +39,13 @@ def _cached(name: str, kind: str) -> bool:
     return any(f.is_dir() and any(f.iterdir()) for f in folders)
 
 
+def local_folder_hint(name: str) -> str:
+    """``", though 'w' is a local folder"`` when the part of ``name`` before its last ``/`` is a local folder (the
+    name was likely meant as a path in it), else ``""``."""
+    parent = Path(name).expanduser().parent
+    return f", though '{parent}' is a local folder" if parent != Path(".") and parent.is_dir() else ""
+
+
 def hub_problem(name: str, kind: str = "model", timeout: float = PROBE_TIMEOUT_S) -> str | None:
     """Why the hub cannot give the ``kind`` (``model`` or ``dataset``) ``name``, from one request; None when it
     can or may (the download then says what goes wrong), when the name is in the local cache, or offline (the

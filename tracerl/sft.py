@@ -38,7 +38,7 @@ from tracerl.learner import Learner
 from tracerl.metrics import MetricsLogger
 from tracerl.models import load_policy
 from tracerl.records import Rollout
-from tracerl.sampling import generate, renoising
+from tracerl.sampling import generate, position_limit, renoising
 from tracerl.trace import RowMasks, Views, build_views, region_blocks
 
 # ---------------------------------------------------------------------------------------------- maths
@@ -197,7 +197,7 @@ def check_sft_data(ds: Any, cfg: Config) -> None:
     if held > len(ds) - held:
         raise ConfigError(
             f"sft.eval_prompts={held} holds out more of data.source '{cfg.data.source}' ({len(ds)} examples) than "
-            f"it leaves to train on ({len(ds) - max(0, min(held, len(ds)))}). Lower sft.eval_prompts (at most "
+            f"it leaves to train on ({max(0, len(ds) - held)}). Lower sft.eval_prompts (at most "
             f"{len(ds) // 2} here), or turn evaluation off with sft.eval_every=0."
         )
 
@@ -210,9 +210,7 @@ def check_sft_positions(policy: Any, pairs: list[tuple[list[int], list[int]]], c
     Raises:
         ConfigError: naming the lengths, the limit and the settings that shorten them.
     """
-    config = policy.model.config
-    limit = getattr(config.get_text_config() if hasattr(config, "get_text_config") else config,
-                    "max_position_embeddings", None)  # fmt: skip
+    limit = position_limit(policy)
     slack = policy.block_size or 0
     prompt = max(len(p) for p, _ in pairs)
     response = max(len(r) for _, r in pairs)

@@ -191,10 +191,9 @@ def _raw_config(cfg: ModelConfig) -> dict:
 
 
 def _not_fetched(name: str, why: str, setting: str = "model.path") -> ConfigError:
-    parent = Path(name).expanduser().parent
-    near = f", though '{parent}' is a local folder" if parent != Path(".") and parent.is_dir() else ""
     return ConfigError(
-        f"could not fetch model '{name}' from the hub: {why}; and {setting} is not a local directory either{near}. "
+        f"could not fetch model '{name}' from the hub: {why}; and {setting} is not a local directory "
+        f"either{hub.local_folder_hint(name)}. "
         f"Check the name and your network, or download it and set {setting} to the local directory."
     )
 

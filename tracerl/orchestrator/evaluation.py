@@ -18,7 +18,7 @@ from rich.console import Console
 from tracerl import data, seeding, stats
 from tracerl.checkpoint import check_writable
 from tracerl.config import Config, ConfigError, check_reward_total
-from tracerl.metrics import Timers
+from tracerl.metrics import Timers, read_jsonl
 from tracerl.orchestrator.console import eval_line
 from tracerl.orchestrator.guards import nothing_scored
 from tracerl.orchestrator.setup import (
@@ -123,7 +123,7 @@ EVAL_COLUMNS = ["prompt", "answer", "mode", "sample", "completion", "exact_match
 
 def eval_rows(path: Path) -> list[dict[str, Any]]:
     """Every held-out sample of an evaluation's ``<tag>.jsonl``, as written."""
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return read_jsonl(path)
 
 
 def eval_table(rows: list[dict[str, Any]]) -> tuple[list[str], list[list[Any]]]:

@@ -86,9 +86,9 @@ def nothing_scored(
     if not failures_too and any(v for k, v in scored.metrics.items() if k.startswith("reward/errors/")):
         return None  # failures under on_error="nan": counted and logged, not this
     silent = [name for name, values in scored.parts.items() if all(math.isnan(v) for v in values)]
-    what, key = ("the held-out evaluation at step", "eval.source") if evaluation else ("RL step", "data.source")
-    key = key if cfg.eval.source else "data.source"
-    source = cfg.eval.source if key == "eval.source" else cfg.data.source
+    what = "the held-out evaluation at step" if evaluation else "RL step"
+    held_out = evaluation and cfg.eval.source is not None
+    key, source = ("eval.source", cfg.eval.source) if held_out else ("data.source", cfg.data.source)
     errors = {k: v for k, v in scored.metrics.items() if k.startswith("reward/errors/") and v}
     failed = f" (failures counted under reward.on_error=nan: {errors})" if errors else ""
     consequence = "there is nothing to report" if evaluation else "there is nothing to train on"

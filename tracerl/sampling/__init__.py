@@ -104,6 +104,13 @@ def check_device(s: SamplingConfig, device: str) -> None:
         )
 
 
+def position_limit(policy) -> int | None:  # noqa: ANN001
+    """The model's ``max_position_embeddings`` (a multimodal config's text part), or None when it has none."""
+    config = policy.model.config
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    return getattr(text, "max_position_embeddings", None)
+
+
 def check_positions(policy, longest_prompt: int, s: SamplingConfig) -> None:  # noqa: ANN001
     """The longest prompt plus the response (and one block of slack for block models) fits the model's positions.
 
@@ -112,11 +119,10 @@ def check_positions(policy, longest_prompt: int, s: SamplingConfig) -> None:  # 
     """
     if renoising(policy):  # whole canvases, counted in the text config
         check_canvas_sampling(policy, s)
-        limit = policy.model.config.get_text_config().max_position_embeddings
         longest = longest_prompt + -(-s.max_new_tokens // policy.canvas_length) * policy.canvas_length
     else:
-        limit = getattr(policy.model.config, "max_position_embeddings", None)
         longest = longest_prompt + s.max_new_tokens + (s.block_size if policy.block_size else 0)
+    limit = position_limit(policy)
     if limit is not None and longest > limit:
         raise ConfigError(
             f"the longest prompt ({longest_prompt} tokens) plus sampling.max_new_tokens={s.max_new_tokens} needs "
