@@ -172,6 +172,10 @@ def not_a_number(prompts, completions, **kwargs):
     return [1.0, "high"]
 
 
+def numeric_text(prompts, completions, **kwargs):
+    return ["1.0", "0.5"]  # float() takes these; a reward is a number, so they are refused all the same
+
+
 def test_a_kwarg_the_function_would_never_see_is_refused() -> None:
     # a misspelt kwarg of a built-in reward used to leave its parameter at the default, silently
     with pytest.raises(RewardError, match=r"reward 'length' has no parameter 'max_lenght'.*\['max_length'\]"):
@@ -223,6 +227,7 @@ def test_timeout_raises_or_scores_nan_without_waiting_for_the_function() -> None
     [
         (wrong_length, "reward function 'wrong_length' failed: it returned 1 values for a batch of 2 samples"),
         (not_a_number, "reward function 'not_a_number' failed on sample 1: it returned 'high' (str)"),
+        (numeric_text, "reward function 'numeric_text' failed on sample 0: it returned '1.0' (str), text where a"),
     ],
 )
 def test_bad_return_values(fn, expected: str) -> None:

@@ -174,7 +174,7 @@ class _Call:
 
 
 def _to_rewards(value: Any, n: int) -> list[float]:
-    """Check a function's return value: one number (or None) per sample; None and NaN become NaN.
+    """Check a function's return value: one number (or None) per sample, not text; None and NaN become NaN.
 
     Raises:
         RewardError: (without a name) wrong type or length, a non-numeric or infinite value.
@@ -189,6 +189,12 @@ def _to_rewards(value: Any, n: int) -> list[float]:
         if v is None:
             out.append(math.nan)
             continue
+        if isinstance(v, str | bytes):  # float("1.0") would take it, and "high" fails: text is never a reward
+            raise RewardError(
+                f"it returned {v!r} ({type(v).__name__}), text where a number belongs; return floats (None to skip "
+                "a sample).",
+                index=i,
+            )
         try:
             number = float(v)
         except (TypeError, ValueError):
