@@ -47,6 +47,7 @@ def online(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> dict[str, object]
         answer["asked"].append(f"download:{name}")
         raise OSError(f"no download of {name} in this test")
 
+    monkeypatch.setattr(hub, "_FOUND", set())
     monkeypatch.setattr(HfApi, "model_info", probe("model"))
     monkeypatch.setattr(HfApi, "dataset_info", probe("dataset"))
     monkeypatch.setattr(PretrainedConfig, "get_config_dict", download)
@@ -74,11 +75,23 @@ def test_a_name_the_hub_does_not_know_is_refused_and_a_known_one_is_downloaded(o
     with pytest.raises(ConfigError, match="the hub has no model of that name.*hf auth login"):
         load_policy(ModelConfig(family="dream", path="org/no-such-model"))
     assert online["asked"] == ["model:org/no-such-model"]
-    for error in (None, _status(403, errors.GatedRepoError), _status(429, errors.HfHubHTTPError)):
+    for i, error in enumerate((None, _status(403, errors.GatedRepoError), _status(429, errors.HfHubHTTPError))):
         online["error"], online["asked"] = error, []
         with pytest.raises(ConfigError, match=r"the download failed \(OSError\)"):
-            load_policy(ModelConfig(family="dream", path="org/model"))
-        assert online["asked"] == ["model:org/model", "download:org/model"]
+            load_policy(ModelConfig(family="dream", path=f"org/model-{i}"))
+        assert online["asked"] == [f"model:org/model-{i}", f"download:org/model-{i}"]
+
+
+def test_a_name_the_hub_knows_is_asked_once_and_a_refused_one_again(online) -> None:
+    online["error"] = None
+    assert hub.hub_problem("org/model") is None and hub.hub_problem("org/model") is None  # config, tokenizer
+    assert hub.hub_problem("org/model", "dataset") is None  # a dataset of the same name is another question
+    assert online["asked"] == ["model:org/model", "dataset:org/model"]
+    online["error"], online["asked"] = _status(404), []
+    assert "the hub has no model" in hub.hub_problem("org/other")
+    online["error"] = None
+    assert hub.hub_problem("org/other") is None  # created since, or a login since: asked again
+    assert online["asked"] == ["model:org/other", "model:org/other"]
 
 
 def test_a_probe_that_fails_oddly_leaves_the_name_to_the_library(online) -> None:

@@ -13,6 +13,7 @@ import os
 from pathlib import Path
 
 PROBE_TIMEOUT_S = 10.0
+_FOUND: set[tuple[str, str]] = set()  # (kind, name) the hub has answered for in this process: not asked again
 
 
 def offline(kind: str = "model") -> bool:
@@ -49,7 +50,8 @@ def local_folder_hint(name: str) -> str:
 def hub_problem(name: str, kind: str = "model", timeout: float = PROBE_TIMEOUT_S) -> str | None:
     """Why the hub cannot give the ``kind`` (``model`` or ``dataset``) ``name``, from one request; None when it
     can or may (the download then says what goes wrong), when the name is in the local cache, or offline (the
-    caller says that).
+    caller says that). A name the hub has answered for is asked once per process (a model's config and its
+    tokenizer are checked one after the other).
 
     Example:
         >>> hub_problem("not a hub name/x")
@@ -63,11 +65,12 @@ def hub_problem(name: str, kind: str = "model", timeout: float = PROBE_TIMEOUT_S
         validate_repo_id(name)
     except HFValidationError:
         return "it is not a valid hub name ('org/name' of letters, digits, '-', '_' and '.')"
-    if offline(kind) or _cached(name, kind):
+    if offline(kind) or _cached(name, kind) or (kind, name) in _FOUND:
         return None
     api = HfApi()
     try:
         (api.dataset_info if kind == "dataset" else api.model_info)(name, timeout=timeout)
+        _FOUND.add((kind, name))
     except GatedRepoError:
         return None  # it exists; the download says what access it needs
     except RepositoryNotFoundError:
