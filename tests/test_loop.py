@@ -183,11 +183,14 @@ def test_the_divergence_guard_warns_when_nothing_trains(local_ray, tmp_path, cap
 
 def add_verifier(cfg: Config, tmp_path: Path, body: str) -> None:
     """A reward function ``verifier`` of weight 0 whose ``score`` runs ``body`` (``SEEN``: a file beside it that
-    keeps state across calls, which may come from any reward worker process)."""
+    keeps state across calls, which may come from any reward worker process; the stand-in call before the run
+    leaves it alone)."""
     verifier = tmp_path / "verifier.py"
     verifier.write_text(
-        "from pathlib import Path\n\nSEEN = Path(__file__).with_suffix('.seen')\n\n"
-        "def score(prompts, completions, **kwargs):\n" + body
+        "from pathlib import Path\n\nfrom tracerl.reward_service import is_trial\n\n"
+        "SEEN = Path(__file__).with_suffix('.seen')\n\n"
+        "def score(prompts, completions, **kwargs):\n"
+        "    if is_trial():\n        return [0.0] * len(completions)\n" + body
     )
     cfg.reward.functions.append(RewardFnConfig(fn=f"{verifier}:score", weight=0.0, name="verifier"))
 
@@ -320,7 +323,10 @@ def test_a_reward_that_raises_stops_the_run_and_keeps_the_last_step(local_ray, t
     flaky.write_text(
         "from pathlib import Path\n"
         f"COUNTER = Path({str(counter)!r})\n"
+        "from tracerl.reward_service import is_trial\n"
         "def score(prompts, completions, **kw):\n"
+        "    if is_trial():\n"  # the stand-in call before the run starts is no step's
+        "        return [0.0] * len(completions)\n"
         "    n = int(COUNTER.read_text()) if COUNTER.exists() else 0\n"
         "    COUNTER.write_text(str(n + 1))\n"
         "    if n >= 2:\n"

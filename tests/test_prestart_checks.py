@@ -111,3 +111,42 @@ def test_a_masked_lm_directory_without_its_tokenizer_config(capsys, tmp_path):
     rc = main(["validate", QUICK, *own])
     captured = capsys.readouterr()
     assert rc == 2 and "data: ok" not in captured.out and "[UNK]" in captured.err
+
+
+REWARDS = """
+def one_number(prompts, completions, **kwargs):
+    return 1.0  # a number for the batch, not one per completion
+
+
+def first_digit(prompts, completions, **kwargs):
+    return [float(c[0] == "1") for c in completions]  # IndexError on an empty completion
+
+
+def fine(prompts, completions, **kwargs):
+    return [float(len(c) > 0) for c in completions]
+"""
+
+
+def test_a_reward_that_breaks_its_contract_is_refused_before_the_run(capsys, tmp_path):
+    path = tmp_path / "my_rewards.py"
+    path.write_text(REWARDS)
+    err = refused(capsys, tmp_path, f"reward.functions=[{{fn: '{path}:one_number'}}]")
+    assert "reward function 'one_number' failed before the run started: it returned a float; a reward function " in err
+    assert "returns a list of 2 floats" in err and "stand-in completions of the first row of data.source" in err
+    assert "reward.on_error=nan" not in err  # scoring NaN would not help a function that never returns numbers
+    err = refused(capsys, tmp_path, f"reward.functions=[{{fn: '{path}:one_number'}}]", "reward.on_error=nan")
+    assert "'one_number' failed before the run started" in err
+
+
+def test_a_reward_that_raises_on_an_empty_completion(capsys, tmp_path):
+    path = tmp_path / "my_rewards.py"
+    path.write_text(REWARDS)
+    both = f"reward.functions=[{{fn: '{path}:fine'}}, {{fn: '{path}:first_digit'}}]"
+    err = refused(capsys, tmp_path, both)
+    assert "reward function 'first_digit' failed on sample 1 before the run started: IndexError" in err
+    assert "and '' (sample 1, an empty completion, which a model can write)" in err
+    assert "or set reward.on_error=nan" in err
+    capsys.readouterr()
+    assert main(["validate", QUICK, both, "reward.on_error=nan"]) == 0  # the user chose NaN for such samples
+    out = " ".join(capsys.readouterr().out.split())
+    assert "fine 1.00/0.00, first_digit failed, NaN under on_error=nan" in out

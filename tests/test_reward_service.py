@@ -238,6 +238,28 @@ def test_bad_return_values(fn, expected: str) -> None:
     assert result.metrics[f"reward/errors/{fn.__name__}"] == 2.0
 
 
+def knows_a_trial(prompts, completions, **kwargs):
+    from tracerl.reward_service import is_trial
+
+    return [float(is_trial())] * len(completions)
+
+
+def test_a_reward_knows_a_trial_from_a_real_call() -> None:
+    service = RewardService([knows_a_trial])
+    assert service.trial(["q"], ["a"]) == {"knows_a_trial": [1.0]}
+    assert service.score(["q"], ["a"]).total == [0.0]
+
+
+def test_a_trial_judges_every_function_on_its_own() -> None:
+    service = RewardService([wrong_length, fails_on_third, "length", numeric_text], on_error="nan")
+    tried = service.trial(["q"] * 3, ["a", "b", "c"])
+    assert set(tried) == {"wrong_length", "fails_on_third", "length", "numeric_text"}  # one failure stops none
+    assert tried["wrong_length"].returned and tried["numeric_text"].returned  # broken on any batch
+    assert not tried["fails_on_third"].returned and "ValueError" in tried["fails_on_third"].detail  # this batch's
+    assert tried["length"] == [1 - 1 / 1024] * 3
+    assert set(service.trial(["q"], ["a"], names=["length"])) == {"length"}
+
+
 def test_none_means_skip_not_error() -> None:
     service = RewardService(["math_verify"])
     result = service.score(["q", "q"], [r"\boxed{1}", r"\boxed{1}"], columns={"answer": ["1", "\\"]})

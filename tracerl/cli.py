@@ -176,7 +176,7 @@ def cmd_validate(ns: argparse.Namespace) -> int:
     from rich.console import Console
 
     from tracerl.config import check_cluster, check_training, gpus_needed
-    from tracerl.orchestrator import check_device, check_model, check_rewards, load_prompts
+    from tracerl.orchestrator import check_device, check_model, check_rewards, load_prompts, try_rewards
 
     console = Console()
     cfg = _config(ns)
@@ -214,7 +214,7 @@ def cmd_validate(ns: argparse.Namespace) -> int:
     local_data = cfg.data.source.startswith("synthetic:") or os.path.exists(os.path.expanduser(cfg.data.source))
     if ns.offline and (not local_data or cfg.model.path and not os.path.isdir(cfg.model.path)):
         console.print(f"data: not checked offline (data.source '{cfg.data.source}' or the tokenizer is on the hub)")
-        service = check_rewards(cfg, None, cfg.data.source)
+        service, tried = check_rewards(cfg, None, cfg.data.source), ""
     else:
         stream, eval_set = load_prompts(cfg)
         check_model(cfg, max(len(ids) for ids in stream.ids + (eval_set.prompt_ids if eval_set else [])))
@@ -224,12 +224,16 @@ def cmd_validate(ns: argparse.Namespace) -> int:
             "the limit; the tokenizer writes them; every sampler setting fits the model)"
         )
         service = check_rewards(cfg, stream.ds.column_names, cfg.data.source, load=not ns.offline)
+        tried = try_rewards(cfg, service, stream)
     for reward in service.rewards:  # reward models and judges say what was checked
         describe = getattr(reward.fn, "describe", None)
         if callable(describe):
             console.print(f"reward '{reward.name}': ok ({describe()})")
     r = cfg.reward
-    console.print(f"rewards: ok ({', '.join(f.fn for f in r.functions)}; sandbox minimum {r.sandbox.min_isolation})")
+    tried = f"; on stand-ins of the first row (its answer, an empty completion): {tried}" if tried else ""
+    console.print(
+        f"rewards: ok ({', '.join(f.fn for f in r.functions)}{tried}; sandbox minimum {r.sandbox.min_isolation})"
+    )
     return 0
 
 

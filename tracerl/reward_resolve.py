@@ -78,10 +78,12 @@ class RewardError(RuntimeError):
         index: int | None = None,
         timed_out: bool = False,
         quote: str = "",
+        returned: bool = False,
     ):
-        super().__init__(detail, name, index, timed_out, quote)
+        super().__init__(detail, name, index, timed_out, quote, returned)
         self.detail, self.name, self.index, self.timed_out = detail, name, index, timed_out
         self.quote = quote  # the failing completion, quoted (shown with the index)
+        self.returned = returned  # the function returned, but not one number per sample: wrong on any batch
 
     def __str__(self) -> str:
         if self.name is None:
@@ -97,7 +99,7 @@ class RewardError(RuntimeError):
         """The same error with the sample index counted from ``offset`` (for a shard of a larger batch): every
         index in the message is the batch index."""
         index = None if self.index is None else self.index + offset
-        return RewardError(self.detail, self.name, index, self.timed_out, self.quote)
+        return RewardError(self.detail, self.name, index, self.timed_out, self.quote, self.returned)
 
 
 # ---------------------------------------------------------------------------------------------- resolving

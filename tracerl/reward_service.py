@@ -57,11 +57,22 @@ __all__ = [
     "RewardSpec",
     "SampleErrors",
     "correlation",
+    "is_trial",
     "merge_results",
     "prepare_process",
     "resolve_reward",
     "summarize",
 ]
+
+
+_TRIAL = threading.Event()  # set while RewardService.trial runs (stand-in completions, before a run starts)
+
+
+def is_trial() -> bool:
+    """True inside the stand-in call a run makes before it starts (``RewardService.trial``). A reward function
+    that keeps state outside its process (a call counter in a file, a log of what it scored, a curriculum) can
+    return early on it: ``if is_trial(): return [0.0] * len(completions)``, after checking its arguments."""
+    return _TRIAL.is_set()
 
 
 @dataclass
@@ -415,6 +426,37 @@ class RewardService:
             counts |= {f"reward/{key}/{reward.name}": value for key, value in call.counts.items()}
         return weigh(parts, {r.name: r.weight for r in self.rewards}, errors, counts)
 
+    def trial(
+        self,
+        prompts: Sequence[Any],
+        completions: Sequence[Any],
+        completion_ids: Sequence[Sequence[int]] | None = None,
+        columns: dict[str, Sequence[Any]] | None = None,
+        names: Sequence[str] | None = None,
+    ) -> dict[str, list[float] | RewardError]:
+        """Each function's rewards on a trial batch, or its error, by name (``names``: only those): every function
+        runs and is judged on its own, whatever ``on_error`` says. ``RewardError.returned`` marks a function that
+        returned but broke the contract (wrong type, length, text or ±inf), which no batch would change. The
+        functions see ``is_trial()`` True while it runs."""
+        n = len(completions)
+        columns = dict(columns or {})
+        self._check_inputs(prompts, completion_ids, columns, n)
+        batch = (list(prompts), list(completions), completion_ids, columns)
+        start = time.monotonic()
+        tried = [r for r in self.rewards if names is None or r.name in names]
+        out: dict[str, list[float] | RewardError] = {}
+        _TRIAL.set()
+        try:
+            calls = [_Call(r.fn, self._arguments(r, *batch), r.name, start + self.timeout_s, r.counts) for r in tried]
+            for r, call in zip(tried, calls, strict=True):
+                try:
+                    out[r.name] = self._finish(r, call, start + self.timeout_s, batch)[0]
+                except RewardError as err:
+                    out[r.name] = err
+        finally:
+            _TRIAL.clear()
+        return out
+
     # -- helpers ----------------------------------------------------------------------------------------------
 
     @staticmethod
@@ -471,7 +513,7 @@ class RewardService:
         try:
             return _to_rewards(call.value, n), 0
         except RewardError as err:
-            raise RewardError(err.detail, r.name, err.index) from None
+            raise RewardError(err.detail, r.name, err.index, returned=True) from None
 
     def _partial(self, r: _Reward, err: SampleErrors, completions: list) -> tuple[list[float], int]:
         """A call that failed on some samples: ``raise`` names the first one, ``nan`` scores only those NaN."""

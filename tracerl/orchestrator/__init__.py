@@ -4,7 +4,7 @@
 
 from tracerl.orchestrator.evaluation import collect, evaluate, run_eval
 from tracerl.orchestrator.loop import Interrupted, RunError, Session, run
-from tracerl.orchestrator.setup import check_device, check_model, check_rewards, load_prompts
+from tracerl.orchestrator.setup import check_device, check_model, check_rewards, load_prompts, try_rewards
 
 __all__ = [
     "Interrupted",
@@ -18,4 +18,5 @@ __all__ = [
     "load_prompts",
     "run",
     "run_eval",
+    "try_rewards",
 ]

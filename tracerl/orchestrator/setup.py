@@ -19,7 +19,7 @@ from tracerl import data, stats, trace
 from tracerl.config import Config, ConfigError, reward_model_workers
 from tracerl.models import load_policy, load_tokenizer
 from tracerl.records import Rollout
-from tracerl.reward_resolve import specs_from_config
+from tracerl.reward_resolve import RewardError, reward_kind, specs_from_config
 from tracerl.reward_service import RewardService, RewardSpec, check_columns
 from tracerl.workers import RewardPool, RolloutShard
 from tracerl.workers.placement import reward_models
@@ -237,6 +237,48 @@ def check_rewards(cfg: Config, columns: list[str] | None, source: str, load: boo
     if load:
         service.load()
     return service
+
+
+def try_rewards(cfg: Config, service: RewardService, stream: data.PromptStream) -> str:
+    """Score two stand-in completions of the first training row before a run starts: its answer (or response)
+    and an empty completion, which a model can write too. The reward functions run here, in the driver (reward
+    models, judges and HTTP endpoints are left out: they cost a load or a request). Returns what they gave, e.g.
+    ``"sudoku_cells 1.00/0.00"``.
+
+    Raises:
+        RewardError: a function returned something other than one number per sample, or (``reward.on_error=raise``)
+            raised or timed out on a stand-in; the message says what it was given.
+    """
+    plain = [
+        r.name for r, spec in zip(service.rewards, reward_specs(cfg), strict=True) if reward_kind(spec) == "function"
+    ]
+    if not plain or len(stream.ds) == 0:
+        return ""
+    row = stream.ds[0]
+    columns = {c: [row[c]] * 2 for c in stream.ds.column_names if c != "prompt"}
+    stand_in = next((str(row[c]) for c in ("answer", "response") if row.get(c) not in (None, "")), "")
+    texts = [stand_in, ""]
+    ids = [stream.tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts]
+    tried = service.trial([row["prompt"]] * 2, texts, ids, columns, names=plain)
+    for name, got in tried.items():
+        if not isinstance(got, RewardError) or not (got.returned or cfg.reward.on_error == "raise"):
+            continue
+        where = f" on sample {got.index}" if got.index is not None else ""
+        fix = (
+            "Fix the function"
+            if got.returned
+            else "Fix the function, or set reward.on_error=nan to score such calls NaN"
+        )
+        raise RewardError(
+            f"reward function '{name}' failed{where} before the run started: {got.detail} It was given two stand-in "
+            f"completions of the first row of data.source '{cfg.data.source}': {stand_in[:80]!r} (sample 0, the "
+            f"row's answer) and '' (sample 1, an empty completion, which a model can write). {fix}."
+        )
+    return ", ".join(
+        f"{name} "
+        + ("failed, NaN under on_error=nan" if isinstance(got, RewardError) else "/".join(f"{v:.2f}" for v in got))
+        for name, got in tried.items()
+    )
 
 
 def reward_pool(cfg: Config, model_options: dict[str, list[dict[str, Any]]] | None = None) -> RewardPool:
