@@ -205,6 +205,58 @@ CASES = [
         ["train-reward-model", "reward_model.base=tiny", "reward_model.out_dir={d}/data.txt/rm"],
         "reward_model.out_dir '{d}/data.txt/rm' cannot be created: '{d}/data.txt' is a file",
     ),
+    (
+        "reward model epochs 0",
+        ["train-reward-model", "reward_model.epochs=0", "reward_model.out_dir={d}/rm"],
+        "reward_model.epochs must be > 0 (passes over the pairs), got 0",
+    ),
+    (
+        "reward model negative centering",
+        ["train-reward-model", "reward_model.center_rewards_coefficient=-5", "reward_model.out_dir={d}/rm"],
+        "reward_model.center_rewards_coefficient must be ≥ 0 (unset: none), got -5",
+    ),
+    (
+        "reward model batch_size 0",
+        ["train-reward-model", "reward_model.batch_size=0", "reward_model.out_dir={d}/rm"],
+        "reward_model.batch_size must be ≥ 1",
+    ),
+    (
+        "reward model pairs from no model",
+        ["train-reward-model", "reward_model.out_dir={d}/rm"],
+        "reward_model.pairs is unset, so the pairs would be sampled from model.path, which is unset too",
+    ),
+    (
+        "reward model pairs empty",
+        ["train-reward-model", "reward_model.pairs={d}/void.jsonl", "reward_model.out_dir={d}/rm"],
+        "reward_model.pairs='{d}/void.jsonl' is empty",
+    ),
+    (
+        "reward model pairs not json",
+        ["train-reward-model", "reward_model.pairs={d}/bad.jsonl", "reward_model.out_dir={d}/rm"],
+        "reward_model.pairs='{d}/bad.jsonl' cannot be read as json: line 2 is not valid JSON",
+    ),
+    (
+        "reward model pair without rejected",
+        ["train-reward-model", "reward_model.pairs={d}/pairs_null.jsonl", "reward_model.out_dir={d}/rm"],
+        "reward_model.pairs='{d}/pairs_null.jsonl' row 2: rejected is None",
+    ),
+    (
+        "reward model pair prefers itself",
+        ["train-reward-model", "reward_model.pairs={d}/pairs_same.jsonl", "reward_model.out_dir={d}/rm"],
+        "in 2 of 3 pairs the chosen completion is the rejected one (rows [1, 3])",
+    ),
+    (
+        "reward model pairs longer than max_length",
+        [
+            "train-reward-model",
+            "reward_model.pairs={d}/pairs_ok.jsonl",
+            "reward_model.base=tiny",
+            "reward_model.batch_size=1",
+            "reward_model.max_length=3",
+            "reward_model.out_dir={d}/rm",
+        ],
+        "every training pair is longer than reward_model.max_length=3 tokens",
+    ),
     # where runs write, and what they read
     ("sft run_dir is a file", ["sft", "run_dir={d}/data.txt"], "run_dir '{d}/data.txt' is a file"),
     ("train run_dir is a file", ["train", "run_dir={d}/data.txt"], "run_dir '{d}/data.txt' is a file"),
@@ -276,6 +328,12 @@ def files(tmp_path_factory: pytest.TempPathFactory) -> Path:
     (d / "card").mkdir()
     (d / "card" / "README.md").write_text("a model card, no model\n")
     (d / "void.jsonl").write_text("")
+    pairs = [{"prompt": f"{i}+{i}=", "chosen": str(2 * i), "rejected": str(2 * i + 1)} for i in range(3)]
+    (d / "pairs_ok.jsonl").write_text("".join(json.dumps(p) + "\n" for p in pairs))
+    null = [pairs[0], pairs[1] | {"rejected": None}]
+    (d / "pairs_null.jsonl").write_text("".join(json.dumps(p) + "\n" for p in null))
+    same = [pairs[0] | {"rejected": "0"}, pairs[1], pairs[2] | {"rejected": "4"}]
+    (d / "pairs_same.jsonl").write_text("".join(json.dumps(p) + "\n" for p in same))
     rows = [{"prompt": "1+2=", "answer": "3", "response": "3"}, {"prompt": "12+3=", "answer": "15", "response": None}]
     (d / "noresponse.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     (d / "empty.jsonl").write_text('{"prompt": "", "answer": "1"}\n{"prompt": "", "answer": "2"}\n')

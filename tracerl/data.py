@@ -262,13 +262,13 @@ def _load_source(cfg: DataConfig, seed: int, key: str = "data.source") -> datase
                 raise ConfigError(
                     f"{key} '{src}': unsupported file type '{path.suffix}' (use .json, .jsonl, .parquet or .csv)."
                 )
-            with _datasets_quiet():  # a parse error is reported below, as one paragraph, not as its log lines
+            with datasets_quiet():  # a parse error is reported below, as one paragraph, not as its log lines
                 return datasets.load_dataset(kind, data_files=str(path), split="train")
         return datasets.load_dataset(src, split=cfg.split)
     except ConfigError:
         raise
     except Exception as err:  # noqa: BLE001 - datasets raises many types; the message is what matters
-        detail = (_json_problem(path) if local and path.suffix in (".json", ".jsonl") else None) or _root_cause(err)
+        detail = (json_problem(path) if local and path.suffix in (".json", ".jsonl") else None) or root_cause(err)
         offline = os.environ.get("HF_DATASETS_OFFLINE", os.environ.get("HF_HUB_OFFLINE", "")).strip().lower()
         if not local and offline in ("1", "true", "yes", "on"):
             raise ConfigError(
@@ -280,7 +280,7 @@ def _load_source(cfg: DataConfig, seed: int, key: str = "data.source") -> datase
 
 
 @contextlib.contextmanager
-def _datasets_quiet() -> Iterator[None]:
+def datasets_quiet() -> Iterator[None]:
     level = datasets.logging.get_verbosity()
     datasets.logging.set_verbosity(datasets.logging.CRITICAL)
     try:
@@ -289,14 +289,14 @@ def _datasets_quiet() -> Iterator[None]:
         datasets.logging.set_verbosity(level)
 
 
-def _root_cause(err: BaseException) -> str:
+def root_cause(err: BaseException) -> str:
     """The innermost exception's message (datasets wraps the real one in "An error occurred while generating")."""
     while (err.__cause__ or err.__context__) is not None:
         err = err.__cause__ or err.__context__
     return f"{type(err).__name__}: {err}"
 
 
-def _json_problem(path: Path) -> str | None:
+def json_problem(path: Path) -> str | None:
     """Where a JSON Lines (or JSON) file stops parsing, as "line N: <error>", or that it is an empty document;
     None if it parses."""
     with open(path, encoding="utf-8", errors="replace") as f:

@@ -36,7 +36,7 @@ from rich.console import Console
 
 from tracerl import data, stats
 from tracerl.checkpoint import check_writable
-from tracerl.config import Config, ConfigError, RewardModelConfig
+from tracerl.config import Config, ConfigError, RewardModelConfig, RewardModelTrainConfig
 from tracerl.reward_models.classifier import SequenceClassifierReward
 from tracerl.reward_service import RewardError, RewardService, RewardSpec
 
@@ -114,6 +114,24 @@ def sample_pairs(cfg: Config, console: Console, service: RewardService | None = 
     return pairs
 
 
+def check_settings(r: RewardModelTrainConfig) -> None:
+    """``reward_model``'s numbers, each named by its key, before anything is read, sampled or written."""
+    c = r.center_rewards_coefficient
+    problems = [
+        (0 <= r.heldout_fraction < 1, f"heldout_fraction must be in [0, 1), got {r.heldout_fraction}"),
+        (r.samples_per_prompt >= 2, f"samples_per_prompt must be ≥ 2 (a pair needs two), got {r.samples_per_prompt}"),
+        (r.pair_prompts >= 1, f"pair_prompts must be ≥ 1, got {r.pair_prompts}"),
+        (math.isfinite(r.epochs) and r.epochs > 0, f"epochs must be > 0 (passes over the pairs), got {r.epochs}"),
+        (math.isfinite(r.lr) and r.lr > 0, f"lr must be > 0, got {r.lr}"),
+        (r.batch_size >= 1, f"batch_size must be ≥ 1 (pairs per optimizer step), got {r.batch_size}"),
+        (r.max_length >= 1, f"max_length must be ≥ 1 (tokens of prompt and completion), got {r.max_length}"),
+        (c is None or math.isfinite(c) and c >= 0, f"center_rewards_coefficient must be ≥ 0 (unset: none), got {c}"),
+    ]
+    for ok, problem in problems:
+        if not ok:
+            raise ConfigError(f"reward_model.{problem}.")
+
+
 def load_pairs(path: str) -> list[dict[str, Any]]:
     """Preference pairs from a json / jsonl / parquet file with ``prompt``, ``chosen``, ``rejected`` columns."""
     import datasets
@@ -125,15 +143,40 @@ def load_pairs(path: str) -> list[dict[str, Any]]:
             f"reward_model.pairs='{path}' is not a json, jsonl or parquet file; give a file of preference pairs "
             "(prompt, chosen, rejected), or leave it unset to sample pairs from model.path."
         )
-    ds = datasets.load_dataset(kind, data_files=path, split="train")
+    if Path(path).stat().st_size == 0:
+        raise ConfigError(f"reward_model.pairs='{path}' is empty; give a file of preference pairs.")
+    try:
+        with data.datasets_quiet():  # a parse error is reported below, as one paragraph, not as its log lines
+            ds = datasets.load_dataset(kind, data_files=path, split="train")
+    except Exception as err:  # noqa: BLE001 - datasets wraps a JSON or Parquet parse error in its own
+        detail = (data.json_problem(Path(path)) if kind == "json" else None) or data.root_cause(err)
+        raise ConfigError(
+            f"reward_model.pairs='{path}' cannot be read as {kind}: {detail}. Give one JSON object per line (jsonl), "
+            "a JSON list, or a Parquet file, with prompt, chosen and rejected."
+        ) from None
     missing = [c for c in PAIR_COLUMNS if c not in ds.column_names]
     if missing:
         raise ConfigError(
             f"reward_model.pairs='{path}' lacks the column(s) {missing} (it has {ds.column_names}); preference pairs "
             "need prompt, chosen and rejected."
         )
-    prompts = {p: i for i, p in enumerate(dict.fromkeys(map(json.dumps, ds["prompt"])))}
-    return [row | {"prompt_index": prompts[json.dumps(row["prompt"])]} for row in ds]
+    rows = list(ds)
+    for i, row in enumerate(rows):
+        bad = [c for c in PAIR_COLUMNS if not isinstance(row[c], str | list) or not row[c]]
+        if bad:
+            raise ConfigError(
+                f"reward_model.pairs='{path}' row {i + 1}: {', '.join(f'{c} is {row[c]!r}' for c in bad)}; every pair "
+                "needs a prompt, a chosen and a rejected completion, each text or chat messages. Fix or drop the row."
+            )
+    same = [i + 1 for i, row in enumerate(rows) if row["chosen"] == row["rejected"]]
+    if same:
+        raise ConfigError(
+            f"reward_model.pairs='{path}': in {len(same)} of {len(rows)} pairs the chosen completion is the rejected "
+            f"one (rows {same[:5]}{' ...' if len(same) > 5 else ''}), which prefers nothing. Drop those rows, or "
+            "check which columns hold chosen and rejected."
+        )
+    prompts = {p: i for i, p in enumerate(dict.fromkeys(json.dumps(row["prompt"]) for row in rows))}
+    return [row | {"prompt_index": prompts[json.dumps(row["prompt"])]} for row in rows]
 
 
 def split_pairs(
@@ -245,10 +288,10 @@ def _scratch() -> Iterator[str]:
 
 
 def _fit(
-    model: Any, tok: Any, scorer: SequenceClassifierReward, train: list[dict[str, Any]], r: RewardModelConfig,
-    seed: int, cuda: bool, console: Console, verbose: bool, scratch: str,
+    model: Any, tok: Any, train: Any, r: RewardModelTrainConfig, seed: int, cuda: bool, console: Console,
+    verbose: bool, scratch: str,
 ) -> Any:  # fmt: skip
-    """TRL's RewardTrainer on ``train``; its progress printing only with ``verbose``."""
+    """TRL's RewardTrainer on ``train`` (``tokenized`` pairs); its progress printing only with ``verbose``."""
     quiet = contextlib.nullcontext() if verbose else contextlib.redirect_stdout(io.StringIO())
     with quiet:  # transformers prints a line when its W&B integration is imported in offline mode
         from transformers import ProgressCallback
@@ -262,7 +305,7 @@ def _fit(
         center_rewards_coefficient=r.center_rewards_coefficient, seed=seed, data_seed=seed, logging_steps=10,
         save_strategy="no", eval_strategy="no", report_to=[], disable_tqdm=not verbose,
     )  # fmt: skip
-    trainer = RewardTrainer(model=model, args=args, train_dataset=tokenized(scorer, train), processing_class=tok)
+    trainer = RewardTrainer(model=model, args=args, train_dataset=train, processing_class=tok)
     if not verbose:
         trainer.remove_callback(PrinterCallback)
         trainer.remove_callback(ProgressCallback)
@@ -283,14 +326,15 @@ def train_reward_model(cfg: Config, console: Console | None = None, verbose: boo
     if out.exists():
         raise ConfigError(f"reward_model.out_dir '{out}' exists; give a new directory (nothing is overwritten).")
     check_writable(out, "reward_model.out_dir")  # before the pairs are sampled and the model trained
-    if not 0 <= r.heldout_fraction < 1 or r.samples_per_prompt < 2 or r.pair_prompts < 1:
-        raise ConfigError(
-            "reward_model.heldout_fraction must be in [0, 1), reward_model.samples_per_prompt ≥ 2 (a pair needs two "
-            f"completions) and reward_model.pair_prompts ≥ 1; got {r.heldout_fraction}, {r.samples_per_prompt}, "
-            f"{r.pair_prompts}."
-        )
+    check_settings(r)
     pairs = load_pairs(r.pairs) if r.pairs else None
     labels = label_service(cfg) if pairs is None else None
+    if pairs is None and not cfg.model.path:
+        raise ConfigError(
+            "reward_model.pairs is unset, so the pairs would be sampled from model.path, which is unset too (a "
+            "randomly initialised tiny model would write them). Set model.path to the policy whose completions the "
+            "reward model should score, or reward_model.pairs to a file of preference pairs."
+        )
     model, tok = build_classifier(cfg)
     scorer = SequenceClassifierReward.from_model(model, tok, RewardModelConfig(max_length=r.max_length), "reward_model")
     pairs = pairs if pairs is not None else sample_pairs(cfg, console, labels)
@@ -300,9 +344,16 @@ def train_reward_model(cfg: Config, console: Console | None = None, verbose: boo
             f"only {len(train)} training pairs (fewer than reward_model.batch_size={r.batch_size}); sample more "
             "prompts (reward_model.pair_prompts, samples_per_prompt) or give more pairs."
         )
+    ids = tokenized(scorer, train)
+    shortest = min(max(len(a), len(b)) for a, b in zip(ids["chosen_ids"], ids["rejected_ids"], strict=True))
+    if shortest > r.max_length:  # TRL leaves out every pair longer than max_length
+        raise ConfigError(
+            f"every training pair is longer than reward_model.max_length={r.max_length} tokens (prompt and completion; "
+            f"the shortest has {shortest}), so none would be trained on. Raise reward_model.max_length."
+        )
     cuda = torch.cuda.is_available()
     with _one_process(), _scratch() as scratch:
-        result = _fit(model, tok, scorer, train, r, cfg.seed, cuda, console, verbose, scratch)
+        result = _fit(model, tok, ids, r, cfg.seed, cuda, console, verbose, scratch)
     model.eval()
     scorer.device = next(model.parameters()).device
     summary = {
