@@ -64,7 +64,9 @@ def adapter_weights(learner: Learner) -> dict[str, torch.Tensor]:
         ("learner.lora.rank=0", "learner.lora.rank must be ≥ 1"),
         ("learner.lora.rank=-4", "learner.lora.rank must be ≥ 1"),
         ("learner.lora.dropout=0.05", "learner.lora.dropout=0.05 is refused"),
-        ("learner.lora.alpha=0", "learner.lora.alpha must be > 0"),
+        ("learner.lora.alpha=0", "learner.lora.alpha must be a finite number > 0"),
+        ("learner.lora.alpha=.nan", "learner.lora.alpha must be a finite number > 0 .*got nan"),  # loss NaN, exit 0
+        ("learner.lora.alpha=.inf", "learner.lora.alpha must be a finite number > 0 .*got inf"),
         ("learner.lora.target_modules=[]", "learner.lora.target_modules is an empty list"),
         ("learner.zero_stage=3", "learner.zero_stage=3 is not supported"),
     ],
@@ -91,6 +93,19 @@ def test_targets_that_match_no_module_are_named_by_validate_as_by_train():
     with pytest.raises(ConfigError) as applied:
         apply_lora(load_policy(ModelConfig()), lora)
     assert str(checked.value) == str(applied.value) and "'q_proj'" in str(checked.value)
+
+
+def test_a_misspelt_target_beside_good_ones_is_named_by_validate_as_by_train():
+    """PEFT adapts the names that match and drops the rest without a word (v_prj would leave v_proj frozen)."""
+    lora = LoRAConfig(enabled=True, target_modules=["q_proj", "v_prj"])
+    with pytest.raises(ConfigError) as checked:
+        check_lora_targets(load_policy(ModelConfig()), lora)
+    policy = load_policy(ModelConfig())
+    with pytest.raises(ConfigError) as applied:
+        apply_lora(policy, lora)
+    assert str(checked.value) == str(applied.value)
+    assert "learner.lora.target_modules names ['v_prj'], which match no module of the tiny model" in str(checked.value)
+    assert "'v_proj'" in str(checked.value) and not adapter_layers(policy.model)  # refused before any injection
 
 
 def test_a_family_without_default_targets_needs_them_named():

@@ -669,8 +669,10 @@ def check_lora(lora: LoRAConfig, zero_stage: int) -> None:
             f"learner.lora.rank must be ≥ 1 (the adapters' rank), got {lora.rank}; d1 uses 128 for LLaDA-8B, 16 is a "
             "common start. Set learner.lora.enabled=false to train every weight instead."
         )
-    if lora.alpha <= 0:
-        raise ConfigError(f"learner.lora.alpha must be > 0 (the update is alpha / rank · B A), got {lora.alpha}.")
+    if not (math.isfinite(lora.alpha) and lora.alpha > 0):
+        raise ConfigError(
+            f"learner.lora.alpha must be a finite number > 0 (the update is alpha / rank · B A), got {lora.alpha}."
+        )
     if lora.dropout != 0:
         raise ConfigError(
             f"learner.lora.dropout={lora.dropout} is refused: the learner computes old and new log-probs with "

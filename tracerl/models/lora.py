@@ -73,6 +73,7 @@ def apply_lora(policy: Any, lora: LoRAConfig, seed: int = 0) -> Any:
 
     family = policy.family
     targets = lora_targets(family, lora)
+    check_each_target(policy, lora)
     config = LoraConfig(
         r=lora.rank, lora_alpha=lora.alpha, target_modules=targets, lora_dropout=0.0, bias="none", inference_mode=False
     )
@@ -91,14 +92,36 @@ def apply_lora(policy: Any, lora: LoRAConfig, seed: int = 0) -> Any:
     return peft_model
 
 
+def _linear_names(policy: Any) -> list[str]:
+    return sorted({n.rsplit(".", 1)[-1] for n, m in policy.model.named_modules() if isinstance(m, nn.Linear)})
+
+
+def _matches(policy: Any, target: str) -> int:
+    """Modules PEFT gives an adapter for ``target`` in a list: named ``target`` or ending with ``.<target>``."""
+    return sum(n == target or n.endswith(f".{target}") for n, _ in policy.model.named_modules())
+
+
 def no_targets(policy: Any, targets: list[str] | str) -> ConfigError:
     """The error for ``learner.lora.target_modules`` that match no module of the model: its linear layers' names."""
-    linear = sorted({n.rsplit(".", 1)[-1] for n, m in policy.model.named_modules() if isinstance(m, nn.Linear)})
     return ConfigError(
         f"learner.lora.target_modules={targets} match no module of the {policy.family} model; its linear layers "
-        f"are named {linear}. Set learner.lora.target_modules to some of them (or leave it unset for the "
-        "family's default)."
+        f"are named {_linear_names(policy)}. Set learner.lora.target_modules to some of them (or leave it unset for "
+        "the family's default)."
     )
+
+
+def check_each_target(policy: Any, lora: LoRAConfig) -> None:
+    """Every name the user gave in ``learner.lora.target_modules`` matches a module (PEFT adapts what matches
+    and drops the rest without a word: a misspelt ``v_prj`` beside ``q_proj`` would leave ``v_proj`` frozen)."""
+    if lora.target_modules is None:
+        return
+    missing = [t for t in lora.target_modules if not _matches(policy, t)]
+    if missing and len(missing) < len(lora.target_modules):
+        raise ConfigError(
+            f"learner.lora.target_modules names {missing}, which match no module of the {policy.family} model "
+            f"(the others do); its linear layers are named {_linear_names(policy)}. Fix or remove "
+            f"{'it' if len(missing) == 1 else 'them'}."
+        )
 
 
 def check_lora_targets(policy: Any, lora: LoRAConfig) -> int:
@@ -116,6 +139,7 @@ def check_lora_targets(policy: Any, lora: LoRAConfig) -> int:
     found = sum(any(n == t or n.endswith(f".{t}") for t in targets) for n, _ in policy.model.named_modules())
     if not found:
         raise no_targets(policy, targets)
+    check_each_target(policy, lora)
     return found
 
 
