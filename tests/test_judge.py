@@ -182,6 +182,26 @@ def test_bad_judge_settings_are_named(stub: Stub, monkeypatch: pytest.MonkeyPatc
     assert stub.requests[-1]["authorization"] == "Bearer sk-test"
 
 
+def test_a_template_without_the_completion_or_a_judge_without_a_url_is_refused(stub: Stub) -> None:
+    with pytest.raises(RewardError, match=r"judge.template never names \{\{ completion \}\}, so every completion"):
+        RewardService([judge(stub.url, template="Rate this answer to {{ prompt }}. Score: N")])
+    for fn in ("sudoku_cells", "ftp://127.0.0.1:9/v1", "runs/rm"):
+        with pytest.raises(RewardError, match=rf"fn is the http\(s\) base URL .* got '{fn}'"):
+            RewardService([judge(fn)])
+    assert not stub.requests  # refused before any request
+
+
+def test_a_reward_entrys_kwargs_fill_the_template_for_every_sample(stub: Stub) -> None:
+    spec = judge(stub.url, template="{{ rubric }} ({{ answer }}) ANSWER: {{ completion }}")
+    spec.kwargs = {"rubric": "be strict"}
+    result = RewardService([spec]).score(["q", "q"], ["good 1", "good 2"], columns={"answer": ["a", "b"]})
+    assert result.parts["judge"] == [1.0, 2.0]
+    assert sorted(r["messages"][-1]["content"] for r in stub.requests) == [
+        "be strict (a) ANSWER: good 1",
+        "be strict (b) ANSWER: good 2",
+    ]
+
+
 def test_a_judge_block_makes_a_url_a_judge() -> None:
     assert reward_kind(RewardSpec("http://127.0.0.1:9/v1", judge=JudgeConfig())) == "judge"
     assert reward_kind(RewardSpec("http://127.0.0.1:9/score")) == "http"

@@ -101,6 +101,13 @@ class JudgeReward:
 
     def __init__(self, url: str, options: JudgeConfig, name: str = "judge") -> None:
         self.options, self.__name__ = options, name
+        parts = urllib.parse.urlsplit(str(url))
+        if parts.scheme not in ("http", "https") or not parts.netloc:
+            raise RewardError(
+                f"judge '{name}': with a judge block, fn is the http(s) base URL of an OpenAI-compatible chat "
+                f"endpoint (e.g. http://localhost:8000/v1, as vllm serve prints it), got {str(url)!r}. Give the "
+                "endpoint's URL, or drop the judge block for a reward function."
+            )
         self.base = url.rstrip("/").removesuffix("/chat/completions").rstrip("/")
         env = ImmutableSandboxedEnvironment(undefined=StrictUndefined, keep_trailing_newline=True)
         try:
@@ -108,6 +115,12 @@ class JudgeReward:
             variables = meta.find_undeclared_variables(env.parse(options.template))
         except TemplateError as err:
             raise RewardError(f"judge '{name}': judge.template does not parse: {err}.") from None
+        if "completion" not in variables:
+            raise RewardError(
+                f"judge '{name}': judge.template never names {{{{ completion }}}}, so every completion of a prompt "
+                "would be sent as the same request and get the same score. Put {{ completion }} where the judge "
+                "should read the answer."
+            )
         self.required_columns = frozenset(variables - {"prompt", "completion"})  # checked against the dataset
         if options.parser == "regex":
             try:
@@ -225,7 +238,8 @@ class JudgeReward:
         n = len(completions)
         contents = []
         for i in range(n):
-            values = {k: v[i] for k, v in columns.items() if isinstance(v, list | tuple) and len(v) == n}
+            # dataset columns hold one value per sample; a reward entry's kwargs are the same for every sample
+            values = {k: v[i] if isinstance(v, list | tuple) and len(v) == n else v for k, v in columns.items()}
             values |= {"prompt": _text(prompts[i]), "completion": _text(completions[i])}
             try:
                 contents.append(self.template.render(values))
