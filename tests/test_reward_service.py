@@ -16,7 +16,7 @@ import pytest
 
 from tracerl.reward_server import main as server_main
 from tracerl.reward_server import make_server
-from tracerl.reward_service import RewardError, RewardService, RewardSpec
+from tracerl.reward_service import HttpReward, RewardError, RewardService, RewardSpec
 
 SOLUTION = r"\frac{1}{3}"
 RIGHT, WRONG = r"<think>r</think> \boxed{\frac{1}{3}}", r"no think \boxed{\frac{1}{2}}"
@@ -295,10 +295,36 @@ def test_http_errors_name_the_endpoint(gsm8k_server: str) -> None:
     with pytest.raises(RewardError) as err:
         RewardService([f"{gsm8k_server}/score"]).score(["q"], ["#### 1"])
     assert "answered HTTP 422" in str(err.value) and "gsm8k needs the ground truth" in str(err.value)
-    # nothing listens: retried, then a clear error
+    # nothing listens when the service starts: refused before any request, naming the URL and what to start
     dead = f"http://127.0.0.1:{_free_port()}/score"
-    with pytest.raises(RewardError, match=r"failed after 2 attempts; last error: URLError"):
-        RewardService([dead], http_retries=1).score(["q"], ["c"])
+    with pytest.raises(RewardError, match=r"cannot run here: nothing answers at the reward endpoint http://127"):
+        RewardService([dead])
+    # the server goes away later: each request is retried, then a clear error
+    with pytest.raises(RuntimeError, match=r"failed after 2 attempts; last error: URLError"):
+        HttpReward(dead, retries=1)(["q"], ["c"])
+
+
+def test_an_endpoint_that_answers_html_is_named_with_what_it_said() -> None:
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    class Html(BaseHTTPRequestHandler):
+        def do_POST(self) -> None:  # noqa: N802 - the name http.server calls
+            self.send_response(200)
+            self.end_headers()
+            self.wfile.write(b"<html>a login page</html>")
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Html)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        url = f"http://127.0.0.1:{server.server_address[1]}/score"
+        with pytest.raises(RewardError, match=r"answered with something other than JSON: '<html>a login page</html>'"):
+            RewardService([url]).score(["q"], ["c"])
+    finally:
+        server.shutdown()
+        server.server_close()
 
 
 def test_server_command_serves_until_stopped_and_rejects_bad_specs(capsys: pytest.CaptureFixture) -> None:

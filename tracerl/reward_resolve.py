@@ -16,6 +16,7 @@ import importlib.util
 import json
 import os
 import re
+import socket
 import sys
 import threading
 import time
@@ -273,6 +274,30 @@ class HttpReward:
         loopback = parsed.hostname in ("localhost", "::1") or (parsed.hostname or "").startswith("127.")
         handlers = [urllib.request.ProxyHandler({})] if loopback else []  # never send loopback through a proxy
         self._opener = urllib.request.build_opener(*handlers)
+        self._loopback = loopback
+
+    def preflight(self) -> None:
+        """Something accepts connections at the endpoint's host and port (one TCP connect, at most 5 s); called where
+        a reward service starts, before any actor does. Left to the first request when a proxy carries it.
+
+        Raises:
+            RuntimeError: nothing answers there; the message says to start the server or fix the URL.
+        """
+        parsed = urllib.parse.urlsplit(self.url)
+        host, port = parsed.hostname, parsed.port or (443 if parsed.scheme == "https" else 80)
+        if not host or (
+            not self._loopback
+            and parsed.scheme in urllib.request.getproxies()
+            and not urllib.request.proxy_bypass(host)
+        ):
+            return
+        try:
+            socket.create_connection((host, port), timeout=min(5.0, self.timeout_s)).close()
+        except OSError as err:
+            raise RuntimeError(
+                f"nothing answers at the reward endpoint {self.url} ({type(err).__name__}: {err}). Start the server "
+                "(e.g. tracerl serve-reward --reward SPEC --port N) or fix the URL in reward.functions."
+            ) from None
 
     def __call__(self, prompts: list, completions: list, **columns: Any) -> list[float | None]:
         body = json.dumps({"prompts": prompts, "completions": completions, **columns}, default=_json_default)
@@ -285,7 +310,12 @@ class HttpReward:
                 time.sleep(self.backoff_s * 2 ** (attempt - 1))
             try:
                 with self._opener.open(request, timeout=self.timeout_s) as response:
-                    answer = json.loads(response.read())
+                    raw = response.read()
+                try:
+                    answer = json.loads(raw)
+                except ValueError:
+                    text = raw.decode(errors="replace")[:200]
+                    raise ValueError(f"endpoint {self.url} answered with something other than JSON: {text!r}") from None
                 break
             except urllib.error.HTTPError as err:
                 text = err.read().decode(errors="replace")[:500]
