@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from tracerl.checks import load_config as load
-from tracerl.config import ConfigError, SamplingConfig, check_sampling
+from tracerl.config import ConfigError, SamplingConfig, check_reward_total, check_sampling
 
 
 def test_defaults_yaml_and_overrides_merge(tmp_path):
@@ -139,6 +139,17 @@ def test_one_sample_per_prompt_is_refused_with_a_group_advantage(advantage):
                                             "is a mapping"),
         ("reward.functions=[{fn: sudoku_cells, weight: abc}]", "reward.functions[0].weight is 'abc', not a number"),
         ("run_dir=", "an empty value means null, which run_dir does not take: give it a value"),
+        ("cluster.rollout_resources=[a]", "cluster.rollout_resources takes a mapping, got ['a']"),
+        ("reward.functions.0.weight=2", "reward.functions is a list: set one entry as reward.functions[0].<setting>"),
+        ("reward.functions[3].weight=2", "reward.functions has 1 entry, so there is no [3]"),
+        ("sampling[0].top_k=1", "sampling is not a list setting, so it has no entry [0]"),
+        ("reward.functions[0].wieght=2", "unknown config key 'reward.functions[0].wieght'"),
+        ("reward.functions[0].weight=abc", "bad value for config key 'reward.functions[0].weight'"),
+        ("rollout.num_cpus_per_worker=-1", "rollout.num_cpus_per_worker must be a number ≥ 0"),
+        ("learner.num_cpus_per_rank=.nan", "learner.num_cpus_per_rank must be a number ≥ 0 (the Ray CPUs each actor "
+                                           "reserves), got nan"),
+        ("cluster.learner_resources={foo: -1}", "cluster.learner_resources.foo must be a number ≥ 0"),
+        ("cluster.rollout_resources={CPU: 1}", "cluster.rollout_resources names 'CPU', which Ray counts through"),
     ],
 )  # fmt: skip
 def test_values_of_the_wrong_shape_name_the_setting_and_how_to_write_it(override, message):
@@ -146,6 +157,21 @@ def test_values_of_the_wrong_shape_name_the_setting_and_how_to_write_it(override
     with pytest.raises(ConfigError) as err:
         load(None, [override])
     assert message in str(err.value) and "'?'" not in str(err.value)
+
+
+def test_one_list_entry_is_set_by_its_index():
+    two = "reward.functions=[{fn: sudoku_cells}, {fn: synthetic_exact, weight: 0.5}]"
+    cfg = load(None, [two, "reward.functions[1].weight=0", "reward.functions[0].kwargs={strict: true}"])
+    assert [(f.fn, f.weight, f.kwargs) for f in cfg.reward.functions] == [
+        ("sudoku_cells", 1.0, {"strict": True}),
+        ("synthetic_exact", 0.0, {}),
+    ]
+    cfg = load(None, [two, "reward.functions[0]={fn: math_verify}"])  # a whole entry, merged into the one there
+    assert [f.fn for f in cfg.reward.functions] == ["math_verify", "synthetic_exact"]
+    with pytest.raises(ConfigError, match="every reward weight is 0"):  # the commands' checks see the result
+        check_reward_total(load(None, [two, "reward.functions[0].weight=0", "reward.functions[1].weight=0"]))
+    with pytest.raises(ConfigError, match=r"reward.functions\[0\] \(org/rm\): .* got 0, nan, 0.25"):  # load's checks
+        load(None, ["reward.functions=[{fn: org/rm, model: {}}]", "reward.functions[0].model.num_cpus=.nan"])
 
 
 def test_interpolations_pass_the_shape_check_and_resolve(tmp_path, monkeypatch):

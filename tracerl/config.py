@@ -14,13 +14,14 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 
@@ -633,7 +634,7 @@ def check_reward_entries(cfg: Config) -> None:
                     f"{where}: model.max_length must be ≥ 1 and model.batch_tokens ≥ model.max_length (one input must "
                     f"fit a forward); got max_length={m.max_length}, batch_tokens={m.batch_tokens}."
                 )
-            if m.num_workers < 0 or m.num_cpus < 0 or not 0 < m.gpu_fraction < 1:
+            if m.num_workers < 0 or not (math.isfinite(m.num_cpus) and m.num_cpus >= 0) or not 0 < m.gpu_fraction < 1:
                 raise ConfigError(
                     f"{where}: model.num_workers ≥ 0 (0 = auto), model.num_cpus ≥ 0 and 0 < model.gpu_fraction < 1; "
                     f"got {m.num_workers}, {m.num_cpus}, {m.gpu_fraction}."
@@ -927,6 +928,24 @@ def check_counts(cfg: Config) -> None:
             raise ConfigError(f"{key} must be a positive number, got {value}.")
     if not 0.0 <= cfg.data.max_unknown_rate <= 1.0:
         raise ConfigError(f"data.max_unknown_rate is a fraction of tokens in [0, 1], got {cfg.data.max_unknown_rate}.")
+    cpus = (("learner.num_cpus_per_rank", cfg.learner.num_cpus_per_rank),
+            ("rollout.num_cpus_per_worker", cfg.rollout.num_cpus_per_worker),
+            ("reward.num_cpus_per_worker", cfg.reward.num_cpus_per_worker))  # fmt: skip
+    for key, value in cpus:
+        if not (math.isfinite(value) and value >= 0):
+            raise ConfigError(f"{key} must be a number ≥ 0 (the Ray CPUs each actor reserves), got {value}.")
+    for key in ("learner_resources", "rollout_resources"):
+        for name, amount in getattr(cfg.cluster, key).items():
+            if str(name).upper() in ("CPU", "GPU"):
+                raise ConfigError(
+                    f"cluster.{key} names {name!r}, which Ray counts through tracerl's own settings: CPUs with "
+                    "learner.num_cpus_per_rank / rollout.num_cpus_per_worker, GPUs with cluster.gpus_per_node. Keep "
+                    f"custom resources here, e.g. cluster.{key}={{my_resource: 1}}."
+                )
+            if not (math.isfinite(amount) and amount >= 0):
+                raise ConfigError(
+                    f"cluster.{key}.{name} must be a number ≥ 0 (of Ray resource '{name}'), got {amount}."
+                )
 
 
 # ---------------------------------------------------------------------------------------------- loading
@@ -968,6 +987,34 @@ def _literal_problems(obj: Any, prefix: str = "") -> list[str]:
         elif dataclasses.is_dataclass(value):
             problems.extend(_literal_problems(value, f"{prefix}{f.name}."))
     return problems
+
+
+_INDEXED = re.compile(r"^([A-Za-z_][\w.]*)\[(\d+)\]((?:\.\w+)*)$")
+
+
+def _set_indexed(merged: DictConfig, item: str) -> None:
+    """Apply one override of a list entry, ``reward.functions[0].weight=1`` (or a whole entry,
+    ``reward.functions[1]={fn: sudoku_cells}``), to the merged config: the entry must exist."""
+    key, _, text = item.partition("=")
+    match = _INDEXED.match(key.strip())
+    if match is None:
+        raise ConfigError(
+            f"override '{item}': write one list entry as key[index].setting=value, e.g. reward.functions[0].weight=1."
+        )
+    name, index, rest = match.group(1), int(match.group(2)), match.group(3)
+    entries = OmegaConf.select(merged, name, default=None)
+    if not isinstance(entries, ListConfig):
+        raise ConfigError(f"override '{item}': {name} is not a list setting, so it has no entry [{index}].")
+    if index >= len(entries):
+        raise ConfigError(
+            f"override '{item}': {name} has {len(entries)} entr{'y' if len(entries) == 1 else 'ies'}, so there is no "
+            f"[{index}]; give the whole list instead, e.g. {name}=[...]."
+        )
+    value = OmegaConf.to_container(OmegaConf.from_dotlist([f"v={text}"]))["v"]
+    try:
+        OmegaConf.update(merged, f"{name}[{index}]{rest}", value, merge=True)
+    except OmegaConfBaseException as err:
+        raise _explain(err, f"the override '{item}'") from None
 
 
 def _explain(err: OmegaConfBaseException, source: str) -> ConfigError:
@@ -1017,9 +1064,14 @@ def _shape_problem(value: Any, schema: type, prefix: str = "") -> str | None:
                 )
             if problem := _shape_problem(item, kind, f"{name}."):
                 return problem
+        elif typing.get_origin(kind) is dict and not isinstance(item, dict):
+            return f"{name} takes a mapping, got {item!r}; write it as {name}={{key: value}}"
         elif typing.get_origin(kind) is list:
             (inner,) = typing.get_args(kind) or (Any,)
             example = "[{fn: sudoku_cells}]" if name == "reward.functions" else "[a, b]"
+            if isinstance(item, dict) and item and all(str(k).isdigit() for k in item):
+                entry = f"{name}[{next(iter(item))}]"
+                return f"{name} is a list: set one entry as {entry}.<setting>=..., or give {name}={example}"
             if not isinstance(item, list):
                 return f"{name} takes a list, got {item!r}; write it as {name}={example}"
             for i, entry in enumerate(item):
@@ -1098,8 +1150,10 @@ def load(yaml_path: str | Path | None = None, overrides: list[str] | None = None
     for item in overrides or []:
         if "=" not in item:
             raise ConfigError(f"override '{item}' is not of the form key=value (e.g. sampling.temperature=0.7).")
-    if overrides:
-        layers.append((OmegaConf.from_dotlist(list(overrides)), "command-line overrides"))
+    indexed = [o for o in overrides or [] if "[" in o.partition("=")[0]]  # reward.functions[0].weight=1
+    plain = [o for o in overrides or [] if o not in indexed]
+    if plain:
+        layers.append((OmegaConf.from_dotlist(plain), "command-line overrides"))
     merged = base
     for layer, source in layers:
         if problem := _shape_problem(OmegaConf.to_container(layer, resolve=False), schema):
@@ -1108,6 +1162,8 @@ def load(yaml_path: str | Path | None = None, overrides: list[str] | None = None
             merged = OmegaConf.merge(merged, layer)
         except OmegaConfBaseException as err:
             raise _explain(err, source) from None
+    for item in indexed:
+        _set_indexed(merged, item)
     try:
         cfg = OmegaConf.to_object(merged)
     except OmegaConfBaseException as err:

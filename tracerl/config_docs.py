@@ -26,6 +26,9 @@ and `key=value` arguments on the command line override last, e.g.
 tracerl train configs/quickstart.yaml learner.lr=3e-4 rollout.samples_per_prompt=16 data.synthetic_options.noise=0.1
 ```
 
+A list setting is given whole (`reward.functions=[{fn: sudoku_cells}, {fn: synthetic_exact, weight: 0}]`), or one
+entry of the list the config already has is changed by its index: `reward.functions[1].weight=0.5`.
+
 Unknown keys, wrong types and values outside a field's choices stop the command before anything starts, with
 the valid choices listed; `tracerl validate CONFIG` checks a config (and, without `--offline`, the model, data,
 rewards and cluster) without training. The resolved config of every run is saved as `<run_dir>/config.json`
