@@ -257,6 +257,11 @@ CASES = [
         ],
         "every training pair is longer than reward_model.max_length=3 tokens",
     ),
+    (
+        "validate a resume path that does not exist",
+        ["validate", "--offline", "checkpoint.resume={d}/nope"],
+        "--resume / checkpoint.resume '{d}/nope' does not exist",
+    ),
     # where runs write, and what they read
     ("sft run_dir is a file", ["sft", "run_dir={d}/data.txt"], "run_dir '{d}/data.txt' is a file"),
     ("train run_dir is a file", ["train", "run_dir={d}/data.txt"], "run_dir '{d}/data.txt' is a file"),

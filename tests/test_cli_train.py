@@ -90,6 +90,16 @@ def test_an_address_that_answers_but_is_no_ray_cluster_is_refused_at_once(capsys
     assert f"--ray-address / cluster.address '{address}'" in err and "no Ray cluster answers as one" in err
     assert "scripts/ray_cluster.sh" in err and "gcs_client" not in err
     assert not (tmp_path / "run").exists()
+    err = fails(capsys, "validate", QUICK, f"cluster.address=127.0.0.1:{free_port()}")  # validate checks it too
+    assert "cluster.address '127.0.0.1:" in err and "no Ray cluster answers there" in err
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def test_no_prompt_that_fits_is_clear(capsys, tmp_path):

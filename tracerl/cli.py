@@ -189,6 +189,16 @@ def cmd_validate(ns: argparse.Namespace) -> int:
         f"{cfg.rollout.placement}, {gpus_needed(cfg)} of {c.num_nodes * c.gpus_per_node} GPUs)"
     )
     check_device(cfg, c.num_nodes * c.gpus_per_node)
+    if cfg.checkpoint.resume not in ("none", "auto"):  # a checkpoint by path: train verifies it first; so does this
+        from tracerl import runs
+
+        runs.claim(cfg, "train")
+        console.print(f"resume: ok ({cfg.checkpoint.resume})")
+    if cfg.cluster.address and not ns.offline:
+        from tracerl.orchestrator.setup import check_reachable
+
+        check_reachable(cfg.cluster.address)
+        console.print(f"cluster address: ok (a Ray cluster answers at {cfg.cluster.address})")
     from tracerl.orchestrator.guards import oversubscription
 
     crowded = oversubscription(cfg, os.cpu_count() or 1)
