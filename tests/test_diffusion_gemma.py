@@ -97,7 +97,7 @@ def test_image_tokens_in_a_prompt_are_refused_before_sampling() -> None:
 def test_a_canvas_length_that_is_not_the_checkpoints_is_refused() -> None:
     policy = load_policy(ModelConfig(family="diffusion_gemma", tiny=SMALL))
     s = SamplingConfig(canvas=CanvasSamplingConfig(canvas_length=256))
-    with pytest.raises(ConfigError, match=r"canvas_length=256 .* canvas_length 8"):
+    with pytest.raises(ConfigError, match=r"canvas_length=256 but the model's canvas_length is 8 .*model.tiny"):
         check_compatible(policy, s)
     with pytest.raises(ConfigError, match="canvas_length"):
         check_positions(policy, 10, s)
@@ -142,6 +142,7 @@ def test_estimators_that_do_not_replay_a_renoising_trajectory_are_refused(overri
     ("canvas", "match"),
     [
         (dict(t_min=0.9, t_max=0.5), "t_min < t_max"),
+        (dict(t_max=float("inf")), "t_min < t_max, both finite"),  # generate printed τ=inf and a canvas of noise
         (dict(entropy_bound=0.0), "entropy_bound"),
         (dict(max_denoising_steps=0), "max_denoising_steps"),
         (dict(stability_threshold=None), "both"),
@@ -151,6 +152,14 @@ def test_impossible_canvas_sampler_settings_name_the_setting(canvas: dict, match
     policy = load_policy(ModelConfig(family="diffusion_gemma", tiny=SMALL))
     with pytest.raises(ConfigError, match=match):
         check_compatible(policy, SamplingConfig(canvas=CanvasSamplingConfig(**canvas)))
+
+
+def test_canvas_settings_for_a_policy_that_unmasks_are_refused() -> None:
+    """The reverse of the test above: sampling.canvas.* on a masked-diffusion model was silently ignored."""
+    with pytest.raises(ConfigError, match=r"sampling.canvas.t_max is a setting of the renoising canvas sampler .*"
+                       r"the tiny policy decodes by unmasking"):  # fmt: skip
+        check_compatible(load_policy(ModelConfig()), SamplingConfig(canvas=CanvasSamplingConfig(t_max=0.9)))
+    check_compatible(load_policy(ModelConfig()), SamplingConfig())  # the defaults are no setting
 
 
 def test_a_random_tiny_model_needs_no_path_and_its_tokenizer_loads_without_weights() -> None:

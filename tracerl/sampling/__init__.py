@@ -6,6 +6,8 @@ full-attention semi-autoregressive sampler.
 
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 
 from tracerl.config import ConfigError, SamplingConfig, check_sampling
@@ -65,6 +67,13 @@ def check_compatible(policy, s: SamplingConfig) -> None:  # noqa: ANN001
     if renoising(policy):
         check_canvas_sampling(policy, s)
         return
+    changed = [f.name for f in dataclasses.fields(s.canvas) if getattr(s.canvas, f.name) != f.default]
+    if changed:
+        raise ConfigError(
+            f"sampling.canvas.{changed[0]} is a setting of the renoising canvas sampler (model.family="
+            f"diffusion_gemma); the {policy.family} policy decodes by unmasking and would ignore it. Remove the "
+            "sampling.canvas settings, or set model.family=diffusion_gemma."
+        )
     check_sampling(s)
     if s.remasking not in REMASKING:
         raise ConfigError(f"unknown remasking '{s.remasking}'; choose from {sorted(REMASKING)}.")

@@ -142,17 +142,18 @@ def check_canvas_sampling(policy, s: SamplingConfig) -> None:  # noqa: ANN001
     c = s.canvas
     if c.canvas_length is not None and c.canvas_length != policy.canvas_length:
         raise ConfigError(
-            f"sampling.canvas.canvas_length={c.canvas_length} but the checkpoint at model.path was trained with "
-            f"canvas_length {policy.canvas_length} (its config.json); the decoder denoises canvases of that size. "
+            f"sampling.canvas.canvas_length={c.canvas_length} but the model's canvas_length is "
+            f"{policy.canvas_length} (the config.json at model.path, or model.tiny.canvas_length when model.path is "
+            "unset); the decoder denoises canvases of that size. "
             f"Set sampling.canvas.canvas_length={policy.canvas_length} or leave it unset (null)."
         )
     if c.max_denoising_steps < 1:
         raise ConfigError(f"sampling.canvas.max_denoising_steps must be ≥ 1, got {c.max_denoising_steps}.")
     if not c.entropy_bound > 0:
         raise ConfigError(f"sampling.canvas.entropy_bound must be > 0, got {c.entropy_bound}.")
-    if not 0 <= c.t_min < c.t_max:
+    if not 0 <= c.t_min < c.t_max < math.inf:
         raise ConfigError(
-            f"sampling.canvas needs 0 ≤ t_min < t_max (the temperature falls from t_max to t_min); got "
+            f"sampling.canvas needs 0 ≤ t_min < t_max, both finite (the temperature falls from t_max to t_min); got "
             f"t_min={c.t_min}, t_max={c.t_max}."
         )
     if (c.stability_threshold is None) != (c.confidence_threshold is None):
