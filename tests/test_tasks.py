@@ -95,6 +95,11 @@ def test_split_and_option_errors_name_the_fix():
         synthetic("parity", 5, seed=0, split="test")
     with pytest.raises(ConfigError, match=r"\['noize'\] are not options of synthetic:sudoku4.*'noise'"):
         load_examples(DataConfig(source="synthetic:sudoku4", synthetic_options={"noize": 0.1}), 0)
+    for option, value, kind in (("noise", "abc", "a number"), ("min_blanks", 4.5, "a whole number"),
+                                ("max_blanks", [1], "a whole number"), ("teacher", 3, "text")):  # fmt: skip
+        with pytest.raises(ConfigError, match=rf"data.synthetic_options.{option}=.* synthetic:sudoku4 takes {kind}"):
+            synthetic("sudoku4", 5, seed=0, **{option: value})  # a bare TypeError from inside the task before
+    assert len(synthetic("sudoku4", 5, seed=0, noise=1)) == 5  # an int where a float belongs is a number
     cfg = DataConfig(source="synthetic:sudoku4", split="test", num_synthetic=5)
     assert all(is_solved(a) for a in load_examples(cfg, 0)["answer"])
 

@@ -16,6 +16,7 @@ import itertools
 import json
 import os
 import random
+import typing
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -203,6 +204,15 @@ def _rows(cells: str) -> str:
     return " ".join(cells[r : r + 4] for r in range(0, 16, 4))
 
 
+_OPTION_TYPES: dict[Any, Callable[[Any], bool]] = {  # a task option's annotation → what a value must be
+    int: lambda v: isinstance(v, int) and not isinstance(v, bool),
+    float: lambda v: isinstance(v, int | float) and not isinstance(v, bool),
+    str: lambda v: isinstance(v, str),
+    bool: lambda v: isinstance(v, bool),
+}
+_OPTION_NAMES = {int: "a whole number", float: "a number", str: "text", bool: "true or false"}
+
+
 def synthetic(task: str, n: int, seed: int, split: str = "train", **options: Any) -> datasets.Dataset:
     """``n`` examples of a built-in task (columns prompt, answer, response), deterministic given ``seed``;
     ``options`` are the task's keyword arguments (``data.synthetic_options``)."""
@@ -222,6 +232,17 @@ def synthetic(task: str, n: int, seed: int, split: str = "train", **options: Any
         raise ConfigError(
             f"data.synthetic_options {unknown} are not options of synthetic:{task}; it accepts {accepted}."
         )
+    try:
+        hints = typing.get_type_hints(fn)
+    except Exception:  # noqa: BLE001 - a registered task's annotations that do not resolve: its options unchecked
+        hints = {}
+    for key, value in options.items():
+        want = hints.get(key)
+        if want in _OPTION_TYPES and not _OPTION_TYPES[want](value):
+            raise ConfigError(
+                f"data.synthetic_options.{key}={value!r} is a {type(value).__name__}; synthetic:{task} takes "
+                f"{_OPTION_NAMES[want]} there (default {inspect.signature(fn).parameters[key].default!r})."
+            )
     rng = random.Random(seed)
     kwargs = {"split": split} if task in WITH_SPLITS else {}
     rows = [fn(rng, **kwargs, **options) for _ in range(n)]
