@@ -115,6 +115,29 @@ def test_online_without_credentials_says_so_once(monkeypatch, tmp_path, capsys):
     assert "W&B runs offline" not in capsys.readouterr().out  # asked for offline: nothing to say
 
 
+def test_online_without_a_route_to_wandb_runs_offline_at_once(monkeypatch, tmp_path, capsys):
+    """With credentials but no route to the server, wandb.init stalled for 90 s and then printed advice about its
+    init_timeout setting; one TCP connect now tells, and the run goes offline with one line."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]  # nothing listens here once the socket is closed
+    monkeypatch.setenv("WANDB_API_KEY", "0" * 40)
+    monkeypatch.setenv("WANDB_BASE_URL", f"http://127.0.0.1:{port}")
+    monkeypatch.delenv("WANDB_MODE", raising=False)
+    for proxy in ("http_proxy", "HTTP_PROXY", "https_proxy", "HTTPS_PROXY", "all_proxy", "ALL_PROXY"):
+        monkeypatch.delenv(proxy, raising=False)
+    start = time.monotonic()
+    log = MetricsLogger(tmp_path / "run", config={}, wandb_cfg=WandbConfig(mode="online", project="t"))
+    run_id = log.run_id
+    log.close()
+    assert time.monotonic() - start < 60
+    out = " ".join(capsys.readouterr().out.split())
+    assert "W&B runs offline: wandb.mode=online, but 127.0.0.1 cannot be reached (ConnectionRefusedError" in out
+    assert "wandb sync" in out and list((tmp_path / "run" / "wandb").glob(f"offline-run-*-{run_id}"))
+
+
 def test_wandb_offline_run_is_written(tmp_path, monkeypatch):
     monkeypatch.setenv("WANDB_MODE", "offline")
     log = MetricsLogger(tmp_path, config={"seed": 1}, wandb_cfg=WandbConfig(mode="offline", project="t"))

@@ -13,7 +13,10 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import time
+import urllib.parse
+import urllib.request
 from collections import defaultdict
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -42,6 +45,21 @@ def wandb_mode(requested: str) -> str:
     if mode == "online" and not (os.environ.get("WANDB_API_KEY") or (Path.home() / ".netrc").exists()):
         return "offline"
     return mode
+
+
+def wandb_unreachable(timeout_s: float = 5.0) -> str | None:
+    """Why W&B's server (``WANDB_BASE_URL``, else api.wandb.ai) cannot be reached, from one TCP connect; None when
+    it answers, or when a proxy carries the connection (W&B's client then says what goes wrong). An online run
+    without a route would otherwise stall in ``wandb.init`` for 90 s and end in a hint about W&B's settings."""
+    url = urllib.parse.urlsplit(os.environ.get("WANDB_BASE_URL") or "https://api.wandb.ai")
+    host, port = url.hostname, url.port or (80 if url.scheme == "http" else 443)
+    if not host or (url.scheme in urllib.request.getproxies() and not urllib.request.proxy_bypass(host)):
+        return None
+    try:
+        socket.create_connection((host, port), timeout=timeout_s).close()
+    except OSError as err:
+        return f"{host} cannot be reached ({type(err).__name__}: {err})"
+    return None
 
 
 class MetricKindError(TypeError):
@@ -76,11 +94,15 @@ class MetricsLogger:
         wandb_cfg = wandb_cfg or WandbConfig(mode="disabled")
         mode = wandb_mode(wandb_cfg.mode)
         asked = os.environ.get("WANDB_MODE", "").strip().lower() or wandb_cfg.mode
+        sync = f"sync the run later with wandb sync {self.run_dir / 'wandb'}/offline-run-*"
         if asked in ("online", "run") and mode == "offline":  # asked for online, said once: it syncs later
             print(
                 "W&B runs offline: wandb.mode=online needs credentials (WANDB_API_KEY or wandb login) and none were "
-                f"found; sync the run later with wandb sync {self.run_dir / 'wandb'}/offline-run-*."
+                f"found; {sync}."
             )
+        elif mode == "online" and (problem := wandb_unreachable()):
+            mode = "offline"
+            print(f"W&B runs offline: wandb.mode=online, but {problem}; {sync}.")
         if mode != "disabled":
             try:
                 import wandb
