@@ -453,3 +453,7 @@ def test_serve_reward_names_the_flag_and_the_fix(capsys: pytest.CaptureFixture) 
     err = capsys.readouterr().err
     assert "--host 'no.such.host.invalid' is not a name or address this machine can resolve" in err
     assert "Traceback" not in err and err.startswith("tracerl serve-reward: error: ")
+    for flags in (["--debug"], ["--verbose"]):  # the global flags, after the command as the help says they may be
+        assert main(["serve-reward", "--reward", "no_such_reward", *flags]) == 2
+        err = capsys.readouterr().err
+        assert "unknown reward 'no_such_reward'" in err and "unrecognized arguments" not in err

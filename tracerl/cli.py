@@ -440,11 +440,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    if "serve-reward" in argv:  # its own argument parser
-        at = argv.index("serve-reward")
-        return cmd_serve_reward(argparse.Namespace(), argv[at + 1 :])
     flags = {"--debug", "--verbose"}
     debug, verbose = "--debug" in argv, "--verbose" in argv or "--debug" in argv
+    if "serve-reward" in argv:  # its own argument parser; the global flags before or after the command
+        at = argv.index("serve-reward")
+        quiet_third_party(verbose)
+        return cmd_serve_reward(
+            argparse.Namespace(debug=debug, verbose=verbose), [a for a in argv[at + 1 :] if a not in flags]
+        )
     parser = build_parser()
     ns, rest = parser.parse_known_args([a for a in argv if a not in flags])  # flags before or after the command
     if rest and (any(a.startswith("-") for a in rest) or not hasattr(ns, "config")):
