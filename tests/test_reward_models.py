@@ -59,6 +59,16 @@ def test_the_trained_model_scores_unseen_pairs_in_the_order_of_its_training(trai
 
 
 @pytest.mark.slow
+def test_a_reward_model_given_as_the_policy_is_named_as_such(trained_rm: Path) -> None:
+    """It failed with "weights are missing (lm_head.weight) ... set model.trust_remote_code=true"."""
+    from tracerl.config import ModelConfig
+    from tracerl.models import load_policy
+
+    with pytest.raises(ConfigError, match=r"is a sequence-classification model \(LlamaForSequenceClassification\), "
+                       r"such as a reward model .* reward.functions=\[\{fn: "):  # fmt: skip
+        load_policy(ModelConfig(family="tiny", path=str(trained_rm)))
+
+
 def test_scoring_reads_the_text_it_was_trained_on(trained_rm: Path) -> None:
     """The saved pairs, encoded by the scorer, are the chat-templated prompt and completion of each pair."""
     rm = SequenceClassifierReward(str(trained_rm), RewardModelConfig(), name="rm")

@@ -167,7 +167,7 @@ def local_model_dir(name: str, setting: str = "model.path") -> Path | None:
 
 
 def _raw_config(cfg: ModelConfig) -> dict:
-    """The checkpoint's config.json as a dict, with a clear error when the path is wrong."""
+    """The checkpoint's config.json as a dict, with a clear error when the path is wrong or holds a classifier."""
     assert cfg.path is not None
     path = local_model_dir(cfg.path)
     if path is not None:
@@ -177,9 +177,11 @@ def _raw_config(cfg: ModelConfig) -> dict:
             raise ConfigError(f"{path / 'config.json'} (model.path) is not valid JSON: {err}.") from None
         if not isinstance(raw, dict):
             raise ConfigError(f"{path / 'config.json'} (model.path) is not a JSON object.")
-        return raw
+        return _not_a_classifier(cfg.path, raw)
     try:
-        return PretrainedConfig.get_config_dict(cfg.path, local_files_only=hub.offline())[0]
+        return _not_a_classifier(
+            cfg.path, PretrainedConfig.get_config_dict(cfg.path, local_files_only=hub.offline())[0]
+        )
     except OSError as err:
         if hub.offline():
             raise ConfigError(
@@ -188,6 +190,18 @@ def _raw_config(cfg: ModelConfig) -> dict:
                 "download it."
             ) from None
         raise _not_fetched(cfg.path, f"the download failed ({err.__class__.__name__})") from None
+
+
+def _not_a_classifier(name: str, raw: dict) -> dict:
+    """``raw`` unless its architecture is a sequence classifier (a reward model), which no policy family loads."""
+    heads = [a for a in raw.get("architectures") or [] if str(a).endswith("ForSequenceClassification")]
+    if heads:
+        raise ConfigError(
+            f"model.path '{name}' is a sequence-classification model ({heads[0]}), such as a reward model from "
+            "tracerl train-reward-model: it scores text and has no language-model head to generate with. Set "
+            f"model.path to the policy, and use this one as a reward: reward.functions=[{{fn: {name}}}]."
+        )
+    return raw
 
 
 def _not_fetched(name: str, why: str, setting: str = "model.path") -> ConfigError:
