@@ -202,6 +202,12 @@ def test_a_reward_entrys_kwargs_fill_the_template_for_every_sample(stub: Stub) -
     ]
 
 
+def test_a_chat_endpoint_without_a_judge_block_is_named(stub: Stub) -> None:
+    """Without a judge block a /v1 URL is a plain reward endpoint: its answer names the block that was forgotten."""
+    with pytest.raises(RewardError, match=r"answered HTTP 404.*give the reward entry a judge block"):
+        RewardService([stub.url]).score(["q"], ["good 1"])
+
+
 def test_a_judge_block_makes_a_url_a_judge() -> None:
     assert reward_kind(RewardSpec("http://127.0.0.1:9/v1", judge=JudgeConfig())) == "judge"
     assert reward_kind(RewardSpec("http://127.0.0.1:9/score")) == "http"

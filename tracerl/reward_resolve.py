@@ -276,6 +276,15 @@ class HttpReward:
         self._opener = urllib.request.build_opener(*handlers)
         self._loopback = loopback
 
+    def _judge_hint(self) -> str:
+        """A URL of an OpenAI-compatible chat endpoint given without a judge block is sent plain reward requests."""
+        if urllib.parse.urlsplit(self.url).path.rstrip("/").endswith(("/v1", "/chat/completions")):
+            return (
+                " (a URL ending in /v1 is usually an OpenAI-compatible chat endpoint: to have a model judge the "
+                "completions, give the reward entry a judge block, e.g. {fn: URL, judge: {}})"
+            )
+        return ""
+
     def preflight(self) -> None:
         """Something accepts connections at the endpoint's host and port (one TCP connect, at most 5 s); called where
         a reward service starts, before any actor does. Left to the first request when a proxy carries it.
@@ -320,14 +329,18 @@ class HttpReward:
             except urllib.error.HTTPError as err:
                 text = err.read().decode(errors="replace")[:500]
                 if err.code < 500:
-                    raise RuntimeError(f"endpoint {self.url} answered HTTP {err.code}: {text}") from None
+                    raise RuntimeError(
+                        f"endpoint {self.url} answered HTTP {err.code}: {text}{self._judge_hint()}"
+                    ) from None
                 last = f"HTTP {err.code}: {text}"
             except (urllib.error.URLError, TimeoutError, ConnectionError) as err:
                 last = f"{type(err).__name__}: {getattr(err, 'reason', err)}"
         else:
             raise RuntimeError(f"endpoint {self.url} failed after {self.retries + 1} attempts; last error: {last}")
         if not isinstance(answer, dict) or not isinstance(answer.get("rewards"), list):
-            raise ValueError(f'endpoint {self.url} must answer {{"rewards": [...]}}, got {str(answer)[:200]}')
+            raise ValueError(
+                f'endpoint {self.url} must answer {{"rewards": [...]}}, got {str(answer)[:200]}{self._judge_hint()}'
+            )
         return answer["rewards"]
 
 
