@@ -256,7 +256,8 @@ def try_rewards(cfg: Config, service: RewardService, stream: data.PromptStream) 
         return ""
     row = stream.ds[0]
     columns = {c: [row[c]] * 2 for c in stream.ds.column_names if c != "prompt"}
-    stand_in = next((str(row[c]) for c in ("answer", "response") if row.get(c) not in (None, "")), "")
+    column = next((c for c in ("answer", "response") if row.get(c) not in (None, "")), None)
+    stand_in = "" if column is None else str(row[column])
     texts = [stand_in, ""]
     ids = [stream.tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts]
     tried = service.trial([row["prompt"]] * 2, texts, ids, columns, names=plain)
@@ -272,7 +273,8 @@ def try_rewards(cfg: Config, service: RewardService, stream: data.PromptStream) 
         raise RewardError(
             f"reward function '{name}' failed{where} before the run started: {got.detail} It was given two stand-in "
             f"completions of the first row of data.source '{cfg.data.source}': {stand_in[:80]!r} (sample 0, the "
-            f"row's answer) and '' (sample 1, an empty completion, which a model can write). {fix}."
+            f"row's {column or 'answer, which it lacks'}) and '' (sample 1, an empty completion, which a model can "
+            f"write). {fix}."
         )
     return ", ".join(
         f"{name} "
