@@ -159,6 +159,10 @@ def test_values_of_the_wrong_shape_name_the_setting_and_how_to_write_it(override
     assert message in str(err.value) and "'?'" not in str(err.value)
 
 
+def test_lower_case_cpu_or_gpu_is_a_custom_resource():
+    assert load(None, ["cluster.learner_resources={gpu: 1}"]).cluster.learner_resources == {"gpu": 1.0}
+
+
 def test_one_list_entry_is_set_by_its_index():
     two = "reward.functions=[{fn: sudoku_cells}, {fn: synthetic_exact, weight: 0.5}]"
     cfg = load(None, [two, "reward.functions[1].weight=0", "reward.functions[0].kwargs={strict: true}"])

@@ -192,13 +192,13 @@ def test_a_template_without_the_completion_or_a_judge_without_a_url_is_refused(s
 
 
 def test_a_reward_entrys_kwargs_fill_the_template_for_every_sample(stub: Stub) -> None:
-    spec = judge(stub.url, template="{{ rubric }} ({{ answer }}) ANSWER: {{ completion }}")
-    spec.kwargs = {"rubric": "be strict"}
+    spec = judge(stub.url, template="{{ rubric }} {{ marks|join('/') }} ({{ answer }}) ANSWER: {{ completion }}")
+    spec.kwargs = {"rubric": "be strict", "marks": ["x", "y"]}  # a list as long as the batch is still one value
     result = RewardService([spec]).score(["q", "q"], ["good 1", "good 2"], columns={"answer": ["a", "b"]})
     assert result.parts["judge"] == [1.0, 2.0]
     assert sorted(r["messages"][-1]["content"] for r in stub.requests) == [
-        "be strict (a) ANSWER: good 1",
-        "be strict (b) ANSWER: good 2",
+        "be strict x/y (a) ANSWER: good 1",
+        "be strict x/y (b) ANSWER: good 2",
     ]
 
 

@@ -250,11 +250,23 @@ def test_a_reward_knows_a_trial_from_a_real_call() -> None:
     assert service.score(["q"], ["a"]).total == [0.0]
 
 
+def reads_a_missing_value(prompts, completions, **kwargs):
+    return [float(None) for _ in completions]  # TypeError: float() argument must be a string or a real number
+
+
+def test_a_type_error_inside_the_function_gets_no_hint_about_its_signature() -> None:
+    with pytest.raises(RewardError) as err:
+        RewardService([reads_a_missing_value]).score(["q"], ["a"])
+    assert "float() argument must be" in str(err.value) and "must accept **kwargs" not in str(err.value)
+
+
 def test_a_trial_judges_every_function_on_its_own() -> None:
     service = RewardService([wrong_length, fails_on_third, "length", numeric_text], on_error="nan")
     tried = service.trial(["q"] * 3, ["a", "b", "c"])
     assert set(tried) == {"wrong_length", "fails_on_third", "length", "numeric_text"}  # one failure stops none
-    assert tried["wrong_length"].returned and tried["numeric_text"].returned  # broken on any batch
+    assert tried["wrong_length"].returned  # a wrong length is wrong on any batch
+    text = RewardService([numeric_text], on_error="nan").trial(["q"] * 2, ["a", "b"])["numeric_text"]
+    assert not text.returned and text.index == 0  # a value at one index: this sample's problem
     assert not tried["fails_on_third"].returned and "ValueError" in tried["fails_on_third"].detail  # this batch's
     assert tried["length"] == [1 - 1 / 1024] * 3
     assert set(service.trial(["q"], ["a"], names=["length"])) == {"length"}

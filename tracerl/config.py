@@ -936,7 +936,7 @@ def check_counts(cfg: Config) -> None:
             raise ConfigError(f"{key} must be a number ≥ 0 (the Ray CPUs each actor reserves), got {value}.")
     for key in ("learner_resources", "rollout_resources"):
         for name, amount in getattr(cfg.cluster, key).items():
-            if str(name).upper() in ("CPU", "GPU"):
+            if name in ("CPU", "GPU"):  # Ray's own names; lower-case ones are custom resources
                 raise ConfigError(
                     f"cluster.{key} names {name!r}, which Ray counts through tracerl's own settings: CPUs with "
                     "learner.num_cpus_per_rank / rollout.num_cpus_per_worker, GPUs with cluster.gpus_per_node. Keep "

@@ -176,7 +176,7 @@ def resolve_spec(spec: RewardSpec, timeout_s: float = 30.0, http_retries: int = 
         return name, SequenceClassifierReward(str(spec.fn), spec.model or RewardModelConfig(), name=name)
     from tracerl.reward_models.judge import JudgeReward
 
-    return name, JudgeReward(str(spec.fn), spec.judge or JudgeConfig(), name=name)
+    return name, JudgeReward(str(spec.fn), spec.judge or JudgeConfig(), name=name, constants=spec.kwargs)
 
 
 def resolve_reward(

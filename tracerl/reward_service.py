@@ -27,6 +27,7 @@ import asyncio
 import inspect
 import logging
 import math
+import re
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -436,7 +437,7 @@ class RewardService:
     ) -> dict[str, list[float] | RewardError]:
         """Each function's rewards on a trial batch, or its error, by name (``names``: only those): every function
         runs and is judged on its own, whatever ``on_error`` says. ``RewardError.returned`` marks a function that
-        returned but broke the contract (wrong type, length, text or ±inf), which no batch would change. The
+        returned something of the wrong type or length, which no batch would change. The
         functions see ``is_trial()`` True while it runs."""
         n = len(completions)
         columns = dict(columns or {})
@@ -504,7 +505,9 @@ class RewardService:
             detail = f"{type(err).__name__}: {str(err).rstrip('.')}."
             if isinstance(err, TypeError) and "string indices must be integers" in str(err):
                 detail += " It seems to expect chat messages: set completion_format='chat' in its RewardSpec."
-            elif isinstance(err, TypeError) and "argument" in str(err):
+            elif isinstance(err, TypeError) and re.search(
+                r"unexpected keyword argument|missing \d+ required", str(err)
+            ):
                 offered = [*RESERVED, *columns, *r.kwargs]
                 detail += f" It was offered the arguments {offered} (reward functions must accept **kwargs)."
             index = None if self.on_error == "nan" else self._locate(r, batch)
@@ -513,7 +516,8 @@ class RewardService:
         try:
             return _to_rewards(call.value, n), 0
         except RewardError as err:
-            raise RewardError(err.detail, r.name, err.index, returned=True) from None
+            # a wrong type or length is wrong on any batch; a value at one index (text, ±inf) depends on the sample
+            raise RewardError(err.detail, r.name, err.index, returned=err.index is None) from None
 
     def _partial(self, r: _Reward, err: SampleErrors, completions: list) -> tuple[list[float], int]:
         """A call that failed on some samples: ``raise`` names the first one, ``nan`` scores only those NaN."""

@@ -92,6 +92,7 @@ class JudgeReward:
         url: the endpoint's base URL (``http://host:8000/v1``; a trailing ``/chat/completions`` is accepted).
         options: ``JudgeConfig`` (model, template, parser, concurrency, timeouts, retries, API-key variable).
         name: the reward's name in metrics and errors.
+        constants: names of the reward entry's ``kwargs``, passed to the template as they are (not per sample).
     Raises:
         RewardError: a template that does not parse, a pattern that does not compile, an API-key variable that
             is not set.
@@ -99,8 +100,11 @@ class JudgeReward:
 
     remote = True  # its failures are not re-run sample by sample to find the culprit (the server would pay)
 
-    def __init__(self, url: str, options: JudgeConfig, name: str = "judge") -> None:
+    def __init__(
+        self, url: str, options: JudgeConfig, name: str = "judge", constants: dict[str, Any] | None = None
+    ) -> None:
         self.options, self.__name__ = options, name
+        self.constants = frozenset(constants or ())  # the reward entry's kwargs: the same for every sample
         parts = urllib.parse.urlsplit(str(url))
         if parts.scheme not in ("http", "https") or not parts.netloc:
             raise RewardError(
@@ -238,8 +242,12 @@ class JudgeReward:
         n = len(completions)
         contents = []
         for i in range(n):
-            # dataset columns hold one value per sample; a reward entry's kwargs are the same for every sample
-            values = {k: v[i] if isinstance(v, list | tuple) and len(v) == n else v for k, v in columns.items()}
+            # dataset columns hold one value per sample; the reward entry's kwargs are the same for every sample
+            values = {
+                k: v if k in self.constants else v[i]
+                for k, v in columns.items()
+                if k in self.constants or isinstance(v, list | tuple) and len(v) == n
+            }
             values |= {"prompt": _text(prompts[i]), "completion": _text(completions[i])}
             try:
                 contents.append(self.template.render(values))
