@@ -170,8 +170,13 @@ def test_one_list_entry_is_set_by_its_index():
         ("sudoku_cells", 1.0, {"strict": True}),
         ("synthetic_exact", 0.0, {}),
     ]
-    cfg = load(None, [two, "reward.functions[0]={fn: math_verify}"])  # a whole entry, merged into the one there
-    assert [f.fn for f in cfg.reward.functions] == ["math_verify", "synthetic_exact"]
+    judged = "reward.functions=[{fn: 'http://h:1/v1', name: j, judge: {}, kwargs: {rubric: strict}}]"
+    cfg = load(None, [judged, "reward.functions[0]={fn: math_verify}"])  # a whole entry replaces the one there
+    assert [(f.fn, f.name, f.kwargs, f.judge) for f in cfg.reward.functions] == [("math_verify", None, {}, None)]
+    cfg = load(None, ["reward.functions[0].weight=0.5", two])  # in command-line order: the list then replaces it
+    assert [f.weight for f in cfg.reward.functions] == [1.0, 0.5]
+    cfg = load(None, [two, "reward.functions[1].weight=0.25", "seed=3"])
+    assert cfg.reward.functions[1].weight == 0.25 and cfg.seed == 3
     with pytest.raises(ConfigError, match="every reward weight is 0"):  # the commands' checks see the result
         check_reward_total(load(None, [two, "reward.functions[0].weight=0", "reward.functions[1].weight=0"]))
     with pytest.raises(ConfigError, match=r"reward.functions\[0\] \(org/rm\): .* got 0, nan, 0.25"):  # load's checks

@@ -993,8 +993,8 @@ _INDEXED = re.compile(r"^([A-Za-z_][\w.]*)\[(\d+)\]((?:\.\w+)*)$")
 
 
 def _set_indexed(merged: DictConfig, item: str) -> None:
-    """Apply one override of a list entry, ``reward.functions[0].weight=1`` (or a whole entry,
-    ``reward.functions[1]={fn: sudoku_cells}``), to the merged config: the entry must exist."""
+    """Apply one override of a list entry, ``reward.functions[0].weight=1``, or replace a whole entry,
+    ``reward.functions[1]={fn: sudoku_cells}``, in the merged config: the entry must exist."""
     key, _, text = item.partition("=")
     match = _INDEXED.match(key.strip())
     if match is None:
@@ -1012,7 +1012,13 @@ def _set_indexed(merged: DictConfig, item: str) -> None:
         )
     value = OmegaConf.to_container(OmegaConf.from_dotlist([f"v={text}"]))["v"]
     try:
-        OmegaConf.update(merged, f"{name}[{index}]{rest}", value, merge=True)
+        if rest:
+            OmegaConf.update(merged, f"{name}[{index}]{rest}", value, merge=True)
+        else:  # a whole entry replaces the one there: what it leaves out takes the defaults, not the old values
+            kind = entries._metadata.element_type
+            entries[index] = (
+                OmegaConf.merge(OmegaConf.structured(kind), value) if dataclasses.is_dataclass(kind) else value
+            )
     except OmegaConfBaseException as err:
         raise _explain(err, f"the override '{item}'") from None
 
@@ -1150,20 +1156,25 @@ def load(yaml_path: str | Path | None = None, overrides: list[str] | None = None
     for item in overrides or []:
         if "=" not in item:
             raise ConfigError(f"override '{item}' is not of the form key=value (e.g. sampling.temperature=0.7).")
-    indexed = [o for o in overrides or [] if "[" in o.partition("=")[0]]  # reward.functions[0].weight=1
-    plain = [o for o in overrides or [] if o not in indexed]
-    if plain:
-        layers.append((OmegaConf.from_dotlist(plain), "command-line overrides"))
+    for item in overrides or []:  # in their order: a run of plain ones is one layer, an indexed one its own step
+        if "[" in item.partition("=")[0]:  # reward.functions[0].weight=1
+            layers.append((item, "command-line overrides"))
+        elif layers and isinstance(layers[-1][0], list):
+            layers[-1][0].append(item)
+        else:
+            layers.append(([item], "command-line overrides"))
     merged = base
     for layer, source in layers:
+        if isinstance(layer, str):
+            _set_indexed(merged, layer)
+            continue
+        layer = OmegaConf.from_dotlist(layer) if isinstance(layer, list) else layer
         if problem := _shape_problem(OmegaConf.to_container(layer, resolve=False), schema):
             raise ConfigError(f"{problem} (from {source}).")
         try:
             merged = OmegaConf.merge(merged, layer)
         except OmegaConfBaseException as err:
             raise _explain(err, source) from None
-    for item in indexed:
-        _set_indexed(merged, item)
     try:
         cfg = OmegaConf.to_object(merged)
     except OmegaConfBaseException as err:
