@@ -27,8 +27,8 @@ tracerl train configs/quickstart.yaml learner.lr=3e-4 rollout.samples_per_prompt
 ```
 
 A list setting is given whole (`reward.functions=[{fn: sudoku_cells}, {fn: synthetic_exact, weight: 0}]`), or one
-entry of the list the config already has is changed by its index, in command-line order: `reward.functions[1].weight=0.5`
-(or replaced whole: `reward.functions[1]={fn: math_verify}`).
+entry of the list the config already has is changed by its index, in command-line order:
+`reward.functions[1].weight=0.5` (or replaced whole: `reward.functions[1]={fn: math_verify}`).
 
 Unknown keys, wrong types and values outside a field's choices stop the command before anything starts, with
 the valid choices listed; `tracerl validate CONFIG` checks a config (and, without `--offline`, the model, data,
