@@ -243,7 +243,7 @@ CASES = [
     (
         "reward model pair prefers itself",
         ["train-reward-model", "reward_model.pairs={d}/pairs_same.jsonl", "reward_model.out_dir={d}/rm"],
-        "in 2 of 3 pairs the chosen completion is the rejected one (rows [1, 3])",
+        "in every pair the chosen completion is the rejected one",
     ),
     (
         "reward model pairs longer than max_length",
@@ -337,7 +337,7 @@ def files(tmp_path_factory: pytest.TempPathFactory) -> Path:
     (d / "pairs_ok.jsonl").write_text("".join(json.dumps(p) + "\n" for p in pairs))
     null = [pairs[0], pairs[1] | {"rejected": None}]
     (d / "pairs_null.jsonl").write_text("".join(json.dumps(p) + "\n" for p in null))
-    same = [pairs[0] | {"rejected": "0"}, pairs[1], pairs[2] | {"rejected": "4"}]
+    same = [p | {"rejected": p["chosen"]} for p in pairs]
     (d / "pairs_same.jsonl").write_text("".join(json.dumps(p) + "\n" for p in same))
     rows = [{"prompt": "1+2=", "answer": "3", "response": "3"}, {"prompt": "12+3=", "answer": "15", "response": None}]
     (d / "noresponse.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))

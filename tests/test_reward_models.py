@@ -187,6 +187,24 @@ def test_train_reward_model_refuses_bad_pairs_and_writes_nothing(capsys, tmp_pat
     assert "exists" in capsys.readouterr().err and not any(out.iterdir())
 
 
+def test_a_pairs_file_with_a_few_ties_and_empty_prompts_trains_on_the_rest(tmp_path: Path) -> None:
+    """Real preference sets hold a few ties (chosen = rejected), and some give the whole dialogue in the completions
+    with an empty prompt: the ties are dropped and counted, the empty prompts kept."""
+    from rich.console import Console
+
+    from tracerl.reward_models.train import load_pairs
+
+    rows = [{"prompt": "", "chosen": "Q: 1+1? A: 2", "rejected": "Q: 1+1? A: 3"}]
+    rows += [{"prompt": f"{i}+{i}=", "chosen": str(2 * i), "rejected": str(2 * i + 1)} for i in range(3)]
+    rows.insert(2, {"prompt": "tie", "chosen": "same", "rejected": "same"})
+    path = tmp_path / "pairs.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    console = Console(record=True, width=200)
+    pairs = load_pairs(str(path), console)
+    assert [p["chosen"] for p in pairs] == ["Q: 1+1? A: 2", "0", "2", "4"] and pairs[0]["prompt"] == ""
+    assert "pairs: dropped 1 of 5 whose chosen is the rejected (rows [3])" in console.export_text()
+
+
 DISTINCT = """
 def score(prompts, completions, **kwargs):
     return [len(set(c)) / 4.0 for c in completions]

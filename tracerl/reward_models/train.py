@@ -132,8 +132,10 @@ def check_settings(r: RewardModelTrainConfig) -> None:
             raise ConfigError(f"reward_model.{problem}.")
 
 
-def load_pairs(path: str) -> list[dict[str, Any]]:
-    """Preference pairs from a json / jsonl / parquet file with ``prompt``, ``chosen``, ``rejected`` columns."""
+def load_pairs(path: str, console: Console | None = None) -> list[dict[str, Any]]:
+    """Preference pairs from a json / jsonl / parquet file with ``prompt``, ``chosen``, ``rejected`` columns. A
+    pair whose chosen completion is the rejected one (a tie) prefers nothing: it is dropped, and ``console`` says
+    how many were."""
     import datasets
 
     suffix = Path(path).suffix.lstrip(".")
@@ -161,20 +163,27 @@ def load_pairs(path: str) -> list[dict[str, Any]]:
             "need prompt, chosen and rejected."
         )
     rows = list(ds)
-    for i, row in enumerate(rows):
-        bad = [c for c in PAIR_COLUMNS if not isinstance(row[c], str | list) or not row[c]]
+    for i, row in enumerate(rows):  # the prompt may be empty (pairs whose completions hold the whole dialogue)
+        bad = [c for c in PAIR_COLUMNS if not isinstance(row[c], str | list) or c != "prompt" and not row[c]]
         if bad:
             raise ConfigError(
                 f"reward_model.pairs='{path}' row {i + 1}: {', '.join(f'{c} is {row[c]!r}' for c in bad)}; every pair "
-                "needs a prompt, a chosen and a rejected completion, each text or chat messages. Fix or drop the row."
+                "needs a chosen and a rejected completion (and a prompt, which may be empty), each text or chat "
+                "messages. Fix or drop the row."
             )
-    same = [i + 1 for i, row in enumerate(rows) if row["chosen"] == row["rejected"]]
-    if same:
+    ties = [i + 1 for i, row in enumerate(rows) if row["chosen"] == row["rejected"]]
+    if len(ties) == len(rows):
         raise ConfigError(
-            f"reward_model.pairs='{path}': in {len(same)} of {len(rows)} pairs the chosen completion is the rejected "
-            f"one (rows {same[:5]}{' ...' if len(same) > 5 else ''}), which prefers nothing. Drop those rows, or "
-            "check which columns hold chosen and rejected."
+            f"reward_model.pairs='{path}': in every pair the chosen completion is the rejected one, which prefers "
+            "nothing. Check which columns hold chosen and rejected."
         )
+    if ties:
+        rows = [row for row in rows if row["chosen"] != row["rejected"]]
+        if console is not None:
+            shown = f"rows {ties[:5]}{' ...' if len(ties) > 5 else ''}"
+            console.print(
+                f"pairs: dropped {len(ties)} of {len(rows) + len(ties)} whose chosen is the rejected ({shown})"
+            )
     prompts = {p: i for i, p in enumerate(dict.fromkeys(json.dumps(row["prompt"]) for row in rows))}
     return [row | {"prompt_index": prompts[json.dumps(row["prompt"])]} for row in rows]
 
@@ -327,7 +336,7 @@ def train_reward_model(cfg: Config, console: Console | None = None, verbose: boo
         raise ConfigError(f"reward_model.out_dir '{out}' exists; give a new directory (nothing is overwritten).")
     check_writable(out, "reward_model.out_dir")  # before the pairs are sampled and the model trained
     check_settings(r)
-    pairs = load_pairs(r.pairs) if r.pairs else None
+    pairs = load_pairs(r.pairs, console) if r.pairs else None
     labels = label_service(cfg) if pairs is None else None
     if pairs is None and not cfg.model.path:
         raise ConfigError(
