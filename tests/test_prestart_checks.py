@@ -1,10 +1,12 @@
 """Checks that run before any actor starts and before anything is written (``Session.open``, ``run_eval``,
 ``tracerl validate``): sampler settings against the model (built from its config alone), prompt plus response
-length, and whether the tokenizer can write the data and the rewards' answer formats."""
+length, and whether the tokenizer can write the data and the rewards' answer formats; and the reward functions
+on stand-in completions (in a reward actor, before anything is written)."""
 
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 from tracerl.cli import main
@@ -114,6 +116,11 @@ def test_a_masked_lm_directory_without_its_tokenizer_config(capsys, tmp_path):
 
 
 REWARDS = """
+import os
+
+from tracerl.reward_service import is_trial
+
+
 def one_number(prompts, completions, **kwargs):
     return 1.0  # a number for the batch, not one per completion
 
@@ -124,29 +131,56 @@ def first_digit(prompts, completions, **kwargs):
 
 def fine(prompts, completions, **kwargs):
     return [float(len(c) > 0) for c in completions]
+
+
+def where(prompts, completions, **kwargs):  # the trial runs where the functions run in a step: a reward actor
+    if is_trial() and os.environ.get("TRIAL_PID_FILE"):
+        with open(os.environ["TRIAL_PID_FILE"], "w") as f:
+            f.write(str(os.getpid()))
+    return 1.0 if is_trial() else [1.0] * len(completions)
 """
 
 
-def test_a_reward_that_breaks_its_contract_is_refused_before_the_run(capsys, tmp_path):
+def refused_before_writing(capsys, tmp_path: Path, *argv: str) -> str:  # noqa: ANN001
+    """Run ``tracerl train QUICK run_dir=... argv``: it must fail with one paragraph and write nothing (a reward is
+    tried in a reward actor, so Ray has started and stopped again)."""
+    capsys.readouterr()
+    rc = main(["train", QUICK, f"run_dir={tmp_path / 'run'}", "wandb.mode=disabled", *argv])
+    err = capsys.readouterr().err
+    assert rc == 2, err
+    assert "Traceback" not in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "run").exists()  # nothing written
+    return err
+
+
+def test_a_reward_that_breaks_its_contract_is_refused_before_the_run(capsys, tmp_path, monkeypatch):
     path = tmp_path / "my_rewards.py"
     path.write_text(REWARDS)
-    err = refused(capsys, tmp_path, f"reward.functions=[{{fn: '{path}:one_number'}}]")
+    err = refused_before_writing(capsys, tmp_path, f"reward.functions=[{{fn: '{path}:one_number'}}]")
     assert "reward function 'one_number' failed before the run started: it returned a float; a reward function " in err
     assert "returns a list of 2 floats" in err and "stand-in completions of the first row of data.source" in err
     assert "reward.on_error=nan" not in err  # scoring NaN would not help a function that never returns numbers
-    err = refused(capsys, tmp_path, f"reward.functions=[{{fn: '{path}:one_number'}}]", "reward.on_error=nan")
-    assert "'one_number' failed before the run started" in err
+    # in a reward actor, not in the driver (a function that loads a model would hold it in the driver all run)
+    pid_file = tmp_path / "trial.pid"
+    monkeypatch.setenv("TRIAL_PID_FILE", str(pid_file))
+    err = refused_before_writing(capsys, tmp_path, f"reward.functions=[{{fn: '{path}:where'}}]", "reward.on_error=nan")
+    assert "'where' failed before the run started: it returned a float" in err  # whatever on_error says
+    assert int(pid_file.read_text()) != os.getpid()
 
 
 def test_a_reward_that_raises_on_an_empty_completion(capsys, tmp_path):
     path = tmp_path / "my_rewards.py"
     path.write_text(REWARDS)
     both = f"reward.functions=[{{fn: '{path}:fine'}}, {{fn: '{path}:first_digit'}}]"
-    err = refused(capsys, tmp_path, both)
+    err = refused_before_writing(capsys, tmp_path, both)
     assert "reward function 'first_digit' failed on sample 1 before the run started: IndexError" in err
     assert "and '' (sample 1, an empty completion, which a model can write)" in err
     assert "or set reward.on_error=nan" in err
     capsys.readouterr()
     assert main(["validate", QUICK, both, "reward.on_error=nan"]) == 0  # the user chose NaN for such samples
     out = " ".join(capsys.readouterr().out.split())
-    assert "fine 1.00/0.00, first_digit failed, NaN under on_error=nan" in out
+    assert (
+        "tried on the first row: fine 1.00/0.00, first_digit failed, NaN under on_error=nan on its answer and an" in out
+    )
+    assert main(["validate", "--offline", QUICK, both]) == 0  # --offline runs no reward function
+    assert "tried on the first row" not in capsys.readouterr().out

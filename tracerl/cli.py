@@ -234,13 +234,13 @@ def cmd_validate(ns: argparse.Namespace) -> int:
             "the limit; the tokenizer writes them; every sampler setting fits the model)"
         )
         service = check_rewards(cfg, stream.ds.column_names, cfg.data.source, load=not ns.offline)
-        tried = try_rewards(cfg, service, stream)
+        tried = "" if ns.offline else try_rewards(cfg, stream, service.trial)
     for reward in service.rewards:  # reward models and judges say what was checked
         describe = getattr(reward.fn, "describe", None)
         if callable(describe):
             console.print(f"reward '{reward.name}': ok ({describe()})")
     r = cfg.reward
-    tried = f"; on stand-ins of the first row (its answer, an empty completion): {tried}" if tried else ""
+    tried = f"; tried on the first row: {tried}" if tried else ""
     console.print(
         f"rewards: ok ({', '.join(f.fn for f in r.functions)}{tried}; sandbox minimum {r.sandbox.min_isolation})"
     )

@@ -149,15 +149,15 @@ class Session:
     def open(cls, cfg: Config, verbose: bool, console: Console) -> Iterator[Session]:
         """Check, start, resume; shut every actor down on the way out, whatever happens. Everything that can be
         checked is checked before any actor starts and before anything is written to ``run_dir``: the resume
-        target, the prompts and the tokenizer's coverage of them, the rewards (also on stand-in completions), the
-        sampler settings and the estimator against the model (from its config alone) and, once Ray is up, the
-        cluster's GPUs and resources."""
+        target, the prompts and the tokenizer's coverage of them, the rewards, the sampler settings and the
+        estimator against the model (from its config alone) and, once Ray is up, the cluster's GPUs and resources;
+        then the reward functions on stand-in completions, in a reward actor, before the model loads."""
         run_dir = Path(cfg.run_dir)
         check_training(cfg)
         claim = runs.claim(cfg, "train")  # whose directory, what to resume (verified), before anything is written
         resume = claim.resume
         stream, eval_set = load_prompts(cfg)
-        try_rewards(cfg, check_rewards(cfg, stream.ds.column_names, cfg.data.source), stream)
+        check_rewards(cfg, stream.ds.column_names, cfg.data.source)
         check_model(cfg, max(len(p) for p in stream.ids + (eval_set.prompt_ids if eval_set else [])))
         if local_gpus(cfg) is not None:
             check_device(cfg, local_gpus(cfg))
@@ -175,6 +175,7 @@ class Session:
             cleanup.append(placement.remove)
             rewards = reward_pool(cfg, placement.reward_models)
             cleanup.append(rewards.shutdown)
+            try_rewards(cfg, stream, rewards.trial)  # where they run in a step, before any model loads or file
             learner = LearnerGroup(cfg, options=placement.learner)
             cleanup.append(learner.shutdown)
             rollout = RolloutGroup(cfg, placement.rollout)

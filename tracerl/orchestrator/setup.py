@@ -19,7 +19,7 @@ from tracerl import data, stats, trace
 from tracerl.config import Config, ConfigError, reward_model_workers
 from tracerl.models import load_policy, load_tokenizer
 from tracerl.records import Rollout
-from tracerl.reward_resolve import RewardError, reward_kind, specs_from_config
+from tracerl.reward_resolve import RewardError, default_name, reward_kind, specs_from_config
 from tracerl.reward_service import RewardService, RewardSpec, check_columns
 from tracerl.workers import RewardPool, RolloutShard
 from tracerl.workers.placement import reward_models
@@ -239,19 +239,18 @@ def check_rewards(cfg: Config, columns: list[str] | None, source: str, load: boo
     return service
 
 
-def try_rewards(cfg: Config, service: RewardService, stream: data.PromptStream) -> str:
+def try_rewards(cfg: Config, stream: data.PromptStream, trial: Callable[..., dict[str, Any]]) -> str:
     """Score two stand-in completions of the first training row before a run starts: its answer (or response)
-    and an empty completion, which a model can write too. The reward functions run here, in the driver (reward
-    models, judges and HTTP endpoints are left out: they cost a load or a request). Returns what they gave, e.g.
-    ``"sudoku_cells 1.00/0.00"``.
+    and an empty completion, which a model can write too. ``trial`` is ``RewardService.trial`` (``tracerl
+    validate``, in this process) or ``RewardPool.trial`` (``tracerl train``: in a reward actor, where the functions
+    run in a step). Reward models, judges and HTTP endpoints are left out: they cost a load or a request. Returns
+    what the functions gave, e.g. ``"sudoku_cells 1.00/0.00 on its answer and an empty completion"``.
 
     Raises:
-        RewardError: a function returned something other than one number per sample, or (``reward.on_error=raise``)
+        RewardError: a function returned something of the wrong type or length, or (``reward.on_error=raise``)
             raised or timed out on a stand-in; the message says what it was given.
     """
-    plain = [
-        r.name for r, spec in zip(service.rewards, reward_specs(cfg), strict=True) if reward_kind(spec) == "function"
-    ]
+    plain = [default_name(spec) for spec in reward_specs(cfg) if reward_kind(spec) == "function"]
     if not plain or len(stream.ds) == 0:
         return ""
     row = stream.ds[0]
@@ -260,7 +259,8 @@ def try_rewards(cfg: Config, service: RewardService, stream: data.PromptStream) 
     stand_in = "" if column is None else str(row[column])
     texts = [stand_in, ""]
     ids = [stream.tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts]
-    tried = service.trial([row["prompt"]] * 2, texts, ids, columns, names=plain)
+    tried = trial([row["prompt"]] * 2, texts, ids, columns, plain)
+    first = f"its {column} {stand_in[:80]!r}" if column else "'' (it has no answer)"
     for name, got in tried.items():
         if not isinstance(got, RewardError) or not (got.returned or cfg.reward.on_error == "raise"):
             continue
@@ -272,15 +272,15 @@ def try_rewards(cfg: Config, service: RewardService, stream: data.PromptStream) 
         )
         raise RewardError(
             f"reward function '{name}' failed{where} before the run started: {got.detail} It was given two stand-in "
-            f"completions of the first row of data.source '{cfg.data.source}': {stand_in[:80]!r} (sample 0, the "
-            f"row's {column or 'answer, which it lacks'}) and '' (sample 1, an empty completion, which a model can "
-            f"write). {fix}."
+            f"completions of the first row of data.source '{cfg.data.source}': {first} (sample 0) and '' (sample 1, "
+            f"an empty completion, which a model can write). {fix}."
         )
-    return ", ".join(
+    gave = ", ".join(
         f"{name} "
         + ("failed, NaN under on_error=nan" if isinstance(got, RewardError) else "/".join(f"{v:.2f}" for v in got))
         for name, got in tried.items()
     )
+    return f"{gave} on {'its ' + column if column else 'an empty stand-in'} and an empty completion"
 
 
 def reward_pool(cfg: Config, model_options: dict[str, list[dict[str, Any]]] | None = None) -> RewardPool:

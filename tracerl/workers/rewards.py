@@ -80,6 +80,13 @@ class RewardWorker:
         self.ready()
         return self.service.score(prompts, completions, completion_ids, columns)
 
+    def trial(
+        self, prompts: list, completions: list, completion_ids: list | None, columns: dict[str, list], names: list[str]
+    ) -> dict[str, Any]:
+        """``RewardService.trial``: each named function's rewards on stand-ins, or its error."""
+        self.ready()
+        return self.service.trial(prompts, completions, completion_ids, columns, names=names)
+
     def info(self) -> dict[str, Any]:
         """Where it runs (pid, node, GPU ids) and whether torch got imported (only a reward model's actor should)."""
         return where() | {"torch_imported": "torch" in sys.modules}
@@ -231,6 +238,21 @@ class RewardPool:
             errors |= {name: int(merged.metrics[f"reward/errors/{name}"]) for name in merged.parts}
             counts |= merged.counts
         return weigh({name: parts[name] for name in self.names}, self.weights, errors, counts)
+
+    def trial(
+        self,
+        prompts: Sequence[Any],
+        completions: Sequence[Any],
+        completion_ids: Sequence[Sequence[int]] | None,
+        columns: dict[str, Sequence[Any]],
+        names: Sequence[str],
+    ) -> dict[str, Any]:
+        """``RewardService.trial`` on the first function actor, where the functions run in a step (its imports,
+        sandbox and environment): each named function's rewards, or its error; ``{}`` without function actors."""
+        if not self.workers:
+            return {}
+        ref = self.workers[0].trial.remote(list(prompts), list(completions), completion_ids, dict(columns), list(names))
+        return ray.get(ref, timeout=self.timeout_s + 60)
 
     def score(self, *args: Any, **kwargs: Any) -> RewardResult:
         """``gather(score_async(...))``."""
