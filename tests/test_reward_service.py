@@ -316,6 +316,26 @@ def test_http_errors_name_the_endpoint(gsm8k_server: str) -> None:
         HttpReward(dead, retries=1)(["q"], ["c"])
 
 
+def test_a_server_that_comes_up_a_moment_later_is_waited_for() -> None:
+    port = _free_port()
+    servers = []
+
+    def start_late() -> None:
+        time.sleep(1.0)
+        server = make_server("gsm8k", "127.0.0.1", port)
+        servers.append(server)
+        server.serve_forever()
+
+    threading.Thread(target=start_late, daemon=True).start()
+    try:
+        service = RewardService([f"http://127.0.0.1:{port}/score"])  # `serve-reward &` just before the run
+        assert service.score(["q"], ["#### 7"], columns={"answer": ["#### 7"]}).total == [1.0]
+    finally:
+        for server in servers:
+            server.shutdown()
+            server.server_close()
+
+
 def test_an_endpoint_that_answers_html_is_named_with_what_it_said() -> None:
     from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 

@@ -286,8 +286,9 @@ class HttpReward:
         return ""
 
     def preflight(self) -> None:
-        """Something accepts connections at the endpoint's host and port (one TCP connect, at most 5 s); called where
-        a reward service starts, before any actor does. Left to the first request when a proxy carries it.
+        """Something accepts connections at the endpoint's host and port (TCP connects for at most 5 s, so a server
+        started just before may come up); called where a reward service starts, before any actor does. Left to the
+        first request when a proxy carries it.
 
         Raises:
             RuntimeError: nothing answers there; the message says to start the server or fix the URL.
@@ -300,13 +301,23 @@ class HttpReward:
             and not urllib.request.proxy_bypass(host)
         ):
             return
-        try:
-            socket.create_connection((host, port), timeout=min(5.0, self.timeout_s)).close()
-        except OSError as err:
+        wait = min(5.0, self.timeout_s)
+        deadline = time.monotonic() + wait
+        while True:  # a server started just before the run may take a moment to listen
+            try:
+                socket.create_connection((host, port), timeout=max(0.1, deadline - time.monotonic())).close()
+                return
+            except ConnectionRefusedError:
+                if time.monotonic() + 0.25 < deadline:
+                    time.sleep(0.25)
+                    continue
+                why = f"connection refused for {wait:g} s"
+            except OSError as err:
+                why = f"{type(err).__name__}: {err}"
             raise RuntimeError(
-                f"nothing answers at the reward endpoint {self.url} ({type(err).__name__}: {err}). Start the server "
-                "(e.g. tracerl serve-reward --reward SPEC --port N) or fix the URL in reward.functions."
-            ) from None
+                f"nothing answers at the reward endpoint {self.url} ({why}). Start the server (e.g. tracerl "
+                "serve-reward --reward SPEC --port N) or fix the URL in reward.functions."
+            )
 
     def __call__(self, prompts: list, completions: list, **columns: Any) -> list[float | None]:
         body = json.dumps({"prompts": prompts, "completions": completions, **columns}, default=_json_default)
