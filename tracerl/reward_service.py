@@ -30,7 +30,7 @@ import math
 import re
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -393,37 +393,25 @@ class RewardService:
         self._check_inputs(prompts, completion_ids, columns, n)
         if n == 0:
             return RewardResult([], {r.name: [] for r in self.rewards}, summarize({}, [], {}))
-        start = time.monotonic()
-        calls = [
-            _Call(
-                r.fn,
-                self._arguments(r, list(prompts), list(completions), completion_ids, columns),
-                r.name,
-                start + self.timeout_s,
-                r.counts,
-            )
-            for r in self.rewards
-        ]
         parts: dict[str, list[float]] = {}
         errors: dict[str, int] = {}
         counts: dict[str, float] = {}
-        batch = (list(prompts), list(completions), completion_ids, columns)
-        for reward, call in zip(self.rewards, calls, strict=True):
-            try:
-                parts[reward.name], failed = self._finish(reward, call, start + self.timeout_s, batch)
-                if failed:
-                    errors[reward.name] = failed
-            except RewardError as err:
+        for reward, call, outcome in self._run(self.rewards, prompts, completions, completion_ids, columns):
+            if isinstance(outcome, RewardError):
                 if self.on_error == "raise":
-                    raise
+                    raise outcome
                 log.warning(
                     "reward function '%s' failed: %s Its %d samples are scored NaN (reward/errors/%s).",
                     reward.name,
-                    err.detail,
+                    outcome.detail,
                     n,
                     reward.name,
                 )
                 parts[reward.name], errors[reward.name] = [math.nan] * n, n
+            else:
+                parts[reward.name], failed = outcome
+                if failed:
+                    errors[reward.name] = failed
             counts |= {f"reward/{key}/{reward.name}": value for key, value in call.counts.items()}
         return weigh(parts, {r.name: r.weight for r in self.rewards}, errors, counts)
 
@@ -437,28 +425,37 @@ class RewardService:
     ) -> dict[str, list[float] | RewardError]:
         """Each function's rewards on a trial batch, or its error, by name (``names``: only those): every function
         runs and is judged on its own, whatever ``on_error`` says. ``RewardError.returned`` marks a function that
-        returned something of the wrong type or length, which no batch would change. The
-        functions see ``is_trial()`` True while it runs."""
-        n = len(completions)
+        returned something of the wrong type or length, which no batch would change. The functions see
+        ``is_trial()`` True while it runs."""
         columns = dict(columns or {})
-        self._check_inputs(prompts, completion_ids, columns, n)
-        batch = (list(prompts), list(completions), completion_ids, columns)
-        start = time.monotonic()
+        self._check_inputs(prompts, completion_ids, columns, len(completions))
         tried = [r for r in self.rewards if names is None or r.name in names]
-        out: dict[str, list[float] | RewardError] = {}
         _TRIAL.set()
         try:
-            calls = [_Call(r.fn, self._arguments(r, *batch), r.name, start + self.timeout_s, r.counts) for r in tried]
-            for r, call in zip(tried, calls, strict=True):
-                try:
-                    out[r.name] = self._finish(r, call, start + self.timeout_s, batch)[0]
-                except RewardError as err:
-                    out[r.name] = err
+            return {
+                r.name: outcome if isinstance(outcome, RewardError) else outcome[0]
+                for r, _, outcome in self._run(tried, prompts, completions, completion_ids, columns)
+            }
         finally:
             _TRIAL.clear()
-        return out
 
     # -- helpers ----------------------------------------------------------------------------------------------
+
+    def _run(
+        self, rewards: list[_Reward], prompts: Sequence, completions: Sequence, ids: Sequence | None, columns: dict
+    ) -> Iterator[tuple[_Reward, _Call, tuple[list[float], int] | RewardError]]:
+        """Start every function of ``rewards`` on the batch at once (all bounded by one deadline, ``timeout_s``
+        from now) and yield, in order, each one's call and outcome: its checked rewards and how many of its
+        samples failed (``_finish``), or its ``RewardError``."""
+        batch = (list(prompts), list(completions), ids, columns)
+        deadline = time.monotonic() + self.timeout_s
+        calls = [_Call(r.fn, self._arguments(r, *batch), r.name, deadline, r.counts) for r in rewards]
+        for r, call in zip(rewards, calls, strict=True):
+            try:
+                outcome: tuple[list[float], int] | RewardError = self._finish(r, call, deadline, batch)
+            except RewardError as err:
+                outcome = err
+            yield r, call, outcome
 
     @staticmethod
     def _check_inputs(prompts: Sequence, completion_ids: Sequence | None, columns: dict, n: int) -> None:
