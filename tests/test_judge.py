@@ -165,6 +165,17 @@ def test_a_dead_endpoint_is_refused_at_start_and_fails_fast_later(stub: Stub) ->
         RewardService([judge(url)])
 
 
+def test_a_judge_that_stops_answering_says_to_restart_its_server(stub: Stub) -> None:
+    service = RewardService([judge(stub.url, retries=0)])  # on_error=raise
+    stub.close()
+    with pytest.raises(RewardError) as err:
+        service.score(["q"] * 2, ["good 1"] * 2, columns={"answer": ["a"] * 2})
+    message = str(err.value)
+    assert "2 of 2 samples failed" in message and "gave no answer in 1 attempt (judge.retries=0)" in message
+    assert "Restart the judge's server or fix its URL" in message and "--resume auto" in message
+    assert "Fix the function" not in message
+
+
 def test_bad_judge_settings_are_named(stub: Stub, monkeypatch: pytest.MonkeyPatch) -> None:
     with pytest.raises(RewardError, match=r"does not serve judge.model='gpt-9'; it serves \['stub-judge'\]"):
         RewardService([judge(stub.url, model="gpt-9")])

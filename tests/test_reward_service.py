@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import math
+import pickle
 import subprocess
 import sys
 import threading
@@ -314,6 +315,27 @@ def test_http_errors_name_the_endpoint(gsm8k_server: str) -> None:
     # the server goes away later: each request is retried, then a clear error
     with pytest.raises(RuntimeError, match=r"failed after 2 attempts; last error: URLError"):
         HttpReward(dead, retries=1)(["q"], ["c"])
+
+
+def test_a_server_that_stops_answering_mid_run_is_named_with_restart_and_resume() -> None:
+    port = _free_port()
+    server = make_server("gsm8k", "127.0.0.1", port)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    service = RewardService([f"http://127.0.0.1:{port}/score"])
+    assert service.score(["q"], ["#### 7"], columns={"answer": ["#### 7"]}).total == [1.0]
+    server.shutdown()
+    server.server_close()  # the server dies between two steps
+    with pytest.raises(RewardError) as err:
+        service.score(["q"], ["#### 7"], columns={"answer": ["#### 7"]})
+    message = str(err.value)
+    assert "failed after 3 attempts; last error: URLError" in message
+    assert "Restart the server (tracerl serve-reward" in message and "--resume auto" in message
+    assert "Fix the function" not in message  # the function is not what broke
+    assert "reward.on_error=nan" in message
+    assert str(pickle.loads(pickle.dumps(err.value))) == message  # as it reaches the driver from a reward actor
+    # the same kind of failure from the function itself still says to fix the function
+    with pytest.raises(RewardError, match=r"Fix the function, or set reward.on_error=nan"):
+        RewardService([lambda prompts, completions, **_: 1 / 0]).score(["q"], ["c"])
 
 
 def test_a_server_that_comes_up_a_moment_later_is_waited_for() -> None:

@@ -63,6 +63,8 @@ class SampleErrors(Exception):
     parse): ``values`` [N] with None where it failed, ``errors`` {sample index: why}. The service applies its error
     policy per sample: ``raise`` names the first failed sample, ``nan`` scores only the failed ones NaN."""
 
+    fix = ""  # what to do where "fix the function" is not it (set when the samples failed as the server stopped)
+
     def __init__(self, values: list[float | None], errors: dict[int, str]) -> None:
         first = min(errors) if errors else None
         super().__init__(f"{len(errors)} of {len(values)} samples failed; sample {first}: {errors.get(first)}")
@@ -80,19 +82,22 @@ class RewardError(RuntimeError):
         timed_out: bool = False,
         quote: str = "",
         returned: bool = False,
+        fix: str = "",
     ):
-        super().__init__(detail, name, index, timed_out, quote, returned)
+        super().__init__(detail, name, index, timed_out, quote, returned, fix)
         self.detail, self.name, self.index, self.timed_out = detail, name, index, timed_out
         self.quote = quote  # the failing completion, quoted (shown with the index)
         self.returned = returned  # the function returned, but not one number per sample: wrong on any batch
+        self.fix = fix  # what to do, where "fix the function" is not it (a server that stopped answering)
 
     def __str__(self) -> str:
         if self.name is None:
             return self.detail
         where = f" on sample {self.index}" if self.index is not None else ""
         quote = f" (completion {self.index}: {self.quote})" if self.quote and self.index is not None else ""
+        fix = self.fix or "Fix the function"
         return (
-            f"reward function '{self.name}' failed{where}: {self.detail}{quote} Fix the function, or set "
+            f"reward function '{self.name}' failed{where}: {self.detail}{quote} {fix}, or set "
             f"reward.on_error=nan to score such calls NaN and count them in reward/errors/{self.name}."
         )
 
@@ -100,7 +105,7 @@ class RewardError(RuntimeError):
         """The same error with the sample index counted from ``offset`` (for a shard of a larger batch): every
         index in the message is the batch index."""
         index = None if self.index is None else self.index + offset
-        return RewardError(self.detail, self.name, index, self.timed_out, self.quote, self.returned)
+        return RewardError(self.detail, self.name, index, self.timed_out, self.quote, self.returned, self.fix)
 
 
 # ---------------------------------------------------------------------------------------------- resolving
@@ -262,6 +267,16 @@ def _attribute(module: Any, attr: str, spec: str) -> Callable:
     return target
 
 
+class EndpointDown(RuntimeError):
+    """An HTTP reward endpoint that answered nothing (connection errors, timeouts, 5xx) through all its retries:
+    the server, not the function, needs attention (``fix`` says what to do)."""
+
+    fix = (
+        "Restart the server (tracerl serve-reward --reward SPEC --port N) or fix the URL; a run stopped by this "
+        "resumes from its last checkpoint with --resume auto"
+    )
+
+
 class HttpReward:
     """A reward function behind an HTTP endpoint: POST ``{"prompts", "completions", <columns>...}`` as JSON,
     receive ``{"rewards": [...]}`` (``null`` for None). Connection errors, timeouts and 5xx answers are retried
@@ -347,7 +362,7 @@ class HttpReward:
             except (urllib.error.URLError, TimeoutError, ConnectionError) as err:
                 last = f"{type(err).__name__}: {getattr(err, 'reason', err)}"
         else:
-            raise RuntimeError(f"endpoint {self.url} failed after {self.retries + 1} attempts; last error: {last}")
+            raise EndpointDown(f"endpoint {self.url} failed after {self.retries + 1} attempts; last error: {last}")
         if not isinstance(answer, dict) or not isinstance(answer.get("rewards"), list):
             raise ValueError(
                 f'endpoint {self.url} must answer {{"rewards": [...]}}, got {str(answer)[:200]}{self._judge_hint()}'

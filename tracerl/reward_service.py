@@ -36,6 +36,7 @@ from typing import Any, Literal
 
 from rewards.sandbox import deadline as sandbox_deadline
 from tracerl.reward_resolve import (
+    EndpointDown,
     HttpReward,
     RewardError,
     RewardSpec,
@@ -509,7 +510,8 @@ class RewardService:
                 detail += f" It was offered the arguments {offered} (reward functions must accept **kwargs)."
             index = None if self.on_error == "nan" else self._locate(r, batch)
             quote = "" if index is None else repr(str(completions[index])[:120])
-            raise RewardError(detail, r.name, index, quote=quote) from err
+            fix = err.fix if isinstance(err, EndpointDown) else ""  # a server that stopped: not the function's fault
+            raise RewardError(detail, r.name, index, quote=quote, fix=fix) from err
         try:
             return _to_rewards(call.value, n), 0
         except RewardError as err:
@@ -524,7 +526,7 @@ class RewardService:
         first = min(err.errors)
         if self.on_error == "raise":
             detail = f"{len(err.errors)} of {n} samples failed; sample {first}: {str(err.errors[first]).rstrip('.')}."
-            raise RewardError(detail, r.name, first, quote=repr(str(completions[first])[:120]))
+            raise RewardError(detail, r.name, first, quote=repr(str(completions[first])[:120]), fix=err.fix)
         log.warning(
             "reward function '%s' failed on %d of %d samples (scored NaN, counted in reward/errors/%s); sample %d: %s",
             r.name, len(err.errors), n, r.name, first, err.errors[first],

@@ -30,7 +30,7 @@ from jinja2 import StrictUndefined, TemplateError, meta
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
 from tracerl.config import JudgeConfig
-from tracerl.reward_resolve import RewardError, SampleErrors
+from tracerl.reward_resolve import EndpointDown, RewardError, SampleErrors
 
 RETRIED_HTTP = (408, 429, 500, 502, 503, 504)
 
@@ -81,8 +81,13 @@ def _finite(value: Any, text: str) -> float:
     return number
 
 
-class _Unreachable(RuntimeError):
+class _Unreachable(EndpointDown):
     """The endpoint could not be reached after every retry: the samples not yet sent fail with the same reason."""
+
+    fix = (
+        "Restart the judge's server or fix its URL (a run stopped by this resumes from its last checkpoint with "
+        "--resume auto), raise judge.retries / judge.request_timeout_s for a slow one"
+    )
 
 
 class JudgeReward:
@@ -227,7 +232,8 @@ class JudgeReward:
                 last = f"{type(err).__name__}: {getattr(err, 'reason', err)}"
             except (KeyError, IndexError, TypeError, json.JSONDecodeError) as err:
                 raise RuntimeError(f"the judge endpoint's answer is not a chat completion ({err!r})") from None
-        raise _Unreachable(f"{self.base} failed {o.retries + 1} times (judge.retries={o.retries}); last: {last}")
+        tries = f"{o.retries + 1} attempt{'s' if o.retries else ''}"
+        raise _Unreachable(f"{self.base} gave no answer in {tries} (judge.retries={o.retries}); last: {last}")
 
     # -- scoring ----------------------------------------------------------------------------------------------
 
@@ -272,7 +278,10 @@ class JudgeReward:
         with ThreadPoolExecutor(max_workers=min(self.options.concurrency, max(1, n))) as pool:
             list(pool.map(one, range(n)))
         if errors:
-            raise SampleErrors(scores, errors)
+            failed = SampleErrors(scores, errors)
+            if dead:
+                failed.fix = _Unreachable.fix
+            raise failed
         return [float(s) for s in scores]
 
 
