@@ -187,6 +187,19 @@ def test_train_reward_model_refuses_bad_pairs_and_writes_nothing(capsys, tmp_pat
     assert "exists" in capsys.readouterr().err and not any(out.iterdir())
 
 
+def test_pairs_in_characters_the_tokenizer_lacks_are_refused_before_training(capsys, tmp_path: Path) -> None:
+    rows = [{"prompt": f"{i}+{i}=", "chosen": "Ответ верный", "rejected": "Неверно"} for i in range(8)]
+    path = tmp_path / "pairs.jsonl"
+    path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+    out = tmp_path / "rm"
+    args = ["train-reward-model", *TINY, "reward_model.base=tiny", f"reward_model.pairs={path}"]
+    assert main([*args, f"reward_model.out_dir={out}"]) == 2
+    err = capsys.readouterr().err
+    assert "cannot read reward_model.pairs=" in err and "of its chosen texts (first 8 pairs)" in err
+    assert "'О'" in err and "model.tiny.alphabet" in err and not out.exists()
+    assert len(err.strip().splitlines()) == 1  # one paragraph, no traceback
+
+
 def test_a_pairs_file_with_a_few_ties_and_empty_prompts_trains_on_the_rest(tmp_path: Path) -> None:
     """Real preference sets hold a few ties (chosen = rejected), and some give the whole dialogue in the completions
     with an empty prompt: the ties are dropped and counted, the empty prompts kept."""

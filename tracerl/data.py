@@ -396,7 +396,7 @@ def encode_prompt(tokenizer: Any, prompt: str | list[dict], cfg: DataConfig) -> 
 COVERAGE_ROWS = 256  # rows of each text column the tokenizer check reads
 
 
-def _texts(values: list[Any]) -> list[str]:
+def column_texts(values: list[Any]) -> list[str]:
     """The text of column values: strings as they are, chat messages as their contents."""
     out = []
     for v in values:
@@ -448,7 +448,7 @@ def check_coverage(
     for column in ("prompt", "answer", "response"):
         if column not in rows.column_names:
             continue
-        rate, chars = unknown_tokens(tokenizer, _texts(rows[column]))
+        rate, chars = unknown_tokens(tokenizer, column_texts(rows[column]))
         if rate > cfg.max_unknown_rate:
             raise ConfigError(
                 f"the tokenizer cannot write the data: {rate:.1%} of the tokens of the {column}s of {key} "

@@ -188,6 +188,31 @@ def load_pairs(path: str, console: Console | None = None) -> list[dict[str, Any]
     return [row | {"prompt_index": prompts[json.dumps(row["prompt"])]} for row in rows]
 
 
+def check_pair_coverage(tokenizer: Any, pairs: list[dict[str, Any]], cfg: Config) -> None:
+    """The reward model's tokenizer can read the pairs: on the first pairs, at most ``data.max_unknown_rate`` of
+    the tokens of each column are its unknown token (``data.check_coverage``'s rule for datasets).
+
+    Raises:
+        ConfigError: naming the column, the rate, the characters and what to change.
+    """
+    r, rows = cfg.reward_model, pairs[: data.COVERAGE_ROWS]
+    for column in PAIR_COLUMNS:
+        rate, chars = data.unknown_tokens(tokenizer, data.column_texts([p[column] for p in rows]))
+        if rate > cfg.data.max_unknown_rate:
+            fix = (
+                f"Add the missing characters to model.tiny.alphabet (now {cfg.model.tiny.alphabet!r}); "
+                "reward_model.base=tiny reads exactly those characters"
+                if r.base == "tiny"
+                else "Check the tokenizer files of the base model (reward_model.base, or model.path for base=policy)"
+            )
+            raise ConfigError(
+                f"the reward model's tokenizer cannot read reward_model.pairs='{r.pairs}': {rate:.1%} of the tokens "
+                f"of its {column} texts (first {len(rows)} pairs) are its unknown token {tokenizer.unk_token!r}, "
+                f"from the characters {chars[:24]}, so it could not tell such pairs apart (data.max_unknown_rate="
+                f"{cfg.data.max_unknown_rate}). {fix}, or raise data.max_unknown_rate if the pairs really hold them."
+            )
+
+
 def split_pairs(
     pairs: list[dict[str, Any]], fraction: float, seed: int
 ) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
@@ -345,6 +370,8 @@ def train_reward_model(cfg: Config, console: Console | None = None, verbose: boo
             "reward model should score, or reward_model.pairs to a file of preference pairs."
         )
     model, tok = build_classifier(cfg)
+    if pairs is not None:
+        check_pair_coverage(tok, pairs, cfg)
     scorer = SequenceClassifierReward.from_model(model, tok, RewardModelConfig(max_length=r.max_length), "reward_model")
     pairs = pairs if pairs is not None else sample_pairs(cfg, console, labels)
     train, held = split_pairs(pairs, r.heldout_fraction, cfg.seed)
