@@ -22,8 +22,7 @@ export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
 export ATEN_CPU_CAPABILITY=${ATEN_CPU_CAPABILITY:-avx2} MKL_CBWR=${MKL_CBWR:-AVX2} ONEDNN_MAX_CPU_ISA=${ONEDNN_MAX_CPU_ISA:-AVX2}
 config=${QUICKSTART_CONFIG:-configs/quickstart.yaml}
 tracerl=.venv/bin/tracerl
-run_dir=$(.venv/bin/python -c "import sys; from tracerl.config import load; print(load(sys.argv[1], sys.argv[2:]).run_dir)" \
-  "$config" "$@")
+run_dir=$(.venv/bin/python scripts/run_dir.py "$config" "$@")  # a bad config or override: one line, exit 2
 sft_dir="$run_dir/sft" rl_dir="$run_dir/rl"
 if [ -e "$run_dir" ]; then
   echo "$run_dir exists: remove it or pass run_dir=<new directory>" >&2

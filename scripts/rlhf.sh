@@ -13,8 +13,7 @@ export WANDB_MODE=${WANDB_MODE:-offline} HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 
 export TOKENIZERS_PARALLELISM=false DS_ACCELERATOR=${DS_ACCELERATOR:-cpu} OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
 config=${RLHF_CONFIG:-configs/rlhf.yaml}
 tracerl=.venv/bin/tracerl
-run_dir=$(.venv/bin/python -c "import sys; from tracerl.config import load; print(load(sys.argv[1], sys.argv[2:]).run_dir)" \
-  "$config" "$@")
+run_dir=$(.venv/bin/python scripts/run_dir.py "$config" "$@")  # a bad config or override: one line, exit 2
 if [ -e "$run_dir" ]; then
   echo "$run_dir exists: remove it or pass run_dir=<new directory>" >&2
   exit 2

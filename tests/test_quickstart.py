@@ -60,3 +60,23 @@ def test_shortened_quickstart_end_to_end(tmp_path):
     assert [line for line in out.splitlines() if line.startswith("eval step")] and "Warning" not in out
     for announced in ("metrics.jsonl", "curves.png", "final model", "W&B run", "offline-run-"):
         assert announced in out
+
+
+@pytest.mark.parametrize(
+    ("script", "argument", "named"),
+    [
+        ("scripts/quickstart.sh", "learner.lrr=1", "unknown config key 'learner.lrr'"),
+        ("scripts/rlhf.sh", "seed=abc", "seed"),
+        ("scripts/quickstart.sh", "--verbose learner.lrr=1", "unknown config key 'learner.lrr'"),
+    ],
+)
+def test_a_bad_override_to_a_script_is_one_line_and_writes_nothing(tmp_path, script, argument, named):
+    run_dir = tmp_path / "run"
+    proc = subprocess.run(
+        ["bash", script, f"run_dir={run_dir}", *argument.split()],
+        cwd=ROOT, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert proc.returncode == 2, proc.stdout[-2000:] + proc.stderr[-2000:]
+    errors = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert len(errors) == 1 and errors[0].startswith("error: ") and named in errors[0], proc.stderr
+    assert "Traceback" not in proc.stderr and not run_dir.exists()
