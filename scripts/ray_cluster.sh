@@ -43,6 +43,7 @@ start() {  # start NAME ray-start-args...: launch, record the pid, wait until th
   local name=$1; shift
   mkdir -p "$state"
   local log="$state/$name.log" n=0
+  : >"$log"  # exists before the first grep below (the background start may not have opened it yet)
   setsid nohup "$ray" start --block --disable-usage-stats "$@" >"$log" 2>&1 &  # its own process group
   echo $! >"$state/$name.pid"
   until grep -q "Ray runtime started" "$log"; do

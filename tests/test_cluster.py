@@ -98,6 +98,11 @@ def test_learner_and_rollout_actors_land_on_the_nodes_the_config_names(tmp_path)
         assert missing.returncode == 2
         assert "'gpu_node'" in missing.stderr and "cluster.rollout_resources" in missing.stderr
         assert not (tmp_path / "missing").exists()  # refused before anything was written
+
+        crowded = train(tmp_path / "crowded", "rollout.num_cpus_per_worker=7")  # 1 + 7 + 1 of the nodes' 8 CPUs
+        assert crowded.returncode == 2, crowded.stdout + crowded.stderr
+        assert "reserve 9 Ray CPUs in all (learner 1, rollout 7, reward 1)" in crowded.stderr
+        assert f"the Ray cluster at {address} offers 8" in crowded.stderr and not (tmp_path / "crowded").exists()
     finally:
         stopped = cluster("stop")
     assert stopped.stdout.count("stopped") == 2

@@ -184,3 +184,27 @@ def test_a_reward_that_raises_on_an_empty_completion(capsys, tmp_path):
     )
     assert main(["validate", "--offline", QUICK, both]) == 0  # --offline runs no reward function
     assert "tried on the first row" not in capsys.readouterr().out
+
+
+def test_a_cluster_with_fewer_cpus_than_the_actors_reserve_is_refused_naming_them():
+    """Actors that cannot get their CPUs would wait forever, printing nothing (a joined cluster is not sized to
+    the run as a local one is)."""
+    import pytest
+
+    from tracerl.config import ConfigError, load
+    from tracerl.orchestrator.setup import check_resources, cpus_needed
+
+    cfg = load(QUICK, ["rollout.num_workers=2", "rollout.num_cpus_per_worker=0.5", "cluster.address=10.0.0.1:6379"])
+    assert cpus_needed(cfg) == {"learner": 1.0, "rollout": 1.0, "reward": 1.0}
+    assert cpus_needed(cfg, learner=False) == {"rollout": 1.0, "reward": 1.0}  # tracerl eval starts no learner
+    check_resources(cfg, {"CPU": 3.0})
+    check_resources(cfg, {"CPU": 2.0}, learner=False)
+    with pytest.raises(ConfigError) as err:
+        check_resources(cfg, {"CPU": 2.0})
+    message = str(err.value)
+    assert "reserve 3 Ray CPUs in all (learner 1, rollout 1, reward 1)" in message
+    assert "the Ray cluster at 10.0.0.1:6379 offers 2" in message and "--num-cpus N" in message
+    assert "rollout.num_cpus_per_worker" in message
+    # reward models only: no reward-function actor is started, so none reserves a CPU
+    rm = load(QUICK, ["reward.functions=[{fn: runs/rm, kind: model, model: {placement: cpu, num_cpus: 2}}]"])
+    assert cpus_needed(rm) == {"learner": 1.0, "rollout": 1.0, "reward model": 2.0}

@@ -24,6 +24,7 @@ from tracerl.orchestrator.guards import nothing_scored
 from tracerl.orchestrator.setup import (
     check_device,
     check_model,
+    check_resources,
     check_rewards,
     connect,
     load_prompts,
@@ -165,6 +166,7 @@ def run_eval(cfg: Config, out_dir: str | None = None, verbose: bool = False, con
     with teardown() as cleanup:
         if connect(cfg, verbose):
             cleanup.append(ray.shutdown)
+        check_resources(cfg, ray.cluster_resources(), learner=False)
         check_device(cfg, ray.cluster_resources().get("GPU", 0.0))
         placement = PLACEMENTS.lookup("separate")(cfg, ray.cluster_resources().get("GPU", 0.0))
         rewards = reward_pool(cfg, placement.reward_models)

@@ -49,25 +49,44 @@ def connect(cfg: Config, verbose: bool) -> bool:
         check_reachable(cfg.cluster.address)
         ray.init(address=cfg.cluster.address, **quiet)
         return True
-    cpus = (
-        cfg.learner.num_ranks * cfg.learner.num_cpus_per_rank
-        + cfg.rollout.num_workers * cfg.rollout.num_cpus_per_worker
-        + cfg.reward.num_workers * cfg.reward.num_cpus_per_worker
-        + sum(reward_model_workers(m, cfg.rollout.num_workers) * m.num_cpus for _, m in reward_models(cfg))
-    )
     # logical CPUs: enough for every actor of the run even on a 2-core laptop (they mostly take turns)
     ray.init(
         address="local",
-        num_cpus=max(os.cpu_count() or 1, math.ceil(cpus)),
+        num_cpus=max(os.cpu_count() or 1, math.ceil(sum(cpus_needed(cfg).values()))),
         include_dashboard=cfg.cluster.dashboard,
         **quiet,
     )
     return True
 
 
-def check_resources(cfg: Config, available: dict[str, float]) -> None:
-    """The custom Ray resources that ``cluster.learner_resources`` / ``cluster.rollout_resources`` pin actors with
-    exist on the cluster in the amounts the run needs (otherwise its actors would wait for them forever)."""
+def cpus_needed(cfg: Config, learner: bool = True) -> dict[str, float]:
+    """The Ray CPUs the run's actors reserve, per kind of actor (the learner's left out for ``tracerl eval``):
+    reward-function actors only when some reward is not a reward model."""
+    functions = any(reward_kind(spec) != "model" for spec in specs_from_config(cfg.reward))
+    models = sum(reward_model_workers(m, cfg.rollout.num_workers) * m.num_cpus for _, m in reward_models(cfg))
+    need = {
+        "learner": cfg.learner.num_ranks * cfg.learner.num_cpus_per_rank if learner else 0.0,
+        "rollout": cfg.rollout.num_workers * cfg.rollout.num_cpus_per_worker,
+        "reward": cfg.reward.num_workers * cfg.reward.num_cpus_per_worker if functions else 0.0,
+        "reward model": models,
+    }
+    return {k: v for k, v in need.items() if v}
+
+
+def check_resources(cfg: Config, available: dict[str, float], learner: bool = True) -> None:
+    """The cluster has the CPUs the run's actors reserve, and the custom Ray resources that
+    ``cluster.learner_resources`` / ``cluster.rollout_resources`` pin actors with, in the amounts the run needs
+    (otherwise its actors would wait for them forever, printing nothing)."""
+    need_cpus = cpus_needed(cfg, learner)
+    if sum(need_cpus.values()) > available.get("CPU", 0.0) + 1e-9:
+        parts = ", ".join(f"{kind} {n:g}" for kind, n in need_cpus.items())
+        raise ConfigError(
+            f"the run's actors reserve {sum(need_cpus.values()):g} Ray CPUs in all ({parts}), but the Ray cluster "
+            f"at {cfg.cluster.address or 'this machine'} offers {available.get('CPU', 0.0):g}, so some would wait "
+            "for a CPU forever. Give the nodes more logical CPUs (ray start ... --num-cpus N; Ray's CPUs are "
+            "reservations, N may exceed the cores), add a node, or reserve less: learner.num_cpus_per_rank, "
+            "rollout.num_cpus_per_worker and reward.num_cpus_per_worker take fractions such as 0.5."
+        )
     c = cfg.cluster
     need: dict[str, float] = {}
     for custom, count in ((c.learner_resources, cfg.learner.num_ranks), (c.rollout_resources, cfg.rollout.num_workers)):
