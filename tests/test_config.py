@@ -43,9 +43,15 @@ def test_unknown_remasking_lists_choices():
     with pytest.raises(ConfigError) as err:
         load(None, ["sampling.remasking=low_confidence_statc"])
     msg = str(err.value)
-    assert "unknown remasking 'low_confidence_statc'" in msg
+    assert "unknown sampling.remasking 'low_confidence_statc'" in msg
     for name in ["low_confidence_static", "low_confidence_dynamic", "entropy_bounded", "random", "sequential"]:
         assert name in msg
+
+
+def test_a_misspelt_name_is_reported_before_the_combinations_it_takes_part_in():
+    # old_logp_source=rollout refuses any views but trace: a misspelt trace must not be reported as that
+    with pytest.raises(ConfigError, match=r"^unknown objective.views 'trce'; choose from \['coupled', 'd1', "):
+        load(None, ["objective.old_logp_source=rollout", "objective.views=trce"])
 
 
 def test_bad_literal_choice_lists_choices():
@@ -54,7 +60,7 @@ def test_bad_literal_choice_lists_choices():
 
 
 def test_unknown_family_lists_families():
-    with pytest.raises(ConfigError, match=r"unknown model family 'gpt'.*dream.*llada.*masked_lm.*sdar.*tiny"):
+    with pytest.raises(ConfigError, match=r"unknown model.family 'gpt'.*dream.*llada.*masked_lm.*sdar.*tiny"):
         load(None, ["model.family=gpt"])
 
 

@@ -16,6 +16,7 @@ import dataclasses
 import math
 import re
 import typing
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -1123,8 +1124,15 @@ def to_dict(cfg: Config) -> dict:
     return OmegaConf.to_container(OmegaConf.structured(cfg), resolve=True)
 
 
-def load(yaml_path: str | Path | None = None, overrides: list[str] | None = None, schema: type = Config) -> Any:
-    """Build a config from the schema defaults, a YAML file of overrides, then ``a.b=c`` overrides.
+def load(
+    yaml_path: str | Path | None = None,
+    overrides: list[str] | None = None,
+    schema: type = Config,
+    names: Callable[[Any], None] | None = None,
+) -> Any:
+    """Build a config from the schema defaults, a YAML file of overrides, then ``a.b=c`` overrides. ``names``
+    (``tracerl.checks``' registry-name check) runs before the cross-field checks, so a misspelt name is reported
+    as such rather than as a combination it takes part in.
 
     Raises:
         ConfigError: unknown key, wrong type, value outside a field's choices, or an impossible combination.
@@ -1182,6 +1190,8 @@ def load(yaml_path: str | Path | None = None, overrides: list[str] | None = None
     problems = _literal_problems(cfg)
     if problems:
         raise ConfigError("; ".join(problems) + ".")
+    if names is not None:
+        names(cfg)
     if schema is Config:
         check(cfg)
     return cfg

@@ -486,7 +486,7 @@ def load_policy(cfg: ModelConfig, weights: bool = True) -> Any:
     needs no weights still runs.
     """
     if cfg.family not in FAMILIES:
-        raise ConfigError(f"unknown model family '{cfg.family}'; choose from {sorted(FAMILIES)}.")
+        raise ConfigError(f"unknown model.family '{cfg.family}'; choose from {sorted(FAMILIES)}.")
     token = _SKELETON.set(not weights)
     try:
         return FAMILIES[cfg.family](cfg)

@@ -76,7 +76,7 @@ def check_compatible(policy, s: SamplingConfig) -> None:  # noqa: ANN001
         )
     check_sampling(s)
     if s.remasking not in REMASKING:
-        raise ConfigError(f"unknown remasking '{s.remasking}'; choose from {sorted(REMASKING)}.")
+        raise ConfigError(f"unknown sampling.remasking '{s.remasking}'; choose from {sorted(REMASKING)}.")
     if policy.block_size is not None and s.block_size != policy.block_size:
         raise ConfigError(
             f"sampling.block_size={s.block_size} differs from the model's block size {policy.block_size}; "
