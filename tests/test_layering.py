@@ -11,7 +11,7 @@ ROOT = Path(__file__).resolve().parents[1]
 HEAVY = {"ray", "deepspeed", "wandb"}
 # layer of each tracerl module: a module may import only modules of its own or a lower layer
 LAYERS = {
-    "config": 0, "records": 0, "metrics": 0, "registry": 0, "seeding": 0, "hub": 0,
+    "config": 0, "records": 0, "metrics": 0, "registry": 0, "seeding": 0, "hub": 0, "quiet": 0,
     "data": 1, "stages": 1, "models": 1, "sampling": 1, "trace": 1, "packed": 1, "canvas_trace": 1, "advantages": 1,
     "objectives": 1, "reward_service": 1, "reward_resolve": 1, "checkpoint": 1, "scoring": 1, "stats": 1,
     "weight_sync": 1, "report": 1, "config_docs": 1, "manifest": 1, "runs": 1, "reward_models": 1,

@@ -180,3 +180,31 @@ def test_sft_trains_the_policy_alone_whatever_the_rl_settings(tmp_path):
     a = AutoModelForCausalLM.from_pretrained(tmp_path / "a" / "run" / "final").state_dict()
     b = AutoModelForCausalLM.from_pretrained(tmp_path / "b" / "run" / "final").state_dict()
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_run_sft_from_python_keeps_third_party_output_hidden_and_the_callers_settings(tmp_path):
+    """The README's Python API: run_sft prints its own lines only (no DeepSpeed CPU-fallback warning, no
+    'Writing model shards' bar from transformers), and leaves transformers' settings as the caller had them."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    run = tmp_path / "run"
+    script = f"""
+from transformers.utils import logging as hf_logging
+from tracerl.checks import load_config
+from tracerl.sft import run_sft
+cfg = load_config(None, ["run_dir={run}", "sft.steps=2", "sft.eval_every=0", "wandb.mode=disabled",
+                         "data.source=synthetic:parity", "data.num_synthetic=40"])
+run_sft(cfg)
+print("after", hf_logging.is_progress_bar_enabled(), hf_logging.get_verbosity())
+"""
+    env = {k: v for k, v in os.environ.items() if k not in ("TRANSFORMERS_VERBOSITY", "PYTHONWARNINGS")}
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300, env=env,
+                          cwd=Path(__file__).resolve().parents[1])  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    output = proc.stdout + proc.stderr
+    assert "Setting accelerator to CPU" not in output and "Writing model shards" not in output, output
+    assert "after True 30" in proc.stdout  # progress bars on and WARNING (30) again, as before the call
+    assert (run / "final" / "config.json").is_file()

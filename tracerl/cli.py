@@ -17,16 +17,15 @@ Errors are one clear paragraph and exit code 2; ``--debug`` (before or after the
 from __future__ import annotations
 
 import argparse
-import logging
 import math
 import os
 import sys
 import time
-import warnings
 from collections.abc import Callable
 from pathlib import Path
 
 from tracerl.config import Config, ConfigError
+from tracerl.quiet import quiet_third_party
 
 
 def _split_config(args: list[str]) -> tuple[str | None, list[str]]:
@@ -245,34 +244,6 @@ def cmd_validate(ns: argparse.Namespace) -> int:
         f"rewards: ok ({', '.join(f.fn for f in r.functions)}{tried}; sandbox minimum {r.sandbox.min_isolation})"
     )
     return 0
-
-
-def _no_cpu_fallback_warning(record: logging.LogRecord) -> bool:
-    return "Setting accelerator to CPU" not in record.getMessage()
-
-
-def quiet_third_party(verbose: bool) -> None:
-    """Third-party logs, warnings and progress bars only with --verbose (the environment reaches Ray actors)."""
-    if not verbose:
-        for key, value in (
-            ("TRANSFORMERS_VERBOSITY", "error"),
-            ("WANDB_SILENT", "true"),
-            ("HF_HUB_DISABLE_PROGRESS_BARS", "1"),
-            ("HF_HUB_VERBOSITY", "error"),  # a retried download's "Retrying in 8s" lines
-            ("HF_DATASETS_DISABLE_PROGRESS_BARS", "1"),
-            ("PYTHONWARNINGS", "ignore"),
-            ("RAY_DEDUP_LOGS", "1"),
-            ("RAY_IGNORE_UNHANDLED_ERRORS", "1"),  # a dead learner rank's partner fails too: the loop says what died
-        ):
-            os.environ.setdefault(key, value)
-        warnings.filterwarnings("ignore")
-        for name in ("datasets", "huggingface_hub"):  # the variables above are read at import
-            logging.getLogger(name).setLevel(logging.ERROR)
-        # DeepSpeed's import logs a WARNING when it falls back to the CPU. Filter that one line rather than set
-        # DS_ACCELERATOR=cpu: the variable would also skip DeepSpeed's detection of MPS, XPU or HPU devices.
-        logging.getLogger("DeepSpeed").addFilter(_no_cpu_fallback_warning)
-        if "datasets" in sys.modules:  # imported already: the environment variable is read only at import
-            sys.modules["datasets"].disable_progress_bars()
 
 
 def _ray_env(address: str | None) -> None:

@@ -37,6 +37,7 @@ from tracerl.config import Config, ConfigError, to_dict
 from tracerl.learner import Learner
 from tracerl.metrics import MetricsLogger
 from tracerl.models import load_policy
+from tracerl.quiet import quiet_within
 from tracerl.records import Rollout
 from tracerl.sampling import generate, position_limit, renoising
 from tracerl.trace import RowMasks, Views, build_views, region_blocks
@@ -235,8 +236,14 @@ def run_sft(cfg: Config, progress: bool = True, verbose: bool = False) -> dict[s
     ``sft.eval_every`` steps on the last ``sft.eval_prompts`` examples, held out), checkpoints every
     ``checkpoint.save_every`` steps and at the end, and the trained policy as a Hugging Face directory in
     ``<run_dir>/final``. Resumes per ``checkpoint.resume``. Returns the last metrics, with
-    ``eval/accuracy_before`` (step 0) and ``eval/accuracy`` (end) when evaluation is on.
+    ``eval/accuracy_before`` (step 0) and ``eval/accuracy`` (end) when evaluation is on. Third-party console
+    output (transformers', DeepSpeed's, W&B's) only with ``verbose``.
     """
+    with quiet_within(verbose):
+        return _run_sft(cfg, progress, verbose)
+
+
+def _run_sft(cfg: Config, progress: bool, verbose: bool) -> dict[str, float]:
     if cfg.learner.num_ranks != 1:
         raise ConfigError(
             f"tracerl sft trains on one learner rank; got learner.num_ranks={cfg.learner.num_ranks}. Set "
