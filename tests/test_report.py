@@ -111,3 +111,18 @@ def test_configuration_page_matches_the_schema():
 
     assert keys(Config) == documented
     assert "| `data.synthetic_options` | `dict[str, Any]` | `{}` | the synthetic task's options" in PAGE.read_text()
+
+
+def test_every_setting_on_the_configuration_page_says_what_it_means():
+    """Each row's meaning is the field's whole comment: none empty, none cut at a line end, no source text
+    leaking in from a '#' inside a default string."""
+    from tracerl.config import JudgeConfig, RewardFnConfig, RewardModelConfig
+
+    rows = [row for _, _, rs in sections() for row in rs]
+    rows += [row for cls in (RewardFnConfig, RewardModelConfig, JudgeConfig) for row in sections(cls, "x.")[0][2]]
+    for key, _, _, meaning in rows:
+        assert meaning, f"{key} has no comment in tracerl/config.py"
+        assert not meaning.rstrip().endswith((":", ";", ",")), f"{key}: cut short: {meaning!r}"
+        assert "#" not in meaning.replace("####", ""), f"{key}: source text in its meaning: {meaning!r}"
+    for title, _, _ in sections():  # each section's note is its class's whole first paragraph, not its first line
+        assert render().split(f"## `{title}`\n\n")[1].split("\n\n")[0].endswith((".", ")")), title

@@ -365,8 +365,8 @@ class SFTConfig:
     lr: float = 1e-3  # learning rate (the learner's other settings apply)
     eval_every: int = 100  # steps between accuracy checks on held-out prompts (0 = off)
     eval_prompts: int = 64  # held-out prompts per check
-    mask_eps: float = 1e-3  # full attention: per-example mask ratio t ~ U(mask_eps, 1]; block: per block; canvas:
-    # per canvas corruption rate (diffusion_gemma)
+    # full attention: per example; block: per block; diffusion_gemma: the corruption rate per canvas
+    mask_eps: float = 1e-3  # the smallest mask ratio: t ~ U(mask_eps, 1]
     self_conditioning_prob: float = 0.5  # diffusion_gemma: canvases trained with a detached self-conditioning pass
     eos_padding: bool = True  # pad responses with EOS up to sampling.max_new_tokens and train on it (LLaDA)
 

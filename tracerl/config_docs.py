@@ -7,8 +7,10 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
+import io
 import re
 import sys
+import tokenize
 import typing
 from pathlib import Path
 from typing import Any
@@ -35,22 +37,40 @@ the valid choices listed; `tracerl validate CONFIG` checks a config (and, withou
 rewards and cluster) without training. The resolved config of every run is saved as `<run_dir>/config.json`
 and in W&B.
 """
-_FIELD = re.compile(r"^\s+(\w+):[^#]*#\s*(.*)$")
+_FIELD = re.compile(r"^(\s+)(\w+)\s*:")
 
 
 def field_comments(cls: type) -> dict[str, str]:
-    """The comment after each field of a dataclass, read from its source.
+    """What the source says about each field of a dataclass: the comment after it, then the comment lines just
+    above it (a longer note). Read with ``tokenize``, so a ``#`` inside a default string is not a comment.
 
     Example:
-        >>> from tracerl.config import CheckpointConfig
+        >>> from tracerl.config import CheckpointConfig, SandboxConfig
         >>> field_comments(CheckpointConfig)["keep_last"]
         'complete checkpoints kept'
+        >>> field_comments(SandboxConfig)["min_isolation"][:46]
+        'below this level generated code is never run: '
     """
+    lines = inspect.getsource(cls).splitlines()
+    trailing: dict[int, str] = {}  # line index → the comment after code on it
+    alone: dict[int, str] = {}  # line index → a line that is only a comment
+    for tok in tokenize.generate_tokens(io.StringIO("\n".join(lines) + "\n").readline):
+        if tok.type == tokenize.COMMENT:
+            row, col = tok.start[0] - 1, tok.start[1]
+            text = tok.string.lstrip("#").strip()
+            (alone if not lines[row][:col].strip() else trailing)[row] = text
+    body = next((m.group(1) for line in lines[1:] if (m := _FIELD.match(line))), None)
     out = {}
-    for line in inspect.getsource(cls).splitlines():
+    for i, line in enumerate(lines):
         match = _FIELD.match(line)
-        if match:
-            out[match.group(1)] = match.group(2).strip()
+        if not match or match.group(1) != body:
+            continue
+        above, j = [], i - 1
+        while j in alone:
+            above.insert(0, alone[j])
+            j -= 1
+        first = trailing.get(i, "").rstrip(".")
+        out[match.group(2)] = ". ".join(p for p in (first, " ".join(above)) if p)
     return out
 
 
@@ -63,6 +83,11 @@ def _default(f: dataclasses.Field) -> Any:
 def _type_name(hint: Any) -> str:
     text = str(hint).replace("typing.", "")
     return text.removeprefix("<class '").removesuffix("'>")
+
+
+def _summary(cls: type) -> str:
+    """The first paragraph of a class's docstring, on one line."""
+    return " ".join((inspect.getdoc(cls) or "").split("\n\n")[0].split())
 
 
 def _cell(text: str) -> str:
@@ -95,16 +120,18 @@ def render() -> str:
     """The whole page as markdown."""
     parts = [INTRO]
     for title, cls, rows in sections():
-        doc = (inspect.getdoc(cls) or "").splitlines()[0] if cls is not Config else "The whole run."
+        doc = _summary(cls) if cls is not Config else "The whole run."
         parts.append(f"\n## `{title}`\n\n{doc}\n\n| key | type | default | meaning |\n|---|---|---|---|")
         parts.extend(f"| `{k}` | `{_cell(t)}` | `{_cell(d)}` | {_cell(m)} |" for k, t, d, m in rows)
+    from tracerl.config import JudgeConfig, RewardFnConfig, RewardModelConfig
+
+    entry = ", ".join(f.name for f in dataclasses.fields(RewardFnConfig))
     parts.append(
-        "\n`reward.functions` is a list of `{fn, weight, name, kwargs, completion_format, kind, model, judge}` "
+        f"\n`reward.functions` is a list of `{{{entry}}}` "
         "entries (the `reward.functions[]` fields below); by default one entry, `synthetic_exact` with weight 1. "
         "A reward model's settings go in its `model` block and a judge's in its `judge` block (both unset by "
         "default; see `docs/rewards.md`).\n"
     )
-    from tracerl.config import JudgeConfig, RewardFnConfig, RewardModelConfig
 
     for cls, prefix in (
         (RewardFnConfig, "reward.functions[]."),
@@ -113,7 +140,7 @@ def render() -> str:
     ):
         _, _, rows = sections(cls, prefix)[0]
         if cls is not RewardFnConfig:
-            parts.append(f"\n### `{prefix.rstrip('.')}`\n\n{(inspect.getdoc(cls) or '').splitlines()[0]}\n")
+            parts.append(f"\n### `{prefix.rstrip('.')}`\n\n{_summary(cls)}\n")
         parts.append("| key | type | default | meaning |\n|---|---|---|---|")
         parts.extend(f"| `{k}` | `{_cell(t)}` | `{_cell(d)}` | {_cell(m)} |" for k, t, d, m in rows)
     return "\n".join(parts) + "\n"
