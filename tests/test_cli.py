@@ -63,3 +63,53 @@ def test_sft_on_a_cpu_machine_prints_no_third_party_warning_unless_verbose(tmp_p
     loud = subprocess.run([*args, f"run_dir={tmp_path / 'loud'}", "--verbose"], env=env, capture_output=True, text=True)
     assert loud.returncode == 0, loud.stderr
     assert "Setting accelerator to CPU" in loud.stdout + loud.stderr
+
+
+def test_sigterm_while_a_command_starts_is_an_interrupt_not_a_silent_death(monkeypatch, capsys):
+    """Before the RL loop installs its own handler (checks, Ray, model loading), SIGTERM stops a command as Ctrl-C
+    does: the teardown runs (actors shut down), the command says so, exit 130; the handler is restored after."""
+    import signal
+    import time
+
+    import tracerl.cli as cli
+
+    def starting(ns):  # noqa: ANN001 - stands in for a command still starting up
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(5)
+        raise AssertionError("SIGTERM did not stop the command")
+
+    monkeypatch.setattr(cli, "cmd_validate", starting)
+    before = signal.getsignal(signal.SIGTERM)
+    assert cli.main(["validate", "--offline"]) == 130
+    assert "tracerl validate: interrupted." in capsys.readouterr().err
+    assert signal.getsignal(signal.SIGTERM) is before
+
+
+def test_ray_init_does_not_take_sigterm_away_from_the_command():
+    """ray.init installs Ray's SIGTERM handler (sys.exit(15) while it connects, a stack dump and exit 1 after):
+    tracerl's handler comes back after it, and a SIGTERM caught by Ray's meanwhile becomes an interrupt, after
+    Ray is shut down."""
+    import signal
+
+    from tracerl.orchestrator.setup import keep_sigterm_handler
+
+    def ours(signum, frame):  # noqa: ANN001
+        raise KeyboardInterrupt
+
+    before = signal.signal(signal.SIGTERM, ours)
+    try:
+        shut = []
+        with keep_sigterm_handler(on_exit=lambda: shut.append(1)):
+            signal.signal(signal.SIGTERM, lambda signum, frame: None)  # what ray.init does
+        assert signal.getsignal(signal.SIGTERM) is ours and not shut
+        with pytest.raises(KeyboardInterrupt), keep_sigterm_handler(on_exit=lambda: shut.append(1)):
+            raise SystemExit(signal.SIGTERM)  # Ray's handler during ray.init
+        assert shut == [1] and signal.getsignal(signal.SIGTERM) is ours
+        with pytest.raises(SystemExit), keep_sigterm_handler(on_exit=lambda: shut.append(1)):
+            raise SystemExit(3)  # any other exit goes on as it is
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)  # the Python API without a handler of its own: Ray's stays
+        with keep_sigterm_handler(on_exit=lambda: None):
+            signal.signal(signal.SIGTERM, ours)
+        assert signal.getsignal(signal.SIGTERM) is ours
+    finally:
+        signal.signal(signal.SIGTERM, before)

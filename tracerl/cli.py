@@ -17,8 +17,10 @@ Errors are one clear paragraph and exit code 2; ``--debug`` (before or after the
 from __future__ import annotations
 
 import argparse
+import contextlib
 import math
 import os
+import signal
 import sys
 import time
 from collections.abc import Callable
@@ -428,6 +430,9 @@ def main(argv: list[str] | None = None) -> int:
     ns.debug, ns.verbose = debug, verbose
     quiet_third_party(verbose)
     fn: Callable[[argparse.Namespace], int] = ns.fn
+    previous = None
+    with contextlib.suppress(ValueError):  # SIGTERM as Ctrl-C from here on (the RL loop installs its own)
+        previous = signal.signal(signal.SIGTERM, _terminate)
     try:
         return fn(ns)
     except KeyboardInterrupt:
@@ -447,6 +452,16 @@ def main(argv: list[str] | None = None) -> int:
         hint = "" if expected else " (run with --debug for the traceback)"
         print(f"tracerl {ns.command}: error: {kind}{message}{hint}", file=sys.stderr)
         return 2
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+
+
+def _terminate(signum: int, frame: object) -> None:
+    """SIGTERM while a command starts (before the RL loop's own handler): stop as Ctrl-C does, so the actors
+    already started are shut down and the command says it was interrupted (exit 130), instead of dying silently."""
+    del signum, frame
+    raise KeyboardInterrupt
 
 
 if __name__ == "__main__":

@@ -7,6 +7,7 @@ import contextlib
 import json
 import math
 import os
+import signal
 import socket
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, replace
@@ -45,18 +46,35 @@ def connect(cfg: Config, verbose: bool) -> bool:
         return False
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     quiet = {"log_to_driver": verbose, "logging_level": "INFO" if verbose else "ERROR"}
-    if cfg.cluster.address:
-        check_reachable(cfg.cluster.address)
-        ray.init(address=cfg.cluster.address, **quiet)
-        return True
-    # logical CPUs: enough for every actor of the run even on a 2-core laptop (they mostly take turns)
-    ray.init(
-        address="local",
-        num_cpus=max(os.cpu_count() or 1, math.ceil(sum(cpus_needed(cfg).values()))),
-        include_dashboard=cfg.cluster.dashboard,
-        **quiet,
-    )
+    with keep_sigterm_handler(on_exit=ray.shutdown):
+        if cfg.cluster.address:
+            check_reachable(cfg.cluster.address)
+            ray.init(address=cfg.cluster.address, **quiet)
+        else:  # logical CPUs: enough for every actor of the run even on a 2-core laptop (they mostly take turns)
+            cpus = max(os.cpu_count() or 1, math.ceil(sum(cpus_needed(cfg).values())))
+            ray.init(address="local", num_cpus=cpus, include_dashboard=cfg.cluster.dashboard, **quiet)
     return True
+
+
+@contextlib.contextmanager
+def keep_sigterm_handler(on_exit: Callable[[], Any]) -> Iterator[None]:
+    """``ray.init`` replaces the SIGTERM handler with Ray's (``sys.exit(15)`` while it connects, then a stack dump
+    and exit 1). A Python handler that was there before (``tracerl``'s: stop as Ctrl-C does) is put back after
+    it, and a SIGTERM that Ray's caught meanwhile becomes that Ctrl-C, after ``on_exit`` (``ray.shutdown``)."""
+    previous = signal.getsignal(signal.SIGTERM)
+    ours = callable(previous)
+    try:
+        yield
+    except SystemExit as stop:
+        if ours and stop.code == signal.SIGTERM:
+            with contextlib.suppress(Exception):
+                on_exit()
+            raise KeyboardInterrupt from None
+        raise
+    finally:
+        if ours:
+            with contextlib.suppress(ValueError):  # only the main thread may set handlers
+                signal.signal(signal.SIGTERM, previous)
 
 
 def cpus_needed(cfg: Config, learner: bool = True) -> dict[str, float]:
