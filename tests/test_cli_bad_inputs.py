@@ -268,6 +268,7 @@ CASES = [
     ("train run_dir below a file", ["train", "run_dir={d}/data.txt/run"], "'{d}/data.txt' is a file"),
     ("eval --out is a file", ["eval", "--out", "{d}/data.txt"], "--out '{d}/data.txt' is a file"),
     ("eval over an evaluation", ["eval", "--out", "{d}/evaldone"], "{d}/evaldone already holds an evaluation (eval"),
+    ("eval without a model", ["eval", "run_dir={d}/ev"], "tracerl eval scores the model at model.path, which is unset"),
     ("fresh train in another run", ["train", "run_dir={d}/oldrun"], "run_dir '{d}/oldrun' holds another run"),
     ("sft resuming a train run", ["sft", "run_dir={d}/oldrun", "checkpoint.resume=auto"], "holds a tracerl train run"),
     (

@@ -162,7 +162,17 @@ def test_an_evaluation_that_scores_nothing_is_an_error_not_a_zero(capsys, tmp_pa
     """tracerl eval with a reward that gives None for every sample reported greedy reward 0.000 and exited 0."""
     reward = tmp_path / "nothing.py"
     reward.write_text("def score(prompts, completions, **kwargs):\n    return [None] * len(completions)\n")
-    small = ["eval.num_prompts=2", "eval.samples=2", "eval.k=2", "wandb.mode=disabled"]
+    from tracerl.models import build_tiny, save_tiny
+
+    save_tiny(*build_tiny(load_config(QUICK).model.tiny), tmp_path / "model")  # an untrained model will do
+    capsys.readouterr()  # transformers' progress bar while saving it
+    small = [
+        "eval.num_prompts=2",
+        "eval.samples=2",
+        "eval.k=2",
+        "wandb.mode=disabled",
+        f"model.path={tmp_path / 'model'}",
+    ]
     reward_fn = f"reward.functions=[{{fn: '{reward}:score'}}]"
     err = fails(capsys, "eval", QUICK, f"run_dir={tmp_path / 'run'}", reward_fn, *small)
     assert "every sample of the held-out evaluation at step 0 was scored None (or NaN) by reward function(s) " in err

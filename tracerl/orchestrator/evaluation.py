@@ -156,6 +156,12 @@ def run_eval(cfg: Config, out_dir: str | None = None, verbose: bool = False, con
             f"{out} already holds an evaluation ({', '.join(held)}); tracerl eval does not overwrite one. Give "
             f"another {setting}, or move that one away first."
         )
+    if not cfg.model.path:
+        raise ConfigError(
+            "tracerl eval scores the model at model.path, which is unset, so a randomly initialised "
+            f"{cfg.model.family} model would be scored. Give model.path: a trained model directory (e.g. "
+            "RUN_DIR/final, or a checkpoint exported with tracerl export) or a hub id."
+        )
     _, eval_set = load_prompts(cfg)
     if eval_set is None:
         raise ConfigError("eval.num_prompts is 0: there is nothing to evaluate; set eval.num_prompts ≥ 1.")
