@@ -201,8 +201,10 @@ def cmd_validate(ns: argparse.Namespace) -> int:
         check_reachable(cfg.cluster.address)
         console.print(f"cluster address: ok (a Ray cluster answers at {cfg.cluster.address})")
     from tracerl.orchestrator.guards import oversubscription
+    from tracerl.orchestrator.setup import local_gpus
 
-    crowded = oversubscription(cfg, os.cpu_count() or 1)
+    here = (local_gpus(cfg) or 0.0) >= c.gpus_per_node  # a config for GPUs this machine lacks runs elsewhere
+    crowded = oversubscription(cfg, os.cpu_count() or 1) if here else None
     if crowded:
         console.print(f"[yellow]warning: {crowded}[/yellow]")
     if not ns.offline:
