@@ -517,13 +517,14 @@ def probe(ns: argparse.Namespace) -> int:
             learner.destroy()
         total, inside = statistics.fmean(totals), statistics.fmean(within)
         share = inside / total if total else 0.0
+        last = f"the last {min(10, len(before))} step(s)"
         print(f"reward variance: total {total:.4f}, within groups {inside:.4f} ({share:.0%}); explained "
-              f"variance over the last 10 steps: before update {statistics.fmean(before[-10:]):+.3f}, after "
+              f"variance over {last}: before update {statistics.fmean(before[-10:]):+.3f}, after "
               f"{statistics.fmean(after[-10:]):+.3f}")  # fmt: skip
         if final_ev:
             print(
                 f"final-state regression (sees each whole final sequence, trained on the same batches): explained "
-                f"variance before update {statistics.fmean(final_ev[-10:]):+.3f} over the last 10 steps"
+                f"variance before update {statistics.fmean(final_ev[-10:]):+.3f} over {last}"
             )
         if oracle:
             print(

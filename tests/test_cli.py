@@ -113,3 +113,18 @@ def test_ray_init_does_not_take_sigterm_away_from_the_command():
         assert signal.getsignal(signal.SIGTERM) is ours
     finally:
         signal.signal(signal.SIGTERM, before)
+
+
+def test_every_commands_help_names_the_global_flags_and_the_summary_names_every_option():
+    import argparse
+
+    from tracerl import cli
+
+    parser = cli.build_parser()
+    commands = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices
+    for name, command in commands.items():
+        if name != "serve-reward":  # its own parser (tracerl.reward_server) says the same
+            assert "--debug" in command.format_help() and "--verbose" in command.format_help(), name
+        options = {o for a in command._actions for o in a.option_strings if o not in ("-h", "--help")}
+        line = next(x for x in cli.__doc__.splitlines() if x.strip().startswith(f"tracerl {name} "))
+        assert all(o in line for o in options), (name, options, line)  # the summary at the top of tracerl --help

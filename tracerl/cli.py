@@ -1,14 +1,14 @@
 """The ``tracerl`` command.
 
     tracerl train [CONFIG.yaml] [key=value ...] [--resume auto|DIR] [--ray-address HOST:PORT]   TraceRL
-    tracerl eval [CONFIG.yaml] [key=value ...] [--out DIR]         held-out evaluation of model.path
-    tracerl generate [CONFIG.yaml] [key=value ...] --prompt TEXT   watch one prompt denoise in the terminal
+    tracerl eval [CONFIG.yaml] [key=value ...] [--out DIR] [--ray-address HOST:PORT]   held-out evaluation of model.path
+    tracerl generate [CONFIG.yaml] [key=value ...] --prompt TEXT [--delay S --no-animate]   watch one prompt denoise
     tracerl validate [CONFIG.yaml] [key=value ...] [--offline]     check config, model, data, rewards, cluster
     tracerl sft [CONFIG.yaml] [key=value ...] [--resume auto|DIR]  masked-diffusion SFT
     tracerl train-reward-model [CONFIG.yaml] [key=value ...]       preference pairs → a reward model (TRL)
     tracerl export CHECKPOINT OUT_DIR [--adapter]                  write a Hugging Face model directory
     tracerl plot RUN_DIR [--sft SFT_RUN_DIR] [--out PNG]           before/after table and curves of a train run
-    tracerl serve-reward --reward SPEC [--host --port]             serve a reward function over HTTP
+    tracerl serve-reward --reward SPEC [--host --port --timeout]   serve a reward function over HTTP
 
 Errors are one clear paragraph and exit code 2; ``--debug`` (before or after the command) shows the traceback,
 ``--verbose`` the third-party logs (Ray actors, DeepSpeed, W&B, transformers) that are hidden otherwise.
@@ -410,7 +410,15 @@ def build_parser() -> argparse.ArgumentParser:
 
     r = sub.add_parser("serve-reward", help="serve a reward function over HTTP (loopback by default)", add_help=False)
     r.set_defaults(fn=None)
+    for command in sub.choices.values():  # the global flags, which every command takes before or after its name
+        command.epilog = GLOBAL_FLAGS
     return parser
+
+
+GLOBAL_FLAGS = (
+    "--debug shows the traceback of an error; --verbose the third-party logs (Ray actors, DeepSpeed, W&B, "
+    "transformers) that are hidden otherwise. Both go before or after the command."
+)
 
 
 def main(argv: list[str] | None = None) -> int:

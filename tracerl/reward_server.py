@@ -162,7 +162,11 @@ def bind_error(err: OSError, host: str, port: int) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     """``tracerl serve-reward``: serve ``--reward SPEC`` until interrupted; returns the exit code."""
-    parser = argparse.ArgumentParser(prog="tracerl serve-reward", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(
+        prog="tracerl serve-reward",
+        description=__doc__.splitlines()[0],
+        epilog="--debug and --verbose go before or after the command, as for every tracerl command.",
+    )
     parser.add_argument("--reward", required=True, help="registered name, pkg.module:fn, path/file.py:fn or URL")
     parser.add_argument("--host", default="127.0.0.1", help="address to bind (default: loopback only)")
     parser.add_argument("--port", type=_port, default=8000, help="port to bind, 0-65535 (0: any free port)")
