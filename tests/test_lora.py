@@ -283,6 +283,8 @@ def test_resuming_with_other_lora_settings_is_refused_before_anything_starts(tmp
         runs.claim(cfg_for(run_dir, "checkpoint.resume=auto"), "train")
     with pytest.raises(ConfigError, match="written with learner.lora.rank=4; this run has learner.lora.rank=8"):
         runs.claim(cfg_for(run_dir, "checkpoint.resume=auto", *LORA, "learner.lora.rank=8"), "train")
+    with pytest.raises(ConfigError, match="written with learner.lora.alpha=8.0; this run has learner.lora.alpha=128.0"):
+        runs.claim(cfg_for(run_dir, "checkpoint.resume=auto", *LORA, "learner.lora.alpha=128"), "train")  # scaling
     with pytest.raises(ConfigError, match=r"learner.lora.target_modules=None; this run has .*\['q_proj'\]"):
         runs.claim(cfg_for(run_dir, "checkpoint.resume=auto", *LORA, "learner.lora.target_modules=[q_proj]"), "train")
     full = tmp_path / "full"

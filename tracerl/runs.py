@@ -74,8 +74,12 @@ def settings(cfg: Config) -> dict[str, Any]:
         "learner.lora.enabled": cfg.learner.lora.enabled,
     }
     lora = cfg.learner.lora
-    if lora.enabled:  # the adapters' shapes: which layers have them and their rank
-        out |= {"learner.lora.rank": lora.rank, "learner.lora.target_modules": lora.target_modules}
+    if lora.enabled:  # the adapters' shapes (which layers have them, their rank) and scaling (alpha / rank)
+        out |= {
+            "learner.lora.rank": lora.rank,
+            "learner.lora.alpha": lora.alpha,
+            "learner.lora.target_modules": lora.target_modules,
+        }
     return out
 
 

@@ -88,6 +88,10 @@ class Learner:
         init_distributed(self.lc.engine, rank, world_size, self.lc.backend, master_addr, master_port)
         dtype = torch.bfloat16 if self.lc.precision == "bf16" and self.lc.engine == "deepspeed" else torch.float32
         total = total_steps if total_steps is not None else self.lc.total_steps
+        if dtype == torch.float32:
+            # The weights AdamW updates are float32 whatever model.dtype loaded: in bfloat16 most small updates
+            # round away, in float16 the first step overflows. DeepSpeed's bf16 keeps float32 masters itself.
+            policy.model.float()
 
         # 1. Frozen copies first: ZeRO-3 partitions the policy's parameters in place when its engine starts. With
         #    LoRA the reference is the policy's own base (adapters disabled), and the value model a full copy.
