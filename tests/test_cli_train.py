@@ -130,10 +130,21 @@ def test_debug_is_accepted_after_the_command(capsys):
     ],
 )
 def test_rollout_old_logps_need_exact_replay(overrides, reason):
+    from tracerl.config import check_training
+
+    cfg = load_config(None, ["objective.old_logp_source=rollout", *overrides])  # sft, eval, generate: no old log-probs
     with pytest.raises(ConfigError, match="only true when the views replay the sampler exactly") as err:
-        load_config(None, ["objective.old_logp_source=rollout", *overrides])
+        check_training(cfg)  # train and validate
     assert reason in str(err.value) and "old_logp_source=learner" in str(err.value)
-    assert load_config(None, ["objective.old_logp_source=rollout"]).objective.old_logp_source == "rollout"
+    check_training(load_config(None, ["objective.old_logp_source=rollout"]))
+
+
+def test_sft_on_a_config_with_rollout_old_logps_is_not_refused_for_them(capsys, tmp_path):
+    """The quickstart config sets old_logp_source=rollout for its RL step; SFT in bf16 has no old log-probs."""
+    quick = ["sft.steps=1", "sft.eval_every=0", "wandb.mode=disabled", "learner.precision=bf16"]
+    assert main(["sft", QUICK, f"run_dir={tmp_path / 'sft'}", *quick]) == 0, capsys.readouterr().err
+    err = fails(capsys, "train", QUICK, f"run_dir={tmp_path / 'rl'}", "learner.precision=bf16")
+    assert "learner.precision=bf16 is not fp32" in err and not (tmp_path / "rl").exists()
 
 
 def test_train_checks_positions_before_anything_is_written(capsys, tmp_path):

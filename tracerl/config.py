@@ -327,8 +327,10 @@ def check_training(cfg: Config) -> None:
     """What ``tracerl train`` (and ``validate``) need beyond ``check``: a total reward (``check_reward_total``),
     and samples of one prompt that can differ. Greedy decoding is fine for ``generate`` and ``eval``, but at
     temperature 0 a deterministic remasking rule writes every sample of a prompt the same, so every group
-    advantage is 0 and nothing trains."""
+    advantage is 0 and nothing trains. And the old log-probs' source (``check_old_logp_source``), which SFT,
+    ``eval`` and ``generate`` never use."""
     check_reward_total(cfg)
+    check_old_logp_source(cfg)
     s, r = cfg.sampling, cfg.rollout
     # a value model's GAE advantage R - V is no group difference: it is not 0 for a group of equal samples
     grouped = r.samples_per_prompt > 1 and cfg.objective.advantage in GROUP_ADVANTAGES and not cfg.objective.value_model
@@ -595,7 +597,6 @@ def check(cfg: Config) -> None:
         )
     check_lora(lr.lora, lr.zero_stage)
     check_objective_ranges(cfg.objective)
-    check_old_logp_source(cfg)
     check_loop(cfg)
     check_guard(cfg.guard)
     check_counts(cfg)
