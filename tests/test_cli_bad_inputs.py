@@ -60,6 +60,10 @@ CASES = [
     ("greedy rollouts", ["validate", "sampling.temperature=0"], "sampling.temperature=0 with sampling.remasking="),
     ("greedy rollouts in train", ["train", "sampling.temperature=0", "run_dir={d}/greedy"], "each group of rollout"),
     ("eval temperature", ["validate", "eval.temperature=-1"], "eval.temperature must be a finite number ≥ 0"),
+    ("log-prob chunk", ["validate", "learner.logprob_chunk_tokens=0"], "learner.logprob_chunk_tokens must be ≥ 1"),
+    ("negative warmup", ["validate", "learner.warmup_steps=-5"], "learner.warmup_steps must be ≥ 0, got -5"),
+    ("negative pad", ["validate", "sampling.trainable_pad_tokens=-1"], "sampling.trainable_pad_tokens must be ≥ 0"),
+    ("negative clip", ["validate", "learner.max_grad_norm=-1"], "learner.max_grad_norm is the global gradient norm"),
     ("eval pass_threshold nan", ["validate", "eval.pass_threshold=.nan"], "eval.pass_threshold a finite reward"),
     ("eval max_new_tokens", ["validate", "eval.max_new_tokens=0"], "eval.max_new_tokens must be a positive"),
     ("eval steps_per_block", ["validate", "eval.steps_per_block=0"], "eval.steps_per_block must be between 1 and"),
@@ -398,6 +402,17 @@ def test_an_uncached_hub_dataset_offline_names_the_setting(capsys: pytest.Captur
     err = capsys.readouterr().err
     assert "data.source 'no-org/no-such-dataset' is a hub dataset that is not in the local cache" in err
     assert "HF_DATASETS_OFFLINE" in err and "not cached in None" not in err
+
+
+def test_a_schedule_that_reaches_zero_before_the_run_ends_is_a_warning(capsys: pytest.CaptureFixture) -> None:
+    argv = ["validate", "--offline", "learner.lr_schedule=cosine", "learner.total_steps=30", "train.steps=20",
+            "learner.minibatches=2"]  # fmt: skip
+    assert main(argv) == 0
+    out = " ".join(capsys.readouterr().out.split())
+    assert "warning: learner.lr_schedule=cosine reaches 0 at learner.total_steps=30 optimizer steps, but the run" in out
+    assert "takes 40" in out and "its last 10 train at learning rate 0" in out and "learner.total_steps=40" in out
+    assert main(["validate", "--offline", "learner.lr_schedule=cosine", "learner.total_steps=40", *argv[4:]]) == 0
+    assert "warning" not in capsys.readouterr().out
 
 
 def test_many_actors_on_few_cores_is_a_warning_that_says_what_it_costs(capsys: pytest.CaptureFixture) -> None:

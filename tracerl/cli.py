@@ -200,13 +200,14 @@ def cmd_validate(ns: argparse.Namespace) -> int:
 
         check_reachable(cfg.cluster.address)
         console.print(f"cluster address: ok (a Ray cluster answers at {cfg.cluster.address})")
-    from tracerl.orchestrator.guards import oversubscription
+    from tracerl.orchestrator.guards import oversubscription, schedule_ends_early
     from tracerl.orchestrator.setup import local_gpus
 
     here = (local_gpus(cfg) or 0.0) >= c.gpus_per_node  # a config for GPUs this machine lacks runs elsewhere
     crowded = oversubscription(cfg, os.cpu_count() or 1) if here else None
-    if crowded:
-        console.print(f"[yellow]warning: {crowded}[/yellow]")
+    for warning in (crowded, schedule_ends_early(cfg)):
+        if warning:
+            console.print(f"[yellow]warning: {warning}[/yellow]")
     if not ns.offline:
         from tracerl.models import load_policy
         from tracerl.sampling import check_compatible, renoising, resolve_cache

@@ -567,6 +567,20 @@ def check(cfg: Config) -> None:
             "learner.num_ranks, minibatches, updates_per_step, value_updates_per_step and micro_batch_tokens must be "
             "≥ 1."
         )
+    counts = {
+        "learner.logprob_chunk_tokens": (lr.logprob_chunk_tokens, 1),
+        "learner.total_steps": (lr.total_steps, 1),
+        "learner.warmup_steps": (lr.warmup_steps, 0),
+        "sampling.trainable_pad_tokens": (cfg.sampling.trainable_pad_tokens, 0),
+    }
+    for key, (value, least) in counts.items():
+        if value < least:
+            raise ConfigError(f"{key} must be ≥ {least}, got {value}.")
+    if not (math.isfinite(lr.max_grad_norm) and lr.max_grad_norm >= 0):
+        raise ConfigError(
+            f"learner.max_grad_norm is the global gradient norm to clip to, ≥ 0 (0 = no clipping); got "
+            f"{lr.max_grad_norm}."
+        )
     if lr.value_lr is not None and not lr.value_lr > 0 or cfg.objective.value_eps < 0:
         raise ConfigError(
             f"learner.value_lr must be positive (or null for 5 × learner.lr), got {lr.value_lr}, and "

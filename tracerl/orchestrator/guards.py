@@ -74,6 +74,28 @@ def oversubscription(cfg: Config, cores: int) -> str | None:
     )
 
 
+def schedule_ends_early(cfg: Config) -> str | None:
+    """A warning when a decaying learning-rate schedule reaches 0 before the run's last optimizer step (its
+    horizon, ``learner.total_steps``, is set apart from the run's length); None otherwise.
+
+    Example:
+        >>> cfg = Config()
+        >>> cfg.learner.lr_schedule, cfg.learner.total_steps, cfg.train.steps = "cosine", 10, 20
+        >>> schedule_ends_early(cfg).split(":")[0]
+        'learner.lr_schedule=cosine reaches 0 at learner.total_steps=10 optimizer steps, but the run takes 20'
+    """
+    lc = cfg.learner
+    steps = cfg.train.steps * lc.minibatches * lc.updates_per_step
+    if lc.lr_schedule == "constant" or steps <= lc.total_steps:
+        return None
+    return (
+        f"learner.lr_schedule={lc.lr_schedule} reaches 0 at learner.total_steps={lc.total_steps} optimizer steps, "
+        f"but the run takes {steps}: train.steps={cfg.train.steps} × learner.minibatches={lc.minibatches} × "
+        f"learner.updates_per_step={lc.updates_per_step}, so its last {steps - lc.total_steps} train at learning "
+        f"rate 0. Set learner.total_steps={steps} to decay over the whole run."
+    )
+
+
 def nothing_scored(
     scored: RewardResult, step: int, cfg: Config, evaluation: bool = False, failures_too: bool = False
 ) -> str | None:

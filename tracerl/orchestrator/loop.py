@@ -162,8 +162,9 @@ class Session:
         if local_gpus(cfg) is not None:
             check_device(cfg, local_gpus(cfg))
         crowded = guards.oversubscription(cfg, os.cpu_count() or 1)
-        if crowded:
-            console.print(f"[yellow]warning: {crowded}[/yellow]")
+        for warning in (crowded, guards.schedule_ends_early(cfg)):
+            if warning:
+                console.print(f"[yellow]warning: {warning}[/yellow]")
         with teardown() as cleanup:
             if connect(cfg, verbose):
                 cleanup.append(ray.shutdown)
