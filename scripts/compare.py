@@ -293,13 +293,16 @@ def tracerl(args: list[str], log: Path) -> None:
 
 
 def refusal(config: str, overrides: list[str], layout: str) -> str | None:
-    """Why these overrides are refused (the config checks and ``trace.check_estimator`` for the layout), or None."""
+    """Why these overrides are refused (the config checks, ``tracerl train``'s, and ``trace.check_estimator`` for
+    the layout), or None."""
     from tracerl import trace
     from tracerl.checks import load_config
-    from tracerl.config import ConfigError
+    from tracerl.config import ConfigError, check_training
 
     try:
-        o = load_config(config, overrides).objective
+        cfg = load_config(config, overrides)
+        check_training(cfg)
+        o = cfg.objective
         trace.check_estimator(o.views, layout, o.d1_prompt_mask_prob)
     except ConfigError as err:
         return str(err)
