@@ -197,14 +197,18 @@ from tracerl.checks import load_config
 from tracerl.sft import run_sft
 cfg = load_config(None, ["run_dir={run}", "sft.steps=2", "sft.eval_every=0", "wandb.mode=disabled",
                          "data.source=synthetic:parity", "data.num_synthetic=40"])
+print("before", hf_logging.is_progress_bar_enabled(), hf_logging.get_verbosity())
 run_sft(cfg)
 print("after", hf_logging.is_progress_bar_enabled(), hf_logging.get_verbosity())
 """
-    env = {k: v for k, v in os.environ.items() if k not in ("TRANSFORMERS_VERBOSITY", "PYTHONWARNINGS")}
+    # as a user's shell has it: none of the variables the CLI sets (an earlier test's main() set them here)
+    quieting = ("TRANSFORMERS_VERBOSITY", "WANDB_SILENT", "HF_HUB_DISABLE_PROGRESS_BARS", "HF_HUB_VERBOSITY",
+                "HF_DATASETS_DISABLE_PROGRESS_BARS", "PYTHONWARNINGS")  # fmt: skip
+    env = {k: v for k, v in os.environ.items() if k not in quieting}
     proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300, env=env,
                           cwd=Path(__file__).resolve().parents[1])  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-3000:]
     output = proc.stdout + proc.stderr
     assert "Setting accelerator to CPU" not in output and "Writing model shards" not in output, output
-    assert "after True 30" in proc.stdout  # progress bars on and WARNING (30) again, as before the call
+    assert "before True 30" in proc.stdout and "after True 30" in proc.stdout  # bars on, WARNING (30), as before
     assert (run / "final" / "config.json").is_file()
