@@ -189,6 +189,27 @@ def test_one_list_entry_is_set_by_its_index():
         load(None, ["reward.functions=[{fn: org/rm, model: {}}]", "reward.functions[0].model.num_cpus=.nan"])
 
 
+def test_a_mapping_given_whole_on_the_command_line_replaces_the_yamls(tmp_path):
+    path = tmp_path / "run.yaml"
+    path.write_text(
+        "data: {synthetic_options: {teacher: confuse, noise: 0.6}}\n"
+        "reward: {functions: [{fn: sudoku_cells, kwargs: {strict: true}}]}\n"
+        "cluster: {rollout_resources: {node_a: 1}}\n"
+    )
+    assert load(path, ["data.synthetic_options={}"]).data.synthetic_options == {}
+    assert load(path, ["data.synthetic_options={noise: 0.1}"]).data.synthetic_options == {"noise": 0.1}
+    kept = load(path, ["data.synthetic_options.noise=0.1"]).data.synthetic_options
+    assert kept == {"teacher": "confuse", "noise": 0.1}
+    cfg = load(path, ["data.synthetic_options={min_blanks: 2}", "data.synthetic_options.noise=0.2", "seed=4"])
+    assert (cfg.data.synthetic_options, cfg.seed) == ({"min_blanks": 2, "noise": 0.2}, 4)  # in command-line order
+    assert load(path, ["reward.functions[0].kwargs={lenient: 1}"]).reward.functions[0].kwargs == {"lenient": 1}
+    assert load(path, ["cluster.rollout_resources={node_b: 2}"]).cluster.rollout_resources == {"node_b": 2.0}
+    with pytest.raises(ConfigError, match=r"data.synthetic_options is a mapping and cannot be null; write "):
+        load(path, ["data.synthetic_options=null"])
+    with pytest.raises(ConfigError, match=r"data.synthetic_options takes a mapping, got 3"):
+        load(path, ["data.synthetic_options=3"])
+
+
 def test_interpolations_pass_the_shape_check_and_resolve(tmp_path, monkeypatch):
     monkeypatch.setenv("TRACERL_TEST_LR", "2e-5")
     cfg = load(

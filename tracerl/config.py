@@ -1028,8 +1028,9 @@ def _set_indexed(merged: DictConfig, item: str) -> None:
         )
     value = OmegaConf.to_container(OmegaConf.from_dotlist([f"v={text}"]))["v"]
     try:
-        if rest:
-            OmegaConf.update(merged, f"{name}[{index}]{rest}", value, merge=True)
+        if rest:  # a free-form mapping given whole replaces the one there, like a setting of any other type
+            merge = not _is_free_mapping(Config, f"{name}[{index}]{rest}")
+            OmegaConf.update(merged, f"{name}[{index}]{rest}", value, merge=merge)
         else:  # a whole entry replaces the one there: what it leaves out takes the defaults, not the old values
             kind = entries._metadata.element_type
             entries[index] = (
@@ -1037,6 +1038,49 @@ def _set_indexed(merged: DictConfig, item: str) -> None:
             )
     except OmegaConfBaseException as err:
         raise _explain(err, f"the override '{item}'") from None
+
+
+def _set_mapping(merged: DictConfig, item: str) -> None:
+    """Apply ``key={...}`` to a free-form mapping setting: the mapping given replaces the one there (``{}``
+    clears it), where a YAML layer or ``key.entry=value`` merges entry by entry."""
+    key, _, text = item.partition("=")
+    layer = OmegaConf.from_dotlist([item])
+    if problem := _shape_problem(OmegaConf.to_container(layer, resolve=False), Config):
+        raise ConfigError(f"{problem} (from command-line overrides).")
+    value = OmegaConf.select(layer, key.strip())
+    try:
+        OmegaConf.update(merged, key.strip(), value, merge=False)
+    except OmegaConfBaseException as err:
+        if value is None:
+            raise ConfigError(
+                f"override '{item}': {key.strip()} is a mapping and cannot be null; write {key.strip()}={{}} to "
+                "clear it."
+            ) from None
+        raise _explain(err, f"the override '{item}'") from None
+
+
+def _is_free_mapping(schema: type, key: str) -> bool:
+    """Whether ``key`` (dotted, list entries as ``[i]``) names a free-form mapping setting of the schema
+    (``dict[str, ...]``, e.g. ``data.synthetic_options``), which a command-line override replaces whole.
+
+    Example:
+        >>> _is_free_mapping(Config, "data.synthetic_options"), _is_free_mapping(Config, "reward.functions[0].kwargs")
+        (True, True)
+        >>> _is_free_mapping(Config, "data.synthetic_options.noise"), _is_free_mapping(Config, "learner")
+        (False, False)
+    """
+    kind: Any = schema
+    for part in re.findall(r"[^.\[\]]+|\[\d+\]", key):
+        kind = _strip_optional(kind)
+        if part.startswith("["):
+            if typing.get_origin(kind) is not list:
+                return False
+            (kind,) = typing.get_args(kind) or (Any,)
+        elif dataclasses.is_dataclass(kind) and part in (hints := typing.get_type_hints(kind)):
+            kind = hints[part]
+        else:
+            return False
+    return typing.get_origin(_strip_optional(kind)) is dict
 
 
 def _explain(err: OmegaConfBaseException, source: str) -> ConfigError:
@@ -1180,8 +1224,11 @@ def load(
         if "=" not in item:
             raise ConfigError(f"override '{item}' is not of the form key=value (e.g. sampling.temperature=0.7).")
     for item in overrides or []:  # in their order: a run of plain ones is one layer, an indexed one its own step
-        if "[" in item.partition("=")[0]:  # reward.functions[0].weight=1
+        key = item.partition("=")[0].strip()
+        if "[" in key:  # reward.functions[0].weight=1
             layers.append((item, "command-line overrides"))
+        elif schema is Config and _is_free_mapping(Config, key):  # data.synthetic_options={...} replaces the mapping
+            layers.append(((item,), "command-line overrides"))
         elif layers and isinstance(layers[-1][0], list):
             layers[-1][0].append(item)
         else:
@@ -1190,6 +1237,9 @@ def load(
     for layer, source in layers:
         if isinstance(layer, str):
             _set_indexed(merged, layer)
+            continue
+        if isinstance(layer, tuple):
+            _set_mapping(merged, layer[0])
             continue
         layer = OmegaConf.from_dotlist(layer) if isinstance(layer, list) else layer
         if problem := _shape_problem(OmegaConf.to_container(layer, resolve=False), schema):

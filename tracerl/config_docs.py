@@ -30,7 +30,10 @@ tracerl train configs/quickstart.yaml learner.lr=3e-4 rollout.samples_per_prompt
 
 A list setting is given whole (`reward.functions=[{fn: sudoku_cells}, {fn: synthetic_exact, weight: 0}]`), or one
 entry of the list the config already has is changed by its index, in command-line order:
-`reward.functions[1].weight=0.5` (or replaced whole: `reward.functions[1]={fn: math_verify}`).
+`reward.functions[1].weight=0.5` (or replaced whole: `reward.functions[1]={fn: math_verify}`). A mapping setting
+(`data.synthetic_options`, a reward's `kwargs`, `cluster.*_resources`) given whole on the command line replaces the
+one the YAML set (`data.synthetic_options={noise: 0.1}`; `{}` clears it); one of its keys is set on its own with a
+dot (`data.synthetic_options.noise=0.1`), keeping the others.
 
 Unknown keys, wrong types and values outside a field's choices stop the command before anything starts, with
 the valid choices listed; `tracerl validate CONFIG` checks a config (and, without `--offline`, the model, data,
