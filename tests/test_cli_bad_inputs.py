@@ -415,6 +415,32 @@ def test_a_schedule_that_reaches_zero_before_the_run_ends_is_a_warning(capsys: p
     assert "warning" not in capsys.readouterr().out
 
 
+def test_tiny_settings_a_saved_tiny_model_does_not_have_are_a_warning(tmp_path, capsys: pytest.CaptureFixture) -> None:
+    from tracerl.config import TinyModelConfig
+
+    save_tiny(*build_tiny(TinyModelConfig(hidden_size=32, num_heads=2)), tmp_path / "full")
+    save_tiny(*build_tiny(TinyModelConfig(attention="block", block_size=4)), tmp_path / "block")
+    full, block = f"model.path={tmp_path / 'full'}", f"model.path={tmp_path / 'block'}"
+    assert main(["validate", "--offline", full, "model.tiny.hidden_size=32", "model.tiny.num_heads=2"]) == 0
+    assert main(["validate", "--offline", block, "model.tiny.attention=block"]) == 0  # the quickstart's case
+    assert main(["validate", "--offline", block]) == 0  # no model.tiny settings at all
+    assert "warning" not in capsys.readouterr().out
+    shape = ["model.tiny.attention=block", "model.tiny.hidden_size=48", "model.tiny.num_heads=2"]
+    assert main(["validate", "--offline", full, *shape]) == 0
+    out = " ".join(capsys.readouterr().out.split())
+    assert "warning: model.tiny.attention=block (the model's: full), model.tiny.hidden_size=48 (the model's: 32)" in out
+    assert f"ignored: model.path '{tmp_path / 'full'}' is a saved tiny model" in out and "num_heads" not in out
+    assert main(["validate", "--offline", block, "model.tiny.block_size=8"]) == 0
+    out = " ".join(capsys.readouterr().out.split())
+    assert "warning: model.tiny.block_size=8 (the model's: 4) ignored" in out
+    assert "model.block_size sets the block size of a saved block model" in out
+    assert (
+        main(["validate", "--offline", block, "model.tiny.block_size=8", "model.block_size=8", "sampling.block_size=8"])
+        == 0
+    )
+    assert "warning" not in capsys.readouterr().out  # model.block_size applies; model.tiny.block_size is not read
+
+
 def test_many_actors_on_few_cores_is_a_warning_that_says_what_it_costs(capsys: pytest.CaptureFixture) -> None:
     assert main(["validate", "--offline", "reward.num_workers=16", "rollout.num_workers=16"]) == 0
     out = " ".join(capsys.readouterr().out.split())

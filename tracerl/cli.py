@@ -205,7 +205,9 @@ def cmd_validate(ns: argparse.Namespace) -> int:
 
     here = (local_gpus(cfg) or 0.0) >= c.gpus_per_node  # a config for GPUs this machine lacks runs elsewhere
     crowded = oversubscription(cfg, os.cpu_count() or 1) if here else None
-    for warning in (crowded, schedule_ends_early(cfg)):
+    from tracerl.models import ignored_tiny_settings
+
+    for warning in (crowded, schedule_ends_early(cfg), ignored_tiny_settings(cfg.model)):
         if warning:
             console.print(f"[yellow]warning: {warning}[/yellow]")
     if not ns.offline:

@@ -35,7 +35,8 @@ class ConfigError(ValueError):
 
 @dataclass
 class TinyModelConfig:
-    """Shape of the built-in tiny model (used when ``model.family=tiny`` and no ``model.path`` is given)."""
+    """Shape of the built-in tiny model (used when ``model.family=tiny`` and no ``model.path`` is given; a saved
+    tiny model keeps the shape it was built with, and settings here that differ from it are a warning)."""
 
     hidden_size: int = 64  # width of the residual stream
     num_layers: int = 2  # transformer layers

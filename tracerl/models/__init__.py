@@ -2,7 +2,14 @@
 
 from tracerl.models.base import DecoderPolicy, DiffusionPolicy, truncate_cache
 from tracerl.models.diffusion_gemma import CanvasPolicy, build_tiny_diffusion_gemma, load_diffusion_gemma
-from tracerl.models.families import FAMILIES, LLADA_KEY_MAPPING, load_policy, load_tokenizer, register_family
+from tracerl.models.families import (
+    FAMILIES,
+    LLADA_KEY_MAPPING,
+    ignored_tiny_settings,
+    load_policy,
+    load_tokenizer,
+    register_family,
+)
 from tracerl.models.masked_lm import MaskedLMPolicy
 from tracerl.models.tiny import build_tiny, char_tokenizer, save_tiny
 from tracerl.models.value import ValueModel
@@ -19,6 +26,7 @@ __all__ = [
     "ValueModel",
     "build_tiny",
     "char_tokenizer",
+    "ignored_tiny_settings",
     "load_policy",
     "load_tokenizer",
     "register_family",

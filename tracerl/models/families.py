@@ -31,7 +31,7 @@ from transformers.models.auto.modeling_auto import MODEL_FOR_MASKED_LM_MAPPING_N
 
 from tracerl import hub
 from tracerl.checkpoint import run_folder_advice
-from tracerl.config import MODEL_FILE_EXTENSIONS, ConfigError, ModelConfig, local_path_reason
+from tracerl.config import MODEL_FILE_EXTENSIONS, ConfigError, ModelConfig, TinyModelConfig, local_path_reason
 from tracerl.models.base import DecoderPolicy
 from tracerl.models.masked_lm import MaskedLMPolicy
 from tracerl.models.tiny import build_tiny, char_tokenizer
@@ -400,6 +400,43 @@ def load_tiny(cfg: ModelConfig) -> DecoderPolicy:
     model = _from_pretrained(cls, cfg, attn_implementation=_attention(raw))
     block = cfg.block_size or raw.get("tracerl_block_size")
     return _decoder_policy(cfg, raw, model, "tiny", block)
+
+
+def ignored_tiny_settings(cfg: ModelConfig) -> str | None:
+    """A warning when ``model.tiny`` settings given (other than their defaults) disagree with the saved tiny model
+    at ``model.path``, which keeps the shape it was built with, so they are ignored; None otherwise (and when the
+    path is not a readable local tiny model: the loader says what is wrong with it)."""
+    if cfg.family != "tiny" or cfg.path is None or local_model_dir(cfg.path) is None:
+        return None
+    try:
+        raw = _raw_config(cfg)
+    except ConfigError:
+        return None
+    saved = {
+        "attention": "block" if raw.get("tracerl_block_size") else "full",
+        "block_size": raw.get("tracerl_block_size"),
+        "hidden_size": raw.get("hidden_size"),
+        "num_layers": raw.get("num_hidden_layers"),
+        "num_heads": raw.get("num_attention_heads"),
+        "intermediate_size": raw.get("intermediate_size"),
+        "max_position_embeddings": raw.get("max_position_embeddings"),
+    }
+    default = TinyModelConfig()
+    given = {key: getattr(cfg.tiny, key) for key in saved if getattr(cfg.tiny, key) != getattr(default, key)}
+    if cfg.block_size is not None:
+        given.pop("block_size", None)  # model.block_size is the setting that applies to a saved model
+    differ = [
+        f"model.tiny.{key}={value} (the model's: {saved[key]})"
+        for key, value in given.items()
+        if saved[key] is not None and value != saved[key]
+    ]
+    if not differ:
+        return None
+    fix = " (model.block_size sets the block size of a saved block model)" if "block_size" in " ".join(differ) else ""
+    return (
+        f"{', '.join(differ)} ignored: model.path '{cfg.path}' is a saved tiny model, which keeps the shape it was "
+        f"built with. Remove the model.tiny settings{fix}, or leave model.path unset to build a new model from them."
+    )
 
 
 @register_family("llada")

@@ -19,6 +19,7 @@ from tracerl import data, seeding, stats
 from tracerl.checkpoint import check_writable
 from tracerl.config import Config, ConfigError, check_reward_total
 from tracerl.metrics import Timers, read_jsonl
+from tracerl.models import ignored_tiny_settings
 from tracerl.orchestrator.console import eval_line
 from tracerl.orchestrator.guards import nothing_scored
 from tracerl.orchestrator.setup import (
@@ -169,6 +170,8 @@ def run_eval(cfg: Config, out_dir: str | None = None, verbose: bool = False, con
     check_model(cfg, max(len(p) for p in eval_set.prompt_ids))
     if local_gpus(cfg) is not None:
         check_device(cfg, local_gpus(cfg))
+    if warning := ignored_tiny_settings(cfg.model):
+        console.print(f"[yellow]warning: {warning}[/yellow]")
     with teardown() as cleanup:
         if connect(cfg, verbose):
             cleanup.append(ray.shutdown)

@@ -35,6 +35,7 @@ from rich.console import Console
 from tracerl import checkpoint, data, runs, scoring, seeding, stages, stats
 from tracerl.config import Config, ConfigError, check_cluster, check_training, to_dict
 from tracerl.metrics import MetricsLogger, Timers, decoding_order_picture
+from tracerl.models import ignored_tiny_settings
 from tracerl.orchestrator import guards
 from tracerl.orchestrator.console import eval_line, step_line
 from tracerl.orchestrator.evaluation import collect, eval_rows, eval_table, evaluate, greedy_per_prompt
@@ -162,7 +163,7 @@ class Session:
         if local_gpus(cfg) is not None:
             check_device(cfg, local_gpus(cfg))
         crowded = guards.oversubscription(cfg, os.cpu_count() or 1)
-        for warning in (crowded, guards.schedule_ends_early(cfg)):
+        for warning in (crowded, guards.schedule_ends_early(cfg), ignored_tiny_settings(cfg.model)):
             if warning:
                 console.print(f"[yellow]warning: {warning}[/yellow]")
         with teardown() as cleanup:
