@@ -441,6 +441,25 @@ def test_tiny_settings_a_saved_tiny_model_does_not_have_are_a_warning(tmp_path, 
     assert "warning" not in capsys.readouterr().out  # model.block_size applies; model.tiny.block_size is not read
 
 
+@pytest.mark.parametrize(
+    ("setting", "fix"),
+    [
+        ("learner.packed_attention=flex", "set it to auto or grouped"),
+        ("learner.backend=nccl", "set it to auto or gloo"),
+    ],
+)
+def test_cuda_only_learner_settings_on_a_cpu_learner_are_refused_before_anything_starts(
+    tmp_path, capsys: pytest.CaptureFixture, setting: str, fix: str
+) -> None:
+    assert main(["validate", "--offline", setting]) == 2
+    err = " ".join(capsys.readouterr().err.split())
+    assert f"{setting} needs CUDA, but the learner runs on the CPU (cluster.gpus_per_node=0)" in err and fix in err
+    assert main(["train", setting, f"run_dir={tmp_path / 'run'}"]) == 2
+    assert f"{setting} needs CUDA" in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()  # nothing written
+    assert main(["validate", "--offline", setting, "cluster.gpus_per_node=2", "rollout.placement=colocated"]) == 0
+
+
 def test_many_actors_on_few_cores_is_a_warning_that_says_what_it_costs(capsys: pytest.CaptureFixture) -> None:
     assert main(["validate", "--offline", "reward.num_workers=16", "rollout.num_workers=16"]) == 0
     out = " ".join(capsys.readouterr().out.split())

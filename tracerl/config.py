@@ -329,9 +329,11 @@ def check_training(cfg: Config) -> None:
     and samples of one prompt that can differ. Greedy decoding is fine for ``generate`` and ``eval``, but at
     temperature 0 a deterministic remasking rule writes every sample of a prompt the same, so every group
     advantage is 0 and nothing trains. And the old log-probs' source (``check_old_logp_source``), which SFT,
-    ``eval`` and ``generate`` never use."""
+    ``eval`` and ``generate`` never use, and the learner's CUDA-only settings on a CPU learner
+    (``check_learner_device``)."""
     check_reward_total(cfg)
     check_old_logp_source(cfg)
+    check_learner_device(cfg)
     s, r = cfg.sampling, cfg.rollout
     # a value model's GAE advantage R - V is no group difference: it is not 0 for a group of equal samples
     grouped = r.samples_per_prompt > 1 and cfg.objective.advantage in GROUP_ADVANTAGES and not cfg.objective.value_model
@@ -342,6 +344,22 @@ def check_training(cfg: Config) -> None:
             f"way, so each group of rollout.samples_per_prompt={r.samples_per_prompt} is one answer repeated: every "
             f"{cfg.objective.advantage} advantage is 0 and the run learns nothing. Sample at a temperature above 0 "
             "(the quickstart uses 1.0); greedy decoding is for tracerl eval and generate."
+        )
+
+
+def check_learner_device(cfg: Config) -> None:
+    """Learner settings that need CUDA are not given to a learner on the CPU (``cluster.gpus_per_node=0``): they
+    would fail only once the learner actors start, with the libraries' own messages."""
+    lc = cfg.learner
+    if cfg.cluster.gpus_per_node == 0 and (lc.packed_attention == "flex" or lc.backend == "nccl"):
+        setting, fix = (
+            ("learner.packed_attention=flex", "FlexAttention has no backward on the CPU; set it to auto or grouped")
+            if lc.packed_attention == "flex"
+            else ("learner.backend=nccl", "NCCL moves CUDA tensors only; set it to auto or gloo")
+        )
+        raise ConfigError(
+            f"{setting} needs CUDA, but the learner runs on the CPU (cluster.gpus_per_node=0): {fix}, or declare the "
+            "cluster's GPUs with cluster.gpus_per_node."
         )
 
 
