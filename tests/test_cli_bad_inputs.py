@@ -126,6 +126,11 @@ CASES = [
     ("prompt + response > positions", ["validate", "model.tiny.max_position_embeddings=32"], "max_position_embeddings"),
     # rewards
     ("unknown reward", ["validate", "{d}/reward_unknown.yaml"], "unknown reward 'nope'"),
+    (
+        "unknown reward in a later entry",
+        ["validate", "reward.functions=[{fn: synthetic_exact}, {fn: nope, weight: 0}]"],
+        "reward.functions[1]: unknown reward 'nope'; choose from",
+    ),
     ("reward file missing", ["validate", "{d}/reward_file.yaml"], "reward file '{d}/missing.py'"),
     ("reward module missing", ["validate", "{d}/reward_module.yaml"], "could not import module 'no_such_pkg.rewards'"),
     ("factory without arguments", ["validate", "{d}/reward_factory.yaml"], "factory_kwargs"),

@@ -311,6 +311,8 @@ class RewardService:
         on_error: "raise" → ``RewardError``; "nan" → NaN for the failed call's samples + ``reward/errors/<name>``.
         timeout_s: seconds each function call may take (functions of a batch run concurrently).
         http_retries: retries of an HTTP endpoint after connection errors, timeouts or 5xx answers.
+        source: the config list the specs come from (``reward.functions``): an entry that cannot be resolved is
+            named by its index there.
     """
 
     def __init__(
@@ -321,6 +323,7 @@ class RewardService:
         http_retries: int = 2,
         imports: Sequence[str] = (),
         sandbox: dict[str, Any] | None = None,
+        source: str | None = None,
     ) -> None:
         prepare_process(imports, sandbox)
         if on_error not in ("raise", "nan"):
@@ -331,11 +334,16 @@ class RewardService:
             raise ValueError("give at least one reward function.")
         self.on_error, self.timeout_s = on_error, timeout_s
         self.rewards: list[_Reward] = []
-        for spec in specs:
+        for i, spec in enumerate(specs):
             spec = spec if isinstance(spec, RewardSpec) else RewardSpec(spec)
             if spec.completion_format not in ("as_given", "chat", "text"):
                 raise ValueError(f"completion_format must be as_given, chat or text, got '{spec.completion_format}'.")
-            default_name, fn = resolve_spec(spec, timeout_s, http_retries)
+            try:
+                default_name, fn = resolve_spec(spec, timeout_s, http_retries)
+            except RewardError as err:
+                if source is None or err.name is not None:
+                    raise
+                raise RewardError(f"{source}[{i}]: {err.detail}", fix=err.fix) from None
             name = spec.name or default_name
             if any(r.name == name for r in self.rewards):
                 raise RewardError(f"two reward functions are named '{name}'; give one a different name=.")

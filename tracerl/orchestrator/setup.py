@@ -267,7 +267,12 @@ def check_rewards(cfg: Config, columns: list[str] | None, source: str, load: boo
     endpoints) and find the dataset columns they need; with ``load``, reward models' weights load too."""
     r = cfg.reward
     service = RewardService(
-        reward_specs(cfg), on_error=r.on_error, timeout_s=r.timeout_s, imports=r.imports, sandbox=asdict(r.sandbox)
+        reward_specs(cfg),
+        on_error=r.on_error,
+        timeout_s=r.timeout_s,
+        imports=r.imports,
+        sandbox=asdict(r.sandbox),
+        source="reward.functions",
     )
     if columns is not None:
         check_columns(service, columns, source)
