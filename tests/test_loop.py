@@ -156,6 +156,8 @@ VARIANTS = {
     "value": ["objective.value_model=true"],
     "reference": ["objective.kl_to_ref_coef=0.05"],
     "shrink2-collective": ["objective.shrink=2", "rollout.sync=collective"],
+    # the rollout actors record log-probs at the sampling temperature, the learner's compare with them
+    "tempered": ["sampling.temperature=0.7", "objective.logp_temperature=sampling"],
 }
 
 

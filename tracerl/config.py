@@ -240,6 +240,9 @@ class ObjectiveConfig:
     kl_to_ref_coef: float = 0.0  # beta of the KL to a frozen reference model (0 = no reference model)
     kl_to_ref_kind: str = "k3"  # k1 | k2 | k3
     old_logp_source: Literal["learner", "rollout"] = "learner"  # recompute old log-probs, or use rollout_logp
+    # model = TraceRL's: log-probs of softmax(logits), whatever sampling.temperature; sampling = verl's and TRL's:
+    # of softmax(logits / sampling.temperature), the distribution the rollouts are drawn from (top-k/p aside)
+    logp_temperature: Literal["model", "sampling"] = "model"  # which distribution the ratio and the KLs compare
     d1_prompt_mask_prob: float = 0.15  # d1 views: prompt tokens masked with this probability
     mask_ratio_low: float = 0.1  # random_masking / coupled: lowest mask ratio
     mask_ratio_high: float = 0.9  # random_masking / coupled: highest mask ratio
@@ -335,6 +338,18 @@ def check_training(cfg: Config) -> None:
     check_old_logp_source(cfg)
     check_learner_device(cfg)
     s, r = cfg.sampling, cfg.rollout
+    if cfg.objective.logp_temperature == "sampling" and cfg.model.family == "diffusion_gemma":
+        raise ConfigError(
+            "objective.logp_temperature=sampling: model.family=diffusion_gemma samples each step at its schedule's "
+            "temperature (sampling.canvas.t_max → t_min), and its log-probs are already those; leave "
+            "objective.logp_temperature=model."
+        )
+    if cfg.objective.logp_temperature == "sampling" and s.temperature == 0:
+        raise ConfigError(
+            "objective.logp_temperature=sampling divides the logits by sampling.temperature, which is 0 (greedy "
+            "decoding has no sampling distribution to train); sample at a temperature above 0, or set "
+            "objective.logp_temperature=model."
+        )
     # a value model's GAE advantage R - V is no group difference: it is not 0 for a group of equal samples
     grouped = r.samples_per_prompt > 1 and cfg.objective.advantage in GROUP_ADVANTAGES and not cfg.objective.value_model
     greedy = cfg.model.family != "diffusion_gemma" and s.temperature == 0 and s.remasking in DETERMINISTIC_REMASKING
@@ -361,6 +376,21 @@ def check_learner_device(cfg: Config) -> None:
             f"{setting} needs CUDA, but the learner runs on the CPU (cluster.gpus_per_node=0): {fix}, or declare the "
             "cluster's GPUs with cluster.gpus_per_node."
         )
+
+
+def logp_temperature(cfg: Config) -> float:
+    """τ of the log-probs the sampler records and the learner computes, log softmax(logits / τ):
+    ``sampling.temperature`` under ``objective.logp_temperature=sampling``, else 1 (the model's own).
+
+    Example:
+        >>> cfg = Config()
+        >>> cfg.sampling.temperature = 0.7
+        >>> first = logp_temperature(cfg)
+        >>> cfg.objective.logp_temperature = "sampling"
+        >>> first, logp_temperature(cfg)
+        (1.0, 0.7)
+    """
+    return cfg.sampling.temperature if cfg.objective.logp_temperature == "sampling" else 1.0
 
 
 def value_lr(lc: LearnerConfig) -> float:

@@ -368,19 +368,26 @@ def target_logprobs(
     targets: torch.Tensor,
     chunk_size: int = 1024,
     with_entropy: bool = False,
-    temperature: torch.Tensor | None = None,
+    temperature: torch.Tensor | float | None = None,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """log softmax(head(hidden) / τ)[targets] in fp32, ``chunk_size`` rows at a time: hidden [M, H], targets [M]
-    → logp [M] (and entropy [M] if ``with_entropy``); ``temperature`` [M] fp32 is each row's τ (None: 1). With
+    → logp [M] (and entropy [M] if ``with_entropy``); ``temperature`` is each row's τ, [M] fp32, or one τ for
+    every row (None: 1). With
     grad enabled each chunk is activation-checkpointed, so only one chunk's [chunk, V] logits are alive in
     forward and backward (O(chunk·V), not O(M·V) memory).
     """
     if chunk_size < 1:
         raise ValueError(f"chunk_size must be ≥ 1, got {chunk_size}")
 
-    def one_chunk(h: torch.Tensor, t: torch.Tensor, tau: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    def one_chunk(
+        h: torch.Tensor, t: torch.Tensor, tau: torch.Tensor | float | None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         logits = head(h).float()
-        logp_all = torch.log_softmax(logits if tau is None else logits / tau.unsqueeze(-1), dim=-1)  # [chunk, V]
+        if isinstance(tau, torch.Tensor):
+            logits = logits / tau.unsqueeze(-1)
+        elif tau is not None and tau != 1.0:
+            logits = logits / tau
+        logp_all = torch.log_softmax(logits, dim=-1)  # [chunk, V]
         logp = logp_all.gather(-1, t.unsqueeze(-1)).squeeze(-1)
         ent = _entropy_from_logp(logp_all) if with_entropy else logp.new_zeros(0)
         return logp, ent
@@ -389,7 +396,7 @@ def target_logprobs(
     ents: list[torch.Tensor] = []
     for start in range(0, hidden.shape[0], chunk_size):
         h, t = hidden[start : start + chunk_size], targets[start : start + chunk_size]
-        tau = temperature[start : start + chunk_size] if temperature is not None else None
+        tau = temperature[start : start + chunk_size] if isinstance(temperature, torch.Tensor) else temperature
         if torch.is_grad_enabled():
             logp, ent = checkpoint(one_chunk, h, t, tau, use_reentrant=False)
         else:

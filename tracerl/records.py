@@ -20,7 +20,7 @@ class Rollout:
     response_ids: torch.Tensor  # [N, L] long, final tokens (ids, never re-tokenised text); pad where not generated
     step_map: torch.Tensor  # [N, L] long, 0-based denoising step that committed each position; -1 = never generated
     response_mask: torch.Tensor  # [N, L] bool, positions that count for reward and loss (through first EOS + pads)
-    rollout_logp: torch.Tensor  # [N, L] float32, log p(token) at temperature 1 when it was committed; 0 elsewhere
+    rollout_logp: torch.Tensor  # [N, L] float32, log p(token) when committed (τ: sampler["logp_temperature"]); else 0
     group: torch.Tensor  # [N] long, prompt index within the batch (samples of one prompt share it)
     block_size: int  # block size of the sampler's grid (training views must use the same)
     layout: str  # "full" (bidirectional over the whole sequence) or "block" (block-causal on the absolute grid)

@@ -69,13 +69,16 @@ class PolicyScorer(nn.Module):
     targets still runs a full backward (ZeRO ranks stay in step). For the same reason ``num_chunks`` (≥ 0) makes
     the chunked LM head run exactly that many chunks (padding with dummy targets whose log-probs only enter
     the anchor), so ranks with different target counts call the head equally often; -1 = as many as needed.
+
+    ``temperature`` τ: the log-probs (and entropies) are of softmax(logits / τ) (``config.logp_temperature``).
     """
 
-    def __init__(self, policy: Any, chunk_tokens: int) -> None:
+    def __init__(self, policy: Any, chunk_tokens: int, temperature: float = 1.0) -> None:
         super().__init__()
         self.model = policy.model  # registered, so the engine owns exactly the policy's parameters
         self.policy = policy
         self.chunk_tokens = chunk_tokens
+        self.temperature = temperature
         self.has_hidden = policy.family != "masked_lm"  # masked LMs expose logits only
 
     def forward(
@@ -102,7 +105,9 @@ class PolicyScorer(nn.Module):
         if pad:
             picked = torch.cat([picked, picked.new_zeros(pad, picked.shape[-1])])
             targets = torch.cat([targets, targets.new_zeros(pad)])
-        logp, entropy = objectives.target_logprobs(head, picked, targets, self.chunk_tokens, with_entropy=True)
+        logp, entropy = objectives.target_logprobs(
+            head, picked, targets, self.chunk_tokens, with_entropy=True, temperature=self.temperature
+        )
         anchor = anchor + logp[m:].sum() * 0.0  # padded chunks get a (zero) gradient, so backward recomputes them
         return torch.stack([logp[:m] + anchor, entropy[:m].detach()])
 

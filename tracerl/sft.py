@@ -251,8 +251,12 @@ def _run_sft(cfg: Config, progress: bool, verbose: bool) -> dict[str, float]:
         )
     run_dir = Path(cfg.run_dir)
     # SFT trains the policy alone: no value model, no reference copy, whatever the (shared) RL settings say; its
-    # checkpoints record (and a resume checks) the settings it trains with
-    policy_only = replace(cfg, objective=replace(cfg.objective, value_model=False, kl_to_ref_coef=0.0))
+    # checkpoints record (and a resume checks) the settings it trains with; its loss is the model's own
+    # log-likelihood, at temperature 1 whatever objective.logp_temperature says
+    policy_only = replace(
+        cfg,
+        objective=replace(cfg.objective, value_model=False, kl_to_ref_coef=0.0, logp_temperature="model"),
+    )
     claim = runs.claim(policy_only, "sft")  # whose directory, what to resume (verified), before anything is written
     random.seed(cfg.seed)
     np.random.seed(cfg.seed)

@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import dataclasses
+import functools
 import gc
 import json
 import math
@@ -26,7 +27,7 @@ from typing import Any
 import torch
 
 from tracerl import canvas_trace, objectives
-from tracerl.config import Config, LearnerConfig, value_lr
+from tracerl.config import Config, LearnerConfig, logp_temperature, value_lr
 from tracerl.learner import rl
 from tracerl.learner.engine import Engine, init_distributed, make_engine
 from tracerl.learner.micro import MicroBatches
@@ -99,7 +100,14 @@ class Learner:
         # encoder pass (canvas_trace.CanvasScorer); every other family per training sequence (PolicyScorer).
         self.lora = self.lc.lora.enabled
         self.canvas = getattr(policy, "trajectory", None) == "renoising"
-        scorer_type: Any = canvas_trace.CanvasScorer if self.canvas else PolicyScorer
+        # The policy's log-probs are of softmax(logits / τ) (objective.logp_temperature), old, new and reference
+        # alike; a canvas policy's are at its schedule's temperatures
+        self.logp_temperature = logp_temperature(cfg)
+        scorer_type: Any = (
+            canvas_trace.CanvasScorer
+            if self.canvas
+            else functools.partial(PolicyScorer, temperature=self.logp_temperature)
+        )
         if self.canvas and self.lc.zero_stage == 3:
             from tracerl.learner.deepspeed_engine import gathered_parameters
 
@@ -129,7 +137,7 @@ class Learner:
                 ValueScorer(value), value_lc, value_lr(self.lc), value_total, rank, world_size
             )
         if self.lora and self.obj.kl_to_ref_coef > 0:
-            self.ref = BaseScorer(policy, self.lc.logprob_chunk_tokens)  # shares the engine's (cast) weights
+            self.ref = BaseScorer(policy, self.lc.logprob_chunk_tokens, self.logp_temperature)  # the engine's weights
         elif self.ref is not None:
             self.ref.to(self.engine.device)
         self.micro = MicroBatches(self.lc, self.engine, dummy_token=int(getattr(policy, "pad_id", 0)))

@@ -77,10 +77,19 @@ def train_step(
         if obj.old_logp_source == "rollout":
             old_logp = recorded
     elif obj.old_logp_source == "rollout":
+        recorded_at = float(rollout.sampler.get("logp_temperature", 1.0))
+        if recorded_at != learner.logp_temperature:
+            raise ValueError(
+                f"the rollout's log-probs are at temperature {recorded_at:g} and the learner's at "
+                f"{learner.logp_temperature:g} (objective.logp_temperature), so rollout_logp cannot stand for the "
+                "old log-probs: sample with generate(..., logp_temperature=config.logp_temperature(cfg)), or set "
+                "objective.old_logp_source=learner."
+            )
         old_logp = table.read(rollout.rollout_logp.float())
     else:
         old_logp = micro.infer(learner.engine, views, table, everything)[0]
-        if obj.views == "trace":  # the views replay the sampler's states: compare with what it recorded
+        same_tau = float(rollout.sampler.get("logp_temperature", 1.0)) == learner.logp_temperature
+        if obj.views == "trace" and same_tau:  # the views replay the sampler's states: compare with its record
             metrics |= learner.mean_over_ranks(mismatch_sums(old_logp, table.read(rollout.rollout_logp)))
     ref_logp = micro.infer(learner.ref, views, table, everything)[0] if learner.ref is not None else None
 

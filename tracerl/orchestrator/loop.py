@@ -33,7 +33,7 @@ import torch
 from rich.console import Console
 
 from tracerl import checkpoint, data, runs, scoring, seeding, stages, stats
-from tracerl.config import Config, ConfigError, check_cluster, check_training, to_dict
+from tracerl.config import Config, ConfigError, check_cluster, check_training, logp_temperature, to_dict
 from tracerl.metrics import MetricsLogger, Timers, decoding_order_picture
 from tracerl.models import ignored_tiny_settings
 from tracerl.orchestrator import guards
@@ -216,7 +216,8 @@ class Session:
             batch = self.stream.next_batch(cfg.rollout.prompts_per_step)
             samples = cfg.rollout.samples_per_prompt
             seeds = seeding.batch_seeds(cfg.seed, step, len(batch.prompt_ids), samples)
-            shards = self.rollout.generate_async(batch.prompt_ids, samples, seeds)
+            tau = logp_temperature(cfg)  # the rollouts' log-probs are the ones the learner computes
+            shards = self.rollout.generate_async(batch.prompt_ids, samples, seeds, logp_temperature=tau)
             rollout, scored = self.collect(shards, batch, samples, timers)
             if not self.scored_any and (problem := guards.nothing_scored(scored, step, cfg)):
                 raise ConfigError(problem)

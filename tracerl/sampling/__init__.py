@@ -147,9 +147,12 @@ def generate(
     seed: int = 0,
     group: torch.Tensor | None = None,
     seeds: list[int] | None = None,
+    logp_temperature: float = 1.0,
 ) -> Rollout:
     """Sample one response per prompt (repeat prompts for groups) and return the Rollout with its trace (a
-    ``CanvasRollout`` for a renoising policy).
+    ``CanvasRollout`` for a renoising policy). The trace's log-probs are log softmax(logits / ``logp_temperature``)
+    of the committed tokens (``config.logp_temperature``: 1, the model's own; a renoising policy records those of
+    its temperature schedule and takes only 1).
 
     Sequences are decoded ``s.batch_size`` at a time. Each draws its random numbers from its own stream:
     ``seeds`` [N] (e.g. ``seeding.sample_seed`` of each sample), or ``seeding.row_seeds(seed, N)``. A sequence's
@@ -161,6 +164,8 @@ def generate(
     if any(len(p) == 0 for p in prompts):
         raise ValueError("every prompt needs at least one token")
     if renoising(policy):
+        if logp_temperature != 1.0:
+            raise ValueError("a renoising policy records the log-probs of its own temperature schedule")
         check_positions(policy, max(len(p) for p in prompts), s)
         seeds = list(seeds) if seeds is not None else sample_seeds(seed, len(prompts))
         group = group if group is not None else torch.arange(len(prompts))
@@ -188,9 +193,12 @@ def generate(
         rows = slice(lo, lo + s.batch_size)
         chunk, grp, noise = prompts[rows], group[rows], streams.select(rows)
         if policy.block_size is not None:
-            shards.append(sample_block(policy, chunk, s, noise, cache=mode == "kv", group=grp))
+            shards.append(sample_block(policy, chunk, s, noise, cache=mode == "kv", group=grp,
+                                       logp_temperature=logp_temperature))  # fmt: skip
         else:
-            shards.append(sample_full(policy, chunk, s, noise, cache=mode, group=grp))
+            shards.append(
+                sample_full(policy, chunk, s, noise, cache=mode, group=grp, logp_temperature=logp_temperature)
+            )
     if len(shards) == 1:
         return shards[0]
     out = Rollout.concat(shards)

@@ -65,6 +65,7 @@ def sample_block(
     cache: bool = True,
     group: torch.Tensor | None = None,
     capture: bool | None = None,
+    logp_temperature: float = 1.0,
 ) -> Rollout:
     """Generate with block diffusion; ``cache=False`` recomputes the whole prefix every step (reference). Row i
     draws its random numbers from ``streams`` row i, keyed by its decoding block (counted from its first one) and
@@ -92,7 +93,7 @@ def sample_block(
         resp_index[i, start : start + length] = torch.arange(length, device=device)
     position_ids = (cols.unsqueeze(0) - g["pad"].to(device).unsqueeze(1)).clamp_min(0)
 
-    trace = Trace(n, length, device)
+    trace = Trace(n, length, device, logp_temperature)
     finished = torch.zeros(n, dtype=torch.bool, device=device)
     graphed = cache and s.cuda_graph
     if graphed:  # fixed shapes: keys over every column, writes at device columns
@@ -142,7 +143,9 @@ def sample_block(
             quota = step_quota(n_masked, steps, t) if t < steps - 1 else eligible.sum(-1)
             quota = torch.where(eligible.any(-1), quota.clamp_min(1), quota)
             noise = StepNoise(streams, b, t, block)
-            new, commit, logp = commit_step(logits, x[:, lo:hi], eligible, quota, s, policy.mask_id, noise)
+            new, commit, logp = commit_step(
+                logits, x[:, lo:hi], eligible, quota, s, policy.mask_id, noise, logp_temperature
+            )
             x[:, lo:hi] = new
             trace.record(resp_index[:, lo:hi], commit, logp)
         eos_here = ((x[:, lo:hi] == policy.eos_id) & in_block).any(-1)

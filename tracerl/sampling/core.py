@@ -24,7 +24,7 @@ class Candidates:
     tokens: torch.Tensor  # [N, B] long, sampled candidate token
     confidence: torch.Tensor  # [N, B] float, its probability under the sampling distribution
     entropy: torch.Tensor  # [N, B] float, entropy of the sampling distribution
-    logp: torch.Tensor  # [N, B] float32, its log-prob at temperature 1 (what training replays)
+    logp: torch.Tensor  # [N, B] float32, its log-prob at the trace's log-prob temperature (what training replays)
 
 
 def filter_logits(logits: torch.Tensor, top_k: int, top_p: float) -> torch.Tensor:
@@ -54,15 +54,17 @@ class StepNoise:
         return self.streams.uniform((self.block, self.step, what), self.width)
 
 
-def sample_candidates(logits: torch.Tensor, s: SamplingConfig, mask_id: int, noise: StepNoise | None) -> Candidates:
+def sample_candidates(
+    logits: torch.Tensor, s: SamplingConfig, mask_id: int, noise: StepNoise | None, logp_temperature: float = 1.0
+) -> Candidates:
     """Sample one candidate per position with temperature / top-k / top-p (inverse CDF, one seeded uniform per
     position from ``noise``; greedy when the temperature is 0, which needs no noise).
 
-    The mask token is never a candidate. ``logp`` is the unfiltered temperature-1 log-prob in fp32, the
-    quantity a training view recomputes.
+    The mask token is never a candidate. ``logp`` is the unfiltered log-prob in fp32 at ``logp_temperature``
+    (log softmax(logits / τ); 1: the model's own distribution), the quantity a training view recomputes.
     """
     logits = logits.float()
-    logp_all = torch.log_softmax(logits, dim=-1)
+    logp_all = torch.log_softmax(logits if logp_temperature == 1.0 else logits / logp_temperature, dim=-1)
     scores = logits.clone()
     scores[..., mask_id] = float("-inf")
     if s.temperature == 0:
@@ -94,9 +96,11 @@ def step_quota(n_masked: torch.Tensor, steps: int, step: int) -> torch.Tensor:
 
 
 class Trace:
-    """Accumulates the trace while a sampler runs: step ids and log-probs in response coordinates [N, L]."""
+    """Accumulates the trace while a sampler runs: step ids and log-probs in response coordinates [N, L], the
+    log-probs at ``logp_temperature`` (``objective.logp_temperature``: 1, or the sampling temperature)."""
 
-    def __init__(self, n: int, length: int, device: torch.device) -> None:
+    def __init__(self, n: int, length: int, device: torch.device, logp_temperature: float = 1.0) -> None:
+        self.logp_temperature = logp_temperature
         self.step_map = torch.full((n, length), -1, dtype=torch.long, device=device)
         self.logp = torch.zeros((n, length), dtype=torch.float32, device=device)
         self.counter = torch.zeros(n, dtype=torch.long, device=device)  # denoising steps taken per sequence
@@ -120,12 +124,13 @@ def commit_step(
     s: SamplingConfig,
     mask_id: int,
     noise: StepNoise,
+    logp_temperature: float = 1.0,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """One denoising step on a block: sample candidates, choose positions, write them.
 
-    Returns (new block tokens [N, B], commit mask [N, B], logp of the candidates [N, B]).
+    Returns (new block tokens [N, B], commit mask [N, B], logp of the candidates at ``logp_temperature`` [N, B]).
     """
-    cand = sample_candidates(logits, s, mask_id, noise)
+    cand = sample_candidates(logits, s, mask_id, noise, logp_temperature)
     remask = get_remasking(s.remasking)
     commit = remask(
         cand.confidence,
@@ -181,6 +186,7 @@ def build_rollout(
         "mask_id": policy.mask_id,
         "pad_id": policy.pad_id,
         "eos_id": policy.eos_id,
+        "logp_temperature": trace.logp_temperature,
     }
     return Rollout(
         prompt_ids=prompt_ids,

@@ -38,6 +38,7 @@ def sample_full(
     streams: RowStreams,
     cache: str = "none",
     group: torch.Tensor | None = None,
+    logp_temperature: float = 1.0,
 ) -> Rollout:
     """Generate with full attention; ``cache`` is ``none`` (exact), ``prefix`` or ``dual`` (approximate).
     Row i draws its random numbers from ``streams`` row i (keyed by block and step)."""
@@ -58,7 +59,7 @@ def sample_full(
     position_ids = (cols.unsqueeze(0) - pads.unsqueeze(1)).clamp_min(0)
     resp_index = (cols - lp).expand(n, width)  # column → response position (negative inside the prompt)
 
-    trace = Trace(n, length, device)
+    trace = Trace(n, length, device, logp_temperature)
     finished = torch.zeros(n, dtype=torch.bool, device=device)
     vis_all = full_visible(valid, cols, cols)
     shift = int(policy.shift)
@@ -96,7 +97,9 @@ def sample_full(
             quota = step_quota(n_masked, steps, t) if t < steps - 1 else eligible.sum(-1)
             quota = torch.where(eligible.any(-1), quota.clamp_min(1), quota)
             noise = StepNoise(streams, (lo - lp) // block, t, hi - lo)
-            new, commit, logp = commit_step(logits, x[:, lo:hi], eligible, quota, s, policy.mask_id, noise)
+            new, commit, logp = commit_step(
+                logits, x[:, lo:hi], eligible, quota, s, policy.mask_id, noise, logp_temperature
+            )
             x[:, lo:hi] = new
             trace.record(resp_index[:, lo:hi], commit, logp)
         finished |= ((x[:, lp:hi] == policy.eos_id) & (trace.step_map[:, : hi - lp] >= 0)).any(-1)

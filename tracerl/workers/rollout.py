@@ -64,15 +64,23 @@ class RolloutWorker:
     def where(self) -> dict[str, Any]:
         return where()
 
-    def generate(self, prompt_ids: list[list[int]], group: Any, seeds: list[int], sampling: Any = None) -> Any:
-        """Sample one response per prompt (repeated for groups), sequence i with ``seeds[i]``; the Rollout carries
-        this copy's version."""
+    def generate(
+        self,
+        prompt_ids: list[list[int]],
+        group: Any,
+        seeds: list[int],
+        sampling: Any = None,
+        logp_temperature: float = 1.0,
+    ) -> Any:
+        """Sample one response per prompt (repeated for groups), sequence i with ``seeds[i]``, recording the
+        log-probs at ``logp_temperature``; the Rollout carries this copy's version."""
         import torch
 
         from tracerl.sampling import generate
 
         with torch.inference_mode():
-            rollout = generate(self.policy, prompt_ids, sampling or self.cfg.sampling, group=group, seeds=seeds)
+            s = sampling or self.cfg.sampling
+            rollout = generate(self.policy, prompt_ids, s, group=group, seeds=seeds, logp_temperature=logp_temperature)
         rollout.weights_version = self.version
         return rollout
 
@@ -189,9 +197,15 @@ class RolloutGroup:
         return len(self.workers)
 
     def generate_async(
-        self, prompt_ids: list[list[int]], samples: int, seeds: Sequence[int], sampling: Any = None
+        self,
+        prompt_ids: list[list[int]],
+        samples: int,
+        seeds: Sequence[int],
+        sampling: Any = None,
+        logp_temperature: float = 1.0,
     ) -> list[RolloutShard]:
-        """Sample ``samples`` responses for each of P prompts; one future per sampler batch.
+        """Sample ``samples`` responses for each of P prompts; one future per sampler batch. The rollouts' log-probs
+        are at ``logp_temperature`` (``config.logp_temperature``: what the learner computes).
 
         The P prompts are cut into sampler batches of whole groups, ``sampler_batches(P, samples, batch_size)``,
         and the batches are handed out to the K actors in contiguous runs. Sample g of prompt p draws with
@@ -210,7 +224,7 @@ class RolloutGroup:
             for lo, hi in batches[first:last]:
                 prompts = [p for p in prompt_ids[lo:hi] for _ in range(samples)]
                 group = torch.arange(lo, hi).repeat_interleave(samples)
-                args = (prompts, group, list(seeds[lo * samples : hi * samples]), sampling)
+                args = (prompts, group, list(seeds[lo * samples : hi * samples]), sampling, logp_temperature)
                 ref = self.workers[k].generate.remote(*args)
                 shards.append(RolloutShard(ref, lo, hi, k, args, self.incarnation[k]))
         return shards
