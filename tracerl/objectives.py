@@ -372,9 +372,8 @@ def target_logprobs(
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """log softmax(head(hidden) / τ)[targets] in fp32, ``chunk_size`` rows at a time: hidden [M, H], targets [M]
     → logp [M] (and entropy [M] if ``with_entropy``); ``temperature`` is each row's τ, [M] fp32, or one τ for
-    every row (None: 1). With
-    grad enabled each chunk is activation-checkpointed, so only one chunk's [chunk, V] logits are alive in
-    forward and backward (O(chunk·V), not O(M·V) memory).
+    every row (None: 1). With grad enabled each chunk is activation-checkpointed, so only one chunk's [chunk, V]
+    logits are alive in forward and backward (O(chunk·V), not O(M·V) memory).
     """
     if chunk_size < 1:
         raise ValueError(f"chunk_size must be ≥ 1, got {chunk_size}")
