@@ -435,6 +435,11 @@ def test_tiny_settings_a_saved_tiny_model_does_not_have_are_a_warning(tmp_path, 
     out = " ".join(capsys.readouterr().out.split())
     assert "warning: model.tiny.attention=block (the model's: full), model.tiny.hidden_size=48 (the model's: 32)" in out
     assert f"ignored: model.path '{tmp_path / 'full'}' is a saved tiny model" in out and "num_heads" not in out
+    assert main(["validate", "--offline", full, "model.tiny.attention=block", "model.block_size=4"]) == 0
+    assert "warning" not in capsys.readouterr().out  # model.block_size makes the saved model a block model of 4
+    assert main(["validate", "--offline", full, "model.tiny.alphabet=0123456789abc"]) == 0
+    out = " ".join(capsys.readouterr().out.split())
+    assert "warning: model.tiny.alphabet='0123456789abc' (the model's tokenizer has other characters) ignored" in out
     assert main(["validate", "--offline", block, "model.tiny.block_size=8"]) == 0
     out = " ".join(capsys.readouterr().out.split())
     assert "warning: model.tiny.block_size=8 (the model's: 4) ignored" in out
@@ -463,6 +468,8 @@ def test_cuda_only_learner_settings_on_a_cpu_learner_are_refused_before_anything
     assert f"{setting} needs CUDA" in capsys.readouterr().err
     assert not (tmp_path / "run").exists()  # nothing written
     assert main(["validate", "--offline", setting, "cluster.gpus_per_node=2", "rollout.placement=colocated"]) == 0
+    if setting == "learner.backend=nccl":  # one rank of the torch engine makes no process group: nccl is unused
+        assert main(["validate", "--offline", setting, "learner.engine=torch"]) == 0
 
 
 def test_many_actors_on_few_cores_is_a_warning_that_says_what_it_costs(capsys: pytest.CaptureFixture) -> None:

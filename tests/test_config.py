@@ -194,7 +194,7 @@ def test_a_mapping_given_whole_on_the_command_line_replaces_the_yamls(tmp_path):
     path.write_text(
         "data: {synthetic_options: {teacher: confuse, noise: 0.6}}\n"
         "reward: {functions: [{fn: sudoku_cells, kwargs: {strict: true}}]}\n"
-        "cluster: {rollout_resources: {node_a: 1}}\n"
+        "cluster: {rollout_resources: {node_a: 1}, learner_resources: {node_c: 3}}\n"
     )
     assert load(path, ["data.synthetic_options={}"]).data.synthetic_options == {}
     assert load(path, ["data.synthetic_options={noise: 0.1}"]).data.synthetic_options == {"noise": 0.1}
@@ -204,6 +204,8 @@ def test_a_mapping_given_whole_on_the_command_line_replaces_the_yamls(tmp_path):
     assert (cfg.data.synthetic_options, cfg.seed) == ({"min_blanks": 2, "noise": 0.2}, 4)  # in command-line order
     assert load(path, ["reward.functions[0].kwargs={lenient: 1}"]).reward.functions[0].kwargs == {"lenient": 1}
     assert load(path, ["cluster.rollout_resources={node_b: 2}"]).cluster.rollout_resources == {"node_b": 2.0}
+    same = load(path, ["cluster.rollout_resources=${cluster.learner_resources}"])  # resolved after the merge
+    assert same.cluster.rollout_resources == {"node_c": 3.0}
     with pytest.raises(ConfigError, match=r"data.synthetic_options is a mapping and cannot be null; write "):
         load(path, ["data.synthetic_options=null"])
     with pytest.raises(ConfigError, match=r"data.synthetic_options takes a mapping, got 3"):

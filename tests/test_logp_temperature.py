@@ -10,7 +10,7 @@ import torch
 
 from tracerl.config import Config, ConfigError, SamplingConfig, check_training, logp_temperature
 from tracerl.sampling import generate
-from tracerl.trace import make_views, scatter_to_response
+from tracerl.trace import make_views, replay_mismatch, scatter_to_response
 
 from .conftest import encode
 
@@ -44,6 +44,7 @@ def test_the_sampler_records_log_probs_at_the_logp_temperature(full_policy, bloc
     assert (replayed_at(policy, tempered, TAU) - tempered.rollout_logp)[mask].abs().max() < 1e-5
     assert (replayed_at(policy, plain, 1.0) - plain.rollout_logp)[mask].abs().max() < 1e-5
     assert (tempered.rollout_logp - plain.rollout_logp)[mask].abs().mean() > 0.05  # and the two differ
+    assert replay_mismatch(policy, tempered) < 1e-5  # the replay check reads the temperature the rollout recorded
 
 
 def rl_cfg(**objective) -> Config:

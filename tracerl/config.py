@@ -36,7 +36,8 @@ class ConfigError(ValueError):
 @dataclass
 class TinyModelConfig:
     """Shape of the built-in tiny model (used when ``model.family=tiny`` and no ``model.path`` is given; a saved
-    tiny model keeps the shape it was built with, and settings here that differ from it are a warning)."""
+    tiny model keeps the shape it was built with: with ``model.family=tiny``, settings here that differ from it
+    are a warning)."""
 
     hidden_size: int = 64  # width of the residual stream
     num_layers: int = 2  # transformer layers
@@ -364,9 +365,11 @@ def check_training(cfg: Config) -> None:
 
 def check_learner_device(cfg: Config) -> None:
     """Learner settings that need CUDA are not given to a learner on the CPU (``cluster.gpus_per_node=0``): they
-    would fail only once the learner actors start, with the libraries' own messages."""
+    would fail only once the learner actors start, with the libraries' own messages. ``nccl`` only matters where
+    the learner makes a process group: DeepSpeed, or more than one rank."""
     lc = cfg.learner
-    if cfg.cluster.gpus_per_node == 0 and (lc.packed_attention == "flex" or lc.backend == "nccl"):
+    grouped = lc.engine == "deepspeed" or lc.num_ranks > 1
+    if cfg.cluster.gpus_per_node == 0 and (lc.packed_attention == "flex" or (lc.backend == "nccl" and grouped)):
         setting, fix = (
             ("learner.packed_attention=flex", "FlexAttention has no backward on the CPU; set it to auto or grouped")
             if lc.packed_attention == "flex"
@@ -1092,18 +1095,19 @@ def _set_indexed(merged: DictConfig, item: str) -> None:
 def _set_mapping(merged: DictConfig, item: str) -> None:
     """Apply ``key={...}`` to a free-form mapping setting: the mapping given replaces the one there (``{}``
     clears it), where a YAML layer or ``key.entry=value`` merges entry by entry."""
-    key, _, text = item.partition("=")
-    layer = OmegaConf.from_dotlist([item])
-    if problem := _shape_problem(OmegaConf.to_container(layer, resolve=False), Config):
+    key = item.partition("=")[0]
+    layer = OmegaConf.to_container(OmegaConf.from_dotlist([item]), resolve=False)  # ${...} resolves after the merge
+    if problem := _shape_problem(layer, Config):
         raise ConfigError(f"{problem} (from command-line overrides).")
-    value = OmegaConf.select(layer, key.strip())
+    value: Any = layer
+    for part in key.split("."):
+        value = value[part]
     try:
-        OmegaConf.update(merged, key.strip(), value, merge=False)
+        OmegaConf.update(merged, key, value, merge=False)
     except OmegaConfBaseException as err:
         if value is None:
             raise ConfigError(
-                f"override '{item}': {key.strip()} is a mapping and cannot be null; write {key.strip()}={{}} to "
-                "clear it."
+                f"override '{item}': {key} is a mapping and cannot be null; write {key}={{}} to clear it."
             ) from None
         raise _explain(err, f"the override '{item}'") from None
 
@@ -1273,7 +1277,7 @@ def load(
         if "=" not in item:
             raise ConfigError(f"override '{item}' is not of the form key=value (e.g. sampling.temperature=0.7).")
     for item in overrides or []:  # in their order: a run of plain ones is one layer, an indexed one its own step
-        key = item.partition("=")[0].strip()
+        key = item.partition("=")[0]
         if "[" in key:  # reward.functions[0].weight=1
             layers.append((item, "command-line overrides"))
         elif schema is Config and _is_free_mapping(Config, key):  # data.synthetic_options={...} replaces the mapping

@@ -480,8 +480,14 @@ def make_views(
 # ------------------------------------------------------------------------------------------------ log-probs
 
 
-def view_logprobs(policy, views: Views, rows: torch.Tensor | None = None) -> torch.Tensor:  # noqa: ANN001
-    """[r, T] fp32 log-prob of each target token from its training view (0 where not a target).
+def view_logprobs(
+    policy,  # noqa: ANN001
+    views: Views,
+    rows: torch.Tensor | None = None,
+    temperature: float = 1.0,
+) -> torch.Tensor:
+    """[r, T] fp32 log-prob of each target token from its training view (0 where not a target), of
+    softmax(logits / ``temperature``).
 
     The LM head runs only on target positions.
     """
@@ -490,7 +496,7 @@ def view_logprobs(policy, views: Views, rows: torch.Tensor | None = None) -> tor
     ids = views.input_ids[rows].to(device)
     target = views.target_mask[rows].to(device)
     logits = policy.logits_at(ids, views.position_ids[rows].to(device), views.visible(rows).to(device), target)
-    logp = torch.log_softmax(logits.float(), dim=-1)
+    logp = torch.log_softmax(logits.float() / temperature, dim=-1)
     picked = logp.gather(-1, views.target_ids[rows].to(device)[target].unsqueeze(-1)).squeeze(-1)
     out = torch.zeros(target.shape, dtype=torch.float32, device=device)
     out[target] = picked
@@ -516,14 +522,15 @@ def scatter_to_response(views: Views, values: torch.Tensor, n: int, length: int)
 
 
 def replay_mismatch(policy, rollout: Rollout) -> float:  # noqa: ANN001
-    """Mean |log-prob replayed by the exact trace views − rollout_logp| over the trainable tokens.
+    """Mean |log-prob replayed by the exact trace views − rollout_logp| over the trainable tokens, at the
+    temperature the rollout recorded (``sampler["logp_temperature"]``).
 
     0 (up to float noise) for the exact samplers; the size of the approximation for the prefix and dual
     caches, whose rollouts are sampled from a slightly different function than the one training replays.
     """
     views = make_views(rollout, "trace", policy.mask_id, shift=policy.shift, shrink_s=1)
     with torch.no_grad():
-        logp = view_logprobs(policy, views)
+        logp = view_logprobs(policy, views, temperature=float(rollout.sampler.get("logp_temperature", 1.0)))
     replayed = scatter_to_response(views, logp, len(rollout), rollout.response_ids.shape[1]).cpu()
     mask = rollout.response_mask
     return float((replayed[mask] - rollout.rollout_logp[mask]).abs().mean())

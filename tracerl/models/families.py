@@ -404,8 +404,9 @@ def load_tiny(cfg: ModelConfig) -> DecoderPolicy:
 
 def ignored_tiny_settings(cfg: ModelConfig) -> str | None:
     """A warning when ``model.tiny`` settings given (other than their defaults) disagree with the saved tiny model
-    at ``model.path``, which keeps the shape it was built with, so they are ignored; None otherwise (and when the
-    path is not a readable local tiny model: the loader says what is wrong with it)."""
+    (``model.family=tiny``) at ``model.path``, which keeps the shape and tokenizer it was built with, so they are
+    ignored; None otherwise (and when the path is not a readable local tiny model: the loader says what is wrong
+    with it)."""
     if cfg.family != "tiny" or cfg.path is None or local_model_dir(cfg.path) is None:
         return None
     try:
@@ -423,13 +424,21 @@ def ignored_tiny_settings(cfg: ModelConfig) -> str | None:
     }
     default = TinyModelConfig()
     given = {key: getattr(cfg.tiny, key) for key in saved if getattr(cfg.tiny, key) != getattr(default, key)}
-    if cfg.block_size is not None:
-        given.pop("block_size", None)  # model.block_size is the setting that applies to a saved model
+    if cfg.block_size is not None:  # model.block_size applies to a saved model: block attention of that size
+        given.pop("block_size", None)
+        given.pop("attention", None)
     differ = [
         f"model.tiny.{key}={value} (the model's: {saved[key]})"
         for key, value in given.items()
         if saved[key] is not None and value != saved[key]
     ]
+    if cfg.tiny.alphabet != default.alphabet:
+        try:
+            vocab = _tokenizer(cfg).get_vocab()
+        except (ConfigError, OSError, ValueError):
+            vocab = None  # the loader says what is wrong with the tokenizer files
+        if vocab is not None and vocab != char_tokenizer(cfg.tiny.alphabet).get_vocab():
+            differ.append(f"model.tiny.alphabet={cfg.tiny.alphabet!r} (the model's tokenizer has other characters)")
     if not differ:
         return None
     fix = " (model.block_size sets the block size of a saved block model)" if "block_size" in " ".join(differ) else ""
