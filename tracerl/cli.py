@@ -200,16 +200,12 @@ def cmd_validate(ns: argparse.Namespace) -> int:
 
         check_reachable(cfg.cluster.address)
         console.print(f"cluster address: ok (a Ray cluster answers at {cfg.cluster.address})")
-    from tracerl.orchestrator.guards import oversubscription, schedule_ends_early
+    from tracerl.orchestrator.guards import start_warnings
     from tracerl.orchestrator.setup import local_gpus
 
     here = (local_gpus(cfg) or 0.0) >= c.gpus_per_node  # a config for GPUs this machine lacks runs elsewhere
-    crowded = oversubscription(cfg, os.cpu_count() or 1) if here else None
-    from tracerl.models import ignored_tiny_settings
-
-    for warning in (crowded, schedule_ends_early(cfg), ignored_tiny_settings(cfg.model)):
-        if warning:
-            console.print(f"[yellow]warning: {warning}[/yellow]")
+    for warning in start_warnings(cfg, (os.cpu_count() or 1) if here else None):
+        console.print(f"[yellow]warning: {warning}[/yellow]")
     if not ns.offline:
         from tracerl.models import load_policy
         from tracerl.sampling import check_compatible, renoising, resolve_cache

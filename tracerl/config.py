@@ -1279,20 +1279,18 @@ def load(
     for item in overrides or []:  # in their order: a run of plain ones is one layer, an indexed one its own step
         key = item.partition("=")[0]
         if "[" in key:  # reward.functions[0].weight=1
-            layers.append((item, "command-line overrides"))
+            layers.append(((_set_indexed, item), "command-line overrides"))
         elif schema is Config and _is_free_mapping(Config, key):  # data.synthetic_options={...} replaces the mapping
-            layers.append(((item,), "command-line overrides"))
+            layers.append(((_set_mapping, item), "command-line overrides"))
         elif layers and isinstance(layers[-1][0], list):
             layers[-1][0].append(item)
         else:
             layers.append(([item], "command-line overrides"))
     merged = base
     for layer, source in layers:
-        if isinstance(layer, str):
-            _set_indexed(merged, layer)
-            continue
-        if isinstance(layer, tuple):
-            _set_mapping(merged, layer[0])
+        if isinstance(layer, tuple):  # one override applied on its own: (setter, "key=value")
+            setter, item = layer
+            setter(merged, item)
             continue
         layer = OmegaConf.from_dotlist(layer) if isinstance(layer, list) else layer
         if problem := _shape_problem(OmegaConf.to_container(layer, resolve=False), schema):

@@ -427,11 +427,8 @@ def ignored_tiny_settings(cfg: ModelConfig) -> str | None:
     if cfg.block_size is not None:  # model.block_size applies to a saved model: block attention of that size
         given.pop("block_size", None)
         given.pop("attention", None)
-    differ = [
-        f"model.tiny.{key}={value} (the model's: {saved[key]})"
-        for key, value in given.items()
-        if saved[key] is not None and value != saved[key]
-    ]
+    ignored = [key for key, value in given.items() if saved[key] is not None and value != saved[key]]
+    differ = [f"model.tiny.{key}={given[key]} (the model's: {saved[key]})" for key in ignored]
     if cfg.tiny.alphabet != default.alphabet:
         try:
             vocab = _tokenizer(cfg).get_vocab()
@@ -441,7 +438,7 @@ def ignored_tiny_settings(cfg: ModelConfig) -> str | None:
             differ.append(f"model.tiny.alphabet={cfg.tiny.alphabet!r} (the model's tokenizer has other characters)")
     if not differ:
         return None
-    fix = " (model.block_size sets the block size of a saved block model)" if "block_size" in " ".join(differ) else ""
+    fix = " (model.block_size sets the block size of a saved block model)" if "block_size" in ignored else ""
     return (
         f"{', '.join(differ)} ignored: model.path '{cfg.path}' is a saved tiny model, which keeps the shape it was "
         f"built with. Remove the model.tiny settings{fix}, or leave model.path unset to build a new model from them."

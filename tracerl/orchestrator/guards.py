@@ -96,6 +96,23 @@ def schedule_ends_early(cfg: Config) -> str | None:
     )
 
 
+def start_warnings(cfg: Config, cores: int | None) -> list[str]:
+    """The warnings ``tracerl train`` and ``validate`` print before anything starts: more actors than the ``cores``
+    of the machine the run starts on (None: it runs elsewhere, so not checked), a learning-rate schedule that ends
+    early, and ``model.tiny`` settings a saved tiny model does not have.
+
+    Example:
+        >>> cfg = Config()
+        >>> cfg.reward.num_workers = 16
+        >>> [w.split(" on ")[0] for w in start_warnings(cfg, 2)], start_warnings(cfg, None)
+        (['reward.num_workers=16'], [])
+    """
+    from tracerl.models import ignored_tiny_settings  # the models import transformers: not at module import
+
+    crowded = oversubscription(cfg, cores) if cores is not None else None
+    return [w for w in (crowded, schedule_ends_early(cfg), ignored_tiny_settings(cfg.model)) if w]
+
+
 def nothing_scored(
     scored: RewardResult, step: int, cfg: Config, evaluation: bool = False, failures_too: bool = False
 ) -> str | None:

@@ -35,7 +35,6 @@ from rich.console import Console
 from tracerl import checkpoint, data, runs, scoring, seeding, stages, stats
 from tracerl.config import Config, ConfigError, check_cluster, check_training, logp_temperature, to_dict
 from tracerl.metrics import MetricsLogger, Timers, decoding_order_picture
-from tracerl.models import ignored_tiny_settings
 from tracerl.orchestrator import guards
 from tracerl.orchestrator.console import eval_line, step_line
 from tracerl.orchestrator.evaluation import collect, eval_rows, eval_table, evaluate, greedy_per_prompt
@@ -162,10 +161,8 @@ class Session:
         check_model(cfg, max(len(p) for p in stream.ids + (eval_set.prompt_ids if eval_set else [])))
         if local_gpus(cfg) is not None:
             check_device(cfg, local_gpus(cfg))
-        crowded = guards.oversubscription(cfg, os.cpu_count() or 1)
-        for warning in (crowded, guards.schedule_ends_early(cfg), ignored_tiny_settings(cfg.model)):
-            if warning:
-                console.print(f"[yellow]warning: {warning}[/yellow]")
+        for warning in guards.start_warnings(cfg, os.cpu_count() or 1):
+            console.print(f"[yellow]warning: {warning}[/yellow]")
         with teardown() as cleanup:
             if connect(cfg, verbose):
                 cleanup.append(ray.shutdown)
