@@ -428,6 +428,25 @@ def unknown_tokens(tokenizer: Any, texts: list[str]) -> tuple[float, list[str]]:
     return bad / max(1, total), unknown
 
 
+def first_unreadable(
+    tokenizer: Any, columns: dict[str, list[Any]], max_rate: float
+) -> tuple[str, float, list[str]] | None:
+    """The first column (name → values, strings or chat messages) of which more than ``max_rate`` of the tokens
+    are the tokenizer's unknown token, as (name, rate, the characters it writes as unknown); None if all are
+    readable.
+
+    Example:
+        >>> from tracerl.models.tiny import char_tokenizer
+        >>> first_unreadable(char_tokenizer("0123456789"), {"prompt": ["12"], "answer": ["1a"]}, 0.1)
+        ('answer', 0.5, ['a'])
+    """
+    for name, values in columns.items():
+        rate, chars = unknown_tokens(tokenizer, column_texts(values))
+        if rate > max_rate:
+            return name, rate, chars
+    return None
+
+
 def check_coverage(
     tokenizer: Any,
     ds: datasets.Dataset,
@@ -445,17 +464,16 @@ def check_coverage(
         ConfigError: naming the column (or reward), the rate, the characters and the fix.
     """
     rows = ds.select(range(min(COVERAGE_ROWS, len(ds))))
-    for column in ("prompt", "answer", "response"):
-        if column not in rows.column_names:
-            continue
-        rate, chars = unknown_tokens(tokenizer, column_texts(rows[column]))
-        if rate > cfg.max_unknown_rate:
-            raise ConfigError(
-                f"the tokenizer cannot write the data: {rate:.1%} of the tokens of the {column}s of {key} "
-                f"'{cfg.source}' (first {len(rows)} rows) are its unknown token {tokenizer.unk_token!r}, from the "
-                f"characters {chars[:24]}; the model could never read or write them (data.max_unknown_rate="
-                f"{cfg.max_unknown_rate}). {fix}"
-            )
+    present = {c: rows[c] for c in ("prompt", "answer", "response") if c in rows.column_names}
+    unreadable = first_unreadable(tokenizer, present, cfg.max_unknown_rate)
+    if unreadable is not None:
+        column, rate, chars = unreadable
+        raise ConfigError(
+            f"the tokenizer cannot write the data: {rate:.1%} of the tokens of the {column}s of {key} "
+            f"'{cfg.source}' (first {len(rows)} rows) are its unknown token {tokenizer.unk_token!r}, from the "
+            f"characters {chars[:24]}; the model could never read or write them (data.max_unknown_rate="
+            f"{cfg.max_unknown_rate}). {fix}"
+        )
     for name, example in (formats or {}).items():
         rate, chars = unknown_tokens(tokenizer, [example])
         if rate > 0:

@@ -196,21 +196,23 @@ def check_pair_coverage(tokenizer: Any, pairs: list[dict[str, Any]], cfg: Config
         ConfigError: naming the column, the rate, the characters and what to change.
     """
     r, rows = cfg.reward_model, pairs[: data.COVERAGE_ROWS]
-    for column in PAIR_COLUMNS:
-        rate, chars = data.unknown_tokens(tokenizer, data.column_texts([p[column] for p in rows]))
-        if rate > cfg.data.max_unknown_rate:
-            fix = (
-                f"Add the missing characters to model.tiny.alphabet (now {cfg.model.tiny.alphabet!r}); "
-                "reward_model.base=tiny reads exactly those characters"
-                if r.base == "tiny"
-                else "Check the tokenizer files of the base model (reward_model.base, or model.path for base=policy)"
-            )
-            raise ConfigError(
-                f"the reward model's tokenizer cannot read reward_model.pairs='{r.pairs}': {rate:.1%} of the tokens "
-                f"of its {column} texts (first {len(rows)} pairs) are its unknown token {tokenizer.unk_token!r}, "
-                f"from the characters {chars[:24]}, so it could not tell such pairs apart (data.max_unknown_rate="
-                f"{cfg.data.max_unknown_rate}). {fix}, or raise data.max_unknown_rate if the pairs really hold them."
-            )
+    columns = {column: [p[column] for p in rows] for column in PAIR_COLUMNS}
+    unreadable = data.first_unreadable(tokenizer, columns, cfg.data.max_unknown_rate)
+    if unreadable is None:
+        return
+    column, rate, chars = unreadable
+    fix = (
+        f"Add the missing characters to model.tiny.alphabet (now {cfg.model.tiny.alphabet!r}); "
+        "reward_model.base=tiny reads exactly those characters"
+        if r.base == "tiny"
+        else "Check the tokenizer files of the base model (reward_model.base, or model.path for base=policy)"
+    )
+    raise ConfigError(
+        f"the reward model's tokenizer cannot read reward_model.pairs='{r.pairs}': {rate:.1%} of the tokens "
+        f"of its {column} texts (first {len(rows)} pairs) are its unknown token {tokenizer.unk_token!r}, "
+        f"from the characters {chars[:24]}, so it could not tell such pairs apart (data.max_unknown_rate="
+        f"{cfg.data.max_unknown_rate}). {fix}, or raise data.max_unknown_rate if the pairs really hold them."
+    )
 
 
 def split_pairs(
