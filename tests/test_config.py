@@ -126,6 +126,51 @@ def test_a_learning_rate_that_is_not_positive_is_refused(key, value):
         load(None, [f"{key}={value}"])
 
 
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        # inf passed every "> 0" check: learner.lr=inf trained the model to NaN and exited 0; timeout_s=inf
+        # failed in validate with OverflowError
+        ("learner.lr=inf", "learner.lr must be a finite number, got inf"),
+        ("learner.value_lr=inf", "learner.value_lr must be a finite number, got inf"),
+        ("objective.kl_to_old_coef=inf", "objective.kl_to_old_coef must be a finite number, got inf"),
+        ("reward.timeout_s=inf", "reward.timeout_s must be a finite number, got inf"),
+        ("sft.mask_eps=.nan", "sft.mask_eps must be in (0, 1)"),
+        # torch's own "Invalid beta parameter at index 0: 2.0" after the model loaded, naming no setting
+        ("learner.beta1=2", "learner.beta1 must be in [0, 1)"),
+        ("learner.beta2=1", "learner.beta2 must be in [0, 1)"),
+        ("learner.weight_decay=-1", "learner.weight_decay must be ≥ 0"),
+        ("learner.adam_eps=0", "learner.adam_eps must be positive"),
+        # every group dropped at every step, and the run exited 0
+        ("objective.group_filter=keep_acc_range objective.filter_low=0.9 objective.filter_high=0.1",
+         "objective.filter_low=0.9 > filter_high=0.1 would drop every group"),
+        ("sft.self_conditioning_prob=2", "sft.self_conditioning_prob is the probability"),
+        # ZeroDivisionError, a negative tensor dimension, or torch's "selected index k out of range" after the
+        # run directory was written
+        ("model.tiny.hidden_size=0", "model.tiny.hidden_size=0: sizes must be ≥ 1"),
+        ("model.tiny.num_heads=0", "model.tiny.num_heads=0: sizes must be ≥ 1"),
+        ("model.tiny.hidden_size=-8", "model.tiny.hidden_size=-8: sizes must be ≥ 1"),
+        ("model.tiny.num_heads=3", "model.tiny.hidden_size=64 must be a multiple of model.tiny.num_heads=3"),
+        ("model.tiny.num_heads=64", "with an even head width"),
+        ("model.family=diffusion_gemma model.tiny.top_k_experts=9",
+         "model.tiny.top_k_experts=9 routes each token to more experts than model.tiny.num_experts=4"),
+        ("model.family=diffusion_gemma model.tiny.canvas_length=0", "model.tiny.canvas_length=0: sizes must be ≥ 1"),
+        ("model.family=diffusion_gemma model.tiny.num_heads=5 model.tiny.hidden_size=80",
+         "so num_heads must be even"),
+    ],
+)  # fmt: skip
+def test_numbers_no_run_could_use_are_refused_by_name(override, message):
+    with pytest.raises(ConfigError) as err:
+        load(None, override.split())
+    assert message in str(err.value)
+
+
+def test_the_tiny_shape_is_not_checked_for_a_model_loaded_from_a_path():
+    # a saved model keeps its own shape (model.tiny.* is then only compared, as a warning)
+    cfg = load(None, ["model.path=some/dir", "model.tiny.top_k_experts=9", "model.family=diffusion_gemma"])
+    assert cfg.model.tiny.top_k_experts == 9
+
+
 @pytest.mark.parametrize("advantage", ["group_zscore", "group_mean", "rloo"])
 def test_one_sample_per_prompt_is_refused_with_a_group_advantage(advantage):
     # every advantage of a group of one is 0: the run would learn nothing, silently

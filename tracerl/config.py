@@ -600,9 +600,71 @@ def check_sampling(s: SamplingConfig) -> None:
         )
 
 
+def check_finite(node: Any, prefix: str = "") -> None:
+    """Every number of the config is finite: ``inf`` passes the range checks written as ``x > 0`` (a learning rate
+    of inf trains the model to NaN without a word), so no ``inf`` or ``nan`` is accepted anywhere. Free mappings (a
+    reward's ``kwargs``, ``cluster.*_resources``) are the user's own and are checked where they are read."""
+    if dataclasses.is_dataclass(node):
+        items = [(f"{prefix}.{f.name}" if prefix else f.name, getattr(node, f.name)) for f in dataclasses.fields(node)]
+    else:
+        items = [(f"{prefix}[{i}]", value) for i, value in enumerate(node)]
+    for key, value in items:
+        if isinstance(value, float) and not math.isfinite(value):
+            raise ConfigError(f"{key} must be a finite number, got {value}.")
+        if dataclasses.is_dataclass(value) or isinstance(value, list):
+            check_finite(value, key)
+
+
+def check_optimizer(lr: LearnerConfig) -> None:
+    """AdamW's settings, in the ranges where torch accepts them, named by key before anything starts."""
+    problems = []
+    for key in ("beta1", "beta2"):
+        if not 0 <= getattr(lr, key) < 1:
+            problems.append(f"learner.{key} must be in [0, 1) (an Adam moment's decay), got {getattr(lr, key)}")
+    if not lr.adam_eps > 0:
+        problems.append(f"learner.adam_eps must be positive (it keeps Adam's denominator off 0), got {lr.adam_eps}")
+    if not lr.weight_decay >= 0:
+        problems.append(f"learner.weight_decay must be ≥ 0 (0 = none), got {lr.weight_decay}")
+    if problems:
+        raise ConfigError("; ".join(problems) + ".")
+
+
+def check_tiny_shape(m: ModelConfig) -> None:
+    """The shape of a tiny model built from ``model.tiny`` (no ``model.path``): sizes positive, whole heads of an
+    even width (rotary embeddings rotate pairs), DiffusionGemma's experts and key/value heads consistent."""
+    if m.path is not None or m.family not in ("tiny", "diffusion_gemma"):
+        return
+    t, problems = m.tiny, []
+    sizes = ["hidden_size", "num_layers", "num_heads", "intermediate_size", "block_size", "max_position_embeddings"]
+    if m.family == "diffusion_gemma":
+        sizes += ["canvas_length", "num_experts", "top_k_experts", "moe_intermediate_size", "sliding_window"]
+    small = [f"model.tiny.{k}={getattr(t, k)}" for k in sizes if getattr(t, k) < 1]
+    if small:
+        problems.append(f"{', '.join(small)}: sizes must be ≥ 1")
+    elif t.hidden_size % t.num_heads or (t.hidden_size // t.num_heads) % 2:
+        problems.append(
+            f"model.tiny.hidden_size={t.hidden_size} must be a multiple of model.tiny.num_heads={t.num_heads} with an "
+            "even head width (hidden_size / num_heads; rotary embeddings rotate pairs of dimensions), e.g. 64 and 4"
+        )
+    elif m.family == "diffusion_gemma" and t.num_heads % max(1, t.num_heads // 2):
+        problems.append(
+            f"model.tiny.num_heads={t.num_heads}: the tiny DiffusionGemma shares each key/value head between two "
+            "query heads, so num_heads must be even (or 1-3)"
+        )
+    if not small and m.family == "diffusion_gemma" and t.top_k_experts > t.num_experts:
+        problems.append(
+            f"model.tiny.top_k_experts={t.top_k_experts} routes each token to more experts than model.tiny.num_experts"
+            f"={t.num_experts}; set top_k_experts ≤ num_experts"
+        )
+    if problems:
+        raise ConfigError("; ".join(problems) + ".")
+
+
 def check(cfg: Config) -> None:
     """Cross-field checks that the type system cannot express (registry names are checked by tracerl.checks)."""
     check_sampling(cfg.sampling)
+    check_optimizer(cfg.learner)
+    check_tiny_shape(cfg.model)
     resolve_resources(cfg)
     lr = cfg.learner
     if cfg.objective.shrink < 1:
@@ -643,6 +705,11 @@ def check(cfg: Config) -> None:
             f"rollout.prompts_per_step and rollout.samples_per_prompt must be ≥ 1 (got {cfg.rollout.prompts_per_step}"
             f" and {cfg.rollout.samples_per_prompt}): an RL step needs at least one prompt and one sample of it."
         )
+    if not 0 <= cfg.sft.self_conditioning_prob <= 1:
+        raise ConfigError(
+            f"sft.self_conditioning_prob is the probability that a canvas is trained with a self-conditioning pass, "
+            f"in [0, 1]; got {cfg.sft.self_conditioning_prob}."
+        )
     if not 0 < cfg.sft.mask_eps < 1:
         raise ConfigError(
             f"sft.mask_eps must be in (0, 1) (the smallest mask ratio t ~ U(mask_eps, 1] of an SFT example; the loss "
@@ -668,6 +735,7 @@ def check(cfg: Config) -> None:
     check_counts(cfg)
     check_reward_entries(cfg)
     check_renoising(cfg)
+    check_finite(cfg)  # last: the specific checks above say more where they catch a value
 
 
 def reward_model_workers(m: RewardModelConfig, rollout_workers: int) -> int:
@@ -778,6 +846,12 @@ def check_objective_ranges(o: ObjectiveConfig) -> None:
         problems.append(
             f"objective.eps_low must be in [0, 1] and eps_high ≥ 0 (the ratio is clipped to [1 − eps_low, 1 + "
             f"eps_high]), got {o.eps_low} and {o.eps_high}"
+        )
+    if o.group_filter == "keep_acc_range" and not o.filter_low <= o.filter_high:
+        problems.append(
+            f"objective.group_filter=keep_acc_range keeps groups whose mean score lies in [filter_low, filter_high], "
+            f"but objective.filter_low={o.filter_low} > filter_high={o.filter_high} would drop every group and train "
+            "on nothing; set filter_low ≤ filter_high"
         )
     for key in ("kl_to_old_coef", "kl_to_ref_coef"):
         if not getattr(o, key) >= 0:

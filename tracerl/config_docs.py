@@ -35,10 +35,10 @@ entry of the list the config already has is changed by its index, in command-lin
 one the YAML set (`data.synthetic_options={noise: 0.1}`; `{}` clears it); one of its keys is set on its own with a
 dot (`data.synthetic_options.noise=0.1`), keeping the others.
 
-Unknown keys, wrong types and values outside a field's choices stop the command before anything starts, with
-the valid choices listed; `tracerl validate CONFIG` checks a config (and, without `--offline`, the model, data,
-rewards and cluster) without training. The resolved config of every run is saved as `<run_dir>/config.json`
-and in W&B.
+Unknown keys, wrong types, values outside a field's choices or range, and numbers that are not finite (`inf`,
+`nan`) stop the command before anything starts, naming the setting; `tracerl validate CONFIG` checks a config
+(and, without `--offline`, the model, data, rewards and cluster) without training. The resolved config of every
+run is saved as `<run_dir>/config.json` and in W&B.
 """
 _FIELD = re.compile(r"^(\s+)(\w+)\s*:")
 
