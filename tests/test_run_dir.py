@@ -107,6 +107,44 @@ def test_resume_auto_continues_the_own_run_and_verifies_it(tmp_path: Path) -> No
         runs.claim(cfg_for(run_dir, "checkpoint.resume=auto"), "sft")
 
 
+def test_a_resume_past_the_last_step_is_refused_naming_both(tmp_path: Path) -> None:
+    # it trained nothing, wrote final/ again from the checkpoint and exited 0
+    run_dir = tmp_path / "run"
+    fake_run(run_dir, (1, 2, 3))
+    before = snapshot(run_dir)
+    with pytest.raises(ConfigError, match=r"step-3 is at step 3, past train.steps=2: .* set train.steps above 3"):
+        runs.claim(cfg_for(run_dir, "checkpoint.resume=auto", "train.steps=2"), "train")
+    step3 = run_dir / "checkpoints" / "step-3"
+    with pytest.raises(ConfigError, match=r"past train.steps=1"):
+        runs.claim(cfg_for(tmp_path / "new", f"checkpoint.resume={step3}", "train.steps=1"), "train")
+    assert snapshot(run_dir) == before and not (tmp_path / "new").exists()
+    assert runs.claim(cfg_for(run_dir, "checkpoint.resume=auto", "train.steps=3"), "train").resume == step3
+    sft = tmp_path / "sft"
+    fake_run(sft, (4,), command="sft")
+    with pytest.raises(ConfigError, match=r"past sft.steps=3"):
+        runs.claim(cfg_for(sft, "checkpoint.resume=auto", "sft.steps=3"), "sft")
+
+
+def test_a_resume_with_a_smaller_keep_last_names_the_checkpoints_it_will_delete(tmp_path: Path) -> None:
+    # the run was started with checkpoint.keep_last=5; resumed without it, the next save deleted step-1 unsaid
+    run_dir = tmp_path / "run"
+    fake_run(run_dir, (1, 2, 3))
+    notes = runs.claim(cfg_for(run_dir, "checkpoint.resume=auto"), "train").notes
+    assert any("checkpoint.keep_last=2, and 3 complete checkpoints" in n and "oldest 2 (step-1, step-2)" in n
+               for n in notes), notes  # fmt: skip
+    assert not any("keep_last" in n for n in runs.claim(cfg_for(run_dir, "checkpoint.resume=auto",
+                                                                 "checkpoint.keep_last=3"), "train").notes)  # fmt: skip
+
+
+def test_a_damaged_manifest_under_resume_auto_says_it_is_damaged(tmp_path: Path) -> None:
+    # it was called a checkpoint of another run ("the directory mixes runs")
+    run_dir = tmp_path / "run"
+    fake_run(run_dir, (1, 2))
+    (run_dir / "checkpoints" / "step-2" / "COMPLETE").write_text("{bad")
+    with pytest.raises(CheckpointError, match=r"step-2/COMPLETE is not readable JSON .* resume an earlier"):
+        runs.claim(cfg_for(run_dir, "checkpoint.resume=auto"), "train")
+
+
 def test_a_fresh_run_in_a_directory_of_the_other_command_says_so_first(tmp_path: Path) -> None:
     """A fresh ``tracerl sft`` in a train run's directory is refused naming the other command (not with advice to
     resume the run, which the other command would refuse next); nothing is written."""

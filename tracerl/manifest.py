@@ -48,8 +48,12 @@ def manifest(path: str | Path) -> dict[str, Any]:
         )
     try:
         raw = json.loads(marker.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError):
-        raw = None
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise CheckpointError(
+            f"{marker} is not readable JSON ({err}): the checkpoint's manifest is damaged (a disk or copy fault, or "
+            "an edit), so none of its files can be verified. Move that checkpoint out of the run_dir and resume an "
+            "earlier complete one (--resume <run_dir>/checkpoints/step-N, or --resume auto once it is gone)."
+        ) from None
     if not isinstance(raw, dict) or raw.get("format") != FORMAT or not isinstance(raw.get("files"), dict):
         raise CheckpointError(
             f"{marker} is not a checkpoint manifest of this version (format {FORMAT}): the checkpoint was written by "

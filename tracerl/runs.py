@@ -108,7 +108,8 @@ def claim(cfg: Config, command: str) -> Claim:
     Raises:
         ConfigError: the directory cannot be written, holds another run, or the checkpoint to resume from does not
             belong to this run or was written with other settings.
-        CheckpointError: the checkpoint to resume from failed verification (the message names the file).
+        CheckpointError: the checkpoint to resume from failed verification, or (``--resume auto``) a checkpoint of
+            the run_dir has a damaged manifest (the message names the file).
         FileNotFoundError: ``checkpoint.resume`` names a directory that is not a complete checkpoint.
     """
     run_dir, resume = Path(cfg.run_dir), cfg.checkpoint.resume
@@ -146,6 +147,7 @@ def claim(cfg: Config, command: str) -> Claim:
         return Claim(uuid.uuid4().hex, command, None, settings=wanted, restored=restored, meaning=meaning(cfg))
     _same_command(run_dir, owner, command)
     for path in checkpoint.list_checkpoints(run_dir):
+        checkpoint.manifest(path)  # a damaged marker says so, rather than look like another run's checkpoint
         if checkpoint.run_id_of(path) != owner["run_id"]:
             raise ConfigError(
                 f"checkpoint {path} was not written by the run of run_dir '{run_dir}' (run {owner['run_id']}): the "
@@ -161,7 +163,40 @@ def claim(cfg: Config, command: str) -> Claim:
         return Claim(owner["run_id"], command, None, True, notes, wanted, restored, meaning(cfg))
     notes = [f"half-written checkpoint ignored: {', '.join(partial)}"] if partial else []
     notes += _check_resumable(latest, wanted, restored) + _changed_meaning(cfg, latest)
+    notes += _check_steps_left(cfg, command, latest) + _pruned(cfg, owner["run_id"])
     return Claim(owner["run_id"], command, latest, False, notes, wanted, restored, meaning(cfg))
+
+
+def _check_steps_left(cfg: Config, command: str, path: Path) -> list[str]:
+    """The run has steps left after checkpoint ``path``; a resume past its last step would train nothing and write
+    its final model again.
+
+    Raises:
+        ConfigError: the checkpoint's step is past ``train.steps`` (``sft.steps``), naming both and the fix.
+    """
+    key = "sft.steps" if command == "sft" else "train.steps"
+    total, step = cfg.sft.steps if command == "sft" else cfg.train.steps, checkpoint.driver_state(path).step
+    if step > total:
+        raise ConfigError(
+            f"checkpoint {path} is at step {step}, past {key}={total}: resuming it would train nothing and write the "
+            f"run's final model again from step {step}. To train on, set {key} above {step}; the model at that "
+            f"step is {path}/learner/hf (tracerl export {path} OUT makes a Hugging Face directory of it)."
+        )
+    return []
+
+
+def _pruned(cfg: Config, run_id: str | None) -> list[str]:
+    """A note when the run already has more complete checkpoints than ``checkpoint.keep_last`` keeps (it was
+    started with a larger one): the next save deletes the oldest."""
+    have = checkpoint.list_checkpoints(Path(cfg.run_dir), run_id)
+    extra = len(have) - cfg.checkpoint.keep_last
+    if extra < 1:
+        return []
+    return [
+        f"checkpoint.keep_last={cfg.checkpoint.keep_last}, and {len(have)} complete checkpoints of this run are in "
+        f"{checkpoint.checkpoint_dir(Path(cfg.run_dir))}: the next save deletes the oldest {extra + 1} "
+        f"({', '.join(p.name for p in have[: extra + 1])}). Give checkpoint.keep_last={len(have) + 1} to keep them."
+    ]
 
 
 def _explicit(
@@ -198,6 +233,7 @@ def _explicit(
     if owner is not None:
         _same_command(run_dir, owner, command)
     notes = _check_resumable(path, wanted, restored) + _changed_meaning(cfg, path)
+    notes += _check_steps_left(cfg, command, path)
     return Claim(run_id or uuid.uuid4().hex, command, path, notes=notes, settings=wanted, restored=restored,
                  meaning=meaning(cfg))  # fmt: skip
 
