@@ -157,9 +157,12 @@ def test_a_learning_rate_that_is_not_positive_is_refused(key, value):
         ("model.family=diffusion_gemma model.tiny.canvas_length=0", "model.tiny.canvas_length=0: sizes must be ≥ 1"),
         ("model.family=diffusion_gemma model.tiny.num_heads=5 model.tiny.hidden_size=80",
          "so num_heads must be even"),
+        # silently ignored: the fresh tiny model has its own mask token and model.tiny.block_size
+        ("model.mask_token_id=99999", "model.mask_token_id=99999 applies to a model loaded from model.path"),
+        ("model.block_size=3", "model.block_size=3 applies to a model loaded from model.path"),
     ],
 )  # fmt: skip
-def test_numbers_no_run_could_use_are_refused_by_name(override, message):
+def test_settings_no_run_could_use_are_refused_by_name(override, message):
     with pytest.raises(ConfigError) as err:
         load(None, override.split())
     assert message in str(err.value)

@@ -631,10 +631,19 @@ def check_optimizer(lr: LearnerConfig) -> None:
 
 def check_tiny_shape(m: ModelConfig) -> None:
     """The shape of a tiny model built from ``model.tiny`` (no ``model.path``): sizes positive, whole heads of an
-    even width (rotary embeddings rotate pairs), DiffusionGemma's experts and key/value heads consistent."""
+    even width (rotary embeddings rotate pairs), DiffusionGemma's experts and key/value heads consistent, and no
+    setting that only a loaded model reads (``model.mask_token_id``, ``model.block_size``)."""
     if m.path is not None or m.family not in ("tiny", "diffusion_gemma"):
         return
     t, problems = m.tiny, []
+    loaded_only = {"model.mask_token_id": m.mask_token_id, "model.block_size": m.block_size}
+    given = [f"{key}={value}" for key, value in loaded_only.items() if value is not None]
+    if given:
+        problems.append(
+            f"{', '.join(given)} applies to a model loaded from model.path, and none is given: the model is built "
+            f"from model.tiny, with its own mask token and model.tiny.block_size (with model.tiny.attention=block). "
+            "Set model.tiny.block_size instead, or leave these out"
+        )
     sizes = ["hidden_size", "num_layers", "num_heads", "intermediate_size", "block_size", "max_position_embeddings"]
     if m.family == "diffusion_gemma":
         sizes += ["canvas_length", "num_experts", "top_k_experts", "moe_intermediate_size", "sliding_window"]
