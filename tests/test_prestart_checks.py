@@ -133,6 +133,14 @@ def fine(prompts, completions, **kwargs):
     return [float(len(c) > 0) for c in completions]
 
 
+def nones(prompts, completions, **kwargs):
+    return [None] * len(completions)  # reads a column under a name the dataset does not have, say
+
+
+def not_the_first(prompts, completions, **kwargs):  # TRL's None: it does not apply to the first row (2 stand-ins)
+    return [None] * len(completions) if len(set(prompts)) == 1 else [1.0] * len(completions)
+
+
 def where(prompts, completions, **kwargs):  # the trial runs where the functions run in a step: a reward actor
     if is_trial() and os.environ.get("TRIAL_PID_FILE"):
         with open(os.environ["TRIAL_PID_FILE"], "w") as f:
@@ -184,6 +192,21 @@ def test_a_reward_that_raises_on_an_empty_completion(capsys, tmp_path):
     )
     assert main(["validate", "--offline", QUICK, both]) == 0  # --offline runs no reward function
     assert "tried on the first row" not in capsys.readouterr().out
+
+
+def test_a_reward_that_scores_no_row_is_refused_before_the_run(capsys, tmp_path):
+    # it passed validate ("nones nan/nan on its answer"), then stopped the run at its first evaluation, after
+    # run_dir was written
+    path = tmp_path / "my_rewards.py"
+    path.write_text(REWARDS)
+    capsys.readouterr()
+    assert main(["validate", QUICK, f"reward.functions=[{{fn: '{path}:nones'}}]"]) == 2
+    err = " ".join(capsys.readouterr().err.split())
+    assert "no reward function gave a score before the run started: nones [nan, nan] on the first row" in err
+    assert "nothing but None or NaN on the answers of rows 1-7 either" in err and "data.answer_column" in err
+    # a function that does not apply to the first row but scores the next ones is a run's business
+    assert main(["validate", QUICK, f"reward.functions=[{{fn: '{path}:not_the_first'}}]"]) == 0
+    assert "not_the_first nan/nan on its answer" in " ".join(capsys.readouterr().out.split())
 
 
 def test_a_cluster_with_fewer_cpus_than_the_actors_reserve_is_refused_naming_them():

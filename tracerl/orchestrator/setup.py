@@ -317,12 +317,64 @@ def try_rewards(cfg: Config, stream: data.PromptStream, trial: Callable[..., dic
             f"completions of the first row of data.source '{cfg.data.source}': {first} (sample 0) and '' (sample 1, "
             f"an empty completion, which a model can write). {fix}."
         )
+    if len(plain) == len(reward_specs(cfg)) and not _scored(tried):
+        _check_some_row_scored(cfg, stream, trial, plain, column, tried)
     gave = ", ".join(
         f"{name} "
         + ("failed, NaN under on_error=nan" if isinstance(got, RewardError) else "/".join(f"{v:.2f}" for v in got))
         for name, got in tried.items()
     )
     return f"{gave} on {'its ' + column if column else 'an empty stand-in'} and an empty completion"
+
+
+TRIAL_ROWS = 8  # rows whose answers are tried when no function scores the first row
+
+
+def _scored(tried: dict[str, Any]) -> bool:
+    """Some function gave some stand-in a number (None and NaN are no score; an error under on_error=nan is NaN)."""
+    return any(
+        not isinstance(got, RewardError) and any(v is not None and math.isfinite(v) for v in got)
+        for got in tried.values()
+    )
+
+
+def _check_some_row_scored(
+    cfg: Config,
+    stream: data.PromptStream,
+    trial: Callable[..., dict[str, Any]],
+    plain: list[str],
+    column: str | None,
+    tried: dict[str, Any],
+) -> None:
+    """No reward function scored the first row (None or NaN on its answer and on an empty completion), and the
+    rewards are functions only: try the answers of the first ``TRIAL_ROWS`` rows. A run none of whose samples is
+    scored stops at its first evaluation, after its run_dir is written; a function that scores none of these rows'
+    own answers is refused here instead. (One row a function does not apply to, TRL's None, is fine.)
+
+    Raises:
+        RewardError: naming the functions, what they gave and the rows tried.
+    """
+    rows = stream.ds.select(range(1, min(TRIAL_ROWS, len(stream.ds))))
+    more = ""
+    if len(rows) and column is not None:
+        texts = [str(t or "") for t in rows[column]]
+        ids = [stream.tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts]
+        columns = {c: list(rows[c]) for c in rows.column_names if c != "prompt"}
+        if _scored(trial(list(rows["prompt"]), texts, ids, columns, plain)):
+            return
+        more = f", and nothing but None or NaN on the {column}s of rows 1-{len(rows)} either"
+    gave = ", ".join(
+        f"{name} " + ("failed (NaN under on_error=nan)" if isinstance(got, RewardError) else str(list(got)))
+        for name, got in tried.items()
+    )
+    first = f"its {column}" if column else "an empty stand-in (it has no answer)"
+    raise RewardError(
+        f"no reward function gave a score before the run started: {gave} on the first row of data.source "
+        f"'{cfg.data.source}' ({first} and an empty completion){more}. A sample that no function scores is not "
+        "trained on, and a run none of whose samples is scored stops at its first step or evaluation, after its "
+        "run_dir is written. Check that the functions read the dataset's columns under the names they are given "
+        "(data.answer_column, reward.functions[i].kwargs) and return a number where they apply."
+    )
 
 
 def reward_pool(cfg: Config, model_options: dict[str, list[dict[str, Any]]] | None = None) -> RewardPool:
