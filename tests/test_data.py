@@ -171,3 +171,17 @@ def test_stream_resumes_where_it_stopped():
 def test_sft_pairs_end_with_eos():
     pairs = sft_pairs(synthetic("copy", 5, seed=0), TOK, DataConfig())
     assert len(pairs) == 5 and all(r[-1] == TOK.eos_token_id for _, r in pairs)
+
+
+@pytest.mark.parametrize(
+    ("name", "text", "what"),
+    [("s.json", "42", "the single JSON value 42, not rows"), ("s.jsonl", '"abc"\n', "the single JSON value 'abc'"),
+     ("m.jsonl", '{"prompt": "1+1="}\n7\n', "line 2 holds 7, not a JSON object")],
+)  # fmt: skip
+def test_a_json_file_that_holds_no_rows_says_so(tmp_path, name, text, what):
+    path = tmp_path / name
+    path.write_text(text)
+    with pytest.raises(ConfigError) as err:  # was: "DataFrame constructor not properly called!"
+        load_examples(DataConfig(source=str(path)), 0)
+    assert str(err.value).startswith(f"could not load data.source '{path}'")
+    assert what in str(err.value) and "it must hold rows: a JSON list of objects" in str(err.value)

@@ -322,17 +322,28 @@ def json_problem(path: Path) -> str | None:
     None if it parses."""
     with open(path, encoding="utf-8", errors="replace") as f:
         text = f.read()
+    rows = "it must hold rows: a JSON list of objects, or one object a line (.jsonl)"
     try:
         document = json.loads(text)
-        return "the file holds no rows (an empty JSON document)" if document in ([], {}) else None
     except json.JSONDecodeError:
         pass
+    else:
+        if document in ([], {}):
+            return "the file holds no rows (an empty JSON document)"
+        if not isinstance(document, list | dict):
+            return f"the file holds the single JSON value {document!r:.80}, not rows; {rows}"
+        if isinstance(document, list) and not all(isinstance(r, dict) for r in document):
+            first = next(r for r in document if not isinstance(r, dict))
+            return f"the file is a JSON list whose elements are not all objects (one is {first!r:.80}); {rows}"
+        return None
     for number, line in enumerate(text.splitlines(), start=1):
         if line.strip():
             try:
-                json.loads(line)
+                value = json.loads(line)
             except json.JSONDecodeError as err:
                 return f"line {number} is not valid JSON ({err.msg} at column {err.colno}): {line[:80]!r}"
+            if not isinstance(value, dict):
+                return f"line {number} holds {value!r:.80}, not a JSON object; {rows}"
     return None
 
 
