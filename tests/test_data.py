@@ -119,7 +119,10 @@ def test_an_empty_json_document_says_it_holds_no_rows(tmp_path):
 )
 def test_a_response_that_is_not_text_names_the_row_and_the_column_setting(tmp_path, first, second, row, what):
     path = tmp_path / "sft.jsonl"
-    rows = [f'{{"prompt": "1+1=", "answer": "2", "target": {first}}}', f'{{"prompt": "3=", "target": {second}}}']
+    rows = [
+        f'{{"prompt": "1+1=", "answer": "2", "target": {first}}}',
+        f'{{"prompt": "3=", "answer": "3", "target": {second}}}',
+    ]
     path.write_text("\n".join(rows) + "\n")
     cfg = DataConfig(source=str(path), response_column="target")
     with pytest.raises(ConfigError) as err:
@@ -171,6 +174,101 @@ def test_stream_resumes_where_it_stopped():
 def test_sft_pairs_end_with_eos():
     pairs = sft_pairs(synthetic("copy", 5, seed=0), TOK, DataConfig())
     assert len(pairs) == 5 and all(r[-1] == TOK.eos_token_id for _, r in pairs)
+
+
+def _jsonl(path, rows):  # noqa: ANN001, ANN202
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return str(path)
+
+
+@pytest.mark.parametrize("key", ["data.source", "eval.source"])
+@pytest.mark.parametrize(
+    ("setting", "logical"),
+    [("prompt_column", "prompt"), ("answer_column", "answer"), ("response_column", "response")],
+)
+def test_a_chosen_column_replaces_the_files_own_column_of_that_name(tmp_path, key, setting, logical):
+    rows = [
+        {"prompt": "ignore", "question": f"{i}+1=", "answer": "x", "solution": str(i + 1), "response": "y",
+         "target": str(i + 1)}
+        for i in range(3)
+    ]  # fmt: skip
+    chosen = {"prompt_column": "question", "answer_column": "solution", "response_column": "target"}[setting]
+    cfg = DataConfig(source=_jsonl(tmp_path / "q.jsonl", rows), **{setting: chosen})
+    ds = load_examples(cfg, 0, require=("prompt", "answer", "response"), key=key)  # pyarrow: "exists 2 times"
+    assert ds[logical] == [r[chosen] for r in rows]
+    assert chosen not in ds.column_names and ds.column_names.count(logical) == 1
+
+
+def test_two_columns_can_swap_names(tmp_path):
+    rows = [{"prompt": f"{i}", "answer": f"{i}+1="} for i in range(3)]
+    cfg = DataConfig(source=_jsonl(tmp_path / "q.jsonl", rows), prompt_column="answer", answer_column="prompt")
+    ds = load_examples(cfg, 0, require=("prompt", "answer"))
+    assert ds["prompt"] == ["0+1=", "1+1=", "2+1="] and ds["answer"] == ["0", "1", "2"]
+
+
+@pytest.mark.parametrize(
+    ("message", "bad"),
+    [({"role": "user", "text": "5+1="}, "'content'"), ({"content": "5+1="}, "'role'"),
+     ({"role": "user", "content": 6}, "'content'")],
+)  # fmt: skip
+def test_a_chat_message_without_a_role_or_text_content_is_refused(tmp_path, message, bad):
+    rows = [{"prompt": [{"role": "user", "content": "1+1="}], "answer": "2"}, {"prompt": [message], "answer": "6"}]
+    source = _jsonl(tmp_path / "chat.jsonl", rows)
+    with pytest.raises(ConfigError) as err:  # it was rendered as an empty prompt
+        load_examples(DataConfig(source=source, chat_template=True), 0)
+    message_text = str(err.value)
+    assert message_text.startswith(f"row 1 (counting from 0) of data.source '{source}' has a conversational prompt")
+    assert f"message 0 has no text {bad}" in message_text and "column 'prompt'" in message_text
+    assert "a dict with a string 'role' and a string 'content'" in message_text
+
+
+@pytest.mark.parametrize("prompt", [[0, 1], ["5+1="], []])
+def test_a_list_that_is_not_a_conversation_is_not_called_one(tmp_path, prompt):
+    rows = [{"prompt": "1+1=", "answer": "2"}, {"prompt": prompt, "answer": "x"}]
+    if prompt == [0, 1]:
+        rows = rows[1:] * 2  # a column of number lists (pyarrow will not mix them with text)
+    source = _jsonl(tmp_path / "list.jsonl", rows)
+    with pytest.raises(ConfigError) as err:  # was: "need a chat template", then a TypeError with one
+        load_examples(DataConfig(source=source, chat_template=True), 0)
+    row = 0 if prompt == [0, 1] else 1
+    assert str(err.value).startswith(f"row {row} (counting from 0) of data.source '{source}' has a prompt that is "
+                                     "neither text nor a conversation")  # fmt: skip
+    assert 'A prompt must be a string or a list of messages like {"role": "user", "content": "..."}' in str(err.value)
+
+
+@pytest.mark.parametrize("key", ["data.source", "eval.source"])
+@pytest.mark.parametrize("missing", [None, "", "absent"])
+def test_rows_without_an_answer_are_refused_with_their_count(tmp_path, key, missing):
+    rows = [{"prompt": f"{i}+1=", "answer": str(i + 1)} for i in range(6)]
+    for i in (1, 3, 4):
+        rows[i] = {"prompt": rows[i]["prompt"]} if missing == "absent" else {**rows[i], "answer": missing}
+    source = _jsonl(tmp_path / "half.jsonl", rows)
+    with pytest.raises(ConfigError) as err:  # they were scored 0, silently
+        load_examples(DataConfig(source=source), 0, key=key)
+    message = str(err.value)
+    assert message.startswith(f"3 of the 6 rows of {key} '{source}' have no answer (the first is row 1")
+    assert "column 'answer'" in message and "Fill in those answers or remove those rows" in message
+
+
+def test_data_without_answers_or_with_answers_that_are_numbers_still_loads(tmp_path):
+    prompts_only = _jsonl(tmp_path / "p.jsonl", [{"prompt": "1+1="}, {"prompt": "2+2="}])  # for a reward model
+    assert load_examples(DataConfig(source=prompts_only), 0)["prompt"] == ["1+1=", "2+2="]
+    numbers = _jsonl(tmp_path / "n.jsonl", [{"prompt": "1+1=", "answer": 2}, {"prompt": "2+2=", "answer": 0}])
+    assert load_examples(DataConfig(source=numbers), 0)["answer"] == [2, 0]
+    sft = _jsonl(tmp_path / "s.jsonl", [{"prompt": "1+1=", "response": "2"}])  # no answer column at all
+    assert load_examples(DataConfig(source=str(sft)), 0, require=("prompt", "response"))["response"] == ["2"]
+
+
+def test_csv_text_columns_are_read_as_text(tmp_path):
+    path = tmp_path / "a.csv"
+    path.write_text("prompt,answer,score\n1+1=,2,0.5\n2+2=,4,1\n")
+    ds = load_examples(DataConfig(source=str(path)), 0)
+    assert ds["answer"] == ["2", "4"] and ds["score"] == [0.5, 1.0]  # not 2.0 and 4.0; other columns as pandas reads
+    path.write_text("prompt,answer\n1+1=,2\n2+2=,\n3+3=,6\n")
+    with pytest.raises(
+        ConfigError, match=r"^1 of the 3 rows of data.source '.*a.csv' have no answer \(the first is row 1"
+    ):
+        load_examples(DataConfig(source=str(path)), 0)
 
 
 @pytest.mark.parametrize(

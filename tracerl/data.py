@@ -283,8 +283,10 @@ def _load_source(cfg: DataConfig, seed: int, key: str = "data.source") -> datase
                 raise ConfigError(
                     f"{key} '{src}': unsupported file type '{path.suffix}' (use .json, .jsonl, .parquet or .csv)."
                 )
+            # pandas guesses a CSV column's type: answers 2, 4 and a blank would be read as 2.0, 4.0 and NaN
+            text = {"converters": dict.fromkeys(_text_columns(cfg), str)} if kind == "csv" else {}
             with datasets_quiet():  # a parse error is reported below, as one paragraph, not as its log lines
-                return datasets.load_dataset(kind, data_files=str(path), split="train")
+                return datasets.load_dataset(kind, data_files=str(path), split="train", **text)
         return datasets.load_dataset(src, split=cfg.split)
     except ConfigError:
         raise
@@ -298,6 +300,11 @@ def _load_source(cfg: DataConfig, seed: int, key: str = "data.source") -> datase
                 f"save_to_disk and give that folder as {key}), or unset the offline variable."
             ) from None
         raise ConfigError(f"could not load {key} '{src}' (split {cfg.split}): {detail}") from None
+
+
+def _text_columns(cfg: DataConfig) -> list[str]:
+    """The file's names of the prompt, answer and response columns (read as text from a CSV file)."""
+    return list(dict.fromkeys((cfg.prompt_column, cfg.answer_column, cfg.response_column)))
 
 
 @contextlib.contextmanager
@@ -374,20 +381,71 @@ def load_examples(
         if logical in ("prompt", "response"):
             _check_text(ds[mapping[logical]], logical, mapping[logical], cfg.source, key)
     renames = {col: logical for logical, col in mapping.items() if col in ds.column_names and col != logical}
-    return ds.rename_columns(renames) if renames else ds
+    # the chosen column wins: a column already named like its logical name (data.prompt_column=question in a
+    # file that also has a "prompt" column) is dropped, unless it is itself renamed to another logical name
+    replaced = [name for name in renames.values() if name in ds.column_names and name not in renames]
+    if replaced:
+        ds = ds.remove_columns(replaced)
+    ds = ds.rename_columns(renames) if renames else ds
+    if "answer" in ds.column_names:
+        column = mapping["answer"] if mapping["answer"] in renames else "answer"  # the file's own name
+        _check_answers(ds["answer"], column, cfg.source, key)
+    return ds
 
 
 def _check_text(values: list[Any], logical: str, column: str, source: str, key: str) -> None:
-    """Every value of the prompt or response column is text (a prompt may be chat messages): a null or a number
-    is named with its row, before a tokenizer meets it."""
+    """Every value of the prompt or response column is text (a prompt may be chat messages, each a dict with a
+    string ``role`` and ``content``): a null, a number or a malformed message is named with its row, before a
+    tokenizer meets it."""
     for row, value in enumerate(values):
-        if isinstance(value, str) or logical == "prompt" and isinstance(value, list):
+        if isinstance(value, str):
+            continue
+        if logical == "prompt" and isinstance(value, list):
+            _check_messages(value, row, column, source, key)
             continue
         what = "null" if value is None else f"{value!r} of type {type(value).__name__}, not text"
         raise ConfigError(
             f"row {row} (counting from 0) of {key} '{source}' has no {logical}: its column '{column}' is {what}. "
             f"Every example needs its {logical} as text: fill in or remove that row, or set data.{logical}_column "
             f"to the column that holds the {logical}s."
+        )
+
+
+def _check_messages(messages: list[Any], row: int, column: str, source: str, key: str) -> None:
+    """A prompt that is a list is a conversation: every element a message ``{"role": str, "content": str}``."""
+    shape = 'a list of messages like {"role": "user", "content": "..."}'
+    if not messages or not all(isinstance(m, dict) for m in messages):
+        raise ConfigError(
+            f"row {row} (counting from 0) of {key} '{source}' has a prompt that is neither text nor a conversation: "
+            f"its column '{column}' holds {_short(messages)}. A prompt must be a string or {shape}; fix that row, "
+            "or set data.prompt_column to the column that holds the prompts."
+        )
+    for i, message in enumerate(messages):
+        bad = [k for k in ("role", "content") if not isinstance(message.get(k), str)]
+        if bad:
+            raise ConfigError(
+                f"row {row} (counting from 0) of {key} '{source}' has a conversational prompt whose message {i} "
+                f"has no text {' or '.join(repr(k) for k in bad)} (it is {_short(message)}); every message of a "
+                f"conversation must be a dict with a string 'role' and a string 'content', as in {shape}. Fix "
+                f"the messages of column '{column}', or set data.prompt_column to the column that holds the prompts."
+            )
+
+
+def _short(value: Any, limit: int = 80) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _check_answers(values: list[Any], column: str, source: str, key: str) -> None:
+    """Every row has its answer: a null (a key missing from a JSON Lines row) or an empty answer would be
+    scored as a wrong completion, silently."""
+    missing = [row for row, v in enumerate(values) if v is None or isinstance(v, str) and not v.strip()]
+    if missing:
+        raise ConfigError(
+            f"{len(missing)} of the {len(values)} rows of {key} '{source}' have no answer (the first is row "
+            f"{missing[0]}, counting from 0): their column '{column}' is missing, null or empty, and a reward "
+            "would score every completion of them as wrong. Fill in those answers or remove those rows, or set "
+            "data.answer_column to the column that holds the answers."
         )
 
 
