@@ -231,3 +231,23 @@ def test_a_cluster_with_fewer_cpus_than_the_actors_reserve_is_refused_naming_the
     # reward models only: no reward-function actor is started, so none reserves a CPU
     rm = load(QUICK, ["reward.functions=[{fn: runs/rm, kind: model, model: {placement: cpu, num_cpus: 2}}]"])
     assert cpus_needed(rm) == {"learner": 1.0, "rollout": 1.0, "reward model": 2.0}
+
+
+def _rows(path: Path, rows: list[dict]) -> str:
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return str(path)
+
+
+def test_held_out_prompts_that_are_all_too_long_are_named_as_such(capsys, tmp_path):
+    from tracerl.stats import heldout_split
+
+    rows = [{"prompt": f"{i:02d}" * 150, "answer": "1"} for i in range(40)]  # 300 characters: too long
+    train, held = heldout_split([r["prompt"] for r in rows], 4, seed=0)  # the quickstart's seed
+    for i in train[:2]:  # two short prompts, both left for training
+        rows[i] = {"prompt": f"{i}+1=", "answer": str(i + 1)}
+    own = [f"data.source={_rows(tmp_path / 'long.jsonl', rows)}", "eval.source=null", "eval.num_prompts=4",
+           "reward.functions=[{fn: synthetic_exact}]"]  # fmt: skip
+    err = refused(capsys, tmp_path, *own)  # was: "every prompt of data.source ... is longer", untrue
+    assert "every one of the 4 prompts held out for evaluation (eval.num_prompts=4) of data.source" in err
+    assert "longer than data.max_prompt_tokens=256; 2 of the prompts left for training fit" in err
+    assert "every prompt of data.source" not in err and "set eval.source" in err

@@ -593,25 +593,38 @@ class PromptStream:
     """An endless, seeded, resumable stream of prompt batches over a dataset (epoch after epoch).
 
     Prompts longer than ``max_prompt_tokens`` are dropped once, up front; ``dropped`` counts them.
+
+    For a part of a dataset (the rows left for training, or those held out for evaluation) ``rows`` are its rows'
+    numbers in ``key``'s dataset and ``part`` says which part it is ("the prompts held out ... of"), so that errors
+    name the right rows and say which prompts they mean; ``fix`` ends the error when no prompt fits.
     """
 
     def __init__(
-        self, ds: datasets.Dataset, tokenizer: Any, cfg: DataConfig, seed: int, key: str = "data.source"
+        self,
+        ds: datasets.Dataset,
+        tokenizer: Any,
+        cfg: DataConfig,
+        seed: int,
+        key: str = "data.source",
+        *,
+        rows: list[int] | None = None,
+        part: str = "every prompt of",
+        fix: str = "raise the limit",
     ) -> None:
         encoded = [encode_prompt(tokenizer, p, cfg) for p in ds["prompt"]]
         empty = [i for i, ids in enumerate(encoded) if not ids]
         if empty:
+            first = rows[empty[0]] if rows is not None else empty[0]
             raise ConfigError(
                 f"{len(empty)} prompt(s) of {key} '{cfg.source}' are empty (no tokens; the first is row "
-                f"{empty[0]}, column '{cfg.prompt_column}'): a model cannot be prompted with nothing. Remove them, "
+                f"{first}, column '{cfg.prompt_column}'): a model cannot be prompted with nothing. Remove them, "
                 "or point data.prompt_column at the column that holds the prompts."
             )
         keep = [i for i, ids in enumerate(encoded) if len(ids) <= cfg.max_prompt_tokens]
         self.dropped = len(encoded) - len(keep)
         if not keep:
             raise ConfigError(
-                f"every prompt of {key} '{cfg.source}' is longer than data.max_prompt_tokens="
-                f"{cfg.max_prompt_tokens}; raise the limit."
+                f"{part} {key} '{cfg.source}' is longer than data.max_prompt_tokens={cfg.max_prompt_tokens}; {fix}."
             )
         self.ds = ds.select(keep)
         self.ids = [encoded[i] for i in keep]

@@ -201,24 +201,34 @@ def load_prompts(cfg: Config) -> tuple[data.PromptStream, data.PromptBatch | Non
     tokenizer = load_tokenizer(cfg.model)
     ds = data.load_examples(cfg.data, cfg.seed, require=("prompt",))
     data.check_coverage(tokenizer, ds, cfg.data, data.tokenizer_fix(cfg.model), reward_formats(cfg))
-    held, held_cfg, held_key = None, cfg.data, "data.source"
-    if cfg.eval.num_prompts and cfg.eval.source is None:
-        train_rows, held_rows = stats.heldout_split(ds["prompt"], cfg.eval.num_prompts, cfg.seed)
+    n = cfg.eval.num_prompts
+    if n and cfg.eval.source is None:
+        train_rows, held_rows = stats.heldout_split(ds["prompt"], n, cfg.seed)
         if not train_rows:
             raise ConfigError(
-                f"eval.num_prompts={cfg.eval.num_prompts} holds out every distinct prompt of data.source "
+                f"eval.num_prompts={n} holds out every distinct prompt of data.source "
                 f"'{cfg.data.source}'; lower it or set eval.source to a separate dataset."
             )
-        ds, held = ds.select(train_rows), ds.select(held_rows)
-    elif cfg.eval.num_prompts:
-        held_cfg = type(cfg.data)(**{**asdict(cfg.data), "source": cfg.eval.source, "split": cfg.eval.split})
-        held_key = "eval.source"
-        held = data.load_examples(held_cfg, cfg.seed, require=("prompt",), key=held_key)
-        held = held.select(range(min(cfg.eval.num_prompts, len(held))))
-        data.check_coverage(tokenizer, held, held_cfg, data.tokenizer_fix(cfg.model), key=held_key)
+        part = f"every prompt left for training (after eval.num_prompts={n} held out for evaluation) of"
+        stream = data.PromptStream(ds.select(train_rows), tokenizer, cfg.data, cfg.seed, rows=train_rows, part=part)
+        held_fix = (
+            f"{len(stream.ids)} of the prompts left for training fit, so raise the limit, hold out more prompts "
+            "(eval.num_prompts) so that some that fit are held out too, or set eval.source to a separate "
+            "evaluation set whose prompts fit"
+        )
+        part = f"every one of the {len(held_rows)} prompts held out for evaluation (eval.num_prompts={n}) of"
+        held = data.PromptStream(
+            ds.select(held_rows), tokenizer, cfg.data, cfg.seed, rows=held_rows, part=part, fix=held_fix
+        )
+        return stream, held.all()
+    if not n:
+        return data.PromptStream(ds, tokenizer, cfg.data, cfg.seed), None
+    held_cfg = type(cfg.data)(**{**asdict(cfg.data), "source": cfg.eval.source, "split": cfg.eval.split})
+    held_ds = data.load_examples(held_cfg, cfg.seed, require=("prompt",), key="eval.source")
+    held_ds = held_ds.select(range(min(n, len(held_ds))))
+    data.check_coverage(tokenizer, held_ds, held_cfg, data.tokenizer_fix(cfg.model), key="eval.source")
     stream = data.PromptStream(ds, tokenizer, cfg.data, cfg.seed)
-    eval_set = data.PromptStream(held, tokenizer, held_cfg, cfg.seed, held_key).all() if held is not None else None
-    return stream, eval_set
+    return stream, data.PromptStream(held_ds, tokenizer, held_cfg, cfg.seed, "eval.source").all()
 
 
 def samplings(cfg: Config) -> list[Any]:
