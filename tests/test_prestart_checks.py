@@ -251,3 +251,14 @@ def test_held_out_prompts_that_are_all_too_long_are_named_as_such(capsys, tmp_pa
     assert "every one of the 4 prompts held out for evaluation (eval.num_prompts=4) of data.source" in err
     assert "longer than data.max_prompt_tokens=256; 2 of the prompts left for training fit" in err
     assert "every prompt of data.source" not in err and "set eval.source" in err
+
+
+def test_an_eval_source_without_the_column_a_reward_needs(capsys, tmp_path):
+    train = _rows(tmp_path / "train.jsonl", [{"prompt": f"{i}+1=", "answer": str(i + 1)} for i in range(20)])
+    held = _rows(tmp_path / "held.jsonl", [{"prompt": f"{i}+2="} for i in range(4)])
+    own = [f"data.source={train}", f"eval.source={held}", "eval.split=train", "eval.num_prompts=4",
+           "reward.functions=[{fn: synthetic_exact}]", "data.synthetic_options={}"]  # fmt: skip
+    err = refused(capsys, tmp_path, *own)  # was: a run directory, then an error from the reward function
+    assert "reward function 'synthetic_exact' needs the dataset column(s) ['answer'], which eval.source" in err
+    assert f"'{held}' lacks (its columns: ['prompt'])" in err
+    assert main(["validate", QUICK, *own]) == 2

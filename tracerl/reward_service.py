@@ -586,15 +586,16 @@ def required_columns(service: RewardService) -> dict[str, set[str]]:
     return out
 
 
-def check_columns(service: RewardService, columns: Sequence[str], source: str) -> None:
-    """Every column a reward function needs is in the dataset, or a clear error naming both."""
+def check_columns(service: RewardService, columns: Sequence[str], source: str, key: str = "data.source") -> None:
+    """Every column a reward function needs is in the dataset (``source``, set as ``key``), or a clear error
+    naming both."""
     for name, need in required_columns(service).items():
         missing = sorted(need - set(columns))
         if missing:
             judge = hasattr(next(r.fn for r in service.rewards if r.name == name), "required_columns")
             fix = "change the judge's template (judge.template), " if judge else ""
             raise RewardError(
-                f"reward function '{name}' needs the dataset column(s) {missing}, which data.source '{source}' lacks "
+                f"reward function '{name}' needs the dataset column(s) {missing}, which {key} '{source}' lacks "
                 f"(its columns: {sorted(columns)}). Map the right column with data.answer_column / "
                 f"data.prompt_column, {fix}or give the value in the reward entry's kwargs."
             )

@@ -272,9 +272,18 @@ def check_device(cfg: Config, gpus: float) -> None:
         fits(s, "cuda" if gpus > 0 else "cpu")
 
 
-def check_rewards(cfg: Config, columns: list[str] | None, source: str, load: bool = False) -> RewardService:
+def check_rewards(
+    cfg: Config,
+    columns: list[str] | None,
+    source: str,
+    load: bool = False,
+    *,
+    key: str = "data.source",
+    eval_set: data.PromptBatch | None = None,
+) -> RewardService:
     """The reward functions resolve (names, import paths, files; reward models' configs and tokenizers, judges'
-    endpoints) and find the dataset columns they need; with ``load``, reward models' weights load too."""
+    endpoints) and find the dataset columns they need in ``columns`` (of the dataset ``source``, set as ``key``)
+    and, when ``eval.source`` is set, in ``eval_set`` too; with ``load``, reward models' weights load too."""
     r = cfg.reward
     service = RewardService(
         reward_specs(cfg),
@@ -285,7 +294,9 @@ def check_rewards(cfg: Config, columns: list[str] | None, source: str, load: boo
         source="reward.functions",
     )
     if columns is not None:
-        check_columns(service, columns, source)
+        check_columns(service, columns, source, key)
+    if eval_set is not None and cfg.eval.source is not None:  # held-out prompts of data.source: its columns
+        check_columns(service, ["prompt", *eval_set.columns], cfg.eval.source, "eval.source")
     if load:
         service.load()
     return service
