@@ -111,9 +111,9 @@ class DataConfig:
 
     source: str = "synthetic:addition"  # synthetic:<task>, a hub dataset name, or a local json/jsonl/parquet path
     split: str = "train"  # dataset split
-    prompt_column: str = "prompt"  # text of the question (string or chat messages)
-    answer_column: str = "answer"  # reference answer handed to reward functions
-    response_column: str = "response"  # target completion for SFT
+    prompt_column: str = "prompt"  # the question: text, or chat messages [{role, content}]; wins over a "prompt" column
+    answer_column: str = "answer"  # reference answer for rewards (every row needs one); wins over an "answer" column
+    response_column: str = "response"  # target completion for SFT; wins over a "response" column
     chat_template: bool = True  # wrap prompts with the tokenizer's chat template
     system_prompt: str | None = None  # optional system message when the chat template is used
     max_prompt_tokens: int = 256  # longer prompts are dropped (and counted), never truncated
