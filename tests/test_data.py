@@ -238,16 +238,24 @@ def test_a_list_that_is_not_a_conversation_is_not_called_one(tmp_path, prompt):
 
 @pytest.mark.parametrize("key", ["data.source", "eval.source"])
 @pytest.mark.parametrize("missing", [None, "", "absent"])
-def test_rows_without_an_answer_are_refused_with_their_count(tmp_path, key, missing):
+def test_prompts_without_an_answer_are_refused_where_a_reward_reads_it(tmp_path, capsys, key, missing):
+    from tracerl.cli import main
+
     rows = [{"prompt": f"{i}+1=", "answer": str(i + 1)} for i in range(6)]
     for i in (1, 3, 4):
         rows[i] = {"prompt": rows[i]["prompt"]} if missing == "absent" else {**rows[i], "answer": missing}
     source = _jsonl(tmp_path / "half.jsonl", rows)
-    with pytest.raises(ConfigError) as err:  # they were scored 0, silently
-        load_examples(DataConfig(source=source), 0, key=key)
-    message = str(err.value)
-    assert message.startswith(f"3 of the 6 rows of {key} '{source}' have no answer (the first is row 1")
+    full = _jsonl(tmp_path / "full.jsonl", [{"prompt": "1+1=", "answer": "2"}] * 4)
+    where = [f"data.source={source}"] if key == "data.source" else [f"data.source={full}", f"eval.source={source}"]
+    base = ["validate", *where, "data.chat_template=false", "eval.num_prompts=6" if key == "eval.source" else
+            "eval.num_prompts=0", "rollout.prompts_per_step=2", "wandb.mode=disabled"]  # fmt: skip
+    capsys.readouterr()
+    assert main([*base, "reward.functions=[{fn: synthetic_exact}]"]) == 2  # they were scored 0, silently
+    message = " ".join(capsys.readouterr().err.split())
+    assert f"3 of the 6 prompts of {key} '{source}' have no answer (the first: '1+1=')" in message
     assert "column 'answer'" in message and "Fill in those answers or remove those rows" in message
+    # a reward that does not read the answer (a length reward here; a reward model) leaves such rows alone
+    assert main([*base, "reward.functions=[{fn: length}]"]) == 0, capsys.readouterr().err
 
 
 def test_data_without_answers_or_with_answers_that_are_numbers_still_loads(tmp_path):
@@ -265,10 +273,7 @@ def test_csv_text_columns_are_read_as_text(tmp_path):
     ds = load_examples(DataConfig(source=str(path)), 0)
     assert ds["answer"] == ["2", "4"] and ds["score"] == [0.5, 1.0]  # not 2.0 and 4.0; other columns as pandas reads
     path.write_text("prompt,answer\n1+1=,2\n2+2=,\n3+3=,6\n")
-    with pytest.raises(
-        ConfigError, match=r"^1 of the 3 rows of data.source '.*a.csv' have no answer \(the first is row 1"
-    ):
-        load_examples(DataConfig(source=str(path)), 0)
+    assert load_examples(DataConfig(source=str(path)), 0)["answer"] == ["2", None, "6"]  # a blank is missing
 
 
 @pytest.mark.parametrize(

@@ -235,7 +235,9 @@ def cmd_validate(ns: argparse.Namespace) -> int:
             f"data: ok ({len(stream.ids)} training prompts, {held} held out, {stream.dropped} dropped as longer than "
             "the limit; the tokenizer writes them; every sampler setting fits the model)"
         )
-        service = check_rewards(cfg, stream.ds.column_names, cfg.data.source, load=not ns.offline, eval_set=eval_set)
+        service = check_rewards(
+            cfg, stream.ds.column_names, cfg.data.source, load=not ns.offline, eval_set=eval_set, rows=stream.all()
+        )
         tried = "" if ns.offline else try_rewards(cfg, stream, service.trial)
     for reward in service.rewards:  # reward models and judges say what was checked
         describe = getattr(reward.fn, "describe", None)

@@ -112,7 +112,7 @@ class DataConfig:
     source: str = "synthetic:addition"  # synthetic:<task>, a hub dataset name, or a local json/jsonl/parquet path
     split: str = "train"  # dataset split
     prompt_column: str = "prompt"  # the question: text, or chat messages [{role, content}]; wins over a "prompt" column
-    answer_column: str = "answer"  # reference answer for rewards (every row needs one); wins over an "answer" column
+    answer_column: str = "answer"  # reference answer (each prompt needs one if a reward reads it); wins over "answer"
     response_column: str = "response"  # target completion for SFT; wins over a "response" column
     chat_template: bool = True  # wrap prompts with the tokenizer's chat template
     system_prompt: str | None = None  # optional system message when the chat template is used

@@ -17,7 +17,7 @@ import json
 import os
 import random
 import typing
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -386,11 +386,7 @@ def load_examples(
     replaced = [name for name in renames.values() if name in ds.column_names and name not in renames]
     if replaced:
         ds = ds.remove_columns(replaced)
-    ds = ds.rename_columns(renames) if renames else ds
-    if "answer" in ds.column_names:
-        column = mapping["answer"] if mapping["answer"] in renames else "answer"  # the file's own name
-        _check_answers(ds["answer"], column, cfg.source, key)
-    return ds
+    return ds.rename_columns(renames) if renames else ds
 
 
 def _check_text(values: list[Any], logical: str, column: str, source: str, key: str) -> None:
@@ -436,16 +432,20 @@ def _short(value: Any, limit: int = 80) -> str:
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
-def _check_answers(values: list[Any], column: str, source: str, key: str) -> None:
-    """Every row has its answer: a null (a key missing from a JSON Lines row) or an empty answer would be
-    scored as a wrong completion, silently."""
-    missing = [row for row, v in enumerate(values) if v is None or isinstance(v, str) and not v.strip()]
+def check_answers(answers: Sequence[Any], prompts: Sequence[Any], column: str, source: str, key: str) -> None:
+    """Every prompt has its answer, for rewards that read one: a null (a key missing from a JSON Lines row) or an
+    empty answer would score every completion of that prompt as wrong, silently.
+
+    Raises:
+        ConfigError: naming the source, how many prompts lack an answer, the first of them and the fix.
+    """
+    missing = [i for i, v in enumerate(answers) if v is None or isinstance(v, str) and not v.strip()]
     if missing:
         raise ConfigError(
-            f"{len(missing)} of the {len(values)} rows of {key} '{source}' have no answer (the first is row "
-            f"{missing[0]}, counting from 0): their column '{column}' is missing, null or empty, and a reward "
-            "would score every completion of them as wrong. Fill in those answers or remove those rows, or set "
-            "data.answer_column to the column that holds the answers."
+            f"{len(missing)} of the {len(answers)} prompts of {key} '{source}' have no answer (the first: "
+            f"{_short(prompts[missing[0]])}): their column '{column}' is missing, null or empty, and the rewards "
+            "that read the answer would score every completion of them as wrong. Fill in those answers or remove "
+            "those rows, or set data.answer_column to the column that holds the answers."
         )
 
 

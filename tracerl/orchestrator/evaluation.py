@@ -167,7 +167,7 @@ def run_eval(cfg: Config, out_dir: str | None = None, verbose: bool = False, con
     if eval_set is None:
         raise ConfigError("eval.num_prompts is 0: there is nothing to evaluate; set eval.num_prompts ≥ 1.")
     key = "eval.source" if cfg.eval.source else "data.source"
-    check_rewards(cfg, list(eval_set.columns) + ["prompt"], cfg.eval.source or cfg.data.source, key=key)
+    check_rewards(cfg, list(eval_set.columns) + ["prompt"], cfg.eval.source or cfg.data.source, key=key, rows=eval_set)
     check_model(cfg, max(len(p) for p in eval_set.prompt_ids))
     if local_gpus(cfg) is not None:
         check_device(cfg, local_gpus(cfg))

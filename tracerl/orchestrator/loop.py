@@ -157,7 +157,7 @@ class Session:
         claim = runs.claim(cfg, "train")  # whose directory, what to resume (verified), before anything is written
         resume = claim.resume
         stream, eval_set = load_prompts(cfg)
-        check_rewards(cfg, stream.ds.column_names, cfg.data.source, eval_set=eval_set)
+        check_rewards(cfg, stream.ds.column_names, cfg.data.source, eval_set=eval_set, rows=stream.all())
         check_model(cfg, max(len(p) for p in stream.ids + (eval_set.prompt_ids if eval_set else [])))
         if local_gpus(cfg) is not None:
             check_device(cfg, local_gpus(cfg))

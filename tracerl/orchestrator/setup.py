@@ -21,7 +21,7 @@ from tracerl.config import Config, ConfigError, reward_model_workers
 from tracerl.models import load_policy, load_tokenizer
 from tracerl.records import Rollout
 from tracerl.reward_resolve import RewardError, default_name, reward_kind, specs_from_config
-from tracerl.reward_service import RewardService, RewardSpec, check_columns
+from tracerl.reward_service import RewardService, RewardSpec, check_columns, required_columns
 from tracerl.workers import RewardPool, RolloutShard
 from tracerl.workers.placement import reward_models
 
@@ -280,10 +280,12 @@ def check_rewards(
     *,
     key: str = "data.source",
     eval_set: data.PromptBatch | None = None,
+    rows: data.PromptBatch | None = None,
 ) -> RewardService:
     """The reward functions resolve (names, import paths, files; reward models' configs and tokenizers, judges'
     endpoints) and find the dataset columns they need in ``columns`` (of the dataset ``source``, set as ``key``)
-    and, when ``eval.source`` is set, in ``eval_set`` too; with ``load``, reward models' weights load too."""
+    and, when ``eval.source`` is set, in ``eval_set`` too; where a function reads the answer, every prompt of
+    ``rows`` (``source``'s) and ``eval_set`` has one. With ``load``, reward models' weights load too."""
     r = cfg.reward
     service = RewardService(
         reward_specs(cfg),
@@ -297,6 +299,11 @@ def check_rewards(
         check_columns(service, columns, source, key)
     if eval_set is not None and cfg.eval.source is not None:  # held-out prompts of data.source: its columns
         check_columns(service, ["prompt", *eval_set.columns], cfg.eval.source, "eval.source")
+    if any("answer" in need for need in required_columns(service).values()):
+        held = (cfg.eval.source or cfg.data.source, "eval.source" if cfg.eval.source else "data.source")
+        for batch, (name, setting) in ((rows, (source, key)), (eval_set, held)):
+            if batch is not None and "answer" in batch.columns:
+                data.check_answers(batch.columns["answer"], batch.prompts, cfg.data.answer_column, name, setting)
     if load:
         service.load()
     return service
