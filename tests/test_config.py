@@ -157,6 +157,10 @@ def test_a_learning_rate_that_is_not_positive_is_refused(key, value):
         ("model.family=diffusion_gemma model.tiny.canvas_length=0", "model.tiny.canvas_length=0: sizes must be ≥ 1"),
         ("model.family=diffusion_gemma model.tiny.num_heads=5 model.tiny.hidden_size=80",
          "so num_heads must be even"),
+        # validate said "200 held out" while those prompts were trained on
+        ("eval.source=synthetic:addition eval.split=train",
+         "eval.source and data.source are both 'synthetic:addition', split 'train': the held-out prompts would be "
+         "training prompts"),
         # silently ignored: the fresh tiny model has its own mask token and model.tiny.block_size
         ("model.mask_token_id=99999", "model.mask_token_id=99999 applies to a model loaded from model.path"),
         ("model.block_size=3", "model.block_size=3 applies to a model loaded from model.path"),

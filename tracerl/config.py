@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 import re
 import typing
 from collections.abc import Callable
@@ -972,6 +973,14 @@ def check_loop(cfg: Config) -> None:
         )
     if e.num_prompts < 0:
         raise ConfigError(f"eval.num_prompts must be ≥ 0 (0 = no evaluation), got {e.num_prompts}.")
+    same = e.source is not None and os.path.normpath(e.source) == os.path.normpath(cfg.data.source)
+    if e.num_prompts and same and e.split == cfg.data.split:
+        raise ConfigError(
+            f"eval.source and data.source are both '{cfg.data.source}', split '{e.split}': the held-out prompts "
+            "would be training prompts, and the evaluation would measure recall, not what the policy learnt. Leave "
+            "eval.source unset (null) to hold out eval.num_prompts prompts of data.source and train on the rest, or "
+            "give the evaluation another split or dataset (eval.split, eval.source)."
+        )
     if not 0 <= e.temperature < math.inf or not math.isfinite(e.pass_threshold):
         raise ConfigError(
             f"eval.temperature must be a finite number ≥ 0 (the k samples' temperature) and eval.pass_threshold a "
