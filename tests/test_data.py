@@ -219,7 +219,13 @@ def test_a_chat_message_without_a_role_or_text_content_is_refused(tmp_path, mess
     message_text = str(err.value)
     assert message_text.startswith(f"row 1 (counting from 0) of data.source '{source}' has a conversational prompt")
     assert f"message 0 has no text {bad}" in message_text and "column 'prompt'" in message_text
-    assert "a dict with a string 'role' and a string 'content'" in message_text
+    assert "a dict with a string 'role' and a 'content' (text, or a list of parts)" in message_text
+
+
+def test_chat_messages_whose_content_is_a_list_of_parts_load(tmp_path):
+    parts = [{"role": "user", "content": [{"type": "text", "text": "1+1="}]}]  # the format chat templates also take
+    source = _jsonl(tmp_path / "parts.jsonl", [{"prompt": parts, "answer": "2"}] * 2)
+    assert load_examples(DataConfig(source=source, chat_template=True), 0)["prompt"][0] == parts
 
 
 @pytest.mark.parametrize("prompt", [[0, 1], ["5+1="], []])

@@ -417,13 +417,15 @@ def _check_messages(messages: list[Any], row: int, column: str, source: str, key
             "or set data.prompt_column to the column that holds the prompts."
         )
     for i, message in enumerate(messages):
-        bad = [k for k in ("role", "content") if not isinstance(message.get(k), str)]
+        # content is text, or a list of parts ([{"type": "text", "text": ...}]) that chat templates also take
+        bad = [k for k, ok in (("role", (str,)), ("content", (str, list))) if not isinstance(message.get(k), ok)]
         if bad:
             raise ConfigError(
                 f"row {row} (counting from 0) of {key} '{source}' has a conversational prompt whose message {i} "
                 f"has no text {' or '.join(repr(k) for k in bad)} (it is {_short(message)}); every message of a "
-                f"conversation must be a dict with a string 'role' and a string 'content', as in {shape}. Fix "
-                f"the messages of column '{column}', or set data.prompt_column to the column that holds the prompts."
+                f"conversation must be a dict with a string 'role' and a 'content' (text, or a list of parts), as in "
+                f"{shape}. Fix the messages of column '{column}', or set data.prompt_column to the column that holds "
+                "the prompts."
             )
 
 
