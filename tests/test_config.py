@@ -150,17 +150,13 @@ def test_a_learning_rate_that_is_not_positive_is_refused(key, value):
         ("model.tiny.hidden_size=0", "model.tiny.hidden_size=0: sizes must be ≥ 1"),
         ("model.tiny.num_heads=0", "model.tiny.num_heads=0: sizes must be ≥ 1"),
         ("model.tiny.hidden_size=-8", "model.tiny.hidden_size=-8: sizes must be ≥ 1"),
-        ("model.tiny.num_heads=3", "model.tiny.hidden_size=64 must be a multiple of model.tiny.num_heads=3"),
-        ("model.tiny.num_heads=64", "with an even head width"),
+        ("model.tiny.num_heads=3", "model.tiny.hidden_size=64 and model.tiny.num_heads=3 give heads of width 21"),
+        ("model.tiny.num_heads=64", "give heads of width 1 (hidden_size // num_heads), which must be even and at"),
         ("model.family=diffusion_gemma model.tiny.top_k_experts=9",
          "model.tiny.top_k_experts=9 routes each token to more experts than model.tiny.num_experts=4"),
         ("model.family=diffusion_gemma model.tiny.canvas_length=0", "model.tiny.canvas_length=0: sizes must be ≥ 1"),
         ("model.family=diffusion_gemma model.tiny.num_heads=5 model.tiny.hidden_size=80",
          "so num_heads must be even"),
-        # validate said "200 held out" while those prompts were trained on
-        ("eval.source=synthetic:addition eval.split=train",
-         "eval.source and data.source are both 'synthetic:addition', split 'train': the held-out prompts would be "
-         "training prompts"),
         # silently ignored: the fresh tiny model has its own mask token and model.tiny.block_size
         ("model.mask_token_id=99999", "model.mask_token_id=99999 applies to a model loaded from model.path"),
         ("model.block_size=3", "model.block_size=3 applies to a model loaded from model.path"),
@@ -172,10 +168,28 @@ def test_settings_no_run_could_use_are_refused_by_name(override, message):
     assert message in str(err.value)
 
 
+def test_held_out_prompts_that_are_the_training_prompts_are_refused_for_training(tmp_path, monkeypatch):
+    # validate said "200 held out" while those prompts were trained on
+    from tracerl.config import check_training
+
+    with pytest.raises(ConfigError, match=r"both 'synthetic:addition', split 'train': the held-out prompts would be"):
+        check_training(load(None, ["eval.source=synthetic:addition", "eval.split=train"]))
+    check_training(load(None, ["eval.source=synthetic:addition", "eval.split=test"]))  # another split
+    # a local file has no splits: the same file, however written, is the same prompts
+    (tmp_path / "d.jsonl").write_text('{"prompt": "1+1=", "answer": "2"}\n')
+    monkeypatch.chdir(tmp_path)
+    cfg = load(None, ["data.source=d.jsonl", f"eval.source={tmp_path}/d.jsonl"])
+    with pytest.raises(ConfigError, match=rf"both the file {tmp_path}/d.jsonl: .* another dataset \(eval.source"):
+        check_training(cfg)
+    check_training(load(None, ["data.source=d.jsonl", "eval.source=d.jsonl", "eval.num_prompts=0"]))  # no eval
+
+
 def test_the_tiny_shape_is_not_checked_for_a_model_loaded_from_a_path():
     # a saved model keeps its own shape (model.tiny.* is then only compared, as a warning)
     cfg = load(None, ["model.path=some/dir", "model.tiny.top_k_experts=9", "model.family=diffusion_gemma"])
     assert cfg.model.tiny.top_k_experts == 9
+    # hidden_size need not be a multiple of num_heads: the heads are hidden_size // num_heads wide (16 here)
+    assert load(None, ["model.tiny.hidden_size=132", "model.tiny.num_heads=8"]).model.tiny.hidden_size == 132
 
 
 @pytest.mark.parametrize("advantage", ["group_zscore", "group_mean", "rloo"])

@@ -242,9 +242,15 @@ def test_a_list_that_is_not_a_conversation_is_not_called_one(tmp_path, prompt):
     assert 'A prompt must be a string or a list of messages like {"role": "user", "content": "..."}' in str(err.value)
 
 
+MAYBE = """
+def maybe(prompts, completions, answer=None, **kwargs):  # TRL's multi-task pattern: None where it does not apply
+    return [None if a is None else float(c.strip() == a) for c, a in zip(completions, answer)]
+"""
+
+
 @pytest.mark.parametrize("key", ["data.source", "eval.source"])
 @pytest.mark.parametrize("missing", [None, "", "absent"])
-def test_prompts_without_an_answer_are_refused_where_a_reward_reads_it(tmp_path, capsys, key, missing):
+def test_prompts_without_an_answer_are_named_where_a_reward_reads_it(tmp_path, capsys, key, missing):
     from tracerl.cli import main
 
     rows = [{"prompt": f"{i}+1=", "answer": str(i + 1)} for i in range(6)]
@@ -256,12 +262,18 @@ def test_prompts_without_an_answer_are_refused_where_a_reward_reads_it(tmp_path,
     base = ["validate", *where, "data.chat_template=false", "eval.num_prompts=6" if key == "eval.source" else
             "eval.num_prompts=0", "rollout.prompts_per_step=2", "wandb.mode=disabled"]  # fmt: skip
     capsys.readouterr()
-    assert main([*base, "reward.functions=[{fn: synthetic_exact}]"]) == 2  # they were scored 0, silently
-    message = " ".join(capsys.readouterr().err.split())
-    assert f"3 of the 6 prompts of {key} '{source}' have no answer (the first: '1+1=')" in message
-    assert "column 'answer'" in message and "Fill in those answers or remove those rows" in message
-    # a reward that does not read the answer (a length reward here; a reward model) leaves such rows alone
-    assert main([*base, "reward.functions=[{fn: length}]"]) == 0, capsys.readouterr().err
+    assert main([*base, "reward.functions=[{fn: synthetic_exact}]"]) == 0  # they were scored 0, silently
+    out = " ".join(capsys.readouterr().out.split())
+    want = f"warning: 3 of the 6 prompts of {key} '{source}' have no answer in column 'answer' (the first: '1+1=')"
+    assert want in out
+    assert "(synthetic_exact) score those prompts' completions without one" in out
+    # a function that reads the answer only where there is one (a parameter with a default, as math_verify's)
+    (tmp_path / "maybe.py").write_text(MAYBE)
+    assert main([*base, f"reward.functions=[{{fn: '{tmp_path}/maybe.py:maybe'}}]"]) == 0  # None there: not refused
+    assert "(maybe) score those prompts' completions" in " ".join(capsys.readouterr().out.split())
+    # a reward that does not read the answer (a length reward here; a reward model) is not told about it
+    assert main([*base, "reward.functions=[{fn: length}]"]) == 0
+    assert "have no answer" not in capsys.readouterr().out
 
 
 def test_data_without_answers_or_with_answers_that_are_numbers_still_loads(tmp_path):

@@ -137,6 +137,10 @@ def nones(prompts, completions, **kwargs):
     return [None] * len(completions)  # reads a column under a name the dataset does not have, say
 
 
+def fmt(prompts, completions, **kwargs):  # cannot score an empty completion: None (TRL's "does not apply")
+    return [None if not c.strip() else float("1" in c) for c in completions]
+
+
 def not_the_first(prompts, completions, **kwargs):  # TRL's None: it does not apply to the first row (2 stand-ins)
     return [None] * len(completions) if len(set(prompts)) == 1 else [1.0] * len(completions)
 
@@ -203,10 +207,21 @@ def test_a_reward_that_scores_no_row_is_refused_before_the_run(capsys, tmp_path)
     assert main(["validate", QUICK, f"reward.functions=[{{fn: '{path}:nones'}}]"]) == 2
     err = " ".join(capsys.readouterr().err.split())
     assert "no reward function gave a score before the run started: nones [nan, nan] on the first row" in err
-    assert "nothing but None or NaN on the answers of rows 1-7 either" in err and "data.answer_column" in err
+    assert "nothing but None or NaN on the answers of 7 more rows either" in err and "data.answer_column" in err
     # a function that does not apply to the first row but scores the next ones is a run's business
     assert main(["validate", QUICK, f"reward.functions=[{{fn: '{path}:not_the_first'}}]"]) == 0
     assert "not_the_first nan/nan on its answer" in " ".join(capsys.readouterr().out.split())
+    # prompts without answers: only empty stand-ins to try, which a function need not score
+    prompts_only = _rows(tmp_path / "p.jsonl", [{"prompt": f"{i}+1="} for i in range(8)])
+    own = [f"data.source={prompts_only}", "eval.source=null", "eval.num_prompts=2", "data.chat_template=false"]
+    assert main(["validate", QUICK, *own, f"reward.functions=[{{fn: '{path}:fmt'}}]"]) == 0, capsys.readouterr().err
+    # no answer in the first row, answers in the next: those are tried, and a function that scores them passes
+    rows = [{"prompt": "0+1="}] + [{"prompt": f"{i}+1=", "answer": f"1{i}"} for i in range(1, 8)]
+    own[0] = f"data.source={_rows(tmp_path / 'partial.jsonl', rows)}"
+    assert main(["validate", QUICK, *own, f"reward.functions=[{{fn: '{path}:fmt'}}]"]) == 0, capsys.readouterr().err
+    assert main(["validate", QUICK, *own, f"reward.functions=[{{fn: '{path}:nones'}}]"]) == 2
+    err = " ".join(capsys.readouterr().err.split())
+    assert "(an empty stand-in (it has no answer) and an empty completion), and nothing but None or NaN on the " in err
 
 
 def test_a_cluster_with_fewer_cpus_than_the_actors_reserve_is_refused_naming_them():

@@ -178,6 +178,7 @@ def cmd_validate(ns: argparse.Namespace) -> int:
 
     from tracerl.config import check_cluster, check_training, gpus_needed
     from tracerl.orchestrator import check_device, check_model, check_rewards, load_prompts, try_rewards
+    from tracerl.orchestrator.setup import missing_answers
 
     console = Console()
     cfg = _config(ns)
@@ -235,9 +236,9 @@ def cmd_validate(ns: argparse.Namespace) -> int:
             f"data: ok ({len(stream.ids)} training prompts, {held} held out, {stream.dropped} dropped as longer than "
             "the limit; the tokenizer writes them; every sampler setting fits the model)"
         )
-        service = check_rewards(
-            cfg, stream.ds.column_names, cfg.data.source, load=not ns.offline, eval_set=eval_set, rows=stream.all()
-        )
+        service = check_rewards(cfg, stream.ds.column_names, cfg.data.source, load=not ns.offline, eval_set=eval_set)
+        for warning in missing_answers(cfg, service, stream.all(), eval_set):
+            console.print(f"[yellow]warning: {warning}[/yellow]")
         tried = "" if ns.offline else try_rewards(cfg, stream, service.trial)
     for reward in service.rewards:  # reward models and judges say what was checked
         describe = getattr(reward.fn, "describe", None)

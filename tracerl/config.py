@@ -110,10 +110,10 @@ class SamplingConfig:
 class DataConfig:
     """Where prompts (and SFT responses) come from (DESIGN §3 data.py)."""
 
-    source: str = "synthetic:addition"  # synthetic:<task>, a hub dataset name, or a local json/jsonl/parquet path
+    source: str = "synthetic:addition"  # synthetic:<task>, a hub dataset name, or a local json/jsonl/parquet/csv path
     split: str = "train"  # dataset split
     prompt_column: str = "prompt"  # the question: text, or chat messages [{role, content}]; wins over a "prompt" column
-    answer_column: str = "answer"  # reference answer (each prompt needs one if a reward reads it); wins over "answer"
+    answer_column: str = "answer"  # reference answer for the rewards (its lack is a warning); wins over "answer"
     response_column: str = "response"  # target completion for SFT; wins over a "response" column
     chat_template: bool = True  # wrap prompts with the tokenizer's chat template
     system_prompt: str | None = None  # optional system message when the chat template is used
@@ -334,11 +334,13 @@ def check_training(cfg: Config) -> None:
     and samples of one prompt that can differ. Greedy decoding is fine for ``generate`` and ``eval``, but at
     temperature 0 a deterministic remasking rule writes every sample of a prompt the same, so every group
     advantage is 0 and nothing trains. And the old log-probs' source (``check_old_logp_source``), which SFT,
-    ``eval`` and ``generate`` never use, and the learner's CUDA-only settings on a CPU learner
-    (``check_learner_device``)."""
+    ``eval`` and ``generate`` never use, the learner's CUDA-only settings on a CPU learner
+    (``check_learner_device``), and held-out prompts that are not the training prompts (``check_eval_not_training``;
+    ``tracerl eval`` may measure a training set on purpose)."""
     check_reward_total(cfg)
     check_old_logp_source(cfg)
     check_learner_device(cfg)
+    check_eval_not_training(cfg)
     s, r = cfg.sampling, cfg.rollout
     if cfg.objective.logp_temperature == "sampling" and cfg.model.family == "diffusion_gemma":
         raise ConfigError(
@@ -361,6 +363,26 @@ def check_training(cfg: Config) -> None:
             f"way, so each group of rollout.samples_per_prompt={r.samples_per_prompt} is one answer repeated: every "
             f"{cfg.objective.advantage} advantage is 0 and the run learns nothing. Sample at a temperature above 0 "
             "(the quickstart uses 1.0); greedy decoding is for tracerl eval and generate."
+        )
+
+
+def check_eval_not_training(cfg: Config) -> None:
+    """A run's held-out prompts are not its training prompts: ``eval.source`` is not ``data.source`` (the same
+    local file, however written, whose split is ignored; or the same dataset name and split)."""
+    e, d = cfg.eval, cfg.data
+    if e.source is None or not e.num_prompts:
+        return
+    here = [os.path.realpath(os.path.expanduser(p)) for p in (e.source, d.source)]
+    if all(os.path.exists(p) for p in here):
+        same, what = here[0] == here[1], f"the file {here[0]}"
+    else:
+        same, what = e.source == d.source and e.split == d.split, f"'{d.source}', split '{d.split}'"
+    if same:
+        raise ConfigError(
+            f"eval.source and data.source are both {what}: the held-out prompts would be training prompts, and the "
+            "evaluation would measure recall, not what the policy learnt. Leave eval.source unset (null) to hold "
+            "out eval.num_prompts prompts of data.source and train on the rest, or give the evaluation another "
+            "dataset (eval.source; for a hub or synthetic dataset, another eval.split)."
         )
 
 
@@ -651,10 +673,11 @@ def check_tiny_shape(m: ModelConfig) -> None:
     small = [f"model.tiny.{k}={getattr(t, k)}" for k in sizes if getattr(t, k) < 1]
     if small:
         problems.append(f"{', '.join(small)}: sizes must be ≥ 1")
-    elif t.hidden_size % t.num_heads or (t.hidden_size // t.num_heads) % 2:
+    elif t.hidden_size // t.num_heads < 2 or (t.hidden_size // t.num_heads) % 2:
         problems.append(
-            f"model.tiny.hidden_size={t.hidden_size} must be a multiple of model.tiny.num_heads={t.num_heads} with an "
-            "even head width (hidden_size / num_heads; rotary embeddings rotate pairs of dimensions), e.g. 64 and 4"
+            f"model.tiny.hidden_size={t.hidden_size} and model.tiny.num_heads={t.num_heads} give heads of width "
+            f"{t.hidden_size // t.num_heads} (hidden_size // num_heads), which must be even and at least 2: rotary "
+            "embeddings rotate pairs of dimensions (e.g. 64 and 4)"
         )
     elif m.family == "diffusion_gemma" and t.num_heads % max(1, t.num_heads // 2):
         problems.append(
@@ -973,14 +996,6 @@ def check_loop(cfg: Config) -> None:
         )
     if e.num_prompts < 0:
         raise ConfigError(f"eval.num_prompts must be ≥ 0 (0 = no evaluation), got {e.num_prompts}.")
-    same = e.source is not None and os.path.normpath(e.source) == os.path.normpath(cfg.data.source)
-    if e.num_prompts and same and e.split == cfg.data.split:
-        raise ConfigError(
-            f"eval.source and data.source are both '{cfg.data.source}', split '{e.split}': the held-out prompts "
-            "would be training prompts, and the evaluation would measure recall, not what the policy learnt. Leave "
-            "eval.source unset (null) to hold out eval.num_prompts prompts of data.source and train on the rest, or "
-            "give the evaluation another split or dataset (eval.split, eval.source)."
-        )
     if not 0 <= e.temperature < math.inf or not math.isfinite(e.pass_threshold):
         raise ConfigError(
             f"eval.temperature must be a finite number ≥ 0 (the k samples' temperature) and eval.pass_threshold a "

@@ -14,6 +14,7 @@ import functools
 import inspect
 import itertools
 import json
+import math
 import os
 import random
 import typing
@@ -434,21 +435,25 @@ def _short(value: Any, limit: int = 80) -> str:
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
-def check_answers(answers: Sequence[Any], prompts: Sequence[Any], column: str, source: str, key: str) -> None:
-    """Every prompt has its answer, for rewards that read one: a null (a key missing from a JSON Lines row) or an
-    empty answer would score every completion of that prompt as wrong, silently.
+def missing_answers(answers: Sequence[Any], prompts: Sequence[Any], column: str, source: str, key: str) -> str:
+    """What is missing where prompts have no answer (None, as a key missing from a JSON Lines row is, NaN, or
+    empty text), e.g. ``"2 of the 6 prompts of data.source 'd.jsonl' have no answer (the first: '1+1=')"``; ""
+    if every prompt has one.
 
-    Raises:
-        ConfigError: naming the source, how many prompts lack an answer, the first of them and the fix.
+    Example:
+        >>> missing_answers(["2", None, " "], ["1+1=", "2+2=", "3+3="], "answer", "d.jsonl", "data.source")
+        "2 of the 3 prompts of data.source 'd.jsonl' have no answer in column 'answer' (the first: '2+2=')"
     """
-    missing = [i for i, v in enumerate(answers) if v is None or isinstance(v, str) and not v.strip()]
-    if missing:
-        raise ConfigError(
-            f"{len(missing)} of the {len(answers)} prompts of {key} '{source}' have no answer (the first: "
-            f"{_short(prompts[missing[0]])}): their column '{column}' is missing, null or empty, and the rewards "
-            "that read the answer would score every completion of them as wrong. Fill in those answers or remove "
-            "those rows, or set data.answer_column to the column that holds the answers."
-        )
+    missing = [
+        i for i, v in enumerate(answers)
+        if v is None or isinstance(v, float) and math.isnan(v) or isinstance(v, str) and not v.strip()
+    ]  # fmt: skip
+    if not missing:
+        return ""
+    return (
+        f"{len(missing)} of the {len(answers)} prompts of {key} '{source}' have no answer in column '{column}' (the "
+        f"first: {_short(prompts[missing[0]])})"
+    )
 
 
 def encode_prompt(tokenizer: Any, prompt: str | list[dict], cfg: DataConfig) -> list[int]:

@@ -30,6 +30,7 @@ from tracerl.orchestrator.setup import (
     connect,
     load_prompts,
     local_gpus,
+    missing_answers,
     reward_inputs,
     reward_pool,
     teardown,
@@ -167,12 +168,13 @@ def run_eval(cfg: Config, out_dir: str | None = None, verbose: bool = False, con
     if eval_set is None:
         raise ConfigError("eval.num_prompts is 0: there is nothing to evaluate; set eval.num_prompts ≥ 1.")
     key = "eval.source" if cfg.eval.source else "data.source"
-    check_rewards(cfg, list(eval_set.columns) + ["prompt"], cfg.eval.source or cfg.data.source, key=key, rows=eval_set)
+    service = check_rewards(cfg, list(eval_set.columns) + ["prompt"], cfg.eval.source or cfg.data.source, key=key)
     check_model(cfg, max(len(p) for p in eval_set.prompt_ids))
     if local_gpus(cfg) is not None:
         check_device(cfg, local_gpus(cfg))
-    if warning := ignored_tiny_settings(cfg.model):
-        console.print(f"[yellow]warning: {warning}[/yellow]")
+    for warning in [ignored_tiny_settings(cfg.model), *missing_answers(cfg, service, None, eval_set)]:
+        if warning:
+            console.print(f"[yellow]warning: {warning}[/yellow]")
     with teardown() as cleanup:
         if connect(cfg, verbose):
             cleanup.append(ray.shutdown)

@@ -47,6 +47,7 @@ from tracerl.orchestrator.setup import (
     connect,
     load_prompts,
     local_gpus,
+    missing_answers,
     reward_pool,
     teardown,
     try_rewards,
@@ -157,11 +158,13 @@ class Session:
         claim = runs.claim(cfg, "train")  # whose directory, what to resume (verified), before anything is written
         resume = claim.resume
         stream, eval_set = load_prompts(cfg)
-        check_rewards(cfg, stream.ds.column_names, cfg.data.source, eval_set=eval_set, rows=stream.all())
+        service = check_rewards(cfg, stream.ds.column_names, cfg.data.source, eval_set=eval_set)
         check_model(cfg, max(len(p) for p in stream.ids + (eval_set.prompt_ids if eval_set else [])))
         if local_gpus(cfg) is not None:
             check_device(cfg, local_gpus(cfg))
-        for warning in guards.start_warnings(cfg, os.cpu_count() or 1):
+        for warning in guards.start_warnings(cfg, os.cpu_count() or 1) + missing_answers(
+            cfg, service, stream.all(), eval_set
+        ):
             console.print(f"[yellow]warning: {warning}[/yellow]")
         with teardown() as cleanup:
             if connect(cfg, verbose):

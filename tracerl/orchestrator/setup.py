@@ -4,6 +4,7 @@ rewards, the sampler settings against the model (from its config alone), Ray."""
 from __future__ import annotations
 
 import contextlib
+import inspect
 import json
 import math
 import os
@@ -21,7 +22,7 @@ from tracerl.config import Config, ConfigError, reward_model_workers
 from tracerl.models import load_policy, load_tokenizer
 from tracerl.records import Rollout
 from tracerl.reward_resolve import RewardError, default_name, reward_kind, specs_from_config
-from tracerl.reward_service import RewardService, RewardSpec, check_columns, required_columns
+from tracerl.reward_service import RewardService, RewardSpec, check_columns
 from tracerl.workers import RewardPool, RolloutShard
 from tracerl.workers.placement import reward_models
 
@@ -280,12 +281,10 @@ def check_rewards(
     *,
     key: str = "data.source",
     eval_set: data.PromptBatch | None = None,
-    rows: data.PromptBatch | None = None,
 ) -> RewardService:
     """The reward functions resolve (names, import paths, files; reward models' configs and tokenizers, judges'
     endpoints) and find the dataset columns they need in ``columns`` (of the dataset ``source``, set as ``key``)
-    and, when ``eval.source`` is set, in ``eval_set`` too; where a function reads the answer, every prompt of
-    ``rows`` (``source``'s) and ``eval_set`` has one. With ``load``, reward models' weights load too."""
+    and, when ``eval.source`` is set, in ``eval_set`` too; with ``load``, reward models' weights load too."""
     r = cfg.reward
     service = RewardService(
         reward_specs(cfg),
@@ -299,14 +298,56 @@ def check_rewards(
         check_columns(service, columns, source, key)
     if eval_set is not None and cfg.eval.source is not None:  # held-out prompts of data.source: its columns
         check_columns(service, ["prompt", *eval_set.columns], cfg.eval.source, "eval.source")
-    if any("answer" in need for need in required_columns(service).values()):
-        held = (cfg.eval.source or cfg.data.source, "eval.source" if cfg.eval.source else "data.source")
-        for batch, (name, setting) in ((rows, (source, key)), (eval_set, held)):
-            if batch is not None and "answer" in batch.columns:
-                data.check_answers(batch.columns["answer"], batch.prompts, cfg.data.answer_column, name, setting)
     if load:
         service.load()
     return service
+
+
+def answer_readers(service: RewardService) -> list[str]:
+    """The reward functions that are given the dataset's answer: a parameter ``answer`` (with a default or not),
+    or a judge whose template names it, unless the entry's kwargs fix it."""
+    names = []
+    for r in service.rewards:
+        declared = getattr(r.fn, "required_columns", None)
+        if declared is None:
+            try:
+                declared = inspect.signature(r.fn).parameters
+            except (TypeError, ValueError):
+                declared = ()
+        if "answer" in declared and "answer" not in r.kwargs:
+            names.append(r.name)
+    return names
+
+
+def missing_answers(
+    cfg: Config, service: RewardService, train: data.PromptBatch | None, held: data.PromptBatch | None
+) -> list[str]:
+    """A warning for each dataset (``data.source``: the training prompts and, without ``eval.source``, the held-out
+    ones; ``eval.source``: its own) where a reward function reads the answer and some prompts have none
+    (``data.missing_answers``). Not an error: a function that returns None there (TRL's "does not apply") skips
+    them, as a multi-task dataset wants."""
+    readers = answer_readers(service)
+    if not readers:
+        return []
+    parts = [(train, cfg.data.source, "data.source"), (held, cfg.eval.source, "eval.source")]
+    if cfg.eval.source is None and train is not None and held is not None:  # both from data.source: one count
+        answers = [*train.columns.get("answer", []), *held.columns.get("answer", [])]
+        both = data.PromptBatch([], [*train.prompts, *held.prompts], {"answer": answers})
+        parts = [(both if "answer" in train.columns else None, cfg.data.source, "data.source")]
+    elif cfg.eval.source is None:
+        parts = [(train or held, cfg.data.source, "data.source")]
+    found = []
+    for batch, source, key in parts:
+        if batch is not None and "answer" in batch.columns:
+            where = data.missing_answers(batch.columns["answer"], batch.prompts, cfg.data.answer_column, source, key)
+            if where:
+                found.append(
+                    f"{where}; the reward functions that read the answer ({', '.join(readers)}) score those "
+                    "prompts' completions without one: one that returns None there skips them, one that compares "
+                    "with the answer scores every completion 0. Fill in the answers or remove those rows if they "
+                    "should have one."
+                )
+    return found
 
 
 def try_rewards(cfg: Config, stream: data.PromptStream, trial: Callable[..., dict[str, Any]]) -> str:
@@ -374,31 +415,40 @@ def _check_some_row_scored(
     column: str | None,
     tried: dict[str, Any],
 ) -> None:
-    """No reward function scored the first row (None or NaN on its answer and on an empty completion), and the
-    rewards are functions only: try the answers of the first ``TRIAL_ROWS`` rows. A run none of whose samples is
-    scored stops at its first evaluation, after its run_dir is written; a function that scores none of these rows'
-    own answers is refused here instead. (One row a function does not apply to, TRL's None, is fine.)
+    """No reward function scored the first row (None or NaN on both stand-ins), and the rewards are functions
+    only: try the answers (or responses) of the next rows, up to ``TRIAL_ROWS`` in all. A run none of whose samples
+    is scored stops at its first step or evaluation, after its run_dir is written; functions that return nothing
+    but None or NaN on the reference answers of all these rows are refused here instead. Nothing is concluded
+    where no row has a reference answer to try (an empty completion need not be scored: TRL's None), or where a
+    function raised on one (``reward.on_error`` decides about those).
 
     Raises:
         RewardError: naming the functions, what they gave and the rows tried.
     """
     rows = stream.ds.select(range(1, min(TRIAL_ROWS, len(stream.ds))))
-    more = ""
-    if len(rows) and column is not None:
-        texts = [str(t or "") for t in rows[column]]
-        ids = [stream.tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts]
-        columns = {c: list(rows[c]) for c in rows.column_names if c != "prompt"}
-        if _scored(trial(list(rows["prompt"]), texts, ids, columns, plain)):
-            return
-        more = f", and nothing but None or NaN on the {column}s of rows 1-{len(rows)} either"
+    column = column or next((c for c in ("answer", "response") if c in rows.column_names), None)
+    if column is None:
+        return
+    keep = [i for i, t in enumerate(rows[column]) if t is not None and str(t).strip()]
+    if not keep:
+        return  # no other row has a reference answer to try: nothing to conclude
+    rows = rows.select(keep)
+    texts = [str(t) for t in rows[column]]
+    ids = [stream.tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts]
+    columns = {c: list(rows[c]) for c in rows.column_names if c != "prompt"}
+    more = trial(list(rows["prompt"]), texts, ids, columns, plain)
+    if _scored(more) or any(isinstance(got, RewardError) for got in more.values()):
+        return
     gave = ", ".join(
         f"{name} " + ("failed (NaN under on_error=nan)" if isinstance(got, RewardError) else str(list(got)))
         for name, got in tried.items()
     )
-    first = f"its {column}" if column else "an empty stand-in (it has no answer)"
+    answered = stream.ds[0].get(column) not in (None, "")
+    first = f"its {column}" if answered else "an empty stand-in (it has no answer)"
+    rest = f", and nothing but None or NaN on the {column}s of {len(keep)} more rows either"
     raise RewardError(
         f"no reward function gave a score before the run started: {gave} on the first row of data.source "
-        f"'{cfg.data.source}' ({first} and an empty completion){more}. A sample that no function scores is not "
+        f"'{cfg.data.source}' ({first} and an empty completion){rest}. A sample that no function scores is not "
         "trained on, and a run none of whose samples is scored stops at its first step or evaluation, after its "
         "run_dir is written. Check that the functions read the dataset's columns under the names they are given "
         "(data.answer_column, reward.functions[i].kwargs) and return a number where they apply."
