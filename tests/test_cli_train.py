@@ -156,15 +156,26 @@ def test_train_checks_positions_before_anything_is_written(capsys, tmp_path):
 @pytest.mark.ray
 @pytest.mark.slow
 def test_a_reward_that_scores_nothing_stops_the_run_at_its_first_step(capsys, tmp_path):
-    """A reward that returns None for every sample would train nothing, step after step, and exit 0: the first step
-    that shows it stops the run, naming the function and the columns it reads."""
+    """A reward that returns None for every sample would train nothing, step after step, and exit 0. One that gives
+    the reference answers of the first rows nothing either is refused before the run starts, with nothing written;
+    one that scores those but no completion of the model stops the run at its first step, naming the function and
+    the columns it reads."""
     reward = tmp_path / "nothing.py"
-    reward.write_text("def score(prompts, completions, **kwargs):\n    return [None] * len(completions)\n")
+    reward.write_text(
+        "from tracerl.reward_service import is_trial\n\n"
+        "def score(prompts, completions, **kwargs):\n    return [None] * len(completions)\n\n"
+        "def only_trial(prompts, completions, **kwargs):\n"
+        "    return [1.0 if is_trial() else None for _ in completions]\n"
+    )
     small = ["eval.num_prompts=0", "train.steps=3", "rollout.prompts_per_step=2", "rollout.samples_per_prompt=2",
              "wandb.mode=disabled"]  # fmt: skip
-    reward_fn = f"reward.functions=[{{fn: '{reward}:score'}}]"
+    err = fails(capsys, "train", QUICK, f"run_dir={tmp_path / 'run'}", f"reward.functions=[{{fn: '{reward}:score'}}]",
+                *small)  # fmt: skip
+    assert "no reward function gave a score before the run started: score [nan, nan] on the first row" in err
+    assert not (tmp_path / "run").exists()
+    reward_fn = f"reward.functions=[{{fn: '{reward}:only_trial'}}]"
     err = fails(capsys, "train", QUICK, f"run_dir={tmp_path / 'run'}", reward_fn, *small)
-    assert "every sample of RL step 1 was scored None (or NaN) by reward function(s) ['score']" in err
+    assert "every sample of RL step 1 was scored None (or NaN) by reward function(s) ['only_trial']" in err
     assert "data.answer_column" in err
     assert not (tmp_path / "run" / "checkpoints").exists() and not (tmp_path / "run" / "final").exists()
 
