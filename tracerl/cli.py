@@ -237,7 +237,7 @@ def cmd_validate(ns: argparse.Namespace) -> int:
             "the limit; the tokenizer writes them; every sampler setting fits the model)"
         )
         service = check_rewards(cfg, stream.ds.column_names, cfg.data.source, load=not ns.offline, eval_set=eval_set)
-        for warning in missing_answers(cfg, service, stream.all(), eval_set):
+        for warning in missing_answers(cfg, service, stream.ds, eval_set):
             console.print(f"[yellow]warning: {warning}[/yellow]")
         tried = "" if ns.offline else try_rewards(cfg, stream, service.trial)
     for reward in service.rewards:  # reward models and judges say what was checked

@@ -564,26 +564,31 @@ class RewardService:
         return None
 
 
+def _columns_read(r: _Reward, optional: bool) -> set[str]:
+    """Dataset columns reward ``r`` is given: a judge's template names them; a function's are its parameters that
+    are neither the TRL call's own arguments nor fixed ``kwargs``, those with a default too where ``optional``."""
+    declared = getattr(r.fn, "required_columns", None)  # a judge: the columns its template names
+    if declared is not None:
+        return set(declared) - set(r.kwargs)
+    try:
+        params = inspect.signature(r.fn).parameters.values()
+    except (TypeError, ValueError):
+        return set()
+    kinds = (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
+    names = {p.name for p in params if p.kind in kinds and (optional or p.default is inspect.Parameter.empty)}
+    return names - {*RESERVED, *r.kwargs, "trainer_state", "log_extra", "log_metric"}
+
+
 def required_columns(service: RewardService) -> dict[str, set[str]]:
     """Dataset columns each reward function needs: its parameters without a default that are neither the TRL
     call's own arguments nor fixed ``kwargs`` (e.g. ``answer`` for ``synthetic_exact``)."""
-    out: dict[str, set[str]] = {}
-    for r in service.rewards:
-        declared = getattr(r.fn, "required_columns", None)  # a judge: the columns its template names
-        if declared is not None:
-            if set(declared) - set(r.kwargs):
-                out[r.name] = set(declared) - set(r.kwargs)
-            continue
-        try:
-            params = inspect.signature(r.fn).parameters.values()
-        except (TypeError, ValueError):
-            continue
-        kinds = (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
-        need = {p.name for p in params if p.kind in kinds and p.default is inspect.Parameter.empty}
-        need -= {*RESERVED, *r.kwargs, "trainer_state", "log_extra", "log_metric"}
-        if need:
-            out[r.name] = need
-    return out
+    return {r.name: need for r in service.rewards if (need := _columns_read(r, optional=False))}
+
+
+def column_readers(service: RewardService, column: str) -> list[str]:
+    """The reward functions given dataset column ``column``: a parameter of that name, with a default or not (as
+    ``math_verify``'s ``answer``), or a judge whose template names it, unless the entry's kwargs fix it."""
+    return [r.name for r in service.rewards if column in _columns_read(r, optional=True)]
 
 
 def check_columns(service: RewardService, columns: Sequence[str], source: str, key: str = "data.source") -> None:

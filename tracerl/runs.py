@@ -162,12 +162,12 @@ def claim(cfg: Config, command: str) -> Claim:
         notes = [f"{note}: starting the run over from step 0"]
         return Claim(owner["run_id"], command, None, True, notes, wanted, restored, meaning(cfg))
     notes = [f"half-written checkpoint ignored: {', '.join(partial)}"] if partial else []
-    notes += _check_resumable(latest, wanted, restored) + _changed_meaning(cfg, latest)
-    notes += _check_steps_left(cfg, command, latest) + _pruned(cfg, owner["run_id"])
+    notes += _check_resumable(latest, wanted, restored) + _changed_meaning(cfg, latest) + _pruned(cfg, owner["run_id"])
+    _check_steps_left(cfg, command, latest)  # once the checkpoint is verified
     return Claim(owner["run_id"], command, latest, False, notes, wanted, restored, meaning(cfg))
 
 
-def _check_steps_left(cfg: Config, command: str, path: Path) -> list[str]:
+def _check_steps_left(cfg: Config, command: str, path: Path) -> None:
     """The run has steps left after checkpoint ``path``; a resume past its last step would train nothing and write
     its final model again.
 
@@ -182,7 +182,6 @@ def _check_steps_left(cfg: Config, command: str, path: Path) -> list[str]:
             f"run's final model again from step {step}. To train on, set {key} above {step}; the model at that "
             f"step is {path}/learner/hf (tracerl export {path} OUT makes a Hugging Face directory of it)."
         )
-    return []
 
 
 def _pruned(cfg: Config, run_id: str | None) -> list[str]:
@@ -233,7 +232,7 @@ def _explicit(
     if owner is not None:
         _same_command(run_dir, owner, command)
     notes = _check_resumable(path, wanted, restored) + _changed_meaning(cfg, path)
-    notes += _check_steps_left(cfg, command, path)
+    _check_steps_left(cfg, command, path)  # once the checkpoint is verified
     return Claim(run_id or uuid.uuid4().hex, command, path, notes=notes, settings=wanted, restored=restored,
                  meaning=meaning(cfg))  # fmt: skip
 

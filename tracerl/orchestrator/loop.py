@@ -163,7 +163,7 @@ class Session:
         if local_gpus(cfg) is not None:
             check_device(cfg, local_gpus(cfg))
         for warning in guards.start_warnings(cfg, os.cpu_count() or 1) + missing_answers(
-            cfg, service, stream.all(), eval_set
+            cfg, service, stream.ds, eval_set
         ):
             console.print(f"[yellow]warning: {warning}[/yellow]")
         with teardown() as cleanup:

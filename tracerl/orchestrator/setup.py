@@ -4,7 +4,6 @@ rewards, the sampler settings against the model (from its config alone), Ray."""
 from __future__ import annotations
 
 import contextlib
-import inspect
 import json
 import math
 import os
@@ -12,7 +11,7 @@ import signal
 import socket
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, replace
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import ray
 
@@ -22,9 +21,12 @@ from tracerl.config import Config, ConfigError, reward_model_workers
 from tracerl.models import load_policy, load_tokenizer
 from tracerl.records import Rollout
 from tracerl.reward_resolve import RewardError, default_name, reward_kind, specs_from_config
-from tracerl.reward_service import RewardService, RewardSpec, check_columns
+from tracerl.reward_service import RewardService, RewardSpec, check_columns, column_readers
 from tracerl.workers import RewardPool, RolloutShard
 from tracerl.workers.placement import reward_models
+
+if TYPE_CHECKING:
+    import datasets
 
 
 @contextlib.contextmanager
@@ -303,50 +305,33 @@ def check_rewards(
     return service
 
 
-def answer_readers(service: RewardService) -> list[str]:
-    """The reward functions that are given the dataset's answer: a parameter ``answer`` (with a default or not),
-    or a judge whose template names it, unless the entry's kwargs fix it."""
-    names = []
-    for r in service.rewards:
-        declared = getattr(r.fn, "required_columns", None)
-        if declared is None:
-            try:
-                declared = inspect.signature(r.fn).parameters
-            except (TypeError, ValueError):
-                declared = ()
-        if "answer" in declared and "answer" not in r.kwargs:
-            names.append(r.name)
-    return names
-
-
 def missing_answers(
-    cfg: Config, service: RewardService, train: data.PromptBatch | None, held: data.PromptBatch | None
+    cfg: Config, service: RewardService, train: datasets.Dataset | None, held: data.PromptBatch | None
 ) -> list[str]:
-    """A warning for each dataset (``data.source``: the training prompts and, without ``eval.source``, the held-out
-    ones; ``eval.source``: its own) where a reward function reads the answer and some prompts have none
-    (``data.missing_answers``). Not an error: a function that returns None there (TRL's "does not apply") skips
-    them, as a multi-task dataset wants."""
-    readers = answer_readers(service)
+    """A warning for each dataset where a reward function reads the answer and some prompts have none
+    (``data.missing_answers``): ``data.source`` (its training prompts ``train`` and, without ``eval.source``, the
+    held-out ones) and ``eval.source`` (``held``). Not an error: a function that returns None there (TRL's "does
+    not apply") skips them, as a multi-task dataset wants. Only the answer and prompt columns are read."""
+    readers = column_readers(service, "answer")
     if not readers:
         return []
-    parts = [(train, cfg.data.source, "data.source"), (held, cfg.eval.source, "eval.source")]
-    if cfg.eval.source is None and train is not None and held is not None:  # both from data.source: one count
-        answers = [*train.columns.get("answer", []), *held.columns.get("answer", [])]
-        both = data.PromptBatch([], [*train.prompts, *held.prompts], {"answer": answers})
-        parts = [(both if "answer" in train.columns else None, cfg.data.source, "data.source")]
-    elif cfg.eval.source is None:
-        parts = [(train or held, cfg.data.source, "data.source")]
+    parts: list[tuple[list[tuple[list, list]], str, str]] = [([], cfg.data.source, "data.source")]
+    if cfg.eval.source is not None:
+        parts.append(([], cfg.eval.source, "eval.source"))
+    if train is not None and "answer" in train.column_names:
+        parts[0][0].append((train["answer"], train["prompt"]))
+    if held is not None and "answer" in held.columns:
+        parts[-1][0].append((held.columns["answer"], held.prompts))  # data.source's own without eval.source
     found = []
-    for batch, source, key in parts:
-        if batch is not None and "answer" in batch.columns:
-            where = data.missing_answers(batch.columns["answer"], batch.prompts, cfg.data.answer_column, source, key)
-            if where:
-                found.append(
-                    f"{where}; the reward functions that read the answer ({', '.join(readers)}) score those "
-                    "prompts' completions without one: one that returns None there skips them, one that compares "
-                    "with the answer scores every completion 0. Fill in the answers or remove those rows if they "
-                    "should have one."
-                )
+    for pieces, source, key in parts:
+        answers, prompts = [a for p in pieces for a in p[0]], [q for p in pieces for q in p[1]]
+        where = data.missing_answers(answers, prompts, cfg.data.answer_column, source, key)
+        if where:
+            found.append(
+                f"{where}; the reward functions that read the answer ({', '.join(readers)}) score those prompts' "
+                "completions without one: one that returns None there skips them, one that compares with the "
+                "answer scores every completion 0. Fill in the answers or remove those rows if they should have one."
+            )
     return found
 
 
