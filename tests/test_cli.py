@@ -19,6 +19,30 @@ def test_generate_prints_the_denoised_text(capsys):
     assert out.startswith("1+2=") and "tokens in" in out and "denoising steps" in out
 
 
+@pytest.mark.parametrize("source", ["model", "sampling"])
+def test_generate_prints_the_log_prob_the_learner_reads(capsys, source):
+    """Under objective.logp_temperature=sampling the learner reads log softmax(logits / 0.7), and so does the line."""
+    from tracerl.checks import load_config
+    from tracerl.config import logp_temperature
+    from tracerl.data import encode_prompt
+    from tracerl.models import load_policy
+    from tracerl.sampling import generate
+
+    overrides = ["sampling.max_new_tokens=8", "sampling.block_size=4", "sampling.temperature=0.7"]
+    overrides.append(f"objective.logp_temperature={source}")
+    assert main(["generate", "--prompt", "1+2=", "--no-animate", *overrides]) == 0
+    line = capsys.readouterr().out.strip().splitlines()[-1]
+    cfg = load_config(None, overrides)
+    policy = load_policy(cfg.model)
+    tau = logp_temperature(cfg)
+    rollout = generate(
+        policy, [encode_prompt(policy.tokenizer, "1+2=", cfg.data)], cfg.sampling, seed=cfg.seed, logp_temperature=tau
+    )
+    mean = float(rollout.rollout_logp[0][rollout.response_mask[0]].mean())
+    assert f"mean log-prob {mean:.3f} at temperature {tau:g}" in line
+    assert tau == (0.7 if source == "sampling" else 1.0)
+
+
 def test_bad_override_is_one_paragraph_and_nonzero(capsys):
     rc = main(["generate", "--prompt", "x", "sampling.max_new_tokns=8"])
     err = capsys.readouterr().err

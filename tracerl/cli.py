@@ -54,10 +54,11 @@ def cmd_generate(ns: argparse.Namespace) -> int:
     from rich.live import Live
     from rich.text import Text
 
+    from tracerl.config import logp_temperature
     from tracerl.data import encode_prompt
     from tracerl.models import load_policy, load_tokenizer
     from tracerl.records import CanvasRollout
-    from tracerl.sampling import generate
+    from tracerl.sampling import generate, renoising
 
     if not (math.isfinite(ns.delay) and ns.delay >= 0):
         raise ConfigError(
@@ -82,7 +83,8 @@ def cmd_generate(ns: argparse.Namespace) -> int:
             "with known characters."
         )
     policy = load_policy(cfg.model)
-    rollout = generate(policy, [prompt_ids], cfg.sampling, seed=cfg.seed)
+    tau = 1.0 if renoising(policy) else logp_temperature(cfg)  # the log-probs the learner would read
+    rollout = generate(policy, [prompt_ids], cfg.sampling, seed=cfg.seed, logp_temperature=tau)
     if isinstance(rollout, CanvasRollout):
         return _show_canvases(ns, rollout, policy)
     ids, steps = rollout.response_ids[0].tolist(), rollout.step_map[0].tolist()
@@ -113,7 +115,8 @@ def cmd_generate(ns: argparse.Namespace) -> int:
     nfe = last + 1
     console.print(
         f"[dim]{sum(s >= 0 for s in steps)} tokens in {nfe} denoising steps · "
-        f"mean log-prob {float(rollout.rollout_logp[0][rollout.response_mask[0]].mean()):.3f}[/dim]"
+        f"mean log-prob {float(rollout.rollout_logp[0][rollout.response_mask[0]].mean()):.3f} at temperature {tau:g}"
+        "[/dim]"
     )
     return 0
 
