@@ -294,6 +294,18 @@ def test_csv_text_columns_are_read_as_text(tmp_path):
     assert load_examples(DataConfig(source=str(path)), 0)["answer"] == ["2", None, "6"]  # a blank is missing
 
 
+def test_csv_answers_that_are_pandas_na_words_stay_text(tmp_path):
+    """An answer None, NA or n/a is the text written there, not a missing answer; other columns as pandas reads."""
+    path = tmp_path / "a.csv"
+    path.write_text("prompt,answer,score\nf() returns,None,NA\nsymbol of sodium?,NA,3\nq,n/a,\nNULL,,4\n")
+    ds = load_examples(DataConfig(source=str(path)), 0)
+    assert ds["answer"] == ["None", "NA", "n/a", None] and ds["prompt"][-1] == "NULL"
+    assert ds["score"][1:] == [3.0, None, 4.0] and ds["score"][0] is None  # NA in a column of numbers is missing
+    path.write_text("question,solution,prompt\nnull?,NA,NA\n")  # the named columns are the text ones
+    renamed = load_examples(DataConfig(source=str(path), answer_column="solution", prompt_column="question"), 0)
+    assert renamed["prompt"] == ["null?"] and renamed["answer"] == ["NA"]
+
+
 @pytest.mark.parametrize(
     ("name", "text", "what"),
     [("s.json", "42", "the single JSON value 42, not rows"), ("s.jsonl", '"abc"\n', "the single JSON value 'abc'"),

@@ -284,8 +284,7 @@ def _load_source(cfg: DataConfig, seed: int, key: str = "data.source") -> datase
                 raise ConfigError(
                     f"{key} '{src}': unsupported file type '{path.suffix}' (use .json, .jsonl, .parquet or .csv)."
                 )
-            # pandas guesses a CSV column's type: answers 2, 4 and a blank would be read as 2.0, 4.0 and NaN
-            text = {"converters": dict.fromkeys(_text_columns(cfg), str)} if kind == "csv" else {}
+            text = _csv_as_text(path, cfg) if kind == "csv" else {}
             with datasets_quiet():  # a parse error is reported below, as one paragraph, not as its log lines
                 return datasets.load_dataset(kind, data_files=str(path), split="train", **text)
         return datasets.load_dataset(src, split=cfg.split)
@@ -306,6 +305,25 @@ def _load_source(cfg: DataConfig, seed: int, key: str = "data.source") -> datase
 def _text_columns(cfg: DataConfig) -> list[str]:
     """The file's names of the prompt, answer and response columns (read as text from a CSV file)."""
     return list(dict.fromkeys((cfg.prompt_column, cfg.answer_column, cfg.response_column)))
+
+
+def _csv_as_text(path: Path, cfg: DataConfig) -> dict:
+    """pandas options that read a CSV's prompt, answer and response columns as the text written there.
+
+    pandas guesses a column's type and reads its NA words as missing: answers ``2``, ``4`` and a blank would come
+    back as 2.0, 4.0 and NaN, and an answer ``None``, ``NA`` or ``null`` as missing. In these columns only a blank
+    is missing; the file's other columns are read as pandas reads them (its own NA words).
+    """
+    import pandas as pd
+    from pandas._libs.parsers import STR_NA_VALUES  # pandas' default NA words, kept for the other columns
+
+    text = _text_columns(cfg)
+    with contextlib.suppress(Exception):  # an unreadable header is reported by the load itself, as one paragraph
+        header = [str(c) for c in pd.read_csv(path, nrows=0).columns]
+        words = sorted(STR_NA_VALUES)
+        na_values = {c: ([""] if c in text else words) for c in header}
+        return {"converters": dict.fromkeys(text, str), "keep_default_na": False, "na_values": na_values}
+    return {"converters": dict.fromkeys(text, str)}
 
 
 @contextlib.contextmanager
