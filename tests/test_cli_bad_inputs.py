@@ -135,6 +135,18 @@ CASES = [
     ("reward module missing", ["validate", "{d}/reward_module.yaml"], "could not import module 'no_such_pkg.rewards'"),
     ("factory without arguments", ["validate", "{d}/reward_factory.yaml"], "factory_kwargs"),
     ("reward.imports missing", ["validate", "reward.imports=[no_such_mod]"], "reward.imports"),
+    ("reward naming no module", ["validate", "reward.functions=[{fn: ':'}]"], "reward ':' names no module or file"),
+    (
+        "reward endpoint without a host",
+        ["validate", "--offline", "reward.functions=[{fn: 'https://'}]"],
+        "reward endpoint 'https://' is not a URL a request can go to (it names no host)",
+    ),
+    (
+        "served reward endpoint that is no URL",
+        ["serve-reward", "--reward", "http://[::1", "--port", "0"],
+        "reward endpoint 'http://[::1' is not a URL a request can go to (Invalid IPv6 URL)",
+    ),
+    ("a prompt that names a command", ["generate", "model.family=gpt", "--prompt", "serve-reward"], "model.family"),
     # export
     ("export missing", ["export", "{d}/nope", "{d}/out1"], "checkpoint '{d}/nope' does not exist"),
     ("export incomplete", ["export", "{d}/ckpt_incomplete", "{d}/out2"], "no COMPLETE marker"),
@@ -166,6 +178,30 @@ CASES = [
         "checkpoint is '{d}/arun/checkpoints/step-1'. Give that, or 'auto'",
     ),
     ("export truncated says export", ["export", "{d}/ckpt_truncated", "{d}/out5"], "Export from another checkpoint"),
+    (
+        "export of an incomplete checkpoint's model folder",
+        ["export", "{d}/arun/checkpoints/step-2/learner/hf", "{d}/out7"],
+        "checkpoint '{d}/arun/checkpoints/step-2' is not complete (no COMPLETE marker)",
+    ),
+    # nothing is written inside a checkpoint: its manifest would refuse it, and keep_last would delete it
+    (
+        "export into a checkpoint",
+        ["export", "{d}/ckpt_ok", "{d}/ckpt_ok/exported"],
+        "export target '{d}/ckpt_ok/exported' lies inside the checkpoint '{d}/ckpt_ok'. A checkpoint holds only what "
+        "its run wrote",
+    ),
+    (
+        "plot into a checkpoint",
+        ["plot", "{d}/oldrun", "--out", "{d}/arun/checkpoints/step-1/curves.png"],
+        "--out's folder '{d}/arun/checkpoints/step-1' lies inside the checkpoint '{d}/arun/checkpoints/step-1'",
+    ),
+    (
+        "reward model into a checkpoint",
+        ["train-reward-model", "reward_model.base=tiny", "reward_model.out_dir={d}/arun/checkpoints/step-1/rm"],
+        "reward_model.out_dir '{d}/arun/checkpoints/step-1/rm' lies inside the checkpoint",
+    ),
+    ("eval into a checkpoint", ["eval", "--out", "{d}/ckpt_ok/learner/ev"], "lies inside the checkpoint '{d}/ckpt_ok'"),
+    ("train run_dir in a checkpoint", ["train", "run_dir={d}/ckpt_ok/run"], "run_dir '{d}/ckpt_ok/run' lies inside"),
     # sft writes nothing before its checks
     ("sft model missing", ["sft", "model.family=dream", "model.path={d}/nope", "run_dir={d}/run1"], "model.path"),
     ("sft data missing", ["sft", "data.source={d}/nope.jsonl", "run_dir={d}/run2"], "data.source"),
@@ -376,6 +412,7 @@ def files(tmp_path_factory: pytest.TempPathFactory) -> Path:
     (d / "full").mkdir()
     (d / "full" / "keep.txt").write_text("mine")
     _checkpoint(d, "arun/checkpoints/step-1")  # a run folder, as train writes it: run.json, checkpoints, config.json
+    _checkpoint(d, "arun/checkpoints/step-2", complete=False)  # a save that was killed
     (d / "arun" / "run.json").write_text(json.dumps({"run_id": "r", "command": "train"}))
     (d / "arun" / "config.json").write_text(json.dumps({"seed": 0}))
     return d

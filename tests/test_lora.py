@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import json
+import re
 
 import pytest
 import torch
@@ -324,6 +325,14 @@ def test_export_writes_a_merged_model_and_the_adapter_directory_peft_loads(learn
     with pytest.raises(CheckpointError, match=weights.name):
         export_hf(ckpt, tmp_path / "tampered", adapter=True)
     assert not (tmp_path / "tampered").exists()
+
+    # --adapter on a merged model: the checkpoint's own learner/hf, or a model folder, names where the adapter is
+    itself = f"its LoRA adapter is exported from the checkpoint itself: tracerl export {ckpt} OUT_DIR --adapter"
+    with pytest.raises(FileNotFoundError, match=re.escape(itself)):
+        export_hf(ckpt / "learner" / "hf", tmp_path / "a2", adapter=True)
+    with pytest.raises(FileNotFoundError, match="is not a checkpoint: a model folder .* holds the merged weights only"):
+        export_hf(out, tmp_path / "a3", adapter=True)
+    assert not (tmp_path / "a2").exists() and not (tmp_path / "a3").exists()
 
     full = learners(lora_cfg("learner.lora.enabled=false"), copy.deepcopy(full_policy))
     full_ckpt = save_checkpoint(tmp_path / "full", 1, full, DriverState(step=1))

@@ -307,15 +307,33 @@ def driver_state(path: str | Path) -> DriverState:
         raise CheckpointError(f"{file} is not a readable driver state ({type(err).__name__}: {err}).") from None
 
 
+def checkpoint_holding(path: str | Path) -> Path | None:
+    """The checkpoint that ``path`` is or lies in, complete or not (a folder that holds a ``COMPLETE`` manifest or a
+    driver state, or a ``step-<N>`` / ``.tmp-step-<N>`` folder of a ``checkpoints`` folder), else None."""
+    path = Path(path).expanduser().resolve()
+    for folder in (path, *path.parents):
+        named = folder.parent.name == CHECKPOINTS and (_STEP.match(folder.name) or folder.name.startswith(".tmp-step-"))
+        if named or (folder / COMPLETE).is_file() or (folder / DRIVER).is_file():
+            return folder
+    return None
+
+
 def check_writable(folder: Path, setting: str = "run_dir") -> None:
     """``folder`` (the value of ``setting``) is a directory this process can create or write into.
 
     Raises:
-        ConfigError: it is a file, or no folder can be made in its nearest existing folder (a test folder is made
-            there and removed at once).
+        ConfigError: it is a file, it lies inside a checkpoint (``checkpoint_holding``), or no folder can be made
+            in its nearest existing folder (a test folder is made there and removed at once).
     """
     if folder.exists() and not folder.is_dir():
         raise ConfigError(f"{setting} '{folder}' is a file; give a directory (it is created if missing).")
+    if (inside := checkpoint_holding(folder)) is not None:
+        raise ConfigError(
+            f"{setting} '{folder}' lies inside the checkpoint '{inside}'. A checkpoint holds only what its run wrote "
+            "(its manifest lists every file): a file added there makes it fail verification on resume and export, "
+            "and the run deletes it with the checkpoint (checkpoint.keep_last). Give a folder outside "
+            f"'{inside.parent}'."
+        )
     existing = folder
     while not existing.exists():
         existing = existing.parent
@@ -347,6 +365,11 @@ def export_hf(source: str | Path | Any, out_dir: str | Path, adapter: bool = Fal
     if hasattr(source, "save_hf") and not adapter:
         source.save_hf(out)
         return out
+    if out.expanduser().resolve() == Path.cwd().resolve():
+        raise FileExistsError(
+            f"export target '{out_dir}' is the current folder; give a folder of its own, e.g. ./exported (it is "
+            "written whole or not at all, by a rename)."
+        )
     src = Path(source)
     if not src.is_dir():
         problem = "is a file" if src.exists() else "does not exist"
@@ -359,6 +382,18 @@ def export_hf(source: str | Path | Any, out_dir: str | Path, adapter: bool = Fal
     sub, marker = ("adapter", "adapter_config.json") if adapter else ("hf", "config.json")
     hf = next((c for c in (src / "learner" / sub, src / sub, src) if (c / marker).is_file()), None)
     if hf is None:
+        root = checkpoint_holding(src) if adapter else None
+        if adapter and root is None:
+            raise FileNotFoundError(
+                f"{src} is not a checkpoint: a model folder (a run's final/ or an export) holds the merged weights "
+                "only. The LoRA adapter is in the run's checkpoints: export run_dir/checkpoints/step-N with "
+                "--adapter, or this folder without it."
+            )
+        if adapter and (root / "learner" / sub / marker).is_file():
+            raise FileNotFoundError(
+                f"{src} is the merged model of the checkpoint '{root}'; its LoRA adapter is exported from the "
+                f"checkpoint itself: tracerl export {root} OUT_DIR --adapter."
+            )
         if adapter:
             raise FileNotFoundError(
                 f"{src} holds no LoRA adapters (expected learner/adapter/adapter_config.json inside a checkpoint): "
@@ -394,14 +429,16 @@ def verify_export_source(checkpoint: Path, hf: Path, config_name: str = "config.
     Raises:
         ValueError: a check failed; the message names the file.
     """
-    roots = [d for d in (checkpoint, checkpoint.parent, hf.parent.parent) if (d / COMPLETE).is_file()]
-    if hf != checkpoint and not roots:
+    root = checkpoint_holding(hf)  # None: a model folder of its own (final/, an export), no manifest to check
+    if root is None and hf != checkpoint:  # a folder that holds learner/hf (or hf/) is a checkpoint, complete or not
+        root = hf.resolve().parent.parent
+    if root is not None and not (root / COMPLETE).is_file():
         raise ValueError(
-            f"checkpoint '{checkpoint}' is not complete (no {COMPLETE} marker): it was interrupted while being "
+            f"checkpoint '{root}' is not complete (no {COMPLETE} marker): it was interrupted while being "
             "written. Export an earlier complete checkpoint (those with a COMPLETE file)."
         )
-    if hf != checkpoint:  # the exported files are those the manifest recorded
-        verify_checkpoint(roots[0], under=hf.relative_to(roots[0]).as_posix() + "/", use="export")
+    if root is not None:  # the exported files are those the manifest recorded
+        verify_checkpoint(root, under=hf.resolve().relative_to(root).as_posix() + "/", use="export")
     try:
         config = json.loads((hf / config_name).read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as err:

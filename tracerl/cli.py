@@ -430,18 +430,16 @@ def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     flags = {"--debug", "--verbose"}
     debug, verbose = "--debug" in argv, "--verbose" in argv or "--debug" in argv
-    if "serve-reward" in argv:  # its own argument parser; the global flags before or after the command
-        at = argv.index("serve-reward")
-        quiet_third_party(verbose)
-        return cmd_serve_reward(
-            argparse.Namespace(debug=debug, verbose=verbose), [a for a in argv[at + 1 :] if a not in flags]
-        )
-    parser = build_parser()
-    ns, rest = parser.parse_known_args([a for a in argv if a not in flags])  # flags before or after the command
-    if rest and (any(a.startswith("-") for a in rest) or not hasattr(ns, "config")):
-        parser.error(f"unrecognized arguments: {' '.join(rest)}")
-    if rest:  # key=value overrides after an option (tracerl train c.yaml --resume auto seed=1)
-        ns.config = [*ns.config, *rest]
+    words = [a for a in argv if a not in flags]  # the global flags go before or after the command
+    if words[:1] == ["serve-reward"]:  # its own argument parser
+        ns = argparse.Namespace(command="serve-reward", fn=lambda ns: cmd_serve_reward(ns, words[1:]))
+    else:
+        parser = build_parser()
+        ns, rest = parser.parse_known_args(words)
+        if rest and (any(a.startswith("-") for a in rest) or not hasattr(ns, "config")):
+            parser.error(f"unrecognized arguments: {' '.join(rest)}")
+        if rest:  # key=value overrides after an option (tracerl train c.yaml --resume auto seed=1)
+            ns.config = [*ns.config, *rest]
     ns.debug, ns.verbose = debug, verbose
     quiet_third_party(verbose)
     fn: Callable[[argparse.Namespace], int] = ns.fn

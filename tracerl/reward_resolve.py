@@ -196,10 +196,16 @@ def resolve_reward(
         return getattr(fn, "__name__", type(fn).__name__), fn
     spec = str(fn).strip()
     if spec.startswith(("http://", "https://")):
+        _check_url(spec)
         reward = HttpReward(spec, timeout_s=timeout_s, retries=http_retries)
         return reward.__name__, reward
     if ":" in spec:
         location, attr = spec.rsplit(":", 1)
+        if not location.strip() or not attr.strip():
+            raise RewardError(
+                f"reward '{spec}' names no {'module or file' if not location.strip() else 'function'}: write it as "
+                "'pkg.module:function' or 'path/to/file.py:function'."
+            )
         if location.endswith(".py") or "/" in location or os.sep in location:
             return attr, _attribute(_load_file(location, spec), attr, spec)
         try:
@@ -222,6 +228,23 @@ def resolve_reward(
             "'pkg.module:function', a file 'path/to/file.py:function', an endpoint 'http://host:port/score', or a "
             "reward model: an existing model directory or a hub id 'organisation/name' (kind: model)."
         ) from None
+
+
+def _check_url(spec: str) -> None:
+    """An endpoint URL that names a host (and a port, if any, that is a number)."""
+    problem = None
+    try:
+        parsed = urllib.parse.urlsplit(spec)
+        parsed.port  # noqa: B018 - raises on a port that is not a number
+        if not parsed.hostname:
+            problem = "it names no host"
+    except ValueError as err:
+        problem = str(err)
+    if problem is not None:
+        raise RewardError(
+            f"reward endpoint '{spec}' is not a URL a request can go to ({problem}): write it as "
+            "'http://host:port/score'."
+        )
 
 
 _FILE_MODULES: dict[str, Any] = {}

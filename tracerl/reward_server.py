@@ -182,6 +182,12 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     host, port = server.server_address[:2]
     print(f"serving reward '{args.reward}' at http://{host}:{port}/score (Ctrl-C to stop)", flush=True)
+    if not (host in ("localhost", "::1") or str(host).startswith("127.")):
+        print(
+            f"note: --host {args.host} is open beyond this machine: whoever reaches port {port} can have the reward "
+            "score what they send (no authentication). Bind 127.0.0.1 and tunnel (ssh -L) where that matters.",
+            flush=True,
+        )
     try:
         server.serve_forever()
     except KeyboardInterrupt:
