@@ -118,7 +118,10 @@ def test_a_resume_past_the_last_step_is_refused_naming_both(tmp_path: Path) -> N
     with pytest.raises(ConfigError, match=r"past train.steps=1"):
         runs.claim(cfg_for(tmp_path / "new", f"checkpoint.resume={step3}", "train.steps=1"), "train")
     assert snapshot(run_dir) == before and not (tmp_path / "new").exists()
-    assert runs.claim(cfg_for(run_dir, "checkpoint.resume=auto", "train.steps=3"), "train").resume == step3
+    at_end = runs.claim(cfg_for(run_dir, "checkpoint.resume=auto", "train.steps=3"), "train")
+    assert at_end.resume == step3  # a run stopped while writing final/: allowed, and said
+    assert f"checkpoint {step3} is the run's last step (train.steps=3): nothing is left to train" in at_end.notes[-1]
+    assert not any("last step" in n for n in runs.claim(cfg_for(run_dir, "checkpoint.resume=auto"), "train").notes)
     sft = tmp_path / "sft"
     fake_run(sft, (4,), command="sft")
     with pytest.raises(ConfigError, match=r"past sft.steps=3"):

@@ -95,22 +95,23 @@ def test_non_trainable_padding_is_masked_and_never_scored(full_policy):
 
 
 def sft_cfg(tmp_path, *extra: str):  # noqa: ANN001, ANN201
-    return load(
-        None,
-        [
-            "data.source=synthetic:parity",
-            "data.chat_template=false",
-            "data.num_synthetic=600",
-            "sft.batch_size=32",
-            "sft.eval_prompts=32",
-            "sampling.max_new_tokens=8",
-            "sampling.block_size=8",
-            "sampling.temperature=0",
-            "wandb.mode=disabled",
-            f"run_dir={tmp_path / 'run'}",
-            *extra,
-        ],
-    )
+    return load(None, sft_overrides(tmp_path, *extra))
+
+
+def sft_overrides(tmp_path, *extra: str) -> list[str]:  # noqa: ANN001
+    return [
+        "data.source=synthetic:parity",
+        "data.chat_template=false",
+        "data.num_synthetic=600",
+        "sft.batch_size=32",
+        "sft.eval_prompts=32",
+        "sampling.max_new_tokens=8",
+        "sampling.block_size=8",
+        "sampling.temperature=0",
+        "wandb.mode=disabled",
+        f"run_dir={tmp_path / 'run'}",
+        *extra,
+    ]
 
 
 @pytest.mark.slow  # real SFT
@@ -165,6 +166,43 @@ def test_sft_resume_continues_exactly(tmp_path):
         assert torch.equal(b[name], tensor), name
     steps = [json.loads(x)["step"] for x in (tmp_path / "b" / "run" / "metrics.jsonl").read_text().splitlines()]
     assert steps == list(range(1, 17))
+
+
+@pytest.mark.slow  # a real tracerl sft process
+def test_ctrl_c_checkpoints_the_last_sft_step_and_the_resume_equals_a_straight_run(tmp_path):
+    """Ctrl-C (SIGINT to the process group, as a terminal sends it) mid-run: the step under way finishes, is saved,
+    the command says how to resume and exits 130; resuming gives the weights of a run that was never stopped."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    overrides = sft_overrides(tmp_path / "stopped", "sft.steps=100000", "sft.eval_every=0", "sft.batch_size=4")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "tracerl.cli", "sft", *overrides],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True,
+    )  # fmt: skip
+    metrics = tmp_path / "stopped" / "run" / "metrics.jsonl"
+    deadline = time.monotonic() + 300
+    while not (metrics.exists() and metrics.read_text().count("\n") >= 3) and proc.poll() is None:
+        assert time.monotonic() < deadline, "the SFT run never logged 3 steps"
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGINT)
+    output = proc.communicate(timeout=300)[0]
+    assert proc.returncode == 130, output
+    saved = [int(p.name[5:]) for p in (tmp_path / "stopped" / "run" / "checkpoints").glob("step-*")]
+    steps = [json.loads(line)["step"] for line in metrics.read_text().splitlines()]
+    assert len(saved) == 1 and saved[0] == steps[-1] >= 3 and steps == list(range(1, saved[0] + 1)), (saved, steps)
+    assert f"stopped by SIGINT after SFT step {saved[0]} of 100000" in output and "--resume auto" in output, output
+
+    end = f"sft.steps={saved[0] + 3}"
+    run_sft(sft_cfg(tmp_path / "stopped", end, "sft.eval_every=0", "sft.batch_size=4", "checkpoint.resume=auto"),
+            progress=False)  # fmt: skip
+    run_sft(sft_cfg(tmp_path / "straight", end, "sft.eval_every=0", "sft.batch_size=4"), progress=False)
+    a = AutoModelForCausalLM.from_pretrained(tmp_path / "straight" / "run" / "final").state_dict()
+    b = AutoModelForCausalLM.from_pretrained(tmp_path / "stopped" / "run" / "final").state_dict()
+    assert all(torch.equal(b[name], tensor) for name, tensor in a.items())
 
 
 def test_sft_trains_the_policy_alone_whatever_the_rl_settings(tmp_path):

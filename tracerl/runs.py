@@ -18,10 +18,13 @@ and a tampered, truncated or code-carrying checkpoint is refused at once, naming
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
+import signal
 import time
 import uuid
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -163,13 +166,13 @@ def claim(cfg: Config, command: str) -> Claim:
         return Claim(owner["run_id"], command, None, True, notes, wanted, restored, meaning(cfg))
     notes = [f"half-written checkpoint ignored: {', '.join(partial)}"] if partial else []
     notes += _check_resumable(latest, wanted, restored) + _changed_meaning(cfg, latest) + _pruned(cfg, owner["run_id"])
-    _check_steps_left(cfg, command, latest)  # once the checkpoint is verified
+    notes += _check_steps_left(cfg, command, latest)  # once the checkpoint is verified
     return Claim(owner["run_id"], command, latest, False, notes, wanted, restored, meaning(cfg))
 
 
-def _check_steps_left(cfg: Config, command: str, path: Path) -> None:
+def _check_steps_left(cfg: Config, command: str, path: Path) -> list[str]:
     """The run has steps left after checkpoint ``path``; a resume past its last step would train nothing and write
-    its final model again.
+    its final model again. A checkpoint at the last step (a run stopped while writing ``final/``) gets a note.
 
     Raises:
         ConfigError: the checkpoint's step is past ``train.steps`` (``sft.steps``), naming both and the fix.
@@ -182,6 +185,12 @@ def _check_steps_left(cfg: Config, command: str, path: Path) -> None:
             f"run's final model again from step {step}. To train on, set {key} above {step}; the model at that "
             f"step is {path}/learner/hf (tracerl export {path} OUT makes a Hugging Face directory of it)."
         )
+    if step == total:
+        return [
+            f"checkpoint {path} is the run's last step ({key}={total}): nothing is left to train, and the final "
+            f"model is written again from it. To train on, set {key} above {step}."
+        ]
+    return []
 
 
 def _pruned(cfg: Config, run_id: str | None) -> list[str]:
@@ -232,7 +241,7 @@ def _explicit(
     if owner is not None:
         _same_command(run_dir, owner, command)
     notes = _check_resumable(path, wanted, restored) + _changed_meaning(cfg, path)
-    _check_steps_left(cfg, command, path)  # once the checkpoint is verified
+    notes += _check_steps_left(cfg, command, path)  # once the checkpoint is verified
     return Claim(run_id or uuid.uuid4().hex, command, path, notes=notes, settings=wanted, restored=restored,
                  meaning=meaning(cfg))  # fmt: skip
 
@@ -360,3 +369,32 @@ def record(run_dir: Path, claimed: Claim) -> None:
         (run_dir / RUN).write_text(json.dumps(entry, indent=1) + "\n")
     if claimed.restart:
         (run_dir / "metrics.jsonl").unlink(missing_ok=True)
+
+
+class Interrupted(RuntimeError):
+    """Ctrl-C or SIGTERM: the run stopped after a finished step, with a checkpoint of it (exit code 130)."""
+
+
+@contextlib.contextmanager
+def stop_signals(say: Callable[[str], Any], what: str) -> Iterator[list[str]]:
+    """The first Ctrl-C / SIGTERM asks the loop to finish the current ``what`` (an RL step, an SFT step), checkpoint
+    it and stop: the list it yields becomes non-empty, and ``say`` prints one line. A second one stops at once
+    (KeyboardInterrupt)."""
+    requested: list[str] = []
+
+    def handler(signum: int, frame: Any) -> None:
+        del frame
+        if requested:
+            raise KeyboardInterrupt
+        requested.append(signal.Signals(signum).name)
+        say(f"[yellow]stopping after this {what} (a checkpoint follows); again to stop at once[/yellow]")
+
+    previous = {}
+    with contextlib.suppress(ValueError):  # signals can only be caught in the main thread
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            previous[sig] = signal.signal(sig, handler)
+    try:
+        yield requested
+    finally:
+        for sig, old in previous.items():
+            signal.signal(sig, old)

@@ -326,7 +326,8 @@ def _run_sft(cfg: Config, progress: bool, verbose: bool) -> dict[str, float]:
         TimeElapsedColumn(),
     )
     last_acc = ""  # the latest held-back exact match, kept on the line between evaluations
-    with Progress(*columns, disable=not progress) as bar:
+    bar = Progress(*columns, disable=not progress)
+    with bar, runs.stop_signals(bar.console.print, "SFT step") as stop:
         task = bar.add_task("sft", total=cfg.sft.steps, completed=step, info="")
         while step < cfg.sft.steps:
             t0 = time.perf_counter()
@@ -363,6 +364,15 @@ def _run_sft(cfg: Config, progress: bool, verbose: bool) -> dict[str, float]:
             bar.update(task, completed=step, info=info)
             if cfg.checkpoint.save_every and step % cfg.checkpoint.save_every == 0 and step < cfg.sft.steps:
                 save(step)
+            if stop and step < cfg.sft.steps:  # Ctrl-C / SIGTERM: this step is kept, then the run stops
+                if not (cfg.checkpoint.save_every and step % cfg.checkpoint.save_every == 0):
+                    save(step)
+                learner.destroy()
+                logger.close()
+                raise runs.Interrupted(
+                    f"stopped by {stop[0]} after SFT step {step} of {cfg.sft.steps}; its checkpoint is in "
+                    f"{checkpoint.checkpoint_dir(run_dir)}: resume with --resume auto."
+                )
 
     # 4. Final checkpoint and export.
     save(step)

@@ -21,7 +21,6 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import signal
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -82,7 +81,7 @@ def run(cfg: Config, *, verbose: bool = False, console: Console | None = None) -
     Ray's) only with ``verbose``.
     """
     console = console or Console(soft_wrap=True)
-    with Session.open(cfg, verbose, console) as s, stop_signals(console) as stop:
+    with Session.open(cfg, verbose, console) as s, runs.stop_signals(console.print, "RL step") as stop:
         last: dict[str, float] = {}
         if s.start_step == 0 and s.eval_set is not None:  # where training starts from
             last = s.evaluate(0)
@@ -503,32 +502,8 @@ class RunError(RuntimeError):
     """An RL step failed; the message says what and where the last checkpoint is."""
 
 
-class Interrupted(RunError):
+class Interrupted(RunError, runs.Interrupted):
     """Ctrl-C or SIGTERM: the run stopped after a finished step, with a checkpoint of it."""
-
-
-@contextlib.contextmanager
-def stop_signals(console: Console) -> Iterator[list[str]]:
-    """The first Ctrl-C / SIGTERM asks the loop to finish the current RL step, checkpoint it and stop (the list it
-    yields becomes non-empty); a second one stops at once (KeyboardInterrupt)."""
-    requested: list[str] = []
-
-    def handler(signum: int, frame: Any) -> None:
-        del frame
-        if requested:
-            raise KeyboardInterrupt
-        requested.append(signal.Signals(signum).name)
-        console.print("[yellow]stopping after this RL step (a checkpoint follows); again to stop at once[/yellow]")
-
-    previous = {}
-    with contextlib.suppress(ValueError):  # signals can only be caught in the main thread
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            previous[sig] = signal.signal(sig, handler)
-    try:
-        yield requested
-    finally:
-        for sig, old in previous.items():
-            signal.signal(sig, old)
 
 
 def cause_message(err: BaseException) -> str:
