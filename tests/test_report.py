@@ -11,7 +11,7 @@ import pytest
 from tracerl.cli import main
 from tracerl.config import Config
 from tracerl.config_docs import PAGE, render, sections
-from tracerl.report import before_after, plot_curves, read_metrics, table_rows
+from tracerl.report import before_after, curves_figure, plot_curves, read_metrics, table_rows
 
 
 def fake_run(run_dir: Path, steps: int = 4) -> None:
@@ -53,6 +53,12 @@ def test_plot_writes_a_png_and_the_cli_prints_the_table(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "greedy reward" in out and "0.400" in out and "0.600" in out and "+0.200" in out and "200 prompts" in out
     assert (tmp_path / "c.png").stat().st_size > 10_000
+    assert "before RL (step 0)" in out  # a start that is not an SFT run's model
+    (sft / "final").mkdir()
+    (sft / "run.json").write_text(json.dumps({"run_id": "s", "command": "sft"}))
+    (tmp_path / "rl" / "config.json").write_text(json.dumps({"model": {"path": str(sft / "final")}}))
+    assert main(["plot", str(tmp_path / "rl"), "--out", str(tmp_path / "c.png")]) == 0
+    assert "SFT start (step 0)" in capsys.readouterr().out
 
 
 def test_a_killed_runs_half_written_last_row_is_left_out_and_damage_elsewhere_is_named(tmp_path, capsys):
@@ -87,6 +93,43 @@ def test_plot_checks_out_and_which_run_is_which_before_drawing(tmp_path, capsys)
         assert message.format(t=tmp_path) in capsys.readouterr().err
     assert main(["plot", str(tmp_path / "sft")]) == 2
     assert f"RUN_DIR '{tmp_path}/sft' is a tracerl sft run" in capsys.readouterr().err
+    assert not (tmp_path / "rl" / "curves.png").exists()
+
+
+def test_the_curves_show_a_reward_models_scores_and_the_runs_temperature(tmp_path):
+    import matplotlib.pyplot as plt
+
+    fake_run(tmp_path / "rl")
+    fig = curves_figure(tmp_path / "rl")
+    assert fig.axes[1].get_ylim() == pytest.approx((-0.02, 1.02))  # scores in [0, 1]: the whole scale
+    assert fig.axes[0].get_title().endswith("training reward (rollouts)")  # no config.json: no temperature
+    plt.close(fig)
+    metrics = tmp_path / "rl" / "metrics.jsonl"
+    rows = [json.loads(line) for line in metrics.read_text().splitlines()]
+    for row in rows:  # a reward model scores 1.6-1.8: the curve was drawn above the top of the panel
+        row.update({k: 1.6 + 0.05 * row["step"] for k in ("eval/greedy_reward", "eval/mean@4") if k in row})
+    metrics.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (tmp_path / "rl" / "config.json").write_text(json.dumps({"sampling": {"temperature": 0.7}}))
+    fig = curves_figure(tmp_path / "rl")
+    low, high = fig.axes[1].get_ylim()
+    assert low <= 0.0 and high >= 1.8  # exact match 0-0.4 and the scores up to 1.8, all in view
+    assert fig.axes[0].get_title().endswith("training reward (rollouts, temperature 0.7)")
+    plt.close(fig)
+
+
+def test_plot_reads_both_runs_before_printing_and_names_a_checkpoint_given_as_the_run(tmp_path, capsys):
+    fake_run(tmp_path / "rl")
+    (tmp_path / "empty").mkdir()
+    assert main(["plot", str(tmp_path / "rl"), "--sft", str(tmp_path / "empty")]) == 2
+    captured = capsys.readouterr()
+    assert captured.out == "" and f"{tmp_path}/empty/metrics.jsonl does not exist" in captured.err
+    step = tmp_path / "rl" / "checkpoints" / "step-4"
+    step.mkdir(parents=True)
+    assert main(["plot", str(step)]) == 2
+    err = capsys.readouterr().err
+    assert (
+        f"RUN_DIR '{step}' is in the checkpoint '{step}', not a run_dir: give the run's folder, '{tmp_path}/rl'" in err
+    )
     assert not (tmp_path / "rl" / "curves.png").exists()
 
 

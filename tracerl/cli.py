@@ -314,7 +314,7 @@ def cmd_plot(ns: argparse.Namespace) -> int:
     from rich.console import Console
     from rich.table import Table
 
-    from tracerl.report import before_after, plot_curves, table_rows
+    from tracerl.report import before_after, plot_curves, read_metrics, start_label, table_rows
 
     for flag, folder, of in (("RUN_DIR", ns.run_dir, "train"), ("--sft", ns.sft, "sft")):
         if folder is not None and not os.path.isdir(folder):
@@ -341,15 +341,29 @@ def cmd_plot(ns: argparse.Namespace) -> int:
         if wrote not in (None, want):
             fix = "give it as --sft beside the RL run's RUN_DIR" if wrote == "sft" else "give it as RUN_DIR"
             raise ConfigError(f"{flag} '{folder}' is a tracerl {wrote} run, not the {want} run it takes: {fix}.")
+    from tracerl.checkpoint import checkpoint_holding
+
+    for flag, folder in (("RUN_DIR", ns.run_dir), ("--sft", ns.sft)):
+        if folder is not None and (inside := checkpoint_holding(folder)) is not None:
+            raise FileNotFoundError(
+                f"{flag} '{folder}' is in the checkpoint '{inside}', not a run_dir: give the run's folder, "
+                f"'{inside.parent.parent}'."
+            )
+        if folder is not None:
+            read_metrics(folder)  # both runs are read before anything is printed
     before, after = before_after(ns.run_dir)
-    table = Table(title=f"held-out evaluation ({int(after['metrics']['eval/prompts'])} prompts)")
-    for column in ("", f"SFT start (step {before['step']})", f"after RL (step {after['step']})", "change"):
+    prompts = after["metrics"].get("eval/prompts")
+    table = Table(title="held-out evaluation" + (f" ({int(prompts)} prompts)" if prompts is not None else ""))
+    start = f"{start_label(ns.run_dir)} (step {before['step']})"
+    for column in ("", start, f"after RL (step {after['step']})", "change"):
         table.add_column(column, justify="right" if column else "left")
     for label, b, a, change in table_rows(before, after):
-        table.add_row(label, f"{b:.3f}", f"{a:.3f}", f"[{'green' if change > 0 else 'red'}]{change:+.3f}[/]")
+        color = "green" if change > 0 else "red" if change < 0 else "dim"
+        table.add_row(label, f"{b:.3f}", f"{a:.3f}", f"[{color}]{change:+.3f}[/]")
+    curves = plot_curves(ns.run_dir, ns.out, ns.sft)
     console = Console()
     console.print(table)
-    console.print(f"curves: {plot_curves(ns.run_dir, ns.out, ns.sft)}")
+    console.print(f"curves: {curves}")
     return 0
 
 
@@ -458,9 +472,10 @@ def main(argv: list[str] | None = None) -> int:
             print(f"tracerl {ns.command}: {err}", file=sys.stderr)
             return 130
         err = getattr(err, "cause", None) or err  # a Ray task failure: the actor's own error
-        message = err.args[0] if isinstance(err, KeyError) and err.args else str(err)
-        clear = ConfigError | ValueError | FileNotFoundError | FileExistsError | KeyError | RuntimeError
-        expected = isinstance(err, clear)
+        sentence = isinstance(err, KeyError) and bool(err.args) and " " in str(err.args[0])  # registry.py's, not d[k]
+        message = err.args[0] if sentence else str(err)
+        clear = ConfigError | ValueError | FileNotFoundError | FileExistsError | RuntimeError
+        expected = isinstance(err, clear) or sentence
         kind = "" if expected else f"{type(err).__name__}: "
         hint = "" if expected else " (run with --debug for the traceback)"
         print(f"tracerl {ns.command}: error: {kind}{message}{hint}", file=sys.stderr)

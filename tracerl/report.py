@@ -90,13 +90,49 @@ def table_rows(before: dict[str, Any], after: dict[str, Any]) -> list[tuple[str,
     return out
 
 
-def plot_curves(run_dir: str | Path, out: str | Path | None = None, sft_dir: str | Path | None = None) -> Path:
-    """Draw a run's curves to a PNG (default ``<run_dir>/curves.png``) and return its path.
+def start_label(run_dir: str | Path) -> str:
+    """What step 0 of an RL run is: "SFT start" where its model.path is the final model or a checkpoint of a
+    tracerl sft run, else "before RL"."""
+    try:
+        path = json.loads((Path(run_dir) / "config.json").read_text())["model"]["path"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return "before RL"
+    for folder in Path(str(path)).parents if path else ():
+        owner = folder / "run.json"
+        if owner.is_file():
+            try:
+                return "SFT start" if json.loads(owner.read_text()).get("command") == "sft" else "before RL"
+            except (OSError, ValueError, AttributeError):
+                return "before RL"
+    return "before RL"
 
-    Left: the training reward of every RL step (mean ± std over the step's samples). Right: the held-out greedy
-    reward, mean@k and exact match at every evaluation. With ``sft_dir``, a first panel shows the SFT run
-    before it (loss and held-out exact match).
-    """
+
+def _temperature(run_dir: str | Path) -> str:
+    """``", temperature T"`` of the run's rollouts, from its config.json (empty where that cannot be read)."""
+    try:
+        config = json.loads((Path(run_dir) / "config.json").read_text())
+        return f", temperature {float(config['sampling']['temperature']):g}"
+    except (OSError, ValueError, KeyError, TypeError):
+        return ""
+
+
+def plot_curves(run_dir: str | Path, out: str | Path | None = None, sft_dir: str | Path | None = None) -> Path:
+    """Draw a run's curves (``curves_figure``) to a PNG (default ``<run_dir>/curves.png``) and return its path."""
+    import matplotlib.pyplot as plt
+
+    fig = curves_figure(run_dir, sft_dir)
+    path = Path(out) if out else Path(run_dir) / "curves.png"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def curves_figure(run_dir: str | Path, sft_dir: str | Path | None = None) -> Any:
+    """A run's curves as a matplotlib figure. Left: the training reward of every RL step (mean ± std over the
+    step's samples). Right: the held-out greedy reward, mean@k and exact match at every evaluation, on the scale
+    0-1 where they lie in it. With ``sft_dir``, a first panel shows the SFT run before it (loss and held-out exact
+    match)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -128,11 +164,14 @@ def plot_curves(run_dir: str | Path, out: str | Path | None = None, sft_dir: str
     if len(std) == len(mean):
         ax.fill_between(steps, [m - s for m, s in zip(mean, std, strict=True)],
                         [m + s for m, s in zip(mean, std, strict=True)], color="tab:blue", alpha=0.15)  # fmt: skip
+    if len(steps) == 1:  # one step: a point, which a line would not show
+        ax.plot(steps, mean, "o", color="tab:blue")
     ax.set_xlabel("RL step")
     ax.set_ylabel("reward")
-    ax.set_title(f"{panels - 1}. TraceRL: training reward (rollouts, temperature 1)")
+    ax.set_title(f"{panels - 1}. TraceRL: training reward (rollouts{_temperature(run_dir)})")
     ax.legend(loc="lower right")
     ax = axes[1]
+    drawn: list[float] = []
     for key, label, style in (
         ("eval/greedy_reward", "greedy reward", "o-"),
         (f"eval/mean@{k}", f"mean@{k} reward (sampled)", "s-"),
@@ -141,15 +180,13 @@ def plot_curves(run_dir: str | Path, out: str | Path | None = None, sft_dir: str
         steps, values = series(rows, key)
         if steps:
             ax.plot(steps, values, style, label=label)
+            drawn += values
     ax.set_xlabel("RL step")
     ax.set_ylabel("held-out score")
-    ax.set_ylim(-0.02, 1.02)
+    if drawn and min(drawn) >= 0 and max(drawn) <= 1:  # scores in [0, 1] on the whole scale; others (a reward
+        ax.set_ylim(-0.02, 1.02)  # model's) as matplotlib fits them
     ax.set_title(f"{panels}. held-out prompts (never trained on)")
     ax.legend(loc="lower right")
     for ax in fig.axes:
         ax.grid(alpha=0.3)
-    path = Path(out) if out else Path(run_dir) / "curves.png"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return fig
