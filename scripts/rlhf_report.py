@@ -71,8 +71,9 @@ def table(label: str, summaries: list[dict[str, Any]], k: int) -> str:
         rm0, rm1 = s[f"{RM}/greedy"]
         g0, g1 = s[f"{VERIFIER}/greedy"]
         m0, m1 = s[f"{VERIFIER}/mean@{k}"]
+        accuracy = "none held out" if s["pair_accuracy"] is None else f"{s['pair_accuracy']:.3f}"
         lines.append(
-            f"| {s['run']} | {s['pair_accuracy']:.3f} | {rm0:+.2f} → {rm1:+.2f} | {g0:.3f} → {g1:.3f} ({g1 - g0:+.3f}) "
+            f"| {s['run']} | {accuracy} | {rm0:+.2f} → {rm1:+.2f} | {g0:.3f} → {g1:.3f} ({g1 - g0:+.3f}) "
             f"| {m0:.3f} → {m1:.3f} ({m1 - m0:+.3f}) |"
         )
     if len(summaries) > 1:

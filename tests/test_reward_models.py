@@ -244,6 +244,41 @@ def test_sampled_pairs_come_from_the_policy_ordered_by_the_labelling_reward(tmp_
     assert {p["prompt_index"] for p in pairs} <= set(range(12))
 
 
+def test_nothing_held_out_is_written_as_null_not_nan(tmp_path: Path, capsys) -> None:
+    """reward_model.heldout_fraction=0: reward_model.json is strict JSON (it held NaN) and the console says none."""
+    from .conftest import TINY_RM, ones_pairs
+
+    pairs = tmp_path / "pairs.jsonl"
+    pairs.write_text("".join(json.dumps(p) + "\n" for p in ones_pairs(32, seed=0)))
+    argv = ["train-reward-model", *TINY_RM, f"reward_model.out_dir={tmp_path / 'rm'}", f"reward_model.pairs={pairs}",
+            "reward_model.base=tiny", "reward_model.epochs=1", "reward_model.batch_size=16",
+            "reward_model.heldout_fraction=0"]  # fmt: skip
+    assert main(argv) == 0
+    assert "none held out (reward_model.heldout_fraction=0.0)" in " ".join(capsys.readouterr().out.split())
+
+    def refuse(constant: str) -> None:
+        raise AssertionError(f"{constant} is not JSON")
+
+    summary = json.loads((tmp_path / "rm" / "reward_model.json").read_text(), parse_constant=refuse)
+    assert summary["accuracy"]["heldout"] is None and summary["pairs"]["heldout"] == 0
+
+
+def test_sampled_completions_that_all_tie_are_named_as_such(tmp_path: Path) -> None:
+    """A labelling reward that gives every completion the same score makes no pair: "sample more prompts" would not
+    help, and the error says so."""
+    from rich.console import Console
+
+    from tracerl.reward_models.train import sample_pairs
+
+    label = tmp_path / "flat.py"
+    label.write_text("def score(prompts, completions, **kwargs):\n    return [0.0 for _ in completions]\n")
+    cfg = load_config(None, [*TINY, "data.source=synthetic:parity", "sampling.max_new_tokens=4",
+                             "reward_model.pair_prompts=4", "reward_model.samples_per_prompt=2",
+                             f"reward_model.label_with={label}:score", "eval.num_prompts=0"])  # fmt: skip
+    with pytest.raises(ConfigError, match=r"gave every completion of every prompt the same reward \(mean 0.000 over 8"):
+        sample_pairs(cfg, Console(quiet=True))
+
+
 @pytest.mark.parametrize(
     ("entries", "expected"),
     [

@@ -111,6 +111,13 @@ def sample_pairs(cfg: Config, console: Console, service: RewardService | None = 
         f"pairs: {len(pairs)} from {len(prompt_ids)} prompts × {g} samples of {cfg.model.path}, ordered by "
         f"{r.label_with} (mean {sum(scores) / len(scores):.3f}); ties dropped"
     )
+    if not pairs:
+        raise ConfigError(
+            f"reward_model.label_with={r.label_with} gave every completion of every prompt the same reward (mean "
+            f"{sum(scores) / len(scores):.3f} over {len(scores)} completions of {cfg.model.path}), so no pair orders "
+            "two of them; more prompts would tie as well. Sample more varied completions (sampling.temperature, a "
+            "policy trained further), label with another reward, or give pairs from a file (reward_model.pairs)."
+        )
     return pairs
 
 
@@ -396,7 +403,7 @@ def train_reward_model(cfg: Config, console: Console | None = None, verbose: boo
     scorer.device = next(model.parameters()).device
     summary = {
         "pairs": {"train": len(train), "heldout": len(held), "source": r.pairs or f"sampled from {cfg.model.path}"},
-        "accuracy": {"train": pair_accuracy(scorer, train), "heldout": pair_accuracy(scorer, held)},
+        "accuracy": {"train": pair_accuracy(scorer, train), "heldout": pair_accuracy(scorer, held) if held else None},
         "train_loss": result.training_loss,
         "base": r.base if r.base != "policy" else cfg.model.path,
         "label_with": r.label_with if not r.pairs else None,
@@ -410,9 +417,13 @@ def train_reward_model(cfg: Config, console: Console | None = None, verbose: boo
         for p in pairs:
             f.write(json.dumps(p | {"heldout": id(p) in held_ids}) + "\n")
     (out / "reward_model.json").write_text(json.dumps(summary, indent=2))
+    heldout = (
+        f"{summary['accuracy']['heldout']:.3f} held out ({len(held)} pairs of unseen prompts)"
+        if held
+        else f"none held out (reward_model.heldout_fraction={r.heldout_fraction})"
+    )
     console.print(
-        f"reward model: {out} · pair accuracy {summary['accuracy']['train']:.3f} train, "
-        f"{summary['accuracy']['heldout']:.3f} held out ({len(held)} pairs of unseen prompts) · loss "
+        f"reward model: {out} · pair accuracy {summary['accuracy']['train']:.3f} train, {heldout} · loss "
         f"{result.training_loss:.3f}"
     )
     return summary
