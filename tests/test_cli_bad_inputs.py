@@ -238,6 +238,11 @@ CASES = [
     ),
     ("generate bad family", ["generate", "model.family=gpt", "--prompt", "1+1="], "unknown model.family 'gpt'"),
     ("generate unknown characters", ["generate", "--prompt", "1+1=XY"], "does not know: 'X', 'Y'"),
+    (
+        "generate prompt beyond the positions",
+        ["generate", "model.tiny.max_position_embeddings=80", "--prompt", "1+1=" * 10],
+        "but the model has max_position_embeddings=80; shorten --prompt or sampling.max_new_tokens",
+    ),
     ("generate empty prompt", ["generate", "data.chat_template=false", "--prompt", ""], "--prompt '' has no tokens"),
     ("generate negative delay", ["generate", "--prompt", "1+1=", "--delay", "-1"], "--delay -1.0 is not a pause"),
     (

@@ -94,6 +94,23 @@ def test_batched_scores_equal_one_at_a_time_forwards(trained_rm: Path) -> None:
 
 
 @pytest.mark.slow
+def test_serve_reward_refuses_a_reward_model_whose_weights_do_not_load(trained_rm: Path, tmp_path: Path) -> None:
+    """It used to start serving and answer every request with the load error."""
+    import shutil
+
+    from tracerl.reward_resolve import RewardError
+    from tracerl.reward_server import make_server
+
+    damaged = tmp_path / "rm"
+    shutil.copytree(trained_rm, damaged)
+    weights = damaged / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:2048])
+    with pytest.raises(RewardError, match="reward 'rm' could not load: SafetensorError"):
+        make_server(str(damaged), "127.0.0.1", 0)
+    make_server(str(trained_rm), "127.0.0.1", 0).server_close()  # the whole one serves
+
+
+@pytest.mark.slow
 def test_a_model_directory_is_a_reward_where_a_function_would_be(trained_rm: Path) -> None:
     """TRL's spelling: a model name in the reward list beside functions; weighted, logged, counted."""
     assert reward_kind(RewardSpec(str(trained_rm))) == "model"

@@ -398,6 +398,17 @@ def test_server_command_serves_until_stopped_and_rejects_bad_specs(capsys: pytes
     finally:
         proc.terminate()
         proc.wait(timeout=10)
+    wide = subprocess.Popen(
+        [sys.executable, "-m", "tracerl.reward_server", "--reward", "length", "--host", "0.0.0.0", "--port", "0"],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:  # bound beyond loopback: said, with what to do instead
+        assert wide.stdout.readline().startswith("serving reward 'length' at http://0.0.0.0:")
+        assert wide.stdout.readline().startswith("note: --host 0.0.0.0 is open beyond this machine")
+    finally:
+        wide.terminate()
+        wide.wait(timeout=10)
 
 
 def _free_port() -> int:

@@ -58,7 +58,7 @@ def cmd_generate(ns: argparse.Namespace) -> int:
     from tracerl.data import encode_prompt
     from tracerl.models import load_policy, load_tokenizer
     from tracerl.records import CanvasRollout
-    from tracerl.sampling import generate, renoising
+    from tracerl.sampling import check_positions, generate, renoising
 
     if not (math.isfinite(ns.delay) and ns.delay >= 0):
         raise ConfigError(
@@ -83,6 +83,7 @@ def cmd_generate(ns: argparse.Namespace) -> int:
             "with known characters."
         )
     policy = load_policy(cfg.model)
+    check_positions(policy, len(prompt_ids), cfg.sampling, prompt_setting="--prompt")
     tau = 1.0 if renoising(policy) else logp_temperature(cfg)  # the log-probs the learner would read
     rollout = generate(policy, [prompt_ids], cfg.sampling, seed=cfg.seed, logp_temperature=tau)
     if isinstance(rollout, CanvasRollout):

@@ -32,10 +32,11 @@ def make_server(reward: str, host: str = "127.0.0.1", port: int = 0, timeout_s: 
     """A server (not yet serving) for the reward spec ``reward``; ``port=0`` picks a free port.
 
     Raises:
-        RewardError: the spec cannot be resolved.
+        RewardError: the spec cannot be resolved, or a reward model's weights do not load.
         BindError: nothing can listen at ``host:port`` (the message names ``--host`` or ``--port``).
     """
     service = RewardService([RewardSpec(reward)], on_error="raise", timeout_s=timeout_s)
+    service.load()  # a reward model's weights: a damaged one is refused here, not at every request
     handler = type("RewardHandler", (_Handler,), {"service": service})
     try:
         server = ThreadingHTTPServer((host, port), handler)

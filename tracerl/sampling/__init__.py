@@ -120,8 +120,14 @@ def position_limit(policy) -> int | None:  # noqa: ANN001
     return getattr(text, "max_position_embeddings", None)
 
 
-def check_positions(policy, longest_prompt: int, s: SamplingConfig) -> None:  # noqa: ANN001
-    """The longest prompt plus the response (and one block of slack for block models) fits the model's positions.
+def check_positions(
+    policy,  # noqa: ANN001
+    longest_prompt: int,
+    s: SamplingConfig,
+    prompt_setting: str = "data.max_prompt_tokens",
+) -> None:
+    """The longest prompt plus the response (and one block of slack for block models) fits the model's positions;
+    ``prompt_setting`` is what the message tells the user to shorten the prompt with.
 
     Raises:
         ConfigError: it does not; the message names both settings.
@@ -136,7 +142,7 @@ def check_positions(policy, longest_prompt: int, s: SamplingConfig) -> None:  # 
         raise ConfigError(
             f"the longest prompt ({longest_prompt} tokens) plus sampling.max_new_tokens={s.max_new_tokens} needs "
             f"{longest} positions but the model has max_position_embeddings={limit}; shorten "
-            "data.max_prompt_tokens or sampling.max_new_tokens."
+            f"{prompt_setting} or sampling.max_new_tokens."
         )
 
 
