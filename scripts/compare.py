@@ -12,7 +12,8 @@ For each layout:
    it has spent what ``trace`` spends in ``--steps`` steps (rounded to ``--eval-every``);
 3. one ``tracerl train`` per method and seed, for max(--steps, its equal-compute step) steps, evaluated every
    ``--eval-every`` steps on the held-out prompts (greedy); a method the config check refuses is listed with the
-   reason, and a finished run is never run again (the script resumes where it stopped);
+   reason. A finished run is kept; one stopped midway, or shorter than now asked, resumes from its last checkpoint;
+   a run made with other settings is refused (``check_same_settings``), not reported as this comparison's;
 4. ``<out>/compare.md`` (the table: held-out greedy reward, mean ± sd over seeds, at equal steps and at equal
    compute; how many seeds rose above the SFT start; divergence warnings), ``compare.png`` (held-out reward
    against RL steps and against counted learner FLOPs) and ``compare.json`` (every number).
@@ -24,13 +25,16 @@ Runs go one at a time (the machine is shared); extra key=value arguments apply t
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import os
+import signal
 import statistics
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -281,15 +285,128 @@ def plot(runs: list[Run], path: Path) -> None:
 # ---------------------------------------------------------------------------------------------- running
 
 
+RESUME = "compare.py: interrupted. Rerun the same command to go on: finished runs are kept, and a run stopped "
+RESUME += "midway resumes from its last checkpoint."
+
+
 def tracerl(args: list[str], log: Path) -> None:
-    """Run one tracerl command, its console to ``log``; a failure stops the comparison with the log's tail."""
+    """Run one tracerl command, its console appended to ``log``; a failure stops the comparison with the log's tail.
+
+    Ctrl-C reaches the command too (the terminal signals the whole foreground group) and SIGTERM is passed on to
+    it: the command finishes its step, checkpoints it and exits, and only then does the comparison stop, saying how
+    to go on. A second Ctrl-C stops the command at once.
+    """
     log.parent.mkdir(parents=True, exist_ok=True)
-    with log.open("w") as f:
+    with log.open("a") as f:
         cmd = [sys.executable, "-m", "tracerl.cli", *args]
-        proc = subprocess.run(cmd, cwd=ROOT, stdout=f, stderr=subprocess.STDOUT)
-    if proc.returncode:
+        proc = subprocess.Popen(cmd, cwd=ROOT, stdout=f, stderr=subprocess.STDOUT)
+        stopped: list[str] = []
+
+        def forward(signum: int, frame: Any) -> None:
+            del frame
+            stopped.append(signal.Signals(signum).name)
+            proc.send_signal(signum)
+
+        previous = signal.signal(signal.SIGTERM, forward)
+        try:
+            try:
+                code = proc.wait()
+            except KeyboardInterrupt:  # the command got the same Ctrl-C: it checkpoints its step and exits
+                stopped.append("SIGINT")
+                code = proc.wait()
+        except KeyboardInterrupt:  # a second Ctrl-C: the command stops at once too
+            proc.wait()
+            raise SystemExit(RESUME) from None
+        finally:
+            signal.signal(signal.SIGTERM, previous)
+    if stopped or code == 130:
+        raise SystemExit(RESUME)
+    if code:
         tail = "\n".join(log.read_text().splitlines()[-20:])
-        raise SystemExit(f"tracerl {args[0]} failed (exit {proc.returncode}); {log}:\n{tail}")
+        raise SystemExit(f"tracerl {args[0]} failed (exit {code}); {log}:\n{tail}")
+
+
+# what the comparison decides for every run; the same keys among the overrides are refused
+OWNED = {
+    "seed": "from --seeds; the SFT model is seed 0's",
+    "run_dir": "from --out",
+    "train.steps": "from --steps and each method's equal-compute step",
+    "train.eval_every": "from --eval-every",
+    "checkpoint.resume": "a rerun resumes every unfinished run",
+    "model.path": "each layout's SFT model, <out>/<layout>/sft/final",
+    "model.tiny.attention": "from --layouts",
+    "objective.views": "from --methods",
+    "objective.value_model": "from --methods: trace_value",
+    "objective.old_logp_source": "from --methods and --layouts",
+}
+
+
+def check_overrides(overrides: list[str]) -> None:
+    """No override sets what the comparison decides (``OWNED``): it would be ignored, or change what a row
+    labelled with a method measures."""
+    owned = [(o.split("=", 1)[0].strip(), o) for o in overrides if o.split("=", 1)[0].strip() in OWNED]
+    if owned:
+        raise SystemExit(
+            "compare.py: "
+            + "; ".join(f"{o}: the comparison sets {key} itself ({OWNED[key]})" for key, o in owned)
+            + ". Leave these out of the overrides."
+        )
+
+
+def _flat(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in tree.items():
+        if isinstance(value, dict) and value and key != "synthetic_options":
+            out.update(_flat(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+def settings_differ(config: str, args: list[str], run_dir: Path, free: tuple[str, ...]) -> list[str]:
+    """The settings in which the run already in ``run_dir`` (its ``config.json``) differs from the one these
+    arguments ask for, except the keys in ``free``; [] where it holds no run yet."""
+    from tracerl.checks import load_config
+    from tracerl.config import to_dict
+
+    written = run_dir / "config.json"
+    if not written.is_file():
+        return []
+    want = _flat(json.loads(json.dumps(to_dict(load_config(config, args)))))
+    have = _flat(json.loads(written.read_text()))
+    keys = sorted(k for k in set(want) | set(have) if k not in free and want.get(k) != have.get(k))
+    return [f"{k}: {have.get(k)!r} there, {want.get(k)!r} now" for k in keys]
+
+
+def check_same_settings(config: str, args: list[str], run_dir: Path, free: tuple[str, ...]) -> None:
+    if differ := settings_differ(config, args, run_dir, free):
+        shown = "; ".join(differ[:6]) + (f"; and {len(differ) - 6} more" if len(differ) > 6 else "")
+        raise SystemExit(
+            f"compare.py: {run_dir} holds a run made with other settings ({shown}). Its numbers would be reported "
+            "as this comparison's. Give another --out, or remove that run to have it made again."
+        )
+
+
+@contextlib.contextmanager
+def lock(out: Path) -> Iterator[None]:
+    """One comparison at a time in ``out``: a second one would delete and remake the first one's runs."""
+    import fcntl
+
+    out.mkdir(parents=True, exist_ok=True)
+    with (out / ".compare.lock").open("a+") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            f.seek(0)
+            raise SystemExit(
+                f"compare.py: another comparison is running in {out} (pid {f.read().strip() or '?'}). Wait for it, "
+                "or give another --out."
+            ) from None
+        f.seek(0)
+        f.truncate()
+        f.write(str(os.getpid()))
+        f.flush()
+        yield
 
 
 def refusal(config: str, overrides: list[str], layout: str) -> str | None:
@@ -355,7 +472,9 @@ def step_flops(config: str, overrides: list[str], methods: list[str], layout: st
 
 
 def finished(run_dir: Path, steps: int) -> bool:
-    return (run_dir / "eval" / f"step-{steps}.json").is_file() and (run_dir / "final").is_dir()
+    return all(
+        p.exists() for p in (run_dir / "eval" / f"step-{steps}.json", run_dir / "final", run_dir / "metrics.jsonl")
+    )
 
 
 def check_selection(
@@ -411,11 +530,23 @@ def main(argv: list[str] | None = None) -> int:
     from tracerl.checks import load_config
     from tracerl.config import ConfigError
 
+    check_overrides(ns.overrides)
     try:  # the config and overrides load before anything is written under --out
         load_config(ns.config, ns.overrides)
     except ConfigError as err:
         p.error(str(err))
+    for layout in layouts:  # the reference method runs on every layout chosen
+        if reason := refusal(ns.config, [*COMMON, *LAYOUTS[layout], *ns.overrides, *METHODS[REFERENCE]], layout):
+            raise SystemExit(
+                f"compare.py: {REFERENCE} on the {layout} layout is refused with these overrides: {reason}"
+            )
     out = Path(ns.out)
+    with lock(out):
+        return compare(ns, out, layouts, methods, seeds)
+
+
+def compare(ns: argparse.Namespace, out: Path, layouts: list[str], methods: list[str], seeds: list[int]) -> int:
+    """Steps 1-4 of the module docstring, in ``out`` (locked)."""
     os.environ.setdefault("OMP_NUM_THREADS", "1")  # one torch thread per process: the numbers are pinned so
     t0 = time.time()
     plans: dict[tuple[str, int, str], Run] = {}
@@ -423,10 +554,12 @@ def main(argv: list[str] | None = None) -> int:
         sft = out / layout / "sft"
         if not (sft / "final").is_dir() and ns.report:
             raise SystemExit(f"{sft / 'final'} does not exist: nothing to report for the {layout} layout yet.")
+        args = [*LAYOUTS[layout], *ns.overrides, "wandb.mode=disabled", "seed=0", f"run_dir={sft}"]
+        check_same_settings(ns.config, args, sft, free=("checkpoint.resume",))
         if not (sft / "final").is_dir():  # the task's own SFT recipe (COMMON is for the RL runs only)
-            print(f"[{layout}] SFT → {sft}", flush=True)
-            args = [*LAYOUTS[layout], *ns.overrides, "wandb.mode=disabled", "seed=0", f"run_dir={sft}"]
-            tracerl(["sft", ns.config, *args], out / layout / "sft.log")
+            again = sft.exists()
+            print(f"[{layout}] SFT → {sft}" + (" (resuming where it stopped)" if again else ""), flush=True)
+            tracerl(["sft", ns.config, *args, *(["checkpoint.resume=auto"] if again else [])], out / layout / "sft.log")
         base = [*COMMON, *LAYOUTS[layout], *ns.overrides, f"model.path={sft / 'final'}"]
         flops = step_flops(ns.config, base, methods, layout, seed=0)
         budget = flops[REFERENCE]
@@ -447,12 +580,14 @@ def main(argv: list[str] | None = None) -> int:
                 run_dir = Path(run.run_dir)
                 if run.refused or ns.report and not finished(run_dir, run.steps):
                     continue
-                if not finished(run_dir, run.steps):
-                    if run_dir.exists():  # an interrupted run: start it again from scratch
-                        subprocess.run(["rm", "-rf", str(run_dir)], check=True)
-                    print(f"[{layout}] {method} seed {seed}: {run.steps} RL steps ({time.time() - t0:.0f}s so far)")
-                    args = [*run.overrides, f"seed={seed}", f"train.steps={run.steps}", f"run_dir={run_dir}"]
-                    args.append(f"train.eval_every={ns.eval_every}")
+                args = [*run.overrides, f"seed={seed}", f"train.steps={run.steps}", f"run_dir={run_dir}"]
+                args.append(f"train.eval_every={ns.eval_every}")
+                check_same_settings(ns.config, args, run_dir, free=("checkpoint.resume", "train.steps"))
+                if not finished(run_dir, run.steps):  # a run stopped midway, or a shorter one: resumed
+                    again = " (resuming where it stopped)" if run_dir.exists() else ""
+                    print(f"[{layout}] {method} seed {seed}: {run.steps} RL steps{again} "
+                          f"({time.time() - t0:.0f}s so far)", flush=True)  # fmt: skip
+                    args += ["checkpoint.resume=auto"] if run_dir.exists() else []
                     tracerl(["train", ns.config, *args], run_dir.with_suffix(".log"))
                 read_run(run)
     runs = [plans[(layout, seed, method)] for layout in layouts for method in methods for seed in seeds]

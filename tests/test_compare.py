@@ -143,6 +143,76 @@ def test_overrides_may_follow_the_options(tmp_path):
     assert "nothing to report for the block layout" in str(err.value)
 
 
+def test_overrides_of_what_the_comparison_decides_are_refused_before_anything_is_written(tmp_path):
+    """objective.views=coupled made the row labelled trace run coupled; seed=3 and train.steps=5 were ignored."""
+    out = tmp_path / "cmp"
+    cases = (("objective.views=coupled", "from --methods"), ("seed=3", "from --seeds"),
+             ("train.steps=5", "from --steps"), ("model.path=/x", "each layout's SFT model"))  # fmt: skip
+    for override, owner in cases:
+        key = override.split("=")[0]
+        with pytest.raises(SystemExit, match=f"{override}: the comparison sets {key} itself \\({owner}"):
+            compare.main(["configs/quickstart.yaml", override, "--out", str(out)])
+    with pytest.raises(SystemExit, match="compare.py: trace on the block layout is refused with these overrides"):
+        compare.main(["configs/quickstart.yaml", "objective.shrink=2", "--out", str(out), "--layouts", "block"])
+    assert not out.exists()
+
+
+def test_a_run_made_with_other_settings_is_refused_not_reported(tmp_path):
+    """A rerun with learner.lr=7e-4 into the --out of a 3.5e-4 comparison reported the old runs as the new ones."""
+    from tracerl.checks import load_config
+    from tracerl.config import to_dict
+
+    run_dir = tmp_path / "seed0"
+    args = [*compare.COMMON, *compare.LAYOUTS["block"], "seed=0", f"run_dir={run_dir}", "train.steps=2"]
+    run_dir.mkdir()
+    (run_dir / "config.json").write_text(json.dumps(to_dict(load_config("configs/quickstart.yaml", args))))
+    free = ("checkpoint.resume", "train.steps")
+    assert compare.settings_differ("configs/quickstart.yaml", [*args, "train.steps=4"], run_dir, free) == []
+    assert compare.settings_differ("configs/quickstart.yaml", args, tmp_path / "none", free) == []
+    with pytest.raises(SystemExit) as err:
+        compare.check_same_settings("configs/quickstart.yaml", [*args, "learner.lr=7e-4"], run_dir, free)
+    assert f"compare.py: {run_dir} holds a run made with other settings (learner.lr: 0.00035 there, 0.0007 now)" in (
+        str(err.value)
+    )
+    assert "Give another --out, or remove that run" in str(err.value)
+    copy = compare.settings_differ("configs/copy.yaml", args, run_dir, free)  # another task entirely
+    assert any(line.startswith("data.source:") for line in copy)
+
+
+def test_a_second_comparison_in_the_same_out_is_refused_while_the_first_runs(tmp_path):
+    running = f"another comparison is running in {tmp_path} \\(pid {os.getpid()}\\)"
+    with compare.lock(tmp_path), pytest.raises(SystemExit, match=running), compare.lock(tmp_path):
+        pass
+    with compare.lock(tmp_path):  # released when the first one ends
+        pass
+
+
+def test_ctrl_c_lets_the_running_command_finish_its_step_and_says_how_to_go_on(tmp_path):
+    """A command that gets SIGTERM passed on: the comparison waits for it, then stops with one line (it used to
+    kill the command 0.25 s after a Ctrl-C, before its checkpoint, and print a traceback)."""
+    import signal
+    import threading
+    import time
+
+    log = tmp_path / "run.log"
+
+    def terminate_soon() -> None:  # once the command trains (a stop before that has no step to checkpoint)
+        metrics = tmp_path / "sft" / "metrics.jsonl"
+        while not (metrics.is_file() and metrics.read_text().count("\n") >= 2):
+            time.sleep(0.05)
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    threading.Thread(target=terminate_soon, daemon=True).start()
+    start = time.monotonic()
+    with pytest.raises(SystemExit, match="compare.py: interrupted. Rerun the same command to go on"):
+        compare.tracerl(["sft", "sft.steps=100000", "sft.eval_every=0", "sft.batch_size=4",
+                         "data.source=synthetic:parity", "data.num_synthetic=100", "wandb.mode=disabled",
+                         f"run_dir={tmp_path / 'sft'}"], log)  # fmt: skip
+    assert time.monotonic() - start < 120
+    assert "stopped by SIGTERM after SFT step" in log.read_text()  # the command checkpointed its last step
+    assert list((tmp_path / "sft" / "checkpoints").glob("step-*"))
+
+
 @pytest.mark.slow
 @pytest.mark.ray
 def test_compare_end_to_end_smoke(tmp_path):
