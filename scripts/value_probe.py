@@ -393,14 +393,14 @@ def main(argv: list[str] | None = None) -> int:
                    help="continuations per state for the policy's own value at block starts (0: off)")  # fmt: skip
     p.add_argument("--verbose", action="store_true", help="third-party logs and progress bars")
     p.add_argument("--debug", action="store_true", help="a traceback instead of a one-paragraph error")
-    ns = p.parse_args(argv)
+    ns = p.parse_intermixed_args(argv)  # key=value overrides before or after the options
     bad = [t for t in ns.targets.split(",") if t not in ("centered", "reward", "advantage")]
     if bad:
         p.error(f"--targets {ns.targets}: {bad} unknown; give a comma-separated list of centered, reward, advantage")
     if ns.steps < 1 or ns.print_every < 1 or ns.mc_samples < 0 or (ns.oracle_samples or 0) < 0:
         p.error(
             f"--steps ({ns.steps}) and --print-every ({ns.print_every}) must be ≥ 1, --mc-samples ({ns.mc_samples}) "
-            f"and --oracle-samples ({ns.oracle_samples}) ≥ 0"
+            f"and --oracle-samples ({ns.oracle_samples if ns.oracle_samples is not None else 'its default'}) ≥ 0"
         )
     from tracerl.cli import quiet_third_party
 
@@ -427,6 +427,12 @@ def probe(ns: argparse.Namespace) -> int:
     from tracerl.scoring import response_token_steps
 
     torch.manual_seed(ns.seed)
+    if load_config(ns.config, ns.overrides).model.path is None:
+        print(
+            "note: model.path is unset, so this probes an untrained tiny model; a trained policy's value is what "
+            "the docs measure (e.g. model.path=runs/qs/sft/final)",
+            flush=True,
+        )
     for target in ns.targets.split(","):
         cfg = load_config(ns.config, [*ns.overrides, "objective.value_model=true", f"objective.value_target={target}"])
         cells = oracle_cells(cfg)
@@ -450,6 +456,7 @@ def probe(ns: argparse.Namespace) -> int:
               f"{lc.minibatches} minibatches per step")  # fmt: skip
         before, after, totals, within, oracle, oracle_ratio = [], [], [], [], [], []
         mc, mc_exact, oracle_at_starts = [], [], []
+        stopped = False
         try:
             for step in range(1, ns.steps + 1):
                 batch = stream.next_batch(n_prompts)
@@ -513,14 +520,25 @@ def probe(ns: argparse.Namespace) -> int:
                           + (f"  oracle {statistics.fmean(oracle[last]):+.3f}" if oracle else "")
                           + (f"  final-state regression {statistics.fmean(final_ev[last]):+.3f}" if final_ev else ""),
                           flush=True)  # fmt: skip
+        except KeyboardInterrupt:  # Ctrl-C: the summary of the steps measured whole so far, then stop
+            stopped = True
+            for part in (before, totals, within, oracle, oracle_ratio, mc, mc_exact, oracle_at_starts, final_ev):
+                del part[len(after) :]  # the step under way is left out
+            print(f"interrupted during step {len(after) + 1}: the summary of the {len(after)} step(s) measured",
+                  flush=True)  # fmt: skip
         finally:
             learner.destroy()
+        if not after:
+            return 130
         total, inside = statistics.fmean(totals), statistics.fmean(within)
         share = inside / total if total else 0.0
         last = f"the last {min(10, len(before))} step(s)"
         print(f"reward variance: total {total:.4f}, within groups {inside:.4f} ({share:.0%}); explained "
               f"variance over {last}: before update {statistics.fmean(before[-10:]):+.3f}, after "
               f"{statistics.fmean(after[-10:]):+.3f}")  # fmt: skip
+        if total == 0:
+            print("note: every sample scored the same reward, so there was nothing to explain: the explained "
+                  "variances read 0 by construction, whatever the value model knows")  # fmt: skip
         if final_ev:
             print(
                 f"final-state regression (sees each whole final sequence, trained on the same batches): explained "
@@ -539,6 +557,8 @@ def probe(ns: argparse.Namespace) -> int:
                 + (f", {statistics.fmean(mc_exact):+.3f} without the Monte Carlo noise" if mc_exact else "")
                 + (f" (the oracle there: {statistics.fmean(oracle_at_starts):+.3f})" if oracle_at_starts else "")
             )
+        if stopped:
+            return 130
     return 0
 
 

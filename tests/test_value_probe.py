@@ -267,3 +267,28 @@ def test_bad_arguments_get_one_line_not_a_traceback(capsys) -> None:
         err.startswith("value_probe.py: error: model.path './runs/no-such-model' does not exist")
         and "Traceback" not in err
     )
+
+
+def test_ctrl_c_prints_the_summary_of_the_steps_measured_whole(tmp_path, capsys, monkeypatch) -> None:
+    """It used to end in a traceback with nothing of the steps already done; an untrained model and a batch whose
+    rewards are all equal are said, not left to read as "the value explains nothing"."""
+    import tracerl.sampling
+
+    real, calls = tracerl.sampling.generate, []
+
+    def generate(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202 - Ctrl-C arrives while step 3 samples
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(tracerl.sampling, "generate", generate)
+    small = ["data.num_synthetic=100", "rollout.prompts_per_step=2", "rollout.samples_per_prompt=2",
+             "wandb.mode=disabled", f"run_dir={tmp_path}", "reward.functions=[{fn: synthetic_exact}]"]  # fmt: skip
+    argv = ["configs/quickstart.yaml", "--steps", "5", *small, "--targets", "centered,reward", "--oracle-samples", "0"]
+    assert probe.main(argv) == 130
+    out = capsys.readouterr().out
+    assert out.startswith("note: model.path is unset, so this probes an untrained tiny model")
+    assert "interrupted during step 3: the summary of the 2 step(s) measured" in out
+    assert "explained variance over the last 2 step(s)" in out and "== target reward" not in out  # stopped there
+    assert "note: every sample scored the same reward, so there was nothing to explain" in out  # untrained: all 0
