@@ -79,13 +79,25 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("files", nargs="+", type=Path, help="eval JSONL files (runs/q/rl/eval/step-N.jsonl, ...)")
     args = parser.parse_args(argv)
     for path in args.files:
+        if path.suffix == ".json" and path.with_suffix(".jsonl").is_file():
+            sys.exit(f"{path} is an evaluation's summary; its samples are in {path.with_suffix('.jsonl')}: give that.")
         if not path.is_file():
-            sys.exit(f"{path} does not exist: give the JSONL files of tracerl eval or of a run's eval/ directory")
+            problem = "is a directory" if path.is_dir() else "does not exist"
+            sys.exit(f"{path} {problem}: give the JSONL files of tracerl eval or of a run's eval/ directory")
         try:
             rows = read_jsonl(path)
         except ValueError as err:
             sys.exit(str(err))
-        print(f"{path}: {count(rows).line()}")
+        needed = ("mode", "prompt", "answer", "completion")
+        if not rows or any(not isinstance(r, dict) or any(k not in r for k in needed) for r in rows):
+            sys.exit(
+                f"{path} holds no evaluation samples (rows with {', '.join(needed)}): give the JSONL files of "
+                "tracerl eval or of a run's eval/ directory"
+            )
+        cells = count(rows)
+        if not cells.plain + cells.confused:
+            sys.exit(f"{path} holds no greedy answer to a 4×4 Sudoku with blank cells: is it the quickstart's task?")
+        print(f"{path}: {cells.line()}")
 
 
 if __name__ == "__main__":

@@ -51,3 +51,25 @@ def test_a_damaged_file_is_named_by_its_line(tmp_path) -> None:
     path.write_text('{"prompt": "x"\n{"prompt": "y"}\n')
     with pytest.raises(SystemExit, match=r"step-0.jsonl line 1 is not valid JSON .*the file is damaged"):
         cells.main([str(path)])
+
+
+@pytest.mark.parametrize(
+    ("name", "text", "expected"),
+    [
+        ("step-0.json", '{"step": 0, "metrics": {}}', "is an evaluation's summary; its samples are in"),
+        ("metrics.jsonl", '{"step": 1, "reward/mean": 0.5}\n', "holds no evaluation samples (rows with mode"),
+        ("empty.jsonl", "", "holds no evaluation samples"),
+        ("copy.jsonl", json.dumps({"mode": "greedy", "prompt": "copy 12:", "answer": "12", "completion": "12"}) + "\n",
+         "holds no greedy answer to a 4×4 Sudoku with blank cells"),
+    ],
+)  # fmt: skip
+def test_files_that_are_not_sudoku_samples_are_named_as_such(tmp_path, name, text, expected) -> None:
+    """The summary beside the samples was called damaged ("Repair or remove that line"), metrics.jsonl raised a
+    KeyError, and another task's rows printed 0% with exit 0."""
+    (tmp_path / name).write_text(text)
+    (tmp_path / "step-0.jsonl").write_text("")
+    with pytest.raises(SystemExit) as err:
+        cells.main([str(tmp_path / name)])
+    assert expected in str(err.value)
+    with pytest.raises(SystemExit, match="is a directory"):
+        cells.main([str(tmp_path)])
