@@ -13,9 +13,9 @@ from tracerl.config import ConfigError, load
 
 
 def main(argv: list[str]) -> int:
-    if not argv:
-        print(__doc__, file=sys.stderr)
-        return 2
+    if not argv or argv[0] in ("-h", "--help"):
+        print(__doc__, file=sys.stderr if not argv else sys.stdout)
+        return 2 if not argv else 0
     config, overrides = argv[0], [a for a in argv[1:] if not a.startswith("--")]
     try:
         print(load(config, overrides).run_dir)
