@@ -215,6 +215,9 @@ def markdown(rows: list[dict[str, Any]], steps: int) -> str:
     def pm(x: tuple[float, float], sign: bool = False) -> str:
         return f"{x[0]:+.3f} ± {x[1]:.3f}" if sign else f"{x[0]:.3f} ± {x[1]:.3f}"
 
+    def kl(x: float | None) -> str:  # none logged (every step trained nothing): a dash, as compare.json's null
+        return "—" if x is None or math.isnan(x) else f"{x:.3f}"
+
     read = {r["kl_metric"].removeprefix("train/") for r in rows if "kl_metric" in r}
     kl_name = read.pop() if len(read) == 1 else "kl_to_old or kl_to_old_after_step"
     lines = [
@@ -233,7 +236,7 @@ def markdown(rows: list[dict[str, Any]], steps: int) -> str:
             lines.append(
                 head + f"| {pm(r['start'])} | {pm(s['reward'])} | {pm(s['delta'], True)} ({s['rose']}/{r['finished']}) "
                 f"| {c['step']} | {pm(c['reward'])} | {pm(c['delta'], True)} ({c['rose']}/{r['finished']}) "
-                f"| {c['flops']:.3g} | {r['kl_to_old_max']:.3f} | {r['warnings']}/{r['finished']} |"
+                f"| {c['flops']:.3g} | {kl(r['kl_to_old_max'])} | {r['warnings']}/{r['finished']} |"
             )
     values = [r for r in rows if "value" in r]
     if values:
@@ -591,6 +594,12 @@ def compare(ns: argparse.Namespace, out: Path, layouts: list[str], methods: list
                     tracerl(["train", ns.config, *args], run_dir.with_suffix(".log"))
                 read_run(run)
     runs = [plans[(layout, seed, method)] for layout in layouts for method in methods for seed in seeds]
+    if ns.report and not any(r.evals for r in runs):
+        raise SystemExit(
+            f"compare.py: no run of {ns.steps} RL steps is finished in {out}, so --report would write an empty table "
+            "over compare.md, compare.json and compare.png; it wrote nothing. Give the --steps (and --seeds) the "
+            "comparison ran with."
+        )
     rows = summarise(runs, ns.steps)
     (out / "compare.md").write_text(markdown(rows, ns.steps))
     write_json(out / "compare.json", rows, runs)

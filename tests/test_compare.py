@@ -87,7 +87,8 @@ def test_compare_json_is_strict_json(tmp_path):
     r.series["train/kl_to_old"] = {}
     r.series["reward/mean"] = {1: float("nan"), 2: 0.5}
     rows = compare.summarise([r], steps=2)
-    assert rows[0]["kl_to_old_max"] != rows[0]["kl_to_old_max"]  # NaN in memory: the table prints "nan"
+    assert rows[0]["kl_to_old_max"] != rows[0]["kl_to_old_max"]  # NaN in memory: the table prints a dash
+    assert "| 20 | — | 0/1 |" in compare.markdown(rows, steps=2)  # it printed "nan"
 
     def refuse(name: str) -> None:
         raise ValueError(f"non-strict JSON constant {name}")
