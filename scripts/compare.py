@@ -268,7 +268,9 @@ def plot(runs: list[Run], path: Path) -> None:
             sd = [mean_sd([r.evals[s] for r in group])[1] for s in steps]
             flops = [statistics.fmean(r.flops.get(s, math.nan) for r in group) / 1e12 for s in steps]
             for ax, x in zip(row, (steps, flops), strict=True):
-                (line,) = ax.plot(x, mean, "o-", ms=3, label=f"{method} ({len(group)} seeds)")
+                (line,) = ax.plot(
+                    x, mean, "o-", ms=3, label=f"{method} ({len(group)} seed{'s' if len(group) > 1 else ''})"
+                )
                 low = [m - d for m, d in zip(mean, sd, strict=True)]
                 high = [m + d for m, d in zip(mean, sd, strict=True)]
                 ax.fill_between(x, low, high, color=line.get_color(), alpha=0.15)
@@ -552,6 +554,7 @@ def compare(ns: argparse.Namespace, out: Path, layouts: list[str], methods: list
     """Steps 1-4 of the module docstring, in ``out`` (locked)."""
     os.environ.setdefault("OMP_NUM_THREADS", "1")  # one torch thread per process: the numbers are pinned so
     t0 = time.time()
+    verbose = ["--verbose"] if ns.verbose else []  # the commands' own third-party logs, in their log files
     plans: dict[tuple[str, int, str], Run] = {}
     for layout in layouts:  # 1-2: the SFT model and every method's equal-compute step, per layout
         sft = out / layout / "sft"
@@ -562,7 +565,8 @@ def compare(ns: argparse.Namespace, out: Path, layouts: list[str], methods: list
         if not (sft / "final").is_dir():  # the task's own SFT recipe (COMMON is for the RL runs only)
             again = sft.exists()
             print(f"[{layout}] SFT → {sft}" + (" (resuming where it stopped)" if again else ""), flush=True)
-            tracerl(["sft", ns.config, *args, *(["checkpoint.resume=auto"] if again else [])], out / layout / "sft.log")
+            resume = ["checkpoint.resume=auto"] if again else []
+            tracerl(["sft", ns.config, *args, *resume, *verbose], out / layout / "sft.log")
         base = [*COMMON, *LAYOUTS[layout], *ns.overrides, f"model.path={sft / 'final'}"]
         flops = step_flops(ns.config, base, methods, layout, seed=0)
         budget = flops[REFERENCE]
@@ -591,8 +595,14 @@ def compare(ns: argparse.Namespace, out: Path, layouts: list[str], methods: list
                     print(f"[{layout}] {method} seed {seed}: {run.steps} RL steps{again} "
                           f"({time.time() - t0:.0f}s so far)", flush=True)  # fmt: skip
                     args += ["checkpoint.resume=auto"] if run_dir.exists() else []
-                    tracerl(["train", ns.config, *args], run_dir.with_suffix(".log"))
-                read_run(run)
+                    tracerl(["train", ns.config, *args, *verbose], run_dir.with_suffix(".log"))
+                    read_run(run)
+                    first, last = min(run.evals, default=0), max(run.evals, default=0)
+                    if run.evals:
+                        print(f"    held-out greedy reward {run.evals[first]:.3f} at step {first} → "
+                              f"{run.evals[last]:.3f} at step {last}", flush=True)  # fmt: skip
+                else:
+                    read_run(run)
     runs = [plans[(layout, seed, method)] for layout in layouts for method in methods for seed in seeds]
     if ns.report and not any(r.evals for r in runs):
         raise SystemExit(
