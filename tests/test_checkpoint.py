@@ -235,3 +235,30 @@ def test_export_loads_with_from_pretrained_and_generates_like_the_learner(tmp_pa
         assert loaded.block_size == policy.block_size and loaded.mask_id == policy.mask_id
         got = generate(loaded, prompts, s, seed=4)
         assert torch.equal(got.response_ids, want.response_ids) and got.texts == want.texts
+
+
+def test_what_lies_inside_a_checkpoint(tmp_path):
+    """Outputs are refused inside a checkpoint; a folder that merely holds a file named COMPLETE or driver.json (a
+    project of the user's) is not one."""
+    from tracerl.checkpoint import check_writable, checkpoint_holding
+    from tracerl.config import ConfigError
+
+    run = tmp_path / "run"
+    step = run / "checkpoints" / "step-3"
+    (step / "learner" / "hf").mkdir(parents=True)  # being written: no COMPLETE yet
+    assert checkpoint_holding(step / "learner" / "hf" / "x") == step.resolve()
+    assert checkpoint_holding(run / "final") is None and checkpoint_holding(run / "checkpoints") is None
+    other = tmp_path / "project"
+    (other / "data").mkdir(parents=True)
+    (other / "COMPLETE").write_text("done")
+    (other / "driver.json").write_text("{}")
+    assert checkpoint_holding(other / "data" / "run") is None
+    check_writable(other / "data" / "run")  # no error
+    moved = tmp_path / "saved-step"  # a checkpoint copied out of its run keeps its manifest
+    (moved / "learner").mkdir(parents=True)
+    (moved / "COMPLETE").write_text("{}")
+    assert checkpoint_holding(moved / "export") == moved.resolve()
+    with pytest.raises(
+        ConfigError, match=f"run_dir '{moved / 'export'}' lies inside the checkpoint '{moved.resolve()}'"
+    ):
+        check_writable(moved / "export")

@@ -124,7 +124,7 @@ def test_plot_reads_both_runs_before_printing_and_names_a_checkpoint_given_as_th
     captured = capsys.readouterr()
     assert captured.out == "" and f"{tmp_path}/empty/metrics.jsonl does not exist" in captured.err
     step = tmp_path / "rl" / "checkpoints" / "step-4"
-    step.mkdir(parents=True)
+    (step / "learner").mkdir(parents=True)
     assert main(["plot", str(step)]) == 2
     err = capsys.readouterr().err
     assert (

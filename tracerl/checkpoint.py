@@ -308,10 +308,13 @@ def driver_state(path: str | Path) -> DriverState:
 
 
 def checkpoint_holding(path: str | Path) -> Path | None:
-    """The checkpoint that ``path`` is or lies in, complete or not (a folder that holds a ``COMPLETE`` manifest or a
-    driver state, or a ``step-<N>`` / ``.tmp-step-<N>`` folder of a ``checkpoints`` folder), else None."""
+    """The checkpoint that ``path`` is or lies in, complete or not, else None: a folder with a ``learner/`` folder
+    and a ``COMPLETE`` manifest, a driver state, or the name ``step-<N>`` / ``.tmp-step-<N>`` in a ``checkpoints``
+    folder (a file named like one of these alone does not make a checkpoint)."""
     path = Path(path).expanduser().resolve()
     for folder in (path, *path.parents):
+        if not (folder / "learner").is_dir():
+            continue
         named = folder.parent.name == CHECKPOINTS and (_STEP.match(folder.name) or folder.name.startswith(".tmp-step-"))
         if named or (folder / COMPLETE).is_file() or (folder / DRIVER).is_file():
             return folder
