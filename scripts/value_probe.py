@@ -213,6 +213,12 @@ def oracle_metrics(
     return ev, ratio
 
 
+NO_BLOCKS = (
+    "--mc-samples continues the state at each block start, which a full-attention model does not have (its every "
+    "step sees the whole canvas); give a block-layout model, or pass --mc-samples 0."
+)
+
+
 def block_start_values(
     policy: Any,
     sampling: Any,
@@ -234,7 +240,9 @@ def block_start_values(
     from tracerl.sampling import generate
 
     size = rollout.block_size
-    if rollout.layout != "block" or any(len(p) % size for p in prompts):
+    if rollout.layout != "block":
+        raise ValueError(NO_BLOCKS)
+    if any(len(p) % size for p in prompts):
         raise ValueError(
             "block_start_values needs a block-layout rollout whose prompts fill whole blocks (a prompt of "
             f"{size}·k tokens), so that the prompt extended by the committed blocks is the sampler's state; "
@@ -445,6 +453,8 @@ def probe(ns: argparse.Namespace) -> int:
             )
         service = check_rewards(cfg, None, cfg.data.source)  # the run's own reward functions, weighted
         policy = load_policy(cfg.model)
+        if ns.mc_samples > 0 and policy.block_size is None:  # said before any step is spent
+            raise ValueError(NO_BLOCKS)
         stream, _ = load_prompts(cfg)
         g, n_prompts = cfg.rollout.samples_per_prompt, cfg.rollout.prompts_per_step
         learner = Learner(cfg, policy)

@@ -292,3 +292,12 @@ def test_ctrl_c_prints_the_summary_of_the_steps_measured_whole(tmp_path, capsys,
     assert "interrupted during step 3: the summary of the 2 step(s) measured" in out
     assert "explained variance over the last 2 step(s)" in out and "== target reward" not in out  # stopped there
     assert "note: every sample scored the same reward, so there was nothing to explain" in out  # untrained: all 0
+
+
+def test_monte_carlo_values_on_a_full_attention_model_are_refused_before_any_step(tmp_path, capsys) -> None:
+    small = ["data.num_synthetic=100", "rollout.prompts_per_step=2", "rollout.samples_per_prompt=2",
+             "wandb.mode=disabled", f"run_dir={tmp_path}", "model.tiny.attention=full"]  # fmt: skip
+    argv = ["configs/quickstart.yaml", *small, "--mc-samples", "2", "--oracle-samples", "0", "--targets", "centered"]
+    assert probe.main(argv) == 2
+    captured = capsys.readouterr()
+    assert "--mc-samples continues the state at each block start" in captured.err and "step " not in captured.out
