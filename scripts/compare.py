@@ -297,14 +297,14 @@ RESUME += "midway resumes from its last checkpoint."
 def tracerl(args: list[str], log: Path) -> None:
     """Run one tracerl command, its console appended to ``log``; a failure stops the comparison with the log's tail.
 
-    Ctrl-C reaches the command too (the terminal signals the whole foreground group) and SIGTERM is passed on to
-    it: the command finishes its step, checkpoints it and exits, and only then does the comparison stop, saying how
-    to go on. A second Ctrl-C stops the command at once.
+    The command runs in a session of its own, and Ctrl-C or SIGTERM to the comparison (or to its terminal's
+    group) is passed on to it once per signal: the command finishes its step, checkpoints it and exits, and only
+    then does the comparison stop, saying how to go on. A second one stops the command at once.
     """
     log.parent.mkdir(parents=True, exist_ok=True)
     with log.open("a") as f:
         cmd = [sys.executable, "-m", "tracerl.cli", *args]
-        proc = subprocess.Popen(cmd, cwd=ROOT, stdout=f, stderr=subprocess.STDOUT)
+        proc = subprocess.Popen(cmd, cwd=ROOT, stdout=f, stderr=subprocess.STDOUT, start_new_session=True)
         stopped: list[str] = []
 
         def forward(signum: int, frame: Any) -> None:
@@ -312,18 +312,12 @@ def tracerl(args: list[str], log: Path) -> None:
             stopped.append(signal.Signals(signum).name)
             proc.send_signal(signum)
 
-        previous = signal.signal(signal.SIGTERM, forward)
+        previous = {sig: signal.signal(sig, forward) for sig in (signal.SIGINT, signal.SIGTERM)}
         try:
-            try:
-                code = proc.wait()
-            except KeyboardInterrupt:  # the command got the same Ctrl-C: it checkpoints its step and exits
-                stopped.append("SIGINT")
-                code = proc.wait()
-        except KeyboardInterrupt:  # a second Ctrl-C: the command stops at once too
-            proc.wait()
-            raise SystemExit(RESUME) from None
+            code = proc.wait()
         finally:
-            signal.signal(signal.SIGTERM, previous)
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
     if stopped or code == 130:
         raise SystemExit(RESUME)
     if code:
@@ -379,6 +373,7 @@ def settings_differ(config: str, args: list[str], run_dir: Path, free: tuple[str
         return []
     want = _flat(json.loads(json.dumps(to_dict(load_config(config, args)))))
     have = _flat(json.loads(written.read_text()))
+    free = (*free, "run_dir", "model.path")  # derived from --out, which may be written another way each time
     keys = sorted(k for k in set(want) | set(have) if k not in free and want.get(k) != have.get(k))
     return [f"{k}: {have.get(k)!r} there, {want.get(k)!r} now" for k in keys]
 
@@ -546,8 +541,13 @@ def main(argv: list[str] | None = None) -> int:
                 f"compare.py: {REFERENCE} on the {layout} layout is refused with these overrides: {reason}"
             )
     out = Path(ns.out)
-    with lock(out):
-        return compare(ns, out, layouts, methods, seeds)
+    try:
+        if ns.report:  # runs nothing: reads what is there, even while a comparison runs
+            return compare(ns, out, layouts, methods, seeds)
+        with lock(out):
+            return compare(ns, out, layouts, methods, seeds)
+    except KeyboardInterrupt:  # between commands (counting FLOPs, reading runs, drawing)
+        raise SystemExit(RESUME) from None
 
 
 def compare(ns: argparse.Namespace, out: Path, layouts: list[str], methods: list[str], seeds: list[int]) -> int:

@@ -262,3 +262,28 @@ def test_what_lies_inside_a_checkpoint(tmp_path):
         ConfigError, match=f"run_dir '{moved / 'export'}' lies inside the checkpoint '{moved.resolve()}'"
     ):
         check_writable(moved / "export")
+
+
+def test_a_final_model_is_written_whole_or_not_at_all(tmp_path):
+    """final/ of a run is written beside and renamed into place: a save that fails midway leaves the one before
+    (a partial final/ would count as finished to a rerun), and a second save replaces the first whole."""
+
+    class Source:
+        def __init__(self, files: dict[str, str], fail: bool = False) -> None:
+            self.files, self.fail = files, fail
+
+        def save_hf(self, out: Path) -> None:
+            out.mkdir(parents=True)
+            for name, text in self.files.items():
+                (out / name).write_text(text)
+                if self.fail:
+                    raise OSError("disk full")
+
+    final = tmp_path / "run" / "final"
+    export_hf(Source({"config.json": "{}", "model.safetensors": "old"}), final)
+    with pytest.raises(OSError, match="disk full"):
+        export_hf(Source({"config.json": "{}", "model.safetensors": "new"}, fail=True), final)
+    assert (final / "model.safetensors").read_text() == "old"
+    export_hf(Source({"config.json": "{}", "tokenizer.json": "t"}), final)
+    assert sorted(p.name for p in final.iterdir()) == ["config.json", "tokenizer.json"]
+    assert sorted(p.name for p in final.parent.iterdir()) == ["final"]  # no temporary or old copy left

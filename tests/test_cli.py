@@ -41,6 +41,10 @@ def test_generate_prints_the_log_prob_the_learner_reads(capsys, source):
     mean = float(rollout.rollout_logp[0][rollout.response_mask[0]].mean())
     assert f"mean log-prob {mean:.3f} at temperature {tau:g}" in line
     assert tau == (0.7 if source == "sampling" else 1.0)
+    greedy = ["sampling.max_new_tokens=8", "sampling.block_size=4", "sampling.temperature=0"]
+    assert main(["generate", "--prompt", "1+2=", "--no-animate", *greedy, f"objective.logp_temperature={source}"]) == 0
+    line = capsys.readouterr().out.strip().splitlines()[-1]  # greedy under "sampling" divided by 0: nan
+    assert "nan" not in line and line.endswith("at temperature 1"), line
 
 
 def test_bad_override_is_one_paragraph_and_nonzero(capsys):

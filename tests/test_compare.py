@@ -176,6 +176,8 @@ def test_a_run_made_with_other_settings_is_refused_not_reported(tmp_path):
         str(err.value)
     )
     assert "Give another --out, or remove that run" in str(err.value)
+    elsewhere = [a.replace(f"run_dir={run_dir}", f"run_dir={run_dir}/../{run_dir.name}") for a in args]
+    assert compare.settings_differ("configs/quickstart.yaml", elsewhere, run_dir, free) == []  # --out written anew
     copy = compare.settings_differ("configs/copy.yaml", args, run_dir, free)  # another task entirely
     assert any(line.startswith("data.source:") for line in copy)
 
@@ -186,11 +188,18 @@ def test_a_second_comparison_in_the_same_out_is_refused_while_the_first_runs(tmp
         pass
     with compare.lock(tmp_path):  # released when the first one ends
         pass
+    with compare.lock(tmp_path), pytest.raises(SystemExit, match="nothing to report for the block layout"):
+        compare.main(["configs/quickstart.yaml", "--out", str(tmp_path), "--report", "--layouts", "block"])
+    with pytest.raises(SystemExit, match="nothing to report"):  # --report writes nothing where nothing ran
+        compare.main(["configs/quickstart.yaml", "--out", str(tmp_path / "typo"), "--report", "--layouts", "block"])
+    assert not (tmp_path / "typo").exists()
 
 
-def test_ctrl_c_lets_the_running_command_finish_its_step_and_says_how_to_go_on(tmp_path):
-    """A command that gets SIGTERM passed on: the comparison waits for it, then stops with one line (it used to
-    kill the command 0.25 s after a Ctrl-C, before its checkpoint, and print a traceback)."""
+@pytest.mark.parametrize("name", ["SIGINT", "SIGTERM"])
+def test_ctrl_c_lets_the_running_command_finish_its_step_and_says_how_to_go_on(tmp_path, name):
+    """The signal, sent to the comparison alone, is passed on to the command: the comparison waits for it to
+    checkpoint its step, then stops with one line (it used to kill the command 0.25 s after a Ctrl-C, before its
+    checkpoint, and print a traceback; a SIGINT to the comparison alone never reached the command)."""
     import signal
     import threading
     import time
@@ -198,10 +207,10 @@ def test_ctrl_c_lets_the_running_command_finish_its_step_and_says_how_to_go_on(t
     log = tmp_path / "run.log"
 
     def terminate_soon() -> None:  # once the command trains (a stop before that has no step to checkpoint)
-        metrics = tmp_path / "sft" / "metrics.jsonl"
-        while not (metrics.is_file() and metrics.read_text().count("\n") >= 2):
+        metrics, deadline = tmp_path / "sft" / "metrics.jsonl", time.monotonic() + 120
+        while not (metrics.is_file() and metrics.read_text().count("\n") >= 2) and time.monotonic() < deadline:
             time.sleep(0.05)
-        os.kill(os.getpid(), signal.SIGTERM)
+        os.kill(os.getpid(), getattr(signal, name))
 
     threading.Thread(target=terminate_soon, daemon=True).start()
     start = time.monotonic()
@@ -210,7 +219,7 @@ def test_ctrl_c_lets_the_running_command_finish_its_step_and_says_how_to_go_on(t
                          "data.source=synthetic:parity", "data.num_synthetic=100", "wandb.mode=disabled",
                          f"run_dir={tmp_path / 'sft'}"], log)  # fmt: skip
     assert time.monotonic() - start < 120
-    assert "stopped by SIGTERM after SFT step" in log.read_text()  # the command checkpointed its last step
+    assert f"stopped by {name} after SFT step" in log.read_text()  # the command checkpointed its last step
     assert list((tmp_path / "sft" / "checkpoints").glob("step-*"))
 
 

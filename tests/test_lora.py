@@ -6,6 +6,7 @@ from __future__ import annotations
 import copy
 import json
 import re
+import shutil
 
 import pytest
 import torch
@@ -333,6 +334,11 @@ def test_export_writes_a_merged_model_and_the_adapter_directory_peft_loads(learn
     with pytest.raises(FileNotFoundError, match="is not a checkpoint: a model folder .* holds the merged weights only"):
         export_hf(out, tmp_path / "a3", adapter=True)
     assert not (tmp_path / "a2").exists() and not (tmp_path / "a3").exists()
+    full_run = tmp_path / "full_run"  # the final model of a run without LoRA: no adapter anywhere
+    shutil.copytree(out, full_run / "final")
+    (full_run / "config.json").write_text(json.dumps({"learner": {"lora": {"enabled": False}}}))
+    with pytest.raises(FileNotFoundError, match="trained with learner.lora.enabled=false: it has no LoRA adapter"):
+        export_hf(full_run / "final", tmp_path / "a4", adapter=True)
 
     full = learners(lora_cfg("learner.lora.enabled=false"), copy.deepcopy(full_policy))
     full_ckpt = save_checkpoint(tmp_path / "full", 1, full, DriverState(step=1))

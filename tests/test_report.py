@@ -42,7 +42,7 @@ def test_before_after_takes_step_zero_and_the_last_evaluation(tmp_path):
     assert got["pass@4"] == pytest.approx((0.5, 0.5, 0.0))
 
 
-def test_plot_writes_a_png_and_the_cli_prints_the_table(tmp_path, capsys):
+def test_plot_writes_a_png_and_the_cli_prints_the_table(tmp_path, capsys, monkeypatch):
     fake_run(tmp_path / "rl")
     sft = tmp_path / "sft"
     sft.mkdir()
@@ -57,6 +57,11 @@ def test_plot_writes_a_png_and_the_cli_prints_the_table(tmp_path, capsys):
     (sft / "final").mkdir()
     (sft / "run.json").write_text(json.dumps({"run_id": "s", "command": "sft"}))
     (tmp_path / "rl" / "config.json").write_text(json.dumps({"model": {"path": str(sft / "final")}}))
+    assert main(["plot", str(tmp_path / "rl"), "--out", str(tmp_path / "c.png")]) == 0
+    assert "SFT start (step 0)" in capsys.readouterr().out
+    # the quickstart writes model.path relative to where it was launched (runs/q/sft/final): read from anywhere
+    (tmp_path / "rl" / "config.json").write_text(json.dumps({"model": {"path": "sft/final"}}))
+    monkeypatch.chdir("/")
     assert main(["plot", str(tmp_path / "rl"), "--out", str(tmp_path / "c.png")]) == 0
     assert "SFT start (step 0)" in capsys.readouterr().out
 

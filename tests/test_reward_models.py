@@ -292,8 +292,15 @@ def test_sampled_completions_that_all_tie_are_named_as_such(tmp_path: Path) -> N
     cfg = load_config(None, [*TINY, "data.source=synthetic:parity", "sampling.max_new_tokens=4",
                              "reward_model.pair_prompts=4", "reward_model.samples_per_prompt=2",
                              f"reward_model.label_with={label}:score", "eval.num_prompts=0"])  # fmt: skip
-    with pytest.raises(ConfigError, match=r"gave every completion of every prompt the same reward \(mean 0.000 over 8"):
+    with pytest.raises(ConfigError, match=r"gave every completion the same reward \(0.000\) \(8 completions .*more"):
         sample_pairs(cfg, Console(quiet=True))
+    by_prompt = tmp_path / "by_prompt.py"
+    by_prompt.write_text("def score(prompts, completions, **kwargs):\n    return [float(len(p)) for p in prompts]\n")
+    cfg.reward_model.label_with = f"{by_prompt}:score"
+    with pytest.raises(ConfigError) as err:  # ties within each prompt only: more prompts would not help
+        sample_pairs(cfg, Console(quiet=True))
+    assert "gave the completions of each prompt the same reward as each other" in str(err.value)
+    assert "more prompts would tie" not in str(err.value)
 
 
 @pytest.mark.parametrize(

@@ -365,8 +365,16 @@ def export_hf(source: str | Path | Any, out_dir: str | Path, adapter: bool = Fal
     with ``save_hf(dir)``: a ``Learner`` or a ``LearnerGroup``, which gathers ZeRO-3 weights first).
     """
     out = Path(out_dir)
-    if hasattr(source, "save_hf") and not adapter:
-        source.save_hf(out)
+    if hasattr(source, "save_hf") and not adapter:  # a run's final/: written whole or not at all, as below
+        tmp = out.parent / f".tmp-{out.name}-{os.getpid()}"
+        shutil.rmtree(tmp, ignore_errors=True)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            source.save_hf(tmp)
+            _fsync_tree(tmp)
+            _put_in_place(tmp, out)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
         return out
     if out.expanduser().resolve() == Path.cwd().resolve():
         raise FileExistsError(
@@ -386,11 +394,16 @@ def export_hf(source: str | Path | Any, out_dir: str | Path, adapter: bool = Fal
     hf = next((c for c in (src / "learner" / sub, src / sub, src) if (c / marker).is_file()), None)
     if hf is None:
         root = checkpoint_holding(src) if adapter else None
-        if adapter and root is None:
+        if adapter and root is None and _trained_lora(src.parent) is not False:
             raise FileNotFoundError(
                 f"{src} is not a checkpoint: a model folder (a run's final/ or an export) holds the merged weights "
-                "only. The LoRA adapter is in the run's checkpoints: export run_dir/checkpoints/step-N with "
+                "only. A LoRA run's adapter is in its checkpoints: export run_dir/checkpoints/step-N with "
                 "--adapter, or this folder without it."
+            )
+        if adapter and root is None:
+            raise FileNotFoundError(
+                f"{src} is the final model of a run trained with learner.lora.enabled=false: it has no LoRA adapter. "
+                "Export it without --adapter."
             )
         if adapter and (root / "learner" / sub / marker).is_file():
             raise FileNotFoundError(
@@ -416,13 +429,29 @@ def export_hf(source: str | Path | Any, out_dir: str | Path, adapter: bool = Fal
     try:
         shutil.copytree(hf, tmp)
         _fsync_tree(tmp)
-        if out.exists():
-            out.rmdir()
-        os.replace(tmp, out)
-        _fsync_dir(out.parent)
+        _put_in_place(tmp, out)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return out
+
+
+def _put_in_place(tmp: Path, out: Path) -> None:
+    """Rename the finished ``tmp`` to ``out``; an ``out`` already there (a resumed run's final/ written again) is
+    moved aside first and removed after, so ``out`` is at every moment either the old directory or the new one."""
+    old = out.parent / f".old-{out.name}-{os.getpid()}"
+    if out.exists():
+        os.replace(out, old)
+    os.replace(tmp, out)
+    _fsync_dir(out.parent)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def _trained_lora(run_dir: Path) -> bool | None:
+    """Whether the run in ``run_dir`` trained LoRA adapters (its config.json), None where that cannot be read."""
+    try:
+        return bool(json.loads((run_dir / "config.json").read_text())["learner"]["lora"]["enabled"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
 
 
 def verify_export_source(checkpoint: Path, hf: Path, config_name: str = "config.json") -> None:

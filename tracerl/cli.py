@@ -84,7 +84,7 @@ def cmd_generate(ns: argparse.Namespace) -> int:
         )
     policy = load_policy(cfg.model)
     check_positions(policy, len(prompt_ids), cfg.sampling, prompt_setting="--prompt")
-    tau = 1.0 if renoising(policy) else logp_temperature(cfg)  # the log-probs the learner would read
+    tau = 1.0 if renoising(policy) else logp_temperature(cfg) or 1.0  # the learner's (greedy: the model's own)
     rollout = generate(policy, [prompt_ids], cfg.sampling, seed=cfg.seed, logp_temperature=tau)
     if isinstance(rollout, CanvasRollout):
         return _show_canvases(ns, rollout, policy)

@@ -97,7 +97,14 @@ def start_label(run_dir: str | Path) -> str:
         path = json.loads((Path(run_dir) / "config.json").read_text())["model"]["path"]
     except (OSError, ValueError, KeyError, TypeError):
         return "before RL"
-    for folder in Path(str(path)).parents if path else ():
+    if not path:
+        return "before RL"
+    # a relative model.path is the launch folder's: the current one, or one above the run (runs/q/sft/final)
+    given = Path(str(path)).expanduser()
+    places = [given] if given.is_absolute() else [Path.cwd() / given]
+    places += [] if given.is_absolute() else [up / given for up in Path(run_dir).resolve().parents]
+    model = next((p for p in places if p.exists()), None)
+    for folder in model.parents if model is not None else ():
         owner = folder / "run.json"
         if owner.is_file():
             try:

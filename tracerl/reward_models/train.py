@@ -111,12 +111,19 @@ def sample_pairs(cfg: Config, console: Console, service: RewardService | None = 
         f"pairs: {len(pairs)} from {len(prompt_ids)} prompts × {g} samples of {cfg.model.path}, ordered by "
         f"{r.label_with} (mean {sum(scores) / len(scores):.3f}); ties dropped"
     )
-    if not pairs:
+    if not pairs:  # pairs are made within a prompt: its completions all tied
+        everywhere = len(set(scores)) == 1
+        what = (
+            f"every completion the same reward ({scores[0]:.3f})"
+            if everywhere
+            else "the completions of each prompt the same reward as each other"
+        )
         raise ConfigError(
-            f"reward_model.label_with={r.label_with} gave every completion of every prompt the same reward (mean "
-            f"{sum(scores) / len(scores):.3f} over {len(scores)} completions of {cfg.model.path}), so no pair orders "
-            "two of them; more prompts would tie as well. Sample more varied completions (sampling.temperature, a "
-            "policy trained further), label with another reward, or give pairs from a file (reward_model.pairs)."
+            f"reward_model.label_with={r.label_with} gave {what} ({len(scores)} completions of {cfg.model.path}, "
+            f"{g} per prompt), so no pair orders two completions of a prompt"
+            + ("; more prompts would tie as well" if everywhere else "")
+            + ". Sample more varied completions (sampling.temperature, reward_model.samples_per_prompt, a policy "
+            "trained further), label with another reward, or give pairs from a file (reward_model.pairs)."
         )
     return pairs
 
