@@ -471,6 +471,26 @@ def step_flops(config: str, overrides: list[str], methods: list[str], layout: st
     return out
 
 
+def sft_line(sft: Path) -> str:
+    """What an SFT run ended at: its steps, last loss and held-back exact match (from its metrics.jsonl).
+
+    Example:
+        >>> import tempfile
+        >>> d = Path(tempfile.mkdtemp())
+        >>> _ = (d / "metrics.jsonl").write_text('{"step": 0, "eval/accuracy": 0.0}\\n'
+        ...     '{"step": 200, "train/loss": 0.29, "eval/accuracy": 0.05}\\n')
+        >>> sft_line(d)
+        'SFT: 200 steps, loss 0.290, held-back exact match 0.05'
+    """
+    rows = [json.loads(x) for x in (sft / "metrics.jsonl").read_text().splitlines() if x.strip()]
+    last = max(rows, key=lambda r: r["step"])
+    loss = next((f", loss {r['train/loss']:.3f}" for r in reversed(rows) if "train/loss" in r), "")
+    acc = next(
+        (f", held-back exact match {r['eval/accuracy']:.2f}" for r in reversed(rows) if "eval/accuracy" in r), ""
+    )
+    return f"SFT: {last['step']} steps{loss}{acc}"
+
+
 def finished(run_dir: Path, steps: int) -> bool:
     return all(
         p.exists() for p in (run_dir / "eval" / f"step-{steps}.json", run_dir / "final", run_dir / "metrics.jsonl")
@@ -567,6 +587,7 @@ def compare(ns: argparse.Namespace, out: Path, layouts: list[str], methods: list
             print(f"[{layout}] SFT → {sft}" + (" (resuming where it stopped)" if again else ""), flush=True)
             resume = ["checkpoint.resume=auto"] if again else []
             tracerl(["sft", ns.config, *args, *resume, *verbose], out / layout / "sft.log")
+            print(f"    {sft_line(sft)}", flush=True)
         base = [*COMMON, *LAYOUTS[layout], *ns.overrides, f"model.path={sft / 'final'}"]
         flops = step_flops(ns.config, base, methods, layout, seed=0)
         budget = flops[REFERENCE]
