@@ -3,7 +3,8 @@
 # msgpack, ninja, einops, psutil, py-cpuinfo and tqdm but no package registry. What the learner's and the
 # config's imports need beyond that: DeepSpeed and its hjson and pydantic (pydantic-core, annotated-types,
 # typing-inspection, and a typing-extensions new enough for this pydantic), omegaconf and its antlr4 runtime,
-# and tracerl itself (with rewards/). Versions are those installed in .venv, so the GPU machine runs what the
+# transformers (the machine's 5.17 predates the DiffusionGemma calling convention tracerl uses; the newer one's
+# huggingface-hub and tokenizers ranges admit the machine's 1.33 and 0.23), and tracerl itself (with rewards/). Versions are those installed in .venv, so the GPU machine runs what the
 # tests here ran.
 #
 # Pure-Python packages are built here with `pip wheel --no-deps` (DeepSpeed builds no ops: they JIT-compile
@@ -24,7 +25,8 @@ out=wheels
 
 version() { "$PY" -c 'import importlib.metadata as m, sys; print(m.version(sys.argv[1]))' "$1"; }
 
-pure=(deepspeed hjson pydantic annotated-types typing-inspection typing-extensions omegaconf antlr4-python3-runtime)
+pure=(deepspeed hjson pydantic annotated-types typing-inspection typing-extensions omegaconf antlr4-python3-runtime
+  transformers)
 specs=()
 for name in "${pure[@]}"; do
   specs+=("$name==$(version "$name")")
