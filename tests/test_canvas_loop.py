@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -109,6 +110,18 @@ def test_generate_shows_every_step_of_a_canvas(capsys, tmp_path) -> None:
     assert len(lines) == live + int(rollout.canvas_valid[0].sum())  # a line per step, then each canvas's output
     assert lines[0].startswith("canvas 0 step  0") and "accepted" in lines[0]
     assert sum(" output " in line for line in lines) == int(rollout.canvas_valid[0].sum())
+    # the output line: bold through the first EOS, dim after it (not part of the response); the untrained model
+    # writes no EOS, so the response is cut after 5 tokens here
+    c, valid = rollout.canvas_length, int(rollout.canvas_valid[0].sum())
+    mask = rollout.response_mask.clone()
+    mask[0, 5:] = False
+    rollout = dataclasses.replace(rollout, response_mask=mask)
+    outputs = [t for t in canvas_frames(rollout, policy.tokenizer, policy.eos_ids) if " output " in t.plain]
+    prefix = len("canvas 0 output") + 9
+    styles = [
+        str(span.style) for t in outputs for i in range(prefix, prefix + c) for span in t.spans if span.start == i
+    ]
+    assert styles == ["bold"] * 5 + ["dim"] * (valid * c - 5)
     rc = main(["generate", *BASE, "--prompt", "1011", "--no-animate"])
     out = capsys.readouterr().out
     assert rc == 0 and "canvas 0 step  0" in out and "renoised each step" in out

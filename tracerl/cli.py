@@ -124,7 +124,8 @@ def cmd_generate(ns: argparse.Namespace) -> int:
 
 def canvas_frames(rollout, tokenizer, eos_ids: tuple[int, ...]) -> list:  # noqa: ANN001
     """One line per denoising step of every canvas of the first sample: the canvas the step produced, its accepted
-    tokens in green (the policy's actions), the renoised positions dim (fresh uniform noise); then the output."""
+    tokens in green (the policy's actions), the renoised positions dim (fresh uniform noise); then the output, bold
+    through the first EOS and dim after it (canvas positions that are not part of the response)."""
     from rich.text import Text
 
     def piece(token: int) -> str:
@@ -151,7 +152,9 @@ def canvas_frames(rollout, tokenizer, eos_ids: tuple[int, ...]) -> list:  # noqa
             text.append(f"  {int(accepted.sum())} accepted", style="dim")
             lines.append(text)
         out = Text(f"canvas {k} output{' ' * 9}", style="dim")
-        out.append("".join(piece(int(t)) for t in rollout.response_ids[0, k * c : (k + 1) * c]), style="bold")
+        ids, kept = rollout.response_ids[0, k * c : (k + 1) * c], rollout.response_mask[0, k * c : (k + 1) * c]
+        for token, counts in zip(ids.tolist(), kept.tolist(), strict=True):
+            out.append(piece(token), style="bold" if counts else "dim")  # past the first EOS: not the response
         lines.append(out)
     return lines
 
