@@ -411,6 +411,23 @@ def test_server_command_serves_until_stopped_and_rejects_bad_specs(capsys: pytes
         wide.wait(timeout=10)
 
 
+def test_serve_reward_logs_each_request_with_verbose_only() -> None:
+    for flags in ([], ["--verbose"]):
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "tracerl.cli", "serve-reward", "--reward", "length", "--port", "0", *flags],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        try:
+            url = proc.stdout.readline().split(" at ")[1].split()[0]
+            assert RewardService([url]).score(["q"], ["x" * 8], completion_ids=[[0] * 8]).total == [1 - 8 / 1024]
+        finally:
+            proc.terminate()
+            _, err = proc.communicate(timeout=10)
+        assert ('"POST /score HTTP/1.1" 200' in err) == bool(flags), err
+
+
 def _free_port() -> int:
     import socket
 

@@ -374,7 +374,7 @@ def cmd_plot(ns: argparse.Namespace) -> int:
 def cmd_serve_reward(ns: argparse.Namespace, rest: list[str]) -> int:
     from tracerl.reward_server import main as serve
 
-    return serve(rest)
+    return serve([*rest, "--verbose"] if ns.verbose else rest)  # --verbose: one line per request
 
 
 def build_parser() -> argparse.ArgumentParser:

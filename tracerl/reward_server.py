@@ -4,7 +4,8 @@ Request: ``{"prompts": [...], "completions": [...], "completion_ids": [...]?, <c
 Answer: ``200 {"rewards": [...]}`` (``null`` where the function returned None or NaN); ``400 {"error": ...}``
 for a malformed request; ``422 {"error": ...}`` when the function fails (the message names it; a client
 should not retry it, unlike a 5xx).
-``GET /health`` answers ``{"ok": true, "reward": <name>}``. Binds 127.0.0.1 unless told otherwise.
+``GET /health`` answers ``{"ok": true, "reward": <name>}``. Binds 127.0.0.1 unless told otherwise; ``--verbose``
+logs every request on stderr.
 
 Example (shell): ``python -m tracerl.reward_server --reward math_verify --port 8000``, then point a run at
 ``http://127.0.0.1:8000/score``.
@@ -172,7 +173,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--host", default="127.0.0.1", help="address to bind (default: loopback only)")
     parser.add_argument("--port", type=_port, default=8000, help="port to bind, 0-65535 (0: any free port)")
     parser.add_argument("--timeout", type=_seconds, default=300.0, help="seconds one scoring call may take")
+    parser.add_argument("--verbose", action="store_true", help="log every request on stderr (status, bytes)")
     args = parser.parse_args(argv)
+    if args.verbose:  # one line per request: '127.0.0.1 - "POST /score HTTP/1.1" 200 31'
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("%(asctime)s %(message)s"))
+        log.addHandler(handler)
+        log.setLevel(logging.DEBUG)
     try:
         server = make_server(args.reward, args.host, args.port, args.timeout)
     except RewardError as err:
