@@ -113,6 +113,28 @@ def test_sigterm_while_a_command_starts_is_an_interrupt_not_a_silent_death(monke
     assert signal.getsignal(signal.SIGTERM) is before
 
 
+@pytest.mark.parametrize(
+    ("error", "printed"),
+    [
+        (KeyError("held out"), "error: KeyError: 'held out' (run with --debug for the traceback)"),  # a dict lookup
+        (KeyError("reward"), "error: KeyError: 'reward' (run with --debug for the traceback)"),
+        (None, "error: unknown remasking 'x'; choose from ['entropy_bounded',"),  # the registry's sentence
+    ],
+)
+def test_a_bare_key_error_is_named_and_a_registry_sentence_printed_as_it_is(monkeypatch, capsys, error, printed):
+    import tracerl.cli as cli
+    from tracerl.sampling.remasking import REMASKING
+
+    def failing(ns):  # noqa: ANN001
+        if error is None:
+            REMASKING.lookup("x")
+        raise error
+
+    monkeypatch.setattr(cli, "cmd_validate", failing)
+    assert cli.main(["validate", "--offline"]) == 2
+    assert f"tracerl validate: {printed}" in capsys.readouterr().err
+
+
 def test_ray_init_does_not_take_sigterm_away_from_the_command():
     """ray.init installs Ray's SIGTERM handler (sys.exit(15) while it connects, a stack dump and exit 1 after):
     tracerl's handler comes back after it, and a SIGTERM caught by Ray's meanwhile becomes an interrupt, after

@@ -28,6 +28,7 @@ from pathlib import Path
 
 from tracerl.config import Config, ConfigError
 from tracerl.quiet import quiet_third_party
+from tracerl.registry import UnknownName
 
 
 def _split_config(args: list[str]) -> tuple[str | None, list[str]]:
@@ -476,8 +477,8 @@ def main(argv: list[str] | None = None) -> int:
             print(f"tracerl {ns.command}: {err}", file=sys.stderr)
             return 130
         err = getattr(err, "cause", None) or err  # a Ray task failure: the actor's own error
-        sentence = isinstance(err, KeyError) and bool(err.args) and " " in str(err.args[0])  # registry.py's, not d[k]
-        message = err.args[0] if sentence else str(err)
+        sentence = isinstance(err, UnknownName)  # registry.py's sentence; a bare KeyError (d[k]) is named below
+        message = str(err)
         clear = ConfigError | ValueError | FileNotFoundError | FileExistsError | RuntimeError
         expected = isinstance(err, clear) or sentence
         kind = "" if expected else f"{type(err).__name__}: "

@@ -10,7 +10,7 @@ Example:
     >>> SHAPES.lookup("circle")
     Traceback (most recent call last):
     ...
-    KeyError: "unknown shape 'circle'; choose from ['square']"
+    tracerl.registry.UnknownName: unknown shape 'circle'; choose from ['square']
 """
 
 from __future__ import annotations
@@ -19,6 +19,14 @@ from collections.abc import Callable
 from typing import TypeVar
 
 F = TypeVar("F", bound=Callable)
+
+
+class UnknownName(KeyError):
+    """A lookup of a name no variant has: a ``KeyError`` (as a dict's), whose message is a whole sentence that
+    the command line prints as it is (a bare ``KeyError`` from a dict lookup is named with its type)."""
+
+    def __str__(self) -> str:
+        return str(self.args[0]) if self.args else ""
 
 
 class Registry(dict[str, F]):
@@ -37,5 +45,5 @@ class Registry(dict[str, F]):
 
     def lookup(self, name: str) -> F:
         if name not in self:
-            raise KeyError(f"unknown {self.kind} '{name}'; choose from {sorted(self)}")
+            raise UnknownName(f"unknown {self.kind} '{name}'; choose from {sorted(self)}")
         return self[name]
