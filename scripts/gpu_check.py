@@ -218,6 +218,11 @@ def part_learner(plan: Plan, ctx: dict[str, Any]) -> dict[str, Any]:
     reset_peak(plan.device)
     model_gib = torch.cuda.memory_allocated() / 2**30 if plan.device == "cuda" else 0.0
     cfg = learner_config(plan, checkpointing=True)
+    # full-parameter bf16 training holds about 16 bytes per parameter (weights, fp32 master, Adam, gradients):
+    # where that leaves no room for activations (4B on an 80 GB GPU), LoRA adapters are trained instead
+    total = torch.cuda.get_device_properties(0).total_memory if plan.device == "cuda" else None
+    lora = total is not None and 16 * n_params > 0.85 * total
+    cfg.learner.lora.enabled = lora
     start = clock()
     learner = Learner(cfg, policy, master_port=free_port())  # never an inherited MASTER_PORT
     init_s = clock() - start
@@ -239,6 +244,12 @@ def part_learner(plan: Plan, ctx: dict[str, Any]) -> dict[str, Any]:
         "model": asdict(plan.big) | {"params": n_params},
         "zero_stage": 0,
         "ranks": 1,
+        "lora": (
+            f"rank {cfg.learner.lora.rank}: 16 bytes × {n_params / 1e9:.1f}B parameters of full-parameter training "
+            f"exceed 85% of this GPU's {total / 2**30:.0f} GiB"
+            if lora
+            else False
+        ),
         "precision": "bf16",
         "gradient_checkpointing": True,
         "micro_batch_tokens": plan.micro_batch_tokens,
@@ -332,19 +343,27 @@ def part_packed(plan: Plan, ctx: dict[str, Any]) -> dict[str, Any]:
             "seconds": clock() - start,
         }
     steps = {}
-    for packed_views in (False, True):
+    # rows; packed views with the device's backend (flex on CUDA); packed with the grouped backend
+    variants = (("rows", False, None), ("packed", True, None), ("packed_grouped", True, "grouped"))
+    for key, packed_views, backend in variants:
         cfg = learner_config(plan, checkpointing=False)
         cfg.learner.packed_views = packed_views
-        if plan.device != "cuda":  # FlexAttention has no backward on CPU
-            cfg.learner.packed_attention = "grouped"
+        if backend or plan.device != "cuda":  # FlexAttention has no backward on CPU
+            cfg.learner.packed_attention = backend or "grouped"
         model = build_policy(plan.small, plan, block=4, seed=5)
         learner = Learner(cfg, model, master_port=free_port())
         try:
             learner.train_step(rollout.select(range(min(2, n))), torch.zeros(min(2, n)))  # warm-up: kernels, compile
-            start = clock()
-            metrics = learner.train_step(rollout, torch.linspace(-1, 1, n))
-            steps["packed" if packed_views else "rows"] = {
-                "step_s": clock() - start,
+            reset_peak(plan.device)
+            times = []
+            for _ in range(2):  # the first full-batch step may still compile (new shapes); the second is steady
+                start = clock()
+                metrics = learner.train_step(rollout, torch.linspace(-1, 1, n))
+                times.append(clock() - start)
+            steps[key] = {
+                "first_step_s": times[0],
+                "step_s": times[1],
+                "attention": cfg.learner.packed_attention if packed_views else "rows",
                 "tokens_per_sample": metrics["trace/tokens_per_sample"],
                 "policy_loss": metrics["train/policy_loss"],
                 "peak_memory_gib": peak_memory_gib(plan.device),
@@ -353,7 +372,11 @@ def part_packed(plan: Plan, ctx: dict[str, Any]) -> dict[str, Any]:
             learner.destroy()
             del model
             free()
-    out["learner"] = steps | {"speedup": steps["rows"]["step_s"] / steps["packed"]["step_s"]}
+    rows = steps["rows"]["step_s"]
+    out["learner"] = steps | {
+        "speedup": rows / steps["packed"]["step_s"],
+        "speedup_grouped": rows / steps["packed_grouped"]["step_s"],
+    }
     return out
 
 
@@ -509,12 +532,14 @@ RUNNERS: dict[str, Callable[[Plan, dict[str, Any]], dict[str, Any]]] = {
 def run_part(name: str, plan: Plan, ctx: dict[str, Any]) -> dict[str, Any]:
     log(f"part {name}: start")
     start = time.perf_counter()
+    held = torch.cuda.memory_allocated() / 2**30 if plan.device == "cuda" else 0.0  # what earlier parts left
     try:
         out = RUNNERS[name](plan, ctx)
     except Exception as err:  # recorded, and the other parts still run
         log(f"part {name} failed:\n{traceback.format_exc()}")
         out = {"error": f"{type(err).__name__}: {err}", "traceback": traceback.format_exc()[-4000:]}
     out["wall_s"] = time.perf_counter() - start
+    out["allocated_at_start_gib"] = held
     free()
     log(f"part {name}: done in {out['wall_s']:.1f} s")
     return out

@@ -20,6 +20,36 @@ STEPS = 16
 PROMPT_TOKENS = 128
 
 
+def materialized(cls: Any, config: Any, device: str, dtype: torch.dtype) -> Any:
+    """``cls(config)`` built with its parameters on the meta device, then each *distinct* parameter allocated
+    once on ``device`` and initialised by the model's own ``_init_weights``. Built directly, the encoder's and
+    the decoder's layers are allocated apart and tied afterwards: twice the weights (about 100 GB in bf16 for
+    the released shape) at the peak, more than an 80 GB GPU holds."""
+    from accelerate import init_empty_weights
+
+    with torch.device(device), init_empty_weights(include_buffers=False):
+        model = cls(config)
+    model.tie_weights()  # on the meta parameters: the shared ones become one object each
+    made: dict[int, torch.nn.Parameter] = {}
+    for module in model.modules():
+        for name, param in list(module._parameters.items()):
+            if param is None:
+                continue
+            if id(param) not in made:
+                made[id(param)] = torch.nn.Parameter(
+                    torch.empty(param.shape, dtype=dtype, device=device), requires_grad=False
+                )
+            module._parameters[name] = made[id(param)]
+    with torch.no_grad():
+        for name, module in model.named_modules():
+            if "vision" in name:  # never run here; its rotary buffers are built in __init__ already
+                for param in module.parameters(recurse=False):
+                    param.normal_(0.0, 0.02) if param.ndim > 1 else param.fill_(1.0)
+            else:
+                model._init_weights(module)
+    return model.eval().requires_grad_(False)
+
+
 def build(plan: Plan) -> Any:
     """A random DiffusionGemma policy of the released shape (smoke: tiny) on the plan's device and dtype."""
     from transformers import DiffusionGemmaForBlockDiffusion
@@ -36,8 +66,7 @@ def build(plan: Plan) -> Any:
     previous = torch.get_default_dtype()
     torch.set_default_dtype(plan.dtype)  # initialise in the target dtype: 25B fp32 parameters would not fit
     try:
-        with torch.device(plan.device):
-            model = DiffusionGemmaForBlockDiffusion(config).eval().requires_grad_(False)
+        model = materialized(DiffusionGemmaForBlockDiffusion, config, plan.device, plan.dtype)
     finally:
         torch.set_default_dtype(previous)
     model.generation_config.eos_token_id = -1  # no EOS stop: every sequence decodes its whole canvas

@@ -130,12 +130,15 @@ def test_packed_views_match_the_rows_on_every_backend(report: dict) -> None:
     assert lr["packed"]["tokens_per_sample"] < lr["rows"]["tokens_per_sample"]
     assert lr["packed"]["policy_loss"] == pytest.approx(lr["rows"]["policy_loss"], rel=1e-4, abs=1e-6)
     assert lr["speedup"] == pytest.approx(lr["rows"]["step_s"] / lr["packed"]["step_s"])
+    assert lr["packed_grouped"]["attention"] == "grouped" and lr["rows"]["attention"] == "rows"
+    assert lr["packed_grouped"]["policy_loss"] == pytest.approx(lr["rows"]["policy_loss"], rel=1e-4, abs=1e-6)
+    assert all(lr[k]["first_step_s"] > 0 for k in ("rows", "packed", "packed_grouped"))
 
 
 @pytest.mark.slow
 def test_learner_update_and_rl_steps(report: dict) -> None:
     lr = report["learner"]
-    assert lr["precision"] == "bf16" and lr["zero_stage"] == 0
+    assert lr["precision"] == "bf16" and lr["zero_stage"] == 0 and lr["lora"] is False  # CPU: full parameters
     assert lr["metrics"]["train/optimizer_steps"] == 1.0
     assert lr["metrics"]["train/tokens"] == lr["target_tokens"]
     assert lr["tokens_per_s"] == pytest.approx(lr["sequences"] * lr["row_tokens"] / lr["step_s"])
