@@ -12,10 +12,12 @@ It measures, on random models of real shapes (bf16, one GPU, no Ray):
 - ``replay``: the bf16 replay deviation |view log-prob − rollout_logp| (max, mean) of the trace views
   (``trace.make_views`` + ``trace.view_logprobs``) for the block layout and the full layout;
 - ``learner``: one ``Learner.train_step`` (ZeRO-0, 1 rank, bf16) of the 4B model on the sampler's rollout:
-  tokens/s and peak memory (``torch.cuda.max_memory_allocated``);
+  tokens/s and peak memory (``torch.cuda.max_memory_allocated``); LoRA adapters where full-parameter training
+  (about 16 bytes per parameter) would not leave room for activations (an 80 GB GPU);
 - ``packed``: packed block-layout views on a Qwen3-0.6B-shaped model: the log-prob deviation of each attention
-  backend (flex, grouped, dense) from the rows on the same weights, and one learner step on the rows against one
-  on packed views (flex on CUDA);
+  backend (flex, grouped, dense) from the rows on the same weights, and learner steps on the rows against steps
+  on packed views (``auto``: grouped) and on packed views through FlexAttention (CUDA; grouped on CPU), each
+  timed twice after a warm-up (the first full-batch step may still compile);
 - ``rl_steps``: the stage breakdown of two RL steps of a Qwen3-0.6B-shaped model, in-process with the loop's own
   stage code: rollout (``generate`` on a separate rollout copy with the loop's per-sample seeds), reward
   (``RewardService`` with ``synthetic_exact`` on addition prompts), advantages and the group filter
@@ -306,9 +308,10 @@ def part_replay(plan: Plan, ctx: dict[str, Any]) -> dict[str, Any]:
 
 
 def part_packed(plan: Plan, ctx: dict[str, Any]) -> dict[str, Any]:
-    """Packed views on the device: log-probs of every attention backend against the rows (same weights), and one
-    learner step on the rows against one on packed views (the device's backend: flex on CUDA)."""
+    """Packed views on the device: log-probs of every attention backend against the rows (same weights), and
+    learner steps on the rows against steps on packed views (auto: grouped) and through FlexAttention (CUDA)."""
     from tracerl.learner import Learner, free_port
+    from tracerl.learner.core import packed_backend
     from tracerl.sampling import generate
     from tracerl.trace import make_views, target_logprobs
 
@@ -343,13 +346,13 @@ def part_packed(plan: Plan, ctx: dict[str, Any]) -> dict[str, Any]:
             "seconds": clock() - start,
         }
     steps = {}
-    # rows; packed views with the device's backend (flex on CUDA); packed with the grouped backend
-    variants = (("rows", False, None), ("packed", True, None), ("packed_grouped", True, "grouped"))
+    # rows; packed views as configured by default (auto: grouped); packed through FlexAttention (no backward on CPU)
+    flex = "flex" if plan.device == "cuda" else "grouped"
+    variants = (("rows", False, "auto"), ("packed", True, "auto"), ("packed_flex", True, flex))
     for key, packed_views, backend in variants:
         cfg = learner_config(plan, checkpointing=False)
         cfg.learner.packed_views = packed_views
-        if backend or plan.device != "cuda":  # FlexAttention has no backward on CPU
-            cfg.learner.packed_attention = backend or "grouped"
+        cfg.learner.packed_attention = backend
         model = build_policy(plan.small, plan, block=4, seed=5)
         learner = Learner(cfg, model, master_port=free_port())
         try:
@@ -363,7 +366,7 @@ def part_packed(plan: Plan, ctx: dict[str, Any]) -> dict[str, Any]:
             steps[key] = {
                 "first_step_s": times[0],
                 "step_s": times[1],
-                "attention": cfg.learner.packed_attention if packed_views else "rows",
+                "attention": packed_backend(backend) if packed_views else "rows",
                 "tokens_per_sample": metrics["trace/tokens_per_sample"],
                 "policy_loss": metrics["train/policy_loss"],
                 "peak_memory_gib": peak_memory_gib(plan.device),
@@ -375,7 +378,7 @@ def part_packed(plan: Plan, ctx: dict[str, Any]) -> dict[str, Any]:
     rows = steps["rows"]["step_s"]
     out["learner"] = steps | {
         "speedup": rows / steps["packed"]["step_s"],
-        "speedup_grouped": rows / steps["packed_grouped"]["step_s"],
+        "speedup_flex": rows / steps["packed_flex"]["step_s"],
     }
     return out
 

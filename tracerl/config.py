@@ -297,7 +297,7 @@ class LearnerConfig:
     kl_after_step: bool = False  # one more forward after the step: train/kl_to_old_after_step (what it moved)
     micro_batch_tokens: int = 8192  # token budget of one micro-batch (sequences are packed up to it)
     packed_views: bool = True  # block layout: one sequence per sample, every denoising state computed once
-    packed_attention: Literal["auto", "grouped", "flex", "dense"] = "auto"  # auto: flex on CUDA, grouped on CPU
+    packed_attention: Literal["auto", "grouped", "flex", "dense"] = "auto"  # auto: grouped (flex measured slower)
     gradient_checkpointing: bool = False  # recompute activations in backward (large models)
     backend: Literal["auto", "gloo", "nccl"] = "auto"  # torch.distributed backend (auto: nccl on GPU)
     logprob_chunk_tokens: int = 1024  # target tokens per chunk of the chunked log-softmax (memory O(chunk × V))
