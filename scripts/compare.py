@@ -302,9 +302,13 @@ def tracerl(args: list[str], log: Path) -> None:
     then does the comparison stop, saying how to go on. A second one stops the command at once.
     """
     log.parent.mkdir(parents=True, exist_ok=True)
+    # one torch thread per command unless the user set OMP_NUM_THREADS: runs of different methods and seeds get
+    # the same float arithmetic whatever else the machine runs (given to the command, this process's environment
+    # is left as it is)
+    env = os.environ | {"OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
     with log.open("a") as f:
         cmd = [sys.executable, "-m", "tracerl.cli", *args]
-        proc = subprocess.Popen(cmd, cwd=ROOT, stdout=f, stderr=subprocess.STDOUT, start_new_session=True)
+        proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=f, stderr=subprocess.STDOUT, start_new_session=True)
         stopped: list[str] = []
 
         def forward(signum: int, frame: Any) -> None:
@@ -572,7 +576,6 @@ def main(argv: list[str] | None = None) -> int:
 
 def compare(ns: argparse.Namespace, out: Path, layouts: list[str], methods: list[str], seeds: list[int]) -> int:
     """Steps 1-4 of the module docstring, in ``out`` (locked)."""
-    os.environ.setdefault("OMP_NUM_THREADS", "1")  # one torch thread per process: the numbers are pinned so
     t0 = time.time()
     verbose = ["--verbose"] if ns.verbose else []  # the commands' own third-party logs, in their log files
     plans: dict[tuple[str, int, str], Run] = {}

@@ -57,6 +57,23 @@ def _strict_warn(message, category=None, stacklevel=1, source=None, **kwargs):  
 warnings.warn = _strict_warn
 
 
+# Thread settings in the environment decide how many threads every later subprocess of the test process uses, and
+# so its float results: a test that leaves one behind makes later comparisons of a subprocess's numbers with this
+# process's fail far from their cause (compare.py once did). Each test must leave them as it found them.
+_THREAD_VARIABLES = ("OMP_NUM_THREADS", "MKL_NUM_THREADS")
+
+
+@pytest.fixture(autouse=True)
+def _thread_settings_left_as_found():  # noqa: ANN202
+    before = {name: os.environ.get(name) for name in _THREAD_VARIABLES}
+    yield
+    after = {name: os.environ.get(name) for name in _THREAD_VARIABLES}
+    if after != before:
+        for name, value in before.items():
+            os.environ.pop(name, None) if value is None else os.environ.__setitem__(name, value)
+        pytest.fail(f"the test changed the environment's thread settings {before} -> {after} and left them")
+
+
 def load_script(name: str):  # noqa: ANN201
     """``scripts/<name>.py`` imported as the module ``name`` (registered in ``sys.modules``, which dataclasses look
     their module up in while the class is built)."""

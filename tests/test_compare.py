@@ -223,6 +223,31 @@ def test_ctrl_c_lets_the_running_command_finish_its_step_and_says_how_to_go_on(t
     assert list((tmp_path / "sft" / "checkpoints").glob("step-*"))
 
 
+@pytest.mark.parametrize("user", [None, "3"])
+def test_commands_run_on_one_thread_unless_told_and_this_process_keeps_its_environment(tmp_path, monkeypatch, user):
+    """The comparison pinned OMP_NUM_THREADS=1 by writing it into its own environment: called from Python (the
+    tests), every later subprocess of the caller ran on one thread while the caller ran on two, and their float
+    results differed (an SFT resume test compared the two and failed)."""
+    if user is None:
+        monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    else:
+        monkeypatch.setenv("OMP_NUM_THREADS", user)
+    seen = {}
+
+    class Done:
+        def __init__(self, cmd, **kwargs):  # noqa: ANN001, ANN003
+            seen.update(kwargs["env"])
+
+        def wait(self) -> int:
+            return 0
+
+    monkeypatch.setattr(compare.subprocess, "Popen", Done)
+    before = dict(os.environ)
+    compare.tracerl(["sft", f"run_dir={tmp_path / 'sft'}"], tmp_path / "run.log")
+    assert seen["OMP_NUM_THREADS"] == (user or "1") and seen["PATH"] == os.environ["PATH"]
+    assert dict(os.environ) == before
+
+
 @pytest.mark.slow
 @pytest.mark.ray
 def test_compare_end_to_end_smoke(tmp_path):
