@@ -41,9 +41,9 @@ from tracerl.trace import make_views
 def packed_backend(setting: str) -> str:
     """The attention backend of packed views for ``learner.packed_attention``: ``auto`` is ``grouped`` on every
     device. On an H100 (``scripts/gpu_check.py``, Qwen3-0.6B shape, bf16) one learner step on packed views with
-    the compiled FlexAttention took 20.0 s against 1.84 s on the rows: ``torch.compile(dynamic=False)``
-    compiles again for every new packed shape, and the log-prob pass alone took 8.9 s with flex against 0.36 s
-    grouped. FlexAttention stays available as ``flex``, by name.
+    the compiled FlexAttention took 20.0 s against 1.84 s on the rows, and the log-prob pass alone 8.9 s against
+    0.36 s grouped (likely ``torch.compile(dynamic=False)`` compiling again for every new packed shape; not
+    profiled). FlexAttention stays available as ``flex``, by name.
 
     Example:
         >>> packed_backend("auto"), packed_backend("flex")
