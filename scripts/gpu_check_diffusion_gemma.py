@@ -44,7 +44,10 @@ def materialized(cls: Any, config: Any, device: str, dtype: torch.dtype) -> Any:
         for name, module in model.named_modules():
             if "vision" in name:  # never run here; its rotary buffers are built in __init__ already
                 for param in module.parameters(recurse=False):
-                    param.normal_(0.0, 0.02) if param.ndim > 1 else param.fill_(1.0)
+                    if param.ndim > 1:
+                        param.normal_(0.0, 0.02)
+                    else:
+                        param.fill_(1.0)
             else:
                 model._init_weights(module)
     return model.eval().requires_grad_(False)

@@ -70,7 +70,10 @@ def _thread_settings_left_as_found():  # noqa: ANN202
     after = {name: os.environ.get(name) for name in _THREAD_VARIABLES}
     if after != before:
         for name, value in before.items():
-            os.environ.pop(name, None) if value is None else os.environ.__setitem__(name, value)
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
         pytest.fail(f"the test changed the environment's thread settings {before} -> {after} and left them")
 
 

@@ -362,11 +362,11 @@ def _run_sft(cfg: Config, progress: bool, verbose: bool) -> dict[str, float]:
                 last_acc = f" · exact match {metrics['eval/accuracy']:.2f} on {n_eval} held-back prompts"
             info = f"loss {metrics['train/loss']:.3f}{last_acc}"
             bar.update(task, completed=step, info=info)
-            if cfg.checkpoint.save_every and step % cfg.checkpoint.save_every == 0 and step < cfg.sft.steps:
+            periodic = bool(cfg.checkpoint.save_every) and step % cfg.checkpoint.save_every == 0
+            stopping = bool(stop) and step < cfg.sft.steps  # Ctrl-C / SIGTERM: this step is kept, then the run stops
+            if (periodic or stopping) and step < cfg.sft.steps:
                 save(step)
-            if stop and step < cfg.sft.steps:  # Ctrl-C / SIGTERM: this step is kept, then the run stops
-                if not (cfg.checkpoint.save_every and step % cfg.checkpoint.save_every == 0):
-                    save(step)
+            if stopping:
                 learner.destroy()
                 logger.close()
                 raise runs.Interrupted(
