@@ -3,7 +3,7 @@
 # msgpack, ninja, einops, psutil, py-cpuinfo and tqdm but no package registry. What the learner's and the
 # config's imports need beyond that: DeepSpeed and its hjson and pydantic (pydantic-core, annotated-types,
 # typing-inspection, and a typing-extensions new enough for this pydantic), omegaconf and its antlr4 runtime,
-# transformers (the machine's 5.17 predates the DiffusionGemma calling convention tracerl uses; the newer one's
+# transformers (the machine's 5.17 is below the 5.24 tracerl needs, tracerl/models/compat.py; 5.24's
 # huggingface-hub and tokenizers ranges admit the machine's 1.33 and 0.23), and tracerl itself (with rewards/). Versions are those installed in .venv, so the GPU machine runs what the
 # tests here ran.
 #

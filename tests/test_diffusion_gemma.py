@@ -65,25 +65,6 @@ def test_another_familys_checkpoint_named_as_diffusion_gemma_names_it(tmp_path: 
         load_policy(ModelConfig(family="diffusion_gemma", path=str(tmp_path)))
 
 
-def test_a_transformers_with_the_old_cache_keyword_is_refused_before_loading(
-    saved: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """transformers 5.17-5.23 ship DiffusionGemma with ``past_key_values=``, which tracerl's calls do not pass."""
-    from transformers.models.diffusion_gemma import modeling_diffusion_gemma
-
-    def old(config, inputs_embeds, attention_mask, past_key_values, position_ids, mm_token_type_ids=None):  # noqa: ANN001, ANN202
-        raise AssertionError("never called: the check comes first")
-
-    encoder = modeling_diffusion_gemma.DiffusionGemmaEncoderModel
-    monkeypatch.setattr(encoder, "create_masks_for_generate", staticmethod(old))
-    loaded: list[str] = []
-    monkeypatch.setattr(modeling_diffusion_gemma.DiffusionGemmaForBlockDiffusion, "from_pretrained", loaded.append)
-    for cfg in (ModelConfig(family="diffusion_gemma", path=str(saved)), ModelConfig(family="diffusion_gemma")):
-        with pytest.raises(ConfigError, match=r"needs transformers 5\.24: .*`cache=`.* has transformers 5\.\d+"):
-            load_policy(cfg)
-    assert loaded == []
-
-
 def test_a_vision_only_checkpoint_is_refused(tmp_path: Path) -> None:
     (tmp_path / "config.json").write_text(
         json.dumps({"model_type": "gemma4_vision", "architectures": ["Gemma4VisionModel"]})

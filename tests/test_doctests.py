@@ -17,6 +17,7 @@ MODULES = [
     "tracerl.weight_sync",
     "tracerl.advantages",
     "tracerl.models.cache",
+    "tracerl.models.compat",
     "tracerl.data",
     "rewards.synthetic",
     "tracerl.report",

@@ -303,3 +303,61 @@ def test_a_model_directory_that_keeps_a_checkpoints_folder_is_still_a_model(tmp_
     assert target is None and "no complete checkpoint yet" in text
     with pytest.raises(ConfigError, match=r"no complete checkpoint yet \(in '.*checkpoints'\)\.$"):
         load_tokenizer(ModelConfig(family="tiny", path=str(tmp_path / "run")))
+
+
+@pytest.mark.parametrize(
+    ("version", "refused"),
+    [
+        ("4.57.6", True),
+        ("5.17.0", True),
+        ("5.23.0", True),
+        ("5.24.0", False),
+        ("5.25.0.dev0", False),
+        ("5.26.1", False),
+    ],
+)
+def test_a_transformers_below_the_floor_is_refused_naming_it_and_the_install(version: str, refused: bool) -> None:
+    from tracerl.models.compat import TRANSFORMERS_REQUIREMENT, check_transformers
+
+    if not refused:
+        check_transformers(version)
+        return
+    with pytest.raises(ImportError) as err:
+        check_transformers(version)
+    assert f"this environment has transformers {version}" in str(err.value)
+    assert f"pip install '{TRANSFORMERS_REQUIREMENT}'" in str(err.value)
+
+
+def test_the_checked_transformers_range_is_the_one_pyproject_declares() -> None:
+    import tomllib
+
+    from tracerl.models.compat import TRANSFORMERS_FLOOR, TRANSFORMERS_REQUIREMENT
+
+    project = tomllib.loads((Path(__file__).parents[1] / "pyproject.toml").read_text())["project"]
+    declared = [d for d in project["dependencies"] if d.startswith("transformers")]
+    assert declared == [TRANSFORMERS_REQUIREMENT]
+    assert TRANSFORMERS_REQUIREMENT.startswith("transformers>={}.{},".format(*TRANSFORMERS_FLOOR))
+
+
+_OLD_TRANSFORMERS = """
+import sys
+import transformers
+transformers.__version__ = "5.17.0"  # the release a provisioned GPU image ships
+from tracerl.cli import main
+sys.exit(main(["train", sys.argv[1], "run_dir=" + sys.argv[2]]))
+"""
+
+
+def test_tracerl_train_with_a_transformers_below_the_floor_says_so_and_writes_nothing(tmp_path: Path) -> None:
+    """pip keeps a supported transformers; ``pip install --no-deps`` into an image with its own does not."""
+    import subprocess
+    import sys
+
+    config = Path(__file__).parents[1] / "configs" / "quickstart.yaml"
+    run_dir = tmp_path / "run"
+    argv = [sys.executable, "-c", _OLD_TRANSFORMERS, str(config), str(run_dir)]
+    done = subprocess.run(argv, capture_output=True, text=True, timeout=120, cwd=tmp_path)
+    assert done.returncode == 2, done.stderr[-2000:]
+    assert done.stderr.startswith("tracerl train: error: ImportError: tracerl needs transformers>=5.24")
+    assert "this environment has transformers 5.17.0" in done.stderr and "Traceback" not in done.stderr
+    assert not run_dir.exists()

@@ -1,5 +1,7 @@
 """Diffusion policies: the protocol, one adapter per family, the tiny model and the family registry."""
 
+# First: refuses a transformers below the floor before the modules below import its API (tracerl.models.compat).
+from tracerl.models import compat  # noqa: F401
 from tracerl.models.base import DecoderPolicy, DiffusionPolicy, truncate_cache
 from tracerl.models.diffusion_gemma import CanvasPolicy, build_tiny_diffusion_gemma, load_diffusion_gemma
 from tracerl.models.families import (

@@ -76,8 +76,8 @@ def truncate_cache(cache: Any, length: int) -> None:
 
 
 def cache_argument(module: nn.Module) -> str:
-    """The name under which ``module.forward`` takes a key/value cache: ``cache`` in transformers >= 5.2x
-    (``past_key_values`` is deprecated there), ``past_key_values`` before (4.57)."""
+    """The name under which ``module.forward`` takes a key/value cache: ``cache`` in transformers' models
+    (``past_key_values`` is deprecated there), ``past_key_values`` for a forward that names it so (custom code)."""
     name = _CACHE_ARGUMENT.get(type(module))
     if name is None:
         name = "cache" if "cache" in inspect.signature(module.forward).parameters else "past_key_values"

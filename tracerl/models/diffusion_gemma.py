@@ -17,15 +17,12 @@ dims: N rows · T context tokens · C canvas length · H hidden · V vocab
 from __future__ import annotations
 
 import contextlib
-import inspect
 from collections.abc import Iterator
 from typing import Any
 
 import torch
-import transformers
 from torch import nn
 from transformers import DiffusionGemmaConfig, DiffusionGemmaForBlockDiffusion, DynamicCache
-from transformers.models.diffusion_gemma import modeling_diffusion_gemma
 
 from tracerl.config import ConfigError, ModelConfig, TinyModelConfig
 from tracerl.models.families import (
@@ -131,19 +128,6 @@ def tiny_config(cfg: TinyModelConfig, vocab_size: int, pad_id: int, eos_id: int)
     return DiffusionGemmaConfig(text_config=text, vision_config=dict(TINY_VISION), canvas_length=cfg.canvas_length)
 
 
-def check_transformers() -> None:
-    """Refuse a transformers whose DiffusionGemma names the encoder cache ``past_key_values``: tracerl calls its
-    modules with ``cache=``, the keyword transformers 5.24 introduced (5.17-5.23 ship the model with the old one)."""
-    encoder = modeling_diffusion_gemma.DiffusionGemmaEncoderModel
-    if "cache" not in inspect.signature(encoder.create_masks_for_generate).parameters:
-        raise ConfigError(
-            f"model.family={FAMILY} needs transformers 5.24: tracerl calls DiffusionGemma's modules with the "
-            f"`cache=` keyword, which 5.24 introduced (earlier releases name it `past_key_values`), and this "
-            f"environment has transformers {transformers.__version__}. Install 5.24 (pip install "
-            "'transformers==5.24.*'); the other families work with any transformers tracerl allows."
-        )
-
-
 def build_tiny_diffusion_gemma(cfg: TinyModelConfig, seed: int = 0) -> tuple[nn.Module, Any]:
     """A randomly initialised tiny DiffusionGemma and its char tokenizer (the generation config names its EOS
     and pad tokens, so ``generate`` and tracerl's sampler stop at the same EOS)."""
@@ -179,7 +163,6 @@ class CanvasPolicy:
     supports_cache = True
 
     def __init__(self, model: nn.Module, tokenizer: Any) -> None:
-        check_transformers()
         self.model = model
         self.tokenizer = tokenizer
         # Makes parameters whole while code outside their module's forward reads them (the learner sets
@@ -327,7 +310,6 @@ def _not_diffusion_gemma(cfg: ModelConfig, raw: dict) -> ConfigError:
 def load_diffusion_gemma(cfg: ModelConfig) -> CanvasPolicy:
     """DiffusionGemma through transformers' ``DiffusionGemmaForBlockDiffusion`` (text only: the vision tower is
     loaded, so the model saves whole, and frozen); a random tiny one from ``model.tiny`` without a path."""
-    check_transformers()  # before a checkpoint of tens of GB is read
     if cfg.path is None:
         model, tok = build_tiny_diffusion_gemma(cfg.tiny)
         model.to(_dtype(cfg))
