@@ -349,7 +349,7 @@ def _fit(
         from trl import RewardConfig, RewardTrainer
 
     args = RewardConfig(
-        output_dir=scratch, use_cpu=not cuda, bf16=cuda, gradient_checkpointing=cuda,  # memory is short on GPUs only
+        output_dir=scratch, use_cpu=not cuda, bf16=cuda, activation_checkpointing=cuda,  # GPUs only
         num_train_epochs=r.epochs, learning_rate=r.lr,
         per_device_train_batch_size=r.batch_size, max_length=r.max_length,
         center_rewards_coefficient=r.center_rewards_coefficient, seed=seed, data_seed=seed, logging_steps=10,
