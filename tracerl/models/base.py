@@ -91,7 +91,7 @@ _CACHE_ARGUMENT: dict[type, str] = {}
 def additive_mask(visible: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """[N, Q, K] bool → [N, 1, Q, K] additive mask (0 where visible, most negative value elsewhere).
 
-    Additive masks behave the same under the eager and SDPA attention kernels on transformers 4.x and 5.x.
+    Additive masks behave the same under the eager and SDPA attention kernels.
     """
     out = torch.zeros(visible.shape, dtype=dtype, device=visible.device)
     out.masked_fill_(~visible, torch.finfo(dtype).min)

@@ -31,12 +31,9 @@ from tracerl.models.base import additive_mask
 
 
 def enable_checkpointing(model: nn.Module) -> None:
-    """Switch on transformers' activation (gradient) checkpointing, non-reentrant, on transformers 4.x and 5.x."""
-    kwargs = {"use_reentrant": False}
-    if hasattr(model, "activation_checkpointing_enable"):  # transformers ≥ 5 (the old name warns)
-        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
-    else:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+    """Switch on transformers' activation (gradient) checkpointing, non-reentrant (``gradient_checkpointing_enable``
+    is the deprecated name)."""
+    model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
 
 
 READOUTS = ("token", "state")
