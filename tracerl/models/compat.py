@@ -11,11 +11,12 @@ tracerl passes ``cache=``. A release above the tested ones is let through (pip's
 from __future__ import annotations
 
 import transformers
+from packaging.requirements import Requirement
 from packaging.version import Version
 
-# Keep in step with pyproject.toml's transformers requirement (tests/test_model_checks.py compares them).
-TRANSFORMERS_FLOOR = (5, 24)
+# pyproject.toml's transformers requirement, word for word (tests/test_model_checks.py compares them).
 TRANSFORMERS_REQUIREMENT = "transformers>=5.24,<5.25"
+FLOOR = Version(next(s.version for s in Requirement(TRANSFORMERS_REQUIREMENT).specifier if s.operator == ">="))
 
 
 def check_transformers(version: str | None = None) -> None:
@@ -29,11 +30,11 @@ def check_transformers(version: str | None = None) -> None:
         ImportError: tracerl needs transformers>=5.24,<5.25 and this environment has transformers 5.17.0 ...
     """
     found = transformers.__version__ if version is None else version
-    if Version(found).release[:2] < TRANSFORMERS_FLOOR:
+    if Version(found).release < FLOOR.release:  # a 5.24 pre-release counts as 5.24
         raise ImportError(
             f"tracerl needs {TRANSFORMERS_REQUIREMENT} and this environment has transformers {found} (an install "
             "with --no-deps keeps the one that was there): its samplers' key/value cache and DiffusionGemma follow "
-            f"the API of 5.24. Install a supported release: pip install '{TRANSFORMERS_REQUIREMENT}'."
+            f"the API of {FLOOR}. Install a supported release: pip install '{TRANSFORMERS_REQUIREMENT}'."
         )
 
 
