@@ -65,6 +65,7 @@ _DEVICES = ("/dev/null", "/dev/zero", "/dev/full", "/dev/random", "/dev/urandom"
 _PIVOT_ROOT = {"x86_64": 155, "aarch64": 41, "riscv64": 41}  # syscall numbers (glibc has no wrapper)
 _HIDDEN = ("__editable__",)  # site-packages entries that name the host's checkout (editable installs)
 
+
 @dataclass(frozen=True)
 class Isolation:
     """What the sandbox contains on this machine (each field: the layer is active)."""

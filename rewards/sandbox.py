@@ -218,7 +218,6 @@ def deadline(until: float | None) -> Iterator[None]:
         _DEADLINE.reset(token)
 
 
-
 class Sandbox:
     """Runs programs with ``limits``, at most ``max_workers`` at once (default: CPU count).
 

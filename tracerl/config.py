@@ -100,7 +100,7 @@ class SamplingConfig:
     cache: Literal["auto", "none", "prefix", "dual", "kv"] = "auto"  # auto: exact kv for block models, none for full
     kv_storage: Literal["static", "dynamic"] = "static"  # kv/prefix caches: preallocated in place, or DynamicCache
     fused_commit: bool = True  # block models: cache a finished block in the same forward as the next block's step
-    cuda_graph: bool = False  # block models on CUDA: the denoising step as replayed CUDA graphs (not yet run on a GPU)
+    cuda_graph: bool = False  # block models on CUDA: the denoising step as replayed CUDA graphs (run on an H100)
     trainable_pad_tokens: int = 0  # tokens after the first EOS that still count for the loss (TraceRL post_num)
     batch_size: int = 64  # sequences decoded together in one sampler call
     canvas: CanvasSamplingConfig = field(default_factory=CanvasSamplingConfig)  # diffusion_gemma's sampler
@@ -158,7 +158,7 @@ class RewardModelConfig:
     dtype: Literal["auto", "float32", "bfloat16"] = "auto"  # auto: bfloat16 on a GPU, float32 on CPU
     pad_token: str | None = None  # padding token when the tokenizer has none (e.g. its EOS token)
     trust_remote_code: bool = False  # load the checkpoint's own modeling code
-    placement: Literal["cpu", "separate", "colocated"] = "colocated"  # own GPUs, or beside each rollout actor
+    placement: Literal["cpu", "separate", "colocated"] = "colocated"  # CPU, own GPUs, or beside each rollout actor
     num_workers: int = 0  # Ray actors, each with a copy (0: one per rollout actor when colocated, else 1)
     gpu_fraction: float = 0.25  # colocated on GPUs: the share of a rollout actor's GPU each actor takes
     num_cpus: float = 1.0  # Ray CPUs each actor reserves
