@@ -277,3 +277,50 @@ def test_an_eval_source_without_the_column_a_reward_needs(capsys, tmp_path):
     assert "reward function 'synthetic_exact' needs the dataset column(s) ['answer'], which eval.source" in err
     assert f"'{held}' lacks (its columns: ['prompt'])" in err
     assert main(["validate", QUICK, *own]) == 2
+
+
+def test_a_seed_outside_the_range_every_command_takes(capsys, tmp_path):
+    """A seed NumPy (SFT) cannot take, or so large that a derived seed overflowed at RL step 1, is refused first."""
+    for seed in ("-1", str(2**32), "9223372036854775807"):
+        err = refused(capsys, tmp_path, f"seed={seed}")
+        assert (
+            f"seed must be between 0 and 2**32 - 1 = 4294967295 (the range NumPy, which SFT seeds, takes), got {seed}"
+            in err
+        )
+    from tracerl.learner.micro import minibatches
+
+    (mb,) = minibatches(5, 1, 1, seed=2**32 - 1, rl_step=10**9, salt=1)  # the largest seed, far into a run
+    assert sorted(mb.tolist()) == [0, 1, 2, 3, 4]
+
+
+def test_a_reward_kind_that_contradicts_its_fn(capsys, tmp_path):
+    """kind=http on a file's function skipped the functions' pre-start trial and failed at RL step 1."""
+    score = tmp_path / "score.py"
+    score.write_text("def f(prompts, completions, **kwargs):\n    return {'r': 1.0}\n")
+    err = refused(capsys, tmp_path, f"reward.functions=[{{fn: '{score}:f', kind: http}}]")
+    assert f"reward.functions[0] ({score}:f) is kind=http but fn is not an http(s):// URL" in err
+    err = refused(capsys, tmp_path, "reward.functions=[{fn: 'http://127.0.0.1:9/score', kind: function}]")
+    assert "reward.functions[0] (http://127.0.0.1:9/score) is kind=function but fn is an endpoint URL" in err
+
+
+def test_a_reward_file_that_exits_while_importing(capsys, tmp_path, monkeypatch):
+    """A script's `raise SystemExit` / argparse at import time ended the CLI silently with the script's exit code."""
+    script = tmp_path / "script.py"
+    script.write_text(
+        "raise SystemExit(4)\n\ndef f(prompts, completions, **kwargs):\n    return [1.0] * len(prompts)\n"
+    )
+    err = refused(capsys, tmp_path, f"reward.functions=[{{fn: '{script}:f'}}]")
+    assert f"reward file {script} failed to import: it exited while importing (SystemExit: 4)" in err
+    assert 'belongs under `if __name__ == "__main__":`' in err
+    capsys.readouterr()
+    assert main(["validate", QUICK, f"reward.functions=[{{fn: '{script}:f'}}]"]) == 2
+    assert "exited while importing (SystemExit: 4)" in capsys.readouterr().err
+    package = tmp_path / "pkg_exits"
+    package.mkdir()
+    (package / "__init__.py").write_text("import sys\nsys.exit('usage: score.py [-h]')\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    err = refused(capsys, tmp_path, "reward.functions=[{fn: 'pkg_exits:f'}]")
+    assert (
+        "module 'pkg_exits' (reward 'pkg_exits:f') failed to import: it exited while importing (SystemExit: usage"
+        in err
+    )

@@ -543,7 +543,7 @@ class WandbConfig:
 class Config:
     """The whole run."""
 
-    seed: int = 0  # seeds sampling, data order and initialisation
+    seed: int = 0  # seeds sampling, data order and initialisation (0 to 2**32 - 1)
     run_dir: str = "runs/default"  # where metrics, the resolved config and checkpoints go
     model: ModelConfig = field(default_factory=ModelConfig)
     sampling: SamplingConfig = field(default_factory=SamplingConfig)
@@ -700,6 +700,11 @@ def check(cfg: Config) -> None:
     check_tiny_shape(cfg.model)
     resolve_resources(cfg)
     lr = cfg.learner
+    if not 0 <= cfg.seed < 2**32:
+        raise ConfigError(
+            f"seed must be between 0 and 2**32 - 1 = {2**32 - 1} (the range NumPy, which SFT seeds, takes), got "
+            f"{cfg.seed}; pick another seed in that range."
+        )
     if cfg.objective.shrink < 1:
         raise ConfigError(f"objective.shrink must be ≥ 1 (1 = exact replay), got {cfg.objective.shrink}.")
     if not 0 <= lr.zero_stage <= 3:
@@ -796,6 +801,13 @@ def check_reward_entries(cfg: Config) -> None:
             raise ConfigError(f"{where} is kind={f.kind} but has a model/judge block; drop the block or the kind.")
         if f.kind == "model" and f.judge is not None or f.kind == "judge" and f.model is not None:
             raise ConfigError(f"{where} is kind={f.kind}: give its settings as '{f.kind}: {{...}}'.")
+        url = isinstance(f.fn, str) and f.fn.strip().startswith(("http://", "https://"))
+        if f.kind == "http" and not url or f.kind == "function" and url:
+            raise ConfigError(
+                f"{where} is kind={f.kind} but fn is {'an endpoint URL' if url else 'not an http(s):// URL'}: an "
+                "endpoint is kind=http (or auto) and written 'http://host:port/score'; a function is kind=function "
+                "(or auto) and written as a registered name, 'pkg.module:function' or 'path/to/file.py:function'."
+            )
         m, j = f.model, f.judge
         if m is not None:
             if m.max_length < 1 or m.batch_tokens < m.max_length:

@@ -215,6 +215,9 @@ def resolve_reward(
                 f"could not import module '{location}' for reward '{spec}': {err}. Is the package installed, "
                 "or on PYTHONPATH? (A file is written 'path/to/file.py:function'.)"
             ) from err
+        except (Exception, SystemExit) as err:  # SystemExit: a script's argparse or exit() at import time
+            failure = _import_failure(err)
+            raise RewardError(f"module '{location}' (reward '{spec}') failed to import: {failure}") from err
         return attr, _attribute(module, attr, spec)
     if spec.endswith(".py"):
         raise RewardError(f"reward '{spec}' names a file but no function: write it as '{spec}:function_name'.")
@@ -266,11 +269,22 @@ def _load_file(location: str, spec: str) -> Any:
             sys.modules[name] = module
             try:
                 module_spec.loader.exec_module(module)
-            except Exception as err:
+            except (Exception, SystemExit) as err:  # SystemExit: a script's argparse or exit() at import time
                 del sys.modules[name]
-                raise RewardError(f"reward file {path} failed to import: {type(err).__name__}: {err}") from err
+                raise RewardError(f"reward file {path} failed to import: {_import_failure(err)}") from err
             _FILE_MODULES[path] = module
         return _FILE_MODULES[path]
+
+
+def _import_failure(err: BaseException) -> str:
+    """What went wrong while a reward's module ran its top-level code, and for an exit the fix."""
+    if isinstance(err, SystemExit):
+        return (
+            f"it exited while importing (SystemExit: {err.code}). Code that runs a script (argument parsing, "
+            'exit()) belongs under `if __name__ == "__main__":`, so that importing the file only defines its '
+            "functions."
+        )
+    return f"{type(err).__name__}: {err}"
 
 
 def _attribute(module: Any, attr: str, spec: str) -> Callable:

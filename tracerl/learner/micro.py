@@ -65,7 +65,7 @@ def minibatches(count: int, passes: int, splits: int, seed: int, rl_step: int, s
     pass, ``salt``: 0 policy, 1 value), identical on every rank, then ``splits`` parts; empty parts are dropped."""
     out = []
     for p in range(passes):
-        g = torch.Generator().manual_seed(((seed * 1_000_003 + rl_step) * 101 + p) * 2 + salt)
+        g = torch.Generator().manual_seed((((seed * 1_000_003 + rl_step) * 101 + p) * 2 + salt) % 2**63)
         out.extend(mb for mb in torch.tensor_split(torch.randperm(count, generator=g), splits) if len(mb))
     return out
 
