@@ -171,6 +171,28 @@ def test_stream_resumes_where_it_stopped():
     assert [b.next_batch(5).prompts for _ in range(3)] == expected
 
 
+def test_a_stream_resumed_over_fewer_prompts_begins_a_new_epoch_instead_of_failing():
+    cfg = DataConfig(chat_template=False)
+    big = PromptStream(synthetic("addition", 12, seed=0), TOK, cfg, seed=3)
+    big.next_batch(8)
+    small = PromptStream(synthetic("addition", 3, seed=1), TOK, cfg, seed=3)  # data.source changed on resume
+    note = small.load_state_dict(big.state_dict())
+    assert note is not None and "data.source, eval.num_prompts" in note and "epoch 1" in note, note
+    batch = small.next_batch(4)  # past the old cursor of 8: an IndexError before
+    assert len(batch.prompts) == 4 and set(batch.prompts) <= set(small.ds["prompt"])
+    assert (small.epoch, small.cursor) == (2, 1)  # epoch 1 over the 3 prompts, then one of epoch 2
+
+
+@pytest.mark.parametrize("old", [{"epoch": 0, "cursor": 8}, {"epoch": 0, "cursor": 2, "size": 12}])
+def test_a_saved_position_from_other_data_is_never_used_as_a_place_in_this_data(old):
+    # a checkpoint written before the stream recorded its size: only a cursor past the end shows other data
+    small = PromptStream(synthetic("addition", 3, seed=1), TOK, DataConfig(chat_template=False), seed=3)
+    assert small.load_state_dict(old) is not None
+    assert (small.epoch, small.cursor) == (1, 0)
+    same = PromptStream(synthetic("addition", 3, seed=1), TOK, DataConfig(chat_template=False), seed=3)
+    assert same.load_state_dict({"epoch": 4, "cursor": 2}) is None and (same.epoch, same.cursor) == (4, 2)
+
+
 def test_sft_pairs_end_with_eos():
     pairs = sft_pairs(synthetic("copy", 5, seed=0), TOK, DataConfig())
     assert len(pairs) == 5 and all(r[-1] == TOK.eos_token_id for _, r in pairs)

@@ -11,7 +11,7 @@ from transformers import AutoModelForCausalLM
 from tracerl import data
 from tracerl.config import ModelConfig, load
 from tracerl.models import load_policy
-from tracerl.sft import clean_rollout, exact_match_accuracy, mdlm_masks, run_sft, sft_views
+from tracerl.sft import _Sampler, clean_rollout, exact_match_accuracy, mdlm_masks, run_sft, sft_views
 from tracerl.trace import region_blocks, view_logprobs
 
 from .conftest import encode
@@ -152,6 +152,17 @@ def test_block_diffusion_sft_learns(tmp_path):
 
 
 @pytest.mark.slow  # real SFT
+def test_the_sft_sampler_resumed_over_fewer_examples_begins_a_new_epoch_instead_of_failing():
+    big = _Sampler(12, seed=0)
+    big.next(8)
+    small = _Sampler(3, seed=0)  # data.source (or sft.eval_prompts) changed on resume
+    note = small.load_state_dict(big.state_dict())
+    assert note is not None and "sft.eval_prompts" in note and "epoch 1" in note, note
+    assert sorted(small.next(3)) == [0, 1, 2]  # one whole epoch over the 3: an IndexError before
+    same = _Sampler(12, seed=0)
+    assert same.load_state_dict(big.state_dict()) is None and same.next(4) == big.next(4)
+
+
 def test_sft_resume_continues_exactly(tmp_path):
     """8 steps, stop, resume to 16 = 16 steps straight (same masks, data order, optimizer state)."""
     straight = sft_cfg(tmp_path / "a", "sft.steps=16", "sft.eval_every=0")

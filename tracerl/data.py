@@ -667,7 +667,7 @@ class PromptStream:
     def next_batch(self, n: int) -> PromptBatch:
         picked = []
         while len(picked) < n:
-            if self.cursor == len(self._order):
+            if self.cursor >= len(self._order):
                 self.epoch, self.cursor = self.epoch + 1, 0
                 self._order = self._permutation()
             picked.append(self._order[self.cursor])
@@ -682,8 +682,45 @@ class PromptStream:
         return PromptBatch(list(self.ids), self.ds["prompt"], columns)
 
     def state_dict(self) -> dict[str, int]:
-        return {"epoch": self.epoch, "cursor": self.cursor}
+        return {"epoch": self.epoch, "cursor": self.cursor, "size": len(self._order)}
 
-    def load_state_dict(self, state: dict[str, int]) -> None:
-        self.epoch, self.cursor = int(state["epoch"]), int(state["cursor"])
+    def load_state_dict(self, state: dict[str, int]) -> str | None:
+        """Continue from ``state``; → a note when it was saved over a training set of another size (see
+        ``resume_position``), None when it continues where it stopped."""
+        self.epoch, self.cursor, note = resume_position(state, len(self.ids), RESUME_DATA_SETTINGS)
         self._order = self._permutation()
+        return note
+
+
+RESUME_DATA_SETTINGS = (
+    "data.source, eval.num_prompts (the prompts held out of it) or data.max_prompt_tokens (those dropped)"
+)
+
+
+def resume_position(state: dict[str, int], size: int, settings: str) -> tuple[int, int, str | None]:
+    """(epoch, cursor, note) to continue a seeded epoch-by-epoch pass over ``size`` examples from a saved ``state``
+    (its ``epoch``, ``cursor`` and the ``size`` it was saved over; a state without a size is taken to fit while its
+    cursor lies within ``size``).
+
+    A resume may change the data (a curriculum), and then the saved position, a place in a permutation of other
+    examples, means nothing for the new ones: a state saved over another size begins the next epoch, a fresh
+    seeded permutation of the ``size`` examples, at its start, and the note says so, naming ``settings`` (what
+    decides the training set). The same data resumes exactly where it stopped (note None).
+
+    Example:
+        >>> resume_position({"epoch": 0, "cursor": 4, "size": 60}, 3, "data.source")[:2]
+        (1, 0)
+        >>> resume_position({"epoch": 2, "cursor": 4, "size": 60}, 60, "data.source")
+        (2, 4, None)
+    """
+    epoch, cursor = int(state["epoch"]), int(state["cursor"])
+    saved = state.get("size")
+    if (cursor <= size) if saved is None else int(saved) == size:
+        return epoch, cursor, None
+    where = f"after {cursor} of its {saved} examples" if saved is not None else f"after {cursor} examples"
+    note = (
+        f"the run's data position (epoch {epoch}, {where}) was saved over other training data than these {size} "
+        f"examples: {settings} changed. That position means nothing here, so training goes on with epoch "
+        f"{epoch + 1}, a fresh seeded shuffle of all {size}."
+    )
+    return epoch + 1, 0, note

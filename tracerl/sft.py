@@ -155,7 +155,7 @@ class _Sampler:
     def next(self, k: int) -> list[int]:
         out = []
         while len(out) < k:
-            if self.cursor == self.n:
+            if self.cursor >= self.n:
                 self.epoch, self.cursor = self.epoch + 1, 0
                 self._order = self._permutation()
             out.append(self._order[self.cursor])
@@ -163,11 +163,19 @@ class _Sampler:
         return out
 
     def state_dict(self) -> dict[str, int]:
-        return {"epoch": self.epoch, "cursor": self.cursor}
+        return {"epoch": self.epoch, "cursor": self.cursor, "size": self.n}
 
-    def load_state_dict(self, state: dict[str, int]) -> None:
-        self.epoch, self.cursor = int(state["epoch"]), int(state["cursor"])
+    def load_state_dict(self, state: dict[str, int]) -> str | None:
+        """Continue from ``state``; → a note when it was saved over a training set of another size
+        (``data.resume_position``), None when it continues where it stopped."""
+        self.epoch, self.cursor, note = data.resume_position(state, self.n, SFT_DATA_SETTINGS)
         self._order = self._permutation()
+        return note
+
+
+SFT_DATA_SETTINGS = (
+    "data.source, sft.eval_prompts (the examples held out of it) or data.max_prompt_tokens (those dropped)"
+)
 
 
 def exact_match_accuracy(policy: Any, prompts: list[list[int]], answers: list[str], cfg: Config) -> float:
@@ -298,7 +306,8 @@ def _run_sft(cfg: Config, progress: bool, verbose: bool) -> dict[str, float]:
     if resume is not None:
         state = checkpoint.load_checkpoint(resume, learner, verified=True)
         step, result, run_id = state.step, dict(state.extra.get("result", {})), state.wandb_run_id
-        sampler.load_state_dict(state.data)
+        if note := sampler.load_state_dict(state.data):
+            print(note)
         checkpoint.restore_rng(state.rng)
     logger = MetricsLogger(run_dir, to_dict(cfg), cfg.wandb, resume_id=run_id, verbose=verbose)
     if resume is not None:

@@ -298,7 +298,8 @@ class Session:
         """Put the driver back at ``state`` (the learner is already restored): data cursor, counters, metrics rows
         after its step dropped (they are redone), and after a resume the W&B run given the rows it lacks; RNGs
         last."""
-        self.stream.load_state_dict(state.data)
+        if note := self.stream.load_state_dict(state.data):
+            self.console.print(f"[yellow]{note}[/yellow]")
         if resumed:
             self.logger.resume(state.step)
         else:
