@@ -119,6 +119,36 @@ CASES = [
         "row 1 (counting from 0) of data.source '{d}/noresponse.jsonl' has no response",
     ),
     ("malformed jsonl", ["validate", "data.source={d}/bad.jsonl"], "line 2 is not valid JSON"),
+    (
+        "jsonl that is not UTF-8",
+        ["validate", "data.source={d}/latin1.jsonl", "eval.num_prompts=1"],
+        "data.source '{d}/latin1.jsonl' line 11 is not UTF-8 text (byte 0xe9 at column 16); re-save it as UTF-8",
+    ),
+    (
+        "json that is not UTF-8",
+        ["validate", "data.source={d}/latin1.json", "eval.num_prompts=1"],
+        "data.source '{d}/latin1.json' line 3 is not UTF-8 text (byte 0xff at column 14); re-save it as UTF-8",
+    ),
+    (
+        "csv that is not UTF-8",
+        ["validate", "data.source={d}/latin1.csv", "eval.num_prompts=1"],
+        "data.source '{d}/latin1.csv' line 12 is not UTF-8 text (byte 0xff at column 1); re-save it as UTF-8",
+    ),
+    (
+        "eval source that is not UTF-8",
+        ["validate", "eval.source={d}/latin1.jsonl"],
+        "eval.source '{d}/latin1.jsonl' line 11 is not UTF-8 text (byte 0xe9 at column 16)",
+    ),
+    (
+        "sft data that is not UTF-8",
+        ["sft", "data.source={d}/latin1.jsonl", "eval.num_prompts=1", "sft.eval_every=0", "run_dir={d}/run10"],
+        "data.source '{d}/latin1.jsonl' line 11 is not UTF-8 text",
+    ),
+    (
+        "answer column is the prompt column",
+        ["validate", "data.answer_column=prompt"],
+        "data.answer_column='prompt' names the column that data.prompt_column='prompt' takes as the prompt",
+    ),
     ("unsupported data file", ["validate", "data.source={d}/data.txt"], "unsupported file type '.txt'"),
     ("missing column", ["validate", "data.source={d}/noprompt.jsonl"], "data.prompt_column"),
     ("unknown synthetic task", ["validate", "data.source=synthetic:nope"], "synthetic task 'nope'"),
@@ -286,6 +316,11 @@ CASES = [
         "reward_model.pairs='{d}/bad.jsonl' cannot be read as json: line 2 is not valid JSON",
     ),
     (
+        "reward model pairs not UTF-8",
+        ["train-reward-model", "reward_model.pairs={d}/pairs_latin1.jsonl", "reward_model.out_dir={d}/rm"],
+        "reward_model.pairs='{d}/pairs_latin1.jsonl' line 3 is not UTF-8 text (byte 0xff at column 13); re-save",
+    ),
+    (
         "reward model pair without rejected",
         ["train-reward-model", "reward_model.pairs={d}/pairs_null.jsonl", "reward_model.out_dir={d}/rm"],
         "reward_model.pairs='{d}/pairs_null.jsonl' row 2: rejected is None",
@@ -378,6 +413,12 @@ def files(tmp_path_factory: pytest.TempPathFactory) -> Path:
     save_tiny(model, tok, d / "tinyblock")
     (d / "bad.jsonl").write_text('{"prompt": "1+1=", "answer": "2"}\n{"prompt": "2+2=", answer: 4}\n')
     (d / "noprompt.jsonl").write_text('{"question": "1+1=", "answer": "2"}\n')
+    sum_row = b'{"prompt": "1+1=", "answer": "2", "response": "2"}\n'
+    (d / "latin1.jsonl").write_bytes(
+        sum_row * 10 + '{"prompt": "caf\xe9", "answer": "2", "response": "2"}\n'.encode("latin-1")
+    )
+    (d / "latin1.json").write_bytes(b'[\n {"prompt": "1+1=", "answer": "2"},\n {"prompt": "\xff", "answer": "2"}\n]\n')
+    (d / "latin1.csv").write_bytes(b"prompt,answer\n" + b"1+1=,2\n" * 10 + b"\xff,2\n")
     (d / "data.txt").write_text("1+1=2\n")
     (d / "unknown.jsonl").write_text('{"prompt": "ÄÖ=", "answer": "Ü", "response": "Ü"}\n' * 4)
     (d / "string.yaml").write_text("just a string\n")
@@ -390,6 +431,10 @@ def files(tmp_path_factory: pytest.TempPathFactory) -> Path:
     (d / "pairs_null.jsonl").write_text("".join(json.dumps(p) + "\n" for p in null))
     same = [p | {"rejected": p["chosen"]} for p in pairs]
     (d / "pairs_same.jsonl").write_text("".join(json.dumps(p) + "\n" for p in same))
+    (d / "pairs_latin1.jsonl").write_bytes(
+        b"".join(json.dumps(p).encode() + b"\n" for p in pairs[:2])
+        + b'{"prompt": "\xff", "chosen": "2", "rejected": "3"}\n'
+    )
     rows = [{"prompt": "1+2=", "answer": "3", "response": "3"}, {"prompt": "12+3=", "answer": "15", "response": None}]
     (d / "noresponse.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     (d / "empty.jsonl").write_text('{"prompt": "", "answer": "1"}\n{"prompt": "", "answer": "2"}\n')

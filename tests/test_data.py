@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 
@@ -226,6 +227,43 @@ def test_two_columns_can_swap_names(tmp_path):
     cfg = DataConfig(source=_jsonl(tmp_path / "q.jsonl", rows), prompt_column="answer", answer_column="prompt")
     ds = load_examples(cfg, 0, require=("prompt", "answer"))
     assert ds["prompt"] == ["0+1=", "1+1=", "2+1="] and ds["answer"] == ["0", "1", "2"]
+
+
+@pytest.mark.parametrize(
+    ("settings", "require", "expected"),
+    [
+        ({"answer_column": "prompt"}, ("prompt",), "data.answer_column='prompt' names the column that "
+         "data.prompt_column='prompt' takes as the prompt"),
+        ({"answer_column": "response"}, ("prompt", "answer", "response"), "data.answer_column='response' names the "
+         "column that data.response_column='response' takes as the response"),
+        ({"answer_column": "sol", "response_column": "sol"}, ("prompt", "answer", "response"),
+         "data.response_column='sol' names the column that data.answer_column='sol' takes as the answer"),
+    ],
+)  # fmt: skip
+def test_a_column_setting_that_takes_another_settings_column_is_refused_naming_both(
+    tmp_path, settings, require, expected
+):
+    rows = [{"prompt": f"{i}+1=", "answer": str(i + 1), "response": str(i + 1), "sol": str(i + 1)} for i in range(3)]
+    cfg = DataConfig(source=_jsonl(tmp_path / "q.jsonl", rows), **settings)
+    with pytest.raises(ConfigError, match=re.escape(expected)):
+        load_examples(cfg, 0, require=require)
+
+
+def test_a_column_may_serve_as_the_answer_where_nothing_needs_it_as_the_response(tmp_path):
+    rows = [{"prompt": f"{i}+1=", "response": str(i + 1)} for i in range(3)]
+    cfg = DataConfig(source=_jsonl(tmp_path / "q.jsonl", rows), answer_column="response")
+    assert load_examples(cfg, 0, require=("prompt",))["answer"] == ["1", "2", "3"]
+
+
+@pytest.mark.parametrize("key", ["data.source", "eval.source"])
+def test_bytes_that_are_not_utf8_in_any_column_name_the_setting_and_the_line(tmp_path, key):
+    path = tmp_path / "q.jsonl"  # the answer column, which no check reads row by row
+    path.write_bytes(b'{"prompt": "1+1=", "answer": "2"}\n' * 2 + b'{"prompt": "2+2=", "answer": "\xa34"}\n')
+    cfg = DataConfig(source=str(path))
+    with pytest.raises(
+        ConfigError, match=re.escape(f"{key} '{path}' line 3 is not UTF-8 text (byte 0xa3 at column 31)")
+    ):
+        load_examples(cfg, 0, key=key)
 
 
 @pytest.mark.parametrize(

@@ -2,9 +2,11 @@
 
 A source is ``synthetic:<task>``, a local json/jsonl/parquet file (or a ``save_to_disk`` directory), or a hub
 dataset name. Columns are checked when loading: a missing column is a clear error that lists the columns the
-dataset has. A source that can only be a local path (it starts with ``/``, ``.`` or ``~``, has more than one ``/``,
-or ends in a data-file extension) and does not exist is refused at once, without asking the hub. Prompts longer
-than ``max_prompt_tokens`` are dropped (with a count), never truncated, and every column is filtered together.
+dataset has, and two column settings that take one column are refused, naming both. A json, jsonl or csv file
+must be UTF-8 text: a byte that is not is refused naming the setting, the line and the byte. A source that can
+only be a local path (it starts with ``/``, ``.`` or ``~``, has more than one ``/``, or ends in a data-file
+extension) and does not exist is refused at once, without asking the hub. Prompts longer than
+``max_prompt_tokens`` are dropped (with a count), never truncated, and every column is filtered together.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 import datasets
+import pyarrow as pa
 
 from tracerl import hub
 from tracerl.config import DATA_FILE_EXTENSIONS, ConfigError, DataConfig, ModelConfig, local_path_reason
@@ -286,11 +289,15 @@ def _load_source(cfg: DataConfig, seed: int, key: str = "data.source") -> datase
                 )
             text = _csv_as_text(path, cfg) if kind == "csv" else {}
             with datasets_quiet():  # a parse error is reported below, as one paragraph, not as its log lines
-                return datasets.load_dataset(kind, data_files=str(path), split="train", **text)
+                loaded = datasets.load_dataset(kind, data_files=str(path), split="train", **text)
+            check_utf8(loaded, path, f"{key} '{src}'", key)
+            return loaded
         return datasets.load_dataset(src, split=cfg.split)
     except ConfigError:
         raise
     except Exception as err:  # noqa: BLE001 - datasets raises many types; the message is what matters
+        if local and path.suffix in TEXT_FILE_SUFFIXES and (problem := utf8_problem(path)):
+            raise not_utf8(f"{key} '{src}'", problem, key) from None
         detail = (json_problem(path) if local and path.suffix in (".json", ".jsonl") else None) or root_cause(err)
         offline = os.environ.get("HF_DATASETS_OFFLINE", os.environ.get("HF_HUB_OFFLINE", "")).strip().lower()
         if not local and offline in ("1", "true", "yes", "on"):
@@ -341,6 +348,50 @@ def root_cause(err: BaseException) -> str:
     while (err.__cause__ or err.__context__) is not None:
         err = err.__cause__ or err.__context__
     return f"{type(err).__name__}: {err}"
+
+
+TEXT_FILE_SUFFIXES = (".json", ".jsonl", ".csv")  # data files read as text, which must be UTF-8
+
+
+def utf8_problem(path: Path) -> str | None:
+    """Where a text file stops being UTF-8, as "line N is not UTF-8 text (byte 0xff at column C)" (C counts the
+    line's characters from 1); None if all of it decodes. One pass over the file, a line at a time: only called
+    once a load has failed, or its text has not passed ``check_utf8``."""
+    with open(path, "rb") as f:
+        for number, line in enumerate(f, start=1):
+            try:
+                line.decode("utf-8")
+            except UnicodeDecodeError as err:
+                column = len(line[: err.start].decode("utf-8")) + 1
+                return f"line {number} is not UTF-8 text (byte 0x{line[err.start]:02x} at column {column})"
+    return None
+
+
+def not_utf8(named: str, problem: str, key: str) -> ConfigError:
+    """The error for a data file that is not UTF-8: ``named`` is the setting and its value as the caller's other
+    errors write them (``data.source '/d/x.jsonl'``), ``problem`` what ``utf8_problem`` found."""
+    return ConfigError(
+        f"{named} {problem}; re-save it as UTF-8 (json, jsonl and csv data files are read as UTF-8 text; a Latin-1 "
+        f"file, say, converts with iconv -f latin1 -t utf-8 IN > OUT), or point {key} at a UTF-8 copy of it."
+    )
+
+
+def check_utf8(ds: datasets.Dataset, path: Path, named: str, key: str) -> None:
+    """The text that ``datasets`` read from a json/jsonl/csv file at ``path`` is UTF-8. Its JSON reader keeps bytes
+    that are not UTF-8 in the strings it loads, and they fail only when a value is read, as a bare decode error
+    somewhere later; Arrow's full validation finds them at once, and then the file is scanned for the line.
+
+    Raises:
+        ConfigError: naming ``named`` (the setting and the file), the line, the byte and the fix.
+    """
+    if path.suffix not in TEXT_FILE_SUFFIXES:
+        return
+    try:
+        ds.data.table.validate(full=True)
+    except pa.ArrowInvalid:
+        problem = utf8_problem(path)
+        if problem is not None:
+            raise not_utf8(named, problem, key) from None
 
 
 def json_problem(path: Path) -> str | None:
@@ -396,13 +447,28 @@ def load_examples(
                 f"{key} '{cfg.source}' has no column '{column}' (needed as the {logical}); it has "
                 f"{ds.column_names}. Set data.{logical}_column to the right one."
             )
-    for logical in require:
-        if logical in ("prompt", "response"):
-            _check_text(ds[mapping[logical]], logical, mapping[logical], cfg.source, key)
     renames = {col: logical for logical, col in mapping.items() if col in ds.column_names and col != logical}
     # the chosen column wins: a column already named like its logical name (data.prompt_column=question in a
     # file that also has a "prompt" column) is dropped, unless it is itself renamed to another logical name
     replaced = [name for name in renames.values() if name in ds.column_names and name not in renames]
+    final = {c: renames.get(c, c) for c in ds.column_names if c not in replaced}  # file column → its new name
+    for logical, column in mapping.items():  # a setting that takes another one's column (data.answer_column=prompt)
+        other = final.get(column, logical)
+        if other != logical and (logical in require or logical in final.values()):  # lost, or silently replaced
+            lost = (
+                f"the {logical}s would come from its own '{logical}' column instead"
+                if logical in final.values()
+                else f"no {logical}s would be left"
+            )
+            raise ConfigError(
+                f"data.{other}_column='{column}' names the column that data.{logical}_column='{column}' takes as the "
+                f"{logical} of {key} '{cfg.source}': one column cannot be both, and renamed to '{other}', {lost}. "
+                f"Set data.{other}_column to the column that holds the {other}s, or data.{logical}_column to the one "
+                f"that holds the {logical}s (it has {ds.column_names})."
+            )
+    for logical in require:
+        if logical in ("prompt", "response"):
+            _check_text(ds[mapping[logical]], logical, mapping[logical], cfg.source, key)
     if replaced:
         ds = ds.remove_columns(replaced)
     return ds.rename_columns(renames) if renames else ds

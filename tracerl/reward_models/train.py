@@ -164,7 +164,12 @@ def load_pairs(path: str, console: Console | None = None) -> list[dict[str, Any]
     try:
         with data.datasets_quiet():  # a parse error is reported below, as one paragraph, not as its log lines
             ds = datasets.load_dataset(kind, data_files=path, split="train")
+        data.check_utf8(ds, Path(path), f"reward_model.pairs='{path}'", "reward_model.pairs")
+    except ConfigError:
+        raise
     except Exception as err:  # noqa: BLE001 - datasets wraps a JSON or Parquet parse error in its own
+        if kind == "json" and (problem := data.utf8_problem(Path(path))):
+            raise data.not_utf8(f"reward_model.pairs='{path}'", problem, "reward_model.pairs") from None
         detail = (data.json_problem(Path(path)) if kind == "json" else None) or data.root_cause(err)
         raise ConfigError(
             f"reward_model.pairs='{path}' cannot be read as {kind}: {detail}. Give one JSON object per line (jsonl), "
