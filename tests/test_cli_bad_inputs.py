@@ -104,6 +104,8 @@ CASES = [
     ("decoder as masked_lm", ["validate", "model.family=masked_lm", "model.path={d}/qwen2"], "model.family"),
     ("tokenizer/vocab", ["validate", "model.family=masked_lm", "model.path={d}/bert64"], "model.path '{d}/bert64'"),
     ("hub name offline", ["validate", "model.family=sdar", "model.path=no-org/no-model"], "HF_HUB_OFFLINE=1"),
+    ("NaN weight", ["validate", "model.path={d}/tinynan"], "model.path '{d}/tinynan' holds weights that are not"),
+    ("sft from a NaN weight", ["sft", "model.path={d}/tinynan", "run_dir={d}/run_nan"], "['model.norm.weight']"),
     (
         "block size differs",
         ["validate", "model.family=tiny", "model.path={d}/tinyblock", "sampling.block_size=8"],
@@ -411,6 +413,9 @@ def files(tmp_path_factory: pytest.TempPathFactory) -> Path:
     TOK.save_pretrained(d / "bert64")
     model, tok = build_tiny(TinyModelConfig(hidden_size=32, intermediate_size=32, attention="block", block_size=4))
     save_tiny(model, tok, d / "tinyblock")
+    model, tok = build_tiny(TinyModelConfig(hidden_size=32, intermediate_size=32))
+    model.model.norm.weight.data[3] = float("nan")  # one weight of one tensor
+    save_tiny(model, tok, d / "tinynan")
     (d / "bad.jsonl").write_text('{"prompt": "1+1=", "answer": "2"}\n{"prompt": "2+2=", answer: 4}\n')
     (d / "noprompt.jsonl").write_text('{"question": "1+1=", "answer": "2"}\n')
     sum_row = b'{"prompt": "1+1=", "answer": "2", "response": "2"}\n'

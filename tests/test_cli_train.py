@@ -155,6 +155,38 @@ def test_train_checks_positions_before_anything_is_written(capsys, tmp_path):
 
 @pytest.mark.ray
 @pytest.mark.slow
+def test_non_finite_weights_and_updates_stop_the_run_before_they_are_saved(capsys, tmp_path):
+    """A model.path with one NaN weight is refused before anything is written. learner.lr=1e30 turned the loss NaN
+    at step 2, every later step trained on it, NaN checkpoints replaced the good ones and the run exited 0 with a
+    NaN final/: it now stops at step 2 with exit 2, naming the step, the loss, the checkpoint and the fixes."""
+    from tracerl.models import build_tiny, save_tiny
+
+    small = ["model.family=tiny", "sampling.max_new_tokens=8", "sampling.block_size=4", "data.chat_template=false",
+             "data.source=synthetic:addition", "data.num_synthetic=64", "rollout.prompts_per_step=2",
+             "rollout.samples_per_prompt=2", "learner.engine=torch", "train.log_samples_every=0",
+             "eval.num_prompts=0", "wandb.mode=disabled", "reward.functions=[{fn: length}]",
+             "objective.group_filter=keep_all"]  # fmt: skip
+    model, tok = build_tiny(load_config(None, small).model.tiny)
+    model.lm_head.weight.data[0, 0] = float("nan")
+    save_tiny(model, tok, tmp_path / "nan")
+    capsys.readouterr()  # transformers' progress bar while saving it
+    err = fails(capsys, "train", *small, f"model.path={tmp_path / 'nan'}", f"run_dir={tmp_path / 'run'}")
+    assert f"model.path '{tmp_path / 'nan'}' holds weights that are not finite numbers" in err
+    assert "['lm_head.weight']" in err
+    assert not (tmp_path / "run").exists()
+
+    run = tmp_path / "run2"
+    rc = main(["train", *small, f"run_dir={run}", "learner.lr=1e30", "train.steps=4", "checkpoint.save_every=1"])
+    err = capsys.readouterr().err
+    assert rc == 2, err
+    assert "RL step 2 failed: the policy loss is nan (not a finite number)" in err and "lower learner.lr" in err
+    assert f"a checkpoint of step 1 is in {run / 'checkpoints'}: resume with --resume auto" in err
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step-1"] and not (run / "final").exists()
+    assert [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()] == [1]
+
+
+@pytest.mark.ray
+@pytest.mark.slow
 def test_a_reward_that_scores_nothing_stops_the_run_at_its_first_step(capsys, tmp_path):
     """A reward that returns None for every sample would train nothing, step after step, and exit 0. One that gives
     the reference answers of the first rows nothing either is refused before the run starts, with nothing written;

@@ -10,7 +10,7 @@ import torch
 
 from tracerl.advantages import group_zscore
 from tracerl.config import Config, SamplingConfig
-from tracerl.learner import Learner
+from tracerl.learner import Learner, NonFiniteUpdate
 from tracerl.models.base import DecoderPolicy
 from tracerl.objectives import AGGREGATIONS, policy_loss
 from tracerl.sampling import generate
@@ -276,6 +276,66 @@ def test_train_step_updates_parameters_with_finite_gradients_and_reports_metrics
     assert metrics["train/grad_norm"] == pytest.approx(want_norm, rel=1e-5)
     assert metrics["train/kl_to_old"] == pytest.approx(0.0, abs=1e-6)  # one update: the policy is the old one
     assert 0 < metrics["train/entropy"] <= math.log(full_policy.vocab_size) + 1e-4
+
+
+@pytest.mark.parametrize("engine", ["torch", "deepspeed"])
+def test_a_nan_loss_stops_the_step_before_the_optimizer_applies_it(learners, full_policy, engine):
+    """lr=1e30 turned the loss NaN from the next step on, and every later step trained on it: the NaN weights were
+    checkpointed and exported. A minibatch loss that is not finite now stops the step on every engine before the
+    optimizer applies anything: the weights stay bitwise those of the last good step."""
+    rollout, views = batch(full_policy)
+    learner = learners(make_cfg(engine=engine, micro_batch_tokens=3 * views.row_tokens), copy.deepcopy(full_policy))
+    learner.train_step(rollout, ADV)  # a good step first
+    before = learner.state_dict_for_rollout()[1]
+    with pytest.raises(NonFiniteUpdate, match=r"the policy loss is nan \(not a finite number\)") as err:
+        learner.train_step(rollout, torch.tensor([1.0, math.nan, 0.5, -0.25]))
+    message = str(err.value)
+    assert "learner.lr (this step's learning rate was 0.001" in message and "learner.max_grad_norm=1e+09" in message
+    assert "reward's scale" in message and "\n" not in message
+    version, after = learner.state_dict_for_rollout()
+    assert version == 1
+    for name, tensor in before.items():
+        assert torch.equal(after[name], tensor), name
+
+
+@pytest.mark.parametrize(("engine", "stage"), [("torch", 0), ("deepspeed", 0), ("deepspeed", 2)])
+def test_a_non_finite_gradient_norm_stops_the_step_before_the_optimizer_applies_it(
+    learners, full_policy, engine, stage
+):
+    """A finite loss whose gradient is not: fp32 ZeRO-0 (torch, DeepSpeed) checks the norm before stepping;
+    DeepSpeed's own overflow check skips the update at ZeRO-1-3, and the engine reports it the same way."""
+    rollout, _ = batch(full_policy)
+    learner = learners(make_cfg(engine=engine, zero_stage=stage), copy.deepcopy(full_policy))
+    before = learner.state_dict_for_rollout()[1]
+    weight = next(learner.policy.model.parameters())
+    hook = weight.register_hook(lambda g: torch.full_like(g, math.inf))
+    with pytest.raises(NonFiniteUpdate, match="the policy gradient norm is (inf|nan)") as err:
+        learner.train_step(rollout, ADV)
+    hook.remove()
+    assert err.value.role == "policy" and err.value.quantity == "gradient norm"
+    after = learner.state_dict_for_rollout()[1]
+    for name, tensor in before.items():
+        assert torch.equal(after[name], tensor), name
+
+
+def test_a_non_finite_value_gradient_names_the_value_model_and_its_learning_rate(learners, full_policy):
+    rollout, _ = batch(full_policy)
+    rollout.group = torch.tensor([0, 0, 1, 1])
+    cfg = make_cfg(engine="torch", value_lr=3e-3)
+    cfg.objective.value_model = True
+    learner = learners(cfg, copy.deepcopy(full_policy))
+    value = learner.value_engine.module
+    value_before = {k: v.clone() for k, v in value.state_dict().items()}
+    before = learner.state_dict_for_rollout()[1]
+    value.value.head.weight.register_hook(lambda g: torch.full_like(g, math.nan))
+    with pytest.raises(NonFiniteUpdate, match="the value gradient norm is nan") as err:
+        learner.train_step(rollout, ADV)
+    assert "learner.value_lr (this step's learning rate was 0.003" in str(err.value)
+    for name, tensor in value.state_dict().items():
+        assert torch.equal(tensor, value_before[name]), name
+    after = learner.state_dict_for_rollout()[1]  # the value phase comes before the policy's update
+    for name, tensor in before.items():
+        assert torch.equal(after[name], tensor), name
 
 
 @pytest.mark.parametrize("minibatches", [1, 2])

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 import torch
@@ -135,6 +136,21 @@ def test_sft_learns_a_synthetic_task_and_exports_it(tmp_path):
     held = ds.select(range(len(ds) - 32, len(ds)))
     prompts = [data.encode_prompt(policy.tokenizer, p, cfg.data) for p in held["prompt"]]
     assert exact_match_accuracy(policy, prompts, held["answer"], cfg) == result["eval/accuracy"]
+
+
+def test_a_learning_rate_that_blows_up_stops_sft_before_the_nan_step_is_saved(tmp_path, capsys):
+    """sft.lr=1e30 turns the gradient (or the loss) NaN at step 2: the run stops there, exit 2, naming the step, the
+    quantity and the fixes; the checkpoint of step 1 is the latest and no NaN checkpoint or final/ export is written."""
+    from tracerl.cli import main
+
+    args = sft_overrides(tmp_path, "sft.lr=1e30", "sft.steps=6", "sft.eval_every=0", "checkpoint.save_every=1")
+    assert main(["sft", *args]) == 2
+    err = capsys.readouterr().err
+    assert re.search(r"SFT step 2 failed: the SFT (loss|gradient norm) is nan \(not a finite number\)", err)
+    assert "lower sft.lr" in err
+    run = tmp_path / "run"
+    assert f"The latest checkpoint is {run / 'checkpoints' / 'step-1'}: resume with --resume auto." in err
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step-1"] and not (run / "final").exists()
 
 
 @pytest.mark.slow  # real SFT

@@ -34,7 +34,7 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
 from tracerl import canvas_trace, checkpoint, data, runs, stats
 from tracerl.config import Config, ConfigError, to_dict
-from tracerl.learner import Learner
+from tracerl.learner import Learner, NonFiniteUpdate
 from tracerl.metrics import MetricsLogger
 from tracerl.models import load_policy
 from tracerl.quiet import quiet_within
@@ -360,7 +360,18 @@ def _run_sft(cfg: Config, progress: bool, verbose: bool) -> dict[str, float]:
                 views, weights = canvas_sft_views(policy, batch, cfg, generator)
             else:
                 views, weights = sft_views(rollout, policy.mask_id, policy.shift, cfg.sft.mask_eps, generator)
-            metrics = learner.sft_step(views, weights)
+            try:
+                metrics = learner.sft_step(views, weights)
+            except NonFiniteUpdate as err:  # nothing of the step was applied; nothing after it is saved or exported
+                latest = checkpoint.latest_checkpoint(run_dir, claim.run_id)
+                where = (
+                    f"The latest checkpoint is {latest}: resume with --resume auto."
+                    if latest is not None
+                    else f"No checkpoint was written before it (checkpoint.save_every={cfg.checkpoint.save_every})."
+                )
+                learner.destroy()
+                logger.close()
+                raise NonFiniteUpdate(f"SFT step {step + 1} failed: {err} {where}") from None
             step += 1
             metrics["time/step"] = time.perf_counter() - t0
             if n_eval and (step % cfg.sft.eval_every == 0 or step == cfg.sft.steps):

@@ -2,14 +2,24 @@
 (DeepSpeed, or plain PyTorch). See ``core.py`` for the layout of the package."""
 
 from tracerl.learner.core import Learner
-from tracerl.learner.engine import ENGINES, Engine, TorchEngine, free_port, init_distributed, make_engine
-from tracerl.learner.micro import set_learner_mode
+from tracerl.learner.engine import (
+    ENGINES,
+    Engine,
+    NonFiniteGradient,
+    TorchEngine,
+    free_port,
+    init_distributed,
+    make_engine,
+)
+from tracerl.learner.micro import NonFiniteUpdate, set_learner_mode
 from tracerl.learner.rl import mismatch_metrics
 
 __all__ = [
     "ENGINES",
     "Engine",
     "Learner",
+    "NonFiniteGradient",
+    "NonFiniteUpdate",
     "TorchEngine",
     "free_port",
     "init_distributed",

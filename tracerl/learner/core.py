@@ -278,7 +278,8 @@ class Learner:
         def loss_fn(ids: torch.Tensor, outs: list[torch.Tensor]) -> torch.Tensor:
             return -(flat[ids].to(outs[0].device) * outs[0]).sum()
 
-        s = self.micro.optimizer_step(self.engine, views, table, self.my_share(torch.arange(len(views))), loss_fn)
+        seqs = self.my_share(torch.arange(len(views)))
+        s = self.micro.optimizer_step(self.engine, views, table, seqs, loss_fn, role="SFT", lr_setting="sft.lr")
         self.version += 1
         return {
             "train/loss": s.loss,

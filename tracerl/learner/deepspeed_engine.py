@@ -4,13 +4,16 @@ deepspeed.
 ZeRO stages 0-3, fp32 or bf16 (bf16 weights, fp32 master weights in the optimizer), torch's AdamW
 (``torch_adam``: nothing JIT-compiles), gradient clipping by ``learner.max_grad_norm`` over all ranks. The
 accumulation boundary is marked per micro-batch (``set_gradient_accumulation_boundary``), because packing makes
-the number of micro-batches of a minibatch vary; DeepSpeed's own accumulation count stays 1.
+the number of micro-batches of a minibatch vary; DeepSpeed's own accumulation count stays 1. A gradient norm that is
+NaN or infinite raises ``NonFiniteGradient`` with nothing applied: fp32 ZeRO-0 checks the norm before DeepSpeed
+steps, every other setup has DeepSpeed's own check skip the update (it reports the norm as inf).
 """
 
 from __future__ import annotations
 
 import contextlib
 import logging
+import math
 from collections.abc import Collection
 from pathlib import Path
 from typing import Any
@@ -21,7 +24,7 @@ from deepspeed.runtime.fp16.unfused_optimizer import FP16_UnfusedOptimizer
 from torch import nn
 
 from tracerl.config import LearnerConfig
-from tracerl.learner.engine import all_reduce
+from tracerl.learner.engine import NonFiniteGradient, all_reduce
 from tracerl.scoring import LRSchedule
 
 deepspeed.utils.logger.setLevel(logging.WARNING)  # DeepSpeed logs every engine's config at INFO
@@ -119,12 +122,20 @@ class DeepSpeedEngine:
             self.ds.step()  # DeepSpeed counts micro-steps here; off the boundary it changes no weight
 
     def step(self) -> float:
-        norm = _grad_norm(self.module) if self.norm_from_grads else None
+        if self.norm_from_grads:  # DeepSpeed clips and steps plain fp32 ZeRO-0 whatever the norm: check it first
+            norm = _grad_norm(self.module)
+            if not math.isfinite(norm):
+                self.ds.zero_grad()
+                raise NonFiniteGradient(norm)
+            self.ds.step()
+            return norm
         self.ds.step()
-        if norm is None:
-            reported = self.ds.get_global_grad_norm()
-            norm = float(reported) if reported is not None else float("nan")
-        return norm
+        reported = self.ds.get_global_grad_norm()
+        if reported is None:
+            return float("nan")
+        if not math.isfinite(float(reported)):  # its overflow check skipped the update (ZeRO 1-3, bf16 ZeRO-0)
+            raise NonFiniteGradient(float(reported))
+        return float(reported)
 
     @property
     def lr(self) -> float:

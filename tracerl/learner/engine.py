@@ -21,6 +21,7 @@ dims: none (modules and scalars)
 from __future__ import annotations
 
 import gc
+import math
 import os
 import socket
 from collections.abc import Callable, Collection
@@ -61,7 +62,9 @@ class Engine(Protocol):
 
     def step(self) -> float:
         """At the boundary: clip the accumulated gradient to ``learner.max_grad_norm``, step the optimizer and
-        the LR schedule, clear the gradients. Returns the gradient norm before clipping (NaN if unknown)."""
+        the LR schedule, clear the gradients. Returns the gradient norm before clipping (NaN if unknown). A norm
+        that is NaN or infinite raises ``NonFiniteGradient`` and the update is not applied: weights, optimizer
+        and LR schedule stay as the previous step left them."""
         ...
 
     @property
@@ -92,6 +95,17 @@ class Engine(Protocol):
     def destroy(self) -> None:
         """Release the engine (several may live one after another in a process)."""
         ...
+
+
+class NonFiniteGradient(FloatingPointError):
+    """The gradient norm of an optimizer step is NaN or infinite; the engine applied nothing of that step."""
+
+    def __init__(self, norm: float) -> None:
+        super().__init__(f"gradient norm {norm}")
+        self.norm = norm
+
+    def __reduce__(self) -> tuple[type, tuple[float]]:
+        return type(self), (self.norm,)
 
 
 EngineFactory = Callable[..., Engine]
@@ -242,6 +256,9 @@ class TorchEngine:
             norm = float(torch.nn.utils.clip_grad_norm_(grads, self.max_grad_norm))
         else:
             norm = float(torch.stack([p.grad.detach().float().norm() for p in grads]).norm()) if grads else 0.0
+        if not math.isfinite(norm):  # the same on every rank: the gradients were summed over them
+            self.optimizer.zero_grad(set_to_none=True)
+            raise NonFiniteGradient(norm)
         self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)

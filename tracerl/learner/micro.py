@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from tracerl.config import LearnerConfig
-from tracerl.learner.engine import Engine
+from tracerl.learner.engine import Engine, NonFiniteGradient
 from tracerl.trace import ModelInputs, TargetTable
 
 LossFn = Callable[[torch.Tensor, list[torch.Tensor]], torch.Tensor]  # (target ids [m], outputs [m] each) → loss
@@ -150,12 +150,22 @@ class MicroBatches:
         return results
 
     def optimizer_step(
-        self, engine: Engine, views: Any, table: TargetTable, seqs: torch.Tensor, loss_fn: LossFn
+        self,
+        engine: Engine,
+        views: Any,
+        table: TargetTable,
+        seqs: torch.Tensor,
+        loss_fn: LossFn,
+        *,
+        role: str = "policy",
+        lr_setting: str = "learner.lr",
     ) -> StepStats:
         """One optimizer step of ``engine`` over this rank's ``seqs`` of a minibatch.
 
         ``loss_fn(ids, outputs)`` returns the loss share of the targets ``ids`` (outputs: the scorer's, [m]
-        each): the shares of all micro-batches on all ranks must add up to the minibatch loss.
+        each): the shares of all micro-batches on all ranks must add up to the minibatch loss. A minibatch loss or
+        gradient norm that is NaN or infinite raises ``NonFiniteUpdate`` on every rank before the optimizer applies
+        anything; ``role`` (policy, value, SFT) and ``lr_setting`` name the model and its learning rate there.
         """
         chunks = self.chunks(seqs, views.seq_tokens())
         lr = engine.lr
@@ -167,7 +177,45 @@ class MicroBatches:
             loss = loss_fn(ids, outs) if ids is not None and len(ids) else outs[0].sum() * 0.0  # idle: still steps
             engine.backward(loss, last=i == len(chunks) - 1)
             total += float(loss.detach())
-        norm = engine.step()
-        engine.module.eval()  # the policy may sample in this process between steps
+        # summed before the step, so that every rank sees the same value and stops at the same point
         loss_sum = float(engine.all_reduce(torch.tensor([total], dtype=torch.float64, device=self.device)).item())
+        try:
+            if not math.isfinite(loss_sum):
+                raise non_finite(role, "loss", loss_sum, lr_setting, lr, self.lc.max_grad_norm)
+            try:
+                norm = engine.step()
+            except NonFiniteGradient as err:
+                raise non_finite(role, "gradient norm", err.norm, lr_setting, lr, self.lc.max_grad_norm) from None
+        finally:
+            engine.module.eval()  # the policy may sample in this process between steps
         return StepStats(loss_sum, norm, lr, len(chunks))
+
+
+class NonFiniteUpdate(RuntimeError):
+    """An optimizer step whose loss or gradient norm is NaN or infinite, stopped before it applied anything: the
+    message names the model (``role``), the quantity and the settings that usually cause it (``non_finite``)."""
+
+    role: str = ""
+    quantity: str = ""
+    value: float = math.nan
+
+
+def non_finite(
+    role: str, quantity: str, value: float, lr_setting: str, lr: float, max_grad_norm: float
+) -> NonFiniteUpdate:
+    """The ``NonFiniteUpdate`` of a ``role`` (policy, value, SFT) step whose ``quantity`` (loss, gradient norm) is
+    ``value``, with the fixes: ``lr_setting`` (its learning rate ``lr``), the reward's scale, ``max_grad_norm``."""
+    clip = (
+        f"learner.max_grad_norm={max_grad_norm:g} clips the gradient norm: lower it"
+        if max_grad_norm > 0
+        else "learner.max_grad_norm=0 leaves the gradient unclipped: set it, e.g. to 1.0"
+    )
+    scale = "the training data" if role == "SFT" else "the reward's scale (what its functions return; near 1 is safe)"
+    err = NonFiniteUpdate(
+        f"the {role} {quantity} is {value} (not a finite number), so this optimizer step was stopped before it "
+        f"changed anything: the {role} weights are as the last step with a finite loss and gradient left them. "
+        f"Likely fixes: a lower {lr_setting} (this step's learning rate was {lr:g}; a resume keeps a checkpoint's "
+        f"own, so start a new run from its weights to change it), check {scale}, and clip the gradient ({clip})."
+    )
+    err.role, err.quantity, err.value = role, quantity, value  # kept when pickled (a Ray actor's error)
+    return err

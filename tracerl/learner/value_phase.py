@@ -125,7 +125,7 @@ def value_phase(
         totals = learner.minibatch_totals(table.row[ids], table.sample[ids])
         weights.zero_()
         weights[ids] = objectives.target_weights(table.row[ids], table.sample[ids], obj.aggregation, length, totals)
-        s = micro.optimizer_step(engine, views, table, seqs, loss_fn)
+        s = micro.optimizer_step(engine, views, table, seqs, loss_fn, role="value", lr_setting="learner.value_lr")
         stats["loss"] += s.loss
         stats["grad_norm"] += s.grad_norm
         stats["optimizer_steps"] += 1

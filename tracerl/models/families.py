@@ -532,9 +532,31 @@ def load_policy(cfg: ModelConfig, weights: bool = True) -> Any:
         raise ConfigError(f"unknown model.family '{cfg.family}'; choose from {sorted(FAMILIES)}.")
     token = _SKELETON.set(not weights)
     try:
-        return FAMILIES[cfg.family](cfg)
+        policy = FAMILIES[cfg.family](cfg)
     finally:
         _SKELETON.reset(token)
+    if weights and cfg.path is not None:
+        check_finite(policy.model, cfg)
+    return policy
+
+
+def check_finite(model: torch.nn.Module, cfg: ModelConfig) -> None:
+    """Every weight ``model.path`` loaded is a finite number: one pass over the parameters (a min and a max each,
+    which NaN and ±inf show in), at load. NaN weights would pass every other check, train NaN and sample garbage."""
+    params = [(n, p) for n, p in model.named_parameters() if p.is_floating_point() and p.numel() and not p.is_meta]
+    if not params:
+        return
+    with torch.no_grad():
+        ok = torch.stack([torch.stack(torch.aminmax(p.detach())).isfinite().all() for _, p in params]).cpu()
+    bad = [name for (name, _), fine in zip(params, ok.tolist(), strict=True) if not fine]
+    if bad:
+        more = f" and {len(bad) - 3} more" if len(bad) > 3 else ""
+        raise ConfigError(
+            f"model.path '{cfg.path}' holds weights that are not finite numbers (NaN or infinite): {bad[:3]}{more}. "
+            "Training would be NaN from its first step and sampling garbage. Such weights usually come from a run "
+            "whose updates blew up: point model.path at an earlier export of it (tracerl export CHECKPOINT OUT_DIR) "
+            "or at the model it started from."
+        )
 
 
 def load_tokenizer(cfg: ModelConfig) -> Any:

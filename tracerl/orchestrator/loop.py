@@ -465,7 +465,8 @@ class Session:
                 f" The last finished RL step is {done}; a checkpoint of step {self.saved_step} is in {where}: resume "
                 "with --resume auto."
                 if self.saved_step
-                else ""
+                else f" No checkpoint was written before it (checkpoint.save_every={self.cfg.checkpoint.save_every}; "
+                "0 saves only at the end)."
             )
             if isinstance(err, KeyboardInterrupt):
                 self.console.print(f"[yellow]interrupted at RL step {step}.{note}[/yellow]")
