@@ -1,19 +1,24 @@
 """One run per run directory, and checkpoints that hold data only (DESIGN §13, §16).
 
-A fresh run in a directory that holds another run is refused, naming it, before anything is written; ``--resume
-auto`` takes only the directory's own checkpoints; a half-written checkpoint is reported; a checkpoint whose files
-were truncated, changed, added to, or replaced by pickled code is refused naming the file, and the code never
-runs (a marker file it would create is never created), even when its manifest was rewritten to match.
+A fresh run in a directory that holds another run is refused, naming it, before anything is written; so is any
+command on a directory another process runs one in (its lock), while a lock left by a killed process does not
+block; ``--resume auto`` takes only the directory's own checkpoints; a half-written checkpoint is reported; a
+checkpoint whose files were truncated, changed, added to, or replaced by pickled code is refused naming the file,
+and the code never runs (a marker file it would create is never created), even when its manifest was rewritten to
+match.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -462,6 +467,130 @@ def test_resume_from_a_checkpoint_with_planted_code_is_refused_at_once(tmp_path:
     assert code == 2 and str(states) in err and "could run code" in err and "Traceback" not in err
     assert time.monotonic() - start < 5.0
     assert not marker.exists()
+
+
+# ---------------------------------------------------------------------------------------------- one command at a time
+
+HOLD = """import sys, time
+from tracerl import runs
+with runs.lock(sys.argv[1], "train"):
+    print("held", flush=True)
+    time.sleep(120)
+"""
+
+
+@contextlib.contextmanager
+def holder(run_dir: Path) -> Iterator[subprocess.Popen]:
+    """Another process that holds ``run_dir``'s lock (as a running ``tracerl train`` does) until it is killed."""
+    root = Path(__file__).resolve().parents[1]
+    proc = subprocess.Popen([sys.executable, "-c", HOLD, str(run_dir)], stdout=subprocess.PIPE, text=True, cwd=root)
+    try:
+        assert proc.stdout is not None and proc.stdout.readline().strip() == "held"
+        yield proc
+    finally:
+        proc.kill()
+        proc.wait()
+
+
+def test_a_command_on_a_run_dir_another_process_is_running_in_is_refused_naming_it(tmp_path: Path, capsys) -> None:  # noqa: ANN001
+    """train (fresh and --resume auto) and sft on a run_dir whose lock another process holds: exit 2 at once, one
+    paragraph naming the run_dir, the holder's pid and the fix, and nothing written there; so also in a new one."""
+    run_dir, new = tmp_path / "run", tmp_path / "new"
+    fake_run(run_dir)
+    with holder(run_dir) as proc, holder(new) as other:
+        assert (run_dir / runs.LOCK).read_text().split() == [str(proc.pid), "train"]
+        before, start = snapshot(run_dir), time.monotonic()
+        for argv in (["train", "--resume", "auto"], ["train"], ["sft", *SFT], ["sft", *SFT, "--resume", "auto"]):
+            code, err = cli(capsys, *argv, "model.tiny.hidden_size=32", f"run_dir={run_dir}")
+            assert code == 2 and "Traceback" not in err and "\n" not in err.strip(), err
+            assert f"run_dir '{run_dir}' is in use by another tracerl process (pid {proc.pid}, tracerl train" in err
+            assert "Wait for that process to finish, or stop it" in err and "run_dir=<another directory>" in err
+            assert snapshot(run_dir) == before
+        code, err = cli(capsys, "sft", *SFT, f"run_dir={new}")
+        assert code == 2 and f"run_dir '{new}' is in use by another tracerl process (pid {other.pid}," in err
+        assert [p.name for p in new.iterdir()] == [runs.LOCK]
+        assert time.monotonic() - start < 10.0  # at once: before the model, the data or Ray start
+    with runs.lock(run_dir, "train"):  # released with the process that held it
+        pass
+
+
+@pytest.mark.slow
+def test_a_lock_left_by_a_killed_process_does_not_block(tmp_path: Path, capsys) -> None:  # noqa: ANN001
+    """The OS drops a SIGKILLed process's lock: its lock file stays, is not taken for a run's file, and the next
+    command (a fresh run, then --resume auto) proceeds and removes it."""
+    run_dir = tmp_path / "run"
+    with holder(run_dir) as proc:
+        os.kill(proc.pid, signal.SIGKILL)
+        assert proc.wait() == -signal.SIGKILL
+    assert (run_dir / runs.LOCK).read_text().split() == [str(proc.pid), "train"]
+    assert runs.claim(cfg_for(run_dir), "sft").resume is None  # a fresh run: the lock file is not another run's
+    code, err = cli(capsys, "sft", *SFT, f"run_dir={run_dir}", "sft.steps=2", "checkpoint.save_every=1")
+    assert code == 0, err
+    assert not (run_dir / runs.LOCK).exists()
+    with holder(run_dir) as proc:
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait()
+    code, err = cli(capsys, "sft", *SFT, f"run_dir={run_dir}", "sft.steps=3", "checkpoint.resume=auto")
+    assert code == 0, err
+    steps = [json.loads(line)["step"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert steps == [1, 2, 3] and not (run_dir / runs.LOCK).exists()
+
+
+def held_by_this_process(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """``runs.claim`` (called inside the lock) checks that this process holds the run_dir's lock: a second lock
+    there, even in this process, is refused naming this pid. → the commands it saw."""
+    claim, held = runs.claim, []
+
+    def locked(cfg: Config, command: str) -> runs.Claim:
+        busy = f"'{cfg.run_dir}' is in use .* \\(pid {os.getpid()}, tracerl {command};"
+        with pytest.raises(runs.RunDirBusy, match=busy), runs.lock(cfg.run_dir, command):
+            pass
+        held.append(command)
+        return claim(cfg, command)
+
+    monkeypatch.setattr(runs, "claim", locked)
+    return held
+
+
+@pytest.mark.slow
+def test_run_sft_locks_the_run_dir_and_releases_it_on_return_and_on_error(tmp_path: Path, monkeypatch) -> None:  # noqa: ANN001
+    """The Python API: run_sft holds the lock while it runs and releases it when it returns or raises, so it runs
+    twice in sequence in one process (and a refused call does not block the next)."""
+    from tracerl.sft import run_sft
+
+    run_dir, held = tmp_path / "run", held_by_this_process(monkeypatch)
+    cfg = load(None, [*SFT, f"run_dir={run_dir}", "sft.steps=2", "checkpoint.save_every=1"])
+    run_sft(cfg, progress=False)
+    assert not (run_dir / runs.LOCK).exists()
+    with pytest.raises(ConfigError, match="holds another run"):
+        run_sft(cfg, progress=False)
+    run_sft(load(None, [*SFT, f"run_dir={run_dir}", "sft.steps=3", "checkpoint.resume=auto"]), progress=False)
+    steps = [json.loads(line)["step"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert steps == [1, 2, 3] and held == ["sft"] * 3 and not (run_dir / runs.LOCK).exists()
+
+
+TINY_RL = [
+    "sampling.max_new_tokens=8", "sampling.block_size=4", "data.source=synthetic:addition", "data.num_synthetic=64",
+    "data.chat_template=false", "rollout.prompts_per_step=2", "rollout.samples_per_prompt=2", "learner.engine=torch",
+    "train.log_samples_every=0", "eval.num_prompts=4", "eval.samples=2", "eval.k=2", "wandb.mode=disabled",
+]  # fmt: skip
+
+
+@pytest.mark.slow
+@pytest.mark.ray
+def test_run_locks_the_run_dir_and_releases_it_on_return_and_on_error(tmp_path: Path, monkeypatch) -> None:  # noqa: ANN001
+    """The Python API: orchestrator.run holds the lock while it runs (its Ray actors are other processes) and
+    releases it when it returns or raises: run(), a refused run(), then run() with --resume auto, in one process."""
+    from tracerl.orchestrator import run
+
+    run_dir, held = tmp_path / "run", held_by_this_process(monkeypatch)
+    run(load(None, [*TINY_RL, f"run_dir={run_dir}", "train.steps=1"]))
+    assert not (run_dir / runs.LOCK).exists()
+    with pytest.raises(ConfigError, match="holds another run"):
+        run(load(None, [*TINY_RL, f"run_dir={run_dir}", "train.steps=2"]))
+    run(load(None, [*TINY_RL, f"run_dir={run_dir}", "train.steps=2", "checkpoint.resume=auto"]))
+    steps = [json.loads(line)["step"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert steps == [0, 1, 2] and held == ["train"] * 3 and not (run_dir / runs.LOCK).exists()
 
 
 def test_the_checkpoint_benchmark_runs_and_reports_its_ratio() -> None:

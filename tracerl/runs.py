@@ -14,13 +14,19 @@ is written, what a ``tracerl train`` or ``tracerl sft`` may do with its ``run_di
 
 So metrics are appended only on resume, ``keep_last`` and ``--resume auto`` only see the run's own checkpoints,
 and a tampered, truncated or code-carrying checkpoint is refused at once, naming the file.
+
+One command at a time in a directory: ``lock`` holds an exclusive ``flock`` on ``run_dir/.tracerl.lock`` for the
+whole command (taken before ``claim``), so a second ``tracerl train`` or ``tracerl sft`` there is refused before it
+writes anything. The OS drops the lock with the process, so a killed run leaves no stale lock.
 """
 
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import json
 import math
+import os
 import signal
 import time
 import uuid
@@ -33,6 +39,7 @@ from tracerl import checkpoint
 from tracerl.config import Config, ConfigError, to_dict, value_lr
 
 RUN = "run.json"
+LOCK = ".tracerl.lock"  # held by the process running a command in the directory (``lock``); not a run's file
 # what marks a directory as holding a run (eval/, pictures/, wandb/ alone do not)
 RUN_FILES = ("run.json", "config.json", "metrics.jsonl", "checkpoints", "final", "cluster.json")
 _MODEL_SHAPE = ("model_type", "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
@@ -369,6 +376,84 @@ def record(run_dir: Path, claimed: Claim) -> None:
         (run_dir / RUN).write_text(json.dumps(entry, indent=1) + "\n")
     if claimed.restart:
         (run_dir / "metrics.jsonl").unlink(missing_ok=True)
+
+
+_HELD: set[int] = set()  # the descriptors of the locks this process holds
+
+
+def _forget_held() -> None:
+    """In a forked child: close its copies of the lock descriptors, so a child that outlives its parent does not
+    keep the parent's run_dir locked (the parent's own copies keep the lock)."""
+    for fd in _HELD:
+        with contextlib.suppress(OSError):
+            os.close(fd)
+    _HELD.clear()
+
+
+os.register_at_fork(after_in_child=_forget_held)
+
+
+class RunDirBusy(ConfigError):
+    """Another process holds the run directory's lock."""
+
+
+@contextlib.contextmanager
+def lock(run_dir: Path | str, command: str) -> Iterator[None]:
+    """Hold ``run_dir`` for this process while ``command`` runs in it: an exclusive, non-blocking ``flock`` on
+    ``run_dir/.tracerl.lock``, which records this process's pid. The OS releases it when the process ends, killed
+    or not; on the way out the lock file is removed, and so are the folders made for it if nothing else was written.
+
+    Raises:
+        RunDirBusy: another process holds the lock (the message names its pid and the fix); nothing is written.
+        ConfigError: ``run_dir`` cannot be written (``checkpoint.check_writable``).
+    """
+    run_dir = Path(run_dir)
+    checkpoint.check_writable(run_dir)
+    made = []  # the folders made here, deepest first
+    folder = run_dir
+    while not folder.exists():
+        made.append(folder)
+        folder = folder.parent
+    path = run_dir / LOCK
+    while True:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        except FileNotFoundError:  # its holder removed the folder on its way out: make it again
+            continue
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.read(fd, 200).decode(errors="replace").split()
+            os.close(fd)
+            pid = holder[0] if holder else "not yet recorded"
+            what = f", tracerl {holder[1]}" if len(holder) > 1 else ""
+            raise RunDirBusy(
+                f"run_dir '{run_dir}' is in use by another tracerl process (pid {pid}{what}; it holds the lock "
+                f"{path}): a second command there would mix its metrics, checkpoints and final model with that "
+                "one's. Wait for that process to finish, or stop it (Ctrl-C or kill; --resume auto continues it "
+                "later), or pass run_dir=<another directory>."
+            ) from None
+        try:
+            same = os.fstat(fd).st_ino == os.stat(path).st_ino
+        except FileNotFoundError:
+            same = False
+        if same:
+            break
+        os.close(fd)  # its holder removed that file while this process waited to lock it: lock the new one
+    _HELD.add(fd)
+    try:
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()} {command}\n".encode(), 0)
+        yield
+    finally:
+        with contextlib.suppress(OSError):
+            path.unlink()  # while still locked, so no other process takes this file in between
+        _HELD.discard(fd)
+        os.close(fd)
+        for folder in made:
+            with contextlib.suppress(OSError):  # only where nothing else was written
+                folder.rmdir()
 
 
 class Interrupted(RuntimeError):

@@ -245,9 +245,10 @@ def run_sft(cfg: Config, progress: bool = True, verbose: bool = False) -> dict[s
     ``checkpoint.save_every`` steps and at the end, and the trained policy as a Hugging Face directory in
     ``<run_dir>/final``. Resumes per ``checkpoint.resume``. Returns the last metrics, with
     ``eval/accuracy_before`` (step 0) and ``eval/accuracy`` (end) when evaluation is on. Third-party console
-    output (transformers', DeepSpeed's, W&B's) only with ``verbose``.
+    output (transformers', DeepSpeed's, W&B's) only with ``verbose``. ``run_dir`` is locked while it runs
+    (``runs.lock``): a second run there is refused.
     """
-    with quiet_within(verbose):
+    with quiet_within(verbose), runs.lock(cfg.run_dir, "sft"):  # one command at a time in run_dir
         return _run_sft(cfg, progress, verbose)
 
 

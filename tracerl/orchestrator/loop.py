@@ -74,6 +74,7 @@ def run(cfg: Config, *, verbose: bool = False, console: Console | None = None) -
     The trained policy ends up as a Hugging Face directory in ``<run_dir>/final``. The same as ``tracerl train``:
     ``run(checks.load_config("configs/quickstart.yaml", ["train.steps=5"]))``.
 
+    ``run_dir`` is locked for the whole run (``runs.lock``): a second run there is refused while this one runs.
     Before any actor starts and before anything is written, ``Session.open`` checks the resume target, the data
     and the tokenizer's coverage of it, the rewards, every sampler setting against the model (block size, cache,
     CUDA graphs, prompt plus response length; from the model's config alone), the estimator against the model's
@@ -81,7 +82,11 @@ def run(cfg: Config, *, verbose: bool = False, console: Console | None = None) -
     Ray's) only with ``verbose``.
     """
     console = console or Console(soft_wrap=True)
-    with Session.open(cfg, verbose, console) as s, runs.stop_signals(console.print, "RL step") as stop:
+    with (
+        runs.lock(cfg.run_dir, "train"),  # one command at a time in run_dir, held until the run returns or fails
+        Session.open(cfg, verbose, console) as s,
+        runs.stop_signals(console.print, "RL step") as stop,
+    ):
         last: dict[str, float] = {}
         if s.start_step == 0 and s.eval_set is not None:  # where training starts from
             last = s.evaluate(0)
