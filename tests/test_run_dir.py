@@ -91,6 +91,22 @@ def test_a_fresh_run_in_a_directory_of_another_run_is_refused_and_nothing_is_wri
     assert snapshot(run_dir) == before
 
 
+def test_a_model_directory_as_run_dir_is_named_as_such(tmp_path: Path) -> None:
+    """run_dir=model.path was called another run and told to continue it from a checkpoint, which it never had."""
+    from tracerl.models import build_tiny, save_tiny
+
+    model = tmp_path / "model"
+    save_tiny(*build_tiny(cfg_for(tmp_path).model.tiny), model)
+    before = snapshot(model)
+    with pytest.raises(ConfigError) as err:
+        runs.claim(cfg_for(model, f"model.path={model}"), "train")
+    message = str(err.value)
+    assert f"run_dir '{model}' is a model directory (its config.json is a '" in message
+    assert "Give the run a directory of its own (run_dir=<new directory>); model.path can stay this one." in message
+    assert "holds another run" not in message and "--resume" not in message
+    assert snapshot(model) == before
+
+
 def test_a_run_that_failed_before_its_first_checkpoint_is_started_over_with_resume_auto(tmp_path: Path) -> None:
     # a reward that breaks the contract stops the run at step 1, after run.json was written: the fixed command is
     # refused as "another run", and the message says that --resume auto starts it over with the new settings

@@ -131,6 +131,14 @@ def claim(cfg: Config, command: str) -> Claim:
         if owner is not None:
             _same_command(run_dir, owner, command)
         if present:
+            model = _config_json(run_dir) or {}
+            if owner is None and "model_type" in model and "run_dir" not in model:  # a model's config.json
+                raise ConfigError(
+                    f"run_dir '{run_dir}' is a model directory (its config.json is a '{model['model_type']}' "
+                    "model's); a run writes its own config.json, metrics, checkpoints and final model there and "
+                    "would overwrite or mix with the model's files. Give the run a directory of its own "
+                    "(run_dir=<new directory>); model.path can stay this one."
+                )
             if owner is None:  # without run.json, --resume auto cannot tell whose the files are
                 how = f"Continue that run from a checkpoint by path (--resume {run_dir}/checkpoints/step-N)"
             elif checkpoint.list_checkpoints(run_dir):
