@@ -520,11 +520,14 @@ def test_a_command_on_a_run_dir_another_process_is_running_in_is_refused_naming_
             code, err = cli(capsys, *argv, "model.tiny.hidden_size=32", f"run_dir={run_dir}")
             assert code == 2 and "Traceback" not in err and "\n" not in err.strip(), err
             assert f"run_dir '{run_dir}' is in use by another tracerl process (pid {proc.pid}, tracerl train" in err
-            assert "Wait for that process to finish, or stop it" in err and "run_dir=<another directory>" in err
+            assert "Wait for that process to finish, or stop it" in err and "give run_dir another directory" in err
             assert snapshot(run_dir) == before
         code, err = cli(capsys, "sft", *SFT, f"run_dir={new}")
         assert code == 2 and f"run_dir '{new}' is in use by another tracerl process (pid {other.pid}," in err
         assert [p.name for p in new.iterdir()] == [runs.LOCK]
+        code, err = cli(capsys, "eval", *SFT, f"run_dir={tmp_path / 'any'}", "--out", str(new))  # its output folder
+        assert code == 2 and f"--out '{new}' is in use by another tracerl process (pid {other.pid}," in err
+        assert "give --out another directory" in err and [p.name for p in new.iterdir()] == [runs.LOCK]
         assert time.monotonic() - start < 10.0  # at once: before the model, the data or Ray start
     with runs.lock(run_dir, "train"):  # released with the process that held it
         pass

@@ -406,10 +406,11 @@ class RunDirBusy(ConfigError):
 
 
 @contextlib.contextmanager
-def lock(run_dir: Path | str, command: str) -> Iterator[None]:
+def lock(run_dir: Path | str, command: str, setting: str = "run_dir") -> Iterator[None]:
     """Hold ``run_dir`` for this process while ``command`` runs in it: an exclusive, non-blocking ``flock`` on
     ``run_dir/.tracerl.lock``, which records this process's pid. The OS releases it when the process ends, killed
     or not; on the way out the lock file is removed, and so are the folders made for it if nothing else was written.
+    ``setting`` is what the user set to name the folder (``run_dir``; ``tracerl eval``'s ``--out``), for the error.
 
     Raises:
         RunDirBusy: another process holds the lock (the message names its pid and the fix); nothing is written.
@@ -437,10 +438,10 @@ def lock(run_dir: Path | str, command: str) -> Iterator[None]:
             pid = holder[0] if holder else "not yet recorded"
             what = f", tracerl {holder[1]}" if len(holder) > 1 else ""
             raise RunDirBusy(
-                f"run_dir '{run_dir}' is in use by another tracerl process (pid {pid}{what}; it holds the lock "
-                f"{path}): a second command there would mix its metrics, checkpoints and final model with that "
-                "one's. Wait for that process to finish, or stop it (Ctrl-C or kill; --resume auto continues it "
-                "later), or pass run_dir=<another directory>."
+                f"{setting} '{run_dir}' is in use by another tracerl process (pid {pid}{what}; it holds the lock "
+                f"{path}): a second command there would mix its files with that one's. Wait for that process to "
+                "finish, or stop it (Ctrl-C or kill; a train or sft run continues with --resume auto), or give "
+                f"{setting} another directory."
             ) from None
         try:
             same = os.fstat(fd).st_ino == os.stat(path).st_ino

@@ -15,7 +15,7 @@ import torch
 from ray.exceptions import RayActorError
 from rich.console import Console
 
-from tracerl import data, seeding, stats
+from tracerl import data, runs, seeding, stats
 from tracerl.checkpoint import check_writable
 from tracerl.config import Config, ConfigError, check_reward_total
 from tracerl.metrics import Timers, read_jsonl
@@ -152,6 +152,12 @@ def run_eval(cfg: Config, out_dir: str | None = None, verbose: bool = False, con
     check_reward_total(cfg)
     setting = "--out" if out_dir else "run_dir"
     check_writable(out, setting)  # before anything starts
+    held_by = setting if out_dir else "run_dir's eval folder"  # two evaluations into one folder: both passed the check
+    with runs.lock(out, "eval", held_by):
+        return _run_eval(cfg, out, setting, verbose, console)
+
+
+def _run_eval(cfg: Config, out: Path, setting: str, verbose: bool, console: Console) -> dict:
     held = [name for name in ("eval.json", "eval.jsonl") if (out / name).exists()]
     if held:
         raise ConfigError(
