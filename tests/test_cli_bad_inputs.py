@@ -179,6 +179,9 @@ CASES = [
         "reward endpoint 'http://[::1' is not a URL a request can go to (Invalid IPv6 URL)",
     ),
     ("a prompt that names a command", ["generate", "model.family=gpt", "--prompt", "serve-reward"], "model.family"),
+    ("empty --resume", ["train", "run_dir={d}/run_empty", "--resume", ""], "--resume is given an empty value"),
+    ("empty --out", ["eval", "--out", " ", "model.path={d}/tinyblock"], "--out is given an empty value"),
+    ("empty --sft", ["plot", "{d}/oldrun", "--sft="], "--sft is given an empty value (an unset shell variable?)"),
     # export
     ("export missing", ["export", "{d}/nope", "{d}/out1"], "checkpoint '{d}/nope' does not exist"),
     ("export incomplete", ["export", "{d}/ckpt_incomplete", "{d}/out2"], "no COMPLETE marker"),

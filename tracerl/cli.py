@@ -459,6 +459,16 @@ def main(argv: list[str] | None = None) -> int:
             parser.error(f"unrecognized arguments: {' '.join(rest)}")
         if rest:  # key=value overrides after an option (tracerl train c.yaml --resume auto seed=1)
             ns.config = [*ns.config, *rest]
+        given = {f: getattr(ns, f, None) for f in ("resume", "out", "sft", "ray_address")}
+        empty = [f for f, value in given.items() if isinstance(value, str) and not value.strip()]
+        if empty:  # --resume "$CKPT" with CKPT unset would start a fresh run; --out '' wrote to the default folder
+            flag = "--" + empty[0].replace("_", "-")
+            print(
+                f"tracerl {ns.command}: error: {flag} is given an empty value (an unset shell variable?), which "
+                f"would act as if {flag} were left out; give it a value, or leave {flag} out.",
+                file=sys.stderr,
+            )
+            return 2
     ns.debug, ns.verbose = debug, verbose
     quiet_third_party(verbose)
     fn: Callable[[argparse.Namespace], int] = ns.fn
